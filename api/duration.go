@@ -1,8 +1,11 @@
 package api
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
+	"strconv"
 	"time"
 )
 
@@ -24,14 +27,20 @@ func (d Duration) MarshalJSON() ([]byte, error) {
 // UnmarshalJSON reads a duration string or a number of nanoseconds.
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var v any
-	if err := json.Unmarshal(b, &v); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	if err := dec.Decode(&v); err != nil {
 		return err
 	}
 	switch x := v.(type) {
 	case nil:
 		d.Duration = 0
-	case float64:
-		d.Duration = time.Duration(int64(x))
+	case json.Number:
+		n, err := durationNumber(x)
+		if err != nil {
+			return err
+		}
+		d.Duration = n
 	case string:
 		p, err := time.ParseDuration(x)
 		if err != nil {
@@ -42,6 +51,19 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 		return fmt.Errorf("invalid duration %s: want a string like \"10s\"", b)
 	}
 	return nil
+}
+
+// durationNumber reads a JSON number of nanoseconds: exactly when it is an
+// integer, truncated when it has a fraction, and an error when it does not fit.
+func durationNumber(n json.Number) (time.Duration, error) {
+	if i, err := strconv.ParseInt(n.String(), 10, 64); err == nil {
+		return time.Duration(i), nil
+	}
+	f, err := n.Float64()
+	if err != nil || f < math.MinInt64 || f >= math.MaxInt64 {
+		return 0, fmt.Errorf("invalid duration %s: out of range", n)
+	}
+	return time.Duration(int64(f)), nil
 }
 
 // Autostop values.

@@ -1,6 +1,11 @@
 package api
 
-import "time"
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"time"
+)
 
 // Machine states. Persistent states are where a machine rests; transient ones
 // are passed through while an operation runs; terminal ones never change again.
@@ -92,6 +97,9 @@ type MachineEvent struct {
 	Request   *MachineRequest `json:"request,omitempty"`
 }
 
+// Time returns the event's timestamp as a time.Time.
+func (e *MachineEvent) Time() time.Time { return time.UnixMilli(e.Timestamp) }
+
 // MachineRequest is the detail attached to an event.
 type MachineRequest struct {
 	ExitEvent    *ExitEvent `json:"exit_event,omitempty"`
@@ -148,6 +156,40 @@ type StopMachineInput struct {
 // SignalMachineInput is the body of a signal.
 type SignalMachineInput struct {
 	Signal string `json:"signal"`
+}
+
+// signalNames are the signals Fly's API names, by their Linux numbers.
+var signalNames = map[int64]string{
+	1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 9: "SIGKILL",
+	10: "SIGUSR1", 12: "SIGUSR2", 15: "SIGTERM",
+}
+
+// UnmarshalJSON reads the signal as a name ("SIGKILL") or, as Fly's own client
+// sends it for a kill, as a number (9), which becomes its name.
+func (s *SignalMachineInput) UnmarshalJSON(b []byte) error {
+	var raw struct {
+		Signal json.RawMessage `json:"signal"`
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return err
+	}
+	if len(raw.Signal) == 0 || string(raw.Signal) == "null" {
+		s.Signal = ""
+		return nil
+	}
+	if err := json.Unmarshal(raw.Signal, &s.Signal); err == nil {
+		return nil
+	}
+	var n int64
+	if err := json.Unmarshal(raw.Signal, &n); err != nil {
+		return fmt.Errorf("invalid signal %s: want a name like \"SIGTERM\" or a number", raw.Signal)
+	}
+	if name, ok := signalNames[n]; ok {
+		s.Signal = name
+	} else {
+		s.Signal = strconv.FormatInt(n, 10)
+	}
+	return nil
 }
 
 // StartResponse answers a start.
