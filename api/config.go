@@ -1,5 +1,7 @@
 package api
 
+import "encoding/json"
+
 // MachineConfig is a machine's full desired configuration. An update replaces
 // it whole.
 type MachineConfig struct {
@@ -22,6 +24,12 @@ type MachineConfig struct {
 	Metrics     *MachineMetrics         `json:"metrics,omitempty"`
 	Statics     []*Static               `json:"statics,omitempty"`
 	VMSize      string                  `json:"size,omitempty"`
+	// Accepted so Fly clients decode strictly; Flame does not act on them yet.
+	Containers []json.RawMessage `json:"containers,omitempty"`
+	Volumes    []json.RawMessage `json:"volumes,omitempty"`
+	Rootfs     json.RawMessage   `json:"rootfs,omitempty"`
+	CacheDrive json.RawMessage   `json:"cache_drive,omitempty"`
+	Spot       json.RawMessage   `json:"spot,omitempty"`
 	// DisableMachineAutostart is the older spelling of services[].autostart=false.
 	DisableMachineAutostart *bool `json:"disable_machine_autostart,omitempty"`
 }
@@ -50,6 +58,10 @@ type MachineGuest struct {
 	GPUs       int      `json:"gpus,omitempty"`
 	GPUKind    string   `json:"gpu_kind,omitempty"`
 	KernelArgs []string `json:"kernel_args,omitempty"`
+	// Accepted for Fly clients; not acted on.
+	MaxMemoryMB      int    `json:"max_memory_mb,omitempty"`
+	HostDedicationID string `json:"host_dedication_id,omitempty"`
+	PersistRootfs    string `json:"persist_rootfs,omitempty"`
 }
 
 // MachineMount attaches a volume.
@@ -75,6 +87,8 @@ type MachineService struct {
 	Checks             []MachineServiceCheck      `json:"checks,omitempty"`
 	Concurrency        *MachineServiceConcurrency `json:"concurrency,omitempty"`
 	ForceInstanceKey   *string                    `json:"force_instance_key,omitempty"`
+	// ForceInstanceDescription is accepted for Fly clients; not acted on.
+	ForceInstanceDescription *string `json:"force_instance_description,omitempty"`
 }
 
 // MachinePort is one public port (or port range) of a service.
@@ -103,6 +117,8 @@ type HTTPOptions struct {
 	H2Backend          *bool                `json:"h2_backend,omitempty"`
 	IdleTimeout        *uint32              `json:"idle_timeout,omitempty"`
 	HeadersReadTimeout *uint32              `json:"headers_read_timeout,omitempty"`
+	// ReplayCache is accepted for Fly clients; not acted on yet.
+	ReplayCache []json.RawMessage `json:"replay_cache,omitempty"`
 }
 
 // HTTPResponseOptions change responses passing through the http handler.
@@ -181,6 +197,8 @@ const DefaultMaxRetries = 10
 type MachineRestart struct {
 	Policy     string `json:"policy,omitempty"`
 	MaxRetries int    `json:"max_retries,omitempty"`
+	// GPUBidPrice is accepted for Fly clients; not acted on.
+	GPUBidPrice float32 `json:"gpu_bid_price,omitempty"`
 }
 
 // StopConfig says how a machine is stopped.
@@ -197,6 +215,9 @@ type MachineProcess struct {
 	User             string            `json:"user,omitempty"`
 	Env              map[string]string `json:"env,omitempty"`
 	IgnoreAppSecrets bool              `json:"ignore_app_secrets,omitempty"`
+	// Accepted for Fly clients; not acted on yet.
+	Secrets []json.RawMessage `json:"secrets,omitempty"`
+	EnvFrom []json.RawMessage `json:"env_from,omitempty"`
 }
 
 // File is written into the machine's filesystem before it starts.
@@ -205,6 +226,8 @@ type File struct {
 	RawValue   *string `json:"raw_value,omitempty"` // base64
 	SecretName *string `json:"secret_name,omitempty"`
 	Mode       uint32  `json:"mode,omitempty"`
+	// ImageConfig is accepted for Fly clients; not acted on.
+	ImageConfig *string `json:"image_config,omitempty"`
 }
 
 // DNSConfig tunes the machine's resolver and registration.
@@ -213,6 +236,10 @@ type DNSConfig struct {
 	Nameservers      []string `json:"nameservers,omitempty"`
 	Searches         []string `json:"searches,omitempty"`
 	Hostname         string   `json:"hostname,omitempty"`
+	// Accepted for Fly clients; not acted on yet.
+	HostnameFqdn    string            `json:"hostname_fqdn,omitempty"`
+	Options         []json.RawMessage `json:"options,omitempty"`
+	DNSForwardRules []json.RawMessage `json:"dns_forward_rules,omitempty"`
 }
 
 // MachineMetrics says where the machine exposes Prometheus metrics.
@@ -224,6 +251,8 @@ type MachineMetrics struct {
 
 // Static is a path the proxy serves from storage instead of the machine.
 type Static struct {
-	GuestPath string `json:"guest_path"`
-	URLPrefix string `json:"url_prefix"`
+	GuestPath     string `json:"guest_path"`
+	URLPrefix     string `json:"url_prefix"`
+	TigrisBucket  string `json:"tigris_bucket,omitempty"`
+	IndexDocument string `json:"index_document,omitempty"`
 }

@@ -88,8 +88,10 @@ type Driver interface {
 	// program has been executed).
 	Start(ctx context.Context, spec Spec) (Process, error)
 	// Adopt reattaches to a workload started earlier, possibly by another
-	// agent process, from its recorded handle. It returns ErrGone when the
-	// workload no longer runs.
+	// agent process, from its recorded handle. With an empty handle it looks
+	// for a workload of spec's instance that was started but never recorded
+	// (the agent died between Start and its record). It returns ErrGone when
+	// no such workload runs.
 	Adopt(ctx context.Context, spec Spec, handle string) (Process, error)
 	// Exec runs command in the machine's context and returns its output.
 	Exec(ctx context.Context, spec Spec, command []string, stdin []byte) (ExecResult, error)

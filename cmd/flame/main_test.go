@@ -1,0 +1,281 @@
+package main
+
+// These tests build the flame binary and drive it as a user would: as real
+// processes on loopback, through the Machines API.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/api"
+)
+
+var flameBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "flame-e2e-")
+	if err != nil {
+		panic(err)
+	}
+	flameBin = filepath.Join(dir, "flame")
+	out, err := exec.Command("go", "build", "-o", flameBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build flame: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// proc is a running flame command whose output is scanned for a line.
+type proc struct {
+	cmd  *exec.Cmd
+	out  chan string
+	done chan struct{}
+}
+
+func startFlame(t *testing.T, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(flameBin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = testWriter{t}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, out: make(chan string, 100), done: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			t.Logf("flame %s: %s", args[0], sc.Text())
+			select {
+			case p.out <- sc.Text():
+			default:
+			}
+		}
+		cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-p.done
+	})
+	return p
+}
+
+// apiURL waits for the line announcing the Machines API and returns its URL.
+func (p *proc) apiURL(t *testing.T) string {
+	t.Helper()
+	re := regexp.MustCompile(`(?:Machines API|machines API on)\s+(http://[0-9.:]+)`)
+	timeout := time.After(20 * time.Second)
+	for {
+		select {
+		case line := <-p.out:
+			if m := re.FindStringSubmatch(line); m != nil {
+				return m[1]
+			}
+		case <-p.done:
+			t.Fatal("flame exited before serving its API")
+		case <-timeout:
+			t.Fatal("flame did not announce its API")
+		}
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}
+
+func freePort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// demoIdentity asks a demo app for its identity.
+func demoIdentity(t *testing.T, port int) map[string]any {
+	t.Helper()
+	var body map[string]any
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err := json.Unmarshal(b, &body); err != nil {
+				t.Fatalf("demo app answered %q", b)
+			}
+			return body
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("demo app on port %d: %v", port, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// flyVar reads one FLY_* variable from a demo app's identity.
+func flyVar(who map[string]any, name string) string {
+	env, _ := who["env"].(map[string]any)
+	s, _ := env[name].(string)
+	return s
+}
+
+// workloads counts the host processes that belong to machine id.
+func workloads(id string) int {
+	n := 0
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		if err == nil && strings.Contains(string(env), "\x00FLY_MACHINE_ID="+id+"\x00") || strings.HasPrefix(string(env), "FLY_MACHINE_ID="+id+"\x00") {
+			n++
+		}
+	}
+	return n
+}
+
+func demoConfig(port int) *api.MachineConfig {
+	return &api.MachineConfig{Image: "flame/demo-app", Env: map[string]string{"PORT": strconv.Itoa(port)}}
+}
+
+// TestAgentKilledResumes kills a real agent process with SIGKILL and starts
+// a new one on the same data dir: the machines it ran keep running, are
+// adopted, and nothing is started twice.
+func TestAgentKilledResumes(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	args := []string{"agent", "--data-dir", dir, "--token", "secret", "--api-addr", "127.0.0.1:0"}
+	agent := startFlame(t, args...)
+	c := api.NewClient(agent.apiURL(t), "secret")
+
+	var ids []string
+	ports := map[string]int{}
+	for range 2 {
+		port := freePort(t)
+		m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.State != api.StateStarted {
+			t.Fatalf("created machine is %s", m.State)
+		}
+		ids = append(ids, m.ID)
+		ports[m.ID] = port
+	}
+	pids := map[string]float64{}
+	for _, id := range ids {
+		who := demoIdentity(t, ports[id])
+		if got := flyVar(who, "FLY_MACHINE_ID"); got != id {
+			t.Fatalf("demo app says it is %q, want %s", got, id)
+		}
+		pids[id] = who["pid"].(float64)
+	}
+
+	agent.cmd.Process.Signal(syscall.SIGKILL)
+	<-agent.done
+	for _, id := range ids {
+		if got := demoIdentity(t, ports[id])["pid"].(float64); got != pids[id] {
+			t.Fatalf("machine %s changed pid while the agent was down", id)
+		}
+	}
+
+	agent2 := startFlame(t, args...)
+	c = api.NewClient(agent2.apiURL(t), "secret")
+	list, err := c.List(ctx, "demo", api.ListMachinesOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 2 {
+		t.Fatalf("after restart the agent lists %d machines, want 2", len(list))
+	}
+	for _, m := range list {
+		if m.State != api.StateStarted {
+			t.Errorf("machine %s is %s after restart, want started", m.ID, m.State)
+		}
+		if got := demoIdentity(t, ports[m.ID])["pid"].(float64); got != pids[m.ID] {
+			t.Errorf("machine %s was restarted (pid %v → %v), want adopted", m.ID, pids[m.ID], got)
+		}
+		if n := workloads(m.ID); n != 1 {
+			t.Errorf("machine %s has %d workload processes, want 1", m.ID, n)
+		}
+	}
+	// The adopted machine is fully controllable.
+	if err := c.Stop(ctx, "demo", ids[0], api.StopMachineInput{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := workloads(ids[0]); n != 0 {
+		t.Errorf("stopped machine still has %d processes", n)
+	}
+	if err := c.Destroy(ctx, "demo", ids[1], true); err != nil {
+		t.Fatal(err)
+	}
+	if n := workloads(ids[1]); n != 0 {
+		t.Errorf("destroyed machine still has %d processes", n)
+	}
+}
+
+// TestDevStopsCleanly runs `flame dev`, starts the demo app through its API,
+// and interrupts it: every machine stops and the temporary state goes away.
+func TestDevStopsCleanly(t *testing.T) {
+	ctx := context.Background()
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--token", "tok")
+	var stateDir string
+	for stateDir == "" {
+		if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(<-dev.out); m != nil {
+			stateDir = m[1]
+		}
+	}
+	url := dev.apiURL(t)
+	c := api.NewClient(url, "tok")
+	if _, err := api.NewClient(url, "wrong").List(ctx, "demo", api.ListMachinesOptions{}); err == nil {
+		t.Error("wrong token accepted")
+	}
+	port := freePort(t)
+	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	who := demoIdentity(t, port)
+	if flyVar(who, "FLY_APP_NAME") != "demo" || flyVar(who, "FLY_REGION") != "ams" {
+		t.Errorf("demo identity = %v", who)
+	}
+	dev.cmd.Process.Signal(syscall.SIGINT)
+	select {
+	case <-dev.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("flame dev did not exit on SIGINT")
+	}
+	if code := dev.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("flame dev exit status %d", code)
+	}
+	if n := workloads(m.ID); n != 0 {
+		t.Errorf("flame dev left %d processes of machine %s behind", n, m.ID)
+	}
+	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
+		t.Errorf("flame dev left its state dir %s behind (%v)", stateDir, err)
+	}
+}

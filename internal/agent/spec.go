@@ -1,0 +1,96 @@
+package agent
+
+import (
+	"maps"
+	"path/filepath"
+	"strconv"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/driver"
+)
+
+// defaultPath is the PATH a workload gets when its config sets none.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// spec builds what the driver needs to run r's current instance.
+func (a *Agent) spec(r *record) driver.Spec {
+	cfg := r.Config
+	if cfg == nil {
+		cfg = &api.MachineConfig{}
+	}
+	dir := a.machineDir(r.ID)
+	s := driver.Spec{
+		MachineID:  r.ID,
+		InstanceID: r.Instance,
+		App:        r.App,
+		Region:     r.Region,
+		Dir:        dir,
+		LogPath:    filepath.Join(dir, "log"),
+		Image:      cfg.Image,
+		Entrypoint: cfg.Init.Entrypoint,
+		Cmd:        cfg.Init.Cmd,
+		Env:        workloadEnv(r, cfg),
+		MemoryMB:   guestMemory(cfg),
+		CPUs:       1,
+	}
+	if cfg.Guest != nil && cfg.Guest.CPUs > 0 {
+		s.CPUs = cfg.Guest.CPUs
+	}
+	if len(cfg.Processes) > 0 {
+		p := cfg.Processes[0]
+		if len(p.Entrypoint) > 0 {
+			s.Entrypoint = p.Entrypoint
+		}
+		if len(p.Cmd) > 0 {
+			s.Cmd = p.Cmd
+		}
+		if len(p.Exec) > 0 {
+			s.Entrypoint, s.Cmd = p.Exec, nil
+		}
+	}
+	if len(cfg.Init.Exec) > 0 {
+		// exec replaces the image's entrypoint and command altogether.
+		s.Entrypoint, s.Cmd = cfg.Init.Exec, nil
+	}
+	return s
+}
+
+func guestMemory(cfg *api.MachineConfig) int {
+	if cfg.Guest != nil && cfg.Guest.MemoryMB > 0 {
+		return cfg.Guest.MemoryMB
+	}
+	return 256
+}
+
+// workloadEnv is the config's env overlaid with the FLY_* variables a
+// machine sees on Fly. The platform's variables win, except PRIMARY_REGION,
+// which apps set themselves.
+func workloadEnv(r *record, cfg *api.MachineConfig) map[string]string {
+	env := map[string]string{"PATH": defaultPath, "PRIMARY_REGION": r.Region}
+	maps.Copy(env, cfg.Env)
+	if len(cfg.Processes) > 0 {
+		maps.Copy(env, cfg.Processes[0].Env)
+	}
+	group := "app"
+	if g := cfg.Metadata["fly_process_group"]; g != "" {
+		group = g
+	}
+	maps.Copy(env, map[string]string{
+		"FLY_APP_NAME":        r.App,
+		"FLY_MACHINE_ID":      r.ID,
+		"FLY_ALLOC_ID":        r.ID,
+		"FLY_REGION":          r.Region,
+		"FLY_PUBLIC_IP":       "",
+		"FLY_IMAGE_REF":       cfg.Image,
+		"FLY_MACHINE_VERSION": r.Instance,
+		"FLY_PRIVATE_IP":      privateIP(r),
+		"FLY_PROCESS_GROUP":   group,
+		"FLY_VM_MEMORY_MB":    strconv.Itoa(guestMemory(cfg)),
+	})
+	return env
+}
+
+// privateIP is the machine's address. Workloads of the exec driver share the
+// host's network, so it is the loopback address until sandboxes give each
+// machine its own.
+func privateIP(*record) string { return "127.0.0.1" }

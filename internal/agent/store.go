@@ -1,0 +1,147 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/machine"
+)
+
+// record is everything the agent knows about one machine. It is written to
+// the store before the agent acts on a change, so an agent restarted at any
+// point finds the operation it was in the middle of and finishes it.
+type record struct {
+	ID        string             `json:"id"`
+	App       string             `json:"app"`
+	Name      string             `json:"name"`
+	Region    string             `json:"region"`
+	State     machine.State      `json:"state"`
+	Instance  string             `json:"instance_id"`
+	Config    *api.MachineConfig `json:"config"`
+	Versions  []version          `json:"versions"` // newest first
+	CreatedAt time.Time          `json:"created_at"`
+	UpdatedAt time.Time          `json:"updated_at"`
+
+	// Op is the operation in flight while State is transient.
+	Op *op `json:"op,omitempty"`
+	// Handle identifies the running workload to the driver.
+	Handle string `json:"handle,omitempty"`
+	// OldHandle is the workload of the version an update is replacing.
+	OldHandle string `json:"old_handle,omitempty"`
+	// StartedAt is when the current run began.
+	StartedAt time.Time `json:"started_at,omitzero"`
+	// Restarts counts consecutive restarts by the restart policy.
+	Restarts int `json:"restarts,omitempty"`
+	// RestartAt is when a restart waiting out its backoff is due.
+	RestartAt time.Time `json:"restart_at,omitzero"`
+
+	SkipLaunch bool   `json:"skip_launch,omitempty"`
+	Cordoned   bool   `json:"cordoned,omitempty"`
+	Lease      *lease `json:"lease,omitempty"`
+
+	Events []*api.MachineEvent `json:"events"` // newest first, at most maxEvents
+}
+
+// op is an operation that has been decided but may not have finished.
+type op struct {
+	Kind    string        `json:"kind"` // create, start, stop, restart, destroy, update, exit
+	Signal  string        `json:"signal,omitempty"`
+	Timeout time.Duration `json:"timeout,omitempty"`
+	Force   bool          `json:"force,omitempty"`
+	// Then is the state an update or a restart goes on to once the old
+	// workload is gone (started, stopped or created).
+	Then machine.State `json:"then,omitempty"`
+}
+
+type version struct {
+	Instance  string             `json:"instance_id"`
+	State     machine.State      `json:"state"`
+	CreatedAt time.Time          `json:"created_at"`
+	Config    *api.MachineConfig `json:"config"`
+}
+
+type lease struct {
+	Nonce       string    `json:"nonce"`
+	Owner       string    `json:"owner,omitempty"`
+	Description string    `json:"description,omitempty"`
+	ExpiresAt   time.Time `json:"expires_at"`
+}
+
+const maxEvents = 50
+
+var bucketMachines = []byte("machines")
+
+// store keeps records in bbolt, one key per machine.
+type store struct {
+	db *bolt.DB
+}
+
+func openStore(path string) (*store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if errors.Is(err, bolt.ErrTimeout) {
+		return nil, fmt.Errorf("open %s: in use by another agent", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists(bucketMachines)
+		return err
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("init %s: %w", path, err)
+	}
+	return &store{db: db}, nil
+}
+
+// put writes r durably (bbolt syncs on commit).
+func (s *store) put(r *record) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encode machine %s: %w", r.ID, err)
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketMachines).Put([]byte(r.ID), b)
+	})
+	if err != nil {
+		return fmt.Errorf("store machine %s: %w", r.ID, err)
+	}
+	return nil
+}
+
+func (s *store) all() ([]*record, error) {
+	var out []*record
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketMachines).ForEach(func(k, v []byte) error {
+			r := new(record)
+			if err := json.Unmarshal(v, r); err != nil {
+				return fmt.Errorf("decode machine %s: %w", k, err)
+			}
+			out = append(out, r)
+			return nil
+		})
+	})
+	return out, err
+}
+
+func (s *store) close() error { return s.db.Close() }
+
+// clone returns a deep copy of r, so a change can be prepared, stored and
+// only then made visible.
+func (r *record) clone() *record {
+	b, err := json.Marshal(r)
+	if err != nil {
+		panic(fmt.Sprintf("clone machine %s: %v", r.ID, err))
+	}
+	c := new(record)
+	if err := json.Unmarshal(b, c); err != nil {
+		panic(fmt.Sprintf("clone machine %s: %v", r.ID, err))
+	}
+	return c
+}
