@@ -5,20 +5,17 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net"
+	"io"
 	"os"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/flamehq/flame/internal/driver/exec"
 	"github.com/flamehq/flame/internal/host"
 )
 
 func newDevCmd() *cobra.Command {
-	var (
-		apiAddr, dataDir, token, region, logLevel string
-	)
+	var f hostFlags
 	c := &cobra.Command{
 		Use:   "dev",
 		Short: "Run the Flame platform on this machine, for development",
@@ -28,42 +25,22 @@ makes up an API token, which it prints. Ctrl-C stops every machine and exits.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			out := c.OutOrStdout()
-			log, err := newLogger(c.ErrOrStderr(), logLevel)
-			if err != nil {
-				return err
+			if f.token == "" {
+				f.token = randomToken()
 			}
-			if token == "" {
-				token = randomToken()
-			}
-			if dataDir == "" {
+			if f.dataDir == "" {
 				dir, err := os.MkdirTemp("", "flame-dev-")
 				if err != nil {
 					return err
 				}
 				defer os.RemoveAll(dir)
-				dataDir = dir
+				f.dataDir = dir
 			}
-			images, err := host.ExecImages()
+			h, err := f.startHost(c)
 			if err != nil {
 				return err
 			}
-			ln, err := net.Listen("tcp", apiAddr)
-			if err != nil {
-				return fmt.Errorf("listen on %s: %w (is another flame dev running? pick another --api-addr)", apiAddr, err)
-			}
-			h, err := host.New(host.Config{
-				DataDir: dataDir, Region: region, Listener: ln, Token: token,
-				Driver: exec.New(exec.Config{Images: images}, log), Logger: log,
-			})
-			if err != nil {
-				ln.Close()
-				return err
-			}
-			if err := h.Start(c.Context()); err != nil {
-				h.Close()
-				return err
-			}
-			printDevBanner(out, h.Addr(), token, region, dataDir)
+			printDevBanner(out, h.Addr(), f.token, f.region, f.dataDir)
 			<-c.Context().Done()
 			fmt.Fprintln(out, "\nflame dev: stopping machines…")
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -74,12 +51,7 @@ makes up an API token, which it prints. Ctrl-C stops every machine and exits.`,
 			return err
 		},
 	}
-	f := c.Flags()
-	f.StringVar(&apiAddr, "api-addr", "127.0.0.1:4280", "address of the Machines API")
-	f.StringVar(&dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
-	f.StringVar(&token, "token", "", "API token (default: a random one, printed)")
-	f.StringVar(&region, "region", "ams", "region of the dev host")
-	f.StringVar(&logLevel, "log-level", "warn", "debug, info, warn or error")
+	f.register(c, "127.0.0.1:4280", "warn", "directory for state (default: a temporary directory removed on exit)", "API token (default: a random one, printed)")
 	return c
 }
 
@@ -89,7 +61,7 @@ func randomToken() string {
 	return "fdev_" + hex.EncodeToString(b[:])
 }
 
-func printDevBanner(w interface{ Write([]byte) (int, error) }, addr, token, region, dataDir string) {
+func printDevBanner(w io.Writer, addr, token, region, dataDir string) {
 	fmt.Fprintf(w, `flame dev is running (region %s, state in %s)
 
   Machines API  http://%s

@@ -54,6 +54,13 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		Short:         "Flame: a self-hostable edge platform that speaks Fly's Machines API",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Args: func(c *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("unknown command %q\nrun 'flame --help' for usage", args[0])}
+			}
+			return nil
+		},
+		RunE: func(c *cobra.Command, _ []string) error { return c.Help() },
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)

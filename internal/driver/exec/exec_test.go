@@ -569,3 +569,59 @@ func BenchmarkStart(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+func TestAdoptUnrecorded(t *testing.T) {
+	d := newDriver(t, Config{})
+	spec := shSpec(t, "echo ready; exec sleep 30")
+	spec.InstanceID = "01J0000000000000000000000A"
+	spec.Env["FLY_MACHINE_VERSION"] = fmt.Sprintf("%s-%d", spec.InstanceID, time.Now().UnixNano())
+	p := start(t, d, spec)
+	if _, err := os.Stat(handleFile(spec)); err != nil {
+		t.Fatalf("no handle file: %v", err)
+	}
+
+	// Through the handle file.
+	d2 := newDriver(t, Config{})
+	got, err := d2.Adopt(context.Background(), spec, "")
+	if err != nil || got.Handle() != p.Handle() {
+		t.Fatalf("adopt by file = %v, %v; want %s", got, err, p.Handle())
+	}
+
+	// Through the environment, when the file was never written.
+	if err := os.Remove(handleFile(spec)); err != nil {
+		t.Fatal(err)
+	}
+	d1Closed := New(Config{}, nil) // shares nothing but /proc
+	defer d1Closed.Close()
+	got, err = d1Closed.Adopt(context.Background(), spec, "")
+	if err != nil || got.Handle() != p.Handle() {
+		t.Fatalf("adopt by env = %v, %v; want %s", got, err, p.Handle())
+	}
+
+	// A stale handle file falls back to the environment too.
+	if err := os.WriteFile(handleFile(spec), []byte("1:1:x\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err = d2.Adopt(context.Background(), spec, ""); err != nil || got.Handle() != p.Handle() {
+		t.Fatalf("adopt with a stale file = %v, %v", got, err)
+	}
+
+	kill(t, p)
+	if _, err := d2.Adopt(context.Background(), spec, ""); !errors.Is(err, driver.ErrGone) {
+		t.Fatalf("adopt after exit: %v, want ErrGone", err)
+	}
+	empty := spec
+	empty.Env = nil
+	empty.Dir = t.TempDir()
+	if _, err := d2.Adopt(context.Background(), empty, ""); !errors.Is(err, driver.ErrGone) {
+		t.Fatalf("adopt with nothing to go by: %v, want ErrGone", err)
+	}
+	for range 2 {
+		if err := d.Cleanup(context.Background(), spec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(handleFile(spec)); !os.IsNotExist(err) {
+		t.Fatalf("handle file after cleanup: %v", err)
+	}
+}

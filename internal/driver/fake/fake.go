@@ -206,11 +206,21 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Process, e
 }
 
 // Adopt returns the workload named by handle if it still runs, and fails
-// with driver.ErrGone otherwise.
+// with driver.ErrGone otherwise. With an empty handle it returns the latest
+// running workload of spec's machine and instance.
 func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, handle string) (driver.Process, error) {
 	d.mu.Lock()
 	d.count(spec.MachineID).Adopt++
 	p := d.byHandle[handle]
+	if handle == "" {
+		ps := d.byMachine[spec.MachineID]
+		for i := len(ps) - 1; i >= 0; i-- {
+			if ps[i].spec.InstanceID == spec.InstanceID && ps[i].Running() {
+				p = ps[i]
+				break
+			}
+		}
+	}
 	d.mu.Unlock()
 	if p == nil {
 		return nil, fmt.Errorf("adopt %s: no workload %q: %w", spec.MachineID, handle, driver.ErrGone)

@@ -190,6 +190,29 @@ func TestAdoptAcrossAgents(t *testing.T) {
 	}
 }
 
+func TestAdoptUnrecorded(t *testing.T) {
+	d := New()
+	ctx := context.Background()
+	s1 := spec("m1")
+	s1.InstanceID = "v1"
+	d.Start(ctx, s1)
+	d.Process("m1").Exit(1)
+	d.Start(ctx, s1) // the agent died before recording this one
+	s2 := s1
+	s2.InstanceID = "v2"
+	if _, err := d.Adopt(ctx, s2, ""); !errors.Is(err, driver.ErrGone) {
+		t.Fatalf("adopt of another instance: %v", err)
+	}
+	pr, err := d.Adopt(ctx, s1, "")
+	if err != nil || pr.Handle() != d.Process("m1").Handle() {
+		t.Fatalf("adopt = %v, %v", pr, err)
+	}
+	d.Process("m1").Exit(0)
+	if _, err := d.Adopt(ctx, s1, ""); !errors.Is(err, driver.ErrGone) {
+		t.Fatalf("adopt after exit: %v", err)
+	}
+}
+
 func TestExecAndCleanup(t *testing.T) {
 	d := New()
 	ctx := context.Background()

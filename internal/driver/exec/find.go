@@ -1,0 +1,124 @@
+package exec
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/flamehq/flame/internal/driver"
+)
+
+// handleFile is where Start records a workload's handle in spec.Dir, for an
+// agent that died before recording it itself.
+func handleFile(spec driver.Spec) string {
+	return filepath.Join(spec.Dir, "exec-"+spec.InstanceID+".handle")
+}
+
+// recordHandle writes p's handle next to the workload. Losing it to a crash
+// of the host is harmless: the workload dies with the host.
+func (d *Driver) recordHandle(spec driver.Spec, p *process) {
+	if spec.Dir == "" {
+		return
+	}
+	if err := os.WriteFile(handleFile(spec), []byte(p.hstr+"\n"), 0o644); err != nil {
+		d.logger.Warn("record handle", "machine", spec.MachineID, "err", err)
+	}
+}
+
+// adoptUnrecorded finds spec's workload without a handle from the agent:
+// through the handle file Start wrote, and failing that (the agent died
+// between starting the program and writing the file) by looking for a
+// process-group leader whose environment holds spec's identity variables.
+func (d *Driver) adoptUnrecorded(ctx context.Context, spec driver.Spec) (driver.Process, error) {
+	if spec.Dir != "" {
+		if b, err := os.ReadFile(handleFile(spec)); err == nil {
+			if h := strings.TrimSpace(string(b)); h != "" {
+				p, err := d.Adopt(ctx, spec, h)
+				if !errors.Is(err, driver.ErrGone) {
+					return p, err
+				}
+			}
+		}
+	}
+	want := identity(spec.Env)
+	if len(want) == 0 {
+		return nil, fmt.Errorf("adopt %s: no handle and no environment to search by: %w", spec.MachineID, driver.ErrGone)
+	}
+	h, err := d.findByEnv(want)
+	if err != nil {
+		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
+	}
+	return d.Adopt(ctx, spec, h.String())
+}
+
+// identityVars make a workload's environment unique to its instance.
+var identityVars = []string{"FLY_MACHINE_ID", "FLY_MACHINE_VERSION", "FLY_ALLOC_ID"}
+
+// identity is the part of env a workload is searched by: its identity
+// variables when it has any, else all of it.
+func identity(env map[string]string) []string {
+	var out []string
+	for _, k := range identityVars {
+		if v, ok := env[k]; ok {
+			out = append(out, k+"="+v)
+		}
+	}
+	if len(out) == 0 {
+		out = envList(env)
+	}
+	return out
+}
+
+// findByEnv looks through /proc for the newest live process-group leader
+// whose initial environment holds every entry of want.
+func (d *Driver) findByEnv(want []string) (handle, error) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return handle{}, err
+	}
+	self := os.Getpid()
+	var best handle
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		st, err := readProcStat(pid)
+		if err != nil || st.pgrp != pid || st.state == 'Z' || st.state == 'X' {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil || !holdsAll(b, want) {
+			continue
+		}
+		if best.pid == 0 || st.start > best.start {
+			best = handle{pid: pid, start: st.start, bootID: d.bootID}
+		}
+	}
+	if best.pid == 0 {
+		return handle{}, fmt.Errorf("no process with the machine's environment: %w", driver.ErrGone)
+	}
+	return best, nil
+}
+
+// holdsAll reports whether a NUL-separated environment block holds every
+// KEY=VALUE of want.
+func holdsAll(environ []byte, want []string) bool {
+	have := make(map[string]bool)
+	for kv := range bytes.SplitSeq(environ, []byte{0}) {
+		if len(kv) > 0 {
+			have[string(kv)] = true
+		}
+	}
+	for _, kv := range want {
+		if !have[kv] {
+			return false
+		}
+	}
+	return true
+}
