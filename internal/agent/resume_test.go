@@ -188,6 +188,17 @@ func TestResumeFinishesInterruptedOperations(t *testing.T) {
 				t.Errorf("versions = %+v %+v", vs[0], vs[1])
 			}
 		}},
+		{"killed between starting a workload and recording it", func(r *record) {
+			r.State, r.Handle, r.Op = machine.Starting, "", &op{Kind: "start"}
+		}, machine.Started, func(t *testing.T, b *Agent, id string, oldPid int) {
+			if pidOf(t, b, id) != oldPid {
+				t.Errorf("workload started again (pid %d), want the running one (pid %d) adopted", pidOf(t, b, id), oldPid)
+			}
+		}},
+		{"killed after recording starting, before the workload ran", func(r *record) {
+			syscall.Kill(pidFromHandle(r.Handle), syscall.SIGKILL)
+			r.State, r.Handle, r.Op = machine.Starting, "", &op{Kind: "start"}
+		}, machine.Started, nil},
 		{"killed after recording creating", func(r *record) {
 			syscall.Kill(pidFromHandle(r.Handle), syscall.SIGKILL)
 			r.State, r.Handle, r.Op, r.Events = machine.Creating, "", &op{Kind: "create"}, nil

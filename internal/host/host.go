@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -118,7 +119,11 @@ func (h *Host) Close() error {
 		h.srv.Close()
 	}
 	h.wg.Wait()
-	return errors.Join(err, h.Agent.Close())
+	err = errors.Join(err, h.Agent.Close())
+	if c, ok := h.cfg.Driver.(io.Closer); ok {
+		err = errors.Join(err, c.Close())
+	}
+	return err
 }
 
 // StopMachines stops every running machine.

@@ -194,9 +194,9 @@ func TestReopenAfterRestart(t *testing.T) {
 	if got := texts(l2.Tail(0)); !slices.Equal(got, []string{"a", "b", "c"}) {
 		t.Fatalf("tail after restart = %q", got)
 	}
-	ch := follow(t, l2, 2)
+	ch := follow(t, l2, 0)
 	fmt.Fprint(w, "d\n")
-	receive(t, ch, "b", "c", "d")
+	receive(t, ch, "a", "b", "c", "d")
 }
 
 func TestRotation(t *testing.T) {
