@@ -601,3 +601,15 @@ func TestMetadataCordonAndListFilters(t *testing.T) {
 		t.Error("still cordoned")
 	}
 }
+
+func TestDataDirInUse(t *testing.T) {
+	dir := t.TempDir()
+	newAgent(t, dir, nil)
+	_, err := New(Config{DataDir: dir, Region: "ams", Driver: exec.New(exec.Config{}, nil)})
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Errorf("second agent on the same data dir: %v", err)
+	}
+	if _, err := New(Config{DataDir: dir, Region: "ams"}); err == nil {
+		t.Error("agent without driver accepted")
+	}
+}

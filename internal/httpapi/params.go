@@ -89,6 +89,7 @@ func leaseNonce(r *http.Request) string {
 	if v := r.Header.Get(api.LeaseNonceHeader); v != "" {
 		return strings.TrimSpace(v)
 	}
+	//lint:ignore SA1008 the raw lowercase key is the point: in-process requests skip canonicalization
 	if vs := r.Header[api.LeaseNonceHeader]; len(vs) > 0 {
 		return strings.TrimSpace(vs[0])
 	}

@@ -1,0 +1,88 @@
+package archtest
+
+import (
+	"encoding/json"
+	"io"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+)
+
+type pkg struct {
+	ImportPath string
+	Doc        string
+	Name       string
+	Imports    []string
+	Deps       []string
+}
+
+func listPackages(t *testing.T) []pkg {
+	t.Helper()
+	cmd := exec.Command("go", "list", "-json=ImportPath,Doc,Name,Imports,Deps", "github.com/flamehq/flame/...")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	var pkgs []pkg
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	for {
+		var p pkg
+		if err := dec.Decode(&p); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		pkgs = append(pkgs, p)
+	}
+	if len(pkgs) < 5 {
+		t.Fatalf("go list found only %d packages", len(pkgs))
+	}
+	return pkgs
+}
+
+// TestPackagesDocumented: every package says in its doc what it provides.
+func TestPackagesDocumented(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.Doc == "" {
+			t.Errorf("package %s has no package doc", p.ImportPath)
+		}
+	}
+}
+
+// pure lists the packages that decide without doing: no network, no
+// processes, no files, no stores — time and randomness come in as arguments.
+var pure = []string{
+	"github.com/flamehq/flame/internal/machine",
+}
+
+// forbidden may not be reached at all; forbiddenDirect may not be imported
+// by the pure package itself (fmt reaches os, which is fine).
+var (
+	forbidden       = []string{"net", "os/exec", "go.etcd.io/bbolt", "math/rand", "math/rand/v2", "crypto/rand"}
+	forbiddenDirect = []string{"os", "io/fs", "path/filepath"}
+)
+
+func TestPurePackagesDoNoIO(t *testing.T) {
+	byPath := map[string]pkg{}
+	for _, p := range listPackages(t) {
+		byPath[p.ImportPath] = p
+	}
+	for _, path := range pure {
+		p, ok := byPath[path]
+		if !ok {
+			t.Errorf("pure package %s not found", path)
+			continue
+		}
+		for _, f := range forbidden {
+			if slices.Contains(p.Deps, f) {
+				t.Errorf("pure package %s depends on %s", path, f)
+			}
+		}
+		for _, f := range forbiddenDirect {
+			if slices.Contains(p.Imports, f) {
+				t.Errorf("pure package %s imports %s", path, f)
+			}
+		}
+	}
+}
