@@ -143,19 +143,34 @@ func flyVar(who map[string]any, name string) string {
 }
 
 // workloads counts the host processes that belong to machine id.
-func workloads(id string) int {
-	n := 0
+func workloads(id string) int { return len(workloadPids(id)) }
+
+// killWorkloads makes sure a failed test leaves no machine running.
+func killWorkloads(id string) {
+	for _, pid := range workloadPids(id) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+func workloadPids(id string) []int {
+	var pids []int
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		if _, err := strconv.Atoi(e.Name()); err != nil {
 			continue
 		}
 		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
-		if err == nil && strings.Contains(string(env), "\x00FLY_MACHINE_ID="+id+"\x00") || strings.HasPrefix(string(env), "FLY_MACHINE_ID="+id+"\x00") {
-			n++
+		if err != nil {
+			continue
+		}
+		for _, kv := range strings.Split(string(env), "\x00") {
+			if kv == "FLY_MACHINE_ID="+id {
+				pid, _ := strconv.Atoi(e.Name())
+				pids = append(pids, pid)
+			}
 		}
 	}
-	return n
+	return pids
 }
 
 func demoConfig(port int) *api.MachineConfig {
@@ -185,6 +200,7 @@ func TestAgentKilledResumes(t *testing.T) {
 		}
 		ids = append(ids, m.ID)
 		ports[m.ID] = port
+		t.Cleanup(func() { killWorkloads(m.ID) })
 	}
 	pids := map[string]float64{}
 	for _, id := range ids {
@@ -259,6 +275,7 @@ func TestDevStopsCleanly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { killWorkloads(m.ID) })
 	who := demoIdentity(t, port)
 	if flyVar(who, "FLY_APP_NAME") != "demo" || flyVar(who, "FLY_REGION") != "ams" {
 		t.Errorf("demo identity = %v", who)

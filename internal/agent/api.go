@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"os"
@@ -497,6 +498,7 @@ func (a *Agent) SetMetadata(ctx context.Context, ref httpapi.MachineRef, key, va
 		return api.Errorf(400, "metadata key is required")
 	}
 	return a.edit(ref, func(r *record) {
+		r.Config = cloneConfig(r.Config)
 		if r.Config.Metadata == nil {
 			r.Config.Metadata = map[string]string{}
 		}
@@ -515,6 +517,7 @@ func (a *Agent) DeleteMetadata(ctx context.Context, ref httpapi.MachineRef, key 
 		return api.Errorf(404, "machine %s has no metadata key %q", ref.ID, key)
 	}
 	return a.edit(ref, func(r *record) {
+		r.Config = cloneConfig(r.Config)
 		delete(r.Config.Metadata, key)
 		r.Versions[0].Config = r.Config
 	})
@@ -627,7 +630,16 @@ func imageRef(cfg *api.MachineConfig) api.ImageRef {
 	return out
 }
 
+// cloneConfig deep-copies a config, so the copy can be changed while
+// readers hold the original.
 func cloneConfig(c *api.MachineConfig) *api.MachineConfig {
-	r := &record{Config: c}
-	return r.clone().Config
+	b, err := json.Marshal(c)
+	if err != nil {
+		panic(fmt.Sprintf("clone config: %v", err))
+	}
+	out := new(api.MachineConfig)
+	if err := json.Unmarshal(b, out); err != nil {
+		panic(fmt.Sprintf("clone config: %v", err))
+	}
+	return out
 }

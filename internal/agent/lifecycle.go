@@ -52,7 +52,7 @@ func (a *Agent) commit(m *mach, next *record, ev *api.MachineEvent) error {
 			next.Events = next.Events[:maxEvents]
 		}
 	}
-	if err := a.store.put(next); err != nil {
+	if err := a.store.put(next, ev); err != nil {
 		return err
 	}
 	m.publish(next)
@@ -91,7 +91,9 @@ func (a *Agent) launch(m *mach, source, evType string) error {
 
 // startPrepared starts the workload from state Starting.
 func (a *Agent) startPrepared(m *mach, spec driver.Spec, source, evType string) error {
-	a.openLog(m)
+	// The tailer reads the log file from its start, so it need not be
+	// running before the workload writes: keep it off the start path.
+	a.goOwned(func() { a.openLog(m) })
 	proc, err := a.cfg.Driver.Start(a.ctx, spec)
 	if err != nil {
 		ev := newEvent(evType, string(machine.Failed), source)

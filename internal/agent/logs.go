@@ -7,6 +7,7 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/httpapi"
+	"github.com/flamehq/flame/internal/machine"
 	"github.com/flamehq/flame/internal/machinelog"
 )
 
@@ -18,6 +19,9 @@ func (a *Agent) openLog(m *mach) *machinelog.Log {
 		return m.log
 	}
 	r := m.rec.Load()
+	if r.State == machine.Destroying || r.State == machine.Destroyed {
+		return nil // its files are going or gone
+	}
 	l, err := machinelog.New(machinelog.Config{Path: a.spec(r).LogPath, Lines: a.cfg.LogLines}, a.cfg.Logger)
 	if err == nil {
 		err = l.Start(a.ctx)

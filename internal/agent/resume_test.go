@@ -51,7 +51,7 @@ func rewrite(t *testing.T, dir, id string, fn func(r *record)) {
 	for _, r := range recs {
 		if r.ID == id {
 			fn(r)
-			if err := st.put(r); err != nil {
+			if err := st.put(r, nil); err != nil {
 				t.Fatal(err)
 			}
 			return

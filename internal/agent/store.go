@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -45,7 +47,9 @@ type record struct {
 	Cordoned   bool   `json:"cordoned,omitempty"`
 	Lease      *lease `json:"lease,omitempty"`
 
-	Events []*api.MachineEvent `json:"events"` // newest first, at most maxEvents
+	// Events are newest first, at most maxEvents. They are stored apart from
+	// the record, one key each, so a step writes only its new event.
+	Events []*api.MachineEvent `json:"-"`
 }
 
 // op is an operation that has been decided but may not have finished.
@@ -75,7 +79,11 @@ type lease struct {
 
 const maxEvents = 50
 
-var bucketMachines = []byte("machines")
+var (
+	bucketMachines = []byte("machines")
+	// bucketEvents holds one nested bucket per machine: sequence → event.
+	bucketEvents = []byte("events")
+)
 
 // store keeps records in bbolt, one key per machine.
 type store struct {
@@ -91,7 +99,10 @@ func openStore(path string) (*store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketMachines)
+		if _, err := tx.CreateBucketIfNotExists(bucketMachines); err != nil {
+			return err
+		}
+		_, err := tx.CreateBucketIfNotExists(bucketEvents)
 		return err
 	})
 	if err != nil {
@@ -101,14 +112,36 @@ func openStore(path string) (*store, error) {
 	return &store{db: db}, nil
 }
 
-// put writes r durably (bbolt syncs on commit).
-func (s *store) put(r *record) error {
+// put writes r, and ev if not nil, durably (bbolt syncs on commit), in one
+// transaction. Events beyond maxEvents are dropped from the store.
+func (s *store) put(r *record, ev *api.MachineEvent) error {
 	b, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("encode machine %s: %w", r.ID, err)
 	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketMachines).Put([]byte(r.ID), b)
+		if err := tx.Bucket(bucketMachines).Put([]byte(r.ID), b); err != nil {
+			return err
+		}
+		if ev == nil {
+			return nil
+		}
+		eb, err := tx.Bucket(bucketEvents).CreateBucketIfNotExists([]byte(r.ID))
+		if err != nil {
+			return err
+		}
+		seq, _ := eb.NextSequence()
+		v, err := json.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		if err := eb.Put(seqKey(seq), v); err != nil {
+			return err
+		}
+		if seq > maxEvents {
+			return eb.Delete(seqKey(seq - maxEvents))
+		}
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("store machine %s: %w", r.ID, err)
@@ -116,13 +149,27 @@ func (s *store) put(r *record) error {
 	return nil
 }
 
+func seqKey(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
+
+// all loads every record with its events.
 func (s *store) all() ([]*record, error) {
 	var out []*record
 	err := s.db.View(func(tx *bolt.Tx) error {
+		events := tx.Bucket(bucketEvents)
 		return tx.Bucket(bucketMachines).ForEach(func(k, v []byte) error {
 			r := new(record)
 			if err := json.Unmarshal(v, r); err != nil {
 				return fmt.Errorf("decode machine %s: %w", k, err)
+			}
+			if eb := events.Bucket(k); eb != nil {
+				c := eb.Cursor()
+				for ek, ev := c.Last(); ek != nil; ek, ev = c.Prev() {
+					e := new(api.MachineEvent)
+					if err := json.Unmarshal(ev, e); err != nil {
+						return fmt.Errorf("decode event of machine %s: %w", k, err)
+					}
+					r.Events = append(r.Events, e)
+				}
 			}
 			out = append(out, r)
 			return nil
@@ -133,16 +180,11 @@ func (s *store) all() ([]*record, error) {
 
 func (s *store) close() error { return s.db.Close() }
 
-// clone returns a deep copy of r, so a change can be prepared, stored and
-// only then made visible.
+// clone returns a copy of r that a step may change and store before it is
+// made visible. Parts that steps replace rather than change (the config, the
+// events, the op, the lease) are shared.
 func (r *record) clone() *record {
-	b, err := json.Marshal(r)
-	if err != nil {
-		panic(fmt.Sprintf("clone machine %s: %v", r.ID, err))
-	}
-	c := new(record)
-	if err := json.Unmarshal(b, c); err != nil {
-		panic(fmt.Sprintf("clone machine %s: %v", r.ID, err))
-	}
-	return c
+	c := *r
+	c.Versions = slices.Clone(r.Versions)
+	return &c
 }

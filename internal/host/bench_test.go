@@ -3,6 +3,7 @@ package host
 import (
 	"context"
 	"net"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -102,6 +103,25 @@ func BenchmarkStoppedToStarted(b *testing.B) {
 			b.Fatal(err)
 		}
 		ds = append(ds, time.Since(t0))
+	}
+	reportPercentiles(b, ds)
+}
+
+// BenchmarkForkExecBaseline is the floor under the two above: starting the
+// same program with os.StartProcess, no API, no store, no driver.
+func BenchmarkForkExecBaseline(b *testing.B) {
+	var ds []time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		p, err := os.StartProcess("/bin/sleep", []string{"sleep", "3600"}, &os.ProcAttr{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, time.Since(t0))
+		b.StopTimer()
+		p.Kill()
+		p.Wait()
+		b.StartTimer()
 	}
 	reportPercentiles(b, ds)
 }

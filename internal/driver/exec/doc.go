@@ -34,9 +34,7 @@
 // # Unrecorded workloads
 //
 // An agent can die after starting a workload and before recording its handle.
-// For that case Start also writes the handle to "exec-<instance id>.handle"
-// in the machine's directory (Cleanup removes it), and Adopt with an empty
-// handle reads it. When even that write was lost, Adopt looks in /proc for a
+// For that case Adopt with an empty handle looks in /proc for a
 // live process-group leader whose environment holds the spec's
 // FLY_MACHINE_ID, FLY_MACHINE_VERSION and FLY_ALLOC_ID (those it sets; all of
 // the spec's environment when it sets none). A workload that execs a program

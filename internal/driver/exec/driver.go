@@ -109,16 +109,14 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Process, e
 		_, _ = proc.Wait()
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
-	d.recordHandle(spec, p)
 	d.logger.Debug("started", "machine", spec.MachineID, "pid", p.h.pid, "argv", argv)
 	return p, nil
 }
 
 // Adopt reattaches to the workload named by handle. It fails with
 // driver.ErrGone unless a live process with the handle's pid, start time and
-// boot id exists. With an empty handle it finds spec's workload by the
-// handle file Start writes in spec.Dir, or by its environment (see the
-// package doc).
+// boot id exists. With an empty handle it finds spec's workload by its
+// environment's identity variables (see the package doc).
 func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, handle string) (driver.Process, error) {
 	if handle == "" {
 		return d.adoptUnrecorded(ctx, spec)
@@ -194,17 +192,9 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	return res, nil
 }
 
-// Cleanup removes the handle file Start wrote; the log file belongs to the
-// agent.
-func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
-	if spec.Dir == "" {
-		return nil
-	}
-	if err := os.Remove(handleFile(spec)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("cleanup %s: %w", spec.MachineID, err)
-	}
-	return nil
-}
+// Cleanup has nothing to remove: the exec driver leaves no files of its own
+// (the log file and the machine's directory belong to the agent).
+func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error { return nil }
 
 // Close stops watching every workload, as if the agent had died: the
 // workloads keep running, and their Done channels never close. Adopt, from

@@ -3,62 +3,19 @@ package exec
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
 
 	"github.com/flamehq/flame/internal/driver"
 )
 
-// handleFile is where Start records a workload's handle in spec.Dir, for an
-// agent that died before recording it itself.
-func handleFile(spec driver.Spec) string {
-	return filepath.Join(spec.Dir, "exec-"+spec.InstanceID+".handle")
-}
-
-// handleFileSize is the fixed size of a handle file: rewriting it in place
-// with padding avoids a truncation, which costs ext4 a tenth of a
-// millisecond on Start's path.
-const handleFileSize = 128
-
-// recordHandle writes p's handle next to the workload. Losing it to a crash
-// of the host is harmless: the workload dies with the host.
-func (d *Driver) recordHandle(spec driver.Spec, p *process) {
-	if spec.Dir == "" {
-		return
-	}
-	b := bytes.Repeat([]byte{' '}, handleFileSize)
-	copy(b, p.hstr+"\n")
-	f, err := os.OpenFile(handleFile(spec), os.O_WRONLY|os.O_CREATE, 0o644)
-	if err == nil {
-		_, err = f.WriteAt(b, 0)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-	}
-	if err != nil {
-		d.logger.Warn("record handle", "machine", spec.MachineID, "err", err)
-	}
-}
-
-// adoptUnrecorded finds spec's workload without a handle from the agent:
-// through the handle file Start wrote, and failing that (the agent died
-// between starting the program and writing the file) by looking for a
+// adoptUnrecorded finds spec's workload without a handle from the agent
+// (it died between starting the program and recording it) by looking for a
 // process-group leader whose environment holds spec's identity variables.
+// This is rare, so a scan of /proc is cheaper overall than recording every
+// handle on Start's path.
 func (d *Driver) adoptUnrecorded(ctx context.Context, spec driver.Spec) (driver.Process, error) {
-	if spec.Dir != "" {
-		if b, err := os.ReadFile(handleFile(spec)); err == nil {
-			if h := strings.TrimSpace(string(b)); h != "" {
-				p, err := d.Adopt(ctx, spec, h)
-				if !errors.Is(err, driver.ErrGone) {
-					return p, err
-				}
-			}
-		}
-	}
 	want := identity(spec.Env)
 	if len(want) == 0 {
 		return nil, fmt.Errorf("adopt %s: no handle and no environment to search by: %w", spec.MachineID, driver.ErrGone)
