@@ -78,7 +78,7 @@ func ref(id string) httpapi.MachineRef { return httpapi.MachineRef{App: app, ID:
 
 func waitState(t testing.TB, a *Agent, id, state string) *api.Machine {
 	t.Helper()
-	m, err := a.WaitMachine(context.Background(), ref(id), httpapi.WaitOptions{State: state, Timeout: 10 * time.Second})
+	m, err := a.WaitMachine(context.Background(), ref(id), httpapi.WaitOptions{States: []string{state}, Timeout: 10 * time.Second})
 	if err != nil {
 		got, _ := a.GetMachine(context.Background(), ref(id))
 		t.Fatalf("wait %s: %v (machine: %+v)", state, err, got)
@@ -446,13 +446,13 @@ func TestWait(t *testing.T) {
 	ctx := context.Background()
 	m := create(t, a, shConfig("exec sleep 60"))
 	start := time.Now()
-	_, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{State: "stopped", Timeout: 100 * time.Millisecond})
+	_, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"stopped"}, Timeout: 100 * time.Millisecond})
 	if !errors.Is(err, api.ErrTimeout) || time.Since(start) < 100*time.Millisecond {
 		t.Errorf("wait timeout: %v after %v", err, time.Since(start))
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{State: "stopped", InstanceID: m.InstanceID, Timeout: 5 * time.Second})
+		_, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"stopped"}, InstanceID: m.InstanceID, Timeout: 5 * time.Second})
 		done <- err
 	}()
 	time.Sleep(20 * time.Millisecond)
@@ -462,10 +462,14 @@ func TestWait(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Errorf("wait stopped: %v", err)
 	}
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{State: "sideways"}); !errors.Is(err, api.ErrBadRequest) {
+	// Any of several states will do.
+	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"started", "stopped"}, Timeout: time.Second}); err != nil {
+		t.Errorf("wait for started or stopped: %v", err)
+	}
+	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"sideways"}}); !errors.Is(err, api.ErrBadRequest) {
 		t.Errorf("bad state: %v", err)
 	}
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{State: "stopped", InstanceID: "01ARZ3NDEKTSV4RRFFQ69G5FAV"}); !errors.Is(err, api.ErrNotFound) {
+	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"stopped"}, InstanceID: "01ARZ3NDEKTSV4RRFFQ69G5FAV"}); !errors.Is(err, api.ErrNotFound) {
 		t.Errorf("unknown instance: %v", err)
 	}
 }
@@ -495,7 +499,7 @@ func TestDestroy(t *testing.T) {
 	if len(list) != 1 || list[0].State != "destroyed" {
 		t.Errorf("include_deleted list: %+v", list)
 	}
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{State: "destroyed", Timeout: time.Second}); err != nil {
+	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"destroyed"}, Timeout: time.Second}); err != nil {
 		t.Errorf("wait destroyed: %v", err)
 	}
 	if _, err := a.StartMachine(ctx, ref(m.ID)); !errors.Is(err, api.ErrConflict) {

@@ -278,13 +278,16 @@ func (a *Agent) SuspendMachine(ctx context.Context, ref httpapi.MachineRef) erro
 
 // WaitMachine returns once the machine reaches o.State.
 func (a *Agent) WaitMachine(ctx context.Context, ref httpapi.MachineRef, o httpapi.WaitOptions) (*api.Machine, error) {
-	want := machine.Started
-	if o.State != "" {
-		s, err := machine.ParseState(o.State)
-		if err != nil {
-			return nil, api.Errorf(400, "state: %v", err)
+	want := []machine.State{machine.Started}
+	if len(o.States) > 0 {
+		want = want[:0]
+		for _, name := range o.States {
+			s, err := machine.ParseState(name)
+			if err != nil {
+				return nil, api.Errorf(400, "state: %v", err)
+			}
+			want = append(want, s)
 		}
-		want = s
 	}
 	timeout := o.Timeout
 	if timeout <= 0 || timeout > 60*time.Second {
@@ -307,20 +310,35 @@ func (a *Agent) WaitMachine(ctx context.Context, ref httpapi.MachineRef, o httpa
 		select {
 		case <-changed:
 		case <-t.C:
-			return nil, api.Errorf(408, "machine %s did not reach %s within %s (it is %s)", r.ID, want, timeout, r.State)
+			return nil, api.Errorf(408, "machine %s did not reach %s within %s (it is %s)", r.ID, stateList(want), timeout, r.State)
 		case <-ctx.Done():
 			return nil, api.Errorf(408, "wait for machine %s: %v", r.ID, ctx.Err())
 		}
 	}
 }
 
-// reached reports whether r is in state want, for the version inst if given.
-// A replaced version counts as stopped (and as destroyed once the machine is).
-func reached(r *record, want machine.State, inst string) bool {
-	if inst == "" || inst == r.Instance {
-		return r.State == want
+// reached reports whether r is in one of the states want, for the version
+// inst if given. A replaced version counts as stopped (and as destroyed once
+// the machine is).
+func reached(r *record, want []machine.State, inst string) bool {
+	for _, w := range want {
+		if inst == "" || inst == r.Instance {
+			if r.State == w {
+				return true
+			}
+		} else if w == machine.Stopped || (w == machine.Destroyed && r.State == machine.Destroyed) {
+			return true
+		}
 	}
-	return want == machine.Stopped || (want == machine.Destroyed && r.State == machine.Destroyed)
+	return false
+}
+
+func stateList(states []machine.State) string {
+	names := make([]string, len(states))
+	for i, s := range states {
+		names[i] = string(s)
+	}
+	return strings.Join(names, " or ")
 }
 
 // DestroyMachine removes a machine; a running one only with force.

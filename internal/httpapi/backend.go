@@ -32,7 +32,7 @@ type RestartOptions struct {
 
 // WaitOptions say what a wait waits for.
 type WaitOptions struct {
-	State      string        // default api.StateStarted
+	States     []string      // any of these; the handler fills in api.StateStarted when none
 	InstanceID string        // wait for this version to reach State
 	Timeout    time.Duration // default 60 s, at most 60 s
 }
@@ -56,8 +56,8 @@ type Backend interface {
 	RestartMachine(ctx context.Context, ref MachineRef, o RestartOptions) error
 	SignalMachine(ctx context.Context, ref MachineRef, signal string) error
 	SuspendMachine(ctx context.Context, ref MachineRef) error
-	// WaitMachine returns the machine once it is in o.State; it fails with
-	// api.ErrTimeout when o.Timeout runs out first.
+	// WaitMachine returns the machine once it is in any of o.States; it
+	// fails with api.ErrTimeout when o.Timeout runs out first.
 	WaitMachine(ctx context.Context, ref MachineRef, o WaitOptions) (*api.Machine, error)
 	// DestroyMachine removes a machine; a running one only with force
 	// (stopped with SIGKILL at once).

@@ -151,7 +151,16 @@ func (b *fakeBackend) WaitMachine(ctx context.Context, ref MachineRef, o WaitOpt
 		return nil, err
 	}
 	b.mu.Lock()
-	err, block := b.waitErr[o.State], b.waitBlock[o.State]
+	var err error
+	block := true
+	for _, st := range o.States { // like the real thing: the first state reachable answers
+		if !b.waitBlock[st] {
+			block = false
+			if err = b.waitErr[st]; err == nil {
+				break
+			}
+		}
+	}
 	b.mu.Unlock()
 	if block {
 		<-ctx.Done()

@@ -1,9 +1,6 @@
 package httpapi
 
 import (
-	"context"
-	"errors"
-	"fmt"
 	"net/http"
 	"time"
 
@@ -170,67 +167,10 @@ func (s *Server) waitMachine(w http.ResponseWriter, r *http.Request) error {
 		}
 		instance = v
 	}
-	o := WaitOptions{InstanceID: instance, Timeout: timeout}
-	if err := s.waitAny(r.Context(), ref, states, o); err != nil {
+	o := WaitOptions{States: states, InstanceID: instance, Timeout: timeout}
+	if _, err := s.backend.WaitMachine(r.Context(), ref, o); err != nil {
 		return err
 	}
 	writeOK(w)
 	return nil
-}
-
-// waitAny waits until the machine is in any of states. The Backend waits
-// for one state at a time, so several states are several concurrent waits;
-// the first to succeed answers, and the others are cancelled and waited for
-// before waitAny returns. When all fail, a failure other than a timeout is
-// the more telling answer.
-func (s *Server) waitAny(ctx context.Context, ref MachineRef, states []string, o WaitOptions) error {
-	if len(states) == 1 {
-		o.State = states[0]
-		_, err := s.backend.WaitMachine(ctx, ref, o)
-		return err
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	results := make(chan error, len(states))
-	for _, st := range states {
-		o := o
-		o.State = st
-		go func() {
-			defer func() {
-				if v := recover(); v != nil {
-					results <- fmt.Errorf("wait for %s panicked: %v", o.State, v)
-				}
-			}()
-			_, err := s.backend.WaitMachine(ctx, ref, o)
-			results <- err
-		}()
-	}
-	var timedOut, other error
-	pending := len(states)
-	for ; pending > 0; pending-- {
-		err := <-results
-		if err == nil {
-			break
-		}
-		if errors.Is(err, api.ErrTimeout) {
-			timedOut = cmpOr(timedOut, err)
-		} else {
-			other = cmpOr(other, err)
-		}
-	}
-	if pending > 0 {
-		cancel()
-		for ; pending > 1; pending-- {
-			<-results
-		}
-		return nil
-	}
-	return cmpOr(other, timedOut)
-}
-
-func cmpOr(a, b error) error {
-	if a != nil {
-		return a
-	}
-	return b
 }
