@@ -401,9 +401,6 @@ func (a *Agent) Exec(ctx context.Context, ref httpapi.MachineRef, in api.ExecReq
 		return nil, err
 	}
 	r := m.rec.Load()
-	if err := checkLease(r, ref.LeaseNonce, a.now()); err != nil {
-		return nil, err
-	}
 	if r.State != machine.Started {
 		return nil, api.Errorf(409, "machine %s is %s: exec needs a started machine", r.ID, r.State)
 	}
@@ -494,7 +491,7 @@ func (a *Agent) ReleaseLease(ctx context.Context, ref httpapi.MachineRef) error 
 
 // Cordon takes the machine out of (or puts it back into) the proxy's rotation.
 func (a *Agent) Cordon(ctx context.Context, ref httpapi.MachineRef, on bool) error {
-	return a.edit(ref, func(r *record) { r.Cordoned = on })
+	return a.edit(ref, true, func(r *record) { r.Cordoned = on })
 }
 
 // Metadata returns the machine's metadata.
@@ -510,12 +507,13 @@ func (a *Agent) Metadata(ctx context.Context, ref httpapi.MachineRef) (map[strin
 	return md, nil
 }
 
-// SetMetadata sets one metadata key without making a new version.
+// SetMetadata sets one metadata key without making a new version. Like
+// exec, it is not guarded by the lease (Fly's client sends no nonce for it).
 func (a *Agent) SetMetadata(ctx context.Context, ref httpapi.MachineRef, key, value string) error {
 	if key == "" {
 		return api.Errorf(400, "metadata key is required")
 	}
-	return a.edit(ref, func(r *record) {
+	return a.edit(ref, false, func(r *record) {
 		r.Config = cloneConfig(r.Config)
 		if r.Config.Metadata == nil {
 			r.Config.Metadata = map[string]string{}
@@ -534,20 +532,30 @@ func (a *Agent) DeleteMetadata(ctx context.Context, ref httpapi.MachineRef, key 
 	if _, ok := m.rec.Load().Config.Metadata[key]; !ok {
 		return api.Errorf(404, "machine %s has no metadata key %q", ref.ID, key)
 	}
-	return a.edit(ref, func(r *record) {
+	return a.edit(ref, false, func(r *record) {
 		r.Config = cloneConfig(r.Config)
 		delete(r.Config.Metadata, key)
 		r.Versions[0].Config = r.Config
 	})
 }
 
-// edit changes a machine's record in place (no state change) under its lock.
-func (a *Agent) edit(ref httpapi.MachineRef, fn func(*record)) error {
-	m, err := a.locked(ref)
+// edit changes a machine's record in place (no state change) under its lock,
+// checking the lease if leased says so.
+func (a *Agent) edit(ref httpapi.MachineRef, leased bool, fn func(*record)) error {
+	if !leased {
+		ref.LeaseNonce = "" // not checked below
+	}
+	m, err := a.find(ref)
 	if err != nil {
 		return err
 	}
+	m.opMu.Lock()
 	defer m.opMu.Unlock()
+	if leased {
+		if err := checkLease(m.rec.Load(), ref.LeaseNonce, a.now()); err != nil {
+			return err
+		}
+	}
 	r := m.rec.Load()
 	if r.State == machine.Destroyed {
 		return api.Errorf(409, "machine %s is destroyed", r.ID)
