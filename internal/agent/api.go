@@ -93,10 +93,13 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	var err error
 	if in.SkipLaunch {
 		spec := a.spec(r)
-		if perr := a.cfg.Driver.Prepare(a.ctx, spec); perr != nil {
+		if img, perr := a.cfg.Driver.Prepare(a.ctx, spec); perr != nil {
 			err = a.launchFailed(m, sourceUser, api.EventLaunch, perr)
 		} else {
-			err = a.step(m, machine.Created, newEvent(api.EventLaunch, string(machine.Created), sourceUser), func(r *record) { r.Op = nil })
+			err = a.step(m, machine.Created, newEvent(api.EventLaunch, string(machine.Created), sourceUser), func(r *record) {
+				r.Op = nil
+				r.ImageDigest = img.Digest
+			})
 		}
 	} else {
 		err = a.launch(m, sourceUser, api.EventStart)
@@ -630,6 +633,9 @@ func (a *Agent) view(r *record) *api.Machine {
 		HostStatus: api.HostStatusOK,
 		Cordoned:   r.Cordoned,
 		ImageRef:   imageRef(r.Config),
+	}
+	if r.ImageDigest != "" {
+		out.ImageRef.Digest = r.ImageDigest
 	}
 	if r.State == machine.Destroyed {
 		out.PrivateIP = ""

@@ -78,13 +78,21 @@ func (a *Agent) launch(m *mach, source, evType string) error {
 			return err
 		}
 	}
-	if err := a.cfg.Driver.Prepare(a.ctx, spec); err != nil {
+	img, err := a.cfg.Driver.Prepare(a.ctx, spec)
+	if err != nil {
 		return a.launchFailed(m, source, evType, err)
 	}
+	setImage := func(r *record) {
+		r.Op = &op{Kind: "start"}
+		r.ImageDigest = img.Digest
+	}
 	if first {
-		if err := a.step(m, machine.Starting, nil, func(r *record) { r.Op = &op{Kind: "start"} }); err != nil {
-			return err
-		}
+		err = a.step(m, machine.Starting, nil, setImage)
+	} else if m.rec.Load().ImageDigest != img.Digest {
+		err = a.commit(m, withRecord(m.rec.Load(), setImage), nil)
+	}
+	if err != nil {
+		return err
 	}
 	return a.startPrepared(m, spec, source, evType)
 }
@@ -429,7 +437,8 @@ func (a *Agent) finishUpdate(m *mach, oldCfg *api.MachineConfig) error {
 		then = r.Op.Then
 	}
 	spec := a.spec(r)
-	if err := a.cfg.Driver.Prepare(a.ctx, spec); err != nil {
+	img, err := a.cfg.Driver.Prepare(a.ctx, spec)
+	if err != nil {
 		if serr := a.commit(m, withRecord(r, retire), nil); serr != nil {
 			return serr
 		}
@@ -439,11 +448,13 @@ func (a *Agent) finishUpdate(m *mach, oldCfg *api.MachineConfig) error {
 		return a.step(m, then, newEvent(api.EventUpdate, string(then), sourceFlyd), func(r *record) {
 			retire(r)
 			r.Op = nil
+			r.ImageDigest = img.Digest
 		})
 	}
 	if err := a.step(m, machine.Starting, nil, func(r *record) {
 		retire(r)
 		r.Op = &op{Kind: "start"}
+		r.ImageDigest = img.Digest
 	}); err != nil {
 		return err
 	}
@@ -511,10 +522,11 @@ func (a *Agent) resume(m *mach) error {
 	switch r.State {
 	case machine.Creating:
 		if r.SkipLaunch {
-			if err := a.cfg.Driver.Prepare(a.ctx, spec); err != nil {
+			img, err := a.cfg.Driver.Prepare(a.ctx, spec)
+			if err != nil {
 				return a.launchFailed(m, sourceFlyd, api.EventLaunch, err)
 			}
-			return a.step(m, machine.Created, nil, func(r *record) { r.Op = nil })
+			return a.step(m, machine.Created, nil, func(r *record) { r.Op = nil; r.ImageDigest = img.Digest })
 		}
 		return a.launch(m, sourceFlyd, api.EventStart)
 	case machine.Starting:

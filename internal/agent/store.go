@@ -32,6 +32,8 @@ type record struct {
 
 	// Op is the operation in flight while State is transient.
 	Op *op `json:"op,omitempty"`
+	// ImageDigest is the digest the driver resolved the image to.
+	ImageDigest string `json:"image_digest,omitempty"`
 	// Handle identifies the running workload to the driver.
 	Handle string `json:"handle,omitempty"`
 	// OldHandle is the workload of the version an update is replacing.

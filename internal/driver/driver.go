@@ -38,6 +38,16 @@ type Spec struct {
 	CPUs     int
 }
 
+// Image is what Prepare resolved a spec's image reference to.
+type Image struct {
+	// Ref is the reference as resolved (a registry's canonical name, or the
+	// host program for drivers that run host programs).
+	Ref string
+	// Digest is the image manifest's digest ("sha256:…"), empty when the
+	// driver does not run images from a registry.
+	Digest string
+}
+
 // Exit is how a workload ended.
 type Exit struct {
 	Code      int            // exit status; -1 when killed by a signal or unknown
@@ -81,9 +91,10 @@ type ExecResult struct {
 type Driver interface {
 	// Name is the driver's name as configured ("exec", "fake", ...).
 	Name() string
-	// Prepare makes everything ready to Start spec: it resolves the image and
-	// fails with ErrImage when it cannot. Prepare is idempotent.
-	Prepare(ctx context.Context, spec Spec) error
+	// Prepare makes everything ready to Start spec: it resolves the image
+	// (pulling it if the driver pulls images) and fails with ErrImage when
+	// it cannot. Prepare is idempotent.
+	Prepare(ctx context.Context, spec Spec) (Image, error)
 	// Start starts the workload and returns once it runs (for exec: once the
 	// program has been executed).
 	Start(ctx context.Context, spec Spec) (Process, error)

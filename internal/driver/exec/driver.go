@@ -63,9 +63,12 @@ func New(cfg Config, logger *slog.Logger) *Driver {
 func (d *Driver) Name() string { return "exec" }
 
 // Prepare checks that spec's image resolves to an executable program.
-func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) error {
-	_, err := d.argv(spec)
-	return err
+func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) (driver.Image, error) {
+	argv, err := d.argv(spec)
+	if err != nil {
+		return driver.Image{}, err
+	}
+	return driver.Image{Ref: spec.Image + " (" + argv[0] + ")"}, nil
 }
 
 // Start starts spec's workload and returns once its program has been

@@ -408,7 +408,7 @@ func TestPrepareImages(t *testing.T) {
 	}
 	for _, tc := range good {
 		spec := driver.Spec{Image: tc.image, Entrypoint: tc.entrypoint, Cmd: tc.cmd}
-		if err := d.Prepare(context.Background(), spec); err != nil {
+		if _, err := d.Prepare(context.Background(), spec); err != nil {
 			t.Errorf("prepare %q: %v", tc.image, err)
 			continue
 		}
@@ -439,7 +439,7 @@ func TestPrepareImages(t *testing.T) {
 		{Image: "demo", Entrypoint: []string{"no-such-program-anywhere"}},
 	}
 	for _, spec := range bad {
-		err := d.Prepare(context.Background(), spec)
+		_, err := d.Prepare(context.Background(), spec)
 		if !errors.Is(err, driver.ErrImage) {
 			t.Errorf("prepare %+v: %v, want ErrImage", spec, err)
 			continue

@@ -17,6 +17,8 @@ package fake
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"strconv"
@@ -169,11 +171,16 @@ func checkImage(image string) error {
 }
 
 // Prepare implements driver.Driver.
-func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) error {
+// The digest is made up from the image name, so it is stable.
+func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) (driver.Image, error) {
 	d.mu.Lock()
 	d.count(spec.MachineID).Prepare++
 	d.mu.Unlock()
-	return checkImage(spec.Image)
+	if err := checkImage(spec.Image); err != nil {
+		return driver.Image{}, err
+	}
+	sum := sha256.Sum256([]byte(spec.Image))
+	return driver.Image{Ref: spec.Image, Digest: "sha256:" + hex.EncodeToString(sum[:])}, nil
 }
 
 // Start implements driver.Driver.

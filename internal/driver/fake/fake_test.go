@@ -24,7 +24,7 @@ func TestStartExitCrash(t *testing.T) {
 	if d.Process("m1") != nil {
 		t.Fatal("process before any start")
 	}
-	if err := d.Prepare(ctx, spec("m1")); err != nil {
+	if _, err := d.Prepare(ctx, spec("m1")); err != nil {
 		t.Fatal(err)
 	}
 	pr, err := d.Start(ctx, spec("m1"))
@@ -128,7 +128,7 @@ func TestFailures(t *testing.T) {
 	ctx := context.Background()
 	bad := spec("m1")
 	bad.Image = "fake/bad-image:v1"
-	if err := d.Prepare(ctx, bad); !errors.Is(err, driver.ErrImage) {
+	if _, err := d.Prepare(ctx, bad); !errors.Is(err, driver.ErrImage) {
 		t.Fatalf("prepare bad image: %v", err)
 	}
 	if _, err := d.Start(ctx, bad); !errors.Is(err, driver.ErrImage) {
