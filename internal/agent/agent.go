@@ -42,6 +42,9 @@ type Config struct {
 	LogLines int
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// OnChange, if set, is called after any machine changed (state, config,
+	// checks). It must not block; calls may come from several goroutines.
+	OnChange func()
 }
 
 func (c *Config) setDefaults() {

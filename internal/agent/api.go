@@ -154,6 +154,25 @@ func metadataMatches(cfg *api.MachineConfig, want map[string]string) bool {
 	return true
 }
 
+// AppMachine is one machine of this host with the app it belongs to (the
+// API's Machine does not carry it).
+type AppMachine struct {
+	App     string
+	Machine *api.Machine
+}
+
+// AllMachines returns every machine of every app on this host that is not
+// destroyed, oldest first: what the host publishes to the cluster.
+func (a *Agent) AllMachines() []AppMachine {
+	var out []AppMachine
+	for _, m := range a.all() {
+		if r := m.rec.Load(); r.State != machine.Destroyed {
+			out = append(out, AppMachine{App: r.App, Machine: a.view(r)})
+		}
+	}
+	return out
+}
+
 // UpdateMachine gives the machine a new config version.
 func (a *Agent) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
 	if in.Config == nil {

@@ -56,7 +56,15 @@ func (a *Agent) commit(m *mach, next *record, ev *api.MachineEvent) error {
 		return err
 	}
 	m.publish(next)
+	a.notify()
 	return nil
+}
+
+// notify tells whoever watches the host that its machines changed.
+func (a *Agent) notify() {
+	if a.cfg.OnChange != nil {
+		a.cfg.OnChange()
+	}
 }
 
 func newEvent(typ, status, source string) *api.MachineEvent {
