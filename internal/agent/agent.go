@@ -113,6 +113,10 @@ type mach struct {
 
 	logMu sync.Mutex
 	log   *machinelog.Log // opened when the machine first starts
+
+	// checks runs the health checks while the machine is started; written
+	// under opMu, read by views without it.
+	checks atomic.Pointer[machineChecks]
 }
 
 func newMach(r *record) *mach {
@@ -201,6 +205,7 @@ func (a *Agent) Close() error {
 	a.closed = true
 	a.mu.Unlock()
 	a.cancel()
+	a.stopChecks()
 	a.wg.Wait()
 	for _, m := range a.all() {
 		m.closeLog()

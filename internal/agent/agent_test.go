@@ -45,7 +45,7 @@ func newAgent(t testing.TB, dir string, d driver.Driver) *Agent {
 		dir = t.TempDir()
 	}
 	if d == nil {
-		d = exec.New(exec.Config{}, testLogger(t))
+		d = newExecDriver(t)
 	}
 	a, err := New(Config{DataDir: dir, Region: "ams", Driver: d, Logger: testLogger(t), Backoff: fastBackoff(), StopTimeout: 2 * time.Second})
 	if err != nil {
@@ -60,6 +60,8 @@ func newAgent(t testing.TB, dir string, d driver.Driver) *Agent {
 	})
 	return a
 }
+
+func newExecDriver(t testing.TB) *exec.Driver { return exec.New(exec.Config{}, testLogger(t)) }
 
 func shConfig(script string) *api.MachineConfig {
 	return &api.MachineConfig{Image: "exec:/bin/sh", Init: api.MachineInit{Cmd: []string{"-c", script}}}

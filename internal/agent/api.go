@@ -110,7 +110,7 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 		}
 		a.log.Warn("launch machine", "machine", id, "err", err)
 	}
-	out := a.view(m.rec.Load())
+	out := a.view(m, m.rec.Load())
 	if r.Lease != nil {
 		out.LeaseNonce = r.Lease.Nonce
 	}
@@ -123,7 +123,7 @@ func (a *Agent) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.Ma
 	if err != nil {
 		return nil, err
 	}
-	return a.view(m.rec.Load()), nil
+	return a.view(m, m.rec.Load()), nil
 }
 
 // ListMachines returns the app's machines, oldest first.
@@ -140,7 +140,7 @@ func (a *Agent) ListMachines(ctx context.Context, app string, f httpapi.ListFilt
 		if !metadataMatches(r.Config, f.Metadata) {
 			continue
 		}
-		out = append(out, a.view(r))
+		out = append(out, a.view(m, r))
 	}
 	return out, nil
 }
@@ -167,7 +167,7 @@ func (a *Agent) AllMachines() []AppMachine {
 	var out []AppMachine
 	for _, m := range a.all() {
 		if r := m.rec.Load(); r.State != machine.Destroyed {
-			out = append(out, AppMachine{App: r.App, Machine: a.view(r)})
+			out = append(out, AppMachine{App: r.App, Machine: a.view(m, r)})
 		}
 	}
 	return out
@@ -206,7 +206,7 @@ func (a *Agent) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in ap
 		}
 		a.log.Warn("update machine", "machine", r.ID, "err", err)
 	}
-	return a.view(m.rec.Load()), nil
+	return a.view(m, m.rec.Load()), nil
 }
 
 // StartMachine starts a created, stopped, suspended or failed machine.
@@ -327,7 +327,7 @@ func (a *Agent) WaitMachine(ctx context.Context, ref httpapi.MachineRef, o httpa
 	for {
 		r, changed := m.watch()
 		if reached(r, want, o.InstanceID) {
-			return a.view(r), nil
+			return a.view(m, r), nil
 		}
 		select {
 		case <-changed:
@@ -640,8 +640,8 @@ func leaseView(l *lease, inst string) *api.Lease {
 	}}
 }
 
-// view renders a record as the API's Machine.
-func (a *Agent) view(r *record) *api.Machine {
+// view renders machine m at record r as the API's Machine.
+func (a *Agent) view(m *mach, r *record) *api.Machine {
 	out := &api.Machine{
 		ID: r.ID, Name: r.Name, State: string(r.State), Region: r.Region,
 		InstanceID: r.Instance, Version: r.Instance, PrivateIP: privateIP(r),
@@ -655,6 +655,9 @@ func (a *Agent) view(r *record) *api.Machine {
 	}
 	if r.ImageDigest != "" {
 		out.ImageRef.Digest = r.ImageDigest
+	}
+	if r.State == machine.Started {
+		out.Checks = m.checkStatuses()
 	}
 	if r.State == machine.Destroyed {
 		out.PrivateIP = ""

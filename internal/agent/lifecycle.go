@@ -56,6 +56,7 @@ func (a *Agent) commit(m *mach, next *record, ev *api.MachineEvent) error {
 		return err
 	}
 	m.publish(next)
+	a.syncChecks(m, next)
 	a.notify()
 	return nil
 }
