@@ -71,6 +71,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newDevCmd(),
 		newAgentCmd(),
 		newDemoAppCmd(),
+		newImageCmd(),
 		newVersionCmd(),
 	)
 	return root
