@@ -73,6 +73,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newDemoAppCmd(),
 		newImageCmd(),
 		newVersionCmd(),
+		newSandboxInitCmd(),
 	)
 	return root
 }

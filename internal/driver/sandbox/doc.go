@@ -1,0 +1,120 @@
+// Package sandbox is the driver that runs each machine's workload from its
+// image in a sandbox of its own: new PID, mount, UTS, IPC and network
+// namespaces, a root filesystem from the image store, cgroup limits and an
+// address on the host's private IPv6 network. It is the default driver
+// when the agent runs as root.
+//
+// # Starting a sandbox
+//
+// Start mounts a fresh copy-on-write root filesystem of the image under the
+// machine's directory (Images.Mount), and resolves how to run the workload
+// against it: the image's entrypoint and cmd merged with the machine's
+// config as container runtimes do (init.entrypoint replaces the image's
+// entrypoint and drops its cmd, init.cmd replaces the cmd), the image's
+// environment overlaid with the machine's, the image's working directory,
+// and its USER (uid[:gid] or names, looked up in the image's /etc/passwd and
+// /etc/group). FLY_PRIVATE_IP is set to the machine's real address.
+//
+// It then starts the sandbox's init, Flame's own ("flame sandbox-init run",
+// see InitMain), as PID 1 of new namespaces, and talks to it over a socket
+// during the start only. The init makes the image's root its root
+// (pivot_root), mounts /proc (with /proc/sys and friends read-only), a
+// minimal /dev (null, zero, full, random, urandom, tty, pts, shm) and a
+// read-only /sys, sets the hostname to the machine id and writes
+// /etc/hosts and /etc/resolv.conf (nameserver fdaa::3, as on Fly). Meanwhile
+// the driver connects the sandbox's network; once eth0 is up the init
+// starts the workload, in a session of its own, with stdin on /dev/null and
+// stdout and stderr appended to the machine's log file. Start returns once
+// the workload's program has been executed.
+//
+// The workload runs as root of the host's user namespace, with a reduced
+// capability bounding set (that of common container runtimes without
+// CAP_MKNOD), on a root filesystem mounted nodev. There is no user namespace
+// and no seccomp filter: the sandbox isolates trusted tenants from each
+// other's mistakes, not from a kernel exploit.
+//
+// # The init
+//
+// The init forwards the signals it gets to the workload's process group,
+// reaps orphans, and when the workload ends kills what is left and writes
+// the workload's exit (code or signal, and whether the OOM killer struck in
+// the sandbox's cgroup) to sandbox-exit.json in the machine's directory. So
+// the exit status is exact even for a sandbox a later agent adopted: the
+// driver watches the init through a pidfd and reads the file when it ends.
+// SIGKILL from the driver is turned into a request to the init to kill
+// every process of the sandbox (the last real-time signal), so that the init
+// can still record the end; Stop escalates to killing the init itself only
+// if the sandbox has not ended two seconds later. The init asks not to be
+// chosen by the OOM killer (oom_score_adj -1000) where the host allows it;
+// where it cannot (no CAP_SYS_RESOURCE) and the init is killed, the driver
+// reads the OOM count from the cgroup itself.
+//
+// # Handles and adoption
+//
+// A handle is "<pid>:<starttime>:<boot id>" of the init; Adopt accepts it
+// only for a live process with that pid, start time and boot. Start also
+// records the handle, with how the workload was launched, in sandbox.json in
+// the machine's directory, which Adopt with an empty handle, Exec and
+// Cleanup read. A half-started sandbox whose agent died ends by itself: its
+// init exits when the start socket closes before it was told to go.
+//
+// # Exec
+//
+// Exec runs a command in a running sandbox: from a locked thread that joined
+// the sandbox's IPC, UTS, network and PID namespaces, chrooted into
+// /proc/<init>/root (a multithreaded process cannot join a mount namespace;
+// the init's root shows the same tree), with the workload's environment,
+// directory and user, in the machine's cgroup, and without CAP_SYS_CHROOT,
+// which would let it out of the chroot.
+//
+// # Resources
+//
+// Each machine gets a cgroup under Config.CgroupParent ("flame"), on cgroup
+// v2 when its root offers the memory, cpu and pids controllers, else on the
+// v1 hierarchies of those controllers (detected by New):
+//
+//   - memory: the guest's memory_mb (256 when unset) as a hard limit, swap
+//     included (memory.max and memory.swap.max 0; memory.limit_in_bytes and
+//     memory.memsw.limit_in_bytes). Going over OOM-kills, reported as
+//     Exit.OOMKilled.
+//   - cpu: guests have shared vCPUs, as Fly's shared cpu_kind: each cpu is
+//     a weight of 1/16 of a core (cpu.shares 64 per cpu on v1, the
+//     equivalent cpu.weight on v2), which is what a machine is guaranteed
+//     when the host is busy, and a quota of one full core per cpu
+//     (cpu.cfs_quota_us / cpu.max, period 100 ms), which caps its bursts. A
+//     "performance" cpu would be a weight of 1024 per cpu; driver.Spec does
+//     not carry cpu_kind yet.
+//   - pids: at most 4096 tasks.
+//
+// On cgroup v2 the init is born in its cgroup (clone3 with
+// CLONE_INTO_CGROUP). On v1 moving a process into a cgroup waits for an RCU
+// grace period, milliseconds; the driver keeps a spare cgroup with one of
+// its threads already in it, renames it to the machine's at Start and forks
+// the init from that thread (see spare.go).
+//
+// # Network
+//
+// The host has one bridge (Config.Bridge, "flame0"), created on first use
+// with the first host address of Config.HostPrefix (fdaa:0:1::1 in the
+// default fdaa:0:1::/64, the 6PN layout fdaa:<network>:<host>::). Each
+// sandbox has a veth pair into it (host side "f<machine id>", "eth0"
+// inside) with an address of the prefix and a default route via the bridge;
+// addresses are added without duplicate address detection, and the
+// workload starts only once eth0 is operationally up, so the machine is
+// reachable at [private ip]:port from the host as soon as it listens. A
+// machine's address puts its 56-bit id in the low bits of the prefix, so
+// machines never collide and keep their address; ids of another shape are
+// hashed. Addresses are leased under Config.StateDir (from Prepare until
+// Cleanup) so no two machines share one; PrivateIP reports a machine's.
+// There is no route out of the private network (no NAT) and no isolation
+// between the machines of one host's bridge.
+//
+// # Cleanup
+//
+// A sandbox that ends leaves its cgroup and root filesystem until the
+// machine starts again (a start is from a fresh copy of the image, as on
+// Fly) or Cleanup removes them. Cleanup kills the init if it still runs
+// (every process of the sandbox goes with it, and with the last one its
+// namespaces), deletes the veth, removes the cgroup, unmounts the root
+// filesystem, removes the state files and releases the address.
+package sandbox

@@ -1,0 +1,758 @@
+package sandbox
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/image"
+)
+
+// Images is the host's image store as the driver uses it.
+type Images interface {
+	// Pull resolves ref, fetching what the host lacks.
+	Pull(ctx context.Context, ref string) (*image.Image, error)
+	// Mount gives a machine a fresh copy-on-write root filesystem of img
+	// under dir and returns its path.
+	Mount(ctx context.Context, img *image.Image, dir string) (rootfs string, err error)
+	// Unmount removes what Mount made under dir; a dir with nothing
+	// mounted is not an error.
+	Unmount(ctx context.Context, dir string) error
+}
+
+// Config configures the sandbox driver.
+type Config struct {
+	// Images pulls images and mounts their root filesystems.
+	Images Images
+	// StateDir keeps the driver's state that outlives a machine's
+	// directory: the address leases. Default /var/lib/flame/sandbox.
+	StateDir string
+	// Bridge is the host bridge the sandboxes are connected to, created on
+	// first use. Default "flame0".
+	Bridge string
+	// HostPrefix is this host's part of the private network
+	// (fdaa:<network>:<host>::/64 and the like); the bridge takes its first
+	// host address, machines the others. Default fdaa:0:1::/64.
+	HostPrefix netip.Prefix
+	// InitPath is the flame binary, whose hidden "sandbox-init" command
+	// is each sandbox's init. Default: this program.
+	InitPath string
+	// CgroupParent is the cgroup, below each hierarchy's root, that holds
+	// the machines' cgroups. Default "flame".
+	CgroupParent string
+	Logger       *slog.Logger
+}
+
+// Defaults.
+var (
+	DefaultStateDir   = "/var/lib/flame/sandbox"
+	DefaultBridge     = "flame0"
+	DefaultHostPrefix = netip.MustParsePrefix("fdaa:0:1::/64")
+)
+
+// DefaultCgroupParent is the cgroup holding the machines' cgroups.
+const DefaultCgroupParent = "flame"
+
+func (c *Config) setDefaults() error {
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.Bridge == "" {
+		c.Bridge = DefaultBridge
+	}
+	if !c.HostPrefix.IsValid() {
+		c.HostPrefix = DefaultHostPrefix
+	}
+	c.HostPrefix = c.HostPrefix.Masked()
+	if c.CgroupParent == "" {
+		c.CgroupParent = DefaultCgroupParent
+	}
+	if c.InitPath == "" {
+		p, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("init path: %w", err)
+		}
+		c.InitPath = p
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Validate reports what is wrong with c (after defaults).
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Images == nil {
+		errs = append(errs, errors.New("images: required"))
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		errs = append(errs, fmt.Errorf("state dir %q: must be absolute", c.StateDir))
+	}
+	if n := len(c.Bridge); n == 0 || n > 15 || strings.ContainsAny(c.Bridge, "/ :") {
+		errs = append(errs, fmt.Errorf("bridge %q: not an interface name", c.Bridge))
+	}
+	if !c.HostPrefix.Addr().Is6() || c.HostPrefix.Addr().Is4In6() || c.HostPrefix.Bits() > 120 {
+		errs = append(errs, fmt.Errorf("host prefix %s: must be an IPv6 prefix of at most /120", c.HostPrefix))
+	}
+	if !filepath.IsAbs(c.InitPath) {
+		errs = append(errs, fmt.Errorf("init path %q: must be absolute", c.InitPath))
+	}
+	if c.CgroupParent == "" || strings.HasPrefix(c.CgroupParent, "/") || strings.Contains(c.CgroupParent, "..") {
+		errs = append(errs, fmt.Errorf("cgroup parent %q: must be a relative path", c.CgroupParent))
+	}
+	return errors.Join(errs...)
+}
+
+// ErrClosed is returned for a sandbox the driver stopped watching when it
+// was closed.
+var ErrClosed = errors.New("sandbox driver closed")
+
+// Driver runs workloads in sandboxes. It is safe for concurrent use.
+type Driver struct {
+	cfg    Config
+	logger *slog.Logger
+	bootID string
+	cg     *cgroups
+	leases leases
+
+	netMu       sync.Mutex
+	bridgeIndex int
+
+	imgMu  sync.Mutex
+	images map[string]*image.Image // by reference, as Prepare resolved it
+
+	spares chan *spare   // cgroup v1 only: see spare.go
+	stop   chan struct{} // closed by Close
+
+	mu     sync.Mutex
+	procs  map[*sandbox]struct{} // watched and not yet ended
+	closed bool
+	wg     sync.WaitGroup
+}
+
+var _ driver.Driver = (*Driver)(nil)
+
+// New returns a driver for cfg. It needs root, IPv6 and cgroups (v2 with
+// the memory, cpu and pids controllers, or v1 hierarchies for them).
+func New(cfg Config) (*Driver, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("sandbox driver: %w", err)
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("sandbox driver: needs root")
+	}
+	if !ipv6Enabled() {
+		return nil, errors.New("sandbox driver: IPv6 is disabled on this host")
+	}
+	cg, err := detectCgroups(cfg.CgroupParent)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox driver: %w", err)
+	}
+	l := leases{dir: filepath.Join(cfg.StateDir, "leases")}
+	if err := l.init(); err != nil {
+		return nil, fmt.Errorf("sandbox driver: %w", err)
+	}
+	d := &Driver{
+		cfg:    cfg,
+		logger: cfg.Logger.With("component", "driver/sandbox"),
+		bootID: readBootID(),
+		cg:     cg,
+		leases: l,
+		images: make(map[string]*image.Image),
+		procs:  make(map[*sandbox]struct{}),
+		stop:   make(chan struct{}),
+	}
+	if !cg.v2 {
+		d.sweepSpares()
+		d.spares = make(chan *spare)
+		d.wg.Add(1)
+		go d.keepSpares()
+	}
+	d.logger.Debug("sandbox driver ready", "cgroup", cg.version(), "bridge", cfg.Bridge, "prefix", cfg.HostPrefix)
+	return d, nil
+}
+
+// Name implements driver.Driver.
+func (d *Driver) Name() string { return "sandbox" }
+
+// CgroupVersion is the cgroup version the driver found (1 or 2).
+func (d *Driver) CgroupVersion() int { return d.cg.version() }
+
+// PrivateIP is the machine's address on the private network, once Prepare
+// or Start gave it one (until Cleanup).
+func (d *Driver) PrivateIP(spec driver.Spec) (netip.Addr, bool) {
+	return d.leases.lookup(d.cfg.HostPrefix, spec.MachineID)
+}
+
+// checkSpec rejects specs the driver cannot name things after.
+func checkSpec(spec driver.Spec) error {
+	id := spec.MachineID
+	if id == "" || id == "." || id == ".." || strings.ContainsAny(id, "/\x00") || len(id) > 64 {
+		return fmt.Errorf("machine id %q: not usable as a name", id)
+	}
+	if !filepath.IsAbs(spec.Dir) {
+		return fmt.Errorf("machine %s: directory %q is not absolute", id, spec.Dir)
+	}
+	return nil
+}
+
+// Prepare pulls spec's image, checks it has something to run and gives the
+// machine its private address.
+func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) (driver.Image, error) {
+	if err := checkSpec(spec); err != nil {
+		return driver.Image{}, err
+	}
+	img, err := d.pull(ctx, spec)
+	if err != nil {
+		return driver.Image{}, err
+	}
+	if _, err := d.leases.acquire(d.cfg.HostPrefix, spec.MachineID); err != nil {
+		return driver.Image{}, fmt.Errorf("prepare %s: %w", spec.MachineID, err)
+	}
+	return driver.Image{Ref: img.Ref, Digest: img.Digest}, nil
+}
+
+// pull resolves spec's image, checking it has something to run. Failures
+// wrap driver.ErrImage, except a ctx that ended.
+func (d *Driver) pull(ctx context.Context, spec driver.Spec) (*image.Image, error) {
+	if spec.Image == "" {
+		return nil, fmt.Errorf("no image: %w", driver.ErrImage)
+	}
+	img, err := d.cfg.Images.Pull(ctx, spec.Image)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("pull %s: %w", spec.Image, err)
+		}
+		return nil, fmt.Errorf("pull %s: %w: %w", spec.Image, err, driver.ErrImage)
+	}
+	if len(mergeArgv(img.Config, spec)) == 0 {
+		return nil, fmt.Errorf("image %s: no entrypoint or cmd, and the machine's config sets none: %w", spec.Image, driver.ErrImage)
+	}
+	d.imgMu.Lock()
+	d.images[spec.Image] = img
+	d.imgMu.Unlock()
+	return img, nil
+}
+
+// image is spec's image as Prepare resolved it, or pulled now.
+func (d *Driver) image(ctx context.Context, spec driver.Spec) (*image.Image, error) {
+	d.imgMu.Lock()
+	img := d.images[spec.Image]
+	d.imgMu.Unlock()
+	if img != nil {
+		return img, nil
+	}
+	return d.pull(ctx, spec)
+}
+
+// state is what the driver keeps in the machine's directory about its
+// sandbox, for Adopt, Exec and Cleanup.
+type state struct {
+	Instance string `json:"instance"`
+	Handle   string `json:"handle"`
+	Launch   launch `json:"launch"`
+}
+
+const stateFile = "sandbox.json"
+
+func mountDir(spec driver.Spec) string { return filepath.Join(spec.Dir, "rootfs") }
+
+func readState(dir string) (state, error) {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if err != nil {
+		return state{}, err
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return state{}, fmt.Errorf("%s: %w", stateFile, err)
+	}
+	return st, nil
+}
+
+func writeState(dir string, st state) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, stateFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, stateFile))
+}
+
+// Start runs spec's workload in a new sandbox and returns once the
+// workload's program has been executed.
+func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process, err error) {
+	if err := checkSpec(spec); err != nil {
+		return nil, err
+	}
+	if spec.LogPath == "" {
+		return nil, fmt.Errorf("start %s: no log path", spec.MachineID)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
+	img, err := d.image(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	addr, err := d.leases.acquire(d.cfg.HostPrefix, spec.MachineID)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
+	// An earlier run of the machine leaves its cgroup and root
+	// filesystem (a machine starts from a fresh copy of its image).
+	if _, serr := os.Stat(filepath.Join(spec.Dir, stateFile)); serr == nil || d.cg.exists(spec.MachineID) {
+		if err := d.teardown(ctx, spec); err != nil {
+			return nil, fmt.Errorf("start %s: clear the previous run: %w", spec.MachineID, err)
+		}
+	}
+	os.Remove(filepath.Join(spec.Dir, statusFile))
+
+	lim := limitsFor(spec.MemoryMB, spec.CPUs)
+	sp := d.takeSpare(spec.MachineID, lim)
+	if sp == nil {
+		if err := d.cg.create(spec.MachineID, lim); err != nil {
+			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+		}
+	}
+	defer func() {
+		if err != nil && sp != nil {
+			sp.reqs <- spawnReq{} // unused: end its thread
+		}
+		if err != nil {
+			if terr := d.teardown(context.WithoutCancel(ctx), spec); terr != nil {
+				d.logger.Warn("clean up after failed start", "machine", spec.MachineID, "err", terr)
+			}
+		}
+	}()
+	rootfs, err := d.cfg.Images.Mount(ctx, img, mountDir(spec))
+	if err != nil {
+		return nil, fmt.Errorf("start %s: mount image %s: %w", spec.MachineID, img.Ref, err)
+	}
+	l, err := resolveLaunch(rootfs, img.Config, spec, addr)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: image %s: %w: %w", spec.MachineID, img.Ref, err, driver.ErrImage)
+	}
+	cfg := &initConfig{
+		Rootfs:   rootfs,
+		Dir:      spec.Dir,
+		Hostname: spec.MachineID,
+		Hosts:    hostsFile(spec, addr),
+		Resolv:   "nameserver " + dnsAddr + "\n",
+		OOMFile:  d.cg.oomFile(spec.MachineID),
+		Launch:   l,
+	}
+	s, err := d.launch(ctx, spec, cfg, addr, sp)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
+	d.logger.Debug("started", "machine", spec.MachineID, "pid", s.h.pid, "addr", addr, "argv", l.Argv, "spare_cgroup", sp != nil)
+	return s, nil
+}
+
+// dnsAddr is the private network's DNS server, as on Fly.
+const dnsAddr = "fdaa::3"
+
+func hostsFile(spec driver.Spec, addr netip.Addr) string {
+	names := spec.MachineID
+	if spec.App != "" {
+		names += " " + spec.MachineID + ".vm." + spec.App + ".internal"
+	}
+	return "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" +
+		addr.String() + "\t" + names + "\n"
+}
+
+// resolveLaunch works out, against the image's root filesystem, how to run
+// spec's workload: argv with its program found, environment, directory and
+// user.
+func resolveLaunch(rootfs string, ic image.Config, spec driver.Spec, addr netip.Addr) (launch, error) {
+	root, err := os.OpenFile(rootfs, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return launch{}, err
+	}
+	defer root.Close()
+	rootfd := int(root.Fd())
+	acct, err := resolveUser(ic.User, func(name string) ([]byte, error) { return readInRoot(rootfd, name) })
+	if err != nil {
+		return launch{}, err
+	}
+	env := mergeEnv(ic, spec, addr.String())
+	if _, ok := env["HOME"]; !ok {
+		env["HOME"] = acct.home
+	}
+	dir := ic.WorkingDir
+	if dir == "" {
+		dir = "/"
+	}
+	argv := mergeArgv(ic, spec)
+	prog, err := lookProgram(argv[0], dir, env["PATH"], func(p string) error { return executableInRoot(rootfd, p) })
+	if err != nil {
+		return launch{}, err
+	}
+	return launch{Path: prog, Argv: argv, Env: envList(env), Dir: dir, UID: acct.uid, GID: acct.gid, Groups: acct.groups}, nil
+}
+
+// openInRoot opens name as if rootfd were the root directory: links and
+// ".." cannot leave it.
+func openInRoot(rootfd int, name string, flags uint64) (*os.File, error) {
+	fd, err := unix.Openat2(rootfd, strings.TrimPrefix(name, "/"), &unix.OpenHow{
+		Flags:   flags | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: name, Err: err}
+	}
+	return os.NewFile(uintptr(fd), name), nil
+}
+
+func readInRoot(rootfd int, name string) ([]byte, error) {
+	f, err := openInRoot(rootfd, name, unix.O_RDONLY)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var b strings.Builder
+	_, err = bufio.NewReader(f).WriteTo(&b)
+	return []byte(b.String()), err
+}
+
+func executableInRoot(rootfd int, name string) error {
+	f, err := openInRoot(rootfd, name, unix.O_PATH)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return errNotFound
+		}
+		return err
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return errors.New("not a regular file")
+	}
+	if st.Mode&0o111 == 0 {
+		return errors.New("not executable")
+	}
+	return nil
+}
+
+// cloneFlags are the namespaces each sandbox gets.
+const cloneFlags = unix.CLONE_NEWPID | unix.CLONE_NEWNS | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC | unix.CLONE_NEWNET
+
+// launch starts the init in new namespaces, puts it in the machine's cgroup,
+// connects its network and has it start the workload (see message).
+func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, addr netip.Addr, sp *spare) (_ *sandbox, err error) {
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socketpair: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(pair[0]), "sync"), os.NewFile(uintptr(pair[1]), "sync")
+	defer theirs.Close()
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return nil, fmt.Errorf("sync socket: %w", err)
+	}
+	defer conn.Close()
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(30 * time.Second)
+	}
+	conn.SetDeadline(deadline)
+
+	logf, err := os.OpenFile(spec.LogPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open log: %w", err)
+	}
+	defer logf.Close()
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, err
+	}
+	defer devnull.Close()
+	sys := &syscall.SysProcAttr{Setsid: true, Cloneflags: cloneFlags}
+	if d.cg.v2 {
+		// Born in its cgroup: no migration.
+		cgdir, err := d.cg.openDir(spec.MachineID)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup: %w", err)
+		}
+		defer cgdir.Close()
+		sys.UseCgroupFD, sys.CgroupFD = true, int(cgdir.Fd())
+	}
+	startInit := func() (*os.Process, error) {
+		return os.StartProcess(d.cfg.InitPath, []string{d.cfg.InitPath, InitCommand, "run"}, &os.ProcAttr{
+			Dir:   "/",
+			Env:   []string{"GOMAXPROCS=1"},
+			Files: []*os.File{devnull, logf, logf, theirs},
+			Sys:   sys,
+		})
+	}
+	var proc *os.Process
+	if sp != nil {
+		// Forked by the spare's thread: born in the cgroup.
+		proc, err = sp.spawn(startInit)
+	} else {
+		proc, err = startInit()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("start init %s: %w", d.cfg.InitPath, err)
+	}
+	theirs.Close()
+	pid := proc.Pid
+	proc.Release() // reaped through the children registry
+	st, serr := readProcStat(pid)
+	h := handle{pid: pid, start: st.start, bootID: d.bootID}
+	children.Store(pid, h)
+	pidfd, perr := openInit(h)
+	if err := errors.Join(serr, perr); err != nil {
+		// Unexpected for our own unreaped child; do not leave it.
+		unix.Kill(pid, unix.SIGKILL)
+		var ws unix.WaitStatus
+		unix.Wait4(pid, &ws, 0, nil)
+		children.Delete(pid)
+		return nil, fmt.Errorf("watch init: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			// The init cannot be left half set up: kill it (its
+			// namespaces go with it) and reap it.
+			rc, _ := pidfd.SyscallConn()
+			rc.Control(func(fd uintptr) { unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) })
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, 0, nil)
+			children.Delete(pid)
+			pidfd.Close()
+		}
+	}()
+	// On cgroup v1 the init joins its cgroup while it starts up and the
+	// network is set up: the move takes milliseconds of waiting. It only
+	// has to be done before the workload is forked.
+	joined := make(chan error, 1)
+	if d.cg.v2 || sp != nil {
+		joined <- nil
+	} else {
+		go func() { joined <- d.cg.add(spec.MachineID, pid) }()
+	}
+	defer func() {
+		if jerr := <-joined; jerr != nil && err == nil {
+			err = jerr
+		}
+	}()
+	if err := writeState(spec.Dir, state{Instance: spec.InstanceID, Handle: h.String(), Launch: cfg.Launch}); err != nil {
+		return nil, fmt.Errorf("record sandbox: %w", err)
+	}
+	if err := writeMessage(conn, message{Op: "config", Config: cfg}); err != nil {
+		return nil, fmt.Errorf("configure init: %w", err)
+	}
+	if err := d.setupNetwork(pid, spec.MachineID, addr); err != nil {
+		return nil, fmt.Errorf("network: %w", err)
+	}
+	rd := bufio.NewReader(conn)
+	var m message
+	for _, want := range []string{"ready", "started"} {
+		if err := readMessage(rd, &m); err != nil {
+			return nil, fmt.Errorf("init: %w (see the machine's log)", err)
+		}
+		if m.Op == "error" {
+			return nil, fmt.Errorf("init: %s", m.Err)
+		}
+		if m.Op != want {
+			return nil, fmt.Errorf("init: said %q, want %q", m.Op, want)
+		}
+		if want == "ready" {
+			if err := <-joined; err != nil {
+				joined <- nil
+				return nil, err
+			}
+			joined <- nil
+			if err := writeMessage(conn, message{Op: "go"}); err != nil {
+				return nil, fmt.Errorf("start workload: %w", err)
+			}
+		}
+	}
+	s, err := d.watch(h, pidfd, spec.Dir, cfg.OOMFile)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Adopt reattaches to the sandbox named by handle, whose init must still run
+// on this boot. With an empty handle it uses the handle Start recorded in
+// the machine's directory for spec's instance. The exit status of an
+// adopted sandbox is exact: its init records it.
+func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver.Process, error) {
+	if hs == "" {
+		st, err := readState(spec.Dir)
+		if err != nil || st.Handle == "" || (spec.InstanceID != "" && st.Instance != spec.InstanceID) {
+			return nil, fmt.Errorf("adopt %s: no sandbox of instance %s recorded: %w", spec.MachineID, spec.InstanceID, driver.ErrGone)
+		}
+		hs = st.Handle
+	}
+	h, err := parseHandle(hs)
+	if err != nil {
+		return nil, fmt.Errorf("adopt %s: %w: %w", spec.MachineID, err, driver.ErrGone)
+	}
+	if h.bootID != d.bootID {
+		return nil, fmt.Errorf("adopt %s: handle %q is from another boot: %w", spec.MachineID, hs, driver.ErrGone)
+	}
+	pidfd, err := openInit(h)
+	if err != nil {
+		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
+	}
+	s, err := d.watch(h, pidfd, spec.Dir, d.cg.oomFile(spec.MachineID))
+	if err != nil {
+		pidfd.Close()
+		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
+	}
+	d.logger.Debug("adopted", "machine", spec.MachineID, "pid", h.pid)
+	return s, nil
+}
+
+// Cleanup removes everything Prepare and Start left for spec: the sandbox's
+// processes if any still run, its veth, cgroup, root filesystem, state
+// files and address.
+func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
+	if err := checkSpec(spec); err != nil {
+		return err
+	}
+	err := d.teardown(ctx, spec)
+	if rerr := d.leases.release(d.cfg.HostPrefix, spec.MachineID); rerr != nil {
+		err = errors.Join(err, rerr)
+	}
+	d.imgMu.Lock()
+	delete(d.images, spec.Image)
+	d.imgMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("cleanup %s: %w", spec.MachineID, err)
+	}
+	return nil
+}
+
+// teardown removes a sandbox of spec's machine, running or not, except its
+// address.
+func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
+	var errs []error
+	if st, err := readState(spec.Dir); err == nil {
+		if h, err := parseHandle(st.Handle); err == nil && h.bootID == d.bootID {
+			if err := killInit(ctx, h); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := d.deleteVeth(spec.MachineID); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.cg.remove(spec.MachineID); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.cfg.Images.Unmount(ctx, mountDir(spec)); err != nil {
+		errs = append(errs, fmt.Errorf("unmount root filesystem: %w", err))
+	}
+	for _, f := range []string{stateFile, statusFile, statusFile + ".tmp", stateFile + ".tmp"} {
+		if err := os.Remove(filepath.Join(spec.Dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// killInit kills the init h names, if it still runs, and waits for it to
+// end (its namespaces and every process in them end with it).
+func killInit(ctx context.Context, h handle) error {
+	pidfd, err := openInit(h)
+	if errors.Is(err, driver.ErrGone) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer pidfd.Close()
+	rc, err := pidfd.SyscallConn()
+	if err != nil {
+		return err
+	}
+	if cerr := rc.Control(func(fd uintptr) { err = unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) }); cerr != nil {
+		err = cerr
+	}
+	if err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("kill sandbox %d: %w", h.pid, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
+	pidfd.SetReadDeadline(deadline)
+	if err := rc.Read(func(fd uintptr) bool { return pidfdReadable(int(fd)) }); err != nil {
+		return fmt.Errorf("kill sandbox %d: wait: %w", h.pid, err)
+	}
+	if v, ok := children.Load(h.pid); ok && v.(handle) == h {
+		var ws unix.WaitStatus
+		if pid, _ := unix.Wait4(h.pid, &ws, unix.WNOHANG, nil); pid == h.pid {
+			children.CompareAndDelete(h.pid, h)
+		}
+	}
+	return nil
+}
+
+// Close stops watching every sandbox, as if the agent had died: the
+// sandboxes keep running and their Done channels never close. Adopt, from
+// this or another driver, finds them again. Close waits for the driver's
+// goroutines.
+func (d *Driver) Close() error {
+	d.mu.Lock()
+	if !d.closed {
+		close(d.stop)
+	}
+	d.closed = true
+	ss := make([]*sandbox, 0, len(d.procs))
+	for s := range d.procs {
+		ss = append(ss, s)
+	}
+	d.mu.Unlock()
+	for _, s := range ss {
+		s.abandon()
+	}
+	d.wg.Wait()
+	return nil
+}
+
+func (d *Driver) track(s *sandbox) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	d.procs[s] = struct{}{}
+	d.wg.Add(1)
+	return nil
+}
+
+func (d *Driver) untrack(s *sandbox) {
+	d.mu.Lock()
+	delete(d.procs, s)
+	d.mu.Unlock()
+}

@@ -1,0 +1,193 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	osexec "os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
+)
+
+// maxExecOutput caps what Exec keeps of each of stdout and stderr.
+const maxExecOutput = 1 << 20
+
+// execNamespaces are the namespaces Exec joins. The mount namespace cannot
+// be joined by a multithreaded process: the command is chrooted into the
+// sandbox's root (/proc/<init>/root) instead, which shows the same tree.
+var execNamespaces = []struct {
+	name string
+	flag int
+}{
+	{"ipc", unix.CLONE_NEWIPC},
+	{"uts", unix.CLONE_NEWUTS},
+	{"net", unix.CLONE_NEWNET},
+	{"pid", unix.CLONE_NEWPID},
+}
+
+// execCaps are the capabilities an Exec'd command may keep: the workload's,
+// minus CAP_SYS_CHROOT, which would let it out of its chroot into the host's
+// mount namespace.
+var execCaps = func() []int {
+	var out []int
+	for _, c := range keptCaps {
+		if c != unix.CAP_SYS_CHROOT {
+			out = append(out, c)
+		}
+	}
+	return out
+}()
+
+// Exec runs command inside spec's running sandbox: in its namespaces, root
+// filesystem and cgroup, with the workload's environment, directory and
+// user. A command that runs and fails is a result with its exit code, not
+// an error; one that cannot be found exits 127, one killed by a signal
+// 128+signal. The error is for a bad request, a sandbox that does not run,
+// or an expired ctx.
+func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, stdin []byte) (driver.ExecResult, error) {
+	if len(command) == 0 {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: empty command", spec.MachineID)
+	}
+	st, err := readState(spec.Dir)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
+	}
+	h, err := parseHandle(st.Handle)
+	if err != nil || h.bootID != d.bootID {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
+	}
+	pidfd, err := openInit(h)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, err)
+	}
+	defer pidfd.Close()
+
+	rootPath := "/proc/" + strconv.Itoa(h.pid) + "/root"
+	root, err := os.OpenFile(rootPath, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
+	}
+	defer root.Close()
+	pathEnv := defaultPath
+	for _, kv := range st.Launch.Env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			pathEnv = v
+		}
+	}
+	prog, err := lookProgram(command[0], st.Launch.Dir, pathEnv, func(p string) error { return executableInRoot(int(root.Fd()), p) })
+	if err != nil {
+		return driver.ExecResult{ExitCode: 127, Stderr: fmt.Appendf(nil, "%v\n", err)}, nil
+	}
+	// The init must still be the one the namespaces were opened for.
+	if pidfdReadable(int(pidfd.Fd())) {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
+	}
+
+	var stdout, stderr cappedBuffer
+	cmd := &osexec.Cmd{
+		Path:   prog,
+		Args:   command,
+		Env:    st.Launch.Env,
+		Dir:    st.Launch.Dir,
+		Stdout: &stdout,
+		Stderr: &stderr,
+		SysProcAttr: &syscall.SysProcAttr{
+			Chroot:     rootPath,
+			Setsid:     true,
+			Credential: &syscall.Credential{Uid: st.Launch.UID, Gid: st.Launch.GID, Groups: st.Launch.Groups},
+		},
+		WaitDelay: time.Second,
+	}
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
+	if err := startInNamespaces(ctx, cmd, h.pid); err != nil {
+		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
+	}
+	if err := d.cg.add(spec.MachineID, cmd.Process.Pid); err != nil {
+		d.logger.Warn("exec: join cgroup", "machine", spec.MachineID, "err", err)
+	}
+	waited := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+			cmd.Process.Kill()
+		case <-waited:
+		}
+	}()
+	err = cmd.Wait()
+	close(waited)
+	res := driver.ExecResult{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		res.ExitCode = -1
+		return res, fmt.Errorf("exec %s %s: %w", spec.MachineID, command[0], ctxErr)
+	}
+	var ee *osexec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		res.ExitCode = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			res.ExitCode = 128 + int(ws.Signal())
+		}
+	case errors.Is(err, osexec.ErrWaitDelay):
+		res.ExitCode = cmd.ProcessState.ExitCode()
+	default:
+		res.ExitCode = 126
+		res.Stderr = fmt.Appendf(res.Stderr, "%s: %v\n", command[0], err)
+	}
+	return res, nil
+}
+
+// startInNamespaces starts cmd from a thread that joined the namespaces of
+// pid and dropped capabilities from its bounding set. The thread is spoiled
+// for anything else, so it stays locked and exits with its goroutine.
+func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		for _, ns := range execNamespaces {
+			f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/ns/" + ns.name)
+			if err != nil {
+				errc <- err
+				return
+			}
+			err = unix.Setns(int(f.Fd()), ns.flag)
+			f.Close()
+			if err != nil {
+				errc <- fmt.Errorf("join %s namespace: %w", ns.name, err)
+				return
+			}
+		}
+		if err := dropBoundingCaps(execCaps); err != nil {
+			errc <- err
+			return
+		}
+		// cmd.Start forks from this thread: the child is in the
+		// sandbox's namespaces (its pid namespace included, which only
+		// applies to children).
+		errc <- cmd.Start()
+	}()
+	return <-errc
+}
+
+// cappedBuffer keeps the first maxExecOutput bytes written to it.
+type cappedBuffer struct{ buf bytes.Buffer }
+
+func (b *cappedBuffer) Write(p []byte) (int, error) {
+	if room := maxExecOutput - b.buf.Len(); room > 0 {
+		b.buf.Write(p[:min(len(p), room)])
+	}
+	return len(p), nil
+}
+
+func (b *cappedBuffer) Bytes() []byte { return b.buf.Bytes() }

@@ -1,0 +1,274 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
+)
+
+// killGrace is how long a sandbox gets to end after its init was asked to
+// kill everything, before the init itself is killed.
+const killGrace = 2 * time.Second
+
+// children holds the inits this OS process started and has not reaped, by
+// pid: only those may be waited for, and their pids cannot be reused until
+// they are.
+var children sync.Map // int → handle
+
+// sandbox is a running sandbox the driver watches, through its init.
+type sandbox struct {
+	d     *Driver
+	h     handle
+	hstr  string
+	dir   string   // the machine's directory, holding the status file
+	oom   string   // the cgroup file counting OOM kills
+	pidfd *os.File // non-blocking, waited on in the runtime poller
+
+	mu        sync.Mutex
+	ended     bool
+	abandoned bool
+	done      chan struct{}
+	exit      driver.Exit // written before done is closed
+}
+
+var _ driver.Process = (*sandbox)(nil)
+
+// openInit opens a pidfd for the live init h names, or fails with
+// driver.ErrGone.
+func openInit(h handle) (*os.File, error) {
+	fd, err := unix.PidfdOpen(h.pid, unix.PIDFD_NONBLOCK)
+	if errors.Is(err, unix.ESRCH) {
+		return nil, fmt.Errorf("pid %d: %w", h.pid, driver.ErrGone)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pidfd_open %d: %w", h.pid, err)
+	}
+	pidfd := os.NewFile(uintptr(fd), "pidfd")
+	// Checked after the pidfd was opened: if the start time matches now,
+	// the pidfd is the init's and not a later process's with its pid.
+	st, err := readProcStat(h.pid)
+	switch {
+	case errors.Is(err, errNoProcess):
+		err = fmt.Errorf("pid %d: %w", h.pid, driver.ErrGone)
+	case err != nil:
+	case st.start != h.start:
+		err = fmt.Errorf("pid %d was reused: %w", h.pid, driver.ErrGone)
+	case st.state == 'Z' || st.state == 'X':
+		err = fmt.Errorf("pid %d has exited: %w", h.pid, driver.ErrGone)
+	}
+	if err != nil {
+		pidfd.Close()
+		return nil, err
+	}
+	return pidfd, nil
+}
+
+// watch starts watching the init h names through pidfd.
+func (d *Driver) watch(h handle, pidfd *os.File, dir, oomFile string) (*sandbox, error) {
+	s := &sandbox{d: d, h: h, hstr: h.String(), dir: dir, oom: oomFile, pidfd: pidfd, done: make(chan struct{})}
+	if err := d.track(s); err != nil {
+		return nil, err
+	}
+	go s.run()
+	return s, nil
+}
+
+func (s *sandbox) Handle() string        { return s.hstr }
+func (s *sandbox) Pid() int              { return s.h.pid }
+func (s *sandbox) Done() <-chan struct{} { return s.done }
+
+func (s *sandbox) Exit() driver.Exit {
+	select {
+	case <-s.done:
+		return s.exit
+	default:
+		return driver.Exit{}
+	}
+}
+
+// Signal delivers sig to the workload: the init forwards it to the
+// workload's process group. SIGKILL makes the init kill every process of the
+// sandbox. Once the sandbox has ended it fails with os.ErrProcessDone.
+func (s *sandbox) Signal(sig syscall.Signal) error {
+	if sig == unix.SIGKILL {
+		sig = sigKillAll
+	}
+	return s.signalInit(sig)
+}
+
+func (s *sandbox) signalInit(sig syscall.Signal) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.ended:
+		return fmt.Errorf("signal sandbox %d: %w", s.h.pid, os.ErrProcessDone)
+	case s.abandoned:
+		return fmt.Errorf("signal sandbox %d: %w", s.h.pid, ErrClosed)
+	}
+	rc, err := s.pidfd.SyscallConn()
+	if err == nil {
+		cerr := rc.Control(func(fd uintptr) { err = unix.PidfdSendSignal(int(fd), sig, nil, 0) })
+		if cerr != nil {
+			err = cerr
+		}
+	}
+	if errors.Is(err, unix.ESRCH) {
+		err = os.ErrProcessDone
+	}
+	if err != nil {
+		return fmt.Errorf("signal sandbox %d: %w", s.h.pid, err)
+	}
+	return nil
+}
+
+// Stop delivers sig (SIGTERM when 0), waits up to timeout for the workload
+// to end, then kills every process of the sandbox and waits again; an init
+// that does not end within killGrace is killed itself. Stopping a sandbox
+// that already ended returns its Exit.
+func (s *sandbox) Stop(ctx context.Context, sig syscall.Signal, timeout time.Duration) (driver.Exit, error) {
+	select {
+	case <-s.done:
+		return s.exit, nil
+	default:
+	}
+	if sig == 0 {
+		sig = unix.SIGTERM
+	}
+	steps := []struct {
+		sig  syscall.Signal
+		wait time.Duration
+	}{
+		{sig, max(timeout, 0)},
+		{unix.SIGKILL, killGrace},
+		{unix.SIGKILL, -1}, // the init itself; wait for as long as ctx allows
+	}
+	for i, st := range steps {
+		var err error
+		if i == 2 {
+			s.d.logger.Warn("sandbox init did not end, killing it", "pid", s.h.pid)
+			err = s.signalInit(unix.SIGKILL)
+		} else {
+			err = s.Signal(st.sig)
+		}
+		if err != nil && !errors.Is(err, os.ErrProcessDone) {
+			return driver.Exit{}, fmt.Errorf("stop: %w", err)
+		}
+		var tc <-chan time.Time
+		if st.wait >= 0 {
+			t := time.NewTimer(st.wait)
+			defer t.Stop()
+			tc = t.C
+		}
+		select {
+		case <-s.done:
+			return s.exit, nil
+		case <-ctx.Done():
+			return driver.Exit{}, fmt.Errorf("stop sandbox %d: %w", s.h.pid, ctx.Err())
+		case <-tc:
+		}
+		if i == 0 {
+			s.d.logger.Debug("stop timed out, killing", "pid", s.h.pid, "signal", sig, "timeout", timeout)
+		}
+	}
+	panic("unreachable")
+}
+
+// run waits in the runtime poller for the pidfd to become readable, which
+// it does when the init has ended, then collects the exit.
+func (s *sandbox) run() {
+	defer s.d.wg.Done()
+	rc, err := s.pidfd.SyscallConn()
+	if err == nil {
+		err = rc.Read(func(fd uintptr) bool { return pidfdReadable(int(fd)) })
+	}
+	if err != nil {
+		return // abandon closed the pidfd
+	}
+	s.mu.Lock()
+	if s.abandoned {
+		s.mu.Unlock()
+		return
+	}
+	s.ended = true
+	exit := s.collect()
+	s.pidfd.Close()
+	s.mu.Unlock()
+
+	s.d.untrack(s)
+	s.exit = exit
+	close(s.done)
+	s.d.logger.Debug("sandbox ended", "pid", s.h.pid, "code", exit.Code, "signal", exit.Signal, "oom", exit.OOMKilled, "unknown", exit.Unknown)
+}
+
+// collect reaps the init if this process started it and reads the exit
+// status the init recorded. Without a record (the init itself was killed,
+// or failed before the workload ran) the init's own status stands in,
+// when this process can know it, and the cgroup tells whether the OOM
+// killer struck (it may have chosen the init).
+func (s *sandbox) collect() driver.Exit {
+	exit := driver.Exit{Code: -1, Unknown: true}
+	if v, ok := children.Load(s.h.pid); ok && v.(handle) == s.h {
+		var ws unix.WaitStatus
+		if pid, err := unix.Wait4(s.h.pid, &ws, unix.WNOHANG, nil); err == nil && pid == s.h.pid {
+			children.CompareAndDelete(s.h.pid, s.h)
+			switch {
+			case ws.Exited():
+				exit = driver.Exit{Code: ws.ExitStatus()}
+			case ws.Signaled():
+				exit = driver.Exit{Code: -1, Signal: ws.Signal()}
+			}
+		}
+	}
+	if st, ok := readStatus(s.dir); ok {
+		exit = driver.Exit{Code: st.Code, Signal: syscall.Signal(st.Signal), OOMKilled: st.OOMKilled}
+		if exit.Signal != 0 {
+			exit.Code = -1
+		}
+	} else if b, err := os.ReadFile(s.oom); err == nil {
+		if n, _ := readCounter(b, "oom_kill"); n > 0 {
+			exit.OOMKilled = true
+		}
+	}
+	exit.At = time.Now()
+	return exit
+}
+
+func readStatus(dir string) (exitStatus, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, statusFile))
+	if err != nil {
+		return exitStatus{}, false
+	}
+	var st exitStatus
+	if json.Unmarshal(b, &st) != nil {
+		return exitStatus{}, false
+	}
+	return st, true
+}
+
+// abandon stops watching: the sandbox keeps running and Done never closes.
+func (s *sandbox) abandon() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended {
+		return
+	}
+	s.abandoned = true
+	s.pidfd.Close() // wakes run
+}
+
+// pidfdReadable polls a pidfd without blocking.
+func pidfdReadable(fd int) bool {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0
+}

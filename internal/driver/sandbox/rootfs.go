@@ -1,0 +1,143 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// setupRoot runs in the init, in its new mount namespace: it makes the
+// image's root filesystem the root (pivot_root), mounts /proc, /dev and
+// /sys, and writes the machine's hostname, /etc/hosts and /etc/resolv.conf.
+func setupRoot(cfg *initConfig) error {
+	// Nothing done here may propagate back to the host.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make mounts private: %w", err)
+	}
+	if err := unix.Mount(cfg.Rootfs, cfg.Rootfs, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind root filesystem: %w", err)
+	}
+	// Device nodes an image carries must not open devices: only /dev,
+	// mounted below, has them.
+	var st unix.Statfs_t
+	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_NODEV)
+	if err := unix.Statfs(cfg.Rootfs, &st); err == nil && st.Flags&unix.ST_RDONLY != 0 {
+		flags |= unix.MS_RDONLY
+	}
+	if err := unix.Mount("", cfg.Rootfs, "", flags, ""); err != nil {
+		return fmt.Errorf("remount root filesystem nodev: %w", err)
+	}
+	if err := unix.Chdir(cfg.Rootfs); err != nil {
+		return fmt.Errorf("chdir to root filesystem: %w", err)
+	}
+	// pivot_root(".", ".") stacks the old root on top of the new one;
+	// detaching it leaves the new root alone, no put_old directory needed.
+	if err := unix.PivotRoot(".", "."); err != nil {
+		return fmt.Errorf("pivot_root: %w", err)
+	}
+	if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("detach old root: %w", err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return err
+	}
+	if err := mountProc(); err != nil {
+		return err
+	}
+	if err := mountDev(); err != nil {
+		return err
+	}
+	// sysfs is a convenience (and needs the network namespace): read-only.
+	if err := os.MkdirAll("/sys", 0o555); err == nil {
+		_ = unix.Mount("sysfs", "/sys", "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+	}
+	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
+		return fmt.Errorf("sethostname: %w", err)
+	}
+	// Written after pivot_root, so that links in the image resolve inside
+	// it. A read-only image keeps its own files.
+	if err := os.MkdirAll("/etc", 0o755); err == nil {
+		for _, f := range []struct{ name, data string }{
+			{"/etc/hosts", cfg.Hosts},
+			{"/etc/resolv.conf", cfg.Resolv},
+			{"/etc/hostname", cfg.Hostname + "\n"},
+		} {
+			if err := os.WriteFile(f.name, []byte(f.data), 0o644); err != nil {
+				fmt.Fprintf(os.Stderr, "flame sandbox-init: write %s: %v\n", f.name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// mountProc mounts the sandbox's /proc and makes the files that reach
+// beyond the sandbox read-only or empty.
+func mountProc() error {
+	if err := os.MkdirAll("/proc", 0o555); err != nil {
+		return err
+	}
+	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("mount /proc: %w", err)
+	}
+	for _, p := range []string{"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"} {
+		if err := unix.Mount(p, p, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			return fmt.Errorf("protect %s: %w", p, err)
+		}
+		if err := unix.Mount("", p, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("protect %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// mountDev gives the sandbox a minimal /dev of its own.
+func mountDev() error {
+	if err := os.MkdirAll("/dev", 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("tmpfs", "/dev", "tmpfs", unix.MS_NOSUID|unix.MS_STRICTATIME, "mode=755,size=65536k"); err != nil {
+		return fmt.Errorf("mount /dev: %w", err)
+	}
+	for _, d := range []struct {
+		name         string
+		major, minor uint32
+	}{
+		{"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7},
+		{"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0},
+	} {
+		p := "/dev/" + d.name
+		if err := unix.Mknod(p, unix.S_IFCHR|0o666, int(unix.Mkdev(d.major, d.minor))); err != nil {
+			return fmt.Errorf("mknod %s: %w", p, err)
+		}
+		if err := unix.Chmod(p, 0o666); err != nil { // past the umask
+			return err
+		}
+	}
+	if err := unix.Mkdir("/dev/pts", 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("devpts", "/dev/pts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"); err != nil {
+		return fmt.Errorf("mount /dev/pts: %w", err)
+	}
+	if err := unix.Mkdir("/dev/shm", 0o1777); err != nil {
+		return err
+	}
+	if err := unix.Mount("shm", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=1777,size=65536k"); err != nil {
+		return fmt.Errorf("mount /dev/shm: %w", err)
+	}
+	for _, l := range [][2]string{
+		{"pts/ptmx", "/dev/ptmx"}, {"/proc/self/fd", "/dev/fd"},
+		{"/proc/self/fd/0", "/dev/stdin"}, {"/proc/self/fd/1", "/dev/stdout"},
+		{"/proc/self/fd/2", "/dev/stderr"},
+	} {
+		if err := unix.Symlink(l[0], l[1]); err != nil {
+			return fmt.Errorf("symlink %s: %w", l[1], err)
+		}
+	}
+	return nil
+}
