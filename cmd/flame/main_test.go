@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	mdns "github.com/miekg/dns"
+
 	"github.com/flamehq/flame/api"
 )
 
@@ -183,7 +185,7 @@ func demoConfig(port int) *api.MachineConfig {
 func TestAgentKilledResumes(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	args := []string{"agent", "--data-dir", dir, "--token", "secret", "--api-addr", "127.0.0.1:0"}
+	args := []string{"agent", "--data-dir", dir, "--token", "secret", "--api-addr", "127.0.0.1:0", "--driver", "exec"}
 	agent := startFlame(t, args...)
 	c := api.NewClient(agent.apiURL(t), "secret")
 
@@ -258,7 +260,7 @@ func TestAgentKilledResumes(t *testing.T) {
 // and interrupts it: every machine stops and the temporary state goes away.
 func TestDevStopsCleanly(t *testing.T) {
 	ctx := context.Background()
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--token", "tok")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--token", "tok", "--driver", "exec")
 	var stateDir string
 	for stateDir == "" {
 		if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(<-dev.out); m != nil {
@@ -295,4 +297,104 @@ func TestDevStopsCleanly(t *testing.T) {
 	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
 		t.Errorf("flame dev left its state dir %s behind (%v)", stateDir, err)
 	}
+}
+
+// TestDevSandbox runs `flame dev` with the sandbox driver: the demo app is
+// built and pushed as a real image at start, a machine in syd pulls and runs
+// it in its own namespaces with a private IPv6 address, a host in ams finds
+// it by DNS, and an interrupt leaves nothing behind — no process, mount,
+// bridge or cgroup.
+func TestDevSandbox(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the sandbox driver needs root")
+	}
+	ctx := context.Background()
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--token", "tok",
+		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1")
+	var stateDir string
+	hosts := map[string][2]string{} // id → API URL, DNS address
+	re := regexp.MustCompile(`^\s+(ams-1|syd-1)\s+\S+\s+(http://\S+)\s+(\S+)$`)
+	deadline := time.After(60 * time.Second)
+	for len(hosts) < 2 {
+		select {
+		case line := <-dev.out:
+			if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(line); m != nil {
+				stateDir = m[1]
+			}
+			if m := re.FindStringSubmatch(line); m != nil {
+				hosts[m[1]] = [2]string{m[2], m[3]}
+			}
+		case <-dev.done:
+			t.Fatal("flame dev exited")
+		case <-deadline:
+			t.Fatal("flame dev did not list its hosts")
+		}
+	}
+	c := api.NewClient(hosts["syd-1"][0], "tok")
+	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{Image: "flame/demo-app"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.State != api.StateStarted || !strings.HasPrefix(m.PrivateIP, "fdaa:") || m.ImageRef.Digest == "" {
+		t.Fatalf("machine %+v", m)
+	}
+	var resp *http.Response
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if resp, err = http.Get("http://[" + m.PrivateIP + "]:8080/"); err == nil || time.Now().After(end) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var who map[string]any
+	json.NewDecoder(resp.Body).Decode(&who)
+	resp.Body.Close()
+	if flyVar(who, "FLY_REGION") != "syd" || flyVar(who, "FLY_PRIVATE_IP") != m.PrivateIP || who["pid"].(float64) > 20 {
+		t.Errorf("demo app in its sandbox says %v", who)
+	}
+	// ams-1 resolves it over DNS once gossip has brought it over.
+	found := false
+	for end := time.Now().Add(10 * time.Second); !found && time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		found = strings.Contains(digAAAA(t, hosts["ams-1"][1], "demo.internal"), m.PrivateIP)
+	}
+	if !found {
+		t.Errorf("demo.internal does not resolve to %s on ams-1", m.PrivateIP)
+	}
+
+	dev.cmd.Process.Signal(syscall.SIGINT)
+	select {
+	case <-dev.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("flame dev did not exit on SIGINT")
+	}
+	if n := workloads(m.ID); n != 0 {
+		t.Errorf("%d processes of machine %s left behind", n, m.ID)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if stateDir != "" && strings.Contains(string(mounts), stateDir) {
+		t.Errorf("mounts under %s left behind", stateDir)
+	}
+	for _, p := range []string{"/sys/class/net/flame0", "/sys/class/net/flame1", "/sys/fs/cgroup/memory/flame-0", "/sys/fs/cgroup/pids/flame-1", stateDir} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("%s left behind", p)
+		}
+	}
+}
+
+// digAAAA asks a DNS server for name's AAAA records and returns the answer
+// as text.
+func digAAAA(t *testing.T, server, name string) string {
+	t.Helper()
+	m := new(mdns.Msg)
+	m.SetQuestion(mdns.Fqdn(name), mdns.TypeAAAA)
+	r, _, err := new(mdns.Client).Exchange(m, server)
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, rr := range r.Answer {
+		b.WriteString(rr.String())
+	}
+	return b.String()
 }

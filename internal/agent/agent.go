@@ -240,6 +240,27 @@ func (a *Agent) StopAll(ctx context.Context) {
 	wg.Wait()
 }
 
+// DestroyAll destroys every machine of the host, running or not, in
+// parallel: for a host whose state is going away with it.
+func (a *Agent) DestroyAll(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, m := range a.all() {
+		if m.rec.Load().State == machine.Destroyed {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.opMu.Lock()
+			defer m.opMu.Unlock()
+			if err := a.destroyLocked(m, true, sourceFlyd); err != nil {
+				a.log.Warn("destroy machine", "machine", m.rec.Load().ID, "err", err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 func (a *Agent) lookup(id string) *mach {
 	a.mu.RLock()
 	defer a.mu.RUnlock()

@@ -644,7 +644,7 @@ func leaseView(l *lease, inst string) *api.Lease {
 func (a *Agent) view(m *mach, r *record) *api.Machine {
 	out := &api.Machine{
 		ID: r.ID, Name: r.Name, State: string(r.State), Region: r.Region,
-		InstanceID: r.Instance, Version: r.Instance, PrivateIP: privateIP(r),
+		InstanceID: r.Instance, Version: r.Instance, PrivateIP: a.privateIP(r),
 		CreatedAt:  r.CreatedAt.UTC().Format(time.RFC3339),
 		UpdatedAt:  r.UpdatedAt.UTC().Format(time.RFC3339),
 		Config:     r.Config,

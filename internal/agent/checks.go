@@ -51,15 +51,9 @@ func (a *Agent) syncChecks(m *mach, r *record) {
 		return
 	}
 	mc := &machineChecks{instance: r.Instance}
-	host := "127.0.0.1"
-	if ad, ok := a.cfg.Driver.(Addresser); ok {
-		if ip, ok := ad.PrivateIP(a.spec(r)); ok {
-			host = ip.String()
-		}
-	}
 	runner, err := check.New(check.RunnerConfig{
 		Specs:  specs,
-		Host:   host,
+		Host:   a.privateIP(r),
 		Now:    a.cfg.Now,
 		Logger: a.cfg.Logger,
 		OnChange: func(st []check.Status) {

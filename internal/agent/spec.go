@@ -83,14 +83,25 @@ func workloadEnv(r *record, cfg *api.MachineConfig) map[string]string {
 		"FLY_PUBLIC_IP":       "",
 		"FLY_IMAGE_REF":       cfg.Image,
 		"FLY_MACHINE_VERSION": r.Instance,
-		"FLY_PRIVATE_IP":      privateIP(r),
-		"FLY_PROCESS_GROUP":   group,
-		"FLY_VM_MEMORY_MB":    strconv.Itoa(guestMemory(cfg)),
+		"FLY_PRIVATE_IP":      loopbackIP, // drivers with their own addresses put theirs
+
+		"FLY_PROCESS_GROUP": group,
+		"FLY_VM_MEMORY_MB":  strconv.Itoa(guestMemory(cfg)),
 	})
 	return env
 }
 
-// privateIP is the machine's address. Workloads of the exec driver share the
-// host's network, so it is the loopback address until sandboxes give each
-// machine its own.
-func privateIP(*record) string { return "127.0.0.1" }
+// loopbackIP is the address of machines whose driver gives them none of
+// their own: exec workloads share the host's network.
+const loopbackIP = "127.0.0.1"
+
+// privateIP is the machine's address: the one its driver gave it, or the
+// host's loopback.
+func (a *Agent) privateIP(r *record) string {
+	if ad, ok := a.cfg.Driver.(Addresser); ok {
+		if ip, ok := ad.PrivateIP(a.spec(r)); ok {
+			return ip.String()
+		}
+	}
+	return loopbackIP
+}

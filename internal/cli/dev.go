@@ -4,55 +4,145 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/flamehq/flame/internal/devcluster"
+	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/image/registry"
 )
 
+type devFlags struct {
+	apiAddr, dnsAddr, dataDir, token, regions, logLevel, driver string
+	hostsPerRegion                                              int
+}
+
 func newDevCmd() *cobra.Command {
-	var f hostFlags
+	var f devFlags
 	c := &cobra.Command{
 		Use:   "dev",
 		Short: "Run the Flame platform on this machine, for development",
-		Long: `Run the Flame platform on this machine: a host agent with its Machines API.
+		Long: `Run the whole Flame platform on this machine: several hosts in several
+regions (by default ams, iad and syd, two hosts each), joined into one cluster
+over a simulated network with real-world distances between regions. Each host
+serves the Machines API for its machines and the .internal DNS names of every
+machine in the cluster.
+
 With no flags it keeps its state in a temporary directory removed on exit and
 makes up an API token, which it prints. Ctrl-C stops every machine and exits.`,
 		Args: noArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			out := c.OutOrStdout()
-			if f.token == "" {
-				f.token = randomToken()
-			}
-			if f.dataDir == "" {
-				dir, err := os.MkdirTemp("", "flame-dev-")
-				if err != nil {
-					return err
-				}
-				defer os.RemoveAll(dir)
-				f.dataDir = dir
-			}
-			h, err := f.startHost(c)
-			if err != nil {
-				return err
-			}
-			printDevBanner(out, h.Addr(), f.token, f.region, f.dataDir)
-			<-c.Context().Done()
-			fmt.Fprintln(out, "\nflame dev: stopping machines…")
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			h.StopMachines(ctx)
-			err = h.Close()
-			fmt.Fprintln(out, "flame dev: stopped")
+		RunE: func(c *cobra.Command, _ []string) error { return runDev(c, f) },
+	}
+	fs := c.Flags()
+	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4280", "Machines API of the first host; the others take the next ports")
+	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
+	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
+	fs.StringVar(&f.token, "token", "", "API token (default: a random one, printed)")
+	fs.StringVar(&f.regions, "regions", "ams,iad,syd", "comma-separated region codes")
+	fs.IntVar(&f.hostsPerRegion, "hosts-per-region", 2, "hosts in each region")
+	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (sandbox as root, else exec), sandbox or exec")
+	fs.StringVar(&f.logLevel, "log-level", "warn", "debug, info, warn or error")
+	return c
+}
+
+func runDev(c *cobra.Command, f devFlags) error {
+	out := c.OutOrStdout()
+	log, err := newLogger(c.ErrOrStderr(), f.logLevel)
+	if err != nil {
+		return err
+	}
+	if f.hostsPerRegion < 1 {
+		return usageError{fmt.Errorf("--hosts-per-region must be at least 1")}
+	}
+	if f.token == "" {
+		f.token = randomToken()
+	}
+	temporary := f.dataDir == ""
+	if temporary {
+		dir, err := os.MkdirTemp("", "flame-dev-")
+		if err != nil {
 			return err
+		}
+		defer os.RemoveAll(dir)
+		f.dataDir = dir
+	}
+	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
+		Auth: func(token string) bool { return token == f.token }})
+	if err != nil {
+		return err
+	}
+	kinds := make([]string, 0)
+	cfg := devcluster.Config{
+		Regions:        splitList(f.regions),
+		HostsPerRegion: f.hostsPerRegion,
+		Dir:            f.dataDir,
+		Token:          f.token,
+		APIAddr:        f.apiAddr,
+		DNSAddr:        f.dnsAddr,
+		Logger:         log,
+		Registry:       reg,
+		NewDriver: func(id string, i int, registryAddr string) (driver.Driver, error) {
+			d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: filepath.Join(f.dataDir, id),
+				Registry: registryAddr, RegistryToken: f.token, Index: i, Logger: log.With("host", id)})
+			kinds = append(kinds, kind)
+			return d, err
 		},
 	}
-	f.register(c, "127.0.0.1:4280", "warn", "directory for state (default: a temporary directory removed on exit)", "API token (default: a random one, printed)")
-	return c
+	if err := cfg.Validate(); err != nil {
+		return usageError{err}
+	}
+	fmt.Fprintf(c.ErrOrStderr(), "flame dev: starting %d hosts in %s…\n", len(cfg.Regions)*f.hostsPerRegion, strings.Join(cfg.Regions, ", "))
+	dev, err := devcluster.Start(c.Context(), cfg)
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(c.Context(), 30*time.Second)
+	err = dev.WaitConverged(wctx)
+	cancel()
+	if err != nil {
+		log.Warn("cluster not converged yet", "err", err)
+	}
+	// The registry is served by the first host, whose address is known now.
+	regAddr := strings.TrimPrefix(dev.Hosts[0].APIURL, "http://")
+	ref, err := host.PushDemoImage(c.Context(), regAddr, f.token, nil)
+	if err != nil {
+		log.Warn("demo image not pushed", "err", err)
+	}
+	printDevBanner(out, dev, f, kinds[0], ref)
+	<-c.Context().Done()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if temporary {
+		// Nothing outlives a temporary dev cluster: no machine, mount,
+		// bridge or cgroup.
+		fmt.Fprintln(out, "\nflame dev: destroying machines…")
+		dev.DestroyMachines(ctx)
+		err = errors.Join(dev.Close(), dev.Teardown())
+	} else {
+		fmt.Fprintln(out, "\nflame dev: stopping machines…")
+		dev.StopMachines(ctx)
+		err = dev.Close()
+	}
+	fmt.Fprintln(out, "flame dev: stopped")
+	return err
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func randomToken() string {
@@ -61,20 +151,28 @@ func randomToken() string {
 	return "fdev_" + hex.EncodeToString(b[:])
 }
 
-func printDevBanner(w io.Writer, addr, token, region, dataDir string) {
-	fmt.Fprintf(w, `flame dev is running (region %s, state in %s)
-
-  Machines API  http://%s
-  Token         %s
-
+func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind, demoRef string) {
+	first := dev.Hosts[0]
+	fmt.Fprintf(w, "flame dev is running: %d hosts, %s driver (state in %s)\n\n", len(dev.Hosts), driverKind, f.dataDir)
+	fmt.Fprintf(w, "  Machines API  %s   (host %s; every host serves its own)\n", first.APIURL, first.ID)
+	fmt.Fprintf(w, "  Token         %s\n", f.token)
+	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n\n", first.APIURL, demoRef)
+	fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", "HOST", "REGION", "MACHINES API", ".internal DNS (udp+tcp)")
+	for _, h := range dev.Hosts {
+		fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", h.ID, h.Region, h.APIURL, h.DNSAddr)
+	}
+	dnsHost, dnsPort, _ := strings.Cut(first.DNSAddr, ":")
+	fmt.Fprintf(w, `
 Try it:
 
   export FLY_API_TOKEN=%s
-  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" -X POST http://%s/v1/apps/demo/machines \
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" -X POST %s/v1/apps/demo/machines \
     -d '{"config": {"image": "%s", "env": {"PORT": "8080"}}}'
-  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" http://%s/v1/apps/demo/machines
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" %s/v1/apps/demo/machines
   curl -s http://127.0.0.1:8080/
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" %s/v1/cluster/hosts
+  dig @%s -p %s +short demo.internal A
 
 Press Ctrl-C to stop every machine and exit.
-`, region, dataDir, addr, token, token, addr, host.DemoImage, addr)
+`, f.token, first.APIURL, host.DemoImage, first.APIURL, first.APIURL, dnsHost, dnsPort)
 }

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/internal/agent"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/dns"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/machine"
@@ -34,6 +36,19 @@ type Config struct {
 	// Backoff spaces automatic restarts (zero: the agent's default).
 	Backoff machine.Backoff
 	Logger  *slog.Logger
+
+	// Cluster joins the host to the others when Cluster.HostID is set: its
+	// machines are published to every host, and DNS answers from the
+	// cluster's view. Region, Addrs and Logger are filled in by the host.
+	Cluster cluster.Config
+	// Join lists gossip addresses of hosts to join at start.
+	Join []string
+	// DNSPacketConn and DNSListener, when set (with a cluster), serve the
+	// .internal names over UDP and TCP.
+	DNSPacketConn net.PacketConn
+	DNSListener   net.Listener
+	// Registry, when set, is served under /v2/ beside the Machines API.
+	Registry http.Handler
 }
 
 // Validate reports what is missing.
@@ -49,11 +64,15 @@ func (c *Config) Validate() error {
 
 // Host is a running host.
 type Host struct {
-	Agent *agent.Agent
-	cfg   Config
-	log   *slog.Logger
-	srv   *http.Server
-	wg    sync.WaitGroup
+	Agent   *agent.Agent
+	Cluster *cluster.Cluster // nil when the host runs alone
+	cfg     Config
+	log     *slog.Logger
+	srv     *http.Server
+	dns     *dns.Server
+	kick    chan struct{} // the agent's machines changed
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
 }
 
 // New builds the host's parts; nothing runs until Start.
@@ -64,37 +83,111 @@ func New(cfg Config) (*Host, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	h := &Host{cfg: cfg, log: cfg.Logger.With("component", "host"), kick: make(chan struct{}, 1)}
 	ag, err := agent.New(agent.Config{
-		DataDir: cfg.DataDir,
-		Region:  cfg.Region,
-		Driver:  cfg.Driver,
-		Logger:  cfg.Logger,
-		Backoff: cfg.Backoff,
+		DataDir:  cfg.DataDir,
+		Region:   cfg.Region,
+		Driver:   cfg.Driver,
+		Logger:   cfg.Logger,
+		Backoff:  cfg.Backoff,
+		OnChange: h.machinesChanged,
 	})
 	if err != nil {
 		return nil, err
 	}
-	api, err := httpapi.New(httpapi.Config{
-		Backend:      ag,
-		Authenticate: httpapi.TokenAuth(cfg.Token),
-		Logger:       cfg.Logger,
-	})
+	h.Agent = ag
+	auth := httpapi.TokenAuth(cfg.Token)
+	api, err := httpapi.New(httpapi.Config{Backend: ag, Authenticate: auth, Logger: cfg.Logger})
 	if err != nil {
 		ag.Close()
 		return nil, err
 	}
-	return &Host{
-		Agent: ag,
-		cfg:   cfg,
-		log:   cfg.Logger.With("component", "host"),
-		srv:   &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second},
-	}, nil
+	mux := http.NewServeMux()
+	mux.Handle("/", api.Handler())
+	if cfg.Registry != nil {
+		mux.Handle("/v2/", cfg.Registry)
+	}
+	if cfg.Cluster.HostID != "" {
+		cc := cfg.Cluster
+		cc.Region = cfg.Region
+		cc.Logger = cfg.Logger
+		cc.Addrs = map[string]string{"api": cfg.Listener.Addr().String()}
+		if cfg.DNSPacketConn != nil {
+			cc.Addrs["dns"] = cfg.DNSPacketConn.LocalAddr().String()
+		}
+		if cc.Capacity == (cluster.Resources{}) {
+			cc.Capacity = DefaultCapacity()
+		}
+		if h.Cluster, err = cluster.New(cc); err != nil {
+			ag.Close()
+			return nil, err
+		}
+		h.cfg.Cluster = cc
+		mux.Handle("/v1/cluster/", h.clusterHandler(auth))
+		if cfg.DNSPacketConn != nil || cfg.DNSListener != nil {
+			h.dns, err = dns.New(dns.Config{Source: dnsSource{h.Cluster}, PacketConn: cfg.DNSPacketConn, Listener: cfg.DNSListener, Logger: cfg.Logger})
+			if err != nil {
+				ag.Close()
+				return nil, err
+			}
+		}
+	}
+	h.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return h, nil
+}
+
+// machinesChanged is the agent's OnChange: it wakes the publisher.
+func (h *Host) machinesChanged() {
+	select {
+	case h.kick <- struct{}{}:
+	default:
+	}
+}
+
+// publish keeps the cluster's view of this host's machines current: at once
+// after each change, and every few seconds for what drifts (free capacity).
+func (h *Host) publish(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		if err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.cfg.Cluster.Capacity)); err != nil {
+			h.log.Warn("publish host facts", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-h.kick:
+		case <-t.C:
+		}
+	}
 }
 
 // Start resumes the agent's machines and serves the API.
 func (h *Host) Start(ctx context.Context) error {
 	if err := h.Agent.Start(ctx); err != nil {
 		return err
+	}
+	bg, stop := context.WithCancel(context.Background())
+	h.stop = stop
+	if h.Cluster != nil {
+		if err := h.Cluster.Start(ctx); err != nil {
+			return err
+		}
+		if len(h.cfg.Join) > 0 {
+			if _, err := h.Cluster.Join(h.cfg.Join); err != nil {
+				h.log.Warn("join cluster", "err", err)
+			}
+		}
+		h.wg.Add(1)
+		go func() {
+			defer h.wg.Done()
+			h.publish(bg)
+		}()
+		if h.dns != nil {
+			if err := h.dns.Start(bg); err != nil {
+				return err
+			}
+		}
 	}
 	h.wg.Add(1)
 	go func() {
@@ -118,6 +211,16 @@ func (h *Host) Close() error {
 	if err != nil {
 		h.srv.Close()
 	}
+	if h.dns != nil {
+		err = errors.Join(err, h.dns.Close())
+	}
+	if h.stop != nil {
+		h.stop()
+	}
+	if h.Cluster != nil {
+		h.Cluster.Leave(time.Second)
+		err = errors.Join(err, h.Cluster.Close())
+	}
 	h.wg.Wait()
 	err = errors.Join(err, h.Agent.Close())
 	if c, ok := h.cfg.Driver.(io.Closer); ok {
@@ -128,6 +231,18 @@ func (h *Host) Close() error {
 
 // StopMachines stops every running machine.
 func (h *Host) StopMachines(ctx context.Context) { h.Agent.StopAll(ctx) }
+
+// DestroyMachines destroys every machine, for a host whose state goes away.
+func (h *Host) DestroyMachines(ctx context.Context) { h.Agent.DestroyAll(ctx) }
+
+// Teardown removes what the host's driver keeps for all machines (a
+// sandbox's bridge and cgroups), after Close, once no machine is left.
+func (h *Host) Teardown() error {
+	if t, ok := h.cfg.Driver.(interface{ Teardown() error }); ok {
+		return t.Teardown()
+	}
+	return nil
+}
 
 // ExecImages maps the images the exec driver knows by name to host programs:
 // the built-in demo app runs as `<this binary> demo-app`.

@@ -345,6 +345,9 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 			}
 		}
 	}()
+	if err = os.MkdirAll(mountDir(spec), 0o700); err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
 	rootfs, err := d.cfg.Images.Mount(ctx, img, mountDir(spec))
 	if err != nil {
 		return nil, fmt.Errorf("start %s: mount image %s: %w", spec.MachineID, img.Ref, err)

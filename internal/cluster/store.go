@@ -1,0 +1,250 @@
+package cluster
+
+import (
+	"slices"
+	"strings"
+)
+
+// store holds every owner's facts as this host last learned them. It does no
+// I/O and keeps no clock: callers pass the time and serialize access.
+//
+// An owner's facts are always exactly that owner's facts at some version:
+// a full record replaces them when newer, and a delta applies only to the
+// version it was made from (its base), or to anything older when its base
+// is zero (a delta from nothing is a full record in pieces). A delta that
+// arrives ahead of its base waits in a small buffer until the gap fills or
+// a full record overtakes it. So duplicates and reordering are harmless,
+// and two hosts holding the same version of an owner hold the same facts.
+type store struct {
+	self    string
+	limit   int // machines per owner
+	owners  map[string]*owner
+	maxWait int // pending deltas kept per owner
+}
+
+type owner struct {
+	version  uint64
+	free     Resources
+	load     float64
+	machines map[string]*Machine
+	sorted   []*Machine        // cached, sorted by id; nil when stale
+	pending  map[uint64]*delta // waiting deltas by base version
+	gapSince int64             // unix nanoseconds the oldest wait began
+}
+
+// applyResult says what a record did.
+type applyResult int
+
+const (
+	resultStale   applyResult = iota // already known or older: dropped
+	resultApplied                    // changed the owner's facts
+	resultPending                    // ahead of its base: waiting
+	resultSelf                       // about this host: never applied
+	resultInvalid                    // would break a limit: dropped
+)
+
+func newStore(self string, limit int) *store {
+	return &store{self: self, limit: limit, owners: map[string]*owner{}, maxWait: 64}
+}
+
+func (s *store) get(id string) *owner { return s.owners[id] }
+
+func (s *store) version(id string) uint64 {
+	if o := s.owners[id]; o != nil {
+		return o.version
+	}
+	return 0
+}
+
+func (s *store) ensure(id string) *owner {
+	o := s.owners[id]
+	if o == nil {
+		o = &owner{machines: map[string]*Machine{}}
+		s.owners[id] = o
+	}
+	return o
+}
+
+// applyFull applies an owner's full facts received from the network.
+func (s *store) applyFull(f *fullFacts) applyResult {
+	if f.Owner == s.self {
+		return resultSelf
+	}
+	o := s.owners[f.Owner]
+	if o != nil && f.Version <= o.version {
+		return resultStale
+	}
+	o = s.ensure(f.Owner)
+	o.replace(f.Owner, f.Version, f.Free, f.Load, f.Machines)
+	s.drain(o, s.limit)
+	return resultApplied
+}
+
+// applyDelta applies a delta received from the network; now is in unix
+// nanoseconds.
+func (s *store) applyDelta(d *delta, now int64) applyResult {
+	if d.Owner == s.self {
+		return resultSelf
+	}
+	o := s.owners[d.Owner]
+	if o != nil && d.Version <= o.version {
+		return resultStale
+	}
+	if o != nil && d.Base != 0 && d.Base < o.version {
+		// Made from a version this host has passed: an owner's deltas
+		// chain one version to the next, so this is not one of them.
+		return resultStale
+	}
+	o = s.ensure(d.Owner)
+	if d.Base != 0 && d.Base != o.version {
+		return s.wait(o, d, now)
+	}
+	if !o.fits(d, s.limit) {
+		return resultInvalid
+	}
+	o.apply(d)
+	s.drain(o, s.limit)
+	return resultApplied
+}
+
+// fits reports whether applying d keeps the owner within limit machines.
+func (o *owner) fits(d *delta, limit int) bool {
+	if d.Base == 0 {
+		return len(d.Upserts) <= limit
+	}
+	n := len(o.machines)
+	for i := range d.Upserts {
+		if o.machines[d.Upserts[i].ID] == nil {
+			n++
+		}
+	}
+	return n <= limit
+}
+
+func (s *store) wait(o *owner, d *delta, now int64) applyResult {
+	if o.pending == nil {
+		o.pending = map[uint64]*delta{}
+	}
+	if p, ok := o.pending[d.Base]; ok && p.Version >= d.Version {
+		return resultStale
+	}
+	if len(o.pending) >= s.maxWait {
+		// Drop the wait furthest ahead; the gap repair fetches a full
+		// record anyway.
+		far := uint64(0)
+		for b := range o.pending {
+			far = max(far, b)
+		}
+		if d.Base > far {
+			return resultStale
+		}
+		delete(o.pending, far)
+	}
+	d.received = now
+	o.pending[d.Base] = d
+	if o.gapSince == 0 {
+		o.gapSince = now
+	}
+	return resultPending
+}
+
+// drain applies waiting deltas that now follow on, and drops those passed.
+func (s *store) drain(o *owner, limit int) {
+	for len(o.pending) > 0 {
+		if d, ok := o.pending[o.version]; ok {
+			delete(o.pending, o.version)
+			if d.Version > o.version && o.fits(d, limit) {
+				o.apply(d)
+			}
+			continue
+		}
+		for b, d := range o.pending {
+			if d.Version <= o.version || b < o.version {
+				delete(o.pending, b)
+			}
+		}
+		break
+	}
+	if len(o.pending) == 0 {
+		o.pending = nil
+		o.gapSince = 0
+	}
+}
+
+// applyLocal applies this host's own published delta.
+func (s *store) applyLocal(d *delta) {
+	o := s.ensure(s.self)
+	o.apply(d)
+}
+
+// remove forgets an owner.
+func (s *store) remove(id string) { delete(s.owners, id) }
+
+// gaps lists owners whose deltas have waited since before the given time.
+func (s *store) gaps(before int64) []string {
+	var ids []string
+	for id, o := range s.owners {
+		if o.gapSince != 0 && o.gapSince <= before {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// full returns an owner's full facts, nil when unknown.
+func (s *store) full(id string) *fullFacts {
+	o := s.owners[id]
+	if o == nil || o.version == 0 {
+		return nil
+	}
+	f := &fullFacts{Owner: id, Version: o.version, Free: o.free, Load: o.load,
+		Machines: make([]Machine, 0, len(o.machines))}
+	for _, m := range o.list() {
+		mm := *m
+		mm.Host = ""
+		f.Machines = append(f.Machines, mm)
+	}
+	return f
+}
+
+func (o *owner) replace(id string, version uint64, free Resources, load float64, ms []Machine) {
+	o.version, o.free, o.load = version, free, load
+	o.machines = make(map[string]*Machine, len(ms))
+	for i := range ms {
+		m := ms[i]
+		m.Host = id
+		o.machines[m.ID] = &m
+	}
+	o.sorted = nil
+}
+
+func (o *owner) apply(d *delta) {
+	if d.Base == 0 {
+		o.replace(d.Owner, d.Version, d.Free, d.Load, d.Upserts)
+		return
+	}
+	o.version, o.free, o.load = d.Version, d.Free, d.Load
+	for i := range d.Upserts {
+		m := d.Upserts[i]
+		m.Host = d.Owner
+		o.machines[m.ID] = &m
+	}
+	for _, id := range d.Removes {
+		delete(o.machines, id)
+	}
+	o.sorted = nil
+}
+
+// list returns the owner's machines sorted by id; the slice and machines
+// are shared and must not be modified.
+func (o *owner) list() []*Machine {
+	if o.sorted == nil {
+		o.sorted = make([]*Machine, 0, len(o.machines))
+		for _, m := range o.machines {
+			o.sorted = append(o.sorted, m)
+		}
+		slices.SortFunc(o.sorted, func(a, b *Machine) int { return strings.Compare(a.ID, b.ID) })
+	}
+	return o.sorted
+}

@@ -1,0 +1,324 @@
+// Package devcluster runs the whole platform in one process — several hosts
+// in several regions, joined into one cluster over a simulated network with
+// real-world distances between regions. `flame dev` and the tests use it, and
+// it builds every host with internal/host exactly as production does.
+package devcluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/netsim"
+)
+
+// Config describes a dev cluster.
+type Config struct {
+	// Regions are region codes (default ams, iad, syd).
+	Regions []string
+	// HostsPerRegion is how many hosts each region gets (default 2).
+	HostsPerRegion int
+	// Dir holds every host's state, one directory per host.
+	Dir string
+	// Token is the API token of every host.
+	Token string
+	// APIAddr is where the first host serves its Machines API; the others
+	// take the following ports (or random ones when its port is 0).
+	APIAddr string
+	// DNSAddr is where the first host serves .internal DNS over UDP and
+	// TCP; the others take the following ports (random when the port is 0).
+	DNSAddr string
+	// NewDriver makes the driver of one host. registryAddr is where the
+	// first host serves Registry (host:port).
+	NewDriver func(hostID string, hostIndex int, registryAddr string) (driver.Driver, error)
+	// Registry, when set, is served by the first host under /v2/.
+	Registry http.Handler
+	// Seed makes the simulated network's randomness repeatable.
+	Seed   int64
+	Logger *slog.Logger
+	// Cluster overrides gossip settings (timings) for every host.
+	Cluster cluster.Config
+}
+
+func (c *Config) setDefaults() {
+	if len(c.Regions) == 0 {
+		c.Regions = []string{"ams", "iad", "syd"}
+	}
+	if c.HostsPerRegion == 0 {
+		c.HostsPerRegion = 2
+	}
+	if c.APIAddr == "" {
+		c.APIAddr = "127.0.0.1:0"
+	}
+	if c.DNSAddr == "" {
+		c.DNSAddr = "127.0.0.1:0"
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Validate reports what cannot work.
+func (c *Config) Validate() error {
+	switch {
+	case c.Dir == "":
+		return errors.New("devcluster: dir is required")
+	case c.Token == "":
+		return errors.New("devcluster: token is required")
+	case c.NewDriver == nil:
+		return errors.New("devcluster: driver factory is required")
+	case c.HostsPerRegion < 1 || c.HostsPerRegion > 50:
+		return fmt.Errorf("devcluster: %d hosts per region: want 1 to 50", c.HostsPerRegion)
+	}
+	for _, r := range c.Regions {
+		if _, ok := geo.Lookup(r); !ok {
+			return fmt.Errorf("devcluster: unknown region %q", r)
+		}
+	}
+	return nil
+}
+
+// Cluster is a running dev cluster.
+type Cluster struct {
+	Hosts []*Host
+	Net   *netsim.Network
+	cfg   Config
+}
+
+// Host is one host of the dev cluster.
+type Host struct {
+	*host.Host
+	ID      string
+	Region  string
+	APIURL  string
+	DNSAddr string
+}
+
+// Start builds and starts every host and joins them into one cluster.
+func Start(ctx context.Context, cfg Config) (*Cluster, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	regionOf := map[string]geo.Region{}
+	nw := netsim.New(netsim.Config{
+		Seed: cfg.Seed,
+		Latency: func(from, to string) time.Duration {
+			return geo.RTT(regionOf[from], regionOf[to]) / 2
+		},
+		Logger: cfg.Logger,
+	})
+	c := &Cluster{Net: nw, cfg: cfg}
+	apiHost, apiPort, err := splitPort(cfg.APIAddr)
+	if err != nil {
+		return nil, fmt.Errorf("devcluster: api address: %w", err)
+	}
+	dnsHost, dnsPort, err := splitPort(cfg.DNSAddr)
+	if err != nil {
+		return nil, fmt.Errorf("devcluster: dns address: %w", err)
+	}
+	var seed string
+	i := 0
+	for _, code := range cfg.Regions {
+		region, _ := geo.Lookup(code)
+		for n := 1; n <= cfg.HostsPerRegion; n++ {
+			id := fmt.Sprintf("%s-%d", code, n)
+			regionOf[id] = region
+			h, err := c.startHost(ctx, id, code, i, nextAddr(apiHost, apiPort, i), nextAddr(dnsHost, dnsPort, i), seed)
+			if err != nil {
+				c.Close()
+				return nil, fmt.Errorf("devcluster: host %s: %w", id, err)
+			}
+			if seed == "" {
+				seed = h.Cluster.GossipAddr()
+			}
+			c.Hosts = append(c.Hosts, h)
+			i++
+		}
+	}
+	return c, nil
+}
+
+func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAddr, dnsAddr, seed string) (*Host, error) {
+	if _, err := c.Net.AddHost(id); err != nil {
+		return nil, err
+	}
+	tr, err := c.Net.Transport(id, 7946)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", apiAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", apiAddr, err)
+	}
+	pc, dl, err := listenDNS(dnsAddr)
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	regAddr := ln.Addr().String()
+	if i > 0 {
+		regAddr = strings.TrimPrefix(c.Hosts[0].APIURL, "http://")
+	}
+	d, err := c.cfg.NewDriver(id, i, regAddr)
+	if err != nil {
+		ln.Close()
+		pc.Close()
+		dl.Close()
+		return nil, err
+	}
+	cc := c.cfg.Cluster
+	cc.HostID, cc.Transport = id, tr
+	hc := host.Config{
+		DataDir: filepath.Join(c.cfg.Dir, id), Region: region, Listener: ln, Token: c.cfg.Token,
+		Driver: d, Logger: c.cfg.Logger.With("host", id), Cluster: cc,
+		DNSPacketConn: pc, DNSListener: dl,
+	}
+	if seed != "" {
+		hc.Join = []string{seed}
+	}
+	if i == 0 {
+		hc.Registry = c.cfg.Registry
+	}
+	if err := os.MkdirAll(hc.DataDir, 0o755); err != nil {
+		return nil, err
+	}
+	h, err := host.New(hc)
+	if err != nil {
+		ln.Close()
+		pc.Close()
+		dl.Close()
+		return nil, err
+	}
+	if err := h.Start(ctx); err != nil {
+		h.Close()
+		return nil, err
+	}
+	return &Host{Host: h, ID: id, Region: region, APIURL: "http://" + ln.Addr().String(), DNSAddr: pc.LocalAddr().String()}, nil
+}
+
+// WaitConverged waits until every host sees every other host alive.
+func (c *Cluster) WaitConverged(ctx context.Context) error {
+	for {
+		ok := true
+		for _, h := range c.Hosts {
+			alive := 0
+			for _, o := range h.Cluster.Snapshot().Hosts() {
+				if o.Status == cluster.StatusAlive {
+					alive++
+				}
+			}
+			if alive != len(c.Hosts) {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("devcluster: hosts did not converge: %w", ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// StopMachines stops every machine on every host.
+func (c *Cluster) StopMachines(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, h := range c.Hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.StopMachines(ctx)
+		}()
+	}
+	wg.Wait()
+}
+
+// DestroyMachines destroys every machine on every host (for a cluster whose
+// state is temporary).
+func (c *Cluster) DestroyMachines(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, h := range c.Hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.DestroyMachines(ctx)
+		}()
+	}
+	wg.Wait()
+}
+
+// Teardown removes what the hosts' drivers keep for all their machines;
+// call it after Close, once every machine is destroyed.
+func (c *Cluster) Teardown() error {
+	var errs []error
+	for _, h := range c.Hosts {
+		errs = append(errs, h.Teardown())
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops every host (machines keep running unless StopMachines ran)
+// and the simulated network.
+func (c *Cluster) Close() error {
+	var errs []error
+	for i := len(c.Hosts) - 1; i >= 0; i-- {
+		errs = append(errs, c.Hosts[i].Close())
+	}
+	errs = append(errs, c.Net.Close())
+	return errors.Join(errs...)
+}
+
+func splitPort(addr string) (string, int, error) {
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(p)
+	return h, port, err
+}
+
+// nextAddr is the i-th address after host:port, or a random port when port
+// is 0.
+func nextAddr(h string, port, i int) string {
+	if port == 0 {
+		return net.JoinHostPort(h, "0")
+	}
+	return net.JoinHostPort(h, strconv.Itoa(port+i))
+}
+
+// listenDNS opens UDP and TCP on the same address (retrying random ports
+// until both are free).
+func listenDNS(addr string) (net.PacketConn, net.Listener, error) {
+	for range 20 {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("dns: listen on %s: %w", addr, err)
+		}
+		ln, err := net.Listen("tcp", pc.LocalAddr().String())
+		if err == nil {
+			return pc, ln, nil
+		}
+		pc.Close()
+		if _, port, _ := splitPort(addr); port != 0 {
+			return nil, nil, fmt.Errorf("dns: listen on %s: %w", addr, err)
+		}
+	}
+	return nil, nil, fmt.Errorf("dns: no free port on %s for both UDP and TCP", addr)
+}

@@ -1,0 +1,125 @@
+package devcluster
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/exec"
+)
+
+type tWriter struct{ t testing.TB }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func startDev(t *testing.T) *Cluster {
+	t.Helper()
+	ctx := context.Background()
+	c, err := Start(ctx, Config{
+		Dir: t.TempDir(), Token: "t", Seed: 1,
+		Logger: slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		NewDriver: func(string, int, string) (driver.Driver, error) {
+			return exec.New(exec.Config{}, nil), nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.StopMachines(context.Background())
+		c.Close()
+	})
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := c.WaitConverged(wctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func query(t *testing.T, server, name string, qtype uint16) *mdns.Msg {
+	t.Helper()
+	m := new(mdns.Msg)
+	m.SetQuestion(mdns.Fqdn(name), qtype)
+	r, _, err := new(mdns.Client).Exchange(m, server)
+	if err != nil {
+		t.Fatalf("dns %s: %v", name, err)
+	}
+	return r
+}
+
+// TestSixHostsThreeRegions brings the default dev cluster up, runs a machine
+// on one host and finds it from a host on the other side of the world by
+// DNS; then a host dies and its machine is shown unreachable.
+func TestSixHostsThreeRegions(t *testing.T) {
+	c := startDev(t)
+	if len(c.Hosts) != 6 {
+		t.Fatalf("%d hosts, want 6", len(c.Hosts))
+	}
+	regions := map[string]int{}
+	for _, h := range c.Hosts {
+		regions[h.Region]++
+	}
+	if regions["ams"] != 2 || regions["iad"] != 2 || regions["syd"] != 2 {
+		t.Fatalf("hosts per region = %v", regions)
+	}
+	ctx := context.Background()
+	iad := c.Hosts[2]
+	if iad.Region != "iad" {
+		t.Fatalf("host 2 is in %s", iad.Region)
+	}
+	m, err := api.NewClient(iad.APIURL, "t").Create(ctx, "web", api.LaunchMachineInput{Config: &api.MachineConfig{
+		Image: "exec:/bin/sleep", Init: api.MachineInit{Cmd: []string{"60"}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	syd := c.Hosts[4]
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := query(t, syd.DNSAddr, "web.internal", mdns.TypeA)
+		if len(r.Answer) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("web.internal never resolved on %s: %v", syd.ID, r)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r := query(t, syd.DNSAddr, "vms.web.internal", mdns.TypeTXT)
+	if len(r.Answer) != 1 || !strings.Contains(r.Answer[0].String(), m.ID+" iad") {
+		t.Errorf("vms.web.internal = %v", r.Answer)
+	}
+	if r := query(t, syd.DNSAddr, "nothing.internal", mdns.TypeA); r.Rcode != mdns.RcodeNameError {
+		t.Errorf("unknown app: rcode %d", r.Rcode)
+	}
+
+	// The iad host dies: the others keep its machine, marked unreachable.
+	c.Net.Kill(iad.ID)
+	deadline = time.Now().Add(15 * time.Second)
+	for {
+		snap := c.Hosts[0].Cluster.Snapshot()
+		if h := snap.Host(iad.ID); h != nil && !h.Up() {
+			if snap.Machine(m.ID) == nil {
+				t.Fatal("dead host's machine forgotten")
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("dead host never declared dead")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if r := query(t, syd.DNSAddr, "web.internal", mdns.TypeA); len(r.Answer) != 0 {
+		t.Errorf("a machine on a dead host still resolves: %v", r.Answer)
+	}
+}

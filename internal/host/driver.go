@@ -1,0 +1,133 @@
+package host
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/exec"
+	"github.com/flamehq/flame/internal/driver/sandbox"
+	"github.com/flamehq/flame/internal/image"
+)
+
+// Driver kinds.
+const (
+	DriverAuto    = "auto"    // sandbox when running as root and it works, else exec
+	DriverExec    = "exec"    // host processes, no isolation
+	DriverSandbox = "sandbox" // namespaces, cgroups, OCI images
+)
+
+// DriverConfig chooses and configures a host's driver.
+type DriverConfig struct {
+	Kind    string // DriverAuto when empty
+	DataDir string // the sandbox's state and the image store live below it
+	// Registry is where image references without a registry are pulled
+	// from ("flame/demo-app" → "<Registry>/flame/demo-app").
+	Registry      string
+	RegistryToken string
+	// Index tells hosts sharing one machine apart: it picks the host's
+	// bridge, its private network prefix and its cgroup.
+	Index  int
+	Logger *slog.Logger
+}
+
+// NewDriver builds the driver cfg asks for and says which one it built. With
+// DriverAuto a sandbox that cannot start (not root, no cgroups) falls back to
+// the exec driver, with a warning.
+func NewDriver(cfg DriverConfig) (driver.Driver, string, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	kind := cfg.Kind
+	if kind == "" {
+		kind = DriverAuto
+	}
+	switch kind {
+	case DriverExec:
+		d, err := newExecDriver(cfg.Logger)
+		return d, DriverExec, err
+	case DriverSandbox:
+		d, err := newSandboxDriver(cfg)
+		return d, DriverSandbox, err
+	case DriverAuto:
+		if os.Geteuid() == 0 {
+			d, err := newSandboxDriver(cfg)
+			if err == nil {
+				return d, DriverSandbox, nil
+			}
+			cfg.Logger.Warn("sandbox driver unavailable; machines run as plain host processes", "err", err)
+		} else {
+			cfg.Logger.Warn("not running as root: machines run as plain host processes without isolation (exec driver)")
+		}
+		d, err := newExecDriver(cfg.Logger)
+		return d, DriverExec, err
+	}
+	return nil, "", fmt.Errorf("unknown driver %q: want auto, exec or sandbox", kind)
+}
+
+func newExecDriver(log *slog.Logger) (driver.Driver, error) {
+	images, err := ExecImages()
+	if err != nil {
+		return nil, err
+	}
+	return exec.New(exec.Config{Images: images}, log), nil
+}
+
+func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
+	if cfg.DataDir == "" {
+		return nil, fmt.Errorf("sandbox driver: a data dir is required")
+	}
+	store, err := image.NewStore(image.StoreConfig{
+		Dir:    filepath.Join(cfg.DataDir, "images"),
+		Logger: cfg.Logger,
+		Auth: func(registry string) string {
+			if registry == cfg.Registry {
+				return cfg.RegistryToken
+			}
+			return ""
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	prefix, err := netip.ParsePrefix(fmt.Sprintf("fdaa:0:%x::/64", cfg.Index+1))
+	if err != nil {
+		return nil, err
+	}
+	return sandbox.New(sandbox.Config{
+		Images:       defaultRegistry{store, cfg.Registry},
+		StateDir:     filepath.Join(cfg.DataDir, "sandbox"),
+		Bridge:       fmt.Sprintf("flame%d", cfg.Index),
+		HostPrefix:   prefix,
+		CgroupParent: fmt.Sprintf("flame-%d", cfg.Index),
+		Logger:       cfg.Logger,
+	})
+}
+
+// defaultRegistry pulls references that name no registry from a default one.
+type defaultRegistry struct {
+	*image.Store
+	registry string
+}
+
+func (d defaultRegistry) Pull(ctx context.Context, ref string) (*image.Image, error) {
+	return d.Store.Pull(ctx, qualify(ref, d.registry))
+}
+
+// qualify puts registry in front of ref when ref's first component is not a
+// registry host (one with a dot or a port, or localhost).
+func qualify(ref, registry string) string {
+	if registry == "" {
+		return ref
+	}
+	first, _, ok := strings.Cut(ref, "/")
+	if ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		return ref
+	}
+	return registry + "/" + ref
+}

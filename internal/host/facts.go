@@ -1,0 +1,128 @@
+package host
+
+import (
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/agent"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/dns"
+)
+
+// hostFacts is what this host publishes: its machines as the cluster needs
+// them, and what it has free.
+func hostFacts(ms []agent.AppMachine, capacity cluster.Resources) cluster.HostFacts {
+	f := cluster.HostFacts{Machines: make([]cluster.Machine, 0, len(ms)), Free: capacity}
+	for _, am := range ms {
+		m := am.Machine
+		cm := cluster.Machine{
+			ID: m.ID, App: am.App, Region: m.Region, State: m.State, InstanceID: m.InstanceID,
+			PrivateIP: m.PrivateIP, Cordoned: m.Cordoned, ProcessGroup: "app",
+		}
+		if cfg := m.Config; cfg != nil {
+			if g := cfg.Metadata["fly_process_group"]; g != "" {
+				cm.ProcessGroup = g
+			}
+			for _, s := range cfg.Services {
+				cm.Services = append(cm.Services, clusterService(s))
+			}
+			if m.State == api.StateStarted {
+				cpus, mem := 1, 256
+				if g := cfg.Guest; g != nil {
+					cpus, mem = max(g.CPUs, 1), max(g.MemoryMB, 256)
+				}
+				f.Free.CPUs -= cpus
+				f.Free.MemoryMB -= mem
+			}
+		}
+		for _, c := range m.Checks {
+			cm.Checks = append(cm.Checks, cluster.CheckStatus{Name: c.Name, Status: c.Status, Output: clip(c.Output, 256)})
+		}
+		f.Machines = append(f.Machines, cm)
+	}
+	f.Free.CPUs, f.Free.MemoryMB = max(f.Free.CPUs, 0), max(f.Free.MemoryMB, 0)
+	return f
+}
+
+func clusterService(s api.MachineService) cluster.Service {
+	out := cluster.Service{Protocol: s.Protocol, InternalPort: s.InternalPort}
+	for _, p := range s.Ports {
+		cp := cluster.Port{Handlers: slices.Clone(p.Handlers), ForceHTTPS: p.ForceHTTPS}
+		if p.Port != nil {
+			cp.Port = *p.Port
+		}
+		if p.StartPort != nil && p.EndPort != nil {
+			cp.StartPort, cp.EndPort = *p.StartPort, *p.EndPort
+		}
+		out.Ports = append(out.Ports, cp)
+	}
+	if c := s.Concurrency; c != nil {
+		out.Concurrency = cluster.Concurrency{Type: c.Type, SoftLimit: c.SoftLimit, HardLimit: c.HardLimit}
+	}
+	return out
+}
+
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// dnsSource answers DNS from the cluster's current snapshot.
+type dnsSource struct{ c *cluster.Cluster }
+
+var _ dns.Source = dnsSource{}
+
+func (d dnsSource) Instances(app string) []dns.Instance {
+	snap := d.c.Snapshot()
+	ms := snap.AppMachines(app)
+	out := make([]dns.Instance, 0, len(ms))
+	for _, m := range ms {
+		ip, err := netip.ParseAddr(m.PrivateIP)
+		if err != nil {
+			continue
+		}
+		h := snap.HostOf(m)
+		out = append(out, dns.Instance{
+			ID: m.ID, App: m.App, Region: m.Region, ProcessGroup: m.ProcessGroup, IP: ip,
+			// A machine on a host this one cannot reach is not offered.
+			Started: m.State == api.StateStarted && h != nil && h.Up(),
+		})
+	}
+	return out
+}
+
+func (d dnsSource) Apps() []string {
+	seen := map[string]bool{}
+	var apps []string
+	for _, m := range d.c.Snapshot().Machines() {
+		if !seen[m.App] {
+			seen[m.App] = true
+			apps = append(apps, m.App)
+		}
+	}
+	slices.Sort(apps)
+	return apps
+}
+
+// RTT is the round trip to the nearest reachable host of region (0 within
+// this host's own region when nothing was measured).
+func (d dnsSource) RTT(region string) (time.Duration, bool) {
+	snap := d.c.Snapshot()
+	best, ok := time.Duration(0), false
+	for _, h := range snap.HostsInRegion(region) {
+		if !h.Up() {
+			continue
+		}
+		if h.ID == snap.Self {
+			return 0, true
+		}
+		if h.RTT > 0 && (!ok || h.RTT < best) {
+			best, ok = h.RTT, true
+		}
+	}
+	return best, ok
+}
