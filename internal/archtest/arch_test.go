@@ -54,6 +54,7 @@ func TestPackagesDocumented(t *testing.T) {
 // processes, no files, no stores — time and randomness come in as arguments.
 var pure = []string{
 	"github.com/flamehq/flame/internal/machine",
+	"github.com/flamehq/flame/internal/geo",
 }
 
 // forbidden may not be reached at all; forbiddenDirect may not be imported

@@ -41,7 +41,7 @@ type Config struct {
 	Now func() time.Time
 
 	// Failure detection (memberlist's SWIM with Lifeguard).
-	ProbeInterval           time.Duration // default 200ms
+	ProbeInterval           time.Duration // default 300ms
 	ProbeTimeout            time.Duration // default 150ms
 	IndirectChecks          int           // default 4
 	SuspicionMult           int           // default 3
@@ -55,7 +55,7 @@ type Config struct {
 	AntiEntropyInterval time.Duration
 	// PushPullInterval is memberlist's full state exchange, which carries
 	// the membership and a version digest (memberlist scales it up beyond
-	// 32 hosts). Default 30s.
+	// 32 hosts). Default 10s.
 	PushPullInterval time.Duration
 	// GapWait is how long a delta may wait for the one before it before
 	// this host asks for the owner's full facts. Default 250ms.
@@ -72,7 +72,7 @@ type Config struct {
 
 // Default timings.
 const (
-	DefaultProbeInterval           = 200 * time.Millisecond
+	DefaultProbeInterval           = 300 * time.Millisecond
 	DefaultProbeTimeout            = 150 * time.Millisecond
 	DefaultIndirectChecks          = 4
 	DefaultSuspicionMult           = 3
@@ -80,7 +80,7 @@ const (
 	DefaultGossipInterval          = 50 * time.Millisecond
 	DefaultGossipNodes             = 4
 	DefaultRetransmitMult          = 4
-	DefaultPushPullInterval        = 30 * time.Second
+	DefaultPushPullInterval        = 10 * time.Second
 	DefaultAntiEntropyInterval     = 5 * time.Second
 	DefaultGapWait                 = 250 * time.Millisecond
 	DefaultReapTimeout             = 72 * time.Hour

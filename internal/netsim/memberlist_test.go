@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -148,16 +150,18 @@ func (c *cluster) minAlive() int {
 	return least
 }
 
+// fastConfig shortens memberlist's timings for tests, leaving room for a
+// loaded machine (and the race detector) to be late with its timers.
 func fastConfig() *memberlist.Config {
 	cfg := memberlist.DefaultLocalConfig()
-	cfg.ProbeInterval = 100 * time.Millisecond
-	cfg.ProbeTimeout = 60 * time.Millisecond
-	cfg.GossipInterval = 20 * time.Millisecond
-	cfg.SuspicionMult = 2
+	cfg.ProbeInterval = 250 * time.Millisecond
+	cfg.ProbeTimeout = 150 * time.Millisecond
+	cfg.GossipInterval = 50 * time.Millisecond
+	cfg.SuspicionMult = 3
 	cfg.SuspicionMaxTimeoutMult = 2
-	cfg.PushPullInterval = 500 * time.Millisecond
-	cfg.TCPTimeout = 500 * time.Millisecond
-	cfg.GossipToTheDeadTime = 500 * time.Millisecond
+	cfg.PushPullInterval = time.Second
+	cfg.TCPTimeout = time.Second
+	cfg.GossipToTheDeadTime = time.Second
 	return cfg
 }
 
@@ -170,13 +174,13 @@ func TestMemberlistCluster(t *testing.T) {
 	// World latencies at a tenth: Sydney–Amsterdam is 12.5 ms one way.
 	n := newNet(t, Config{Seed: 1, Latency: geoLatency(10), Loss: 0.01})
 	c := startCluster(t, n, 20, fastConfig, logs)
-	waitFor(t, 10*time.Second, "the cluster to converge", func() bool { return c.sees(c.names) })
+	waitFor(t, 20*time.Second, "the cluster to converge", func() bool { return c.sees(c.names) })
 
 	// A killed node is declared dead by all the others.
 	victim := c.names[7]
 	n.Kill(victim)
 	rest := slices.DeleteFunc(slices.Clone(c.names), func(s string) bool { return s == victim })
-	waitFor(t, 10*time.Second, "the killed node to be declared dead", func() bool { return c.sees(rest) })
+	waitFor(t, 20*time.Second, "the killed node to be declared dead", func() bool { return c.sees(rest) })
 	c.members[victim].Shutdown()
 	delete(c.members, victim)
 
@@ -184,25 +188,38 @@ func TestMemberlistCluster(t *testing.T) {
 	// rejoin (as the cluster layer does with its seeds) converge again.
 	left, right := rest[:10], rest[10:]
 	n.Partition(left, right)
-	waitFor(t, 10*time.Second, "each side to drop the other", func() bool { return c.sees(left) && c.sees(right) })
+	waitFor(t, 20*time.Second, "each side to drop the other", func() bool { return c.sees(left) && c.sees(right) })
 	n.Heal()
 	for _, name := range right {
 		if _, err := c.members[name].Join([]string{c.addrs[left[0]]}); err != nil {
 			t.Fatalf("%s rejoins: %v", name, err)
 		}
 	}
-	waitFor(t, 10*time.Second, "the cluster to converge after the heal", func() bool { return c.sees(rest) })
+	waitFor(t, 20*time.Second, "the cluster to converge after the heal", func() bool { return c.sees(rest) })
 
 	sent, recv, _, _ := n.Stats(rest[0])
 	t.Logf("%s: %d bytes out, %d in", rest[0], sent, recv)
 }
 
 // BenchmarkMemberlistCluster runs memberlist clusters with LAN timings and
-// world latencies, one second per iteration, and reports the CPU it costs:
+// world latencies, with and without memberlist's compression, one second
+// of steady state per iteration, and reports the CPU it costs. Sizes come
+// from NETSIM_NODES (default 200):
 //
-//	go test -run '^$' -bench MemberlistCluster -benchtime 3x ./internal/netsim
+//	NETSIM_NODES=200,500 go test -run '^$' -bench MemberlistCluster -benchtime 3x ./internal/netsim
 func BenchmarkMemberlistCluster(b *testing.B) {
-	for _, size := range []int{200, 1000} {
+	sizes := []int{200}
+	if env := os.Getenv("NETSIM_NODES"); env != "" {
+		sizes = nil
+		for f := range strings.SplitSeq(env, ",") {
+			k, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || k < 2 {
+				b.Fatalf("NETSIM_NODES: bad size %q", f)
+			}
+			sizes = append(sizes, k)
+		}
+	}
+	for _, size := range sizes {
 		for _, compress := range []bool{true, false} {
 			b.Run(fmt.Sprintf("nodes=%d/compress=%v", size, compress), func(b *testing.B) {
 				n := New(Config{Seed: 1, Latency: geoLatency(1)})
