@@ -15,9 +15,13 @@
 // and its USER (uid[:gid] or names, looked up in the image's /etc/passwd and
 // /etc/group). FLY_PRIVATE_IP is set to the machine's real address.
 //
-// It then starts the sandbox's init, Flame's own ("flame sandbox-init run",
-// see InitMain), as PID 1 of new namespaces, and talks to it over a socket
-// during the start only. The init makes the image's root its root
+// It then takes the driver's spare init — Flame's own ("flame sandbox-init
+// run", see InitMain), started ahead of time as PID 1 of new namespaces and
+// waiting for its configuration — or, when no spare is ready, starts one
+// now, and talks to it over a socket during the start only (see spare.go).
+// Over it go the machine's log (the init's and the workload's stdout and
+// stderr), its directory, its cgroup's OOM counter and the root filesystem
+// as a detached mount, so that an init needs no host path. The init makes the image's root its root
 // (pivot_root), mounts /proc (with /proc/sys and friends read-only), a
 // minimal /dev (null, zero, full, random, urandom, tty, pts, shm) and a
 // read-only /sys, sets the hostname to the machine id and writes
@@ -51,12 +55,15 @@
 //
 // # Handles and adoption
 //
-// A handle is "<pid>:<starttime>:<boot id>" of the init; Adopt accepts it
-// only for a live process with that pid, start time and boot. Start also
-// records the handle, with how the workload was launched, in sandbox.json in
-// the machine's directory, which Adopt with an empty handle, Exec and
-// Cleanup read. A half-started sandbox whose agent died ends by itself: its
-// init exits when the start socket closes before it was told to go.
+// A handle is "<pid>:<starttime>:<boot id>" of the init (for a spare, its
+// start time is when the spare was made, before the machine's start);
+// Adopt accepts it only for a live process with that pid, start time and
+// boot. Start also records the handle, with how the workload was launched,
+// in sandbox.json in the machine's directory, which Adopt with an empty
+// handle, Exec and Cleanup read. A half-started sandbox whose agent died
+// ends by itself: its init exits when the start socket closes before it was
+// told to go; so does a spare. Close kills the spare and removes its
+// cgroup.
 //
 // # Exec
 //
@@ -86,11 +93,12 @@
 //     not carry cpu_kind yet.
 //   - pids: at most 4096 tasks.
 //
-// On cgroup v2 the init is born in its cgroup (clone3 with
-// CLONE_INTO_CGROUP). On v1 moving a process into a cgroup waits for an RCU
-// grace period, milliseconds; the driver keeps a spare cgroup with one of
-// its threads already in it, renames it to the machine's at Start and forks
-// the init from that thread (see spare.go).
+// The spare init waits in a spare cgroup. On cgroup v1, where moving a
+// process into a cgroup waits for an RCU grace period (milliseconds), Start
+// renames that cgroup to the machine's; on v2, which cannot rename a cgroup,
+// the init is moved into the machine's while the network is set up. An init
+// started at Start is born in its cgroup on v2 (clone3 with
+// CLONE_INTO_CGROUP) and moved on v1 (see spare.go).
 //
 // # Network
 //

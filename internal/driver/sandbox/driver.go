@@ -7,13 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -136,8 +135,11 @@ type Driver struct {
 	imgMu  sync.Mutex
 	images map[string]*image.Image // by reference, as Prepare resolved it
 
-	spares chan *spare   // cgroup v1 only: see spare.go
-	stop   chan struct{} // closed by Close
+	spares chan *spare           // see spare.go
+	idle   atomic.Pointer[spare] // the spare made and not yet taken
+	// noSpare makes Start start an init of its own (tests).
+	noSpare atomic.Bool
+	stop    chan struct{} // closed by Close
 
 	mu     sync.Mutex
 	procs  map[*sandbox]struct{} // watched and not yet ended
@@ -180,12 +182,10 @@ func New(cfg Config) (*Driver, error) {
 		procs:  make(map[*sandbox]struct{}),
 		stop:   make(chan struct{}),
 	}
-	if !cg.v2 {
-		d.sweepSpares()
-		d.spares = make(chan *spare)
-		d.wg.Add(1)
-		go d.keepSpares()
-	}
+	d.sweepSpares()
+	d.spares = make(chan *spare)
+	d.wg.Add(1)
+	go d.keepSpares()
 	d.logger.Debug("sandbox driver ready", "cgroup", cg.version(), "bridge", cfg.Bridge, "prefix", cfg.HostPrefix)
 	return d, nil
 }
@@ -328,17 +328,7 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 	}
 	os.Remove(filepath.Join(spec.Dir, statusFile))
 
-	lim := limitsFor(spec.MemoryMB, spec.CPUs)
-	sp := d.takeSpare(spec.MachineID, lim)
-	if sp == nil {
-		if err := d.cg.create(spec.MachineID, lim); err != nil {
-			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
-		}
-	}
 	defer func() {
-		if err != nil && sp != nil {
-			sp.reqs <- spawnReq{} // unused: end its thread
-		}
 		if err != nil {
 			if terr := d.teardown(context.WithoutCancel(ctx), spec); terr != nil {
 				d.logger.Warn("clean up after failed start", "machine", spec.MachineID, "err", terr)
@@ -365,11 +355,18 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 		OOMFile:  d.cg.oomFile(spec.MachineID),
 		Launch:   l,
 	}
+	lim := limitsFor(spec.MemoryMB, spec.CPUs)
+	sp := d.takeSpare(spec.MachineID, lim)
+	if sp == nil {
+		if err := d.cg.create(spec.MachineID, lim); err != nil {
+			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+		}
+	}
 	s, err := d.launch(ctx, spec, cfg, addr, sp)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
-	d.logger.Debug("started", "machine", spec.MachineID, "pid", s.h.pid, "addr", addr, "argv", l.Argv, "spare_cgroup", sp != nil)
+	d.logger.Debug("started", "machine", spec.MachineID, "pid", s.h.pid, "addr", addr, "argv", l.Argv, "spare", sp != nil)
 	return s, nil
 }
 
@@ -464,113 +461,66 @@ func executableInRoot(rootfd int, name string) error {
 // cloneFlags are the namespaces each sandbox gets.
 const cloneFlags = unix.CLONE_NEWPID | unix.CLONE_NEWNS | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC | unix.CLONE_NEWNET
 
-// launch starts the init in new namespaces, puts it in the machine's cgroup,
-// connects its network and has it start the workload (see message).
+// launch configures an init for spec's machine — the spare sp's, else one
+// started now — in the machine's cgroup, connects its network and has it
+// start the workload (see message).
 func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, addr netip.Addr, sp *spare) (_ *sandbox, err error) {
-	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	fds, err := openInitFiles(spec.LogPath, spec.Dir, cfg.OOMFile, cfg.Rootfs)
 	if err != nil {
-		return nil, fmt.Errorf("socketpair: %w", err)
+		if sp != nil {
+			d.discardSpare(sp)
+		}
+		return nil, err
 	}
-	ours, theirs := os.NewFile(uintptr(pair[0]), "sync"), os.NewFile(uintptr(pair[1]), "sync")
-	defer theirs.Close()
-	conn, err := net.FileConn(ours)
-	ours.Close()
-	if err != nil {
-		return nil, fmt.Errorf("sync socket: %w", err)
+	defer closeFds(fds)
+
+	// The init joins its cgroup while the network is set up, where it was
+	// not born in it: a move takes milliseconds of waiting, and only has
+	// to be done before the workload is forked.
+	joined := make(chan error, 1)
+	var ip *initProc
+	if sp != nil {
+		ip = sp.init
+		go func() { joined <- d.moveSpare(sp, spec.MachineID) }()
+	} else {
+		if ip, err = d.startInit(spec.MachineID); err != nil {
+			return nil, err
+		}
+		if d.cg.v2 {
+			joined <- nil
+		} else {
+			go func() { joined <- d.cg.add(spec.MachineID, ip.h.pid) }()
+		}
 	}
-	defer conn.Close()
+	conn, h := ip.conn, ip.h
+	defer func() {
+		if jerr := <-joined; jerr != nil && err == nil {
+			err = jerr
+		}
+		if err != nil {
+			// The init cannot be left half set up: kill it (its
+			// namespaces go with it) and reap it.
+			ip.kill()
+			return
+		}
+		conn.Close()
+	}()
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(30 * time.Second)
 	}
 	conn.SetDeadline(deadline)
 
-	logf, err := os.OpenFile(spec.LogPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open log: %w", err)
-	}
-	defer logf.Close()
-	devnull, err := os.Open(os.DevNull)
-	if err != nil {
-		return nil, err
-	}
-	defer devnull.Close()
-	sys := &syscall.SysProcAttr{Setsid: true, Cloneflags: cloneFlags}
-	if d.cg.v2 {
-		// Born in its cgroup: no migration.
-		cgdir, err := d.cg.openDir(spec.MachineID)
-		if err != nil {
-			return nil, fmt.Errorf("open cgroup: %w", err)
-		}
-		defer cgdir.Close()
-		sys.UseCgroupFD, sys.CgroupFD = true, int(cgdir.Fd())
-	}
-	startInit := func() (*os.Process, error) {
-		return os.StartProcess(d.cfg.InitPath, []string{d.cfg.InitPath, InitCommand, "run"}, &os.ProcAttr{
-			Dir:   "/",
-			Env:   []string{"GOMAXPROCS=1"},
-			Files: []*os.File{devnull, logf, logf, theirs},
-			Sys:   sys,
-		})
-	}
-	var proc *os.Process
-	if sp != nil {
-		// Forked by the spare's thread: born in the cgroup.
-		proc, err = sp.spawn(startInit)
-	} else {
-		proc, err = startInit()
-	}
-	if err != nil {
-		return nil, fmt.Errorf("start init %s: %w", d.cfg.InitPath, err)
-	}
-	theirs.Close()
-	pid := proc.Pid
-	proc.Release() // reaped through the children registry
-	st, serr := readProcStat(pid)
-	h := handle{pid: pid, start: st.start, bootID: d.bootID}
-	children.Store(pid, h)
-	pidfd, perr := openInit(h)
-	if err := errors.Join(serr, perr); err != nil {
-		// Unexpected for our own unreaped child; do not leave it.
-		unix.Kill(pid, unix.SIGKILL)
-		var ws unix.WaitStatus
-		unix.Wait4(pid, &ws, 0, nil)
-		children.Delete(pid)
-		return nil, fmt.Errorf("watch init: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			// The init cannot be left half set up: kill it (its
-			// namespaces go with it) and reap it.
-			rc, _ := pidfd.SyscallConn()
-			rc.Control(func(fd uintptr) { unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) })
-			var ws unix.WaitStatus
-			unix.Wait4(pid, &ws, 0, nil)
-			children.Delete(pid)
-			pidfd.Close()
-		}
-	}()
-	// On cgroup v1 the init joins its cgroup while it starts up and the
-	// network is set up: the move takes milliseconds of waiting. It only
-	// has to be done before the workload is forked.
-	joined := make(chan error, 1)
-	if d.cg.v2 || sp != nil {
-		joined <- nil
-	} else {
-		go func() { joined <- d.cg.add(spec.MachineID, pid) }()
-	}
-	defer func() {
-		if jerr := <-joined; jerr != nil && err == nil {
-			err = jerr
-		}
-	}()
 	if err := writeState(spec.Dir, state{Instance: spec.InstanceID, Handle: h.String(), Launch: cfg.Launch}); err != nil {
 		return nil, fmt.Errorf("record sandbox: %w", err)
+	}
+	if err := sendFiles(conn, fds); err != nil {
+		return nil, fmt.Errorf("configure init: %w", err)
 	}
 	if err := writeMessage(conn, message{Op: "config", Config: cfg}); err != nil {
 		return nil, fmt.Errorf("configure init: %w", err)
 	}
-	if err := d.setupNetwork(pid, spec.MachineID, addr); err != nil {
+	if err := d.setupNetwork(h.pid, spec.MachineID, addr); err != nil {
 		return nil, fmt.Errorf("network: %w", err)
 	}
 	rd := bufio.NewReader(conn)
@@ -596,7 +546,7 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 			}
 		}
 	}
-	s, err := d.watch(h, pidfd, spec.Dir, cfg.OOMFile)
+	s, err := d.watch(h, ip.pidfd, spec.Dir, cfg.OOMFile)
 	if err != nil {
 		return nil, err
 	}

@@ -42,7 +42,8 @@ var forwarded = []os.Signal{
 }
 
 // message is one line of the protocol between the driver and a starting
-// init, over the socket the init finds as fd 3. The driver sends "config",
+// init, over the socket the init finds as fd 3. The driver sends the
+// machine's files (see initFiles), then "config",
 // the init answers "ready" once the root filesystem is in place, the driver
 // sends "go" once the network is up, and the init answers "started" with the
 // workload's pid (in the sandbox) or "error". The socket is closed then:
@@ -96,12 +97,36 @@ func runInit() (int, error) {
 	if f == nil {
 		return 1, errors.New("no sync socket on fd 3")
 	}
-	conn, err := net.FileConn(f)
+	fc, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
 		return 1, fmt.Errorf("sync socket: %w", err)
 	}
+	conn, ok := fc.(*net.UnixConn)
+	if !ok {
+		return 1, errors.New("sync socket: not a unix socket")
+	}
 	defer conn.Close()
+	// Nothing done here may propagate back to the host. Done before the
+	// configuration comes: a spare init waits for it for a while.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return 1, fmt.Errorf("make mounts private: %w", err)
+	}
+	fds, err := recvFiles(conn, numInitFiles)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return 1, nil // a spare the driver discarded
+		}
+		return 1, fmt.Errorf("read config: %w", err)
+	}
+	// The machine's log becomes the init's stdout and stderr, and the
+	// workload's.
+	for _, to := range []int{1, 2} {
+		if err := unix.Dup3(fds[fileLog], to, 0); err != nil {
+			return 1, fmt.Errorf("log: %w", err)
+		}
+	}
+	unix.Close(fds[fileLog])
 	rd := bufio.NewReader(conn)
 	var m message
 	if err := readMessage(rd, &m); err != nil || m.Op != "config" || m.Config == nil {
@@ -112,19 +137,9 @@ func runInit() (int, error) {
 		_ = writeMessage(conn, message{Op: "error", Err: err.Error()})
 		return 1, err
 	}
-
-	// Handles on the host's side, taken before pivot_root hides it.
-	dirfd, err := unix.Open(cfg.Dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fail(fmt.Errorf("open %s: %w", cfg.Dir, err))
-	}
-	oomfd := -1
-	if cfg.OOMFile != "" {
-		if oomfd, err = unix.Open(cfg.OOMFile, unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
-			return fail(fmt.Errorf("open %s: %w", cfg.OOMFile, err))
-		}
-	}
-	if err := setupRoot(cfg); err != nil {
+	// Handles on the host's side, which pivot_root hides.
+	dirfd, oomfd := fds[fileDir], fds[fileOOM]
+	if err := setupRoot(cfg, fds[fileRoot]); err != nil {
 		return fail(err)
 	}
 	if err := writeMessage(conn, message{Op: "ready"}); err != nil {

@@ -8,16 +8,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// setupRoot runs in the init, in its new mount namespace: it makes the
-// image's root filesystem the root (pivot_root), mounts /proc, /dev and
-// /sys, and writes the machine's hostname, /etc/hosts and /etc/resolv.conf.
-func setupRoot(cfg *initConfig) error {
-	// Nothing done here may propagate back to the host.
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make mounts private: %w", err)
+// setupRoot runs in the init, in its new mount namespace with mounts made
+// private: it attaches the image's root filesystem (tree, a detached mount
+// the driver cloned) at cfg.Rootfs and makes it the root (pivot_root),
+// mounts /proc, /dev and /sys, and writes the machine's hostname,
+// /etc/hosts and /etc/resolv.conf.
+func setupRoot(cfg *initConfig, tree int) error {
+	err := unix.MoveMount(tree, "", unix.AT_FDCWD, cfg.Rootfs, unix.MOVE_MOUNT_F_EMPTY_PATH)
+	unix.Close(tree)
+	if err != nil {
+		return fmt.Errorf("attach root filesystem: %w", err)
 	}
-	if err := unix.Mount(cfg.Rootfs, cfg.Rootfs, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("bind root filesystem: %w", err)
+	// A clone of a shared mount is shared: pivot_root refuses it.
+	if err := unix.Mount("", cfg.Rootfs, "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make root filesystem private: %w", err)
 	}
 	// Device nodes an image carries must not open devices: only /dev,
 	// mounted below, has them.

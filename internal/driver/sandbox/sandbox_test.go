@@ -696,6 +696,7 @@ type leaks map[string]int
 
 func snapshot(t testing.TB, d *Driver) leaks {
 	t.Helper()
+	waitSpare(t, d)
 	l := leaks{}
 	// Processes running the init (the test binary as sandbox-init).
 	entries, _ := os.ReadDir("/proc")
@@ -730,6 +731,22 @@ func snapshot(t testing.TB, d *Driver) leaks {
 	l["open files"] = len(fds)
 	l["zombies"] = countZombies()
 	return l
+}
+
+// waitSpare waits for d's spare init to be ready, so that counts taken
+// before and after include it alike.
+func waitSpare(t testing.TB, d *Driver) *spare {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if sp := d.idle.Load(); sp != nil {
+			return sp
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no spare init ready after 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 func countZombies() int {

@@ -15,45 +15,46 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// On cgroup v1, moving a process into a cgroup waits for an RCU grace
-// period: milliseconds, the largest part of a start. A process forked by a
-// thread is born in that thread's cgroups, though, and a v1 cgroup can be
-// renamed. So the driver keeps one spare: a cgroup made ahead of time with
-// one of the driver's threads already moved in. Start renames the spare to
-// the machine's name, sets its limits and forks the init from that thread,
-// which then exits (leaving the cgroup) while the next spare is made in the
-// background. Cgroup v2 needs none of this: clone3 places the init in its
-// cgroup directly.
+// Starting an init costs milliseconds that have nothing to do with the
+// machine: the flame binary's runtime and package initialization, and on
+// cgroup v1 the move of the init into a cgroup, which waits for an RCU grace
+// period. So the driver keeps one spare init, started ahead of time in new
+// namespaces and in a spare cgroup of its own, blocked reading its
+// configuration from its start socket. Nothing about a machine reaches it
+// before then: its stdio is /dev/null, and what it needs of the host (the
+// machine's log, directory, OOM counter and root filesystem, mounted after
+// the spare's mount namespace was made) comes over the socket as file
+// descriptors (see sendFiles).
+//
+// Start takes the spare and makes its cgroup the machine's: on v1 the spare
+// cgroup is renamed (a process forked by a thread is born in that thread's
+// cgroups, so the spare is forked by a locked thread moved into the spare
+// cgroup first); on v2, where cgroups cannot be renamed, the spare is born in
+// its cgroup (clone3 with CLONE_INTO_CGROUP) and moved into the machine's
+// while the sandbox is set up. Meanwhile the next spare is made in the
+// background. A spare that dies is replaced; when none is ready, Start starts
+// an init of its own, as the spare would have been started.
 
 // sparePrefix names spare cgroups.
 const sparePrefix = "spare-"
 
+// spareRecheck is how often an unclaimed spare is checked for life.
+const spareRecheck = time.Second
+
 type spare struct {
-	name string
-	reqs chan spawnReq // one request, then the thread is done
-}
-
-// spawnReq asks a spare's thread to run start (a fork); a nil start
-// discards the spare.
-type spawnReq struct {
-	start func() (*os.Process, error)
-	res   chan spawnRes
-}
-
-type spawnRes struct {
-	proc *os.Process
-	err  error
+	cgroup string // the spare cgroup, until Start renames it (v1)
+	init   *initProc
 }
 
 // keepSpares makes spares one after another, each handed to the Start that
-// takes it, until the driver closes. It runs only on cgroup v1.
+// takes it, until the driver closes.
 func (d *Driver) keepSpares() {
 	defer d.wg.Done()
 	backoff := 100 * time.Millisecond
 	for {
 		sp, err := d.makeSpare()
 		if err != nil {
-			d.logger.Warn("make spare cgroup; starts will move their init instead", "err", err)
+			d.logger.Warn("make spare init; starts will start their own", "err", err)
 			select {
 			case <-d.stop:
 				return
@@ -63,77 +64,107 @@ func (d *Driver) keepSpares() {
 			}
 		}
 		backoff = 100 * time.Millisecond
-		select {
-		case d.spares <- sp:
-		case <-d.stop:
-			d.discardSpare(sp)
-			return
+		d.idle.Store(sp)
+	offer:
+		for {
+			select {
+			case d.spares <- sp:
+				break offer
+			case <-d.stop:
+				d.idle.Store(nil)
+				d.discardSpare(sp)
+				return
+			case <-time.After(spareRecheck):
+				if !sp.init.alive() {
+					d.logger.Warn("spare init died; replacing it", "pid", sp.init.h.pid)
+					d.idle.Store(nil)
+					d.discardSpare(sp)
+					break offer
+				}
+			}
 		}
 	}
 }
 
-// makeSpare creates a spare cgroup and moves a fresh locked thread into it.
+// makeSpare creates a spare cgroup and starts an init in it.
 func (d *Driver) makeSpare() (*spare, error) {
 	var tok [6]byte
 	rand.Read(tok[:])
-	sp := &spare{name: sparePrefix + hex.EncodeToString(tok[:]), reqs: make(chan spawnReq, 1)}
-	if err := d.cg.create(sp.name, limitsFor(0, 0)); err != nil {
-		d.cg.remove(sp.name)
+	sp := &spare{cgroup: sparePrefix + hex.EncodeToString(tok[:])}
+	if err := d.cg.create(sp.cgroup, limitsFor(0, 0)); err != nil {
+		d.cg.remove(sp.cgroup)
 		return nil, err
 	}
-	ready := make(chan error, 1)
-	d.wg.Add(1)
-	go d.onSpareThread(func() {
-		defer d.wg.Done()
-		if err := d.cg.addThread(sp.name, unix.Gettid()); err != nil {
-			ready <- err
-			return
-		}
-		ready <- nil
-		r := <-sp.reqs
-		if r.start != nil {
-			p, err := r.start()
-			r.res <- spawnRes{p, err}
-		}
-	})
-	if err := <-ready; err != nil {
-		d.cg.remove(sp.name)
+	var err error
+	if d.cg.v2 {
+		sp.init, err = d.startInit(sp.cgroup)
+	} else {
+		// Forked by a thread in the cgroup: born in it.
+		d.wg.Add(1)
+		d.onSpareThread(func() {
+			defer d.wg.Done()
+			if err = d.cg.addThread(sp.cgroup, unix.Gettid()); err == nil {
+				sp.init, err = d.startInit("")
+			}
+		})
+	}
+	if err != nil {
+		d.cg.remove(sp.cgroup)
 		return nil, err
 	}
 	return sp, nil
 }
 
-// takeSpare returns a spare renamed to the cgroup called name with limits
-// l, or nil when none is ready (the caller then creates the cgroup and moves
-// its init into it).
+// takeSpare returns the spare init, in a cgroup called name with limits l
+// (on v2: to be moved there, see moveSpare), or nil when none is ready (the
+// caller then creates the cgroup and starts an init itself).
 func (d *Driver) takeSpare(name string, l limits) *spare {
-	if d.spares == nil {
+	if d.noSpare.Load() {
 		return nil
 	}
 	var sp *spare
 	select {
 	case sp = <-d.spares:
+		d.idle.Store(nil)
 	default:
 		return nil
 	}
-	if err := d.cg.rename(sp.name, name); err != nil {
-		d.logger.Warn("claim spare cgroup", "err", err)
+	if !sp.init.alive() {
+		d.logger.Warn("spare init died; starting an init instead", "pid", sp.init.h.pid)
 		d.discardSpare(sp)
 		return nil
 	}
-	sp.name = name
-	if err := d.cg.setLimits(name, l); err != nil {
-		d.logger.Warn("claim spare cgroup", "err", err)
+	var err error
+	if d.cg.v2 {
+		err = d.cg.create(name, l)
+	} else if err = d.cg.rename(sp.cgroup, name); err == nil {
+		sp.cgroup = name
+		err = d.cg.setLimits(name, l)
+	}
+	if err != nil {
+		d.logger.Warn("claim spare init", "err", err)
 		d.discardSpare(sp)
 		return nil
 	}
 	return sp
 }
 
-// discardSpare ends a spare's thread and removes its cgroup.
+// moveSpare moves a spare's init into the machine's cgroup called name and
+// removes the spare cgroup (cgroup v2: on v1 the cgroup was renamed).
+func (d *Driver) moveSpare(sp *spare, name string) error {
+	if !d.cg.v2 || sp.cgroup == name {
+		return nil
+	}
+	if err := d.cg.add(name, sp.init.h.pid); err != nil {
+		return err
+	}
+	return d.cg.remove(sp.cgroup)
+}
+
+// discardSpare kills a spare's init and removes its cgroup.
 func (d *Driver) discardSpare(sp *spare) {
-	sp.reqs <- spawnReq{}
-	if err := d.cg.remove(sp.name); err != nil {
+	sp.init.kill()
+	if err := d.cg.remove(sp.cgroup); err != nil {
 		d.logger.Warn("remove spare cgroup", "err", err)
 	}
 }
@@ -143,30 +174,23 @@ func (d *Driver) discardSpare(sp *spare) {
 // thread never exits (the Go runtime parks it instead), so it must never be
 // moved into a machine's cgroup.
 func (d *Driver) onSpareThread(f func()) {
-	runtime.LockOSThread()
-	if unix.Gettid() != unix.Getpid() {
-		f()
-		return
-	}
-	// Holding the main thread, the new goroutine gets another one.
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		runtime.LockOSThread()
+		if unix.Gettid() != unix.Getpid() {
+			f()
+			return
+		}
+		// Holding the main thread, the nested call gets another one.
 		d.onSpareThread(f)
+		runtime.UnlockOSThread()
 	}()
 	<-done
-	runtime.UnlockOSThread()
 }
 
-// spawn runs start on sp's thread.
-func (sp *spare) spawn(start func() (*os.Process, error)) (*os.Process, error) {
-	res := make(chan spawnRes, 1)
-	sp.reqs <- spawnReq{start: start, res: res}
-	r := <-res
-	return r.proc, r.err
-}
-
-// sweepSpares removes the empty spare cgroups a driver that died left.
+// sweepSpares removes the empty spare cgroups a driver that died left (its
+// spare inits end when their start socket closes).
 func (d *Driver) sweepSpares() {
 	for _, r := range d.cg.roots {
 		es, _ := os.ReadDir(r)
@@ -174,7 +198,11 @@ func (d *Driver) sweepSpares() {
 			if !e.IsDir() || !strings.HasPrefix(e.Name(), sparePrefix) {
 				continue
 			}
-			if b, err := os.ReadFile(filepath.Join(r, e.Name(), "tasks")); err == nil && len(b) == 0 {
+			procs := "tasks"
+			if d.cg.v2 {
+				procs = "cgroup.procs"
+			}
+			if b, err := os.ReadFile(filepath.Join(r, e.Name(), procs)); err == nil && len(b) == 0 {
 				unix.Rmdir(filepath.Join(r, e.Name()))
 			}
 		}
@@ -195,7 +223,8 @@ func (c *cgroups) addThread(name string, tid int) error {
 	return nil
 }
 
-// rename renames the cgroup from to to (cgroup v1 only).
+// rename renames the cgroup from to to (cgroup v1 only: cgroup v2 has no
+// rename).
 func (c *cgroups) rename(from, to string) error {
 	if c.v2 {
 		return errors.New("cgroup v2 cgroups cannot be renamed")

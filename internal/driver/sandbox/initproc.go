@@ -1,0 +1,202 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// initProc is an init the driver started, in new namespaces, waiting for its
+// configuration on its start socket.
+type initProc struct {
+	h     handle
+	pidfd *os.File
+	conn  *net.UnixConn
+}
+
+// startInit starts an init that knows nothing of any machine yet: stdio on
+// /dev/null, its start socket on fd 3. On cgroup v2 it is born in the cgroup
+// called cgroup (clone3 with CLONE_INTO_CGROUP); on v1, and with no cgroup,
+// it is born in the calling thread's cgroups.
+func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socketpair: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(pair[0]), "sync"), os.NewFile(uintptr(pair[1]), "sync")
+	defer theirs.Close()
+	fc, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return nil, fmt.Errorf("sync socket: %w", err)
+	}
+	conn := fc.(*net.UnixConn)
+	defer func() {
+		if err != nil {
+			conn.Close()
+		}
+	}()
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, err
+	}
+	defer devnull.Close()
+	sys := &syscall.SysProcAttr{Setsid: true, Cloneflags: cloneFlags}
+	if d.cg.v2 && cgroup != "" {
+		cgdir, err := d.cg.openDir(cgroup)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup: %w", err)
+		}
+		defer cgdir.Close()
+		sys.UseCgroupFD, sys.CgroupFD = true, int(cgdir.Fd())
+	}
+	proc, err := os.StartProcess(d.cfg.InitPath, []string{d.cfg.InitPath, InitCommand, "run"}, &os.ProcAttr{
+		Dir:   "/",
+		Env:   []string{"GOMAXPROCS=1"},
+		Files: []*os.File{devnull, devnull, devnull, theirs},
+		Sys:   sys,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start init %s: %w", d.cfg.InitPath, err)
+	}
+	pid := proc.Pid
+	proc.Release() // reaped through the children registry
+	st, serr := readProcStat(pid)
+	h := handle{pid: pid, start: st.start, bootID: d.bootID}
+	children.Store(pid, h)
+	pidfd, perr := openInit(h)
+	if err := errors.Join(serr, perr); err != nil {
+		// Unexpected for our own unreaped child; do not leave it.
+		unix.Kill(pid, unix.SIGKILL)
+		var ws unix.WaitStatus
+		unix.Wait4(pid, &ws, 0, nil)
+		children.Delete(pid)
+		return nil, fmt.Errorf("watch init: %w", err)
+	}
+	return &initProc{h: h, pidfd: pidfd, conn: conn}, nil
+}
+
+// alive reports whether the init still runs.
+func (ip *initProc) alive() bool {
+	alive := false
+	if rc, err := ip.pidfd.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { alive = !pidfdReadable(int(fd)) })
+	}
+	return alive
+}
+
+// kill kills an init that is not (or no longer) a running sandbox's — its
+// namespaces go with it — reaps it and closes what the driver holds of it.
+func (ip *initProc) kill() {
+	if rc, err := ip.pidfd.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) })
+	}
+	var ws unix.WaitStatus
+	for {
+		_, err := unix.Wait4(ip.h.pid, &ws, 0, nil)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	children.CompareAndDelete(ip.h.pid, ip.h)
+	ip.pidfd.Close()
+	ip.conn.Close()
+}
+
+// initFiles are the descriptors the driver sends an init with its
+// configuration, in this order: the init's stdout and stderr (the machine's
+// log), the machine's directory (where the status file goes), the cgroup
+// file counting OOM kills, and the root filesystem as a detached mount
+// (open_tree), which the init attaches in its own mount namespace. So an
+// init needs no host path, and a spare made before the machine's root
+// filesystem was mounted gets it all the same.
+const (
+	fileLog = iota
+	fileDir
+	fileOOM
+	fileRoot
+	numInitFiles
+)
+
+// sendFiles sends fds to the init, with one byte of data.
+func sendFiles(conn *net.UnixConn, fds []int) error {
+	_, _, err := conn.WriteMsgUnix([]byte{0}, unix.UnixRights(fds...), nil)
+	return err
+}
+
+// recvFiles receives the descriptors sendFiles sent; they are close-on-exec.
+func recvFiles(conn *net.UnixConn, n int) ([]int, error) {
+	var b [1]byte
+	oob := make([]byte, unix.CmsgSpace(n*4))
+	got, oobn, _, _, err := conn.ReadMsgUnix(b[:], oob)
+	if err != nil {
+		return nil, err
+	}
+	if got == 0 && oobn == 0 {
+		return nil, io.EOF
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		return nil, fmt.Errorf("receive files: %w", err)
+	}
+	var fds []int
+	for _, m := range msgs {
+		got, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			return nil, fmt.Errorf("receive files: %w", err)
+		}
+		fds = append(fds, got...)
+	}
+	if len(fds) != n {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return nil, fmt.Errorf("receive files: got %d, want %d", len(fds), n)
+	}
+	return fds, nil
+}
+
+// openInitFiles opens what sendFiles sends for a machine.
+func openInitFiles(logPath, dir, oomFile, rootfs string) (fds []int, err error) {
+	defer func() {
+		if err != nil {
+			closeFds(fds)
+			fds = nil
+		}
+	}()
+	open := func(path string, flags int, mode uint32) error {
+		fd, err := unix.Open(path, flags|unix.O_CLOEXEC, mode)
+		if err != nil {
+			return &os.PathError{Op: "open", Path: path, Err: err}
+		}
+		fds = append(fds, fd)
+		return nil
+	}
+	if err := open(logPath, unix.O_WRONLY|unix.O_APPEND|unix.O_CREAT, 0o644); err != nil {
+		return fds, err
+	}
+	if err := open(dir, unix.O_PATH|unix.O_DIRECTORY, 0); err != nil {
+		return fds, err
+	}
+	if err := open(oomFile, unix.O_RDONLY, 0); err != nil {
+		return fds, err
+	}
+	fd, err := unix.OpenTree(unix.AT_FDCWD, rootfs, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
+	if err != nil {
+		return fds, fmt.Errorf("clone root filesystem mount: %w", err)
+	}
+	return append(fds, fd), nil
+}
+
+func closeFds(fds []int) {
+	for _, fd := range fds {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
+}
