@@ -113,6 +113,23 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	// Probes must outlive the round trip to the farthest host, or every
+	// probe across the world fails and only indirect probes keep the
+	// cluster together.
+	if cfg.Cluster.ProbeTimeout == 0 {
+		var worst time.Duration
+		for _, a := range cfg.Regions {
+			for _, b := range cfg.Regions {
+				ra, _ := geo.Lookup(a)
+				rb, _ := geo.Lookup(b)
+				worst = max(worst, geo.RTT(ra, rb))
+			}
+		}
+		if worst > 100*time.Millisecond {
+			cfg.Cluster.ProbeTimeout = worst*5/4 + 20*time.Millisecond
+			cfg.Cluster.ProbeInterval = 2 * cfg.Cluster.ProbeTimeout
+		}
+	}
 	regionOf := map[string]geo.Region{}
 	nw := netsim.New(netsim.Config{
 		Seed: cfg.Seed,
