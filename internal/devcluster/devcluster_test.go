@@ -3,7 +3,11 @@ package devcluster
 import (
 	"context"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -44,6 +48,17 @@ func startDev(t *testing.T) *Cluster {
 		t.Fatal(err)
 	}
 	return c
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(15 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
 }
 
 func query(t *testing.T, server, name string, qtype uint16) *mdns.Msg {
@@ -102,6 +117,33 @@ func TestSixHostsThreeRegions(t *testing.T) {
 	if r := query(t, syd.DNSAddr, "nothing.internal", mdns.TypeA); r.Rcode != mdns.RcodeNameError {
 		t.Errorf("unknown app: rcode %d", r.Rcode)
 	}
+
+	// A check turning critical on iad is seen in syd.
+	var healthy atomic.Bool
+	healthy.Store(true)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !healthy.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	defer srv.Close()
+	port := srv.Listener.Addr().(*net.TCPAddr).Port
+	checked, err := api.NewClient(iad.APIURL, "t").Create(ctx, "web", api.LaunchMachineInput{Config: &api.MachineConfig{
+		Image: "exec:/bin/sleep", Init: api.MachineInit{Cmd: []string{"60"}},
+		Checks: map[string]api.MachineCheck{"alive": {Type: ptr("http"), Port: &port, Interval: api.Dur(50 * time.Millisecond)}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkIn := func(h *Host) string {
+		if m := h.Cluster.Snapshot().Machine(checked.ID); m != nil && len(m.Checks) == 1 {
+			return m.Checks[0].Status
+		}
+		return ""
+	}
+	waitUntil(t, "check passing in syd", func() bool { return checkIn(syd) == "passing" })
+	healthy.Store(false)
+	waitUntil(t, "check critical in syd", func() bool { return checkIn(syd) == "critical" })
 
 	// The iad host dies: the others keep its machine, marked unreachable.
 	c.Net.Kill(iad.ID)
