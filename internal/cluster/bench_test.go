@@ -186,6 +186,7 @@ func BenchmarkPropagation(b *testing.B) {
 				}()
 			}
 			rng := rand.New(rand.NewPCG(1, 2))
+			critical := make([]bool, n) // each host's first check, as last published
 			var region, all []time.Duration
 			before, start = bytesSent(sim), time.Now()
 			b.ResetTimer()
@@ -193,7 +194,11 @@ func BenchmarkPropagation(b *testing.B) {
 				h := rng.IntN(n)
 				id := sim.ids[h]
 				ms := machines(strings.ReplaceAll(id, "-", "m"), "app"+strconv.Itoa(h%7), regionOf(id), 3)
-				status := []string{CheckCritical, CheckPassing}[round%2]
+				critical[h] = !critical[h]
+				status := CheckPassing
+				if critical[h] {
+					status = CheckCritical
+				}
 				for j := range ms {
 					ms[j].Checks[0].Status = CheckPassing
 				}
@@ -227,6 +232,8 @@ func BenchmarkPropagation(b *testing.B) {
 					d := time.Duration(seen[i].Load())
 					if d == 0 {
 						d = 10 * time.Second // never: counts as the deadline
+						o := cs[i].Snapshot().Host(id)
+						b.Logf("round %d: %s never saw %s's change: holds v%d of v%d (%s), stats %+v", round, sim.ids[i], id, o.Version, cs[h].Snapshot().Host(id).Version, o.Status, cs[i].Stats())
 					}
 					amax = max(amax, d)
 					if regionOf(sim.ids[i]) == regionOf(id) {
@@ -251,26 +258,46 @@ func BenchmarkPropagation(b *testing.B) {
 }
 
 // failCounter counts memberlist's verdicts from its log: suspicions and
-// deaths of hosts that were never killed.
+// deaths of hosts that were never killed, as seen by hosts never killed (a
+// cut-off host soon suspects everyone).
 type failCounter struct {
-	killed           sync.Map
-	suspects, deaths atomic.Int64
-	deadHosts        sync.Map // live hosts some member marked dead
+	*failCounts
+	self string // the host whose log this is
 }
 
-func (f *failCounter) Enabled(context.Context, slog.Level) bool { return true }
-func (f *failCounter) WithAttrs([]slog.Attr) slog.Handler      { return f }
-func (f *failCounter) WithGroup(string) slog.Handler           { return f }
-func (f *failCounter) Handle(_ context.Context, r slog.Record) error {
-	var host string
+type failCounts struct {
+	killed           sync.Map
+	suspects, deaths atomic.Int64
+	deadHosts        sync.Map // live hosts some live member marked dead
+}
+
+func (f failCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (f failCounter) WithGroup(string) slog.Handler            { return f }
+func (f failCounter) WithAttrs(as []slog.Attr) slog.Handler {
+	for _, a := range as {
+		if a.Key == "host" {
+			f.self = a.Value.String()
+		}
+	}
+	return f
+}
+
+func (f failCounter) Handle(_ context.Context, r slog.Record) error {
+	if _, ok := f.killed.Load(f.self); ok {
+		return nil
+	}
+	after := func(word string) string {
+		i := strings.Index(r.Message, word)
+		host, _, _ := strings.Cut(r.Message[i+len(word):], " ")
+		return host
+	}
 	switch {
 	case strings.Contains(r.Message, "memberlist: Suspect "):
-		host, _, _ = strings.Cut(strings.TrimPrefix(r.Message[strings.Index(r.Message, "Suspect "):], "Suspect "), " ")
-		if _, ok := f.killed.Load(host); !ok {
+		if _, ok := f.killed.Load(after("Suspect ")); !ok {
 			f.suspects.Add(1)
 		}
 	case strings.Contains(r.Message, "memberlist: Marking "):
-		host, _, _ = strings.Cut(strings.TrimPrefix(r.Message[strings.Index(r.Message, "Marking "):], "Marking "), " ")
+		host := after("Marking ")
 		if _, ok := f.killed.Load(host); !ok {
 			f.deaths.Add(1)
 			f.deadHosts.Store(host, true)
@@ -285,7 +312,7 @@ func (f *failCounter) Handle(_ context.Context, r slog.Record) error {
 func BenchmarkFailureDetection(b *testing.B) {
 	for _, n := range []int{100} {
 		b.Run(fmt.Sprintf("hosts=%d/loss=10%%", n), func(b *testing.B) {
-			fc := &failCounter{}
+			fc := failCounter{failCounts: &failCounts{}}
 			sim := benchSim(b, n, fc)
 			sim.net.SetLoss(0.10)
 			start := time.Now()

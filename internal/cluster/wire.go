@@ -101,11 +101,11 @@ type hostMeta struct {
 // writer appends the wire encoding to a buffer.
 type writer struct{ b []byte }
 
-func (w *writer) byte(c byte)       { w.b = append(w.b, c) }
-func (w *writer) uint(v uint64)     { w.b = binary.AppendUvarint(w.b, v) }
-func (w *writer) int(v int)         { w.uint(uint64(max(v, 0))) }
-func (w *writer) float(v float64)   { w.b = binary.LittleEndian.AppendUint64(w.b, math.Float64bits(v)) }
-func (w *writer) string(s string)   { w.uint(uint64(len(s))); w.b = append(w.b, s...) }
+func (w *writer) byte(c byte)     { w.b = append(w.b, c) }
+func (w *writer) uint(v uint64)   { w.b = binary.AppendUvarint(w.b, v) }
+func (w *writer) int(v int)       { w.uint(uint64(max(v, 0))) }
+func (w *writer) float(v float64) { w.b = binary.LittleEndian.AppendUint64(w.b, math.Float64bits(v)) }
+func (w *writer) string(s string) { w.uint(uint64(len(s))); w.b = append(w.b, s...) }
 func (w *writer) bool(v bool) {
 	if v {
 		w.byte(1)
@@ -113,7 +113,7 @@ func (w *writer) bool(v bool) {
 		w.byte(0)
 	}
 }
-func (w *writer) header(kind byte)  { w.byte(wireFormat); w.byte(kind) }
+func (w *writer) header(kind byte)      { w.byte(wireFormat); w.byte(kind) }
 func (w *writer) resources(r Resources) { w.int(r.CPUs); w.int(r.MemoryMB) }
 
 func (w *writer) machine(m *Machine) {

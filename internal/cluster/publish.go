@@ -1,0 +1,152 @@
+package cluster
+
+import (
+	"bytes"
+	"fmt"
+	"slices"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Publish makes facts this host's current facts. The cluster works out what
+// changed since the last call, gives the change the next version, and
+// spreads it: straight to the hosts of this region, by gossip to the rest.
+// Check outputs longer than the wire allows are truncated.
+func (c *Cluster) Publish(f HostFacts) error {
+	ms := make([]Machine, len(f.Machines))
+	for i, m := range f.Machines {
+		m.Host = ""
+		m.Checks = slices.Clone(m.Checks)
+		for j := range m.Checks {
+			m.Checks[j].Output = truncate(m.Checks[j].Output, maxOutputLen)
+		}
+		ms[i] = m
+	}
+	if err := validateHostLevel(c.cfg.HostID, f.Free, f.Load); err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	if err := validateMachines(ms, c.cfg.MaxMachines); err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	slices.SortFunc(ms, func(a, b Machine) int { return compareStrings(a.ID, b.ID) })
+
+	c.mu.Lock()
+	deltas := c.diffLocked(ms, f.Free, f.Load)
+	for _, d := range deltas {
+		c.store.applyLocal(d)
+	}
+	if len(deltas) > 0 {
+		c.changedLocked(c.cfg.HostID)
+	}
+	var region []memberlist.Node
+	if c.started.Load() {
+		for id, m := range c.members {
+			if id != c.cfg.HostID && m.meta != nil && m.meta.Region == c.cfg.Region && m.status == StatusAlive {
+				region = append(region, m.node)
+			}
+		}
+	}
+	c.mu.Unlock()
+
+	for _, d := range deltas {
+		c.stats.published.Add(1)
+		if len(d.encoded) <= maxDeltaBytes {
+			c.enqueue(d.encoded)
+		}
+		for i := range region {
+			if len(d.encoded) <= maxDeltaBytes {
+				if err := c.ml.SendBestEffort(&region[i], d.encoded); err != nil {
+					c.log.Debug("send to region", "to", region[i].Name, "err", err)
+				}
+			} else {
+				c.sendReliable(region[i].Name, d.encoded)
+			}
+		}
+	}
+	return nil
+}
+
+// diffLocked turns new facts into the deltas that lead to them; c.mu is held.
+func (c *Cluster) diffLocked(ms []Machine, free Resources, load float64) []*delta {
+	p := &c.pub
+	enc := make(map[string][]byte, len(ms))
+	var upserts [][]byte
+	for i := range ms {
+		b := encodeMachine(&ms[i])
+		enc[ms[i].ID] = b
+		if old, ok := p.machines[ms[i].ID]; p.reset || !ok || !bytes.Equal(old, b) {
+			upserts = append(upserts, b)
+		}
+	}
+	var removes []string
+	if !p.reset {
+		for id := range p.machines {
+			if _, ok := enc[id]; !ok {
+				removes = append(removes, id)
+			}
+		}
+		slices.Sort(removes)
+	}
+	if !p.reset && len(upserts) == 0 && len(removes) == 0 && free == p.free && load == p.load {
+		return nil
+	}
+
+	// Cut the change into deltas that each fit a packet, chained version
+	// to version; the first of a reset starts from nothing.
+	base := p.version
+	if p.reset {
+		base = 0
+	}
+	next := max(p.version+1, uint64(c.cfg.Now().UnixNano()))
+	var out []*delta
+	header := len(encodeDeltaParts(c.cfg.HostID, next, next+1, free, load, nil, nil)) + 4
+	for first := true; first || len(upserts) > 0 || len(removes) > 0; first = false {
+		size := header
+		var ups [][]byte
+		for len(upserts) > 0 && (len(ups) == 0 || size+len(upserts[0]) <= maxDeltaBytes) {
+			size += len(upserts[0])
+			ups = append(ups, upserts[0])
+			upserts = upserts[1:]
+		}
+		var rms []string
+		for len(removes) > 0 && (size+len(removes[0])+1 <= maxDeltaBytes || (len(ups) == 0 && len(rms) == 0)) {
+			size += len(removes[0]) + 1
+			rms = append(rms, removes[0])
+			removes = removes[1:]
+		}
+		msg := encodeDeltaParts(c.cfg.HostID, base, next, free, load, ups, rms)
+		v, err := decodeMessage(msg)
+		if err != nil {
+			panic(fmt.Sprintf("cluster: own delta does not decode: %v", err))
+		}
+		out = append(out, v.(*delta))
+		base, next = next, next+1
+	}
+	p.version = base
+	p.reset = false
+	p.machines = enc
+	p.free, p.load = free, load
+	return out
+}
+
+// bumpLocked moves this host's version past one seen on the network (a
+// restart with a clock that went back) and republishes everything.
+func (c *Cluster) bumpLocked(seen uint64) []*delta {
+	if seen <= c.pub.version {
+		return nil // an echo of this host's own record
+	}
+	c.log.Warn("own facts seen at a newer version; republishing", "seen", seen, "version", c.pub.version)
+	c.pub.version = seen
+	c.pub.reset = true
+	ms := make([]Machine, 0)
+	for _, m := range c.store.get(c.cfg.HostID).list() {
+		mm := *m
+		mm.Host = ""
+		ms = append(ms, mm)
+	}
+	ds := c.diffLocked(ms, c.pub.free, c.pub.load)
+	for _, d := range ds {
+		c.store.applyLocal(d)
+	}
+	return ds
+}
