@@ -320,8 +320,8 @@ func removeCgroupDir(d string) error {
 		}
 		if b, rerr := os.ReadFile(filepath.Join(d, "cgroup.procs")); rerr == nil {
 			for f := range strings.FieldsSeq(string(b)) {
-				// Never this process: one of its threads may be
-				// in the cgroup for a moment (spare.go).
+				// Never this process, should one of its
+				// threads be in the cgroup.
 				if pid, perr := strconv.Atoi(f); perr == nil && pid > 0 && pid != os.Getpid() {
 					_ = unix.Kill(pid, unix.SIGKILL)
 				}

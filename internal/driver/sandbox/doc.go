@@ -26,9 +26,10 @@
 // minimal /dev (null, zero, full, random, urandom, tty, pts, shm) and a
 // read-only /sys, sets the hostname to the machine id and writes
 // /etc/hosts and /etc/resolv.conf (nameserver fdaa::3, as on Fly). Meanwhile
-// the driver connects the sandbox's network; once eth0 is up the init
-// starts the workload, in a session of its own, with stdin on /dev/null and
-// stdout and stderr appended to the machine's log file. Start returns once
+// the driver gives the sandbox's network the machine's name and address;
+// then the init starts the workload, from a thread it readied beforehand,
+// in a session of its own, with stdin on /dev/null and stdout and stderr
+// appended to the machine's log file. Start returns once
 // the workload's program has been executed.
 //
 // The workload runs as root of the host's user namespace, with a reduced
@@ -97,19 +98,26 @@
 // process into a cgroup waits for an RCU grace period (milliseconds), Start
 // renames that cgroup to the machine's; on v2, which cannot rename a cgroup,
 // the init is moved into the machine's while the network is set up. An init
-// started at Start is born in its cgroup on v2 (clone3 with
-// CLONE_INTO_CGROUP) and moved on v1 (see spare.go).
+// started at Start (or for a spare) is born in its cgroup on v2 (clone3
+// with CLONE_INTO_CGROUP) and moved on v1 (see spare.go).
 //
 // # Network
 //
 // The host has one bridge (Config.Bridge, "flame0"), created on first use
 // with the first host address of Config.HostPrefix (fdaa:0:1::1 in the
-// default fdaa:0:1::/64, the 6PN layout fdaa:<network>:<host>::). Each
-// sandbox has a veth pair into it (host side "f<machine id>", "eth0"
-// inside) with an address of the prefix and a default route via the bridge;
-// addresses are added without duplicate address detection, and the
-// workload starts only once eth0 is operationally up, so the machine is
-// reachable at [private ip]:port from the host as soon as it listens. A
+// default fdaa:0:1::/64, the 6PN layout fdaa:<network>:<host>::), without
+// spanning tree or forward delay, so that a new port forwards at once, and
+// with a fixed MAC address. Each sandbox has a veth pair into it (host side
+// named "f<machine id>", "eth0" inside) with an address of the prefix and a
+// default route via the bridge. The spare's pair is made with the spare,
+// its host end under a name of its own, already a port of the bridge and
+// up (without IPv6: a port needs no address), eth0 up with the prefix's
+// routes; Start then only adds the machine's name to the host end, as an
+// alternative name (renaming would take the link down and up again), and
+// the machine's address to eth0. Addresses are added without duplicate
+// address detection, and the workload starts only once eth0 is
+// operationally up, so the machine is reachable at [private ip]:port from
+// the host as soon as it listens. A
 // machine's address puts its 56-bit id in the low bits of the prefix, so
 // machines never collide and keep their address; ids of another shape are
 // hashed. Addresses are leased under Config.StateDir (from Prepare until

@@ -135,8 +135,10 @@ type Driver struct {
 	imgMu  sync.Mutex
 	images map[string]*image.Image // by reference, as Prepare resolved it
 
-	spares chan *spare           // see spare.go
-	idle   atomic.Pointer[spare] // the spare made and not yet taken
+	spares  chan *spare           // see spare.go
+	idle    atomic.Pointer[spare] // the spare made and not yet taken
+	making  atomic.Bool           // a spare is being made, or will be once the start that took the last one is over
+	waiting atomic.Bool           // a start waits for it
 	// noSpare makes Start start an init of its own (tests).
 	noSpare atomic.Bool
 	stop    chan struct{} // closed by Close
@@ -356,8 +358,10 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 		Launch:   l,
 	}
 	lim := limitsFor(spec.MemoryMB, spec.CPUs)
-	sp := d.takeSpare(spec.MachineID, lim)
-	if sp == nil {
+	sp := d.takeSpare(ctx, spec.MachineID, lim)
+	if sp != nil {
+		defer sp.release()
+	} else {
 		if err := d.cg.create(spec.MachineID, lim); err != nil {
 			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 		}
@@ -479,8 +483,9 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 	// to be done before the workload is forked.
 	joined := make(chan error, 1)
 	var ip *initProc
+	var sn *sandboxNet
 	if sp != nil {
-		ip = sp.init
+		ip, sn = sp.init, sp.net
 		go func() { joined <- d.moveSpare(sp, spec.MachineID) }()
 	} else {
 		if ip, err = d.startInit(spec.MachineID); err != nil {
@@ -500,9 +505,13 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 		if err != nil {
 			// The init cannot be left half set up: kill it (its
 			// namespaces go with it) and reap it.
+			if sn != nil {
+				sn.close(true)
+			}
 			ip.kill()
 			return
 		}
+		sn.close(false)
 		conn.Close()
 	}()
 	deadline, ok := ctx.Deadline()
@@ -520,7 +529,12 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 	if err := writeMessage(conn, message{Op: "config", Config: cfg}); err != nil {
 		return nil, fmt.Errorf("configure init: %w", err)
 	}
-	if err := d.setupNetwork(h.pid, spec.MachineID, addr); err != nil {
+	if sn == nil {
+		if sn, err = d.connectSandbox(h.pid, vethName(spec.MachineID)); err != nil {
+			return nil, fmt.Errorf("network: %w", err)
+		}
+	}
+	if err := d.attach(sn, spec.MachineID, addr); err != nil {
 		return nil, fmt.Errorf("network: %w", err)
 	}
 	rd := bufio.NewReader(conn)

@@ -108,10 +108,16 @@ func runInit() (int, error) {
 	}
 	defer conn.Close()
 	// Nothing done here may propagate back to the host. Done before the
-	// configuration comes: a spare init waits for it for a while.
+	// configuration comes, with all else that does not depend on it: a
+	// spare init waits for it for a while.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return 1, fmt.Errorf("make mounts private: %w", err)
 	}
+	// Signals are caught from now on, and passed on once the workload
+	// runs.
+	sigs := make(chan os.Signal, 128)
+	signal.Notify(sigs, append(forwarded, unix.SIGCHLD, sigKillAll)...)
+	ln := newLauncher()
 	fds, err := recvFiles(conn, numInitFiles)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -150,9 +156,7 @@ func runInit() (int, error) {
 		return 1, fmt.Errorf("wait for go: %v (op %q)", err, m.Op)
 	}
 
-	sigs := make(chan os.Signal, 128)
-	signal.Notify(sigs, append(forwarded, unix.SIGCHLD, sigKillAll)...)
-	pid, err := startWorkload(cfg.Launch)
+	pid, err := ln.start(cfg.Launch)
 	if err != nil {
 		return fail(err)
 	}
@@ -228,47 +232,68 @@ func dropBoundingCaps(keep []int) error {
 	return nil
 }
 
-// startWorkload starts l as the init's child in a session of its own, with
-// a reduced capability bounding set.
-func startWorkload(l launch) (int, error) {
-	type result struct {
-		pid int
-		err error
-	}
-	ch := make(chan result, 1)
+// launcher starts the workload from a thread made ready before the
+// machine's configuration comes: locked, with the reduced capability
+// bounding set, so that starting the workload creates no thread (which on
+// cgroup v1 can wait for a cgroup move elsewhere on the host).
+type launcher struct {
+	req chan launch
+	res chan launched
+}
+
+type launched struct {
+	pid int
+	err error
+}
+
+func newLauncher() *launcher {
+	ln := &launcher{req: make(chan launch), res: make(chan launched, 1)}
 	go func() {
 		// The thread's bounding set changes for good; it exits with
 		// this goroutine because it stays locked.
 		runtime.LockOSThread()
-		if err := dropBoundingCaps(keptCaps); err != nil {
-			ch <- result{err: err}
-			return
-		}
-		devnull, err := os.Open("/dev/null")
+		err := dropBoundingCaps(keptCaps)
+		l := <-ln.req
 		if err != nil {
-			ch <- result{err: err}
+			ln.res <- launched{err: err}
 			return
 		}
-		defer devnull.Close()
-		p, err := os.StartProcess(l.Path, l.Argv, &os.ProcAttr{
-			Dir:   l.Dir,
-			Env:   l.Env,
-			Files: []*os.File{devnull, os.Stdout, os.Stderr},
-			Sys: &syscall.SysProcAttr{
-				Setsid:     true,
-				Credential: &syscall.Credential{Uid: l.UID, Gid: l.GID, Groups: l.Groups},
-			},
-		})
-		if err != nil {
-			ch <- result{err: fmt.Errorf("start %s: %w", l.Path, err)}
-			return
-		}
-		pid := p.Pid
-		_ = p.Release() // reaped by supervise with wait4(-1)
-		ch <- result{pid: pid}
+		pid, err := forkWorkload(l)
+		ln.res <- launched{pid: pid, err: err}
 	}()
-	r := <-ch
+	return ln
+}
+
+// start starts l as the init's child in a session of its own; it can be
+// called once.
+func (ln *launcher) start(l launch) (int, error) {
+	ln.req <- l
+	r := <-ln.res
 	return r.pid, r.err
+}
+
+// forkWorkload starts l, from the launcher's thread.
+func forkWorkload(l launch) (int, error) {
+	devnull, err := os.Open("/dev/null")
+	if err != nil {
+		return 0, err
+	}
+	defer devnull.Close()
+	p, err := os.StartProcess(l.Path, l.Argv, &os.ProcAttr{
+		Dir:   l.Dir,
+		Env:   l.Env,
+		Files: []*os.File{devnull, os.Stdout, os.Stderr},
+		Sys: &syscall.SysProcAttr{
+			Setsid:     true,
+			Credential: &syscall.Credential{Uid: l.UID, Gid: l.GID, Groups: l.Groups},
+		},
+	})
+	if err != nil {
+		return 0, fmt.Errorf("start %s: %w", l.Path, err)
+	}
+	pid := p.Pid
+	_ = p.Release() // reaped by supervise with wait4(-1)
+	return pid, nil
 }
 
 // supervise forwards signals to the workload and reaps every child until

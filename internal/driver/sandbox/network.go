@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -53,6 +55,9 @@ func (d *Driver) ensureBridge() (int, error) {
 	if err != nil && !errors.Is(err, unix.EEXIST) {
 		return 0, fmt.Errorf("address bridge %s: %w", d.cfg.Bridge, err)
 	}
+	if err := d.tuneBridge(br); err != nil {
+		return 0, fmt.Errorf("bridge %s: %w", d.cfg.Bridge, err)
+	}
 	if err := netlink.LinkSetUp(br); err != nil {
 		return 0, fmt.Errorf("bring up bridge %s: %w", d.cfg.Bridge, err)
 	}
@@ -61,71 +66,167 @@ func (d *Driver) ensureBridge() (int, error) {
 	return d.bridgeIndex, nil
 }
 
+// tuneBridge makes a new port of br forward at once — no spanning tree,
+// no forward delay: the ports are veths of this host, which make no
+// loops — and fixes br's MAC address, which a bridge otherwise changes
+// to the lowest of its ports' as ports come and go, leaving the
+// sandboxes' neighbour entries of the gateway stale.
+func (d *Driver) tuneBridge(br netlink.Link) error {
+	sys := "/sys/class/net/" + br.Attrs().Name
+	for _, f := range []string{"bridge/stp_state", "bridge/forward_delay"} {
+		if b, err := os.ReadFile(filepath.Join(sys, f)); err == nil && strings.TrimSpace(string(b)) == "0" {
+			continue
+		}
+		if err := writeFile(filepath.Join(sys, f), "0"); err != nil {
+			return fmt.Errorf("set %s: %w", filepath.Base(f), err)
+		}
+	}
+	// addr_assign_type 3 (NET_ADDR_SET): set by the user, kept.
+	if b, err := os.ReadFile(filepath.Join(sys, "addr_assign_type")); err != nil || strings.TrimSpace(string(b)) != "3" {
+		if err := netlink.LinkSetHardwareAddr(br, br.Attrs().HardwareAddr); err != nil {
+			return fmt.Errorf("fix MAC address: %w", err)
+		}
+	}
+	return nil
+}
+
 func ipNet(a netip.Addr, bits int) *net.IPNet {
 	return &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(bits, 128)}
 }
 
-// setupNetwork connects the network namespace of pid to the bridge: a veth
-// pair, its inner end "eth0" with addr and a default route through the
-// bridge. It returns once eth0 is up.
-func (d *Driver) setupNetwork(pid int, machineID string, addr netip.Addr) error {
+// sandboxNet is a sandbox's network made before the machine is known:
+// a veth pair whose host end, IPv6 disabled, is a port of the bridge and
+// up, and whose other end is "eth0" in the sandbox, up, with loopback up
+// and the routes of the private network (the bridge's prefix on-link, the
+// default route through the bridge). A machine's start only names the host
+// end after the machine and gives eth0 the machine's address (attach):
+// the link is already up, so nothing waits for it.
+type sandboxNet struct {
+	hostName string
+	host     int             // index of the host end
+	eth0     int             // index of eth0 in the sandbox
+	h        *netlink.Handle // netlink in the sandbox's network namespace
+}
+
+// connectSandbox connects the network namespace of pid to the bridge (see
+// sandboxNet), with the host end of the veth pair called hostName, and
+// returns once eth0 is up.
+func (d *Driver) connectSandbox(pid int, hostName string) (_ *sandboxNet, err error) {
 	brIndex, err := d.ensureBridge()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ns, err := netns.GetFromPid(pid)
 	if err != nil {
-		return fmt.Errorf("network namespace of pid %d: %w", pid, err)
+		return nil, fmt.Errorf("network namespace of pid %d: %w", pid, err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
-		return fmt.Errorf("netlink in sandbox: %w", err)
+		return nil, fmt.Errorf("netlink in sandbox: %w", err)
 	}
-	defer h.Close()
+	sn := &sandboxNet{hostName: hostName, h: h}
+	defer func() {
+		if err != nil {
+			sn.close(true)
+		}
+	}()
 	// Subscribed before eth0 goes up, so its "up" cannot be missed.
 	events, err := nl.SubscribeAt(ns, netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_LINK)
 	if err != nil {
-		return fmt.Errorf("watch sandbox links: %w", err)
+		return nil, fmt.Errorf("watch sandbox links: %w", err)
 	}
 	defer events.Close()
 
-	host := vethName(machineID)
 	attrs := netlink.NewLinkAttrs()
-	attrs.Name = host
+	attrs.Name = hostName
 	attrs.MasterIndex = brIndex
-	attrs.Flags = net.FlagUp
 	veth := &netlink.Veth{LinkAttrs: attrs, PeerName: "eth0", PeerNamespace: netlink.NsPid(pid)}
 	if err := netlink.LinkAdd(veth); err != nil {
 		if errors.Is(err, unix.EEXIST) {
 			// A leftover of an earlier instance of the machine.
-			d.deleteVeth(machineID)
+			d.deleteLink(hostName)
 			err = netlink.LinkAdd(veth)
 		}
 		if err != nil {
-			return fmt.Errorf("create veth %s: %w", host, err)
+			return nil, fmt.Errorf("create veth %s: %w", hostName, err)
 		}
+	}
+	host, err := netlink.LinkByName(hostName)
+	if err != nil {
+		return nil, fmt.Errorf("veth %s: %w", hostName, err)
+	}
+	sn.host = host.Attrs().Index
+	// A bridge port needs no address of its own: no link-local
+	// address, duplicate address detection or router solicitations.
+	if err := writeFile("/proc/sys/net/ipv6/conf/"+hostName+"/disable_ipv6", "1"); err != nil {
+		return nil, fmt.Errorf("veth %s: disable IPv6: %w", hostName, err)
+	}
+	if err := netlink.LinkSetUp(host); err != nil {
+		return nil, fmt.Errorf("bring up veth %s: %w", hostName, err)
 	}
 	eth0, err := h.LinkByName("eth0")
 	if err != nil {
-		return fmt.Errorf("sandbox eth0: %w", err)
+		return nil, fmt.Errorf("sandbox eth0: %w", err)
 	}
+	sn.eth0 = eth0.Attrs().Index
 	if lo, err := h.LinkByName("lo"); err == nil {
 		if err := h.LinkSetUp(lo); err != nil {
-			return fmt.Errorf("bring up lo: %w", err)
+			return nil, fmt.Errorf("bring up lo: %w", err)
 		}
 	}
-	if err := h.AddrAdd(eth0, &netlink.Addr{IPNet: ipNet(addr, d.cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD}); err != nil {
+	if err := h.LinkSetUp(eth0); err != nil {
+		return nil, fmt.Errorf("bring up eth0: %w", err)
+	}
+	// The prefix is on-link whatever the machine's address, which is
+	// added without a prefix route of its own (see attach).
+	prefix := d.cfg.HostPrefix
+	if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Dst: ipNet(prefix.Addr(), prefix.Bits())}); err != nil {
+		return nil, fmt.Errorf("route to %s: %w", prefix, err)
+	}
+	if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Gw: net.IP(gatewayAddr(prefix).AsSlice())}); err != nil {
+		return nil, fmt.Errorf("default route: %w", err)
+	}
+	if err := d.waitLinkUp(h, events, sn.eth0); err != nil {
+		return nil, err
+	}
+	return sn, nil
+}
+
+// attach makes a sandbox's network machine id's: the host end of the veth
+// pair gets the machine's name (as an alternative name: an interface must
+// be down to be renamed, and its link would have to come up again), eth0
+// the machine's address.
+func (d *Driver) attach(sn *sandboxNet, machineID string, addr netip.Addr) error {
+	host := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sn.host}}
+	if name := vethName(machineID); name != sn.hostName {
+		err := netlink.LinkAddAltName(host, name)
+		if errors.Is(err, unix.EEXIST) {
+			// A leftover of an earlier instance of the machine.
+			d.deleteLink(name)
+			err = netlink.LinkAddAltName(host, name)
+		}
+		if err != nil {
+			return fmt.Errorf("name veth %s: %w", name, err)
+		}
+	}
+	eth0 := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sn.eth0}}
+	a := &netlink.Addr{IPNet: ipNet(addr, d.cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE}
+	if err := sn.h.AddrAdd(eth0, a); err != nil {
 		return fmt.Errorf("address eth0: %w", err)
 	}
-	if err := h.LinkSetUp(eth0); err != nil {
-		return fmt.Errorf("bring up eth0: %w", err)
+	return nil
+}
+
+// close releases what the driver holds of sn, and with del deletes the
+// veth pair (which otherwise goes when the sandbox's network namespace
+// does, some time after its last process ended).
+func (sn *sandboxNet) close(del bool) {
+	if del && sn.host != 0 {
+		// A failure leaves it to go with the namespace.
+		_ = netlink.LinkDel(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sn.host}})
 	}
-	gw := gatewayAddr(d.cfg.HostPrefix)
-	if err := h.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: net.IP(gw.AsSlice())}); err != nil {
-		return fmt.Errorf("default route: %w", err)
-	}
-	return d.waitLinkUp(h, events, eth0.Attrs().Index)
+	sn.h.Close()
 }
 
 // waitLinkUp waits for the link index to be operationally up: until then
@@ -167,7 +268,13 @@ func (d *Driver) waitLinkUp(h *netlink.Handle, events *nl.NetlinkSocket, index i
 // deleteVeth removes the host end of machine id's veth pair (and so the
 // pair), if it exists.
 func (d *Driver) deleteVeth(machineID string) error {
-	l, err := netlink.LinkByName(vethName(machineID))
+	return d.deleteLink(vethName(machineID))
+}
+
+// deleteLink removes the host's link called name (or with that
+// alternative name), if it exists.
+func (d *Driver) deleteLink(name string) error {
+	l, err := netlink.LinkByName(name)
 	if _, notFound := err.(netlink.LinkNotFoundError); notFound {
 		return nil
 	}

@@ -100,6 +100,8 @@ func buildBase(base, busybox string) error {
 		}
 	}
 	files := map[string]string{
+		// Executable, but no program the kernel can run.
+		"bin/broken":     "not a program\n",
 		"etc/passwd":     "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
 		"etc/group":      "root:x:0:\napp:x:1000:\nextra:x:2000:app\n",
 		"www/index.html": "hello from the sandbox\n",
@@ -108,6 +110,9 @@ func buildBase(base, busybox string) error {
 		if err := os.WriteFile(filepath.Join(base, name), []byte(data), 0o644); err != nil {
 			return err
 		}
+	}
+	if err := os.Chmod(filepath.Join(base, "bin/broken"), 0o755); err != nil {
+		return err
 	}
 	return nil
 }

@@ -1,50 +1,69 @@
 package sandbox
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
-	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
 
 // Starting an init costs milliseconds that have nothing to do with the
-// machine: the flame binary's runtime and package initialization, and on
-// cgroup v1 the move of the init into a cgroup, which waits for an RCU grace
-// period. So the driver keeps one spare init, started ahead of time in new
-// namespaces and in a spare cgroup of its own, blocked reading its
-// configuration from its start socket. Nothing about a machine reaches it
-// before then: its stdio is /dev/null, and what it needs of the host (the
-// machine's log, directory, OOM counter and root filesystem, mounted after
-// the spare's mount namespace was made) comes over the socket as file
-// descriptors (see sendFiles).
+// machine: the flame binary's runtime and package initialization, the
+// sandbox's network namespace and veth pair, and on cgroup v1 the move of
+// the init into a cgroup, which waits for an RCU grace period. So the driver
+// keeps one spare init, started ahead of time in new namespaces and in a
+// spare cgroup of its own, with its network connected but for the machine's
+// name and address (see sandboxNet), blocked reading its configuration from
+// its start socket. Nothing about a machine reaches it before then: its
+// stdio is /dev/null, and what it needs of the host (the machine's log,
+// directory, OOM counter and root filesystem, mounted after the spare's
+// mount namespace was made) comes over the socket as file descriptors (see
+// sendFiles).
 //
 // Start takes the spare and makes its cgroup the machine's: on v1 the spare
-// cgroup is renamed (a process forked by a thread is born in that thread's
-// cgroups, so the spare is forked by a locked thread moved into the spare
-// cgroup first); on v2, where cgroups cannot be renamed, the spare is born in
-// its cgroup (clone3 with CLONE_INTO_CGROUP) and moved into the machine's
-// while the sandbox is set up. Meanwhile the next spare is made in the
-// background. A spare that dies is replaced; when none is ready, Start starts
-// an init of its own, as the spare would have been started.
+// cgroup is renamed (the spare was moved into it when it was made); on v2,
+// where cgroups cannot be renamed, the spare is born in its cgroup (clone3
+// with CLONE_INTO_CGROUP) and moved into the machine's while the sandbox is
+// set up. The next spare is made once that start is over, successful or
+// not, so that making it does not compete with the start for the CPU and
+// the kernel's cgroup and network locks; a start that finds the spare still
+// being made waits for it a moment. A spare that dies is replaced; when
+// none is ready, Start starts an init of its own, as the spare would have
+// been started.
 
-// sparePrefix names spare cgroups.
-const sparePrefix = "spare-"
+// sparePrefix names spare cgroups, spareLinkPrefix the host end of a
+// spare's veth pair (15 characters in all with the spare's 12 hex digits,
+// and never a machine's "f<14 hex digits>").
+const (
+	sparePrefix     = "spare-"
+	spareLinkPrefix = "fsp"
+)
 
 // spareRecheck is how often an unclaimed spare is checked for life.
 const spareRecheck = time.Second
 
+// spareWait bounds how long a start waits for a spare being made.
+const spareWait = 50 * time.Millisecond
+
 type spare struct {
 	cgroup string // the spare cgroup, until Start renames it (v1)
 	init   *initProc
+	net    *sandboxNet
+
+	done     chan struct{} // closed by release
+	released sync.Once
 }
+
+// release tells the driver the start that took sp is over, successful or
+// not: the next spare can be made.
+func (sp *spare) release() { sp.released.Do(func() { close(sp.done) }) }
 
 // keepSpares makes spares one after another, each handed to the Start that
 // takes it, until the driver closes.
@@ -52,8 +71,10 @@ func (d *Driver) keepSpares() {
 	defer d.wg.Done()
 	backoff := 100 * time.Millisecond
 	for {
+		d.making.Store(true)
 		sp, err := d.makeSpare()
 		if err != nil {
+			d.making.Store(false)
 			d.logger.Warn("make spare init; starts will start their own", "err", err)
 			select {
 			case <-d.stop:
@@ -83,33 +104,50 @@ func (d *Driver) keepSpares() {
 				}
 			}
 		}
+		// The next spare is made once the start that took this one is
+		// over: making it meanwhile would compete with that start for
+		// the CPU and for the kernel's cgroup and network locks.
+		select {
+		case <-sp.done:
+		case <-d.stop:
+			return
+		}
 	}
 }
 
-// makeSpare creates a spare cgroup and starts an init in it.
-func (d *Driver) makeSpare() (*spare, error) {
+// makeSpare creates a spare cgroup, starts an init in it and connects its
+// network, all but the machine's name and address (see sandboxNet). On
+// cgroup v2 the init is born in the spare cgroup; on v1 it is moved there
+// (a move waits for an RCU grace period, milliseconds) while its network
+// is made.
+func (d *Driver) makeSpare() (_ *spare, err error) {
 	var tok [6]byte
 	rand.Read(tok[:])
-	sp := &spare{cgroup: sparePrefix + hex.EncodeToString(tok[:])}
+	sp := &spare{cgroup: sparePrefix + hex.EncodeToString(tok[:]), done: make(chan struct{})}
 	if err := d.cg.create(sp.cgroup, limitsFor(0, 0)); err != nil {
 		d.cg.remove(sp.cgroup)
 		return nil, err
 	}
-	var err error
+	cgroup := ""
 	if d.cg.v2 {
-		sp.init, err = d.startInit(sp.cgroup)
+		cgroup = sp.cgroup
+	}
+	if sp.init, err = d.startInit(cgroup); err != nil {
+		d.cg.remove(sp.cgroup)
+		return nil, err
+	}
+	joined := make(chan error, 1)
+	if d.cg.v2 {
+		joined <- nil
 	} else {
-		// Forked by a thread in the cgroup: born in it.
-		d.wg.Add(1)
-		d.onSpareThread(func() {
-			defer d.wg.Done()
-			if err = d.cg.addThread(sp.cgroup, unix.Gettid()); err == nil {
-				sp.init, err = d.startInit("")
-			}
-		})
+		go func() { joined <- d.cg.add(sp.cgroup, sp.init.h.pid) }()
+	}
+	sp.net, err = d.connectSandbox(sp.init.h.pid, spareLinkPrefix+hex.EncodeToString(tok[:]))
+	if jerr := <-joined; err == nil {
+		err = jerr
 	}
 	if err != nil {
-		d.cg.remove(sp.cgroup)
+		d.discardSpare(sp)
 		return nil, err
 	}
 	return sp, nil
@@ -117,18 +155,34 @@ func (d *Driver) makeSpare() (*spare, error) {
 
 // takeSpare returns the spare init, in a cgroup called name with limits l
 // (on v2: to be moved there, see moveSpare), or nil when none is ready (the
-// caller then creates the cgroup and starts an init itself).
-func (d *Driver) takeSpare(name string, l limits) *spare {
+// caller then creates the cgroup and starts an init itself). The caller
+// releases a spare it got once its start is over. When the spare is being
+// made, one start at a time waits for it for up to spareWait: it is ready
+// sooner than an init started from scratch would be.
+func (d *Driver) takeSpare(ctx context.Context, name string, l limits) *spare {
 	if d.noSpare.Load() {
 		return nil
 	}
 	var sp *spare
 	select {
 	case sp = <-d.spares:
-		d.idle.Store(nil)
 	default:
-		return nil
+		if !d.making.Load() || !d.waiting.CompareAndSwap(false, true) {
+			return nil
+		}
+		t := time.NewTimer(spareWait)
+		select {
+		case sp = <-d.spares:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+		d.waiting.Store(false)
+		if sp == nil {
+			return nil
+		}
 	}
+	d.idle.Store(nil)
 	if !sp.init.alive() {
 		d.logger.Warn("spare init died; starting an init instead", "pid", sp.init.h.pid)
 		d.discardSpare(sp)
@@ -161,32 +215,16 @@ func (d *Driver) moveSpare(sp *spare, name string) error {
 	return d.cg.remove(sp.cgroup)
 }
 
-// discardSpare kills a spare's init and removes its cgroup.
+// discardSpare kills a spare's init and removes its veth pair and cgroup.
 func (d *Driver) discardSpare(sp *spare) {
+	defer sp.release()
+	if sp.net != nil {
+		sp.net.close(true)
+	}
 	sp.init.kill()
 	if err := d.cg.remove(sp.cgroup); err != nil {
 		d.logger.Warn("remove spare cgroup", "err", err)
 	}
-}
-
-// onSpareThread runs f on a locked thread that is not the main thread, and
-// leaves it locked, so that the thread exits when f returns. The main
-// thread never exits (the Go runtime parks it instead), so it must never be
-// moved into a machine's cgroup.
-func (d *Driver) onSpareThread(f func()) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread()
-		if unix.Gettid() != unix.Getpid() {
-			f()
-			return
-		}
-		// Holding the main thread, the nested call gets another one.
-		d.onSpareThread(f)
-		runtime.UnlockOSThread()
-	}()
-	<-done
 }
 
 // sweepSpares removes the empty spare cgroups a driver that died left (its
@@ -207,20 +245,6 @@ func (d *Driver) sweepSpares() {
 			}
 		}
 	}
-}
-
-// addThread moves thread tid (not its whole process) into the cgroup called
-// name; cgroup v1 only.
-func (c *cgroups) addThread(name string, tid int) error {
-	if c.v2 {
-		return errors.New("cgroup v2 places processes, not threads")
-	}
-	for _, d := range c.dirs(name) {
-		if err := writeFile(filepath.Join(d, "tasks"), strconv.Itoa(tid)); err != nil {
-			return fmt.Errorf("move thread into %s: %w", d, err)
-		}
-	}
-	return nil
 }
 
 // rename renames the cgroup from to to (cgroup v1 only: cgroup v2 has no
