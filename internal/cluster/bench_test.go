@@ -44,6 +44,27 @@ func geoLatency() func(from, to string) time.Duration {
 	return func(from, to string) time.Duration { return rtt[[2]string{regionOf(from), regionOf(to)}] }
 }
 
+// benchTimings follows the package doc's rule for clusters spanning the
+// world: the probe timeout above the worst round trip, the interval twice
+// that. At the default timings that rule changes nothing below ~150 ms.
+func benchTimings() (interval, timeout time.Duration) {
+	scale, _ := strconv.Atoi(os.Getenv("FLAME_BENCH_LATENCY_SCALE"))
+	scale = max(scale, 1)
+	var worst time.Duration
+	for _, a := range benchRegions {
+		for _, b := range benchRegions {
+			ra, _ := geo.Lookup(a)
+			rb, _ := geo.Lookup(b)
+			worst = max(worst, geo.RTT(ra, rb)/time.Duration(scale))
+		}
+	}
+	if worst*5/4+20*time.Millisecond <= DefaultProbeTimeout {
+		return 0, 0
+	}
+	timeout = worst*5/4 + 20*time.Millisecond
+	return 2 * timeout, timeout
+}
+
 // benchSim starts n members and waits until every one sees all n alive.
 func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
 	b.Helper()
@@ -59,8 +80,9 @@ func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
 		if err != nil {
 			b.Fatal(err)
 		}
+		interval, timeout := benchTimings()
 		c, err := New(Config{HostID: id, Region: regionOf(id), Transport: tr, Logger: logger,
-			Capacity: Resources{CPUs: 16, MemoryMB: 65536}})
+			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout})
 		if err != nil {
 			b.Fatal(err)
 		}

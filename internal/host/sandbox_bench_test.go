@@ -21,7 +21,7 @@ import (
 // sleepImage packs /bin/sleep and the libraries it loads as an image and
 // pushes it to a registry served for the benchmark; it returns the registry
 // address and the unpacked image directory (the same files runc gets).
-func sleepImage(b *testing.B) (regAddr, dir string) {
+func sleepImage(b *testing.B) (regAddr, dir, digest string) {
 	b.Helper()
 	reg, err := registry.New(registry.Config{Dir: b.TempDir()})
 	if err != nil {
@@ -48,14 +48,15 @@ func sleepImage(b *testing.B) (regAddr, dir string) {
 		b.Fatal(err)
 	}
 	defer img.Close()
-	if _, err := image.Push(context.Background(), img, regAddr+"/bench/sleep:latest", image.Remote{}); err != nil {
+	digest, err = image.Push(context.Background(), img, regAddr+"/bench/sleep:latest", image.Remote{})
+	if err != nil {
 		b.Fatal(err)
 	}
-	return regAddr, dir
+	return regAddr, dir, digest
 }
 
-// BenchmarkSandboxVersusRunc times create→started of a small image with a
-// warm cache through the Machines API with the sandbox driver, and `runc run
+// BenchmarkSandboxVersusRunc times create→started of a small image, pinned
+// by digest, with a warm cache through the Machines API with the sandbox driver, and `runc run
 // -d` of the same root filesystem, in the same run, and reports the ratio.
 // It needs root and Debian's runc (`apt-get install runc`).
 func BenchmarkSandboxVersusRunc(b *testing.B) {
@@ -66,7 +67,7 @@ func BenchmarkSandboxVersusRunc(b *testing.B) {
 	if err != nil {
 		b.Skip("runc not installed (apt-get install runc)")
 	}
-	regAddr, rootfs := sleepImage(b)
+	regAddr, rootfs, digest := sleepImage(b)
 	d, kind, err := NewDriver(DriverConfig{Kind: DriverSandbox, DataDir: b.TempDir(), Registry: regAddr, Index: 90})
 	if err != nil {
 		b.Skipf("sandbox driver unavailable: %v", err)
@@ -89,7 +90,9 @@ func BenchmarkSandboxVersusRunc(b *testing.B) {
 	})
 	c := api.NewClient("http://"+h.Addr(), "t")
 	ctx := context.Background()
-	cfg := &api.MachineConfig{Image: "bench/sleep:latest", StopConfig: &api.StopConfig{Signal: ptr("SIGKILL")}}
+	// Pinned by digest, as deploys pin images: a warm host then needs
+	// nothing from the registry (a tag would be resolved on every create).
+	cfg := &api.MachineConfig{Image: "bench/sleep@" + digest, StopConfig: &api.StopConfig{Signal: ptr("SIGKILL")}}
 	warm, err := c.Create(ctx, "bench", api.LaunchMachineInput{Config: cfg}) // pulls the image
 	if err != nil || warm.State != api.StateStarted {
 		b.Fatalf("warm-up machine (%s driver): %v %+v", kind, err, warm)
