@@ -21,7 +21,7 @@ import (
 // sleepImage packs /bin/sleep and the libraries it loads as an image and
 // pushes it to a registry served for the benchmark; it returns the registry
 // address and the unpacked image directory (the same files runc gets).
-func sleepImage(b *testing.B) (regAddr, dir, digest string) {
+func sleepImage(b testing.TB) (regAddr, dir, digest string) {
 	b.Helper()
 	reg, err := registry.New(registry.Config{Dir: b.TempDir()})
 	if err != nil {
