@@ -112,7 +112,7 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Process, e
 		_, _ = proc.Wait()
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
-	d.logger.Debug("started", "machine", spec.MachineID, "pid", p.h.pid, "argv", argv)
+	d.logger.Debug("started", "machine", spec.MachineID, "pid", p.h.Pid, "argv", argv)
 	return p, nil
 }
 
@@ -128,7 +128,7 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, handle string) (dr
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w: %w", spec.MachineID, err, driver.ErrGone)
 	}
-	if h.bootID != d.bootID {
+	if h.BootID != d.bootID {
 		return nil, fmt.Errorf("adopt %s: handle %q is from another boot: %w", spec.MachineID, handle, driver.ErrGone)
 	}
 	if p := lookupChild(h); p != nil {
@@ -138,7 +138,7 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, handle string) (dr
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
 	}
-	d.logger.Debug("adopted", "machine", spec.MachineID, "pid", p.h.pid)
+	d.logger.Debug("adopted", "machine", spec.MachineID, "pid", p.h.Pid)
 	return p, nil
 }
 

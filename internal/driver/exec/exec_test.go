@@ -259,7 +259,7 @@ func TestLeftoversKilledWithMain(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		st, err := readProcStat(child)
-		if errors.Is(err, errNoProcess) || (err == nil && (st.state == 'Z' || st.pgrp != p.Pid())) {
+		if errors.Is(err, errNoProcess) || (err == nil && (st.State == 'Z' || st.Pgrp != p.Pid())) {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -356,9 +356,9 @@ func TestAdoptRejectsGoneAndReused(t *testing.T) {
 		t.Fatal(err)
 	}
 	reused := h
-	reused.start++
+	reused.Start++
 	otherBoot := h
-	otherBoot.bootID = "00000000-0000-0000-0000-000000000000"
+	otherBoot.BootID = "00000000-0000-0000-0000-000000000000"
 	done := start(t, d, shSpec(t, "exit 0"))
 	waitExit(t, done)
 
@@ -367,7 +367,7 @@ func TestAdoptRejectsGoneAndReused(t *testing.T) {
 		"other boot": otherBoot.String(),
 		"exited":     done.Handle(),
 		"garbage":    "not-a-handle",
-		"no pid":     fmt.Sprintf("%d:1:%s", 1<<22+1, h.bootID),
+		"no pid":     fmt.Sprintf("%d:1:%s", 1<<22+1, h.BootID),
 	} {
 		if _, err := d.Adopt(context.Background(), spec, handle); !errors.Is(err, driver.ErrGone) {
 			t.Errorf("%s: adopt %q: %v, want ErrGone", name, handle, err)
@@ -502,47 +502,6 @@ func TestCleanupIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-}
-
-func TestParseProcStat(t *testing.T) {
-	line := "4242 (we)ird (name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615\n"
-	st, err := parseProcStat([]byte(line))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.state != 'S' || st.pgrp != 4242 || st.start != 987654 {
-		t.Fatalf("parsed %+v", st)
-	}
-	self, err := readProcStat(os.Getpid())
-	if err != nil || self.start == 0 {
-		t.Fatalf("own stat = %+v, %v", self, err)
-	}
-	if _, err := parseProcStat([]byte("1 (x) S 1")); err == nil {
-		t.Fatal("short stat parsed")
-	}
-}
-
-func FuzzParseHandle(f *testing.F) {
-	f.Add("123:456:0e29b6a7-020e-42d6-95bb-88d94992265a")
-	f.Add("1:2:")
-	f.Add("::")
-	f.Fuzz(func(t *testing.T, s string) {
-		h, err := parseHandle(s)
-		if err != nil {
-			return
-		}
-		h2, err := parseHandle(h.String())
-		if err != nil || h2 != h {
-			t.Fatalf("round trip of %q: %+v %v, want %+v", s, h2, err, h)
-		}
-	})
-}
-
-func FuzzParseProcStat(f *testing.F) {
-	f.Add([]byte("4242 (sh) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000"))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		_, _ = parseProcStat(b)
-	})
 }
 
 // BenchmarkStart measures Start of a program that exits at once, from the

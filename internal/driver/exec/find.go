@@ -60,18 +60,18 @@ func (d *Driver) findByEnv(want []string) (handle, error) {
 			continue
 		}
 		st, err := readProcStat(pid)
-		if err != nil || st.pgrp != pid || st.state == 'Z' || st.state == 'X' {
+		if err != nil || st.Pgrp != pid || st.State == 'Z' || st.State == 'X' {
 			continue
 		}
 		b, err := os.ReadFile("/proc/" + e.Name() + "/environ")
 		if err != nil || !holdsAll(b, want) {
 			continue
 		}
-		if best.pid == 0 || st.start > best.start {
-			best = handle{pid: pid, start: st.start, bootID: d.bootID}
+		if best.Pid == 0 || st.Start > best.Start {
+			best = handle{Pid: pid, Start: st.Start, BootID: d.bootID}
 		}
 	}
-	if best.pid == 0 {
+	if best.Pid == 0 {
 		return handle{}, fmt.Errorf("no process with the machine's environment: %w", driver.ErrGone)
 	}
 	return best, nil

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 var errESRCH = unix.ESRCH
@@ -22,7 +23,7 @@ var errESRCH = unix.ESRCH
 var children sync.Map // int → *process
 
 func lookupChild(h handle) *process {
-	v, ok := children.Load(h.pid)
+	v, ok := children.Load(h.Pid)
 	if !ok {
 		return nil
 	}
@@ -60,7 +61,7 @@ func (d *Driver) watchChild(proc *os.Process) (*process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pidfd_open %d: %w", proc.Pid, err)
 	}
-	h := handle{pid: proc.Pid, start: st.start, bootID: d.bootID}
+	h := handle{Pid: proc.Pid, Start: st.Start, BootID: d.bootID}
 	p := &process{
 		d:     d,
 		h:     h,
@@ -81,29 +82,8 @@ func (d *Driver) watchChild(proc *os.Process) (*process, error) {
 // watchAdopted starts watching the live workload h names, or fails with
 // driver.ErrGone.
 func (d *Driver) watchAdopted(h handle) (*process, error) {
-	fd, err := unix.PidfdOpen(h.pid, unix.PIDFD_NONBLOCK)
-	if errors.Is(err, unix.ESRCH) {
-		return nil, fmt.Errorf("pid %d: %w", h.pid, driver.ErrGone)
-	}
+	pidfd, err := hostproc.OpenPidfd(h)
 	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", h.pid, err)
-	}
-	pidfd := os.NewFile(uintptr(fd), "pidfd")
-	// The pidfd was opened before this check, so if the start time
-	// matches now, the pidfd refers to the workload and not to a later
-	// process that reused its pid.
-	st, err := readProcStat(h.pid)
-	switch {
-	case errors.Is(err, errNoProcess):
-		err = fmt.Errorf("pid %d: %w", h.pid, driver.ErrGone)
-	case err != nil:
-	case st.start != h.start:
-		err = fmt.Errorf("pid %d was reused: %w", h.pid, driver.ErrGone)
-	case st.state == 'Z' || st.state == 'X':
-		err = fmt.Errorf("pid %d has exited: %w", h.pid, driver.ErrGone)
-	}
-	if err != nil {
-		pidfd.Close()
 		return nil, err
 	}
 	p := &process{
@@ -122,7 +102,7 @@ func (d *Driver) watchAdopted(h handle) (*process, error) {
 }
 
 func (p *process) Handle() string        { return p.hstr }
-func (p *process) Pid() int              { return p.h.pid }
+func (p *process) Pid() int              { return p.h.Pid }
 func (p *process) Done() <-chan struct{} { return p.done }
 
 func (p *process) Exit() driver.Exit {
@@ -141,15 +121,15 @@ func (p *process) Signal(sig syscall.Signal) error {
 	defer p.mu.Unlock()
 	switch {
 	case p.ended:
-		return fmt.Errorf("signal pid %d: %w", p.h.pid, os.ErrProcessDone)
+		return fmt.Errorf("signal pid %d: %w", p.h.Pid, os.ErrProcessDone)
 	case p.abandoned:
-		return fmt.Errorf("signal pid %d: %w", p.h.pid, ErrClosed)
+		return fmt.Errorf("signal pid %d: %w", p.h.Pid, ErrClosed)
 	case p.proc == nil && pidfdReadableFile(p.pidfd):
 		// An adopted workload that ended: its pid is not reserved
 		// for us any more.
-		return fmt.Errorf("signal pid %d: %w", p.h.pid, os.ErrProcessDone)
+		return fmt.Errorf("signal pid %d: %w", p.h.Pid, os.ErrProcessDone)
 	}
-	err := unix.Kill(-p.h.pid, sig)
+	err := unix.Kill(-p.h.Pid, sig)
 	if errors.Is(err, unix.ESRCH) {
 		// The main process left its group: signal it alone.
 		err = p.pidfdControl(func(fd int) error { return unix.PidfdSendSignal(fd, sig, nil, 0) })
@@ -158,7 +138,7 @@ func (p *process) Signal(sig syscall.Signal) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("signal pid %d: %w", p.h.pid, err)
+		return fmt.Errorf("signal pid %d: %w", p.h.Pid, err)
 	}
 	return nil
 }
@@ -184,10 +164,10 @@ func (p *process) Stop(ctx context.Context, sig syscall.Signal, timeout time.Dur
 	case <-p.done:
 		return p.exit, nil
 	case <-ctx.Done():
-		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.pid, ctx.Err())
+		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.Pid, ctx.Err())
 	case <-t.C:
 	}
-	p.d.logger.Debug("stop timed out, killing", "pid", p.h.pid, "signal", sig, "timeout", timeout)
+	p.d.logger.Debug("stop timed out, killing", "pid", p.h.Pid, "signal", sig, "timeout", timeout)
 	if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return driver.Exit{}, fmt.Errorf("stop: %w", err)
 	}
@@ -195,7 +175,7 @@ func (p *process) Stop(ctx context.Context, sig syscall.Signal, timeout time.Dur
 	case <-p.done:
 		return p.exit, nil
 	case <-ctx.Done():
-		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.pid, ctx.Err())
+		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.Pid, ctx.Err())
 	}
 }
 
@@ -225,7 +205,7 @@ func (p *process) finish() {
 	if p.proc != nil {
 		// Kill what is left of the group before reaping: the zombie
 		// main process keeps the group's id from being reused.
-		_ = unix.Kill(-p.h.pid, unix.SIGKILL)
+		_ = unix.Kill(-p.h.Pid, unix.SIGKILL)
 		state, err := p.proc.Wait()
 		exit = exitOf(state, err)
 	} else {
@@ -235,11 +215,11 @@ func (p *process) finish() {
 	p.pidfd.Close()
 	p.mu.Unlock()
 
-	children.CompareAndDelete(p.h.pid, p)
+	children.CompareAndDelete(p.h.Pid, p)
 	p.d.untrack(p)
 	p.exit = exit
 	close(p.done)
-	p.d.logger.Debug("exited", "pid", p.h.pid, "code", exit.Code, "signal", exit.Signal, "unknown", exit.Unknown)
+	p.d.logger.Debug("exited", "pid", p.h.Pid, "code", exit.Code, "signal", exit.Signal, "unknown", exit.Unknown)
 }
 
 // finishAdopted ends the group of an adopted workload whose main process
@@ -252,19 +232,19 @@ func (p *process) finishAdopted() driver.Exit {
 	})
 	if err == nil && info.Signo != 0 {
 		// Our child, still a zombie: its id is reserved until reaped.
-		_ = unix.Kill(-p.h.pid, unix.SIGKILL)
+		_ = unix.Kill(-p.h.Pid, unix.SIGKILL)
 		var ws syscall.WaitStatus
-		wpid, err := syscall.Wait4(p.h.pid, &ws, syscall.WNOHANG, nil)
-		if err != nil || wpid != p.h.pid {
+		wpid, err := syscall.Wait4(p.h.Pid, &ws, syscall.WNOHANG, nil)
+		if err != nil || wpid != p.h.Pid {
 			return unknown
 		}
 		return exitOfStatus(ws)
 	}
 	// Not our child. While the zombie is still there or the pid is free,
 	// a group with this id can only be the workload's leftovers.
-	st, err := readProcStat(p.h.pid)
-	if errors.Is(err, errNoProcess) || (err == nil && st.start == p.h.start) {
-		_ = unix.Kill(-p.h.pid, unix.SIGKILL)
+	st, err := readProcStat(p.h.Pid)
+	if errors.Is(err, errNoProcess) || (err == nil && st.Start == p.h.Start) {
+		_ = unix.Kill(-p.h.Pid, unix.SIGKILL)
 	}
 	return unknown
 }
@@ -280,7 +260,7 @@ func (p *process) abandon() {
 		}
 	}
 	p.mu.Unlock()
-	children.CompareAndDelete(p.h.pid, p)
+	children.CompareAndDelete(p.h.Pid, p)
 	p.d.untrack(p)
 }
 

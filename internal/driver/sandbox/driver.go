@@ -370,7 +370,7 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
-	d.logger.Debug("started", "machine", spec.MachineID, "pid", s.h.pid, "addr", addr, "argv", l.Argv, "spare", sp != nil)
+	d.logger.Debug("started", "machine", spec.MachineID, "pid", s.h.Pid, "addr", addr, "argv", l.Argv, "spare", sp != nil)
 	return s, nil
 }
 
@@ -494,7 +494,7 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 		if d.cg.v2 {
 			joined <- nil
 		} else {
-			go func() { joined <- d.cg.add(spec.MachineID, ip.h.pid) }()
+			go func() { joined <- d.cg.add(spec.MachineID, ip.h.Pid) }()
 		}
 	}
 	conn, h := ip.conn, ip.h
@@ -530,7 +530,7 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 		return nil, fmt.Errorf("configure init: %w", err)
 	}
 	if sn == nil {
-		if sn, err = d.connectSandbox(h.pid, vethName(spec.MachineID)); err != nil {
+		if sn, err = d.connectSandbox(h.Pid, vethName(spec.MachineID)); err != nil {
 			return nil, fmt.Errorf("network: %w", err)
 		}
 	}
@@ -583,7 +583,7 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w: %w", spec.MachineID, err, driver.ErrGone)
 	}
-	if h.bootID != d.bootID {
+	if h.BootID != d.bootID {
 		return nil, fmt.Errorf("adopt %s: handle %q is from another boot: %w", spec.MachineID, hs, driver.ErrGone)
 	}
 	pidfd, err := openInit(h)
@@ -595,7 +595,7 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 		pidfd.Close()
 		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
 	}
-	d.logger.Debug("adopted", "machine", spec.MachineID, "pid", h.pid)
+	d.logger.Debug("adopted", "machine", spec.MachineID, "pid", h.Pid)
 	return s, nil
 }
 
@@ -624,7 +624,7 @@ func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
 func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 	var errs []error
 	if st, err := readState(spec.Dir); err == nil {
-		if h, err := parseHandle(st.Handle); err == nil && h.bootID == d.bootID {
+		if h, err := parseHandle(st.Handle); err == nil && h.BootID == d.bootID {
 			if err := killInit(ctx, h); err != nil {
 				errs = append(errs, err)
 			}
@@ -666,7 +666,7 @@ func killInit(ctx context.Context, h handle) error {
 		err = cerr
 	}
 	if err != nil && !errors.Is(err, unix.ESRCH) {
-		return fmt.Errorf("kill sandbox %d: %w", h.pid, err)
+		return fmt.Errorf("kill sandbox %d: %w", h.Pid, err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
@@ -674,12 +674,12 @@ func killInit(ctx context.Context, h handle) error {
 	}
 	pidfd.SetReadDeadline(deadline)
 	if err := rc.Read(func(fd uintptr) bool { return pidfdReadable(int(fd)) }); err != nil {
-		return fmt.Errorf("kill sandbox %d: wait: %w", h.pid, err)
+		return fmt.Errorf("kill sandbox %d: wait: %w", h.Pid, err)
 	}
-	if v, ok := children.Load(h.pid); ok && v.(handle) == h {
+	if v, ok := children.Load(h.Pid); ok && v.(handle) == h {
 		var ws unix.WaitStatus
-		if pid, _ := unix.Wait4(h.pid, &ws, unix.WNOHANG, nil); pid == h.pid {
-			children.CompareAndDelete(h.pid, h)
+		if pid, _ := unix.Wait4(h.Pid, &ws, unix.WNOHANG, nil); pid == h.Pid {
+			children.CompareAndDelete(h.Pid, h)
 		}
 	}
 	return nil

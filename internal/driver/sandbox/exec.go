@@ -62,7 +62,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
 	}
 	h, err := parseHandle(st.Handle)
-	if err != nil || h.bootID != d.bootID {
+	if err != nil || h.BootID != d.bootID {
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
 	}
 	pidfd, err := openInit(h)
@@ -71,7 +71,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	}
 	defer pidfd.Close()
 
-	rootPath := "/proc/" + strconv.Itoa(h.pid) + "/root"
+	rootPath := "/proc/" + strconv.Itoa(h.Pid) + "/root"
 	root, err := os.OpenFile(rootPath, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
@@ -110,7 +110,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
-	if err := startInNamespaces(ctx, cmd, h.pid); err != nil {
+	if err := startInNamespaces(ctx, cmd, h.Pid); err != nil {
 		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
 	}
 	if err := d.cg.add(spec.MachineID, cmd.Process.Pid); err != nil {

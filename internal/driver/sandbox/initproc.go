@@ -67,7 +67,7 @@ func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
 	pid := proc.Pid
 	proc.Release() // reaped through the children registry
 	st, serr := readProcStat(pid)
-	h := handle{pid: pid, start: st.start, bootID: d.bootID}
+	h := handle{Pid: pid, Start: st.Start, BootID: d.bootID}
 	children.Store(pid, h)
 	pidfd, perr := openInit(h)
 	if err := errors.Join(serr, perr); err != nil {
@@ -98,12 +98,12 @@ func (ip *initProc) kill() {
 	}
 	var ws unix.WaitStatus
 	for {
-		_, err := unix.Wait4(ip.h.pid, &ws, 0, nil)
+		_, err := unix.Wait4(ip.h.Pid, &ws, 0, nil)
 		if !errors.Is(err, unix.EINTR) {
 			break
 		}
 	}
-	children.CompareAndDelete(ip.h.pid, ip.h)
+	children.CompareAndDelete(ip.h.Pid, ip.h)
 	ip.pidfd.Close()
 	ip.conn.Close()
 }

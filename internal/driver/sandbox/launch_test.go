@@ -184,7 +184,7 @@ func TestParseMountinfoLine(t *testing.T) {
 }
 
 func TestHandle(t *testing.T) {
-	h := handle{pid: 42, start: 12345, bootID: "b0:0t"}
+	h := handle{Pid: 42, Start: 12345, BootID: "b0:0t"}
 	got, err := parseHandle(h.String())
 	if err != nil || got != h {
 		t.Fatalf("round trip: %+v %v", got, err)
@@ -195,7 +195,7 @@ func TestHandle(t *testing.T) {
 		}
 	}
 	st, err := parseProcStat([]byte("7 (a) b) c) S 1 7 7 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 999 1000 10"))
-	if err != nil || st.state != 'S' || st.start != 999 {
+	if err != nil || st.State != 'S' || st.Start != 999 {
 		t.Fatalf("%+v %v", st, err)
 	}
 	if !errors.Is(func() error { _, err := readProcStat(-5); return err }(), errNoProcess) {

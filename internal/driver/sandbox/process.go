@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // killGrace is how long a sandbox gets to end after its init was asked to
@@ -45,33 +46,7 @@ var _ driver.Process = (*sandbox)(nil)
 
 // openInit opens a pidfd for the live init h names, or fails with
 // driver.ErrGone.
-func openInit(h handle) (*os.File, error) {
-	fd, err := unix.PidfdOpen(h.pid, unix.PIDFD_NONBLOCK)
-	if errors.Is(err, unix.ESRCH) {
-		return nil, fmt.Errorf("pid %d: %w", h.pid, driver.ErrGone)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", h.pid, err)
-	}
-	pidfd := os.NewFile(uintptr(fd), "pidfd")
-	// Checked after the pidfd was opened: if the start time matches now,
-	// the pidfd is the init's and not a later process's with its pid.
-	st, err := readProcStat(h.pid)
-	switch {
-	case errors.Is(err, errNoProcess):
-		err = fmt.Errorf("pid %d: %w", h.pid, driver.ErrGone)
-	case err != nil:
-	case st.start != h.start:
-		err = fmt.Errorf("pid %d was reused: %w", h.pid, driver.ErrGone)
-	case st.state == 'Z' || st.state == 'X':
-		err = fmt.Errorf("pid %d has exited: %w", h.pid, driver.ErrGone)
-	}
-	if err != nil {
-		pidfd.Close()
-		return nil, err
-	}
-	return pidfd, nil
-}
+func openInit(h handle) (*os.File, error) { return hostproc.OpenPidfd(h) }
 
 // watch starts watching the init h names through pidfd.
 func (d *Driver) watch(h handle, pidfd *os.File, dir, oomFile string) (*sandbox, error) {
@@ -84,7 +59,7 @@ func (d *Driver) watch(h handle, pidfd *os.File, dir, oomFile string) (*sandbox,
 }
 
 func (s *sandbox) Handle() string        { return s.hstr }
-func (s *sandbox) Pid() int              { return s.h.pid }
+func (s *sandbox) Pid() int              { return s.h.Pid }
 func (s *sandbox) Done() <-chan struct{} { return s.done }
 
 func (s *sandbox) Exit() driver.Exit {
@@ -111,9 +86,9 @@ func (s *sandbox) signalInit(sig syscall.Signal) error {
 	defer s.mu.Unlock()
 	switch {
 	case s.ended:
-		return fmt.Errorf("signal sandbox %d: %w", s.h.pid, os.ErrProcessDone)
+		return fmt.Errorf("signal sandbox %d: %w", s.h.Pid, os.ErrProcessDone)
 	case s.abandoned:
-		return fmt.Errorf("signal sandbox %d: %w", s.h.pid, ErrClosed)
+		return fmt.Errorf("signal sandbox %d: %w", s.h.Pid, ErrClosed)
 	}
 	rc, err := s.pidfd.SyscallConn()
 	if err == nil {
@@ -126,7 +101,7 @@ func (s *sandbox) signalInit(sig syscall.Signal) error {
 		err = os.ErrProcessDone
 	}
 	if err != nil {
-		return fmt.Errorf("signal sandbox %d: %w", s.h.pid, err)
+		return fmt.Errorf("signal sandbox %d: %w", s.h.Pid, err)
 	}
 	return nil
 }
@@ -155,7 +130,7 @@ func (s *sandbox) Stop(ctx context.Context, sig syscall.Signal, timeout time.Dur
 	for i, st := range steps {
 		var err error
 		if i == 2 {
-			s.d.logger.Warn("sandbox init did not end, killing it", "pid", s.h.pid)
+			s.d.logger.Warn("sandbox init did not end, killing it", "pid", s.h.Pid)
 			err = s.signalInit(unix.SIGKILL)
 		} else {
 			err = s.Signal(st.sig)
@@ -173,11 +148,11 @@ func (s *sandbox) Stop(ctx context.Context, sig syscall.Signal, timeout time.Dur
 		case <-s.done:
 			return s.exit, nil
 		case <-ctx.Done():
-			return driver.Exit{}, fmt.Errorf("stop sandbox %d: %w", s.h.pid, ctx.Err())
+			return driver.Exit{}, fmt.Errorf("stop sandbox %d: %w", s.h.Pid, ctx.Err())
 		case <-tc:
 		}
 		if i == 0 {
-			s.d.logger.Debug("stop timed out, killing", "pid", s.h.pid, "signal", sig, "timeout", timeout)
+			s.d.logger.Debug("stop timed out, killing", "pid", s.h.Pid, "signal", sig, "timeout", timeout)
 		}
 	}
 	panic("unreachable")
@@ -207,7 +182,7 @@ func (s *sandbox) run() {
 	s.d.untrack(s)
 	s.exit = exit
 	close(s.done)
-	s.d.logger.Debug("sandbox ended", "pid", s.h.pid, "code", exit.Code, "signal", exit.Signal, "oom", exit.OOMKilled, "unknown", exit.Unknown)
+	s.d.logger.Debug("sandbox ended", "pid", s.h.Pid, "code", exit.Code, "signal", exit.Signal, "oom", exit.OOMKilled, "unknown", exit.Unknown)
 }
 
 // collect reaps the init if this process started it and reads the exit
@@ -217,10 +192,10 @@ func (s *sandbox) run() {
 // killer struck (it may have chosen the init).
 func (s *sandbox) collect() driver.Exit {
 	exit := driver.Exit{Code: -1, Unknown: true}
-	if v, ok := children.Load(s.h.pid); ok && v.(handle) == s.h {
+	if v, ok := children.Load(s.h.Pid); ok && v.(handle) == s.h {
 		var ws unix.WaitStatus
-		if pid, err := unix.Wait4(s.h.pid, &ws, unix.WNOHANG, nil); err == nil && pid == s.h.pid {
-			children.CompareAndDelete(s.h.pid, s.h)
+		if pid, err := unix.Wait4(s.h.Pid, &ws, unix.WNOHANG, nil); err == nil && pid == s.h.Pid {
+			children.CompareAndDelete(s.h.Pid, s.h)
 			switch {
 			case ws.Exited():
 				exit = driver.Exit{Code: ws.ExitStatus()}

@@ -97,7 +97,7 @@ func (d *Driver) keepSpares() {
 				return
 			case <-time.After(spareRecheck):
 				if !sp.init.alive() {
-					d.logger.Warn("spare init died; replacing it", "pid", sp.init.h.pid)
+					d.logger.Warn("spare init died; replacing it", "pid", sp.init.h.Pid)
 					d.idle.Store(nil)
 					d.discardSpare(sp)
 					break offer
@@ -140,9 +140,9 @@ func (d *Driver) makeSpare() (_ *spare, err error) {
 	if d.cg.v2 {
 		joined <- nil
 	} else {
-		go func() { joined <- d.cg.add(sp.cgroup, sp.init.h.pid) }()
+		go func() { joined <- d.cg.add(sp.cgroup, sp.init.h.Pid) }()
 	}
-	sp.net, err = d.connectSandbox(sp.init.h.pid, spareLinkPrefix+hex.EncodeToString(tok[:]))
+	sp.net, err = d.connectSandbox(sp.init.h.Pid, spareLinkPrefix+hex.EncodeToString(tok[:]))
 	if jerr := <-joined; err == nil {
 		err = jerr
 	}
@@ -184,7 +184,7 @@ func (d *Driver) takeSpare(ctx context.Context, name string, l limits) *spare {
 	}
 	d.idle.Store(nil)
 	if !sp.init.alive() {
-		d.logger.Warn("spare init died; starting an init instead", "pid", sp.init.h.pid)
+		d.logger.Warn("spare init died; starting an init instead", "pid", sp.init.h.Pid)
 		d.discardSpare(sp)
 		return nil
 	}
@@ -209,7 +209,7 @@ func (d *Driver) moveSpare(sp *spare, name string) error {
 	if !d.cg.v2 || sp.cgroup == name {
 		return nil
 	}
-	if err := d.cg.add(name, sp.init.h.pid); err != nil {
+	if err := d.cg.add(name, sp.init.h.Pid); err != nil {
 		return err
 	}
 	return d.cg.remove(sp.cgroup)

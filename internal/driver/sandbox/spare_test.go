@@ -27,10 +27,10 @@ func TestSpare(t *testing.T) {
 	sp := waitSpare(t, d1)
 	spec := testSpec(t, "busybox", "-c", `echo "host=$(hostname) procs=$(ls /proc | grep -c '^[0-9]')"; trap "exit 7" TERM; httpd -p [::]:8080 -h /www; while :; do sleep 0.05; done`)
 	p1 := start(t, d1, spec)
-	if p1.Pid() != sp.init.h.pid {
-		t.Fatalf("started init %d, not the spare %d", p1.Pid(), sp.init.h.pid)
+	if p1.Pid() != sp.init.h.Pid {
+		t.Fatalf("started init %d, not the spare %d", p1.Pid(), sp.init.h.Pid)
 	}
-	if next := waitSpare(t, d1); next.init.h.pid == sp.init.h.pid {
+	if next := waitSpare(t, d1); next.init.h.Pid == sp.init.h.Pid {
 		t.Fatal("the spare was not replaced")
 	}
 	out := waitLog(t, spec.LogPath, "host=")
@@ -109,8 +109,8 @@ func TestSpareNetwork(t *testing.T) {
 
 	spec := testSpec(t, "busybox", "-c", "exec sleep 1000")
 	p := start(t, d, spec)
-	if p.Pid() != sp.init.h.pid {
-		t.Fatalf("started init %d, not the spare %d", p.Pid(), sp.init.h.pid)
+	if p.Pid() != sp.init.h.Pid {
+		t.Fatalf("started init %d, not the spare %d", p.Pid(), sp.init.h.Pid)
 	}
 	named, err := netlink.LinkByName(vethName(spec.MachineID))
 	if err != nil || named.Attrs().Index != sp.net.host {
@@ -169,7 +169,7 @@ func TestNoSpare(t *testing.T) {
 	d.noSpare.Store(true)
 	spec := testSpec(t, "busybox", "-c", "hostname; exit 3")
 	p := start(t, d, spec)
-	if p.Pid() == sp.init.h.pid {
+	if p.Pid() == sp.init.h.Pid {
 		t.Fatal("started from the spare")
 	}
 	if e := waitExit(t, p); e.Code != 3 || e.Unknown {
@@ -191,7 +191,7 @@ func TestNoSpare(t *testing.T) {
 	}
 	d.noSpare.Store(false)
 
-	unix.Kill(sp.init.h.pid, unix.SIGKILL)
+	unix.Kill(sp.init.h.Pid, unix.SIGKILL)
 	deadline := time.Now().Add(10 * time.Second)
 	for sp2 := d.idle.Load(); sp2 == nil || sp2 == sp; sp2 = d.idle.Load() {
 		if time.Now().After(deadline) {
