@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"maps"
 	"net"
@@ -211,6 +212,6 @@ func (w *logWriter) Write(p []byte) (int, error) {
 	if level > slog.LevelDebug {
 		level -= 4
 	}
-	w.log.Log(nil, level, line, "from", "memberlist")
+	w.log.Log(context.Background(), level, line, "from", "memberlist")
 	return len(p), nil
 }

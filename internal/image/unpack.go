@@ -143,7 +143,7 @@ func unpackEntry(root *os.Root, tr *tar.Reader, hdr *tar.Header, name string, fo
 			return err
 		}
 		return root.Chmod(name, perm)
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg: // the reader reports the old TypeRegA as TypeReg
 		if err := removeExisting(root, name); err != nil {
 			return err
 		}

@@ -16,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/driver"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // Config maps images to host programs.
@@ -54,7 +56,7 @@ func New(cfg Config, logger *slog.Logger) *Driver {
 	return &Driver{
 		cfg:    cfg,
 		logger: logger.With("component", "driver/exec"),
-		bootID: readBootID(),
+		bootID: hostproc.BootID(),
 		procs:  make(map[*process]struct{}),
 	}
 }
@@ -124,7 +126,7 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, handle string) (dr
 	if handle == "" {
 		return d.adoptUnrecorded(ctx, spec)
 	}
-	h, err := parseHandle(handle)
+	h, err := hostproc.ParseHandle(handle)
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w: %w", spec.MachineID, err, driver.ErrGone)
 	}

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/internal/driver"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // TestMain doubles as a short-lived agent for TestAdoptAfterAgentDied: it
@@ -258,8 +260,8 @@ func TestLeftoversKilledWithMain(t *testing.T) {
 	// is gone init reaps it.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		st, err := readProcStat(child)
-		if errors.Is(err, errNoProcess) || (err == nil && (st.State == 'Z' || st.Pgrp != p.Pid())) {
+		st, err := hostproc.ReadStat(child)
+		if errors.Is(err, hostproc.ErrNoProcess) || (err == nil && (st.State == 'Z' || st.Pgrp != p.Pid())) {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -351,7 +353,7 @@ func TestAdoptRejectsGoneAndReused(t *testing.T) {
 	d := newDriver(t, Config{})
 	spec := shSpec(t, "echo ready; exec sleep 30")
 	p := start(t, d, spec)
-	h, err := parseHandle(p.Handle())
+	h, err := hostproc.ParseHandle(p.Handle())
 	if err != nil {
 		t.Fatal(err)
 	}

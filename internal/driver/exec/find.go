@@ -8,6 +8,8 @@ import (
 	"strconv"
 
 	"github.com/flamehq/flame/internal/driver"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // adoptUnrecorded finds spec's workload without a handle from the agent
@@ -59,7 +61,7 @@ func (d *Driver) findByEnv(want []string) (handle, error) {
 		if err != nil || pid == self {
 			continue
 		}
-		st, err := readProcStat(pid)
+		st, err := hostproc.ReadStat(pid)
 		if err != nil || st.Pgrp != pid || st.State == 'Z' || st.State == 'X' {
 			continue
 		}

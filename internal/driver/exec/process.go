@@ -15,8 +15,6 @@ import (
 	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
-var errESRCH = unix.ESRCH
-
 // children holds, by pid, the workloads this OS process started and still
 // watches, so that Adopt from another Driver in the same process shares the
 // watcher instead of racing it to reap the child.
@@ -53,7 +51,7 @@ var _ driver.Process = (*process)(nil)
 
 // watchChild starts watching proc, just started by d.
 func (d *Driver) watchChild(proc *os.Process) (*process, error) {
-	st, err := readProcStat(proc.Pid)
+	st, err := hostproc.ReadStat(proc.Pid)
 	if err != nil {
 		return nil, fmt.Errorf("read start time of pid %d: %w", proc.Pid, err)
 	}
@@ -242,8 +240,8 @@ func (p *process) finishAdopted() driver.Exit {
 	}
 	// Not our child. While the zombie is still there or the pid is free,
 	// a group with this id can only be the workload's leftovers.
-	st, err := readProcStat(p.h.Pid)
-	if errors.Is(err, errNoProcess) || (err == nil && st.Start == p.h.Start) {
+	st, err := hostproc.ReadStat(p.h.Pid)
+	if errors.Is(err, hostproc.ErrNoProcess) || (err == nil && st.Start == p.h.Start) {
 		_ = unix.Kill(-p.h.Pid, unix.SIGKILL)
 	}
 	return unknown

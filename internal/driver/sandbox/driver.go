@@ -19,6 +19,8 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // Images is the host's image store as the driver uses it.
@@ -177,7 +179,7 @@ func New(cfg Config) (*Driver, error) {
 	d := &Driver{
 		cfg:    cfg,
 		logger: cfg.Logger.With("component", "driver/sandbox"),
-		bootID: readBootID(),
+		bootID: hostproc.BootID(),
 		cg:     cg,
 		leases: l,
 		images: make(map[string]*image.Image),
@@ -579,7 +581,7 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 		}
 		hs = st.Handle
 	}
-	h, err := parseHandle(hs)
+	h, err := hostproc.ParseHandle(hs)
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w: %w", spec.MachineID, err, driver.ErrGone)
 	}
@@ -624,7 +626,7 @@ func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
 func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 	var errs []error
 	if st, err := readState(spec.Dir); err == nil {
-		if h, err := parseHandle(st.Handle); err == nil && h.BootID == d.bootID {
+		if h, err := hostproc.ParseHandle(st.Handle); err == nil && h.BootID == d.bootID {
 			if err := killInit(ctx, h); err != nil {
 				errs = append(errs, err)
 			}

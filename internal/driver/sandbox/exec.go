@@ -16,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/driver"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // maxExecOutput caps what Exec keeps of each of stdout and stderr.
@@ -61,7 +63,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
 	}
-	h, err := parseHandle(st.Handle)
+	h, err := hostproc.ParseHandle(st.Handle)
 	if err != nil || h.BootID != d.bootID {
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
 	}

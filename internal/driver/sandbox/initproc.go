@@ -9,6 +9,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 // initProc is an init the driver started, in new namespaces, waiting for its
@@ -66,7 +68,7 @@ func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
 	}
 	pid := proc.Pid
 	proc.Release() // reaped through the children registry
-	st, serr := readProcStat(pid)
+	st, serr := hostproc.ReadStat(pid)
 	h := handle{Pid: pid, Start: st.Start, BootID: d.bootID}
 	children.Store(pid, h)
 	pidfd, perr := openInit(h)

@@ -9,6 +9,8 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
 )
 
 func TestMergeArgv(t *testing.T) {
@@ -185,20 +187,20 @@ func TestParseMountinfoLine(t *testing.T) {
 
 func TestHandle(t *testing.T) {
 	h := handle{Pid: 42, Start: 12345, BootID: "b0:0t"}
-	got, err := parseHandle(h.String())
+	got, err := hostproc.ParseHandle(h.String())
 	if err != nil || got != h {
 		t.Fatalf("round trip: %+v %v", got, err)
 	}
 	for _, bad := range []string{"", "1:2", "x:2:b", "0:2:b", "1:y:b"} {
-		if _, err := parseHandle(bad); err == nil {
+		if _, err := hostproc.ParseHandle(bad); err == nil {
 			t.Errorf("parsed %q", bad)
 		}
 	}
-	st, err := parseProcStat([]byte("7 (a) b) c) S 1 7 7 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 999 1000 10"))
+	st, err := hostproc.ParseStat([]byte("7 (a) b) c) S 1 7 7 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 999 1000 10"))
 	if err != nil || st.State != 'S' || st.Start != 999 {
 		t.Fatalf("%+v %v", st, err)
 	}
-	if !errors.Is(func() error { _, err := readProcStat(-5); return err }(), errNoProcess) {
-		t.Fatal("missing pid not errNoProcess")
+	if !errors.Is(func() error { _, err := hostproc.ReadStat(-5); return err }(), hostproc.ErrNoProcess) {
+		t.Fatal("missing pid not hostproc.ErrNoProcess")
 	}
 }
