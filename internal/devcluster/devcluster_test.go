@@ -149,7 +149,7 @@ func TestSixHostsThreeRegions(t *testing.T) {
 	c.Net.Kill(iad.ID)
 	deadline = time.Now().Add(15 * time.Second)
 	for {
-		snap := c.Hosts[0].Cluster.Snapshot()
+		snap := syd.Cluster.Snapshot()
 		if h := snap.Host(iad.ID); h != nil && !h.Up() {
 			if snap.Machine(m.ID) == nil {
 				t.Fatal("dead host's machine forgotten")
