@@ -147,24 +147,29 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("devcluster: dns address: %w", err)
 	}
-	var seed string
-	i := 0
+	// Every host's region is known before any starts: the latency function
+	// reads the map while hosts join, so it is never written after.
+	type plan struct{ id, region string }
+	var hosts []plan
 	for _, code := range cfg.Regions {
 		region, _ := geo.Lookup(code)
 		for n := 1; n <= cfg.HostsPerRegion; n++ {
 			id := fmt.Sprintf("%s-%d", code, n)
 			regionOf[id] = region
-			h, err := c.startHost(ctx, id, code, i, nextAddr(apiHost, apiPort, i), nextAddr(dnsHost, dnsPort, i), seed)
-			if err != nil {
-				c.Close()
-				return nil, fmt.Errorf("devcluster: host %s: %w", id, err)
-			}
-			if seed == "" {
-				seed = h.Cluster.GossipAddr()
-			}
-			c.Hosts = append(c.Hosts, h)
-			i++
+			hosts = append(hosts, plan{id, code})
 		}
+	}
+	var seed string
+	for i, p := range hosts {
+		h, err := c.startHost(ctx, p.id, p.region, i, nextAddr(apiHost, apiPort, i), nextAddr(dnsHost, dnsPort, i), seed)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("devcluster: host %s: %w", p.id, err)
+		}
+		if seed == "" {
+			seed = h.Cluster.GossipAddr()
+		}
+		c.Hosts = append(c.Hosts, h)
 	}
 	return c, nil
 }
