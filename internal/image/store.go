@@ -23,6 +23,8 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/flamehq/flame/internal/atomicfile"
 )
 
 // StoreConfig configures a Store.
@@ -536,23 +538,7 @@ func writeJSONAtomic(path string, v any, tmpDir string) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(tmpDir, ".json-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
+	return atomicfile.Write(path, b, tmpDir)
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

@@ -173,28 +173,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
 	cmd.WaitDelay = time.Second
 	err = cmd.Run()
-	res := driver.ExecResult{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		res.ExitCode = -1
-		return res, fmt.Errorf("exec %s %s: %w", spec.MachineID, command[0], ctxErr)
-	}
-	var ee *osexec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee):
-		res.ExitCode = ee.ExitCode()
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			res.ExitCode = 128 + int(ws.Signal())
-		}
-	case errors.Is(err, osexec.ErrWaitDelay):
-		// The command exited but something it started kept the output
-		// open; what it printed is kept.
-		res.ExitCode = cmd.ProcessState.ExitCode()
-	default:
-		res.ExitCode = 126
-		res.Stderr = fmt.Appendf(res.Stderr, "%s: %v\n", command[0], err)
-	}
-	return res, nil
+	return hostproc.ExecResult(ctx, spec.MachineID, cmd, err, stdout.Bytes(), stderr.Bytes())
 }
 
 // Cleanup has nothing to remove: the exec driver leaves no files of its own

@@ -6,11 +6,14 @@ package hostproc
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -131,4 +134,33 @@ func OpenPidfd(h Handle) (*os.File, error) {
 		return nil, err
 	}
 	return pidfd, nil
+}
+
+// ExecResult turns the outcome of running cmd (err from its Run or Wait)
+// into what a driver's Exec answers: a non-zero exit is a result, not an
+// error (128+n when killed by signal n, 126 when it could not run); only a
+// context that ended is an error.
+func ExecResult(ctx context.Context, machineID string, cmd *exec.Cmd, err error, stdout, stderr []byte) (driver.ExecResult, error) {
+	res := driver.ExecResult{Stdout: stdout, Stderr: stderr}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		res.ExitCode = -1
+		return res, fmt.Errorf("exec %s %s: %w", machineID, cmd.Args[0], ctxErr)
+	}
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		res.ExitCode = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			res.ExitCode = 128 + int(ws.Signal())
+		}
+	case errors.Is(err, exec.ErrWaitDelay):
+		// The command exited but something it started kept the output
+		// open; what it printed is kept.
+		res.ExitCode = cmd.ProcessState.ExitCode()
+	default:
+		res.ExitCode = 126
+		res.Stderr = fmt.Appendf(res.Stderr, "%s: %v\n", cmd.Args[0], err)
+	}
+	return res, nil
 }

@@ -3,7 +3,6 @@ package sandbox
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	osexec "os/exec"
@@ -128,26 +127,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	}()
 	err = cmd.Wait()
 	close(waited)
-	res := driver.ExecResult{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		res.ExitCode = -1
-		return res, fmt.Errorf("exec %s %s: %w", spec.MachineID, command[0], ctxErr)
-	}
-	var ee *osexec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee):
-		res.ExitCode = ee.ExitCode()
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			res.ExitCode = 128 + int(ws.Signal())
-		}
-	case errors.Is(err, osexec.ErrWaitDelay):
-		res.ExitCode = cmd.ProcessState.ExitCode()
-	default:
-		res.ExitCode = 126
-		res.Stderr = fmt.Appendf(res.Stderr, "%s: %v\n", command[0], err)
-	}
-	return res, nil
+	return hostproc.ExecResult(ctx, spec.MachineID, cmd, err, stdout.Bytes(), stderr.Bytes())
 }
 
 // startInNamespaces starts cmd from a thread that joined the namespaces of

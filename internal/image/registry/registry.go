@@ -24,6 +24,8 @@ import (
 	ggcr "github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/flamehq/flame/internal/atomicfile"
 )
 
 // maxManifest bounds the size of a manifest a client may push.
@@ -294,11 +296,11 @@ func (r *Registry) storeManifest(repo, target, digest, ctype string, body []byte
 		return err
 	}
 	dir := r.repoDir(repo)
-	if err := writeFileAtomic(filepath.Join(dir, "_manifests", "sha256", h.Hex), []byte(ctype)); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, "_manifests", "sha256", h.Hex), []byte(ctype), ""); err != nil {
 		return err
 	}
 	if !strings.HasPrefix(target, "sha256:") {
-		return writeFileAtomic(filepath.Join(dir, "_tags", target), []byte(digest))
+		return atomicfile.Write(filepath.Join(dir, "_tags", target), []byte(digest), "")
 	}
 	return nil
 }
@@ -443,26 +445,3 @@ func (b *bufferedResponse) Write(p []byte) (int, error) {
 	return b.body.Write(p)
 }
 func (b *bufferedResponse) WriteHeader(code int) { b.status = code }
-
-func writeFileAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
-}
