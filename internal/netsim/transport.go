@@ -24,6 +24,13 @@ type Transport struct {
 	packetCh chan *memberlist.Packet
 	l        *listener
 	once     sync.Once
+
+	// done is closed by Shutdown: it ends dials in flight, and the streams
+	// this transport opened are closed, as a host that shuts down drops its
+	// connections.
+	done  chan struct{}
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
 }
 
 var _ memberlist.NodeAwareTransport = (*Transport)(nil)
@@ -37,7 +44,8 @@ func (n *Network) Transport(name string, port int) (*Transport, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &Transport{n: n, h: h, packetCh: make(chan *memberlist.Packet, transportQueue)}
+	t := &Transport{n: n, h: h, packetCh: make(chan *memberlist.Packet, transportQueue),
+		done: make(chan struct{}), conns: map[net.Conn]struct{}{}}
 	if _, port, err = n.bindUDP(h, port, func(port int) packetSink {
 		t.port = port
 		t.addr = &net.UDPAddr{IP: h.ip, Port: port}
@@ -79,11 +87,40 @@ func (t *Transport) PacketCh() <-chan *memberlist.Packet { return t.packetCh }
 func (t *Transport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	go func() {
+		select {
+		case <-t.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	c, err := t.n.dial(ctx, t.h, addr)
 	if err != nil {
 		return nil, err
 	}
-	return c, nil
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	select {
+	case <-t.done:
+		c.Close()
+		return nil, net.ErrClosed
+	default:
+	}
+	t.conns[c] = struct{}{}
+	return &trackedConn{Conn: c, t: t}, nil
+}
+
+// trackedConn forgets itself on Close.
+type trackedConn struct {
+	net.Conn
+	t *Transport
+}
+
+func (c *trackedConn) Close() error {
+	c.t.mu.Lock()
+	delete(c.t.conns, c.Conn)
+	c.t.mu.Unlock()
+	return c.Conn.Close()
 }
 
 // DialAddressTimeout opens a stream to a.Addr, giving up after timeout.
@@ -105,6 +142,13 @@ func (t *Transport) close() {
 	t.once.Do(func() {
 		unbindUDP(t.h, t.port, t)
 		t.l.Close()
+		t.mu.Lock()
+		close(t.done)
+		for c := range t.conns {
+			c.Close()
+		}
+		t.conns = nil
+		t.mu.Unlock()
 	})
 }
 
