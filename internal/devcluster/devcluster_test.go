@@ -18,19 +18,28 @@ import (
 	"github.com/flamehq/flame/internal/driver/exec"
 )
 
-type tWriter struct{ t testing.TB }
+// tWriter routes logs to t.Log until the test ends; memberlist leaves a
+// few goroutines of its own behind that may still log after that.
+type tWriter struct {
+	t    testing.TB
+	over *atomic.Bool
+}
 
 func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
+	if !w.over.Load() {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
 	return len(p), nil
 }
 
 func startDev(t *testing.T) *Cluster {
 	t.Helper()
 	ctx := context.Background()
+	over := new(atomic.Bool)
+	t.Cleanup(func() { over.Store(true) }) // runs after the cluster's cleanup
 	c, err := Start(ctx, Config{
 		Dir: t.TempDir(), Token: "t", Seed: 1,
-		Logger: slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		NewDriver: func(string, int, string) (driver.Driver, error) {
 			return exec.New(exec.Config{}, nil), nil
 		},
