@@ -244,15 +244,24 @@ func TestHostileHostOverNetwork(t *testing.T) {
 	for _, id := range []string{"a", "b", "c", "evil"} {
 		cs = append(cs, sim.add(id, "ams", fastTimings))
 	}
-	waitFor(t, 10*time.Second, "four members", func() bool { return len(cs[0].Snapshot().Hosts()) == 4 })
 	evil := cs[3]
+	waitFor(t, 10*time.Second, "four members, known to evil too", func() bool {
+		if len(cs[0].Snapshot().Hosts()) != 4 {
+			return false
+		}
+		evil.mu.Lock()
+		defer evil.mu.Unlock()
+		return evil.members["a"] != nil && evil.members["b"] != nil && evil.members["c"] != nil
+	})
 	junk := encodeDelta(&delta{Owner: "a", Version: uint64(time.Now().UnixNano()),
 		Upserts: []Machine{{ID: "x", App: "web", Region: "ams", State: "started", Services: []Service{{Protocol: "tcp", InternalPort: 99999}}}}})
 	for i := range 20 {
 		evil.enqueue(junk)
 		evil.enqueue([]byte{wireFormat, kindDelta, 0xff})
 		for _, id := range []string{"a", "b", "c"} {
+			evil.mu.Lock()
 			node := evil.members[id].node
+			evil.mu.Unlock()
 			evil.ml.SendBestEffort(&node, []byte(fmt.Sprintf("junk %d", i)))
 		}
 	}
