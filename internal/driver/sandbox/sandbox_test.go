@@ -704,18 +704,26 @@ func snapshot(t testing.TB, d *Driver) leaks {
 	t.Helper()
 	waitSpare(t, d)
 	l := leaks{}
-	// Processes running the init (the test binary as sandbox-init).
+	// Processes running this driver's init (the test binary as
+	// sandbox-init, in a cgroup under the driver's parent): other packages'
+	// tests may run sandboxes at the same time.
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err == nil && strings.Contains(string(b), InitCommand) {
+		if err != nil || !strings.Contains(string(b), InitCommand) {
+			continue
+		}
+		if cgs, err := os.ReadFile("/proc/" + e.Name() + "/cgroup"); err == nil && strings.Contains(string(cgs), "/"+d.cfg.CgroupParent+"/") {
 			l["init processes"]++
 		}
 	}
+	// The veths on this driver's bridge.
 	links, _ := netlink.LinkList()
-	for _, k := range links {
-		if strings.HasPrefix(k.Attrs().Name, "f") && len(k.Attrs().Name) == 15 || k.Type() == "veth" {
-			l["veth links"]++
+	if br, err := netlink.LinkByName(d.cfg.Bridge); err == nil {
+		for _, k := range links {
+			if k.Type() == "veth" && k.Attrs().MasterIndex == br.Attrs().Index {
+				l["veth links"]++
+			}
 		}
 	}
 	for _, r := range d.cg.roots {

@@ -212,8 +212,14 @@ func TestCloseTeardown(t *testing.T) {
 	count := func() leaks {
 		l := leaks{}
 		entries, _ := os.ReadDir("/proc")
+		// Only this driver's: other tests in other packages may run
+		// sandboxes at the same time.
 		for _, e := range entries {
-			if b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline"); err == nil && strings.Contains(string(b), InitCommand) {
+			b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			if err != nil || !strings.Contains(string(b), InitCommand) {
+				continue
+			}
+			if cgs, err := os.ReadFile("/proc/" + e.Name() + "/cgroup"); err == nil && strings.Contains(string(cgs), "/"+cfg.CgroupParent+"/") {
 				l["init processes"]++
 			}
 		}
@@ -225,8 +231,15 @@ func TestCloseTeardown(t *testing.T) {
 			}
 		}
 		links, _ := netlink.LinkList()
+		bridge := 0
 		for _, k := range links {
-			if k.Type() == "veth" || k.Attrs().Name == cfg.Bridge {
+			if k.Attrs().Name == cfg.Bridge {
+				bridge = k.Attrs().Index
+				l["links"]++
+			}
+		}
+		for _, k := range links {
+			if k.Type() == "veth" && bridge != 0 && k.Attrs().MasterIndex == bridge {
 				l["links"]++
 			}
 		}
