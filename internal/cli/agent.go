@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -65,30 +66,47 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err := os.MkdirAll(f.dataDir, 0o755); err != nil {
 		return err
 	}
-	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: f.token, Logger: log})
-	if err != nil {
-		return err
-	}
+	// Listen first: a driver (a sandbox's bridge, cgroups and spare init)
+	// is only made for an agent that can serve.
 	ln, err := net.Listen("tcp", f.apiAddr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
+	}
+	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: f.token, Logger: log})
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	closeDriver := func() {
+		if c, ok := d.(io.Closer); ok {
+			c.Close()
+		}
 	}
 	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: f.token, Driver: d, Logger: log, Join: f.join}
 	if f.hostID != "" {
 		gh, gp, err := net.SplitHostPort(f.gossipAddr)
 		if err != nil {
+			ln.Close()
+			closeDriver()
 			return usageError{fmt.Errorf("--gossip-addr: %w", err)}
 		}
 		port, err := strconv.Atoi(gp)
 		if err != nil {
+			ln.Close()
+			closeDriver()
 			return usageError{fmt.Errorf("--gossip-addr: bad port %q", gp)}
 		}
 		hc.Cluster = cluster.Config{HostID: f.hostID, BindAddr: gh, BindPort: port}
 		if f.dnsAddr != "" {
-			if hc.DNSPacketConn, err = net.ListenPacket("udp", f.dnsAddr); err != nil {
-				return fmt.Errorf("dns: %w", err)
+			if hc.DNSPacketConn, err = net.ListenPacket("udp", f.dnsAddr); err == nil {
+				hc.DNSListener, err = net.Listen("tcp", f.dnsAddr)
 			}
-			if hc.DNSListener, err = net.Listen("tcp", f.dnsAddr); err != nil {
+			if err != nil {
+				ln.Close()
+				closeDriver()
+				if hc.DNSPacketConn != nil {
+					hc.DNSPacketConn.Close()
+				}
 				return fmt.Errorf("dns: %w", err)
 			}
 		}
@@ -96,6 +114,7 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	h, err := host.New(hc)
 	if err != nil {
 		ln.Close()
+		closeDriver()
 		return err
 	}
 	if err := h.Start(c.Context()); err != nil {
