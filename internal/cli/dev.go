@@ -90,7 +90,11 @@ func runDev(c *cobra.Command, f devFlags) error {
 		Logger:         log,
 		Registry:       reg,
 		NewDriver: func(id string, i int, registryAddr string) (driver.Driver, error) {
-			d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: filepath.Join(f.dataDir, id),
+			kind := f.driver
+			if i > 0 {
+				kind = kinds[0] // decided (and warned about) once, for the first host
+			}
+			d, kind, err := host.NewDriver(host.DriverConfig{Kind: kind, DataDir: filepath.Join(f.dataDir, id),
 				Registry: registryAddr, RegistryToken: f.token, Index: i, Logger: log.With("host", id)})
 			kinds = append(kinds, kind)
 			return d, err
