@@ -556,7 +556,7 @@ func (a *Agent) resume(m *mach) error {
 		return nil
 	case machine.Stopping:
 		m.proc = adopt(r.Handle)
-		sig, to := opSignal(r.Op), opTimeout(r.Op)
+		sig, to := opSignal(r.Op), a.opTimeout(r.Op)
 		return a.finishStop(m, sig, to)
 	case machine.Suspending:
 		m.proc = adopt(r.Handle)
@@ -564,7 +564,7 @@ func (a *Agent) resume(m *mach) error {
 	case machine.Restarting:
 		if r.Op != nil && r.Op.Kind == "restart" {
 			m.proc = adopt(r.Handle)
-			return a.finishRestart(m, opSignal(r.Op), opTimeout(r.Op))
+			return a.finishRestart(m, opSignal(r.Op), a.opTimeout(r.Op))
 		}
 		// Waiting out a restart backoff.
 		delay := max(r.RestartAt.Sub(a.now()), 0)
@@ -599,11 +599,13 @@ func opSignal(o *op) syscall.Signal {
 	return syscall.SIGINT
 }
 
-func opTimeout(o *op) time.Duration {
+// opTimeout is the stop timeout an interrupted operation recorded, or the
+// agent's default.
+func (a *Agent) opTimeout(o *op) time.Duration {
 	if o != nil && o.Timeout > 0 {
 		return o.Timeout
 	}
-	return 5 * time.Second
+	return a.cfg.StopTimeout
 }
 
 func sigName(s syscall.Signal) string { return fmt.Sprintf("%d", int(s)) }

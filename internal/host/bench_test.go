@@ -4,7 +4,6 @@ import (
 	"context"
 	"net"
 	"os"
-	"slices"
 	"testing"
 	"time"
 
@@ -40,12 +39,9 @@ func ptr[T any](v T) *T { return &v }
 
 // reportPercentiles adds p50 and p99 of ds to the benchmark's output.
 func reportPercentiles(b *testing.B, ds []time.Duration) {
-	slices.Sort(ds)
-	pct := func(p float64) float64 {
-		return float64(ds[min(len(ds)-1, int(p*float64(len(ds))))].Microseconds()) / 1000
-	}
-	b.ReportMetric(pct(0.50), "p50-ms")
-	b.ReportMetric(pct(0.99), "p99-ms")
+	p50, p99 := percentiles(ds)
+	b.ReportMetric(p50, "p50-ms")
+	b.ReportMetric(p99, "p99-ms")
 	b.ReportMetric(0, "ns/op")
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -178,13 +179,10 @@ func runcBundle(b *testing.B, runc, rootfs string) string {
 	return bundle
 }
 
+// percentiles returns the p50 and p99 of ds in milliseconds.
 func percentiles(ds []time.Duration) (p50, p99 float64) {
-	s := append([]time.Duration(nil), ds...)
-	for i := 1; i < len(s); i++ {
-		for j := i; j > 0 && s[j] < s[j-1]; j-- {
-			s[j], s[j-1] = s[j-1], s[j]
-		}
-	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
 	at := func(p float64) float64 {
 		return float64(s[min(len(s)-1, int(p*float64(len(s))))].Microseconds()) / 1000
 	}
