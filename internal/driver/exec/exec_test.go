@@ -537,6 +537,9 @@ func TestAdoptUnrecorded(t *testing.T) {
 	spec.InstanceID = "01J0000000000000000000000A"
 	spec.Env["FLY_MACHINE_VERSION"] = fmt.Sprintf("%s-%d", spec.InstanceID, time.Now().UnixNano())
 	p := start(t, d, spec)
+	// Between fork and exec a child still shows its parent's environment;
+	// an agent recovering later never looks that early.
+	waitLog(t, spec.LogPath, "ready")
 
 	// A driver that shares nothing with the one that started it but /proc
 	// finds the workload by its identity variables.
