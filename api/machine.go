@@ -145,6 +145,17 @@ type LaunchMachineInput struct {
 	LeaseTTL                int            `json:"lease_ttl,omitempty"`
 	// CurrentVersion, on an update, must match the machine's instance_id when set.
 	CurrentVersion string `json:"current_version,omitempty"`
+
+	// The fields below are set by Flame's control plane when it asks a host
+	// to run a machine; its public API refuses them.
+
+	// ID is the machine id the control plane chose (14 lowercase hex).
+	ID string `json:"id,omitempty"`
+	// Org is the slug of the org that owns the app.
+	Org string `json:"org,omitempty"`
+	// Secrets are the app's secrets in plain text, given to the workload as
+	// environment variables and never shown in the machine's config.
+	Secrets map[string]string `json:"secrets,omitempty"`
 }
 
 // StopMachineInput is the body of a stop.

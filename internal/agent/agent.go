@@ -45,6 +45,9 @@ type Config struct {
 	// OnChange, if set, is called after any machine changed (state, config,
 	// checks). It must not block; calls may come from several goroutines.
 	OnChange func()
+	// Capacity bounds what the host runs at once: a create, start or
+	// update that would exceed it is refused with 503. Zero is unlimited.
+	Capacity Capacity
 }
 
 func (c *Config) setDefaults() {
@@ -89,6 +92,10 @@ type Agent struct {
 	ctx    context.Context // ends when the agent closes
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // every goroutine the agent owns
+
+	// capMu is held from an admission check until the admitted machine's
+	// state shows it occupies its share (see admit).
+	capMu sync.Mutex
 
 	mu       sync.RWMutex
 	machines map[string]*mach

@@ -6,6 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -26,7 +27,10 @@ var _ httpapi.Backend = (*Agent)(nil)
 // DefaultLeaseTTL is a lease's life when the request names none.
 const DefaultLeaseTTL = 30 * time.Second
 
-var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
+var (
+	validName      = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
+	validMachineID = regexp.MustCompile(`^[0-9a-f]{14}$`)
+)
 
 // newMachineID returns 14 lowercase hex characters.
 func newMachineID() string {
@@ -54,8 +58,13 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	if in.LeaseTTL < 0 {
 		return nil, api.Errorf(422, "lease_ttl must not be negative")
 	}
+	id := in.ID
+	if id == "" {
+		id = newMachineID()
+	} else if !validMachineID.MatchString(id) {
+		return nil, api.Errorf(422, "id %q: want 14 lowercase hex characters", id)
+	}
 	now := a.now()
-	id := newMachineID()
 	inst := ulid.Make().String()
 	name := in.Name
 	if name == "" {
@@ -63,7 +72,7 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	}
 	cfg := cloneConfig(in.Config)
 	r := &record{
-		ID: id, App: app, Name: name, Region: a.cfg.Region,
+		ID: id, App: app, Org: in.Org, Name: name, Region: a.cfg.Region, Secrets: maps.Clone(in.Secrets),
 		State: machine.Creating, Instance: inst, Config: cfg,
 		Versions:   []version{{Instance: inst, State: machine.Creating, CreatedAt: now, Config: cfg}},
 		CreatedAt:  now,
@@ -79,16 +88,12 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	m := newMach(r)
 	m.opMu.Lock()
 	defer m.opMu.Unlock()
-	if err := a.commit(m, r, newEvent(api.EventLaunch, string(machine.Creating), sourceUser)); err != nil {
+	if err := a.register(m, r); err != nil {
+		if !errors.Is(err, api.ErrConflict) {
+			os.RemoveAll(a.machineDir(id))
+		}
 		return nil, err
 	}
-	a.mu.Lock()
-	if a.closed {
-		a.mu.Unlock()
-		return nil, api.Errorf(503, "agent is shutting down")
-	}
-	a.machines[id] = m
-	a.mu.Unlock()
 
 	var err error
 	if in.SkipLaunch {
@@ -158,6 +163,7 @@ func metadataMatches(cfg *api.MachineConfig, want map[string]string) bool {
 // API's Machine does not carry it).
 type AppMachine struct {
 	App     string
+	Org     string
 	Machine *api.Machine
 }
 
@@ -167,7 +173,7 @@ func (a *Agent) AllMachines() []AppMachine {
 	var out []AppMachine
 	for _, m := range a.all() {
 		if r := m.rec.Load(); r.State != machine.Destroyed {
-			out = append(out, AppMachine{App: r.App, Machine: a.view(m, r)})
+			out = append(out, AppMachine{App: r.App, Org: r.Org, Machine: a.view(m, r)})
 		}
 	}
 	return out
@@ -194,6 +200,21 @@ func (a *Agent) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in ap
 		return nil, api.Errorf(412, "machine %s is at version %s, not %s", r.ID, r.Instance, in.CurrentVersion)
 	}
 	cfg := cloneConfig(in.Config)
+	if in.Secrets != nil {
+		if err := a.commit(m, withRecord(r, func(r *record) { r.Secrets = maps.Clone(in.Secrets) }), nil); err != nil {
+			return nil, err
+		}
+		r = m.rec.Load()
+	}
+	if !in.SkipLaunch && r.State == machine.Started {
+		// The new version takes the old one's share: check only the growth.
+		a.capMu.Lock()
+		err := a.admit(guest(cfg), m)
+		a.capMu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
 	if in.SkipLaunch && r.State == machine.Started {
 		// skip_launch on update: apply the config without starting the new version.
 		if err := a.stopLocked(m, "", 0, sourceUser); err != nil {
@@ -221,7 +242,13 @@ func (a *Agent) StartMachine(ctx context.Context, ref httpapi.MachineRef) (*api.
 		return nil, api.Errorf(409, "machine %s is %s: it cannot be started", r.ID, r.State)
 	}
 	prev := r.State
-	if err := a.step(m, machine.Starting, nil, func(r *record) { r.Op = &op{Kind: "start"}; r.Restarts = 0 }); err != nil {
+	a.capMu.Lock()
+	err = a.admit(guest(r.Config), nil)
+	if err == nil {
+		err = a.step(m, machine.Starting, nil, func(r *record) { r.Op = &op{Kind: "start"}; r.Restarts = 0 })
+	}
+	a.capMu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	if err := a.launch(m, sourceUser, api.EventStart); err != nil {

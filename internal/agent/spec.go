@@ -68,6 +68,7 @@ func guestMemory(cfg *api.MachineConfig) int {
 func workloadEnv(r *record, cfg *api.MachineConfig) map[string]string {
 	env := map[string]string{"PATH": defaultPath, "PRIMARY_REGION": r.Region}
 	maps.Copy(env, cfg.Env)
+	maps.Copy(env, r.Secrets)
 	if len(cfg.Processes) > 0 {
 		maps.Copy(env, cfg.Processes[0].Env)
 	}

@@ -21,6 +21,7 @@ import (
 type record struct {
 	ID        string             `json:"id"`
 	App       string             `json:"app"`
+	Org       string             `json:"org,omitempty"`
 	Name      string             `json:"name"`
 	Region    string             `json:"region"`
 	State     machine.State      `json:"state"`
@@ -45,9 +46,12 @@ type record struct {
 	// RestartAt is when a restart waiting out its backoff is due.
 	RestartAt time.Time `json:"restart_at,omitzero"`
 
-	SkipLaunch bool   `json:"skip_launch,omitempty"`
-	Cordoned   bool   `json:"cordoned,omitempty"`
-	Lease      *lease `json:"lease,omitempty"`
+	SkipLaunch bool `json:"skip_launch,omitempty"`
+	// Secrets are the app's secrets as the control plane gave them: the
+	// workload's environment, never shown in a view.
+	Secrets  map[string]string `json:"secrets,omitempty"`
+	Cordoned bool              `json:"cordoned,omitempty"`
+	Lease    *lease            `json:"lease,omitempty"`
 
 	// Events are newest first, at most maxEvents. They are stored apart from
 	// the record, one key each, so a step writes only its new event.

@@ -13,9 +13,16 @@ import (
 	"github.com/flamehq/flame/internal/cluster"
 )
 
-// DefaultCapacity is what this machine has: its CPUs and memory.
+// SharedCPUOvercommit is how many guest CPUs one CPU of the machine counts
+// for: guests' CPUs are shared (Fly's shared-cpu-1x) and mostly idle, so a
+// host runs many more of them than it has cores; their CPU weight and quota
+// keep them fair when they are busy at once.
+const SharedCPUOvercommit = 16
+
+// DefaultCapacity is what this machine can run: its CPUs (times
+// SharedCPUOvercommit) and its memory.
 func DefaultCapacity() cluster.Resources {
-	r := cluster.Resources{CPUs: runtime.NumCPU(), MemoryMB: 1024}
+	r := cluster.Resources{CPUs: runtime.NumCPU() * SharedCPUOvercommit, MemoryMB: 1024}
 	f, err := os.Open("/proc/meminfo")
 	if err != nil {
 		return r

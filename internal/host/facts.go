@@ -13,12 +13,14 @@ import (
 
 // hostFacts is what this host publishes: its machines as the cluster needs
 // them, and what it has free.
-func hostFacts(ms []agent.AppMachine, capacity cluster.Resources) cluster.HostFacts {
-	f := cluster.HostFacts{Machines: make([]cluster.Machine, 0, len(ms)), Free: capacity}
+func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Resources) cluster.HostFacts {
+	f := cluster.HostFacts{Machines: make([]cluster.Machine, 0, len(ms)), Free: cluster.Resources{
+		CPUs: max(capacity.CPUs-used.CPUs, 0), MemoryMB: max(capacity.MemoryMB-used.MemoryMB, 0),
+	}}
 	for _, am := range ms {
 		m := am.Machine
 		cm := cluster.Machine{
-			ID: m.ID, App: am.App, Region: m.Region, State: m.State, InstanceID: m.InstanceID,
+			ID: m.ID, App: am.App, Org: am.Org, Region: m.Region, State: m.State, InstanceID: m.InstanceID,
 			PrivateIP: m.PrivateIP, Cordoned: m.Cordoned, ProcessGroup: "app",
 		}
 		if cfg := m.Config; cfg != nil {
@@ -28,21 +30,12 @@ func hostFacts(ms []agent.AppMachine, capacity cluster.Resources) cluster.HostFa
 			for _, s := range cfg.Services {
 				cm.Services = append(cm.Services, clusterService(s))
 			}
-			if m.State == api.StateStarted {
-				cpus, mem := 1, 256
-				if g := cfg.Guest; g != nil {
-					cpus, mem = max(g.CPUs, 1), max(g.MemoryMB, 256)
-				}
-				f.Free.CPUs -= cpus
-				f.Free.MemoryMB -= mem
-			}
 		}
 		for _, c := range m.Checks {
 			cm.Checks = append(cm.Checks, cluster.CheckStatus{Name: c.Name, Status: c.Status, Output: clip(c.Output, 256)})
 		}
 		f.Machines = append(f.Machines, cm)
 	}
-	f.Free.CPUs, f.Free.MemoryMB = max(f.Free.CPUs, 0), max(f.Free.MemoryMB, 0)
 	return f
 }
 

@@ -84,7 +84,11 @@ func New(cfg Config) (*Host, error) {
 		return nil, err
 	}
 	h := &Host{cfg: cfg, log: cfg.Logger.With("component", "host"), kick: make(chan struct{}, 1)}
+	if cfg.Cluster.Capacity == (cluster.Resources{}) {
+		cfg.Cluster.Capacity = DefaultCapacity()
+	}
 	ag, err := agent.New(agent.Config{
+		Capacity: agent.Capacity{CPUs: cfg.Cluster.Capacity.CPUs, MemoryMB: cfg.Cluster.Capacity.MemoryMB},
 		DataDir:  cfg.DataDir,
 		Region:   cfg.Region,
 		Driver:   cfg.Driver,
@@ -114,9 +118,6 @@ func New(cfg Config) (*Host, error) {
 		cc.Addrs = map[string]string{"api": cfg.Listener.Addr().String()}
 		if cfg.DNSPacketConn != nil {
 			cc.Addrs["dns"] = cfg.DNSPacketConn.LocalAddr().String()
-		}
-		if cc.Capacity == (cluster.Resources{}) {
-			cc.Capacity = DefaultCapacity()
 		}
 		if h.Cluster, err = cluster.New(cc); err != nil {
 			ag.Close()
@@ -150,7 +151,7 @@ func (h *Host) publish(ctx context.Context) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
 	for {
-		if err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.cfg.Cluster.Capacity)); err != nil {
+		if err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity)); err != nil {
 			h.log.Warn("publish host facts", "err", err)
 		}
 		select {
