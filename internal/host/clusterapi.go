@@ -2,6 +2,7 @@ package host
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"net/http"
 	"os"
@@ -61,7 +62,7 @@ type ClusterMachine struct {
 
 // clusterHandler serves this host's view of the cluster, read-only:
 // GET /v1/cluster/hosts and GET /v1/cluster/machines[?app=].
-func (h *Host) clusterHandler(auth func(*http.Request) error) http.Handler {
+func (h *Host) clusterHandler(auth func(*http.Request) (context.Context, error)) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/cluster/hosts", func(w http.ResponseWriter, r *http.Request) {
 		snap := h.Cluster.Snapshot()
@@ -90,7 +91,7 @@ func (h *Host) clusterHandler(auth func(*http.Request) error) http.Handler {
 		writeJSON(w, out)
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if err := auth(r); err != nil {
+		if _, err := auth(r); err != nil {
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(http.StatusUnauthorized)
 			json.NewEncoder(w).Encode(api.ErrorBody{Error: err.Error()})

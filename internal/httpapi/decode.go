@@ -13,11 +13,11 @@ import (
 	"strings"
 )
 
-// decodeBody reads the request body strictly into v (a pointer to a struct):
+// DecodeBody reads the request body strictly into v (a pointer to a struct):
 // unknown fields, wrong types, malformed JSON and anything after the value
 // are 400s that say what and where. An empty body is a 400 when required and
 // leaves v alone otherwise.
-func decodeBody(r *http.Request, v any, required bool) error {
+func DecodeBody(r *http.Request, v any, required bool) error {
 	b, err := io.ReadAll(r.Body)
 	if err != nil {
 		var mbe *http.MaxBytesError

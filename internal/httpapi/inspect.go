@@ -43,7 +43,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var in api.ExecRequest
-	if err := decodeBody(r, &in, true); err != nil {
+	if err := DecodeBody(r, &in, true); err != nil {
 		return err
 	}
 	if len(in.Command) == 0 {

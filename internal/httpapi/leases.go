@@ -28,7 +28,7 @@ func (s *Server) acquireLease(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var in api.LeaseInput
-	if err := decodeBody(r, &in, false); err != nil {
+	if err := DecodeBody(r, &in, false); err != nil {
 		return err
 	}
 	if in.TTL < 0 {

@@ -35,7 +35,7 @@ func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var b stopBody
-	if err := decodeBody(r, &b, false); err != nil {
+	if err := DecodeBody(r, &b, false); err != nil {
 		return err
 	}
 	if b.ID != "" && b.ID != ref.ID {
@@ -93,7 +93,7 @@ func (s *Server) signalMachine(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var b signalBody
-	if err := decodeBody(r, &b, true); err != nil {
+	if err := DecodeBody(r, &b, true); err != nil {
 		return err
 	}
 	if b.Signal == "" {

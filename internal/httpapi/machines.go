@@ -59,14 +59,14 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 			out = append(out, m)
 		}
 	}
-	writeJSON(w, http.StatusOK, out)
+	WriteJSON(w, http.StatusOK, out)
 	return nil
 }
 
 // launchInput decodes a create or update body, which must carry a config.
 func launchInput(r *http.Request) (api.LaunchMachineInput, error) {
 	var in api.LaunchMachineInput
-	if err := decodeBody(r, &in, true); err != nil {
+	if err := DecodeBody(r, &in, true); err != nil {
 		return in, err
 	}
 	if in.Config == nil {
@@ -148,7 +148,7 @@ func answer[T any](w http.ResponseWriter, v *T, err error) error {
 	if v == nil {
 		return errNoResult
 	}
-	writeJSON(w, http.StatusOK, v)
+	WriteJSON(w, http.StatusOK, v)
 	return nil
 }
 
@@ -160,6 +160,6 @@ func list[T any](w http.ResponseWriter, vs []T, err error) error {
 	if vs == nil {
 		vs = []T{}
 	}
-	writeJSON(w, http.StatusOK, vs)
+	WriteJSON(w, http.StatusOK, vs)
 	return nil
 }

@@ -27,7 +27,7 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) error {
 	if md == nil {
 		md = map[string]string{}
 	}
-	writeJSON(w, http.StatusOK, md)
+	WriteJSON(w, http.StatusOK, md)
 	return nil
 }
 
@@ -48,7 +48,7 @@ func (s *Server) getMetadataKey(w http.ResponseWriter, r *http.Request) error {
 	if !ok {
 		return api.Errorf(http.StatusNotFound, "metadata key %q not found", key)
 	}
-	writeJSON(w, http.StatusOK, api.MetadataInput{Value: v})
+	WriteJSON(w, http.StatusOK, api.MetadataInput{Value: v})
 	return nil
 }
 
@@ -67,7 +67,7 @@ func (s *Server) setMetadataKey(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var b metadataBody
-	if err := decodeBody(r, &b, true); err != nil {
+	if err := DecodeBody(r, &b, true); err != nil {
 		return err
 	}
 	if b.Value == nil {

@@ -14,7 +14,7 @@ import (
 const statusClientClosed = 499
 
 // writeJSON answers v as JSON with the given status.
-func writeJSON(w http.ResponseWriter, status int, v any) {
+func WriteJSON(w http.ResponseWriter, status int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		// Only a value the API types cannot hold gets here.
@@ -27,7 +27,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // writeOK answers {"ok": true}.
-func writeOK(w http.ResponseWriter) { writeJSON(w, http.StatusOK, api.OK{OK: true}) }
+func writeOK(w http.ResponseWriter) { WriteJSON(w, http.StatusOK, api.OK{OK: true}) }
 
 // writeError answers {"error": msg} with status, unless a response is
 // already under way.
@@ -35,7 +35,7 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	if c, ok := w.(interface{ committed() bool }); ok && c.committed() {
 		return
 	}
-	writeJSON(w, status, api.ErrorBody{Error: msg})
+	WriteJSON(w, status, api.ErrorBody{Error: msg})
 }
 
 // fail answers err: an *api.Error with its own status and message, an

@@ -34,6 +34,7 @@
 package httpapi
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -52,10 +53,12 @@ const DefaultMaxBodyBytes = 1 << 20
 type Config struct {
 	// Backend answers every call. Required.
 	Backend Backend
-	// Authenticate vets each request before it is routed. An error answers
-	// 401 with the error's message, or the status of an *api.Error it
-	// returns (401 or 403). Nil lets every request in.
-	Authenticate func(r *http.Request) error
+	// Authenticate vets each request before it is routed and returns the
+	// context the request goes on with (it may carry who is calling, for the
+	// Backend to check what they may see). An error answers 401 with the
+	// error's message, or the status of an *api.Error it returns (401 or
+	// 403). Nil lets every request in.
+	Authenticate func(r *http.Request) (context.Context, error)
 	// Logger receives one debug line per request and an error line per
 	// failure the client cannot see the cause of. Nil discards.
 	Logger *slog.Logger
@@ -78,7 +81,7 @@ func (c Config) Validate() error {
 // Server serves the Machines API. It is an http.Handler.
 type Server struct {
 	backend Backend
-	auth    func(*http.Request) error
+	auth    func(*http.Request) (context.Context, error)
 	log     *slog.Logger
 	maxBody int64
 	mux     *http.ServeMux
@@ -143,6 +146,14 @@ func (s *Server) routes() {
 	s.route("DELETE "+m+"/metadata/{key}", s.deleteMetadataKey)
 }
 
+// Handle adds a route beside the Machines API's (a control plane serves its
+// apps, secrets and regions this way), with the same authentication, body
+// limit, error rendering, panic recovery and logging. Register routes
+// before serving.
+func (s *Server) Handle(pattern string, h func(http.ResponseWriter, *http.Request) error) {
+	s.route(pattern, h)
+}
+
 // route registers h for pattern; an error h returns becomes the response.
 func (s *Server) route(pattern string, h func(http.ResponseWriter, *http.Request) error) {
 	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
@@ -177,10 +188,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 
 	if s.auth != nil {
-		if err := s.auth(r); err != nil {
+		ctx, err := s.auth(r)
+		if err != nil {
 			s.unauthorized(rw, err)
 			return
 		}
+		r = r.WithContext(ctx)
 	}
 	// The underlying writer, so the server also closes the connection after
 	// an oversized body.

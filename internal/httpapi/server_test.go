@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -225,14 +226,14 @@ func TestAuth(t *testing.T) {
 			}
 		})
 	}
-	if err := TokenAuth("")(httptestRequest("Bearer ")); err == nil {
+	if _, err := TokenAuth("")(httptestRequest("Bearer x")); err == nil {
 		t.Error("an empty token accepted a request")
 	}
 }
 
 func TestAuthenticateForbidden(t *testing.T) {
 	s, err := New(Config{Backend: newFake(), Logger: testLogger(t),
-		Authenticate: func(*http.Request) error { return api.Errorf(403, "read-only token") }})
+		Authenticate: func(*http.Request) (context.Context, error) { return nil, api.Errorf(403, "read-only token") }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -376,7 +377,9 @@ func (r *recorder) Write(b []byte) (int, error) {
 // An authenticator's own failure answers 401 without its details.
 func TestAuthenticateOtherError(t *testing.T) {
 	s, err := New(Config{Backend: newFake(), Logger: testLogger(t),
-		Authenticate: func(*http.Request) error { return errors.New("token store at 10.0.0.7 unreachable") }})
+		Authenticate: func(*http.Request) (context.Context, error) {
+			return nil, errors.New("token store at 10.0.0.7 unreachable")
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
