@@ -132,6 +132,7 @@ func (c *Client) Suspend(ctx context.Context, app, id string) error {
 // WaitOptions say what Wait waits for.
 type WaitOptions struct {
 	State       string        // default (server's) "started"
+	States      []string      // more states, any of which ends the wait (Flame's API takes several)
 	Timeout     time.Duration // sent in whole seconds, rounded up; servers allow at most 60 s
 	InstanceID  string        // wait for this version of the machine
 	FromEventID string        // consider only events after this one
@@ -147,6 +148,9 @@ func (c *Client) Wait(ctx context.Context, app, id string, o WaitOptions) error 
 	q := url.Values{}
 	if o.State != "" {
 		q.Set("state", o.State)
+	}
+	for _, st := range o.States {
+		q.Add("state", st)
 	}
 	if o.Timeout > 0 {
 		secs := int64((o.Timeout + time.Second - 1) / time.Second)

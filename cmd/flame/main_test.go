@@ -83,7 +83,18 @@ func startFlame(t *testing.T, args ...string) *proc {
 // apiURL waits for the line announcing the Machines API and returns its URL.
 func (p *proc) apiURL(t *testing.T) string {
 	t.Helper()
-	re := regexp.MustCompile(`(?:Machines API|machines API on)\s+(http://[0-9.:]+)`)
+	return p.waitLine(t, regexp.MustCompile(`(?:Machines API|machines API on)\s+(http://[0-9.:]+)`), "its API")
+}
+
+// token reads the token `flame dev` prints after its API.
+func (p *proc) token(t *testing.T) string {
+	t.Helper()
+	return p.waitLine(t, regexp.MustCompile(`^\s+Token\s+(\S+)`), "its token")
+}
+
+// waitLine reads output until a line matches re and returns its first group.
+func (p *proc) waitLine(t *testing.T, re *regexp.Regexp, what string) string {
+	t.Helper()
 	timeout := time.After(20 * time.Second)
 	for {
 		select {
@@ -92,9 +103,9 @@ func (p *proc) apiURL(t *testing.T) string {
 				return m[1]
 			}
 		case <-p.done:
-			t.Fatal("flame exited before serving its API")
+			t.Fatalf("flame exited before printing %s", what)
 		case <-timeout:
-			t.Fatal("flame did not announce its API")
+			t.Fatalf("flame did not print %s", what)
 		}
 	}
 }
@@ -256,11 +267,12 @@ func TestAgentKilledResumes(t *testing.T) {
 	}
 }
 
-// TestDevStopsCleanly runs `flame dev`, starts the demo app through its API,
-// and interrupts it: every machine stops and the temporary state goes away.
+// TestDevStopsCleanly runs `flame dev`: its control plane deploys the demo
+// app to every region, takes a machine created through its API, and an
+// interrupt stops every machine and removes the temporary state.
 func TestDevStopsCleanly(t *testing.T) {
 	ctx := context.Background()
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--token", "tok", "--driver", "exec")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--driver", "exec")
 	var stateDir string
 	for stateDir == "" {
 		if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(<-dev.out); m != nil {
@@ -268,18 +280,36 @@ func TestDevStopsCleanly(t *testing.T) {
 		}
 	}
 	url := dev.apiURL(t)
-	c := api.NewClient(url, "tok")
+	c := api.NewClient(url, dev.token(t))
 	if _, err := api.NewClient(url, "wrong").List(ctx, "demo", api.ListMachinesOptions{}); err == nil {
 		t.Error("wrong token accepted")
 	}
+	// The demo app runs in every region.
+	var demo []*api.Machine
+	for end := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		ms, err := c.List(ctx, "demo", api.ListMachinesOptions{})
+		regions := map[string]bool{}
+		for _, m := range ms {
+			if m.State == api.StateStarted {
+				regions[m.Region] = true
+			}
+		}
+		if err == nil && len(regions) == 3 {
+			demo = ms
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("demo app not running in every region: %v %+v", err, ms)
+		}
+	}
 	port := freePort(t)
-	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)})
+	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Region: "iad", Config: demoConfig(port)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { killWorkloads(m.ID) })
 	who := demoIdentity(t, port)
-	if flyVar(who, "FLY_APP_NAME") != "demo" || flyVar(who, "FLY_REGION") != "ams" {
+	if flyVar(who, "FLY_APP_NAME") != "demo" || flyVar(who, "FLY_REGION") != "iad" {
 		t.Errorf("demo identity = %v", who)
 	}
 	dev.cmd.Process.Signal(syscall.SIGINT)
@@ -291,8 +321,10 @@ func TestDevStopsCleanly(t *testing.T) {
 	if code := dev.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Errorf("flame dev exit status %d", code)
 	}
-	if n := workloads(m.ID); n != 0 {
-		t.Errorf("flame dev left %d processes of machine %s behind", n, m.ID)
+	for _, dm := range append(demo, m) {
+		if n := workloads(dm.ID); n != 0 {
+			t.Errorf("flame dev left %d processes of machine %s behind", n, dm.ID)
+		}
 	}
 	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
 		t.Errorf("flame dev left its state dir %s behind (%v)", stateDir, err)
@@ -309,18 +341,29 @@ func TestDevSandbox(t *testing.T) {
 		t.Skip("the sandbox driver needs root")
 	}
 	ctx := context.Background()
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--token", "tok",
-		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
+		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
 	var stateDir string
 	hosts := map[string][2]string{} // id → API URL, DNS address
 	re := regexp.MustCompile(`^\s+(ams-1|syd-1)\s+\S+\s+(http://\S+)\s+(\S+)$`)
 	deadline := time.After(60 * time.Second)
-	for len(hosts) < 2 {
+	for stateDir == "" {
 		select {
 		case line := <-dev.out:
 			if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(line); m != nil {
 				stateDir = m[1]
 			}
+		case <-dev.done:
+			t.Fatal("flame dev exited")
+		case <-deadline:
+			t.Fatal("flame dev did not start")
+		}
+	}
+	url := dev.apiURL(t)
+	token := dev.token(t)
+	for len(hosts) < 2 {
+		select {
+		case line := <-dev.out:
 			if m := re.FindStringSubmatch(line); m != nil {
 				hosts[m[1]] = [2]string{m[2], m[3]}
 			}
@@ -330,8 +373,11 @@ func TestDevSandbox(t *testing.T) {
 			t.Fatal("flame dev did not list its hosts")
 		}
 	}
-	c := api.NewClient(hosts["syd-1"][0], "tok")
-	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{Image: "flame/demo-app"}})
+	c := api.NewClient(url, token)
+	if _, err := c.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Region: "syd", Config: &api.MachineConfig{Image: "flame/demo-app"}})
 	if err != nil {
 		t.Fatal(err)
 	}

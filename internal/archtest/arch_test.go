@@ -55,6 +55,7 @@ func TestPackagesDocumented(t *testing.T) {
 var pure = []string{
 	"github.com/flamehq/flame/internal/machine",
 	"github.com/flamehq/flame/internal/geo",
+	"github.com/flamehq/flame/internal/place",
 }
 
 // forbidden may not be reached at all; forbiddenDirect may not be imported

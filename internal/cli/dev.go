@@ -10,10 +10,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/devcluster"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/host"
@@ -21,8 +23,9 @@ import (
 )
 
 type devFlags struct {
-	apiAddr, dnsAddr, dataDir, token, regions, logLevel, driver string
-	hostsPerRegion                                              int
+	apiAddr, hostsAddr, dnsAddr, dataDir, token, regions, logLevel, driver string
+	hostsPerRegion                                                         int
+	noDemo                                                                 bool
 }
 
 func newDevCmd() *cobra.Command {
@@ -30,22 +33,25 @@ func newDevCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "dev",
 		Short: "Run the Flame platform on this machine, for development",
-		Long: `Run the whole Flame platform on this machine: several hosts in several
+		Long: `Run the whole Flame platform on this machine: a control plane serving the
+Machines API for every app (at --api-addr), and several hosts in several
 regions (by default ams, iad and syd, two hosts each), joined into one cluster
 over a simulated network with real-world distances between regions. Each host
-serves the Machines API for its machines and the .internal DNS names of every
-machine in the cluster.
+serves the .internal DNS names of every machine in the cluster.
 
-With no flags it keeps its state in a temporary directory removed on exit and
-makes up an API token, which it prints. Ctrl-C stops every machine and exits.`,
+It creates the org "personal" with a token, which it prints, and deploys the
+demo app to every region. With no flags it keeps its state in a temporary
+directory removed on exit. Ctrl-C stops every machine and exits.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runDev(c, f) },
 	}
 	fs := c.Flags()
-	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4280", "Machines API of the first host; the others take the next ports")
+	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4280", "the control plane's Machines API")
+	fs.StringVar(&f.hostsAddr, "hosts-addr", "127.0.0.1:4281", "internal API of the first host; the others take the next ports")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
-	fs.StringVar(&f.token, "token", "", "API token (default: a random one, printed)")
+	fs.StringVar(&f.token, "token", "", "token between the control plane and the hosts (default: a random one)")
+	fs.BoolVar(&f.noDemo, "no-demo", false, "do not deploy the demo app")
 	fs.StringVar(&f.regions, "regions", "ams,iad,syd", "comma-separated region codes")
 	fs.IntVar(&f.hostsPerRegion, "hosts-per-region", 2, "hosts in each region")
 	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (sandbox as root, else exec), sandbox or exec")
@@ -74,8 +80,14 @@ func runDev(c *cobra.Command, f devFlags) error {
 		defer os.RemoveAll(dir)
 		f.dataDir = dir
 	}
+	// The registry takes the hosts' token and, once it exists, the personal
+	// org's, so users can push images with the token they were given.
+	var orgToken atomic.Pointer[string]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
-		Auth: func(token string) bool { return token == f.token }})
+		Auth: func(token string) bool {
+			t := orgToken.Load()
+			return token == f.token || (t != nil && token == *t)
+		}})
 	if err != nil {
 		return err
 	}
@@ -85,7 +97,9 @@ func runDev(c *cobra.Command, f devFlags) error {
 		HostsPerRegion: f.hostsPerRegion,
 		Dir:            f.dataDir,
 		Token:          f.token,
-		APIAddr:        f.apiAddr,
+		APIAddr:        f.hostsAddr,
+		ServerAddr:     f.apiAddr,
+		ControlPlane:   true,
 		DNSAddr:        f.dnsAddr,
 		Logger:         log,
 		Registry:       reg,
@@ -103,7 +117,7 @@ func runDev(c *cobra.Command, f devFlags) error {
 	if err := cfg.Validate(); err != nil {
 		return usageError{err}
 	}
-	fmt.Fprintf(c.ErrOrStderr(), "flame dev: starting %d hosts in %s…\n", len(cfg.Regions)*f.hostsPerRegion, strings.Join(cfg.Regions, ", "))
+	fmt.Fprintf(c.ErrOrStderr(), "flame dev: starting a control plane and %d hosts in %s…\n", len(cfg.Regions)*f.hostsPerRegion, strings.Join(cfg.Regions, ", "))
 	dev, err := devcluster.Start(c.Context(), cfg)
 	if err != nil {
 		return err
@@ -120,7 +134,18 @@ func runDev(c *cobra.Command, f devFlags) error {
 	if err != nil {
 		log.Warn("demo image not pushed", "err", err)
 	}
-	printDevBanner(out, dev, f, kinds[0], ref)
+	tok, err := dev.Plane.AddOrg(c.Context(), "personal", "Personal")
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("create org personal: %w", err)
+	}
+	orgToken.Store(&tok)
+	if !f.noDemo {
+		if err := deployDemo(c.Context(), dev, tok, kinds[0], cfg.Regions); err != nil {
+			log.Warn("demo app not deployed", "err", err)
+		}
+	}
+	printDevBanner(out, dev, f, kinds[0], ref, tok)
 	<-c.Context().Done()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -155,28 +180,59 @@ func randomToken() string {
 	return "fdev_" + hex.EncodeToString(b[:])
 }
 
-func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind, demoRef string) {
+// deployDemo creates the app "demo" in the org personal and declares one
+// machine of the demo image per region; the control plane's reconciler
+// places them.
+func deployDemo(ctx context.Context, dev *devcluster.Cluster, token, driverKind string, regions []string) error {
+	cl := api.NewClient(dev.Plane.URL(), token)
+	if _, err := cl.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil && !errors.Is(err, api.ErrConflict) {
+		return err
+	}
+	// Exec machines share the host's network: let each pick a free port.
+	port := "8080"
+	if driverKind == host.DriverExec {
+		port = "0"
+	}
+	counts := map[string]int{}
+	for _, r := range regions {
+		counts[r] = 1
+	}
+	_, err := cl.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: counts,
+		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": port},
+			Guest: &api.MachineGuest{CPUKind: "shared", CPUs: 1, MemoryMB: 256}}})
+	return err
+}
+
+func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind, demoRef, token string) {
 	first := dev.Hosts[0]
-	fmt.Fprintf(w, "flame dev is running: %d hosts, %s driver (state in %s)\n\n", len(dev.Hosts), driverKind, f.dataDir)
-	fmt.Fprintf(w, "  Machines API  %s   (host %s; every host serves its own)\n", first.APIURL, first.ID)
-	fmt.Fprintf(w, "  Token         %s\n", f.token)
+	url := dev.Plane.URL()
+	fmt.Fprintf(w, "flame dev is running: a control plane and %d hosts, %s driver (state in %s)\n\n", len(dev.Hosts), driverKind, f.dataDir)
+	fmt.Fprintf(w, "  Machines API  %s   (org \"personal\")\n", url)
+	fmt.Fprintf(w, "  Token         %s\n", token)
+	if dev.Plane.AdminToken != "" {
+		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens)\n", dev.Plane.AdminToken)
+	}
 	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n\n", first.APIURL, demoRef)
-	fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", "HOST", "REGION", "MACHINES API", ".internal DNS (udp+tcp)")
+	fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", "HOST", "REGION", "INTERNAL API", ".internal DNS (udp+tcp)")
 	for _, h := range dev.Hosts {
 		fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", h.ID, h.Region, h.APIURL, h.DNSAddr)
 	}
 	dnsHost, dnsPort, _ := strings.Cut(first.DNSAddr, ":")
+	qtype := "AAAA" // sandboxes have 6PN addresses; exec machines share the host's loopback
+	if driverKind == host.DriverExec {
+		qtype = "A"
+	}
 	fmt.Fprintf(w, `
-Try it:
+The demo app runs one machine in each region. Try it:
 
-  export FLY_API_TOKEN=%s
-  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" -X POST %s/v1/apps/demo/machines \
-    -d '{"config": {"image": "%s", "env": {"PORT": "8080"}}}'
-  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" %s/v1/apps/demo/machines
-  curl -s http://127.0.0.1:8080/
-  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" %s/v1/cluster/hosts
-  dig @%s -p %s +short demo.internal A
+  export FLY_API_TOKEN=%s FLY_FLAPS_BASE_URL=%s
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" $FLY_FLAPS_BASE_URL/v1/apps/demo/machines
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" $FLY_FLAPS_BASE_URL/v1/apps/demo/groups/app
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" -X POST $FLY_FLAPS_BASE_URL/v1/apps/demo/machines \
+    -d '{"region": "syd,any", "config": {"image": "%s"}}'
+  curl -s -H "Authorization: Bearer $FLY_API_TOKEN" $FLY_FLAPS_BASE_URL/v1/platform/regions
+  dig @%s -p %s +short demo.internal %s
 
 Press Ctrl-C to stop every machine and exit.
-`, f.token, first.APIURL, host.DemoImage, first.APIURL, first.APIURL, dnsHost, dnsPort)
+`, token, url, host.DemoImage, dnsHost, dnsPort, qtype)
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/server"
 )
 
 // Config describes a dev cluster.
@@ -51,6 +52,14 @@ type Config struct {
 	Logger *slog.Logger
 	// Cluster overrides gossip settings (timings) for every host.
 	Cluster cluster.Config
+
+	// ControlPlane runs a control plane (`flame server`) beside the hosts,
+	// as a member of their cluster in the first region, serving the public
+	// Machines API at ServerAddr; the hosts' own APIs then answer only it.
+	ControlPlane bool
+	ServerAddr   string
+	// Server tunes the control plane (placement weights, timings).
+	Server server.Config
 }
 
 func (c *Config) setDefaults() {
@@ -65,6 +74,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.DNSAddr == "" {
 		c.DNSAddr = "127.0.0.1:0"
+	}
+	if c.ServerAddr == "" {
+		c.ServerAddr = "127.0.0.1:0"
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -95,6 +107,8 @@ func (c *Config) Validate() error {
 type Cluster struct {
 	Hosts []*Host
 	Net   *netsim.Network
+	// Plane is the control plane, when Config.ControlPlane is set.
+	Plane *server.Plane
 	cfg   Config
 }
 
@@ -151,6 +165,9 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	// reads the map while hosts join, so it is never written after.
 	type plan struct{ id, region string }
 	var hosts []plan
+	if cfg.ControlPlane {
+		regionOf[controlID], _ = geo.Lookup(cfg.Regions[0])
+	}
 	for _, code := range cfg.Regions {
 		region, _ := geo.Lookup(code)
 		for n := 1; n <= cfg.HostsPerRegion; n++ {
@@ -171,7 +188,44 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		}
 		c.Hosts = append(c.Hosts, h)
 	}
+	if cfg.ControlPlane {
+		if c.Plane, err = c.startPlane(ctx, seed); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("devcluster: control plane: %w", err)
+		}
+	}
 	return c, nil
+}
+
+// controlID names the control plane's member of the cluster.
+const controlID = "control"
+
+func (c *Cluster) startPlane(ctx context.Context, seed string) (*server.Plane, error) {
+	if _, err := c.Net.AddHost(controlID); err != nil {
+		return nil, err
+	}
+	tr, err := c.Net.Transport(controlID, 7946)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", c.cfg.ServerAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", c.cfg.ServerAddr, err)
+	}
+	mc := c.cfg.Cluster
+	mc.HostID, mc.Region, mc.Transport = controlID, c.cfg.Regions[0], tr
+	sc := c.cfg.Server
+	sc.AgentToken = c.cfg.Token
+	p, err := server.StartPlane(ctx, server.PlaneConfig{
+		DataDir: filepath.Join(c.cfg.Dir, controlID), Listener: ln,
+		Cluster: mc, Join: []string{seed}, Server: sc,
+		Logger: c.cfg.Logger.With("host", controlID),
+	})
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return p, nil
 }
 
 func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAddr, dnsAddr, seed string) (*Host, error) {
@@ -232,18 +286,26 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	return &Host{Host: h, ID: id, Region: region, APIURL: "http://" + ln.Addr().String(), DNSAddr: pc.LocalAddr().String()}, nil
 }
 
-// WaitConverged waits until every host sees every other host alive.
+// WaitConverged waits until every host (and the control plane) sees every
+// other one alive.
 func (c *Cluster) WaitConverged(ctx context.Context) error {
+	members := make([]*cluster.Cluster, 0, len(c.Hosts)+1)
+	for _, h := range c.Hosts {
+		members = append(members, h.Cluster)
+	}
+	if c.Plane != nil {
+		members = append(members, c.Plane.Cluster)
+	}
 	for {
 		ok := true
-		for _, h := range c.Hosts {
+		for _, m := range members {
 			alive := 0
-			for _, o := range h.Cluster.Snapshot().Hosts() {
+			for _, o := range m.Snapshot().Hosts() {
 				if o.Status == cluster.StatusAlive {
 					alive++
 				}
 			}
-			if alive != len(c.Hosts) {
+			if alive != len(members) {
 				ok = false
 				break
 			}
@@ -300,6 +362,9 @@ func (c *Cluster) Teardown() error {
 // and the simulated network.
 func (c *Cluster) Close() error {
 	var errs []error
+	if c.Plane != nil {
+		errs = append(errs, c.Plane.Close())
+	}
 	for i := len(c.Hosts) - 1; i >= 0; i-- {
 		errs = append(errs, c.Hosts[i].Close())
 	}

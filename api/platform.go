@@ -1,0 +1,140 @@
+package api
+
+// App is an app as the apps endpoints show it (fly-go's flaps.App).
+type App struct {
+	ID           string  `json:"id"`
+	Name         string  `json:"name"`
+	Network      string  `json:"network,omitempty"`
+	Status       string  `json:"status"`
+	MachineCount int64   `json:"machine_count"`
+	VolumeCount  int64   `json:"volume_count"`
+	Organization AppOrg  `json:"organization"`
+	CreatedAt    string  `json:"created_at,omitempty"`
+	Groups       []Group `json:"groups,omitempty"`
+}
+
+// AppOrg is the org an app belongs to.
+type AppOrg struct {
+	Name string `json:"name"`
+	Slug string `json:"slug"`
+}
+
+// CreateAppInput is the body of POST /v1/apps. Fly's documentation names the
+// app app_name and fly-go sends name; both are accepted.
+type CreateAppInput struct {
+	AppName   string `json:"app_name,omitempty"`
+	Name      string `json:"name,omitempty"`
+	OrgSlug   string `json:"org_slug"`
+	Network   string `json:"network,omitempty"`
+	AppRoleID string `json:"app_role_id,omitempty"`
+}
+
+// ListAppsResponse is the answer of GET /v1/apps.
+type ListAppsResponse struct {
+	TotalApps int   `json:"total_apps"`
+	Apps      []App `json:"apps"`
+}
+
+// Org is an org (a Flame extension: POST /v1/orgs with an admin token).
+type Org struct {
+	Slug      string `json:"slug"`
+	Name      string `json:"name"`
+	CreatedAt string `json:"created_at,omitempty"`
+}
+
+// CreateTokenInput is the body of POST /v1/tokens (a Flame extension): a
+// token for one org, optionally only one app of it, optionally read-only.
+type CreateTokenInput struct {
+	Name     string `json:"name,omitempty"`
+	OrgSlug  string `json:"org_slug"`
+	App      string `json:"app,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// Token is a token as POST /v1/tokens answers it: the only time its secret
+// is shown.
+type Token struct {
+	Token    string `json:"token"`
+	Name     string `json:"name,omitempty"`
+	OrgSlug  string `json:"org_slug"`
+	App      string `json:"app,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// AppSecret is one secret as the secrets endpoints show it: never its value.
+type AppSecret struct {
+	Name      string `json:"name"`
+	Digest    string `json:"digest,omitempty"`
+	CreatedAt string `json:"created_at,omitempty"`
+	UpdatedAt string `json:"updated_at,omitempty"`
+}
+
+// ListSecretsResponse is the answer of GET /v1/apps/{app}/secrets.
+type ListSecretsResponse struct {
+	Secrets []AppSecret `json:"secrets"`
+}
+
+// UpdateSecretsInput is the body of POST /v1/apps/{app}/secrets: a value
+// sets a secret, null deletes it.
+type UpdateSecretsInput struct {
+	Values map[string]*string `json:"values"`
+}
+
+// UpdateSecretsResponse answers a bulk update.
+type UpdateSecretsResponse struct {
+	Secrets []AppSecret `json:"secrets"`
+	Version uint64      `json:"version"`
+}
+
+// SetSecretInput is the body of POST /v1/apps/{app}/secrets/{name}.
+type SetSecretInput struct {
+	Value string `json:"value"`
+}
+
+// SetSecretResponse answers setting one secret.
+type SetSecretResponse struct {
+	AppSecret
+	Version uint64 `json:"version"`
+}
+
+// DeleteSecretResponse answers deleting one secret.
+type DeleteSecretResponse struct {
+	Version uint64 `json:"version"`
+}
+
+// Region is one region in GET /v1/platform/regions. Capacity is how many
+// machines of the smallest size (1 shared CPU, 256 MB) its live hosts have
+// room for now.
+type Region struct {
+	Code             string  `json:"code"`
+	Name             string  `json:"name"`
+	Latitude         float32 `json:"latitude"`
+	Longitude        float32 `json:"longitude"`
+	GatewayAvailable bool    `json:"gateway_available"`
+	RequiresPaidPlan bool    `json:"requires_paid_plan"`
+	Deprecated       bool    `json:"deprecated"`
+	Capacity         int64   `json:"capacity"`
+	Hosts            int     `json:"hosts"`
+}
+
+// RegionsResponse is the answer of GET /v1/platform/regions (fly-go reads
+// the capitalised keys).
+type RegionsResponse struct {
+	Regions []Region `json:"Regions"`
+	Nearest string   `json:"Nearest,omitempty"`
+}
+
+// Group is an app's declared state for one process group (a Flame
+// extension, what `fly scale count` sets): machines of Config per region,
+// plus stopped standbys per region that start in milliseconds when a
+// machine is lost. PUT /v1/apps/{app}/groups/{group}; GET lists or shows
+// them with what runs now; DELETE stops keeping the count (machines stay).
+type Group struct {
+	Name     string         `json:"name"`
+	Config   *MachineConfig `json:"config"`
+	Regions  map[string]int `json:"regions"`
+	Standbys int            `json:"standbys,omitempty"`
+	// Running and Standby count, per region, what the reconciler sees now.
+	Running map[string]int `json:"running,omitempty"`
+	Ready   map[string]int `json:"standby,omitempty"`
+}

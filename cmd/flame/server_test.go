@@ -1,0 +1,93 @@
+package main
+
+import (
+	"context"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/api"
+)
+
+// TestServerWithAgents runs a control plane and two agents as separate
+// processes joined over real UDP and TCP gossip: a machine created through
+// the control plane in iad runs on the iad agent, and the control plane
+// drives it there.
+func TestServerWithAgents(t *testing.T) {
+	ctx := context.Background()
+	gossip := func() string { return "127.0.0.1:" + strconv.Itoa(freePort(t)) }
+	ga, gb, gs := gossip(), gossip(), gossip()
+	agent := func(id, region, gossipAddr string, join ...string) *proc {
+		args := []string{"agent", "--data-dir", t.TempDir(), "--token", "agent-secret", "--api-addr", "127.0.0.1:0",
+			"--driver", "exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr}
+		for _, j := range join {
+			args = append(args, "--join", j)
+		}
+		return startFlame(t, args...)
+	}
+	a := agent("ams-1", "ams", ga)
+	a.apiURL(t)
+	b := agent("iad-1", "iad", gb, ga)
+	b.apiURL(t)
+	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--agent-token", "agent-secret", "--api-addr", "127.0.0.1:0",
+		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--join", ga)
+	var admin, url string
+	re := regexp.MustCompile(`^\s+(flame_\S+)$`)
+	urlRe := regexp.MustCompile(`Machines API on (http://[0-9.:]+[0-9])`)
+	for deadline := time.After(30 * time.Second); url == ""; {
+		select {
+		case line := <-srv.out:
+			if m := re.FindStringSubmatch(line); m != nil {
+				admin = m[1]
+			}
+			if m := urlRe.FindStringSubmatch(line); m != nil {
+				url = m[1]
+			}
+		case <-srv.done:
+			t.Fatal("flame server exited")
+		case <-deadline:
+			t.Fatal("flame server did not announce its API")
+		}
+	}
+	if admin == "" {
+		t.Fatal("flame server printed no admin token")
+	}
+	c := api.NewClient(url, admin)
+	if _, err := c.CreateOrg(ctx, api.Org{Slug: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	var m *api.Machine
+	var err error
+	for end := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		// The server learns of the hosts by gossip: until then there is
+		// no room anywhere.
+		m, err = c.Create(ctx, "demo", api.LaunchMachineInput{Region: "iad", Config: demoConfig(port)})
+		if err == nil || time.Now().After(end) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("create through the control plane: %v", err)
+	}
+	t.Cleanup(func() { killWorkloads(m.ID) })
+	if who := demoIdentity(t, port); flyVar(who, "FLY_REGION") != "iad" || flyVar(who, "FLY_MACHINE_ID") != m.ID {
+		t.Fatalf("demo app says %v", who)
+	}
+	if err := c.Stop(ctx, "demo", m.ID, api.StopMachineInput{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := workloads(m.ID); n != 0 {
+		t.Fatalf("stopped machine has %d processes", n)
+	}
+	if err := c.Destroy(ctx, "demo", m.ID, true); err != nil {
+		t.Fatal(err)
+	}
+	if ms, err := c.List(ctx, "demo", api.ListMachinesOptions{}); err != nil || len(ms) != 0 {
+		t.Fatalf("after destroy: %v %+v", err, ms)
+	}
+}

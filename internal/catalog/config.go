@@ -1,0 +1,184 @@
+package catalog
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"regexp"
+	"strconv"
+)
+
+// Config says where the catalog's NATS runs and which buckets it holds.
+type Config struct {
+	// DataDir holds the embedded server's JetStream store (required when
+	// URL is empty).
+	DataDir string
+	// URL connects to an existing NATS (cluster) instead of embedding a
+	// server; DataDir and the server's fields below (ClientListen through
+	// Routes) must then be empty.
+	URL string
+	// ClientListen is the embedded server's client address: "" for none
+	// (only the in-process connection), "127.0.0.1:0" for any free port.
+	// ClientURL reports the address bound. A clustered server always has
+	// one, by default on loopback: nats-server starts routing only after
+	// its client listener.
+	ClientListen string
+	// ServerName names the embedded server; required in a cluster, where
+	// it must be unique and stable across restarts.
+	ServerName string
+
+	// ClusterName, ClusterListen and Routes join embedded servers into one
+	// JetStream cluster: ClusterListen is this server's route listener
+	// ("host:port"), Routes the route URLs (nats-route://host:port) of the
+	// other servers; listing every server, this one included, lets all of
+	// them share one configuration. ClusterName defaults to "flame".
+	ClusterName   string
+	ClusterListen string
+	Routes        []string
+
+	// Replicas is how many servers hold each bucket: 1 (default), or 3 in
+	// a three-server cluster.
+	Replicas int
+	// Buckets are created (or their settings updated) by Open.
+	Buckets []BucketSpec
+
+	Logger *slog.Logger
+
+	// relaxedSync lets the file store sync on an interval instead of on
+	// every write; only benchmarks and bulk test fixtures set it.
+	relaxedSync bool
+}
+
+// BucketSpec declares a bucket.
+type BucketSpec struct {
+	// Name: letters, digits, '-' and '_'.
+	Name string
+	// TTL lets Create and Refresh give keys a time to live. Such a bucket
+	// keeps one revision per key (History 0 or 1).
+	TTL bool
+	// History is how many revisions per key the bucket keeps (1–64,
+	// default 1). Only the latest is visible through this package; older
+	// ones are there for inspection with NATS tools.
+	History int
+}
+
+var bucketNameRE = regexp.MustCompile(`^[a-zA-Z0-9_-]+$`)
+
+// Validate reports the first problem with c.
+func (c Config) Validate() error {
+	embedded := c.URL == ""
+	if embedded {
+		if c.DataDir == "" {
+			return errors.New("catalog config: data dir is required without a url")
+		}
+		if c.ClientListen != "" {
+			if err := checkHostPort(c.ClientListen); err != nil {
+				return fmt.Errorf("catalog config: client listen: %w", err)
+			}
+		}
+		if c.ClusterListen != "" {
+			if err := checkHostPort(c.ClusterListen); err != nil {
+				return fmt.Errorf("catalog config: cluster listen: %w", err)
+			}
+			if c.ServerName == "" {
+				return errors.New("catalog config: a clustered server needs a server name")
+			}
+			if len(c.Routes) == 0 {
+				return errors.New("catalog config: a clustered server needs routes to the others (its own may be listed too)")
+			}
+		} else if len(c.Routes) > 0 || c.ClusterName != "" {
+			return errors.New("catalog config: routes and cluster name need a cluster listen address")
+		}
+		for _, r := range c.Routes {
+			if _, err := parseRoute(r); err != nil {
+				return fmt.Errorf("catalog config: %w", err)
+			}
+		}
+		if c.ClusterListen == "" && c.Replicas > 1 {
+			return fmt.Errorf("catalog config: %d replicas need a cluster", c.Replicas)
+		}
+	} else {
+		if _, err := url.Parse(c.URL); err != nil {
+			return fmt.Errorf("catalog config: url: %w", err)
+		}
+		if c.DataDir != "" || c.ClientListen != "" || c.ServerName != "" ||
+			c.ClusterName != "" || c.ClusterListen != "" || len(c.Routes) > 0 {
+			return errors.New("catalog config: a url excludes the embedded server's settings (data dir, listen addresses, server name, cluster, routes)")
+		}
+	}
+	if c.Replicas < 0 || c.Replicas > 5 {
+		return fmt.Errorf("catalog config: replicas %d outside 1–5", c.Replicas)
+	}
+	seen := map[string]bool{}
+	for _, b := range c.Buckets {
+		if !bucketNameRE.MatchString(b.Name) {
+			return fmt.Errorf("catalog config: bucket name %q: letters, digits, '-' and '_' only", b.Name)
+		}
+		if seen[b.Name] {
+			return fmt.Errorf("catalog config: bucket %q declared twice", b.Name)
+		}
+		seen[b.Name] = true
+		if b.History < 0 || b.History > 64 {
+			return fmt.Errorf("catalog config: bucket %q: history %d outside 1–64", b.Name, b.History)
+		}
+		if b.TTL && b.History > 1 {
+			return fmt.Errorf("catalog config: bucket %q: per-key ttl needs history 1", b.Name)
+		}
+	}
+	return nil
+}
+
+func (c Config) withDefaults() Config {
+	if c.Replicas == 0 {
+		c.Replicas = 1
+	}
+	if c.ClusterListen != "" && c.ClusterName == "" {
+		c.ClusterName = "flame"
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	buckets := make([]BucketSpec, len(c.Buckets))
+	for i, b := range c.Buckets {
+		if b.History == 0 {
+			b.History = 1
+		}
+		buckets[i] = b
+	}
+	c.Buckets = buckets
+	return c
+}
+
+func checkHostPort(addr string) error {
+	_, _, err := splitHostPort(addr)
+	return err
+}
+
+// splitHostPort parses "host:port" with a numeric port; port 0 is any.
+func splitHostPort(addr string) (string, int, error) {
+	host, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("address %q: bad port", addr)
+	}
+	return host, port, nil
+}
+
+func parseRoute(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("route %q: %w", s, err)
+	}
+	if u.Scheme != "nats-route" && u.Scheme != "nats" {
+		return nil, fmt.Errorf("route %q: scheme must be nats-route", s)
+	}
+	if _, _, err := splitHostPort(u.Host); err != nil {
+		return nil, fmt.Errorf("route %q: %w", s, err)
+	}
+	return u, nil
+}

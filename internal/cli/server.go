@@ -1,0 +1,140 @@
+package cli
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/flamehq/flame/internal/atomicfile"
+	"github.com/flamehq/flame/internal/catalog"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/server"
+)
+
+type serverFlags struct {
+	apiAddr, dataDir, agentToken, region, logLevel string
+	hostID, gossipAddr                             string
+	join                                           []string
+	natsURL, natsListen, natsName, natsCluster     string
+	natsRoutes                                     []string
+	replicas                                       int
+}
+
+func newServerCmd() *cobra.Command {
+	var f serverFlags
+	c := &cobra.Command{
+		Use:   "server",
+		Short: "Run the control plane: one Machines API for every app and machine of the cluster",
+		Long: `Run the control plane. It serves Fly's Machines API for every app (apps,
+machines, secrets, regions; groups of machines per region kept by a
+reconciler), places machines on the hosts it learns of by joining their cluster
+(--join), and forwards every machine call to the host that runs it, with the
+hosts' own token (--agent-token).
+
+Its catalog is an embedded NATS JetStream server under <data-dir>/catalog; or,
+with --nats-url, an existing NATS. Three servers form one replicated catalog
+with --nats-name, --nats-cluster-addr, --nats-route (one per other server) and
+--replicas 3.
+
+On its first start it creates an admin token, prints it once and writes it to
+<data-dir>/admin-token (readable by its owner only).`,
+		Args: noArgs,
+		RunE: func(c *cobra.Command, _ []string) error { return runServer(c, f) },
+	}
+	fs := c.Flags()
+	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4280", "address of the public Machines API")
+	fs.StringVar(&f.dataDir, "data-dir", "", "directory for the catalog and the secrets key (required)")
+	fs.StringVar(&f.agentToken, "agent-token", "", "the token the hosts' APIs require (required)")
+	fs.StringVar(&f.region, "region", "ams", "region this server is in")
+	fs.StringVar(&f.hostID, "host-id", "", "this server's name in the cluster (default: control-<hostname>)")
+	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
+	fs.StringSliceVar(&f.join, "join", nil, "gossip addresses of hosts to join (repeatable)")
+	fs.StringVar(&f.natsURL, "nats-url", "", "use this NATS instead of an embedded one")
+	fs.StringVar(&f.natsListen, "nats-addr", "", "serve the embedded NATS to clients at this address (default: in-process only)")
+	fs.StringVar(&f.natsName, "nats-name", "", "the embedded NATS server's name (required in a cluster)")
+	fs.StringVar(&f.natsCluster, "nats-cluster-addr", "", "route address for a cluster of embedded NATS servers")
+	fs.StringSliceVar(&f.natsRoutes, "nats-route", nil, "route URL of another server (nats-route://host:port, repeatable)")
+	fs.IntVar(&f.replicas, "replicas", 1, "catalog replicas (3 in a three-server cluster)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	return c
+}
+
+func runServer(c *cobra.Command, f serverFlags) error {
+	switch {
+	case f.dataDir == "":
+		return usageError{fmt.Errorf("--data-dir is required")}
+	case f.agentToken == "":
+		return usageError{fmt.Errorf("--agent-token is required")}
+	}
+	if _, ok := geo.Lookup(f.region); !ok {
+		return usageError{fmt.Errorf("--region: unknown region %q", f.region)}
+	}
+	gh, gp, err := net.SplitHostPort(f.gossipAddr)
+	if err != nil {
+		return usageError{fmt.Errorf("--gossip-addr: %w", err)}
+	}
+	port, err := strconv.Atoi(gp)
+	if err != nil {
+		return usageError{fmt.Errorf("--gossip-addr: bad port %q", gp)}
+	}
+	if f.hostID == "" {
+		hn, _ := os.Hostname()
+		f.hostID = "control-" + hn
+	}
+	log, err := newLogger(c.ErrOrStderr(), f.logLevel)
+	if err != nil {
+		return err
+	}
+	cc := catalog.Config{URL: f.natsURL, ClientListen: f.natsListen, ServerName: f.natsName,
+		ClusterListen: f.natsCluster, Routes: f.natsRoutes, Replicas: f.replicas}
+	check := cc
+	if check.URL == "" {
+		check.DataDir = filepath.Join(f.dataDir, "catalog")
+	}
+	check.Buckets = server.Buckets()
+	if err := check.Validate(); err != nil {
+		return usageError{err}
+	}
+	ln, err := net.Listen("tcp", f.apiAddr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
+	}
+	fmt.Fprintf(c.ErrOrStderr(), "flame server: opening the catalog…\n")
+	p, err := server.StartPlane(c.Context(), server.PlaneConfig{
+		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log,
+		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port},
+		Server:  server.Config{AgentToken: f.agentToken},
+	})
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	out := c.OutOrStdout()
+	if p.AdminToken != "" {
+		path := filepath.Join(f.dataDir, "admin-token")
+		if err := atomicfile.Write(path, []byte(p.AdminToken+"\n"), f.dataDir); err == nil {
+			os.Chmod(path, 0o600)
+		} else {
+			log.Warn("admin token not saved", "err", err)
+		}
+		fmt.Fprintf(out, "flame server: created the admin token (also in %s):\n  %s\n", path, p.AdminToken)
+	}
+	fmt.Fprintf(out, "flame server: region %s, Machines API on %s, catalog %s\n", f.region, p.URL(), catalogWhere(f, p))
+	<-c.Context().Done()
+	return p.Close()
+}
+
+func catalogWhere(f serverFlags, p *server.Plane) string {
+	switch {
+	case f.natsURL != "":
+		return "at " + f.natsURL
+	case p.Catalog.ClientURL() != "":
+		return "embedded, clients at " + p.Catalog.ClientURL()
+	}
+	return "embedded"
+}

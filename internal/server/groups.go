@@ -1,0 +1,181 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/catalog"
+	"github.com/flamehq/flame/internal/httpapi"
+)
+
+// Bounds on a declared group.
+const (
+	maxGroupCount    = 1000
+	maxGroupStandbys = 10
+)
+
+func groupOut(g group, es []machineEntry) api.Group {
+	out := api.Group{Name: g.Name, Config: g.Config, Regions: g.Regions, Standbys: g.Standbys,
+		Running: map[string]int{}, Ready: map[string]int{}}
+	for _, me := range es {
+		if me.Group != g.Name || me.Lost {
+			continue
+		}
+		if me.Standby {
+			out.Ready[me.slot()]++
+		} else {
+			out.Running[me.slot()]++
+		}
+	}
+	return out
+}
+
+// listGroups is GET /v1/apps/{app}/groups.
+func (s *Server) listGroups(w http.ResponseWriter, r *http.Request) error {
+	a, err := s.appFor(r.Context(), r.PathValue("app"), false)
+	if err != nil {
+		return err
+	}
+	gs, err := s.groups.List(r.Context(), a.Name+".")
+	if err != nil {
+		return err
+	}
+	es, err := s.entries(r.Context(), a.Name)
+	if err != nil {
+		return err
+	}
+	out := []api.Group{}
+	for _, e := range gs {
+		var g group
+		if decodeJSON(e.Value, &g) == nil {
+			out = append(out, groupOut(g, es))
+		}
+	}
+	httpapi.WriteJSON(w, http.StatusOK, map[string][]api.Group{"groups": out})
+	return nil
+}
+
+func (s *Server) getGroup(w http.ResponseWriter, r *http.Request) error {
+	a, err := s.appFor(r.Context(), r.PathValue("app"), false)
+	if err != nil {
+		return err
+	}
+	name := r.PathValue("group")
+	if !validSlug.MatchString(name) {
+		return api.Errorf(http.StatusNotFound, "group %s not found", clipName(name))
+	}
+	g, _, err := catalog.GetJSON[group](r.Context(), s.groups, groupKey(a.Name, name))
+	if errors.Is(err, catalog.ErrNotFound) {
+		return api.Errorf(http.StatusNotFound, "group %s not found", name)
+	}
+	if err != nil {
+		return err
+	}
+	es, err := s.entries(r.Context(), a.Name)
+	if err != nil {
+		return err
+	}
+	httpapi.WriteJSON(w, http.StatusOK, groupOut(g, es))
+	return nil
+}
+
+// putGroup is PUT /v1/apps/{app}/groups/{group} {config, regions, standbys}:
+// declare how many machines of config each region runs. The reconciler
+// makes it so and keeps it so.
+func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
+	a, err := s.appFor(r.Context(), r.PathValue("app"), true)
+	if err != nil {
+		return err
+	}
+	name := r.PathValue("group")
+	var in api.Group
+	if err := httpapi.DecodeBody(r, &in, true); err != nil {
+		return err
+	}
+	switch {
+	case !validSlug.MatchString(name):
+		return api.Errorf(http.StatusUnprocessableEntity, "group name %q: use lowercase letters, digits and -", clipName(name))
+	case in.Config == nil:
+		return api.Errorf(http.StatusUnprocessableEntity, "config is required")
+	case in.Standbys < 0 || in.Standbys > maxGroupStandbys:
+		return api.Errorf(http.StatusUnprocessableEntity, "standbys must be between 0 and %d", maxGroupStandbys)
+	}
+	if err := in.Config.Validate(); err != nil {
+		return err
+	}
+	for code, n := range in.Regions {
+		if !knownRegion(code) {
+			return api.Errorf(http.StatusUnprocessableEntity, "regions: %q is unknown", clipName(code))
+		}
+		if n < 0 || n > maxGroupCount {
+			return api.Errorf(http.StatusUnprocessableEntity, "regions.%s: count must be between 0 and %d", code, maxGroupCount)
+		}
+	}
+	cfg := *in.Config
+	if cfg.Metadata == nil {
+		cfg.Metadata = map[string]string{}
+	} else {
+		cfg.Metadata = cloneMap(cfg.Metadata)
+	}
+	cfg.Metadata["fly_process_group"] = name
+	g := group{App: a.Name, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys, Updated: s.cfg.Now().UTC()}
+	if _, err := s.groups.Put(r.Context(), groupKey(a.Name, name), mustJSON(g)); err != nil {
+		return err
+	}
+	s.log.Info("group declared", "app", a.Name, "group", name, "regions", in.Regions, "standbys", in.Standbys)
+	s.pokeReconciler()
+	es, err := s.entries(r.Context(), a.Name)
+	if err != nil {
+		return err
+	}
+	httpapi.WriteJSON(w, http.StatusOK, groupOut(g, es))
+	return nil
+}
+
+// deleteGroup stops keeping a group; its machines stay as they are.
+func (s *Server) deleteGroup(w http.ResponseWriter, r *http.Request) error {
+	a, err := s.appFor(r.Context(), r.PathValue("app"), true)
+	if err != nil {
+		return err
+	}
+	name := r.PathValue("group")
+	if !validSlug.MatchString(name) {
+		return api.Errorf(http.StatusNotFound, "group %s not found", clipName(name))
+	}
+	if err := s.groups.Delete(r.Context(), groupKey(a.Name, name), 0); err != nil {
+		return err
+	}
+	httpapi.WriteJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func cloneMap(m map[string]string) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// listAllGroups returns every declared group, by key.
+func (s *Server) listAllGroups(ctx context.Context) ([]group, error) {
+	es, err := s.groups.List(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]group, 0, len(es))
+	for _, e := range es {
+		var g group
+		if err := decodeJSON(e.Value, &g); err != nil {
+			s.log.Warn("skip unreadable group", "key", e.Key, "err", err)
+			continue
+		}
+		out = append(out, g)
+	}
+	slices.SortFunc(out, func(a, b group) int { return strings.Compare(a.App+"."+a.Name, b.App+"."+b.Name) })
+	return out, nil
+}

@@ -1,0 +1,250 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/place"
+)
+
+// maxAsks bounds how many hosts one create asks before it gives up (or
+// waits in the queue for room).
+const maxAsks = 8
+
+// reservationTTL is how long a placed machine's share is held against its
+// host before the host's own published facts must account for it.
+const reservationTTL = 10 * time.Second
+
+// errNoRoom means no live host in the requested regions has room now.
+var errNoRoom = errors.New("no room")
+
+// placer turns the cluster snapshot into placement decisions and runs the
+// market: ask the best host, take the next on a refusal. Hosts' published
+// free capacity lags behind, so the placer holds each placed machine's share
+// against its host (a reservation) until the host's facts show the machine;
+// concurrent creates thus spread instead of all asking the same host.
+type placer struct {
+	s *Server
+
+	mu       sync.Mutex
+	rng      *rand.Rand
+	reserved map[string]map[string]reservation // host → machine → share
+
+	// The queue of creates waiting for room, served fairly (see queue.go).
+	queue queue
+}
+
+type reservation struct {
+	app   string
+	share place.Resources
+	at    time.Time
+}
+
+func newPlacer(s *Server) *placer {
+	return &placer{
+		s:        s,
+		rng:      rand.New(rand.NewPCG(s.cfg.Seed, s.cfg.Seed^0x9e3779b97f4a7c15)),
+		reserved: map[string]map[string]reservation{},
+		queue:    newQueue(),
+	}
+}
+
+// guestOf is what a machine of cfg takes from a host (as the agent counts).
+func guestOf(cfg *api.MachineConfig) place.Resources {
+	g := place.Resources{CPUs: 1, MemoryMB: 256}
+	if cfg != nil && cfg.Guest != nil {
+		if cfg.Guest.CPUs > 0 {
+			g.CPUs = cfg.Guest.CPUs
+		}
+		if cfg.Guest.MemoryMB > 0 {
+			g.MemoryMB = cfg.Guest.MemoryMB
+		}
+	}
+	return g
+}
+
+// health is a host's fitness in [0,1]: zero for hosts that are not up, lower
+// for suspect and busy ones.
+func health(h *cluster.Host) float64 {
+	switch h.Status {
+	case cluster.StatusAlive:
+		return 1 - 0.5*min(max(h.Load, 0), 1)
+	case cluster.StatusSuspect:
+		return 0.1
+	}
+	return 0
+}
+
+// hostsLocked is the snapshot's hosts as placement sees them: free capacity
+// less what is reserved, reservations the facts now cover dropped.
+func (p *placer) hostsLocked(snap *cluster.Snapshot, now time.Time) []place.Host {
+	for hostID, rs := range p.reserved {
+		for id, r := range rs {
+			m := snap.Machine(id)
+			if (m != nil && m.Host == hostID) || now.Sub(r.at) > reservationTTL {
+				delete(rs, id)
+			}
+		}
+		if len(rs) == 0 {
+			delete(p.reserved, hostID)
+		}
+	}
+	hs := snap.Hosts()
+	out := make([]place.Host, 0, len(hs))
+	for _, h := range hs {
+		if h.Capacity.CPUs == 0 && h.Capacity.MemoryMB == 0 {
+			continue // a member that runs no machines (a control plane)
+		}
+		free := place.Resources{CPUs: h.Free.CPUs, MemoryMB: h.Free.MemoryMB}
+		for _, r := range p.reserved[h.ID] {
+			free = free.Sub(r.share)
+		}
+		out = append(out, place.Host{
+			ID: h.ID, Region: h.Region, Health: health(h),
+			Capacity: place.Resources{CPUs: h.Capacity.CPUs, MemoryMB: h.Capacity.MemoryMB},
+			Free:     place.Resources{CPUs: max(free.CPUs, 0), MemoryMB: max(free.MemoryMB, 0)},
+		})
+	}
+	return out
+}
+
+// choose ranks the hosts for req and reserves the best one's share for the
+// machine: one step under the lock, so concurrent creates see each other.
+func (p *placer) choose(req place.Request, id string) (place.Host, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := p.s.cfg.Now()
+	snap := p.s.cfg.Cluster.Snapshot()
+	hosts := p.hostsLocked(snap, now)
+	req.AppHosts = map[string]int{}
+	for _, m := range snap.AppMachines(req.App) {
+		req.AppHosts[m.Host]++
+	}
+	for hostID, rs := range p.reserved {
+		for _, r := range rs {
+			if r.app == req.App {
+				req.AppHosts[hostID]++
+			}
+		}
+	}
+	cands := place.NewIndex(hosts, p.s.cfg.RTT).Rank(req, p.s.cfg.Weights, p.rng, 1)
+	if len(cands) == 0 {
+		return place.Host{}, false
+	}
+	h := cands[0].Host
+	if p.reserved[h.ID] == nil {
+		p.reserved[h.ID] = map[string]reservation{}
+	}
+	p.reserved[h.ID][id] = reservation{app: req.App, share: req.Guest, at: now}
+	return h, true
+}
+
+func (p *placer) unreserve(hostID, id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.reserved[hostID], id)
+}
+
+// place runs the market for one machine and, when no host has room, waits
+// in the fair queue for some (up to PendingTimeout).
+func (p *placer) place(ctx context.Context, a app, in api.LaunchMachineInput, regions []string, it intent) (*api.Machine, error) {
+	guest := guestOf(in.Config)
+	if in.SkipLaunch {
+		guest = place.Resources{} // a created, stopped machine takes nothing yet
+	}
+	var deadline time.Time
+	if p.s.cfg.PendingTimeout > 0 {
+		deadline = p.s.cfg.Now().Add(p.s.cfg.PendingTimeout)
+	}
+	for {
+		m, err := p.market(ctx, a, in, regions, guest, it)
+		if !errors.Is(err, errNoRoom) {
+			return m, err
+		}
+		if deadline.IsZero() || !p.s.cfg.Now().Before(deadline) {
+			return nil, api.Errorf(http.StatusServiceUnavailable,
+				"no host in %s has room for %d cpus and %d MB", strings.Join(regions, ","), guest.CPUs, guest.MemoryMB)
+		}
+		if err := p.queue.wait(ctx, a.Org, guest, deadline); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// market asks the best hosts in turn until one creates the machine.
+func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, regions []string, guest place.Resources, it intent) (*api.Machine, error) {
+	req := place.Request{Org: a.Org, App: a.Name, Regions: regions, Guest: guest, Exclude: map[string]bool{}}
+	key := machineKey(a.Name, in.ID)
+	written := false
+	for range maxAsks {
+		h, ok := p.choose(req, in.ID)
+		if !ok {
+			break
+		}
+		// The entry first: a crash after the host creates the machine must
+		// not leave a machine nobody knows where to find.
+		g := guestOf(in.Config)
+		me := machineEntry{ID: in.ID, App: a.Name, Org: a.Org, Host: h.ID, Region: h.Region,
+			Created: p.s.cfg.Now().UTC(), Group: it.Group, Standby: it.Standby, For: it.For, CPUs: g.CPUs, MemoryMB: g.MemoryMB}
+		if _, err := p.s.machines.Put(ctx, key, mustJSON(me)); err != nil {
+			p.unreserve(h.ID, in.ID)
+			return nil, fmt.Errorf("record machine %s: %w", in.ID, err)
+		}
+		written = true
+		c, err := p.s.hostClient(h.ID, "")
+		var m *api.Machine
+		if err == nil {
+			m, err = c.Create(ctx, a.Name, in)
+		}
+		if err == nil {
+			p.s.log.Info("machine placed", "app", a.Name, "machine", in.ID, "host", h.ID, "region", h.Region)
+			return m, nil
+		}
+		p.unreserve(h.ID, in.ID)
+		var ae *api.Error
+		if errors.As(err, &ae) && ae.Status != http.StatusServiceUnavailable {
+			p.s.machines.Delete(context.WithoutCancel(ctx), key, 0)
+			return nil, ae
+		}
+		if ctx.Err() != nil {
+			p.s.machines.Delete(context.WithoutCancel(ctx), key, 0)
+			return nil, ctx.Err()
+		}
+		p.s.log.Info("host refused machine", "host", h.ID, "machine", in.ID, "err", err)
+		req.Exclude[h.ID] = true
+	}
+	if written {
+		p.s.machines.Delete(context.WithoutCancel(ctx), key, 0)
+	}
+	return nil, errNoRoom
+}
+
+// knownRegion reports whether code names a region of geo's table.
+func knownRegion(code string) bool {
+	_, ok := geo.Lookup(code)
+	return ok
+}
+
+func mustJSON(v any) []byte {
+	b, err := jsonMarshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// lost reports whether an entry's machine is gone with its host: the host is
+// dead or has left.
+func lost(snap *cluster.Snapshot, me machineEntry) bool {
+	h := snap.Host(me.Host)
+	return h != nil && (h.Status == cluster.StatusDead || h.Status == cluster.StatusLeft)
+}

@@ -1,0 +1,157 @@
+package server_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/server"
+)
+
+// TestConcurrentCreatesNeverOvercommit: 200 creates at once against hosts
+// with room for 160 machines: exactly 160 are placed, no host holds more than
+// it has, the rest are refused with 503 and leave no trace.
+func TestConcurrentCreatesNeverOvercommit(t *testing.T) {
+	c := startDev(t, devOptions{capacity: cluster.Resources{CPUs: 40, MemoryMB: 40 * 256},
+		server: server.Config{PendingTimeout: -1}})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	var wg sync.WaitGroup
+	var placed, refused atomic.Int64
+	for range 200 {
+		wg.Go(func() {
+			_, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig()})
+			switch {
+			case err == nil:
+				placed.Add(1)
+			case errors.Is(err, api.ErrUnavailable):
+				refused.Add(1)
+			default:
+				t.Errorf("create: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	if placed.Load() != 160 || refused.Load() != 40 {
+		t.Fatalf("placed %d, refused %d; want 160 and 40", placed.Load(), refused.Load())
+	}
+	for _, h := range c.Hosts {
+		if u := h.Agent.Used(); u.CPUs > 40 || u.MemoryMB > 40*256 {
+			t.Errorf("host %s over-committed: %+v", h.ID, u)
+		}
+	}
+	ms, err := cl.List(ctx, "shop", api.ListMachinesOptions{})
+	if err != nil || len(ms) != 160 {
+		t.Fatalf("list: %v, %d machines", err, len(ms))
+	}
+}
+
+// TestRefusingHostAsksTheNext: a host that advertises the most room but
+// refuses every machine is asked first, and the next host gets the machine.
+func TestRefusingHostAsksTheNext(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1, capacity: cluster.Resources{CPUs: 8, MemoryMB: 8192}})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+
+	// The liar: a cluster member with a huge advertised capacity whose API
+	// answers every create with 503.
+	var asked atomic.Int64
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(api.ErrorBody{Error: "insufficient capacity"})
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	if _, err := c.Net.AddHost("liar"); err != nil {
+		t.Fatal(err)
+	}
+	tr, err := c.Net.Transport("liar", 7946)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liar, err := cluster.New(cluster.Config{HostID: "liar", Region: "ams", Transport: tr,
+		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}, Addrs: map[string]string{"api": ln.Addr().String()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := liar.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { liar.Close() })
+	if _, err := liar.Join([]string{c.Hosts[0].Cluster.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := liar.Publish(cluster.HostFacts{Free: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the control plane to see the liar's room", 10*time.Second, func() bool {
+		h := c.Plane.Cluster.Snapshot().Host("liar")
+		return h != nil && h.Up() && h.Free.CPUs == 1000
+	})
+	// Both hosts are empty, so the first create may go either way; from
+	// the second on, spread makes the liar the better host.
+	for range 2 {
+		m, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig(), Region: "ams"})
+		if err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		if got, err := c.admin.Get(ctx, "shop", m.ID); err != nil || got.State != api.StateStarted {
+			t.Fatalf("machine after a refusal: %v %+v", err, got)
+		}
+	}
+	if asked.Load() == 0 {
+		t.Fatal("the best-scored host was never asked")
+	}
+	if n := c.Hosts[0].Agent.Used().CPUs; n != 2 {
+		t.Fatalf("the real host runs %d machines, want 2", n)
+	}
+}
+
+// TestFairQueueReclaimsBurst: an org that took every CPU while nobody else
+// wanted any gives back one machine when another org, below its fair share,
+// waits for room; the waiting create then succeeds.
+func TestFairQueueReclaimsBurst(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1, capacity: cluster.Resources{CPUs: 4, MemoryMB: 4096},
+		server: server.Config{PendingTimeout: 15 * time.Second}})
+	ctx := context.Background()
+	greedy, _ := orgWithApp(t, c, "greedy", "hog")
+	modest, _ := orgWithApp(t, c, "modest", "web")
+	var hogs []string
+	for range 4 {
+		m, err := greedy.Create(ctx, "hog", api.LaunchMachineInput{Config: demoConfig()})
+		if err != nil {
+			t.Fatalf("burst create: %v", err)
+		}
+		hogs = append(hogs, m.ID)
+	}
+	m, err := modest.Create(ctx, "web", api.LaunchMachineInput{Config: demoConfig()})
+	if err != nil {
+		t.Fatalf("create while another org bursts: %v", err)
+	}
+	if m.State != api.StateStarted {
+		t.Fatalf("machine %s is %s", m.ID, m.State)
+	}
+	stopped := 0
+	for _, id := range hogs {
+		if got, err := greedy.Get(ctx, "hog", id); err == nil && got.State == api.StateStopped {
+			stopped++
+		}
+	}
+	if stopped != 1 {
+		t.Fatalf("%d of the bursting org's machines were stopped, want 1", stopped)
+	}
+}

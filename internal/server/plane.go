@@ -1,0 +1,188 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/flamehq/flame/internal/atomicfile"
+	"github.com/flamehq/flame/internal/catalog"
+	"github.com/flamehq/flame/internal/cluster"
+)
+
+// PlaneConfig describes a whole control plane process: its catalog, its own
+// member of the hosts' cluster (it runs no machines), and its API. `flame
+// server`, `flame dev` and the tests build it with StartPlane.
+type PlaneConfig struct {
+	// DataDir holds the catalog (unless Catalog.URL names an external
+	// NATS) and the key that seals secrets.
+	DataDir string
+	// Listener is where the public API is served.
+	Listener net.Listener
+	// Catalog configures the catalog; DataDir and Buckets are filled in.
+	Catalog catalog.Config
+	// Cluster configures the plane's member of the cluster (HostID,
+	// Region, Transport or bind address); its capacity is zero and it
+	// advertises the API address as "control".
+	Cluster cluster.Config
+	// Join lists gossip addresses of hosts to join.
+	Join []string
+	// Server tunes the control plane; Catalog, Cluster, SecretKey and
+	// Logger are filled in.
+	Server Config
+	Logger *slog.Logger
+}
+
+// Plane is a running control plane.
+type Plane struct {
+	*Server
+	Catalog *catalog.NATS
+	Cluster *cluster.Cluster
+	// AdminToken is set when this start created the first admin token (on
+	// a fresh data dir); it is shown once and never stored in plain text.
+	AdminToken string
+
+	dataDir   string
+	closeOnce sync.Once
+	closeErr  error
+	srv       *http.Server
+	ln        net.Listener
+	wg        chan struct{}
+}
+
+// DataDir is where the plane keeps its state.
+func (p *Plane) DataDir() string { return p.dataDir }
+
+// StartPlane opens the catalog, joins the cluster and serves the API.
+func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.DataDir == "" || cfg.Listener == nil {
+		return nil, errors.New("control plane: data dir and listener are required")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, err
+	}
+	key, err := secretKey(filepath.Join(cfg.DataDir, "secret.key"))
+	if err != nil {
+		return nil, err
+	}
+	p = &Plane{ln: cfg.Listener, wg: make(chan struct{}), dataDir: cfg.DataDir}
+	defer func() {
+		if err != nil {
+			p.closeParts()
+		}
+	}()
+	cc := cfg.Catalog
+	if cc.URL == "" && cc.DataDir == "" {
+		cc.DataDir = filepath.Join(cfg.DataDir, "catalog")
+	}
+	cc.Buckets = append(cc.Buckets, Buckets()...)
+	if cc.Logger == nil {
+		cc.Logger = cfg.Logger
+	}
+	if p.Catalog, err = catalog.Open(ctx, cc); err != nil {
+		return nil, fmt.Errorf("control plane: catalog: %w", err)
+	}
+	mc := cfg.Cluster
+	mc.Capacity = cluster.Resources{}
+	mc.Addrs = map[string]string{"control": cfg.Listener.Addr().String()}
+	mc.Logger = cfg.Logger
+	if p.Cluster, err = cluster.New(mc); err != nil {
+		return nil, fmt.Errorf("control plane: cluster: %w", err)
+	}
+	if err = p.Cluster.Start(ctx); err != nil {
+		return nil, fmt.Errorf("control plane: cluster: %w", err)
+	}
+	if len(cfg.Join) > 0 {
+		if _, jerr := p.Cluster.Join(cfg.Join); jerr != nil {
+			cfg.Logger.Warn("control plane: join cluster", "err", jerr)
+		}
+	}
+	sc := cfg.Server
+	sc.Catalog, sc.Cluster, sc.SecretKey, sc.Logger = p.Catalog, p.Cluster, key, cfg.Logger
+	if p.Server, err = New(sc); err != nil {
+		return nil, err
+	}
+	if p.AdminToken, err = p.Server.Bootstrap(ctx); err != nil {
+		return nil, fmt.Errorf("control plane: bootstrap admin token: %w", err)
+	}
+	if err = p.Server.Start(context.WithoutCancel(ctx)); err != nil {
+		return nil, err
+	}
+	p.srv = &http.Server{Handler: p.Server.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		defer close(p.wg)
+		if err := p.srv.Serve(cfg.Listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			cfg.Logger.Error("control plane api stopped", "err", err)
+		}
+	}()
+	return p, nil
+}
+
+// URL is the API's base URL.
+func (p *Plane) URL() string { return "http://" + p.ln.Addr().String() }
+
+// Close stops serving, the reconciler, the cluster member and the catalog.
+// Closing twice is harmless.
+func (p *Plane) Close() error {
+	p.closeOnce.Do(func() {
+		if p.srv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if serr := p.srv.Shutdown(ctx); serr != nil {
+				p.srv.Close()
+			}
+			cancel()
+			<-p.wg
+		}
+		p.closeErr = p.closeParts()
+	})
+	return p.closeErr
+}
+
+func (p *Plane) closeParts() error {
+	var err error
+	if p.Server != nil {
+		err = errors.Join(err, p.Server.Close())
+	}
+	if p.Cluster != nil {
+		p.Cluster.Leave(time.Second)
+		err = errors.Join(err, p.Cluster.Close())
+	}
+	if p.Catalog != nil {
+		err = errors.Join(err, p.Catalog.Close())
+	}
+	return err
+}
+
+// secretKey reads the key that seals secrets, creating it on first use.
+func secretKey(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err == nil {
+		if len(b) != 32 {
+			return nil, fmt.Errorf("secret key %s: %d bytes, want 32", path, len(b))
+		}
+		return b, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	b = make([]byte, 32)
+	rand.Read(b)
+	if err := atomicfile.Write(path, b, filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("write secret key: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		return nil, err
+	}
+	return b, nil
+}

@@ -1,0 +1,45 @@
+package server
+
+import (
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/httpapi"
+)
+
+// regions is GET /v1/platform/regions: every region with hosts, and how many
+// of the smallest machines (1 CPU, 256 MB) its live hosts have room for.
+func (s *Server) regions(w http.ResponseWriter, r *http.Request) error {
+	snap := s.cfg.Cluster.Snapshot()
+	byCode := map[string]*api.Region{}
+	for _, h := range snap.Hosts() {
+		if h.Capacity.CPUs == 0 && h.Capacity.MemoryMB == 0 {
+			continue
+		}
+		reg, ok := byCode[h.Region]
+		if !ok {
+			reg = &api.Region{Code: h.Region, Name: h.Region, GatewayAvailable: true}
+			if g, ok := geo.Lookup(h.Region); ok {
+				reg.Name, reg.Latitude, reg.Longitude = g.City, float32(g.Lat), float32(g.Lon)
+			}
+			byCode[h.Region] = reg
+		}
+		reg.Hosts++
+		if h.Up() {
+			reg.Capacity += int64(max(min(h.Free.CPUs, h.Free.MemoryMB/256), 0))
+		}
+	}
+	out := api.RegionsResponse{Regions: []api.Region{}}
+	for _, reg := range byCode {
+		out.Regions = append(out.Regions, *reg)
+	}
+	slices.SortFunc(out.Regions, func(a, b api.Region) int { return strings.Compare(a.Code, b.Code) })
+	if self := snap.Host(snap.Self); self != nil {
+		out.Nearest = self.Region
+	}
+	httpapi.WriteJSON(w, http.StatusOK, out)
+	return nil
+}

@@ -1,0 +1,251 @@
+// Package server is Flame's control plane: one Fly-compatible Machines API
+// for every app and machine of the cluster.
+//
+// It keeps the strongly consistent facts — orgs, apps, tokens, sealed
+// secrets, which host runs which machine, apps' declared groups — in the
+// catalog (NATS JetStream KV, one key per aggregate, compare-and-swap by
+// revision), and reads everything that changes fast — hosts, their free
+// capacity and health, the machines they run — from the cluster's gossip
+// snapshot. It never keeps a machine's state itself: the host that runs a
+// machine owns it, and every lifecycle call is forwarded there.
+//
+// Creating a machine is a market (place.Index ranks hosts by latency, free
+// capacity, health and spread): the best host is asked, and a host without
+// room refuses with 503, so the next is asked. When no host has room the
+// request waits in a queue served by Dominant Resource Fairness across orgs.
+//
+// Auth: every request carries a token (Bearer or FlyV1). Tokens are scoped
+// to an org, optionally to one app and read-only; an admin token sees
+// everything. An app of another org answers 404, as if it did not exist.
+//
+// The reconciler keeps each declared group true: machines per region, warm
+// standbys, and replacements for machines lost with their host, placed by the
+// same score (same region first, then the nearest with room).
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/flamehq/flame/internal/catalog"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/httpapi"
+	"github.com/flamehq/flame/internal/place"
+)
+
+// ClusterView is what the control plane reads of the cluster: a host's (or
+// its own member's) gossip snapshot, and change notifications.
+type ClusterView interface {
+	Snapshot() *cluster.Snapshot
+	Subscribe() (<-chan struct{}, func())
+}
+
+// Config wires a control plane.
+type Config struct {
+	// Catalog holds the strongly consistent facts. Required.
+	Catalog catalog.Catalog
+	// Cluster is the view of hosts and machines. Required.
+	Cluster ClusterView
+	// AgentToken is the token hosts' APIs require; only the control plane
+	// holds it. Required.
+	AgentToken string
+	// SecretKey seals app secrets (32 bytes, AES-256-GCM). Required.
+	SecretKey []byte
+	// HTTPClient calls the hosts (default: a client with sane timeouts).
+	HTTPClient *http.Client
+	// Weights tune placement (zero: place.DefaultWeights()).
+	Weights place.Weights
+	// RTT is the latency between regions placement scores by (default:
+	// geo's model).
+	RTT place.RTT
+	// Seed seeds the placement's tie-breaking (0: random).
+	Seed uint64
+	// PendingTimeout is how long a create waits for room when no host has
+	// any (default 10 s; negative: do not wait).
+	PendingTimeout time.Duration
+	// ReconcileInterval is how often declared groups are checked even when
+	// nothing changes (default 2 s).
+	ReconcileInterval time.Duration
+	// LostAfter is how long a machine entry may point at a live host that
+	// does not show the machine before it is considered lost (default 30 s).
+	LostAfter time.Duration
+	Logger    *slog.Logger
+	Now       func() time.Time
+}
+
+func (c *Config) setDefaults() {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Weights == (place.Weights{}) {
+		c.Weights = place.DefaultWeights()
+	}
+	if c.RTT == nil {
+		c.RTT = geoRTT
+	}
+	if c.PendingTimeout == 0 {
+		c.PendingTimeout = 10 * time.Second
+	}
+	if c.ReconcileInterval == 0 {
+		c.ReconcileInterval = 2 * time.Second
+	}
+	if c.LostAfter == 0 {
+		c.LostAfter = 30 * time.Second
+	}
+	if c.HTTPClient == nil {
+		c.HTTPClient = &http.Client{Transport: &http.Transport{
+			MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second,
+			ResponseHeaderTimeout: 0, // waits and log follows are long by design
+		}}
+	}
+	if c.Seed == 0 {
+		c.Seed = rand.Uint64()
+	}
+}
+
+// Validate reports a Config New cannot use.
+func (c *Config) Validate() error {
+	switch {
+	case c.Catalog == nil:
+		return errors.New("server: catalog is required")
+	case c.Cluster == nil:
+		return errors.New("server: cluster view is required")
+	case c.AgentToken == "":
+		return errors.New("server: agent token is required")
+	case len(c.SecretKey) != 32:
+		return fmt.Errorf("server: secret key must be 32 bytes, not %d", len(c.SecretKey))
+	}
+	return nil
+}
+
+// geoRTT is geo's latency model between two region codes; unknown regions
+// are far (300 ms).
+func geoRTT(from, to string) time.Duration {
+	a, ok1 := geo.Lookup(from)
+	b, ok2 := geo.Lookup(to)
+	if !ok1 || !ok2 {
+		return 300 * time.Millisecond
+	}
+	return geo.RTT(a, b)
+}
+
+// Buckets lists the catalog buckets the control plane uses, for whoever
+// opens the catalog.
+func Buckets() []catalog.BucketSpec {
+	return []catalog.BucketSpec{
+		{Name: bucketOrgs}, {Name: bucketApps}, {Name: bucketTokens},
+		{Name: bucketMachines}, {Name: bucketSecrets}, {Name: bucketGroups},
+		{Name: bucketLocks, TTL: true},
+	}
+}
+
+// Server is a running control plane.
+type Server struct {
+	cfg  Config
+	log  *slog.Logger
+	api  *httpapi.Server
+	aead aeadSealer
+
+	orgs, apps, tokens, machines, secrets, groups, locks catalog.Bucket
+
+	placer *placer
+	// id names this control plane in the reconciler lock.
+	id            string
+	reconcileKick chan struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// New builds a control plane; Start runs its background work.
+func New(cfg Config) (*Server, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"),
+		id: newTokenSecret()[6:22], reconcileKick: make(chan struct{}, 1)}
+	var err error
+	if s.aead, err = newSealer(cfg.SecretKey); err != nil {
+		return nil, err
+	}
+	for _, b := range []struct {
+		name string
+		dst  *catalog.Bucket
+	}{
+		{bucketOrgs, &s.orgs}, {bucketApps, &s.apps}, {bucketTokens, &s.tokens},
+		{bucketMachines, &s.machines}, {bucketSecrets, &s.secrets},
+		{bucketGroups, &s.groups}, {bucketLocks, &s.locks},
+	} {
+		if *b.dst, err = cfg.Catalog.Bucket(b.name); err != nil {
+			return nil, fmt.Errorf("server: bucket %s: %w", b.name, err)
+		}
+	}
+	s.placer = newPlacer(s)
+	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger})
+	if err != nil {
+		return nil, err
+	}
+	s.routes()
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Handler serves the public API.
+func (s *Server) Handler() http.Handler { return s.api }
+
+// Start runs the reconciler and the placement queue until Close.
+func (s *Server) Start(ctx context.Context) error {
+	s.wg.Add(2)
+	go func() { defer s.wg.Done(); s.placer.run(s.ctx) }()
+	go func() { defer s.wg.Done(); s.reconcileLoop(s.ctx) }()
+	go func() {
+		select {
+		case <-ctx.Done():
+			s.cancel()
+		case <-s.ctx.Done():
+		}
+	}()
+	return nil
+}
+
+// Close stops the background work and waits for it.
+func (s *Server) Close() error {
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) routes() {
+	s.api.Handle("GET /v1/apps", s.listApps)
+	s.api.Handle("POST /v1/apps", s.createApp)
+	s.api.Handle("GET /v1/apps/{app}", s.getApp)
+	s.api.Handle("DELETE /v1/apps/{app}", s.deleteApp)
+
+	s.api.Handle("GET /v1/apps/{app}/secrets", s.listSecrets)
+	s.api.Handle("POST /v1/apps/{app}/secrets", s.updateSecrets)
+	s.api.Handle("GET /v1/apps/{app}/secrets/{name}", s.getSecret)
+	s.api.Handle("POST /v1/apps/{app}/secrets/{name}", s.setSecret)
+	s.api.Handle("DELETE /v1/apps/{app}/secrets/{name}", s.deleteSecret)
+
+	s.api.Handle("GET /v1/apps/{app}/groups", s.listGroups)
+	s.api.Handle("GET /v1/apps/{app}/groups/{group}", s.getGroup)
+	s.api.Handle("PUT /v1/apps/{app}/groups/{group}", s.putGroup)
+	s.api.Handle("DELETE /v1/apps/{app}/groups/{group}", s.deleteGroup)
+
+	s.api.Handle("GET /v1/platform/regions", s.regions)
+	s.api.Handle("POST /v1/orgs", s.createOrg)
+	s.api.Handle("GET /v1/orgs", s.listOrgs)
+	s.api.Handle("POST /v1/tokens", s.createToken)
+}
