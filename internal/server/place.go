@@ -47,6 +47,12 @@ type reservation struct {
 	app   string
 	share place.Resources
 	at    time.Time
+	// placed is set once the host has taken the machine; seen is the
+	// version of the host's facts known then. Facts of a later version
+	// were published after the machine existed, so they count it (or its
+	// end) and the reservation is no longer needed.
+	placed bool
+	seen   uint64
 }
 
 func newPlacer(s *Server) *placer {
@@ -88,9 +94,10 @@ func health(h *cluster.Host) float64 {
 // less what is reserved, reservations the facts now cover dropped.
 func (p *placer) hostsLocked(snap *cluster.Snapshot, now time.Time) []place.Host {
 	for hostID, rs := range p.reserved {
+		h := snap.Host(hostID)
 		for id, r := range rs {
 			m := snap.Machine(id)
-			if (m != nil && m.Host == hostID) || now.Sub(r.at) > reservationTTL {
+			if (m != nil && m.Host == hostID) || (r.placed && h != nil && h.Version > r.seen) || now.Sub(r.at) > reservationTTL {
 				delete(rs, id)
 			}
 		}
@@ -146,6 +153,21 @@ func (p *placer) choose(req place.Request, id string) (place.Host, bool) {
 	}
 	p.reserved[h.ID][id] = reservation{app: req.App, share: req.Guest, at: now}
 	return h, true
+}
+
+// placed marks a reservation as taken by its host.
+func (p *placer) placed(hostID, id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r, ok := p.reserved[hostID][id]
+	if !ok {
+		return
+	}
+	r.placed = true
+	if h := p.s.cfg.Cluster.Snapshot().Host(hostID); h != nil {
+		r.seen = h.Version
+	}
+	p.reserved[hostID][id] = r
 }
 
 func (p *placer) unreserve(hostID, id string) {
@@ -206,6 +228,7 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 			m, err = c.Create(ctx, a.Name, in)
 		}
 		if err == nil {
+			p.placed(h.ID, in.ID)
 			p.s.log.Info("machine placed", "app", a.Name, "machine", in.ID, "host", h.ID, "region", h.Region)
 			return m, nil
 		}
