@@ -113,7 +113,7 @@ func (p *placer) serve(ctx context.Context) {
 	q.waiting = slices.Delete(q.waiting, i, i+1)
 	q.mu.Unlock()
 
-	if fair.Free().Fits(w.p.Demand) {
+	if w.p.Demand.Fits(fair.Free()) {
 		close(w.turn)
 		return
 	}
