@@ -20,6 +20,7 @@ import (
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/image/registry"
+	"github.com/flamehq/flame/internal/server"
 )
 
 type devFlags struct {
@@ -80,13 +81,16 @@ func runDev(c *cobra.Command, f devFlags) error {
 		defer os.RemoveAll(dir)
 		f.dataDir = dir
 	}
-	// The registry takes the hosts' token and, once it exists, the personal
-	// org's, so users can push images with the token they were given.
-	var orgToken atomic.Pointer[string]
+	// The registry takes the hosts' token and, once the control plane is
+	// up, any of its tokens that may write, so users push images with the
+	// token they were given.
+	var plane atomic.Pointer[server.Plane]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
 		Auth: func(token string) bool {
-			t := orgToken.Load()
-			return token == f.token || (t != nil && token == *t)
+			if p := plane.Load(); p != nil {
+				return p.MayPush(context.Background(), token)
+			}
+			return token == f.token
 		}})
 	if err != nil {
 		return err
@@ -128,9 +132,8 @@ func runDev(c *cobra.Command, f devFlags) error {
 	if err != nil {
 		log.Warn("cluster not converged yet", "err", err)
 	}
-	// The registry is served by the first host, whose address is known now.
-	regAddr := strings.TrimPrefix(dev.Hosts[0].APIURL, "http://")
-	ref, err := host.PushDemoImage(c.Context(), regAddr, f.token, nil)
+	plane.Store(dev.Plane)
+	ref, err := host.PushDemoImage(c.Context(), dev.RegistryAddr(), f.token, nil)
 	if err != nil {
 		log.Warn("demo image not pushed", "err", err)
 	}
@@ -139,7 +142,6 @@ func runDev(c *cobra.Command, f devFlags) error {
 		dev.Close()
 		return fmt.Errorf("create org personal: %w", err)
 	}
-	orgToken.Store(&tok)
 	if !f.noDemo {
 		if err := deployDemo(c.Context(), dev, tok, kinds[0], cfg.Regions); err != nil {
 			log.Warn("demo app not deployed", "err", err)
@@ -212,7 +214,7 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 	if dev.Plane.AdminToken != "" {
 		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens)\n", dev.Plane.AdminToken)
 	}
-	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n\n", first.APIURL, demoRef)
+	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n\n", url, demoRef)
 	fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", "HOST", "REGION", "INTERNAL API", ".internal DNS (udp+tcp)")
 	for _, h := range dev.Hosts {
 		fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", h.ID, h.Region, h.APIURL, h.DNSAddr)

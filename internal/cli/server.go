@@ -1,11 +1,13 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/spf13/cobra"
 
@@ -13,6 +15,7 @@ import (
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/image/registry"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -36,7 +39,8 @@ reconciler), places machines on the hosts it learns of by joining their cluster
 (--join), and forwards every machine call to the host that runs it, with the
 hosts' own token (--agent-token).
 
-Its catalog is an embedded NATS JetStream server under <data-dir>/catalog; or,
+It serves the OCI registry the hosts pull from under /v2/ (start agents with
+--registry <this address>). Its catalog is an embedded NATS JetStream server under <data-dir>/catalog; or,
 with --nats-url, an existing NATS. Three servers form one replicated catalog
 with --nats-name, --nats-cluster-addr, --nats-route (one per other server) and
 --replicas 3.
@@ -104,9 +108,21 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
 	}
+	// The registry hosts pull from: the hosts' token and any token of the
+	// catalog that may write can push.
+	var plane atomic.Pointer[server.Plane]
+	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
+		Auth: func(token string) bool {
+			p := plane.Load()
+			return p != nil && p.MayPush(context.Background(), token)
+		}})
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	fmt.Fprintf(c.ErrOrStderr(), "flame server: opening the catalog…\n")
 	p, err := server.StartPlane(c.Context(), server.PlaneConfig{
-		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log,
+		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log, Registry: reg,
 		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port},
 		Server:  server.Config{AgentToken: f.agentToken},
 	})
@@ -114,6 +130,7 @@ func runServer(c *cobra.Command, f serverFlags) error {
 		ln.Close()
 		return err
 	}
+	plane.Store(p)
 	out := c.OutOrStdout()
 	if p.AdminToken != "" {
 		path := filepath.Join(f.dataDir, "admin-token")

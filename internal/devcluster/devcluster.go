@@ -42,10 +42,11 @@ type Config struct {
 	// DNSAddr is where the first host serves .internal DNS over UDP and
 	// TCP; the others take the following ports (random when the port is 0).
 	DNSAddr string
-	// NewDriver makes the driver of one host. registryAddr is where the
-	// first host serves Registry (host:port).
+	// NewDriver makes the driver of one host. registryAddr is where
+	// Registry is served (host:port).
 	NewDriver func(hostID string, hostIndex int, registryAddr string) (driver.Driver, error)
-	// Registry, when set, is served by the first host under /v2/.
+	// Registry, when set, is served under /v2/ by the control plane (or,
+	// without one, by the first host).
 	Registry http.Handler
 	// Seed makes the simulated network's randomness repeatable.
 	Seed   int64
@@ -110,6 +111,17 @@ type Cluster struct {
 	// Plane is the control plane, when Config.ControlPlane is set.
 	Plane *server.Plane
 	cfg   Config
+	// registryAddr is where the registry is served when the control plane
+	// serves it.
+	registryAddr string
+}
+
+// RegistryAddr is where the registry is served (host:port).
+func (c *Cluster) RegistryAddr() string {
+	if c.registryAddr != "" {
+		return c.registryAddr
+	}
+	return strings.TrimPrefix(c.Hosts[0].APIURL, "http://")
 }
 
 // Host is one host of the dev cluster.
@@ -176,10 +188,23 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 			hosts = append(hosts, plan{id, code})
 		}
 	}
+	// The control plane listens before the hosts start: their drivers pull
+	// from the registry it serves.
+	var planeLn net.Listener
+	if cfg.ControlPlane {
+		if planeLn, err = net.Listen("tcp", cfg.ServerAddr); err != nil {
+			nw.Close()
+			return nil, fmt.Errorf("devcluster: listen on %s: %w", cfg.ServerAddr, err)
+		}
+		c.registryAddr = planeLn.Addr().String()
+	}
 	var seed string
 	for i, p := range hosts {
 		h, err := c.startHost(ctx, p.id, p.region, i, nextAddr(apiHost, apiPort, i), nextAddr(dnsHost, dnsPort, i), seed)
 		if err != nil {
+			if planeLn != nil {
+				planeLn.Close()
+			}
 			c.Close()
 			return nil, fmt.Errorf("devcluster: host %s: %w", p.id, err)
 		}
@@ -189,7 +214,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.Hosts = append(c.Hosts, h)
 	}
 	if cfg.ControlPlane {
-		if c.Plane, err = c.startPlane(ctx, seed); err != nil {
+		if c.Plane, err = c.startPlane(ctx, planeLn, seed); err != nil {
 			c.Close()
 			return nil, fmt.Errorf("devcluster: control plane: %w", err)
 		}
@@ -200,17 +225,15 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 // controlID names the control plane's member of the cluster.
 const controlID = "control"
 
-func (c *Cluster) startPlane(ctx context.Context, seed string) (*server.Plane, error) {
+func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) (*server.Plane, error) {
 	if _, err := c.Net.AddHost(controlID); err != nil {
+		ln.Close()
 		return nil, err
 	}
 	tr, err := c.Net.Transport(controlID, 7946)
 	if err != nil {
+		ln.Close()
 		return nil, err
-	}
-	ln, err := net.Listen("tcp", c.cfg.ServerAddr)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", c.cfg.ServerAddr, err)
 	}
 	mc := c.cfg.Cluster
 	mc.HostID, mc.Region, mc.Transport = controlID, c.cfg.Regions[0], tr
@@ -218,7 +241,7 @@ func (c *Cluster) startPlane(ctx context.Context, seed string) (*server.Plane, e
 	sc.AgentToken = c.cfg.Token
 	p, err := server.StartPlane(ctx, server.PlaneConfig{
 		DataDir: filepath.Join(c.cfg.Dir, controlID), Listener: ln,
-		Cluster: mc, Join: []string{seed}, Server: sc,
+		Cluster: mc, Join: []string{seed}, Server: sc, Registry: c.cfg.Registry,
 		Logger: c.cfg.Logger.With("host", controlID),
 	})
 	if err != nil {
@@ -245,9 +268,12 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		ln.Close()
 		return nil, err
 	}
-	regAddr := ln.Addr().String()
-	if i > 0 {
-		regAddr = strings.TrimPrefix(c.Hosts[0].APIURL, "http://")
+	regAddr := c.registryAddr
+	if regAddr == "" {
+		regAddr = ln.Addr().String()
+		if i > 0 {
+			regAddr = strings.TrimPrefix(c.Hosts[0].APIURL, "http://")
+		}
 	}
 	d, err := c.cfg.NewDriver(id, i, regAddr)
 	if err != nil {
@@ -266,7 +292,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	if seed != "" {
 		hc.Join = []string{seed}
 	}
-	if i == 0 {
+	if i == 0 && !c.cfg.ControlPlane {
 		hc.Registry = c.cfg.Registry
 	}
 	if err := os.MkdirAll(hc.DataDir, 0o755); err != nil {

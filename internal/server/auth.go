@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -104,6 +105,19 @@ func (s *Server) AddOrg(ctx context.Context, slug, name string) (string, error) 
 		return "", err
 	}
 	return s.CreateToken(ctx, token{Name: slug, Org: slug})
+}
+
+// MayPush reports whether raw is a token that may push images: the hosts'
+// token, or any catalog token that is not read-only.
+func (s *Server) MayPush(ctx context.Context, raw string) bool {
+	if raw == "" {
+		return false
+	}
+	if subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
+		return true
+	}
+	t, _, err := catalog.GetJSON[token](ctx, s.tokens, tokenKey(raw))
+	return err == nil && !t.ReadOnly
 }
 
 // canSee reports whether p may see an app of org appOrg named name.

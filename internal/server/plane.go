@@ -35,6 +35,9 @@ type PlaneConfig struct {
 	Cluster cluster.Config
 	// Join lists gossip addresses of hosts to join.
 	Join []string
+	// Registry, when set, is served under /v2/ beside the API: the OCI
+	// registry hosts pull images from.
+	Registry http.Handler
 	// Server tunes the control plane; Catalog, Cluster, SecretKey and
 	// Logger are filled in.
 	Server Config
@@ -119,7 +122,14 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	if err = p.Server.Start(context.WithoutCancel(ctx)); err != nil {
 		return nil, err
 	}
-	p.srv = &http.Server{Handler: p.Server.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	handler := p.Server.Handler()
+	if cfg.Registry != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/", handler)
+		mux.Handle("/v2/", cfg.Registry)
+		handler = mux
+	}
+	p.srv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		defer close(p.wg)
 		if err := p.srv.Serve(cfg.Listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
