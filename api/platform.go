@@ -138,3 +138,12 @@ type Group struct {
 	Running map[string]int `json:"running,omitempty"`
 	Ready   map[string]int `json:"standby,omitempty"`
 }
+
+// AppEvent is one machine event of an app, as the event bus carries it and
+// GET /v1/apps/{app}/events streams it (one JSON object a line).
+type AppEvent struct {
+	App       string        `json:"app"`
+	MachineID string        `json:"machine_id"`
+	Region    string        `json:"region,omitempty"`
+	Event     *MachineEvent `json:"event"`
+}

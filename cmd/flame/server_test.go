@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
+	"net/http"
 	"regexp"
 	"strconv"
 	"testing"
@@ -18,20 +21,18 @@ func TestServerWithAgents(t *testing.T) {
 	ctx := context.Background()
 	gossip := func() string { return "127.0.0.1:" + strconv.Itoa(freePort(t)) }
 	ga, gb, gs := gossip(), gossip(), gossip()
+	var natsAddr string
 	agent := func(id, region, gossipAddr string, join ...string) *proc {
 		args := []string{"agent", "--data-dir", t.TempDir(), "--token", "agent-secret", "--api-addr", "127.0.0.1:0",
-			"--driver", "exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr}
+			"--driver", "exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr, "--nats-url", "nats://" + natsAddr}
 		for _, j := range join {
 			args = append(args, "--join", j)
 		}
 		return startFlame(t, args...)
 	}
-	a := agent("ams-1", "ams", ga)
-	a.apiURL(t)
-	b := agent("iad-1", "iad", gb, ga)
-	b.apiURL(t)
+	natsAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
 	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--agent-token", "agent-secret", "--api-addr", "127.0.0.1:0",
-		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--join", ga)
+		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--nats-addr", natsAddr)
 	var admin, url string
 	re := regexp.MustCompile(`^\s+(flame_\S+)$`)
 	urlRe := regexp.MustCompile(`Machines API on (http://[0-9.:]+[0-9])`)
@@ -53,6 +54,11 @@ func TestServerWithAgents(t *testing.T) {
 	if admin == "" {
 		t.Fatal("flame server printed no admin token")
 	}
+	// The agents join the server's gossip and publish events on its NATS.
+	a := agent("ams-1", "ams", ga, gs)
+	a.apiURL(t)
+	b := agent("iad-1", "iad", gb, gs)
+	b.apiURL(t)
 	c := api.NewClient(url, admin)
 	if _, err := c.CreateOrg(ctx, api.Org{Slug: "acme"}); err != nil {
 		t.Fatal(err)
@@ -78,8 +84,28 @@ func TestServerWithAgents(t *testing.T) {
 	if who := demoIdentity(t, port); flyVar(who, "FLY_REGION") != "iad" || flyVar(who, "FLY_MACHINE_ID") != m.ID {
 		t.Fatalf("demo app says %v", who)
 	}
+	// Follow the app's events, then stop the machine: its exit comes over
+	// the event bus from the iad agent.
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(rctx, "GET", url+"/v1/apps/demo/events?follow=true", nil)
+	req.Header.Set("Authorization", "Bearer "+admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("follow events: %v %v", err, resp)
+	}
+	defer resp.Body.Close()
 	if err := c.Stop(ctx, "demo", m.ID, api.StopMachineInput{}); err != nil {
 		t.Fatal(err)
+	}
+	for sc, got := bufio.NewScanner(resp.Body), false; !got; {
+		if !sc.Scan() {
+			t.Fatalf("no stop event came over the bus: %v", sc.Err())
+		}
+		var ev api.AppEvent
+		if json.Unmarshal(sc.Bytes(), &ev) == nil && ev.MachineID == m.ID && ev.Event.Type == "stop" && ev.Region == "iad" {
+			got = true
+		}
 	}
 	if n := workloads(m.ID); n != 0 {
 		t.Fatalf("stopped machine has %d processes", n)

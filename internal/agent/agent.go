@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/machine"
 	"github.com/flamehq/flame/internal/machinelog"
@@ -45,6 +46,10 @@ type Config struct {
 	// OnChange, if set, is called after any machine changed (state, config,
 	// checks). It must not block; calls may come from several goroutines.
 	OnChange func()
+	// OnEvent, if set, is called with each machine event once it is
+	// recorded (the host publishes them on the event bus). It must not
+	// block and must not change ev.
+	OnEvent func(app, machineID string, ev *api.MachineEvent)
 	// Capacity bounds what the host runs at once: a create, start or
 	// update that would exceed it is refused with 503. Zero is unlimited.
 	Capacity Capacity

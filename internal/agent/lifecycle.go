@@ -58,6 +58,9 @@ func (a *Agent) commit(m *mach, next *record, ev *api.MachineEvent) error {
 	m.publish(next)
 	a.syncChecks(m, next)
 	a.notify()
+	if ev != nil && a.cfg.OnEvent != nil {
+		a.cfg.OnEvent(next.App, next.ID, ev)
+	}
 	return nil
 }
 

@@ -9,13 +9,14 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/host"
 )
 
 type agentFlags struct {
 	apiAddr, dataDir, token, region, logLevel, driver, registry string
-	hostID, gossipAddr, dnsAddr                                 string
+	hostID, gossipAddr, dnsAddr, natsURL                        string
 	join                                                        []string
 }
 
@@ -46,6 +47,7 @@ the .internal names of the whole cluster.`,
 	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
 	fs.StringSliceVar(&f.join, "join", nil, "gossip addresses of hosts to join (repeatable)")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "", "address for .internal DNS over UDP and TCP (needs --host-id)")
+	fs.StringVar(&f.natsURL, "nats-url", "", "the control plane's NATS (flame server --nats-addr): machine events are published there")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	return c
 }
@@ -83,6 +85,16 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		}
 	}
 	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: f.token, Driver: d, Logger: log, Join: f.join}
+	if f.natsURL != "" {
+		bus, err := catalog.Open(c.Context(), catalog.Config{URL: f.natsURL, Logger: log})
+		if err != nil {
+			ln.Close()
+			closeDriver()
+			return fmt.Errorf("event bus: %w", err)
+		}
+		defer bus.Close()
+		hc.Events = bus
+	}
 	if f.hostID != "" {
 		gh, gp, err := net.SplitHostPort(f.gossipAddr)
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/internal/cluster"
@@ -114,6 +115,20 @@ type Cluster struct {
 	// registryAddr is where the registry is served when the control plane
 	// serves it.
 	registryAddr string
+	// bus carries the hosts' machine events to the control plane's NATS
+	// once it runs (the hosts start first).
+	bus lateBus
+}
+
+// lateBus publishes on the control plane's event bus once there is one;
+// before that, events are dropped (nobody could be listening).
+type lateBus struct{ p atomic.Pointer[server.Plane] }
+
+func (b *lateBus) Publish(ctx context.Context, subject string, data []byte) error {
+	if p := b.p.Load(); p != nil {
+		return p.Catalog.Publish(ctx, subject, data)
+	}
+	return nil
 }
 
 // RegistryAddr is where the registry is served (host:port).
@@ -218,6 +233,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 			c.Close()
 			return nil, fmt.Errorf("devcluster: control plane: %w", err)
 		}
+		c.bus.p.Store(c.Plane)
 	}
 	return c, nil
 }
@@ -288,6 +304,9 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		DataDir: filepath.Join(c.cfg.Dir, id), Region: region, Listener: ln, Token: c.cfg.Token,
 		Driver: d, Logger: c.cfg.Logger.With("host", id), Cluster: cc,
 		DNSPacketConn: pc, DNSListener: dl,
+	}
+	if c.cfg.ControlPlane {
+		hc.Events = &c.bus
 	}
 	if seed != "" {
 		hc.Join = []string{seed}
@@ -389,6 +408,7 @@ func (c *Cluster) Teardown() error {
 func (c *Cluster) Close() error {
 	var errs []error
 	if c.Plane != nil {
+		c.bus.p.Store(nil)
 		errs = append(errs, c.Plane.Close())
 	}
 	for i := len(c.Hosts) - 1; i >= 0; i-- {

@@ -5,6 +5,7 @@ package host
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/agent"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/dns"
@@ -49,7 +51,20 @@ type Config struct {
 	DNSListener   net.Listener
 	// Registry, when set, is served under /v2/ beside the Machines API.
 	Registry http.Handler
+	// Events, when set, carries every machine event to the event bus, on
+	// subject EventSubject(app, machine).
+	Events Publisher
 }
+
+// Publisher sends a message on a subject of the event bus (the catalog's
+// NATS).
+type Publisher interface {
+	Publish(ctx context.Context, subject string, data []byte) error
+}
+
+// EventSubject is the event bus subject of a machine's events;
+// "events.<app>.>" carries every event of an app.
+func EventSubject(app, machineID string) string { return "events." + app + "." + machineID }
 
 // Validate reports what is missing.
 func (c *Config) Validate() error {
@@ -95,6 +110,7 @@ func New(cfg Config) (*Host, error) {
 		Logger:   cfg.Logger,
 		Backoff:  cfg.Backoff,
 		OnChange: h.machinesChanged,
+		OnEvent:  h.publishEvent,
 	})
 	if err != nil {
 		return nil, err
@@ -135,6 +151,21 @@ func New(cfg Config) (*Host, error) {
 	}
 	h.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return h, nil
+}
+
+// publishEvent is the agent's OnEvent: the event goes on the bus, at most
+// once; a bus that is down loses it (the host keeps every machine's events).
+func (h *Host) publishEvent(app, machineID string, ev *api.MachineEvent) {
+	if h.cfg.Events == nil {
+		return
+	}
+	b, err := json.Marshal(api.AppEvent{App: app, MachineID: machineID, Region: h.cfg.Region, Event: ev})
+	if err != nil {
+		return
+	}
+	if err := h.cfg.Events.Publish(context.Background(), EventSubject(app, machineID), b); err != nil {
+		h.log.Debug("publish machine event", "machine", machineID, "err", err)
+	}
 }
 
 // machinesChanged is the agent's OnChange: it wakes the publisher.

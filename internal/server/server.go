@@ -244,6 +244,7 @@ func (s *Server) routes() {
 	s.api.Handle("PUT /v1/apps/{app}/groups/{group}", s.putGroup)
 	s.api.Handle("DELETE /v1/apps/{app}/groups/{group}", s.deleteGroup)
 
+	s.api.Handle("GET /v1/apps/{app}/events", s.appEvents)
 	s.api.Handle("GET /v1/platform/regions", s.regions)
 	s.api.Handle("POST /v1/orgs", s.createOrg)
 	s.api.Handle("GET /v1/orgs", s.listOrgs)
