@@ -126,4 +126,3 @@ func (s *Server) eventHistory(ctx context.Context, appName string) ([]api.AppEve
 	})
 	return out, nil
 }
-

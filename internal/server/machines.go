@@ -25,9 +25,25 @@ func newMachineID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// entries lists the machine entries of an app.
+// entries lists the machine entries of an app, without those that only wait
+// for their host to return to be destroyed (lost or doomed).
 func (s *Server) entries(ctx context.Context, appName string) ([]machineEntry, error) {
-	es, err := s.machines.List(ctx, appName+".")
+	all, err := s.allEntries(ctx, appName+".")
+	if err != nil {
+		return nil, err
+	}
+	out := all[:0]
+	for _, me := range all {
+		if !me.Lost && !me.Doomed {
+			out = append(out, me)
+		}
+	}
+	return out, nil
+}
+
+// allEntries lists every machine entry under prefix ("" for all apps).
+func (s *Server) allEntries(ctx context.Context, prefix string) ([]machineEntry, error) {
+	es, err := s.machines.List(ctx, prefix)
 	if err != nil {
 		return nil, err
 	}
@@ -53,7 +69,7 @@ func (s *Server) entry(ctx context.Context, ref httpapi.MachineRef, write bool) 
 		return machineEntry{}, api.Errorf(http.StatusNotFound, "machine %s not found", clipName(ref.ID))
 	}
 	me, _, err := catalog.GetJSON[machineEntry](ctx, s.machines, machineKey(ref.App, ref.ID))
-	if errors.Is(err, catalog.ErrNotFound) {
+	if errors.Is(err, catalog.ErrNotFound) || (err == nil && (me.Lost || me.Doomed)) {
 		return machineEntry{}, api.Errorf(http.StatusNotFound, "machine %s not found", ref.ID)
 	}
 	return me, err
@@ -378,17 +394,21 @@ func (s *Server) DestroyMachine(ctx context.Context, ref httpapi.MachineRef, for
 }
 
 // destroy destroys a machine and deletes its entry. A machine whose host is
-// gone for good (dead or departed) is only forgotten.
+// down is marked doomed instead: it disappears from the API at once, and
+// the reconciler destroys it if its host comes back.
 func (s *Server) destroy(ctx context.Context, me machineEntry, force bool, nonce ...string) error {
 	h := s.cfg.Cluster.Snapshot().Host(me.Host)
-	if h != nil && h.Up() {
-		c, err := s.hostClient(me.Host, strings.Join(nonce, ""))
-		if err != nil {
-			return err
-		}
-		if err := c.Destroy(ctx, me.App, me.ID, force); err != nil && !errors.Is(err, api.ErrNotFound) {
-			return hostError(err)
-		}
+	if h == nil || !h.Up() {
+		me.Doomed, me.Marked = true, s.cfg.Now().UTC()
+		_, err := s.machines.Put(ctx, machineKey(me.App, me.ID), mustJSON(me))
+		return err
+	}
+	c, err := s.hostClient(me.Host, strings.Join(nonce, ""))
+	if err != nil {
+		return err
+	}
+	if err := c.Destroy(ctx, me.App, me.ID, force); err != nil && !errors.Is(err, api.ErrNotFound) {
+		return hostError(err)
 	}
 	return s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
 }

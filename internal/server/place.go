@@ -180,8 +180,11 @@ func (p *placer) unreserve(hostID, id string) {
 // in the fair queue for some (up to PendingTimeout).
 func (p *placer) place(ctx context.Context, a app, in api.LaunchMachineInput, regions []string, it intent) (*api.Machine, error) {
 	guest := guestOf(in.Config)
-	if in.SkipLaunch {
-		guest = place.Resources{} // a created, stopped machine takes nothing yet
+	if in.SkipLaunch && !it.Standby {
+		// A created, stopped machine takes nothing yet. A standby does not
+		// either, but it must find room to start when it is needed: place
+		// it where its guest fits now.
+		guest = place.Resources{}
 	}
 	var deadline time.Time
 	if p.s.cfg.PendingTimeout > 0 {

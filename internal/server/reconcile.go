@@ -97,9 +97,11 @@ func (s *Server) holdLock(ctx context.Context, rev uint64) (uint64, error) {
 	return n, nil
 }
 
-// ReconcileOnce runs one pass over every declared group.
+// ReconcileOnce runs one pass over every declared group, then settles the
+// machines left behind on hosts that were down.
 func (s *Server) ReconcileOnce(ctx context.Context) {
 	ctx = asControlPlane(ctx)
+	defer s.settleLeftBehind(ctx)
 	gs, err := s.listAllGroups(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -113,6 +115,46 @@ func (s *Server) ReconcileOnce(ctx context.Context) {
 		}
 		if err := s.reconcileGroup(ctx, g); err != nil && ctx.Err() == nil {
 			s.log.Warn("reconcile group", "app", g.App, "group", g.Name, "err", err)
+		}
+	}
+}
+
+// forgetLeftBehind is how long a lost or doomed machine's entry is kept when
+// the cluster no longer knows its host (it keeps dead hosts 72 h).
+const forgetLeftBehind = 73 * time.Hour
+
+// settleLeftBehind destroys the lost and doomed machines whose hosts are
+// back, and forgets those whose hosts the cluster has long forgotten.
+func (s *Server) settleLeftBehind(ctx context.Context) {
+	all, err := s.allEntries(ctx, "")
+	if err != nil {
+		return
+	}
+	snap := s.cfg.Cluster.Snapshot()
+	for _, me := range all {
+		if !me.Lost && !me.Doomed {
+			continue
+		}
+		h := snap.Host(me.Host)
+		switch {
+		case h == nil:
+			if s.cfg.Now().Sub(me.Marked) > forgetLeftBehind {
+				s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
+			}
+		case h.Up():
+			s.log.Info("destroying a machine left behind on a host that returned", "app", me.App, "machine", me.ID, "host", me.Host)
+			c, err := s.hostClient(me.Host, "")
+			if err == nil {
+				err = c.Destroy(ctx, me.App, me.ID, true)
+				if errors.Is(err, api.ErrNotFound) {
+					err = nil
+				}
+			}
+			if err != nil {
+				s.log.Warn("destroy machine left behind", "machine", me.ID, "err", hostError(err))
+				continue
+			}
+			s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
 		}
 	}
 }
@@ -153,17 +195,8 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 		h := snap.Host(me.Host)
 		m := snap.Machine(me.ID)
 		switch {
-		case me.Lost:
-			if h != nil && h.Up() {
-				// Its host is back: the machine was replaced long ago.
-				s.log.Info("destroying a replaced machine whose host returned", "app", g.App, "machine", me.ID, "host", me.Host)
-				if err := s.destroy(ctx, me, true); err != nil {
-					s.log.Warn("destroy returned machine", "machine", me.ID, "err", err)
-				}
-			}
-			continue
 		case lost(snap, me):
-			me.Lost = true
+			me.Lost, me.Marked = true, now.UTC()
 			if _, err := s.machines.Put(ctx, machineKey(me.App, me.ID), mustJSON(me)); err != nil {
 				return err
 			}

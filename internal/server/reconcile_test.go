@@ -64,17 +64,26 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 	if started != 3 {
 		t.Fatalf("%d machines started, want 3", started)
 	}
-	// Kill the ams host that runs a started machine of the group.
-	snap := c.Plane.Cluster.Snapshot()
+	// A machine outside the group, in ams: its host is the one to kill (by
+	// spread, it also runs one of the group's two ams machines).
+	solo, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Region: "ams", Config: demoConfig()})
+	if err != nil {
+		t.Fatal(err)
+	}
 	var victim string
-	for _, m := range snap.AppMachinesInRegion("shop", "ams") {
-		onHost[m.ID] = m.Host
-		if m.State == api.StateStarted && victim == "" {
+	waitUntil(t, "the control plane to see the solo machine", 10*time.Second, func() bool {
+		if m := c.Plane.Cluster.Snapshot().Machine(solo.ID); m != nil {
 			victim = m.Host
 		}
+		return victim != ""
+	})
+	groupOnVictim := false
+	for _, m := range c.Plane.Cluster.Snapshot().AppMachines("shop") {
+		onHost[m.ID] = m.Host
+		groupOnVictim = groupOnVictim || (m.Host == victim && m.ID != solo.ID && m.State == api.StateStarted)
 	}
-	if victim == "" {
-		t.Fatal("no started machine in ams")
+	if !groupOnVictim {
+		t.Fatalf("no started group machine on %s", victim)
 	}
 	t.Logf("killing %s", victim)
 	c.Net.Kill(victim)
@@ -87,13 +96,23 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 			return false
 		}
 		live := map[string]int{}
+		soloUnreachable := false
 		for _, m := range ms {
 			if m.State == api.StateStarted && m.HostStatus == api.HostStatusOK {
 				live[m.Region]++
 			}
+			soloUnreachable = soloUnreachable || (m.ID == solo.ID && m.HostStatus == api.HostStatusUnreachable)
 		}
-		return live["ams"] >= 2 && live["iad"] >= 1
+		return live["ams"] >= 2 && live["iad"] >= 1 && soloUnreachable
 	})
+	// The solo machine is not replaced (it has no group); destroyed while
+	// its host is down, it leaves the API at once.
+	if err := cl.Destroy(ctx, "shop", solo.ID, true); err != nil {
+		t.Fatalf("destroy on a dead host: %v", err)
+	}
+	if _, err := cl.Get(ctx, "shop", solo.ID); status(err) != 404 {
+		t.Fatalf("a destroyed machine on a dead host: %v", err)
+	}
 	waitUntil(t, "the group's standbys to be refilled", 15*time.Second, func() bool {
 		return groupIs(t, cl, "shop", "app", want, map[string]int{"ams": 1, "iad": 1})
 	})

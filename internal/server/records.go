@@ -63,9 +63,13 @@ type machineEntry struct {
 	Group   string `json:"group,omitempty"`
 	Standby bool   `json:"standby,omitempty"`
 	For     string `json:"for,omitempty"`
-	// Lost is set when the machine's host died: the reconciler replaced it,
-	// and destroys it if the host comes back.
-	Lost bool `json:"lost,omitempty"`
+	// Lost is set when the machine's host died and the reconciler replaced
+	// it; Doomed when it was destroyed while its host was down. Either way
+	// the API no longer shows it, and the reconciler destroys it if the host
+	// comes back.
+	Lost   bool      `json:"lost,omitempty"`
+	Doomed bool      `json:"doomed,omitempty"`
+	Marked time.Time `json:"marked_at,omitzero"` // when it became lost or doomed
 	// Guest is what the machine takes from its host, for fairness.
 	CPUs     int `json:"cpus"`
 	MemoryMB int `json:"memory_mb"`
