@@ -51,19 +51,19 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 	waitUntil(t, "the group to be running", 15*time.Second, func() bool {
 		return groupIs(t, cl, "shop", "app", want, map[string]int{"ams": 1, "iad": 1})
 	})
-	ms, err := cl.List(ctx, "shop", api.ListMachinesOptions{})
-	if err != nil || len(ms) != 5 {
-		t.Fatalf("list: %v, %d machines", err, len(ms))
-	}
-	started, onHost := 0, map[string]string{}
-	for _, m := range ms {
-		if m.State == api.StateStarted {
-			started++
+	// The entries are written before the hosts are asked: wait for the
+	// hosts to show all five, three started.
+	onHost := map[string]string{}
+	waitUntil(t, "five machines, three started", 10*time.Second, func() bool {
+		ms, err := cl.List(ctx, "shop", api.ListMachinesOptions{})
+		started := 0
+		for _, m := range ms {
+			if m.State == api.StateStarted {
+				started++
+			}
 		}
-	}
-	if started != 3 {
-		t.Fatalf("%d machines started, want 3", started)
-	}
+		return err == nil && len(ms) == 5 && started == 3
+	})
 	// A machine outside the group, in ams: its host is the one to kill (by
 	// spread, it also runs one of the group's two ams machines).
 	solo, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Region: "ams", Config: demoConfig()})
