@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -84,6 +86,31 @@ func TestServerWithAgents(t *testing.T) {
 	if who := demoIdentity(t, port); flyVar(who, "FLY_REGION") != "iad" || flyVar(who, "FLY_MACHINE_ID") != m.ID {
 		t.Fatalf("demo app says %v", who)
 	}
+	// Follow the app's logs, then make the demo app log a request: the line
+	// comes over the event bus from the iad agent.
+	lctx, lcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer lcancel()
+	lreq, _ := http.NewRequestWithContext(lctx, "GET", url+"/v1/apps/demo/logs?follow=true", nil)
+	lreq.Header.Set("Authorization", "Bearer "+admin)
+	lresp, err := http.DefaultClient.Do(lreq)
+	if err != nil || lresp.StatusCode != 200 {
+		t.Fatalf("follow logs: %v %v", err, lresp)
+	}
+	defer lresp.Body.Close()
+	if r, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/log-probe", port)); err == nil {
+		r.Body.Close()
+	}
+	for sc, got := bufio.NewScanner(lresp.Body), false; !got; {
+		if !sc.Scan() {
+			t.Fatalf("the request's log line never came: %v", sc.Err())
+		}
+		var l api.LogEntry
+		if json.Unmarshal(sc.Bytes(), &l) == nil && l.MachineID == m.ID && strings.Contains(l.Message, "/log-probe") && l.Region == "iad" {
+			got = true
+		}
+	}
+	lcancel()
+
 	// Follow the app's events, then stop the machine: its exit comes over
 	// the event bus from the iad agent.
 	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)

@@ -50,6 +50,9 @@ type Config struct {
 	// recorded (the host publishes them on the event bus). It must not
 	// block and must not change ev.
 	OnEvent func(app, machineID string, ev *api.MachineEvent)
+	// OnLog, if set, is called with each batch of new log lines of a
+	// machine of app, as they are read. It must not block.
+	OnLog func(app string, lines []api.LogEntry)
 	// Capacity bounds what the host runs at once: a create, start or
 	// update that would exceed it is refused with 503. Zero is unlimited.
 	Capacity Capacity

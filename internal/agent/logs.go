@@ -22,7 +22,18 @@ func (a *Agent) openLog(m *mach) *machinelog.Log {
 	if r.State == machine.Destroying || r.State == machine.Destroyed {
 		return nil // its files are going or gone
 	}
-	l, err := machinelog.New(machinelog.Config{Path: a.spec(r).LogPath, Lines: a.cfg.LogLines}, a.cfg.Logger)
+	lc := machinelog.Config{Path: a.spec(r).LogPath, Lines: a.cfg.LogLines}
+	if a.cfg.OnLog != nil {
+		app, id, region := r.App, r.ID, r.Region
+		lc.OnLines = func(lines []machinelog.Line) {
+			out := make([]api.LogEntry, len(lines))
+			for i, line := range lines {
+				out[i] = api.LogEntry{Timestamp: line.Time.UTC(), Message: line.Text, MachineID: id, Region: region}
+			}
+			a.cfg.OnLog(app, out)
+		}
+	}
+	l, err := machinelog.New(lc, a.cfg.Logger)
 	if err == nil {
 		err = l.Start(a.ctx)
 	}

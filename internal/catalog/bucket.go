@@ -362,6 +362,8 @@ func (b *bucket) fail(op, key string, err error) error {
 		err = ErrNotFound
 	case errors.Is(err, jetstream.ErrInvalidKey):
 		err = fmt.Errorf("%w: %w", ErrInvalid, err)
+	case transient(err):
+		err = fmt.Errorf("%w: %w", ErrUnavailable, err)
 	default:
 		err = mapConnErr(err)
 	}

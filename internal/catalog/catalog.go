@@ -10,12 +10,15 @@ import (
 
 // Conditions callers match with errors.Is.
 var (
-	ErrNotFound = errors.New("catalog: not found")
-	ErrExists   = errors.New("catalog: key exists")        // Create on an existing key
-	ErrConflict = errors.New("catalog: revision conflict") // Update, Refresh or Delete with a stale revision
-	ErrInvalid  = errors.New("catalog: invalid key")       // a key or prefix outside the allowed alphabet
-	ErrNoTTL    = errors.New("catalog: bucket has no per-key ttl")
-	ErrClosed   = errors.New("catalog: closed")
+	// ErrUnavailable means the store could not answer now (no leader yet,
+	// a timeout): the call may be retried.
+	ErrUnavailable = errors.New("catalog: unavailable")
+	ErrNotFound    = errors.New("catalog: not found")
+	ErrExists      = errors.New("catalog: key exists")        // Create on an existing key
+	ErrConflict    = errors.New("catalog: revision conflict") // Update, Refresh or Delete with a stale revision
+	ErrInvalid     = errors.New("catalog: invalid key")       // a key or prefix outside the allowed alphabet
+	ErrNoTTL       = errors.New("catalog: bucket has no per-key ttl")
+	ErrClosed      = errors.New("catalog: closed")
 )
 
 // Entry is the current value of a key.

@@ -62,6 +62,10 @@ type Publisher interface {
 	Publish(ctx context.Context, subject string, data []byte) error
 }
 
+// LogSubject is the event bus subject of a machine's log lines;
+// "logs.<app>.>" carries every line of an app.
+func LogSubject(app, machineID string) string { return "logs." + app + "." + machineID }
+
 // EventSubject is the event bus subject of a machine's events;
 // "events.<app>.>" carries every event of an app.
 func EventSubject(app, machineID string) string { return "events." + app + "." + machineID }
@@ -111,6 +115,7 @@ func New(cfg Config) (*Host, error) {
 		Backoff:  cfg.Backoff,
 		OnChange: h.machinesChanged,
 		OnEvent:  h.publishEvent,
+		OnLog:    h.publishLog,
 	})
 	if err != nil {
 		return nil, err
@@ -165,6 +170,23 @@ func (h *Host) publishEvent(app, machineID string, ev *api.MachineEvent) {
 	}
 	if err := h.cfg.Events.Publish(context.Background(), EventSubject(app, machineID), b); err != nil {
 		h.log.Debug("publish machine event", "machine", machineID, "err", err)
+	}
+}
+
+// publishLog is the agent's OnLog: each line goes on the bus, at most once.
+func (h *Host) publishLog(app string, lines []api.LogEntry) {
+	if h.cfg.Events == nil {
+		return
+	}
+	for _, l := range lines {
+		b, err := json.Marshal(l)
+		if err != nil {
+			continue
+		}
+		if err := h.cfg.Events.Publish(context.Background(), LogSubject(app, l.MachineID), b); err != nil {
+			h.log.Debug("publish log line", "machine", l.MachineID, "err", err)
+			return
+		}
 	}
 }
 

@@ -42,6 +42,9 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 // oversized body with 413, anything else with 500 and a generic message
 // (the real error goes to the log).
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	if s.mapError != nil {
+		err = s.mapError(err)
+	}
 	var (
 		ae  *api.Error
 		mbe *http.MaxBytesError

@@ -65,6 +65,10 @@ type Config struct {
 	// MaxBodyBytes caps a request body (413 beyond it); 0 means
 	// DefaultMaxBodyBytes.
 	MaxBodyBytes int64
+	// MapError, if set, may turn an error a backend or route returned into
+	// an *api.Error (a store that is unavailable into 503, say) before it
+	// is answered.
+	MapError func(error) error
 }
 
 // Validate reports a Config that New cannot use.
@@ -80,11 +84,12 @@ func (c Config) Validate() error {
 
 // Server serves the Machines API. It is an http.Handler.
 type Server struct {
-	backend Backend
-	auth    func(*http.Request) (context.Context, error)
-	log     *slog.Logger
-	maxBody int64
-	mux     *http.ServeMux
+	backend  Backend
+	mapError func(error) error
+	auth     func(*http.Request) (context.Context, error)
+	log      *slog.Logger
+	maxBody  int64
+	mux      *http.ServeMux
 }
 
 // New builds a Server from cfg.
@@ -93,11 +98,12 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{
-		backend: cfg.Backend,
-		auth:    cfg.Authenticate,
-		log:     cfg.Logger,
-		maxBody: cfg.MaxBodyBytes,
-		mux:     http.NewServeMux(),
+		backend:  cfg.Backend,
+		mapError: cfg.MapError,
+		auth:     cfg.Authenticate,
+		log:      cfg.Logger,
+		maxBody:  cfg.MaxBodyBytes,
+		mux:      http.NewServeMux(),
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -208,6 +214,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) unauthorized(w http.ResponseWriter, err error) {
 	var ae *api.Error
+	if errors.As(err, &ae) && ae.Status >= 500 && ae.Status <= 599 {
+		// The authenticator could not decide (its store is unavailable):
+		// that is not the client's fault, and it may retry.
+		s.log.Warn("authentication unavailable", "err", err)
+		writeError(w, ae.Status, ae.Error())
+		return
+	}
 	if errors.As(err, &ae) && (ae.Status == http.StatusUnauthorized || ae.Status == http.StatusForbidden) {
 		if ae.Status == http.StatusUnauthorized {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="flame"`)

@@ -47,6 +47,9 @@ type Config struct {
 	// Poll is how often the file is checked without a change notice
 	// (default 1 s, or 50 ms where inotify is unavailable).
 	Poll time.Duration
+	// OnLines, if set, is called with each batch of new lines as they are
+	// read (the host publishes them on the event bus). It must not block.
+	OnLines func([]Line)
 }
 
 // Defaults.
@@ -197,6 +200,9 @@ func (l *Log) add(lines []Line) {
 	}
 	close(l.changed)
 	l.changed = make(chan struct{})
+	if l.cfg.OnLines != nil {
+		l.cfg.OnLines(lines)
+	}
 }
 
 // markClosed ends every Follow once it has caught up.

@@ -46,7 +46,7 @@ func (s *Server) authenticate(r *http.Request) (context.Context, error) {
 		return nil, api.Errorf(http.StatusUnauthorized, "invalid token")
 	}
 	if err != nil {
-		return nil, err
+		return nil, api.Errorf(http.StatusServiceUnavailable, "catalog unavailable, try again: %v", err)
 	}
 	return context.WithValue(r.Context(), principalKey{}, principal{t}), nil
 }

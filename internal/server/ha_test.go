@@ -118,7 +118,15 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 	if err := planes[0].Close(); err != nil {
 		t.Logf("closing plane 1: %v", err)
 	}
-	m2, err := client(1).Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig()})
+	// While the catalog elects new leaders for what the lost server led,
+	// calls may answer 503 for a moment; clients retry those.
+	var m2 *api.Machine
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if m2, err = client(1).Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig()}); status(err) != 503 || time.Now().After(end) {
+			break
+		}
+		t.Logf("retrying after: %v", err)
+	}
 	if err != nil {
 		t.Fatalf("create with one server down: %v", err)
 	}

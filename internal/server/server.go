@@ -33,6 +33,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/geo"
@@ -193,7 +194,14 @@ func New(cfg Config) (*Server, error) {
 		}
 	}
 	s.placer = newPlacer(s)
-	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger})
+	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger,
+		MapError: func(err error) error {
+			var ae *api.Error
+			if !errors.As(err, &ae) && errors.Is(err, catalog.ErrUnavailable) {
+				return api.Errorf(http.StatusServiceUnavailable, "catalog unavailable, try again: %v", err)
+			}
+			return err
+		}})
 	if err != nil {
 		return nil, err
 	}
@@ -245,6 +253,7 @@ func (s *Server) routes() {
 	s.api.Handle("DELETE /v1/apps/{app}/groups/{group}", s.deleteGroup)
 
 	s.api.Handle("GET /v1/apps/{app}/events", s.appEvents)
+	s.api.Handle("GET /v1/apps/{app}/logs", s.appLogs)
 	s.api.Handle("GET /v1/platform/regions", s.regions)
 	s.api.Handle("POST /v1/orgs", s.createOrg)
 	s.api.Handle("GET /v1/orgs", s.listOrgs)
