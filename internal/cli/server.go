@@ -20,12 +20,12 @@ import (
 )
 
 type serverFlags struct {
-	apiAddr, dataDir, agentToken, region, logLevel string
-	hostID, gossipAddr                             string
-	join                                           []string
-	natsURL, natsListen, natsName, natsCluster     string
-	natsRoutes                                     []string
-	replicas                                       int
+	apiAddr, dataDir, agentToken, region, logLevel, keyFile string
+	hostID, gossipAddr                                      string
+	join                                                    []string
+	natsURL, natsListen, natsName, natsCluster              string
+	natsRoutes                                              []string
+	replicas                                                int
 }
 
 func newServerCmd() *cobra.Command {
@@ -64,6 +64,7 @@ On its first start it creates an admin token, prints it once and writes it to
 	fs.StringVar(&f.natsCluster, "nats-cluster-addr", "", "route address for a cluster of embedded NATS servers")
 	fs.StringSliceVar(&f.natsRoutes, "nats-route", nil, "route URL of another server (nats-route://host:port, repeatable)")
 	fs.IntVar(&f.replicas, "replicas", 1, "catalog replicas (3 in a three-server cluster)")
+	fs.StringVar(&f.keyFile, "secret-key-file", "", "the 32-byte key that seals secrets, made on first use (default <data-dir>/secret.key; servers sharing a catalog need the same one)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	return c
 }
@@ -122,7 +123,7 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	}
 	fmt.Fprintf(c.ErrOrStderr(), "flame server: opening the catalog…\n")
 	p, err := server.StartPlane(c.Context(), server.PlaneConfig{
-		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log, Registry: reg,
+		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log, Registry: reg, SecretKeyFile: f.keyFile,
 		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port},
 		Server:  server.Config{AgentToken: f.agentToken},
 	})

@@ -155,7 +155,7 @@ func (s *Server) appView(ctx context.Context, a app) api.App {
 		ID: a.ID, Name: a.Name, Network: a.Network, Status: "pending",
 		Organization: api.AppOrg{Name: a.Org, Slug: a.Org}, CreatedAt: a.CreatedAt.Format(time.RFC3339),
 	}
-	if es, err := s.entries(ctx, a.Name); err == nil {
+	if es, err := s.entries(ctx, a); err == nil {
 		out.MachineCount = int64(len(es))
 		if len(es) > 0 {
 			out.Status = "deployed"
@@ -199,38 +199,42 @@ func (s *Server) getApp(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// deleteApp is DELETE /v1/apps/{app}: it stops keeping the app's groups,
-// destroys its machines (forcibly), and forgets its secrets and the app.
+// deleteApp is DELETE /v1/apps/{app}: it forgets the app first (so nothing
+// new can reach it, and a new app of the same name is another app), then
+// destroys its machines (forcibly) and forgets its groups and secrets.
+// Machines it could not destroy now are left to the reconciler, which
+// destroys machines whose app is gone.
 func (s *Server) deleteApp(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	a, err := s.appFor(ctx, r.PathValue("app"), true)
 	if err != nil {
 		return err
 	}
+	if err := s.apps.Delete(ctx, a.Name, 0); err != nil {
+		return err
+	}
+	es, err := s.entries(ctx, a)
+	if err != nil {
+		return err
+	}
+	for _, e := range es {
+		if err := s.destroy(ctx, e, true); err != nil && !errors.Is(err, api.ErrNotFound) {
+			s.log.Warn("delete app: destroy machine; the reconciler will retry", "app", a.Name, "machine", e.ID, "err", err)
+		}
+	}
 	gs, err := s.groups.List(ctx, a.Name+".")
 	if err != nil {
 		return err
 	}
 	for _, g := range gs {
-		if err := s.groups.Delete(ctx, g.Key, 0); err != nil {
+		if err := s.groups.Delete(ctx, g.Key, g.Revision); err != nil && !errors.Is(err, catalog.ErrConflict) {
 			return err
 		}
 	}
-	es, err := s.entries(ctx, a.Name)
-	if err != nil {
-		return err
-	}
-	for _, e := range es {
-		err := s.destroy(ctx, e, true)
-		if err != nil && !errors.Is(err, api.ErrNotFound) {
-			return api.Errorf(http.StatusConflict, "destroy machine %s: %v", e.ID, err)
+	if e, err := s.secrets.Get(ctx, a.Name); err == nil {
+		if err := s.secrets.Delete(ctx, a.Name, e.Revision); err != nil && !errors.Is(err, catalog.ErrConflict) {
+			return err
 		}
-	}
-	if err := s.secrets.Delete(ctx, a.Name, 0); err != nil {
-		return err
-	}
-	if err := s.apps.Delete(ctx, a.Name, 0); err != nil {
-		return err
 	}
 	s.log.Info("app deleted", "app", a.Name, "machines", len(es))
 	w.WriteHeader(http.StatusAccepted)

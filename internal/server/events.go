@@ -20,25 +20,25 @@ func (s *Server) appEvents(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	return streamApp(s, w, r, "events."+a.Name+".>",
-		func(ctx context.Context) ([]api.AppEvent, error) { return s.eventHistory(ctx, a.Name) },
+		func(ctx context.Context) ([]api.AppEvent, error) { return s.eventHistory(ctx, a) },
 		func(ev api.AppEvent) bool { return ev.Event != nil && ev.App == a.Name },
 		func(ev api.AppEvent) string { return ev.Event.ID })
 }
 
 // eventHistory asks each machine's host for its events and merges them,
 // oldest first.
-func (s *Server) eventHistory(ctx context.Context, appName string) ([]api.AppEvent, error) {
+func (s *Server) eventHistory(ctx context.Context, a app) ([]api.AppEvent, error) {
 	var mu sync.Mutex
 	var out []api.AppEvent
-	err := s.eachMachine(ctx, appName, func(me machineEntry, c *api.Client) {
-		evs, err := c.Events(ctx, appName, me.ID)
+	err := s.eachMachine(ctx, a, func(me machineEntry, c *api.Client) {
+		evs, err := c.Events(ctx, a.Name, me.ID)
 		if err != nil {
 			return
 		}
 		mu.Lock()
 		defer mu.Unlock()
 		for _, ev := range evs {
-			out = append(out, api.AppEvent{App: appName, MachineID: me.ID, Region: me.Region, Event: ev})
+			out = append(out, api.AppEvent{App: a.Name, MachineID: me.ID, Region: me.Region, Event: ev})
 		}
 	})
 	slices.SortFunc(out, func(a, b api.AppEvent) int {
@@ -69,7 +69,7 @@ func (s *Server) appLogs(w http.ResponseWriter, r *http.Request) error {
 		func(ctx context.Context) ([]api.LogEntry, error) {
 			var mu sync.Mutex
 			var out []api.LogEntry
-			err := s.eachMachine(ctx, a.Name, func(me machineEntry, c *api.Client) {
+			err := s.eachMachine(ctx, a, func(me machineEntry, c *api.Client) {
 				if tail == 0 {
 					return
 				}

@@ -44,14 +44,14 @@ func (s *Server) listGroups(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	es, err := s.entries(r.Context(), a.Name)
+	es, err := s.entries(r.Context(), a)
 	if err != nil {
 		return err
 	}
 	out := []api.Group{}
 	for _, e := range gs {
 		var g group
-		if decodeJSON(e.Value, &g) == nil {
+		if decodeJSON(e.Value, &g) == nil && g.AppID == a.ID {
 			out = append(out, groupOut(g, es))
 		}
 	}
@@ -69,13 +69,13 @@ func (s *Server) getGroup(w http.ResponseWriter, r *http.Request) error {
 		return api.Errorf(http.StatusNotFound, "group %s not found", clipName(name))
 	}
 	g, _, err := catalog.GetJSON[group](r.Context(), s.groups, groupKey(a.Name, name))
-	if errors.Is(err, catalog.ErrNotFound) {
+	if errors.Is(err, catalog.ErrNotFound) || (err == nil && g.AppID != a.ID) {
 		return api.Errorf(http.StatusNotFound, "group %s not found", name)
 	}
 	if err != nil {
 		return err
 	}
-	es, err := s.entries(r.Context(), a.Name)
+	es, err := s.entries(r.Context(), a)
 	if err != nil {
 		return err
 	}
@@ -122,13 +122,13 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 		cfg.Metadata = cloneMap(cfg.Metadata)
 	}
 	cfg.Metadata["fly_process_group"] = name
-	g := group{App: a.Name, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys, Updated: s.cfg.Now().UTC()}
+	g := group{App: a.Name, AppID: a.ID, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys, Updated: s.cfg.Now().UTC()}
 	if _, err := s.groups.Put(r.Context(), groupKey(a.Name, name), mustJSON(g)); err != nil {
 		return err
 	}
 	s.log.Info("group declared", "app", a.Name, "group", name, "regions", in.Regions, "standbys", in.Standbys)
 	s.pokeReconciler()
-	es, err := s.entries(r.Context(), a.Name)
+	es, err := s.entries(r.Context(), a)
 	if err != nil {
 		return err
 	}

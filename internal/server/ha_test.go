@@ -1,11 +1,14 @@
 package server_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -50,6 +53,11 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 	for _, p := range ports {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
 	}
+	// One key for all three, made before they start, as an operator would.
+	keyFile := filepath.Join(t.TempDir(), "secret.key")
+	if err := os.WriteFile(keyFile, bytes.Repeat([]byte{7}, 32), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	planes := make([]*server.Plane, 3)
 	errs := make([]error, 3)
 	var wg sync.WaitGroup
@@ -69,7 +77,7 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 		dir := t.TempDir()
 		wg.Go(func() {
 			planes[i], errs[i] = server.StartPlane(ctx, server.PlaneConfig{
-				DataDir: dir, Listener: ln, Logger: log.With("host", name),
+				DataDir: dir, Listener: ln, Logger: log.With("host", name), SecretKeyFile: keyFile,
 				Catalog: catalog.Config{ServerName: name, ClusterListen: fmt.Sprintf("127.0.0.1:%d", ports[i]), Routes: routes, Replicas: 3},
 				Cluster: cluster.Config{HostID: name, Region: "ams", Transport: tr},
 				Join:    []string{c.Hosts[0].Cluster.GossipAddr()},
@@ -101,6 +109,9 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 		})
 	}
 	if _, err := client(0).CreateApp(ctx, api.CreateAppInput{AppName: "shop", OrgSlug: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client(0).UpdateSecrets(ctx, "shop", map[string]*string{"K": new("v")}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := client(1).PutGroup(ctx, "shop", api.Group{Name: "app", Config: demoConfig(), Regions: map[string]int{"ams": 2}}); err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/httpapi"
+	"github.com/flamehq/flame/internal/place"
 )
 
 var _ httpapi.Backend = (*Server)(nil)
@@ -26,15 +27,16 @@ func newMachineID() string {
 }
 
 // entries lists the machine entries of an app, without those that only wait
-// for their host to return to be destroyed (lost or doomed).
-func (s *Server) entries(ctx context.Context, appName string) ([]machineEntry, error) {
-	all, err := s.allEntries(ctx, appName+".")
+// for their host to return to be destroyed (lost or doomed), and without
+// those of an earlier app of the same name.
+func (s *Server) entries(ctx context.Context, a app) ([]machineEntry, error) {
+	all, err := s.allEntries(ctx, a.Name+".")
 	if err != nil {
 		return nil, err
 	}
 	out := all[:0]
 	for _, me := range all {
-		if !me.Lost && !me.Doomed {
+		if !me.Lost && !me.Doomed && me.AppID == a.ID {
 			out = append(out, me)
 		}
 	}
@@ -62,14 +64,15 @@ func (s *Server) allEntries(ctx context.Context, prefix string) ([]machineEntry,
 // entry loads one machine's entry, after checking the caller may see (or,
 // with write, change) its app.
 func (s *Server) entry(ctx context.Context, ref httpapi.MachineRef, write bool) (machineEntry, error) {
-	if _, err := s.appFor(ctx, ref.App, write); err != nil {
+	a, err := s.appFor(ctx, ref.App, write)
+	if err != nil {
 		return machineEntry{}, err
 	}
 	if !validMachineID(ref.ID) {
 		return machineEntry{}, api.Errorf(http.StatusNotFound, "machine %s not found", clipName(ref.ID))
 	}
 	me, _, err := catalog.GetJSON[machineEntry](ctx, s.machines, machineKey(ref.App, ref.ID))
-	if errors.Is(err, catalog.ErrNotFound) || (err == nil && (me.Lost || me.Doomed)) {
+	if errors.Is(err, catalog.ErrNotFound) || (err == nil && (me.Lost || me.Doomed || me.AppID != a.ID)) {
 		return machineEntry{}, api.Errorf(http.StatusNotFound, "machine %s not found", ref.ID)
 	}
 	return me, err
@@ -179,7 +182,7 @@ type intent struct {
 // create places and creates a machine of app a.
 func (s *Server) create(ctx context.Context, a app, in api.LaunchMachineInput, regions []string, it intent) (*api.Machine, error) {
 	if !in.SkipSecrets {
-		sec, err := s.plainSecrets(ctx, a.Name)
+		sec, err := s.plainSecrets(ctx, a)
 		if err != nil {
 			return nil, err
 		}
@@ -243,10 +246,11 @@ func (s *Server) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.M
 
 // ListMachines asks every host that runs machines of the app, at once.
 func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.ListFilter) ([]*api.Machine, error) {
-	if _, err := s.appFor(ctx, appName, false); err != nil {
+	a, err := s.appFor(ctx, appName, false)
+	if err != nil {
 		return nil, err
 	}
-	es, err := s.entries(ctx, appName)
+	es, err := s.entries(ctx, a)
 	if err != nil {
 		return nil, err
 	}
@@ -272,7 +276,10 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.Lis
 					want[me.ID] = true
 				}
 				for _, m := range got {
-					if want[m.ID] || (f.IncludeDeleted && m.State == api.StateDestroyed) {
+					// Destroyed machines are only those still known
+					// here: a host keeps those of earlier apps of the
+					// same name too.
+					if want[m.ID] {
 						r.ms = append(r.ms, m)
 					}
 				}
@@ -317,9 +324,13 @@ func (s *Server) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in a
 		return nil, err
 	}
 	var out *api.Machine
-	err := s.forward(ctx, ref, true, func(c *api.Client) error {
+	a, err := s.appFor(ctx, ref.App, true)
+	if err != nil {
+		return nil, err
+	}
+	err = s.forward(ctx, ref, true, func(c *api.Client) error {
 		if !in.SkipSecrets {
-			sec, err := s.plainSecrets(ctx, ref.App)
+			sec, err := s.plainSecrets(ctx, a)
 			if err != nil {
 				return err
 			}
@@ -329,11 +340,30 @@ func (s *Server) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in a
 			in.Secrets = sec
 		}
 		var err error
-		out, err = c.Update(ctx, ref.App, ref.ID, in)
+		if out, err = c.Update(ctx, ref.App, ref.ID, in); err == nil {
+			s.resized(ctx, ref, guestOf(in.Config))
+		}
 		return err
 	})
 	return out, err
 }
+
+// resized records a machine's new guest size in its entry, for fairness.
+func (s *Server) resized(ctx context.Context, ref httpapi.MachineRef, g place.Resources) {
+	_, _, err := catalog.UpdateJSON(ctx, s.machines, machineKey(ref.App, ref.ID), func(me *machineEntry, exists bool) error {
+		if !exists {
+			return errNoChange
+		}
+		me.CPUs, me.MemoryMB = g.CPUs, g.MemoryMB
+		return nil
+	})
+	if err != nil && !errors.Is(err, errNoChange) {
+		s.log.Warn("record machine size", "machine", ref.ID, "err", err)
+	}
+}
+
+// errNoChange aborts a catalog update that has nothing to do.
+var errNoChange = errors.New("no change")
 
 func (s *Server) StartMachine(ctx context.Context, ref httpapi.MachineRef) (*api.StartResponse, error) {
 	var out *api.StartResponse

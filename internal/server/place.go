@@ -218,7 +218,7 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 		// The entry first: a crash after the host creates the machine must
 		// not leave a machine nobody knows where to find.
 		g := guestOf(in.Config)
-		me := machineEntry{ID: in.ID, App: a.Name, Org: a.Org, Host: h.ID, Region: h.Region,
+		me := machineEntry{ID: in.ID, App: a.Name, AppID: a.ID, Org: a.Org, Host: h.ID, Region: h.Region,
 			Created: p.s.cfg.Now().UTC(), Group: it.Group, Standby: it.Standby, For: it.For, CPUs: g.CPUs, MemoryMB: g.MemoryMB}
 		if _, err := p.s.machines.Put(ctx, key, mustJSON(me)); err != nil {
 			p.unreserve(h.ID, in.ID)

@@ -23,8 +23,13 @@ import (
 // server`, `flame dev` and the tests build it with StartPlane.
 type PlaneConfig struct {
 	// DataDir holds the catalog (unless Catalog.URL names an external
-	// NATS) and the key that seals secrets.
+	// NATS) and, by default, the key that seals secrets.
 	DataDir string
+	// SecretKeyFile is the key that seals secrets (32 bytes), created on
+	// first use; default <DataDir>/secret.key. Control planes that share a
+	// catalog must share this key: a plane that cannot open the secrets
+	// already in the catalog refuses to start.
+	SecretKeyFile string
 	// Listener is where the public API is served.
 	Listener net.Listener
 	// Catalog configures the catalog; DataDir and Buckets are filled in.
@@ -75,14 +80,18 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, err
 	}
-	key, err := secretKey(filepath.Join(cfg.DataDir, "secret.key"))
+	if cfg.SecretKeyFile == "" {
+		cfg.SecretKeyFile = filepath.Join(cfg.DataDir, "secret.key")
+	}
+	key, err := secretKey(cfg.SecretKeyFile)
 	if err != nil {
 		return nil, err
 	}
 	p = &Plane{ln: cfg.Listener, wg: make(chan struct{}), dataDir: cfg.DataDir}
+	built := p // the named result is nil on the error paths
 	defer func() {
 		if err != nil {
-			p.closeParts()
+			built.closeParts()
 		}
 	}()
 	cc := cfg.Catalog
@@ -115,6 +124,9 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	sc.Catalog, sc.Cluster, sc.SecretKey, sc.Logger = p.Catalog, p.Cluster, key, cfg.Logger
 	if p.Server, err = New(sc); err != nil {
 		return nil, err
+	}
+	if err = p.Server.checkSecretKey(ctx); err != nil {
+		return nil, fmt.Errorf("control plane: %w", err)
 	}
 	if p.AdminToken, err = p.Server.Bootstrap(ctx); err != nil {
 		return nil, fmt.Errorf("control plane: bootstrap admin token: %w", err)

@@ -123,15 +123,42 @@ func (s *Server) ReconcileOnce(ctx context.Context) {
 // the cluster no longer knows its host (it keeps dead hosts 72 h).
 const forgetLeftBehind = 73 * time.Hour
 
-// settleLeftBehind destroys the lost and doomed machines whose hosts are
-// back, and forgets those whose hosts the cluster has long forgotten.
+// settleLeftBehind destroys the machines of apps that are gone, and the
+// lost and doomed machines whose hosts are back; it forgets those whose
+// hosts the cluster has long forgotten, and entries a live host has not
+// shown for LostAfter (a control plane that died between recording a
+// machine and asking the host for it).
 func (s *Server) settleLeftBehind(ctx context.Context) {
 	all, err := s.allEntries(ctx, "")
 	if err != nil {
 		return
 	}
+	apps := map[string]string{} // name → id, "" when gone
+	appID := func(name string) (string, bool) {
+		if id, ok := apps[name]; ok {
+			return id, true
+		}
+		a, _, err := catalog.GetJSON[app](ctx, s.apps, name)
+		if err != nil && !errors.Is(err, catalog.ErrNotFound) {
+			return "", false // unknown now: leave it for the next pass
+		}
+		apps[name] = a.ID
+		return a.ID, true
+	}
 	snap := s.cfg.Cluster.Snapshot()
+	now := s.cfg.Now()
 	for _, me := range all {
+		if id, ok := appID(me.App); !ok {
+			continue
+		} else if id != me.AppID && !me.Doomed {
+			me.Doomed, me.Marked = true, now.UTC() // its app is gone
+		}
+		if h := snap.Host(me.Host); !me.Lost && !me.Doomed && h != nil && h.Up() &&
+			snap.Machine(me.ID) == nil && now.Sub(me.Created) > s.cfg.LostAfter {
+			s.log.Warn("forgetting a machine its host never showed", "app", me.App, "machine", me.ID, "host", me.Host)
+			s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
+			continue
+		}
 		if !me.Lost && !me.Doomed {
 			continue
 		}
@@ -180,7 +207,11 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 	if err != nil {
 		return err
 	}
-	all, err := s.entries(ctx, g.App)
+	if g.AppID != a.ID {
+		// Declared for an earlier app of the same name.
+		return s.groups.Delete(ctx, groupKey(g.App, g.Name), 0)
+	}
+	all, err := s.entries(ctx, a)
 	if err != nil {
 		return err
 	}

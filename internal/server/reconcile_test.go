@@ -3,6 +3,8 @@ package server_test
 import (
 	"context"
 	"net"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -169,6 +171,26 @@ func TestRestartKeepsEverything(t *testing.T) {
 	tr, err := c.Net.Transport("control-2", 7946)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// With another secret key it refuses to start: it could not open the
+	// secrets in the catalog.
+	if _, err := c.Net.AddHost("control-x"); err != nil {
+		t.Fatal(err)
+	}
+	trx, err := c.Net.Transport("control-x", 7946)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lnx, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lnx.Close()
+	if _, err := server.StartPlane(ctx, server.PlaneConfig{DataDir: dataDir, Listener: lnx,
+		SecretKeyFile: filepath.Join(t.TempDir(), "other.key"),
+		Cluster:       cluster.Config{HostID: "control-x", Region: "ams", Transport: trx},
+		Server:        server.Config{AgentToken: "agent-secret"}}); err == nil || !strings.Contains(err.Error(), "same key") {
+		t.Fatalf("a plane with another secret key started: %v", err)
 	}
 	p, err := server.StartPlane(ctx, server.PlaneConfig{DataDir: dataDir, Listener: ln,
 		Cluster: cluster.Config{HostID: "control-2", Region: "ams", Transport: tr},

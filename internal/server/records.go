@@ -51,8 +51,11 @@ type token struct {
 // asked to create the machine, so a crash between the two leaves an entry
 // the reconciler can settle, never a machine nobody knows about.
 type machineEntry struct {
-	ID      string    `json:"id"`
-	App     string    `json:"app"`
+	ID  string `json:"id"`
+	App string `json:"app"`
+	// AppID is the id of the app it belongs to: an app deleted and made
+	// again under the same name (perhaps by another org) is another app.
+	AppID   string    `json:"app_id"`
 	Org     string    `json:"org"`
 	Host    string    `json:"host"`
 	Region  string    `json:"region"`
@@ -77,6 +80,7 @@ type machineEntry struct {
 
 // appSecrets are an app's secrets, each sealed with the server's key.
 type appSecrets struct {
+	AppID   string                  `json:"app_id"` // see machineEntry.AppID
 	Version uint64                  `json:"version"`
 	Values  map[string]sealedSecret `json:"values"`
 }
@@ -92,6 +96,7 @@ type sealedSecret struct {
 // of Config each region runs, and how many stopped standbys each keeps ready.
 type group struct {
 	App      string             `json:"app"`
+	AppID    string             `json:"app_id"` // see machineEntry.AppID
 	Name     string             `json:"name"`
 	Config   *api.MachineConfig `json:"config"`
 	Regions  map[string]int     `json:"regions"`

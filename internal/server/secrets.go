@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -20,9 +21,15 @@ import (
 	"github.com/flamehq/flame/internal/httpapi"
 )
 
-// aeadSealer seals secrets with AES-256-GCM. The app and secret name are the
-// additional data, so a sealed value cannot be moved to another secret.
-type aeadSealer struct{ gcm cipher.AEAD }
+// aeadSealer seals secrets with AES-256-GCM. The app's id and the secret's
+// name are the additional data, so a sealed value cannot be moved to another
+// secret or another app. Digests are HMACs under a key derived from the same
+// key, so a digest shown to a read-only token cannot be used to guess a
+// weak secret offline.
+type aeadSealer struct {
+	gcm     cipher.AEAD
+	hmacKey []byte
+}
 
 func newSealer(key []byte) (aeadSealer, error) {
 	b, err := aes.NewCipher(key)
@@ -33,25 +40,34 @@ func newSealer(key []byte) (aeadSealer, error) {
 	if err != nil {
 		return aeadSealer{}, err
 	}
-	return aeadSealer{g}, nil
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte("flame secret digests"))
+	return aeadSealer{gcm: g, hmacKey: m.Sum(nil)}, nil
 }
 
-func (a aeadSealer) seal(appName, name, plain string) []byte {
+func (a aeadSealer) seal(appID, name, plain string) []byte {
 	nonce := make([]byte, a.gcm.NonceSize(), a.gcm.NonceSize()+len(plain)+a.gcm.Overhead())
 	rand.Read(nonce)
-	return a.gcm.Seal(nonce, nonce, []byte(plain), []byte(appName+"\x00"+name))
+	return a.gcm.Seal(nonce, nonce, []byte(plain), []byte(appID+"\x00"+name))
 }
 
-func (a aeadSealer) open(appName, name string, sealed []byte) (string, error) {
+func (a aeadSealer) open(appID, name string, sealed []byte) (string, error) {
 	n := a.gcm.NonceSize()
 	if len(sealed) < n {
 		return "", errors.New("sealed secret too short")
 	}
-	b, err := a.gcm.Open(nil, sealed[:n], sealed[n:], []byte(appName+"\x00"+name))
+	b, err := a.gcm.Open(nil, sealed[:n], sealed[n:], []byte(appID+"\x00"+name))
 	if err != nil {
-		return "", fmt.Errorf("open secret %s of %s: %w", name, appName, err)
+		return "", fmt.Errorf("open secret %s: %w (is every server using the same secret key?)", name, err)
 	}
 	return string(b), nil
+}
+
+// digest tells versions of a secret apart without revealing it.
+func (a aeadSealer) digest(plain string) string {
+	m := hmac.New(sha256.New, a.hmacKey)
+	m.Write([]byte(plain))
+	return hex.EncodeToString(m.Sum(nil)[:8])
 }
 
 // Secret names are environment variable names.
@@ -59,11 +75,6 @@ var validSecretName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,127}$`)
 
 // maxSecretBytes bounds one secret's value.
 const maxSecretBytes = 64 << 10
-
-func secretDigest(plain string) string {
-	h := sha256.Sum256([]byte(plain))
-	return hex.EncodeToString(h[:8])
-}
 
 func secretView(name string, s sealedSecret) api.AppSecret {
 	return api.AppSecret{Name: name, Digest: s.Digest,
@@ -81,7 +92,7 @@ func secretsView(as appSecrets) []api.AppSecret {
 
 // changeSecrets applies values (nil deletes) to an app's secrets in one
 // compare-and-swap and returns the new set.
-func (s *Server) changeSecrets(ctx context.Context, appName string, values map[string]*string) (appSecrets, error) {
+func (s *Server) changeSecrets(ctx context.Context, a app, values map[string]*string) (appSecrets, error) {
 	for name, v := range values {
 		if !validSecretName.MatchString(name) {
 			return appSecrets{}, api.Errorf(http.StatusBadRequest, "secret name %q: use letters, digits and _, not starting with a digit", clipName(name))
@@ -91,7 +102,11 @@ func (s *Server) changeSecrets(ctx context.Context, appName string, values map[s
 		}
 	}
 	now := s.cfg.Now().UTC()
-	as, _, err := catalog.UpdateJSON(ctx, s.secrets, appName, func(as *appSecrets, _ bool) error {
+	as, _, err := catalog.UpdateJSON(ctx, s.secrets, a.Name, func(as *appSecrets, _ bool) error {
+		if as.AppID != a.ID {
+			// Left from an earlier app of the same name: not this one's.
+			*as = appSecrets{AppID: a.ID, Version: as.Version}
+		}
 		if as.Values == nil {
 			as.Values = map[string]sealedSecret{}
 		}
@@ -101,7 +116,7 @@ func (s *Server) changeSecrets(ctx context.Context, appName string, values map[s
 				continue
 			}
 			prev, had := as.Values[name]
-			sec := sealedSecret{Sealed: s.aead.seal(appName, name, *v), Digest: secretDigest(*v), CreatedAt: now, UpdatedAt: now}
+			sec := sealedSecret{Sealed: s.aead.seal(a.ID, name, *v), Digest: s.aead.digest(*v), CreatedAt: now, UpdatedAt: now}
 			if had {
 				sec.CreatedAt = prev.CreatedAt
 			}
@@ -114,26 +129,25 @@ func (s *Server) changeSecrets(ctx context.Context, appName string, values map[s
 }
 
 // plainSecrets opens an app's secrets for a machine's environment.
-func (s *Server) plainSecrets(ctx context.Context, appName string) (map[string]string, error) {
-	as, _, err := catalog.GetJSON[appSecrets](ctx, s.secrets, appName)
-	if errors.Is(err, catalog.ErrNotFound) {
-		return nil, nil
-	}
+func (s *Server) plainSecrets(ctx context.Context, a app) (map[string]string, error) {
+	as, err := s.loadSecrets(ctx, a)
 	if err != nil {
 		return nil, err
 	}
 	out := make(map[string]string, len(as.Values))
 	for name, v := range as.Values {
-		if out[name], err = s.aead.open(appName, name, v.Sealed); err != nil {
+		if out[name], err = s.aead.open(a.ID, name, v.Sealed); err != nil {
 			return nil, err
 		}
 	}
 	return out, nil
 }
 
-func (s *Server) loadSecrets(ctx context.Context, appName string) (appSecrets, error) {
-	as, _, err := catalog.GetJSON[appSecrets](ctx, s.secrets, appName)
-	if errors.Is(err, catalog.ErrNotFound) {
+// loadSecrets returns the app's sealed secrets (none when what is stored
+// belongs to an earlier app of the same name).
+func (s *Server) loadSecrets(ctx context.Context, a app) (appSecrets, error) {
+	as, _, err := catalog.GetJSON[appSecrets](ctx, s.secrets, a.Name)
+	if errors.Is(err, catalog.ErrNotFound) || (err == nil && as.AppID != a.ID) {
 		return appSecrets{}, nil
 	}
 	return as, err
@@ -146,7 +160,7 @@ func (s *Server) listSecrets(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	as, err := s.loadSecrets(r.Context(), a.Name)
+	as, err := s.loadSecrets(r.Context(), a)
 	if err != nil {
 		return err
 	}
@@ -159,7 +173,7 @@ func (s *Server) getSecret(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	as, err := s.loadSecrets(r.Context(), a.Name)
+	as, err := s.loadSecrets(r.Context(), a)
 	if err != nil {
 		return err
 	}
@@ -184,7 +198,7 @@ func (s *Server) updateSecrets(w http.ResponseWriter, r *http.Request) error {
 	if err := httpapi.DecodeBody(r, &in, true); err != nil {
 		return err
 	}
-	as, err := s.changeSecrets(r.Context(), a.Name, in.Values)
+	as, err := s.changeSecrets(r.Context(), a, in.Values)
 	if err != nil {
 		return err
 	}
@@ -202,7 +216,7 @@ func (s *Server) setSecret(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	name := r.PathValue("name")
-	as, err := s.changeSecrets(r.Context(), a.Name, map[string]*string{name: &in.Value})
+	as, err := s.changeSecrets(r.Context(), a, map[string]*string{name: &in.Value})
 	if err != nil {
 		return err
 	}
@@ -216,17 +230,40 @@ func (s *Server) deleteSecret(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	name := r.PathValue("name")
-	cur, err := s.loadSecrets(r.Context(), a.Name)
+	cur, err := s.loadSecrets(r.Context(), a)
 	if err != nil {
 		return err
 	}
 	if _, ok := cur.Values[name]; !ok {
 		return api.Errorf(http.StatusNotFound, "secret %s not found", clipName(name))
 	}
-	as, err := s.changeSecrets(r.Context(), a.Name, map[string]*string{name: nil})
+	as, err := s.changeSecrets(r.Context(), a, map[string]*string{name: nil})
 	if err != nil {
 		return err
 	}
 	httpapi.WriteJSON(w, http.StatusOK, api.DeleteSecretResponse{Version: as.Version})
+	return nil
+}
+
+// checkSecretKey opens one secret already in the catalog, if there is one:
+// a control plane started with another key than the others would fail
+// every create of an app with secrets.
+func (s *Server) checkSecretKey(ctx context.Context) error {
+	es, err := s.secrets.List(ctx, "")
+	if err != nil {
+		return err
+	}
+	for _, e := range es {
+		var as appSecrets
+		if decodeJSON(e.Value, &as) != nil {
+			continue
+		}
+		for name, v := range as.Values {
+			if _, err := s.aead.open(as.AppID, name, v.Sealed); err != nil {
+				return fmt.Errorf("the secret key does not open the secrets in the catalog (%s of %s): give every control plane the same key", name, e.Key)
+			}
+			return nil
+		}
+	}
 	return nil
 }

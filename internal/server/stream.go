@@ -91,8 +91,8 @@ func streamApp[T any](s *Server, w http.ResponseWriter, r *http.Request, subject
 
 // eachMachine calls fn for every machine of the app, at once, with a client
 // for its host; machines whose hosts are down are skipped.
-func (s *Server) eachMachine(ctx context.Context, appName string, fn func(me machineEntry, c *api.Client)) error {
-	es, err := s.entries(ctx, appName)
+func (s *Server) eachMachine(ctx context.Context, a app, fn func(me machineEntry, c *api.Client)) error {
+	es, err := s.entries(ctx, a)
 	if err != nil {
 		return err
 	}
