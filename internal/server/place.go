@@ -170,6 +170,14 @@ func (p *placer) placed(hostID, id string) {
 	p.reserved[hostID][id] = r
 }
 
+// fits reports whether some host would take req now.
+func (p *placer) fits(req place.Request) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	hosts := p.hostsLocked(p.s.cfg.Cluster.Snapshot(), p.s.cfg.Now())
+	return len(place.NewIndex(hosts, p.s.cfg.RTT).Rank(req, p.s.cfg.Weights, nil, 1)) > 0
+}
+
 func (p *placer) unreserve(hostID, id string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -199,7 +207,8 @@ func (p *placer) place(ctx context.Context, a app, in api.LaunchMachineInput, re
 			return nil, api.Errorf(http.StatusServiceUnavailable,
 				"no host in %s has room for %d cpus and %d MB", strings.Join(regions, ","), guest.CPUs, guest.MemoryMB)
 		}
-		if err := p.queue.wait(ctx, a.Org, guest, deadline); err != nil {
+		req := place.Request{Org: a.Org, App: a.Name, Regions: regions, Guest: guest}
+		if err := p.queue.wait(ctx, req, deadline); err != nil {
 			return nil, err
 		}
 	}

@@ -26,6 +26,7 @@ type queue struct {
 
 type waiter struct {
 	p     place.Pending
+	req   place.Request // what it asks of placement, to see if it fits now
 	turn  chan struct{} // closed when it is this waiter's turn to try
 	claim bool          // a reclaim was already made on its behalf
 }
@@ -34,10 +35,10 @@ func newQueue() queue { return queue{kick: make(chan struct{}, 1)} }
 
 // wait queues a request and returns when it is its turn to try again, at the
 // deadline, or when ctx ends.
-func (q *queue) wait(ctx context.Context, org string, demand place.Resources, deadline time.Time) error {
+func (q *queue) wait(ctx context.Context, req place.Request, deadline time.Time) error {
 	q.mu.Lock()
 	q.seq++
-	w := &waiter{p: place.Pending{Org: org, Demand: demand, Seq: q.seq}, turn: make(chan struct{})}
+	w := &waiter{p: place.Pending{Org: req.Org, Demand: req.Guest, Seq: q.seq}, req: req, turn: make(chan struct{})}
 	q.waiting = append(q.waiting, w)
 	q.mu.Unlock()
 	q.poke()
@@ -86,53 +87,66 @@ func (p *placer) run(ctx context.Context) {
 	}
 }
 
-// serve gives the waiting request of the org with the least dominant share
-// its turn, and asks bursting orgs to give back room for it when nothing is
-// free.
+// serve takes the waiting requests in Dominant Resource Fairness order (the
+// org with the least dominant share first) and gives the turn to the first
+// that placement says fits now. When none fits, the first in that order may
+// have bursting orgs give back room for it, once.
 func (p *placer) serve(ctx context.Context) {
 	q := &p.queue
 	q.mu.Lock()
-	if len(q.waiting) == 0 {
-		q.mu.Unlock()
+	waiting := slices.Clone(q.waiting)
+	q.mu.Unlock()
+	if len(waiting) == 0 {
 		return
 	}
-	pending := make([]place.Pending, len(q.waiting))
-	for i, w := range q.waiting {
+	fair, byOrg := p.fairness(ctx)
+	pending := make([]place.Pending, len(waiting))
+	for i, w := range waiting {
 		pending[i] = w.p
 	}
-	q.mu.Unlock()
-
-	fair, byOrg := p.fairness(ctx)
-	i := fair.Next(pending)
-	q.mu.Lock()
-	if i < 0 || i >= len(q.waiting) || q.waiting[i].p.Seq != pending[i].Seq {
-		q.mu.Unlock()
-		return // the queue changed meanwhile; the next round sees it
+	var first *waiter
+	for len(waiting) > 0 {
+		i := fair.Next(pending)
+		w := waiting[i]
+		if first == nil {
+			first = w
+		}
+		if p.fits(w.req) {
+			q.mu.Lock()
+			n := len(q.waiting)
+			q.waiting = slices.DeleteFunc(q.waiting, func(x *waiter) bool { return x == w })
+			gone := len(q.waiting) == n // it gave up meanwhile
+			q.mu.Unlock()
+			if !gone {
+				close(w.turn)
+			}
+			return
+		}
+		waiting = slices.Delete(waiting, i, i+1)
+		pending = slices.Delete(pending, i, i+1)
 	}
-	w := q.waiting[i]
-	q.waiting = slices.Delete(q.waiting, i, i+1)
+	q.mu.Lock()
+	claimed := first.claim
+	first.claim = true
+	active := make([]string, 0, len(q.waiting))
+	for _, w := range q.waiting {
+		active = append(active, w.p.Org)
+	}
 	q.mu.Unlock()
-
-	if w.p.Demand.Fits(fair.Free()) {
-		close(w.turn)
+	if claimed {
 		return
 	}
-	// Nothing is free for it: put it back, and reclaim for it once.
-	q.mu.Lock()
-	q.waiting = append(q.waiting, w)
-	slices.SortFunc(q.waiting, func(a, b *waiter) int { return int(a.p.Seq - b.p.Seq) })
-	claimed := w.claim
-	w.claim = true
-	q.mu.Unlock()
-	if !claimed {
-		var active []string
-		for _, pd := range pending {
-			active = append(active, pd.Org)
-		}
-		for _, c := range fair.Reclaim(w.p, active) {
+	claims := fair.Reclaim(first.p, active)
+	if len(claims) == 0 {
+		return
+	}
+	// Stopping waits for workloads to exit: not on the queue's loop.
+	p.s.wg.Go(func() {
+		for _, c := range claims {
 			p.reclaim(ctx, c, byOrg[c.Org])
 		}
-	}
+		q.poke()
+	})
 }
 
 // fairness is the cluster's capacity and each org's running share of it,

@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"sync"
 	"time"
@@ -104,9 +105,11 @@ func (c *Config) setDefaults() {
 		c.LostAfter = 30 * time.Second
 	}
 	if c.HTTPClient == nil {
+		// No overall or response-header timeout: waits and followed logs
+		// are long by design; each caller bounds its own calls.
 		c.HTTPClient = &http.Client{Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 			MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second,
-			ResponseHeaderTimeout: 0, // waits and log follows are long by design
 		}}
 	}
 	if c.Seed == 0 {
