@@ -206,12 +206,13 @@ func (a *Agent) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in ap
 		}
 		r = m.rec.Load()
 	}
-	if !in.SkipLaunch && r.State == machine.Started {
-		// The new version takes the old one's share: check only the growth.
+	if g, old := guest(cfg), guest(r.Config); !in.SkipLaunch && r.State == machine.Started && (g.CPUs > old.CPUs || g.MemoryMB > old.MemoryMB) {
+		// A version that grows takes the old one's share and more: hold
+		// the admission lock through the update (rare, and only this
+		// host's admissions wait), so a create cannot take the same room.
 		a.capMu.Lock()
-		err := a.admit(guest(cfg), m)
-		a.capMu.Unlock()
-		if err != nil {
+		defer a.capMu.Unlock()
+		if err := a.admit(g, m); err != nil {
 			return nil, err
 		}
 	}

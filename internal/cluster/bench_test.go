@@ -66,10 +66,12 @@ func benchTimings() (interval, timeout time.Duration) {
 }
 
 // benchSim starts n members and waits until every one sees all n alive.
-func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
+// mod, when not nil, adjusts each member's configuration.
+func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simCluster {
 	b.Helper()
 	sim := newSim(b, netsim.Config{Seed: 1, Latency: geoLatency()})
 	logger := slog.New(logs)
+	setup := time.Now()
 	var cs []*Cluster
 	for i := range n {
 		id := fmt.Sprintf("%s-%d", benchRegions[i%len(benchRegions)], i)
@@ -81,8 +83,12 @@ func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
 			b.Fatal(err)
 		}
 		interval, timeout := benchTimings()
-		c, err := New(Config{HostID: id, Region: regionOf(id), Transport: tr, Logger: logger,
-			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout})
+		cfg := Config{HostID: id, Region: regionOf(id), Transport: tr, Logger: logger,
+			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout}
+		if mod != nil {
+			mod(&cfg)
+		}
+		c, err := New(cfg)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -98,6 +104,7 @@ func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
 			b.Fatal(err)
 		}
 	}
+	started := time.Since(setup)
 	// Join in parallel, each to one of the first few.
 	var wg sync.WaitGroup
 	for i, c := range cs[1:] {
@@ -110,13 +117,40 @@ func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
 		}()
 	}
 	wg.Wait()
+	joined := time.Since(setup) - started
+	// b.Log is printed when the benchmark ends; a setup of many minutes
+	// shows its progress as it goes.
+	progress := func(format string, args ...any) {
+		b.Logf(format, args...)
+		if n > 100 {
+			fmt.Fprintf(os.Stderr, format+"\n", args...)
+		}
+	}
+	progress("%d hosts: started in %s, joined in %s", n, started.Round(time.Second), joined.Round(time.Second))
+	// whole reports whether c sees every host alive with its facts.
+	whole := func(c *Cluster) bool {
+		s := c.Snapshot()
+		if len(s.Hosts()) != n {
+			return false
+		}
+		for _, h := range s.Hosts() {
+			if h.Status != StatusAlive || h.Version == 0 {
+				return false
+			}
+		}
+		return true
+	}
 	defer func() {
 		if b.Failed() {
+			// A summary, and a few examples: a line per missing fact
+			// would be a million lines at N=1000.
 			count := map[string]int{}
+			examples := 0
 			for _, c := range cs {
 				for _, h := range c.Snapshot().Hosts() {
 					count[fmt.Sprintf("%s/v0=%v", h.Status, h.Version == 0)]++
-					if h.Version == 0 {
+					if h.Version == 0 && examples < 10 {
+						examples++
 						b.Logf("%s lacks %s: stats %+v; owner's own version %d", c.cfg.HostID, h.ID, c.Stats(), sim.hosts[h.ID].Snapshot().Host(h.ID).Version)
 					}
 				}
@@ -125,20 +159,31 @@ func benchSim(b *testing.B, n int, logs slog.Handler) *simCluster {
 			b.Logf("views: %v", count)
 		}
 	}()
-	waitFor(b, 90*time.Second, "the cluster to converge", func() bool {
+	// 90 s, or 0.2 s a host in larger clusters; progress every 30 s.
+	wait := max(90*time.Second, time.Duration(n)*200*time.Millisecond)
+	converging, next := time.Now(), time.Now().Add(30*time.Second)
+	waitFor(b, wait, "the cluster to converge", func() bool {
+		done := 0
 		for _, c := range cs {
-			s := c.Snapshot()
-			if len(s.Hosts()) != n {
+			if whole(c) {
+				done++
+			} else if time.Now().Before(next) {
 				return false
 			}
-			for _, h := range s.Hosts() {
-				if h.Status != StatusAlive || h.Version == 0 {
-					return false
+		}
+		if time.Now().After(next) {
+			count := map[string]int{}
+			for _, c := range cs {
+				for _, h := range c.Snapshot().Hosts() {
+					count[fmt.Sprintf("%s/v0=%v", h.Status, h.Version == 0)]++
 				}
 			}
+			progress("%d hosts: %d see all alive with their facts after %s; views %v", n, done, time.Since(converging).Round(time.Second), count)
+			next = time.Now().Add(30 * time.Second)
 		}
-		return true
+		return done == n
 	})
+	progress("%d hosts: converged in %s", n, time.Since(converging).Round(time.Second))
 	return sim
 }
 
@@ -167,7 +212,7 @@ func bytesSent(sim *simCluster) uint64 {
 func BenchmarkPropagation(b *testing.B) {
 	for _, n := range []int{100, 1000} {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {
-			sim := benchSim(b, n, slog.DiscardHandler)
+			sim := benchSim(b, n, slog.DiscardHandler, nil)
 			cs := make([]*Cluster, len(sim.ids))
 			for i, id := range sim.ids {
 				cs[i] = sim.hosts[id]
@@ -279,33 +324,42 @@ func BenchmarkPropagation(b *testing.B) {
 	}
 }
 
-// failCounter counts memberlist's verdicts from its log: suspicions and
-// deaths of hosts that were never killed, as seen by hosts never killed (a
-// cut-off host soon suspects everyone).
+// failCounter counts, from the logs of hosts never killed, what they
+// concluded about hosts never killed (a cut-off host soon suspects
+// everyone): memberlist's suspicions and deaths, by detector, the regional
+// verdicts issued, and the hosts some live host showed dead.
 type failCounter struct {
 	*failCounts
-	self string // the host whose log this is
+	self   string // the host whose log this is
+	region bool   // the regional detector's log
 }
 
 type failCounts struct {
-	killed           sync.Map
-	suspects, deaths atomic.Int64
-	deadHosts        sync.Map // live hosts some live member marked dead
+	killed sync.Map
+	// memberlist's own: suspicions after a failed probe, and deaths
+	// declared, cluster-wide and within regions.
+	suspects, deaths             atomic.Int64
+	regionSuspects, regionDeaths atomic.Int64
+	verdicts                     atomic.Int64 // dead verdicts issued
+	deadHosts                    sync.Map     // live hosts some live host showed dead
 }
 
 func (f failCounter) Enabled(context.Context, slog.Level) bool { return true }
 func (f failCounter) WithGroup(string) slog.Handler            { return f }
 func (f failCounter) WithAttrs(as []slog.Attr) slog.Handler {
 	for _, a := range as {
-		if a.Key == "host" {
+		switch a.Key {
+		case "host":
 			f.self = a.Value.String()
+		case "detector":
+			f.region = a.Value.String() == "region"
 		}
 	}
 	return f
 }
 
 func (f failCounter) Handle(_ context.Context, r slog.Record) error {
-	if _, ok := f.killed.Load(f.self); ok {
+	if f.isKilled(f.self) {
 		return nil
 	}
 	after := func(word string) string {
@@ -313,65 +367,168 @@ func (f failCounter) Handle(_ context.Context, r slog.Record) error {
 		host, _, _ := strings.Cut(r.Message[i+len(word):], " ")
 		return host
 	}
+	var id, status string
+	r.Attrs(func(a slog.Attr) bool {
+		switch a.Key {
+		case "id":
+			id = a.Value.String()
+		case "status":
+			status = a.Value.String()
+		}
+		return true
+	})
 	switch {
 	case strings.Contains(r.Message, "memberlist: Suspect "):
-		if _, ok := f.killed.Load(after("Suspect ")); !ok {
-			f.suspects.Add(1)
+		if !f.isKilled(after("Suspect ")) {
+			if f.region {
+				f.regionSuspects.Add(1)
+			} else {
+				f.suspects.Add(1)
+			}
 		}
 	case strings.Contains(r.Message, "memberlist: Marking "):
-		host := after("Marking ")
-		if _, ok := f.killed.Load(host); !ok {
-			f.deaths.Add(1)
-			f.deadHosts.Store(host, true)
+		if !f.isKilled(after("Marking ")) {
+			if f.region {
+				f.regionDeaths.Add(1)
+			} else {
+				f.deaths.Add(1)
+			}
+		}
+	case r.Message == "region: host dead":
+		if !f.isKilled(id) {
+			f.verdicts.Add(1)
+		}
+	case r.Message == "host dead by its region's verdict" || r.Message == "host down" && status == string(StatusDead):
+		if !f.isKilled(id) {
+			f.deadHosts.Store(id, true)
 		}
 	}
 	return nil
 }
 
+// reset starts the counts afresh (when loss starts, after the noisy join).
+func (f *failCounts) reset() {
+	for _, n := range []*atomic.Int64{&f.suspects, &f.deaths, &f.regionSuspects, &f.regionDeaths, &f.verdicts} {
+		n.Store(0)
+	}
+	f.deadHosts.Clear()
+}
+
+func (f failCounter) isKilled(id string) bool {
+	_, ok := f.killed.Load(id)
+	return ok
+}
+
 // BenchmarkFailureDetection: one op kills a random host (its network is cut)
 // with 10% of datagrams lost, and measures until every other host sees it
-// dead. Reports false suspicions and false deaths of live hosts.
+// dead: with the regional detectors, and with the cluster-wide detector
+// alone for comparison. Reports false suspicions and deaths of live hosts.
 func BenchmarkFailureDetection(b *testing.B) {
 	for _, n := range []int{100} {
-		b.Run(fmt.Sprintf("hosts=%d/loss=10%%", n), func(b *testing.B) {
-			fc := failCounter{failCounts: &failCounts{}}
-			sim := benchSim(b, n, fc)
-			sim.net.SetLoss(0.10)
-			start := time.Now()
-			time.Sleep(2 * time.Second) // let loss-induced noise show before the first kill
-			rng := rand.New(rand.NewPCG(3, 4))
-			alive := slices.Clone(sim.ids)
-			var took []time.Duration
-			b.ResetTimer()
-			for range b.N {
-				if len(alive) < 3 {
-					b.Fatal("too few hosts left: lower -benchtime")
-				}
-				k := rng.IntN(len(alive))
-				victim := alive[k]
-				alive = slices.Delete(alive, k, k+1)
-				fc.killed.Store(victim, true)
-				killed := time.Now()
-				sim.net.Kill(victim)
-				waitFor(b, 60*time.Second, victim+" dead everywhere", func() bool {
-					for _, id := range alive {
-						if h := sim.hosts[id].Snapshot().Host(victim); h == nil || h.Status != StatusDead {
-							return false
-						}
+		for _, detector := range []string{"region", "global"} {
+			b.Run(fmt.Sprintf("hosts=%d/loss=10%%/detector=%s", n, detector), func(b *testing.B) {
+				fc := failCounter{failCounts: &failCounts{}}
+				sim := benchSim(b, n, fc, func(c *Config) { c.NoRegionDetector = detector == "global" })
+				sim.net.SetLoss(0.10)
+				fc.reset()
+				start := time.Now()
+				time.Sleep(2 * time.Second) // let loss-induced noise show before the first kill
+				rng := rand.New(rand.NewPCG(3, 4))
+				alive := slices.Clone(sim.ids)
+				var took []time.Duration
+				b.ResetTimer()
+				for range b.N {
+					if len(alive) < 3 {
+						b.Fatal("too few hosts left: lower -benchtime")
 					}
-					return true
-				})
-				took = append(took, time.Since(killed))
-			}
-			b.StopTimer()
-			b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
-			b.ReportMetric(float64(percentile(took, 0.99).Milliseconds()), "dead-p99-ms")
-			b.ReportMetric(float64(fc.suspects.Load()), "false-suspicions")
-			b.ReportMetric(time.Since(start).Seconds(), "seconds-under-loss")
-			b.ReportMetric(float64(fc.deaths.Load()), "false-dead-verdicts")
-			hosts := 0
-			fc.deadHosts.Range(func(any, any) bool { hosts++; return true })
-			b.ReportMetric(float64(hosts), "live-hosts-marked-dead")
-		})
+					k := rng.IntN(len(alive))
+					victim := alive[k]
+					alive = slices.Delete(alive, k, k+1)
+					fc.killed.Store(victim, true)
+					killed := time.Now()
+					sim.net.Kill(victim)
+					waitFor(b, 60*time.Second, victim+" dead everywhere", func() bool { return deadOnAll(sim, alive, victim) })
+					took = append(took, time.Since(killed))
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
+				b.ReportMetric(float64(percentile(took, 0.99).Milliseconds()), "dead-p99-ms")
+				fc.report(b, start)
+			})
+		}
 	}
+}
+
+// BenchmarkRegionLoss: one op cuts off every host of a random region at
+// once, so no host of it is left to issue verdicts, and measures until
+// every host elsewhere sees all of them dead: the cluster-wide detector's
+// timings. Ten regions of ten hosts; run with -benchtime 3x or so.
+func BenchmarkRegionLoss(b *testing.B) {
+	fc := failCounter{failCounts: &failCounts{}}
+	sim := benchSim(b, 100, fc, nil)
+	sim.net.SetLoss(0.10)
+	fc.reset()
+	start := time.Now()
+	time.Sleep(2 * time.Second)
+	rng := rand.New(rand.NewPCG(5, 6))
+	regions := slices.Clone(benchRegions)
+	alive := slices.Clone(sim.ids)
+	var took []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		if len(regions) < 3 {
+			b.Fatal("too few regions left: lower -benchtime")
+		}
+		k := rng.IntN(len(regions))
+		region := regions[k]
+		regions = slices.Delete(regions, k, k+1)
+		var victims []string
+		alive = slices.DeleteFunc(alive, func(id string) bool {
+			if regionOf(id) == region {
+				victims = append(victims, id)
+				return true
+			}
+			return false
+		})
+		killed := time.Now()
+		for _, v := range victims {
+			fc.killed.Store(v, true)
+			sim.net.Kill(v)
+		}
+		waitFor(b, 120*time.Second, region+" dead everywhere", func() bool {
+			for _, v := range victims {
+				if !deadOnAll(sim, alive, v) {
+					return false
+				}
+			}
+			return true
+		})
+		took = append(took, time.Since(killed))
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
+	b.ReportMetric(float64(slices.Max(took).Milliseconds()), "dead-max-ms")
+	fc.report(b, start)
+}
+
+// deadOnAll reports whether every host of ids sees victim dead.
+func deadOnAll(sim *simCluster, ids []string, victim string) bool {
+	for _, id := range ids {
+		if h := sim.hosts[id].Snapshot().Host(victim); h == nil || h.Status != StatusDead {
+			return false
+		}
+	}
+	return true
+}
+
+func (f failCounter) report(b *testing.B, start time.Time) {
+	b.ReportMetric(time.Since(start).Seconds(), "seconds-under-loss")
+	b.ReportMetric(float64(f.suspects.Load()), "false-suspicions")
+	b.ReportMetric(float64(f.deaths.Load()), "false-dead-verdicts")
+	b.ReportMetric(float64(f.regionSuspects.Load()), "region-false-suspicions")
+	b.ReportMetric(float64(f.regionDeaths.Load()), "region-false-deaths")
+	b.ReportMetric(float64(f.verdicts.Load()), "false-region-verdicts")
+	hosts := 0
+	f.deadHosts.Range(func(any, any) bool { hosts++; return true })
+	b.ReportMetric(float64(hosts), "live-hosts-marked-dead")
 }

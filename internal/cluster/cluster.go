@@ -53,7 +53,12 @@ type Cluster struct {
 
 	ml    *memberlist.Memberlist
 	queue *memberlist.TransmitLimitedQueue
-	alive atomic.Int64 // hosts memberlist counts as up, for retransmits
+	// region is the regional failure detector (region.go); nil with
+	// NoRegionDetector.
+	region     *memberlist.Memberlist
+	regionWake chan struct{}
+	suspects   chan string  // hosts of the region its memberlist holds dead
+	alive      atomic.Int64 // hosts memberlist counts as up, for retransmits
 
 	mu        sync.Mutex
 	members   map[string]*member
@@ -67,6 +72,9 @@ type Cluster struct {
 	// of them, so a healed partition costs each host one round trip.
 	comeUp       []string
 	lastExchange time.Time
+	// accused are the hosts this host's regional detector declared dead
+	// and has not seen back.
+	accused map[string]bool
 
 	snap    atomic.Pointer[Snapshot]
 	rebuild chan struct{}
@@ -93,6 +101,13 @@ type member struct {
 	since  time.Time
 	rtt    time.Duration // smoothed
 	shown  time.Duration // the RTT last put in a snapshot
+
+	// What the region's verdicts say (verdict.go).
+	heard     int64            // unix ns of the latest sign of life
+	verdict   int64            // issue time of the verdicts holding status at dead; 0: status is memberlist's own
+	accusers  map[string]int64 // hosts of its region that declared it dead since heard, by issue time
+	verifyAt  time.Time        // next direct ping while dead by verdict (verifyLoop)
+	verifyGap time.Duration
 }
 
 type publisher struct {
@@ -117,17 +132,20 @@ func New(cfg Config) (*Cluster, error) {
 	}
 	cfg.Addrs = maps.Clone(cfg.Addrs)
 	c := &Cluster{
-		cfg:       cfg,
-		log:       cfg.Logger.With("component", "cluster", "host", cfg.HostID),
-		meta:      encodeMeta(&hostMeta{Region: cfg.Region, Capacity: cfg.Capacity, Addrs: cfg.Addrs}),
-		members:   map[string]*member{},
-		store:     newStore(cfg.HostID, cfg.MaxMachines),
-		pub:       publisher{reset: true, machines: map[string][]byte{}},
-		hostCache: map[string]*Host{},
-		lastPull:  map[string]time.Time{},
-		rebuild:   make(chan struct{}, 1),
-		subs:      map[int]chan struct{}{},
-		sends:     make(chan sendTask, 1024),
+		cfg:        cfg,
+		log:        cfg.Logger.With("component", "cluster", "host", cfg.HostID),
+		meta:       encodeMeta(&hostMeta{Region: cfg.Region, Capacity: cfg.Capacity, Addrs: cfg.Addrs}),
+		members:    map[string]*member{},
+		store:      newStore(cfg.HostID, cfg.MaxMachines),
+		pub:        publisher{reset: true, machines: map[string][]byte{}},
+		hostCache:  map[string]*Host{},
+		lastPull:   map[string]time.Time{},
+		rebuild:    make(chan struct{}, 1),
+		subs:       map[int]chan struct{}{},
+		sends:      make(chan sendTask, 1024),
+		accused:    map[string]bool{},
+		regionWake: make(chan struct{}, 1),
+		suspects:   make(chan string, 64),
 	}
 	c.queue = &memberlist.TransmitLimitedQueue{
 		NumNodes:       func() int { return int(max(c.alive.Load(), 1)) },
@@ -156,9 +174,37 @@ func (c *Cluster) Start(ctx context.Context) error {
 	d := &delegate{c}
 	mc.Delegate, mc.Events, mc.Ping = d, d, d
 	mc.Logger = log.New(&logWriter{log: c.log}, "", 0)
+	var mx *mux
+	if !c.cfg.NoRegionDetector {
+		// Both memberlists share one transport: one address and port.
+		var t memberlist.Transport = c.cfg.Transport
+		if t == nil {
+			nt, port, err := netTransport(&c.cfg, mc.Logger)
+			if err != nil {
+				return fmt.Errorf("start memberlist: %w", err)
+			}
+			if c.cfg.BindPort == 0 {
+				mc.BindPort, mc.AdvertisePort = port, port
+			}
+			t = nt
+		}
+		mx = newMux(t)
+		mc.Transport = mx.global
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		if mx != nil {
+			mx.global.Shutdown()
+			mx.region.Shutdown()
+		}
 		return fmt.Errorf("start memberlist: %w", err)
+	}
+	if mx != nil {
+		if c.region, err = c.startRegion(mx.region, mc.BindPort, mc.AdvertisePort); err != nil {
+			mx.region.Shutdown()
+			ml.Shutdown()
+			return err
+		}
 	}
 	c.ml = ml
 	ctx, c.cancel = context.WithCancel(ctx)
@@ -167,6 +213,12 @@ func (c *Cluster) Start(ctx context.Context) error {
 	go c.rebuildLoop(ctx)
 	go c.reconnectLoop(ctx)
 	go c.maintainLoop(ctx)
+	if c.region != nil {
+		c.wg.Add(3)
+		go c.regionLoop(ctx)
+		go c.confirmLoop(ctx)
+		go c.verifyLoop(ctx)
+	}
 	for range sendWorkers {
 		go c.sendLoop(ctx)
 	}
@@ -210,9 +262,22 @@ func (c *Cluster) Leave(timeout time.Duration) error {
 	if !c.started.Load() {
 		return ErrNotStarted
 	}
-	// Say so in the advertised facts first, then leave.
+	// Say so in the advertised facts first, then leave, in both
+	// memberlists at once: the region must not take the leave for a death.
 	start := time.Now()
 	c.leaving.Store(true)
+	var wg sync.WaitGroup
+	if c.region != nil {
+		wg.Go(func() {
+			if err := c.region.UpdateNode(timeout / 2); err != nil {
+				c.log.Warn("announcing the leave to the region", "err", err)
+			}
+			if err := c.region.Leave(max(timeout-time.Since(start), time.Millisecond)); err != nil {
+				c.log.Warn("leaving the region", "err", err)
+			}
+		})
+	}
+	defer wg.Wait()
 	if err := c.ml.UpdateNode(timeout / 2); err != nil {
 		c.log.Warn("announcing the leave", "err", err)
 	}
@@ -232,6 +297,9 @@ func (c *Cluster) Close() error {
 	c.closed.Do(func() {
 		if !c.started.Load() {
 			return
+		}
+		if c.region != nil {
+			c.region.Shutdown()
 		}
 		err = c.ml.Shutdown()
 		c.cancel()
@@ -280,6 +348,7 @@ func (c *Cluster) forget(id string) {
 	delete(c.members, id)
 	c.store.remove(id)
 	delete(c.lastPull, id)
+	delete(c.accused, id)
 	c.changedLocked(id)
 }
 
@@ -304,6 +373,8 @@ func (c *Cluster) receive(b []byte) {
 			return
 		}
 		c.answer(m)
+	case *verdict:
+		c.receiveVerdict(m, now)
 	}
 }
 
@@ -556,7 +627,9 @@ func (c *Cluster) reconnectLoop(ctx context.Context) {
 		c.mu.Lock()
 		var dead []string
 		for _, m := range c.members {
-			if m.status == StatusDead && m.node.Addr != nil {
+			// A host dead only by its region's verdict is still
+			// memberlist's to probe, and verifyLoop pings it.
+			if m.status == StatusDead && !m.deadByVerdict() && m.node.Addr != nil {
 				dead = append(dead, net.JoinHostPort(m.node.Addr.String(), strconv.Itoa(int(m.node.Port))))
 			}
 		}

@@ -47,6 +47,11 @@ func TestJoinLeave(t *testing.T) {
 		}
 	}
 	waitFor(t, 10*time.Second, "three members to agree", func() bool { return converged(cs, StatusAlive) })
+	// The regional detectors share memberlist's transport: h1 and h2 find
+	// each other through it, h3 is alone in its region.
+	waitFor(t, 10*time.Second, "the regional detectors to form", func() bool {
+		return cs[0].region.NumMembers() == 2 && cs[1].region.NumMembers() == 2 && cs[2].region.NumMembers() == 1
+	})
 
 	s := cs[2].Snapshot()
 	h1 := s.Host("h1")
@@ -72,6 +77,9 @@ func TestJoinLeave(t *testing.T) {
 		}
 		return true
 	})
+	if n := cs[0].Stats().Issued; n != 0 {
+		t.Errorf("h1's region took h2's leave for a death: %d verdicts", n)
+	}
 	// Its facts stay, for its machines to be shown as unreachable.
 	if m := cs[0].Snapshot().Machine("mb"); m == nil || m.Host != "h2" {
 		t.Errorf("h2's machine after it left: %+v", m)

@@ -40,12 +40,23 @@ type Config struct {
 	// Now is the clock, for versions and statuses; nil means time.Now.
 	Now func() time.Time
 
-	// Failure detection (memberlist's SWIM with Lifeguard).
+	// Failure detection across the cluster (memberlist's SWIM with
+	// Lifeguard). Its probes must outlive the round trip to the farthest
+	// host; see the package doc.
 	ProbeInterval           time.Duration // default 300ms
 	ProbeTimeout            time.Duration // default 150ms
 	IndirectChecks          int           // default 4
 	SuspicionMult           int           // default 3
 	SuspicionMaxTimeoutMult int           // default 4
+	// Failure detection within the region: a second memberlist of this
+	// region's hosts only, on the same transport, whose verdicts the rest
+	// of the cluster takes. Its probes need only outlive the round trip
+	// within the region.
+	RegionProbeInterval time.Duration // default 100ms
+	RegionProbeTimeout  time.Duration // default 50ms
+	// NoRegionDetector leaves failure detection to the cluster-wide
+	// memberlist alone, as in a cluster of one region.
+	NoRegionDetector bool
 	// Dissemination.
 	GossipInterval time.Duration // default 50ms
 	GossipNodes    int           // default 4
@@ -77,6 +88,8 @@ const (
 	DefaultIndirectChecks          = 4
 	DefaultSuspicionMult           = 3
 	DefaultSuspicionMaxTimeoutMult = 4
+	DefaultRegionProbeInterval     = 100 * time.Millisecond
+	DefaultRegionProbeTimeout      = 50 * time.Millisecond
 	DefaultGossipInterval          = 50 * time.Millisecond
 	DefaultGossipNodes             = 4
 	DefaultRetransmitMult          = 4
@@ -85,6 +98,15 @@ const (
 	DefaultGapWait                 = 250 * time.Millisecond
 	DefaultReapTimeout             = 72 * time.Hour
 	DefaultReconnectInterval       = 2 * time.Second
+)
+
+// The regional detector's suspicion: a suspect is declared dead after
+// regionSuspicionMult·max(1, log10 n) probe intervals once two other hosts
+// confirm the suspicion, and regionSuspicionMaxMult times that without
+// confirmation (memberlist waits for none in a region of three or fewer).
+const (
+	regionSuspicionMult    = 4
+	regionSuspicionMaxMult = 3
 )
 
 func (c *Config) setDefaults() {
@@ -100,6 +122,8 @@ func (c *Config) setDefaults() {
 	}
 	def(&c.ProbeInterval, DefaultProbeInterval)
 	def(&c.ProbeTimeout, DefaultProbeTimeout)
+	def(&c.RegionProbeInterval, DefaultRegionProbeInterval)
+	def(&c.RegionProbeTimeout, DefaultRegionProbeTimeout)
 	defInt(&c.IndirectChecks, DefaultIndirectChecks)
 	defInt(&c.SuspicionMult, DefaultSuspicionMult)
 	defInt(&c.SuspicionMaxTimeoutMult, DefaultSuspicionMaxTimeoutMult)
@@ -141,6 +165,9 @@ func (c *Config) Validate() error {
 	if c.ProbeTimeout >= c.ProbeInterval {
 		errs = append(errs, fmt.Errorf("probe timeout %s must be shorter than the probe interval %s", c.ProbeTimeout, c.ProbeInterval))
 	}
+	if c.RegionProbeTimeout >= c.RegionProbeInterval {
+		errs = append(errs, fmt.Errorf("region probe timeout %s must be shorter than the region probe interval %s", c.RegionProbeTimeout, c.RegionProbeInterval))
+	}
 	if c.SuspicionMult < 1 || c.SuspicionMaxTimeoutMult < 1 || c.IndirectChecks < 0 ||
 		c.GossipNodes < 1 || c.RetransmitMult < 1 || c.MaxMachines < 0 || c.MaxMachines > maxMachines {
 		errs = append(errs, errors.New("suspicion, gossip, retransmit and machine limits must be positive"))
@@ -181,6 +208,29 @@ func (c *Config) memberlistConfig() *memberlist.Config {
 	// Records are already compact binary; memberlist's LZW compression
 	// allocated a fresh compressor per packet and was a quarter of the CPU
 	// of a 100-host simulation, for little gain.
+	mc.EnableCompression = false
+	return mc
+}
+
+// regionConfig is the regional memberlist's configuration: LAN timings, no
+// messages of its own. The transport and ports are the caller's to set.
+func (c *Config) regionConfig() *memberlist.Config {
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = c.HostID
+	mc.BindAddr = c.BindAddr
+	mc.AdvertiseAddr = c.AdvertiseAddr
+	mc.ProbeInterval = c.RegionProbeInterval
+	mc.ProbeTimeout = c.RegionProbeTimeout
+	mc.IndirectChecks = c.IndirectChecks
+	mc.SuspicionMult = regionSuspicionMult
+	mc.SuspicionMaxTimeoutMult = regionSuspicionMaxMult
+	mc.GossipInterval = c.GossipInterval
+	mc.GossipNodes = c.GossipNodes
+	mc.RetransmitMult = c.RetransmitMult
+	mc.PushPullInterval = c.PushPullInterval
+	mc.GossipToTheDeadTime = 30 * time.Second
+	mc.DeadNodeReclaimTime = 10 * time.Second
+	mc.TCPTimeout = 2 * time.Second
 	mc.EnableCompression = false
 	return mc
 }

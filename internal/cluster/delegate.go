@@ -72,6 +72,7 @@ func (d *delegate) NotifyLeave(n *memberlist.Node) {
 			s = StatusLeft
 		}
 		c.log.Info("host down", "id", n.Name, "status", s)
+		m.sawDown()
 		c.setStatus(n.Name, s)
 		c.countAliveLocked()
 	}
@@ -88,7 +89,15 @@ func (d *delegate) NotifyPingComplete(n *memberlist.Node, rtt time.Duration, _ [
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	m := c.members[n.Name]
-	if m == nil || rtt <= 0 {
+	if m == nil {
+		return
+	}
+	if m.sawAlive(c.cfg.Now()) {
+		c.log.Info("host dead by verdict answers a probe; alive", "id", n.Name)
+		c.changedLocked(n.Name)
+		c.countAliveLocked()
+	}
+	if rtt <= 0 {
 		return
 	}
 	if m.rtt == 0 {
@@ -137,15 +146,20 @@ func (c *Cluster) memberUp(n *memberlist.Node) {
 		}
 		m.addrs["gossip"] = net.JoinHostPort(node.Addr.String(), strconv.Itoa(int(node.Port)))
 	}
+	now := c.cfg.Now()
+	m.acquit(now)
 	if m.status != StatusAlive {
 		if m.status != "" {
 			c.log.Info("host up", "id", node.Name, "was", m.status)
 		}
 		m.status = StatusAlive
-		m.since = c.cfg.Now()
+		m.since = now
 		if node.Name != c.cfg.HostID && len(c.comeUp) < 64 {
 			c.comeUp = append(c.comeUp, node.Name)
 		}
+	}
+	if !c.cfg.NoRegionDetector && node.Name != c.cfg.HostID && m.meta != nil && m.meta.Region == c.cfg.Region {
+		c.wakeRegion()
 	}
 	c.changedLocked(node.Name)
 	c.countAliveLocked()
@@ -168,15 +182,18 @@ type Stats struct {
 	Pending      uint64 // deltas that arrived ahead of their base
 	Stale        uint64 // duplicates and records older than held
 	Dropped      uint64 // malformed, invalid or hostile records rejected
-	Relayed      uint64 // deltas passed on by gossip
+	Relayed      uint64 // deltas and verdicts passed on by gossip
 	Pulls        uint64 // full facts asked for to repair a gap
 	FullSent     uint64 // owners' full facts sent to others
 	SendsDropped uint64 // stream sends dropped because the queue was full
+	Issued       uint64 // verdicts of this host's regional detector
+	Verdicts     uint64 // hosts' statuses changed by their region's verdicts
 	Queued       int    // messages waiting in the gossip queue
 }
 
 type counters struct {
 	published, applied, pending, stale, dropped, relayed, pulls, fullSent, sendsDropped atomic.Uint64
+	issued, verdicts                                                                    atomic.Uint64
 }
 
 // Stats returns the member's counters.
@@ -186,6 +203,7 @@ func (c *Cluster) Stats() Stats {
 		Published: s.published.Load(), Applied: s.applied.Load(), Pending: s.pending.Load(),
 		Stale: s.stale.Load(), Dropped: s.dropped.Load(), Relayed: s.relayed.Load(),
 		Pulls: s.pulls.Load(), FullSent: s.fullSent.Load(), SendsDropped: s.sendsDropped.Load(),
+		Issued: s.issued.Load(), Verdicts: s.verdicts.Load(),
 		Queued: c.queue.NumQueued(),
 	}
 }

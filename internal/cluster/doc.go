@@ -5,7 +5,9 @@
 // # Membership
 //
 // Hosts form one hashicorp/memberlist cluster (SWIM with Lifeguard) over a
-// transport the caller passes in (nil: memberlist's UDP/TCP transport).
+// transport the caller passes in (nil: memberlist's UDP/TCP transport,
+// which the package binds itself so that it can share it; see Failure
+// detection).
 // Each host advertises, in memberlist's node meta (≤ 512 bytes), its
 // region, capacity and service addresses. A host that dies or leaves is
 // marked dead or left, not forgotten: its facts stay so its machines can be
@@ -15,6 +17,53 @@
 // flag. Memberlist never talks to hosts it believes dead, so every
 // ReconnectInterval each host tries to join one of them: that is how the
 // two sides of a healed partition find each other again.
+//
+// # Failure detection
+//
+// Detection is two-level. A cluster-wide detector has to wait out the
+// round trip to the farthest host on every probe (~300 ms across the
+// world), which puts a death seconds away everywhere. So each host also
+// runs a second memberlist of the hosts of its own region only, with LAN
+// timings, and the rest of the cluster takes that region's word:
+//
+//   - The regional memberlist shares the cluster-wide one's transport, so
+//     it needs no address, port or wiring of its own: a mux (mux.go) tags
+//     its datagrams with a leading byte and has its streams send that byte
+//     first; everything untagged is the cluster-wide memberlist's, byte for
+//     byte as without the mux. Hosts of a region find each other in the
+//     cluster-wide membership and join at the same address; the regional
+//     memberlist refuses hosts that advertise another region.
+//   - When the regional memberlist holds a host of the region dead, this
+//     host first pings it itself (three pings, each RegionProbeTimeout):
+//     memberlist believes a dead message from any member, so a host that
+//     was cut off from its region would otherwise, on its return, make its
+//     peers repeat that the rest of the region is dead. Unanswered, the
+//     death becomes a verdict: {issuer, host, dead, time}, a record of a
+//     few dozen bytes, gossiped like a delta, validated like every record,
+//     and passed on by the hosts it tells something new (at most three
+//     issuers' verdicts about one death each). When the regional detector
+//     sees the host back, the issuer says so with an alive verdict.
+//   - A host takes a dead verdict only from a live host of the accused
+//     host's own region, and only once two such hosts agree (or every
+//     other host of that region it holds up, when there are fewer): one
+//     stalled or broken detector cannot kill a host in everyone's view. A
+//     verdict about a leaving host, or older than the last sign of life
+//     this host saw (a probe answered, memberlist's news that it is alive,
+//     an alive verdict), counts for nothing. A host dead by verdict only is
+//     pinged now and then (every ProbeInterval, the gap doubling to 16 of
+//     them) until memberlist agrees it is dead; any answer overrides the
+//     verdict, as does a probe of memberlist's own. Nothing authenticates
+//     the sender of a record, so a forged verdict in the name of hosts of
+//     the accused's region holds until the accused answers a ping.
+//   - The cluster-wide detector goes on as before and has the last word:
+//     its verdict replaces the region's, and it alone detects the death of
+//     a host alone in its region, or of a whole region at once (nobody is
+//     left to issue a verdict), at the cluster-wide timings.
+//
+// Verdicts are ordered against signs of life by the wall clocks of the
+// hosts that saw them, which are assumed to agree to well under a second
+// (NTP). A clock far behind makes its verdicts count for nothing, and the
+// cluster-wide detector decides.
 //
 // # Owner-versioned facts
 //
@@ -69,6 +118,20 @@
 // Memberlist's LAN defaults (probe every 1 s, suspicion 4·log10(N)·1 s)
 // take about 10 s to declare a host dead at N=100. The defaults here:
 //
+//   - Within a region: RegionProbeInterval 100 ms, RegionProbeTimeout
+//     50 ms, suspicion 4·max(1, log10 n)·interval once two other hosts
+//     confirm it (0.4 s for a region of up to ten hosts) and three times
+//     that without confirmation (memberlist expects none in a region of
+//     three or fewer). With n hosts each probing one per interval, a dead
+//     host is first probed after ~0.7 intervals on average and ~3.6 at p99
+//     (n = 10), so the interval bounds detection: at 100 ms a death is a
+//     regional verdict ~0.7 s after it (p50), on every host ~0.3 s later;
+//     at 200 ms p99 would be past 2 s. A probe and its ack are ~100 bytes,
+//     so this costs ~2 KB/s per host. With 10% loss a probe fails 19% of
+//     the time, each of four indirect paths 34%, and the TCP fallback
+//     rarely; a false suspicion has 1.2 s to be refuted, and a false death
+//     still has to survive the issuer's own three pings (0.7% at 10% loss)
+//     and a second host's.
 //   - ProbeInterval 300 ms, ProbeTimeout 150 ms. A dead host is first
 //     probed after about one interval on average (every host probes one
 //     peer per interval), ~4.6 intervals at p99. The timeout covers RTTs
@@ -76,7 +139,8 @@
 //     indirect probes, and an ack that arrives before the interval ends
 //     still counts. For clusters whose farthest hosts are more than
 //     ~150 ms apart, raise both (ProbeTimeout above the worst RTT, the
-//     interval about twice it).
+//     interval about twice it): with the regional detectors this slows
+//     only the detection of lone hosts and whole regions.
 //   - IndirectChecks 4 (memberlist: 3). With 10% loss a direct probe fails
 //     19% of the time and each indirect path 34%; four paths make a false
 //     suspicion rare (0.19·0.34⁴ ≈ 0.3% of probes) before the TCP fallback.

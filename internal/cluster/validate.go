@@ -221,6 +221,24 @@ func validateDigest(d *digest) error {
 	return nil
 }
 
+// maxVerdictAge is how old a verdict may be when it arrives. Verdicts
+// spread in well under a second; an old one is a replay or a broken clock.
+const maxVerdictAge = time.Minute
+
+func validateVerdict(v *verdict, now time.Time) error {
+	switch {
+	case !validHostID(v.From):
+		return invalid("verdict from %q", v.From)
+	case !validHostID(v.Host):
+		return invalid("verdict about %q", v.Host)
+	case v.From == v.Host:
+		return invalid("verdict by %s about itself", v.From)
+	case !validVersion(v.At, now) || v.At < uint64(now.Add(-maxVerdictAge).UnixNano()):
+		return invalid("verdict about %s: time %d out of range", v.Host, v.At)
+	}
+	return nil
+}
+
 func validateMeta(m *hostMeta) error {
 	if !validRegion(m.Region) {
 		return invalid("region %q", m.Region)

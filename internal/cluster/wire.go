@@ -19,9 +19,10 @@ const wireFormat = 1
 
 // Message kinds.
 const (
-	kindDelta  byte = 1 // one owner's change: base version → version
-	kindFull   byte = 2 // owners' complete facts at their versions
-	kindDigest byte = 3 // owner → version held by the sender; asks for newer
+	kindDelta   byte = 1 // one owner's change: base version → version
+	kindFull    byte = 2 // owners' complete facts at their versions
+	kindDigest  byte = 3 // owner → version held by the sender; asks for newer
+	kindVerdict byte = 4 // a host's region declares it dead, or alive again
 )
 
 // Limits on what a record may hold. They bound memory and CPU per record
@@ -86,6 +87,17 @@ type digest struct {
 type digestEntry struct {
 	Owner   string
 	Version uint64
+}
+
+// verdict is what a host's regional failure detector concluded about
+// another host of its region: dead, or alive again. At is when it did, by
+// the issuer's clock.
+type verdict struct {
+	From    string // the issuer
+	Host    string // the host it is about
+	Dead    bool
+	At      uint64 // unix nanoseconds
+	encoded []byte // the wire form, kept for relaying
 }
 
 // hostMeta is what a host advertises in memberlist's node meta.
@@ -374,6 +386,16 @@ func encodeDigest(d *digest) []byte {
 	return w.b
 }
 
+func encodeVerdict(v *verdict) []byte {
+	var w writer
+	w.header(kindVerdict)
+	w.string(v.From)
+	w.string(v.Host)
+	w.bool(v.Dead)
+	w.uint(v.At)
+	return w.b
+}
+
 func encodeMeta(m *hostMeta) []byte {
 	var w writer
 	w.byte(wireFormat)
@@ -411,8 +433,8 @@ func decodeMeta(b []byte) (*hostMeta, error) {
 	return m, nil
 }
 
-// decodeMessage decodes one message of any kind: a *delta, a []*fullFacts
-// or a *digest. It checks structure and limits only; validate checks
+// decodeMessage decodes one message of any kind: a *delta, a []*fullFacts,
+// a *digest or a *verdict. It checks structure and limits only; validate checks
 // meaning.
 func decodeMessage(b []byte) (any, error) {
 	if len(b) > maxMessageBytes {
@@ -489,6 +511,13 @@ func decodeMessage(b []byte) (any, error) {
 			return nil, fmt.Errorf("digest: %w", err)
 		}
 		return d, nil
+	case kindVerdict:
+		v := &verdict{From: r.string(maxIDLen, "from"), Host: r.string(maxIDLen, "host"), Dead: r.bool("dead"), At: r.uint(math.MaxUint64, "at")}
+		if err := r.done(); err != nil {
+			return nil, fmt.Errorf("verdict: %w", err)
+		}
+		v.encoded = b
+		return v, nil
 	default:
 		return nil, fmt.Errorf("unknown kind %d", kind)
 	}

@@ -21,13 +21,11 @@ type principal struct{ token }
 
 type principalKey struct{}
 
-// caller returns the principal authenticate put in ctx. Without one (a call
-// from inside the control plane, such as the reconciler's) it is an admin.
+// caller returns the principal authenticate (or asControlPlane) put in ctx;
+// without one it is nobody, who may see nothing.
 func caller(ctx context.Context) principal {
-	if p, ok := ctx.Value(principalKey{}).(principal); ok {
-		return p
-	}
-	return principal{token{Admin: true, Name: "control-plane"}}
+	p, _ := ctx.Value(principalKey{}).(principal)
+	return p
 }
 
 // asControlPlane marks ctx as the control plane's own work.

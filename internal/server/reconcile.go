@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/api"
@@ -47,15 +48,11 @@ func (s *Server) reconcileLoop(ctx context.Context) {
 	tick := time.NewTicker(s.cfg.ReconcileInterval)
 	defer tick.Stop()
 	ctx = asControlPlane(ctx)
-	var lockRev uint64
+	var lead atomic.Pointer[context.Context]
+	s.wg.Go(func() { s.leadLoop(ctx, &lead) })
 	for {
-		var err error
-		if lockRev, err = s.holdLock(ctx, lockRev); err != nil {
-			if ctx.Err() == nil {
-				s.log.Warn("reconciler lock", "err", err)
-			}
-		} else if lockRev != 0 {
-			s.ReconcileOnce(ctx)
+		if l := lead.Load(); l != nil && (*l).Err() == nil {
+			s.ReconcileOnce(*l)
 		}
 		select {
 		case <-ctx.Done():
@@ -65,6 +62,49 @@ func (s *Server) reconcileLoop(ctx context.Context) {
 		case <-s.reconcileKick:
 		}
 	}
+}
+
+// leadLoop keeps the reconciler lock while it can, refreshing it every third
+// of its TTL, and publishes a context that lives while this server holds it:
+// a pass under way when the lock is lost is cancelled, so two servers never
+// reconcile at once for longer than a refresh takes.
+func (s *Server) leadLoop(ctx context.Context, lead *atomic.Pointer[context.Context]) {
+	var rev uint64
+	cancel := context.CancelFunc(func() {})
+	defer func() { cancel() }()
+	t := time.NewTicker(lockTTL / 3)
+	defer t.Stop()
+	for {
+		n, err := s.holdLock(ctx, rev)
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("reconciler lock", "err", err)
+		}
+		switch {
+		case (err != nil || n == 0) && rev != 0:
+			cancel()
+			lead.Store(nil)
+		case err == nil && n != 0 && rev == 0:
+			var l context.Context
+			l, cancel = leadContext(ctx)
+			lead.Store(&l)
+			s.pokeReconciler()
+		}
+		if err != nil {
+			n = 0
+		}
+		rev = n
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// leadContext is the context of one stretch of holding the lock; leadLoop
+// cancels it when the stretch ends, and at the latest when it returns.
+func leadContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithCancel(ctx)
 }
 
 // holdLock takes or refreshes the reconciler lock. It returns the lock's
