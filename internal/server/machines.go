@@ -258,10 +258,7 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.Lis
 	for _, me := range es {
 		byHost[me.Host] = append(byHost[me.Host], me)
 	}
-	type result struct {
-		ms  []*api.Machine
-		err error
-	}
+	type result struct{ ms []*api.Machine }
 	results := make(chan result, len(byHost))
 	snap := s.cfg.Cluster.Snapshot()
 	for hostID, mes := range byHost {
@@ -276,9 +273,9 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.Lis
 					want[me.ID] = true
 				}
 				for _, m := range got {
-					// Destroyed machines are only those still known
-					// here: a host keeps those of earlier apps of the
-					// same name too.
+					// Only what this app owns: a host also keeps
+					// destroyed machines, of earlier apps of the same
+					// name too.
 					if want[m.ID] {
 						r.ms = append(r.ms, m)
 					}
