@@ -39,7 +39,11 @@ func (s *Server) authenticate(r *http.Request) (context.Context, error) {
 	if err != nil {
 		return nil, err
 	}
-	t, _, err := catalog.GetJSON[token](r.Context(), s.tokens, tokenKey(raw))
+	key := tokenKey(raw)
+	if t, ok := s.tokenCache.get(key); ok {
+		return context.WithValue(r.Context(), principalKey{}, principal{t}), nil
+	}
+	t, _, err := catalog.GetJSON[token](r.Context(), s.tokens, key)
 	if errors.Is(err, catalog.ErrNotFound) {
 		return nil, api.Errorf(http.StatusUnauthorized, "invalid token")
 	}
@@ -139,7 +143,11 @@ func (s *Server) appFor(ctx context.Context, name string, write bool) (app, erro
 	if !validSlug.MatchString(name) {
 		return app{}, api.Errorf(http.StatusNotFound, "app %s not found", clipName(name))
 	}
-	a, _, err := catalog.GetJSON[app](ctx, s.apps, name)
+	a, ok := s.appCache.get(name)
+	var err error
+	if !ok {
+		a, _, err = catalog.GetJSON[app](ctx, s.apps, name)
+	}
 	if errors.Is(err, catalog.ErrNotFound) || (err == nil && !p.canSee(a.Org, a.Name)) {
 		return app{}, api.Errorf(http.StatusNotFound, "app %s not found", clipName(name))
 	}

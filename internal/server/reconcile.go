@@ -59,6 +59,13 @@ func (s *Server) reconcileLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 		case <-changes:
+			// Changes come in bursts (every create is one): take them
+			// together.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
 		case <-s.reconcileKick:
 		}
 	}
@@ -141,7 +148,11 @@ func (s *Server) holdLock(ctx context.Context, rev uint64) (uint64, error) {
 // machines left behind on hosts that were down.
 func (s *Server) ReconcileOnce(ctx context.Context) {
 	ctx = asControlPlane(ctx)
-	defer s.settleLeftBehind(ctx)
+	if now := s.cfg.Now(); now.Sub(s.lastSettle) >= settleInterval {
+		// It reads every entry of every app: not on every change.
+		s.lastSettle = now
+		defer s.settleLeftBehind(ctx)
+	}
 	gs, err := s.listAllGroups(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -158,6 +169,9 @@ func (s *Server) ReconcileOnce(ctx context.Context) {
 		}
 	}
 }
+
+// settleInterval is how often the reconciler looks for machines left behind.
+const settleInterval = 5 * time.Second
 
 // forgetLeftBehind is how long a lost or doomed machine's entry is kept when
 // the cluster no longer knows its host (it keeps dead hosts 72 h).

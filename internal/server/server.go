@@ -163,9 +163,13 @@ type Server struct {
 	orgs, apps, tokens, machines, secrets, groups, locks catalog.Bucket
 
 	placer *placer
+	// Hot reads: every request's token and app.
+	tokenCache *cache[token]
+	appCache   *cache[app]
 	// id names this control plane in the reconciler lock.
 	id            string
 	reconcileKick chan struct{}
+	lastSettle    time.Time // owned by the reconciler's loop
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -197,6 +201,7 @@ func New(cfg Config) (*Server, error) {
 		}
 	}
 	s.placer = newPlacer(s)
+	s.tokenCache, s.appCache = newCache[token](), newCache[app]()
 	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger,
 		MapError: func(err error) error {
 			var ae *api.Error
@@ -218,9 +223,11 @@ func (s *Server) Handler() http.Handler { return s.api }
 
 // Start runs the reconciler and the placement queue until Close.
 func (s *Server) Start(ctx context.Context) error {
-	s.wg.Add(2)
+	s.wg.Add(4)
 	go func() { defer s.wg.Done(); s.placer.run(s.ctx) }()
 	go func() { defer s.wg.Done(); s.reconcileLoop(s.ctx) }()
+	go func() { defer s.wg.Done(); s.tokenCache.follow(s.ctx, s, s.tokens, bucketTokens) }()
+	go func() { defer s.wg.Done(); s.appCache.follow(s.ctx, s, s.apps, bucketApps) }()
 	go func() {
 		select {
 		case <-ctx.Done():
