@@ -24,6 +24,9 @@ const maxAsks = 8
 // host before the host's own published facts must account for it.
 const reservationTTL = 10 * time.Second
 
+// hostCreateTimeout bounds a host's create (which may pull an image).
+const hostCreateTimeout = 5 * time.Minute
+
 // errNoRoom means no live host in the requested regions has room now.
 var errNoRoom = errors.New("no room")
 
@@ -237,7 +240,22 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 		c, err := p.s.hostClient(h.ID, "")
 		var m *api.Machine
 		if err == nil {
-			m, err = c.Create(ctx, a.Name, in)
+			// Not cancelled with the client's request: a host half-way
+			// through a create finishes it either way, and the entry must
+			// stay true to that.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hostCreateTimeout)
+			m, err = c.Create(cctx, a.Name, in)
+			cancel()
+			var ae *api.Error
+			if err != nil && !errors.As(err, &ae) {
+				// No answer: the host may have created it. Keep the
+				// entry; the machine shows up, or the reconciler forgets
+				// the entry when the host never shows it. Asking another
+				// host could run it twice.
+				p.s.log.Warn("host did not answer a create", "host", h.ID, "machine", in.ID, "err", err)
+				return nil, api.Errorf(http.StatusServiceUnavailable,
+					"host %s did not answer; machine %s may still appear: %v", h.ID, in.ID, err)
+			}
 		}
 		if err == nil {
 			p.placed(h.ID, in.ID)

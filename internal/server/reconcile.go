@@ -304,9 +304,11 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 	for r := range g.Regions {
 		regions = append(regions, r)
 	}
-	for r := range running {
-		if _, ok := g.Regions[r]; !ok {
-			regions = append(regions, r)
+	for _, m := range []map[string][]machineEntry{running, standby} {
+		for r := range m {
+			if _, ok := g.Regions[r]; !ok && !slices.Contains(regions, r) {
+				regions = append(regions, r)
+			}
 		}
 	}
 	slices.Sort(regions)
