@@ -341,6 +341,7 @@ type failCounts struct {
 	suspects, deaths             atomic.Int64
 	regionSuspects, regionDeaths atomic.Int64
 	verdicts                     atomic.Int64 // dead verdicts issued
+	withheld                     atomic.Int64 // deaths an unhealthy host kept to itself
 	deadHosts                    sync.Map     // live hosts some live host showed dead
 }
 
@@ -398,6 +399,8 @@ func (f failCounter) Handle(_ context.Context, r slog.Record) error {
 		if !f.isKilled(id) {
 			f.verdicts.Add(1)
 		}
+	case strings.HasPrefix(r.Message, "region: host dead, but"):
+		f.withheld.Add(1)
 	case r.Message == "host dead by its region's verdict" || r.Message == "host down" && status == string(StatusDead):
 		if !f.isKilled(id) {
 			f.deadHosts.Store(id, true)
@@ -408,7 +411,7 @@ func (f failCounter) Handle(_ context.Context, r slog.Record) error {
 
 // reset starts the counts afresh (when loss starts, after the noisy join).
 func (f *failCounts) reset() {
-	for _, n := range []*atomic.Int64{&f.suspects, &f.deaths, &f.regionSuspects, &f.regionDeaths, &f.verdicts} {
+	for _, n := range []*atomic.Int64{&f.suspects, &f.deaths, &f.regionSuspects, &f.regionDeaths, &f.verdicts, &f.withheld} {
 		n.Store(0)
 	}
 	f.deadHosts.Clear()
@@ -528,6 +531,7 @@ func (f failCounter) report(b *testing.B, start time.Time) {
 	b.ReportMetric(float64(f.regionSuspects.Load()), "region-false-suspicions")
 	b.ReportMetric(float64(f.regionDeaths.Load()), "region-false-deaths")
 	b.ReportMetric(float64(f.verdicts.Load()), "false-region-verdicts")
+	b.ReportMetric(float64(f.withheld.Load()), "verdicts-withheld")
 	hosts := 0
 	f.deadHosts.Range(func(any, any) bool { hosts++; return true })
 	b.ReportMetric(float64(hosts), "live-hosts-marked-dead")

@@ -53,6 +53,9 @@ type Cluster struct {
 
 	ml    *memberlist.Memberlist
 	queue *memberlist.TransmitLimitedQueue
+	// verdicts is the gossip queue of region verdicts, sent first and
+	// retransmitted verdictRetransmits times as often as facts (verdict.go).
+	verdicts *memberlist.TransmitLimitedQueue
 	// region is the regional failure detector (region.go); nil with
 	// NoRegionDetector.
 	region     *memberlist.Memberlist
@@ -150,6 +153,10 @@ func New(cfg Config) (*Cluster, error) {
 	c.queue = &memberlist.TransmitLimitedQueue{
 		NumNodes:       func() int { return int(max(c.alive.Load(), 1)) },
 		RetransmitMult: cfg.RetransmitMult,
+	}
+	c.verdicts = &memberlist.TransmitLimitedQueue{
+		NumNodes:       c.queue.NumNodes,
+		RetransmitMult: verdictRetransmits * cfg.RetransmitMult,
 	}
 	now := cfg.Now()
 	c.members[cfg.HostID] = &member{

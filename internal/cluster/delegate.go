@@ -43,8 +43,13 @@ func (d *delegate) NotifyMsg(b []byte) {
 	d.c.receive(bytes.Clone(b))
 }
 
+// GetBroadcasts gives verdicts first, then facts.
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
-	return d.c.queue.GetBroadcasts(overhead, limit)
+	msgs := d.c.verdicts.GetBroadcasts(overhead, limit)
+	for _, m := range msgs {
+		limit -= overhead + len(m)
+	}
+	return append(msgs, d.c.queue.GetBroadcasts(overhead, limit)...)
 }
 
 // LocalState is this host's side of anti-entropy: a digest of the versions
@@ -204,7 +209,7 @@ func (c *Cluster) Stats() Stats {
 		Stale: s.stale.Load(), Dropped: s.dropped.Load(), Relayed: s.relayed.Load(),
 		Pulls: s.pulls.Load(), FullSent: s.fullSent.Load(), SendsDropped: s.sendsDropped.Load(),
 		Issued: s.issued.Load(), Verdicts: s.verdicts.Load(),
-		Queued: c.queue.NumQueued(),
+		Queued: c.queue.NumQueued() + c.verdicts.NumQueued(),
 	}
 }
 

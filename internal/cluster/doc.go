@@ -37,12 +37,18 @@
 //     host first pings it itself (three pings, each RegionProbeTimeout):
 //     memberlist believes a dead message from any member, so a host that
 //     was cut off from its region would otherwise, on its return, make its
-//     peers repeat that the rest of the region is dead. Unanswered, the
-//     death becomes a verdict: {issuer, host, dead, time}, a record of a
-//     few dozen bytes, gossiped like a delta, validated like every record,
-//     and passed on by the hosts it tells something new (at most three
-//     issuers' verdicts about one death each). When the regional detector
-//     sees the host back, the issuer says so with an alive verdict.
+//     peers repeat that the rest of the region is dead. It also keeps quiet
+//     while its own Lifeguard health score is above zero (it has been
+//     missing acks and nacks it should have had): a host that is slow or
+//     cut off itself is the likelier culprit. Otherwise the death becomes a
+//     verdict: {issuer, host, dead, time}, a record of a few dozen bytes,
+//     validated like every record and gossiped ahead of facts, three times
+//     as often, by every host it tells something new. Facts have
+//     anti-entropy to mend what gossip misses; verdicts have only their
+//     flood, and at memberlist's usual count of sends a host now and then
+//     got one issuer's verdict only, short of the quorum below. When the
+//     regional detector sees the host back, the issuer says so with an
+//     alive verdict.
 //   - A host takes a dead verdict only from a live host of the accused
 //     host's own region, and only once two such hosts agree (or every
 //     other host of that region it holds up, when there are fewer): one
@@ -119,7 +125,12 @@
 // take about 10 s to declare a host dead at N=100. The defaults here:
 //
 //   - Within a region: RegionProbeInterval 100 ms, RegionProbeTimeout
-//     50 ms, suspicion 4·max(1, log10 n)·interval once two other hosts
+//     30 ms. The timeout must stay under a third of the interval: a host
+//     asked to probe indirectly sends its nack one ProbeTimeout after its
+//     own ping, which goes out one ProbeTimeout after the direct one, and a
+//     nack after the interval counts as missing, which Lifeguard charges
+//     to the prober (at half the interval every failed probe did). The
+//     suspicion is 4·max(1, log10 n)·interval once two other hosts
 //     confirm it (0.4 s for a region of up to ten hosts) and three times
 //     that without confirmation (memberlist expects none in a region of
 //     three or fewer). With n hosts each probing one per interval, a dead

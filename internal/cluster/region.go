@@ -186,6 +186,15 @@ func (c *Cluster) confirm(ctx context.Context, id string) {
 	if c.regionHolds(id) || c.leaving.Load() {
 		return
 	}
+	// Lifeguard's health score rises when this host misses the acks and
+	// nacks of its probes that it should have had: a host that is slow or
+	// cut off itself is the likelier culprit, and leaves the verdict to
+	// its peers. (With fewer than two peers there are no nacks, and the
+	// score only counts the probes of the dead host that failed.)
+	if score := c.region.GetHealthScore(); score > 0 && c.region.NumMembers() >= 3 {
+		c.log.Info("region: host dead, but this host's own detector is unhealthy; no verdict", "id", id, "health", score)
+		return
+	}
 	c.log.Info("region: host dead", "id", id)
 	c.issue(id, true)
 }

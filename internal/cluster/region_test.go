@@ -185,10 +185,11 @@ func TestRegionVerdict(t *testing.T) {
 		}
 	}
 
-	// Long enough cut off for a4's own regional detector to declare the
-	// rest of its region dead.
+	// Long enough cut off for a4's own regional memberlist to declare the
+	// rest of its region dead, which it tells them on its return. (It
+	// issues no verdicts: cut off, its own detector is unhealthy.)
 	a4 := sim.hosts["a4"]
-	waitFor(t, 10*time.Second, "a4 to see a1 dead", func() bool { return a4.Snapshot().Host("a1").Status == StatusDead })
+	waitFor(t, 10*time.Second, "a4's regional memberlist to hold a1 dead", func() bool { return !a4.regionHolds("a1") })
 	sim.net.Revive("a4")
 	waitFor(t, 15*time.Second, "a4 alive everywhere again, and its region whole", func() bool {
 		for _, c := range sim.hosts {
@@ -235,7 +236,7 @@ func TestForgedVerdicts(t *testing.T) {
 		before[id] = c.Stats().Dropped
 	}
 	for range 5 {
-		evil.enqueue(encodedVerdict("s2", "a1", true, time.Now()))
+		evil.enqueueVerdict(encodedVerdict("s2", "a1", true, time.Now()))
 	}
 	waitFor(t, 10*time.Second, "the forged verdict to be dropped everywhere", func() bool {
 		for _, id := range []string{"a2", "a3", "s1"} { // a1 ignores verdicts about itself
@@ -254,8 +255,8 @@ func TestForgedVerdicts(t *testing.T) {
 
 	// Two forged accusers in the name of a1's own region: believed, until
 	// a1 answers a ping.
-	evil.enqueue(encodedVerdict("a2", "a1", true, time.Now()))
-	evil.enqueue(encodedVerdict("a3", "a1", true, time.Now()))
+	evil.enqueueVerdict(encodedVerdict("a2", "a1", true, time.Now()))
+	evil.enqueueVerdict(encodedVerdict("a3", "a1", true, time.Now()))
 	s1 := sim.hosts["s1"]
 	waitFor(t, 10*time.Second, "s1 to take the forged verdicts", func() bool { return s1.Stats().Verdicts > 0 })
 	waitFor(t, 10*time.Second, "a1 alive again on s1", func() bool {
