@@ -51,11 +51,11 @@ type Config struct {
 	// Failure detection within the region: a second memberlist of this
 	// region's hosts only, on the same transport, whose verdicts the rest
 	// of the cluster takes. Its probes need only outlive the round trip
-	// within the region; the timeout should stay under a third of the
+	// within the region; the timeout should stay well under half the
 	// interval, for indirect probes' nacks to come back in time (see the
 	// package doc).
 	RegionProbeInterval time.Duration // default 100ms
-	RegionProbeTimeout  time.Duration // default 30ms
+	RegionProbeTimeout  time.Duration // default 40ms
 	// NoRegionDetector leaves failure detection to the cluster-wide
 	// memberlist alone, as in a cluster of one region.
 	NoRegionDetector bool
@@ -91,7 +91,7 @@ const (
 	DefaultSuspicionMult           = 3
 	DefaultSuspicionMaxTimeoutMult = 4
 	DefaultRegionProbeInterval     = 100 * time.Millisecond
-	DefaultRegionProbeTimeout      = 30 * time.Millisecond
+	DefaultRegionProbeTimeout      = 40 * time.Millisecond
 	DefaultGossipInterval          = 50 * time.Millisecond
 	DefaultGossipNodes             = 4
 	DefaultRetransmitMult          = 4

@@ -34,7 +34,7 @@
 //     cluster-wide membership and join at the same address; the regional
 //     memberlist refuses hosts that advertise another region.
 //   - When the regional memberlist holds a host of the region dead, this
-//     host first pings it itself (three pings, each RegionProbeTimeout):
+//     host first pings it itself (three pings a probe interval apart):
 //     memberlist believes a dead message from any member, so a host that
 //     was cut off from its region would otherwise, on its return, make its
 //     peers repeat that the rest of the region is dead. It also keeps quiet
@@ -125,24 +125,25 @@
 // take about 10 s to declare a host dead at N=100. The defaults here:
 //
 //   - Within a region: RegionProbeInterval 100 ms, RegionProbeTimeout
-//     30 ms. The timeout must stay under a third of the interval: a host
+//     40 ms. The timeout must stay well under half the interval: a host
 //     asked to probe indirectly sends its nack one ProbeTimeout after its
 //     own ping, which goes out one ProbeTimeout after the direct one, and a
 //     nack after the interval counts as missing, which Lifeguard charges
-//     to the prober (at half the interval every failed probe did). The
+//     to the prober (at half the interval every failed probe did; at 30 ms
+//     scheduling delays in a loaded simulation made false suspicions). The
 //     suspicion is 4·max(1, log10 n)·interval once two other hosts
 //     confirm it (0.4 s for a region of up to ten hosts) and three times
 //     that without confirmation (memberlist expects none in a region of
 //     three or fewer). With n hosts each probing one per interval, a dead
 //     host is first probed after ~0.7 intervals on average and ~3.6 at p99
 //     (n = 10), so the interval bounds detection: at 100 ms a death is a
-//     regional verdict ~0.7 s after it (p50), on every host ~0.3 s later;
-//     at 200 ms p99 would be past 2 s. A probe and its ack are ~100 bytes,
-//     so this costs ~2 KB/s per host. With 10% loss a probe fails 19% of
-//     the time, each of four indirect paths 34%, and the TCP fallback
-//     rarely; a false suspicion has 1.2 s to be refuted, and a false death
-//     still has to survive the issuer's own three pings (0.7% at 10% loss)
-//     and a second host's.
+//     verdict on every host ~1 s after it (p50; p99 ~1.4 s with 100 hosts
+//     in ten regions, docs/BENCHMARKS.md), where 200 ms would put p99
+//     near 2 s by the same count. The probes cost ~1.3 KB/s per host.
+//     With 10% loss a probe fails 19% of the time, each of four indirect
+//     paths 34%, and the TCP fallback rarely; a false suspicion has 1.2 s
+//     to be refuted, and a false death still has to get past the issuers'
+//     own pings, their health and the quorum of two.
 //   - ProbeInterval 300 ms, ProbeTimeout 150 ms. A dead host is first
 //     probed after about one interval on average (every host probes one
 //     peer per interval), ~4.6 intervals at p99. The timeout covers RTTs

@@ -21,8 +21,10 @@ const (
 	regionRetry     = 5 * time.Second
 )
 
-// confirmPings is how many direct pings, each of RegionProbeTimeout, a host
-// of the region must leave unanswered before this host declares it dead.
+// confirmPings is how many direct pings, one RegionProbeInterval apart and
+// each waiting RegionProbeTimeout, a host of the region must leave
+// unanswered before this host declares it dead: spread over two intervals,
+// they see through a short stall of the accused.
 const confirmPings = 3
 
 // startRegion creates the regional memberlist on its side of the mux.
@@ -174,9 +176,15 @@ func (c *Cluster) confirm(ctx context.Context, id string) {
 	if !ok {
 		return
 	}
-	for range confirmPings {
-		if ctx.Err() != nil || c.regionHolds(id) {
-			return // shutting down, or it refuted
+	start := time.Now()
+	for i := range confirmPings {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Until(start.Add(time.Duration(i) * c.cfg.RegionProbeInterval))):
+		}
+		if c.regionHolds(id) {
+			return // it refuted
 		}
 		if _, err := c.region.Ping(id, addr); err == nil {
 			c.log.Info("region: host declared dead answers", "id", id)
