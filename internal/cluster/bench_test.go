@@ -4,13 +4,16 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"os"
+	"runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,10 +28,27 @@ import (
 //	go test ./internal/cluster -run '^$' -bench Propagation/hosts=100 -benchtime 30x
 //
 // FLAME_BENCH_LATENCY_SCALE divides every latency (1 by default).
+// FLAME_BENCH_DILATION=k runs the simulation k times slower than real time:
+// every latency and every timing of the protocol (Config.Dilation) is
+// multiplied by k, and every duration measured is divided by k, so a
+// cluster that needs more CPU than the machine has can still be measured.
+// Each benchmark reports the cores the simulation used and the scheduling
+// delays it saw: with cores to spare and small delays, the dilated run is
+// the real-time run the machine could not afford.
 
 var benchRegions = []string{"ams", "iad", "syd", "sin", "gru", "fra", "lax", "nrt", "jnb", "ord"}
 
 func regionOf(name string) string { r, _, _ := strings.Cut(name, "-"); return r }
+
+func benchDilation() time.Duration {
+	k, _ := strconv.Atoi(os.Getenv("FLAME_BENCH_DILATION"))
+	return time.Duration(max(k, 1))
+}
+
+// dilate stretches a real-time duration into the simulation's time;
+// undilate turns a measurement back.
+func dilate(d time.Duration) time.Duration   { return d * benchDilation() }
+func undilate(d time.Duration) time.Duration { return d / benchDilation() }
 
 func geoLatency() func(from, to string) time.Duration {
 	scale, _ := strconv.Atoi(os.Getenv("FLAME_BENCH_LATENCY_SCALE"))
@@ -38,7 +58,7 @@ func geoLatency() func(from, to string) time.Duration {
 		for _, b := range benchRegions {
 			ra, _ := geo.Lookup(a)
 			rb, _ := geo.Lookup(b)
-			rtt[[2]string{a, b}] = geo.RTT(ra, rb) / 2 / time.Duration(scale)
+			rtt[[2]string{a, b}] = dilate(geo.RTT(ra, rb) / 2 / time.Duration(scale))
 		}
 	}
 	return func(from, to string) time.Duration { return rtt[[2]string{regionOf(from), regionOf(to)}] }
@@ -84,7 +104,8 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 		}
 		interval, timeout := benchTimings()
 		cfg := Config{HostID: id, Region: regionOf(id), Transport: tr, Logger: logger,
-			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout}
+			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout,
+			Dilation: int(benchDilation())}
 		if mod != nil {
 			mod(&cfg)
 		}
@@ -160,7 +181,7 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 		}
 	}()
 	// 90 s, or 0.2 s a host in larger clusters; progress every 30 s.
-	wait := max(90*time.Second, time.Duration(n)*200*time.Millisecond)
+	wait := dilate(max(90*time.Second, time.Duration(n)*200*time.Millisecond))
 	converging, next := time.Now(), time.Now().Add(30*time.Second)
 	waitFor(b, wait, "the cluster to converge", func() bool {
 		done := 0
@@ -219,8 +240,8 @@ func BenchmarkPropagation(b *testing.B) {
 			}
 			// Idle traffic: probes, anti-entropy.
 			before, start := bytesSent(sim), time.Now()
-			time.Sleep(3 * time.Second)
-			idle := float64(bytesSent(sim)-before) / time.Since(start).Seconds() / float64(n)
+			time.Sleep(dilate(10 * time.Second))
+			idle := float64(bytesSent(sim)-before) / undilate(time.Since(start)).Seconds() / float64(n)
 
 			type target struct {
 				machine, status string
@@ -247,7 +268,7 @@ func BenchmarkPropagation(b *testing.B) {
 							continue
 						}
 						if m := c.Snapshot().Machine(t.machine); m != nil && m.Checks[0].Status == t.status {
-							seen[i].Store(int64(time.Since(t.start)))
+							seen[i].Store(int64(undilate(time.Since(t.start))))
 						}
 					}
 				}()
@@ -256,6 +277,7 @@ func BenchmarkPropagation(b *testing.B) {
 			critical := make([]bool, n) // each host's first check, as last published
 			var region, all []time.Duration
 			before, start = bytesSent(sim), time.Now()
+			load := startLoad()
 			b.ResetTimer()
 			for round := range b.N {
 				h := rng.IntN(n)
@@ -277,7 +299,7 @@ func BenchmarkPropagation(b *testing.B) {
 				if err := cs[h].Publish(HostFacts{Machines: ms}); err != nil {
 					b.Fatal(err)
 				}
-				deadline := time.Now().Add(10 * time.Second)
+				deadline := time.Now().Add(dilate(10 * time.Second))
 				for {
 					done := true
 					for i := range seen {
@@ -311,7 +333,8 @@ func BenchmarkPropagation(b *testing.B) {
 				all = append(all, amax)
 			}
 			b.StopTimer()
-			busy := float64(bytesSent(sim)-before) / time.Since(start).Seconds() / float64(n)
+			busy := float64(bytesSent(sim)-before) / undilate(time.Since(start)).Seconds() / float64(n)
+			load.report(b)
 			cancel()
 			wg.Wait()
 			b.ReportMetric(float64(percentile(region, 0.5).Milliseconds()), "region-p50-ms")
@@ -435,7 +458,8 @@ func BenchmarkFailureDetection(b *testing.B) {
 				sim.net.SetLoss(0.10)
 				fc.reset()
 				start := time.Now()
-				time.Sleep(2 * time.Second) // let loss-induced noise show before the first kill
+				time.Sleep(dilate(2 * time.Second)) // let loss-induced noise show before the first kill
+				load := startLoad()
 				rng := rand.New(rand.NewPCG(3, 4))
 				alive := slices.Clone(sim.ids)
 				var took []time.Duration
@@ -450,13 +474,14 @@ func BenchmarkFailureDetection(b *testing.B) {
 					fc.killed.Store(victim, true)
 					killed := time.Now()
 					sim.net.Kill(victim)
-					waitFor(b, 60*time.Second, victim+" dead everywhere", func() bool { return deadOnAll(sim, alive, victim) })
-					took = append(took, time.Since(killed))
+					waitFor(b, dilate(60*time.Second), victim+" dead everywhere", func() bool { return deadOnAll(sim, alive, victim) })
+					took = append(took, undilate(time.Since(killed)))
 				}
 				b.StopTimer()
 				b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
 				b.ReportMetric(float64(percentile(took, 0.99).Milliseconds()), "dead-p99-ms")
 				fc.report(b, start)
+				load.report(b)
 			})
 		}
 	}
@@ -472,7 +497,8 @@ func BenchmarkRegionLoss(b *testing.B) {
 	sim.net.SetLoss(0.10)
 	fc.reset()
 	start := time.Now()
-	time.Sleep(2 * time.Second)
+	time.Sleep(dilate(2 * time.Second))
+	load := startLoad()
 	rng := rand.New(rand.NewPCG(5, 6))
 	regions := slices.Clone(benchRegions)
 	alive := slices.Clone(sim.ids)
@@ -498,7 +524,7 @@ func BenchmarkRegionLoss(b *testing.B) {
 			fc.killed.Store(v, true)
 			sim.net.Kill(v)
 		}
-		waitFor(b, 120*time.Second, region+" dead everywhere", func() bool {
+		waitFor(b, dilate(120*time.Second), region+" dead everywhere", func() bool {
 			for _, v := range victims {
 				if !deadOnAll(sim, alive, v) {
 					return false
@@ -506,12 +532,13 @@ func BenchmarkRegionLoss(b *testing.B) {
 			}
 			return true
 		})
-		took = append(took, time.Since(killed))
+		took = append(took, undilate(time.Since(killed)))
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
 	b.ReportMetric(float64(slices.Max(took).Milliseconds()), "dead-max-ms")
 	fc.report(b, start)
+	load.report(b)
 }
 
 // deadOnAll reports whether every host of ids sees victim dead.
@@ -525,7 +552,7 @@ func deadOnAll(sim *simCluster, ids []string, victim string) bool {
 }
 
 func (f failCounter) report(b *testing.B, start time.Time) {
-	b.ReportMetric(time.Since(start).Seconds(), "seconds-under-loss")
+	b.ReportMetric(undilate(time.Since(start)).Seconds(), "seconds-under-loss")
 	b.ReportMetric(float64(f.suspects.Load()), "false-suspicions")
 	b.ReportMetric(float64(f.deaths.Load()), "false-dead-verdicts")
 	b.ReportMetric(float64(f.regionSuspects.Load()), "region-false-suspicions")
@@ -535,4 +562,69 @@ func (f failCounter) report(b *testing.B, start time.Time) {
 	hosts := 0
 	f.deadHosts.Range(func(any, any) bool { hosts++; return true })
 	b.ReportMetric(float64(hosts), "live-hosts-marked-dead")
+}
+
+// load measures what a benchmark's simulation took of the machine: the
+// cores it kept busy, and how late the Go scheduler ran goroutines that
+// were ready (p99, real time). Delays near the protocol's timeouts mean
+// the machine, not the protocol, is being measured.
+type load struct {
+	start time.Time
+	cpu   time.Duration
+	sched *metrics.Float64Histogram
+}
+
+func startLoad() *load {
+	return &load{start: time.Now(), cpu: cpuTime(), sched: schedLatencies()}
+}
+
+func (l *load) report(b *testing.B) {
+	cores := float64(cpuTime()-l.cpu) / float64(time.Since(l.start))
+	b.ReportMetric(cores, "cores-used")
+	b.ReportMetric(histPercentile(l.sched, schedLatencies(), 0.99)*1000, "sched-p99-ms")
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func schedLatencies() *metrics.Float64Histogram {
+	s := []metrics.Sample{{Name: "/sched/latencies:seconds"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindFloat64Histogram {
+		return nil
+	}
+	return s[0].Value.Float64Histogram()
+}
+
+// histPercentile is the p-th percentile, in seconds, of what was added to
+// a cumulative histogram between two readings: the upper bound of the
+// bucket it falls in.
+func histPercentile(before, after *metrics.Float64Histogram, p float64) float64 {
+	if before == nil || after == nil || len(before.Counts) != len(after.Counts) {
+		return 0
+	}
+	var total uint64
+	for i := range after.Counts {
+		total += after.Counts[i] - before.Counts[i]
+	}
+	if total == 0 {
+		return 0
+	}
+	want := uint64(math.Ceil(float64(total) * p))
+	var sum uint64
+	for i := range after.Counts {
+		sum += after.Counts[i] - before.Counts[i]
+		if sum >= want {
+			if math.IsInf(after.Buckets[i+1], 1) {
+				return after.Buckets[i]
+			}
+			return after.Buckets[i+1]
+		}
+	}
+	return 0
 }

@@ -39,6 +39,18 @@ const maxBundleBytes = 1 << 20
 // up, on top of memberlist's periodic push/pull.
 const exchangeEvery = time.Second
 
+// reapEvery is how often hosts dead past ReapTimeout are looked for.
+const reapEvery = time.Minute
+
+// settleAfter are the times after joining when a host swaps the whole
+// membership with one more random host. Memberlist spreads news of a host
+// that joins by gossip, each host passing it on a number of times that
+// grows with the cluster size it knows; when many hosts start together
+// they all know few, the news of the first ones dies out before reaching
+// everyone, and only the periodic push/pull (a minute apart at 1,000
+// hosts) repairs it.
+var settleAfter = []time.Duration{time.Second, 4 * time.Second}
+
 // sendWorkers send stream messages, so one slow peer does not hold up the
 // rest.
 const sendWorkers = 4
@@ -65,6 +77,7 @@ type Cluster struct {
 
 	mu        sync.Mutex
 	members   map[string]*member
+	order     []string // members' ids, sorted: snapshots are built in this order
 	store     *store
 	pub       publisher
 	hostCache map[string]*Host
@@ -75,9 +88,14 @@ type Cluster struct {
 	// of them, so a healed partition costs each host one round trip.
 	comeUp       []string
 	lastExchange time.Time
+	settleAt     []time.Time // full membership swaps still to make (settleAfter)
 	// accused are the hosts this host's regional detector declared dead
 	// and has not seen back.
 	accused map[string]bool
+	// byVerdict are the hosts dead by their region's verdict at the last
+	// snapshot, for verifyLoop to ping (each is checked again there).
+	byVerdict []string
+	lastReap  time.Time
 
 	snap    atomic.Pointer[Snapshot]
 	rebuild chan struct{}
@@ -166,6 +184,7 @@ func New(cfg Config) (*Cluster, error) {
 		status: StatusAlive,
 		since:  now,
 	}
+	c.order = []string{cfg.HostID}
 	c.store.ensure(cfg.HostID)
 	c.snap.Store(c.build())
 	return c, nil
@@ -195,7 +214,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 			}
 			t = nt
 		}
-		mx = newMux(t)
+		mx = newMux(t, c.cfg.stretch(tagWait))
 		mc.Transport = mx.global
 	}
 	ml, err := memberlist.Create(mc)
@@ -260,6 +279,13 @@ func (c *Cluster) Join(addrs []string) (int, error) {
 	if err != nil && n == 0 {
 		return 0, fmt.Errorf("join %v: %w", addrs, err)
 	}
+	now := c.cfg.Now()
+	c.mu.Lock()
+	c.settleAt = c.settleAt[:0]
+	for _, d := range settleAfter {
+		c.settleAt = append(c.settleAt, now.Add(c.cfg.stretch(d)))
+	}
+	c.mu.Unlock()
 	return n, nil
 }
 
@@ -353,6 +379,9 @@ func (c *Cluster) Remove(hostID string) error {
 // forget drops a host; c.mu is held.
 func (c *Cluster) forget(id string) {
 	delete(c.members, id)
+	if i, ok := slices.BinarySearch(c.order, id); ok {
+		c.order = slices.Delete(c.order, i, i+1)
+	}
 	c.store.remove(id)
 	delete(c.lastPull, id)
 	delete(c.accused, id)
@@ -546,7 +575,7 @@ func (c *Cluster) sendLoop(ctx context.Context) {
 // maintainLoop repairs gaps and reaps long-dead hosts.
 func (c *Cluster) maintainLoop(ctx context.Context) {
 	defer c.wg.Done()
-	t := time.NewTicker(max(c.cfg.GapWait/2, 10*time.Millisecond))
+	t := time.NewTicker(max(c.cfg.GapWait/2, c.cfg.stretch(10*time.Millisecond)))
 	defer t.Stop()
 	for {
 		select {
@@ -566,14 +595,17 @@ func (c *Cluster) maintain() {
 	}
 	var pulls []pull
 	c.mu.Lock()
-	for id, m := range c.members {
-		if (m.status == StatusDead || m.status == StatusLeft) && now.Sub(m.since) > c.cfg.ReapTimeout {
-			c.log.Info("reaping host", "id", id, "status", m.status, "since", m.since)
-			c.forget(id)
+	if now.Sub(c.lastReap) >= min(c.cfg.stretch(reapEvery), c.cfg.ReapTimeout/2) {
+		c.lastReap = now
+		for id, m := range c.members {
+			if (m.status == StatusDead || m.status == StatusLeft) && now.Sub(m.since) > c.cfg.ReapTimeout {
+				c.log.Info("reaping host", "id", id, "status", m.status, "since", m.since)
+				c.forget(id)
+			}
 		}
 	}
 	var exchange *memberlist.Node
-	if len(c.comeUp) > 0 && now.Sub(c.lastExchange) >= exchangeEvery {
+	if len(c.comeUp) > 0 && now.Sub(c.lastExchange) >= c.cfg.stretch(exchangeEvery) {
 		id := c.comeUp[rand.IntN(len(c.comeUp))]
 		c.comeUp = c.comeUp[:0]
 		if m := c.members[id]; m != nil && m.status == StatusAlive {
@@ -589,6 +621,13 @@ func (c *Cluster) maintain() {
 			exchange = &n
 		}
 		c.lastExchange = now
+	}
+	var settle string
+	if len(c.settleAt) > 0 && !now.Before(c.settleAt[0]) {
+		c.settleAt = c.settleAt[1:]
+		if m := c.randomAliveLocked(); m != nil {
+			settle = m.addrs["gossip"]
+		}
 	}
 	for _, id := range c.store.gaps(now.Add(-c.cfg.GapWait).UnixNano()) {
 		if now.Sub(c.lastPull[id]) < 2*c.cfg.GapWait {
@@ -607,6 +646,15 @@ func (c *Cluster) maintain() {
 		pulls = append(pulls, pull{node: target.node, msg: msg})
 	}
 	c.mu.Unlock()
+	if settle != "" {
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			if _, err := c.ml.Join([]string{settle}); err != nil {
+				c.log.Debug("membership swap after join", "with", settle, "err", err)
+			}
+		}()
+	}
 	if exchange != nil {
 		c.sendReliable(exchange.Name, encodeDigest(c.localDigest()))
 	}
@@ -652,16 +700,18 @@ func (c *Cluster) reconnectLoop(ctx context.Context) {
 }
 
 func (c *Cluster) randomAliveLocked() *member {
-	var up []*member
+	// One pass, keeping each candidate with probability 1/seen.
+	var pick *member
+	seen := 0
 	for id, m := range c.members {
 		if id != c.cfg.HostID && m.status == StatusAlive && m.node.Addr != nil {
-			up = append(up, m)
+			seen++
+			if rand.IntN(seen) == 0 {
+				pick = m
+			}
 		}
 	}
-	if len(up) == 0 {
-		return nil
-	}
-	return up[rand.IntN(len(up))]
+	return pick
 }
 
 // setStatus changes a member's status; c.mu is held.
@@ -711,12 +761,24 @@ func (c *Cluster) rebuildLoop(ctx context.Context) {
 }
 
 // build makes a snapshot from the current state, reusing the hosts that
-// did not change.
+// did not change. It also counts the hosts up, for the gossip queues'
+// retransmits, and lists those dead by verdict, for verifyLoop: every
+// change to either asks for a snapshot, and one pass over the members
+// here is cheaper than one per change.
 func (c *Cluster) build() *Snapshot {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	hosts := make([]*Host, 0, len(c.members))
-	for id, m := range c.members {
+	alive := 0
+	c.byVerdict = c.byVerdict[:0]
+	for _, id := range c.order {
+		m := c.members[id]
+		if m.status == StatusAlive || m.status == StatusSuspect {
+			alive++
+		}
+		if m.deadByVerdict() {
+			c.byVerdict = append(c.byVerdict, id)
+		}
 		if m.meta == nil {
 			continue
 		}
@@ -733,6 +795,7 @@ func (c *Cluster) build() *Snapshot {
 		}
 		hosts = append(hosts, h)
 	}
+	c.alive.Store(int64(alive))
 	c.seq++
 	return newSnapshot(c.cfg.HostID, c.seq, c.cfg.Now(), hosts)
 }

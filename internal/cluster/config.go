@@ -81,6 +81,15 @@ type Config struct {
 	ReapTimeout time.Duration
 	// MaxMachines bounds the machines one host may publish. Default 10,000.
 	MaxMachines int
+
+	// Dilation stretches every timing of the protocol — the ones above,
+	// set or default, and the package's own — by this factor. It is for
+	// simulations of more hosts than their cores can run in real time:
+	// with every timing and every simulated latency stretched alike, the
+	// protocol behaves as it would in real time with the CPU it lacks, and
+	// what is measured is divided by the factor (docs/BENCHMARKS.md). Zero
+	// or one on real hosts.
+	Dilation int
 }
 
 // Default timings.
@@ -138,6 +147,13 @@ func (c *Config) setDefaults() {
 	def(&c.ReapTimeout, DefaultReapTimeout)
 	def(&c.ReconnectInterval, DefaultReconnectInterval)
 	defInt(&c.MaxMachines, maxMachines)
+	if c.Dilation > 1 {
+		for _, d := range []*time.Duration{&c.ProbeInterval, &c.ProbeTimeout, &c.RegionProbeInterval,
+			&c.RegionProbeTimeout, &c.GossipInterval, &c.PushPullInterval, &c.AntiEntropyInterval,
+			&c.GapWait, &c.ReapTimeout, &c.ReconnectInterval} {
+			*d *= time.Duration(c.Dilation)
+		}
+	}
 	if c.BindAddr == "" {
 		c.BindAddr = "0.0.0.0"
 	}
@@ -147,6 +163,11 @@ func (c *Config) setDefaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+}
+
+// stretch applies Dilation to one of the package's own timings.
+func (c *Config) stretch(d time.Duration) time.Duration {
+	return d * time.Duration(max(1, c.Dilation))
 }
 
 // Validate reports what is wrong with the configuration.
@@ -171,8 +192,8 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("region probe timeout %s must be shorter than the region probe interval %s", c.RegionProbeTimeout, c.RegionProbeInterval))
 	}
 	if c.SuspicionMult < 1 || c.SuspicionMaxTimeoutMult < 1 || c.IndirectChecks < 0 ||
-		c.GossipNodes < 1 || c.RetransmitMult < 1 || c.MaxMachines < 0 || c.MaxMachines > maxMachines {
-		errs = append(errs, errors.New("suspicion, gossip, retransmit and machine limits must be positive"))
+		c.GossipNodes < 1 || c.RetransmitMult < 1 || c.MaxMachines < 0 || c.MaxMachines > maxMachines || c.Dilation < 0 {
+		errs = append(errs, errors.New("suspicion, gossip, retransmit, machine limits and dilation must be positive"))
 	}
 	if c.BindPort < 0 || c.BindPort > maxPort || c.AdvertisePort < 0 || c.AdvertisePort > maxPort {
 		errs = append(errs, errors.New("ports must be within 0-65535"))
@@ -201,12 +222,12 @@ func (c *Config) memberlistConfig() *memberlist.Config {
 	mc.RetransmitMult = c.RetransmitMult
 	mc.PushPullInterval = c.PushPullInterval
 	// A dead host keeps receiving gossip for a while so it can refute.
-	mc.GossipToTheDeadTime = 30 * time.Second
+	mc.GossipToTheDeadTime = c.stretch(30 * time.Second)
 	// A host restarted at a new address may take its name back.
-	mc.DeadNodeReclaimTime = 10 * time.Second
+	mc.DeadNodeReclaimTime = c.stretch(10 * time.Second)
 	// Stream operations (anti-entropy, full facts) give up sooner than
 	// memberlist's 10s so a stuck peer does not hold a worker long.
-	mc.TCPTimeout = 5 * time.Second
+	mc.TCPTimeout = c.stretch(5 * time.Second)
 	// Records are already compact binary; memberlist's LZW compression
 	// allocated a fresh compressor per packet and was a quarter of the CPU
 	// of a 100-host simulation, for little gain.
@@ -230,9 +251,9 @@ func (c *Config) regionConfig() *memberlist.Config {
 	mc.GossipNodes = c.GossipNodes
 	mc.RetransmitMult = c.RetransmitMult
 	mc.PushPullInterval = c.PushPullInterval
-	mc.GossipToTheDeadTime = 30 * time.Second
-	mc.DeadNodeReclaimTime = 10 * time.Second
-	mc.TCPTimeout = 2 * time.Second
+	mc.GossipToTheDeadTime = c.stretch(30 * time.Second)
+	mc.DeadNodeReclaimTime = c.stretch(10 * time.Second)
+	mc.TCPTimeout = c.stretch(2 * time.Second)
 	mc.EnableCompression = false
 	return mc
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -79,7 +80,6 @@ func (d *delegate) NotifyLeave(n *memberlist.Node) {
 		c.log.Info("host down", "id", n.Name, "status", s)
 		m.sawDown()
 		c.setStatus(n.Name, s)
-		c.countAliveLocked()
 	}
 }
 
@@ -100,7 +100,6 @@ func (d *delegate) NotifyPingComplete(n *memberlist.Node, rtt time.Duration, _ [
 	if m.sawAlive(c.cfg.Now()) {
 		c.log.Info("host dead by verdict answers a probe; alive", "id", n.Name)
 		c.changedLocked(n.Name)
-		c.countAliveLocked()
 	}
 	if rtt <= 0 {
 		return
@@ -137,6 +136,8 @@ func (c *Cluster) memberUp(n *memberlist.Node) {
 	if m == nil {
 		m = &member{}
 		c.members[node.Name] = m
+		i, _ := slices.BinarySearch(c.order, node.Name)
+		c.order = slices.Insert(c.order, i, node.Name)
 	}
 	m.node = node
 	if err != nil {
@@ -167,17 +168,6 @@ func (c *Cluster) memberUp(n *memberlist.Node) {
 		c.wakeRegion()
 	}
 	c.changedLocked(node.Name)
-	c.countAliveLocked()
-}
-
-func (c *Cluster) countAliveLocked() {
-	n := 0
-	for _, m := range c.members {
-		if m.status == StatusAlive || m.status == StatusSuspect {
-			n++
-		}
-	}
-	c.alive.Store(int64(n))
 }
 
 // Stats counts what this member did with records since it started.

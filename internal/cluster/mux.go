@@ -28,9 +28,10 @@ const muxQueue = 1024
 // uses global, the regional one region. The underlying transport is shut
 // down when both have been.
 type mux struct {
-	t      memberlist.Transport
-	global *muxPort
-	region *muxPort
+	t       memberlist.Transport
+	tagWait time.Duration
+	global  *muxPort
+	region  *muxPort
 
 	mu      sync.Mutex
 	open    int                   // ports not yet shut down
@@ -51,8 +52,8 @@ type muxPort struct {
 
 var _ memberlist.NodeAwareTransport = (*muxPort)(nil)
 
-func newMux(t memberlist.Transport) *mux {
-	m := &mux{t: t, open: 2, pending: map[net.Conn]struct{}{}, done: make(chan struct{})}
+func newMux(t memberlist.Transport, tagWait time.Duration) *mux {
+	m := &mux{t: t, tagWait: tagWait, open: 2, pending: map[net.Conn]struct{}{}, done: make(chan struct{})}
 	port := func(tagged bool) *muxPort {
 		return &muxPort{m: m, tagged: tagged, packets: make(chan *memberlist.Packet, muxQueue),
 			streams: make(chan net.Conn), done: make(chan struct{})}
@@ -114,7 +115,7 @@ func (m *mux) dispatchStreams() {
 func (m *mux) route(c net.Conn) {
 	defer m.wg.Done()
 	var b [1]byte
-	_ = c.SetReadDeadline(time.Now().Add(tagWait))
+	_ = c.SetReadDeadline(time.Now().Add(m.tagWait))
 	_, err := io.ReadFull(c, b[:])
 	_ = c.SetReadDeadline(time.Time{})
 	m.mu.Lock()

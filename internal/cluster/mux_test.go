@@ -27,7 +27,7 @@ func TestMux(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		muxes[h], addrs[h] = newMux(tr), tr.Addr()
+		muxes[h], addrs[h] = newMux(tr, tagWait), tr.Addr()
 	}
 	// A plain transport of a third host talks to a's global side.
 	if _, err := n.AddHost("c"); err != nil {

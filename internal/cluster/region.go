@@ -222,7 +222,7 @@ func (c *Cluster) regionHolds(id string) bool {
 // memberlist forms, and how it mends after a partition.
 func (c *Cluster) regionLoop(ctx context.Context) {
 	defer c.wg.Done()
-	t := time.NewTicker(regionJoinEvery)
+	t := time.NewTicker(c.cfg.stretch(regionJoinEvery))
 	defer t.Stop()
 	tried := map[string]time.Time{}
 	for {
@@ -241,7 +241,7 @@ func (c *Cluster) regionLoop(ctx context.Context) {
 		c.mu.Lock()
 		for id, m := range c.members {
 			if id == c.cfg.HostID || in[id] || m.meta == nil || m.meta.Region != c.cfg.Region || m.node.Addr == nil ||
-				(m.status != StatusAlive && m.status != StatusSuspect) || now.Sub(tried[id]) < regionRetry {
+				(m.status != StatusAlive && m.status != StatusSuspect) || now.Sub(tried[id]) < c.cfg.stretch(regionRetry) {
 				continue
 			}
 			ids = append(ids, id)
@@ -249,7 +249,7 @@ func (c *Cluster) regionLoop(ctx context.Context) {
 		}
 		c.mu.Unlock()
 		for id, at := range tried {
-			if now.Sub(at) >= regionRetry {
+			if now.Sub(at) >= c.cfg.stretch(regionRetry) {
 				delete(tried, id)
 			}
 		}

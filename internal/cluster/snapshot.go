@@ -28,8 +28,8 @@ type Snapshot struct {
 	byApp     map[string][]*Machine
 }
 
+// newSnapshot takes hosts sorted by id.
 func newSnapshot(self string, seq uint64, now time.Time, hosts []*Host) *Snapshot {
-	slices.SortFunc(hosts, func(a, b *Host) int { return strings.Compare(a.ID, b.ID) })
 	return &Snapshot{Self: self, Seq: seq, Built: now, hosts: hosts}
 }
 

@@ -19,10 +19,12 @@ type store struct {
 	self    string
 	limit   int // machines per owner
 	owners  map[string]*owner
-	maxWait int // pending deltas kept per owner
+	waiting map[string]*owner // owners with deltas waiting for their base
+	maxWait int               // pending deltas kept per owner
 }
 
 type owner struct {
+	id       string
 	version  uint64
 	free     Resources
 	load     float64
@@ -44,7 +46,7 @@ const (
 )
 
 func newStore(self string, limit int) *store {
-	return &store{self: self, limit: limit, owners: map[string]*owner{}, maxWait: 64}
+	return &store{self: self, limit: limit, owners: map[string]*owner{}, waiting: map[string]*owner{}, maxWait: 64}
 }
 
 func (s *store) get(id string) *owner { return s.owners[id] }
@@ -59,7 +61,7 @@ func (s *store) version(id string) uint64 {
 func (s *store) ensure(id string) *owner {
 	o := s.owners[id]
 	if o == nil {
-		o = &owner{machines: map[string]*Machine{}}
+		o = &owner{id: id, machines: map[string]*Machine{}}
 		s.owners[id] = o
 	}
 	return o
@@ -144,6 +146,7 @@ func (s *store) wait(o *owner, d *delta, now int64) applyResult {
 	o.pending[d.Base] = d
 	if o.gapSince == 0 {
 		o.gapSince = now
+		s.waiting[o.id] = o
 	}
 	return resultPending
 }
@@ -168,6 +171,7 @@ func (s *store) drain(o *owner, limit int) {
 	if len(o.pending) == 0 {
 		o.pending = nil
 		o.gapSince = 0
+		delete(s.waiting, o.id)
 	}
 }
 
@@ -178,13 +182,16 @@ func (s *store) applyLocal(d *delta) {
 }
 
 // remove forgets an owner.
-func (s *store) remove(id string) { delete(s.owners, id) }
+func (s *store) remove(id string) {
+	delete(s.owners, id)
+	delete(s.waiting, id)
+}
 
 // gaps lists owners whose deltas have waited since before the given time.
 func (s *store) gaps(before int64) []string {
 	var ids []string
-	for id, o := range s.owners {
-		if o.gapSince != 0 && o.gapSince <= before {
+	for id, o := range s.waiting {
+		if o.gapSince <= before {
 			ids = append(ids, id)
 		}
 	}

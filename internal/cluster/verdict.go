@@ -167,7 +167,6 @@ func (c *Cluster) judgeLocked(v *verdict, now time.Time) (verdictOutcome, error)
 	switch {
 	case changed:
 		c.changedLocked(v.Host)
-		c.countAliveLocked()
 		c.stats.verdicts.Add(1)
 		return verdictChanged, nil
 	case fresh:
@@ -257,8 +256,8 @@ func (c *Cluster) verifyLoop(ctx context.Context) {
 		now := c.cfg.Now()
 		var due []verifyTarget
 		c.mu.Lock()
-		for id, m := range c.members {
-			if m.deadByVerdict() && m.node.Addr != nil && !now.Before(m.verifyAt) {
+		for _, id := range c.byVerdict {
+			if m := c.members[id]; m != nil && m.deadByVerdict() && m.node.Addr != nil && !now.Before(m.verifyAt) {
 				due = append(due, verifyTarget{id: id, addr: &net.UDPAddr{IP: m.node.Addr, Port: int(m.node.Port)}})
 				m.verifyGap = min(2*m.verifyGap, maxVerifyGap*c.cfg.ProbeInterval)
 				// Jitter, so the hosts that took one verdict do not all
@@ -282,7 +281,6 @@ func (c *Cluster) verifyLoop(ctx context.Context) {
 					if m := c.members[d.id]; m != nil && m.sawAlive(c.cfg.Now()) {
 						c.log.Info("host dead by verdict answers; alive", "id", d.id)
 						c.changedLocked(d.id)
-						c.countAliveLocked()
 					}
 					c.mu.Unlock()
 				}
