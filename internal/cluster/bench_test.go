@@ -126,19 +126,6 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 		}
 	}
 	started := time.Since(setup)
-	// Join in parallel, each to one of the first few.
-	var wg sync.WaitGroup
-	for i, c := range cs[1:] {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if _, err := c.Join([]string{sim.addrs[sim.ids[i%min(4, i+1)]]}); err != nil {
-				b.Error(err)
-			}
-		}()
-	}
-	wg.Wait()
-	joined := time.Since(setup) - started
 	// b.Log is printed when the benchmark ends; a setup of many minutes
 	// shows its progress as it goes.
 	progress := func(format string, args ...any) {
@@ -147,6 +134,40 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 			fmt.Fprintf(os.Stderr, format+"\n", args...)
 		}
 	}
+	// Small clusters join all at once, each host to one of the first few.
+	// Larger ones join in waves of 50 hosts a (simulated) second, each host
+	// to a random one already in: how a fleet is brought up, and what keeps
+	// the machine below saturation while a thousand hosts join.
+	wave := n
+	if n > 100 {
+		wave = 50
+	}
+	rng := rand.New(rand.NewPCG(7, 8))
+	for first := 1; first < n; first += wave {
+		tick := time.Now()
+		var wg sync.WaitGroup
+		for i := first; i < min(first+wave, n); i++ {
+			seed := sim.ids[i%min(4, i)]
+			if wave < n {
+				seed = sim.ids[rng.IntN(first)]
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := cs[i].Join([]string{sim.addrs[seed]}); err != nil {
+					b.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		if wave < n {
+			time.Sleep(time.Until(tick.Add(dilate(time.Second))))
+			if first/wave%5 == 4 {
+				progress("%d hosts: %d joined", n, min(first+wave, n))
+			}
+		}
+	}
+	joined := time.Since(setup) - started
 	progress("%d hosts: started in %s, joined in %s", n, started.Round(time.Second), joined.Round(time.Second))
 	// whole reports whether c sees every host alive with its facts.
 	whole := func(c *Cluster) bool {
@@ -194,12 +215,27 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 		}
 		if time.Now().After(next) {
 			count := map[string]int{}
+			lacking := map[string]int{} // owner → hosts lacking its facts
+			var st Stats
 			for _, c := range cs {
 				for _, h := range c.Snapshot().Hosts() {
 					count[fmt.Sprintf("%s/v0=%v", h.Status, h.Version == 0)]++
+					if h.Version == 0 {
+						lacking[h.ID]++
+					}
 				}
+				s := c.Stats()
+				st.FullSent += s.FullSent
+				st.SendsDropped += s.SendsDropped
+				st.Dropped += s.Dropped
+				st.Pulls += s.Pulls
 			}
-			progress("%d hosts: %d see all alive with their facts after %s; views %v", n, done, time.Since(converging).Round(time.Second), count)
+			spread := map[string]int{}
+			for _, k := range lacking {
+				spread[fmt.Sprintf("<=%d", int(math.Pow(10, math.Ceil(math.Log10(float64(k))))))]++
+			}
+			progress("%d hosts: %d see all alive with their facts after %s; views %v; owners by hosts lacking them %v; full facts sent %d, sends dropped %d, records dropped %d, pulls %d",
+				n, done, time.Since(converging).Round(time.Second), count, spread, st.FullSent, st.SendsDropped, st.Dropped, st.Pulls)
 			next = time.Now().Add(30 * time.Second)
 		}
 		return done == n
@@ -216,6 +252,9 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 	slices.Sort(ds)
 	return ds[min(len(ds)-1, int(float64(len(ds))*p))]
 }
+
+// ms is d in fractional milliseconds: a dilated run measures below 1 ms.
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func bytesSent(sim *simCluster) uint64 {
 	var total uint64
@@ -337,10 +376,10 @@ func BenchmarkPropagation(b *testing.B) {
 			load.report(b)
 			cancel()
 			wg.Wait()
-			b.ReportMetric(float64(percentile(region, 0.5).Milliseconds()), "region-p50-ms")
-			b.ReportMetric(float64(percentile(region, 0.99).Milliseconds()), "region-p99-ms")
-			b.ReportMetric(float64(percentile(all, 0.5).Milliseconds()), "all-p50-ms")
-			b.ReportMetric(float64(percentile(all, 0.99).Milliseconds()), "all-p99-ms")
+			b.ReportMetric(ms(percentile(region, 0.5)), "region-p50-ms")
+			b.ReportMetric(ms(percentile(region, 0.99)), "region-p99-ms")
+			b.ReportMetric(ms(percentile(all, 0.5)), "all-p50-ms")
+			b.ReportMetric(ms(percentile(all, 0.99)), "all-p99-ms")
 			b.ReportMetric(idle, "idle-B/s/host")
 			b.ReportMetric(busy, "busy-B/s/host")
 		})
@@ -478,8 +517,8 @@ func BenchmarkFailureDetection(b *testing.B) {
 					took = append(took, undilate(time.Since(killed)))
 				}
 				b.StopTimer()
-				b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
-				b.ReportMetric(float64(percentile(took, 0.99).Milliseconds()), "dead-p99-ms")
+				b.ReportMetric(ms(percentile(took, 0.5)), "dead-p50-ms")
+				b.ReportMetric(ms(percentile(took, 0.99)), "dead-p99-ms")
 				fc.report(b, start)
 				load.report(b)
 			})
@@ -535,8 +574,8 @@ func BenchmarkRegionLoss(b *testing.B) {
 		took = append(took, undilate(time.Since(killed)))
 	}
 	b.StopTimer()
-	b.ReportMetric(float64(percentile(took, 0.5).Milliseconds()), "dead-p50-ms")
-	b.ReportMetric(float64(slices.Max(took).Milliseconds()), "dead-max-ms")
+	b.ReportMetric(ms(percentile(took, 0.5)), "dead-p50-ms")
+	b.ReportMetric(ms(slices.Max(took)), "dead-max-ms")
 	fc.report(b, start)
 	load.report(b)
 }

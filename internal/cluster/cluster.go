@@ -389,7 +389,9 @@ func (c *Cluster) forget(id string) {
 }
 
 // receive handles one message from another host.
-func (c *Cluster) receive(b []byte) {
+// receive handles one message; pushPull says it came as memberlist's
+// push/pull state, whose exchange is already two-way.
+func (c *Cluster) receive(b []byte, pushPull bool) {
 	v, err := decodeMessage(b)
 	if err != nil {
 		c.drop("undecodable message", err)
@@ -408,7 +410,7 @@ func (c *Cluster) receive(b []byte) {
 			c.drop("invalid digest", err)
 			return
 		}
-		c.answer(m)
+		c.answer(m, !pushPull)
 	case *verdict:
 		c.receiveVerdict(m, now)
 	}
@@ -472,20 +474,28 @@ func (c *Cluster) spread(ds []*delta) {
 	}
 }
 
-// answer sends the sender of a digest the full facts it lacks.
-func (c *Cluster) answer(d *digest) {
+// answer sends the sender of a digest the full facts it lacks. With
+// askBack, an answer to a whole digest (All) also asks the sender for the
+// owners it holds newer: each exchange then goes both ways, and
+// anti-entropy spreads a fact to most hosts in a few rounds instead of
+// doubling its holders a round.
+func (c *Cluster) answer(d *digest, askBack bool) {
 	if d.From == c.cfg.HostID {
 		return
 	}
 	c.mu.Lock()
 	var facts []*fullFacts
+	var want []digestEntry
 	listed := make(map[string]bool, len(d.Entries))
 	for _, e := range d.Entries {
 		listed[e.Owner] = true
-		if c.store.version(e.Owner) > e.Version {
+		switch v := c.store.version(e.Owner); {
+		case v > e.Version:
 			if f := c.store.full(e.Owner); f != nil {
 				facts = append(facts, f)
 			}
+		case v < e.Version && askBack && d.All && e.Owner != c.cfg.HostID:
+			want = append(want, digestEntry{Owner: e.Owner, Version: v})
 		}
 	}
 	if d.All {
@@ -498,6 +508,9 @@ func (c *Cluster) answer(d *digest) {
 		}
 	}
 	c.mu.Unlock()
+	if len(want) > 0 {
+		c.sendReliable(d.From, encodeDigest(&digest{From: c.cfg.HostID, Entries: want}))
+	}
 	if len(facts) == 0 {
 		return
 	}

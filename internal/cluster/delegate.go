@@ -41,7 +41,7 @@ func (d *delegate) NodeMeta(limit int) []byte {
 }
 
 func (d *delegate) NotifyMsg(b []byte) {
-	d.c.receive(bytes.Clone(b))
+	d.c.receive(bytes.Clone(b), false)
 }
 
 // GetBroadcasts gives verdicts first, then facts.
@@ -61,7 +61,7 @@ func (d *delegate) LocalState(join bool) []byte {
 }
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {
-	d.c.receive(bytes.Clone(buf))
+	d.c.receive(bytes.Clone(buf), true)
 }
 
 func (d *delegate) NotifyJoin(n *memberlist.Node) { d.c.memberUp(n) }

@@ -338,3 +338,64 @@ func FuzzDecodeMeta(f *testing.F) {
 		}
 	})
 }
+
+// TestExchangeGoesBothWays: a host answering a whole digest sends the
+// sender the facts it lacks and asks it for those it holds newer; an
+// answer to a partial digest, or to memberlist's push/pull (already
+// two-way), asks for nothing.
+func TestExchangeGoesBothWays(t *testing.T) {
+	r := idle(t, "r", nil)
+	know(r, "p", "ams")
+	know(r, "q", "ams")
+	now := uint64(time.Now().UnixNano())
+	(&delegate{r}).NotifyMsg(encodeFull([]*fullFacts{
+		{Owner: "p", Version: now + 5, Machines: machines("a", "web", "ams", 1)},
+		{Owner: "q", Version: now + 1, Machines: machines("b", "web", "ams", 1)},
+	}))
+	r.started.Store(true) // sends queue up unsent: the loop is not running
+	sent := func() (facts []string, asked []digestEntry) {
+		for {
+			select {
+			case task := <-r.sends:
+				if task.to != "s" {
+					t.Fatalf("sent to %s", task.to)
+				}
+				switch m, _ := decodeMessage(task.msg); m := m.(type) {
+				case []*fullFacts:
+					for _, f := range m {
+						facts = append(facts, fmt.Sprintf("%s@%d", f.Owner, f.Version-now))
+					}
+				case *digest:
+					if m.From != "r" || m.All {
+						t.Fatalf("asked with %+v", m)
+					}
+					asked = append(asked, m.Entries...)
+				default:
+					t.Fatalf("sent %T", m)
+				}
+			default:
+				return facts, asked
+			}
+		}
+	}
+	d := &digest{From: "s", All: true, Entries: []digestEntry{{"p", now + 3}, {"q", now + 4}, {"x", now + 9}, {"r", now + 9}}}
+	r.answer(d, true)
+	facts, asked := sent()
+	if want := []string{"p@5"}; !reflect.DeepEqual(facts, want) {
+		t.Errorf("sent facts %v, want %v", facts, want)
+	}
+	// q is newer there, x unknown here; r is the receiver itself, whose
+	// facts no one else may hold newer.
+	if want := []digestEntry{{"q", now + 1}, {"x", 0}}; !reflect.DeepEqual(asked, want) {
+		t.Errorf("asked for %v, want %v", asked, want)
+	}
+	r.answer(d, false)
+	if _, asked := sent(); len(asked) != 0 {
+		t.Errorf("push/pull answer asked for %v", asked)
+	}
+	d.All = false
+	r.answer(d, true)
+	if _, asked := sent(); len(asked) != 0 {
+		t.Errorf("answer to a partial digest asked for %v", asked)
+	}
+}

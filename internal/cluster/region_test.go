@@ -39,7 +39,7 @@ func TestVerdictRules(t *testing.T) {
 	dropped := func() uint64 { return c.Stats().Dropped }
 	step := func(what string, msg []byte, id string, want HostStatus) {
 		t.Helper()
-		c.receive(msg)
+		c.receive(msg, false)
 		if got := statusOf(c, id); got != want {
 			t.Fatalf("%s: %s is %s, want %s", what, id, got, want)
 		}
@@ -69,7 +69,7 @@ func TestVerdictRules(t *testing.T) {
 
 	// A probe answered overrides the verdict.
 	at = tick()
-	c.receive(encodedVerdict("a2", "a1", true, at))
+	c.receive(encodedVerdict("a2", "a1", true, at), false)
 	step("dead again", encodedVerdict("a3", "a1", true, at), "a1", StatusDead)
 	(&delegate{c}).NotifyPingComplete(&memberlist.Node{Name: "a1"}, 3*time.Millisecond, nil)
 	if got := statusOf(c, "a1"); got != StatusAlive {
@@ -97,7 +97,7 @@ func TestVerdictRules(t *testing.T) {
 	c.memberUp(&memberlist.Node{Name: "a2", Addr: []byte{10, 0, 0, 2}, Port: 7946,
 		Meta: encodeMeta(&hostMeta{Region: "ams", Leaving: true})})
 	know(c, "a3", "ams")
-	c.receive(encodedVerdict("a1", "a2", true, tick()))
+	c.receive(encodedVerdict("a1", "a2", true, tick()), false)
 	step("about a leaving host", encodedVerdict("a3", "a2", true, tick()), "a2", StatusAlive)
 
 	// Malformed and out-of-range verdicts are dropped.

@@ -223,9 +223,10 @@ func validateDigest(d *digest) error {
 
 // maxVerdictAge is how old a verdict may be when it arrives. Verdicts
 // spread in well under a second; an old one is a replay or a broken clock.
+// validateVerdict takes it stretched by Config.Dilation.
 const maxVerdictAge = time.Minute
 
-func validateVerdict(v *verdict, now time.Time) error {
+func validateVerdict(v *verdict, now time.Time, maxAge time.Duration) error {
 	switch {
 	case !validHostID(v.From):
 		return invalid("verdict from %q", v.From)
@@ -233,7 +234,7 @@ func validateVerdict(v *verdict, now time.Time) error {
 		return invalid("verdict about %q", v.Host)
 	case v.From == v.Host:
 		return invalid("verdict by %s about itself", v.From)
-	case !validVersion(v.At, now) || v.At < uint64(now.Add(-maxVerdictAge).UnixNano()):
+	case !validVersion(v.At, now) || v.At < uint64(now.Add(-maxAge).UnixNano()):
 		return invalid("verdict about %s: time %d out of range", v.Host, v.At)
 	}
 	return nil

@@ -192,7 +192,7 @@ func (c *Cluster) quorumLocked(id, region string) int {
 }
 
 func (c *Cluster) receiveVerdict(v *verdict, now time.Time) {
-	if err := validateVerdict(v, now); err != nil {
+	if err := validateVerdict(v, now, c.cfg.stretch(maxVerdictAge)); err != nil {
 		c.drop("invalid verdict", err)
 		return
 	}
