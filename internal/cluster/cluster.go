@@ -388,9 +388,8 @@ func (c *Cluster) forget(id string) {
 	c.changedLocked(id)
 }
 
-// receive handles one message from another host.
-// receive handles one message; pushPull says it came as memberlist's
-// push/pull state, whose exchange is already two-way.
+// receive handles one message from another host; pushPull says it came
+// as memberlist's push/pull state, whose exchange is already two-way.
 func (c *Cluster) receive(b []byte, pushPull bool) {
 	v, err := decodeMessage(b)
 	if err != nil {

@@ -3,8 +3,10 @@ package cluster
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -301,6 +303,7 @@ func TestConfigValidate(t *testing.T) {
 			}
 		}},
 		{"bad addr name", func(c *Config) { c.Addrs = map[string]string{"a b": "x"} }},
+		{"negative dilation", func(c *Config) { c.Dilation = -1 }},
 	} {
 		c := ok
 		tc.mod(&c)
@@ -311,4 +314,77 @@ func TestConfigValidate(t *testing.T) {
 	if _, err := New(ok); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestDilation: every timing, set or default, and the package's own, is
+// stretched by the factor.
+func TestDilation(t *testing.T) {
+	c := Config{HostID: "h1", Region: "ams", ProbeInterval: 400 * time.Millisecond, Dilation: 3}
+	c.setDefaults()
+	for name, got := range map[string][2]time.Duration{
+		"probe interval (set)":          {c.ProbeInterval, 1200 * time.Millisecond},
+		"probe timeout":                 {c.ProbeTimeout, 3 * DefaultProbeTimeout},
+		"region probe interval":         {c.RegionProbeInterval, 3 * DefaultRegionProbeInterval},
+		"anti-entropy interval":         {c.AntiEntropyInterval, 3 * DefaultAntiEntropyInterval},
+		"gossip interval":               {c.GossipInterval, 3 * DefaultGossipInterval},
+		"package's own (exchangeEvery)": {c.stretch(exchangeEvery), 3 * exchangeEvery},
+		"memberlist's TCP timeout":      {c.memberlistConfig().TCPTimeout, 15 * time.Second},
+	} {
+		if got[0] != got[1] {
+			t.Errorf("%s: %s, want %s", name, got[0], got[1])
+		}
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestManyJoinAtOnce: hosts that all join at once, each to the first,
+// learn of one another within seconds, though memberlist's gossip of
+// newcomers dies out and its periodic push/pull is a minute away: each
+// swaps the membership with random hosts after joining.
+func TestManyJoinAtOnce(t *testing.T) {
+	const n = 40
+	sim := newSim(t, netsim.Config{Seed: 7, Latency: func(string, string) time.Duration { return time.Millisecond }})
+	first := sim.add("h0", "ams", nil)
+	var wg sync.WaitGroup
+	cs := []*Cluster{first}
+	for i := 1; i < n; i++ {
+		id := fmt.Sprintf("h%d", i)
+		if _, err := sim.net.AddHost(id); err != nil {
+			t.Fatal(err)
+		}
+		tr, err := sim.net.Transport(id, 7946)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := New(Config{HostID: id, Region: "ams", Transport: tr, PushPullInterval: time.Minute,
+			Logger: testLogger(t, slog.LevelWarn)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		cs = append(cs, c)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := c.Join([]string{sim.addrs["h0"]}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	start := time.Now()
+	waitFor(t, 8*time.Second, "every host to see every other", func() bool {
+		for _, c := range cs {
+			if len(c.Snapshot().Hosts()) != n {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("all %d hosts see one another %s after the joins", n, time.Since(start).Round(time.Millisecond))
 }
