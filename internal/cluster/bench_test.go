@@ -106,7 +106,7 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 	var sim *simCluster
 	closeAtEnd := b.Cleanup
 	if keep {
-		sim = &simCluster{t: b, net: netsim.New(netCfg), hosts: map[string]*Cluster{}, addrs: map[string]string{}}
+		sim = openSim(b, netCfg)
 		keptSims[n] = sim
 		closeAtEnd = func(func()) {}
 	} else {

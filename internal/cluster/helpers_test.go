@@ -59,9 +59,15 @@ type simCluster struct {
 }
 
 func newSim(t testing.TB, cfg netsim.Config) *simCluster {
-	n := netsim.New(cfg)
-	t.Cleanup(func() { n.Close() })
-	return &simCluster{t: t, net: n, hosts: map[string]*Cluster{}, addrs: map[string]string{}}
+	s := openSim(t, cfg)
+	t.Cleanup(func() { s.net.Close() })
+	return s
+}
+
+// openSim is newSim for a simulation that outlives the test: nothing
+// closes it.
+func openSim(t testing.TB, cfg netsim.Config) *simCluster {
+	return &simCluster{t: t, net: netsim.New(cfg), hosts: map[string]*Cluster{}, addrs: map[string]string{}}
 }
 
 // add starts a member on a new simulated host and joins it to the first.
