@@ -55,9 +55,9 @@ func (d *Driver) watchChild(proc *os.Process) (*process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read start time of pid %d: %w", proc.Pid, err)
 	}
-	fd, err := unix.PidfdOpen(proc.Pid, unix.PIDFD_NONBLOCK)
+	pidfd, err := hostproc.OpenChildPidfd(proc.Pid)
 	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", proc.Pid, err)
+		return nil, err
 	}
 	h := handle{Pid: proc.Pid, Start: st.Start, BootID: d.bootID}
 	p := &process{
@@ -65,7 +65,7 @@ func (d *Driver) watchChild(proc *os.Process) (*process, error) {
 		h:     h,
 		hstr:  h.String(),
 		proc:  proc,
-		pidfd: os.NewFile(uintptr(fd), "pidfd"),
+		pidfd: pidfd,
 		done:  make(chan struct{}),
 	}
 	if err := d.track(p); err != nil {
@@ -122,7 +122,7 @@ func (p *process) Signal(sig syscall.Signal) error {
 		return fmt.Errorf("signal pid %d: %w", p.h.Pid, os.ErrProcessDone)
 	case p.abandoned:
 		return fmt.Errorf("signal pid %d: %w", p.h.Pid, ErrClosed)
-	case p.proc == nil && pidfdReadableFile(p.pidfd):
+	case p.proc == nil && hostproc.Ended(p.pidfd):
 		// An adopted workload that ended: its pid is not reserved
 		// for us any more.
 		return fmt.Errorf("signal pid %d: %w", p.h.Pid, os.ErrProcessDone)
@@ -130,10 +130,7 @@ func (p *process) Signal(sig syscall.Signal) error {
 	err := unix.Kill(-p.h.Pid, sig)
 	if errors.Is(err, unix.ESRCH) {
 		// The main process left its group: signal it alone.
-		err = p.pidfdControl(func(fd int) error { return unix.PidfdSendSignal(fd, sig, nil, 0) })
-		if errors.Is(err, unix.ESRCH) {
-			err = os.ErrProcessDone
-		}
+		err = hostproc.SignalPidfd(p.pidfd, sig)
 	}
 	if err != nil {
 		return fmt.Errorf("signal pid %d: %w", p.h.Pid, err)
@@ -145,47 +142,30 @@ func (p *process) Signal(sig syscall.Signal) error {
 // for it to end, then kills its group with SIGKILL and waits again. Stopping
 // a workload that already ended returns its Exit.
 func (p *process) Stop(ctx context.Context, sig syscall.Signal, timeout time.Duration) (driver.Exit, error) {
-	select {
-	case <-p.done:
-		return p.exit, nil
-	default:
-	}
 	if sig == 0 {
 		sig = unix.SIGTERM
 	}
-	if err := p.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return driver.Exit{}, fmt.Errorf("stop: %w", err)
+	err := hostproc.Stop(ctx, p.done,
+		hostproc.Step{
+			Send: func() error { return p.Signal(sig) },
+			Wait: timeout,
+			OnTimeout: func() {
+				p.d.logger.Debug("stop timed out, killing", "pid", p.h.Pid, "signal", sig, "timeout", timeout)
+			},
+		},
+		hostproc.Step{Send: func() error { return p.Signal(unix.SIGKILL) }},
+	)
+	if err != nil {
+		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.Pid, err)
 	}
-	t := time.NewTimer(max(timeout, 0))
-	defer t.Stop()
-	select {
-	case <-p.done:
-		return p.exit, nil
-	case <-ctx.Done():
-		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.Pid, ctx.Err())
-	case <-t.C:
-	}
-	p.d.logger.Debug("stop timed out, killing", "pid", p.h.Pid, "signal", sig, "timeout", timeout)
-	if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return driver.Exit{}, fmt.Errorf("stop: %w", err)
-	}
-	select {
-	case <-p.done:
-		return p.exit, nil
-	case <-ctx.Done():
-		return driver.Exit{}, fmt.Errorf("stop pid %d: %w", p.h.Pid, ctx.Err())
-	}
+	return p.exit, nil
 }
 
 // watch waits in the runtime poller for the pidfd to become readable, which
 // it does when the main process ends, then collects the exit.
 func (p *process) watch() {
 	defer p.d.wg.Done()
-	rc, err := p.pidfd.SyscallConn()
-	if err == nil {
-		err = rc.Read(func(fd uintptr) bool { return pidfdReadable(int(fd)) })
-	}
-	if err != nil {
+	if err := hostproc.WaitPidfd(p.pidfd); err != nil {
 		// abandon closed the pidfd.
 		return
 	}
@@ -225,7 +205,7 @@ func (p *process) finish() {
 func (p *process) finishAdopted() driver.Exit {
 	unknown := driver.Exit{Code: -1, Unknown: true}
 	var info unix.Siginfo
-	err := p.pidfdControl(func(fd int) error {
+	err := hostproc.ControlPidfd(p.pidfd, func(fd int) error {
 		return unix.Waitid(unix.P_PIDFD, fd, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
 	})
 	if err == nil && info.Signo != 0 {
@@ -260,42 +240,6 @@ func (p *process) abandon() {
 	p.mu.Unlock()
 	children.CompareAndDelete(p.h.Pid, p)
 	p.d.untrack(p)
-}
-
-func (p *process) pidfdControl(fn func(fd int) error) error {
-	rc, err := p.pidfd.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
-		return err
-	}
-	return ferr
-}
-
-func pidfdReadableFile(f *os.File) bool {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return true
-	}
-	readable := true
-	if err := rc.Control(func(fd uintptr) { readable = pidfdReadable(int(fd)) }); err != nil {
-		return true
-	}
-	return readable
-}
-
-// pidfdReadable reports whether the process behind a pidfd has ended.
-func pidfdReadable(fd int) bool {
-	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-	for {
-		n, err := unix.Poll(fds, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		return err == nil && n > 0 && fds[0].Revents&unix.POLLIN != 0
-	}
 }
 
 func exitOf(state *os.ProcessState, err error) driver.Exit {

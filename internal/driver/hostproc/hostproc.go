@@ -1,7 +1,9 @@
 // Package hostproc names host processes durably — pid, start time and boot
 // id, so a reused pid is never mistaken for the process — and opens pidfds
 // that are verified to refer to them. Drivers record a Handle and adopt the
-// process again after an agent restart.
+// process again after an agent restart. It also holds what the drivers do
+// alike with a process: signal it and wait for its end through its pidfd,
+// and stop it by escalation (Stop: ask, wait, then force).
 package hostproc
 
 import (

@@ -85,19 +85,13 @@ func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
 
 // alive reports whether the init still runs.
 func (ip *initProc) alive() bool {
-	alive := false
-	if rc, err := ip.pidfd.SyscallConn(); err == nil {
-		rc.Control(func(fd uintptr) { alive = !pidfdReadable(int(fd)) })
-	}
-	return alive
+	return !hostproc.Ended(ip.pidfd)
 }
 
 // kill kills an init that is not (or no longer) a running sandbox's — its
 // namespaces go with it — reaps it and closes what the driver holds of it.
 func (ip *initProc) kill() {
-	if rc, err := ip.pidfd.SyscallConn(); err == nil {
-		rc.Control(func(fd uintptr) { unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) })
-	}
+	_ = hostproc.SignalPidfd(ip.pidfd, unix.SIGKILL)
 	var ws unix.WaitStatus
 	for {
 		_, err := unix.Wait4(ip.h.Pid, &ws, 0, nil)

@@ -3,7 +3,6 @@ package sandbox
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -90,17 +89,7 @@ func (s *sandbox) signalInit(sig syscall.Signal) error {
 	case s.abandoned:
 		return fmt.Errorf("signal sandbox %d: %w", s.h.Pid, ErrClosed)
 	}
-	rc, err := s.pidfd.SyscallConn()
-	if err == nil {
-		cerr := rc.Control(func(fd uintptr) { err = unix.PidfdSendSignal(int(fd), sig, nil, 0) })
-		if cerr != nil {
-			err = cerr
-		}
-	}
-	if errors.Is(err, unix.ESRCH) {
-		err = os.ErrProcessDone
-	}
-	if err != nil {
+	if err := hostproc.SignalPidfd(s.pidfd, sig); err != nil {
 		return fmt.Errorf("signal sandbox %d: %w", s.h.Pid, err)
 	}
 	return nil
@@ -111,62 +100,38 @@ func (s *sandbox) signalInit(sig syscall.Signal) error {
 // that does not end within killGrace is killed itself. Stopping a sandbox
 // that already ended returns its Exit.
 func (s *sandbox) Stop(ctx context.Context, sig syscall.Signal, timeout time.Duration) (driver.Exit, error) {
-	select {
-	case <-s.done:
-		return s.exit, nil
-	default:
-	}
 	if sig == 0 {
 		sig = unix.SIGTERM
 	}
-	steps := []struct {
-		sig  syscall.Signal
-		wait time.Duration
-	}{
-		{sig, max(timeout, 0)},
-		{unix.SIGKILL, killGrace},
-		{unix.SIGKILL, -1}, // the init itself; wait for as long as ctx allows
+	err := hostproc.Stop(ctx, s.done,
+		hostproc.Step{
+			Send: func() error { return s.Signal(sig) },
+			Wait: timeout,
+			OnTimeout: func() {
+				s.d.logger.Debug("stop timed out, killing", "pid", s.h.Pid, "signal", sig, "timeout", timeout)
+			},
+		},
+		hostproc.Step{
+			Send: func() error { return s.Signal(unix.SIGKILL) }, // sigKillAll: the init records the end
+			Wait: killGrace,
+			OnTimeout: func() {
+				s.d.logger.Warn("sandbox init did not end, killing it", "pid", s.h.Pid)
+			},
+		},
+		// The init itself; waits for as long as ctx allows.
+		hostproc.Step{Send: func() error { return s.signalInit(unix.SIGKILL) }},
+	)
+	if err != nil {
+		return driver.Exit{}, fmt.Errorf("stop sandbox %d: %w", s.h.Pid, err)
 	}
-	for i, st := range steps {
-		var err error
-		if i == 2 {
-			s.d.logger.Warn("sandbox init did not end, killing it", "pid", s.h.Pid)
-			err = s.signalInit(unix.SIGKILL)
-		} else {
-			err = s.Signal(st.sig)
-		}
-		if err != nil && !errors.Is(err, os.ErrProcessDone) {
-			return driver.Exit{}, fmt.Errorf("stop: %w", err)
-		}
-		var tc <-chan time.Time
-		if st.wait >= 0 {
-			t := time.NewTimer(st.wait)
-			defer t.Stop()
-			tc = t.C
-		}
-		select {
-		case <-s.done:
-			return s.exit, nil
-		case <-ctx.Done():
-			return driver.Exit{}, fmt.Errorf("stop sandbox %d: %w", s.h.Pid, ctx.Err())
-		case <-tc:
-		}
-		if i == 0 {
-			s.d.logger.Debug("stop timed out, killing", "pid", s.h.Pid, "signal", sig, "timeout", timeout)
-		}
-	}
-	panic("unreachable")
+	return s.exit, nil
 }
 
 // run waits in the runtime poller for the pidfd to become readable, which
 // it does when the init has ended, then collects the exit.
 func (s *sandbox) run() {
 	defer s.d.wg.Done()
-	rc, err := s.pidfd.SyscallConn()
-	if err == nil {
-		err = rc.Read(func(fd uintptr) bool { return pidfdReadable(int(fd)) })
-	}
-	if err != nil {
+	if err := hostproc.WaitPidfd(s.pidfd); err != nil {
 		return // abandon closed the pidfd
 	}
 	s.mu.Lock()
@@ -241,9 +206,6 @@ func (s *sandbox) abandon() {
 	s.pidfd.Close() // wakes run
 }
 
-// pidfdReadable polls a pidfd without blocking.
-func pidfdReadable(fd int) bool {
-	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-	n, err := unix.Poll(fds, 0)
-	return err == nil && n > 0
-}
+// pidfdReadable reports, without blocking, whether the process behind the
+// pidfd fd has ended.
+func pidfdReadable(fd int) bool { return hostproc.PidfdReadable(fd) }
