@@ -15,11 +15,13 @@ type pkg struct {
 	Name       string
 	Imports    []string
 	Deps       []string
+	Dir        string
+	GoFiles    []string
 }
 
 func listPackages(t *testing.T) []pkg {
 	t.Helper()
-	cmd := exec.Command("go", "list", "-json=ImportPath,Doc,Name,Imports,Deps", "github.com/flamehq/flame/...")
+	cmd := exec.Command("go", "list", "-json=ImportPath,Doc,Name,Imports,Deps,Dir,GoFiles", "github.com/flamehq/flame/...")
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("go list: %v", err)
@@ -51,7 +53,10 @@ func TestPackagesDocumented(t *testing.T) {
 }
 
 // pure lists the packages that decide without doing: no network, no
-// processes, no files, no stores — time and randomness come in as arguments.
+// processes, no files, no stores, no clock, no goroutines — time and
+// randomness come in as arguments. A new pure package is one more line here;
+// TestPurePackagesDoNoIO and TestPurePackagesKeepNoClock then hold it to
+// the rules.
 var pure = []string{
 	"github.com/flamehq/flame/internal/machine",
 	"github.com/flamehq/flame/internal/geo",
