@@ -39,29 +39,37 @@ type Instance struct {
 	Started bool
 }
 
-// Source is the host's local view of the cluster that answers are built
-// from. It is called on every query, so it must be cheap and safe for
-// concurrent use.
-type Source interface {
+// View is the cluster as one query sees it. A query reads a single View
+// from its first lookup to its last, so its answer is of one moment and
+// never mixes two; a View must therefore not change while in use (an
+// immutable snapshot of the host's state is one).
+type View interface {
 	// Instances returns every machine of the app the host knows of, in any
 	// state; none for an unknown app.
 	Instances(app string) []Instance
 	// Apps returns the names of every app of the network.
 	Apps() []string
 	// RTT returns the round trip time from this host to the region, and
-	// false when it is not known.
+	// false when it is not known. It is what "nearest" is measured by.
 	RTT(region string) (time.Duration, bool)
 }
 
-// Answer builds the reply to query q from src's view with the default TTL.
-// It never fails: a query it cannot serve gets an error rcode. It does not
-// truncate; the server does that for UDP.
-func Answer(q *dns.Msg, src Source) *dns.Msg {
-	return answer(q, src, DefaultTTL)
+// Source hands out the host's current view of the cluster. It is asked once
+// per query, so it must be cheap and safe for concurrent use.
+type Source interface {
+	View() View
+}
+
+// Answer builds the reply to query q from view v with the default TTL. It
+// is pure: the same query and view give the same answer. It never fails: a
+// query it cannot serve gets an error rcode. It does not truncate; the
+// server does that for UDP.
+func Answer(q *dns.Msg, v View) *dns.Msg {
+	return answer(q, v, DefaultTTL)
 }
 
 // answer builds the reply with the given TTL.
-func answer(q *dns.Msg, src Source, ttl time.Duration) *dns.Msg {
+func answer(q *dns.Msg, v View, ttl time.Duration) *dns.Msg {
 	r := new(dns.Msg)
 	if q == nil {
 		r.Response = true
@@ -103,7 +111,7 @@ func answer(q *dns.Msg, src Source, ttl time.Duration) *dns.Msg {
 	r.Authoritative = true
 
 	secs := uint32(max(ttl/time.Second, 0))
-	res := resolve(name, src)
+	res := resolve(name, v)
 	if !res.exists {
 		r.Rcode = dns.RcodeNameError
 		r.Ns = []dns.RR{soa(secs)}
@@ -169,7 +177,7 @@ type resolved struct {
 }
 
 // resolve maps a lowercase fully qualified name under Zone to its records.
-func resolve(name string, src Source) resolved {
+func resolve(name string, v View) resolved {
 	rest := strings.TrimSuffix(strings.TrimSuffix(name, Zone), ".")
 	if rest == "" {
 		return resolved{exists: true} // the zone apex: no records of ours
@@ -180,11 +188,11 @@ func resolve(name string, src Source) resolved {
 	labels := strings.Split(rest, ".")
 	n := len(labels)
 	if n == 1 && labels[0] == "_apps" {
-		return text(strings.Join(apps(src), ","))
+		return text(strings.Join(apps(v), ","))
 	}
 	app := labels[n-1]
-	all := src.Instances(app)
-	if len(all) == 0 && !slices.Contains(src.Apps(), app) {
+	all := v.Instances(app)
+	if len(all) == 0 && !slices.Contains(v.Apps(), app) {
 		return resolved{}
 	}
 	var started []Instance
@@ -193,7 +201,7 @@ func resolve(name string, src Source) resolved {
 			started = append(started, in)
 		}
 	}
-	sortNearest(started, src)
+	sortNearest(started, v)
 
 	switch {
 	case n == 1:
@@ -283,9 +291,10 @@ func addrs(ins []Instance, keep func(Instance) bool) resolved {
 	return res
 }
 
-// sortNearest orders instances by the RTT to their region (unknown RTTs
-// last), then by region, then by ID.
-func sortNearest(ins []Instance, src Source) {
+// sortNearest orders instances nearest first: by the RTT from this host to
+// their region (unknown RTTs last), then by region, then by ID. It is the
+// one definition of "nearest" (see the package doc).
+func sortNearest(ins []Instance, v View) {
 	type key struct {
 		rtt   time.Duration
 		known bool
@@ -293,7 +302,7 @@ func sortNearest(ins []Instance, src Source) {
 	rtts := map[string]key{}
 	for _, in := range ins {
 		if _, ok := rtts[in.Region]; !ok {
-			d, ok := src.RTT(in.Region)
+			d, ok := v.RTT(in.Region)
 			rtts[in.Region] = key{d, ok}
 		}
 	}
@@ -341,8 +350,8 @@ func regions(started []Instance) []string {
 }
 
 // apps lists the network's apps, sorted.
-func apps(src Source) []string {
-	as := slices.Clone(src.Apps())
+func apps(v View) []string {
+	as := slices.Clone(v.Apps())
 	slices.Sort(as)
 	return slices.Compact(as)
 }

@@ -28,6 +28,9 @@ func (f *fakeSource) Instances(app string) []Instance {
 	return out
 }
 
+// View returns the source itself: it never changes.
+func (f *fakeSource) View() View { return f }
+
 func (f *fakeSource) Apps() []string { return f.apps }
 
 func (f *fakeSource) RTT(region string) (time.Duration, bool) {

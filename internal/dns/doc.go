@@ -1,6 +1,8 @@
 // Package dns answers Flame's private .internal names, from the answering
-// host's own view of the cluster (a Source), so every host can serve them
-// without asking anyone else.
+// host's own view of the cluster, so every host can serve them without
+// asking anyone else. Each query is answered from one View (one snapshot),
+// taken once from the Source when the query arrives: an answer never mixes
+// two moments of the cluster.
 //
 // Names resolve to the 6PN addresses of started machines only (AAAA; a
 // machine with an IPv4 address is answered to A queries instead):
@@ -14,7 +16,8 @@
 // Every address list is ordered nearest first (RTT from the answering host,
 // regions without a known RTT last), ties by region then machine ID, so a
 // client that takes the first address reaches the closest machine; the order
-// is deterministic, not rotated.
+// is deterministic, not rotated. This order is what "nearest machine"
+// means, defined once (sortNearest over the View's RTT to regions).
 //
 // TXT names, each one record whose text is cut into 255-byte strings that
 // resolvers join back:
@@ -36,8 +39,8 @@
 // are REFUSED: the server is authoritative only, it does not recurse.
 //
 // Every answer has a short TTL (DefaultTTL, 5 s) so a deploy is seen
-// within seconds. Answer is the pure core; Server wraps it with UDP (answers
-// over the client's EDNS size, at most 1232 bytes, are truncated with TC
-// set) and TCP. A query that does not parse gets FORMERR when its header is
+// within seconds. Answer (query, view → reply) is the pure core; Server
+// wraps it with UDP (answers over the client's EDNS size, at most 1232
+// bytes, are truncated with TC set) and TCP. A query that does not parse gets FORMERR when its header is
 // readable and is dropped otherwise; responses are never answered.
 package dns

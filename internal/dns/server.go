@@ -294,7 +294,7 @@ func reply(b []byte, src Source, ttl time.Duration, udp bool) []byte {
 	if q.Response {
 		return nil
 	}
-	r := answer(q, src, ttl)
+	r := answer(q, src.View(), ttl) // one view for the whole query
 	size := dns.MaxMsgSize
 	if udp {
 		size = dns.MinMsgSize

@@ -64,13 +64,19 @@ func clip(s string, n int) string {
 	return s[:n]
 }
 
-// dnsSource answers DNS from the cluster's current snapshot.
+// dnsSource answers DNS from the cluster's current snapshot, one snapshot
+// per query.
 type dnsSource struct{ c *cluster.Cluster }
 
 var _ dns.Source = dnsSource{}
 
-func (d dnsSource) Instances(app string) []dns.Instance {
-	snap := d.c.Snapshot()
+func (d dnsSource) View() dns.View { return dnsView{d.c.Snapshot()} }
+
+// dnsView is one snapshot as DNS sees it.
+type dnsView struct{ snap *cluster.Snapshot }
+
+func (d dnsView) Instances(app string) []dns.Instance {
+	snap := d.snap
 	ms := snap.AppMachines(app)
 	out := make([]dns.Instance, 0, len(ms))
 	for _, m := range ms {
@@ -88,10 +94,10 @@ func (d dnsSource) Instances(app string) []dns.Instance {
 	return out
 }
 
-func (d dnsSource) Apps() []string {
+func (d dnsView) Apps() []string {
 	seen := map[string]bool{}
 	var apps []string
-	for _, m := range d.c.Snapshot().Machines() {
+	for _, m := range d.snap.Machines() {
 		if !seen[m.App] {
 			seen[m.App] = true
 			apps = append(apps, m.App)
@@ -103,8 +109,8 @@ func (d dnsSource) Apps() []string {
 
 // RTT is the round trip to the nearest reachable host of region (0 within
 // this host's own region when nothing was measured).
-func (d dnsSource) RTT(region string) (time.Duration, bool) {
-	snap := d.c.Snapshot()
+func (d dnsView) RTT(region string) (time.Duration, bool) {
+	snap := d.snap
 	best, ok := time.Duration(0), false
 	for _, h := range snap.HostsInRegion(region) {
 		if !h.Up() {
