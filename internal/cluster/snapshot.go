@@ -2,7 +2,6 @@ package cluster
 
 import (
 	"slices"
-	"strings"
 	"sync"
 	"time"
 )
@@ -131,35 +130,6 @@ func (s *Snapshot) AppMachinesInRegion(app, region string) []*Machine {
 		}
 	}
 	return out
-}
-
-// AppMachinesByRTT returns the machines of an app ordered by the RTT from
-// this host to theirs (this host's own first, unknown RTTs last), then by
-// id: what "nearest" means to DNS and the proxy.
-func (s *Snapshot) AppMachinesByRTT(app string) []*Machine {
-	ms := slices.Clone(s.AppMachines(app))
-	dist := func(m *Machine) time.Duration {
-		switch h := s.Host(m.Host); {
-		case h == nil:
-			return 1<<63 - 1
-		case h.ID == s.Self:
-			return -1
-		case h.RTT == 0:
-			return 1<<63 - 2
-		default:
-			return h.RTT
-		}
-	}
-	slices.SortStableFunc(ms, func(a, b *Machine) int {
-		if da, db := dist(a), dist(b); da != db {
-			if da < db {
-				return -1
-			}
-			return 1
-		}
-		return strings.Compare(a.ID, b.ID)
-	})
-	return ms
 }
 
 // RTT returns the smoothed round-trip time from this host to another, zero
