@@ -660,14 +660,7 @@ func killInit(ctx context.Context, h handle) error {
 		return err
 	}
 	defer pidfd.Close()
-	rc, err := pidfd.SyscallConn()
-	if err != nil {
-		return err
-	}
-	if cerr := rc.Control(func(fd uintptr) { err = unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) }); cerr != nil {
-		err = cerr
-	}
-	if err != nil && !errors.Is(err, unix.ESRCH) {
+	if err := hostproc.SignalPidfd(pidfd, unix.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return fmt.Errorf("kill sandbox %d: %w", h.Pid, err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
@@ -675,7 +668,7 @@ func killInit(ctx context.Context, h handle) error {
 		deadline = dl
 	}
 	pidfd.SetReadDeadline(deadline)
-	if err := rc.Read(func(fd uintptr) bool { return pidfdReadable(int(fd)) }); err != nil {
+	if err := hostproc.WaitPidfd(pidfd); err != nil {
 		return fmt.Errorf("kill sandbox %d: wait: %w", h.Pid, err)
 	}
 	if v, ok := children.Load(h.Pid); ok && v.(handle) == h {

@@ -89,7 +89,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 		return driver.ExecResult{ExitCode: 127, Stderr: fmt.Appendf(nil, "%v\n", err)}, nil
 	}
 	// The init must still be the one the namespaces were opened for.
-	if pidfdReadable(int(pidfd.Fd())) {
+	if hostproc.Ended(pidfd) {
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
 	}
 

@@ -205,7 +205,3 @@ func (s *sandbox) abandon() {
 	s.abandoned = true
 	s.pidfd.Close() // wakes run
 }
-
-// pidfdReadable reports, without blocking, whether the process behind the
-// pidfd fd has ended.
-func pidfdReadable(fd int) bool { return hostproc.PidfdReadable(fd) }
