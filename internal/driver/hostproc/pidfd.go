@@ -21,8 +21,7 @@ func OpenChildPidfd(pid int) (*os.File, error) {
 }
 
 // SignalPidfd sends sig to the process behind pidfd. A process that is gone
-// is an error wrapping os.ErrProcessDone; a closed pidfd one wrapping
-// os.ErrClosed.
+// (reaped) is os.ErrProcessDone; a closed pidfd is an error too.
 func SignalPidfd(pidfd *os.File, sig syscall.Signal) error {
 	err := ControlPidfd(pidfd, func(fd int) error { return unix.PidfdSendSignal(fd, sig, nil, 0) })
 	if errors.Is(err, unix.ESRCH) {
