@@ -9,37 +9,53 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"time"
 )
 
-// call performs one request against /v1/apps/{app}/machines/{segments...}.
-func (c *Client) call(ctx context.Context, method, app string, segments []string, query url.Values, body, out any) error {
-	p, err := machinesPath(app, segments...)
+var _ Backend = (*Client)(nil)
+
+// call performs one request against /v1/apps/{app}/machines.
+func (c *Client) call(ctx context.Context, method, app string, query url.Values, body, out any) error {
+	p, err := machinesPath(app)
 	if err != nil {
 		return err
 	}
 	return c.do(ctx, request{method: method, path: p, query: query, body: body}, out)
 }
 
-// Create launches a new machine (POST /v1/apps/{app}/machines).
-func (c *Client) Create(ctx context.Context, app string, in LaunchMachineInput) (*Machine, error) {
+// machineCall performs one request about the machine ref names, against
+// /v1/apps/{app}/machines/{id}/{segments...}. The ref's lease nonce, when it
+// has one, is sent instead of the client's own.
+func (c *Client) machineCall(ctx context.Context, method string, ref MachineRef, segments []string, query url.Values, body, out any) error {
+	p, err := machinesPath(ref.App, append([]string{ref.ID}, segments...)...)
+	if err != nil {
+		return err
+	}
+	r := request{method: method, path: p, query: query, body: body}
+	if ref.LeaseNonce != "" {
+		r.header = http.Header{LeaseNonceHeader: {ref.LeaseNonce}}
+	}
+	return c.do(ctx, r, out)
+}
+
+// CreateMachine launches a new machine (POST /v1/apps/{app}/machines).
+func (c *Client) CreateMachine(ctx context.Context, app string, in LaunchMachineInput) (*Machine, error) {
 	m := new(Machine)
-	if err := c.call(ctx, http.MethodPost, app, nil, nil, in, m); err != nil {
+	if err := c.call(ctx, http.MethodPost, app, nil, in, m); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-// ListMachinesOptions narrow a listing.
-type ListMachinesOptions struct {
-	Region         string            // only machines in this region
-	IncludeDeleted bool              // destroyed machines too
-	Metadata       map[string]string // only machines with every one of these pairs
+// Create is CreateMachine.
+func (c *Client) Create(ctx context.Context, app string, in LaunchMachineInput) (*Machine, error) {
+	return c.CreateMachine(ctx, app, in)
 }
 
-// List returns an app's machines (GET /v1/apps/{app}/machines).
-func (c *Client) List(ctx context.Context, app string, o ListMachinesOptions) ([]*Machine, error) {
+// ListMachines returns an app's machines (GET /v1/apps/{app}/machines).
+func (c *Client) ListMachines(ctx context.Context, app string, o ListMachinesOptions) ([]*Machine, error) {
 	q := url.Values{}
 	if o.Region != "" {
 		q.Set("region", o.Region)
@@ -51,64 +67,88 @@ func (c *Client) List(ctx context.Context, app string, o ListMachinesOptions) ([
 		q.Set("metadata."+k, v)
 	}
 	var out []*Machine
-	if err := c.call(ctx, http.MethodGet, app, nil, q, nil, &out); err != nil {
+	if err := c.call(ctx, http.MethodGet, app, q, nil, &out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// Get returns one machine.
+// List is ListMachines.
+func (c *Client) List(ctx context.Context, app string, o ListMachinesOptions) ([]*Machine, error) {
+	return c.ListMachines(ctx, app, o)
+}
+
+// GetMachine returns one machine.
+func (c *Client) GetMachine(ctx context.Context, ref MachineRef) (*Machine, error) {
+	m := new(Machine)
+	if err := c.machineCall(ctx, http.MethodGet, ref, nil, nil, nil, m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// Get returns machine id of app.
 func (c *Client) Get(ctx context.Context, app, id string) (*Machine, error) {
+	return c.GetMachine(ctx, MachineRef{App: app, ID: id})
+}
+
+// UpdateMachine replaces a machine's configuration (POST .../machines/{id});
+// in carries the whole new config. The machine gets a new instance_id.
+func (c *Client) UpdateMachine(ctx context.Context, ref MachineRef, in LaunchMachineInput) (*Machine, error) {
 	m := new(Machine)
-	if err := c.call(ctx, http.MethodGet, app, []string{id}, nil, nil, m); err != nil {
+	if err := c.machineCall(ctx, http.MethodPost, ref, nil, nil, in, m); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-// Update replaces a machine's configuration (POST .../machines/{id}); in
-// carries the whole new config. The machine gets a new instance_id.
+// Update is UpdateMachine for machine id of app.
 func (c *Client) Update(ctx context.Context, app, id string, in LaunchMachineInput) (*Machine, error) {
-	m := new(Machine)
-	if err := c.call(ctx, http.MethodPost, app, []string{id}, nil, in, m); err != nil {
-		return nil, err
-	}
-	return m, nil
+	return c.UpdateMachine(ctx, MachineRef{App: app, ID: id}, in)
 }
 
-// Destroy removes a machine (DELETE .../machines/{id}?kill=). A running
-// machine is only destroyed with kill, which stops it with SIGKILL first.
+// DestroyMachine removes a machine (DELETE .../machines/{id}?kill=). A
+// running machine is only destroyed with force, which stops it with SIGKILL
+// first.
+func (c *Client) DestroyMachine(ctx context.Context, ref MachineRef, force bool) error {
+	q := url.Values{"kill": {strconv.FormatBool(force)}}
+	return c.machineCall(ctx, http.MethodDelete, ref, nil, q, nil, nil)
+}
+
+// Destroy is DestroyMachine for machine id of app.
 func (c *Client) Destroy(ctx context.Context, app, id string, kill bool) error {
-	q := url.Values{"kill": {strconv.FormatBool(kill)}}
-	return c.call(ctx, http.MethodDelete, app, []string{id}, q, nil, nil)
+	return c.DestroyMachine(ctx, MachineRef{App: app, ID: id}, kill)
 }
 
-// Start starts a stopped, suspended or created machine.
-func (c *Client) Start(ctx context.Context, app, id string) (*StartResponse, error) {
+// StartMachine starts a stopped, suspended or created machine.
+func (c *Client) StartMachine(ctx context.Context, ref MachineRef) (*StartResponse, error) {
 	out := new(StartResponse)
-	if err := c.call(ctx, http.MethodPost, app, []string{id, "start"}, nil, nil, out); err != nil {
+	if err := c.machineCall(ctx, http.MethodPost, ref, []string{"start"}, nil, nil, out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// Stop stops a machine: in.Signal (default the config's stop signal), then
-// SIGKILL after in.Timeout.
+// Start is StartMachine for machine id of app.
+func (c *Client) Start(ctx context.Context, app, id string) (*StartResponse, error) {
+	return c.StartMachine(ctx, MachineRef{App: app, ID: id})
+}
+
+// StopMachine stops a machine: in.Signal (default the config's stop
+// signal), then SIGKILL after in.Timeout.
+func (c *Client) StopMachine(ctx context.Context, ref MachineRef, in StopMachineInput) error {
+	return c.machineCall(ctx, http.MethodPost, ref, []string{"stop"}, nil, in, nil)
+}
+
+// Stop is StopMachine for machine id of app.
 func (c *Client) Stop(ctx context.Context, app, id string, in StopMachineInput) error {
-	return c.call(ctx, http.MethodPost, app, []string{id, "stop"}, nil, in, nil)
+	return c.StopMachine(ctx, MachineRef{App: app, ID: id}, in)
 }
 
-// RestartOptions tune a restart. They travel in the query string.
-type RestartOptions struct {
-	ForceStop bool          // kill at once instead of a graceful stop
-	Timeout   time.Duration // grace before SIGKILL; 0 = the machine's own
-	Signal    string        // stop signal; "" = the machine's own
-}
-
-// Restart stops and starts a machine in one step
+// RestartMachine stops and starts a machine in one step
 // (POST .../restart?force_stop=&timeout=&signal=; the timeout is a Go
 // duration string such as "10s").
-func (c *Client) Restart(ctx context.Context, app, id string, o RestartOptions) error {
+func (c *Client) RestartMachine(ctx context.Context, ref MachineRef, o RestartOptions) error {
 	q := url.Values{"force_stop": {strconv.FormatBool(o.ForceStop)}}
 	if o.Timeout != 0 {
 		q.Set("timeout", o.Timeout.String())
@@ -116,35 +156,45 @@ func (c *Client) Restart(ctx context.Context, app, id string, o RestartOptions) 
 	if o.Signal != "" {
 		q.Set("signal", o.Signal)
 	}
-	return c.call(ctx, http.MethodPost, app, []string{id, "restart"}, q, nil, nil)
+	return c.machineCall(ctx, http.MethodPost, ref, []string{"restart"}, q, nil, nil)
 }
 
-// Signal sends a signal ("SIGUSR1") to a machine's main process.
+// Restart is RestartMachine for machine id of app.
+func (c *Client) Restart(ctx context.Context, app, id string, o RestartOptions) error {
+	return c.RestartMachine(ctx, MachineRef{App: app, ID: id}, o)
+}
+
+// SignalMachine sends a signal ("SIGUSR1") to a machine's main process.
+func (c *Client) SignalMachine(ctx context.Context, ref MachineRef, signal string) error {
+	return c.machineCall(ctx, http.MethodPost, ref, []string{"signal"}, nil, SignalMachineInput{Signal: signal}, nil)
+}
+
+// Signal is SignalMachine for machine id of app.
 func (c *Client) Signal(ctx context.Context, app, id, signal string) error {
-	return c.call(ctx, http.MethodPost, app, []string{id, "signal"}, nil, SignalMachineInput{Signal: signal}, nil)
+	return c.SignalMachine(ctx, MachineRef{App: app, ID: id}, signal)
 }
 
-// Suspend snapshots a running machine and stops it; Start resumes it.
+// SuspendMachine snapshots a running machine and stops it; Start resumes it.
+func (c *Client) SuspendMachine(ctx context.Context, ref MachineRef) error {
+	return c.machineCall(ctx, http.MethodPost, ref, []string{"suspend"}, nil, nil, nil)
+}
+
+// Suspend is SuspendMachine for machine id of app.
 func (c *Client) Suspend(ctx context.Context, app, id string) error {
-	return c.call(ctx, http.MethodPost, app, []string{id, "suspend"}, nil, nil, nil)
+	return c.SuspendMachine(ctx, MachineRef{App: app, ID: id})
 }
 
-// WaitOptions say what Wait waits for.
-type WaitOptions struct {
-	State       string        // default (server's) "started"
-	States      []string      // more states, any of which ends the wait (Flame's API takes several)
-	Timeout     time.Duration // sent in whole seconds, rounded up; servers allow at most 60 s
-	InstanceID  string        // wait for this version of the machine
-	FromEventID string        // consider only events after this one
-}
-
-// Wait blocks until the machine reaches o.State
+// Wait blocks until the machine reaches one of o.Wanted()
 // (GET .../wait?state=&timeout=<seconds>&instance_id=). When the server's
 // timeout runs out first the error matches ErrTimeout.
 //
 // The instance id is sent both as instance_id (the documented name) and as
 // version (the name Fly's own client uses).
 func (c *Client) Wait(ctx context.Context, app, id string, o WaitOptions) error {
+	return c.wait(ctx, MachineRef{App: app, ID: id}, o)
+}
+
+func (c *Client) wait(ctx context.Context, ref MachineRef, o WaitOptions) error {
 	q := url.Values{}
 	if o.State != "" {
 		q.Set("state", o.State)
@@ -163,49 +213,85 @@ func (c *Client) Wait(ctx context.Context, app, id string, o WaitOptions) error 
 	if o.FromEventID != "" {
 		q.Set("from_event_id", o.FromEventID)
 	}
-	return c.call(ctx, http.MethodGet, app, []string{id, "wait"}, q, nil, nil)
+	return c.machineCall(ctx, http.MethodGet, ref, []string{"wait"}, q, nil, nil)
 }
 
-// Events returns a machine's event log, newest first as the server keeps it.
-func (c *Client) Events(ctx context.Context, app, id string) ([]*MachineEvent, error) {
+// WaitMachine waits as Wait does, then returns the machine as it is then
+// (the wait itself answers only that it ended). Waiting for destroyed on a
+// machine the server no longer knows answers a destroyed machine.
+func (c *Client) WaitMachine(ctx context.Context, ref MachineRef, o WaitOptions) (*Machine, error) {
+	gone := func(err error) bool {
+		return errors.Is(err, ErrNotFound) && slices.Contains(o.Wanted(), StateDestroyed)
+	}
+	if err := c.wait(ctx, ref, o); err != nil {
+		if gone(err) {
+			return &Machine{ID: ref.ID, State: StateDestroyed}, nil
+		}
+		return nil, err
+	}
+	m, err := c.GetMachine(ctx, ref)
+	if gone(err) {
+		return &Machine{ID: ref.ID, State: StateDestroyed}, nil
+	}
+	return m, err
+}
+
+// MachineEvents returns a machine's event log, newest first as the server
+// keeps it.
+func (c *Client) MachineEvents(ctx context.Context, ref MachineRef) ([]*MachineEvent, error) {
 	var out []*MachineEvent
-	if err := c.call(ctx, http.MethodGet, app, []string{id, "events"}, nil, nil, &out); err != nil {
+	if err := c.machineCall(ctx, http.MethodGet, ref, []string{"events"}, nil, nil, &out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// Versions returns a machine's config versions.
-func (c *Client) Versions(ctx context.Context, app, id string) ([]*MachineVersion, error) {
+// Events is MachineEvents for machine id of app.
+func (c *Client) Events(ctx context.Context, app, id string) ([]*MachineEvent, error) {
+	return c.MachineEvents(ctx, MachineRef{App: app, ID: id})
+}
+
+// MachineVersions returns a machine's config versions.
+func (c *Client) MachineVersions(ctx context.Context, ref MachineRef) ([]*MachineVersion, error) {
 	var out []*MachineVersion
-	if err := c.call(ctx, http.MethodGet, app, []string{id, "versions"}, nil, nil, &out); err != nil {
+	if err := c.machineCall(ctx, http.MethodGet, ref, []string{"versions"}, nil, nil, &out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// Processes lists the processes running in a machine (GET .../ps).
-func (c *Client) Processes(ctx context.Context, app, id string) ([]ProcessStat, error) {
+// Versions is MachineVersions for machine id of app.
+func (c *Client) Versions(ctx context.Context, app, id string) ([]*MachineVersion, error) {
+	return c.MachineVersions(ctx, MachineRef{App: app, ID: id})
+}
+
+// MachineProcesses lists the processes running in a machine (GET .../ps).
+func (c *Client) MachineProcesses(ctx context.Context, ref MachineRef) ([]ProcessStat, error) {
 	var out []ProcessStat
-	if err := c.call(ctx, http.MethodGet, app, []string{id, "ps"}, nil, nil, &out); err != nil {
+	if err := c.machineCall(ctx, http.MethodGet, ref, []string{"ps"}, nil, nil, &out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// Exec runs a command in a machine and returns its exit code and output.
-func (c *Client) Exec(ctx context.Context, app, id string, in ExecRequest) (*ExecResponse, error) {
+// Processes is MachineProcesses for machine id of app.
+func (c *Client) Processes(ctx context.Context, app, id string) ([]ProcessStat, error) {
+	return c.MachineProcesses(ctx, MachineRef{App: app, ID: id})
+}
+
+// ExecMachine runs a command in a machine and returns its exit code and
+// output.
+func (c *Client) ExecMachine(ctx context.Context, ref MachineRef, in ExecRequest) (*ExecResponse, error) {
 	out := new(ExecResponse)
-	if err := c.call(ctx, http.MethodPost, app, []string{id, "exec"}, nil, in, out); err != nil {
+	if err := c.machineCall(ctx, http.MethodPost, ref, []string{"exec"}, nil, in, out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// LogOptions select log lines.
-type LogOptions struct {
-	Tail   int  // only the last Tail lines; 0 = all the server keeps
-	Follow bool // keep streaming new lines until the context ends
+// Exec is ExecMachine for machine id of app.
+func (c *Client) Exec(ctx context.Context, app, id string, in ExecRequest) (*ExecResponse, error) {
+	return c.ExecMachine(ctx, MachineRef{App: app, ID: id}, in)
 }
 
 // Logs returns a machine's last tail lines of output (all it keeps when tail
@@ -222,12 +308,17 @@ func (c *Client) Logs(ctx context.Context, app, id string, tail int) ([]LogEntry
 	return out, nil
 }
 
-// StreamLogs calls fn with each line of a machine's output, oldest first
-// (GET .../logs?tail=&follow=, answered as newline-delimited JSON). It returns
-// nil when the server ends the stream, fn's error when fn fails, and the
-// context's error when ctx ends first, which is how a follow is stopped.
+// StreamLogs is MachineLogs for machine id of app.
 func (c *Client) StreamLogs(ctx context.Context, app, id string, o LogOptions, fn func(LogEntry) error) error {
-	p, err := machinesPath(app, id, "logs")
+	return c.MachineLogs(ctx, MachineRef{App: app, ID: id}, o, fn)
+}
+
+// MachineLogs calls fn with each line of a machine's output, oldest first
+// (GET .../logs?tail=&follow=, answered as newline-delimited JSON). It
+// returns nil when the server ends the stream, fn's error when fn fails, and
+// the context's error when ctx ends first, which is how a follow is stopped.
+func (c *Client) MachineLogs(ctx context.Context, ref MachineRef, o LogOptions, fn func(LogEntry) error) error {
+	p, err := machinesPath(ref.App, ref.ID, "logs")
 	if err != nil {
 		return err
 	}
@@ -243,6 +334,9 @@ func (c *Client) StreamLogs(ctx context.Context, app, id string, o LogOptions, f
 		path:   p,
 		query:  q,
 		header: http.Header{"Accept": {"application/x-ndjson, application/json"}},
+	}
+	if ref.LeaseNonce != "" {
+		r.header.Set(LeaseNonceHeader, ref.LeaseNonce)
 	}
 	resp, err := c.send(ctx, r)
 	if err != nil {
@@ -329,67 +423,106 @@ func startsWithArray(br *bufio.Reader) (bool, error) {
 	}
 }
 
-// GetLease returns the machine's lease; a machine without one answers
+// MachineLease returns the machine's lease; a machine without one answers
 // ErrNotFound.
-func (c *Client) GetLease(ctx context.Context, app, id string) (*Lease, error) {
+func (c *Client) MachineLease(ctx context.Context, ref MachineRef) (*Lease, error) {
 	out := new(Lease)
-	if err := c.call(ctx, http.MethodGet, app, []string{id, "lease"}, nil, nil, out); err != nil {
+	if err := c.machineCall(ctx, http.MethodGet, ref, []string{"lease"}, nil, nil, out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// AcquireLease takes the machine's lease (POST .../lease). Called on a client
-// that carries the lease's nonce (WithLeaseNonce), it refreshes the lease
-// instead. A lease held by someone else answers ErrConflict.
+// GetLease is MachineLease for machine id of app.
+func (c *Client) GetLease(ctx context.Context, app, id string) (*Lease, error) {
+	return c.MachineLease(ctx, MachineRef{App: app, ID: id})
+}
+
+// AcquireMachineLease takes the machine's lease (POST .../lease). With the
+// lease's nonce (in ref, or the client's own: WithLeaseNonce), it refreshes
+// the lease instead. A lease held by someone else answers ErrConflict.
 //
 // The ttl travels in the body and also as ?ttl=, where Fly's own client puts it.
-func (c *Client) AcquireLease(ctx context.Context, app, id string, in LeaseInput) (*Lease, error) {
+func (c *Client) AcquireMachineLease(ctx context.Context, ref MachineRef, in LeaseInput) (*Lease, error) {
 	var q url.Values
 	if in.TTL > 0 {
 		q = url.Values{"ttl": {strconv.Itoa(in.TTL)}}
 	}
 	out := new(Lease)
-	if err := c.call(ctx, http.MethodPost, app, []string{id, "lease"}, q, in, out); err != nil {
+	if err := c.machineCall(ctx, http.MethodPost, ref, []string{"lease"}, q, in, out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// ReleaseLease gives the machine's lease up (DELETE .../lease with the nonce
-// header). An empty nonce sends the client's own.
-func (c *Client) ReleaseLease(ctx context.Context, app, id, nonce string) error {
-	if nonce != "" {
-		c = c.WithLeaseNonce(nonce)
-	}
-	return c.call(ctx, http.MethodDelete, app, []string{id, "lease"}, nil, nil, nil)
+// AcquireLease is AcquireMachineLease for machine id of app.
+func (c *Client) AcquireLease(ctx context.Context, app, id string, in LeaseInput) (*Lease, error) {
+	return c.AcquireMachineLease(ctx, MachineRef{App: app, ID: id}, in)
 }
 
-// Cordon takes the machine out of the proxy's rotation; it keeps running.
+// ReleaseMachineLease gives the machine's lease up (DELETE .../lease with
+// the nonce header: ref's, or the client's own when ref has none).
+func (c *Client) ReleaseMachineLease(ctx context.Context, ref MachineRef) error {
+	return c.machineCall(ctx, http.MethodDelete, ref, []string{"lease"}, nil, nil, nil)
+}
+
+// ReleaseLease is ReleaseMachineLease for machine id of app with nonce (""
+// sends the client's own).
+func (c *Client) ReleaseLease(ctx context.Context, app, id, nonce string) error {
+	return c.ReleaseMachineLease(ctx, MachineRef{App: app, ID: id, LeaseNonce: nonce})
+}
+
+// CordonMachine takes the machine out of the proxy's rotation (it keeps
+// running), or with on=false puts it back.
+func (c *Client) CordonMachine(ctx context.Context, ref MachineRef, on bool) error {
+	verb := "cordon"
+	if !on {
+		verb = "uncordon"
+	}
+	return c.machineCall(ctx, http.MethodPost, ref, []string{verb}, nil, nil, nil)
+}
+
+// Cordon takes machine id of app out of the proxy's rotation.
 func (c *Client) Cordon(ctx context.Context, app, id string) error {
-	return c.call(ctx, http.MethodPost, app, []string{id, "cordon"}, nil, nil, nil)
+	return c.CordonMachine(ctx, MachineRef{App: app, ID: id}, true)
 }
 
 // Uncordon puts a cordoned machine back into the proxy's rotation.
 func (c *Client) Uncordon(ctx context.Context, app, id string) error {
-	return c.call(ctx, http.MethodPost, app, []string{id, "uncordon"}, nil, nil, nil)
+	return c.CordonMachine(ctx, MachineRef{App: app, ID: id}, false)
 }
 
-// Metadata returns the machine's metadata.
-func (c *Client) Metadata(ctx context.Context, app, id string) (map[string]string, error) {
+// MachineMetadata returns the machine's metadata.
+func (c *Client) MachineMetadata(ctx context.Context, ref MachineRef) (map[string]string, error) {
 	out := map[string]string{}
-	if err := c.call(ctx, http.MethodGet, app, []string{id, "metadata"}, nil, nil, &out); err != nil {
+	if err := c.machineCall(ctx, http.MethodGet, ref, []string{"metadata"}, nil, nil, &out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// SetMetadata sets one metadata key (POST .../metadata/{key} {"value": v}).
-func (c *Client) SetMetadata(ctx context.Context, app, id, key, value string) error {
-	return c.call(ctx, http.MethodPost, app, []string{id, "metadata", key}, nil, MetadataInput{Value: value}, nil)
+// Metadata is MachineMetadata for machine id of app.
+func (c *Client) Metadata(ctx context.Context, app, id string) (map[string]string, error) {
+	return c.MachineMetadata(ctx, MachineRef{App: app, ID: id})
 }
 
-// DeleteMetadata removes one metadata key.
+// SetMachineMetadata sets one metadata key (POST .../metadata/{key}
+// {"value": v}).
+func (c *Client) SetMachineMetadata(ctx context.Context, ref MachineRef, key, value string) error {
+	return c.machineCall(ctx, http.MethodPost, ref, []string{"metadata", key}, nil, MetadataInput{Value: value}, nil)
+}
+
+// SetMetadata is SetMachineMetadata for machine id of app.
+func (c *Client) SetMetadata(ctx context.Context, app, id, key, value string) error {
+	return c.SetMachineMetadata(ctx, MachineRef{App: app, ID: id}, key, value)
+}
+
+// DeleteMachineMetadata removes one metadata key.
+func (c *Client) DeleteMachineMetadata(ctx context.Context, ref MachineRef, key string) error {
+	return c.machineCall(ctx, http.MethodDelete, ref, []string{"metadata", key}, nil, nil, nil)
+}
+
+// DeleteMetadata is DeleteMachineMetadata for machine id of app.
 func (c *Client) DeleteMetadata(ctx context.Context, app, id, key string) error {
-	return c.call(ctx, http.MethodDelete, app, []string{id, "metadata", key}, nil, nil, nil)
+	return c.DeleteMachineMetadata(ctx, MachineRef{App: app, ID: id}, key)
 }

@@ -2,7 +2,7 @@
 // every lifecycle step durably in bbolt before acting on it, runs workloads
 // through a driver, applies restart policies, and resumes whatever it was
 // doing after a crash. It answers the Machines API for its own machines
-// (it implements httpapi.Backend).
+// (it implements api.Backend).
 package agent
 
 import (

@@ -14,7 +14,6 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/exec"
-	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/machine"
 )
 
@@ -76,11 +75,11 @@ func create(t testing.TB, a *Agent, cfg *api.MachineConfig) *api.Machine {
 	return m
 }
 
-func ref(id string) httpapi.MachineRef { return httpapi.MachineRef{App: app, ID: id} }
+func ref(id string) api.MachineRef { return api.MachineRef{App: app, ID: id} }
 
 func waitState(t testing.TB, a *Agent, id, state string) *api.Machine {
 	t.Helper()
-	m, err := a.WaitMachine(context.Background(), ref(id), httpapi.WaitOptions{States: []string{state}, Timeout: 10 * time.Second})
+	m, err := a.WaitMachine(context.Background(), ref(id), api.WaitOptions{States: []string{state}, Timeout: 10 * time.Second})
 	if err != nil {
 		got, _ := a.GetMachine(context.Background(), ref(id))
 		t.Fatalf("wait %s: %v (machine: %+v)", state, err, got)
@@ -103,7 +102,7 @@ func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 
 func events(t testing.TB, a *Agent, id string) []*api.MachineEvent {
 	t.Helper()
-	evs, err := a.Events(context.Background(), ref(id))
+	evs, err := a.MachineEvents(context.Background(), ref(id))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +178,7 @@ func TestMachineIDsAndVersions(t *testing.T) {
 		t.Errorf("update: instance %s state %s", up.InstanceID, up.State)
 	}
 	waitFor(t, "old workload gone", func() bool { return !alive(oldPid) })
-	vs, _ := a.Versions(context.Background(), ref(m.ID))
+	vs, _ := a.MachineVersions(context.Background(), ref(m.ID))
 	if len(vs) != 2 || vs[0].Version != up.InstanceID || vs[1].Version != m.InstanceID || vs[1].State != "replaced" || vs[0].State != "started" {
 		t.Errorf("versions = %+v", vs)
 	}
@@ -238,7 +237,7 @@ func TestStopStartRestart(t *testing.T) {
 	if _, err := a.StartMachine(context.Background(), ref(m.ID)); !errors.Is(err, api.ErrConflict) {
 		t.Errorf("starting a started machine: %v, want 409", err)
 	}
-	if err := a.RestartMachine(context.Background(), ref(m.ID), httpapi.RestartOptions{Signal: "SIGKILL"}); err != nil {
+	if err := a.RestartMachine(context.Background(), ref(m.ID), api.RestartOptions{Signal: "SIGKILL"}); err != nil {
 		t.Fatal(err)
 	}
 	pid3 := pidOf(t, a, m.ID)
@@ -276,7 +275,7 @@ func ptr[T any](v T) *T { return &v }
 func logLines(t testing.TB, a *Agent, id string) []string {
 	t.Helper()
 	var out []string
-	err := a.Logs(context.Background(), ref(id), httpapi.LogOptions{}, func(e api.LogEntry) error {
+	err := a.MachineLogs(context.Background(), ref(id), api.LogOptions{}, func(e api.LogEntry) error {
 		out = append(out, e.Message)
 		return nil
 	})
@@ -349,7 +348,7 @@ func TestLogs(t *testing.T) {
 		t.Errorf("logs = %q", got)
 	}
 	var tail []string
-	a.Logs(context.Background(), ref(m.ID), httpapi.LogOptions{Tail: 1}, func(e api.LogEntry) error {
+	a.MachineLogs(context.Background(), ref(m.ID), api.LogOptions{Tail: 1}, func(e api.LogEntry) error {
 		tail = append(tail, e.Message)
 		if e.MachineID != m.ID || e.Region != "ams" || e.Timestamp.IsZero() {
 			t.Errorf("entry %+v", e)
@@ -365,7 +364,7 @@ func TestExecSignalPs(t *testing.T) {
 	a := newAgent(t, "", nil)
 	m := create(t, a, shConfig(`trap 'echo got-usr1' USR1; echo ready; while :; do sleep 0.02; done`))
 	waitFor(t, "ready", func() bool { return len(logLines(t, a, m.ID)) > 0 })
-	res, err := a.Exec(context.Background(), ref(m.ID), api.ExecRequest{Command: []string{"sh", "-c", "echo $FLY_MACHINE_ID; echo err >&2; exit 4"}})
+	res, err := a.ExecMachine(context.Background(), ref(m.ID), api.ExecRequest{Command: []string{"sh", "-c", "echo $FLY_MACHINE_ID; echo err >&2; exit 4"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -379,7 +378,7 @@ func TestExecSignalPs(t *testing.T) {
 	if err := a.SignalMachine(context.Background(), ref(m.ID), "SIGBOGUS"); !errors.Is(err, api.ErrBadRequest) {
 		t.Errorf("bad signal: %v", err)
 	}
-	ps, err := a.Processes(context.Background(), ref(m.ID))
+	ps, err := a.MachineProcesses(context.Background(), ref(m.ID))
 	if err != nil || len(ps) == 0 || int(ps[0].Pid) == 0 {
 		t.Fatalf("ps = %+v, %v", ps, err)
 	}
@@ -396,38 +395,38 @@ func TestLeases(t *testing.T) {
 	a := newAgent(t, "", nil)
 	ctx := context.Background()
 	m := create(t, a, shConfig("exec sleep 60"))
-	l, err := a.AcquireLease(ctx, ref(m.ID), api.LeaseInput{TTL: 30, Description: "deploy"})
+	l, err := a.AcquireMachineLease(ctx, ref(m.ID), api.LeaseInput{TTL: 30, Description: "deploy"})
 	if err != nil || l.Data.Nonce == "" {
 		t.Fatalf("acquire: %+v %v", l, err)
 	}
-	if _, err := a.AcquireLease(ctx, ref(m.ID), api.LeaseInput{}); !errors.Is(err, api.ErrConflict) {
+	if _, err := a.AcquireMachineLease(ctx, ref(m.ID), api.LeaseInput{}); !errors.Is(err, api.ErrConflict) {
 		t.Errorf("second acquire: %v, want 409", err)
 	}
 	if err := a.StopMachine(ctx, ref(m.ID), api.StopMachineInput{}); !errors.Is(err, api.ErrConflict) || !strings.Contains(err.Error(), api.LeaseNonceHeader) {
 		t.Errorf("stop without nonce: %v, want 409 naming the header", err)
 	}
-	wrong := httpapi.MachineRef{App: app, ID: m.ID, LeaseNonce: "nope"}
+	wrong := api.MachineRef{App: app, ID: m.ID, LeaseNonce: "nope"}
 	if err := a.StopMachine(ctx, wrong, api.StopMachineInput{}); !errors.Is(err, api.ErrConflict) {
 		t.Errorf("stop with wrong nonce: %v", err)
 	}
-	held := httpapi.MachineRef{App: app, ID: m.ID, LeaseNonce: l.Data.Nonce}
-	again, err := a.AcquireLease(ctx, held, api.LeaseInput{TTL: 60})
+	held := api.MachineRef{App: app, ID: m.ID, LeaseNonce: l.Data.Nonce}
+	again, err := a.AcquireMachineLease(ctx, held, api.LeaseInput{TTL: 60})
 	if err != nil || again.Data.Nonce != l.Data.Nonce || again.Data.Description != "deploy" {
 		t.Errorf("refresh: %+v %v", again, err)
 	}
 	if err := a.StopMachine(ctx, held, api.StopMachineInput{}); err != nil {
 		t.Errorf("stop with nonce: %v", err)
 	}
-	if got, err := a.GetLease(ctx, ref(m.ID)); err != nil || got.Data.Nonce != l.Data.Nonce {
+	if got, err := a.MachineLease(ctx, ref(m.ID)); err != nil || got.Data.Nonce != l.Data.Nonce {
 		t.Errorf("get lease: %+v %v", got, err)
 	}
-	if err := a.ReleaseLease(ctx, ref(m.ID)); !errors.Is(err, api.ErrConflict) {
+	if err := a.ReleaseMachineLease(ctx, ref(m.ID)); !errors.Is(err, api.ErrConflict) {
 		t.Errorf("release without nonce: %v", err)
 	}
-	if err := a.ReleaseLease(ctx, held); err != nil {
+	if err := a.ReleaseMachineLease(ctx, held); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.GetLease(ctx, ref(m.ID)); !errors.Is(err, api.ErrNotFound) {
+	if _, err := a.MachineLease(ctx, ref(m.ID)); !errors.Is(err, api.ErrNotFound) {
 		t.Errorf("lease after release: %v", err)
 	}
 	if _, err := a.StartMachine(ctx, ref(m.ID)); err != nil {
@@ -448,13 +447,13 @@ func TestWait(t *testing.T) {
 	ctx := context.Background()
 	m := create(t, a, shConfig("exec sleep 60"))
 	start := time.Now()
-	_, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"stopped"}, Timeout: 100 * time.Millisecond})
+	_, err := a.WaitMachine(ctx, ref(m.ID), api.WaitOptions{States: []string{"stopped"}, Timeout: 100 * time.Millisecond})
 	if !errors.Is(err, api.ErrTimeout) || time.Since(start) < 100*time.Millisecond {
 		t.Errorf("wait timeout: %v after %v", err, time.Since(start))
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"stopped"}, InstanceID: m.InstanceID, Timeout: 5 * time.Second})
+		_, err := a.WaitMachine(ctx, ref(m.ID), api.WaitOptions{States: []string{"stopped"}, InstanceID: m.InstanceID, Timeout: 5 * time.Second})
 		done <- err
 	}()
 	time.Sleep(20 * time.Millisecond)
@@ -465,13 +464,13 @@ func TestWait(t *testing.T) {
 		t.Errorf("wait stopped: %v", err)
 	}
 	// Any of several states will do.
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"started", "stopped"}, Timeout: time.Second}); err != nil {
+	if _, err := a.WaitMachine(ctx, ref(m.ID), api.WaitOptions{States: []string{"started", "stopped"}, Timeout: time.Second}); err != nil {
 		t.Errorf("wait for started or stopped: %v", err)
 	}
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"sideways"}}); !errors.Is(err, api.ErrBadRequest) {
+	if _, err := a.WaitMachine(ctx, ref(m.ID), api.WaitOptions{States: []string{"sideways"}}); !errors.Is(err, api.ErrBadRequest) {
 		t.Errorf("bad state: %v", err)
 	}
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"stopped"}, InstanceID: "01ARZ3NDEKTSV4RRFFQ69G5FAV"}); !errors.Is(err, api.ErrNotFound) {
+	if _, err := a.WaitMachine(ctx, ref(m.ID), api.WaitOptions{States: []string{"stopped"}, InstanceID: "01ARZ3NDEKTSV4RRFFQ69G5FAV"}); !errors.Is(err, api.ErrNotFound) {
 		t.Errorf("unknown instance: %v", err)
 	}
 }
@@ -493,15 +492,15 @@ func TestDestroy(t *testing.T) {
 	if _, err := os.Stat(a.machineDir(m.ID)); !os.IsNotExist(err) {
 		t.Errorf("machine dir left behind: %v", err)
 	}
-	list, _ := a.ListMachines(ctx, app, httpapi.ListFilter{})
+	list, _ := a.ListMachines(ctx, app, api.ListMachinesOptions{})
 	if len(list) != 0 {
 		t.Errorf("destroyed machine listed: %+v", list)
 	}
-	list, _ = a.ListMachines(ctx, app, httpapi.ListFilter{IncludeDeleted: true})
+	list, _ = a.ListMachines(ctx, app, api.ListMachinesOptions{IncludeDeleted: true})
 	if len(list) != 1 || list[0].State != "destroyed" {
 		t.Errorf("include_deleted list: %+v", list)
 	}
-	if _, err := a.WaitMachine(ctx, ref(m.ID), httpapi.WaitOptions{States: []string{"destroyed"}, Timeout: time.Second}); err != nil {
+	if _, err := a.WaitMachine(ctx, ref(m.ID), api.WaitOptions{States: []string{"destroyed"}, Timeout: time.Second}); err != nil {
 		t.Errorf("wait destroyed: %v", err)
 	}
 	if _, err := a.StartMachine(ctx, ref(m.ID)); !errors.Is(err, api.ErrConflict) {
@@ -554,7 +553,7 @@ func TestBadInput(t *testing.T) {
 		}
 	}
 	m := create(t, a, shConfig("exec sleep 60"))
-	if _, err := a.GetMachine(ctx, httpapi.MachineRef{App: "other-app", ID: m.ID}); !errors.Is(err, api.ErrNotFound) {
+	if _, err := a.GetMachine(ctx, api.MachineRef{App: "other-app", ID: m.ID}); !errors.Is(err, api.ErrNotFound) {
 		t.Errorf("other app's machine: %v", err)
 	}
 	if _, err := a.GetMachine(ctx, ref("00000000000000")); !errors.Is(err, api.ErrNotFound) {
@@ -575,34 +574,34 @@ func TestMetadataCordonAndListFilters(t *testing.T) {
 	cfg.Metadata = map[string]string{"role": "primary"}
 	m1 := create(t, a, cfg)
 	m2 := create(t, a, shConfig("exec sleep 60"))
-	if err := a.SetMetadata(ctx, ref(m2.ID), "role", "replica"); err != nil {
+	if err := a.SetMachineMetadata(ctx, ref(m2.ID), "role", "replica"); err != nil {
 		t.Fatal(err)
 	}
-	md, _ := a.Metadata(ctx, ref(m2.ID))
+	md, _ := a.MachineMetadata(ctx, ref(m2.ID))
 	if md["role"] != "replica" {
 		t.Errorf("metadata = %v", md)
 	}
-	list, _ := a.ListMachines(ctx, app, httpapi.ListFilter{Metadata: map[string]string{"role": "primary"}})
+	list, _ := a.ListMachines(ctx, app, api.ListMachinesOptions{Metadata: map[string]string{"role": "primary"}})
 	if len(list) != 1 || list[0].ID != m1.ID {
 		t.Errorf("metadata filter: %+v", list)
 	}
-	if list, _ := a.ListMachines(ctx, app, httpapi.ListFilter{Region: "syd"}); len(list) != 0 {
+	if list, _ := a.ListMachines(ctx, app, api.ListMachinesOptions{Region: "syd"}); len(list) != 0 {
 		t.Errorf("region filter: %+v", list)
 	}
-	if err := a.DeleteMetadata(ctx, ref(m2.ID), "role"); err != nil {
+	if err := a.DeleteMachineMetadata(ctx, ref(m2.ID), "role"); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.DeleteMetadata(ctx, ref(m2.ID), "role"); !errors.Is(err, api.ErrNotFound) {
+	if err := a.DeleteMachineMetadata(ctx, ref(m2.ID), "role"); !errors.Is(err, api.ErrNotFound) {
 		t.Errorf("delete missing key: %v", err)
 	}
-	if err := a.Cordon(ctx, ref(m1.ID), true); err != nil {
+	if err := a.CordonMachine(ctx, ref(m1.ID), true); err != nil {
 		t.Fatal(err)
 	}
 	got, _ := a.GetMachine(ctx, ref(m1.ID))
 	if !got.Cordoned {
 		t.Error("not cordoned")
 	}
-	a.Cordon(ctx, ref(m1.ID), false)
+	a.CordonMachine(ctx, ref(m1.ID), false)
 	if got, _ := a.GetMachine(ctx, ref(m1.ID)); got.Cordoned {
 		t.Error("still cordoned")
 	}

@@ -18,11 +18,10 @@ import (
 	"github.com/oklog/ulid/v2"
 
 	"github.com/flamehq/flame/api"
-	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/machine"
 )
 
-var _ httpapi.Backend = (*Agent)(nil)
+var _ api.Backend = (*Agent)(nil)
 
 // DefaultLeaseTTL is a lease's life when the request names none.
 const DefaultLeaseTTL = 30 * time.Second
@@ -123,7 +122,7 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 }
 
 // GetMachine returns one machine.
-func (a *Agent) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.Machine, error) {
+func (a *Agent) GetMachine(ctx context.Context, ref api.MachineRef) (*api.Machine, error) {
 	m, err := a.find(ref)
 	if err != nil {
 		return nil, err
@@ -132,7 +131,7 @@ func (a *Agent) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.Ma
 }
 
 // ListMachines returns the app's machines, oldest first.
-func (a *Agent) ListMachines(ctx context.Context, app string, f httpapi.ListFilter) ([]*api.Machine, error) {
+func (a *Agent) ListMachines(ctx context.Context, app string, f api.ListMachinesOptions) ([]*api.Machine, error) {
 	out := []*api.Machine{}
 	for _, m := range a.all() {
 		r := m.rec.Load()
@@ -180,7 +179,7 @@ func (a *Agent) AllMachines() []AppMachine {
 }
 
 // UpdateMachine gives the machine a new config version.
-func (a *Agent) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
+func (a *Agent) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
 	if in.Config == nil {
 		return nil, api.Errorf(422, "config is required")
 	}
@@ -232,7 +231,7 @@ func (a *Agent) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in ap
 }
 
 // StartMachine starts a created, stopped, suspended or failed machine.
-func (a *Agent) StartMachine(ctx context.Context, ref httpapi.MachineRef) (*api.StartResponse, error) {
+func (a *Agent) StartMachine(ctx context.Context, ref api.MachineRef) (*api.StartResponse, error) {
 	m, err := a.locked(ref)
 	if err != nil {
 		return nil, err
@@ -259,7 +258,7 @@ func (a *Agent) StartMachine(ctx context.Context, ref httpapi.MachineRef) (*api.
 }
 
 // StopMachine stops a started machine, waiting for it to exit.
-func (a *Agent) StopMachine(ctx context.Context, ref httpapi.MachineRef, in api.StopMachineInput) error {
+func (a *Agent) StopMachine(ctx context.Context, ref api.MachineRef, in api.StopMachineInput) error {
 	var timeout time.Duration
 	if in.Timeout != nil {
 		if in.Timeout.Duration < 0 {
@@ -281,7 +280,7 @@ func (a *Agent) StopMachine(ctx context.Context, ref httpapi.MachineRef, in api.
 }
 
 // RestartMachine stops and starts a started machine.
-func (a *Agent) RestartMachine(ctx context.Context, ref httpapi.MachineRef, o httpapi.RestartOptions) error {
+func (a *Agent) RestartMachine(ctx context.Context, ref api.MachineRef, o api.RestartOptions) error {
 	if o.Signal != "" {
 		if _, err := api.ParseSignal(o.Signal); err != nil {
 			return api.Errorf(400, "signal: %v", err)
@@ -296,7 +295,7 @@ func (a *Agent) RestartMachine(ctx context.Context, ref httpapi.MachineRef, o ht
 }
 
 // SignalMachine delivers a signal to a started machine's workload.
-func (a *Agent) SignalMachine(ctx context.Context, ref httpapi.MachineRef, signal string) error {
+func (a *Agent) SignalMachine(ctx context.Context, ref api.MachineRef, signal string) error {
 	sig, err := api.ParseSignal(signal)
 	if err != nil {
 		return api.Errorf(400, "signal: %v", err)
@@ -317,7 +316,7 @@ func (a *Agent) SignalMachine(ctx context.Context, ref httpapi.MachineRef, signa
 }
 
 // SuspendMachine is refused: no driver of this agent can snapshot a workload.
-func (a *Agent) SuspendMachine(ctx context.Context, ref httpapi.MachineRef) error {
+func (a *Agent) SuspendMachine(ctx context.Context, ref api.MachineRef) error {
 	m, err := a.locked(ref)
 	if err != nil {
 		return err
@@ -326,18 +325,15 @@ func (a *Agent) SuspendMachine(ctx context.Context, ref httpapi.MachineRef) erro
 	return api.Errorf(501, "suspend is not supported by the %s driver; stop the machine instead", a.cfg.Driver.Name())
 }
 
-// WaitMachine returns once the machine reaches o.State.
-func (a *Agent) WaitMachine(ctx context.Context, ref httpapi.MachineRef, o httpapi.WaitOptions) (*api.Machine, error) {
-	want := []machine.State{machine.Started}
-	if len(o.States) > 0 {
-		want = want[:0]
-		for _, name := range o.States {
-			s, err := machine.ParseState(name)
-			if err != nil {
-				return nil, api.Errorf(400, "state: %v", err)
-			}
-			want = append(want, s)
+// WaitMachine returns once the machine reaches one of o.Wanted().
+func (a *Agent) WaitMachine(ctx context.Context, ref api.MachineRef, o api.WaitOptions) (*api.Machine, error) {
+	var want []machine.State
+	for _, name := range o.Wanted() {
+		s, err := machine.ParseState(name)
+		if err != nil {
+			return nil, api.Errorf(400, "state: %v", err)
 		}
+		want = append(want, s)
 	}
 	timeout := o.Timeout
 	if timeout <= 0 || timeout > 60*time.Second {
@@ -392,7 +388,7 @@ func stateList(states []machine.State) string {
 }
 
 // DestroyMachine removes a machine; a running one only with force.
-func (a *Agent) DestroyMachine(ctx context.Context, ref httpapi.MachineRef, force bool) error {
+func (a *Agent) DestroyMachine(ctx context.Context, ref api.MachineRef, force bool) error {
 	m, err := a.locked(ref)
 	if err != nil {
 		return err
@@ -401,8 +397,8 @@ func (a *Agent) DestroyMachine(ctx context.Context, ref httpapi.MachineRef, forc
 	return a.destroyLocked(m, force, sourceUser)
 }
 
-// Events returns the machine's events, newest first.
-func (a *Agent) Events(ctx context.Context, ref httpapi.MachineRef) ([]*api.MachineEvent, error) {
+// MachineEvents returns the machine's events, newest first.
+func (a *Agent) MachineEvents(ctx context.Context, ref api.MachineRef) ([]*api.MachineEvent, error) {
 	m, err := a.find(ref)
 	if err != nil {
 		return nil, err
@@ -410,8 +406,8 @@ func (a *Agent) Events(ctx context.Context, ref httpapi.MachineRef) ([]*api.Mach
 	return m.rec.Load().Events, nil
 }
 
-// Versions returns the machine's config versions, newest first.
-func (a *Agent) Versions(ctx context.Context, ref httpapi.MachineRef) ([]*api.MachineVersion, error) {
+// MachineVersions returns the machine's config versions, newest first.
+func (a *Agent) MachineVersions(ctx context.Context, ref api.MachineRef) ([]*api.MachineVersion, error) {
 	m, err := a.find(ref)
 	if err != nil {
 		return nil, err
@@ -424,8 +420,8 @@ func (a *Agent) Versions(ctx context.Context, ref httpapi.MachineRef) ([]*api.Ma
 	return out, nil
 }
 
-// Processes lists the processes of a started machine's workload.
-func (a *Agent) Processes(ctx context.Context, ref httpapi.MachineRef) ([]api.ProcessStat, error) {
+// MachineProcesses lists the processes of a started machine's workload.
+func (a *Agent) MachineProcesses(ctx context.Context, ref api.MachineRef) ([]api.ProcessStat, error) {
 	m, err := a.locked(ref)
 	if err != nil {
 		return nil, err
@@ -438,8 +434,8 @@ func (a *Agent) Processes(ctx context.Context, ref httpapi.MachineRef) ([]api.Pr
 	return processGroup(proc.Pid())
 }
 
-// Exec runs a command in a started machine.
-func (a *Agent) Exec(ctx context.Context, ref httpapi.MachineRef, in api.ExecRequest) (*api.ExecResponse, error) {
+// ExecMachine runs a command in a started machine.
+func (a *Agent) ExecMachine(ctx context.Context, ref api.MachineRef, in api.ExecRequest) (*api.ExecResponse, error) {
 	if len(in.Command) == 0 {
 		return nil, api.Errorf(400, "command is required")
 	}
@@ -470,8 +466,8 @@ func (a *Agent) Exec(ctx context.Context, ref httpapi.MachineRef, in api.ExecReq
 	return &api.ExecResponse{ExitCode: res.ExitCode, Stdout: string(res.Stdout), Stderr: string(res.Stderr)}, nil
 }
 
-// GetLease returns the machine's lease, or 404 when none is held.
-func (a *Agent) GetLease(ctx context.Context, ref httpapi.MachineRef) (*api.Lease, error) {
+// MachineLease returns the machine's lease, or 404 when none is held.
+func (a *Agent) MachineLease(ctx context.Context, ref api.MachineRef) (*api.Lease, error) {
 	m, err := a.find(ref)
 	if err != nil {
 		return nil, err
@@ -483,8 +479,8 @@ func (a *Agent) GetLease(ctx context.Context, ref httpapi.MachineRef) (*api.Leas
 	return leaseView(r.Lease, r.Instance), nil
 }
 
-// AcquireLease takes the machine's lease, or refreshes it for its holder.
-func (a *Agent) AcquireLease(ctx context.Context, ref httpapi.MachineRef, in api.LeaseInput) (*api.Lease, error) {
+// AcquireMachineLease takes the machine's lease, or refreshes it for its holder.
+func (a *Agent) AcquireMachineLease(ctx context.Context, ref api.MachineRef, in api.LeaseInput) (*api.Lease, error) {
 	if in.TTL < 0 {
 		return nil, api.Errorf(400, "ttl must not be negative")
 	}
@@ -520,8 +516,8 @@ func (a *Agent) AcquireLease(ctx context.Context, ref httpapi.MachineRef, in api
 	return leaseView(l, r.Instance), nil
 }
 
-// ReleaseLease gives the lease up; only its holder may.
-func (a *Agent) ReleaseLease(ctx context.Context, ref httpapi.MachineRef) error {
+// ReleaseMachineLease gives the lease up; only its holder may.
+func (a *Agent) ReleaseMachineLease(ctx context.Context, ref api.MachineRef) error {
 	m, err := a.locked(ref)
 	if err != nil {
 		return err
@@ -539,13 +535,13 @@ func (a *Agent) ReleaseLease(ctx context.Context, ref httpapi.MachineRef) error 
 	return a.commit(m, next, nil)
 }
 
-// Cordon takes the machine out of (or puts it back into) the proxy's rotation.
-func (a *Agent) Cordon(ctx context.Context, ref httpapi.MachineRef, on bool) error {
+// CordonMachine takes the machine out of (or puts it back into) the proxy's rotation.
+func (a *Agent) CordonMachine(ctx context.Context, ref api.MachineRef, on bool) error {
 	return a.edit(ref, true, func(r *record) { r.Cordoned = on })
 }
 
-// Metadata returns the machine's metadata.
-func (a *Agent) Metadata(ctx context.Context, ref httpapi.MachineRef) (map[string]string, error) {
+// MachineMetadata returns the machine's metadata.
+func (a *Agent) MachineMetadata(ctx context.Context, ref api.MachineRef) (map[string]string, error) {
 	m, err := a.find(ref)
 	if err != nil {
 		return nil, err
@@ -557,9 +553,9 @@ func (a *Agent) Metadata(ctx context.Context, ref httpapi.MachineRef) (map[strin
 	return md, nil
 }
 
-// SetMetadata sets one metadata key without making a new version. Like
+// SetMachineMetadata sets one metadata key without making a new version. Like
 // exec, it is not guarded by the lease (Fly's client sends no nonce for it).
-func (a *Agent) SetMetadata(ctx context.Context, ref httpapi.MachineRef, key, value string) error {
+func (a *Agent) SetMachineMetadata(ctx context.Context, ref api.MachineRef, key, value string) error {
 	if key == "" {
 		return api.Errorf(400, "metadata key is required")
 	}
@@ -573,8 +569,8 @@ func (a *Agent) SetMetadata(ctx context.Context, ref httpapi.MachineRef, key, va
 	})
 }
 
-// DeleteMetadata removes one metadata key.
-func (a *Agent) DeleteMetadata(ctx context.Context, ref httpapi.MachineRef, key string) error {
+// DeleteMachineMetadata removes one metadata key.
+func (a *Agent) DeleteMachineMetadata(ctx context.Context, ref api.MachineRef, key string) error {
 	m, err := a.find(ref)
 	if err != nil {
 		return err
@@ -591,7 +587,7 @@ func (a *Agent) DeleteMetadata(ctx context.Context, ref httpapi.MachineRef, key 
 
 // edit changes a machine's record in place (no state change) under its lock,
 // checking the lease if leased says so.
-func (a *Agent) edit(ref httpapi.MachineRef, leased bool, fn func(*record)) error {
+func (a *Agent) edit(ref api.MachineRef, leased bool, fn func(*record)) error {
 	if !leased {
 		ref.LeaseNonce = "" // not checked below
 	}
@@ -614,7 +610,7 @@ func (a *Agent) edit(ref httpapi.MachineRef, leased bool, fn func(*record)) erro
 }
 
 // find returns the machine ref names, or 404 (also for another app's machine).
-func (a *Agent) find(ref httpapi.MachineRef) (*mach, error) {
+func (a *Agent) find(ref api.MachineRef) (*mach, error) {
 	m := a.lookup(ref.ID)
 	if m == nil || m.rec.Load().App != ref.App {
 		return nil, api.Errorf(404, "machine %s not found in app %s", ref.ID, ref.App)
@@ -624,7 +620,7 @@ func (a *Agent) find(ref httpapi.MachineRef) (*mach, error) {
 
 // locked finds the machine, takes its operation lock and checks the lease.
 // The caller unlocks m.opMu.
-func (a *Agent) locked(ref httpapi.MachineRef) (*mach, error) {
+func (a *Agent) locked(ref api.MachineRef) (*mach, error) {
 	m, err := a.find(ref)
 	if err != nil {
 		return nil, err

@@ -6,7 +6,6 @@ import (
 	"os"
 
 	"github.com/flamehq/flame/api"
-	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/machine"
 	"github.com/flamehq/flame/internal/machinelog"
 )
@@ -54,9 +53,9 @@ func (m *mach) closeLog() {
 	}
 }
 
-// Logs sends the machine's output lines to emit: the last o.Tail of them,
+// MachineLogs sends the machine's output lines to emit: the last o.Tail of them,
 // then, with o.Follow, every new one until ctx ends.
-func (a *Agent) Logs(ctx context.Context, ref httpapi.MachineRef, o httpapi.LogOptions, emit func(api.LogEntry) error) error {
+func (a *Agent) MachineLogs(ctx context.Context, ref api.MachineRef, o api.LogOptions, emit func(api.LogEntry) error) error {
 	m, err := a.find(ref)
 	if err != nil {
 		return err

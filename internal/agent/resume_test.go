@@ -183,7 +183,7 @@ func TestResumeFinishesInterruptedOperations(t *testing.T) {
 			if alive(oldPid) {
 				t.Error("old version still runs")
 			}
-			vs, _ := b.Versions(context.Background(), ref(id))
+			vs, _ := b.MachineVersions(context.Background(), ref(id))
 			if len(vs) != 2 || vs[0].State != "started" || vs[1].State != "replaced" {
 				t.Errorf("versions = %+v %+v", vs[0], vs[1])
 			}

@@ -17,7 +17,7 @@ import (
 type call struct {
 	Name string
 	App  string
-	Ref  MachineRef
+	Ref  api.MachineRef
 	Arg  any
 }
 
@@ -62,7 +62,7 @@ const (
 	testID  = "e784079b449483"
 )
 
-func (b *fakeBackend) record(name, app string, ref MachineRef, arg any) error {
+func (b *fakeBackend) record(name, app string, ref api.MachineRef, arg any) error {
 	b.mu.Lock()
 	b.calls = append(b.calls, call{Name: name, App: app, Ref: ref, Arg: arg})
 	err, msg := b.err, b.panicMsg
@@ -96,57 +96,57 @@ func (b *fakeBackend) last(t *testing.T) call {
 }
 
 func (b *fakeBackend) CreateMachine(ctx context.Context, app string, in api.LaunchMachineInput) (*api.Machine, error) {
-	if err := b.record("CreateMachine", app, MachineRef{}, in); err != nil {
+	if err := b.record("CreateMachine", app, api.MachineRef{}, in); err != nil {
 		return nil, err
 	}
 	return b.machine, nil
 }
 
-func (b *fakeBackend) GetMachine(ctx context.Context, ref MachineRef) (*api.Machine, error) {
+func (b *fakeBackend) GetMachine(ctx context.Context, ref api.MachineRef) (*api.Machine, error) {
 	if err := b.record("GetMachine", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return b.machine, nil
 }
 
-func (b *fakeBackend) ListMachines(ctx context.Context, app string, f ListFilter) ([]*api.Machine, error) {
-	if err := b.record("ListMachines", app, MachineRef{}, f); err != nil {
+func (b *fakeBackend) ListMachines(ctx context.Context, app string, f api.ListMachinesOptions) ([]*api.Machine, error) {
+	if err := b.record("ListMachines", app, api.MachineRef{}, f); err != nil {
 		return nil, err
 	}
 	return b.machines, nil
 }
 
-func (b *fakeBackend) UpdateMachine(ctx context.Context, ref MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
+func (b *fakeBackend) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
 	if err := b.record("UpdateMachine", ref.App, ref, in); err != nil {
 		return nil, err
 	}
 	return b.machine, nil
 }
 
-func (b *fakeBackend) StartMachine(ctx context.Context, ref MachineRef) (*api.StartResponse, error) {
+func (b *fakeBackend) StartMachine(ctx context.Context, ref api.MachineRef) (*api.StartResponse, error) {
 	if err := b.record("StartMachine", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return &api.StartResponse{Status: "ok", PreviousState: api.StateStopped}, nil
 }
 
-func (b *fakeBackend) StopMachine(ctx context.Context, ref MachineRef, in api.StopMachineInput) error {
+func (b *fakeBackend) StopMachine(ctx context.Context, ref api.MachineRef, in api.StopMachineInput) error {
 	return b.record("StopMachine", ref.App, ref, in)
 }
 
-func (b *fakeBackend) RestartMachine(ctx context.Context, ref MachineRef, o RestartOptions) error {
+func (b *fakeBackend) RestartMachine(ctx context.Context, ref api.MachineRef, o api.RestartOptions) error {
 	return b.record("RestartMachine", ref.App, ref, o)
 }
 
-func (b *fakeBackend) SignalMachine(ctx context.Context, ref MachineRef, signal string) error {
+func (b *fakeBackend) SignalMachine(ctx context.Context, ref api.MachineRef, signal string) error {
 	return b.record("SignalMachine", ref.App, ref, signal)
 }
 
-func (b *fakeBackend) SuspendMachine(ctx context.Context, ref MachineRef) error {
+func (b *fakeBackend) SuspendMachine(ctx context.Context, ref api.MachineRef) error {
 	return b.record("SuspendMachine", ref.App, ref, nil)
 }
 
-func (b *fakeBackend) WaitMachine(ctx context.Context, ref MachineRef, o WaitOptions) (*api.Machine, error) {
+func (b *fakeBackend) WaitMachine(ctx context.Context, ref api.MachineRef, o api.WaitOptions) (*api.Machine, error) {
 	if err := b.record("WaitMachine", ref.App, ref, o); err != nil {
 		return nil, err
 	}
@@ -172,43 +172,43 @@ func (b *fakeBackend) WaitMachine(ctx context.Context, ref MachineRef, o WaitOpt
 	return b.machine, nil
 }
 
-func (b *fakeBackend) DestroyMachine(ctx context.Context, ref MachineRef, force bool) error {
+func (b *fakeBackend) DestroyMachine(ctx context.Context, ref api.MachineRef, force bool) error {
 	return b.record("DestroyMachine", ref.App, ref, force)
 }
 
-func (b *fakeBackend) Events(ctx context.Context, ref MachineRef) ([]*api.MachineEvent, error) {
-	if err := b.record("Events", ref.App, ref, nil); err != nil {
+func (b *fakeBackend) MachineEvents(ctx context.Context, ref api.MachineRef) ([]*api.MachineEvent, error) {
+	if err := b.record("MachineEvents", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return []*api.MachineEvent{{Type: api.EventStart, Status: "started", Source: api.SourceUser, Timestamp: 1700000000000}}, nil
 }
 
-func (b *fakeBackend) Versions(ctx context.Context, ref MachineRef) ([]*api.MachineVersion, error) {
-	if err := b.record("Versions", ref.App, ref, nil); err != nil {
+func (b *fakeBackend) MachineVersions(ctx context.Context, ref api.MachineRef) ([]*api.MachineVersion, error) {
+	if err := b.record("MachineVersions", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return nil, nil // an empty history must still answer []
 }
 
-func (b *fakeBackend) Processes(ctx context.Context, ref MachineRef) ([]api.ProcessStat, error) {
-	if err := b.record("Processes", ref.App, ref, nil); err != nil {
+func (b *fakeBackend) MachineProcesses(ctx context.Context, ref api.MachineRef) ([]api.ProcessStat, error) {
+	if err := b.record("MachineProcesses", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return []api.ProcessStat{{Pid: 1, Command: "nginx"}}, nil
 }
 
-func (b *fakeBackend) Exec(ctx context.Context, ref MachineRef, in api.ExecRequest) (*api.ExecResponse, error) {
-	if err := b.record("Exec", ref.App, ref, in); err != nil {
+func (b *fakeBackend) ExecMachine(ctx context.Context, ref api.MachineRef, in api.ExecRequest) (*api.ExecResponse, error) {
+	if err := b.record("ExecMachine", ref.App, ref, in); err != nil {
 		return nil, err
 	}
 	return &api.ExecResponse{ExitCode: 0, Stdout: "hi\n"}, nil
 }
 
-func (b *fakeBackend) Logs(ctx context.Context, ref MachineRef, o LogOptions, emit func(api.LogEntry) error) (err error) {
+func (b *fakeBackend) MachineLogs(ctx context.Context, ref api.MachineRef, o api.LogOptions, emit func(api.LogEntry) error) (err error) {
 	if b.logsDone != nil {
 		defer func() { b.logsDone <- err }()
 	}
-	if err := b.record("Logs", ref.App, ref, o); err != nil {
+	if err := b.record("MachineLogs", ref.App, ref, o); err != nil {
 		return err
 	}
 	for _, e := range b.logs {
@@ -231,41 +231,41 @@ func (b *fakeBackend) Logs(ctx context.Context, ref MachineRef, o LogOptions, em
 	}
 }
 
-func (b *fakeBackend) GetLease(ctx context.Context, ref MachineRef) (*api.Lease, error) {
-	if err := b.record("GetLease", ref.App, ref, nil); err != nil {
+func (b *fakeBackend) MachineLease(ctx context.Context, ref api.MachineRef) (*api.Lease, error) {
+	if err := b.record("MachineLease", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return &api.Lease{Status: "success", Data: &api.LeaseData{Nonce: "n1", ExpiresAt: 1700000000}}, nil
 }
 
-func (b *fakeBackend) AcquireLease(ctx context.Context, ref MachineRef, in api.LeaseInput) (*api.Lease, error) {
-	if err := b.record("AcquireLease", ref.App, ref, in); err != nil {
+func (b *fakeBackend) AcquireMachineLease(ctx context.Context, ref api.MachineRef, in api.LeaseInput) (*api.Lease, error) {
+	if err := b.record("AcquireMachineLease", ref.App, ref, in); err != nil {
 		return nil, err
 	}
 	return &api.Lease{Status: "success", Data: &api.LeaseData{Nonce: "n1", ExpiresAt: 1700000000}}, nil
 }
 
-func (b *fakeBackend) ReleaseLease(ctx context.Context, ref MachineRef) error {
-	return b.record("ReleaseLease", ref.App, ref, nil)
+func (b *fakeBackend) ReleaseMachineLease(ctx context.Context, ref api.MachineRef) error {
+	return b.record("ReleaseMachineLease", ref.App, ref, nil)
 }
 
-func (b *fakeBackend) Cordon(ctx context.Context, ref MachineRef, on bool) error {
-	return b.record("Cordon", ref.App, ref, on)
+func (b *fakeBackend) CordonMachine(ctx context.Context, ref api.MachineRef, on bool) error {
+	return b.record("CordonMachine", ref.App, ref, on)
 }
 
-func (b *fakeBackend) Metadata(ctx context.Context, ref MachineRef) (map[string]string, error) {
-	if err := b.record("Metadata", ref.App, ref, nil); err != nil {
+func (b *fakeBackend) MachineMetadata(ctx context.Context, ref api.MachineRef) (map[string]string, error) {
+	if err := b.record("MachineMetadata", ref.App, ref, nil); err != nil {
 		return nil, err
 	}
 	return b.metadata, nil
 }
 
-func (b *fakeBackend) SetMetadata(ctx context.Context, ref MachineRef, key, value string) error {
-	return b.record("SetMetadata", ref.App, ref, [2]string{key, value})
+func (b *fakeBackend) SetMachineMetadata(ctx context.Context, ref api.MachineRef, key, value string) error {
+	return b.record("SetMachineMetadata", ref.App, ref, [2]string{key, value})
 }
 
-func (b *fakeBackend) DeleteMetadata(ctx context.Context, ref MachineRef, key string) error {
-	return b.record("DeleteMetadata", ref.App, ref, key)
+func (b *fakeBackend) DeleteMachineMetadata(ctx context.Context, ref api.MachineRef, key string) error {
+	return b.record("DeleteMachineMetadata", ref.App, ref, key)
 }
 
 // testLogger sends a server's logs to t.Log.
@@ -281,7 +281,7 @@ func (w tWriter) Write(p []byte) (int, error) {
 }
 
 // newServer builds a Server over b with token auth ("secret").
-func newServer(t testing.TB, b Backend) *Server {
+func newServer(t testing.TB, b api.Backend) *Server {
 	t.Helper()
 	s, err := New(Config{Backend: b, Authenticate: TokenAuth("secret"), Logger: testLogger(t)})
 	if err != nil {

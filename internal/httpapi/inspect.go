@@ -12,7 +12,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	evs, err := s.backend.Events(r.Context(), ref)
+	evs, err := s.backend.MachineEvents(r.Context(), ref)
 	return list(w, evs, err)
 }
 
@@ -21,7 +21,7 @@ func (s *Server) versions(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	vs, err := s.backend.Versions(r.Context(), ref)
+	vs, err := s.backend.MachineVersions(r.Context(), ref)
 	return list(w, vs, err)
 }
 
@@ -30,7 +30,7 @@ func (s *Server) processes(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	ps, err := s.backend.Processes(r.Context(), ref)
+	ps, err := s.backend.MachineProcesses(r.Context(), ref)
 	return list(w, ps, err)
 }
 
@@ -57,6 +57,6 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 	if in.Timeout < 0 {
 		return badRequest("invalid timeout %d: want seconds, not negative", in.Timeout)
 	}
-	resp, err := s.backend.Exec(r.Context(), ref, in)
+	resp, err := s.backend.ExecMachine(r.Context(), ref, in)
 	return answer(w, resp, err)
 }

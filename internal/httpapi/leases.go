@@ -11,7 +11,7 @@ func (s *Server) getLease(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	l, err := s.backend.GetLease(r.Context(), ref)
+	l, err := s.backend.MachineLease(r.Context(), ref)
 	return answer(w, l, err)
 }
 
@@ -39,7 +39,7 @@ func (s *Server) acquireLease(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 	}
-	l, err := s.backend.AcquireLease(r.Context(), ref, in)
+	l, err := s.backend.AcquireMachineLease(r.Context(), ref, in)
 	return answer(w, l, err)
 }
 
@@ -48,7 +48,7 @@ func (s *Server) releaseLease(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if err := s.backend.ReleaseLease(r.Context(), ref); err != nil {
+	if err := s.backend.ReleaseMachineLease(r.Context(), ref); err != nil {
 		return err
 	}
 	writeOK(w)

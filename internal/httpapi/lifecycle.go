@@ -67,7 +67,7 @@ func (s *Server) restartMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	var o RestartOptions
+	var o api.RestartOptions
 	if o.ForceStop, err = parseBool(q, "force_stop"); err != nil {
 		return err
 	}
@@ -125,7 +125,7 @@ func (s *Server) cordon(on bool) func(http.ResponseWriter, *http.Request) error 
 		if err != nil {
 			return err
 		}
-		if err := s.backend.Cordon(r.Context(), ref, on); err != nil {
+		if err := s.backend.CordonMachine(r.Context(), ref, on); err != nil {
 			return err
 		}
 		writeOK(w)
@@ -167,7 +167,7 @@ func (s *Server) waitMachine(w http.ResponseWriter, r *http.Request) error {
 		}
 		instance = v
 	}
-	o := WaitOptions{States: states, InstanceID: instance, Timeout: timeout}
+	o := api.WaitOptions{States: states, InstanceID: instance, Timeout: timeout}
 	if _, err := s.backend.WaitMachine(r.Context(), ref, o); err != nil {
 		return err
 	}

@@ -30,7 +30,7 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	var o LogOptions
+	var o api.LogOptions
 	if o.Tail, err = parseUint(q, "tail", 0); err != nil {
 		return err
 	}
@@ -48,7 +48,7 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) error {
 		st.begin()
 		st.mu.Unlock()
 	}
-	err = s.backend.Logs(ctx, ref, o, st.emit)
+	err = s.backend.MachineLogs(ctx, ref, o, st.emit)
 
 	st.mu.Lock()
 	defer st.mu.Unlock()

@@ -28,7 +28,7 @@ func TestLogsTail(t *testing.T) {
 	if ct := w.Header().Get("Content-Type"); ct != "application/x-ndjson" {
 		t.Errorf("Content-Type = %q", ct)
 	}
-	if o := b.last(t).Arg.(LogOptions); o != (LogOptions{Tail: 2}) {
+	if o := b.last(t).Arg.(api.LogOptions); o != (api.LogOptions{Tail: 2}) {
 		t.Errorf("options = %+v", o)
 	}
 	lines := strings.Split(strings.TrimSuffix(w.Body.String(), "\n"), "\n")
@@ -124,7 +124,7 @@ func TestLogsFollow(t *testing.T) {
 	}
 
 	cs := b.Calls()
-	if len(cs) != 2 || cs[0].Name != "GetMachine" || cs[1].Arg.(LogOptions) != (LogOptions{Tail: 5, Follow: true}) {
+	if len(cs) != 2 || cs[0].Name != "GetMachine" || cs[1].Arg.(api.LogOptions) != (api.LogOptions{Tail: 5, Follow: true}) {
 		t.Errorf("calls = %+v", cs)
 	}
 }

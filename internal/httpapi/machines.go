@@ -24,7 +24,7 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	f := ListFilter{Region: lastValue(q, "region")}
+	f := api.ListMachinesOptions{Region: lastValue(q, "region")}
 	if f.IncludeDeleted, err = parseBool(q, "include_deleted"); err != nil {
 		return err
 	}

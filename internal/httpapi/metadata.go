@@ -20,7 +20,7 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	md, err := s.backend.Metadata(r.Context(), ref)
+	md, err := s.backend.MachineMetadata(r.Context(), ref)
 	if err != nil {
 		return err
 	}
@@ -40,7 +40,7 @@ func (s *Server) getMetadataKey(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	md, err := s.backend.Metadata(r.Context(), ref)
+	md, err := s.backend.MachineMetadata(r.Context(), ref)
 	if err != nil {
 		return err
 	}
@@ -73,7 +73,7 @@ func (s *Server) setMetadataKey(w http.ResponseWriter, r *http.Request) error {
 	if b.Value == nil {
 		return badRequest("value is required")
 	}
-	if err := s.backend.SetMetadata(r.Context(), ref, key, *b.Value); err != nil {
+	if err := s.backend.SetMachineMetadata(r.Context(), ref, key, *b.Value); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -89,7 +89,7 @@ func (s *Server) deleteMetadataKey(w http.ResponseWriter, r *http.Request) error
 	if err != nil {
 		return err
 	}
-	if err := s.backend.DeleteMetadata(r.Context(), ref, key); err != nil {
+	if err := s.backend.DeleteMachineMetadata(r.Context(), ref, key); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -70,16 +70,16 @@ func appParam(r *http.Request) (string, error) {
 
 // machineRef is the machine the request names, with the lease nonce it
 // carries. An id of the wrong shape names no machine: 404.
-func machineRef(r *http.Request) (MachineRef, error) {
+func machineRef(r *http.Request) (api.MachineRef, error) {
 	app, err := appParam(r)
 	if err != nil {
-		return MachineRef{}, err
+		return api.MachineRef{}, err
 	}
 	id := r.PathValue("id")
 	if !validMachineID(id) {
-		return MachineRef{}, api.Errorf(http.StatusNotFound, "machine %q not found", clip(id))
+		return api.MachineRef{}, api.Errorf(http.StatusNotFound, "machine %q not found", clip(id))
 	}
-	return MachineRef{App: app, ID: id, LeaseNonce: leaseNonce(r)}, nil
+	return api.MachineRef{App: app, ID: id, LeaseNonce: leaseNonce(r)}, nil
 }
 
 // leaseNonce is the lease nonce header. Fly's client builds the header map

@@ -1,4 +1,4 @@
-// Package httpapi serves Fly's Machines API over HTTP for any Backend.
+// Package httpapi serves Fly's Machines API over HTTP for any api.Backend.
 //
 // It turns requests into Backend calls and their results back into Fly's
 // JSON shapes, and it owns everything that is about HTTP rather than about
@@ -30,7 +30,7 @@
 //
 // Calls that answer nothing else answer {"ok": true}; metadata writes answer
 // 204. Errors are {"error": "message"}. The lease nonce header
-// (api.LeaseNonceHeader) reaches the Backend on every call in MachineRef.
+// (api.LeaseNonceHeader) reaches the Backend on every call in api.MachineRef.
 package httpapi
 
 import (
@@ -52,7 +52,7 @@ const DefaultMaxBodyBytes = 1 << 20
 // Config wires a Server.
 type Config struct {
 	// Backend answers every call. Required.
-	Backend Backend
+	Backend api.Backend
 	// Authenticate vets each request before it is routed and returns the
 	// context the request goes on with (it may carry who is calling, for the
 	// Backend to check what they may see). An error answers 401 with the
@@ -84,7 +84,7 @@ func (c Config) Validate() error {
 
 // Server serves the Machines API. It is an http.Handler.
 type Server struct {
-	backend  Backend
+	backend  api.Backend
 	mapError func(error) error
 	auth     func(*http.Request) (context.Context, error)
 	log      *slog.Logger

@@ -43,7 +43,7 @@ var (
 )
 
 func TestRoutes(t *testing.T) {
-	ref := MachineRef{App: testApp, ID: testID, LeaseNonce: "nonce-1"}
+	ref := api.MachineRef{App: testApp, ID: testID, LeaseNonce: "nonce-1"}
 	tests := []struct {
 		name           string
 		method, target string
@@ -55,10 +55,10 @@ func TestRoutes(t *testing.T) {
 	}{
 		{"create", "POST", "/v1/apps/my-app/machines", `{"config":{"image":"nginx"},"region":"ams","lease_ttl":30}`,
 			200, "CreateMachine", api.LaunchMachineInput{Config: &api.MachineConfig{Image: "nginx"}, Region: "ams", LeaseTTL: 30}, isMachine},
-		{"list", "GET", "/v1/apps/my-app/machines", "", 200, "ListMachines", ListFilter{}, isArray(2)},
+		{"list", "GET", "/v1/apps/my-app/machines", "", 200, "ListMachines", api.ListMachinesOptions{}, isArray(2)},
 		{"list filtered", "GET", "/v1/apps/my-app/machines?region=ams&include_deleted=true&metadata.role=primary&summary=true", "",
-			200, "ListMachines", ListFilter{Region: "ams", IncludeDeleted: true, Metadata: map[string]string{"role": "primary"}}, isArray(2)},
-		{"list by state", "GET", "/v1/apps/my-app/machines?state=stopped,suspended", "", 200, "ListMachines", ListFilter{}, isArray(1)},
+			200, "ListMachines", api.ListMachinesOptions{Region: "ams", IncludeDeleted: true, Metadata: map[string]string{"role": "primary"}}, isArray(2)},
+		{"list by state", "GET", "/v1/apps/my-app/machines?state=stopped,suspended", "", 200, "ListMachines", api.ListMachinesOptions{}, isArray(1)},
 		{"get", "GET", machinePath, "", 200, "GetMachine", nil, isMachine},
 		{"update", "POST", machinePath, `{"config":{"image":"nginx:2"},"current_version":"01H"}`,
 			200, "UpdateMachine", api.LaunchMachineInput{Config: &api.MachineConfig{Image: "nginx:2"}, CurrentVersion: "01H"}, isMachine},
@@ -72,40 +72,40 @@ func TestRoutes(t *testing.T) {
 			200, "StopMachine", api.StopMachineInput{Signal: "SIGINT", Timeout: api.Dur(10 * time.Second)}, isOK},
 		{"stop as fly-go sends it", "POST", machinePath + "/stop", `{"id":"` + testID + `","timeout":"0s"}`,
 			200, "StopMachine", api.StopMachineInput{}, isOK},
-		{"restart", "POST", machinePath + "/restart", "", 200, "RestartMachine", RestartOptions{}, isOK},
+		{"restart", "POST", machinePath + "/restart", "", 200, "RestartMachine", api.RestartOptions{}, isOK},
 		{"restart with options", "POST", machinePath + "/restart?force_stop=true&timeout=10s&signal=SIGTERM", "",
-			200, "RestartMachine", RestartOptions{Signal: "SIGTERM", Timeout: 10 * time.Second, ForceStop: true}, isOK},
+			200, "RestartMachine", api.RestartOptions{Signal: "SIGTERM", Timeout: 10 * time.Second, ForceStop: true}, isOK},
 		{"restart timeout in seconds", "POST", machinePath + "/restart?force_stop=false&timeout=7&signal=15", "",
-			200, "RestartMachine", RestartOptions{Signal: "SIGTERM", Timeout: 7 * time.Second}, isOK},
+			200, "RestartMachine", api.RestartOptions{Signal: "SIGTERM", Timeout: 7 * time.Second}, isOK},
 		{"signal", "POST", machinePath + "/signal", `{"signal":"SIGUSR1"}`, 200, "SignalMachine", "SIGUSR1", isOK},
 		{"signal by number", "POST", machinePath + "/signal", `{"signal":9}`, 200, "SignalMachine", "SIGKILL", isOK},
 		{"suspend", "POST", machinePath + "/suspend", "", 200, "SuspendMachine", nil, isOK},
 		{"wait", "GET", machinePath + "/wait", "", 200, "WaitMachine",
-			WaitOptions{States: []string{api.StateStarted}, Timeout: 60 * time.Second}, isOK},
+			api.WaitOptions{States: []string{api.StateStarted}, Timeout: 60 * time.Second}, isOK},
 		{"wait with options", "GET", machinePath + "/wait?state=stopped&timeout=30&instance_id=01HX", "", 200, "WaitMachine",
-			WaitOptions{States: []string{api.StateStopped}, InstanceID: "01HX", Timeout: 30 * time.Second}, isOK},
+			api.WaitOptions{States: []string{api.StateStopped}, InstanceID: "01HX", Timeout: 30 * time.Second}, isOK},
 		{"wait as fly-go sends it", "GET", machinePath + "/wait?state=destroyed&timeout=120&version=01HX&from_event_id=e1", "", 200, "WaitMachine",
-			WaitOptions{States: []string{api.StateDestroyed}, InstanceID: "01HX", Timeout: 60 * time.Second}, isOK},
-		{"lease get", "GET", machinePath + "/lease", "", 200, "GetLease", nil, hasKey("data")},
+			api.WaitOptions{States: []string{api.StateDestroyed}, InstanceID: "01HX", Timeout: 60 * time.Second}, isOK},
+		{"lease get", "GET", machinePath + "/lease", "", 200, "MachineLease", nil, hasKey("data")},
 		{"lease acquire", "POST", machinePath + "/lease", `{"ttl":30,"description":"deploy"}`,
-			200, "AcquireLease", api.LeaseInput{TTL: 30, Description: "deploy"}, hasKey("data")},
+			200, "AcquireMachineLease", api.LeaseInput{TTL: 30, Description: "deploy"}, hasKey("data")},
 		{"lease acquire as fly-go sends it", "POST", machinePath + "/lease?ttl=15", "",
-			200, "AcquireLease", api.LeaseInput{TTL: 15}, hasKey("data")},
-		{"lease release", "DELETE", machinePath + "/lease", "", 200, "ReleaseLease", nil, isOK},
-		{"cordon", "POST", machinePath + "/cordon", "", 200, "Cordon", true, isOK},
-		{"uncordon", "POST", machinePath + "/uncordon", "", 200, "Cordon", false, isOK},
-		{"events", "GET", machinePath + "/events", "", 200, "Events", nil, isArray(1)},
-		{"versions", "GET", machinePath + "/versions", "", 200, "Versions", nil, isArray(0)},
-		{"ps", "GET", machinePath + "/ps", "", 200, "Processes", nil, isArray(1)},
+			200, "AcquireMachineLease", api.LeaseInput{TTL: 15}, hasKey("data")},
+		{"lease release", "DELETE", machinePath + "/lease", "", 200, "ReleaseMachineLease", nil, isOK},
+		{"cordon", "POST", machinePath + "/cordon", "", 200, "CordonMachine", true, isOK},
+		{"uncordon", "POST", machinePath + "/uncordon", "", 200, "CordonMachine", false, isOK},
+		{"events", "GET", machinePath + "/events", "", 200, "MachineEvents", nil, isArray(1)},
+		{"versions", "GET", machinePath + "/versions", "", 200, "MachineVersions", nil, isArray(0)},
+		{"ps", "GET", machinePath + "/ps", "", 200, "MachineProcesses", nil, isArray(1)},
 		{"exec", "POST", machinePath + "/exec", `{"command":["ls","-l"],"timeout":5}`,
-			200, "Exec", api.ExecRequest{Command: []string{"ls", "-l"}, Timeout: 5}, hasKey("exit_code")},
+			200, "ExecMachine", api.ExecRequest{Command: []string{"ls", "-l"}, Timeout: 5}, hasKey("exit_code")},
 		{"exec cmd string", "POST", machinePath + "/exec", `{"cmd":"sh -c 'echo \"hello world\"'"}`,
-			200, "Exec", api.ExecRequest{Command: []string{"sh", "-c", `echo "hello world"`}, Cmd: `sh -c 'echo "hello world"'`}, hasKey("stdout")},
-		{"metadata", "GET", machinePath + "/metadata", "", 200, "Metadata", nil, hasKey("role")},
-		{"metadata key", "GET", machinePath + "/metadata/role", "", 200, "Metadata", nil,
+			200, "ExecMachine", api.ExecRequest{Command: []string{"sh", "-c", `echo "hello world"`}, Cmd: `sh -c 'echo "hello world"'`}, hasKey("stdout")},
+		{"metadata", "GET", machinePath + "/metadata", "", 200, "MachineMetadata", nil, hasKey("role")},
+		{"metadata key", "GET", machinePath + "/metadata/role", "", 200, "MachineMetadata", nil,
 			func(v any) bool { m, _ := v.(map[string]any); return m["value"] == "primary" }},
-		{"metadata set", "POST", machinePath + "/metadata/role", `{"value":"replica"}`, 204, "SetMetadata", [2]string{"role", "replica"}, nil},
-		{"metadata delete", "DELETE", machinePath + "/metadata/role", "", 204, "DeleteMetadata", "role", nil},
+		{"metadata set", "POST", machinePath + "/metadata/role", `{"value":"replica"}`, 204, "SetMachineMetadata", [2]string{"role", "replica"}, nil},
+		{"metadata delete", "DELETE", machinePath + "/metadata/role", "", 204, "DeleteMachineMetadata", "role", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -160,7 +160,7 @@ func TestListIsNeverNull(t *testing.T) {
 func TestListStateDestroyedIncludesDeleted(t *testing.T) {
 	b := newFake()
 	do(t, newServer(t, b), "GET", "/v1/apps/my-app/machines?state=destroyed", "")
-	if f := b.last(t).Arg.(ListFilter); !f.IncludeDeleted {
+	if f := b.last(t).Arg.(api.ListMachinesOptions); !f.IncludeDeleted {
 		t.Errorf("filter = %+v, want IncludeDeleted", f)
 	}
 }
@@ -305,7 +305,7 @@ func TestWaitAnyState(t *testing.T) {
 	if len(calls) != 1 {
 		t.Fatalf("%d backend calls, want 1", len(calls))
 	}
-	o := calls[0].Arg.(WaitOptions)
+	o := calls[0].Arg.(api.WaitOptions)
 	if strings.Join(o.States, ",") != "stopped,suspended,destroyed" {
 		t.Errorf("states = %v", o.States)
 	}

@@ -13,11 +13,10 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
-	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/place"
 )
 
-var _ httpapi.Backend = (*Server)(nil)
+var _ api.Backend = (*Server)(nil)
 
 // newMachineID returns 14 lowercase hex characters.
 func newMachineID() string {
@@ -63,7 +62,7 @@ func (s *Server) allEntries(ctx context.Context, prefix string) ([]machineEntry,
 
 // entry loads one machine's entry, after checking the caller may see (or,
 // with write, change) its app.
-func (s *Server) entry(ctx context.Context, ref httpapi.MachineRef, write bool) (machineEntry, error) {
+func (s *Server) entry(ctx context.Context, ref api.MachineRef, write bool) (machineEntry, error) {
 	a, err := s.appFor(ctx, ref.App, write)
 	if err != nil {
 		return machineEntry{}, err
@@ -107,17 +106,21 @@ func (s *Server) hostClient(hostID, nonce string) (*api.Client, error) {
 	return c, nil
 }
 
-// forward finds the machine's host and hands fn a client for it.
-func (s *Server) forward(ctx context.Context, ref httpapi.MachineRef, write bool, fn func(*api.Client) error) error {
+// onHost returns the Machines API of the host that runs the machine ref
+// names, after checking the caller may see (with write, change) its app: the
+// control plane answers a call about one machine by making the same call
+// there, lease nonce and all, and passing its answer on (see hostError).
+func (s *Server) onHost(ctx context.Context, ref api.MachineRef, write bool) (api.Backend, error) {
 	me, err := s.entry(ctx, ref, write)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	c, err := s.hostClient(me.Host, ref.LeaseNonce)
-	if err != nil {
-		return err
-	}
-	return hostError(fn(c))
+	return s.hostClient(me.Host, "")
+}
+
+// fromHost passes a host's answer on, its error through hostError.
+func fromHost[T any](v T, err error) (T, error) {
+	return v, hostError(err)
 }
 
 // hostError passes a host's API errors through as they are (the client gets
@@ -221,7 +224,7 @@ func parseRegions(s string) ([]string, error) {
 
 // GetMachine asks the machine's host; when the host is down it answers the
 // cluster's last facts with host_status "unreachable".
-func (s *Server) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.Machine, error) {
+func (s *Server) GetMachine(ctx context.Context, ref api.MachineRef) (*api.Machine, error) {
 	me, err := s.entry(ctx, ref, false)
 	if err != nil {
 		return nil, err
@@ -230,7 +233,7 @@ func (s *Server) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.M
 	if err != nil {
 		return unreachable(me, s.cfg.Cluster.Snapshot().Machine(me.ID)), nil
 	}
-	m, err := c.Get(ctx, ref.App, ref.ID)
+	m, err := c.GetMachine(ctx, ref)
 	if err != nil {
 		if errors.Is(err, api.ErrNotFound) {
 			return nil, err
@@ -245,7 +248,7 @@ func (s *Server) GetMachine(ctx context.Context, ref httpapi.MachineRef) (*api.M
 }
 
 // ListMachines asks every host that runs machines of the app, at once.
-func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.ListFilter) ([]*api.Machine, error) {
+func (s *Server) ListMachines(ctx context.Context, appName string, f api.ListMachinesOptions) ([]*api.Machine, error) {
 	a, err := s.appFor(ctx, appName, false)
 	if err != nil {
 		return nil, err
@@ -267,7 +270,7 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.Lis
 			c, err := s.hostClient(hostID, "")
 			if err == nil {
 				var got []*api.Machine
-				got, err = c.List(ctx, appName, api.ListMachinesOptions{Region: f.Region, Metadata: f.Metadata, IncludeDeleted: f.IncludeDeleted})
+				got, err = c.ListMachines(ctx, appName, f)
 				want := map[string]bool{}
 				for _, me := range mes {
 					want[me.ID] = true
@@ -310,7 +313,7 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f httpapi.Lis
 func cmpStrings(a, b string) int { return strings.Compare(a, b) }
 
 // UpdateMachine forwards the new config with the app's current secrets.
-func (s *Server) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
+func (s *Server) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
 	if in.ID != "" || in.Org != "" || in.Secrets != nil {
 		return nil, api.Errorf(http.StatusUnprocessableEntity, "id, org and secrets are set by the control plane")
 	}
@@ -320,33 +323,34 @@ func (s *Server) UpdateMachine(ctx context.Context, ref httpapi.MachineRef, in a
 	if err := in.Config.Validate(); err != nil {
 		return nil, err
 	}
-	var out *api.Machine
 	a, err := s.appFor(ctx, ref.App, true)
 	if err != nil {
 		return nil, err
 	}
-	err = s.forward(ctx, ref, true, func(c *api.Client) error {
-		if !in.SkipSecrets {
-			sec, err := s.plainSecrets(ctx, a)
-			if err != nil {
-				return err
-			}
-			if sec == nil {
-				sec = map[string]string{}
-			}
-			in.Secrets = sec
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
+		return nil, err
+	}
+	if !in.SkipSecrets {
+		sec, err := s.plainSecrets(ctx, a)
+		if err != nil {
+			return nil, err
 		}
-		var err error
-		if out, err = c.Update(ctx, ref.App, ref.ID, in); err == nil {
-			s.resized(ctx, ref, guestOf(in.Config))
+		if sec == nil {
+			sec = map[string]string{}
 		}
-		return err
-	})
-	return out, err
+		in.Secrets = sec
+	}
+	out, err := h.UpdateMachine(ctx, ref, in)
+	if err != nil {
+		return nil, hostError(err)
+	}
+	s.resized(ctx, ref, guestOf(in.Config))
+	return out, nil
 }
 
 // resized records a machine's new guest size in its entry, for fairness.
-func (s *Server) resized(ctx context.Context, ref httpapi.MachineRef, g place.Resources) {
+func (s *Server) resized(ctx context.Context, ref api.MachineRef, g place.Resources) {
 	_, _, err := catalog.UpdateJSON(ctx, s.machines, machineKey(ref.App, ref.ID), func(me *machineEntry, exists bool) error {
 		if !exists {
 			return errNoChange
@@ -362,57 +366,60 @@ func (s *Server) resized(ctx context.Context, ref httpapi.MachineRef, g place.Re
 // errNoChange aborts a catalog update that has nothing to do.
 var errNoChange = errors.New("no change")
 
-func (s *Server) StartMachine(ctx context.Context, ref httpapi.MachineRef) (*api.StartResponse, error) {
-	var out *api.StartResponse
-	err := s.forward(ctx, ref, true, func(c *api.Client) (err error) {
-		out, err = c.Start(ctx, ref.App, ref.ID)
+// The calls below are about one machine: each is the same call on the
+// machine's host.
+
+func (s *Server) StartMachine(ctx context.Context, ref api.MachineRef) (*api.StartResponse, error) {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.StartMachine(ctx, ref))
+}
+
+func (s *Server) StopMachine(ctx context.Context, ref api.MachineRef, in api.StopMachineInput) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
 		return err
-	})
-	return out, err
+	}
+	return hostError(h.StopMachine(ctx, ref, in))
 }
 
-func (s *Server) StopMachine(ctx context.Context, ref httpapi.MachineRef, in api.StopMachineInput) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error { return c.Stop(ctx, ref.App, ref.ID, in) })
-}
-
-func (s *Server) RestartMachine(ctx context.Context, ref httpapi.MachineRef, o httpapi.RestartOptions) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error {
-		return c.Restart(ctx, ref.App, ref.ID, api.RestartOptions{ForceStop: o.ForceStop, Timeout: o.Timeout, Signal: o.Signal})
-	})
-}
-
-func (s *Server) SignalMachine(ctx context.Context, ref httpapi.MachineRef, signal string) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error { return c.Signal(ctx, ref.App, ref.ID, signal) })
-}
-
-func (s *Server) SuspendMachine(ctx context.Context, ref httpapi.MachineRef) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error { return c.Suspend(ctx, ref.App, ref.ID) })
-}
-
-// WaitMachine waits at the host, then answers the machine as it is then.
-func (s *Server) WaitMachine(ctx context.Context, ref httpapi.MachineRef, o httpapi.WaitOptions) (*api.Machine, error) {
-	var out *api.Machine
-	err := s.forward(ctx, ref, false, func(c *api.Client) error {
-		wo := api.WaitOptions{InstanceID: o.InstanceID, Timeout: o.Timeout}
-		if len(o.States) > 0 {
-			wo.State, wo.States = o.States[0], o.States[1:]
-		}
-		if err := c.Wait(ctx, ref.App, ref.ID, wo); err != nil {
-			if errors.Is(err, api.ErrNotFound) && slices.Contains(o.States, api.StateDestroyed) {
-				out = &api.Machine{ID: ref.ID, State: api.StateDestroyed}
-				return nil
-			}
-			return err
-		}
-		var err error
-		out, err = c.Get(ctx, ref.App, ref.ID)
+func (s *Server) RestartMachine(ctx context.Context, ref api.MachineRef, o api.RestartOptions) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
 		return err
-	})
-	return out, err
+	}
+	return hostError(h.RestartMachine(ctx, ref, o))
+}
+
+func (s *Server) SignalMachine(ctx context.Context, ref api.MachineRef, signal string) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
+		return err
+	}
+	return hostError(h.SignalMachine(ctx, ref, signal))
+}
+
+func (s *Server) SuspendMachine(ctx context.Context, ref api.MachineRef) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
+		return err
+	}
+	return hostError(h.SuspendMachine(ctx, ref))
+}
+
+// WaitMachine waits at the host, which answers the machine as it is then.
+func (s *Server) WaitMachine(ctx context.Context, ref api.MachineRef, o api.WaitOptions) (*api.Machine, error) {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.WaitMachine(ctx, ref, o))
 }
 
 // DestroyMachine destroys the machine at its host and forgets its entry.
-func (s *Server) DestroyMachine(ctx context.Context, ref httpapi.MachineRef, force bool) error {
+func (s *Server) DestroyMachine(ctx context.Context, ref api.MachineRef, force bool) error {
 	me, err := s.entry(ctx, ref, true)
 	if err != nil {
 		return err
@@ -430,102 +437,109 @@ func (s *Server) destroy(ctx context.Context, me machineEntry, force bool, nonce
 		_, err := s.machines.Put(ctx, machineKey(me.App, me.ID), mustJSON(me))
 		return err
 	}
-	c, err := s.hostClient(me.Host, strings.Join(nonce, ""))
+	c, err := s.hostClient(me.Host, "")
 	if err != nil {
 		return err
 	}
-	if err := c.Destroy(ctx, me.App, me.ID, force); err != nil && !errors.Is(err, api.ErrNotFound) {
+	ref := api.MachineRef{App: me.App, ID: me.ID, LeaseNonce: strings.Join(nonce, "")}
+	if err := c.DestroyMachine(ctx, ref, force); err != nil && !errors.Is(err, api.ErrNotFound) {
 		return hostError(err)
 	}
 	return s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
 }
 
-func (s *Server) Events(ctx context.Context, ref httpapi.MachineRef) ([]*api.MachineEvent, error) {
-	var out []*api.MachineEvent
-	err := s.forward(ctx, ref, false, func(c *api.Client) (err error) {
-		out, err = c.Events(ctx, ref.App, ref.ID)
+func (s *Server) MachineEvents(ctx context.Context, ref api.MachineRef) ([]*api.MachineEvent, error) {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.MachineEvents(ctx, ref))
+}
+
+func (s *Server) MachineVersions(ctx context.Context, ref api.MachineRef) ([]*api.MachineVersion, error) {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.MachineVersions(ctx, ref))
+}
+
+func (s *Server) MachineProcesses(ctx context.Context, ref api.MachineRef) ([]api.ProcessStat, error) {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.MachineProcesses(ctx, ref))
+}
+
+func (s *Server) ExecMachine(ctx context.Context, ref api.MachineRef, in api.ExecRequest) (*api.ExecResponse, error) {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.ExecMachine(ctx, ref, in))
+}
+
+func (s *Server) MachineLogs(ctx context.Context, ref api.MachineRef, o api.LogOptions, emit func(api.LogEntry) error) error {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
 		return err
-	})
-	return out, err
+	}
+	return hostError(h.MachineLogs(ctx, ref, o, emit))
 }
 
-func (s *Server) Versions(ctx context.Context, ref httpapi.MachineRef) ([]*api.MachineVersion, error) {
-	var out []*api.MachineVersion
-	err := s.forward(ctx, ref, false, func(c *api.Client) (err error) {
-		out, err = c.Versions(ctx, ref.App, ref.ID)
+func (s *Server) MachineLease(ctx context.Context, ref api.MachineRef) (*api.Lease, error) {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.MachineLease(ctx, ref))
+}
+
+func (s *Server) AcquireMachineLease(ctx context.Context, ref api.MachineRef, in api.LeaseInput) (*api.Lease, error) {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.AcquireMachineLease(ctx, ref, in))
+}
+
+func (s *Server) ReleaseMachineLease(ctx context.Context, ref api.MachineRef) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
 		return err
-	})
-	return out, err
+	}
+	return hostError(h.ReleaseMachineLease(ctx, ref))
 }
 
-func (s *Server) Processes(ctx context.Context, ref httpapi.MachineRef) ([]api.ProcessStat, error) {
-	var out []api.ProcessStat
-	err := s.forward(ctx, ref, false, func(c *api.Client) (err error) {
-		out, err = c.Processes(ctx, ref.App, ref.ID)
+func (s *Server) CordonMachine(ctx context.Context, ref api.MachineRef, on bool) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
 		return err
-	})
-	return out, err
+	}
+	return hostError(h.CordonMachine(ctx, ref, on))
 }
 
-func (s *Server) Exec(ctx context.Context, ref httpapi.MachineRef, in api.ExecRequest) (*api.ExecResponse, error) {
-	var out *api.ExecResponse
-	err := s.forward(ctx, ref, true, func(c *api.Client) (err error) {
-		out, err = c.Exec(ctx, ref.App, ref.ID, in)
+func (s *Server) MachineMetadata(ctx context.Context, ref api.MachineRef) (map[string]string, error) {
+	h, err := s.onHost(ctx, ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return fromHost(h.MachineMetadata(ctx, ref))
+}
+
+func (s *Server) SetMachineMetadata(ctx context.Context, ref api.MachineRef, key, value string) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
 		return err
-	})
-	return out, err
+	}
+	return hostError(h.SetMachineMetadata(ctx, ref, key, value))
 }
 
-func (s *Server) Logs(ctx context.Context, ref httpapi.MachineRef, o httpapi.LogOptions, emit func(api.LogEntry) error) error {
-	return s.forward(ctx, ref, false, func(c *api.Client) error {
-		return c.StreamLogs(ctx, ref.App, ref.ID, api.LogOptions{Tail: o.Tail, Follow: o.Follow}, emit)
-	})
-}
-
-func (s *Server) GetLease(ctx context.Context, ref httpapi.MachineRef) (*api.Lease, error) {
-	var out *api.Lease
-	err := s.forward(ctx, ref, false, func(c *api.Client) (err error) {
-		out, err = c.GetLease(ctx, ref.App, ref.ID)
+func (s *Server) DeleteMachineMetadata(ctx context.Context, ref api.MachineRef, key string) error {
+	h, err := s.onHost(ctx, ref, true)
+	if err != nil {
 		return err
-	})
-	return out, err
-}
-
-func (s *Server) AcquireLease(ctx context.Context, ref httpapi.MachineRef, in api.LeaseInput) (*api.Lease, error) {
-	var out *api.Lease
-	err := s.forward(ctx, ref, true, func(c *api.Client) (err error) {
-		out, err = c.AcquireLease(ctx, ref.App, ref.ID, in)
-		return err
-	})
-	return out, err
-}
-
-func (s *Server) ReleaseLease(ctx context.Context, ref httpapi.MachineRef) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error { return c.ReleaseLease(ctx, ref.App, ref.ID, ref.LeaseNonce) })
-}
-
-func (s *Server) Cordon(ctx context.Context, ref httpapi.MachineRef, on bool) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error {
-		if on {
-			return c.Cordon(ctx, ref.App, ref.ID)
-		}
-		return c.Uncordon(ctx, ref.App, ref.ID)
-	})
-}
-
-func (s *Server) Metadata(ctx context.Context, ref httpapi.MachineRef) (map[string]string, error) {
-	var out map[string]string
-	err := s.forward(ctx, ref, false, func(c *api.Client) (err error) {
-		out, err = c.Metadata(ctx, ref.App, ref.ID)
-		return err
-	})
-	return out, err
-}
-
-func (s *Server) SetMetadata(ctx context.Context, ref httpapi.MachineRef, key, value string) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error { return c.SetMetadata(ctx, ref.App, ref.ID, key, value) })
-}
-
-func (s *Server) DeleteMetadata(ctx context.Context, ref httpapi.MachineRef, key string) error {
-	return s.forward(ctx, ref, true, func(c *api.Client) error { return c.DeleteMetadata(ctx, ref.App, ref.ID, key) })
+	}
+	return hostError(h.DeleteMachineMetadata(ctx, ref, key))
 }
