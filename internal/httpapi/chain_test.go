@@ -56,7 +56,9 @@ func backendCalls() []backendCall {
 			func(ctx context.Context, b api.Backend) (any, error) {
 				return nil, b.RestartMachine(ctx, ref, api.RestartOptions{ForceStop: true, Timeout: 3 * time.Second, Signal: "SIGUSR1"})
 			}},
-		{"SignalMachine", "SIGUSR2", func(ctx context.Context, b api.Backend) (any, error) { return nil, b.SignalMachine(ctx, ref, "SIGUSR2") }},
+		{"SignalMachine", "SIGUSR2", func(ctx context.Context, b api.Backend) (any, error) {
+			return nil, b.SignalMachine(ctx, ref, "SIGUSR2")
+		}},
 		{"SuspendMachine", nil, func(ctx context.Context, b api.Backend) (any, error) { return nil, b.SuspendMachine(ctx, ref) }},
 		{"DestroyMachine", true, func(ctx context.Context, b api.Backend) (any, error) { return nil, b.DestroyMachine(ctx, ref, true) }},
 		{"MachineEvents", nil, func(ctx context.Context, b api.Backend) (any, error) { return b.MachineEvents(ctx, ref) }},
@@ -76,9 +78,13 @@ func backendCalls() []backendCall {
 		{"CordonMachine", false, func(ctx context.Context, b api.Backend) (any, error) { return nil, b.CordonMachine(ctx, ref, false) }},
 		{"MachineMetadata", nil, func(ctx context.Context, b api.Backend) (any, error) { return b.MachineMetadata(ctx, ref) }},
 		{"SetMachineMetadata", [2]string{"role", "replica"},
-			func(ctx context.Context, b api.Backend) (any, error) { return nil, b.SetMachineMetadata(ctx, ref, "role", "replica") }},
+			func(ctx context.Context, b api.Backend) (any, error) {
+				return nil, b.SetMachineMetadata(ctx, ref, "role", "replica")
+			}},
 		{"DeleteMachineMetadata", "role",
-			func(ctx context.Context, b api.Backend) (any, error) { return nil, b.DeleteMachineMetadata(ctx, ref, "role") }},
+			func(ctx context.Context, b api.Backend) (any, error) {
+				return nil, b.DeleteMachineMetadata(ctx, ref, "role")
+			}},
 	}
 }
 
