@@ -96,6 +96,9 @@ type Agent struct {
 	cfg   Config
 	log   *slog.Logger
 	store *store
+	// logWatch notices new output in every machine's log through one
+	// inotify instance (nil where inotify is unavailable: logs poll).
+	logWatch *machinelog.Watcher
 
 	ctx    context.Context // ends when the agent closes
 	cancel context.CancelFunc
@@ -169,11 +172,18 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
+	log := cfg.Logger.With("component", "agent")
+	lw, err := machinelog.NewWatcher()
+	if err != nil {
+		log.Warn("machine logs will be polled", "err", err)
+		lw = nil
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Agent{
 		cfg:      cfg,
-		log:      cfg.Logger.With("component", "agent"),
+		log:      log,
 		store:    st,
+		logWatch: lw,
 		ctx:      ctx,
 		cancel:   cancel,
 		machines: map[string]*mach{},
@@ -224,6 +234,9 @@ func (a *Agent) Close() error {
 	a.wg.Wait()
 	for _, m := range a.all() {
 		m.closeLog()
+	}
+	if a.logWatch != nil {
+		a.logWatch.Close()
 	}
 	return a.store.close()
 }

@@ -21,7 +21,7 @@ func (a *Agent) openLog(m *mach) *machinelog.Log {
 	if r.State == machine.Destroying || r.State == machine.Destroyed {
 		return nil // its files are going or gone
 	}
-	lc := machinelog.Config{Path: a.spec(r).LogPath, Lines: a.cfg.LogLines}
+	lc := machinelog.Config{Path: a.spec(r).LogPath, Lines: a.cfg.LogLines, Watcher: a.logWatch}
 	if a.cfg.OnLog != nil {
 		app, id, region := r.App, r.ID, r.Region
 		lc.OnLines = func(lines []machinelog.Line) {

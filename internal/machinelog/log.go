@@ -9,7 +9,8 @@
 // 64 KiB, which ends it).
 //
 // New lines are noticed through inotify on the file's directory, with a slow
-// poll as a safety net, or a 50 ms poll where inotify is unavailable.
+// poll as a safety net, or a 50 ms poll where inotify is unavailable. A host
+// shares one inotify instance (a Watcher) among all its Logs.
 //
 // # Rotation
 //
@@ -47,6 +48,10 @@ type Config struct {
 	// Poll is how often the file is checked without a change notice
 	// (default 1 s, or 50 ms where inotify is unavailable).
 	Poll time.Duration
+	// Watcher, if set, is the inotify instance that notices the file's
+	// changes, shared with other Logs (a host's); nil gives the Log one of
+	// its own. It must outlive the Log.
+	Watcher *Watcher
 	// OnLines, if set, is called with each batch of new lines as they are
 	// read (the host publishes them on the event bus). It must not block.
 	OnLines func([]Line)

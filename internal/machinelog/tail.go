@@ -3,16 +3,12 @@ package machinelog
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // tailer is the reading side of a Log, owned by its goroutine.
@@ -60,7 +56,8 @@ func (l *Log) Start(ctx context.Context) error {
 	l.tail = t
 
 	poll := l.cfg.Poll
-	notify, err := watchDir(filepath.Dir(l.cfg.Path))
+	wake := make(chan struct{}, 1)
+	unwatch, err := l.watch(wake)
 	if err != nil {
 		l.logger.Warn("no inotify, polling", "err", err)
 		if poll == 0 {
@@ -70,14 +67,29 @@ func (l *Log) Start(ctx context.Context) error {
 	if poll == 0 {
 		poll = defaultPoll
 	}
-	wake := make(chan struct{}, 1)
-	if notify != nil {
-		l.wg.Add(1)
-		go l.watch(notify, filepath.Base(l.cfg.Path), wake)
-	}
 	l.wg.Add(1)
-	go l.run(ctx, poll, notify, wake)
+	go l.run(ctx, poll, unwatch, wake)
 	return nil
+}
+
+// watch asks the Config's Watcher, or one of the Log's own, to send on wake
+// when the file may have changed. The returned function ends that (and
+// closes the Log's own Watcher).
+func (l *Log) watch(wake chan<- struct{}) (func(), error) {
+	w := l.cfg.Watcher
+	if w != nil {
+		return w.add(l.cfg.Path, wake)
+	}
+	w, err := NewWatcher()
+	if err != nil {
+		return nil, err
+	}
+	remove, err := w.add(l.cfg.Path, wake)
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	return func() { remove(); w.Close() }, nil
 }
 
 // Close stops tailing, ends every Follow and waits for the Log's goroutines.
@@ -90,12 +102,12 @@ func (l *Log) Close() error {
 }
 
 // run reads whatever is new whenever woken or polled.
-func (l *Log) run(ctx context.Context, poll time.Duration, notify *os.File, wake <-chan struct{}) {
+func (l *Log) run(ctx context.Context, poll time.Duration, unwatch func(), wake <-chan struct{}) {
 	defer l.wg.Done()
 	defer l.markClosed()
 	defer l.tail.f.Close()
-	if notify != nil {
-		defer notify.Close() // ends watch
+	if unwatch != nil {
+		defer unwatch()
 	}
 	ticker := time.NewTicker(poll)
 	defer ticker.Stop()
@@ -261,65 +273,6 @@ func (t *tailer) load(size int64, n int) ([]string, error) {
 	t.partial = partial
 	t.off = size
 	return lines, nil
-}
-
-// watchDir returns a non-blocking inotify descriptor watching dir for
-// changes to its files.
-func watchDir(dir string) (*os.File, error) {
-	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("inotify_init1: %w", err)
-	}
-	const mask = unix.IN_MODIFY | unix.IN_CREATE | unix.IN_MOVED_TO | unix.IN_CLOSE_WRITE | unix.IN_ATTRIB
-	if _, err := unix.InotifyAddWatch(fd, dir, mask); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("inotify_add_watch %s: %w", dir, err)
-	}
-	return os.NewFile(uintptr(fd), "inotify"), nil
-}
-
-// watch wakes run whenever an event about the file named name arrives, until
-// notify is closed.
-func (l *Log) watch(notify *os.File, name string, wake chan<- struct{}) {
-	defer l.wg.Done()
-	buf := make([]byte, 16<<10)
-	for {
-		n, err := notify.Read(buf)
-		if err != nil {
-			return
-		}
-		if n == 0 || aboutFile(buf[:n], name) {
-			select {
-			case wake <- struct{}{}:
-			default:
-			}
-		}
-	}
-}
-
-// aboutFile reports whether a batch of inotify events mentions name, or
-// overflowed.
-func aboutFile(b []byte, name string) bool {
-	for len(b) >= unix.SizeofInotifyEvent {
-		mask := binary.NativeEndian.Uint32(b[4:8])
-		nameLen := int(binary.NativeEndian.Uint32(b[12:16]))
-		end := unix.SizeofInotifyEvent + nameLen
-		if end > len(b) {
-			return true
-		}
-		if mask&unix.IN_Q_OVERFLOW != 0 {
-			return true
-		}
-		evName := b[unix.SizeofInotifyEvent:end]
-		if i := bytes.IndexByte(evName, 0); i >= 0 {
-			evName = evName[:i]
-		}
-		if string(evName) == name {
-			return true
-		}
-		b = b[end:]
-	}
-	return false
 }
 
 func inode(fi os.FileInfo) uint64 {
