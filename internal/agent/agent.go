@@ -190,9 +190,13 @@ func New(cfg Config) (*Agent, error) {
 	}, nil
 }
 
-// Start loads every machine from the store and resumes it: workloads that
-// still run are re-adopted, ones that died meanwhile go through their restart
-// policy, and operations cut short are finished.
+// Start loads every machine from the store and returns: the API answers at
+// once, each machine as its record stands. Meanwhile every machine resumes
+// on its own goroutine, under its own lock, taken here before any call can
+// take it: workloads that still run are re-adopted, ones that died meanwhile
+// go through their restart policy, and operations cut short are finished (a
+// stop by the deadline it recorded). Readers see the recorded state until a
+// machine has resumed; an operation on it waits until then.
 func (a *Agent) Start(ctx context.Context) error {
 	recs, err := a.store.all()
 	if err != nil {
@@ -205,15 +209,18 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.started = true
 	for _, r := range recs {
-		a.machines[r.ID] = newMach(r)
+		m := newMach(r)
+		m.opMu.Lock() // released by the machine's resume
+		a.machines[r.ID] = m
+		// Spawned under a.mu, so a Close that follows waits for it.
+		a.goOwned(func() {
+			defer m.opMu.Unlock()
+			if err := a.resumeLocked(m); err != nil {
+				a.log.Error("resume machine", "machine", r.ID, "state", r.State, "err", err)
+			}
+		})
 	}
 	a.mu.Unlock()
-	for _, r := range recs {
-		m := a.lookup(r.ID)
-		if err := a.resume(m); err != nil {
-			a.log.Error("resume machine", "machine", r.ID, "state", r.State, "err", err)
-		}
-	}
 	a.log.Info("agent started", "region", a.cfg.Region, "machines", len(recs), "driver", a.cfg.Driver.Name())
 	return nil
 }

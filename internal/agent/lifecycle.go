@@ -332,7 +332,7 @@ func (a *Agent) stopLocked(m *mach, signal string, timeout time.Duration, source
 		return api.Errorf(409, "machine %s is %s: only a started machine can be stopped", r.ID, r.State)
 	}
 	if err := a.step(m, machine.Stopping, newEvent(api.EventStop, string(machine.Stopping), source), func(r *record) {
-		r.Op = &op{Kind: "stop", Signal: sigName(sig), Timeout: to}
+		r.Op = &op{Kind: "stop", Signal: sigName(sig), Timeout: to, Deadline: a.now().Add(to)}
 	}); err != nil {
 		return err
 	}
@@ -416,6 +416,9 @@ func (a *Agent) updateLocked(m *mach, cfg *api.MachineConfig, source string) err
 	next.Versions = append([]version{{Instance: inst, State: machine.Updating, CreatedAt: now, Config: cfg}}, next.Versions...)
 	next.Instance, next.Config, next.State = inst, cfg, machine.Updating
 	next.Op = &op{Kind: "update", Then: then}
+	if sig, to, err := a.stopParams(r.Config, "", 0); err == nil {
+		next.Op.Signal, next.Op.Timeout, next.Op.Deadline = sigName(sig), to, now.Add(to)
+	}
 	next.OldHandle, next.Handle = r.Handle, ""
 	next.Restarts = 0
 	if err := a.commit(m, next, newEvent(api.EventUpdate, string(machine.Replacing), source)); err != nil {
@@ -431,6 +434,9 @@ func (a *Agent) finishUpdate(m *mach, oldCfg *api.MachineConfig) error {
 	sig, to, err := a.stopParams(oldCfg, "", 0)
 	if err != nil {
 		sig, to = syscall.SIGINT, a.cfg.StopTimeout
+	}
+	if r.Op != nil && !r.Op.Deadline.IsZero() {
+		to = a.opGrace(r.Op) // as the update decided, when it did
 	}
 	if _, err := a.halt(m.oldProc, sig, to); err != nil {
 		return fmt.Errorf("update machine %s: stop old version: %w", r.ID, err)
@@ -494,7 +500,7 @@ func (a *Agent) restartLocked(m *mach, signal string, timeout time.Duration, for
 		return api.Errorf(409, "machine %s is %s: only a started machine can be restarted", r.ID, r.State)
 	}
 	if err := a.step(m, machine.Restarting, newEvent(api.EventRestart, string(machine.Restarting), source), func(r *record) {
-		r.Op = &op{Kind: "restart", Signal: sigName(sig), Timeout: to}
+		r.Op = &op{Kind: "restart", Signal: sigName(sig), Timeout: to, Deadline: a.now().Add(to)}
 		r.Restarts = 0
 	}); err != nil {
 		return err
@@ -510,11 +516,9 @@ func (a *Agent) finishRestart(m *mach, sig syscall.Signal, to time.Duration) err
 	return a.launch(m, sourceFlyd, api.EventStart)
 }
 
-// resume finishes whatever the machine was doing when the previous agent
-// stopped, and re-adopts its workload.
-func (a *Agent) resume(m *mach) error {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
+// resumeLocked finishes whatever the machine was doing when the previous
+// agent stopped, and re-adopts its workload. The caller holds m.opMu.
+func (a *Agent) resumeLocked(m *mach) error {
 	r := m.rec.Load()
 	spec := a.spec(r)
 	adopt := func(handle string) driver.Process {
@@ -559,15 +563,14 @@ func (a *Agent) resume(m *mach) error {
 		return nil
 	case machine.Stopping:
 		m.proc = adopt(r.Handle)
-		sig, to := opSignal(r.Op), a.opTimeout(r.Op)
-		return a.finishStop(m, sig, to)
+		return a.finishStop(m, opSignal(r.Op), a.opGrace(r.Op))
 	case machine.Suspending:
 		m.proc = adopt(r.Handle)
 		return a.finishStop(m, syscall.SIGINT, a.cfg.StopTimeout)
 	case machine.Restarting:
 		if r.Op != nil && r.Op.Kind == "restart" {
 			m.proc = adopt(r.Handle)
-			return a.finishRestart(m, opSignal(r.Op), a.opTimeout(r.Op))
+			return a.finishRestart(m, opSignal(r.Op), a.opGrace(r.Op))
 		}
 		// Waiting out a restart backoff.
 		delay := max(r.RestartAt.Sub(a.now()), 0)
@@ -602,10 +605,17 @@ func opSignal(o *op) syscall.Signal {
 	return syscall.SIGINT
 }
 
-// opTimeout is the stop timeout an interrupted operation recorded, or the
-// agent's default.
-func (a *Agent) opTimeout(o *op) time.Duration {
-	if o != nil && o.Timeout > 0 {
+// opGrace is what is left of the grace an interrupted operation recorded
+// for its workload to stop before it is killed: until its deadline (nothing
+// once that has passed), or for a record without one, its whole timeout (or
+// the agent's default).
+func (a *Agent) opGrace(o *op) time.Duration {
+	switch {
+	case o == nil:
+		return a.cfg.StopTimeout
+	case !o.Deadline.IsZero():
+		return max(o.Deadline.Sub(a.now()), 0)
+	case o.Timeout > 0:
 		return o.Timeout
 	}
 	return a.cfg.StopTimeout

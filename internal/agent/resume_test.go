@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -33,6 +35,16 @@ func abandon(a *Agent) {
 // instance, as a restarted agent process would have.
 func agentOn(t *testing.T, dir string) *Agent {
 	return newAgent(t, dir, exec.New(exec.Config{}, testLogger(t)))
+}
+
+// resumed waits until every machine of a has resumed: each one's lock is
+// held by its resume until it is done.
+func resumed(t *testing.T, a *Agent) {
+	t.Helper()
+	for _, m := range a.all() {
+		m.opMu.Lock()
+		m.opMu.Unlock()
+	}
 }
 
 // rewrite edits the stored record of machine id while no agent runs,
@@ -124,6 +136,7 @@ func TestResumeRestartsWorkloadThatDiedMeanwhile(t *testing.T) {
 	waitFor(t, "workload dead", func() bool { return !alive(pid) })
 
 	b := agentOn(t, dir)
+	resumed(t, b) // until then it reads as the record left it: started
 	waitState(t, b, m.ID, "started")
 	if np := pidOf(t, b, m.ID); np == pid {
 		t.Error("workload not restarted")
@@ -226,6 +239,7 @@ func TestResumeFinishesInterruptedOperations(t *testing.T) {
 			waitFor(t, "killed workload reaped", func() bool { return alive(pid) || workloads(m.ID) == 0 })
 
 			b := agentOn(t, dir)
+			resumed(t, b)
 			waitState(t, b, m.ID, string(tt.want))
 			if tt.check != nil {
 				tt.check(t, b, m.ID, pid)
@@ -249,4 +263,191 @@ func pidFromHandle(h string) int {
 	p, _, _ := strings.Cut(h, ":")
 	n, _ := strconv.Atoi(p)
 	return n
+}
+
+// stubbornConfig runs a workload that ignores the stop signals: only the
+// SIGKILL at the end of a stop's grace ends it.
+func stubbornConfig() *api.MachineConfig {
+	return shConfig("trap '' TERM INT; exec sleep 600")
+}
+
+// stopStubborn starts a stop of machine id with grace on a, waits until the
+// stop is recorded, and returns its recorded deadline. The stop call itself
+// runs on until the agent is abandoned.
+func stopStubborn(t *testing.T, a *Agent, id string, grace time.Duration) time.Time {
+	t.Helper()
+	go a.StopMachine(context.Background(), ref(id), api.StopMachineInput{Signal: "SIGTERM", Timeout: &api.Duration{Duration: grace}})
+	waitFor(t, "stop recorded", func() bool { return a.lookup(id).rec.Load().State == machine.Stopping })
+	o := a.lookup(id).rec.Load().Op
+	if o == nil || o.Deadline.IsZero() {
+		t.Fatalf("stop recorded without a deadline: %+v", o)
+	}
+	return o.Deadline
+}
+
+// An agent restarted while a machine was stopping with a long grace answers
+// its API as soon as it has read its records, not when that stop ends: the
+// other machines are adopted and can be operated, readers see the stopping
+// machine as recorded, and an operation on it waits for its resume.
+func TestRestartAnswersWhileAStopRuns(t *testing.T) {
+	// The grace is the bound's yardstick: everything below must happen
+	// long before the stop could end by itself.
+	const grace = 2 * time.Minute
+	const bound = grace / 4
+	dir := t.TempDir()
+	a := newAgent(t, dir, nil)
+	slow := create(t, a, stubbornConfig())
+	running := create(t, a, shConfig("exec sleep 60"))
+	stopped := create(t, a, shConfig("exec sleep 60"))
+	if err := a.StopMachine(context.Background(), ref(stopped.ID), api.StopMachineInput{}); err != nil {
+		t.Fatal(err)
+	}
+	slowPid, runningPid := pidOf(t, a, slow.ID), pidOf(t, a, running.ID)
+	t.Cleanup(func() { syscall.Kill(slowPid, syscall.SIGKILL) })
+	stopStubborn(t, a, slow.ID, grace)
+	abandon(a)
+
+	t0 := time.Now()
+	b, err := New(Config{DataDir: dir, Region: "ams", Driver: newExecDriver(t), Logger: testLogger(t), Backoff: fastBackoff(), StopTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		b.StopAll(context.Background())
+		b.Close()
+	})
+	started := make(chan error, 1)
+	go func() { started <- b.Start(context.Background()) }()
+	select {
+	case err := <-started:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(bound):
+		t.Fatalf("Start did not return within %v while a stop with %v of grace resumed", bound, grace)
+	}
+	got, err := b.GetMachine(context.Background(), ref(slow.ID))
+	if err != nil || got.State != api.StateStopping {
+		t.Fatalf("get the stopping machine = %+v, %v; want it stopping", got, err)
+	}
+	list, err := b.ListMachines(context.Background(), app, api.ListMachinesOptions{})
+	if err != nil || len(list) != 3 {
+		t.Fatalf("list = %d machines, %v; want 3", len(list), err)
+	}
+
+	// An operation on the resuming machine waits for its lock.
+	type result struct {
+		err   error
+		state string
+	}
+	op := make(chan result, 1)
+	go func() {
+		err := b.StopMachine(context.Background(), ref(slow.ID), api.StopMachineInput{})
+		m, _ := b.GetMachine(context.Background(), ref(slow.ID))
+		op <- result{err, m.State}
+	}()
+
+	// The other machines resume beside it.
+	if pid := pidOf(t, b, running.ID); pid != runningPid {
+		t.Errorf("running machine: pid %d, want %d adopted", pid, runningPid)
+	}
+	if _, err := b.StartMachine(context.Background(), ref(stopped.ID)); err != nil {
+		t.Errorf("start a stopped machine while another resumes: %v", err)
+	}
+	waitState(t, b, stopped.ID, api.StateStarted)
+	if elapsed := time.Since(t0); elapsed > bound {
+		t.Errorf("the restarted agent took %v to answer, want well below the %v grace", elapsed, grace)
+	}
+	if !alive(slowPid) {
+		t.Fatal("the stubborn workload ended before its stop's grace")
+	}
+	select {
+	case r := <-op:
+		t.Fatalf("an operation on the resuming machine did not wait for its resume: %v (state %s)", r.err, r.state)
+	default:
+	}
+
+	// The grace ends (here by hand): the resumed stop records stopped, then
+	// the waiting operation runs and finds it stopped.
+	syscall.Kill(slowPid, syscall.SIGKILL)
+	waitState(t, b, slow.ID, api.StateStopped)
+	select {
+	case r := <-op:
+		if !errors.Is(r.err, api.ErrConflict) || r.state != api.StateStopped {
+			t.Errorf("waiting stop = %v with the machine %s; want a conflict with it stopped", r.err, r.state)
+		}
+	case <-time.After(bound):
+		t.Fatal("the operation waiting for the resume never ran")
+	}
+}
+
+// A stop resumed after a restart ends at the deadline recorded when it was
+// decided, not a whole grace after the restart. The restarted agent's clock
+// reads the stop's grace as all but spent; the workload, which ignores
+// SIGTERM, is killed when the rest has passed.
+func TestResumedStopKeepsItsDeadline(t *testing.T) {
+	const grace = 2 * time.Minute
+	const left = time.Second // of the grace, when the agent restarts
+	dir := t.TempDir()
+	a := newAgent(t, dir, nil)
+	slow := create(t, a, stubbornConfig())
+	pid := pidOf(t, a, slow.ID)
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	deadline := stopStubborn(t, a, slow.ID, grace)
+	abandon(a)
+
+	// The first agent's clock is the real one: its deadline is real time.
+	// The second one's runs grace-left ahead, as if that long had passed.
+	shift := grace - left
+	b, err := New(Config{DataDir: dir, Region: "ams", Driver: newExecDriver(t), Logger: testLogger(t),
+		StopTimeout: 2 * time.Second, Now: func() time.Time { return time.Now().Add(shift) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Well below a grace after the restart; the old behaviour, a whole
+	// grace again, would be two minutes.
+	_, err = b.WaitMachine(context.Background(), ref(slow.ID), api.WaitOptions{State: api.StateStopped, Timeout: grace / 4})
+	if err != nil {
+		t.Fatalf("resumed stop did not end at its deadline: %v", err)
+	}
+	if now := time.Now(); now.Before(deadline.Add(-shift)) {
+		t.Errorf("workload killed %v before its deadline", deadline.Add(-shift).Sub(now))
+	}
+	if alive(pid) {
+		t.Error("workload still runs")
+	}
+	evs := events(t, b, slow.ID)
+	if ee := evs[0].Request; evs[0].Status != api.StateStopped || ee == nil || ee.ExitEvent == nil || ee.ExitEvent.Signal != int(syscall.SIGKILL) {
+		t.Errorf("last event = %+v, want stopped by SIGKILL", evs[0])
+	}
+}
+
+// The grace a resumed operation has left: to its deadline, none once it has
+// passed, and for records written before deadlines were, the whole timeout.
+func TestOpGrace(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	a := &Agent{cfg: Config{StopTimeout: 5 * time.Second, Now: func() time.Time { return now }}}
+	for _, tt := range []struct {
+		name string
+		op   *op
+		want time.Duration
+	}{
+		{"no op", nil, 5 * time.Second},
+		{"deadline ahead", &op{Timeout: time.Hour, Deadline: now.Add(90 * time.Second)}, 90 * time.Second},
+		{"deadline passed", &op{Timeout: time.Hour, Deadline: now.Add(-time.Minute)}, 0},
+		{"old record: timeout only", &op{Timeout: 7 * time.Second}, 7 * time.Second},
+		{"old record: neither", &op{}, 5 * time.Second},
+	} {
+		if got := a.opGrace(tt.op); got != tt.want {
+			t.Errorf("%s: grace %v, want %v", tt.name, got, tt.want)
+		}
+	}
+	var o op
+	if err := json.Unmarshal([]byte(`{"kind":"stop","signal":"15","timeout":90000000000}`), &o); err != nil || !o.Deadline.IsZero() || o.Timeout != 90*time.Second {
+		t.Errorf("old record's op = %+v, %v", o, err)
+	}
 }

@@ -63,7 +63,12 @@ type op struct {
 	Kind    string        `json:"kind"` // create, start, stop, restart, destroy, update, exit
 	Signal  string        `json:"signal,omitempty"`
 	Timeout time.Duration `json:"timeout,omitempty"`
-	Force   bool          `json:"force,omitempty"`
+	// Deadline is when a stop's grace (Timeout, from when it was decided)
+	// runs out and the workload is killed; an agent resuming the stop keeps
+	// it. Records written before it was kept have none: their grace
+	// restarts whole.
+	Deadline time.Time `json:"deadline,omitzero"`
+	Force    bool      `json:"force,omitempty"`
 	// Then is the state an update or a restart goes on to once the old
 	// workload is gone (started, stopped or created).
 	Then machine.State `json:"then,omitempty"`
