@@ -3,9 +3,11 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -616,5 +618,45 @@ func TestDataDirInUse(t *testing.T) {
 	}
 	if _, err := New(Config{DataDir: dir, Region: "ams"}); err == nil {
 		t.Error("agent without driver accepted")
+	}
+}
+
+// inotifyInstances counts the process's open inotify descriptors.
+func inotifyInstances(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && strings.Contains(target, "anon_inode:inotify") {
+			n++
+		}
+	}
+	return n
+}
+
+// The logs of all of a host's machines share one inotify instance (the
+// kernel allows a user 128 by default), which the agent releases on Close.
+func TestMachineLogsShareOneInotifyInstance(t *testing.T) {
+	before := inotifyInstances(t)
+	a := newAgent(t, "", nil)
+	var ids []string
+	for i := range 5 {
+		m := create(t, a, shConfig(fmt.Sprintf("echo hello %d; exec sleep 60", i)))
+		ids = append(ids, m.ID)
+	}
+	for i, id := range ids {
+		want := fmt.Sprintf("hello %d", i)
+		waitFor(t, "log line of "+id, func() bool { return slices.Contains(logLines(t, a, id), want) })
+	}
+	if got := inotifyInstances(t) - before; got != 1 {
+		t.Errorf("agent with %d machines holds %d inotify instances, want 1", len(ids), got)
+	}
+	a.StopAll(context.Background())
+	a.Close()
+	if got := inotifyInstances(t) - before; got != 0 {
+		t.Errorf("closed agent left %d inotify instances", got)
 	}
 }
