@@ -43,6 +43,7 @@ func resumed(t *testing.T, a *Agent) {
 	t.Helper()
 	for _, m := range a.all() {
 		m.opMu.Lock()
+		//lint:ignore SA2001 taking the lock was the wait: the resume held it
 		m.opMu.Unlock()
 	}
 }
