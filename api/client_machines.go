@@ -35,7 +35,8 @@ func (c *Client) machineCall(ctx context.Context, method string, ref MachineRef,
 	}
 	r := request{method: method, path: p, query: query, body: body}
 	if ref.LeaseNonce != "" {
-		r.header = http.Header{LeaseNonceHeader: {ref.LeaseNonce}}
+		r.header = http.Header{}
+		r.header.Set(LeaseNonceHeader, ref.LeaseNonce)
 	}
 	return c.do(ctx, r, out)
 }

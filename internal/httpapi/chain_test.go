@@ -237,3 +237,27 @@ func TestClientBackendLogsFollow(t *testing.T) {
 		t.Error("the far end kept following after the caller left")
 	}
 }
+
+// The nonce a call's MachineRef carries is the one sent, in place of the
+// client's own; a ref without one sends the client's.
+func TestClientBackendNonce(t *testing.T) {
+	far := newFake()
+	srv := httptest.NewServer(newServer(t, far))
+	t.Cleanup(srv.Close)
+	c := api.NewClient(srv.URL, "secret").WithLeaseNonce("client-nonce")
+	for _, tt := range []struct{ ref, want string }{{"ref-nonce", "ref-nonce"}, {"", "client-nonce"}} {
+		ref := api.MachineRef{App: testApp, ID: testID, LeaseNonce: tt.ref}
+		if _, err := c.StartMachine(t.Context(), ref); err != nil {
+			t.Fatal(err)
+		}
+		if got := far.last(t).Ref.LeaseNonce; got != tt.want {
+			t.Errorf("ref nonce %q: far end saw %q, want %q", tt.ref, got, tt.want)
+		}
+		if err := c.MachineLogs(t.Context(), ref, api.LogOptions{}, func(api.LogEntry) error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if got := far.last(t).Ref.LeaseNonce; got != tt.want {
+			t.Errorf("logs with ref nonce %q: far end saw %q, want %q", tt.ref, got, tt.want)
+		}
+	}
+}
