@@ -5,28 +5,34 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/flamehq/flame/internal/machine"
 )
 
-// Machine states. Persistent states are where a machine rests; transient ones
-// are passed through while an operation runs; terminal ones never change again.
+// Machine states, as the API names them. The lifecycle (internal/machine)
+// is their one home: it owns the list, their kinds and the transitions
+// between them; these are its names on the wire.
 const (
-	StateCreating     = "creating"
-	StateCreated      = "created"
-	StateStarting     = "starting"
-	StateStarted      = "started"
-	StateStopping     = "stopping"
-	StateStopped      = "stopped"
-	StateRestarting   = "restarting"
-	StateSuspending   = "suspending"
-	StateSuspended    = "suspended"
-	StateUpdating     = "updating"
-	StateReplacing    = "replacing"
-	StateReplaced     = "replaced"
-	StateDestroying   = "destroying"
-	StateDestroyed    = "destroyed"
-	StateFailed       = "failed"
-	StateLaunchFailed = "launch_failed"
+	StateCreating     = string(machine.Creating)
+	StateCreated      = string(machine.Created)
+	StateStarting     = string(machine.Starting)
+	StateStarted      = string(machine.Started)
+	StateStopping     = string(machine.Stopping)
+	StateStopped      = string(machine.Stopped)
+	StateRestarting   = string(machine.Restarting)
+	StateSuspending   = string(machine.Suspending)
+	StateSuspended    = string(machine.Suspended)
+	StateUpdating     = string(machine.Updating)
+	StateReplacing    = string(machine.Replacing)
+	StateReplaced     = string(machine.Replaced)
+	StateDestroying   = string(machine.Destroying)
+	StateDestroyed    = string(machine.Destroyed)
+	StateFailed       = string(machine.Failed)
+	StateLaunchFailed = string(machine.LaunchFailed)
 )
+
+// ValidState reports whether s names a machine state.
+func ValidState(s string) bool { return machine.State(s).Valid() }
 
 // Host statuses of a machine as seen by whoever answers for it.
 const (
@@ -77,6 +83,10 @@ const (
 	EventRestart = "restart"
 	EventDestroy = "destroy"
 	EventSuspend = "suspend"
+	// EventPublish (a Flame extension) reports a machine its host could not
+	// publish to the cluster (status "rejected", the reason in the message):
+	// DNS and the proxy do not see it.
+	EventPublish = "publish"
 )
 
 // Event sources.

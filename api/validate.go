@@ -42,13 +42,14 @@ func (c *MachineConfig) Validate() error {
 	if c == nil {
 		return invalid("config", "is required")
 	}
-	if strings.TrimSpace(c.Image) == "" {
-		return invalid("config.image", "is required")
+	if err := CheckImageRef(c.Image); err != nil {
+		return err
 	}
-	for k := range c.Env {
-		if k == "" || strings.ContainsAny(k, "=\x00") {
-			return invalid("config.env", "has an invalid variable name %q", k)
-		}
+	if err := c.validateEnv(); err != nil {
+		return err
+	}
+	if err := ValidateMetadata("config.metadata", c.Metadata); err != nil {
+		return err
 	}
 	if g := c.Guest; g != nil {
 		switch {
@@ -78,8 +79,10 @@ func (c *MachineConfig) Validate() error {
 				return invalid("config.stop_config.signal", "%v", err)
 			}
 		}
-		if s.Timeout != nil && s.Timeout.Duration < 0 {
-			return invalid("config.stop_config.timeout", "must not be negative")
+		if s.Timeout != nil {
+			if err := CheckStopTimeout("config.stop_config.timeout", s.Timeout.Duration); err != nil {
+				return err
+			}
 		}
 	}
 	for i, m := range c.Mounts {
@@ -92,13 +95,24 @@ func (c *MachineConfig) Validate() error {
 			return invalid(fmt.Sprintf("config.files[%d].guest_path", i), "must be an absolute path")
 		}
 	}
+	if len(c.Services) > MaxServices {
+		return limitErr("config.services", len(c.Services), MaxServices, "services")
+	}
+	checks := len(c.Checks)
 	for i, s := range c.Services {
 		if err := s.validate(fmt.Sprintf("config.services[%d]", i)); err != nil {
 			return err
 		}
+		checks += len(s.Checks)
+	}
+	if checks > MaxChecks {
+		return limitErr("config.checks", checks, MaxChecks, "checks (with the services' checks)")
 	}
 	for name, ch := range c.Checks {
 		f := "config.checks." + name
+		if !ValidCheckName(name) {
+			return invalid("config.checks", "has an invalid name %q: use 1 to %d letters, digits, '-', '_', '.' and ':', starting with a letter or digit", clipped(name), MaxNameLen)
+		}
 		if err := validateCheck(f, ch.Type, ch.Port, ch.Interval, ch.Timeout, ch.GracePeriod, ch.Path); err != nil {
 			return err
 		}
@@ -120,8 +134,14 @@ func (s *MachineService) validate(f string) error {
 	if s.MinMachinesRunning != nil && *s.MinMachinesRunning < 0 {
 		return invalid(f+".min_machines_running", "must not be negative")
 	}
+	if len(s.Ports) > MaxPortsPerService {
+		return limitErr(f+".ports", len(s.Ports), MaxPortsPerService, "ports")
+	}
 	for i, p := range s.Ports {
 		pf := fmt.Sprintf("%s.ports[%d]", f, i)
+		if len(p.Handlers) > MaxHandlersPerPort {
+			return limitErr(pf+".handlers", len(p.Handlers), MaxHandlersPerPort, "handlers")
+		}
 		switch {
 		case p.Port != nil && (p.StartPort != nil || p.EndPort != nil):
 			return invalid(pf, "sets both port and start_port/end_port")
@@ -146,6 +166,10 @@ func (s *MachineService) validate(f string) error {
 			return invalid(f+".concurrency.type", "must be connections or requests, not %q", c.Type)
 		case c.SoftLimit < 0 || c.HardLimit < 0:
 			return invalid(f+".concurrency", "limits must not be negative")
+		case c.SoftLimit > MaxConcurrencyLimit:
+			return invalid(f+".concurrency.soft_limit", "must be at most %d, not %d", MaxConcurrencyLimit, c.SoftLimit)
+		case c.HardLimit > MaxConcurrencyLimit:
+			return invalid(f+".concurrency.hard_limit", "must be at most %d, not %d", MaxConcurrencyLimit, c.HardLimit)
 		case c.HardLimit > 0 && c.SoftLimit > c.HardLimit:
 			return invalid(f+".concurrency.soft_limit", "(%d) must not exceed hard_limit (%d)", c.SoftLimit, c.HardLimit)
 		}
@@ -172,6 +196,26 @@ func validateCheck(f string, typ *string, port *int, interval, timeout, grace *D
 	}
 	if p != nil && *p != "" && !strings.HasPrefix(*p, "/") {
 		return invalid(f+".path", "must start with /, not %q", *p)
+	}
+	return nil
+}
+
+// validateEnv bounds the environment the workload gets from the config:
+// each variable, and all of them (env and every process's env) together.
+func (c *MachineConfig) validateEnv() error {
+	total, err := envSize("config.env", c.Env)
+	if err != nil {
+		return err
+	}
+	for i, p := range c.Processes {
+		n, err := envSize(fmt.Sprintf("config.processes[%d].env", i), p.Env)
+		if err != nil {
+			return err
+		}
+		total += n
+	}
+	if total > MaxEnvBytes {
+		return invalid("config.env", "takes %d bytes; the environment may take at most %d", total, MaxEnvBytes)
 	}
 	return nil
 }

@@ -515,26 +515,74 @@ func TestDestroy(t *testing.T) {
 	waitState(t, a, ad.ID, "destroyed")
 }
 
+// TestLaunchFailureSaysWhy: an image that stops resolving after the
+// machine was created fails the start, and the events say why.
 func TestLaunchFailureSaysWhy(t *testing.T) {
 	a := newAgent(t, "", nil)
-	m := create(t, a, &api.MachineConfig{Image: "exec:/no/such/program"})
-	if m.State != api.StateFailed {
-		t.Fatalf("state = %s, want failed", m.State)
+	prog := filepath.Join(t.TempDir(), "prog")
+	if err := os.WriteFile(prog, []byte("#!/bin/sh\nexec sleep 60\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m, err := a.CreateMachine(context.Background(), app, api.LaunchMachineInput{Config: &api.MachineConfig{Image: "exec:" + prog}, SkipLaunch: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(prog); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.StartMachine(context.Background(), ref(m.ID)); !errors.Is(err, api.ErrUnprocessable) {
+		t.Fatalf("start with the program gone = %v, want 422", err)
+	}
+	got := waitState(t, a, m.ID, "failed")
+	if got.State != api.StateFailed {
+		t.Fatalf("state = %s, want failed", got.State)
 	}
 	evs := events(t, a, m.ID)
-	if got := eventLine(evs); got != "launch/creating launch/launch_failed" {
-		t.Errorf("events = %s", got)
-	}
-	if msg := evs[0].Request.Message; !strings.Contains(msg, "/no/such/program") {
-		t.Errorf("launch_failed message %q does not name the program", msg)
-	}
-	unknown := create(t, a, &api.MachineConfig{Image: "registry.example/nothing:1"})
-	if unknown.State != api.StateFailed {
-		t.Errorf("unknown image: state %s", unknown.State)
+	if msg := evs[0].Request.Message; !strings.Contains(msg, prog) {
+		t.Errorf("failure message %q does not name the program", msg)
 	}
 	// Destroying a failed machine needs no force.
 	if err := a.DestroyMachine(context.Background(), ref(m.ID), false); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestCreateRefusesUnresolvableImage: a create whose image the host cannot
+// resolve is answered with 422 naming the image and why, before anything
+// runs; the machine is not kept (only include_deleted shows it, with
+// events that say why).
+func TestCreateRefusesUnresolvableImage(t *testing.T) {
+	a := newAgent(t, "", nil)
+	ctx := context.Background()
+	for _, img := range []string{"exec:/no/such/program", "registry.example/nothing:1"} {
+		for _, skip := range []bool{false, true} {
+			_, err := a.CreateMachine(ctx, app, api.LaunchMachineInput{Config: &api.MachineConfig{Image: img}, SkipLaunch: skip})
+			if !errors.Is(err, api.ErrUnprocessable) || !strings.Contains(err.Error(), "config.image") || !strings.Contains(err.Error(), img) {
+				t.Errorf("create %s (skip_launch %v) = %v, want 422 naming config.image", img, skip, err)
+			}
+		}
+	}
+	if ms, err := a.ListMachines(ctx, app, api.ListMachinesOptions{}); err != nil || len(ms) != 0 {
+		t.Fatalf("list = %d machines, %v; want none", len(ms), err)
+	}
+	ms, err := a.ListMachines(ctx, app, api.ListMachinesOptions{IncludeDeleted: true})
+	if err != nil || len(ms) != 4 {
+		t.Fatalf("list include_deleted = %d machines, %v; want 4", len(ms), err)
+	}
+	for _, m := range ms {
+		if m.State != api.StateDestroyed {
+			t.Errorf("refused machine %s is %s", m.ID, m.State)
+		}
+		evs := events(t, a, m.ID)
+		if got := eventLine(evs); got != "launch/creating launch/launch_failed destroy/destroying destroy/destroyed" {
+			t.Errorf("events = %s", got)
+		}
+		if _, err := os.Stat(a.machineDir(m.ID)); !os.IsNotExist(err) {
+			t.Errorf("machine dir of %s left behind: %v", m.ID, err)
+		}
+	}
+	if u := a.Used(); u != (Capacity{}) {
+		t.Errorf("refused machines hold %v", u)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/oklog/ulid/v2"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/machine"
 )
 
@@ -26,17 +27,7 @@ var _ api.Backend = (*Agent)(nil)
 // DefaultLeaseTTL is a lease's life when the request names none.
 const DefaultLeaseTTL = 30 * time.Second
 
-var (
-	validName      = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
-	validMachineID = regexp.MustCompile(`^[0-9a-f]{14}$`)
-)
-
-// newMachineID returns 14 lowercase hex characters.
-func newMachineID() string {
-	var b [7]byte
-	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
+var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
 
 // CreateMachine records a new machine and, unless skip_launch, starts it. The
 // answer reflects where it got: started, created, or failed with an event
@@ -54,13 +45,13 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	if in.Name != "" && !validName.MatchString(in.Name) {
 		return nil, api.Errorf(422, "name %q: use lowercase letters, digits, - and _", in.Name)
 	}
-	if in.LeaseTTL < 0 {
-		return nil, api.Errorf(422, "lease_ttl must not be negative")
+	if err := api.CheckLeaseTTL("lease_ttl", in.LeaseTTL); err != nil {
+		return nil, err
 	}
 	id := in.ID
 	if id == "" {
-		id = newMachineID()
-	} else if !validMachineID.MatchString(id) {
+		id = api.NewMachineID()
+	} else if !api.ValidMachineID(id) {
 		return nil, api.Errorf(422, "id %q: want 14 lowercase hex characters", id)
 	}
 	now := a.now()
@@ -94,19 +85,22 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 		return nil, err
 	}
 
-	var err error
-	if in.SkipLaunch {
-		spec := a.spec(r)
-		if img, perr := a.cfg.Driver.Prepare(a.ctx, spec); perr != nil {
-			err = a.launchFailed(m, sourceUser, api.EventLaunch, perr)
-		} else {
-			err = a.step(m, machine.Created, newEvent(api.EventLaunch, string(machine.Created), sourceUser), func(r *record) {
-				r.Op = nil
-				r.ImageDigest = img.Digest
-			})
-		}
-	} else {
-		err = a.launch(m, sourceUser, api.EventStart)
+	// The image is resolved before the create is answered: one that
+	// cannot be is the create's error, and the machine is not kept.
+	spec := a.spec(r)
+	img, err := a.cfg.Driver.Prepare(a.ctx, spec)
+	switch {
+	case errors.Is(err, driver.ErrImage):
+		return nil, a.refuseCreate(m, err)
+	case err != nil:
+		err = a.launchFailed(m, sourceUser, api.EventLaunch, err)
+	case in.SkipLaunch:
+		err = a.step(m, machine.Created, newEvent(api.EventLaunch, string(machine.Created), sourceUser), func(r *record) {
+			r.Op = nil
+			r.ImageDigest = img.Digest
+		})
+	default:
+		err = a.launchPrepared(m, spec, img, sourceUser, api.EventStart)
 	}
 	if err != nil {
 		if !isLaunchError(err) {
@@ -261,8 +255,8 @@ func (a *Agent) StartMachine(ctx context.Context, ref api.MachineRef) (*api.Star
 func (a *Agent) StopMachine(ctx context.Context, ref api.MachineRef, in api.StopMachineInput) error {
 	var timeout time.Duration
 	if in.Timeout != nil {
-		if in.Timeout.Duration < 0 {
-			return api.Errorf(400, "timeout must not be negative")
+		if err := api.CheckStopTimeout("timeout", in.Timeout.Duration); err != nil {
+			return err
 		}
 		timeout = in.Timeout.Duration
 	}
@@ -281,6 +275,9 @@ func (a *Agent) StopMachine(ctx context.Context, ref api.MachineRef, in api.Stop
 
 // RestartMachine stops and starts a started machine.
 func (a *Agent) RestartMachine(ctx context.Context, ref api.MachineRef, o api.RestartOptions) error {
+	if err := api.CheckStopTimeout("timeout", o.Timeout); err != nil {
+		return err
+	}
 	if o.Signal != "" {
 		if _, err := api.ParseSignal(o.Signal); err != nil {
 			return api.Errorf(400, "signal: %v", err)
@@ -481,8 +478,8 @@ func (a *Agent) MachineLease(ctx context.Context, ref api.MachineRef) (*api.Leas
 
 // AcquireMachineLease takes the machine's lease, or refreshes it for its holder.
 func (a *Agent) AcquireMachineLease(ctx context.Context, ref api.MachineRef, in api.LeaseInput) (*api.Lease, error) {
-	if in.TTL < 0 {
-		return nil, api.Errorf(400, "ttl must not be negative")
+	if err := api.CheckLeaseTTL("ttl", in.TTL); err != nil {
+		return nil, err
 	}
 	ttl := DefaultLeaseTTL
 	if in.TTL > 0 {
@@ -556,17 +553,7 @@ func (a *Agent) MachineMetadata(ctx context.Context, ref api.MachineRef) (map[st
 // SetMachineMetadata sets one metadata key without making a new version. Like
 // exec, it is not guarded by the lease (Fly's client sends no nonce for it).
 func (a *Agent) SetMachineMetadata(ctx context.Context, ref api.MachineRef, key, value string) error {
-	if key == "" {
-		return api.Errorf(400, "metadata key is required")
-	}
-	return a.edit(ref, false, func(r *record) {
-		r.Config = cloneConfig(r.Config)
-		if r.Config.Metadata == nil {
-			r.Config.Metadata = map[string]string{}
-		}
-		r.Config.Metadata[key] = value
-		r.Versions[0].Config = r.Config
-	})
+	return a.setMetadata(ref, key, value)
 }
 
 // DeleteMachineMetadata removes one metadata key.

@@ -5,24 +5,19 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/machine"
+	"github.com/flamehq/flame/internal/place"
 )
 
 // Capacity is how much a host may run at once: the guests of its running
 // machines (and of those on their way up) must fit in it. Zero fields are
-// unlimited.
-type Capacity struct {
-	CPUs     int
-	MemoryMB int
-}
+// unlimited. It is placement's amount of compute.
+type Capacity = place.Resources
 
-// guest is what one machine of config cfg takes from its host: its CPUs (at
-// least one) and memory (at least 256 MB, Fly's default).
+// guest is what one machine of config cfg takes from its host (the config's
+// size, defaulted as the API defines).
 func guest(cfg *api.MachineConfig) Capacity {
-	g := Capacity{CPUs: 1, MemoryMB: guestMemory(cfg)}
-	if cfg != nil && cfg.Guest != nil && cfg.Guest.CPUs > 0 {
-		g.CPUs = cfg.Guest.CPUs
-	}
-	return g
+	cpus, mem := cfg.Size()
+	return Capacity{CPUs: cpus, MemoryMB: mem}
 }
 
 // occupies reports whether a machine in state s holds its guest's share of

@@ -94,6 +94,15 @@ func (a *Agent) launch(m *mach, source, evType string) error {
 	if err != nil {
 		return a.launchFailed(m, source, evType, err)
 	}
+	return a.launchPrepared(m, spec, img, source, evType)
+}
+
+// launchPrepared starts the current instance once Prepare resolved its
+// image: from Creating or Updating (a first launch), or Starting.
+func (a *Agent) launchPrepared(m *mach, spec driver.Spec, img driver.Image, source, evType string) error {
+	r := m.rec.Load()
+	first := r.State == machine.Creating || r.State == machine.Updating
+	var err error
 	setImage := func(r *record) {
 		r.Op = &op{Kind: "start"}
 		r.ImageDigest = img.Digest

@@ -30,12 +30,8 @@ func (a *Agent) spec(r *record) driver.Spec {
 		Entrypoint: cfg.Init.Entrypoint,
 		Cmd:        cfg.Init.Cmd,
 		Env:        workloadEnv(r, cfg),
-		MemoryMB:   guestMemory(cfg),
-		CPUs:       1,
 	}
-	if cfg.Guest != nil && cfg.Guest.CPUs > 0 {
-		s.CPUs = cfg.Guest.CPUs
-	}
+	s.CPUs, s.MemoryMB = cfg.Size()
 	if len(cfg.Processes) > 0 {
 		p := cfg.Processes[0]
 		if len(p.Entrypoint) > 0 {
@@ -55,13 +51,6 @@ func (a *Agent) spec(r *record) driver.Spec {
 	return s
 }
 
-func guestMemory(cfg *api.MachineConfig) int {
-	if cfg.Guest != nil && cfg.Guest.MemoryMB > 0 {
-		return cfg.Guest.MemoryMB
-	}
-	return 256
-}
-
 // workloadEnv is the config's env overlaid with the FLY_* variables a
 // machine sees on Fly. The platform's variables win, except PRIMARY_REGION,
 // which apps set themselves.
@@ -73,7 +62,7 @@ func workloadEnv(r *record, cfg *api.MachineConfig) map[string]string {
 		maps.Copy(env, cfg.Processes[0].Env)
 	}
 	group := "app"
-	if g := cfg.Metadata["fly_process_group"]; g != "" {
+	if g := cfg.Metadata[api.MetadataProcessGroup]; g != "" {
 		group = g
 	}
 	maps.Copy(env, map[string]string{
@@ -87,9 +76,14 @@ func workloadEnv(r *record, cfg *api.MachineConfig) map[string]string {
 		"FLY_PRIVATE_IP":      loopbackIP, // drivers with their own addresses put theirs
 
 		"FLY_PROCESS_GROUP": group,
-		"FLY_VM_MEMORY_MB":  strconv.Itoa(guestMemory(cfg)),
+		"FLY_VM_MEMORY_MB":  strconv.Itoa(memoryMB(cfg)),
 	})
 	return env
+}
+
+func memoryMB(cfg *api.MachineConfig) int {
+	_, mem := cfg.Size()
+	return mem
 }
 
 // loopbackIP is the address of machines whose driver gives them none of

@@ -2,22 +2,13 @@ package cluster
 
 import (
 	"time"
+
+	"github.com/flamehq/flame/internal/place"
 )
 
-// Resources is an amount of compute: a host's capacity, or what it has free.
-type Resources struct {
-	CPUs     int `json:"cpus"`
-	MemoryMB int `json:"memory_mb"`
-}
-
-// Machine states a record may carry: the api package's states, repeated here
-// so the cluster stays free of the wire types of the Machines API.
-var machineStates = map[string]bool{
-	"creating": true, "created": true, "starting": true, "started": true,
-	"stopping": true, "stopped": true, "restarting": true, "suspending": true,
-	"suspended": true, "updating": true, "replacing": true, "replaced": true,
-	"destroying": true, "destroyed": true, "failed": true, "launch_failed": true,
-}
+// Resources is an amount of compute: a host's capacity, or what it has
+// free. It is placement's type, named here for the records that carry it.
+type Resources = place.Resources
 
 // Check statuses.
 const (

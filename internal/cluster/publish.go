@@ -3,7 +3,9 @@ package cluster
 import (
 	"bytes"
 	"fmt"
+	"maps"
 	"slices"
+	"strings"
 
 	"github.com/hashicorp/memberlist"
 )
@@ -12,21 +14,44 @@ import (
 // changed since the last call, gives the change the next version, and
 // spreads it: straight to the hosts of this region, by gossip to the rest.
 // Check outputs longer than the wire allows are truncated.
+//
+// A machine that breaks the rules every host checks records against (or
+// repeats an id, or is one more than Config.MaxMachines) is left out and
+// the rest are published: one bad record never freezes the host's facts.
+// The error is then a *RejectedError naming what was left out. Host-level
+// facts that break the rules publish nothing.
 func (c *Cluster) Publish(f HostFacts) error {
-	ms := make([]Machine, len(f.Machines))
-	for i, m := range f.Machines {
+	if err := validateHostLevel(c.cfg.HostID, f.Free, f.Load); err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	ms := make([]Machine, 0, len(f.Machines))
+	var rejected map[string]error
+	seen := make(map[string]bool, len(f.Machines))
+	for _, m := range f.Machines {
 		m.Host = ""
 		m.Checks = slices.Clone(m.Checks)
 		for j := range m.Checks {
 			m.Checks[j].Output = truncate(m.Checks[j].Output, maxOutputLen)
 		}
-		ms[i] = m
-	}
-	if err := validateHostLevel(c.cfg.HostID, f.Free, f.Load); err != nil {
-		return fmt.Errorf("publish: %w", err)
-	}
-	if err := validateMachines(ms, c.cfg.MaxMachines); err != nil {
-		return fmt.Errorf("publish: %w", err)
+		err := validateMachine(&m)
+		switch {
+		case err != nil:
+		case seen[m.ID]:
+			err = invalid("machine %s listed twice", m.ID)
+		case len(ms) >= c.cfg.MaxMachines:
+			err = invalid("machine %s is over the limit of %d machines per host", m.ID, c.cfg.MaxMachines)
+		}
+		if err != nil {
+			if rejected == nil {
+				rejected = map[string]error{}
+			}
+			if _, dup := rejected[m.ID]; !dup {
+				rejected[m.ID] = err
+			}
+			continue
+		}
+		seen[m.ID] = true
+		ms = append(ms, m)
 	}
 	slices.SortFunc(ms, func(a, b Machine) int { return compareStrings(a.ID, b.ID) })
 
@@ -63,8 +88,39 @@ func (c *Cluster) Publish(f HostFacts) error {
 			}
 		}
 	}
+	if len(rejected) > 0 {
+		return &RejectedError{Machines: rejected}
+	}
 	return nil
 }
+
+// RejectedError is Publish's report of the machines it left out of this
+// host's facts because their records break the rules; every other machine
+// was published. errors.Is(err, ErrInvalid) holds.
+type RejectedError struct {
+	// Machines maps each left-out machine's id to why it was left out.
+	Machines map[string]error
+}
+
+func (e *RejectedError) Error() string {
+	ids := slices.Sorted(maps.Keys(e.Machines))
+	var b strings.Builder
+	fmt.Fprintf(&b, "publish: %d machine(s) left out: ", len(ids))
+	for i, id := range ids {
+		if i == 3 {
+			fmt.Fprintf(&b, "; and %d more", len(ids)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(e.Machines[id].Error())
+	}
+	return b.String()
+}
+
+// Is makes errors.Is(err, ErrInvalid) true.
+func (e *RejectedError) Is(target error) bool { return target == ErrInvalid }
 
 // diffLocked turns new facts into the deltas that lead to them; c.mu is held.
 func (c *Cluster) diffLocked(ms []Machine, free Resources, load float64) []*delta {

@@ -289,7 +289,7 @@ func TestHostileHostOverNetwork(t *testing.T) {
 func FuzzDecodeRecord(f *testing.F) {
 	now := uint64(time.Now().UnixNano())
 	f.Add(encodeDelta(&delta{Owner: "p", Base: 1, Version: now, Upserts: machines("m", "web", "ams", 2), Removes: []string{"old"}}))
-	f.Add(encodeFull([]*fullFacts{{Owner: "p", Version: now, Free: Resources{1, 2}, Load: 0.5, Machines: machines("m", "web", "ams", 1)}}))
+	f.Add(encodeFull([]*fullFacts{{Owner: "p", Version: now, Free: Resources{CPUs: 1, MemoryMB: 2}, Load: 0.5, Machines: machines("m", "web", "ams", 1)}}))
 	f.Add(encodeDigest(&digest{From: "p", All: true, Entries: []digestEntry{{"q", 7}}}))
 	f.Add([]byte{wireFormat, kindFull, 0xff, 0xff, 0x03})
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -326,7 +326,7 @@ func FuzzDecodeRecord(f *testing.F) {
 }
 
 func FuzzDecodeMeta(f *testing.F) {
-	f.Add(encodeMeta(&hostMeta{Region: "ams", Capacity: Resources{4, 8192}, Addrs: map[string]string{"api": "10.0.0.1:4280"}}))
+	f.Add(encodeMeta(&hostMeta{Region: "ams", Capacity: Resources{CPUs: 4, MemoryMB: 8192}, Addrs: map[string]string{"api": "10.0.0.1:4280"}}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := decodeMeta(b)
 		if err != nil {

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"time"
 	"unicode/utf8"
+
+	"github.com/flamehq/flame/api"
 )
 
 // ErrInvalid marks a record, or published facts, that break the rules every
@@ -52,7 +54,7 @@ func containsByte(s string, c byte) bool {
 
 func validHostID(s string) bool    { return word(s, maxIDLen, ".") }
 func validMachineID(s string) bool { return word(s, maxIDLen, "") }
-func validName(s string) bool      { return word(s, maxNameLen, "") }
+func validName(s string) bool      { return api.ValidName(s) }
 func validRegion(s string) bool    { return word(s, maxShortLen, "") }
 
 func validVersion(v uint64, now time.Time) bool {
@@ -81,11 +83,11 @@ func validateMachine(m *Machine) error {
 		return invalid("machine %s: org %q", m.ID, m.Org)
 	case !validRegion(m.Region):
 		return invalid("machine %s: region %q", m.ID, m.Region)
-	case !machineStates[m.State]:
+	case !api.ValidState(m.State):
 		return invalid("machine %s: state %q", m.ID, m.State)
 	case m.InstanceID != "" && !word(m.InstanceID, maxIDLen, ""):
 		return invalid("machine %s: instance id %q", m.ID, m.InstanceID)
-	case m.ProcessGroup != "" && !validName(m.ProcessGroup):
+	case m.ProcessGroup != "" && !api.ValidName(m.ProcessGroup):
 		return invalid("machine %s: process group %q", m.ID, m.ProcessGroup)
 	case len(m.Services) > maxServices:
 		return invalid("machine %s: %d services", m.ID, len(m.Services))
@@ -123,7 +125,7 @@ func validateMachine(m *Machine) error {
 			}
 		}
 		c := s.Concurrency
-		if c.Type != "" && c.Type != "connections" && c.Type != "requests" {
+		if c.Type != "" && c.Type != api.ConcurrencyConnections && c.Type != api.ConcurrencyRequests {
 			return invalid("machine %s: service %d: concurrency type %q", m.ID, i, c.Type)
 		}
 		if c.SoftLimit < 0 || c.HardLimit < 0 || c.SoftLimit > maxLimit || c.HardLimit > maxLimit ||
@@ -132,7 +134,7 @@ func validateMachine(m *Machine) error {
 		}
 	}
 	for _, c := range m.Checks {
-		if !word(c.Name, maxNameLen, ".:") {
+		if !api.ValidCheckName(c.Name) {
 			return invalid("machine %s: check name %q", m.ID, c.Name)
 		}
 		if c.Status != CheckPassing && c.Status != CheckWarning && c.Status != CheckCritical {

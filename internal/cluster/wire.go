@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+
+	"github.com/flamehq/flame/api"
 )
 
 // The wire format is a small hand-written binary encoding: a format byte, a
@@ -26,22 +28,24 @@ const (
 )
 
 // Limits on what a record may hold. They bound memory and CPU per record
-// and are checked on decode and again by validation.
+// and are checked on decode and again by validation. Those on what a
+// machine's config puts in its record are the api package's, which the API
+// enforces before it accepts a config, so every config it accepts fits.
 const (
 	maxIDLen          = 64
-	maxNameLen        = 63
+	maxNameLen        = api.MaxNameLen
 	maxShortLen       = 32
 	maxAddrLen        = 128
 	maxOutputLen      = 512
-	maxServices       = 16
-	maxPorts          = 32
-	maxHandlers       = 8
-	maxChecks         = 32
+	maxServices       = api.MaxServices
+	maxPorts          = api.MaxPortsPerService
+	maxHandlers       = api.MaxHandlersPerPort
+	maxChecks         = api.MaxChecks
 	maxAddrs          = 8
 	maxMachines       = 10000 // per host
 	maxOwners         = 20000 // per message
 	maxPort           = 65535
-	maxLimit          = 1 << 20 // concurrency limits
+	maxLimit          = api.MaxConcurrencyLimit
 	maxCPUs           = 1 << 16
 	maxMemoryMB       = 1 << 32
 	maxLoad           = 1 << 20

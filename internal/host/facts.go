@@ -1,6 +1,7 @@
 package host
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"time"
@@ -10,6 +11,40 @@ import (
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/dns"
 )
+
+// publishOnce publishes this host's facts. Machines the cluster leaves out
+// (their records break its rules: a config from before the API checked
+// them, or a bug) are each reported once per reason: a warning, and an
+// event on the machine, so its owner sees why DNS and the proxy do not
+// know it. reported holds what was reported already.
+func (h *Host) publishOnce(reported map[string]string) {
+	err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity))
+	var rej *cluster.RejectedError
+	if err != nil && !errors.As(err, &rej) {
+		h.log.Warn("publish host facts", "err", err)
+		return
+	}
+	var now map[string]error
+	if rej != nil {
+		now = rej.Machines
+	}
+	for id := range reported {
+		if now[id] == nil {
+			delete(reported, id)
+		}
+	}
+	for id, why := range now {
+		msg := "not published to the cluster (DNS and the proxy do not see this machine): " + why.Error()
+		if reported[id] == msg {
+			continue
+		}
+		reported[id] = msg
+		h.log.Warn("machine left out of this host's facts", "machine", id, "err", why)
+		ev := &api.MachineEvent{Type: api.EventPublish, Status: "rejected", Source: api.SourceFlyd,
+			Request: &api.MachineRequest{Message: msg}}
+		h.Agent.Report(id, ev)
+	}
+}
 
 // hostFacts is what this host publishes: its machines as the cluster needs
 // them, and what it has free.
@@ -24,7 +59,7 @@ func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Reso
 			PrivateIP: m.PrivateIP, Cordoned: m.Cordoned, ProcessGroup: "app",
 		}
 		if cfg := m.Config; cfg != nil {
-			if g := cfg.Metadata["fly_process_group"]; g != "" {
+			if g := cfg.Metadata[api.MetadataProcessGroup]; g != "" {
 				cm.ProcessGroup = g
 			}
 			for _, s := range cfg.Services {

@@ -203,10 +203,9 @@ func (h *Host) machinesChanged() {
 func (h *Host) publish(ctx context.Context) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
+	reported := map[string]string{} // machine → why the cluster refused it
 	for {
-		if err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity)); err != nil {
-			h.log.Warn("publish host facts", "err", err)
-		}
+		h.publishOnce(reported)
 		select {
 		case <-ctx.Done():
 			return

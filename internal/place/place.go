@@ -60,10 +60,13 @@ import (
 	"time"
 )
 
-// Resources is an amount of compute: CPUs and memory.
+// Resources is an amount of compute: CPUs and memory. It is the one type
+// for it: a guest's size, a host's capacity and what it has free, in
+// placement, in the cluster's records (cluster.Resources) and in a host's
+// admission (agent.Capacity).
 type Resources struct {
-	CPUs     int
-	MemoryMB int
+	CPUs     int `json:"cpus"`
+	MemoryMB int `json:"memory_mb"`
 }
 
 // Add returns r + o.
