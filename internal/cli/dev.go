@@ -82,13 +82,13 @@ func runDev(c *cobra.Command, f devFlags) error {
 		f.dataDir = dir
 	}
 	// The registry takes the hosts' token and, once the control plane is
-	// up, any of its tokens that may write, so users push images with the
-	// token they were given.
+	// up, any of its tokens (read-only ones only to pull), so users push
+	// images with the token they were given.
 	var plane atomic.Pointer[server.Plane]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
-		Auth: func(token string) bool {
+		Auth: func(token string, push bool) bool {
 			if p := plane.Load(); p != nil {
-				return p.MayPush(context.Background(), token)
+				return p.RegistryAuth(context.Background(), token, push)
 			}
 			return token == f.token
 		}})

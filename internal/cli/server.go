@@ -110,12 +110,12 @@ func runServer(c *cobra.Command, f serverFlags) error {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
 	}
 	// The registry hosts pull from: the hosts' token and any token of the
-	// catalog that may write can push.
+	// catalog that may write can push; read-only tokens can pull.
 	var plane atomic.Pointer[server.Plane]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
-		Auth: func(token string) bool {
+		Auth: func(token string, push bool) bool {
 			p := plane.Load()
-			return p != nil && p.MayPush(context.Background(), token)
+			return p != nil && p.RegistryAuth(context.Background(), token, push)
 		}})
 	if err != nil {
 		ln.Close()

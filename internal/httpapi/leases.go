@@ -39,6 +39,9 @@ func (s *Server) acquireLease(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 	}
+	if err := api.CheckLeaseTTL("ttl", in.TTL); err != nil {
+		return err
+	}
 	l, err := s.backend.AcquireMachineLease(r.Context(), ref, in)
 	return answer(w, l, err)
 }

@@ -48,6 +48,8 @@ func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
 			return badRequest("invalid timeout %q: must not be negative", in.Timeout.String())
 		case in.Timeout.Duration == 0:
 			in.Timeout = nil
+		case in.Timeout.Duration > api.MaxStopTimeout:
+			return api.CheckStopTimeout("timeout", in.Timeout.Duration)
 		}
 	}
 	if err := s.backend.StopMachine(r.Context(), ref, in); err != nil {

@@ -75,6 +75,9 @@ func launchInput(r *http.Request) (api.LaunchMachineInput, error) {
 	if in.LeaseTTL < 0 {
 		return in, badRequest("invalid lease_ttl %d: want seconds, not negative", in.LeaseTTL)
 	}
+	if err := api.CheckLeaseTTL("lease_ttl", in.LeaseTTL); err != nil {
+		return in, err
+	}
 	return in, nil
 }
 

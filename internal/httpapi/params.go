@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/machine"
 )
 
 // validApp reports whether s has the shape of a Fly app name: lowercase
@@ -29,35 +30,11 @@ func validApp(s string) bool {
 	return true
 }
 
-// validMachineID reports whether s has the shape of a machine id: 14
-// lowercase hex characters.
-func validMachineID(s string) bool {
-	if len(s) != 14 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return false
-		}
-	}
-	return true
-}
+// validMachineID reports whether s has the shape of a machine id.
+func validMachineID(s string) bool { return api.ValidMachineID(s) }
 
-// validMetadataKey reports whether s is a usable metadata key: letters,
-// digits, '_', '-' and '.', at most 256 of them.
-func validMetadataKey(s string) bool {
-	if len(s) == 0 || len(s) > 256 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '.') {
-			return false
-		}
-	}
-	return true
-}
+// validMetadataKey reports whether s is a usable metadata key.
+func validMetadataKey(s string) bool { return api.ValidMetadataKey(s) }
 
 // appParam is the request's {app}, checked for shape.
 func appParam(r *http.Request) (string, error) {
@@ -158,15 +135,15 @@ var waitStates = map[string]bool{
 	api.StateReplaced:  true,
 }
 
-// machineStates are every state a machine can be in, for list filters.
-var machineStates = map[string]bool{
-	api.StateCreating: true, api.StateCreated: true, api.StateStarting: true,
-	api.StateStarted: true, api.StateStopping: true, api.StateStopped: true,
-	api.StateRestarting: true, api.StateSuspending: true, api.StateSuspended: true,
-	api.StateUpdating: true, api.StateReplacing: true, api.StateReplaced: true,
-	api.StateDestroying: true, api.StateDestroyed: true, api.StateFailed: true,
-	api.StateLaunchFailed: true,
-}
+// machineStates are every state a machine can be in, for list filters:
+// the lifecycle's list.
+var machineStates = func() map[string]bool {
+	out := map[string]bool{}
+	for _, st := range machine.States() {
+		out[string(st)] = true
+	}
+	return out
+}()
 
 // parseStates reads a state parameter, repeated or comma-separated, checking
 // every value against allowed. Duplicates are dropped; order is kept.

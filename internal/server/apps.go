@@ -84,6 +84,8 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	switch {
 	case p.ReadOnly || (!p.Admin && p.App != ""):
 		return api.Errorf(http.StatusForbidden, "this token cannot create tokens")
+	case in.OrgSlug == "":
+		return api.Errorf(http.StatusUnprocessableEntity, "org_slug is required")
 	case !p.Admin && in.OrgSlug != p.Org:
 		return api.Errorf(http.StatusNotFound, "org %s not found", clipName(in.OrgSlug))
 	}

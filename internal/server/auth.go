@@ -122,6 +122,28 @@ func (s *Server) MayPush(ctx context.Context, raw string) bool {
 	return err == nil && !t.ReadOnly
 }
 
+// MayPull reports whether raw is a token that may pull images: the hosts'
+// token, or any catalog token, read-only ones too.
+func (s *Server) MayPull(ctx context.Context, raw string) bool {
+	if raw == "" {
+		return false
+	}
+	if subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
+		return true
+	}
+	_, _, err := catalog.GetJSON[token](ctx, s.tokens, tokenKey(raw))
+	return err == nil
+}
+
+// RegistryAuth is the registry's check of a request's token: pushes need
+// MayPush, pulls MayPull.
+func (s *Server) RegistryAuth(ctx context.Context, raw string, push bool) bool {
+	if push {
+		return s.MayPush(ctx, raw)
+	}
+	return s.MayPull(ctx, raw)
+}
+
 // canSee reports whether p may see an app of org appOrg named name.
 func (p principal) canSee(appOrg, name string) bool {
 	switch {

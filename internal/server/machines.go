@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"net/http"
 	"slices"
@@ -17,13 +15,6 @@ import (
 )
 
 var _ api.Backend = (*Server)(nil)
-
-// newMachineID returns 14 lowercase hex characters.
-func newMachineID() string {
-	var b [7]byte
-	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
 
 // entries lists the machine entries of an app, without those that only wait
 // for their host to return to be destroyed (lost or doomed), and without
@@ -67,7 +58,7 @@ func (s *Server) entry(ctx context.Context, ref api.MachineRef, write bool) (mac
 	if err != nil {
 		return machineEntry{}, err
 	}
-	if !validMachineID(ref.ID) {
+	if !api.ValidMachineID(ref.ID) {
 		return machineEntry{}, api.Errorf(http.StatusNotFound, "machine %s not found", clipName(ref.ID))
 	}
 	me, _, err := catalog.GetJSON[machineEntry](ctx, s.machines, machineKey(ref.App, ref.ID))
@@ -75,18 +66,6 @@ func (s *Server) entry(ctx context.Context, ref api.MachineRef, write bool) (mac
 		return machineEntry{}, api.Errorf(http.StatusNotFound, "machine %s not found", ref.ID)
 	}
 	return me, err
-}
-
-func validMachineID(id string) bool {
-	if len(id) != 14 {
-		return false
-	}
-	for _, c := range id {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return false
-		}
-	}
-	return true
 }
 
 // hostClient returns a client for a host's API, or 503 when the host is not
@@ -171,6 +150,9 @@ func (s *Server) CreateMachine(ctx context.Context, appName string, in api.Launc
 	if err != nil {
 		return nil, err
 	}
+	if err := s.regionsHaveHosts(regions); err != nil {
+		return nil, err
+	}
 	return s.create(ctx, a, in, regions, intent{})
 }
 
@@ -192,7 +174,7 @@ func (s *Server) create(ctx context.Context, a app, in api.LaunchMachineInput, r
 		in.Secrets = sec
 	}
 	in.Org = a.Org
-	in.ID = newMachineID()
+	in.ID = api.NewMachineID()
 	in.Region = ""
 	return s.placer.place(ctx, a, in, regions, it)
 }
@@ -207,7 +189,7 @@ func parseRegions(s string) ([]string, error) {
 	for r := range strings.SplitSeq(s, ",") {
 		r = strings.ToLower(strings.TrimSpace(r))
 		if r == "" {
-			continue
+			return nil, api.Errorf(http.StatusUnprocessableEntity, "region %q has an empty entry: want codes like \"ams\" or \"syd,any\"", clipName(s))
 		}
 		if r != "any" && !knownRegion(r) {
 			return nil, api.Errorf(http.StatusUnprocessableEntity, "region %q is unknown", clipName(r))

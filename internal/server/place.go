@@ -69,16 +69,8 @@ func newPlacer(s *Server) *placer {
 
 // guestOf is what a machine of cfg takes from a host (as the agent counts).
 func guestOf(cfg *api.MachineConfig) place.Resources {
-	g := place.Resources{CPUs: 1, MemoryMB: 256}
-	if cfg != nil && cfg.Guest != nil {
-		if cfg.Guest.CPUs > 0 {
-			g.CPUs = cfg.Guest.CPUs
-		}
-		if cfg.Guest.MemoryMB > 0 {
-			g.MemoryMB = cfg.Guest.MemoryMB
-		}
-	}
-	return g
+	cpus, mem := cfg.Size()
+	return place.Resources{CPUs: cpus, MemoryMB: mem}
 }
 
 // health is a host's fitness in [0,1]: zero for hosts that are not up, lower

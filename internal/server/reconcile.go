@@ -247,7 +247,7 @@ func machineGone(m *cluster.Machine) bool {
 		return true
 	}
 	switch m.State {
-	case api.StateFailed, api.StateDestroyed, api.StateDestroying, "launch_failed":
+	case api.StateFailed, api.StateDestroyed, api.StateDestroying, api.StateLaunchFailed:
 		return true
 	}
 	return false

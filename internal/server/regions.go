@@ -11,7 +11,7 @@ import (
 )
 
 // regions is GET /v1/platform/regions: every region with hosts, and how many
-// of the smallest machines (1 CPU, 256 MB) its live hosts have room for.
+// machines of the default guest its live hosts have room for.
 func (s *Server) regions(w http.ResponseWriter, r *http.Request) error {
 	snap := s.cfg.Cluster.Snapshot()
 	byCode := map[string]*api.Region{}
@@ -29,7 +29,7 @@ func (s *Server) regions(w http.ResponseWriter, r *http.Request) error {
 		}
 		reg.Hosts++
 		if h.Up() {
-			reg.Capacity += int64(max(min(h.Free.CPUs, h.Free.MemoryMB/256), 0))
+			reg.Capacity += int64(max(min(h.Free.CPUs/api.DefaultGuestCPUs, h.Free.MemoryMB/api.DefaultGuestMemoryMB), 0))
 		}
 	}
 	out := api.RegionsResponse{Regions: []api.Region{}}

@@ -40,8 +40,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Auth, when set, must accept the token of every request, sent as
 	// "Authorization: Bearer <token>" or as the password of Basic auth (as
-	// `docker login` sends it). Nil lets every request in.
-	Auth func(token string) bool
+	// `docker login` sends it). push says whether the request writes (any
+	// method but GET and HEAD) or only reads (pulls). Nil lets every
+	// request in.
+	Auth func(token string, push bool) bool
 }
 
 // Validate reports what is wrong with c.
@@ -57,7 +59,7 @@ func (c Config) Validate() error {
 type Registry struct {
 	dir    string
 	log    *slog.Logger
-	auth   func(string) bool
+	auth   func(token string, push bool) bool
 	inner  http.Handler
 	blobs  *diskBlobs
 	mu     sync.Mutex // serializes manifest writes and deletes on disk
@@ -119,7 +121,8 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		writeError(w, http.StatusNotFound, "NOT_FOUND", "not a registry path")
 		return
 	}
-	if r.auth != nil && !r.auth(token(req)) {
+	push := req.Method != http.MethodGet && req.Method != http.MethodHead
+	if r.auth != nil && !r.auth(token(req), push) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="flame"`)
 		writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "a valid token is required")
 		return

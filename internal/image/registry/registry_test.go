@@ -28,7 +28,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func start(t *testing.T, dir string, auth func(string) bool) (*Registry, *httptest.Server) {
+func start(t *testing.T, dir string, auth func(string, bool) bool) (*Registry, *httptest.Server) {
 	t.Helper()
 	r, err := New(Config{Dir: dir, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)), Auth: auth})
 	if err != nil {
@@ -195,9 +195,10 @@ func TestNamesChecked(t *testing.T) {
 }
 
 func TestAuth(t *testing.T) {
-	_, srv := start(t, t.TempDir(), func(tok string) bool { return tok == "s3cret" })
-	get := func(h string) int {
-		req, _ := http.NewRequest(http.MethodGet, srv.URL+"/v2/", nil)
+	// "s3cret" may push and pull, "reader" only pull.
+	_, srv := start(t, t.TempDir(), func(tok string, push bool) bool { return tok == "s3cret" || tok == "reader" && !push })
+	do := func(method, h string) int {
+		req, _ := http.NewRequest(method, srv.URL+"/v2/", nil)
 		if h != "" {
 			req.Header.Set("Authorization", h)
 		}
@@ -205,8 +206,10 @@ func TestAuth(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		resp.Body.Close()
 		return resp.StatusCode
 	}
+	get := func(h string) int { return do(http.MethodGet, h) }
 	basic := "Basic " + base64.StdEncoding.EncodeToString([]byte("x:s3cret"))
 	for h, want := range map[string]int{
 		"":               http.StatusUnauthorized,
@@ -218,5 +221,11 @@ func TestAuth(t *testing.T) {
 		if got := get(h); got != want {
 			t.Errorf("Authorization %q: status %d, want %d", h, got, want)
 		}
+	}
+	if got := get("Bearer reader"); got != http.StatusOK {
+		t.Errorf("a reader's GET: status %d, want 200", got)
+	}
+	if got := do(http.MethodPost, "Bearer reader"); got != http.StatusUnauthorized {
+		t.Errorf("a reader's POST: status %d, want 401", got)
 	}
 }
