@@ -201,7 +201,7 @@ func deployDemo(ctx context.Context, dev *devcluster.Cluster, token, driverKind 
 	}
 	_, err := cl.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: counts,
 		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": port},
-			Guest: &api.MachineGuest{CPUKind: "shared", CPUs: 1, MemoryMB: 256}}})
+			Guest: &api.MachineGuest{CPUKind: api.CPUKindShared, CPUs: api.DefaultGuestCPUs, MemoryMB: api.DefaultGuestMemoryMB}}})
 	return err
 }
 

@@ -16,6 +16,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/flamehq/flame/api"
 )
 
 // maxMetadata bounds manifests and image configs read from a registry.
@@ -208,6 +210,10 @@ func newHTTPClient() *http.Client {
 // parseRef parses an image reference; loopback registries are spoken to
 // over plain HTTP.
 func parseRef(ref string) (name.Reference, error) {
+	if strings.HasPrefix(ref, api.ExecImagePrefix) {
+		// It would parse as a registry named "exec".
+		return nil, fmt.Errorf("%w: reference %q names a host program, which only the exec driver runs", ErrInvalid, ref)
+	}
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		return nil, fmt.Errorf("%w: reference %q: %v", ErrInvalid, ref, err)

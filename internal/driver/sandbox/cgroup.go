@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/api"
 )
 
 // limits are what a machine's cgroup enforces.
@@ -30,8 +32,8 @@ const (
 	sharesPerCPU = 1024 / 16
 	// pidsLimit caps the tasks (processes and threads) of a machine.
 	pidsLimit = 4096
-	// defaultMemoryMB is Fly's default guest memory.
-	defaultMemoryMB = 256
+	// defaultMemoryMB is the default guest's memory.
+	defaultMemoryMB = api.DefaultGuestMemoryMB
 )
 
 // limitsFor maps a guest size to cgroup limits (see the package doc).
@@ -40,7 +42,7 @@ func limitsFor(memoryMB, cpus int) limits {
 		memoryMB = defaultMemoryMB
 	}
 	if cpus <= 0 {
-		cpus = 1
+		cpus = api.DefaultGuestCPUs
 	}
 	return limits{
 		memoryBytes: int64(memoryMB) << 20,
