@@ -183,6 +183,9 @@
 // The wire format is the package's own binary encoding rather than JSON or
 // msgpack: about half the size of JSON, no reflection, and every length
 // checked before allocating, so it is cheap to fuzz (FuzzDecodeRecord) and
-// a hostile record costs no more than its own size to reject. The types
-// are JSON-encodable for APIs and logs.
+// a hostile record costs no more than its own size to reject. The limits on
+// what a machine's config puts in a record are the api package's, which the
+// Machines API enforces first; a machine that breaks them anyway is left out
+// of its host's facts (Publish reports it) rather than stopping the host
+// from publishing. The types are JSON-encodable for APIs and logs.
 package cluster

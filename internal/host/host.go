@@ -107,7 +107,7 @@ func New(cfg Config) (*Host, error) {
 		cfg.Cluster.Capacity = DefaultCapacity()
 	}
 	ag, err := agent.New(agent.Config{
-		Capacity: agent.Capacity{CPUs: cfg.Cluster.Capacity.CPUs, MemoryMB: cfg.Cluster.Capacity.MemoryMB},
+		Capacity: cfg.Cluster.Capacity,
 		DataDir:  cfg.DataDir,
 		Region:   cfg.Region,
 		Driver:   cfg.Driver,
