@@ -31,7 +31,8 @@ var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
 
 // CreateMachine records a new machine and, unless skip_launch, starts it. The
 // answer reflects where it got: started, created, or failed with an event
-// saying why.
+// saying why. An image the driver cannot resolve is the create's error
+// (422), and the machine is destroyed at once.
 func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMachineInput) (*api.Machine, error) {
 	if in.Config == nil {
 		return nil, api.Errorf(422, "config is required")
