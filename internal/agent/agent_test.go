@@ -596,6 +596,9 @@ func TestBadInput(t *testing.T) {
 		{Config: &api.MachineConfig{Image: "x", StopConfig: &api.StopConfig{Signal: ptr("SIGNOPE")}}},
 		{Config: &api.MachineConfig{Image: "x"}, Region: "syd"},
 		{Config: &api.MachineConfig{Image: "x"}, Name: "Bad Name"},
+		{Config: &api.MachineConfig{Image: "x"}, Org: "not.an.org"},
+		{Config: &api.MachineConfig{Image: "x"}, LeaseTTL: api.MaxLeaseTTL + 1},
+		{Config: &api.MachineConfig{Image: "UPPER::bad@@ref"}},
 	}
 	for i, in := range bad {
 		if _, err := a.CreateMachine(ctx, app, in); !errors.Is(err, api.ErrUnprocessable) {

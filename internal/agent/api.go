@@ -49,6 +49,9 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	if err := api.CheckLeaseTTL("lease_ttl", in.LeaseTTL); err != nil {
 		return nil, err
 	}
+	if in.Org != "" && !api.ValidName(in.Org) {
+		return nil, api.Errorf(422, "org %q is not a valid org name", in.Org)
+	}
 	id := in.ID
 	if id == "" {
 		id = api.NewMachineID()
