@@ -15,7 +15,7 @@ var (
 	imageDomainRE = regexp.MustCompile(`^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?$`)
 	imagePathRE   = regexp.MustCompile(`^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$`)
 	imageTagRE    = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
-	imageDigestRE = regexp.MustCompile(`^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$`)
+	imageDigestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`) // the only digest Flame's registry and store speak
 )
 
 // CheckImageRef reports why ref is not an image reference Flame can use:
@@ -42,7 +42,7 @@ func CheckImageRef(ref string) error {
 	rest := ref
 	if i := strings.IndexByte(rest, '@'); i >= 0 {
 		if !imageDigestRE.MatchString(rest[i+1:]) {
-			return bad("the digest after @ must look like sha256:<hex>")
+			return bad("the digest after @ must be sha256:<64 lowercase hex>")
 		}
 		rest = rest[:i]
 	}
@@ -52,8 +52,11 @@ func CheckImageRef(ref string) error {
 		}
 		rest = rest[:i]
 	}
+	if len(rest) > 255 {
+		return bad("the name before the tag may be at most 255 characters")
+	}
 	parts := strings.Split(rest, "/")
-	if len(parts) > 1 && (strings.ContainsAny(parts[0], ".:[") || parts[0] == "localhost" || parts[0] != strings.ToLower(parts[0])) {
+	if len(parts) > 1 && (strings.ContainsAny(parts[0], ".:") || parts[0] == "localhost") {
 		if !imageDomainRE.MatchString(parts[0]) {
 			return bad("invalid registry host " + clipped(parts[0]))
 		}

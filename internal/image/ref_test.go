@@ -37,3 +37,19 @@ func TestParserAcceptsWhatTheAPIAccepts(t *testing.T) {
 		}
 	}
 }
+
+// FuzzImageRefAgreement: whatever reference the API accepts (other than an
+// exec image, which is the exec driver's), the store's parser accepts too.
+func FuzzImageRefAgreement(f *testing.F) {
+	for _, s := range []string{"nginx", "a/b:c", "localhost:5000/x@sha256:" + strings.Repeat("0", 64), "UPPER::bad@@ref", "exec:/bin/sh"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, ref string) {
+		if api.CheckImageRef(ref) != nil || strings.HasPrefix(ref, api.ExecImagePrefix) {
+			return
+		}
+		if _, err := parseRef(ref); err != nil {
+			t.Fatalf("the API accepts %q, the store does not: %v", ref, err)
+		}
+	})
+}
