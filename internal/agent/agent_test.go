@@ -711,3 +711,18 @@ func TestMachineLogsShareOneInotifyInstance(t *testing.T) {
 		t.Errorf("closed agent left %d inotify instances", got)
 	}
 }
+
+// TestUpdateRefusesUnresolvableImage: an update to an image the host
+// cannot resolve is refused before the running version is touched.
+func TestUpdateRefusesUnresolvableImage(t *testing.T) {
+	a := newAgent(t, "", nil)
+	m := create(t, a, shConfig("exec sleep 60"))
+	_, err := a.UpdateMachine(context.Background(), ref(m.ID), api.LaunchMachineInput{Config: &api.MachineConfig{Image: "exec:/no/such/program"}})
+	if !errors.Is(err, api.ErrUnprocessable) || !strings.Contains(err.Error(), "config.image") {
+		t.Fatalf("update = %v, want 422 naming config.image", err)
+	}
+	got, err := a.GetMachine(context.Background(), ref(m.ID))
+	if err != nil || got.State != api.StateStarted || got.InstanceID != m.InstanceID {
+		t.Fatalf("after the refused update: %v, state %s, instance %s (was %s)", err, got.State, got.InstanceID, m.InstanceID)
+	}
+}

@@ -197,6 +197,9 @@ func (a *Agent) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.La
 		return nil, api.Errorf(412, "machine %s is at version %s, not %s", r.ID, r.Instance, in.CurrentVersion)
 	}
 	cfg := cloneConfig(in.Config)
+	if err := a.resolvable(r, cfg); err != nil {
+		return nil, err
+	}
 	if in.Secrets != nil {
 		if err := a.commit(m, withRecord(r, func(r *record) { r.Secrets = maps.Clone(in.Secrets) }), nil); err != nil {
 			return nil, err

@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"errors"
 	"maps"
 	"net/http"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/machine"
 )
 
@@ -30,6 +32,16 @@ func (a *Agent) refuseCreate(m *mach, cause error) error {
 		a.log.Warn("destroy a refused machine", "machine", r.ID, "err", err)
 	}
 	return refused
+}
+
+// resolvable refuses (422) an update to a config whose image the driver
+// cannot resolve, before the running version is touched. m is locked.
+func (a *Agent) resolvable(r *record, cfg *api.MachineConfig) error {
+	_, err := a.cfg.Driver.Prepare(a.ctx, a.spec(withRecord(r, func(r *record) { r.Config = cfg })))
+	if errors.Is(err, driver.ErrImage) {
+		return api.Errorf(http.StatusUnprocessableEntity, "config.image %q cannot be run here: %v", cfg.Image, err)
+	}
+	return nil
 }
 
 // setMetadata sets one metadata key, refusing (422) what would take the
