@@ -5,34 +5,30 @@ import (
 	"fmt"
 	"strconv"
 	"time"
-
-	"github.com/flamehq/flame/internal/machine"
 )
 
 // Machine states, as the API names them. The lifecycle (internal/machine)
 // is their one home: it owns the list, their kinds and the transitions
-// between them; these are its names on the wire.
+// between them. These are its names on the wire, repeated here because the
+// domain package reaches no implementation; a test proves they agree.
 const (
-	StateCreating     = string(machine.Creating)
-	StateCreated      = string(machine.Created)
-	StateStarting     = string(machine.Starting)
-	StateStarted      = string(machine.Started)
-	StateStopping     = string(machine.Stopping)
-	StateStopped      = string(machine.Stopped)
-	StateRestarting   = string(machine.Restarting)
-	StateSuspending   = string(machine.Suspending)
-	StateSuspended    = string(machine.Suspended)
-	StateUpdating     = string(machine.Updating)
-	StateReplacing    = string(machine.Replacing)
-	StateReplaced     = string(machine.Replaced)
-	StateDestroying   = string(machine.Destroying)
-	StateDestroyed    = string(machine.Destroyed)
-	StateFailed       = string(machine.Failed)
-	StateLaunchFailed = string(machine.LaunchFailed)
+	StateCreating     = "creating"
+	StateCreated      = "created"
+	StateStarting     = "starting"
+	StateStarted      = "started"
+	StateStopping     = "stopping"
+	StateStopped      = "stopped"
+	StateRestarting   = "restarting"
+	StateSuspending   = "suspending"
+	StateSuspended    = "suspended"
+	StateUpdating     = "updating"
+	StateReplacing    = "replacing"
+	StateReplaced     = "replaced"
+	StateDestroying   = "destroying"
+	StateDestroyed    = "destroyed"
+	StateFailed       = "failed"
+	StateLaunchFailed = "launch_failed"
 )
-
-// ValidState reports whether s names a machine state.
-func ValidState(s string) bool { return machine.State(s).Valid() }
 
 // Host statuses of a machine as seen by whoever answers for it.
 const (

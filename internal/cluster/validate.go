@@ -9,6 +9,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/flamehq/flame/api"
+	lifecycle "github.com/flamehq/flame/internal/machine"
 )
 
 // ErrInvalid marks a record, or published facts, that break the rules every
@@ -83,7 +84,7 @@ func validateMachine(m *Machine) error {
 		return invalid("machine %s: org %q", m.ID, m.Org)
 	case !validRegion(m.Region):
 		return invalid("machine %s: region %q", m.ID, m.Region)
-	case !api.ValidState(m.State):
+	case !lifecycle.State(m.State).Valid():
 		return invalid("machine %s: state %q", m.ID, m.State)
 	case m.InstanceID != "" && !word(m.InstanceID, maxIDLen, ""):
 		return invalid("machine %s: instance id %q", m.ID, m.InstanceID)
