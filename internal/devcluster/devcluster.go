@@ -131,6 +131,9 @@ type Cluster struct {
 	// toHosts is the control plane's transport to the hosts, unless
 	// Config.Server brought its own client.
 	toHosts *http.Transport
+
+	closeOnce sync.Once
+	closeErr  error
 	// registryAddr is where the registry is served when the control plane
 	// serves it.
 	registryAddr string
@@ -450,8 +453,13 @@ func (c *Cluster) Teardown() error {
 }
 
 // Close stops every host (machines keep running unless StopMachines ran)
-// and the simulated network.
+// and the simulated network. Closing twice is harmless.
 func (c *Cluster) Close() error {
+	c.closeOnce.Do(func() { c.closeErr = c.close() })
+	return c.closeErr
+}
+
+func (c *Cluster) close() error {
 	var errs []error
 	if c.Plane != nil {
 		c.bus.p.Store(nil)
