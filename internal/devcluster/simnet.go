@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strconv"
 	"sync"
 )
 
@@ -49,7 +50,7 @@ func (s *simNet) expose(member, realAddr string, host bool) error {
 		return err
 	}
 	s.mu.Lock()
-	s.routes[realAddr] = net.JoinHostPort(member, "80")
+	s.routes[realAddr] = net.JoinHostPort(member, strconv.Itoa(simPort))
 	s.lns = append(s.lns, ln)
 	s.mu.Unlock()
 	s.wg.Add(1)
@@ -118,7 +119,9 @@ func (s *simNet) relay(sim net.Conn, realAddr string, host bool) {
 		// closes); the server's answers until the server closes, which an
 		// HTTP server does once its handler has returned: so a relayed
 		// connection ends only when the call it carried is over.
+		s.wg.Add(1)
 		go func() {
+			defer s.wg.Done()
 			io.Copy(real, sim)
 			if tc, ok := real.(*net.TCPConn); ok {
 				tc.CloseWrite()
