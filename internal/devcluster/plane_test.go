@@ -58,14 +58,19 @@ func (s stopRecorder) Stop(ctx context.Context, sig syscall.Signal, timeout time
 
 func startPlaneDev(t *testing.T, regions []string, drivers func(id string) driver.Driver) *Cluster {
 	t.Helper()
+	return startPlaneDevSpecs(t, regions, func(h HostSpec) driver.Driver { return drivers(h.ID) })
+}
+
+func startPlaneDevSpecs(t *testing.T, regions []string, drivers func(HostSpec) driver.Driver) *Cluster {
+	t.Helper()
 	over := new(atomic.Bool)
 	t.Cleanup(func() { over.Store(true) })
 	c, err := Start(context.Background(), Config{
 		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: regions, HostsPerRegion: 1,
-		Logger:       slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		NewDriver:    func(id string, _ int, _ string) (driver.Driver, error) { return drivers(id), nil },
-		Cluster:      cluster.Config{Capacity: cluster.Resources{CPUs: 256, MemoryMB: 256 * 1024}},
-		ControlPlane: true,
+		Logger:        slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		NewHostDriver: func(h HostSpec) (driver.Driver, error) { return drivers(h), nil },
+		Cluster:       cluster.Config{Capacity: cluster.Resources{CPUs: 256, MemoryMB: 256 * 1024}},
+		ControlPlane:  true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -97,9 +102,17 @@ var smallGuest = &api.MachineGuest{CPUKind: "shared", CPUs: 1, MemoryMB: 256}
 
 // TestPlaneCallsCrossTheNetwork checks that the control plane (in ams)
 // reaches a host in syd over the simulated network: a call forwarded there
-// takes at least the one-way latency between the two.
+// takes at least the one-way latency between the two; and that the host in
+// syd reaches the registry (the control plane's) over it too.
 func TestPlaneCallsCrossTheNetwork(t *testing.T) {
-	c := startPlaneDev(t, []string{"ams", "syd"}, func(string) driver.Driver { return fake.New() })
+	var mu sync.Mutex
+	specs := map[string]HostSpec{}
+	c := startPlaneDevSpecs(t, []string{"ams", "syd"}, func(h HostSpec) driver.Driver {
+		mu.Lock()
+		specs[h.ID] = h
+		mu.Unlock()
+		return fake.New()
+	})
 	cl := appClient(t, c)
 	ctx := context.Background()
 	m, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Region: "syd", Config: &api.MachineConfig{Image: "demo", Guest: smallGuest}})
@@ -119,6 +132,18 @@ func TestPlaneCallsCrossTheNetwork(t *testing.T) {
 		if took < oneWay {
 			t.Fatalf("a read forwarded from ams to syd took %v, less than the one-way latency %v", took, oneWay)
 		}
+	}
+	// A connection from syd to the registry takes a round trip to ams.
+	h := specs["syd-1"]
+	begin := time.Now()
+	conn, err := h.Dial(ctx, "tcp", h.RegistryAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(begin)
+	conn.Close()
+	if took < 2*oneWay {
+		t.Errorf("syd-1 connected to the registry in %v, less than the round trip %v to ams", took, 2*oneWay)
 	}
 }
 
