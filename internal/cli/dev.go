@@ -42,9 +42,13 @@ regions (by default ams, iad and syd, two hosts each), joined into one cluster
 over a simulated network with real-world distances between regions. Each host
 serves the .internal DNS names of every machine in the cluster.
 
-It creates the org "personal" with a token, which it prints, and deploys the
-demo app to every region. With no flags it keeps its state in a temporary
-directory removed on exit. Ctrl-C stops every machine and exits.`,
+It creates the org "personal" with a token, which it prints (with the admin
+token; both are kept in the data dir and printed again on every start), and
+deploys the demo app to every region unless the demo's group exists already.
+With no flags it keeps its state in a temporary directory removed on exit.
+The sandboxes' bridges, cgroups and private network are named after an
+instance id kept in the data dir, so several flame devs can run side by side.
+Ctrl-C stops the control plane, then every machine, and exits.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runDev(c, f) },
 	}
