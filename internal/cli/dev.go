@@ -16,8 +16,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/atomicfile"
 	"github.com/flamehq/flame/internal/devcluster"
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/sandbox"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/image/registry"
 	"github.com/flamehq/flame/internal/server"
@@ -40,9 +42,13 @@ regions (by default ams, iad and syd, two hosts each), joined into one cluster
 over a simulated network with real-world distances between regions. Each host
 serves the .internal DNS names of every machine in the cluster.
 
-It creates the org "personal" with a token, which it prints, and deploys the
-demo app to every region. With no flags it keeps its state in a temporary
-directory removed on exit. Ctrl-C stops every machine and exits.`,
+It creates the org "personal" with a token, which it prints (with the admin
+token; both are kept in the data dir and printed again on every start), and
+deploys the demo app to every region unless the demo's group exists already.
+With no flags it keeps its state in a temporary directory removed on exit.
+The sandboxes' bridges, cgroups and private network are named after an
+instance id kept in the data dir, so several flame devs can run side by side.
+Ctrl-C stops the control plane, then every machine, and exits.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runDev(c, f) },
 	}
@@ -95,6 +101,15 @@ func runDev(c *cobra.Command, f devFlags) error {
 	if err != nil {
 		return err
 	}
+	// The sandboxes' bridges, cgroups and private network are named after
+	// this dev cluster's instance, kept in its data dir: a restart finds
+	// its own, another `flame dev` never shares them.
+	var instance string
+	if f.driver != host.DriverExec {
+		if instance, err = sandbox.LoadInstance(f.dataDir); err != nil {
+			return err
+		}
+	}
 	kinds := make([]string, 0)
 	cfg := devcluster.Config{
 		Regions:        splitList(f.regions),
@@ -107,13 +122,14 @@ func runDev(c *cobra.Command, f devFlags) error {
 		DNSAddr:        f.dnsAddr,
 		Logger:         log,
 		Registry:       reg,
-		NewDriver: func(id string, i int, registryAddr string) (driver.Driver, error) {
+		NewHostDriver: func(h devcluster.HostSpec) (driver.Driver, error) {
 			kind := f.driver
-			if i > 0 {
+			if h.Index > 0 {
 				kind = kinds[0] // decided (and warned about) once, for the first host
 			}
-			d, kind, err := host.NewDriver(host.DriverConfig{Kind: kind, DataDir: filepath.Join(f.dataDir, id),
-				Registry: registryAddr, RegistryToken: f.token, Index: i, Logger: log.With("host", id)})
+			d, kind, err := host.NewDriver(host.DriverConfig{Kind: kind, DataDir: filepath.Join(f.dataDir, h.ID),
+				Registry: h.RegistryAddr, RegistryToken: f.token, Dial: h.Dial,
+				Instance: instance, Index: h.Index, Logger: log.With("host", h.ID)})
 			kinds = append(kinds, kind)
 			return d, err
 		},
@@ -137,33 +153,80 @@ func runDev(c *cobra.Command, f devFlags) error {
 	if err != nil {
 		log.Warn("demo image not pushed", "err", err)
 	}
-	tok, err := dev.Plane.AddOrg(c.Context(), "personal", "Personal")
+	tokens, err := devTokens(c.Context(), dev.Plane, f.dataDir)
 	if err != nil {
 		dev.Close()
-		return fmt.Errorf("create org personal: %w", err)
+		return err
 	}
 	if !f.noDemo {
-		if err := deployDemo(c.Context(), dev, tok, kinds[0], cfg.Regions); err != nil {
+		if err := deployDemo(c.Context(), dev, tokens.org, kinds[0], cfg.Regions); err != nil {
 			log.Warn("demo app not deployed", "err", err)
 		}
 	}
-	printDevBanner(out, dev, f, kinds[0], ref, tok)
+	printDevBanner(out, dev, f, kinds[0], ref, tokens, instance)
 	<-c.Context().Done()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	// The control plane stops first, so nothing is placed once the
+	// machines are being stopped. Nothing outlives a temporary dev
+	// cluster: no machine, mount, bridge or cgroup.
 	if temporary {
-		// Nothing outlives a temporary dev cluster: no machine, mount,
-		// bridge or cgroup.
 		fmt.Fprintln(out, "\nflame dev: destroying machines…")
-		dev.DestroyMachines(ctx)
-		err = errors.Join(dev.Close(), dev.Teardown())
 	} else {
 		fmt.Fprintln(out, "\nflame dev: stopping machines…")
-		dev.StopMachines(ctx)
-		err = dev.Close()
 	}
+	err = dev.Shutdown(ctx, temporary)
 	fmt.Fprintln(out, "flame dev: stopped")
 	return err
+}
+
+// devKeys are the tokens `flame dev` prints: the org personal's and the
+// admin token.
+type devKeys struct{ org, admin string }
+
+// Token files in the data dir, readable by their owner only.
+const (
+	orgTokenFile   = "personal-token"
+	adminTokenFile = "admin-token"
+)
+
+// devTokens returns the tokens of a dev cluster: on its first start it makes
+// the org personal and a token for it, and keeps both tokens in the data
+// dir; on later starts it gives the kept ones back (a kept org token the
+// catalog no longer has is replaced).
+func devTokens(ctx context.Context, p *server.Plane, dataDir string) (devKeys, error) {
+	var k devKeys
+	if p.AdminToken != "" {
+		if err := writeSecretFile(filepath.Join(dataDir, adminTokenFile), p.AdminToken); err != nil {
+			return k, fmt.Errorf("save admin token: %w", err)
+		}
+		k.admin = p.AdminToken
+	} else if b, err := os.ReadFile(filepath.Join(dataDir, adminTokenFile)); err == nil {
+		k.admin = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile(filepath.Join(dataDir, orgTokenFile)); err == nil {
+		if t := strings.TrimSpace(string(b)); t != "" && p.MayPush(ctx, t) {
+			k.org = t
+			return k, nil
+		}
+	}
+	tok, err := p.AddOrg(ctx, "personal", "Personal")
+	if err != nil {
+		return k, fmt.Errorf("create org personal: %w", err)
+	}
+	if err := writeSecretFile(filepath.Join(dataDir, orgTokenFile), tok); err != nil {
+		return k, fmt.Errorf("save token: %w", err)
+	}
+	k.org = tok
+	return k, nil
+}
+
+// writeSecretFile writes s to path whole, readable by its owner only.
+func writeSecretFile(path, s string) error {
+	if err := atomicfile.Write(path, []byte(s+"\n"), filepath.Dir(path)); err != nil {
+		return err
+	}
+	return os.Chmod(path, 0o600)
 }
 
 func splitList(s string) []string {
@@ -184,10 +247,16 @@ func randomToken() string {
 
 // deployDemo creates the app "demo" in the org personal and declares one
 // machine of the demo image per region; the control plane's reconciler
-// places them.
+// places them. A demo group that exists already (a restart on the same
+// data dir) is the user's: it is left as it is.
 func deployDemo(ctx context.Context, dev *devcluster.Cluster, token, driverKind string, regions []string) error {
 	cl := api.NewClient(dev.Plane.URL(), token)
 	if _, err := cl.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil && !errors.Is(err, api.ErrConflict) {
+		return err
+	}
+	if _, err := cl.GetGroup(ctx, "demo", "app"); err == nil {
+		return nil
+	} else if !errors.Is(err, api.ErrNotFound) {
 		return err
 	}
 	// Exec machines share the host's network: let each pick a free port.
@@ -205,16 +274,21 @@ func deployDemo(ctx context.Context, dev *devcluster.Cluster, token, driverKind 
 	return err
 }
 
-func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind, demoRef, token string) {
+func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind, demoRef string, tokens devKeys, instance string) {
+	token := tokens.org
 	first := dev.Hosts[0]
 	url := dev.Plane.URL()
 	fmt.Fprintf(w, "flame dev is running: a control plane and %d hosts, %s driver (state in %s)\n\n", len(dev.Hosts), driverKind, f.dataDir)
 	fmt.Fprintf(w, "  Machines API  %s   (org \"personal\")\n", url)
 	fmt.Fprintf(w, "  Token         %s\n", token)
-	if dev.Plane.AdminToken != "" {
-		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens)\n", dev.Plane.AdminToken)
+	if tokens.admin != "" {
+		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens)\n", tokens.admin)
 	}
-	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n\n", url, demoRef)
+	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n", url, demoRef)
+	if driverKind == host.DriverSandbox {
+		printSandboxNames(w, instance, len(dev.Hosts))
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", "HOST", "REGION", "INTERNAL API", ".internal DNS (udp+tcp)")
 	for _, h := range dev.Hosts {
 		fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", h.ID, h.Region, h.APIURL, h.DNSAddr)
@@ -237,4 +311,16 @@ The demo app runs one machine in each region. Try it:
 
 Press Ctrl-C to stop every machine and exit.
 `, token, url, host.DemoImage, dnsHost, dnsPort, qtype)
+}
+
+// printSandboxNames says what the sandbox driver names on this machine
+// after the dev cluster's instance.
+func printSandboxNames(w io.Writer, instance string, hosts int) {
+	first, err := sandbox.InstanceNames(instance, 0)
+	if err != nil {
+		return
+	}
+	last, _ := sandbox.InstanceNames(instance, hosts-1)
+	fmt.Fprintf(w, "  Instance      %s   (bridges %s…%s, cgroups %s…%s, 6PN %s…)\n",
+		instance, first.Bridge, last.Bridge, first.CgroupParent, last.CgroupParent, first.HostPrefix)
 }

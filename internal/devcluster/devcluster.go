@@ -46,6 +46,9 @@ type Config struct {
 	// NewDriver makes the driver of one host. registryAddr is where
 	// Registry is served (host:port).
 	NewDriver func(hostID string, hostIndex int, registryAddr string) (driver.Driver, error)
+	// NewHostDriver, when set, is used instead of NewDriver: it is told
+	// more, among it how the host dials the registry.
+	NewHostDriver func(HostSpec) (driver.Driver, error)
 	// Registry, when set, is served under /v2/ by the control plane (or,
 	// without one, by the first host).
 	Registry http.Handler
@@ -92,7 +95,7 @@ func (c *Config) Validate() error {
 		return errors.New("devcluster: dir is required")
 	case c.Token == "":
 		return errors.New("devcluster: token is required")
-	case c.NewDriver == nil:
+	case c.NewDriver == nil && c.NewHostDriver == nil:
 		return errors.New("devcluster: driver factory is required")
 	case c.HostsPerRegion < 1 || c.HostsPerRegion > 50:
 		return fmt.Errorf("devcluster: %d hosts per region: want 1 to 50", c.HostsPerRegion)
@@ -105,6 +108,18 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// HostSpec describes a host to its driver factory.
+type HostSpec struct {
+	ID     string
+	Region string
+	Index  int // 0, 1, … in the order hosts start
+	// RegistryAddr is where Config.Registry is served (host:port).
+	RegistryAddr string
+	// Dial is how the host dials the cluster's APIs (the registry): over
+	// the simulated network, from the host's region.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
 // Cluster is a running dev cluster.
 type Cluster struct {
 	Hosts []*Host
@@ -112,6 +127,13 @@ type Cluster struct {
 	// Plane is the control plane, when Config.ControlPlane is set.
 	Plane *server.Plane
 	cfg   Config
+	sim   *simNet
+	// toHosts is the control plane's transport to the hosts, unless
+	// Config.Server brought its own client.
+	toHosts *http.Transport
+
+	closeOnce sync.Once
+	closeErr  error
 	// registryAddr is where the registry is served when the control plane
 	// serves it.
 	registryAddr string
@@ -180,6 +202,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		Logger: cfg.Logger,
 	})
 	c := &Cluster{Net: nw, cfg: cfg}
+	c.sim = newSimNet(c)
 	apiHost, apiPort, err := splitPort(cfg.APIAddr)
 	if err != nil {
 		return nil, fmt.Errorf("devcluster: api address: %w", err)
@@ -212,6 +235,16 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 			return nil, fmt.Errorf("devcluster: listen on %s: %w", cfg.ServerAddr, err)
 		}
 		c.registryAddr = planeLn.Addr().String()
+		// The control plane has its place in the network (the first
+		// region) before the hosts pull from its registry.
+		if _, err := nw.AddHost(controlID); err == nil {
+			err = c.sim.expose(controlID, c.registryAddr, false)
+		}
+		if err != nil {
+			planeLn.Close()
+			c.Close()
+			return nil, fmt.Errorf("devcluster: control plane: %w", err)
+		}
 	}
 	var seed string
 	for i, p := range hosts {
@@ -242,10 +275,6 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 const controlID = "control"
 
 func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) (*server.Plane, error) {
-	if _, err := c.Net.AddHost(controlID); err != nil {
-		ln.Close()
-		return nil, err
-	}
 	tr, err := c.Net.Transport(controlID, 7946)
 	if err != nil {
 		ln.Close()
@@ -255,6 +284,15 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	mc.HostID, mc.Region, mc.Transport = controlID, c.cfg.Regions[0], tr
 	sc := c.cfg.Server
 	sc.AgentToken = c.cfg.Token
+	if sc.HTTPClient == nil {
+		// Calls to hosts cross the simulated network from the control
+		// plane's region.
+		c.toHosts = &http.Transport{
+			DialContext:         c.sim.dialerFrom(controlID),
+			MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second,
+		}
+		sc.HTTPClient = &http.Client{Transport: c.toHosts}
+	}
 	p, err := server.StartPlane(ctx, server.PlaneConfig{
 		DataDir: filepath.Join(c.cfg.Dir, controlID), Listener: ln,
 		Cluster: mc, Join: []string{seed}, Server: sc, Registry: c.cfg.Registry,
@@ -284,6 +322,12 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		ln.Close()
 		return nil, err
 	}
+	if err := c.sim.expose(id, ln.Addr().String(), c.cfg.ControlPlane); err != nil {
+		ln.Close()
+		pc.Close()
+		dl.Close()
+		return nil, err
+	}
 	regAddr := c.registryAddr
 	if regAddr == "" {
 		regAddr = ln.Addr().String()
@@ -291,7 +335,12 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 			regAddr = strings.TrimPrefix(c.Hosts[0].APIURL, "http://")
 		}
 	}
-	d, err := c.cfg.NewDriver(id, i, regAddr)
+	var d driver.Driver
+	if c.cfg.NewHostDriver != nil {
+		d, err = c.cfg.NewHostDriver(HostSpec{ID: id, Region: region, Index: i, RegistryAddr: regAddr, Dial: c.sim.dialerFrom(id)})
+	} else {
+		d, err = c.cfg.NewDriver(id, i, regAddr)
+	}
 	if err != nil {
 		ln.Close()
 		pc.Close()
@@ -404,8 +453,13 @@ func (c *Cluster) Teardown() error {
 }
 
 // Close stops every host (machines keep running unless StopMachines ran)
-// and the simulated network.
+// and the simulated network. Closing twice is harmless.
 func (c *Cluster) Close() error {
+	c.closeOnce.Do(func() { c.closeErr = c.close() })
+	return c.closeErr
+}
+
+func (c *Cluster) close() error {
 	var errs []error
 	if c.Plane != nil {
 		c.bus.p.Store(nil)
@@ -414,7 +468,36 @@ func (c *Cluster) Close() error {
 	for i := len(c.Hosts) - 1; i >= 0; i-- {
 		errs = append(errs, c.Hosts[i].Close())
 	}
+	c.sim.close()
 	errs = append(errs, c.Net.Close())
+	return errors.Join(errs...)
+}
+
+// Shutdown stops the cluster in the order that leaves nothing running and
+// creates nothing once it began: the control plane first (its API, the
+// reconciler and placement; then every call it had made to a host is
+// waited for, and no new one gets through), then every machine — stopped,
+// or with destroy destroyed — and then the hosts (Close). With destroy,
+// Teardown follows, so nothing of the cluster outlives it.
+func (c *Cluster) Shutdown(ctx context.Context, destroy bool) error {
+	var errs []error
+	if c.Plane != nil {
+		c.bus.p.Store(nil)
+		errs = append(errs, c.Plane.Close())
+		if c.toHosts != nil {
+			c.toHosts.CloseIdleConnections()
+		}
+		errs = append(errs, c.sim.shutAndWait(ctx))
+	}
+	if destroy {
+		c.DestroyMachines(ctx)
+	} else {
+		c.StopMachines(ctx)
+	}
+	errs = append(errs, c.Close())
+	if destroy {
+		errs = append(errs, c.Teardown())
+	}
 	return errors.Join(errs...)
 }
 

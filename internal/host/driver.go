@@ -4,7 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/netip"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -30,7 +30,16 @@ type DriverConfig struct {
 	// from ("flame/demo-app" → "<Registry>/flame/demo-app").
 	Registry      string
 	RegistryToken string
-	// Index tells hosts sharing one machine apart: it picks the host's
+	// Dial, when set, opens the image store's connections to registries
+	// (a dev cluster's simulated network).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Instance names what the sandbox driver makes on the machine (its
+	// bridge, cgroups and private network prefix; see
+	// sandbox.InstanceNames), so that Flames sharing a machine never share
+	// them. Default: the instance id kept in DataDir, made on first use.
+	// Hosts of one dev cluster share their cluster's instance.
+	Instance string
+	// Index tells the hosts of one instance apart: it picks the host's
 	// bridge, its private network prefix and its cgroup.
 	Index  int
 	Logger *slog.Logger
@@ -83,8 +92,9 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 		return nil, fmt.Errorf("sandbox driver: a data dir is required")
 	}
 	store, err := image.NewStore(image.StoreConfig{
-		Dir:    filepath.Join(cfg.DataDir, "images"),
-		Logger: cfg.Logger,
+		Dir:         filepath.Join(cfg.DataDir, "images"),
+		Logger:      cfg.Logger,
+		DialContext: cfg.Dial,
 		Auth: func(registry string) string {
 			if registry == cfg.Registry {
 				return cfg.RegistryToken
@@ -95,16 +105,22 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	prefix, err := netip.ParsePrefix(fmt.Sprintf("fdaa:0:%x::/64", cfg.Index+1))
+	inst := cfg.Instance
+	if inst == "" {
+		if inst, err = sandbox.LoadInstance(cfg.DataDir); err != nil {
+			return nil, fmt.Errorf("sandbox driver: %w", err)
+		}
+	}
+	names, err := sandbox.InstanceNames(inst, cfg.Index)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	return sandbox.New(sandbox.Config{
 		Images:       defaultRegistry{store, cfg.Registry},
 		StateDir:     filepath.Join(cfg.DataDir, "sandbox"),
-		Bridge:       fmt.Sprintf("flame%d", cfg.Index),
-		HostPrefix:   prefix,
-		CgroupParent: fmt.Sprintf("flame-%d", cfg.Index),
+		Bridge:       names.Bridge,
+		HostPrefix:   names.HostPrefix,
+		CgroupParent: names.CgroupParent,
 		Logger:       cfg.Logger,
 	})
 }

@@ -200,8 +200,11 @@ func (v *verifier) digest() string { return "sha256:" + hex.EncodeToString(v.h.S
 
 // newHTTPClient is the client a Store pulls with: no overall timeout (a
 // layer may be large) but bounded waits for connections and headers.
-func newHTTPClient() *http.Client {
+func newHTTPClient(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
+	if dial != nil {
+		t.DialContext = dial
+	}
 	t.ResponseHeaderTimeout = 30 * time.Second
 	t.MaxIdleConnsPerHost = 8
 	return &http.Client{Transport: t}

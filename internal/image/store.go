@@ -11,6 +11,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -38,6 +39,9 @@ type StoreConfig struct {
 	Insecure bool
 	// Auth returns the bearer token for a registry (host[:port]), or "".
 	Auth func(registry string) string
+	// DialContext, when set, opens the connections to registries (a
+	// simulated network's dialer, in a dev cluster).
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Validate reports what is wrong with c.
@@ -106,7 +110,7 @@ func NewStore(cfg StoreConfig) (*Store, error) {
 		token:    cfg.Auth,
 		chown:    os.Geteuid() == 0,
 	}
-	hc := newHTTPClient()
+	hc := newHTTPClient(cfg.DialContext)
 	s.http = func(registry string) *client {
 		c := &client{http: hc, scheme: "https", registry: registry}
 		if s.insecure || isLoopback(registry) {

@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"log/slog"
+	"net/http"
 	"testing"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/flamehq/flame/internal/devcluster"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/fake"
+	"github.com/flamehq/flame/internal/server"
 )
 
 // BenchmarkControlPlaneOverhead times create→started (create, then wait)
@@ -24,6 +26,9 @@ func BenchmarkControlPlaneOverhead(b *testing.B) {
 		Logger:    slog.New(slog.DiscardHandler),
 		NewDriver: func(string, int, string) (driver.Driver, error) { return fake.New(), nil },
 		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 4096, MemoryMB: 1 << 20}}, ControlPlane: true,
+		// The control plane's own cost: its calls to the host over
+		// loopback, not the dev cluster's simulated network.
+		Server: server.Config{HTTPClient: &http.Client{}},
 	})
 	if err != nil {
 		b.Fatal(err)

@@ -227,15 +227,22 @@ func (c *cgroups) setLimits(name string, l limits) error {
 		}
 	} else {
 		mem, cpu, pids := dirs[0], dirs[1], dirs[2]
-		files = [][2]string{
+		memory := [][2]string{
 			{filepath.Join(mem, "memory.limit_in_bytes"), strconv.FormatInt(l.memoryBytes, 10)},
 			// memory+swap: the same limit, so the machine cannot swap.
 			{filepath.Join(mem, "memory.memsw.limit_in_bytes"), strconv.FormatInt(l.memoryBytes, 10)},
+		}
+		// The kernel keeps memsw >= memory at every write: a limit that
+		// grows is raised on memsw first, one that shrinks on memory.
+		if growing(filepath.Join(mem, "memory.limit_in_bytes"), l.memoryBytes) {
+			memory[0], memory[1] = memory[1], memory[0]
+		}
+		files = append(memory, [][2]string{
 			{filepath.Join(cpu, "cpu.cfs_period_us"), strconv.FormatInt(l.cpuPeriodUs, 10)},
 			{filepath.Join(cpu, "cpu.cfs_quota_us"), strconv.FormatInt(l.cpuQuotaUs, 10)},
 			{filepath.Join(cpu, "cpu.shares"), strconv.FormatUint(l.cpuShares, 10)},
 			{filepath.Join(pids, "pids.max"), strconv.FormatInt(l.pids, 10)},
-		}
+		}...)
 	}
 	for _, f := range files {
 		err := writeFile(f[0], f[1])
@@ -247,6 +254,17 @@ func (c *cgroups) setLimits(name string, l limits) error {
 		}
 	}
 	return nil
+}
+
+// growing reports whether limit is above what the cgroup file at path
+// holds now (a file that cannot be read: no).
+func growing(path string, limit int64) bool {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	cur, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	return err == nil && limit > cur
 }
 
 func optionalCgroupFile(path string) bool {

@@ -77,13 +77,16 @@
 //
 // # Resources
 //
-// Each machine gets a cgroup under Config.CgroupParent ("flame"), on cgroup
+// Each machine gets a cgroup under Config.CgroupParent ("flame-<instance>-<host>",
+// see instance.go), on cgroup
 // v2 when its root offers the memory, cpu and pids controllers, else on the
 // v1 hierarchies of those controllers (detected by New):
 //
 //   - memory: the guest's memory_mb (256 when unset) as a hard limit, swap
 //     included (memory.max and memory.swap.max 0; memory.limit_in_bytes and
-//     memory.memsw.limit_in_bytes). Going over OOM-kills, reported as
+//     memory.memsw.limit_in_bytes, written in the order the kernel takes
+//     them: memsw first when the limit grows, memory first when it
+//     shrinks). Going over OOM-kills, reported as
 //     Exit.OOMKilled.
 //   - cpu: guests have shared vCPUs, as Fly's shared cpu_kind: each cpu is
 //     a weight of 1/16 of a core (cpu.shares 64 per cpu on v1, the
@@ -103,12 +106,14 @@
 //
 // # Network
 //
-// The host has one bridge (Config.Bridge, "flame0"), created on first use
-// with the first host address of Config.HostPrefix (fdaa:0:1::1 in the
-// default fdaa:0:1::/64, the 6PN layout fdaa:<network>:<host>::), without
+// The host has one bridge (Config.Bridge, "fl<instance>-<host>"), created on
+// first use with the first host address of Config.HostPrefix (the 6PN
+// layout fdaa:<network>:<host>::/64, the network from the instance id;
+// a prefix another link routes already is refused), without
 // spanning tree or forward delay, so that a new port forwards at once, and
 // with a fixed MAC address. Each sandbox has a veth pair into it (host side
-// named "f<machine id>", "eth0" inside) with an address of the prefix and a
+// named "f<machine id>", "eth0" inside; the driver deletes a veth by name
+// only when it is a port of its own bridge or of none) with an address of the prefix and a
 // default route via the bridge. The spare's pair is made with the spare,
 // its host end under a name of its own, already a port of the bridge and
 // up (without IPv6: a port needs no address), eth0 up with the prefix's

@@ -43,45 +43,49 @@ type Config struct {
 	// directory: the address leases. Default /var/lib/flame/sandbox.
 	StateDir string
 	// Bridge is the host bridge the sandboxes are connected to, created on
-	// first use. Default "flame0".
+	// first use. Default: the instance's (see InstanceNames), from the
+	// instance id kept in StateDir.
 	Bridge string
 	// HostPrefix is this host's part of the private network
 	// (fdaa:<network>:<host>::/64 and the like); the bridge takes its first
-	// host address, machines the others. Default fdaa:0:1::/64.
+	// host address, machines the others. Default: the instance's.
 	HostPrefix netip.Prefix
 	// InitPath is the flame binary, whose hidden "sandbox-init" command
 	// is each sandbox's init. Default: this program.
 	InitPath string
 	// CgroupParent is the cgroup, below each hierarchy's root, that holds
-	// the machines' cgroups. Default "flame".
+	// the machines' cgroups. Default: the instance's.
 	CgroupParent string
 	Logger       *slog.Logger
 }
 
-// Defaults.
-var (
-	DefaultStateDir   = "/var/lib/flame/sandbox"
-	DefaultBridge     = "flame0"
-	DefaultHostPrefix = netip.MustParsePrefix("fdaa:0:1::/64")
-)
-
-// DefaultCgroupParent is the cgroup holding the machines' cgroups.
-const DefaultCgroupParent = "flame"
+// DefaultStateDir is where the driver keeps its state by default.
+const DefaultStateDir = "/var/lib/flame/sandbox"
 
 func (c *Config) setDefaults() error {
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir
 	}
-	if c.Bridge == "" {
-		c.Bridge = DefaultBridge
-	}
-	if !c.HostPrefix.IsValid() {
-		c.HostPrefix = DefaultHostPrefix
+	if (c.Bridge == "" || !c.HostPrefix.IsValid() || c.CgroupParent == "") && filepath.IsAbs(c.StateDir) {
+		inst, err := LoadInstance(c.StateDir)
+		if err != nil {
+			return err
+		}
+		n, err := InstanceNames(inst, 0)
+		if err != nil {
+			return err
+		}
+		if c.Bridge == "" {
+			c.Bridge = n.Bridge
+		}
+		if !c.HostPrefix.IsValid() {
+			c.HostPrefix = n.HostPrefix
+		}
+		if c.CgroupParent == "" {
+			c.CgroupParent = n.CgroupParent
+		}
 	}
 	c.HostPrefix = c.HostPrefix.Masked()
-	if c.CgroupParent == "" {
-		c.CgroupParent = DefaultCgroupParent
-	}
 	if c.InitPath == "" {
 		p, err := os.Executable()
 		if err != nil {
@@ -157,7 +161,7 @@ var _ driver.Driver = (*Driver)(nil)
 // the memory, cpu and pids controllers, or v1 hierarchies for them).
 func New(cfg Config) (*Driver, error) {
 	if err := cfg.setDefaults(); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("sandbox driver: %w", err)

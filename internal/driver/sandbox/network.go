@@ -48,6 +48,9 @@ func (d *Driver) ensureBridge() (int, error) {
 	if _, ok := br.(*netlink.Bridge); !ok {
 		return 0, fmt.Errorf("bridge %s: is a %s, not a bridge", d.cfg.Bridge, br.Type())
 	}
+	if err := d.checkPrefixFree(br.Attrs().Index); err != nil {
+		return 0, err
+	}
 	// No duplicate address detection: the address is ours by
 	// configuration, and a tentative address stalls the first dials.
 	gw := gatewayAddr(d.cfg.HostPrefix)
@@ -64,6 +67,30 @@ func (d *Driver) ensureBridge() (int, error) {
 	d.bridgeIndex = br.Attrs().Index
 	d.logger.Info("bridge ready", "bridge", d.cfg.Bridge, "gateway", gw)
 	return d.bridgeIndex, nil
+}
+
+// checkPrefixFree fails when a link other than the bridge (index brIndex)
+// has a route to the host's prefix: another Flame on this machine uses the
+// same prefix, and sharing it would send one's traffic to the other's
+// machines.
+func (d *Driver) checkPrefixFree(brIndex int) error {
+	prefix := d.cfg.HostPrefix
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V6,
+		&netlink.Route{Dst: ipNet(prefix.Addr(), prefix.Bits())}, netlink.RT_FILTER_DST)
+	if err != nil {
+		return fmt.Errorf("routes to %s: %w", prefix, err)
+	}
+	for _, r := range routes {
+		if r.LinkIndex == 0 || r.LinkIndex == brIndex {
+			continue
+		}
+		name := fmt.Sprintf("link %d", r.LinkIndex)
+		if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+			name = l.Attrs().Name
+		}
+		return fmt.Errorf("prefix %s is already routed to %s: another Flame on this machine uses it", prefix, name)
+	}
+	return nil
 }
 
 // tuneBridge makes a new port of br forward at once — no spanning tree,
@@ -145,8 +172,9 @@ func (d *Driver) connectSandbox(pid int, hostName string) (_ *sandboxNet, err er
 	if err := netlink.LinkAdd(veth); err != nil {
 		if errors.Is(err, unix.EEXIST) {
 			// A leftover of an earlier instance of the machine.
-			d.deleteLink(hostName)
-			err = netlink.LinkAdd(veth)
+			if err = d.deleteLink(hostName); err == nil {
+				err = netlink.LinkAdd(veth)
+			}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("create veth %s: %w", hostName, err)
@@ -203,8 +231,9 @@ func (d *Driver) attach(sn *sandboxNet, machineID string, addr netip.Addr) error
 		err := netlink.LinkAddAltName(host, name)
 		if errors.Is(err, unix.EEXIST) {
 			// A leftover of an earlier instance of the machine.
-			d.deleteLink(name)
-			err = netlink.LinkAddAltName(host, name)
+			if err = d.deleteLink(name); err == nil {
+				err = netlink.LinkAddAltName(host, name)
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("name veth %s: %w", name, err)
@@ -271,8 +300,10 @@ func (d *Driver) deleteVeth(machineID string) error {
 	return d.deleteLink(vethName(machineID))
 }
 
-// deleteLink removes the host's link called name (or with that
-// alternative name), if it exists.
+// deleteLink removes the veth called name (or with that alternative name),
+// if it exists and is this driver's: a port of its bridge, or of no bridge
+// (left when a bridge went before its ports). A link of another kind, or a
+// port of another bridge — another Flame's — is left alone, and is an error.
 func (d *Driver) deleteLink(name string) error {
 	l, err := netlink.LinkByName(name)
 	if _, notFound := err.(netlink.LinkNotFoundError); notFound {
@@ -280,6 +311,15 @@ func (d *Driver) deleteLink(name string) error {
 	}
 	if err != nil {
 		return fmt.Errorf("find veth: %w", err)
+	}
+	if l.Type() != "veth" {
+		return fmt.Errorf("link %s: a %s, not a veth of this driver: left alone", name, l.Type())
+	}
+	if m := l.Attrs().MasterIndex; m != 0 {
+		br, err := netlink.LinkByIndex(m)
+		if err == nil && br.Attrs().Name != d.cfg.Bridge {
+			return fmt.Errorf("veth %s: a port of %s, not of this driver's %s: left alone", name, br.Attrs().Name, d.cfg.Bridge)
+		}
 	}
 	if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
 		return fmt.Errorf("delete veth %s: %w", l.Attrs().Name, err)
