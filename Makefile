@@ -1,5 +1,5 @@
-# Flame's build entry points. `make test` is what CI runs.
-STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+# Flame's build entry points. CI runs .ci/run: what `make check` and
+# `make test` run, on a fresh machine that has no make.
 
 .PHONY: all build test check bench dev
 
@@ -11,12 +11,9 @@ build:
 test:
 	go test ./...
 
-# check: formatting, vet, staticcheck and a tidy go.mod.
+# check: formatting, vet, staticcheck and a tidy go.mod (listed in .ci/check).
 check:
-	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
-	go vet ./...
-	go run $(STATICCHECK) ./...
-	go mod tidy -diff
+	.ci/check
 
 bench:
 	go test -run '^$$' -bench . -benchtime 200x ./internal/agent/
