@@ -17,11 +17,14 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	mdns "github.com/miekg/dns"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/flamehq/flame/api"
 )
@@ -44,38 +47,120 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// proc is a running flame command whose output is scanned for a line.
+// proc is a running flame command whose output is kept, every line of it,
+// for the test to scan.
 type proc struct {
 	cmd  *exec.Cmd
-	out  chan string
-	done chan struct{}
+	done chan struct{} // closed when the process has exited
+	out  *outLog
+	next int // the first line not yet scanned
 }
+
+// outLog is a command's output: its lines, kept in full, and a channel
+// closed at every change.
+type outLog struct {
+	t      *testing.T
+	prefix string
+
+	mu      sync.Mutex
+	lines   []string
+	eof     bool          // the output ended: every holder closed it
+	changed chan struct{} // closed and replaced when a line comes or the output ends
+	over    bool          // the test has ended: log no more
+}
+
+func newOutLog(t *testing.T, prefix string) *outLog {
+	return &outLog{t: t, prefix: prefix, changed: make(chan struct{})}
+}
+
+// Write logs stderr, as long as the test runs.
+func (o *outLog) Write(b []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.over {
+		o.t.Log(o.prefix + strings.TrimRight(string(b), "\n"))
+	}
+	return len(b), nil
+}
+
+func (o *outLog) add(line string, eof bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if eof {
+		o.eof = true
+	} else {
+		o.lines = append(o.lines, line)
+		if !o.over {
+			o.t.Log(o.prefix + line)
+		}
+	}
+	close(o.changed)
+	o.changed = make(chan struct{})
+}
+
+// startupTimeout bounds the wait for a line flame prints as it starts: a
+// flame that prints nothing for this long is broken, not slow (it prints its
+// API within a second on a quiet machine).
+const startupTimeout = 60 * time.Second
+
+// exitTimeout bounds the wait for flame to exit once told to.
+const exitTimeout = 30 * time.Second
 
 func startFlame(t *testing.T, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(flameBin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	stdout, _ := cmd.StdoutPipe()
-	cmd.Stderr = testWriter{t}
-	if err := cmd.Start(); err != nil {
+	// Stdout is a pipe of the test's own, read to its end whatever the
+	// process does; stderr is copied by exec, which WaitDelay bounds when a
+	// child keeps it open.
+	r, w, err := os.Pipe()
+	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, out: make(chan string, 100), done: make(chan struct{})}
+	out := newOutLog(t, "flame "+args[0]+": ")
+	cmd.Stdout = w
+	cmd.Stderr = out
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		r.Close()
+		w.Close()
+		t.Fatal(err)
+	}
+	w.Close()
+	p := &proc{cmd: cmd, out: out, done: make(chan struct{})}
+	read := make(chan struct{})
 	go func() {
-		sc := bufio.NewScanner(stdout)
+		defer close(read)
+		defer r.Close()
+		sc := bufio.NewScanner(r)
+		sc.Buffer(nil, 1<<20)
 		for sc.Scan() {
-			t.Logf("flame %s: %s", args[0], sc.Text())
-			select {
-			case p.out <- sc.Text():
-			default:
-			}
+			out.add(sc.Text(), false)
 		}
+		out.add("", true)
+	}()
+	go func() {
 		cmd.Wait()
 		close(p.done)
 	}()
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-p.done
+		// The process group: flame and whatever it started that did not
+		// leave it.
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-p.done:
+		case <-time.After(exitTimeout):
+			t.Errorf("flame %s (pid %d) still running %v after SIGKILL", args[0], cmd.Process.Pid, exitTimeout)
+		}
+		select {
+		case <-read:
+		case <-time.After(exitTimeout):
+			// A process outside the group holds the output; stop reading.
+			r.Close()
+		}
+		out.mu.Lock()
+		out.over = true
+		out.mu.Unlock()
 	})
 	return p
 }
@@ -92,29 +177,54 @@ func (p *proc) token(t *testing.T) string {
 	return p.waitLine(t, regexp.MustCompile(`^\s+Token\s+(\S+)`), "its token")
 }
 
-// waitLine reads output until a line matches re and returns its first group.
-func (p *proc) waitLine(t *testing.T, re *regexp.Regexp, what string) string {
+// waitLine scans the output, from the line after the last one scanned,
+// until a line matches re, and returns the match's groups (the whole match
+// first). It fails t when the output ends or startupTimeout passes first.
+func (p *proc) waitMatch(t *testing.T, re *regexp.Regexp, what string) []string {
 	t.Helper()
-	timeout := time.After(20 * time.Second)
+	timeout := time.NewTimer(startupTimeout)
+	defer timeout.Stop()
 	for {
-		select {
-		case line := <-p.out:
-			if m := re.FindStringSubmatch(line); m != nil {
-				return m[1]
+		p.out.mu.Lock()
+		lines, eof, changed := p.out.lines, p.out.eof, p.out.changed
+		p.out.mu.Unlock()
+		for ; p.next < len(lines); p.next++ {
+			if m := re.FindStringSubmatch(lines[p.next]); m != nil {
+				p.next++
+				return m
 			}
-		case <-p.done:
-			t.Fatalf("flame exited before printing %s", what)
-		case <-timeout:
-			t.Fatalf("flame did not print %s", what)
+		}
+		if eof {
+			t.Fatalf("flame ended its output without printing %s", what)
+		}
+		select {
+		case <-changed:
+		case <-timeout.C:
+			exited := "still running"
+			select {
+			case <-p.done:
+				exited = "exited: " + p.cmd.ProcessState.String()
+			default:
+			}
+			t.Fatalf("flame did not print %s within %v (%s)", what, startupTimeout, exited)
 		}
 	}
 }
 
-type testWriter struct{ t *testing.T }
+// waitLine is waitMatch returning the first group.
+func (p *proc) waitLine(t *testing.T, re *regexp.Regexp, what string) string {
+	t.Helper()
+	return p.waitMatch(t, re, what)[1]
+}
 
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(b), "\n"))
-	return len(b), nil
+// waitExit waits for the process to exit, at most exitTimeout.
+func (p *proc) waitExit(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(exitTimeout):
+		t.Fatalf("flame did not exit within %v %s", exitTimeout, what)
+	}
 }
 
 func freePort(t *testing.T) int {
@@ -225,7 +335,7 @@ func TestAgentKilledResumes(t *testing.T) {
 	}
 
 	agent.cmd.Process.Signal(syscall.SIGKILL)
-	<-agent.done
+	agent.waitExit(t, "after SIGKILL")
 	for _, id := range ids {
 		if got := demoIdentity(t, ports[id])["pid"].(float64); got != pids[id] {
 			t.Fatalf("machine %s changed pid while the agent was down", id)
@@ -273,12 +383,7 @@ func TestAgentKilledResumes(t *testing.T) {
 func TestDevStopsCleanly(t *testing.T) {
 	ctx := context.Background()
 	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--driver", "exec")
-	var stateDir string
-	for stateDir == "" {
-		if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(<-dev.out); m != nil {
-			stateDir = m[1]
-		}
-	}
+	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)
 	c := api.NewClient(url, dev.token(t))
 	if _, err := api.NewClient(url, "wrong").List(ctx, "demo", api.ListMachinesOptions{}); err == nil {
@@ -313,11 +418,7 @@ func TestDevStopsCleanly(t *testing.T) {
 		t.Errorf("demo identity = %v", who)
 	}
 	dev.cmd.Process.Signal(syscall.SIGINT)
-	select {
-	case <-dev.done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("flame dev did not exit on SIGINT")
-	}
+	dev.waitExit(t, "on SIGINT")
 	if code := dev.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Errorf("flame dev exit status %d", code)
 	}
@@ -343,35 +444,14 @@ func TestDevSandbox(t *testing.T) {
 	ctx := context.Background()
 	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
 		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
-	var stateDir string
-	hosts := map[string][2]string{} // id → API URL, DNS address
-	re := regexp.MustCompile(`^\s+(ams-1|syd-1)\s+\S+\s+(http://\S+)\s+(\S+)$`)
-	deadline := time.After(60 * time.Second)
-	for stateDir == "" {
-		select {
-		case line := <-dev.out:
-			if m := regexp.MustCompile(`state in (\S+)\)`).FindStringSubmatch(line); m != nil {
-				stateDir = m[1]
-			}
-		case <-dev.done:
-			t.Fatal("flame dev exited")
-		case <-deadline:
-			t.Fatal("flame dev did not start")
-		}
-	}
+	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)
 	token := dev.token(t)
+	hosts := map[string][2]string{} // id → API URL, DNS address
+	re := regexp.MustCompile(`^\s+(ams-1|syd-1)\s+\S+\s+(http://\S+)\s+(\S+)$`)
 	for len(hosts) < 2 {
-		select {
-		case line := <-dev.out:
-			if m := re.FindStringSubmatch(line); m != nil {
-				hosts[m[1]] = [2]string{m[2], m[3]}
-			}
-		case <-dev.done:
-			t.Fatal("flame dev exited")
-		case <-deadline:
-			t.Fatal("flame dev did not list its hosts")
-		}
+		m := dev.waitMatch(t, re, "its hosts")
+		hosts[m[1]] = [2]string{m[2], m[3]}
 	}
 	c := api.NewClient(url, token)
 	if _, err := c.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
@@ -408,24 +488,193 @@ func TestDevSandbox(t *testing.T) {
 		t.Errorf("demo.internal does not resolve to %s on ams-1", m.PrivateIP)
 	}
 
-	dev.cmd.Process.Signal(syscall.SIGINT)
-	select {
-	case <-dev.done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("flame dev did not exit on SIGINT")
+	// What this flame dev has on the host, found from its sandboxes'
+	// inits (spares included, one at least on each host), not from names:
+	// their cgroups and the cgroups those are in, and their bridges.
+	var cgroups, bridges []string
+	for end := time.Now().Add(startupTimeout); ; time.Sleep(50 * time.Millisecond) {
+		// Each host makes its spare init as it starts, in the background.
+		if cgroups, bridges = sandboxFootprint(t); len(bridges) == 2 || time.Now().After(end) {
+			break
+		}
 	}
+	if len(cgroups) == 0 || len(bridges) != 2 {
+		t.Fatalf("flame dev's sandboxes are in cgroups %v, on bridges %v; want cgroups and a bridge a host", cgroups, bridges)
+	}
+	t.Logf("flame dev's cgroups %v, bridges %v", cgroups, bridges)
+
+	dev.cmd.Process.Signal(syscall.SIGINT)
+	dev.waitExit(t, "on SIGINT")
 	if n := workloads(m.ID); n != 0 {
 		t.Errorf("%d processes of machine %s left behind", n, m.ID)
 	}
+	if n := len(sandboxInits()); n != 0 {
+		t.Errorf("%d sandbox inits left behind", n)
+	}
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	if stateDir != "" && strings.Contains(string(mounts), stateDir) {
+	if strings.Contains(string(mounts), stateDir) {
 		t.Errorf("mounts under %s left behind", stateDir)
 	}
-	for _, p := range []string{"/sys/class/net/flame0", "/sys/class/net/flame1", "/sys/fs/cgroup/memory/flame-0", "/sys/fs/cgroup/pids/flame-1", stateDir} {
+	for _, p := range append(cgroups, stateDir) {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("%s left behind", p)
 		}
 	}
+	for _, b := range bridges {
+		if _, err := netlink.LinkByName(b); err == nil {
+			t.Errorf("bridge %s left behind", b)
+		}
+	}
+}
+
+// sandboxInits returns the pids of the sandbox inits run from this test's
+// flame binary: the `flame dev` of this test's, no other test's or
+// instance's.
+func sandboxInits() []int {
+	var pids []int
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if args := strings.Split(string(b), "\x00"); err == nil && len(args) > 1 && args[0] == flameBin && args[1] == "sandbox-init" {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// sandboxFootprint returns the cgroup directories of this test's sandbox
+// inits and their parents, on cgroup v1 or v2 alike, and the bridges their
+// veth pairs are ports of.
+func sandboxFootprint(t *testing.T) (cgroups, bridges []string) {
+	t.Helper()
+	hier := cgroupHierarchies(t)
+	own := procCgroups(t, os.Getpid())
+	seenCg, seenBr := map[string]bool{}, map[string]bool{}
+	for _, pid := range sandboxInits() {
+		for key, p := range procCgroups(t, pid) {
+			// Hierarchies the sandbox driver leaves alone hold the init
+			// where its parent was.
+			if p == own[key] || p == "/" {
+				continue
+			}
+			mnt, ok := hier[key]
+			if !ok {
+				t.Fatalf("pid %d is in cgroup %s of hierarchy %q, mounted nowhere", pid, p, key)
+			}
+			for _, d := range []string{p, filepath.Dir(p)} {
+				if dir := filepath.Join(mnt, d); d != "/" && !seenCg[dir] {
+					seenCg[dir] = true
+					cgroups = append(cgroups, dir)
+				}
+			}
+		}
+		for _, b := range initBridges(t, pid) {
+			if !seenBr[b] {
+				seenBr[b] = true
+				bridges = append(bridges, b)
+			}
+		}
+	}
+	for _, d := range cgroups {
+		if _, err := os.Stat(d); err != nil {
+			t.Fatalf("cgroup of a running sandbox: %v", err)
+		}
+	}
+	return cgroups, bridges
+}
+
+// procCgroups reads /proc/<pid>/cgroup: hierarchy (its controllers, "" for
+// cgroup v2) → path.
+func procCgroups(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for line := range strings.Lines(string(b)) {
+		f := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		if len(f) == 3 {
+			out[f[1]] = f[2]
+		}
+	}
+	return out
+}
+
+// cgroupHierarchies maps each cgroup hierarchy mounted (as /proc/<pid>/cgroup
+// names it: its controllers, "" for v2) to where its root is mounted.
+func cgroupHierarchies(t *testing.T) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for line := range strings.Lines(string(b)) {
+		pre, post, ok := strings.Cut(strings.TrimSpace(line), " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(f) < 5 || len(g) < 3 || f[3] != "/" {
+			continue
+		}
+		switch g[0] {
+		case "cgroup2":
+			out[""] = f[4]
+		case "cgroup":
+			var ctrls []string
+			for _, o := range strings.Split(g[2], ",") {
+				switch o {
+				case "rw", "ro", "relatime", "noexec", "nosuid", "nodev", "clone_children", "xattr", "nsdelegate", "noprefix":
+				default:
+					if !strings.HasPrefix(o, "release_agent=") {
+						ctrls = append(ctrls, o)
+					}
+				}
+			}
+			out[strings.Join(ctrls, ",")] = f[4]
+		}
+	}
+	return out
+}
+
+// initBridges returns the bridges whose ports are the host ends of the
+// veth pairs of pid's network namespace.
+func initBridges(t *testing.T, pid int) []string {
+	t.Helper()
+	ns, err := netns.GetFromPid(pid)
+	if err != nil {
+		t.Fatalf("network namespace of pid %d: %v", pid, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range links {
+		if l.Type() != "veth" {
+			continue
+		}
+		// A veth's parent index is its peer's, in the host's namespace.
+		peer, err := netlink.LinkByIndex(l.Attrs().ParentIndex)
+		if err != nil {
+			t.Fatalf("host end of pid %d's %s: %v", pid, l.Attrs().Name, err)
+		}
+		br, err := netlink.LinkByIndex(peer.Attrs().MasterIndex)
+		if err != nil {
+			t.Fatalf("bridge of %s: %v", peer.Attrs().Name, err)
+		}
+		out = append(out, br.Attrs().Name)
+	}
+	return out
 }
 
 // digAAAA asks a DNS server for name's AAAA records and returns the answer

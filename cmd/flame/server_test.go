@@ -36,22 +36,13 @@ func TestServerWithAgents(t *testing.T) {
 	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--agent-token", "agent-secret", "--api-addr", "127.0.0.1:0",
 		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--nats-addr", natsAddr)
 	var admin, url string
-	re := regexp.MustCompile(`^\s+(flame_\S+)$`)
-	urlRe := regexp.MustCompile(`Machines API on (http://[0-9.:]+[0-9])`)
-	for deadline := time.After(30 * time.Second); url == ""; {
-		select {
-		case line := <-srv.out:
-			if m := re.FindStringSubmatch(line); m != nil {
-				admin = m[1]
-			}
-			if m := urlRe.FindStringSubmatch(line); m != nil {
-				url = m[1]
-			}
-		case <-srv.done:
-			t.Fatal("flame server exited")
-		case <-deadline:
-			t.Fatal("flame server did not announce its API")
+	re := regexp.MustCompile(`^\s+(flame_\S+)$|Machines API on (http://[0-9.:]+[0-9])`)
+	for url == "" {
+		m := srv.waitMatch(t, re, "its API")
+		if m[1] != "" {
+			admin = m[1]
 		}
+		url = m[2]
 	}
 	if admin == "" {
 		t.Fatal("flame server printed no admin token")
