@@ -268,23 +268,26 @@ func TestManyMachines(t *testing.T) {
 
 // TestRTT: probes give every host its distance to the others.
 func TestRTT(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 5, Latency: func(from, to string) time.Duration {
-		if from[0] == to[0] {
-			return time.Millisecond
-		}
-		return 15 * time.Millisecond
-	}})
-	a := sim.add("a1", "ams", fastTimings)
-	sim.add("a2", "ams", fastTimings)
-	sim.add("s1", "syd", fastTimings)
-	waitFor(t, 10*time.Second, "RTTs on a1", func() bool {
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 5, Latency: func(from, to string) time.Duration {
+			if from[0] == to[0] {
+				return time.Millisecond
+			}
+			return 15 * time.Millisecond
+		}})
+		a := sim.add("a1", "ams", fastTimings)
+		sim.add("a2", "ams", fastTimings)
+		sim.add("s1", "syd", fastTimings)
+		waitFor(t, 10*time.Second, "RTTs on a1", func() bool {
+			s := a.Snapshot()
+			return s.RTT("a2") > 0 && s.RTT("s1") > 0
+		})
 		s := a.Snapshot()
-		return s.RTT("a2") > 0 && s.RTT("s1") > 0
+		// In virtual time a round trip is what the links make it, exactly.
+		if near, far := s.RTT("a2"), s.RTT("s1"); near != 2*time.Millisecond || far != 30*time.Millisecond {
+			t.Errorf("RTT to a2 %s (want 2ms), to s1 %s (want 30ms)", near, far)
+		}
 	})
-	s := a.Snapshot()
-	if near, far := s.RTT("a2"), s.RTT("s1"); near < 2*time.Millisecond || near > 15*time.Millisecond || far < 30*time.Millisecond || far > 60*time.Millisecond {
-		t.Errorf("RTT to a2 %s (want ~2ms), to s1 %s (want ~30ms)", near, far)
-	}
 }
 
 func TestConfigValidate(t *testing.T) {
@@ -345,69 +348,73 @@ func TestDilation(t *testing.T) {
 // before reaching everyone, and its periodic push/pull is minutes away
 // here: it is the membership swaps each host makes after joining
 // (settleAfter) that bring them together (without them, not within 8 s;
-// in 2.7-3.4 s with them).
+// in 2.2-2.7 s with them). A hundred hosts need more CPU than a busy
+// machine has to run them in real time: the cluster runs on a virtual
+// clock, so the bound is on the protocol's time, not on the machine's.
 func TestManyJoinAtOnce(t *testing.T) {
-	const n = 100
-	sim := newSim(t, netsim.Config{Seed: 7, Latency: func(a, b string) time.Duration {
-		if a[len(a)-1] == b[len(b)-1] {
-			return time.Millisecond / 2
-		}
-		return 80 * time.Millisecond
-	}})
-	first := sim.add("h0", "r0", func(c *Config) { c.PushPullInterval = time.Minute })
-	if err := first.Publish(HostFacts{Machines: machines("h0x", "app", "r0", 3)}); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	cs := []*Cluster{first}
-	for i := 1; i < n; i++ {
-		id := fmt.Sprintf("h%d", i)
-		if _, err := sim.net.AddHost(id); err != nil {
-			t.Fatal(err)
-		}
-		tr, err := sim.net.Transport(id, 7946)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := New(Config{HostID: id, Region: "r" + id[len(id)-1:], Transport: tr, PushPullInterval: time.Minute,
-			Logger: testLogger(t, slog.LevelWarn)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		if err := c.Publish(HostFacts{Machines: machines(id+"x", "app", c.cfg.Region, 3)}); err != nil {
-			t.Fatal(err)
-		}
-		cs = append(cs, c)
-	}
-	// All at once, each to one of the first four.
-	for i, c := range cs[1:] {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if _, err := c.Join([]string{cs[i%4].GossipAddr()}); err != nil {
-				t.Error(err)
+	inBubble(t, func(t *testing.T) {
+		const n = 100
+		sim := newSim(t, netsim.Config{Seed: 7, Latency: func(a, b string) time.Duration {
+			if a[len(a)-1] == b[len(b)-1] {
+				return time.Millisecond / 2
 			}
-		}()
-	}
-	wg.Wait()
-	start := time.Now()
-	waitFor(t, 15*time.Second, "every host to see every other with its facts", func() bool {
-		for _, c := range cs {
-			hs := c.Snapshot().Hosts()
-			if len(hs) != n {
-				return false
+			return 80 * time.Millisecond
+		}})
+		first := sim.add("h0", "r0", func(c *Config) { c.PushPullInterval = time.Minute })
+		if err := first.Publish(HostFacts{Machines: machines("h0x", "app", "r0", 3)}); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		cs := []*Cluster{first}
+		for i := 1; i < n; i++ {
+			id := fmt.Sprintf("h%d", i)
+			if _, err := sim.net.AddHost(id); err != nil {
+				t.Fatal(err)
 			}
-			for _, h := range hs {
-				if h.Status != StatusAlive || h.Version == 0 {
+			tr, err := sim.net.Transport(id, 7946)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := New(Config{HostID: id, Region: "r" + id[len(id)-1:], Transport: tr, PushPullInterval: time.Minute,
+				Logger: testLogger(t, slog.LevelWarn)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			if err := c.Publish(HostFacts{Machines: machines(id+"x", "app", c.cfg.Region, 3)}); err != nil {
+				t.Fatal(err)
+			}
+			cs = append(cs, c)
+		}
+		// All at once, each to one of the first four.
+		for i, c := range cs[1:] {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := c.Join([]string{cs[i%4].GossipAddr()}); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		start := time.Now()
+		waitFor(t, 8*time.Second, "every host to see every other with its facts", func() bool {
+			for _, c := range cs {
+				hs := c.Snapshot().Hosts()
+				if len(hs) != n {
 					return false
 				}
+				for _, h := range hs {
+					if h.Status != StatusAlive || h.Version == 0 {
+						return false
+					}
+				}
 			}
-		}
-		return true
+			return true
+		})
+		t.Logf("all %d hosts see one another %s after the joins", n, time.Since(start).Round(time.Millisecond))
 	})
-	t.Logf("all %d hosts see one another %s after the joins", n, time.Since(start).Round(time.Millisecond))
 }

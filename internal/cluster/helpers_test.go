@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/flamehq/flame/internal/netsim"
@@ -38,6 +39,21 @@ func (w *tlogWriter) stop() {
 	w.mu.Lock()
 	w.done = true
 	w.mu.Unlock()
+}
+
+// inBubble runs f in a synctest bubble: on a virtual clock that moves only
+// when every goroutine of the simulation waits, so no load on the machine
+// can make a host late with a probe or a timer, and a bound on how long
+// the protocol takes is exact, not hoped for. The simulated network has no
+// real sockets, so the whole cluster runs in the bubble.
+func inBubble(t *testing.T, f func(t *testing.T)) {
+	synctest.Test(t, func(t *testing.T) {
+		// Registered first, run last: once every member is closed,
+		// memberlist's probes and streams in flight end on their own
+		// timers, which a virtual minute runs out.
+		t.Cleanup(func() { time.Sleep(time.Minute) })
+		f(t)
+	})
 }
 
 // fastTimings shrink the failure detector for tests on a fast, lossless

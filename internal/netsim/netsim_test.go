@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -84,51 +85,55 @@ func TestAddHost(t *testing.T) {
 	}
 }
 
+// TestDatagramLatency: a datagram takes exactly its link's latency, in
+// virtual time (the network runs on timers and channels alone, so a
+// synctest bubble runs it on a clock no load can stretch).
 func TestDatagramLatency(t *testing.T) {
-	const oneWay = 50 * time.Millisecond
-	n := newNet(t, Config{Latency: func(from, to string) time.Duration { return oneWay }}, "a", "b")
-	pa, err := n.ListenPacket("a", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pb, err := n.ListenPacket("b", 53)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.ListenPacket("b", 53); !errors.Is(err, syscall.EADDRINUSE) {
-		t.Fatalf("second bind: %v", err)
-	}
-	buf := make([]byte, 100)
-	for i := range 3 {
-		start := time.Now()
-		if _, err := pa.WriteTo([]byte("ping"), &net.UDPAddr{IP: net.ParseIP(ip(t, n, "b")), Port: 53}); err != nil {
-			t.Fatal(err)
-		}
-		k, from, err := pb.ReadFrom(buf)
+	synctest.Test(t, func(t *testing.T) {
+		const oneWay = 50 * time.Millisecond
+		n := newNet(t, Config{Latency: func(from, to string) time.Duration { return oneWay }}, "a", "b")
+		pa, err := n.ListenPacket("a", 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		took := time.Since(start)
-		if string(buf[:k]) != "ping" || from.String() != pa.LocalAddr().String() {
-			t.Fatalf("got %q from %v", buf[:k], from)
+		pb, err := n.ListenPacket("b", 53)
+		if err != nil {
+			t.Fatal(err)
 		}
-		// Never early; late only by scheduling (a slack well short of a
-		// second trip).
-		if took < oneWay || took > oneWay+40*time.Millisecond {
-			t.Errorf("datagram %d took %v, want about %v", i, took, oneWay)
+		if _, err := n.ListenPacket("b", 53); !errors.Is(err, syscall.EADDRINUSE) {
+			t.Fatalf("second bind: %v", err)
 		}
-	}
-	if sb, rb, sp, rp := n.Stats("a"); sb != 12 || rb != 0 || sp != 3 || rp != 0 {
-		t.Errorf("stats of a: %d %d %d %d", sb, rb, sp, rp)
-	}
-	if sb, rb, sp, rp := n.Stats("b"); sb != 0 || rb != 12 || sp != 0 || rp != 3 {
-		t.Errorf("stats of b: %d %d %d %d", sb, rb, sp, rp)
-	}
-	// A read deadline ends a read that nothing answers.
-	pb.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
-	if _, _, err := pb.ReadFrom(buf); !isTimeout(err) {
-		t.Fatalf("read past deadline: %v", err)
-	}
+		buf := make([]byte, 100)
+		for i := range 3 {
+			start := time.Now()
+			if _, err := pa.WriteTo([]byte("ping"), &net.UDPAddr{IP: net.ParseIP(ip(t, n, "b")), Port: 53}); err != nil {
+				t.Fatal(err)
+			}
+			k, from, err := pb.ReadFrom(buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			took := time.Since(start)
+			if string(buf[:k]) != "ping" || from.String() != pa.LocalAddr().String() {
+				t.Fatalf("got %q from %v", buf[:k], from)
+			}
+			if took != oneWay {
+				t.Errorf("datagram %d took %v, want %v", i, took, oneWay)
+			}
+		}
+		if sb, rb, sp, rp := n.Stats("a"); sb != 12 || rb != 0 || sp != 3 || rp != 0 {
+			t.Errorf("stats of a: %d %d %d %d", sb, rb, sp, rp)
+		}
+		if sb, rb, sp, rp := n.Stats("b"); sb != 0 || rb != 12 || sp != 0 || rp != 3 {
+			t.Errorf("stats of b: %d %d %d %d", sb, rb, sp, rp)
+		}
+		// A read deadline ends a read that nothing answers, when it passes.
+		start := time.Now()
+		pb.SetReadDeadline(start.Add(20 * time.Millisecond))
+		if _, _, err := pb.ReadFrom(buf); !isTimeout(err) || time.Since(start) != 20*time.Millisecond {
+			t.Fatalf("read past deadline: %v after %v", err, time.Since(start))
+		}
+	})
 }
 
 func isTimeout(err error) bool {
@@ -136,47 +141,50 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
+// TestStreamLatency: a connect and an echo take exactly two trips, in
+// virtual time.
 func TestStreamLatency(t *testing.T) {
-	const oneWay = 40 * time.Millisecond
-	const slack = 35 * time.Millisecond // short of one more trip
-	n := newNet(t, Config{Latency: func(from, to string) time.Duration { return oneWay }}, "a", "b")
-	l, err := n.Listen("b", 80)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		c, err := l.Accept()
+	synctest.Test(t, func(t *testing.T) {
+		const oneWay = 40 * time.Millisecond
+		n := newNet(t, Config{Latency: func(from, to string) time.Duration { return oneWay }}, "a", "b")
+		l, err := n.Listen("b", 80)
 		if err != nil {
-			return
+			t.Fatal(err)
+		}
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			io.Copy(c, c) // echo
+		}()
+		start := time.Now()
+		c, err := n.Dial(context.Background(), "a", "b:80")
+		if err != nil {
+			t.Fatal(err)
 		}
 		defer c.Close()
-		io.Copy(c, c) // echo
-	}()
-	start := time.Now()
-	c, err := n.Dial(context.Background(), "a", "b:80")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if took := time.Since(start); took < 2*oneWay || took > 2*oneWay+slack {
-		t.Errorf("connect took %v, want about %v", took, 2*oneWay)
-	}
-	if c.RemoteAddr().String() != addr(t, n, "b", 80) {
-		t.Errorf("remote address %v", c.RemoteAddr())
-	}
-	buf := make([]byte, 5)
-	for range 3 {
-		start = time.Now()
-		if _, err := c.Write([]byte("hello")); err != nil {
-			t.Fatal(err)
+		if took := time.Since(start); took != 2*oneWay {
+			t.Errorf("connect took %v, want %v", took, 2*oneWay)
 		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatal(err)
+		if c.RemoteAddr().String() != addr(t, n, "b", 80) {
+			t.Errorf("remote address %v", c.RemoteAddr())
 		}
-		if took := time.Since(start); took < 2*oneWay || took > 2*oneWay+slack {
-			t.Errorf("echo took %v, want about %v", took, 2*oneWay)
+		buf := make([]byte, 5)
+		for range 3 {
+			start = time.Now()
+			if _, err := c.Write([]byte("hello")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, buf); err != nil {
+				t.Fatal(err)
+			}
+			if took := time.Since(start); took != 2*oneWay {
+				t.Errorf("echo took %v, want %v", took, 2*oneWay)
+			}
 		}
-	}
+	})
 }
 
 func TestStreamOrderWithJitter(t *testing.T) {
