@@ -13,7 +13,9 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/flamehq/flame/api"
@@ -371,24 +373,32 @@ func TestRunnerTransitionsAndCoalescing(t *testing.T) {
 func TestRunnerGracePeriod(t *testing.T) {
 	// A check failing from the start is warning during its grace period and
 	// turns critical when it ends, even though the next probe is far off.
-	rec := &recorder{}
-	s := tcpSpec("boot", closedPort(t))
-	s.Interval = time.Hour // one probe (the first, within a second), then none
-	s.GracePeriod = 300 * time.Millisecond
-	began := time.Now()
-	r := start(t, RunnerConfig{Specs: []Spec{s}, OnChange: rec.onChange})
+	// On a virtual clock, with a dialer that refuses (no socket): the first
+	// probe, due within maxFirstDelay, lands in a grace period twice that
+	// however busy the machine, and the turn to critical comes exactly when
+	// the grace period ends.
+	synctest.Test(t, func(t *testing.T) {
+		refuse := func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return nil, &net.OpError{Op: "dial", Net: network, Err: syscall.ECONNREFUSED}
+		}
+		s := tcpSpec("boot", 80)
+		s.Interval = time.Hour // one probe (the first), then none
+		s.GracePeriod = 2 * maxFirstDelay
+		began := time.Now()
+		r := start(t, RunnerConfig{Specs: []Spec{s}, Dial: refuse})
 
-	st := waitFor(t, r, "boot", func(s Status) bool { return s.Output != OutputWaiting })
-	if time.Since(began) < s.GracePeriod && st.Status != api.CheckWarning {
-		t.Errorf("failing within the grace period: %s, want warning", st.Status)
-	}
-	st = waitFor(t, r, "boot", is(api.CheckCritical))
-	if since := time.Since(began); since < s.GracePeriod {
-		t.Errorf("critical after %s, within the grace period", since)
-	}
-	if !strings.Contains(st.Output, "connection refused") {
-		t.Errorf("output %q", st.Output)
-	}
+		st := waitFor(t, r, "boot", func(s Status) bool { return s.Output != OutputWaiting })
+		if st.Status != api.CheckWarning || st.UpdatedAt.After(began.Add(maxFirstDelay)) {
+			t.Errorf("first probe, failed, at %v: %s, want warning within %v", st.UpdatedAt.Sub(began), st.Status, maxFirstDelay)
+		}
+		st = waitFor(t, r, "boot", is(api.CheckCritical))
+		if at := st.UpdatedAt.Sub(began); at != s.GracePeriod {
+			t.Errorf("critical after %v, want when the grace period ends (%v)", at, s.GracePeriod)
+		}
+		if !strings.Contains(st.Output, "connection refused") {
+			t.Errorf("output %q", st.Output)
+		}
+	})
 }
 
 func TestRunnerGracePassesEarly(t *testing.T) {
@@ -422,7 +432,12 @@ func TestRunnerCloseMidProbe(t *testing.T) {
 	// Close returns promptly while an HTTP probe is blocked, and reports
 	// nothing afterwards.
 	block := make(chan struct{})
+	arrived := make(chan struct{}, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
 		select {
 		case <-block:
 		case <-req.Context().Done():
@@ -440,7 +455,12 @@ func TestRunnerCloseMidProbe(t *testing.T) {
 	if err := r.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2 * fast)
+	// The probe is in flight: the server has its request.
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no probe reached the server")
+	}
 	done := make(chan struct{})
 	go func() { r.Close(); close(done) }()
 	select {

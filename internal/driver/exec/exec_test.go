@@ -496,12 +496,20 @@ func TestExec(t *testing.T) {
 	}
 }
 
+// TestCleanupIdempotent: Cleanup of a workload that ran succeeds, and so
+// does Cleanup again, and neither leaves the workload findable.
 func TestCleanupIdempotent(t *testing.T) {
 	d := newDriver(t, Config{})
-	spec := shSpec(t, "true")
-	for range 2 {
+	spec := shSpec(t, "echo ready; exec sleep 30")
+	p := start(t, d, spec)
+	waitLog(t, spec.LogPath, "ready")
+	kill(t, p)
+	for i := range 2 {
 		if err := d.Cleanup(context.Background(), spec); err != nil {
-			t.Fatal(err)
+			t.Fatalf("cleanup %d: %v", i+1, err)
+		}
+		if _, err := d.Adopt(context.Background(), spec, p.Handle()); !errors.Is(err, driver.ErrGone) {
+			t.Fatalf("cleanup %d: adopt = %v, want ErrGone", i+1, err)
 		}
 	}
 }

@@ -732,6 +732,39 @@ func TestCycles(t *testing.T) {
 	before.check(t, snapshot(t, d))
 }
 
+// TestCleanupIdempotent: Cleanup of a machine that ran removes everything
+// of it, and Cleanup again (an agent retrying after a crash mid-cleanup)
+// finds nothing left to do and succeeds.
+func TestCleanupIdempotent(t *testing.T) {
+	d := newDriver(t, testConfig(t))
+	ctx := context.Background()
+	// The bridge exists from the first sandbox on; leave it out.
+	warm := testSpec(t, "busybox", "-c", "true")
+	waitExit(t, start(t, d, warm))
+	if err := d.Cleanup(ctx, warm); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, d)
+	spec := testSpec(t, "busybox", "-c", "echo ready; exec sleep 1000")
+	p := start(t, d, spec)
+	waitLog(t, spec.LogPath, "ready")
+	if _, ok := d.PrivateIP(spec); !ok {
+		t.Fatal("a running machine has no private IP")
+	}
+	if _, err := p.Stop(ctx, syscall.SIGKILL, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if err := d.Cleanup(ctx, spec); err != nil {
+			t.Fatalf("cleanup %d: %v", i+1, err)
+		}
+		before.check(t, snapshot(t, d))
+		if _, ok := d.PrivateIP(spec); ok {
+			t.Errorf("cleanup %d: the machine keeps its private IP", i+1)
+		}
+	}
+}
+
 // leaks counts what a sandbox could leave behind.
 type leaks map[string]int
 
