@@ -101,168 +101,176 @@ func TestJoinLeave(t *testing.T) {
 // TestPartitionHeals: two sides change their facts while cut apart, and the
 // whole cluster agrees again after the partition heals.
 func TestPartitionHeals(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 1, Latency: func(string, string) time.Duration { return time.Millisecond }})
-	var cs []*Cluster
-	ids := []string{"a1", "a2", "a3", "b1", "b2", "b3"}
-	for _, id := range ids {
-		cs = append(cs, sim.add(id, id[:1]+"rg", fastTimings))
-	}
-	for _, c := range cs {
-		if err := c.Publish(HostFacts{Machines: machines(c.cfg.HostID+"x", "app", c.cfg.Region, 3)}); err != nil {
-			t.Fatal(err)
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 1, Latency: func(string, string) time.Duration { return time.Millisecond }})
+		var cs []*Cluster
+		ids := []string{"a1", "a2", "a3", "b1", "b2", "b3"}
+		for _, id := range ids {
+			cs = append(cs, sim.add(id, id[:1]+"rg", fastTimings))
 		}
-	}
-	waitFor(t, 10*time.Second, "the cluster to converge", func() bool { return converged(cs, StatusAlive) })
+		for _, c := range cs {
+			if err := c.Publish(HostFacts{Machines: machines(c.cfg.HostID+"x", "app", c.cfg.Region, 3)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, 10*time.Second, "the cluster to converge", func() bool { return converged(cs, StatusAlive) })
 
-	sim.net.Partition(ids[:3], ids[3:])
-	waitFor(t, 15*time.Second, "each side to see the other dead", func() bool {
+		sim.net.Partition(ids[:3], ids[3:])
+		waitFor(t, 15*time.Second, "each side to see the other dead", func() bool {
+			for i, c := range cs {
+				for j, id := range ids {
+					h := c.Snapshot().Host(id)
+					if h == nil || (i < 3) != (j < 3) && h.Status != StatusDead {
+						return false
+					}
+				}
+			}
+			return true
+		})
+		// Both sides change while apart.
 		for i, c := range cs {
-			for j, id := range ids {
-				h := c.Snapshot().Host(id)
-				if h == nil || (i < 3) != (j < 3) && h.Status != StatusDead {
-					return false
-				}
+			ms := machines(c.cfg.HostID+"x", "app", c.cfg.Region, 3)
+			ms[0].State = "stopped"
+			ms = append(ms[:1], ms[2:]...)
+			ms = append(ms, machine(c.cfg.HostID+"y", "db", c.cfg.Region))
+			if err := c.Publish(HostFacts{Machines: ms, Load: float64(i)}); err != nil {
+				t.Fatal(err)
 			}
 		}
-		return true
+		sim.net.Heal()
+		defer func() {
+			if t.Failed() {
+				for _, c := range cs {
+					for _, h := range c.Snapshot().Hosts() {
+						t.Logf("%s sees %s %s %s", c.cfg.HostID, h.ID, h.Status, view(c.Snapshot())[h.ID])
+					}
+				}
+			}
+		}()
+		waitFor(t, 20*time.Second, "the cluster to converge after the heal", func() bool { return converged(cs, StatusAlive) })
+		for _, c := range cs {
+			if got := len(c.Snapshot().AppMachines("db")); got != 6 {
+				t.Fatalf("%s sees %d db machines, want 6", c.cfg.HostID, got)
+			}
+		}
 	})
-	// Both sides change while apart.
-	for i, c := range cs {
-		ms := machines(c.cfg.HostID+"x", "app", c.cfg.Region, 3)
-		ms[0].State = "stopped"
-		ms = append(ms[:1], ms[2:]...)
-		ms = append(ms, machine(c.cfg.HostID+"y", "db", c.cfg.Region))
-		if err := c.Publish(HostFacts{Machines: ms, Load: float64(i)}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	sim.net.Heal()
-	defer func() {
-		if t.Failed() {
-			for _, c := range cs {
-				for _, h := range c.Snapshot().Hosts() {
-					t.Logf("%s sees %s %s %s", c.cfg.HostID, h.ID, h.Status, view(c.Snapshot())[h.ID])
-				}
-			}
-		}
-	}()
-	waitFor(t, 20*time.Second, "the cluster to converge after the heal", func() bool { return converged(cs, StatusAlive) })
-	for _, c := range cs {
-		if got := len(c.Snapshot().AppMachines("db")); got != 6 {
-			t.Fatalf("%s sees %d db machines, want 6", c.cfg.HostID, got)
-		}
-	}
 }
 
 // TestDeadHostKeepsFacts: a host that dies is marked dead, its machines stay
 // visible, and it comes back alive when its network returns.
 func TestDeadHostKeepsFacts(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 2, Latency: func(string, string) time.Duration { return time.Millisecond }})
-	a := sim.add("a", "ams", fastTimings)
-	b := sim.add("b", "ams", fastTimings)
-	c := sim.add("c", "fra", fastTimings)
-	if err := c.Publish(HostFacts{Machines: machines("c", "web", "fra", 2)}); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "c's machines everywhere", func() bool {
-		return len(a.Snapshot().AppMachines("web")) == 2 && len(b.Snapshot().AppMachines("web")) == 2
-	})
-	sim.net.Kill("c")
-	waitFor(t, 10*time.Second, "c dead on a and b", func() bool {
-		return a.Snapshot().Host("c").Status == StatusDead && b.Snapshot().Host("c").Status == StatusDead
-	})
-	s := a.Snapshot()
-	if ms := s.AppMachines("web"); len(ms) != 2 || s.HostOf(ms[0]).Up() {
-		t.Fatalf("dead host's machines: %d, host up %v", len(ms), s.HostOf(ms[0]).Up())
-	}
-	sim.net.Revive("c")
-	waitFor(t, 15*time.Second, "c alive again", func() bool {
-		return a.Snapshot().Host("c").Status == StatusAlive && b.Snapshot().Host("c").Status == StatusAlive
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 2, Latency: func(string, string) time.Duration { return time.Millisecond }})
+		a := sim.add("a", "ams", fastTimings)
+		b := sim.add("b", "ams", fastTimings)
+		c := sim.add("c", "fra", fastTimings)
+		if err := c.Publish(HostFacts{Machines: machines("c", "web", "fra", 2)}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, "c's machines everywhere", func() bool {
+			return len(a.Snapshot().AppMachines("web")) == 2 && len(b.Snapshot().AppMachines("web")) == 2
+		})
+		sim.net.Kill("c")
+		waitFor(t, 10*time.Second, "c dead on a and b", func() bool {
+			return a.Snapshot().Host("c").Status == StatusDead && b.Snapshot().Host("c").Status == StatusDead
+		})
+		s := a.Snapshot()
+		if ms := s.AppMachines("web"); len(ms) != 2 || s.HostOf(ms[0]).Up() {
+			t.Fatalf("dead host's machines: %d, host up %v", len(ms), s.HostOf(ms[0]).Up())
+		}
+		sim.net.Revive("c")
+		waitFor(t, 15*time.Second, "c alive again", func() bool {
+			return a.Snapshot().Host("c").Status == StatusAlive && b.Snapshot().Host("c").Status == StatusAlive
+		})
 	})
 }
 
 // TestSubscribe: a subscriber hears of a change, and notifications coalesce.
 func TestSubscribe(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 3})
-	a := sim.add("a", "ams", fastTimings)
-	b := sim.add("b", "ams", fastTimings)
-	waitFor(t, 5*time.Second, "b to see a", func() bool { return b.Snapshot().Host("a") != nil })
-	ch, cancel := b.Subscribe()
-	defer cancel()
-	drain := func() {
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 3})
+		a := sim.add("a", "ams", fastTimings)
+		b := sim.add("b", "ams", fastTimings)
+		waitFor(t, 5*time.Second, "b to see a", func() bool { return b.Snapshot().Host("a") != nil })
+		ch, cancel := b.Subscribe()
+		defer cancel()
+		drain := func() {
+			for {
+				select {
+				case <-ch:
+				case <-time.After(50 * time.Millisecond):
+					return
+				}
+			}
+		}
+		drain()
+		for i := range 20 {
+			ms := machines("a", "web", "ams", 1)
+			ms[0].Checks[0].Status = []string{CheckPassing, CheckCritical}[i%2]
+			if err := a.Publish(HostFacts{Machines: ms}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		deadline := time.After(5 * time.Second)
 		for {
 			select {
 			case <-ch:
-			case <-time.After(50 * time.Millisecond):
-				return
+			case <-deadline:
+				t.Fatal("no notification")
+			}
+			if m := b.Snapshot().Machine("a0000"); m != nil && m.Checks[0].Status == CheckCritical {
+				break
 			}
 		}
-	}
-	drain()
-	for i := range 20 {
-		ms := machines("a", "web", "ams", 1)
-		ms[0].Checks[0].Status = []string{CheckPassing, CheckCritical}[i%2]
-		if err := a.Publish(HostFacts{Machines: ms}); err != nil {
+		cancel()
+		select { // one notification may have been sent before the cancel
+		case <-ch:
+		default:
+		}
+		if err := a.Publish(HostFacts{}); err != nil {
 			t.Fatal(err)
 		}
-	}
-	deadline := time.After(5 * time.Second)
-	for {
+		waitFor(t, 5*time.Second, "a's machines gone on b", func() bool { return b.Snapshot().Machine("a0000") == nil })
 		select {
 		case <-ch:
-		case <-deadline:
-			t.Fatal("no notification")
+			t.Error("notified after cancel")
+		default:
 		}
-		if m := b.Snapshot().Machine("a0000"); m != nil && m.Checks[0].Status == CheckCritical {
-			break
-		}
-	}
-	cancel()
-	select { // one notification may have been sent before the cancel
-	case <-ch:
-	default:
-	}
-	if err := a.Publish(HostFacts{}); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 5*time.Second, "a's machines gone on b", func() bool { return b.Snapshot().Machine("a0000") == nil })
-	select {
-	case <-ch:
-		t.Error("notified after cancel")
-	default:
-	}
+	})
 }
 
 // TestManyMachines: a host with more machines than fit a packet publishes
 // them in chained deltas; a later small change still spreads by gossip.
 func TestManyMachines(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 4, Latency: func(string, string) time.Duration { return time.Millisecond }})
-	var cs []*Cluster
-	for _, id := range []string{"a", "b", "c", "d"} {
-		cs = append(cs, sim.add(id, map[string]string{"a": "ams", "b": "ams", "c": "syd", "d": "syd"}[id], fastTimings))
-	}
-	ms := machines("m", "big", "ams", 400)
-	if err := cs[0].Publish(HostFacts{Machines: ms}); err != nil {
-		t.Fatal(err)
-	}
-	// Publish returns before the snapshots change: wait for the machines
-	// themselves, then for every view to agree.
-	waitFor(t, 10*time.Second, "400 machines everywhere", func() bool {
-		for _, c := range cs {
-			if len(c.Snapshot().AppMachines("big")) != 400 {
-				return false
-			}
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 4, Latency: func(string, string) time.Duration { return time.Millisecond }})
+		var cs []*Cluster
+		for _, id := range []string{"a", "b", "c", "d"} {
+			cs = append(cs, sim.add(id, map[string]string{"a": "ams", "b": "ams", "c": "syd", "d": "syd"}[id], fastTimings))
 		}
-		return converged(cs, StatusAlive)
-	})
-	ms[123].State = "stopped"
-	ms = ms[:300]
-	if err := cs[0].Publish(HostFacts{Machines: ms}); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "the change everywhere", func() bool {
-		m := cs[3].Snapshot().Machine("m0123")
-		return m != nil && m.State == "stopped" && len(cs[3].Snapshot().AppMachines("big")) == 300 && converged(cs, StatusAlive)
+		ms := machines("m", "big", "ams", 400)
+		if err := cs[0].Publish(HostFacts{Machines: ms}); err != nil {
+			t.Fatal(err)
+		}
+		// Publish returns before the snapshots change: wait for the machines
+		// themselves, then for every view to agree.
+		waitFor(t, 10*time.Second, "400 machines everywhere", func() bool {
+			for _, c := range cs {
+				if len(c.Snapshot().AppMachines("big")) != 400 {
+					return false
+				}
+			}
+			return converged(cs, StatusAlive)
+		})
+		ms[123].State = "stopped"
+		ms = ms[:300]
+		if err := cs[0].Publish(HostFacts{Machines: ms}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, "the change everywhere", func() bool {
+			m := cs[3].Snapshot().Machine("m0123")
+			return m != nil && m.State == "stopped" && len(cs[3].Snapshot().AppMachines("big")) == 300 && converged(cs, StatusAlive)
+		})
 	})
 }
 

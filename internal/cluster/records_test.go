@@ -239,48 +239,50 @@ func TestHostileRecords(t *testing.T) {
 // TestHostileHostOverNetwork: one host sends garbage to everyone, directly
 // and by gossip; the others drop it and keep agreeing.
 func TestHostileHostOverNetwork(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 7})
-	var cs []*Cluster
-	for _, id := range []string{"a", "b", "c", "evil"} {
-		cs = append(cs, sim.add(id, "ams", fastTimings))
-	}
-	evil := cs[3]
-	waitFor(t, 10*time.Second, "four members, known to evil too", func() bool {
-		if len(cs[0].Snapshot().Hosts()) != 4 {
-			return false
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 7})
+		var cs []*Cluster
+		for _, id := range []string{"a", "b", "c", "evil"} {
+			cs = append(cs, sim.add(id, "ams", fastTimings))
 		}
-		evil.mu.Lock()
-		defer evil.mu.Unlock()
-		return evil.members["a"] != nil && evil.members["b"] != nil && evil.members["c"] != nil
-	})
-	junk := encodeDelta(&delta{Owner: "a", Version: uint64(time.Now().UnixNano()),
-		Upserts: []Machine{{ID: "x", App: "web", Region: "ams", State: "started", Services: []Service{{Protocol: "tcp", InternalPort: 99999}}}}})
-	for i := range 20 {
-		evil.enqueue(junk)
-		evil.enqueue([]byte{wireFormat, kindDelta, 0xff})
-		for _, id := range []string{"a", "b", "c"} {
+		evil := cs[3]
+		waitFor(t, 10*time.Second, "four members, known to evil too", func() bool {
+			if len(cs[0].Snapshot().Hosts()) != 4 {
+				return false
+			}
 			evil.mu.Lock()
-			node := evil.members[id].node
-			evil.mu.Unlock()
-			evil.ml.SendBestEffort(&node, []byte(fmt.Sprintf("junk %d", i)))
+			defer evil.mu.Unlock()
+			return evil.members["a"] != nil && evil.members["b"] != nil && evil.members["c"] != nil
+		})
+		junk := encodeDelta(&delta{Owner: "a", Version: uint64(time.Now().UnixNano()),
+			Upserts: []Machine{{ID: "x", App: "web", Region: "ams", State: "started", Services: []Service{{Protocol: "tcp", InternalPort: 99999}}}}})
+		for i := range 20 {
+			evil.enqueue(junk)
+			evil.enqueue([]byte{wireFormat, kindDelta, 0xff})
+			for _, id := range []string{"a", "b", "c"} {
+				evil.mu.Lock()
+				node := evil.members[id].node
+				evil.mu.Unlock()
+				evil.ml.SendBestEffort(&node, []byte(fmt.Sprintf("junk %d", i)))
+			}
 		}
-	}
-	for _, c := range cs[:3] {
-		if err := c.Publish(HostFacts{Machines: machines(c.cfg.HostID, "web", "ams", 2)}); err != nil {
-			t.Fatal(err)
+		for _, c := range cs[:3] {
+			if err := c.Publish(HostFacts{Machines: machines(c.cfg.HostID, "web", "ams", 2)}); err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
-	waitFor(t, 10*time.Second, "the good hosts to agree", func() bool {
-		return converged(cs, StatusAlive) && len(cs[0].Snapshot().AppMachines("web")) == 6
+		waitFor(t, 10*time.Second, "the good hosts to agree", func() bool {
+			return converged(cs, StatusAlive) && len(cs[0].Snapshot().AppMachines("web")) == 6
+		})
+		for _, c := range cs[:3] {
+			if c.Stats().Dropped == 0 {
+				t.Errorf("%s dropped nothing", c.cfg.HostID)
+			}
+			if c.Snapshot().Machine("x") != nil {
+				t.Errorf("%s took the hostile machine", c.cfg.HostID)
+			}
+		}
 	})
-	for _, c := range cs[:3] {
-		if c.Stats().Dropped == 0 {
-			t.Errorf("%s dropped nothing", c.cfg.HostID)
-		}
-		if c.Snapshot().Machine("x") != nil {
-			t.Errorf("%s took the hostile machine", c.cfg.HostID)
-		}
-	}
 }
 
 // FuzzDecodeRecord: no input makes the decoder or validation panic or

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/flamehq/flame/internal/netsim"
@@ -165,102 +166,114 @@ func globalUp(c *Cluster, id string) bool {
 // cluster-wide detector still holds it up; when it returns it is alive
 // again everywhere, without the cluster-wide detector's help.
 func TestRegionVerdict(t *testing.T) {
-	sim := regionWorld(t, 11, "a1", "a2", "a3", "a4", "s1", "s2")
-	s1, s2 := sim.hosts["s1"], sim.hosts["s2"]
-	sim.net.Kill("a4")
-	waitFor(t, 10*time.Second, "a4 dead on s1 and s2", func() bool {
-		return s1.Snapshot().Host("a4").Status == StatusDead && s2.Snapshot().Host("a4").Status == StatusDead
-	})
-	if !globalUp(s1, "a4") || !globalUp(s2, "a4") {
-		t.Error("the cluster-wide detector declared a4 dead first")
-	}
-	if s1.Stats().Verdicts == 0 {
-		t.Errorf("s1 counts no verdict: %+v", s1.Stats())
-	}
-	for _, id := range []string{"a1", "a2", "a3", "s1", "s2"} {
-		for _, h := range sim.hosts[id].Snapshot().Hosts() {
-			if h.ID != "a4" && h.Status != StatusAlive {
-				t.Errorf("%s sees %s %s", id, h.ID, h.Status)
+	inBubble(t, func(t *testing.T) {
+		sim := regionWorld(t, 11, "a1", "a2", "a3", "a4", "s1", "s2")
+		s1, s2 := sim.hosts["s1"], sim.hosts["s2"]
+		sim.net.Kill("a4")
+		waitFor(t, 10*time.Second, "a4 dead on s1 and s2", func() bool {
+			return s1.Snapshot().Host("a4").Status == StatusDead && s2.Snapshot().Host("a4").Status == StatusDead
+		})
+		if !globalUp(s1, "a4") || !globalUp(s2, "a4") {
+			t.Error("the cluster-wide detector declared a4 dead first")
+		}
+		if s1.Stats().Verdicts == 0 {
+			t.Errorf("s1 counts no verdict: %+v", s1.Stats())
+		}
+		for _, id := range []string{"a1", "a2", "a3", "s1", "s2"} {
+			for _, h := range sim.hosts[id].Snapshot().Hosts() {
+				if h.ID != "a4" && h.Status != StatusAlive {
+					t.Errorf("%s sees %s %s", id, h.ID, h.Status)
+				}
 			}
 		}
-	}
 
-	// Long enough cut off for a4's own regional memberlist to declare the
-	// rest of its region dead, which it tells them on its return. (It
-	// issues no verdicts: cut off, its own detector is unhealthy.)
-	a4 := sim.hosts["a4"]
-	waitFor(t, 10*time.Second, "a4's regional memberlist to hold a1 dead", func() bool { return !a4.regionHolds("a1") })
-	sim.net.Revive("a4")
-	waitFor(t, 15*time.Second, "a4 alive everywhere again, and its region whole", func() bool {
-		for _, c := range sim.hosts {
-			for _, h := range c.Snapshot().Hosts() {
-				if h.Status != StatusAlive {
+		// Long enough cut off for a4's own regional memberlist to declare the
+		// rest of its region dead, which it tells them on its return. (It
+		// issues no verdicts: cut off, its own detector is unhealthy.)
+		a4 := sim.hosts["a4"]
+		waitFor(t, 10*time.Second, "a4's regional memberlist to hold a1 dead", func() bool { return !a4.regionHolds("a1") })
+		sim.net.Revive("a4")
+		waitFor(t, 15*time.Second, "a4 alive everywhere again, and its region whole", func() bool {
+			for _, c := range sim.hosts {
+				for _, h := range c.Snapshot().Hosts() {
+					if h.Status != StatusAlive {
+						return false
+					}
+				}
+				if c.cfg.Region == "ams" && c.region.NumMembers() != 4 {
 					return false
 				}
 			}
-			if c.cfg.Region == "ams" && c.region.NumMembers() != 4 {
-				return false
-			}
+			return true
+		})
+		if !globalUp(s1, "a4") {
+			t.Error("s1's cluster-wide detector declared a4 dead meanwhile")
 		}
-		return true
 	})
-	if !globalUp(s1, "a4") {
-		t.Error("s1's cluster-wide detector declared a4 dead meanwhile")
-	}
 }
 
 // TestForgedVerdicts: a host of another region cannot declare a host dead;
 // verdicts in the name of hosts of its region (nothing authenticates the
 // sender) hold only until the host answers a ping.
 func TestForgedVerdicts(t *testing.T) {
-	sim := regionWorld(t, 12, "a1", "a2", "a3", "s1", "s2")
-	evil := sim.hosts["s2"]
-	var mu sync.Mutex
-	var deadOn []string
-	for _, id := range []string{"a2", "a3", "s1"} {
-		c := sim.hosts[id]
-		ch, cancel := c.Subscribe()
-		t.Cleanup(cancel)
-		go func() {
-			for range ch {
-				if h := c.Snapshot().Host("a1"); h != nil && h.Status == StatusDead {
-					mu.Lock()
-					deadOn = append(deadOn, id)
-					mu.Unlock()
+	inBubble(t, func(t *testing.T) {
+		sim := regionWorld(t, 12, "a1", "a2", "a3", "s1", "s2")
+		evil := sim.hosts["s2"]
+		var mu sync.Mutex
+		var deadOn []string
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		t.Cleanup(func() { close(stop); wg.Wait() })
+		for _, id := range []string{"a2", "a3", "s1"} {
+			c := sim.hosts[id]
+			ch, cancel := c.Subscribe()
+			wg.Go(func() {
+				defer cancel()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-ch:
+					}
+					if h := c.Snapshot().Host("a1"); h != nil && h.Status == StatusDead {
+						mu.Lock()
+						deadOn = append(deadOn, id)
+						mu.Unlock()
+					}
+				}
+			})
+		}
+		before := map[string]uint64{}
+		for id, c := range sim.hosts {
+			before[id] = c.Stats().Dropped
+		}
+		for range 5 {
+			evil.enqueueVerdict(encodedVerdict("s2", "a1", true, time.Now()))
+		}
+		waitFor(t, 10*time.Second, "the forged verdict to be dropped everywhere", func() bool {
+			for _, id := range []string{"a2", "a3", "s1"} { // a1 ignores verdicts about itself
+				if sim.hosts[id].Stats().Dropped == before[id] {
+					return false
 				}
 			}
-		}()
-	}
-	before := map[string]uint64{}
-	for id, c := range sim.hosts {
-		before[id] = c.Stats().Dropped
-	}
-	for range 5 {
-		evil.enqueueVerdict(encodedVerdict("s2", "a1", true, time.Now()))
-	}
-	waitFor(t, 10*time.Second, "the forged verdict to be dropped everywhere", func() bool {
-		for _, id := range []string{"a2", "a3", "s1"} { // a1 ignores verdicts about itself
-			if sim.hosts[id].Stats().Dropped == before[id] {
-				return false
-			}
+			return true
+		})
+		synctest.Wait() // the subscribers have looked at every change
+		mu.Lock()
+		if len(deadOn) > 0 {
+			t.Errorf("a1 seen dead on %v", deadOn)
 		}
-		return true
-	})
-	time.Sleep(100 * time.Millisecond) // the subscribers' last look
-	mu.Lock()
-	if len(deadOn) > 0 {
-		t.Errorf("a1 seen dead on %v", deadOn)
-	}
-	mu.Unlock()
+		mu.Unlock()
 
-	// Two forged accusers in the name of a1's own region: believed, until
-	// a1 answers a ping.
-	evil.enqueueVerdict(encodedVerdict("a2", "a1", true, time.Now()))
-	evil.enqueueVerdict(encodedVerdict("a3", "a1", true, time.Now()))
-	s1 := sim.hosts["s1"]
-	waitFor(t, 10*time.Second, "s1 to take the forged verdicts", func() bool { return s1.Stats().Verdicts > 0 })
-	waitFor(t, 10*time.Second, "a1 alive again on s1", func() bool {
-		return s1.Snapshot().Host("a1").Status == StatusAlive
+		// Two forged accusers in the name of a1's own region: believed, until
+		// a1 answers a ping.
+		evil.enqueueVerdict(encodedVerdict("a2", "a1", true, time.Now()))
+		evil.enqueueVerdict(encodedVerdict("a3", "a1", true, time.Now()))
+		s1 := sim.hosts["s1"]
+		waitFor(t, 10*time.Second, "s1 to take the forged verdicts", func() bool { return s1.Stats().Verdicts > 0 })
+		waitFor(t, 10*time.Second, "a1 alive again on s1", func() bool {
+			return s1.Snapshot().Host("a1").Status == StatusAlive
+		})
 	})
 }
 
@@ -330,18 +343,20 @@ func TestNoFalseDeathsUnderLoss(t *testing.T) {
 // TestRegionOff: with NoRegionDetector the cluster-wide detector alone
 // declares a host dead.
 func TestRegionOff(t *testing.T) {
-	sim := newSim(t, netsim.Config{Seed: 14, Latency: func(string, string) time.Duration { return time.Millisecond }})
-	off := func(c *Config) { fastTimings(c); c.NoRegionDetector = true }
-	a := sim.add("a1", "ams", off)
-	sim.add("a2", "ams", off)
-	sim.add("a3", "ams", off)
-	waitFor(t, 10*time.Second, "three hosts", func() bool { return len(a.Snapshot().Hosts()) == 3 })
-	if a.region != nil {
-		t.Fatal("a regional detector runs")
-	}
-	sim.net.Kill("a3")
-	waitFor(t, 10*time.Second, "a3 dead on a1", func() bool { return a.Snapshot().Host("a3").Status == StatusDead })
-	if a.Stats().Verdicts != 0 {
-		t.Error("a verdict without a regional detector")
-	}
+	inBubble(t, func(t *testing.T) {
+		sim := newSim(t, netsim.Config{Seed: 14, Latency: func(string, string) time.Duration { return time.Millisecond }})
+		off := func(c *Config) { fastTimings(c); c.NoRegionDetector = true }
+		a := sim.add("a1", "ams", off)
+		sim.add("a2", "ams", off)
+		sim.add("a3", "ams", off)
+		waitFor(t, 10*time.Second, "three hosts", func() bool { return len(a.Snapshot().Hosts()) == 3 })
+		if a.region != nil {
+			t.Fatal("a regional detector runs")
+		}
+		sim.net.Kill("a3")
+		waitFor(t, 10*time.Second, "a3 dead on a1", func() bool { return a.Snapshot().Host("a3").Status == StatusDead })
+		if a.Stats().Verdicts != 0 {
+			t.Error("a verdict without a regional detector")
+		}
+	})
 }
