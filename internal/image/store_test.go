@@ -300,11 +300,16 @@ func TestWhiteoutsCopy(t *testing.T) {
 func TestConcurrentPullsDownloadOnce(t *testing.T) {
 	reg := newTestRegistry(t)
 	layer := layerOf(t, tarEntry{name: "big", body: strings.Repeat("x", 1<<20)})
-	push(t, imageOf(t, v1.Config{Cmd: []string{"/big"}}, layer), reg.host+"/dedupe:1")
+	img := imageOf(t, v1.Config{Cmd: []string{"/big"}}, layer)
+	push(t, img, reg.host+"/dedupe:1")
 	ld, _ := layer.Digest()
+	cd, _ := img.ConfigName()
 	// Hold the download until every pull has asked for the layer.
 	const n = 8
 	release := make(chan struct{})
+	var once sync.Once
+	releaseAll := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(releaseAll) // a test that fails holds no pull forever
 	reg.beforeGet = func(d string) {
 		if d == ld.String() {
 			<-release
@@ -319,13 +324,17 @@ func TestConcurrentPullsDownloadOnce(t *testing.T) {
 			errs <- err
 		})
 	}
-	// Wait until n-1 pulls wait on the one download in flight.
+	// Hold the download until every pull has its config (fetched just
+	// before the layers): all n are then at the layer, n-1 of them waiting
+	// on the one download in flight.
 	deadline := time.Now().Add(10 * time.Second)
-	for reg.gets(ld.String()) < 1 && time.Now().Before(deadline) {
+	for reg.gets(ld.String()) < 1 || reg.gets(cd.String()) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 10s, %d of %d pulls fetched the config, %d the layer", reg.gets(cd.String()), n, reg.gets(ld.String()))
+		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	time.Sleep(50 * time.Millisecond)
-	close(release)
+	releaseAll()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
