@@ -47,55 +47,83 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// proc is a running flame command whose output is kept, every line of it,
-// for the test to scan.
+// proc is a running flame command. Every line of its output comes out of
+// out, in order: none is dropped, however long the test takes to read.
 type proc struct {
-	cmd  *exec.Cmd
-	done chan struct{} // closed when the process has exited
-	out  *outLog
-	next int // the first line not yet scanned
+	cmd    *exec.Cmd
+	out    chan string   // every line of stdout, in order
+	outEnd chan struct{} // closed once out has given the last line
+	done   chan struct{} // closed when the process has exited
 }
 
-// outLog is a command's output: its lines, kept in full, and a channel
-// closed at every change.
-type outLog struct {
+// lineQueue holds the lines read and not yet passed on: a reader never
+// waits for the test, and nothing is lost.
+type lineQueue struct {
+	mu    sync.Mutex
+	lines []string
+	eof   bool
+	more  chan struct{} // signalled when a line comes or the output ends
+}
+
+func (q *lineQueue) put(line string, eof bool) {
+	q.mu.Lock()
+	if eof {
+		q.eof = true
+	} else {
+		q.lines = append(q.lines, line)
+	}
+	q.mu.Unlock()
+	select {
+	case q.more <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the next line; ok is false once the output ended and every
+// line was taken, or stop closed.
+func (q *lineQueue) take(stop <-chan struct{}) (line string, ok bool) {
+	for {
+		q.mu.Lock()
+		if len(q.lines) > 0 {
+			line = q.lines[0]
+			q.lines = q.lines[1:]
+			q.mu.Unlock()
+			return line, true
+		}
+		eof := q.eof
+		q.mu.Unlock()
+		if eof {
+			return "", false
+		}
+		select {
+		case <-q.more:
+		case <-stop:
+			return "", false
+		}
+	}
+}
+
+// logWriter logs what is written to it as long as the test runs.
+type logWriter struct {
 	t      *testing.T
 	prefix string
-
-	mu      sync.Mutex
-	lines   []string
-	eof     bool          // the output ended: every holder closed it
-	changed chan struct{} // closed and replaced when a line comes or the output ends
-	over    bool          // the test has ended: log no more
+	mu     sync.Mutex
+	over   bool
 }
 
-func newOutLog(t *testing.T, prefix string) *outLog {
-	return &outLog{t: t, prefix: prefix, changed: make(chan struct{})}
-}
-
-// Write logs stderr, as long as the test runs.
-func (o *outLog) Write(b []byte) (int, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if !o.over {
-		o.t.Log(o.prefix + strings.TrimRight(string(b), "\n"))
+func (w *logWriter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.over {
+		w.t.Log(w.prefix + strings.TrimRight(string(b), "\n"))
 	}
 	return len(b), nil
 }
 
-func (o *outLog) add(line string, eof bool) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if eof {
-		o.eof = true
-	} else {
-		o.lines = append(o.lines, line)
-		if !o.over {
-			o.t.Log(o.prefix + line)
-		}
-	}
-	close(o.changed)
-	o.changed = make(chan struct{})
+func (w *logWriter) stop() {
+	w.mu.Lock()
+	w.over = true
+	w.mu.Unlock()
 }
 
 // startupTimeout bounds the wait for a line flame prints as it starts: a
@@ -117,9 +145,9 @@ func startFlame(t *testing.T, args ...string) *proc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := newOutLog(t, "flame "+args[0]+": ")
+	logs := &logWriter{t: t, prefix: "flame " + args[0] + ": "}
 	cmd.Stdout = w
-	cmd.Stderr = out
+	cmd.Stderr = logs
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {
 		r.Close()
@@ -127,7 +155,9 @@ func startFlame(t *testing.T, args ...string) *proc {
 		t.Fatal(err)
 	}
 	w.Close()
-	p := &proc{cmd: cmd, out: out, done: make(chan struct{})}
+	p := &proc{cmd: cmd, out: make(chan string), outEnd: make(chan struct{}), done: make(chan struct{})}
+	q := &lineQueue{more: make(chan struct{}, 1)}
+	stop := make(chan struct{})
 	read := make(chan struct{})
 	go func() {
 		defer close(read)
@@ -135,9 +165,24 @@ func startFlame(t *testing.T, args ...string) *proc {
 		sc := bufio.NewScanner(r)
 		sc.Buffer(nil, 1<<20)
 		for sc.Scan() {
-			out.add(sc.Text(), false)
+			logs.Write([]byte(sc.Text()))
+			q.put(sc.Text(), false)
 		}
-		out.add("", true)
+		q.put("", true)
+	}()
+	go func() {
+		defer close(p.outEnd)
+		for {
+			line, ok := q.take(stop)
+			if !ok {
+				return
+			}
+			select {
+			case p.out <- line:
+			case <-stop:
+				return
+			}
+		}
 	}()
 	go func() {
 		cmd.Wait()
@@ -152,15 +197,14 @@ func startFlame(t *testing.T, args ...string) *proc {
 		case <-time.After(exitTimeout):
 			t.Errorf("flame %s (pid %d) still running %v after SIGKILL", args[0], cmd.Process.Pid, exitTimeout)
 		}
+		close(stop)
 		select {
 		case <-read:
 		case <-time.After(exitTimeout):
 			// A process outside the group holds the output; stop reading.
 			r.Close()
 		}
-		out.mu.Lock()
-		out.over = true
-		out.mu.Unlock()
+		logs.stop()
 	})
 	return p
 }
@@ -177,28 +221,21 @@ func (p *proc) token(t *testing.T) string {
 	return p.waitLine(t, regexp.MustCompile(`^\s+Token\s+(\S+)`), "its token")
 }
 
-// waitLine scans the output, from the line after the last one scanned,
-// until a line matches re, and returns the match's groups (the whole match
-// first). It fails t when the output ends or startupTimeout passes first.
+// waitMatch reads the output until a line matches re, and returns the
+// match's groups (the whole match first). It fails t when the output ends
+// or startupTimeout passes first.
 func (p *proc) waitMatch(t *testing.T, re *regexp.Regexp, what string) []string {
 	t.Helper()
 	timeout := time.NewTimer(startupTimeout)
 	defer timeout.Stop()
 	for {
-		p.out.mu.Lock()
-		lines, eof, changed := p.out.lines, p.out.eof, p.out.changed
-		p.out.mu.Unlock()
-		for ; p.next < len(lines); p.next++ {
-			if m := re.FindStringSubmatch(lines[p.next]); m != nil {
-				p.next++
+		select {
+		case line := <-p.out:
+			if m := re.FindStringSubmatch(line); m != nil {
 				return m
 			}
-		}
-		if eof {
+		case <-p.outEnd:
 			t.Fatalf("flame ended its output without printing %s", what)
-		}
-		select {
-		case <-changed:
 		case <-timeout.C:
 			exited := "still running"
 			select {
@@ -442,6 +479,19 @@ func TestDevSandbox(t *testing.T) {
 		t.Skip("the sandbox driver needs root")
 	}
 	ctx := context.Background()
+	// What is there before, to tell a leftover of this flame dev from a
+	// name another instance holds.
+	before := map[string]bool{}
+	for _, mnt := range cgroupHierarchies(t) {
+		es, _ := os.ReadDir(mnt)
+		for _, e := range es {
+			before[filepath.Join(mnt, e.Name())] = true
+		}
+	}
+	links, _ := netlink.LinkList()
+	for _, l := range links {
+		before["link "+l.Attrs().Name] = true
+	}
 	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
 		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
 	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
@@ -515,14 +565,20 @@ func TestDevSandbox(t *testing.T) {
 	if strings.Contains(string(mounts), stateDir) {
 		t.Errorf("mounts under %s left behind", stateDir)
 	}
+	shared := func(key string) string {
+		if before[key] {
+			return " (there before this flame dev started: another instance holds the name)"
+		}
+		return ""
+	}
 	for _, p := range append(cgroups, stateDir) {
 		if _, err := os.Stat(p); err == nil {
-			t.Errorf("%s left behind", p)
+			t.Errorf("%s left behind%s", p, shared(p))
 		}
 	}
 	for _, b := range bridges {
 		if _, err := netlink.LinkByName(b); err == nil {
-			t.Errorf("bridge %s left behind", b)
+			t.Errorf("bridge %s left behind%s", b, shared("link "+b))
 		}
 	}
 }
