@@ -569,6 +569,9 @@ func TestDevSandbox(t *testing.T) {
 		if before[key] {
 			return " (there before this flame dev started: another instance holds the name)"
 		}
+		if n := cgroupProcs(key); n > 0 {
+			return fmt.Sprintf(" (%d processes of another instance in it: the name is shared)", n)
+		}
 		return ""
 	}
 	for _, p := range append(cgroups, stateDir) {
@@ -641,6 +644,19 @@ func sandboxFootprint(t *testing.T) (cgroups, bridges []string) {
 		}
 	}
 	return cgroups, bridges
+}
+
+// cgroupProcs counts the processes in the cgroup dir and below.
+func cgroupProcs(dir string) int {
+	n := 0
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.Name() == "cgroup.procs" {
+			b, _ := os.ReadFile(p)
+			n += len(strings.Fields(string(b)))
+		}
+		return nil
+	})
+	return n
 }
 
 // procCgroups reads /proc/<pid>/cgroup: hierarchy (its controllers, "" for
