@@ -356,7 +356,7 @@ func TestDilation(t *testing.T) {
 // before reaching everyone, and its periodic push/pull is minutes away
 // here: it is the membership swaps each host makes after joining
 // (settleAfter) that bring them together (without them, not within 8 s;
-// in 2.2-2.7 s with them). A hundred hosts need more CPU than a busy
+// in 1.9-2.7 s with them). A hundred hosts need more CPU than a busy
 // machine has to run them in real time: the cluster runs on a virtual
 // clock, so the bound is on the protocol's time, not on the machine's.
 func TestManyJoinAtOnce(t *testing.T) {
