@@ -237,7 +237,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.registryAddr = planeLn.Addr().String()
 		// The control plane has its place in the network (the first
 		// region) before the hosts pull from its registry.
-		if _, err := nw.AddHost(controlID); err == nil {
+		if _, err = nw.AddHost(controlID); err == nil {
 			err = c.sim.expose(controlID, c.registryAddr, false)
 		}
 		if err != nil {
