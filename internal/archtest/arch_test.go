@@ -61,6 +61,7 @@ var pure = []string{
 	"github.com/flamehq/flame/internal/machine",
 	"github.com/flamehq/flame/internal/geo",
 	"github.com/flamehq/flame/internal/place",
+	"github.com/flamehq/flame/internal/reconcile",
 }
 
 // forbidden may not be reached at all; forbiddenDirect may not be imported
