@@ -1,5 +1,7 @@
 package api
 
+import "time"
+
 // App is an app as the apps endpoints show it (fly-go's flaps.App).
 type App struct {
 	ID           string  `json:"id"`
@@ -134,9 +136,37 @@ type Group struct {
 	Config   *MachineConfig `json:"config"`
 	Regions  map[string]int `json:"regions"`
 	Standbys int            `json:"standbys,omitempty"`
-	// Running and Standby count, per region, what the reconciler sees now.
+	// Spill lets machines that do not fit in their declared region run in
+	// the nearest region with room; without it they wait, pending.
+	Spill bool `json:"spill,omitempty"`
+	// Running counts, per region, the group's started machines, and
+	// Standby its ready standbys.
 	Running map[string]int `json:"running,omitempty"`
 	Ready   map[string]int `json:"standby,omitempty"`
+	// Status is, per region, the group's machines by state and why any
+	// are pending.
+	Status map[string]GroupRegionStatus `json:"status,omitempty"`
+	// LastError is the cause of the group's latest failure, while it
+	// counts against the group.
+	LastError string `json:"last_error,omitempty"`
+}
+
+// GroupRegionStatus is what one region of a group has now. Started,
+// Stopped and Failed count the group's machines by state; Pending is how
+// many declared machines are none of these (not placed yet, or being
+// created or started), and PendingReason says why when they are not just
+// in flight. Failures count the region's recent failures to start or create
+// a machine: it tries again at RetryAt, and not before.
+type GroupRegionStatus struct {
+	Started       int       `json:"started"`
+	Stopped       int       `json:"stopped"`
+	Failed        int       `json:"failed"`
+	Pending       int       `json:"pending"`
+	Standby       int       `json:"standby"`
+	PendingReason string    `json:"pending_reason,omitempty"`
+	Failures      int       `json:"failures,omitempty"`
+	LastError     string    `json:"last_error,omitempty"`
+	RetryAt       time.Time `json:"retry_at,omitzero"`
 }
 
 // AppEvent is one machine event of an app, as the event bus carries it and

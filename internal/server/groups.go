@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"reflect"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/httpapi"
+	"github.com/flamehq/flame/internal/reconcile"
 )
 
 // Bounds on a declared group.
@@ -18,17 +21,20 @@ const (
 	maxGroupStandbys = 10
 )
 
-func groupOut(g group, es []machineEntry) api.Group {
-	out := api.Group{Name: g.Name, Config: g.Config, Regions: g.Regions, Standbys: g.Standbys,
-		Running: map[string]int{}, Ready: map[string]int{}}
-	for _, me := range es {
-		if me.Group != g.Name || me.Lost {
-			continue
-		}
-		if me.Standby {
-			out.Ready[me.slot()]++
-		} else {
-			out.Running[me.slot()]++
+// groupOut is a group as the API shows it: what it declares, and what
+// each region has now.
+func (s *Server) groupOut(g group, es []machineEntry) api.Group {
+	out := api.Group{Name: g.Name, Config: g.Config, Regions: g.Regions, Standbys: g.Standbys, Spill: g.Spill,
+		Running: map[string]int{}, Ready: map[string]int{}, Status: map[string]api.GroupRegionStatus{}}
+	now := s.cfg.Now()
+	var last time.Time
+	for r, st := range reconcile.Status(s.planInput(g, es, s.cfg.Cluster.Snapshot(), now)) {
+		out.Running[r], out.Ready[r] = st.Started, st.Standby
+		out.Status[r] = api.GroupRegionStatus{Started: st.Started, Stopped: st.Stopped, Failed: st.Failed,
+			Pending: st.Pending, Standby: st.Standby, PendingReason: st.Why,
+			Failures: st.Failures, LastError: st.LastError, RetryAt: st.RetryAt}
+		if b := g.Backoff[r]; st.Failures > 0 && b.At.After(last) {
+			last, out.LastError = b.At, b.LastError
 		}
 	}
 	return out
@@ -52,7 +58,7 @@ func (s *Server) listGroups(w http.ResponseWriter, r *http.Request) error {
 	for _, e := range gs {
 		var g group
 		if decodeJSON(e.Value, &g) == nil && g.AppID == a.ID {
-			out = append(out, groupOut(g, es))
+			out = append(out, s.groupOut(g, es))
 		}
 	}
 	httpapi.WriteJSON(w, http.StatusOK, map[string][]api.Group{"groups": out})
@@ -79,13 +85,13 @@ func (s *Server) getGroup(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	httpapi.WriteJSON(w, http.StatusOK, groupOut(g, es))
+	httpapi.WriteJSON(w, http.StatusOK, s.groupOut(g, es))
 	return nil
 }
 
-// putGroup is PUT /v1/apps/{app}/groups/{group} {config, regions, standbys}:
-// declare how many machines of config each region runs. The reconciler
-// makes it so and keeps it so.
+// putGroup is PUT /v1/apps/{app}/groups/{group} {config, regions, standbys,
+// spill}: declare how many machines of config each region runs. The
+// reconciler makes it so and keeps it so (see package reconcile).
 func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	a, err := s.appFor(r.Context(), r.PathValue("app"), true)
 	if err != nil {
@@ -122,8 +128,19 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 		cfg.Metadata = cloneMap(cfg.Metadata)
 	}
 	cfg.Metadata["fly_process_group"] = name
-	g := group{App: a.Name, AppID: a.ID, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys, Updated: s.cfg.Now().UTC()}
-	if _, err := s.groups.Put(r.Context(), groupKey(a.Name, name), mustJSON(g)); err != nil {
+	g := group{App: a.Name, AppID: a.ID, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys,
+		Spill: in.Spill, Updated: s.cfg.Now().UTC()}
+	g, _, err = catalog.UpdateJSON(r.Context(), s.groups, groupKey(a.Name, name), func(v *group, exists bool) error {
+		next := g
+		if exists && v.AppID == a.ID && reflect.DeepEqual(v.Config, g.Config) {
+			// The same machines declared again: their failures still
+			// count, or declaring in a loop would defeat the backoff.
+			next.Backoff = v.Backoff
+		}
+		*v = next
+		return nil
+	})
+	if err != nil {
 		return err
 	}
 	s.log.Info("group declared", "app", a.Name, "group", name, "regions", in.Regions, "standbys", in.Standbys)
@@ -132,7 +149,7 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	httpapi.WriteJSON(w, http.StatusOK, groupOut(g, es))
+	httpapi.WriteJSON(w, http.StatusOK, s.groupOut(g, es))
 	return nil
 }
 

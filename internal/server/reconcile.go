@@ -3,32 +3,33 @@ package server
 import (
 	"context"
 	"errors"
-	"slices"
+	"fmt"
+	"maps"
+	"net/http"
+	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/machine"
+	"github.com/flamehq/flame/internal/place"
+	"github.com/flamehq/flame/internal/reconcile"
 )
 
 // The reconciler keeps every declared group true. It holds a lock in the
 // catalog (a key with a TTL it refreshes) so that of several control planes
 // one reconciles at a time; the others take over when the lock expires.
 //
-// Each pass reads the group, the app's machine entries and the cluster
-// snapshot, and acts on the difference; it keeps no state of its own
-// between passes, so a pass repeated, interrupted or run by another server
-// after a restart converges to the same place:
-//
-//   - a machine whose host died is marked lost and replaced: first by
-//     starting a standby of its region (milliseconds), else by placing a new
-//     machine, same region first, then the nearest with room;
-//   - a lost machine whose host comes back is destroyed (it was replaced);
-//   - an entry whose live host has not shown its machine for LostAfter (the
-//     control plane died between recording and creating it) is dropped;
-//   - a region with too many machines destroys its newest extras;
-//   - each region with machines keeps Standbys stopped machines ready.
+// Each pass reads the group, the app's machine entries, the cluster
+// snapshot and the room in each region, asks reconcile.Decide for a plan
+// (what a group promises is listed there) and applies it. It keeps no state
+// of its own between passes — a group's failure backoff and pending reasons
+// live on its record in the catalog — so a pass repeated, interrupted or run
+// by another server after a restart converges to the same place. Around the
+// groups' passes, settleLeftBehind destroys what was replaced while its host
+// was away, and what is left of deleted apps.
 
 const lockReconciler = "reconciler"
 
@@ -78,7 +79,7 @@ func (s *Server) reconcileLoop(ctx context.Context) {
 func (s *Server) leadLoop(ctx context.Context, lead *atomic.Pointer[context.Context]) {
 	var rev uint64
 	cancel := context.CancelFunc(func() {})
-	defer func() { cancel() }()
+	defer func() { cancel(); s.leading.Store(false) }()
 	t := time.NewTicker(lockTTL / 3)
 	defer t.Stop()
 	for {
@@ -90,10 +91,12 @@ func (s *Server) leadLoop(ctx context.Context, lead *atomic.Pointer[context.Cont
 		case (err != nil || n == 0) && rev != 0:
 			cancel()
 			lead.Store(nil)
+			s.leading.Store(false)
 		case err == nil && n != 0 && rev == 0:
 			var l context.Context
 			l, cancel = leadContext(ctx)
 			lead.Store(&l)
+			s.leading.Store(true)
 			s.pokeReconciler()
 		}
 		if err != nil {
@@ -107,6 +110,10 @@ func (s *Server) leadLoop(ctx context.Context, lead *atomic.Pointer[context.Cont
 		}
 	}
 }
+
+// Leading reports whether this server holds the reconciler lock now: of
+// the control planes sharing a catalog, one at a time does.
+func (s *Server) Leading() bool { return s.leading.Load() }
 
 // leadContext is the context of one stretch of holding the lock; leadLoop
 // cancels it when the stretch ends, and at the latest when it returns.
@@ -240,19 +247,10 @@ func (s *Server) settleLeftBehind(ctx context.Context) {
 	}
 }
 
-// machineGone reports whether a machine is not doing its job: failed,
-// destroyed, or not (or no longer) on its host.
-func machineGone(m *cluster.Machine) bool {
-	if m == nil {
-		return true
-	}
-	switch m.State {
-	case api.StateFailed, api.StateDestroyed, api.StateDestroying, api.StateLaunchFailed:
-		return true
-	}
-	return false
-}
-
+// reconcileGroup runs one pass over a group: it reads the group's entries,
+// the cluster's facts and the room there is, asks reconcile.Decide for a
+// plan, applies it, and keeps the plan's backoff and pending reasons (with
+// what applying it taught) on the group's record.
 func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 	a, _, err := catalog.GetJSON[app](ctx, s.apps, g.App)
 	if errors.Is(err, catalog.ErrNotFound) {
@@ -270,110 +268,204 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 		return err
 	}
 	snap := s.cfg.Cluster.Snapshot()
-	now := s.cfg.Now()
-	running := map[string][]machineEntry{}
-	standby := map[string][]machineEntry{}
+	now := s.cfg.Now().UTC().Round(0)
+	guest := guestOf(g.Config)
+	in := s.planInput(g, all, snap, now)
+	in.Room = s.room(snap, now, guest)
+	p := reconcile.Decide(in)
+
+	byID := map[string]machineEntry{}
 	for _, me := range all {
+		byID[me.ID] = me
+	}
+	failed := func(region, machineID, cause string, counted bool) {
+		b := p.Backoff[region]
+		if counted {
+			b.LastError = cause
+		} else {
+			b = b.Failed(now, machineID, cause, in.Policy)
+		}
+		p.Backoff[region] = b
+		s.log.Warn("group machine failed; backing off", "app", g.App, "group", g.Name, "region", region,
+			"machine", machineID, "failures", b.Failures, "retry_at", b.Until, "cause", cause)
+	}
+	full := map[string]bool{} // regions the placer found no room in this pass
+	var errs []error
+	for _, act := range p.Actions {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		me := byID[act.Machine]
+		log := s.log.With("app", g.App, "group", g.Name, "region", act.Region, "machine", act.Machine, "why", act.Why)
+		switch act.Kind {
+		case reconcile.MarkLost:
+			me.Lost, me.Marked = true, now
+			if _, err := s.machines.Put(ctx, machineKey(me.App, me.ID), mustJSON(me)); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			log.Warn("machine lost with its host; replacing it", "host", me.Host)
+		case reconcile.Destroy:
+			if err := s.destroy(ctx, me, true); err != nil {
+				errs = append(errs, fmt.Errorf("destroy %s: %w", me.ID, err))
+				continue
+			}
+			log.Info("reconciler destroyed machine", "host", me.Host)
+		case reconcile.Start, reconcile.Promote:
+			if err := s.startGroupMachine(ctx, me, act.Kind == reconcile.Promote); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				failed(act.Region, me.ID, fmt.Sprintf("start machine %s: %v", me.ID, err), act.Retry)
+				continue
+			}
+			log.Info("reconciler started machine", "host", me.Host, "promoted", act.Kind == reconcile.Promote)
+		case reconcile.Place:
+			if full[act.Region] {
+				continue
+			}
+			m, err := s.placeForGroup(ctx, a, g, act)
+			var ae *api.Error
+			switch {
+			case errors.Is(err, errNoRoom):
+				full[act.Region] = true
+				p.Pending[act.Region] = fmt.Sprintf("no host in %s has room for a %s machine now", strings.Join(act.Regions, ","), guest)
+			case errors.As(err, &ae) && ae.Status != http.StatusServiceUnavailable:
+				failed(act.Region, "", fmt.Sprintf("create: %v", ae), false)
+			case err != nil:
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				errs = append(errs, fmt.Errorf("place a machine for %s: %w", act.Region, err))
+			case m.State == api.StateFailed || m.State == api.StateLaunchFailed:
+				failed(act.Region, m.ID, fmt.Sprintf("machine %s failed to launch: %s", m.ID, failureCause(m)), false)
+			default:
+				log.Info("reconciler placed machine", "placed", m.ID, "in", m.Region, "standby", act.Standby)
+			}
+		}
+	}
+	if err := s.keepPlan(ctx, g, p); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// policy is the reconciler's timings.
+func (s *Server) policy() reconcile.Policy {
+	return reconcile.Policy{LostAfter: s.cfg.LostAfter, BackoffBase: s.cfg.FailureBackoff, BackoffMax: s.cfg.FailureBackoffMax}
+}
+
+// planInput is what the plan of group g reads, but the room: the group,
+// and each of its machines' entries with what the cluster shows of it.
+func (s *Server) planInput(g group, es []machineEntry, snap *cluster.Snapshot, now time.Time) reconcile.Input {
+	in := reconcile.Input{Now: now, Policy: s.policy(), Group: reconcile.Group{
+		Regions: g.Regions, Standbys: g.Standbys, Spill: g.Spill, Guest: guestOf(g.Config),
+		Backoff: g.Backoff, Pending: g.Pending,
+	}}
+	for _, me := range es {
 		if me.Group != g.Name {
 			continue
 		}
-		h := snap.Host(me.Host)
-		m := snap.Machine(me.ID)
-		switch {
+		m := reconcile.Machine{ID: me.ID, Slot: me.slot(), Created: me.Created, Standby: me.Standby}
+		switch h := snap.Host(me.Host); {
 		case lost(snap, me):
-			me.Lost, me.Marked = true, now.UTC()
-			if _, err := s.machines.Put(ctx, machineKey(me.App, me.ID), mustJSON(me)); err != nil {
-				return err
-			}
-			s.log.Warn("machine lost with its host", "app", g.App, "machine", me.ID, "host", me.Host, "region", me.Region)
-			continue
-		case h != nil && h.Up() && machineGone(m) && now.Sub(me.Created) > s.cfg.LostAfter:
-			s.log.Warn("machine missing from its host; replacing it", "app", g.App, "machine", me.ID, "host", me.Host)
-			if err := s.destroy(ctx, me, true); err != nil {
-				return err
-			}
-			continue
+			m.Host = reconcile.HostDown
+		case h != nil && h.Up():
+			m.Host = reconcile.HostUp
 		}
-		if me.Standby {
-			standby[me.slot()] = append(standby[me.slot()], me)
-		} else {
-			running[me.slot()] = append(running[me.slot()], me)
+		if cm := snap.Machine(me.ID); cm != nil && cm.Host == me.Host {
+			m.State = machine.State(cm.State)
 		}
+		in.Machines = append(in.Machines, m)
 	}
-	regions := make([]string, 0, len(g.Regions))
-	for r := range g.Regions {
-		regions = append(regions, r)
-	}
-	for _, m := range []map[string][]machineEntry{running, standby} {
-		for r := range m {
-			if _, ok := g.Regions[r]; !ok && !slices.Contains(regions, r) {
-				regions = append(regions, r)
-			}
-		}
-	}
-	slices.Sort(regions)
-	for _, region := range regions {
-		want := g.Regions[region]
-		have := running[region]
-		ready := standby[region]
-		for len(have) < want {
-			if len(ready) > 0 {
-				sb := ready[0]
-				ready = ready[1:]
-				if err := s.promote(ctx, sb); err != nil {
-					s.log.Warn("start standby", "machine", sb.ID, "err", err)
-					continue
-				}
-				have = append(have, sb)
-				continue
-			}
-			in := api.LaunchMachineInput{Config: g.Config, Region: region}
-			m, err := s.create(ctx, a, in, []string{region, "any"}, intent{Group: g.Name, For: region})
-			if err != nil {
-				return err
-			}
-			s.log.Info("reconciler created machine", "app", g.App, "group", g.Name, "machine", m.ID, "for", region, "region", m.Region)
-			have = append(have, machineEntry{ID: m.ID})
-		}
-		// Too many: destroy the newest.
-		slices.SortFunc(have, func(x, y machineEntry) int { return y.Created.Compare(x.Created) })
-		for len(have) > want {
-			if err := s.destroy(ctx, have[0], true); err != nil {
-				return err
-			}
-			have = have[1:]
-		}
-		wantReady := 0
-		if want > 0 {
-			wantReady = g.Standbys
-		}
-		for len(ready) < wantReady {
-			in := api.LaunchMachineInput{Config: g.Config, SkipLaunch: true}
-			m, err := s.create(ctx, a, in, []string{region, "any"}, intent{Group: g.Name, Standby: true, For: region})
-			if err != nil {
-				return err
-			}
-			s.log.Info("reconciler created standby", "app", g.App, "group", g.Name, "machine", m.ID, "for", region)
-			ready = append(ready, machineEntry{ID: m.ID})
-		}
-		for len(ready) > wantReady {
-			if err := s.destroy(ctx, ready[len(ready)-1], true); err != nil {
-				return err
-			}
-			ready = ready[:len(ready)-1]
-		}
-	}
-	return nil
+	return in
 }
 
-// promote starts a standby and records it as one of the running machines.
-func (s *Server) promote(ctx context.Context, me machineEntry) error {
+// room counts, per region, how many more machines of guest the hosts there
+// have room for now, as the placer sees them (reservations included).
+func (s *Server) room(snap *cluster.Snapshot, now time.Time, guest place.Resources) map[string]int {
+	s.placer.mu.Lock()
+	hosts := s.placer.hostsLocked(snap, now)
+	s.placer.mu.Unlock()
+	out := map[string]int{}
+	for _, h := range hosts {
+		if h.Health <= 0 {
+			continue
+		}
+		n := h.Free.CPUs / max(guest.CPUs, 1)
+		if guest.MemoryMB > 0 {
+			n = min(n, h.Free.MemoryMB/guest.MemoryMB)
+		}
+		out[h.Region] += max(n, 0)
+	}
+	return out
+}
+
+// placeForGroup creates one machine of the group where the action allows,
+// without waiting for room: a region with none is reported pending, and
+// the next pass looks again.
+func (s *Server) placeForGroup(ctx context.Context, a app, g group, act reconcile.Action) (*api.Machine, error) {
+	in := api.LaunchMachineInput{Config: g.Config, SkipLaunch: act.Standby}
+	sec, err := s.plainSecrets(ctx, a)
+	if err != nil {
+		return nil, err
+	}
+	in.Secrets, in.Org, in.ID = sec, a.Org, api.NewMachineID()
+	it := intent{Group: g.Name, Standby: act.Standby, For: act.Region}
+	return s.placer.market(ctx, a, in, act.Regions, guestOf(g.Config), it)
+}
+
+// failureCause is what a failed machine's events say of why.
+func failureCause(m *api.Machine) string {
+	for i := len(m.Events) - 1; i >= 0; i-- {
+		if e := m.Events[i]; e != nil && e.Request != nil && e.Request.Message != "" {
+			return e.Request.Message
+		}
+	}
+	return "state " + m.State
+}
+
+// errGroupChanged aborts keeping a plan for a group declared again since.
+var errGroupChanged = errors.New("group declared again")
+
+// keepPlan stores the plan's backoff and pending reasons on the group's
+// record, when they changed and the group was not declared again since.
+func (s *Server) keepPlan(ctx context.Context, g group, p reconcile.Plan) error {
+	if sameBackoff(g.Backoff, p.Backoff) && maps.Equal(g.Pending, p.Pending) {
+		return nil
+	}
+	_, _, err := catalog.UpdateJSON(ctx, s.groups, groupKey(g.App, g.Name), func(v *group, exists bool) error {
+		if !exists || v.AppID != g.AppID || !v.Updated.Equal(g.Updated) {
+			return errGroupChanged
+		}
+		v.Backoff, v.Pending = p.Backoff, p.Pending
+		return nil
+	})
+	if errors.Is(err, errGroupChanged) {
+		return nil
+	}
+	return err
+}
+
+func sameBackoff(a, b map[string]reconcile.Backoff) bool {
+	return maps.EqualFunc(a, b, func(x, y reconcile.Backoff) bool {
+		return x.Failures == y.Failures && x.Until.Equal(y.Until) && x.At.Equal(y.At) &&
+			x.LastError == y.LastError && x.Machine == y.Machine
+	})
+}
+
+// startGroupMachine starts a machine of a group; promote also records a
+// standby as one of the group's machines.
+func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote bool) error {
 	c, err := s.hostClient(me.Host, "")
 	if err != nil {
 		return err
 	}
 	if _, err := c.Start(ctx, me.App, me.ID); err != nil && !errors.Is(err, api.ErrConflict) {
 		return hostError(err)
+	}
+	if !promote {
+		return nil
 	}
 	_, _, err = catalog.UpdateJSON(ctx, s.machines, machineKey(me.App, me.ID), func(v *machineEntry, exists bool) error {
 		if !exists {
@@ -382,8 +474,5 @@ func (s *Server) promote(ctx context.Context, me machineEntry) error {
 		v.Standby = false
 		return nil
 	})
-	if err == nil {
-		s.log.Info("standby started in place of a lost machine", "app", me.App, "machine", me.ID, "host", me.Host)
-	}
 	return err
 }

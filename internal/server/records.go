@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/reconcile"
 )
 
 // The catalog's buckets and what each key holds. One key per aggregate, so
@@ -101,7 +102,12 @@ type group struct {
 	Config   *api.MachineConfig `json:"config"`
 	Regions  map[string]int     `json:"regions"`
 	Standbys int                `json:"standbys,omitempty"`
+	Spill    bool               `json:"spill,omitempty"`
 	Updated  time.Time          `json:"updated_at"`
+	// Backoff and Pending are the reconciler's, per region: the failures
+	// it backs off from, and why declared machines are not placed.
+	Backoff map[string]reconcile.Backoff `json:"backoff,omitempty"`
+	Pending map[string]string            `json:"pending,omitempty"`
 }
 
 // slot is the region whose count a machine fills.

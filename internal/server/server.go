@@ -32,6 +32,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/api"
@@ -78,7 +79,11 @@ type Config struct {
 	// LostAfter is how long a machine entry may point at a live host that
 	// does not show the machine before it is considered lost (default 30 s).
 	LostAfter time.Duration
-	Logger    *slog.Logger
+	// FailureBackoff is how long a group's region waits after a failure
+	// to start or create a machine before it tries again; it doubles with
+	// each further failure, up to FailureBackoffMax (defaults 10 s, 30 min).
+	FailureBackoff, FailureBackoffMax time.Duration
+	Logger                            *slog.Logger
 	Now       func() time.Time
 }
 
@@ -103,6 +108,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.LostAfter == 0 {
 		c.LostAfter = 30 * time.Second
+	}
+	if c.FailureBackoff == 0 {
+		c.FailureBackoff = 10 * time.Second
+	}
+	if c.FailureBackoffMax == 0 {
+		c.FailureBackoffMax = 30 * time.Minute
 	}
 	if c.HTTPClient == nil {
 		// No overall or response-header timeout: waits and followed logs
@@ -169,6 +180,7 @@ type Server struct {
 	// id names this control plane in the reconciler lock.
 	id            string
 	reconcileKick chan struct{}
+	leading       atomic.Bool // holds the reconciler lock now
 	lastSettle    time.Time // owned by the reconciler's loop
 
 	ctx    context.Context
