@@ -79,12 +79,13 @@ type Config struct {
 	// LostAfter is how long a machine entry may point at a live host that
 	// does not show the machine before it is considered lost (default 30 s).
 	LostAfter time.Duration
+	Logger    *slog.Logger
+	Now       func() time.Time
+
 	// FailureBackoff is how long a group's region waits after a failure
 	// to start or create a machine before it tries again; it doubles with
 	// each further failure, up to FailureBackoffMax (defaults 10 s, 30 min).
 	FailureBackoff, FailureBackoffMax time.Duration
-	Logger                            *slog.Logger
-	Now       func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -180,8 +181,8 @@ type Server struct {
 	// id names this control plane in the reconciler lock.
 	id            string
 	reconcileKick chan struct{}
-	leading       atomic.Bool // holds the reconciler lock now
 	lastSettle    time.Time // owned by the reconciler's loop
+	leading       atomic.Bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
