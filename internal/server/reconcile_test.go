@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -55,7 +56,6 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 	})
 	// The entries are written before the hosts are asked: wait for the
 	// hosts to show all five, three started.
-	onHost := map[string]string{}
 	waitUntil(t, "five machines, three started", 10*time.Second, func() bool {
 		ms, err := cl.List(ctx, "shop", api.ListMachinesOptions{})
 		started := 0
@@ -66,29 +66,52 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 		}
 		return err == nil && len(ms) == 5 && started == 3
 	})
-	// A machine outside the group, in ams: its host is the one to kill (by
-	// spread, it also runs one of the group's two ams machines).
-	solo, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Region: "ams", Config: demoConfig()})
-	if err != nil {
-		t.Fatal(err)
+	// The host to kill runs one of the group's started ams machines but
+	// not the ams standby, so the standby must take its place.
+	snap := c.Plane.Cluster.Snapshot()
+	onHost := map[string]string{} // machine → host, before the kill
+	var standby, victim string
+	for _, m := range snap.AppMachines("shop") {
+		onHost[m.ID] = m.Host
+		if m.Region == "ams" && m.State == api.StateCreated {
+			standby = m.ID
+		}
 	}
-	var victim string
-	waitUntil(t, "the control plane to see the solo machine", 10*time.Second, func() bool {
-		if m := c.Plane.Cluster.Snapshot().Machine(solo.ID); m != nil {
+	for _, m := range snap.AppMachines("shop") {
+		if m.Region == "ams" && m.State == api.StateStarted && m.Host != onHost[standby] {
 			victim = m.Host
 		}
-		return victim != ""
-	})
-	groupOnVictim := false
-	for _, m := range c.Plane.Cluster.Snapshot().AppMachines("shop") {
-		onHost[m.ID] = m.Host
-		groupOnVictim = groupOnVictim || (m.Host == victim && m.ID != solo.ID && m.State == api.StateStarted)
 	}
-	if !groupOnVictim {
-		t.Fatalf("no started group machine on %s", victim)
+	if standby == "" || victim == "" {
+		t.Fatalf("no ams host with a started machine and without the standby %q: %v", standby, onHost)
+	}
+	// A machine outside the group on the same host: spread puts it there
+	// (the victim runs fewer of the app's machines); ask until it does.
+	var solo *api.Machine
+	for try := 0; solo == nil; try++ {
+		if try == 4 {
+			t.Fatalf("no solo machine placed on %s", victim)
+		}
+		m, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Region: "ams", Config: demoConfig()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var host string
+		waitUntil(t, "the control plane to see the solo machine", 10*time.Second, func() bool {
+			if cm := c.Plane.Cluster.Snapshot().Machine(m.ID); cm != nil {
+				host = cm.Host
+			}
+			return host != ""
+		})
+		if host == victim {
+			solo = m
+		} else if err := cl.Destroy(ctx, "shop", m.ID, true); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Logf("killing %s", victim)
 	c.Net.Kill(victim)
+	var survivors []string // the started ams machines once replaced
 	waitUntil(t, "machines on the dead host to be replaced", 30*time.Second, func() bool {
 		if h := c.Plane.Cluster.Snapshot().Host(victim); h == nil || h.Up() {
 			return false
@@ -99,14 +122,28 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 		}
 		live := map[string]int{}
 		soloUnreachable := false
+		survivors = survivors[:0]
 		for _, m := range ms {
 			if m.State == api.StateStarted && m.HostStatus == api.HostStatusOK {
 				live[m.Region]++
+				if m.Region == "ams" {
+					survivors = append(survivors, m.ID)
+				}
 			}
 			soloUnreachable = soloUnreachable || (m.ID == solo.ID && m.HostStatus == api.HostStatusUnreachable)
 		}
 		return live["ams"] >= 2 && live["iad"] >= 1 && soloUnreachable
 	})
+	// The ams machine lost with the victim was replaced by the standby,
+	// started in place: no new machine was placed for it.
+	if !slices.Contains(survivors, standby) {
+		t.Errorf("the standby %s was not started in place of the lost machine (started in ams: %v)", standby, survivors)
+	}
+	for _, id := range survivors {
+		if host, ok := onHost[id]; !ok || host == victim {
+			t.Errorf("machine %s (on %q) was placed in ams while a standby was ready", id, host)
+		}
+	}
 	// The solo machine is not replaced (it has no group); destroyed while
 	// its host is down, it leaves the API at once.
 	if err := cl.Destroy(ctx, "shop", solo.ID, true); err != nil {
