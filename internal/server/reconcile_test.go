@@ -1,16 +1,26 @@
 package server_test
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
+	"maps"
 	"net"
+	"net/http/httptest"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/devcluster"
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/fake"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -257,4 +267,308 @@ func TestRestartKeepsEverything(t *testing.T) {
 	waitUntil(t, "the group to run after restart", 15*time.Second, func() bool {
 		return groupIs(t, cl, "shop", "worker", map[string]int{"ams": 1}, nil)
 	})
+}
+
+// groupMachines lists a group's machines as the cluster shows them.
+func groupMachines(c *dev, app, group string) []*cluster.Machine {
+	var out []*cluster.Machine
+	for _, m := range c.Plane.Cluster.Snapshot().AppMachines(app) {
+		if m.ProcessGroup == group {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// TestReconcilerTrimsExtras: a group declared smaller destroys its extras,
+// the newest first, and keeps the oldest.
+func TestReconcilerTrimsExtras(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 2, server: fastReconcile()})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	put := func(n int) {
+		t.Helper()
+		if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: demoConfig(), Regions: map[string]int{"ams": n}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(1)
+	waitUntil(t, "one machine", 15*time.Second, func() bool { return len(groupMachines(c, "shop", "web")) == 1 })
+	first := groupMachines(c, "shop", "web")[0].ID
+	put(3)
+	waitUntil(t, "three machines", 15*time.Second, func() bool {
+		return groupIs(t, cl, "shop", "web", map[string]int{"ams": 3}, nil) && len(groupMachines(c, "shop", "web")) == 3
+	})
+	put(1)
+	waitUntil(t, "the extras to be destroyed", 15*time.Second, func() bool {
+		ms := groupMachines(c, "shop", "web")
+		return len(ms) == 1 && groupIs(t, cl, "shop", "web", map[string]int{"ams": 1}, nil)
+	})
+	if ms := groupMachines(c, "shop", "web"); ms[0].ID != first {
+		t.Errorf("kept %s, not the oldest %s", ms[0].ID, first)
+	}
+	if ms, err := cl.List(ctx, "shop", api.ListMachinesOptions{}); err != nil || len(ms) != 1 {
+		t.Errorf("list after trimming: %v, %d machines", err, len(ms))
+	}
+}
+
+// TestOneReconcilerAtATime: of two control planes on one catalog, one holds
+// the reconciler lock and reconciles; the other waits, and takes over when
+// the first dies, once the lock it left has expired.
+func TestOneReconcilerAtATime(t *testing.T) {
+	ctx := context.Background()
+	over := new(atomic.Bool)
+	t.Cleanup(func() { over.Store(true) })
+	c, err := devcluster.Start(ctx, devcluster.Config{
+		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams"}, HostsPerRegion: 1,
+		Logger:    slog.New(slog.NewTextHandler(tWriter{t, over, new(sync.Mutex), new(strings.Builder)}, nil)),
+		NewDriver: func(string, int, string) (driver.Driver, error) { return fake.New(), nil },
+		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 64, MemoryMB: 65536}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := c.WaitConverged(wctx); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := catalog.Open(ctx, catalog.Config{DataDir: t.TempDir(), Buckets: server.Buckets()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cat.Close() })
+	key := bytes.Repeat([]byte{7}, 32)
+	type plane struct {
+		*server.Server
+		url  string
+		logs *strings.Builder
+		mu   *sync.Mutex
+	}
+	var planes [2]plane
+	for i := range planes {
+		p := plane{logs: new(strings.Builder), mu: new(sync.Mutex)}
+		log := slog.New(slog.NewTextHandler(tWriter{t, over, p.mu, p.logs}, nil)).With("plane", i)
+		if p.Server, err = server.New(server.Config{Catalog: cat, Cluster: c.Hosts[0].Cluster, AgentToken: "agent-secret",
+			SecretKey: key, ReconcileInterval: 200 * time.Millisecond, Logger: log}); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		hs := httptest.NewServer(p.Handler())
+		t.Cleanup(hs.Close)
+		p.url = hs.URL
+		planes[i] = p
+	}
+	// Never both at once, sampled for the whole test.
+	stop := make(chan struct{})
+	both := new(atomic.Bool)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			if planes[0].Leading() && planes[1].Leading() {
+				both.Store(true)
+			}
+		}
+	}()
+	defer func() {
+		close(stop)
+		<-done
+		if both.Load() {
+			t.Error("both control planes held the reconciler lock at once")
+		}
+	}()
+	var leader int
+	waitUntil(t, "one plane to lead", 15*time.Second, func() bool {
+		switch {
+		case planes[0].Leading():
+			leader = 0
+		case planes[1].Leading():
+			leader = 1
+		default:
+			return false
+		}
+		return true
+	})
+	follower := 1 - leader
+	admin, err := planes[follower].Bootstrap(ctx)
+	if err != nil || admin == "" {
+		t.Fatalf("bootstrap: %q %v", admin, err)
+	}
+	tok, err := planes[follower].AddOrg(ctx, "acme", "acme")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := api.NewClient(planes[follower].url, tok)
+	if _, err := cl.CreateApp(ctx, api.CreateAppInput{AppName: "shop", OrgSlug: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	put := func(n int) {
+		t.Helper()
+		if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: demoConfig(), Regions: map[string]int{"ams": n}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(1)
+	waitUntil(t, "the leader to run the group", 15*time.Second, func() bool {
+		return groupIs(t, cl, "shop", "web", map[string]int{"ams": 1}, nil)
+	})
+	placedBy := func(p plane) int {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return strings.Count(p.logs.String(), "reconciler placed machine")
+	}
+	if placedBy(planes[leader]) != 1 || placedBy(planes[follower]) != 0 {
+		t.Fatalf("placed by the leader %d, by the follower %d", placedBy(planes[leader]), placedBy(planes[follower]))
+	}
+	// The leader dies; its lock stays until its TTL (6 s) runs out, at
+	// least two thirds of it after its last refresh.
+	died := time.Now()
+	planes[leader].Close()
+	waitUntil(t, "the follower to take over", 30*time.Second, planes[follower].Leading)
+	if waited := time.Since(died); waited < 4*time.Second {
+		t.Errorf("the follower took the lock %s after the leader died, before it expired", waited)
+	}
+	put(2)
+	waitUntil(t, "the new leader to run the group", 15*time.Second, func() bool {
+		return groupIs(t, cl, "shop", "web", map[string]int{"ams": 2}, nil)
+	})
+	if placedBy(planes[follower]) != 1 {
+		t.Errorf("the new leader placed %d machines, want 1", placedBy(planes[follower]))
+	}
+}
+
+// TestForgetsEntriesNeverShown: an entry whose live host never shows its
+// machine (a control plane died between recording it and asking the host)
+// is kept while the host may still create it, and forgotten after
+// LostAfter; a group's is replaced.
+func TestForgetsEntriesNeverShown(t *testing.T) {
+	var skew atomic.Int64 // the control plane's clock runs this far ahead
+	o := fastReconcile()
+	o.LostAfter = time.Hour
+	o.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	c := startDev(t, devOptions{regions: []string{"ams", "iad"}, perReg: 1, server: o})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	var amsHost string
+	for _, h := range c.Hosts {
+		if h.Region == "ams" {
+			amsHost = h.ID
+		}
+	}
+	const solo, member = "00000000000a01", "00000000000a02"
+	if err := c.Plane.RecordEntryForTest(ctx, "shop", solo, amsHost, "ams", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Plane.RecordEntryForTest(ctx, "shop", member, amsHost, "ams", "web"); err != nil {
+		t.Fatal(err)
+	}
+	has := func(id string) bool {
+		ok, err := c.Plane.HasEntryForTest(ctx, "shop", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	// Declared after the entries: a pass that runs iad's machine has read
+	// them, and kept them (the member counts for ams, being created).
+	if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: demoConfig(),
+		Regions: map[string]int{"ams": 1, "iad": 1}}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "iad's machine", 15*time.Second, func() bool {
+		g, err := cl.GetGroup(ctx, "shop", "web")
+		return err == nil && g.Running["iad"] == 1
+	})
+	if !has(solo) || !has(member) {
+		t.Fatalf("entries forgotten before LostAfter: solo %v, member %v", has(solo), has(member))
+	}
+	if n := len(groupMachines(c, "shop", "web")); n != 1 {
+		t.Fatalf("%d group machines: the entry being created was not counted", n)
+	}
+	skew.Store(int64(time.Hour + time.Minute))
+	waitUntil(t, "the entries to be forgotten and the member replaced", 30*time.Second, func() bool {
+		g, err := cl.GetGroup(ctx, "shop", "web")
+		return !has(solo) && !has(member) && err == nil && g.Running["ams"] == 1
+	})
+}
+
+// TestAppRecreatedInheritsNothing: an app deleted while a host of its
+// machines is down, and created again under the same name by another org,
+// starts empty — no machines, groups or secrets of the old one — and the
+// old machines are destroyed when their host returns.
+func TestAppRecreatedInheritsNothing(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 2, server: fastReconcile()})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	if _, err := cl.UpdateSecrets(ctx, "shop", map[string]*string{"K": new("v")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: demoConfig(), Regions: map[string]int{"ams": 2}}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the group to run", 15*time.Second, func() bool {
+		return groupIs(t, cl, "shop", "web", map[string]int{"ams": 2}, nil)
+	})
+	old := map[string]string{} // machine → host
+	for _, m := range groupMachines(c, "shop", "web") {
+		old[m.ID] = m.Host
+	}
+	victim := c.Hosts[0]
+	for _, h := range c.Hosts {
+		if slices.Contains(slices.Collect(maps.Values(old)), h.ID) {
+			victim = h
+		}
+	}
+	c.Net.Kill(victim.ID)
+	waitUntil(t, "the host to be dead", 30*time.Second, func() bool {
+		h := c.Plane.Cluster.Snapshot().Host(victim.ID)
+		return h != nil && !h.Up()
+	})
+	if err := cl.DeleteApp(ctx, "shop"); err != nil {
+		t.Fatal(err)
+	}
+	other, _ := orgWithApp(t, c, "other", "shop")
+	if ms, err := other.List(ctx, "shop", api.ListMachinesOptions{}); err != nil || len(ms) != 0 {
+		t.Errorf("the new app lists %d machines (%v)", len(ms), err)
+	}
+	if ss, err := other.ListSecrets(ctx, "shop"); err != nil || len(ss) != 0 {
+		t.Errorf("the new app has secrets %v (%v)", ss, err)
+	}
+	if _, err := other.GetGroup(ctx, "shop", "web"); status(err) != 404 {
+		t.Errorf("the new app has the old group: %v", err)
+	}
+	for id := range old {
+		if _, err := other.Get(ctx, "shop", id); status(err) != 404 {
+			t.Errorf("the new app shows old machine %s: %v", id, err)
+		}
+	}
+	c.Net.Revive(victim.ID)
+	waitUntil(t, "the old machines to be destroyed everywhere", 30*time.Second, func() bool {
+		for _, h := range c.Hosts {
+			for _, am := range h.Agent.AllMachines() {
+				if _, ok := old[am.Machine.ID]; ok {
+					return false
+				}
+			}
+		}
+		for id := range old {
+			if ok, err := c.Plane.HasEntryForTest(ctx, "shop", id); err != nil || ok {
+				return false
+			}
+		}
+		return true
+	})
+	if ms, err := other.List(ctx, "shop", api.ListMachinesOptions{}); err != nil || len(ms) != 0 {
+		t.Errorf("the new app lists %d machines after the host returned (%v)", len(ms), err)
+	}
 }
