@@ -18,9 +18,9 @@
 // to an org, optionally to one app and read-only; an admin token sees
 // everything. An app of another org answers 404, as if it did not exist.
 //
-// The reconciler keeps each declared group true: machines per region, warm
-// standbys, and replacements for machines lost with their host, placed by the
-// same score (same region first, then the nearest with room).
+// The reconciler keeps each declared group true: machines per region, kept
+// started, warm standbys, and replacements for machines lost with their host;
+// package reconcile decides, the reconciler applies.
 package server
 
 import (
