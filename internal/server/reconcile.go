@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -327,10 +326,11 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 			m, err := s.placeForGroup(ctx, a, g, act)
 			var ae *api.Error
 			switch {
-			case errors.Is(err, errNoRoom):
+			case errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable:
+				// No room after all, or a host that did not answer.
 				full[act.Region] = true
-				p.Pending[act.Region] = fmt.Sprintf("no host in %s has room for a %s machine now", strings.Join(act.Regions, ","), guest)
-			case errors.As(err, &ae) && ae.Status != http.StatusServiceUnavailable:
+				p.Pending[act.Region] = ae.Message
+			case errors.As(err, &ae):
 				failed(act.Region, "", fmt.Sprintf("create: %v", ae), false)
 			case err != nil:
 				if ctx.Err() != nil {
@@ -401,18 +401,13 @@ func (s *Server) room(snap *cluster.Snapshot, now time.Time, guest place.Resourc
 	return out
 }
 
-// placeForGroup creates one machine of the group where the action allows,
-// without waiting for room: a region with none is reported pending, and
-// the next pass looks again.
+// placeForGroup creates one machine of the group where the action allows.
+// The plan places only where it counted room, so the create rarely waits
+// for room in the fair queue; when it does, the answer after the wait says
+// so.
 func (s *Server) placeForGroup(ctx context.Context, a app, g group, act reconcile.Action) (*api.Machine, error) {
 	in := api.LaunchMachineInput{Config: g.Config, SkipLaunch: act.Standby}
-	sec, err := s.plainSecrets(ctx, a)
-	if err != nil {
-		return nil, err
-	}
-	in.Secrets, in.Org, in.ID = sec, a.Org, api.NewMachineID()
-	it := intent{Group: g.Name, Standby: act.Standby, For: act.Region}
-	return s.placer.market(ctx, a, in, act.Regions, guestOf(g.Config), it)
+	return s.create(ctx, a, in, act.Regions, intent{Group: g.Name, Standby: act.Standby, For: act.Region})
 }
 
 // failureCause is what a failed machine's events say of why.
