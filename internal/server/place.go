@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/place"
@@ -36,7 +38,7 @@ var errNoRoom = errors.New("no room")
 // against its host (a reservation) until the host's facts show the machine;
 // concurrent creates thus spread instead of all asking the same host.
 type placer struct {
-	s *Server
+	placerDeps
 
 	mu       sync.Mutex
 	rng      *rand.Rand
@@ -58,12 +60,28 @@ type reservation struct {
 	seen   uint64
 }
 
-func newPlacer(s *Server) *placer {
+// placerDeps is what the placer works with; the server gives it.
+type placerDeps struct {
+	now      func() time.Time
+	cluster  ClusterView
+	rtt      place.RTT
+	weights  place.Weights
+	seed     uint64
+	pending  time.Duration // how long a create waits for room
+	machines catalog.Bucket
+	// hostClient returns a client for a host's API.
+	hostClient func(hostID, nonce string) (*api.Client, error)
+	log        *slog.Logger
+	// goOwned runs fn in a goroutine its owner waits for on close.
+	goOwned func(fn func())
+}
+
+func newPlacer(d placerDeps) *placer {
 	return &placer{
-		s:        s,
-		rng:      rand.New(rand.NewPCG(s.cfg.Seed, s.cfg.Seed^0x9e3779b97f4a7c15)),
-		reserved: map[string]map[string]reservation{},
-		queue:    newQueue(),
+		placerDeps: d,
+		rng:        rand.New(rand.NewPCG(d.seed, d.seed^0x9e3779b97f4a7c15)),
+		reserved:   map[string]map[string]reservation{},
+		queue:      newQueue(),
 	}
 }
 
@@ -124,8 +142,8 @@ func (p *placer) hostsLocked(snap *cluster.Snapshot, now time.Time) []place.Host
 func (p *placer) choose(req place.Request, id string) (place.Host, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	now := p.s.cfg.Now()
-	snap := p.s.cfg.Cluster.Snapshot()
+	now := p.now()
+	snap := p.cluster.Snapshot()
 	hosts := p.hostsLocked(snap, now)
 	req.AppHosts = map[string]int{}
 	for _, m := range snap.AppMachines(req.App) {
@@ -138,7 +156,7 @@ func (p *placer) choose(req place.Request, id string) (place.Host, bool) {
 			}
 		}
 	}
-	cands := place.NewIndex(hosts, p.s.cfg.RTT).Rank(req, p.s.cfg.Weights, p.rng, 1)
+	cands := place.NewIndex(hosts, p.rtt).Rank(req, p.weights, p.rng, 1)
 	if len(cands) == 0 {
 		return place.Host{}, false
 	}
@@ -159,7 +177,7 @@ func (p *placer) placed(hostID, id string) {
 		return
 	}
 	r.placed = true
-	if h := p.s.cfg.Cluster.Snapshot().Host(hostID); h != nil {
+	if h := p.cluster.Snapshot().Host(hostID); h != nil {
 		r.seen = h.Version
 	}
 	p.reserved[hostID][id] = r
@@ -169,8 +187,8 @@ func (p *placer) placed(hostID, id string) {
 func (p *placer) fits(req place.Request) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	hosts := p.hostsLocked(p.s.cfg.Cluster.Snapshot(), p.s.cfg.Now())
-	return len(place.NewIndex(hosts, p.s.cfg.RTT).Rank(req, p.s.cfg.Weights, nil, 1)) > 0
+	hosts := p.hostsLocked(p.cluster.Snapshot(), p.now())
+	return len(place.NewIndex(hosts, p.rtt).Rank(req, p.weights, nil, 1)) > 0
 }
 
 func (p *placer) unreserve(hostID, id string) {
@@ -190,15 +208,15 @@ func (p *placer) place(ctx context.Context, a app, in api.LaunchMachineInput, re
 		guest = place.Resources{}
 	}
 	var deadline time.Time
-	if p.s.cfg.PendingTimeout > 0 {
-		deadline = p.s.cfg.Now().Add(p.s.cfg.PendingTimeout)
+	if p.pending > 0 {
+		deadline = p.now().Add(p.pending)
 	}
 	for {
 		m, err := p.market(ctx, a, in, regions, guest, it)
 		if !errors.Is(err, errNoRoom) {
 			return m, err
 		}
-		if deadline.IsZero() || !p.s.cfg.Now().Before(deadline) {
+		if deadline.IsZero() || !p.now().Before(deadline) {
 			return nil, api.Errorf(http.StatusServiceUnavailable,
 				"no host in %s has room for %d cpus and %d MB", strings.Join(regions, ","), guest.CPUs, guest.MemoryMB)
 		}
@@ -223,13 +241,13 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 		// not leave a machine nobody knows where to find.
 		g := guestOf(in.Config)
 		me := machineEntry{ID: in.ID, App: a.Name, AppID: a.ID, Org: a.Org, Host: h.ID, Region: h.Region,
-			Created: p.s.cfg.Now().UTC(), Group: it.Group, Standby: it.Standby, For: it.For, CPUs: g.CPUs, MemoryMB: g.MemoryMB}
-		if _, err := p.s.machines.Put(ctx, key, mustJSON(me)); err != nil {
+			Created: p.now().UTC(), Group: it.Group, Standby: it.Standby, For: it.For, CPUs: g.CPUs, MemoryMB: g.MemoryMB}
+		if _, err := p.machines.Put(ctx, key, mustJSON(me)); err != nil {
 			p.unreserve(h.ID, in.ID)
 			return nil, fmt.Errorf("record machine %s: %w", in.ID, err)
 		}
 		written = true
-		c, err := p.s.hostClient(h.ID, "")
+		c, err := p.hostClient(h.ID, "")
 		var m *api.Machine
 		if err == nil {
 			// Not cancelled with the client's request: a host half-way
@@ -244,31 +262,31 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 				// entry; the machine shows up, or the reconciler forgets
 				// the entry when the host never shows it. Asking another
 				// host could run it twice.
-				p.s.log.Warn("host did not answer a create", "host", h.ID, "machine", in.ID, "err", err)
+				p.log.Warn("host did not answer a create", "host", h.ID, "machine", in.ID, "err", err)
 				return nil, api.Errorf(http.StatusServiceUnavailable,
 					"host %s did not answer; machine %s may still appear: %v", h.ID, in.ID, err)
 			}
 		}
 		if err == nil {
 			p.placed(h.ID, in.ID)
-			p.s.log.Info("machine placed", "app", a.Name, "machine", in.ID, "host", h.ID, "region", h.Region)
+			p.log.Info("machine placed", "app", a.Name, "machine", in.ID, "host", h.ID, "region", h.Region)
 			return m, nil
 		}
 		p.unreserve(h.ID, in.ID)
 		var ae *api.Error
 		if errors.As(err, &ae) && ae.Status != http.StatusServiceUnavailable {
-			p.s.machines.Delete(context.WithoutCancel(ctx), key, 0)
+			p.machines.Delete(context.WithoutCancel(ctx), key, 0)
 			return nil, ae
 		}
 		if ctx.Err() != nil {
-			p.s.machines.Delete(context.WithoutCancel(ctx), key, 0)
+			p.machines.Delete(context.WithoutCancel(ctx), key, 0)
 			return nil, ctx.Err()
 		}
-		p.s.log.Info("host refused machine", "host", h.ID, "machine", in.ID, "err", err)
+		p.log.Info("host refused machine", "host", h.ID, "machine", in.ID, "err", err)
 		req.Exclude[h.ID] = true
 	}
 	if written {
-		p.s.machines.Delete(context.WithoutCancel(ctx), key, 0)
+		p.machines.Delete(context.WithoutCancel(ctx), key, 0)
 	}
 	return nil, errNoRoom
 }

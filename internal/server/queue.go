@@ -71,7 +71,7 @@ func (q *queue) remove(w *waiter) {
 
 // run serves the queue until ctx ends.
 func (p *placer) run(ctx context.Context) {
-	changes, unsubscribe := p.s.cfg.Cluster.Subscribe()
+	changes, unsubscribe := p.cluster.Subscribe()
 	defer unsubscribe()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -141,7 +141,7 @@ func (p *placer) serve(ctx context.Context) {
 		return
 	}
 	// Stopping waits for workloads to exit: not on the queue's loop.
-	p.s.wg.Go(func() {
+	p.goOwned(func() {
 		for _, c := range claims {
 			p.reclaim(ctx, c, byOrg[c.Org])
 		}
@@ -153,7 +153,7 @@ func (p *placer) serve(ctx context.Context) {
 // from the machine entries (which know guests' sizes) and the snapshot
 // (which knows what runs).
 func (p *placer) fairness(ctx context.Context) (*place.Fair, map[string][]machineEntry) {
-	snap := p.s.cfg.Cluster.Snapshot()
+	snap := p.cluster.Snapshot()
 	var total place.Resources
 	for _, h := range snap.Hosts() {
 		if h.Up() {
@@ -162,9 +162,9 @@ func (p *placer) fairness(ctx context.Context) (*place.Fair, map[string][]machin
 	}
 	f := place.NewFair(total)
 	byOrg := map[string][]machineEntry{}
-	es, err := p.s.machines.List(ctx, "")
+	es, err := p.machines.List(ctx, "")
 	if err != nil {
-		p.s.log.Warn("fairness: list machines", "err", err)
+		p.log.Warn("fairness: list machines", "err", err)
 		return f, byOrg
 	}
 	for _, e := range es {
@@ -203,15 +203,15 @@ func (p *placer) reclaim(ctx context.Context, c place.Claim, ms []machineEntry) 
 		if got.CPUs >= c.Amount.CPUs && got.MemoryMB >= c.Amount.MemoryMB {
 			return
 		}
-		hc, err := p.s.hostClient(me.Host, "")
+		hc, err := p.hostClient(me.Host, "")
 		if err != nil {
 			continue
 		}
 		if err := hc.Stop(ctx, me.App, me.ID, api.StopMachineInput{}); err != nil {
-			p.s.log.Warn("reclaim: stop machine", "org", c.Org, "machine", me.ID, "err", err)
+			p.log.Warn("reclaim: stop machine", "org", c.Org, "machine", me.ID, "err", err)
 			continue
 		}
-		p.s.log.Info("reclaimed a bursting org's machine", "org", c.Org, "app", me.App, "machine", me.ID)
+		p.log.Info("reclaimed a bursting org's machine", "org", c.Org, "app", me.App, "machine", me.ID)
 		got = got.Add(place.Resources{CPUs: me.CPUs, MemoryMB: me.MemoryMB})
 	}
 }

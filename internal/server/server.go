@@ -213,7 +213,9 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("server: bucket %s: %w", b.name, err)
 		}
 	}
-	s.placer = newPlacer(s)
+	s.placer = newPlacer(placerDeps{now: cfg.Now, cluster: cfg.Cluster, rtt: cfg.RTT, weights: cfg.Weights,
+		seed: cfg.Seed, pending: cfg.PendingTimeout, machines: s.machines, hostClient: s.hostClient,
+		log: s.log, goOwned: s.wg.Go})
 	s.tokenCache, s.appCache = newCache[token](), newCache[app]()
 	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger,
 		MapError: func(err error) error {
