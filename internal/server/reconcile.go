@@ -277,7 +277,11 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 	for _, me := range all {
 		byID[me.ID] = me
 	}
+	// halted holds the regions that place nothing more this pass: no room
+	// after all, or a failure (the backoff says when to try again).
+	halted := map[string]bool{}
 	failed := func(region, machineID, cause string, counted bool) {
+		halted[region] = true
 		b := p.Backoff[region]
 		if counted {
 			b.LastError = cause
@@ -288,7 +292,6 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 		s.log.Warn("group machine failed; backing off", "app", g.App, "group", g.Name, "region", region,
 			"machine", machineID, "failures", b.Failures, "retry_at", b.Until, "cause", cause)
 	}
-	full := map[string]bool{} // regions the placer found no room in this pass
 	var errs []error
 	for _, act := range p.Actions {
 		if ctx.Err() != nil {
@@ -320,7 +323,7 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 			}
 			log.Info("reconciler started machine", "host", me.Host, "promoted", act.Kind == reconcile.Promote)
 		case reconcile.Place:
-			if full[act.Region] {
+			if halted[act.Region] {
 				continue
 			}
 			m, err := s.placeForGroup(ctx, a, g, act)
@@ -328,7 +331,7 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 			switch {
 			case errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable:
 				// No room after all, or a host that did not answer.
-				full[act.Region] = true
+				halted[act.Region] = true
 				p.Pending[act.Region] = ae.Message
 			case errors.As(err, &ae):
 				failed(act.Region, "", fmt.Sprintf("create: %v", ae), false)
