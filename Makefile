@@ -19,7 +19,7 @@ check:
 	go mod tidy -diff
 
 bench:
-	go test -run '^$$' -bench . -benchtime 200x ./internal/agent/
+	go test -run '^$$' -bench . -benchtime 200x ./internal/host/
 
 dev:
 	go run ./cmd/flame dev
