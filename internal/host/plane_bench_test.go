@@ -28,7 +28,7 @@ func BenchmarkControlPlaneCreateToStarted(b *testing.B) {
 	regAddr, _, digest := sleepImage(b)
 	d, _, err := NewDriver(DriverConfig{Kind: DriverSandbox, DataDir: b.TempDir(), Registry: regAddr, Index: 91})
 	if err != nil {
-		b.Skipf("sandbox driver unavailable: %v", err)
+		b.Fatalf("sandbox driver (as root it must work): %v", err)
 	}
 	nw := netsim.New(netsim.Config{Seed: 1})
 	b.Cleanup(func() { nw.Close() })
