@@ -16,7 +16,7 @@ check:
 	.ci/check
 
 bench:
-	go test -run '^$$' -bench . -benchtime 200x ./internal/agent/
+	go test -run '^$$' -bench . -benchtime 200x ./internal/host/
 
 dev:
 	go run ./cmd/flame dev

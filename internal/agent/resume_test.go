@@ -228,6 +228,44 @@ func TestResumeFinishesInterruptedOperations(t *testing.T) {
 			syscall.Kill(pidFromHandle(r.Handle), syscall.SIGKILL)
 			r.State, r.Handle = machine.LaunchFailed, ""
 		}, machine.Failed, nil},
+		{"killed after recording suspending", func(r *record) {
+			r.State, r.Op = machine.Suspending, &op{Kind: "suspend"}
+		}, machine.Stopped, func(t *testing.T, b *Agent, id string, oldPid int) {
+			if alive(oldPid) {
+				t.Error("workload still runs")
+			}
+		}},
+		{"killed after recording an update that leaves the machine stopped", func(r *record) {
+			r.Versions[0].State = machine.Replacing
+			r.Versions = append([]version{{Instance: "01JNEWVERSION0000000000000", State: machine.Updating, Config: r.Config}}, r.Versions...)
+			r.Instance, r.State = "01JNEWVERSION0000000000000", machine.Updating
+			r.OldHandle, r.Handle = r.Handle, ""
+			r.Op = &op{Kind: "update", Then: machine.Stopped}
+		}, machine.Stopped, func(t *testing.T, b *Agent, id string, oldPid int) {
+			if alive(oldPid) {
+				t.Error("old version still runs")
+			}
+			m, _ := b.GetMachine(context.Background(), ref(id))
+			vs, _ := b.MachineVersions(context.Background(), ref(id))
+			if m.InstanceID != "01JNEWVERSION0000000000000" || len(vs) != 2 || vs[1].State != "replaced" {
+				t.Errorf("instance %s, versions = %+v %+v", m.InstanceID, vs[0], vs[1])
+			}
+		}},
+		{"killed after recording an update that leaves the machine created", func(r *record) {
+			r.Versions[0].State = machine.Replacing
+			r.Versions = append([]version{{Instance: "01JNEWVERSION0000000000000", State: machine.Updating, Config: r.Config}}, r.Versions...)
+			r.Instance, r.State = "01JNEWVERSION0000000000000", machine.Updating
+			r.OldHandle, r.Handle = r.Handle, ""
+			r.Op = &op{Kind: "update", Then: machine.Created}
+		}, machine.Created, func(t *testing.T, b *Agent, id string, oldPid int) {
+			if alive(oldPid) {
+				t.Error("old version still runs")
+			}
+			vs, _ := b.MachineVersions(context.Background(), ref(id))
+			if len(vs) != 2 || vs[1].State != "replaced" {
+				t.Errorf("versions = %+v", vs)
+			}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

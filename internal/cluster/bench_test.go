@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"net"
 	"os"
 	"runtime/metrics"
 	"slices"
@@ -16,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/memberlist"
 
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/netsim"
@@ -35,6 +38,10 @@ import (
 // Each benchmark reports the cores the simulation used and the scheduling
 // delays it saw: with cores to spare and small delays, the dilated run is
 // the real-time run the machine could not afford.
+// FLAME_BENCH_REGIONAL=0 runs every member without its regional failure
+// detector (Config.NoRegionDetector), the cluster-wide memberlist alone.
+// Bytes sent are counted per detector: the regional memberlist's datagrams
+// and streams (those the mux tags with regionTag) apart from the rest.
 
 var benchRegions = []string{"ams", "iad", "syd", "sin", "gru", "fra", "lax", "nrt", "jnb", "ord"}
 
@@ -90,8 +97,9 @@ func benchTimings() (interval, timeout time.Duration) {
 // hosts take many minutes to set up: such a simulation is set up once,
 // kept for the second run, and closed only when the process ends.
 var (
-	keptSims = map[int]*simCluster{}
-	keptIdle = map[int]float64{} // their idle traffic, B/s a host
+	keptSims       = map[int]*simCluster{}
+	keptIdle       = map[int]float64{} // their idle traffic, B/s a host
+	keptRegionIdle = map[int]float64{} // the regional detectors' part of it
 )
 
 // benchSim starts n members and waits until every one sees all n alive.
@@ -125,9 +133,9 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 			b.Fatal(err)
 		}
 		interval, timeout := benchTimings()
-		cfg := Config{HostID: id, Region: regionOf(id), Transport: tr, Logger: logger,
+		cfg := Config{HostID: id, Region: regionOf(id), Transport: countingTransport{tr, regionCounter(sim)}, Logger: logger,
 			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout,
-			Dilation: int(benchDilation())}
+			Dilation: int(benchDilation()), NoRegionDetector: os.Getenv("FLAME_BENCH_REGIONAL") == "0"}
 		if mod != nil {
 			mod(&cfg)
 		}
@@ -278,6 +286,72 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 // ms is d in fractional milliseconds: a dilated run measures below 1 ms.
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
+// regionSent counts, per simulation, the bytes its members' regional
+// detectors sent.
+var regionSent = map[*simCluster]*atomic.Uint64{}
+
+func regionCounter(sim *simCluster) *atomic.Uint64 {
+	if regionSent[sim] == nil {
+		regionSent[sim] = new(atomic.Uint64)
+	}
+	return regionSent[sim]
+}
+
+// countingTransport counts what the regional memberlist sends: datagrams
+// that start with regionTag, and streams whose first write is it.
+type countingTransport struct {
+	memberlist.NodeAwareTransport
+	region *atomic.Uint64
+}
+
+func (t countingTransport) count(b []byte) {
+	if len(b) > 0 && b[0] == regionTag {
+		t.region.Add(uint64(len(b)))
+	}
+}
+
+func (t countingTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+	t.count(b)
+	return t.NodeAwareTransport.WriteTo(b, addr)
+}
+
+func (t countingTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
+	t.count(b)
+	return t.NodeAwareTransport.WriteToAddress(b, a)
+}
+
+func (t countingTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+	return t.DialAddressTimeout(memberlist.Address{Addr: addr}, timeout)
+}
+
+func (t countingTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
+	c, err := t.NodeAwareTransport.DialAddressTimeout(a, timeout)
+	if err != nil {
+		return nil, err
+	}
+	return &countingConn{Conn: c, region: t.region}, nil
+}
+
+// countingConn counts a dialed stream's writes once its first write shows
+// it is the regional memberlist's.
+type countingConn struct {
+	net.Conn
+	region  *atomic.Uint64
+	decided bool
+	counted bool
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	if !c.decided && len(b) > 0 {
+		c.decided, c.counted = true, b[0] == regionTag
+	}
+	n, err := c.Conn.Write(b)
+	if c.counted {
+		c.region.Add(uint64(n))
+	}
+	return n, err
+}
+
 func bytesSent(sim *simCluster) uint64 {
 	var total uint64
 	for _, id := range sim.ids {
@@ -304,13 +378,17 @@ func BenchmarkPropagation(b *testing.B) {
 			// 1+⌈log2(n/32)⌉ past 32 hosts), so every host makes one.
 			// A kept simulation measures it once, in the first run.
 			idle, measured := keptIdle[n]
+			regionIdle := keptRegionIdle[n]
 			if !measured {
 				window := DefaultPushPullInterval * time.Duration(1+max(0, int(math.Ceil(math.Log2(float64(n)/32)))))
-				before, start := bytesSent(sim), time.Now()
+				before, rbefore, start := bytesSent(sim), regionCounter(sim).Load(), time.Now()
 				time.Sleep(dilate(window))
-				idle = float64(bytesSent(sim)-before) / undilate(time.Since(start)).Seconds() / float64(n)
+				secs := undilate(time.Since(start)).Seconds()
+				idle = float64(bytesSent(sim)-before) / secs / float64(n)
+				regionIdle = float64(regionCounter(sim).Load()-rbefore) / secs / float64(n)
 				if keptSims[n] == sim {
 					keptIdle[n] = idle
+					keptRegionIdle[n] = regionIdle
 				}
 			}
 
@@ -346,7 +424,7 @@ func BenchmarkPropagation(b *testing.B) {
 			}
 			rng := rand.New(rand.NewPCG(1, 2))
 			var region, all []time.Duration
-			before, start := bytesSent(sim), time.Now()
+			before, rbefore, start := bytesSent(sim), regionCounter(sim).Load(), time.Now()
 			load := startLoad()
 			b.ResetTimer()
 			for round := range b.N {
@@ -404,7 +482,9 @@ func BenchmarkPropagation(b *testing.B) {
 				all = append(all, amax)
 			}
 			b.StopTimer()
-			busy := float64(bytesSent(sim)-before) / undilate(time.Since(start)).Seconds() / float64(n)
+			secs := undilate(time.Since(start)).Seconds()
+			busy := float64(bytesSent(sim)-before) / secs / float64(n)
+			regionBusy := float64(regionCounter(sim).Load()-rbefore) / secs / float64(n)
 			load.report(b)
 			cancel()
 			wg.Wait()
@@ -414,6 +494,8 @@ func BenchmarkPropagation(b *testing.B) {
 			b.ReportMetric(ms(percentile(all, 0.99)), "all-p99-ms")
 			b.ReportMetric(idle, "idle-B/s/host")
 			b.ReportMetric(busy, "busy-B/s/host")
+			b.ReportMetric(regionIdle, "region-idle-B/s/host")
+			b.ReportMetric(regionBusy, "region-busy-B/s/host")
 		})
 	}
 }

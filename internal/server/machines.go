@@ -283,6 +283,13 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f api.ListMac
 		r := <-results
 		out = append(out, r.ms...)
 	}
+	if f.IncludeDeleted {
+		known := map[string]bool{}
+		for _, m := range out {
+			known[m.ID] = true
+		}
+		out = append(out, s.deletedMachines(ctx, a, f, known)...)
+	}
 	slices.SortFunc(out, func(a, b *api.Machine) int {
 		return cmpStrings(a.CreatedAt+a.ID, b.CreatedAt+b.ID)
 	})

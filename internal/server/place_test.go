@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -52,6 +53,25 @@ func TestConcurrentCreatesNeverOvercommit(t *testing.T) {
 	if err != nil || len(ms) != 160 {
 		t.Fatalf("list: %v, %d machines", err, len(ms))
 	}
+	// No trace: the catalog holds an entry for each placed machine and
+	// none for a refused one (List shows only what the hosts report).
+	if n := catalogEntries(t, c, "shop"); n != 160 {
+		t.Fatalf("the catalog holds %d machine entries, want 160", n)
+	}
+}
+
+// catalogEntries counts the catalog's machine entries of an app.
+func catalogEntries(t *testing.T, c *dev, app string) int {
+	t.Helper()
+	b, err := c.Plane.Catalog.Bucket("machines")
+	if err != nil {
+		t.Fatal(err)
+	}
+	es, err := b.List(context.Background(), app+".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(es)
 }
 
 // TestRefusingHostAsksTheNext: a host that advertises the most room but
@@ -64,44 +84,7 @@ func TestRefusingHostAsksTheNext(t *testing.T) {
 	// The liar: a cluster member with a huge advertised capacity whose API
 	// answers every create with 503.
 	var asked atomic.Int64
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		asked.Add(1)
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusServiceUnavailable)
-		json.NewEncoder(w).Encode(api.ErrorBody{Error: "insufficient capacity"})
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	if _, err := c.Net.AddHost("liar"); err != nil {
-		t.Fatal(err)
-	}
-	tr, err := c.Net.Transport("liar", 7946)
-	if err != nil {
-		t.Fatal(err)
-	}
-	liar, err := cluster.New(cluster.Config{HostID: "liar", Region: "ams", Transport: tr,
-		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}, Addrs: map[string]string{"api": ln.Addr().String()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := liar.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { liar.Close() })
-	if _, err := liar.Join([]string{c.Hosts[0].Cluster.GossipAddr()}); err != nil {
-		t.Fatal(err)
-	}
-	if err := liar.Publish(cluster.HostFacts{Free: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}}); err != nil {
-		t.Fatal(err)
-	}
-	waitUntil(t, "the control plane to see the liar's room", 10*time.Second, func() bool {
-		h := c.Plane.Cluster.Snapshot().Host("liar")
-		return h != nil && h.Up() && h.Free.CPUs == 1000
-	})
+	startLiar(t, c, "liar", &asked)
 	// Both hosts are empty, so the first create may go either way; from
 	// the second on, spread makes the liar the better host.
 	for range 2 {
@@ -118,6 +101,80 @@ func TestRefusingHostAsksTheNext(t *testing.T) {
 	}
 	if n := c.Hosts[0].Agent.Used().CPUs; n != 2 {
 		t.Fatalf("the real host runs %d machines, want 2", n)
+	}
+}
+
+// startLiar joins a cluster member with a huge advertised capacity whose
+// API answers every create with 503, counting them in asked, and waits
+// until the control plane sees its room.
+func startLiar(t *testing.T, c *dev, name string, asked *atomic.Int64) {
+	t.Helper()
+	ctx := context.Background()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(api.ErrorBody{Error: "insufficient capacity"})
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	if _, err := c.Net.AddHost(name); err != nil {
+		t.Fatal(err)
+	}
+	tr, err := c.Net.Transport(name, 7946)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liar, err := cluster.New(cluster.Config{HostID: name, Region: "ams", Transport: tr,
+		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}, Addrs: map[string]string{"api": ln.Addr().String()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := liar.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { liar.Close() })
+	if _, err := liar.Join([]string{c.Hosts[0].Cluster.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := liar.Publish(cluster.HostFacts{Free: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the control plane to see "+name+"'s room", 10*time.Second, func() bool {
+		h := c.Plane.Cluster.Snapshot().Host(name)
+		return h != nil && h.Up() && h.Free.CPUs == 1000
+	})
+}
+
+// TestPlacementAsksAtMostEight: with ten hosts that all advertise room and
+// all refuse, a create asks exactly eight of them, then answers 503 and
+// leaves no entry in the catalog.
+func TestPlacementAsksAtMostEight(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1, capacity: cluster.Resources{CPUs: 1, MemoryMB: 256},
+		server: server.Config{PendingTimeout: -1}})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	// The one real host is full, so only the liars are candidates.
+	if _, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig()}); err != nil {
+		t.Fatalf("fill the real host: %v", err)
+	}
+	var asked atomic.Int64
+	for i := range 10 {
+		startLiar(t, c, fmt.Sprintf("liar-%d", i), &asked)
+	}
+	_, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig()})
+	if status(err) != http.StatusServiceUnavailable {
+		t.Fatalf("create refused by every host: %v, want 503", err)
+	}
+	if n := asked.Load(); n != 8 {
+		t.Fatalf("%d hosts asked, want 8", n)
+	}
+	if n := catalogEntries(t, c, "shop"); n != 1 {
+		t.Fatalf("the catalog holds %d machine entries, want the real host's 1", n)
 	}
 }
 
@@ -145,13 +202,18 @@ func TestFairQueueReclaimsBurst(t *testing.T) {
 	if m.State != api.StateStarted {
 		t.Fatalf("machine %s is %s", m.ID, m.State)
 	}
-	stopped := 0
+	var stopped []string
 	for _, id := range hogs {
-		if got, err := greedy.Get(ctx, "hog", id); err == nil && got.State == api.StateStopped {
-			stopped++
+		got, err := greedy.Get(ctx, "hog", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.State == api.StateStopped {
+			stopped = append(stopped, id)
 		}
 	}
-	if stopped != 1 {
-		t.Fatalf("%d of the bursting org's machines were stopped, want 1", stopped)
+	// The newest gives back: the last created.
+	if len(stopped) != 1 || stopped[0] != hogs[len(hogs)-1] {
+		t.Fatalf("stopped %v of the bursting org's machines %v, want only the newest", stopped, hogs)
 	}
 }
