@@ -56,15 +56,16 @@ const MetadataProcessGroup = "fly_process_group"
 // ValidName reports whether s is a name as process groups and the cluster's
 // records use them: 1 to MaxNameLen of ASCII letters, digits, '-' and '_',
 // starting with a letter or digit.
-func ValidName(s string) bool { return word(s, MaxNameLen, "") }
+func ValidName(s string) bool { return ValidWord(s, MaxNameLen, "") }
 
 // ValidCheckName reports whether s may name a top-level check: as
 // ValidName, with '.' and ':' allowed after the first character.
-func ValidCheckName(s string) bool { return word(s, MaxNameLen, ".:") }
+func ValidCheckName(s string) bool { return ValidWord(s, MaxNameLen, ".:") }
 
-// word reports whether s is 1..max characters of [A-Za-z0-9_-] and extra,
-// starting with a letter or digit.
-func word(s string, max int, extra string) bool {
+// ValidWord reports whether s is 1..max characters of [A-Za-z0-9_-] and
+// extra, starting with a letter or digit: the one shape of the names, ids
+// and codes the API and the cluster's records carry.
+func ValidWord(s string, max int, extra string) bool {
 	if len(s) == 0 || len(s) > max {
 		return false
 	}

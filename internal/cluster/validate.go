@@ -25,33 +25,8 @@ func invalid(format string, args ...any) error {
 // a broken or hostile record that would otherwise freeze its owner's facts.
 const maxClockSkew = 24 * time.Hour
 
-// word reports whether s is 1..max characters of [A-Za-z0-9_.-] starting
-// with a letter or digit (extra lists further allowed punctuation).
-func word(s string, max int, extra string) bool {
-	if len(s) == 0 || len(s) > max {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
-		case i > 0 && (c == '-' || c == '_'):
-		case i > 0 && containsByte(extra, c):
-		default:
-			return false
-		}
-	}
-	return true
-}
-
-func containsByte(s string, c byte) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] == c {
-			return true
-		}
-	}
-	return false
-}
+// word is the one name shape of api, with the cluster's own bounds.
+func word(s string, max int, extra string) bool { return api.ValidWord(s, max, extra) }
 
 func validHostID(s string) bool    { return word(s, maxIDLen, ".") }
 func validMachineID(s string) bool { return word(s, maxIDLen, "") }
