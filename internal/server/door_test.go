@@ -180,3 +180,25 @@ func TestTokensAtTheDoor(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupsAtTheDoor: a group's config is checked as its machines will
+// carry it, with the process group the declaration adds to its metadata: a
+// config whose metadata is already at the limit is refused (422) rather
+// than accepted and then refused by the host on every create.
+func TestGroupsAtTheDoor(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1})
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	ctx := context.Background()
+	full := demoConfig()
+	full.Metadata = map[string]string{}
+	for i := range api.MaxMetadataKeys {
+		full.Metadata["k"+string(rune('a'+i%26))+string(rune('a'+i/26))] = "v"
+	}
+	_, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: full, Regions: map[string]int{"ams": 1}})
+	refused(t, "group whose metadata is full", err, "config.metadata")
+	// One key fewer leaves room for the process group.
+	delete(full.Metadata, "kaa")
+	if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: full, Regions: map[string]int{"ams": 1}}); err != nil {
+		t.Errorf("group with room for its process group: %v", err)
+	}
+}

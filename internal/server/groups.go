@@ -110,9 +110,6 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	case in.Standbys < 0 || in.Standbys > maxGroupStandbys:
 		return api.Errorf(http.StatusUnprocessableEntity, "standbys must be between 0 and %d", maxGroupStandbys)
 	}
-	if err := in.Config.Validate(); err != nil {
-		return err
-	}
 	for code, n := range in.Regions {
 		if !knownRegion(code) {
 			return api.Errorf(http.StatusUnprocessableEntity, "regions: %q is unknown", clipName(code))
@@ -127,7 +124,12 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	} else {
 		cfg.Metadata = cloneMap(cfg.Metadata)
 	}
-	cfg.Metadata["fly_process_group"] = name
+	cfg.Metadata[api.MetadataProcessGroup] = name
+	// Checked as the group's machines carry it, process group included:
+	// a config the hosts would refuse on every create is refused here.
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
 	g := group{App: a.Name, AppID: a.ID, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys,
 		Spill: in.Spill, Updated: s.cfg.Now().UTC()}
 	g, _, err = catalog.UpdateJSON(r.Context(), s.groups, groupKey(a.Name, name), func(v *group, exists bool) error {
