@@ -36,6 +36,13 @@ const (
 	MaxEnvVarBytes = 64 << 10
 	MaxEnvBytes    = 512 << 10
 
+	// An app's secrets join every machine's environment, so they are
+	// bounded together as the config's env is ("NAME=value" and a NUL
+	// each): with it, they stay below the kernel's 2 MiB; sealed, they
+	// also fit in one catalog record (1 MiB at most).
+	MaxSecrets      = 256
+	MaxSecretsBytes = 512 << 10
+
 	// MaxImageRefLen bounds an image reference.
 	MaxImageRefLen = 512
 

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -201,4 +202,56 @@ func TestGroupsAtTheDoor(t *testing.T) {
 	if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: full, Regions: map[string]int{"ams": 1}}); err != nil {
 		t.Errorf("group with room for its process group: %v", err)
 	}
+}
+
+// TestSecretsAtTheDoor: an app's secrets go into every machine's
+// environment beside its config's, so together they are bounded as the
+// environment is: a set of secrets too large for any workload to start
+// with is refused (422), while one at the limit, and deleting from it,
+// are not.
+func TestSecretsAtTheDoor(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1})
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	ctx := context.Background()
+	big := strings.Repeat("x", 60<<10)
+	set := func(names ...string) error {
+		in := map[string]*string{}
+		for _, n := range names {
+			in[n] = &big
+		}
+		_, err := cl.UpdateSecrets(ctx, "shop", in)
+		return err
+	}
+	// Eight secrets of 60 KiB: under the bound, in two writes.
+	var names []string
+	for i := range 8 {
+		names = append(names, fmt.Sprintf("S%02d", i))
+	}
+	if err := set(names[:4]...); err != nil {
+		t.Fatal(err)
+	}
+	if err := set(names[4:]...); err != nil {
+		t.Fatal(err)
+	}
+	// Eight more would take them past the bound (and, sealed, past what
+	// one catalog record holds).
+	err := set("T0", "T1", "T2", "T3", "T4", "T5", "T6", "T7")
+	refused(t, "secrets past the limit", err, "secrets")
+	if ss, err := cl.ListSecrets(ctx, "shop"); err != nil || len(ss) != 8 {
+		t.Errorf("after the refused write: %d secrets, %v; want the 8 kept", len(ss), err)
+	}
+	// Replacing one and deleting are fine.
+	if err := set("S00"); err != nil {
+		t.Errorf("replace a secret: %v", err)
+	}
+	if _, err := cl.UpdateSecrets(ctx, "shop", map[string]*string{"S01": nil}); err != nil {
+		t.Errorf("delete a secret: %v", err)
+	}
+	many := map[string]*string{}
+	one := "v"
+	for i := range 1000 {
+		many[fmt.Sprintf("N%04d", i)] = &one
+	}
+	_, err = cl.UpdateSecrets(ctx, "shop", many)
+	refused(t, "a thousand secrets", err, "secrets")
 }

@@ -122,10 +122,38 @@ func (s *Server) changeSecrets(ctx context.Context, a app, values map[string]*st
 			}
 			as.Values[name] = sec
 		}
+		if err := s.secretsFit(as, values); err != nil {
+			return err
+		}
 		as.Version++
 		return nil
 	})
 	return as, err
+}
+
+// secretsFit refuses (422) a change that sets secrets when the app's
+// secrets would then be past api.MaxSecrets or api.MaxSecretsBytes; a
+// change that only deletes is always allowed.
+func (s *Server) secretsFit(as *appSecrets, values map[string]*string) error {
+	sets := false
+	for _, v := range values {
+		sets = sets || v != nil
+	}
+	if !sets {
+		return nil
+	}
+	if len(as.Values) > api.MaxSecrets {
+		return api.Errorf(http.StatusUnprocessableEntity, "secrets: an app may have at most %d, not %d", api.MaxSecrets, len(as.Values))
+	}
+	overhead := s.aead.gcm.NonceSize() + s.aead.gcm.Overhead()
+	total := 0
+	for name, v := range as.Values {
+		total += len(name) + 1 + max(len(v.Sealed)-overhead, 0) + 1
+	}
+	if total > api.MaxSecretsBytes {
+		return api.Errorf(http.StatusUnprocessableEntity, "secrets: together they would take %d bytes of the environment; at most %d are allowed", total, api.MaxSecretsBytes)
+	}
+	return nil
 }
 
 // plainSecrets opens an app's secrets for a machine's environment.
