@@ -115,6 +115,10 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
+	if inst == sandbox.LegacyInstance {
+		cfg.Logger.Info("sandbox state from before instance ids: keeping the names it ran under",
+			"bridge", names.Bridge, "cgroup", names.CgroupParent, "prefix", names.HostPrefix)
+	}
 	return sandbox.New(sandbox.Config{
 		Images:       defaultRegistry{store, cfg.Registry},
 		StateDir:     filepath.Join(cfg.DataDir, "sandbox"),

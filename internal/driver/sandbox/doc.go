@@ -108,8 +108,12 @@
 //
 // The host has one bridge (Config.Bridge, "fl<instance>-<host>"), created on
 // first use with the first host address of Config.HostPrefix (the 6PN
-// layout fdaa:<network>:<host>::/64, the network from the instance id;
-// a prefix another link routes already is refused), without
+// layout fdaa:<network>:<host>::/64: the network is the instance id's 32
+// bits, two groups, and the host, numbered from 1, the next group; see
+// instance.go). New holds the prefix
+// until Close — a lock file per prefix under /run/flame — and refuses, before
+// it makes anything, a prefix another driver holds or another link routes.
+// The bridge is made without
 // spanning tree or forward delay, so that a new port forwards at once, and
 // with a fixed MAC address. Each sandbox has a veth pair into it (host side
 // named "f<machine id>", "eth0" inside; the driver deletes a veth by name

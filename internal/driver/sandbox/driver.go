@@ -137,6 +137,7 @@ type Driver struct {
 
 	netMu       sync.Mutex
 	bridgeIndex int
+	prefixLock  *os.File // see claimPrefix; nil once closed
 
 	imgMu  sync.Mutex
 	images map[string]*image.Image // by reference, as Prepare resolved it
@@ -158,7 +159,9 @@ type Driver struct {
 var _ driver.Driver = (*Driver)(nil)
 
 // New returns a driver for cfg. It needs root, IPv6 and cgroups (v2 with
-// the memory, cpu and pids controllers, or v1 hierarchies for them).
+// the memory, cpu and pids controllers, or v1 hierarchies for them). It
+// holds cfg's prefix until Close, and refuses one another driver holds or
+// another link routes before it makes anything (see claimPrefix).
 func New(cfg Config) (*Driver, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, fmt.Errorf("sandbox driver: %w", err)
@@ -172,12 +175,18 @@ func New(cfg Config) (*Driver, error) {
 	if !ipv6Enabled() {
 		return nil, errors.New("sandbox driver: IPv6 is disabled on this host")
 	}
+	lock, err := claimPrefix(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox driver: %w", err)
+	}
 	cg, err := detectCgroups(cfg.CgroupParent)
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	l := leases{dir: filepath.Join(cfg.StateDir, "leases")}
 	if err := l.init(); err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	d := &Driver{
@@ -190,6 +199,7 @@ func New(cfg Config) (*Driver, error) {
 		procs:  make(map[*sandbox]struct{}),
 		stop:   make(chan struct{}),
 	}
+	d.prefixLock = lock
 	d.sweepSpares()
 	d.spares = make(chan *spare)
 	d.wg.Add(1)
@@ -703,6 +713,12 @@ func (d *Driver) Close() error {
 		s.abandon()
 	}
 	d.wg.Wait()
+	d.netMu.Lock()
+	if d.prefixLock != nil {
+		d.prefixLock.Close()
+		d.prefixLock = nil
+	}
+	d.netMu.Unlock()
 	return nil
 }
 

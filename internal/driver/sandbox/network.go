@@ -22,8 +22,9 @@ import (
 const linkUpTimeout = 2 * time.Second
 
 // ensureBridge creates the host's bridge with the gateway address, or finds
-// it, and returns its index.
-func (d *Driver) ensureBridge() (int, error) {
+// it, and returns its index. A bridge it creates and cannot ready is
+// deleted again.
+func (d *Driver) ensureBridge() (_ int, err error) {
 	d.netMu.Lock()
 	defer d.netMu.Unlock()
 	if d.bridgeIndex != 0 {
@@ -34,10 +35,23 @@ func (d *Driver) ensureBridge() (int, error) {
 	}
 	br, err := netlink.LinkByName(d.cfg.Bridge)
 	if _, notFound := err.(netlink.LinkNotFoundError); notFound {
+		// Checked before the bridge is made, so a refused prefix leaves
+		// nothing behind.
+		if err := checkPrefixFree(d.cfg.HostPrefix, 0); err != nil {
+			return 0, err
+		}
 		attrs := netlink.NewLinkAttrs()
 		attrs.Name = d.cfg.Bridge
 		err = netlink.LinkAdd(&netlink.Bridge{LinkAttrs: attrs})
-		if err != nil && !errors.Is(err, unix.EEXIST) {
+		if err == nil {
+			defer func() {
+				if err != nil {
+					if l, lerr := netlink.LinkByName(d.cfg.Bridge); lerr == nil {
+						netlink.LinkDel(l)
+					}
+				}
+			}()
+		} else if !errors.Is(err, unix.EEXIST) {
 			return 0, fmt.Errorf("create bridge %s: %w", d.cfg.Bridge, err)
 		}
 		br, err = netlink.LinkByName(d.cfg.Bridge)
@@ -48,7 +62,7 @@ func (d *Driver) ensureBridge() (int, error) {
 	if _, ok := br.(*netlink.Bridge); !ok {
 		return 0, fmt.Errorf("bridge %s: is a %s, not a bridge", d.cfg.Bridge, br.Type())
 	}
-	if err := d.checkPrefixFree(br.Attrs().Index); err != nil {
+	if err := checkPrefixFree(d.cfg.HostPrefix, br.Attrs().Index); err != nil {
 		return 0, err
 	}
 	// No duplicate address detection: the address is ours by
@@ -69,12 +83,57 @@ func (d *Driver) ensureBridge() (int, error) {
 	return d.bridgeIndex, nil
 }
 
-// checkPrefixFree fails when a link other than the bridge (index brIndex)
-// has a route to the host's prefix: another Flame on this machine uses the
-// same prefix, and sharing it would send one's traffic to the other's
-// machines.
-func (d *Driver) checkPrefixFree(brIndex int) error {
-	prefix := d.cfg.HostPrefix
+// prefixLockDir holds a lock file for each 6PN prefix a driver on this
+// machine holds.
+const prefixLockDir = "/run/flame"
+
+// claimPrefix makes cfg's prefix the driver's, before it makes anything on
+// the machine, and returns the lock that keeps it so until closed: an
+// exclusive flock of the prefix's file in prefixLockDir, which holds the
+// holder's bridge name (and goes with its process). It fails with an
+// error naming the other when another driver holds the prefix, or another
+// link than cfg's bridge routes it (a Flame that takes no lock, or a
+// driver gone whose bridge and sandboxes remain). Under the lock the
+// check and the bridge's address that follows are one step.
+func claimPrefix(cfg Config) (*os.File, error) {
+	prefix := cfg.HostPrefix
+	if err := os.MkdirAll(prefixLockDir, 0o755); err != nil {
+		return nil, fmt.Errorf("lock prefix %s: %w", prefix, err)
+	}
+	name := "6pn-" + strings.NewReplacer(":", "_", "/", "-").Replace(prefix.String()) + ".lock"
+	path := filepath.Join(prefixLockDir, name)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock prefix %s: %w", prefix, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			holder, _ := os.ReadFile(path)
+			return nil, fmt.Errorf("prefix %s is held by another driver on this machine (bridge %q, lock %s): another Flame uses it",
+				prefix, strings.TrimSpace(string(holder)), path)
+		}
+		return nil, fmt.Errorf("lock prefix %s: %w", prefix, err)
+	}
+	if err := f.Truncate(0); err == nil {
+		f.WriteAt([]byte(cfg.Bridge+"\n"), 0)
+	}
+	own := 0
+	if l, err := netlink.LinkByName(cfg.Bridge); err == nil {
+		own = l.Attrs().Index
+	}
+	if err := checkPrefixFree(prefix, own); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// checkPrefixFree fails when a link other than the bridge (index brIndex,
+// 0 when there is none yet) has a route to prefix: another Flame on this
+// machine uses the same prefix, and sharing it would send one's traffic to
+// the other's machines.
+func checkPrefixFree(prefix netip.Prefix, brIndex int) error {
 	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V6,
 		&netlink.Route{Dst: ipNet(prefix.Addr(), prefix.Bits())}, netlink.RT_FILTER_DST)
 	if err != nil {
