@@ -87,11 +87,11 @@ func cleanupInstance(t *testing.T, d *Driver) {
 func TestInstancesApart(t *testing.T) {
 	cfgA := instanceConfig(t)
 	cfgB := instanceConfig(t)
-	// Two random instances share a 6PN network once in 65536 times: then
-	// the second's bridge would be refused. Not here.
+	// Two random instances share a 6PN network only when their ids are
+	// equal: then the second driver would be refused. Not here.
 	idA, _ := LoadInstance(cfgA.StateDir)
 	idB, _ := LoadInstance(cfgB.StateDir)
-	for idA[:4] == idB[:4] {
+	for idA == idB {
 		os.Remove(filepath.Join(cfgB.StateDir, instanceFile))
 		idB, _ = LoadInstance(cfgB.StateDir)
 	}
