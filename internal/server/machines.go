@@ -288,7 +288,11 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f api.ListMac
 		for _, m := range out {
 			known[m.ID] = true
 		}
-		out = append(out, s.deletedMachines(ctx, a, f, known)...)
+		gone, err := s.deletedMachines(ctx, a, f, known)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, gone...)
 	}
 	slices.SortFunc(out, func(a, b *api.Machine) int {
 		return cmpStrings(a.CreatedAt+a.ID, b.CreatedAt+b.ID)
@@ -416,10 +420,14 @@ func (s *Server) DestroyMachine(ctx context.Context, ref api.MachineRef, force b
 	return s.destroy(ctx, me, force, ref.LeaseNonce)
 }
 
-// destroy destroys a machine and deletes its entry. A machine whose host is
-// down is marked doomed instead: it disappears from the API at once, and
-// the reconciler destroys it if its host comes back.
+// destroy destroys a machine, leaving a tombstone for include_deleted
+// lists, and deletes its entry. A machine whose host is down is marked
+// doomed instead: it disappears from the API at once, and the reconciler
+// destroys it if its host comes back.
 func (s *Server) destroy(ctx context.Context, me machineEntry, force bool, nonce ...string) error {
+	if err := s.bury(ctx, me); err != nil {
+		return err
+	}
 	h := s.cfg.Cluster.Snapshot().Host(me.Host)
 	if h == nil || !h.Up() {
 		me.Doomed, me.Marked = true, s.cfg.Now().UTC()

@@ -10,13 +10,14 @@ import (
 // The catalog's buckets and what each key holds. One key per aggregate, so
 // every change is one compare-and-swap on one key.
 const (
-	bucketOrgs     = "orgs"     // <slug> → org
-	bucketApps     = "apps"     // <name> → app
-	bucketTokens   = "tokens"   // <sha256 of the token, hex> → token
-	bucketMachines = "machines" // <app>.<id> → machineEntry: which host runs it
-	bucketSecrets  = "secrets"  // <app> → appSecrets, sealed
-	bucketGroups   = "groups"   // <app>.<group> → group: desired machines per region
-	bucketLocks    = "locks"    // <name> → lock with a TTL: who reconciles
+	bucketOrgs      = "orgs"      // <slug> → org
+	bucketApps      = "apps"      // <name> → app
+	bucketTokens    = "tokens"    // <sha256 of the token, hex> → token
+	bucketMachines  = "machines"  // <app>.<id> → machineEntry: which host runs it
+	bucketSecrets   = "secrets"   // <app> → appSecrets, sealed
+	bucketGroups    = "groups"    // <app>.<group> → group: desired machines per region
+	bucketLocks     = "locks"     // <name> → lock with a TTL: who reconciles
+	bucketDestroyed = "destroyed" // <app>.<app id>.<id> → tombstone with a TTL: a destroyed machine
 )
 
 // org is an isolation boundary: its apps, tokens and private network.

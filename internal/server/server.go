@@ -161,7 +161,7 @@ func Buckets() []catalog.BucketSpec {
 	return []catalog.BucketSpec{
 		{Name: bucketOrgs}, {Name: bucketApps}, {Name: bucketTokens},
 		{Name: bucketMachines}, {Name: bucketSecrets}, {Name: bucketGroups},
-		{Name: bucketLocks, TTL: true},
+		{Name: bucketLocks, TTL: true}, {Name: bucketDestroyed, TTL: true},
 	}
 }
 
@@ -172,7 +172,7 @@ type Server struct {
 	api  *httpapi.Server
 	aead aeadSealer
 
-	orgs, apps, tokens, machines, secrets, groups, locks catalog.Bucket
+	orgs, apps, tokens, machines, secrets, groups, locks, destroyed catalog.Bucket
 
 	placer *placer
 	// Hot reads: every request's token and app.
@@ -207,7 +207,7 @@ func New(cfg Config) (*Server, error) {
 	}{
 		{bucketOrgs, &s.orgs}, {bucketApps, &s.apps}, {bucketTokens, &s.tokens},
 		{bucketMachines, &s.machines}, {bucketSecrets, &s.secrets},
-		{bucketGroups, &s.groups}, {bucketLocks, &s.locks},
+		{bucketGroups, &s.groups}, {bucketLocks, &s.locks}, {bucketDestroyed, &s.destroyed},
 	} {
 		if *b.dst, err = cfg.Catalog.Bucket(b.name); err != nil {
 			return nil, fmt.Errorf("server: bucket %s: %w", b.name, err)
