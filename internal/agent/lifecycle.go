@@ -575,7 +575,9 @@ func (a *Agent) resumeLocked(m *mach) error {
 		return a.finishStop(m, opSignal(r.Op), a.opGrace(r.Op))
 	case machine.Suspending:
 		m.proc = adopt(r.Handle)
-		return a.finishStop(m, syscall.SIGINT, a.cfg.StopTimeout)
+		// A suspend stops the workload as a stop does, and keeps the
+		// deadline it recorded when it was decided.
+		return a.finishStop(m, syscall.SIGINT, a.opGrace(r.Op))
 	case machine.Restarting:
 		if r.Op != nil && r.Op.Kind == "restart" {
 			m.proc = adopt(r.Handle)
