@@ -398,9 +398,13 @@ func (a *Agent) finishDestroy(m *mach) error {
 	if err := os.RemoveAll(a.machineDir(r.ID)); err != nil {
 		return fmt.Errorf("destroy machine %s: %w", r.ID, err)
 	}
-	return a.step(m, machine.Destroyed, newEvent(api.EventDestroy, string(machine.Destroyed), sourceFlyd), func(r *record) {
+	if err := a.step(m, machine.Destroyed, newEvent(api.EventDestroy, string(machine.Destroyed), sourceFlyd), func(r *record) {
 		r.Op, r.Handle, r.OldHandle, r.Lease = nil, "", "", nil
-	})
+	}); err != nil {
+		return err
+	}
+	a.pruneDestroyed()
+	return nil
 }
 
 // update replaces the machine's config with a new version: the running
