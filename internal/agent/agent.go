@@ -56,6 +56,15 @@ type Config struct {
 	// Capacity bounds what the host runs at once: a create, start or
 	// update that would exceed it is refused with 503. Zero is unlimited.
 	Capacity Capacity
+	// DestroyedRetention is how long a destroyed machine's record stays
+	// (listed with include_deleted, with its events) before it is deleted
+	// (default 24 h).
+	DestroyedRetention time.Duration
+	// DestroyedPerApp and DestroyedPerHost bound how many destroyed
+	// records stay, per app and in all; past them the oldest are deleted
+	// first (defaults 20 and 200).
+	DestroyedPerApp  int
+	DestroyedPerHost int
 }
 
 func (c *Config) setDefaults() {
@@ -74,6 +83,15 @@ func (c *Config) setDefaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if c.DestroyedRetention == 0 {
+		c.DestroyedRetention = 24 * time.Hour
+	}
+	if c.DestroyedPerApp == 0 {
+		c.DestroyedPerApp = 20
+	}
+	if c.DestroyedPerHost == 0 {
+		c.DestroyedPerHost = 200
+	}
 }
 
 // Validate reports what is missing or wrong.
@@ -87,6 +105,8 @@ func (c *Config) Validate() error {
 		return errors.New("agent: driver is required")
 	case c.StopTimeout < 0:
 		return errors.New("agent: stop timeout must not be negative")
+	case c.DestroyedRetention < 0 || c.DestroyedPerApp < 0 || c.DestroyedPerHost < 0:
+		return errors.New("agent: destroyed machines' retention and bounds must not be negative")
 	}
 	return nil
 }
@@ -107,6 +127,8 @@ type Agent struct {
 	// capMu is held from an admission check until the admitted machine's
 	// state shows it occupies its share (see admit).
 	capMu sync.Mutex
+	// pruneMu serializes deleting destroyed records (pruneDestroyed).
+	pruneMu sync.Mutex
 
 	mu       sync.RWMutex
 	machines map[string]*mach
@@ -201,6 +223,17 @@ func (a *Agent) Start(ctx context.Context) error {
 	recs, err := a.store.all()
 	if err != nil {
 		return fmt.Errorf("agent: load machines: %w", err)
+	}
+	// Destroyed records past their bounds go before anything reads them.
+	if gone := expiredDestroyed(recs, a.now(), a.cfg.DestroyedRetention, a.cfg.DestroyedPerApp, a.cfg.DestroyedPerHost); len(gone) > 0 {
+		if err := a.store.delete(gone); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		drop := make(map[string]bool, len(gone))
+		for _, id := range gone {
+			drop[id] = true
+		}
+		recs = slices.DeleteFunc(recs, func(r *record) bool { return drop[r.ID] })
 	}
 	a.mu.Lock()
 	if a.started || a.closed {

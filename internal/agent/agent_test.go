@@ -16,6 +16,7 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/exec"
+	"github.com/flamehq/flame/internal/driver/fake"
 	"github.com/flamehq/flame/internal/machine"
 )
 
@@ -724,5 +725,49 @@ func TestUpdateRefusesUnresolvableImage(t *testing.T) {
 	got, err := a.GetMachine(context.Background(), ref(m.ID))
 	if err != nil || got.State != api.StateStarted || got.InstanceID != m.InstanceID {
 		t.Fatalf("after the refused update: %v, state %s, instance %s (was %s)", err, got.State, got.InstanceID, m.InstanceID)
+	}
+}
+
+// TestUnavailableImageIs503: while the image cannot be got (its registry
+// down, a local failure), a create is refused with 503, not 422, leaving no
+// live machine and holding nothing, and an update is refused with 503
+// before the running version is touched; once the image can be got again,
+// the same create and update succeed.
+func TestUnavailableImageIs503(t *testing.T) {
+	d := fake.New()
+	a := newAgent(t, "", d)
+	ctx := context.Background()
+	down := fmt.Errorf("pull demo: registry unavailable: cannot reach registry.test: %w", driver.ErrUnavailable)
+	cfg := &api.MachineConfig{Image: "demo", Guest: &api.MachineGuest{CPUs: 1, MemoryMB: 256}}
+
+	running := create(t, a, cfg)
+	d.FailPrepare(down)
+	for _, skip := range []bool{false, true} {
+		_, err := a.CreateMachine(ctx, app, api.LaunchMachineInput{Config: cfg, SkipLaunch: skip})
+		if !errors.Is(err, api.ErrUnavailable) || errors.Is(err, api.ErrUnprocessable) || !strings.Contains(err.Error(), "config.image") {
+			t.Errorf("create (skip_launch %v) while the registry is down = %v, want 503 naming config.image", skip, err)
+		}
+	}
+	_, err := a.UpdateMachine(ctx, ref(running.ID), api.LaunchMachineInput{Config: &api.MachineConfig{Image: "demo:2"}})
+	if !errors.Is(err, api.ErrUnavailable) {
+		t.Errorf("update while the registry is down = %v, want 503", err)
+	}
+	if got, err := a.GetMachine(ctx, ref(running.ID)); err != nil || got.State != api.StateStarted || got.InstanceID != running.InstanceID {
+		t.Fatalf("after the refused update: %v %+v", err, got)
+	}
+	ms, err := a.ListMachines(ctx, app, api.ListMachinesOptions{})
+	if err != nil || len(ms) != 1 {
+		t.Fatalf("live machines = %d, %v; want only the running one", len(ms), err)
+	}
+	if u := a.Used(); u != (Capacity{CPUs: 1, MemoryMB: 256}) {
+		t.Errorf("refused creates hold %v", u)
+	}
+
+	d.FailPrepare(nil)
+	if _, err := a.CreateMachine(ctx, app, api.LaunchMachineInput{Config: cfg}); err != nil {
+		t.Errorf("create once the registry is back: %v", err)
+	}
+	if _, err := a.UpdateMachine(ctx, ref(running.ID), api.LaunchMachineInput{Config: &api.MachineConfig{Image: "demo:2"}}); err != nil {
+		t.Errorf("update once the registry is back: %v", err)
 	}
 }

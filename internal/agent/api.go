@@ -90,11 +90,12 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	}
 
 	// The image is resolved before the create is answered: one that
-	// cannot be is the create's error, and the machine is not kept.
+	// cannot be is the create's error (422 when it never will be, 503 when
+	// it may later or on another host), and the machine is not kept.
 	spec := a.spec(r)
 	img, err := a.cfg.Driver.Prepare(a.ctx, spec)
 	switch {
-	case errors.Is(err, driver.ErrImage):
+	case errors.Is(err, driver.ErrImage), errors.Is(err, driver.ErrUnavailable):
 		return nil, a.refuseCreate(m, err)
 	case err != nil:
 		err = a.launchFailed(m, sourceUser, api.EventLaunch, err)

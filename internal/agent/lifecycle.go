@@ -398,9 +398,13 @@ func (a *Agent) finishDestroy(m *mach) error {
 	if err := os.RemoveAll(a.machineDir(r.ID)); err != nil {
 		return fmt.Errorf("destroy machine %s: %w", r.ID, err)
 	}
-	return a.step(m, machine.Destroyed, newEvent(api.EventDestroy, string(machine.Destroyed), sourceFlyd), func(r *record) {
+	if err := a.step(m, machine.Destroyed, newEvent(api.EventDestroy, string(machine.Destroyed), sourceFlyd), func(r *record) {
 		r.Op, r.Handle, r.OldHandle, r.Lease = nil, "", "", nil
-	})
+	}); err != nil {
+		return err
+	}
+	a.pruneDestroyed()
+	return nil
 }
 
 // update replaces the machine's config with a new version: the running
@@ -575,7 +579,9 @@ func (a *Agent) resumeLocked(m *mach) error {
 		return a.finishStop(m, opSignal(r.Op), a.opGrace(r.Op))
 	case machine.Suspending:
 		m.proc = adopt(r.Handle)
-		return a.finishStop(m, syscall.SIGINT, a.cfg.StopTimeout)
+		// A suspend stops the workload as a stop does, and keeps the
+		// deadline it recorded when it was decided.
+		return a.finishStop(m, syscall.SIGINT, a.opGrace(r.Op))
 	case machine.Restarting:
 		if r.Op != nil && r.Op.Kind == "restart" {
 			m.proc = adopt(r.Handle)

@@ -10,14 +10,13 @@ import (
 	"github.com/flamehq/flame/internal/machine"
 )
 
-// refuseCreate answers a create whose image the driver cannot resolve (it
-// does not parse, does not exist, or is not one this driver runs): the
+// refuseCreate answers a create whose image the driver cannot resolve: the
 // machine never ran, so it is recorded as launch_failed, destroyed at once,
-// and the create fails with 422 naming the image and why. m is locked and
-// in Creating.
+// and the create fails with imageError's answer. m is locked and in
+// Creating.
 func (a *Agent) refuseCreate(m *mach, cause error) error {
 	r := m.rec.Load()
-	refused := api.Errorf(http.StatusUnprocessableEntity, "config.image %q cannot be run here: %v", r.Config.Image, cause)
+	refused := imageError(r.Config.Image, cause)
 	ev := newEvent(api.EventLaunch, string(machine.LaunchFailed), sourceUser)
 	ev.Request = &api.MachineRequest{Message: cause.Error()}
 	if err := a.step(m, machine.LaunchFailed, ev, func(r *record) { r.Op = nil }); err != nil {
@@ -34,12 +33,26 @@ func (a *Agent) refuseCreate(m *mach, cause error) error {
 	return refused
 }
 
-// resolvable refuses (422) an update to a config whose image the driver
-// cannot resolve, before the running version is touched. m is locked.
+// imageError is the API's answer to a driver that could not resolve image
+// (err wraps driver.ErrImage or driver.ErrUnavailable): 422 naming
+// config.image when the image does not exist, does not parse or is not one
+// this driver runs; 503 when it could not be got now (registry down or
+// failing, a local failure), so that the client retries and the control
+// plane asks another host.
+func imageError(image string, err error) *api.Error {
+	if errors.Is(err, driver.ErrImage) {
+		return api.Errorf(http.StatusUnprocessableEntity, "config.image %q cannot be run here: %v", image, err)
+	}
+	return api.Errorf(http.StatusServiceUnavailable, "config.image %q is unavailable on this host now, try again: %v", image, err)
+}
+
+// resolvable refuses an update to a config whose image the driver cannot
+// resolve (imageError), before the running version is touched. m is
+// locked.
 func (a *Agent) resolvable(r *record, cfg *api.MachineConfig) error {
 	_, err := a.cfg.Driver.Prepare(a.ctx, a.spec(withRecord(r, func(r *record) { r.Config = cfg })))
-	if errors.Is(err, driver.ErrImage) {
-		return api.Errorf(http.StatusUnprocessableEntity, "config.image %q cannot be run here: %v", cfg.Image, err)
+	if errors.Is(err, driver.ErrImage) || errors.Is(err, driver.ErrUnavailable) {
+		return imageError(cfg.Image, err)
 	}
 	return nil
 }

@@ -421,47 +421,63 @@ func TestRestartAnswersWhileAStopRuns(t *testing.T) {
 }
 
 // A stop resumed after a restart ends at the deadline recorded when it was
-// decided, not a whole grace after the restart. The restarted agent's clock
-// reads the stop's grace as all but spent; the workload, which ignores
-// SIGTERM, is killed when the rest has passed.
+// decided, not a whole grace after the restart; so does a suspend, which
+// stops the workload the same way. The restarted agent's clock reads the
+// stop's grace as all but spent, and its default stop timeout is as long
+// as the grace; the workload, which ignores SIGTERM and SIGINT, is killed
+// when the rest has passed.
 func TestResumedStopKeepsItsDeadline(t *testing.T) {
 	const grace = 2 * time.Minute
 	const left = time.Second // of the grace, when the agent restarts
-	dir := t.TempDir()
-	a := newAgent(t, dir, nil)
-	slow := create(t, a, stubbornConfig())
-	pid := pidOf(t, a, slow.ID)
-	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
-	deadline := stopStubborn(t, a, slow.ID, grace)
-	abandon(a)
+	for _, tt := range []struct {
+		name string
+		edit func(r *record)
+	}{
+		{"stopping", nil},
+		{"suspending", func(r *record) { r.State, r.Op.Kind = machine.Suspending, "suspend" }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			a := newAgent(t, dir, nil)
+			slow := create(t, a, stubbornConfig())
+			pid := pidOf(t, a, slow.ID)
+			t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+			deadline := stopStubborn(t, a, slow.ID, grace)
+			abandon(a)
+			if tt.edit != nil {
+				rewrite(t, dir, slow.ID, tt.edit)
+			}
 
-	// The first agent's clock is the real one: its deadline is real time.
-	// The second one's runs grace-left ahead, as if that long had passed.
-	shift := grace - left
-	b, err := New(Config{DataDir: dir, Region: "ams", Driver: newExecDriver(t), Logger: testLogger(t),
-		StopTimeout: 2 * time.Second, Now: func() time.Time { return time.Now().Add(shift) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	// Well below a grace after the restart; the old behaviour, a whole
-	// grace again, would be two minutes.
-	_, err = b.WaitMachine(context.Background(), ref(slow.ID), api.WaitOptions{State: api.StateStopped, Timeout: grace / 4})
-	if err != nil {
-		t.Fatalf("resumed stop did not end at its deadline: %v", err)
-	}
-	if now := time.Now(); now.Before(deadline.Add(-shift)) {
-		t.Errorf("workload killed %v before its deadline", deadline.Add(-shift).Sub(now))
-	}
-	if alive(pid) {
-		t.Error("workload still runs")
-	}
-	evs := events(t, b, slow.ID)
-	if ee := evs[0].Request; evs[0].Status != api.StateStopped || ee == nil || ee.ExitEvent == nil || ee.ExitEvent.Signal != int(syscall.SIGKILL) {
-		t.Errorf("last event = %+v, want stopped by SIGKILL", evs[0])
+			// The first agent's clock is the real one: its deadline is
+			// real time. The second one's runs grace-left ahead, as if
+			// that long had passed.
+			shift := grace - left
+			b, err := New(Config{DataDir: dir, Region: "ams", Driver: newExecDriver(t), Logger: testLogger(t),
+				StopTimeout: grace, Now: func() time.Time { return time.Now().Add(shift) }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { b.Close() })
+			if err := b.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			// Well below a grace after the restart; the old behaviour, a
+			// whole grace (or stop timeout) again, would be two minutes.
+			_, err = b.WaitMachine(context.Background(), ref(slow.ID), api.WaitOptions{State: api.StateStopped, Timeout: grace / 4})
+			if err != nil {
+				t.Fatalf("resumed %s did not end at its deadline: %v", tt.name, err)
+			}
+			if now := time.Now(); now.Before(deadline.Add(-shift)) {
+				t.Errorf("workload killed %v before its deadline", deadline.Add(-shift).Sub(now))
+			}
+			if alive(pid) {
+				t.Error("workload still runs")
+			}
+			evs := events(t, b, slow.ID)
+			if ee := evs[0].Request; evs[0].Status != api.StateStopped || ee == nil || ee.ExitEvent == nil || ee.ExitEvent.Signal != int(syscall.SIGKILL) {
+				t.Errorf("last event = %+v, want stopped by SIGKILL", evs[0])
+			}
+		})
 	}
 }
 

@@ -160,6 +160,26 @@ func (s *store) put(r *record, ev *api.MachineEvent) error {
 	return nil
 }
 
+// delete removes the records of ids and their events in one transaction.
+func (s *store) delete(ids []string) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		machines, events := tx.Bucket(bucketMachines), tx.Bucket(bucketEvents)
+		for _, id := range ids {
+			if err := machines.Delete([]byte(id)); err != nil {
+				return err
+			}
+			if err := events.DeleteBucket([]byte(id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("delete %d machines: %w", len(ids), err)
+	}
+	return nil
+}
+
 func seqKey(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
 
 // all loads every record with its events.

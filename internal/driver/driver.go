@@ -93,7 +93,10 @@ type Driver interface {
 	Name() string
 	// Prepare makes everything ready to Start spec: it resolves the image
 	// (pulling it if the driver pulls images) and fails with ErrImage when
-	// it cannot. Prepare is idempotent.
+	// the image does not exist or is not one it runs, and with
+	// ErrUnavailable when it could not get the image now (registry down or
+	// failing, a local disk or unpack error): a retry, here or on another
+	// host, may succeed. Prepare is idempotent.
 	Prepare(ctx context.Context, spec Spec) (Image, error)
 	// Start starts the workload and returns once it runs (for exec: once the
 	// program has been executed).
@@ -113,8 +116,14 @@ type Driver interface {
 
 // Errors drivers return.
 var (
-	// ErrImage: the image cannot be resolved or has nothing to run.
+	// ErrImage: the image does not exist, its reference does not parse or
+	// names something this driver does not run, or it has nothing to run.
+	// Retrying does not help.
 	ErrImage = errors.New("image not runnable")
+	// ErrUnavailable: the image could not be got now: its registry cannot
+	// be reached or failed, or storing it on this host failed. Retrying
+	// later, or on another host, may succeed.
+	ErrUnavailable = errors.New("image unavailable")
 	// ErrGone: the workload to adopt no longer runs.
 	ErrGone = errors.New("workload gone")
 )

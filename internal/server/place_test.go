@@ -14,6 +14,7 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -101,6 +102,43 @@ func TestRefusingHostAsksTheNext(t *testing.T) {
 	}
 	if n := c.Hosts[0].Agent.Used().CPUs; n != 2 {
 		t.Fatalf("the real host runs %d machines, want 2", n)
+	}
+}
+
+// TestUnavailableImageAsksTheNext: a host that cannot get the image now
+// (its registry unreachable) answers the create with 503, and the placer
+// asks the next host, which runs the machine; the create succeeds.
+func TestUnavailableImageAsksTheNext(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 2})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	down, up := c.Hosts[0], c.Hosts[1]
+	c.drivers[down.ID].FailPrepare(fmt.Errorf("pull demo: cannot reach registry.test: %w", driver.ErrUnavailable))
+
+	// Both hosts are empty, so the first create may go either way; from
+	// the second on, spread makes the host that cannot pull the better one.
+	asked := 0
+	for range 2 {
+		m, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig(), Region: "ams"})
+		if err != nil {
+			t.Fatalf("create with one host unable to pull: %v", err)
+		}
+		asked += c.drivers[down.ID].Counts(m.ID).Prepare
+		if got, err := c.admin.Get(ctx, "shop", m.ID); err != nil || got.State != api.StateStarted {
+			t.Fatalf("machine after a 503: %v %+v", err, got)
+		}
+		if n := c.drivers[up.ID].Counts(m.ID).Start; n != 1 {
+			t.Fatalf("machine %s started %d times on the host that can pull", m.ID, n)
+		}
+	}
+	if asked == 0 {
+		t.Fatal("the host that cannot pull was never asked")
+	}
+	if n := up.Agent.Used().CPUs; n != 2 {
+		t.Fatalf("the host that can pull runs %d machines, want 2", n)
+	}
+	if n := len(down.Agent.AllMachines()); n != 0 {
+		t.Fatalf("the host that cannot pull keeps %d live machines", n)
 	}
 }
 

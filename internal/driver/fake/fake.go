@@ -4,7 +4,8 @@
 // timeout), so it runs under testing/synctest.
 //
 // Images: an empty image, or one whose name starts with "fake/bad", fails
-// Prepare and Start with driver.ErrImage. Every other image "runs".
+// Prepare and Start with driver.ErrImage. Every other image "runs", unless
+// the test made Prepare fail (Driver.FailPrepare).
 //
 // A running workload ends when the test calls Proc.Exit, Proc.Crash or
 // Proc.OOM, or when a signal reaches it: any signal but 0 ends it as killed
@@ -49,6 +50,7 @@ type Driver struct {
 	byHandle   map[string]*Proc
 	byMachine  map[string][]*Proc // in start order
 	failStart  map[string]error
+	failPrep   error
 	ignoreStop map[string]bool
 	exec       map[string]ExecFunc
 	counts     map[string]*Counts
@@ -83,6 +85,15 @@ func (d *Driver) FailStart(machineID string, err error) {
 		return
 	}
 	d.failStart[machineID] = err
+}
+
+// FailPrepare makes every Prepare fail with err from now on (wrap
+// driver.ErrUnavailable to play a registry that is down); a nil err lets
+// Prepare resolve images again.
+func (d *Driver) FailPrepare(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.failPrep = err
 }
 
 // IgnoreStop makes workloads of machineID started from now on ignore every
@@ -175,7 +186,11 @@ func checkImage(image string) error {
 func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) (driver.Image, error) {
 	d.mu.Lock()
 	d.count(spec.MachineID).Prepare++
+	failPrep := d.failPrep
 	d.mu.Unlock()
+	if failPrep != nil {
+		return driver.Image{}, fmt.Errorf("prepare %s: %w", spec.MachineID, failPrep)
+	}
 	if err := checkImage(spec.Image); err != nil {
 		return driver.Image{}, err
 	}

@@ -248,8 +248,10 @@ func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) (driver.Image, e
 	return driver.Image{Ref: img.Ref, Digest: img.Digest}, nil
 }
 
-// pull resolves spec's image, checking it has something to run. Failures
-// wrap driver.ErrImage, except a ctx that ended.
+// pull resolves spec's image, checking it has something to run. An image
+// that does not exist or cannot be run wraps driver.ErrImage; a registry
+// that cannot be reached or failed, and any local failure, wrap
+// driver.ErrUnavailable; a ctx that ended is returned as it is.
 func (d *Driver) pull(ctx context.Context, spec driver.Spec) (*image.Image, error) {
 	if spec.Image == "" {
 		return nil, fmt.Errorf("no image: %w", driver.ErrImage)
@@ -259,7 +261,7 @@ func (d *Driver) pull(ctx context.Context, spec driver.Spec) (*image.Image, erro
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("pull %s: %w", spec.Image, err)
 		}
-		return nil, fmt.Errorf("pull %s: %w: %w", spec.Image, err, driver.ErrImage)
+		return nil, fmt.Errorf("pull %s: %w: %w", spec.Image, err, pullClass(err))
 	}
 	if len(mergeArgv(img.Config, spec)) == 0 {
 		return nil, fmt.Errorf("image %s: no entrypoint or cmd, and the machine's config sets none: %w", spec.Image, driver.ErrImage)
@@ -268,6 +270,20 @@ func (d *Driver) pull(ctx context.Context, spec driver.Spec) (*image.Image, erro
 	d.images[spec.Image] = img
 	d.imgMu.Unlock()
 	return img, nil
+}
+
+// pullClass is the driver sentinel a pull's error maps to: what the
+// registry or the reference say is wrong with the image is permanent
+// (ErrImage); anything else, the registry unreachable or failing, a digest
+// that did not match what arrived, a full or broken disk, may pass
+// (ErrUnavailable).
+func pullClass(err error) error {
+	switch {
+	case errors.Is(err, image.ErrNotFound), errors.Is(err, image.ErrInvalid), errors.Is(err, image.ErrUnauthorized):
+		return driver.ErrImage
+	default:
+		return driver.ErrUnavailable
+	}
 }
 
 // image is spec's image as Prepare resolved it, or pulled now.

@@ -149,10 +149,12 @@ func buildBase(base, busybox string) error {
 }
 
 // testImages is an image store of made-up images that all share the test
-// rootfs, each machine getting an overlay of its own.
+// rootfs, each machine getting an overlay of its own. A reference in
+// failures fails to pull with its error, as the real store's would.
 type testImages struct {
-	base    string
-	configs map[string]image.Config
+	base     string
+	configs  map[string]image.Config
+	failures map[string]error
 }
 
 func newTestImages() *testImages {
@@ -169,13 +171,26 @@ func newTestImages() *testImages {
 				User:       "app",
 			},
 		},
+		failures: map[string]error{
+			"nosuch":            fmt.Errorf("%w: manifest nosuch:latest: manifest unknown", image.ErrNotFound),
+			"Bad Ref":           fmt.Errorf("%w: reference %q: invalid reference format", image.ErrInvalid, "Bad Ref"),
+			"exec:/bin/true":    fmt.Errorf("%w: reference %q names a host program, which only the exec driver runs", image.ErrInvalid, "exec:/bin/true"),
+			"private":           fmt.Errorf("%w: manifest private:latest: 401 unauthorized", image.ErrUnauthorized),
+			"registry-down":     fmt.Errorf("%w: manifest registry-down:latest: cannot reach registry.test: connection refused", image.ErrUnavailable),
+			"registry-failing":  fmt.Errorf("%w: manifest registry-failing:latest: 502 bad gateway", image.ErrUnavailable),
+			"disk-full":         fmt.Errorf("unpack layer sha256:0f: write /var/lib/flame/images/tmp: %w", syscall.ENOSPC),
+			"digest-mismatched": fmt.Errorf("%w: layer sha256:0f: content has digest sha256:1e", image.ErrDigest),
+		},
 	}
 }
 
 func (ti *testImages) Pull(ctx context.Context, ref string) (*image.Image, error) {
+	if err := ti.failures[ref]; err != nil {
+		return nil, err
+	}
 	cfg, ok := ti.configs[ref]
 	if !ok {
-		return nil, fmt.Errorf("%s: manifest unknown", ref)
+		return nil, fmt.Errorf("%w: %s: manifest unknown", image.ErrNotFound, ref)
 	}
 	sum := sha256.Sum256([]byte(ref))
 	return &image.Image{Ref: "test/" + ref + ":latest", Digest: "sha256:" + hex.EncodeToString(sum[:]), Config: cfg}, nil
@@ -397,17 +412,31 @@ func TestImageConfigMerge(t *testing.T) {
 func TestImageErrors(t *testing.T) {
 	d := newDriver(t, testConfig(t))
 	ctx := context.Background()
+	// What says the image does not exist or cannot be run here is
+	// ErrImage; what may pass (a registry down or failing, a local
+	// failure) is ErrUnavailable, and never both.
 	for _, tc := range []struct {
 		name  string
 		image string
-		cmd   []string
+		want  error
 	}{
-		{"unknown image", "nosuch", nil},
-		{"nothing to run", "noop", nil},
+		{"unknown image", "nosuch", driver.ErrImage},
+		{"unparseable reference", "Bad Ref", driver.ErrImage},
+		{"host program", "exec:/bin/true", driver.ErrImage},
+		{"refused access", "private", driver.ErrImage},
+		{"nothing to run", "noop", driver.ErrImage},
+		{"registry down", "registry-down", driver.ErrUnavailable},
+		{"registry failing", "registry-failing", driver.ErrUnavailable},
+		{"disk full", "disk-full", driver.ErrUnavailable},
+		{"digest mismatch", "digest-mismatched", driver.ErrUnavailable},
 	} {
-		spec := testSpec(t, tc.image, tc.cmd...)
-		if _, err := d.Prepare(ctx, spec); !errors.Is(err, driver.ErrImage) {
-			t.Errorf("%s: Prepare = %v, want ErrImage", tc.name, err)
+		other := driver.ErrUnavailable
+		if tc.want == driver.ErrUnavailable {
+			other = driver.ErrImage
+		}
+		spec := testSpec(t, tc.image)
+		if _, err := d.Prepare(ctx, spec); !errors.Is(err, tc.want) || errors.Is(err, other) {
+			t.Errorf("%s: Prepare = %v, want %v", tc.name, err, tc.want)
 		} else {
 			t.Logf("%s: %v", tc.name, err)
 		}
