@@ -62,6 +62,7 @@ var pure = []string{
 	"github.com/flamehq/flame/internal/geo",
 	"github.com/flamehq/flame/internal/place",
 	"github.com/flamehq/flame/internal/reconcile",
+	"github.com/flamehq/flame/internal/proxy/route",
 }
 
 // forbidden may not be reached at all; forbiddenDirect may not be imported
