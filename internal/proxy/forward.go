@@ -1,0 +1,382 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/oklog/ulid/v2"
+
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// Headers between proxies. A client's request never carries them past the
+// edge, and a machine's response never carries them back.
+const (
+	hdrToken   = "Flame-Proxy-Token"   // the hosts' shared token
+	hdrApp     = "Flame-Proxy-App"     // the app the edge routed the request to
+	hdrMachine = "Flame-Proxy-Machine" // the machine it chose
+	hdrPort    = "Flame-Proxy-Port"    // the public port the request came in on
+	// hdrRetry on a backhaul response says the machine was not reached
+	// (not running on that host, connect refused, reset): the edge tries
+	// its next candidate. Fly calls the first case PM13, "recently stopped".
+	hdrRetry     = "Flame-Proxy-Retry"
+	internalPref = "Flame-Proxy-"
+)
+
+// Response headers every edge answer carries, and the name it goes by.
+const (
+	serverName = "Flame"
+	viaValue   = "1.1 flame"
+)
+
+// Error codes of the edge's own answers (header Flame-Error).
+const (
+	codeUnknownHost = "unknown_host" // 404: no app at that name
+	codeNoCandidate = "no_candidate" // 503: no machine can take the request
+	codeAllFailed   = "all_failed"   // 502: every candidate tried failed
+	codeBadRequest  = "bad_request"  // 400: the request's body could not be read
+	codeForbidden   = "forbidden"    // 403: a backhaul request without the token
+	codeNotHere     = "not_here"     // 503 on the backhaul: the machine does not run here
+)
+
+// hopHeaders are meaningful for one connection only and never forwarded.
+var hopHeaders = []string{
+	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+func removeHopHeaders(h http.Header) {
+	for _, v := range h["Connection"] {
+		for f := range strings.SplitSeq(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				h.Del(f)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		delete(h, k)
+	}
+}
+
+func removeInternal(h http.Header) {
+	for k := range h {
+		if strings.HasPrefix(k, internalPref) {
+			delete(h, k)
+		}
+	}
+}
+
+// requestBody is a request's body as the attempts see it: buffered whole
+// (every attempt reads it from the start), or streamed once.
+type requestBody struct {
+	buf    []byte
+	stream *onceReader // nil when buffered
+	size   int64       // -1 when unknown
+}
+
+// onceReader counts what was read, so a retry is known to be safe only
+// while nothing was. Close does nothing: the server closes the request.
+type onceReader struct {
+	r io.Reader
+	n int64
+}
+
+func (o *onceReader) Read(b []byte) (int, error) {
+	n, err := o.r.Read(b)
+	o.n += int64(n)
+	return n, err
+}
+
+func (o *onceReader) Close() error { return nil }
+
+// readBody buffers up to max bytes of a request's body.
+func readBody(r *http.Request, max int64) (*requestBody, error) {
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return &requestBody{}, nil
+	}
+	if r.ContentLength > max {
+		return &requestBody{stream: &onceReader{r: r.Body}, size: r.ContentLength}, nil
+	}
+	buf, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("read request body: %w", err)
+	}
+	if int64(len(buf)) > max {
+		return &requestBody{stream: &onceReader{r: io.MultiReader(bytes.NewReader(buf), r.Body)}, size: r.ContentLength}, nil
+	}
+	return &requestBody{buf: buf, size: int64(len(buf))}, nil
+}
+
+// attempt returns the body for one attempt, and whether one may be made.
+func (b *requestBody) attempt() (io.ReadCloser, int64, bool) {
+	switch {
+	case b.stream != nil:
+		return b.stream, b.size, b.stream.n == 0
+	case b.buf == nil:
+		return http.NoBody, 0, true
+	}
+	return io.NopCloser(bytes.NewReader(b.buf)), int64(len(b.buf)), true
+}
+
+// serveEdge routes a client's request to the best machine of its app.
+func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
+	reqID := ulid.Make().String() + "-" + p.cfg.Region
+	appName, ok := appOf(r.Host, p.cfg.Domain)
+	st := p.state.Load()
+	if !ok || !st.table.HasApp(appName) {
+		p.fail(w, reqID, http.StatusNotFound, codeUnknownHost, fmt.Sprintf("no app is served at %q", clipHost(r.Host)))
+		return
+	}
+	q := route.Query{
+		Port:           p.cfg.Port,
+		PreferRegion:   r.Header.Get("Fly-Prefer-Region"),
+		ForceRegion:    r.Header.Get("Fly-Force-Region"),
+		PreferInstance: r.Header.Get("Fly-Prefer-Instance-Id"),
+		ForceInstance:  r.Header.Get("Fly-Force-Instance-Id"),
+		Rand:           p.seq.Add(0x9e3779b97f4a7c15),
+	}
+	var buf [route.MaxCandidates]*route.Target
+	cands := st.table.Select(appName, q, &p.load, buf[:0])
+	if len(cands) == 0 {
+		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, st.table.Explain(appName, q, &p.load))
+		return
+	}
+	body, err := readBody(r, p.cfg.MaxBufferedBody)
+	if err != nil {
+		p.fail(w, reqID, http.StatusBadRequest, codeBadRequest, err.Error())
+		return
+	}
+	hdr := r.Header.Clone()
+	removeHopHeaders(hdr)
+	removeInternal(hdr)
+	clientIP := r.RemoteAddr
+	if h, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		clientIP = h
+	}
+	port := strconv.Itoa(p.cfg.Port)
+	hdr.Set("Fly-Client-IP", clientIP)
+	hdr.Set("Fly-Region", p.cfg.Region)
+	hdr.Set("Fly-Request-Id", reqID)
+	if prior := hdr.Values("X-Forwarded-For"); len(prior) > 0 {
+		hdr.Set("X-Forwarded-For", strings.Join(prior, ", ")+", "+clientIP)
+	} else {
+		hdr.Set("X-Forwarded-For", clientIP)
+	}
+	hdr.Set("X-Forwarded-Proto", "http")
+	hdr.Set("X-Forwarded-Port", port)
+	hdr.Set("Fly-Forwarded-Port", port)
+
+	var tried []string
+	for _, tg := range cands {
+		rb, size, ok := body.attempt()
+		if !ok {
+			break // a streamed body was already sent, in part
+		}
+		resp, err := p.send(r, st, tg, hdr, rb, size, port)
+		if err == nil && resp.Header.Get(hdrRetry) != "" && !tg.OnSelf {
+			err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
+			resp.Body.Close()
+			resp = nil
+		}
+		if err != nil {
+			if r.Context().Err() != nil {
+				return // the client went away
+			}
+			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
+			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
+			continue
+		}
+		p.respond(w, resp, reqID, tg.MachineID)
+		return
+	}
+	p.fail(w, reqID, http.StatusBadGateway, codeAllFailed,
+		fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; ")))
+}
+
+// send makes one attempt: straight to a machine of this host, or over the
+// backhaul to the machine's host.
+func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Header, body io.ReadCloser, size int64, port string) (*http.Response, error) {
+	h := hdr.Clone()
+	addr := net.JoinHostPort(tg.Addr, strconv.Itoa(tg.Port))
+	tr := p.toSelf
+	if !tg.OnSelf {
+		addr = st.backhaul[tg.Host]
+		if addr == "" {
+			return nil, fmt.Errorf("host %s advertises no proxy address", tg.Host)
+		}
+		tr = p.toHosts
+		h.Set(hdrToken, p.cfg.Token)
+		h.Set(hdrApp, tg.App)
+		h.Set(hdrMachine, tg.MachineID)
+		h.Set(hdrPort, port)
+	}
+	out := (&http.Request{
+		Method:        r.Method,
+		URL:           &url.URL{Scheme: "http", Host: addr, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery},
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        h,
+		Host:          r.Host,
+		Body:          body,
+		ContentLength: size,
+	}).WithContext(r.Context())
+	if size < 0 {
+		out.ContentLength = -1
+	}
+	p.load.add(tg.MachineID, 1)
+	resp, err := tr.RoundTrip(out)
+	if err != nil {
+		p.load.add(tg.MachineID, -1)
+		return nil, err
+	}
+	resp.Body = &countedBody{ReadCloser: resp.Body, done: func() { p.load.add(tg.MachineID, -1) }}
+	return resp, nil
+}
+
+// countedBody ends a request's count in flight when its response is done.
+type countedBody struct {
+	io.ReadCloser
+	done func()
+}
+
+func (c *countedBody) Close() error {
+	err := c.ReadCloser.Close()
+	if c.done != nil {
+		c.done()
+		c.done = nil
+	}
+	return err
+}
+
+// respond passes a machine's response to the client. A body cut off after
+// the status was sent cuts the client's connection too, so it cannot take
+// a partial body for a whole one.
+func (p *Proxy) respond(w http.ResponseWriter, resp *http.Response, reqID, machineID string) {
+	defer resp.Body.Close()
+	h := w.Header()
+	removeHopHeaders(resp.Header)
+	removeInternal(resp.Header)
+	for k, vs := range resp.Header {
+		h[k] = vs
+	}
+	if reqID != "" {
+		h.Set("Fly-Request-Id", reqID)
+		h.Set("Server", serverName)
+		h.Add("Via", viaValue)
+	}
+	if resp.ContentLength >= 0 && h.Get("Content-Length") == "" {
+		h.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	}
+	w.WriteHeader(resp.StatusCode)
+	if err := copyBody(w, resp.Body, resp.ContentLength < 0); err != nil {
+		p.log.Debug("response cut off", "machine", machineID, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// copyBody copies a response body, flushing after every read when its
+// length is unknown (a stream: events, long polls).
+func copyBody(w http.ResponseWriter, src io.Reader, flush bool) error {
+	if !flush {
+		_, err := io.Copy(w, src)
+		return err
+	}
+	rc := http.NewResponseController(w)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return werr
+			}
+			if ferr := rc.Flush(); ferr != nil {
+				return ferr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// fail answers with the edge's own error: a status, a code and the reason.
+func (p *Proxy) fail(w http.ResponseWriter, reqID string, status int, code, reason string) {
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Flame-Error", code)
+	if reqID != "" {
+		h.Set("Fly-Request-Id", reqID)
+		h.Set("Server", serverName)
+		h.Add("Via", viaValue)
+	}
+	w.WriteHeader(status)
+	fmt.Fprintf(w, "%d %s: %s\n", status, code, reason)
+}
+
+// clipHost keeps an unknown host short in an answer.
+func clipHost(h string) string {
+	if len(h) > 100 {
+		return h[:100] + "…"
+	}
+	return h
+}
+
+// serveBackhaul delivers what another host's edge sent for a machine of
+// this host, once the hop has shown the hosts' token.
+func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
+	if tok := r.Header.Get(hdrToken); tok == "" || subtle.ConstantTimeCompare([]byte(tok), []byte(p.cfg.Token)) != 1 {
+		p.fail(w, "", http.StatusForbidden, codeForbidden, "the backhaul takes requests from the cluster's hosts only")
+		return
+	}
+	appName, machineID := r.Header.Get(hdrApp), r.Header.Get(hdrMachine)
+	port, _ := strconv.Atoi(r.Header.Get(hdrPort))
+	tg := p.state.Load().table.OnSelf(appName, port, machineID)
+	if tg == nil || tg.Excluded == route.NotStarted || tg.Excluded == route.NoAddress {
+		why := "not running here"
+		if tg != nil {
+			why = tg.Excluded.String()
+		}
+		w.Header().Set(hdrRetry, "machine "+machineID+" "+why)
+		p.fail(w, "", http.StatusServiceUnavailable, codeNotHere, fmt.Sprintf("machine %q of app %q is %s on host %s", machineID, appName, why, p.cfg.HostID))
+		return
+	}
+	h := r.Header.Clone()
+	removeHopHeaders(h)
+	removeInternal(h)
+	body := r.Body
+	if r.ContentLength == 0 {
+		body = http.NoBody
+	}
+	out := (&http.Request{
+		Method: r.Method,
+		URL: &url.URL{Scheme: "http", Host: net.JoinHostPort(tg.Addr, strconv.Itoa(tg.Port)),
+			Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery},
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, Host: r.Host, Body: body, ContentLength: r.ContentLength,
+	}).WithContext(r.Context())
+	p.load.add(machineID, 1)
+	defer p.load.add(machineID, -1)
+	resp, err := p.toSelf.RoundTrip(out)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return
+		}
+		w.Header().Set(hdrRetry, "machine "+machineID+": "+err.Error())
+		p.fail(w, "", http.StatusBadGateway, codeAllFailed, fmt.Sprintf("machine %q: %v", machineID, err))
+		return
+	}
+	p.respond(w, resp, "", machineID)
+}

@@ -1,0 +1,284 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// DialFunc opens a stream connection, as net.Dialer.DialContext does.
+type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// Defaults and limits.
+const (
+	DefaultDomain            = "localhost"
+	DefaultPort              = 80
+	DefaultMaxHeaderBytes    = 32 << 10
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultIdleTimeout       = 60 * time.Second
+	DefaultConnectTimeout    = 5 * time.Second
+	// DefaultMaxBufferedBody is the largest request body kept so a request
+	// can be retried on another machine; larger bodies stream, once.
+	DefaultMaxBufferedBody = 10 << 20
+)
+
+// Config configures a host's proxy.
+type Config struct {
+	// HostID and Region are this host's.
+	HostID string
+	Region string
+	// Domain is what apps are served under: <app>.<Domain>.
+	Domain string
+	// Port is the public port the edge listener stands for (80 unless it
+	// serves another of the apps' services[].ports).
+	Port int
+	// Edge is the public listener; nil for a host that only delivers what
+	// other edges send it.
+	Edge net.Listener
+	// Backhaul is where the proxies of other hosts reach this one; its
+	// address is what the host advertises as "proxy" in the cluster.
+	Backhaul net.Listener
+	// Dial reaches other hosts' backhaul listeners; nil dials over the host's
+	// network. In `flame dev` it is the simulated network, so a hop between
+	// regions costs their latency.
+	Dial DialFunc
+	// DialMachine reaches this host's machines at their private addresses;
+	// nil dials over the host's network.
+	DialMachine DialFunc
+	// Token is the secret every host shares: a backhaul request must carry
+	// it to name the machine it is for.
+	Token string
+	// Source is the cluster the route table is built from, on every change.
+	Source Source
+	Logger *slog.Logger
+
+	MaxHeaderBytes    int           // larger request headers are refused with 431
+	ReadHeaderTimeout time.Duration // a client sending its headers slower is cut off
+	IdleTimeout       time.Duration // an idle keep-alive connection is closed
+	ConnectTimeout    time.Duration // a connect to a machine or host that takes longer fails
+	MaxBufferedBody   int64
+}
+
+func (c *Config) setDefaults() {
+	if c.Domain == "" {
+		c.Domain = DefaultDomain
+	}
+	if c.Port == 0 {
+		c.Port = DefaultPort
+	}
+	if c.MaxHeaderBytes == 0 {
+		c.MaxHeaderBytes = DefaultMaxHeaderBytes
+	}
+	if c.ReadHeaderTimeout == 0 {
+		c.ReadHeaderTimeout = DefaultReadHeaderTimeout
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = DefaultIdleTimeout
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.MaxBufferedBody == 0 {
+		c.MaxBufferedBody = DefaultMaxBufferedBody
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	d := &net.Dialer{}
+	if c.Dial == nil {
+		c.Dial = d.DialContext
+	}
+	if c.DialMachine == nil {
+		c.DialMachine = d.DialContext
+	}
+}
+
+// Validate reports what is missing or wrong.
+func (c *Config) Validate() error {
+	switch {
+	case c.HostID == "":
+		return errors.New("proxy: host id is required")
+	case c.Region == "":
+		return errors.New("proxy: region is required")
+	case c.Token == "":
+		return errors.New("proxy: the hosts' token is required")
+	case c.Edge == nil && c.Backhaul == nil:
+		return errors.New("proxy: an edge or a backhaul listener is required")
+	case c.Port < 1 || c.Port > 65535:
+		return fmt.Errorf("proxy: port %d is not between 1 and 65535", c.Port)
+	case c.MaxBufferedBody < 0:
+		return errors.New("proxy: max buffered body is negative")
+	}
+	return validDomain(c.Domain)
+}
+
+// Proxy is one host's proxy.
+type Proxy struct {
+	cfg     Config
+	log     *slog.Logger
+	state   atomic.Pointer[state]
+	load    inflight
+	seq     atomic.Uint64
+	toSelf  *http.Transport // to this host's machines
+	toHosts *http.Transport // to other hosts' backhaul listeners
+	servers []*http.Server
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+// New builds a proxy; nothing runs until Start.
+func New(cfg Config) (*Proxy, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy")}
+	p.toSelf = p.transport(cfg.DialMachine, 64)
+	p.toHosts = p.transport(cfg.Dial, 256)
+	p.setState(route.Facts{Self: cfg.HostID, Region: cfg.Region}, nil)
+	return p, nil
+}
+
+// transport is a pool of keep-alive connections through one dialer. A dial
+// error comes back marked, so a refused connect is known to have sent
+// nothing.
+func (p *Proxy) transport(dial DialFunc, perHost int) *http.Transport {
+	timeout := p.cfg.ConnectTimeout
+	return &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			ctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			c, err := dial(ctx, network, addr)
+			if err != nil {
+				return nil, &connectError{addr: addr, err: err}
+			}
+			return c, nil
+		},
+		MaxIdleConns:        4096,
+		MaxIdleConnsPerHost: perHost,
+		IdleConnTimeout:     30 * time.Second,
+		DisableCompression:  true,
+		// Responses are passed on as they come; headers are bounded like
+		// a client's.
+		MaxResponseHeaderBytes: 1 << 20,
+	}
+}
+
+// connectError is a failure to connect: nothing was sent.
+type connectError struct {
+	addr string
+	err  error
+}
+
+func (e *connectError) Error() string { return fmt.Sprintf("connect %s: %v", e.addr, e.err) }
+func (e *connectError) Unwrap() error { return e.err }
+
+// setState builds the route table from facts and swaps it in.
+func (p *Proxy) setState(f route.Facts, backhaul map[string]string) {
+	p.state.Store(&state{table: route.Build(f), backhaul: backhaul})
+}
+
+// refresh rebuilds the table from the source's current snapshot.
+func (p *Proxy) refresh() {
+	f, bh := factsFrom(p.cfg.Source.Snapshot(), p.cfg.HostID, p.cfg.Region, nil)
+	p.setState(f, bh)
+}
+
+// Table returns the route table requests route by now.
+func (p *Proxy) Table() *route.Table { return p.state.Load().table }
+
+// InFlight returns, per machine, the requests this proxy is delivering now:
+// to the machine directly or over the backhaul.
+func (p *Proxy) InFlight() map[string]int { return p.load.snapshot() }
+
+// Start builds the route table, follows the cluster, and serves the
+// listeners.
+func (p *Proxy) Start(ctx context.Context) error {
+	bg, stop := context.WithCancel(context.Background())
+	p.stop = stop
+	if p.cfg.Source != nil {
+		changes, cancel := p.cfg.Source.Subscribe()
+		p.refresh()
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			defer cancel()
+			for {
+				select {
+				case <-bg.Done():
+					return
+				case <-changes:
+					p.refresh()
+				}
+			}
+		}()
+	}
+	serve := func(ln net.Listener, h http.Handler, what string) {
+		srv := &http.Server{
+			Handler:           h,
+			MaxHeaderBytes:    p.cfg.MaxHeaderBytes,
+			ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
+			IdleTimeout:       p.cfg.IdleTimeout,
+			ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		}
+		p.servers = append(p.servers, srv)
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				p.log.Error(what+" listener stopped", "err", err)
+			}
+		}()
+	}
+	if p.cfg.Edge != nil {
+		serve(p.cfg.Edge, http.HandlerFunc(p.serveEdge), "edge")
+	}
+	if p.cfg.Backhaul != nil {
+		serve(p.cfg.Backhaul, http.HandlerFunc(p.serveBackhaul), "backhaul")
+	}
+	return nil
+}
+
+// EdgeAddr is the public listener's address ("" without one).
+func (p *Proxy) EdgeAddr() string {
+	if p.cfg.Edge == nil {
+		return ""
+	}
+	return p.cfg.Edge.Addr().String()
+}
+
+// BackhaulAddr is the backhaul listener's address ("" without one).
+func (p *Proxy) BackhaulAddr() string {
+	if p.cfg.Backhaul == nil {
+		return ""
+	}
+	return p.cfg.Backhaul.Addr().String()
+}
+
+// Close stops serving: requests in flight get a few seconds to finish, then
+// their connections are cut. It waits for every goroutine the proxy started.
+func (p *Proxy) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var err error
+	for _, srv := range p.servers {
+		if serr := srv.Shutdown(ctx); serr != nil {
+			srv.Close()
+		}
+	}
+	if p.stop != nil {
+		p.stop()
+	}
+	p.wg.Wait()
+	p.toSelf.CloseIdleConnections()
+	p.toHosts.CloseIdleConnections()
+	return err
+}

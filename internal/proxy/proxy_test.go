@@ -1,0 +1,382 @@
+package proxy
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// TestEdgeHeaders: the request reaches the machine with Fly's headers, the
+// client's internal headers stripped; the response carries the edge's.
+func TestEdgeHeaders(t *testing.T) {
+	b := startBackend(t, "m1")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", b.addr)}}, nil)
+
+	resp, body := do(t, http.DefaultClient, "POST", p.EdgeAddr(), "Demo.LOCALHOST:8080", "/a%2Fb/c?x=1&y=%20", map[string]string{
+		"X-Forwarded-For": "203.0.113.9",
+		"Fly-Client-IP":   "198.51.100.1", // a client's claim is replaced
+		"Fly-Region":      "syd",
+		hdrMachine:        "other",
+		hdrToken:          "guess",
+		"Connection":      "keep-alive, X-Hop",
+		"X-Hop":           "dropped",
+		"X-Custom":        "kept",
+	}, strings.NewReader("hello"))
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	s := decode(t, body)
+	want := map[string]string{
+		"Fly-Client-Ip":      "127.0.0.1",
+		"Fly-Region":         "ams",
+		"X-Forwarded-For":    "203.0.113.9, 127.0.0.1",
+		"X-Forwarded-Proto":  "http",
+		"X-Forwarded-Port":   "80",
+		"Fly-Forwarded-Port": "80",
+		"X-Custom":           "kept",
+	}
+	for k, v := range want {
+		if got := s.Header.Get(k); got != v {
+			t.Errorf("machine saw %s %q, want %q", k, got, v)
+		}
+	}
+	for k := range s.Header {
+		if strings.HasPrefix(k, internalPref) || k == "X-Hop" {
+			t.Errorf("machine saw %s: %q", k, s.Header[k])
+		}
+	}
+	if s.Host != "Demo.LOCALHOST:8080" || s.URI != "/a%2Fb/c?x=1&y=%20" || s.Body != "hello" || s.Method != "POST" {
+		t.Errorf("machine saw host %q uri %q body %q method %s", s.Host, s.URI, s.Body, s.Method)
+	}
+	id := resp.Header.Get("Fly-Request-Id")
+	if !regexp.MustCompile(`^[0-9A-HJKMNP-TV-Z]{26}-ams$`).MatchString(id) {
+		t.Errorf("Fly-Request-Id %q", id)
+	}
+	if s.Header.Get("Fly-Request-Id") != id {
+		t.Errorf("machine saw request id %q, client %q", s.Header.Get("Fly-Request-Id"), id)
+	}
+	if resp.Header.Get("Server") != "Flame" || resp.Header.Get("Via") != "1.1 flame" || resp.Header.Get("X-Backend") != "m1" {
+		t.Errorf("response headers %v", resp.Header)
+	}
+}
+
+// TestRetryOnRefusedConnect: the first choice refuses connections; every
+// request is answered by the next, none fails.
+func TestRetryOnRefusedConnect(t *testing.T) {
+	good := startBackend(t, "good")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("dead", "ams-1", refusingAddr(t)), machine("good", "ams-1", good.addr)},
+		Load:     map[string]int{"good": 5}, // the dead one looks better
+	}, nil)
+	for i := range 50 {
+		resp, body := do(t, http.DefaultClient, "PUT", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(fmt.Sprint("body ", i)))
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d: %d %s", i, resp.StatusCode, body)
+		}
+		if s := decode(t, body); s.Machine != "good" || s.Body != fmt.Sprint("body ", i) {
+			t.Fatalf("request %d: answered by %s with body %q", i, s.Machine, s.Body)
+		}
+	}
+	if n := good.hits.Load(); n != 50 {
+		t.Errorf("good machine got %d requests", n)
+	}
+	if n := p.InFlight(); len(n) != 0 {
+		t.Errorf("requests still counted in flight: %v", n)
+	}
+}
+
+// TestRetryOnReset: the first choice accepts and drops the connection
+// before answering; the buffered body goes whole to the next.
+func TestRetryOnReset(t *testing.T) {
+	good := startBackend(t, "good")
+	rst, resets := startResetter(t)
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("rst", "ams-1", rst), machine("good", "ams-1", good.addr)},
+		Load:     map[string]int{"good": 5},
+	}, nil)
+	payload := strings.Repeat("x", 100<<10)
+	for i := range 5 {
+		resp, body := do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(payload))
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d: %d %s", i, resp.StatusCode, body)
+		}
+		if s := decode(t, body); s.Machine != "good" || s.Body != payload {
+			t.Fatalf("request %d: answered by %s with %d bytes", i, s.Machine, len(s.Body))
+		}
+	}
+	if resets.Load() == 0 {
+		t.Error("the resetting machine was never tried")
+	}
+}
+
+// TestStreamedBodyRetriedOnlyUnread: a body over the buffer limit streams;
+// after a refused connect (nothing sent) the request still moves on, after a
+// reset (part of it sent) it does not.
+func TestStreamedBodyRetriedOnlyUnread(t *testing.T) {
+	good := startBackend(t, "good")
+	rst, _ := startResetter(t)
+	p := startProxy(t, Config{HostID: "ams-1", MaxBufferedBody: 1024})
+	payload := strings.Repeat("y", 64<<10)
+
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("dead", "ams-1", refusingAddr(t)), machine("good", "ams-1", good.addr)},
+		Load:     map[string]int{"good": 5},
+	}, nil)
+	resp, body := do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(payload))
+	if resp.StatusCode != 200 || decode(t, body).Body != payload {
+		t.Fatalf("after a refused connect: %d %.200s", resp.StatusCode, body)
+	}
+
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("rst", "ams-1", rst), machine("good", "ams-1", good.addr)},
+		Load:     map[string]int{"good": 5},
+	}, nil)
+	before := good.hits.Load()
+	resp, body = do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(payload))
+	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get("Flame-Error") != codeAllFailed {
+		t.Fatalf("after a reset mid-body: %d %s", resp.StatusCode, body)
+	}
+	if good.hits.Load() != before {
+		t.Error("a partly sent streamed body was sent again")
+	}
+}
+
+// TestUnknownHost: a host that names no app is a 404 naming it.
+func TestUnknownHost(t *testing.T) {
+	b := startBackend(t, "m1")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", b.addr)}}, nil)
+	for _, host := range []string{"nope.localhost", "example.com", "a.demo.localhost", "localhost", "demo.localhost.evil"} {
+		resp, body := get(t, http.DefaultClient, p.EdgeAddr(), host, nil)
+		if resp.StatusCode != 404 || resp.Header.Get("Flame-Error") != codeUnknownHost || !strings.Contains(body, fmt.Sprintf("%q", host)) {
+			t.Errorf("%s: %d %s", host, resp.StatusCode, body)
+		}
+		if resp.Header.Get("Fly-Request-Id") == "" || resp.Header.Get("Server") != "Flame" {
+			t.Errorf("%s: error without the edge's headers: %v", host, resp.Header)
+		}
+	}
+	if b.hits.Load() != 0 {
+		t.Error("a request for another host reached the machine")
+	}
+}
+
+// TestNoMachineAnswersAtOnce: an app whose machines cannot take requests is
+// answered 503 with the reason, and one whose candidates all fail 502 with
+// what was tried — never a hang.
+func TestNoMachineAnswersAtOnce(t *testing.T) {
+	p := startProxy(t, Config{HostID: "ams-1"})
+	stopped := machine("m1", "ams-1", refusingAddr(t))
+	stopped.Started = false
+	sick := machine("m2", "ams-2", refusingAddr(t))
+	sick.Healthy = false
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{stopped, sick}}, nil)
+	c := &http.Client{Timeout: 30 * time.Second}
+	resp, body := get(t, c, p.EdgeAddr(), "demo.localhost", nil)
+	if resp.StatusCode != 503 || resp.Header.Get("Flame-Error") != codeNoCandidate ||
+		!strings.Contains(body, "1 not started, 1 failing checks") {
+		t.Errorf("503: %d %s", resp.StatusCode, body)
+	}
+	resp, body = get(t, c, p.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Force-Region": "syd"})
+	if resp.StatusCode != 503 || !strings.Contains(body, "fly-force-region") {
+		t.Errorf("forced region: %d %s", resp.StatusCode, body)
+	}
+
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("d1", "ams-1", refusingAddr(t)), machine("d2", "ams-1", refusingAddr(t))}}, nil)
+	resp, body = get(t, c, p.EdgeAddr(), "demo.localhost", nil)
+	if resp.StatusCode != 502 || resp.Header.Get("Flame-Error") != codeAllFailed ||
+		!strings.Contains(body, "d1 in ams") || !strings.Contains(body, "d2 in ams") {
+		t.Errorf("502: %d %s", resp.StatusCode, body)
+	}
+}
+
+// TestRoutingHeadersReachTheirMachine: the routing headers pick machines
+// end to end.
+func TestRoutingHeadersReachTheirMachine(t *testing.T) {
+	a, b2 := startBackend(t, "a"), startBackend(t, "b")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("a", "ams-1", a.addr), machine("b", "ams-1", b2.addr)}, Load: map[string]int{"b": 3}}, nil)
+	for _, tc := range []struct {
+		hdr  map[string]string
+		want string
+	}{
+		{nil, "a"},
+		{map[string]string{"Fly-Prefer-Instance-Id": "b"}, "b"},
+		{map[string]string{"fly-force-instance-id": "inst-b"}, "b"},
+		{map[string]string{"Fly-Force-Region": "ams"}, "a"},
+	} {
+		resp, body := get(t, http.DefaultClient, p.EdgeAddr(), "demo.localhost", tc.hdr)
+		if resp.StatusCode != 200 || decode(t, body).Machine != tc.want {
+			t.Errorf("%v: %d %s", tc.hdr, resp.StatusCode, body)
+		}
+	}
+}
+
+// TestHeaderLimitAndSlowClients: oversized headers are refused with 431; a
+// client that never finishes its headers is cut off.
+func TestHeaderLimitAndSlowClients(t *testing.T) {
+	p := startProxy(t, Config{HostID: "ams-1", MaxHeaderBytes: 4096, ReadHeaderTimeout: 300 * time.Millisecond})
+	resp, body := get(t, http.DefaultClient, p.EdgeAddr(), "demo.localhost", map[string]string{"X-Big": strings.Repeat("b", 16<<10)})
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("big headers: %d %s", resp.StatusCode, body)
+	}
+
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: demo.localhost\r\nX-Slow: ")
+	// The server closes the connection once the header timeout passes;
+	// the bound here only keeps a broken server from hanging the test.
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	_, err = bufio.NewReader(c).ReadString('\n')
+	if err == nil || time.Since(start) < 300*time.Millisecond {
+		t.Errorf("slow client: read %v after %v", err, time.Since(start))
+	}
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Errorf("the slow client was never cut off")
+	}
+}
+
+// TestCrossHostDelivery: an edge in ams sends the request over the
+// simulated backhaul to the proxy of the machine's host in fra, which
+// delivers it; the hop costs the link's latency.
+func TestCrossHostDelivery(t *testing.T) {
+	const oneWay = 20 * time.Millisecond
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return oneWay }})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "fra-1"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bhA, err := n.Listen("ams-1", 4380)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bhF, err := n.Listen("fra-1", 4380)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := startBackend(t, "m-fra")
+	edge := startProxy(t, Config{HostID: "ams-1", Backhaul: bhA, Dial: n.DialerFrom("ams-1")})
+	far := startProxy(t, Config{HostID: "fra-1", Backhaul: bhF, Dial: n.DialerFrom("fra-1")})
+	backhaul := map[string]string{"ams-1": bhA.Addr().String(), "fra-1": bhF.Addr().String()}
+	facts := func(self, region string) route.Facts {
+		return route.Facts{Self: self, Region: region, Hosts: testHosts, Machines: []route.Machine{machine("m-fra", "fra-1", m.addr)}}
+	}
+	edge.setState(facts("ams-1", "ams"), backhaul)
+	far.setState(facts("fra-1", "fra"), backhaul)
+
+	start := time.Now()
+	resp, body := do(t, http.DefaultClient, "POST", edge.EdgeAddr(), "demo.localhost", "/x?y=1", map[string]string{"X-Custom": "v"}, strings.NewReader("payload"))
+	took := time.Since(start)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	s := decode(t, body)
+	if s.Machine != "m-fra" || s.Body != "payload" || s.URI != "/x?y=1" || s.Host != "demo.localhost" {
+		t.Errorf("machine saw %+v", s)
+	}
+	if s.Header.Get("Fly-Region") != "ams" || s.Header.Get("X-Custom") != "v" || s.Header.Get("Fly-Client-Ip") != "127.0.0.1" {
+		t.Errorf("headers across the backhaul: %v", s.Header)
+	}
+	for k := range s.Header {
+		if strings.HasPrefix(k, internalPref) {
+			t.Errorf("the machine saw the internal header %s", k)
+		}
+	}
+	if !strings.HasSuffix(resp.Header.Get("Fly-Request-Id"), "-ams") || resp.Header.Get("Via") != "1.1 flame" {
+		t.Errorf("response headers %v", resp.Header)
+	}
+	// A new connection's handshake and the request each cross the link
+	// both ways: at least two round trips.
+	if took < 4*oneWay {
+		t.Errorf("the hop took %v, less than two round trips of %v", took, 2*oneWay)
+	}
+	if far.InFlight()["m-fra"] != 0 || edge.InFlight()["m-fra"] != 0 {
+		t.Errorf("in flight after the answer: edge %v far %v", edge.InFlight(), far.InFlight())
+	}
+}
+
+// TestBackhaulTrustsOnlyHosts: the backhaul names machines only for a hop
+// with the hosts' token, and only machines that run on its host.
+func TestBackhaulTrustsOnlyHosts(t *testing.T) {
+	m := startBackend(t, "m1")
+	p := startProxy(t, Config{HostID: "fra-1"})
+	other := machine("m2", "ams-1", m.addr) // on another host, reachable from here
+	stopped := machine("m3", "fra-1", m.addr)
+	stopped.Started = false
+	p.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: []route.Machine{machine("m1", "fra-1", m.addr), other, stopped}}, nil)
+	hop := func(token, machine string) (*http.Response, string) {
+		return get(t, http.DefaultClient, p.BackhaulAddr(), "demo.localhost", map[string]string{
+			hdrToken: token, hdrApp: "demo", hdrMachine: machine, hdrPort: "80",
+		})
+	}
+	for _, tok := range []string{"", "wrong", testToken + "x"} {
+		if resp, body := hop(tok, "m1"); resp.StatusCode != 403 {
+			t.Errorf("token %q: %d %s", tok, resp.StatusCode, body)
+		}
+	}
+	for _, id := range []string{"m2", "m3", "nope"} {
+		resp, body := hop(testToken, id)
+		if resp.StatusCode != 503 || resp.Header.Get(hdrRetry) == "" || resp.Header.Get("Flame-Error") != codeNotHere {
+			t.Errorf("machine %s: %d %v %s", id, resp.StatusCode, resp.Header, body)
+		}
+	}
+	if m.hits.Load() != 0 {
+		t.Fatal("an untrusted or misdirected hop reached a machine")
+	}
+	resp, body := hop(testToken, "m1")
+	if resp.StatusCode != 200 || decode(t, body).Machine != "m1" {
+		t.Errorf("trusted hop: %d %s", resp.StatusCode, body)
+	}
+	// The public edge of the same proxy ignores a client's internal headers.
+	resp, body = get(t, http.DefaultClient, p.EdgeAddr(), "demo.localhost", map[string]string{
+		hdrToken: testToken, hdrApp: "demo", hdrMachine: "m2", hdrPort: "80",
+	})
+	if resp.StatusCode != 200 || decode(t, body).Machine != "m1" {
+		t.Errorf("edge with internal headers: %d %s", resp.StatusCode, body)
+	}
+}
+
+// TestStaleStartedMachineOnFarHost: the edge still believes a machine on
+// another host is started; that host knows it stopped and says so, and the
+// edge moves on to the next candidate at once: no request fails.
+func TestStaleStartedMachineOnFarHost(t *testing.T) {
+	m := startBackend(t, "m-fra")
+	local := startBackend(t, "m-ams")
+	edge := startProxy(t, Config{HostID: "ams-1"})
+	far := startProxy(t, Config{HostID: "fra-1"})
+	backhaul := map[string]string{"ams-1": edge.BackhaulAddr(), "fra-1": far.BackhaulAddr()}
+	gone := machine("m-fra", "fra-1", m.addr)
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{gone, machine("m-ams", "ams-1", local.addr)}}, backhaul)
+	gone.Started = false
+	far.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: []route.Machine{gone}}, backhaul)
+
+	for i := range 10 {
+		// The preference puts the stale machine first.
+		resp, body := get(t, http.DefaultClient, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Prefer-Instance-Id": "m-fra"})
+		if resp.StatusCode != 200 || decode(t, body).Machine != "m-ams" {
+			t.Fatalf("request %d: %d %s", i, resp.StatusCode, body)
+		}
+	}
+	if m.hits.Load() != 0 {
+		t.Error("a stopped machine's host delivered to it")
+	}
+}

@@ -1,0 +1,134 @@
+package proxy
+
+import (
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// Source is the cluster view the route table is built from: a
+// *cluster.Cluster.
+type Source interface {
+	Snapshot() *cluster.Snapshot
+	Subscribe() (<-chan struct{}, func())
+}
+
+// serviceCheckPrefix names the checks of services[].checks (the check
+// package names them "servicecheck-<nn>-<type>-<port>"): only they gate
+// routing; top-level checks only report. A test holds the two in step.
+const serviceCheckPrefix = "servicecheck-"
+
+// state is what a request routes by: one table and the backhaul address of
+// every host, from one snapshot, swapped as one.
+type state struct {
+	table    *route.Table
+	backhaul map[string]string // host id → its proxy's backhaul address
+}
+
+// factsFrom turns a cluster snapshot into the route table's facts, as seen
+// from host self in region.
+func factsFrom(snap *cluster.Snapshot, self, region string, load map[string]int) (route.Facts, map[string]string) {
+	f := route.Facts{Self: self, Region: region, Load: load}
+	backhaul := map[string]string{}
+	if snap == nil {
+		return f, backhaul
+	}
+	for _, h := range snap.Hosts() {
+		st := route.HostDown
+		switch h.Status {
+		case cluster.StatusAlive:
+			st = route.HostAlive
+		case cluster.StatusSuspect:
+			st = route.HostSuspect
+		}
+		f.Hosts = append(f.Hosts, route.Host{ID: h.ID, Region: h.Region, Status: st, RTT: h.RTT})
+		if a := h.Addrs["proxy"]; a != "" {
+			backhaul[h.ID] = a
+		}
+	}
+	for _, m := range snap.Machines() {
+		if snap.Machine(m.ID) != m {
+			continue // a copy another host is believed over
+		}
+		rm := route.Machine{
+			ID: m.ID, InstanceID: m.InstanceID, App: m.App, Region: m.Region, Host: m.Host,
+			PrivateIP: m.PrivateIP, Started: m.State == "started", Cordoned: m.Cordoned, Healthy: true,
+		}
+		for _, c := range m.Checks {
+			if strings.HasPrefix(c.Name, serviceCheckPrefix) && c.Status != cluster.CheckPassing {
+				rm.Healthy = false
+			}
+		}
+		for _, s := range m.Services {
+			if s.Protocol != "" && s.Protocol != "tcp" {
+				continue
+			}
+			rs := route.Service{InternalPort: s.InternalPort, SoftLimit: s.Concurrency.SoftLimit, HardLimit: s.Concurrency.HardLimit}
+			for _, p := range s.Ports {
+				switch {
+				case p.Port > 0:
+					rs.Ports = append(rs.Ports, route.PortRange{Start: p.Port, End: p.Port})
+				case p.StartPort > 0 && p.EndPort >= p.StartPort:
+					rs.Ports = append(rs.Ports, route.PortRange{Start: p.StartPort, End: p.EndPort})
+				}
+			}
+			rm.Services = append(rm.Services, rs)
+		}
+		f.Machines = append(f.Machines, rm)
+	}
+	return f, backhaul
+}
+
+// inflight counts the requests this proxy has in flight per machine: the
+// live load the route table's selection reads. Counters are never removed
+// (one per machine this host has routed to).
+type inflight struct {
+	mu sync.RWMutex
+	n  map[string]*atomic.Int64
+}
+
+var _ route.Load = (*inflight)(nil)
+
+func (l *inflight) InFlight(id string) int {
+	l.mu.RLock()
+	c := l.n[id]
+	l.mu.RUnlock()
+	if c == nil {
+		return 0
+	}
+	return int(c.Load())
+}
+
+func (l *inflight) add(id string, d int64) {
+	l.mu.RLock()
+	c := l.n[id]
+	l.mu.RUnlock()
+	if c == nil {
+		l.mu.Lock()
+		if l.n == nil {
+			l.n = map[string]*atomic.Int64{}
+		}
+		if c = l.n[id]; c == nil {
+			c = new(atomic.Int64)
+			l.n[id] = c
+		}
+		l.mu.Unlock()
+	}
+	c.Add(d)
+}
+
+// snapshot returns the machines with requests in flight.
+func (l *inflight) snapshot() map[string]int {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	out := map[string]int{}
+	for id, c := range l.n {
+		if v := c.Load(); v > 0 {
+			out[id] = int(v)
+		}
+	}
+	return out
+}
