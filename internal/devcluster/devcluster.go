@@ -43,6 +43,13 @@ type Config struct {
 	// DNSAddr is where the first host serves .internal DNS over UDP and
 	// TCP; the others take the following ports (random when the port is 0).
 	DNSAddr string
+	// EdgeAddr is where the first region's edge proxy takes clients'
+	// requests (the first host of each region has the region's edge); the
+	// other regions take the following ports (random when the port is 0).
+	EdgeAddr string
+	// EdgeDomain is what apps are served under at the edges (default
+	// localhost: <app>.localhost resolves to loopback with no setup).
+	EdgeDomain string
 	// NewDriver makes the driver of one host. registryAddr is where
 	// Registry is served (host:port).
 	NewDriver func(hostID string, hostIndex int, registryAddr string) (driver.Driver, error)
@@ -79,6 +86,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.DNSAddr == "" {
 		c.DNSAddr = "127.0.0.1:0"
+	}
+	if c.EdgeAddr == "" {
+		c.EdgeAddr = "127.0.0.1:0"
 	}
 	if c.ServerAddr == "" {
 		c.ServerAddr = "127.0.0.1:0"
@@ -168,6 +178,25 @@ type Host struct {
 	Region  string
 	APIURL  string
 	DNSAddr string
+	// EdgeAddr is where the region's edge proxy listens, on the first host
+	// of each region ("" on the others).
+	EdgeAddr string
+}
+
+// backhaulPort is where every host's proxy takes the requests other hosts'
+// edges send its machines, on the simulated network: a hop between regions
+// costs their distance.
+const backhaulPort = 4380
+
+// Edges returns the address of each region's edge proxy, by region.
+func (c *Cluster) Edges() map[string]string {
+	out := map[string]string{}
+	for _, h := range c.Hosts {
+		if h.EdgeAddr != "" {
+			out[h.Region] = h.EdgeAddr
+		}
+	}
+	return out
 }
 
 // Start builds and starts every host and joins them into one cluster.
@@ -211,19 +240,27 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("devcluster: dns address: %w", err)
 	}
+	edgeHost, edgePort, err := splitPort(cfg.EdgeAddr)
+	if err != nil {
+		return nil, fmt.Errorf("devcluster: edge address: %w", err)
+	}
 	// Every host's region is known before any starts: the latency function
 	// reads the map while hosts join, so it is never written after.
-	type plan struct{ id, region string }
+	type plan struct{ id, region, edge string }
 	var hosts []plan
 	if cfg.ControlPlane {
 		regionOf[controlID], _ = geo.Lookup(cfg.Regions[0])
 	}
-	for _, code := range cfg.Regions {
+	for ri, code := range cfg.Regions {
 		region, _ := geo.Lookup(code)
 		for n := 1; n <= cfg.HostsPerRegion; n++ {
 			id := fmt.Sprintf("%s-%d", code, n)
 			regionOf[id] = region
-			hosts = append(hosts, plan{id, code})
+			p := plan{id: id, region: code}
+			if n == 1 {
+				p.edge = nextAddr(edgeHost, edgePort, ri)
+			}
+			hosts = append(hosts, p)
 		}
 	}
 	// The control plane listens before the hosts start: their drivers pull
@@ -248,7 +285,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	}
 	var seed string
 	for i, p := range hosts {
-		h, err := c.startHost(ctx, p.id, p.region, i, nextAddr(apiHost, apiPort, i), nextAddr(dnsHost, dnsPort, i), seed)
+		h, err := c.startHost(ctx, p.id, p.region, i, nextAddr(apiHost, apiPort, i), nextAddr(dnsHost, dnsPort, i), p.edge, seed)
 		if err != nil {
 			if planeLn != nil {
 				planeLn.Close()
@@ -305,7 +342,7 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	return p, nil
 }
 
-func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAddr, dnsAddr, seed string) (*Host, error) {
+func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAddr, dnsAddr, edgeAddr, seed string) (*Host, error) {
 	if _, err := c.Net.AddHost(id); err != nil {
 		return nil, err
 	}
@@ -328,6 +365,34 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		dl.Close()
 		return nil, err
 	}
+	// The host's proxy: its backhaul on the simulated network, and the
+	// region's edge on real loopback for clients.
+	backhaul, err := c.Net.Listen(id, backhaulPort)
+	if err != nil {
+		ln.Close()
+		pc.Close()
+		dl.Close()
+		return nil, err
+	}
+	var edge net.Listener
+	if edgeAddr != "" {
+		if edge, err = net.Listen("tcp", edgeAddr); err != nil {
+			ln.Close()
+			pc.Close()
+			dl.Close()
+			backhaul.Close()
+			return nil, fmt.Errorf("edge: listen on %s: %w", edgeAddr, err)
+		}
+	}
+	closeAll := func() {
+		ln.Close()
+		pc.Close()
+		dl.Close()
+		backhaul.Close()
+		if edge != nil {
+			edge.Close()
+		}
+	}
 	regAddr := c.registryAddr
 	if regAddr == "" {
 		regAddr = ln.Addr().String()
@@ -342,9 +407,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		d, err = c.cfg.NewDriver(id, i, regAddr)
 	}
 	if err != nil {
-		ln.Close()
-		pc.Close()
-		dl.Close()
+		closeAll()
 		return nil, err
 	}
 	cc := c.cfg.Cluster
@@ -353,6 +416,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		DataDir: filepath.Join(c.cfg.Dir, id), Region: region, Listener: ln, Token: c.cfg.Token,
 		Driver: d, Logger: c.cfg.Logger.With("host", id), Cluster: cc,
 		DNSPacketConn: pc, DNSListener: dl,
+		Proxy: host.ProxyConfig{Edge: edge, Backhaul: backhaul, Dial: c.Net.DialerFrom(id), Domain: c.cfg.EdgeDomain},
 	}
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
@@ -364,20 +428,23 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		hc.Registry = c.cfg.Registry
 	}
 	if err := os.MkdirAll(hc.DataDir, 0o755); err != nil {
+		closeAll()
 		return nil, err
 	}
 	h, err := host.New(hc)
 	if err != nil {
-		ln.Close()
-		pc.Close()
-		dl.Close()
+		closeAll()
 		return nil, err
 	}
 	if err := h.Start(ctx); err != nil {
 		h.Close()
 		return nil, err
 	}
-	return &Host{Host: h, ID: id, Region: region, APIURL: "http://" + ln.Addr().String(), DNSAddr: pc.LocalAddr().String()}, nil
+	out := &Host{Host: h, ID: id, Region: region, APIURL: "http://" + ln.Addr().String(), DNSAddr: pc.LocalAddr().String()}
+	if edge != nil {
+		out.EdgeAddr = edge.Addr().String()
+	}
+	return out, nil
 }
 
 // WaitConverged waits until every host (and the control plane) sees every

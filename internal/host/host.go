@@ -23,6 +23,7 @@ import (
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/machine"
+	"github.com/flamehq/flame/internal/proxy"
 )
 
 // Config describes a host.
@@ -54,6 +55,28 @@ type Config struct {
 	// Events, when set, carries every machine event to the event bus, on
 	// subject EventSubject(app, machine).
 	Events Publisher
+	// Proxy runs the host's proxy when Proxy.Backhaul is set (with a
+	// cluster).
+	Proxy ProxyConfig
+}
+
+// ProxyConfig is the host's part of the edge proxy: every host delivers what
+// the edges send its machines over the backhaul; a host with an Edge
+// listener takes clients' requests too. The hosts' Token authenticates the
+// backhaul.
+type ProxyConfig struct {
+	// Edge is the public listener (nil: no edge on this host).
+	Edge net.Listener
+	// Backhaul is where other hosts' edges reach this host's machines; its
+	// address is advertised to the cluster as "proxy".
+	Backhaul net.Listener
+	// Dial reaches other hosts' backhaul listeners (nil: the host's
+	// network).
+	Dial proxy.DialFunc
+	// Domain apps are served under (default localhost) and Port the public
+	// port the edge stands for (default 80).
+	Domain string
+	Port   int
 }
 
 // Publisher sends a message on a subject of the event bus (the catalog's
@@ -77,6 +100,10 @@ func (c *Config) Validate() error {
 		return errors.New("host: listener is required")
 	case c.Token == "":
 		return errors.New("host: token is required")
+	case (c.Proxy.Edge != nil || c.Proxy.Backhaul != nil) && c.Cluster.HostID == "":
+		return errors.New("host: the proxy routes by the cluster: a host id is required")
+	case c.Proxy.Edge != nil && c.Proxy.Backhaul == nil:
+		return errors.New("host: an edge needs a backhaul listener")
 	}
 	return nil
 }
@@ -85,6 +112,7 @@ func (c *Config) Validate() error {
 type Host struct {
 	Agent   *agent.Agent
 	Cluster *cluster.Cluster // nil when the host runs alone
+	Proxy   *proxy.Proxy     // nil without a backhaul listener
 	cfg     Config
 	log     *slog.Logger
 	srv     *http.Server
@@ -140,12 +168,26 @@ func New(cfg Config) (*Host, error) {
 		if cfg.DNSPacketConn != nil {
 			cc.Addrs["dns"] = cfg.DNSPacketConn.LocalAddr().String()
 		}
+		if cfg.Proxy.Backhaul != nil {
+			cc.Addrs["proxy"] = cfg.Proxy.Backhaul.Addr().String()
+		}
 		if h.Cluster, err = cluster.New(cc); err != nil {
 			ag.Close()
 			return nil, err
 		}
 		h.cfg.Cluster = cc
 		mux.Handle("/v1/cluster/", h.clusterHandler(auth))
+		if cfg.Proxy.Backhaul != nil {
+			h.Proxy, err = proxy.New(proxy.Config{
+				HostID: cc.HostID, Region: cfg.Region, Domain: cfg.Proxy.Domain, Port: cfg.Proxy.Port,
+				Edge: cfg.Proxy.Edge, Backhaul: cfg.Proxy.Backhaul, Dial: cfg.Proxy.Dial,
+				Token: cfg.Token, Source: h.Cluster, Logger: cfg.Logger,
+			})
+			if err != nil {
+				ag.Close()
+				return nil, err
+			}
+		}
 		if cfg.DNSPacketConn != nil || cfg.DNSListener != nil {
 			h.dns, err = dns.New(dns.Config{Source: dnsSource{h.Cluster}, PacketConn: cfg.DNSPacketConn, Listener: cfg.DNSListener, Logger: cfg.Logger})
 			if err != nil {
@@ -241,6 +283,11 @@ func (h *Host) Start(ctx context.Context) error {
 				return err
 			}
 		}
+		if h.Proxy != nil {
+			if err := h.Proxy.Start(bg); err != nil {
+				return err
+			}
+		}
 	}
 	h.wg.Add(1)
 	go func() {
@@ -269,6 +316,9 @@ func (h *Host) Close() error {
 	}
 	if h.dns != nil {
 		err = errors.Join(err, h.dns.Close())
+	}
+	if h.Proxy != nil {
+		err = errors.Join(err, h.Proxy.Close())
 	}
 	if h.stop != nil {
 		h.stop()

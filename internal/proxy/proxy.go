@@ -268,10 +268,15 @@ func (p *Proxy) BackhaulAddr() string {
 func (p *Proxy) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	var err error
 	for _, srv := range p.servers {
 		if serr := srv.Shutdown(ctx); serr != nil {
 			srv.Close()
+		}
+	}
+	// Listeners never served (a host that failed to start) are closed too.
+	for _, ln := range []net.Listener{p.cfg.Edge, p.cfg.Backhaul} {
+		if ln != nil {
+			ln.Close()
 		}
 	}
 	if p.stop != nil {
@@ -280,5 +285,5 @@ func (p *Proxy) Close() error {
 	p.wg.Wait()
 	p.toSelf.CloseIdleConnections()
 	p.toHosts.CloseIdleConnections()
-	return err
+	return nil
 }
