@@ -419,7 +419,7 @@ func TestAgentKilledResumes(t *testing.T) {
 // interrupt stops every machine and removes the temporary state.
 func TestDevStopsCleanly(t *testing.T) {
 	ctx := context.Background()
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--driver", "exec")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--driver", "exec")
 	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)
 	c := api.NewClient(url, dev.token(t))
@@ -492,7 +492,7 @@ func TestDevSandbox(t *testing.T) {
 	for _, l := range links {
 		before["link "+l.Attrs().Name] = true
 	}
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0",
 		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
 	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)
@@ -503,11 +503,14 @@ func TestDevSandbox(t *testing.T) {
 		m := dev.waitMatch(t, re, "its hosts")
 		hosts[m[1]] = [2]string{m[2], m[3]}
 	}
+	amsEdge := dev.waitLine(t, regexp.MustCompile(`^\s+Edge\s+ams\s+http://<app>\.(localhost:\d+)/`), "the ams edge")
 	c := api.NewClient(url, token)
 	if _, err := c.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
 		t.Fatal(err)
 	}
-	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Region: "syd", Config: &api.MachineConfig{Image: "flame/demo-app"}})
+	port80 := 80
+	m, err := c.Create(ctx, "demo", api.LaunchMachineInput{Region: "syd", Config: &api.MachineConfig{Image: "flame/demo-app",
+		Services: []api.MachineService{{Protocol: "tcp", InternalPort: 8080, Ports: []api.MachinePort{{Port: &port80, Handlers: []string{"http"}}}}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -536,6 +539,25 @@ func TestDevSandbox(t *testing.T) {
 	}
 	if !found {
 		t.Errorf("demo.internal does not resolve to %s on ams-1", m.PrivateIP)
+	}
+	// The ams edge delivers to it, through syd-1's proxy.
+	edgeURL := "http://" + strings.Replace(amsEdge, "localhost", "127.0.0.1", 1) + "/"
+	var edgeWho map[string]any
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		req, _ := http.NewRequest("GET", edgeURL, nil)
+		req.Host = "demo.localhost"
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			if resp.StatusCode == 200 {
+				json.NewDecoder(resp.Body).Decode(&edgeWho)
+			}
+			resp.Body.Close()
+			if edgeWho != nil {
+				break
+			}
+		}
+	}
+	if flyVar(edgeWho, "FLY_REGION") != "syd" || flyVar(edgeWho, "FLY_MACHINE_ID") != m.ID {
+		t.Errorf("the ams edge answered %v", edgeWho)
 	}
 
 	// What this flame dev has on the host, found from its sandboxes'

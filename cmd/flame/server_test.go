@@ -30,6 +30,9 @@ func TestServerWithAgents(t *testing.T) {
 		for _, j := range join {
 			args = append(args, "--join", j)
 		}
+		if id == "ams-1" {
+			args = append(args, "--edge-addr", "127.0.0.1:0")
+		}
 		return startFlame(t, args...)
 	}
 	natsAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
@@ -50,6 +53,7 @@ func TestServerWithAgents(t *testing.T) {
 	// The agents join the server's gossip and publish events on its NATS.
 	a := agent("ams-1", "ams", ga, gs)
 	a.apiURL(t)
+	edge := a.waitLine(t, regexp.MustCompile(`edge proxy on http://([0-9.:]+)`), "its edge")
 	b := agent("iad-1", "iad", gb, gs)
 	b.apiURL(t)
 	c := api.NewClient(url, admin)
@@ -59,13 +63,15 @@ func TestServerWithAgents(t *testing.T) {
 	if _, err := c.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "acme"}); err != nil {
 		t.Fatal(err)
 	}
-	port := freePort(t)
+	port, port80 := freePort(t), 80
 	var m *api.Machine
 	var err error
 	for end := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		// The server learns of the hosts by gossip: until then there is
 		// no room anywhere.
-		m, err = c.Create(ctx, "demo", api.LaunchMachineInput{Region: "iad", Config: demoConfig(port)})
+		cfg := demoConfig(port)
+		cfg.Services = []api.MachineService{{Protocol: "tcp", InternalPort: port, Ports: []api.MachinePort{{Port: &port80, Handlers: []string{"http"}}}}}
+		m, err = c.Create(ctx, "demo", api.LaunchMachineInput{Region: "iad", Config: cfg})
 		if err == nil || time.Now().After(end) {
 			break
 		}
@@ -76,6 +82,22 @@ func TestServerWithAgents(t *testing.T) {
 	t.Cleanup(func() { killWorkloads(m.ID) })
 	if who := demoIdentity(t, port); flyVar(who, "FLY_REGION") != "iad" || flyVar(who, "FLY_MACHINE_ID") != m.ID {
 		t.Fatalf("demo app says %v", who)
+	}
+	// The ams agent's edge delivers a request for demo.localhost to it,
+	// through the iad agent's proxy, once gossip has brought the machine.
+	var who map[string]any
+	for end := time.Now().Add(20 * time.Second); who == nil && time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		req, _ := http.NewRequest("GET", "http://"+edge+"/", nil)
+		req.Host = "demo.localhost"
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			if resp.StatusCode == 200 {
+				json.NewDecoder(resp.Body).Decode(&who)
+			}
+			resp.Body.Close()
+		}
+	}
+	if flyVar(who, "FLY_REGION") != "iad" || flyVar(who, "FLY_MACHINE_ID") != m.ID || flyVar(who, "FLY_APP_NAME") != "demo" {
+		t.Fatalf("through the ams edge the demo app says %v", who)
 	}
 	// Follow the app's logs, then make the demo app log a request: the line
 	// comes over the event bus from the iad agent.

@@ -17,6 +17,7 @@ import (
 type agentFlags struct {
 	apiAddr, dataDir, token, region, logLevel, driver, registry string
 	hostID, gossipAddr, dnsAddr, natsURL                        string
+	edgeAddr, backhaulAddr, edgeDomain                          string
 	join                                                        []string
 }
 
@@ -32,7 +33,13 @@ operation that was cut short.
 
 With --host-id and --gossip-addr it joins other hosts (--join) into a cluster:
 every host's machines and health reach every other host, and --dns-addr serves
-the .internal names of the whole cluster.`,
+the .internal names of the whole cluster.
+
+In a cluster every host runs a proxy: other hosts' edges deliver requests for
+its machines to --backhaul-addr, authenticated with --token (shared by the
+hosts), so it must be an address the other hosts reach. With --edge-addr the
+host is an edge too: it takes clients' requests for <app>.<edge-domain> and
+sends each to the best machine of the app, here or on another host.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runAgent(c, f) },
 	}
@@ -47,6 +54,9 @@ the .internal names of the whole cluster.`,
 	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
 	fs.StringSliceVar(&f.join, "join", nil, "gossip addresses of hosts to join (repeatable)")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "", "address for .internal DNS over UDP and TCP (needs --host-id)")
+	fs.StringVar(&f.edgeAddr, "edge-addr", "", "address of the public edge proxy (HTTP; needs --host-id; default: no edge)")
+	fs.StringVar(&f.edgeDomain, "edge-domain", "localhost", "apps are served at <app>.<edge-domain>")
+	fs.StringVar(&f.backhaulAddr, "backhaul-addr", "127.0.0.1:0", "where other hosts' edges reach this host's machines (with --host-id)")
 	fs.StringVar(&f.natsURL, "nats-url", "", "the control plane's NATS (flame server --nats-addr): machine events are published there")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	return c
@@ -60,6 +70,8 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		return usageError{fmt.Errorf("--token is required")}
 	case f.dnsAddr != "" && f.hostID == "":
 		return usageError{fmt.Errorf("--dns-addr needs --host-id (DNS answers from the cluster)")}
+	case f.edgeAddr != "" && f.hostID == "":
+		return usageError{fmt.Errorf("--edge-addr needs --host-id (the edge routes by the cluster)")}
 	}
 	log, err := newLogger(c.ErrOrStderr(), f.logLevel)
 	if err != nil {
@@ -122,11 +134,19 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 				return fmt.Errorf("dns: %w", err)
 			}
 		}
+		if err := listenProxy(&hc, f); err != nil {
+			ln.Close()
+			closeDriver()
+			closeDNS(hc)
+			return err
+		}
 	}
 	h, err := host.New(hc)
 	if err != nil {
 		ln.Close()
 		closeDriver()
+		closeDNS(hc)
+		closeProxy(hc)
 		return err
 	}
 	if err := h.Start(c.Context()); err != nil {
@@ -134,6 +154,48 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		return err
 	}
 	fmt.Fprintf(c.OutOrStdout(), "flame agent: region %s, %s driver, machines API on http://%s\n", f.region, kind, h.Addr())
+	if h.Proxy != nil {
+		if a := h.Proxy.EdgeAddr(); a != "" {
+			fmt.Fprintf(c.OutOrStdout(), "flame agent: edge proxy on http://%s (apps at <app>.%s), backhaul on %s\n", a, f.edgeDomain, h.Proxy.BackhaulAddr())
+		} else {
+			fmt.Fprintf(c.OutOrStdout(), "flame agent: proxy backhaul on %s\n", h.Proxy.BackhaulAddr())
+		}
+	}
 	<-c.Context().Done()
 	return h.Close()
+}
+
+// listenProxy opens the proxy's listeners of a host in a cluster: the
+// backhaul always, the edge when asked for.
+func listenProxy(hc *host.Config, f agentFlags) error {
+	bh, err := net.Listen("tcp", f.backhaulAddr)
+	if err != nil {
+		return fmt.Errorf("backhaul: listen on %s: %w", f.backhaulAddr, err)
+	}
+	hc.Proxy = host.ProxyConfig{Backhaul: bh, Domain: f.edgeDomain}
+	if f.edgeAddr != "" {
+		if hc.Proxy.Edge, err = net.Listen("tcp", f.edgeAddr); err != nil {
+			bh.Close()
+			return fmt.Errorf("edge: listen on %s: %w", f.edgeAddr, err)
+		}
+	}
+	return nil
+}
+
+func closeDNS(hc host.Config) {
+	if hc.DNSPacketConn != nil {
+		hc.DNSPacketConn.Close()
+	}
+	if hc.DNSListener != nil {
+		hc.DNSListener.Close()
+	}
+}
+
+func closeProxy(hc host.Config) {
+	if hc.Proxy.Backhaul != nil {
+		hc.Proxy.Backhaul.Close()
+	}
+	if hc.Proxy.Edge != nil {
+		hc.Proxy.Edge.Close()
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,9 +27,9 @@ import (
 )
 
 type devFlags struct {
-	apiAddr, hostsAddr, dnsAddr, dataDir, token, regions, logLevel, driver string
-	hostsPerRegion                                                         int
-	noDemo                                                                 bool
+	apiAddr, hostsAddr, dnsAddr, edgeAddr, dataDir, token, regions, logLevel, driver string
+	hostsPerRegion                                                                   int
+	noDemo                                                                           bool
 }
 
 func newDevCmd() *cobra.Command {
@@ -56,6 +57,7 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4280", "the control plane's Machines API")
 	fs.StringVar(&f.hostsAddr, "hosts-addr", "127.0.0.1:4281", "internal API of the first host; the others take the next ports")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
+	fs.StringVar(&f.edgeAddr, "edge-addr", "127.0.0.1:4380", "edge proxy of the first region (http://<app>.localhost:<port>/); the other regions take the next ports")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
 	fs.StringVar(&f.token, "token", "", "token between the control plane and the hosts (default: a random one)")
 	fs.BoolVar(&f.noDemo, "no-demo", false, "do not deploy the demo app")
@@ -120,6 +122,7 @@ func runDev(c *cobra.Command, f devFlags) error {
 		ServerAddr:     f.apiAddr,
 		ControlPlane:   true,
 		DNSAddr:        f.dnsAddr,
+		EdgeAddr:       f.edgeAddr,
 		Logger:         log,
 		Registry:       reg,
 		NewHostDriver: func(h devcluster.HostSpec) (driver.Driver, error) {
@@ -268,9 +271,17 @@ func deployDemo(ctx context.Context, dev *devcluster.Cluster, token, driverKind 
 	for _, r := range regions {
 		counts[r] = 1
 	}
-	_, err := cl.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: counts,
-		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": port},
-			Guest: &api.MachineGuest{CPUKind: api.CPUKindShared, CPUs: api.DefaultGuestCPUs, MemoryMB: api.DefaultGuestMemoryMB}}})
+	cfg := &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": port},
+		Guest: &api.MachineGuest{CPUKind: api.CPUKindShared, CPUs: api.DefaultGuestCPUs, MemoryMB: api.DefaultGuestMemoryMB}}
+	if port != "0" {
+		// Served by the edges on port 80, once its check passes.
+		cfg.Services = []api.MachineService{{
+			Protocol: "tcp", InternalPort: 8080,
+			Ports:  []api.MachinePort{{Port: ptrTo(80), Handlers: []string{"http"}}},
+			Checks: []api.MachineServiceCheck{{Type: ptrTo("tcp")}},
+		}}
+	}
+	_, err := cl.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: counts, Config: cfg})
 	return err
 }
 
@@ -293,6 +304,16 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 	for _, h := range dev.Hosts {
 		fmt.Fprintf(w, "  %-8s %-6s %-28s %s\n", h.ID, h.Region, h.APIURL, h.DNSAddr)
 	}
+	fmt.Fprintln(w)
+	for _, h := range dev.Hosts {
+		if h.EdgeAddr != "" {
+			fmt.Fprintf(w, "  Edge %-8s http://<app>.%s/   (on %s)\n", h.Region, edgeHost(h.EdgeAddr), h.ID)
+		}
+	}
+	demoURL := "http://demo." + edgeHost(first.EdgeAddr) + "/"
+	if driverKind == host.DriverExec {
+		demoURL += "   (exec machines share this host's ports: the demo app is not behind the edges)"
+	}
 	dnsHost, dnsPort, _ := strings.Cut(first.DNSAddr, ":")
 	qtype := "AAAA" // sandboxes have 6PN addresses; exec machines share the host's loopback
 	if driverKind == host.DriverExec {
@@ -308,10 +329,23 @@ The demo app runs one machine in each region. Try it:
     -d '{"region": "syd,any", "config": {"image": "%s"}}'
   curl -s -H "Authorization: Bearer $FLY_API_TOKEN" $FLY_FLAPS_BASE_URL/v1/platform/regions
   dig @%s -p %s +short demo.internal %s
+  curl -s %s
 
 Press Ctrl-C to stop every machine and exit.
-`, token, url, host.DemoImage, dnsHost, dnsPort, qtype)
+`, token, url, host.DemoImage, dnsHost, dnsPort, qtype, demoURL)
 }
+
+// edgeHost is how an edge address is written after "<app>.": localhost with
+// the edge's port (<app>.localhost resolves to loopback with no setup).
+func edgeHost(addr string) string {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return "localhost:" + port
+}
+
+func ptrTo[T any](v T) *T { return &v }
 
 // printSandboxNames says what the sandbox driver names on this machine
 // after the dev cluster's instance.
