@@ -117,6 +117,12 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 		return n == 4
 	})
 
+	// "Next region" is by measured RTT: wait until ams-1 has measured it
+	// to both other regions (iad is nearer than syd).
+	waitUntil(t, "RTTs measured from ams-1", func() bool {
+		snap := ams.Cluster.Snapshot()
+		return snap.RTT("iad-1") > 0 && snap.RTT("syd-1") > snap.RTT("iad-1")
+	})
 	client := &http.Client{Timeout: 30 * time.Second}
 	ask := func() (region string, status int, took time.Duration) {
 		t.Helper()

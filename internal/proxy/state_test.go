@@ -177,3 +177,26 @@ func TestCloseLeavesNothing(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// FuzzAppOf: whatever the Host header, a name comes back only as one valid
+// label, and only for a host under the domain.
+func FuzzAppOf(f *testing.F) {
+	for _, s := range []string{"demo.localhost", "demo.localhost:80", "DEMO.localhost.", "a.b.localhost", "[::1]:80", "\x00.localhost", "demo.localhost:", ":80"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, host string) {
+		app, ok := appOf(host, "localhost")
+		if !ok {
+			if app != "" {
+				t.Fatalf("%q: no app but %q", host, app)
+			}
+			return
+		}
+		if !validLabel(app) {
+			t.Fatalf("%q: app %q is not a label", host, app)
+		}
+		if !strings.Contains(strings.ToLower(host), app+".localhost") {
+			t.Fatalf("%q: app %q not under the domain", host, app)
+		}
+	})
+}

@@ -244,6 +244,27 @@ func TestSelect(t *testing.T) {
 	}
 }
 
+// TestRegionsRankedByMeasuredRTT: other regions are ranked by the RTT to
+// their nearest live host, whatever their names; a region whose RTT is not
+// measured yet, or whose hosts are all down, comes after every measured one.
+func TestRegionsRankedByMeasuredRTT(t *testing.T) {
+	hosts := []Host{
+		{ID: "ams-1", Region: "ams", Status: HostAlive},
+		{ID: "aaa-1", Region: "aaa", Status: HostAlive},                             // not measured yet
+		{ID: "bbb-1", Region: "bbb", Status: HostDown, RTT: time.Millisecond},       // down: its RTT does not count
+		{ID: "bbb-2", Region: "bbb", Status: HostAlive, RTT: 90 * time.Millisecond}, // bbb's nearest live host
+		{ID: "zzz-1", Region: "zzz", Status: HostAlive, RTT: 40 * time.Millisecond},
+		{ID: "zzz-2", Region: "zzz", Status: HostAlive, RTT: 60 * time.Millisecond},
+	}
+	ms := []Machine{mk("a", "aaa-1"), mk("b", "bbb-2"), mk("z2", "zzz-2"), mk("z1", "zzz-1")}
+	tab := Build(Facts{Self: "ams-1", Region: "ams", Hosts: hosts, Machines: ms, Load: map[string]int{"z1": 3}})
+	got := ids(tab.Select("web", Query{Port: 80}, nil, make([]*Target, 0, 8)))
+	// Within zzz the less loaded machine goes first, though farther.
+	if want := []string{"z2", "z1", "b", "a"}; !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+}
+
 func TestSelectTarget(t *testing.T) {
 	tab := Build(Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []Machine{mk("a", "ams-1"), mk("f", "fra-1")}})
 	got := tab.Select("web", Query{Port: 443}, nil, make([]*Target, 0, 2))
