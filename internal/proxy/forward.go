@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"crypto/subtle"
 	"errors"
 	"fmt"
@@ -228,7 +229,7 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 		Host:          r.Host,
 		Body:          body,
 		ContentLength: size,
-	}).WithContext(r.Context())
+	}).WithContext(context.WithValue(r.Context(), connectBudgetKey{}, p.connectBudget(tg)))
 	if size < 0 {
 		out.ContentLength = -1
 	}
@@ -366,7 +367,7 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 			Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery},
 		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Header: h, Host: r.Host, Body: body, ContentLength: r.ContentLength,
-	}).WithContext(r.Context())
+	}).WithContext(context.WithValue(r.Context(), connectBudgetKey{}, p.cfg.MinConnectTimeout))
 	p.load.add(machineID, 1)
 	defer p.load.add(machineID, -1)
 	resp, err := p.toSelf.RoundTrip(out)

@@ -34,6 +34,7 @@ type backend struct {
 	name string
 	addr *net.TCPAddr
 	hits atomic.Int64
+	srv  *http.Server
 }
 
 func startBackend(t *testing.T, name string) *backend {
@@ -50,6 +51,7 @@ func startBackend(t *testing.T, name string) *backend {
 		w.Header().Set("X-Backend", name)
 		json.NewEncoder(w).Encode(seen{Machine: name, Method: r.Method, URI: r.RequestURI, Host: r.Host, Header: r.Header, Body: string(body)})
 	}), ReadHeaderTimeout: 10 * time.Second}
+	b.srv = srv
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return b

@@ -25,6 +25,7 @@ const (
 	DefaultReadHeaderTimeout = 10 * time.Second
 	DefaultIdleTimeout       = 60 * time.Second
 	DefaultConnectTimeout    = 5 * time.Second
+	DefaultMinConnectTimeout = 250 * time.Millisecond
 	// DefaultMaxBufferedBody is the largest request body kept so a request
 	// can be retried on another machine; larger bodies stream, once.
 	DefaultMaxBufferedBody = 10 << 20
@@ -63,7 +64,13 @@ type Config struct {
 	MaxHeaderBytes    int           // larger request headers are refused with 431
 	ReadHeaderTimeout time.Duration // a client sending its headers slower is cut off
 	IdleTimeout       time.Duration // an idle keep-alive connection is closed
-	ConnectTimeout    time.Duration // a connect to a machine or host that takes longer fails
+	// A connect to a machine or host fails after MinConnectTimeout plus
+	// three measured round trips to its host, or ConnectTimeout when the
+	// round trip is not known (and never later): a host that went silent
+	// costs a request a few round trips, not seconds, before the next
+	// candidate is tried.
+	ConnectTimeout    time.Duration
+	MinConnectTimeout time.Duration
 	MaxBufferedBody   int64
 }
 
@@ -85,6 +92,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ConnectTimeout == 0 {
 		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.MinConnectTimeout == 0 {
+		c.MinConnectTimeout = min(DefaultMinConnectTimeout, c.ConnectTimeout)
 	}
 	if c.MaxBufferedBody == 0 {
 		c.MaxBufferedBody = DefaultMaxBufferedBody
@@ -151,9 +161,12 @@ func New(cfg Config) (*Proxy, error) {
 // error comes back marked, so a refused connect is known to have sent
 // nothing.
 func (p *Proxy) transport(dial DialFunc, perHost int) *http.Transport {
-	timeout := p.cfg.ConnectTimeout
 	return &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			timeout, ok := ctx.Value(connectBudgetKey{}).(time.Duration)
+			if !ok {
+				timeout = p.cfg.ConnectTimeout
+			}
 			ctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
 			c, err := dial(ctx, network, addr)
@@ -170,6 +183,17 @@ func (p *Proxy) transport(dial DialFunc, perHost int) *http.Transport {
 		// a client's.
 		MaxResponseHeaderBytes: 1 << 20,
 	}
+}
+
+// connectBudgetKey carries an attempt's connect timeout to the dialer.
+type connectBudgetKey struct{}
+
+// connectBudget is how long connecting to a target may take.
+func (p *Proxy) connectBudget(tg *route.Target) time.Duration {
+	if !tg.OnSelf && tg.RTT <= 0 {
+		return p.cfg.ConnectTimeout
+	}
+	return min(p.cfg.MinConnectTimeout+3*tg.RTT, p.cfg.ConnectTimeout)
 }
 
 // connectError is a failure to connect: nothing was sent.

@@ -2,11 +2,15 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -378,5 +382,107 @@ func TestStaleStartedMachineOnFarHost(t *testing.T) {
 	}
 	if m.hits.Load() != 0 {
 		t.Error("a stopped machine's host delivered to it")
+	}
+}
+
+// TestSilentHostCostsRoundTrips: a host that went silent (cut off: its
+// connects neither succeed nor fail) costs a request a few round trips to
+// it, not the whole connect timeout, before the next candidate answers.
+func TestSilentHostCostsRoundTrips(t *testing.T) {
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return 4 * time.Millisecond }})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "fra-1"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bhF, err := n.Listen("fra-1", 4380)
+	if err != nil {
+		t.Fatal(err)
+	}
+	far := startBackend(t, "m-fra")
+	local := startBackend(t, "m-ams")
+	const connectTimeout = time.Minute
+	edge := startProxy(t, Config{HostID: "ams-1", Dial: n.DialerFrom("ams-1"), ConnectTimeout: connectTimeout})
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, // fra-1 measured at 8 ms
+		Machines: []route.Machine{machine("m-fra", "fra-1", far.addr), machine("m-ams", "ams-1", local.addr)}},
+		map[string]string{"fra-1": bhF.Addr().String()})
+	n.Kill("fra-1")
+
+	start := time.Now()
+	resp, body := get(t, &http.Client{Timeout: 2 * connectTimeout}, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Prefer-Instance-Id": "m-fra"})
+	took := time.Since(start)
+	if resp.StatusCode != 200 || decode(t, body).Machine != "m-ams" {
+		t.Fatalf("%d %s", resp.StatusCode, body)
+	}
+	// The budget is 250 ms + 3 × 8 ms; the connect timeout, a minute.
+	if took >= connectTimeout/2 {
+		t.Errorf("the silent host held the request %v", took)
+	}
+	if far.hits.Load() != 0 {
+		t.Error("the cut-off host's machine was reached")
+	}
+}
+
+// TestNoFailureWhileAMachineStops: requests keep coming from several
+// clients while the preferred machine stops gracefully (it refuses new
+// connections and closes idle ones) and the edge still lists it: not one
+// request fails, and the other machine takes them all.
+func TestNoFailureWhileAMachineStops(t *testing.T) {
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("a", "ams-1", a.addr), machine("b", "ams-1", b.addr)},
+		Load:     map[string]int{"b": 10}}, nil) // a first
+	const clients, each = 4, 60
+	var sent atomic.Int64
+	stopped := make(chan struct{})
+	errs := make(chan string, clients*each)
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := &http.Client{Timeout: 30 * time.Second}
+			for i := range each {
+				if sent.Add(1) == clients*each/3 {
+					go func() {
+						defer close(stopped)
+						a.srv.Shutdown(context.Background())
+					}()
+				}
+				req, _ := http.NewRequest("POST", "http://"+p.EdgeAddr()+"/", strings.NewReader(fmt.Sprint("n", i)))
+				req.Host = "demo.localhost"
+				resp, err := c.Do(req)
+				if err != nil {
+					errs <- err.Error()
+					continue
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || decode(t, string(body)).Body != fmt.Sprint("n", i) {
+					errs <- fmt.Sprintf("%d %s", resp.StatusCode, body)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	<-stopped
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	if a.hits.Load() == 0 || b.hits.Load() == 0 || a.hits.Load()+b.hits.Load() != clients*each {
+		t.Errorf("a answered %d, b %d of %d", a.hits.Load(), b.hits.Load(), clients*each)
+	}
+	// After the stop every request goes to b.
+	before := b.hits.Load()
+	for range 5 {
+		if resp, body := get(t, http.DefaultClient, p.EdgeAddr(), "demo.localhost", nil); resp.StatusCode != 200 || decode(t, body).Machine != "b" {
+			t.Fatalf("after the stop: %d %s", resp.StatusCode, body)
+		}
+	}
+	if b.hits.Load() != before+5 {
+		t.Errorf("b answered %d of 5", b.hits.Load()-before)
 	}
 }

@@ -149,10 +149,12 @@ type Target struct {
 	Excluded Exclusion
 	// Published is the concurrency the machine's host last published.
 	Published int
+	// RTT is the measured round trip to the machine's host (zero when
+	// unknown, and for the edge's own host).
+	RTT time.Duration
 
 	lo, hi     int // public ports
 	suspect    bool
-	rtt        time.Duration
 	regionRank int // 0 for the edge's region, then nearer regions first
 	slot       uint64
 }
@@ -217,7 +219,7 @@ func Build(f Facts) *Table {
 				}
 				if h != nil {
 					tg.suspect = h.Status == HostSuspect
-					tg.rtt = h.RTT
+					tg.RTT = h.RTT
 				}
 				tg.regionRank = t.rank(m.Region)
 				tg.slot = mix(uint64(len(a.targets)) + 1)

@@ -143,13 +143,13 @@ func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load
 		if over {
 			k.tier = tierHomeOverSoft
 		}
-		k.a, k.b = int64(n), int64(tg.rtt)
+		k.a, k.b = int64(n), int64(tg.RTT)
 	default:
 		k.tier = tierAwayUnderSoft
 		if over {
 			k.tier = tierAwayOverSoft
 		}
-		k.a, k.b, k.c = int64(tg.regionRank), int64(n), int64(tg.rtt)
+		k.a, k.b, k.c = int64(tg.regionRank), int64(n), int64(tg.RTT)
 	}
 	if tg.suspect {
 		k.tier += tiers
