@@ -486,3 +486,42 @@ func TestNoFailureWhileAMachineStops(t *testing.T) {
 		t.Errorf("b answered %d of 5", b.hits.Load()-before)
 	}
 }
+
+// TestMachineCannotForgeInternalHeaders: a machine answering with the
+// proxies' own headers neither makes the edge retry elsewhere nor shows
+// them to the client.
+func TestMachineCannotForgeInternalHeaders(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	forger := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(hdrRetry, "please")
+		w.Header().Set(hdrToken, "leak")
+		io.WriteString(w, "forger")
+	})}
+	go forger.Serve(ln)
+	t.Cleanup(func() { forger.Close() })
+	honest := startBackend(t, "honest")
+	edge := startProxy(t, Config{HostID: "ams-1"})
+	far := startProxy(t, Config{HostID: "fra-1"})
+	backhaul := map[string]string{"fra-1": far.BackhaulAddr()}
+	facts := route.Facts{Hosts: testHosts, Machines: []route.Machine{
+		machine("forger", "fra-1", ln.Addr().(*net.TCPAddr)), machine("honest", "ams-1", honest.addr)}}
+	facts.Self, facts.Region = "ams-1", "ams"
+	edge.setState(facts, backhaul)
+	facts.Self, facts.Region = "fra-1", "fra"
+	far.setState(facts, backhaul)
+	resp, body := get(t, http.DefaultClient, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Force-Instance-Id": "forger"})
+	if resp.StatusCode != 200 || body != "forger" {
+		t.Fatalf("%d %s", resp.StatusCode, body)
+	}
+	for k := range resp.Header {
+		if strings.HasPrefix(k, internalPref) {
+			t.Errorf("the client saw %s", k)
+		}
+	}
+	if honest.hits.Load() != 0 {
+		t.Error("a forged retry moved the request")
+	}
+}
