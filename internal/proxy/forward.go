@@ -147,7 +147,9 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	var buf [route.MaxCandidates]*route.Target
 	cands := st.table.Select(appName, q, &p.load, buf[:0])
 	if len(cands) == 0 {
-		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, st.table.Explain(appName, q, &p.load))
+		reason := st.table.Explain(appName, q, &p.load)
+		p.log.Debug("no candidate", "app", appName, "request_id", reqID, "reason", reason)
+		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, reason)
 		return
 	}
 	body, err := readBody(r, p.cfg.MaxBufferedBody)
@@ -198,8 +200,9 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		p.respond(w, resp, reqID, tg.MachineID)
 		return
 	}
-	p.fail(w, reqID, http.StatusBadGateway, codeAllFailed,
-		fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; ")))
+	reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))
+	p.log.Warn("request failed on every candidate", "app", appName, "request_id", reqID, "reason", reason)
+	p.fail(w, reqID, http.StatusBadGateway, codeAllFailed, reason)
 }
 
 // send makes one attempt: straight to a machine of this host, or over the
