@@ -43,7 +43,7 @@ const (
 	codeUnknownHost = "unknown_host" // 404: no app at that name
 	codeNoCandidate = "no_candidate" // 503: no machine can take the request
 	codeAllFailed   = "all_failed"   // 502: every candidate tried failed
-	codeBadRequest  = "bad_request"  // 400: the request's body could not be read
+	codeBadRequest  = "bad_request"  // 400: the request's body could not be read; 405 for CONNECT
 	codeForbidden   = "forbidden"    // 403: a backhaul request without the token
 	codeNotHere     = "not_here"     // 503 on the backhaul: the machine does not run here
 )
@@ -121,7 +121,7 @@ func (b *requestBody) attempt() (io.ReadCloser, int64, bool) {
 	switch {
 	case b.stream != nil:
 		return b.stream, b.size, b.stream.n == 0
-	case b.buf == nil:
+	case len(b.buf) == 0:
 		return http.NoBody, 0, true
 	}
 	return io.NopCloser(bytes.NewReader(b.buf)), int64(len(b.buf)), true
@@ -130,6 +130,10 @@ func (b *requestBody) attempt() (io.ReadCloser, int64, bool) {
 // serveEdge routes a client's request to the best machine of its app.
 func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	reqID := ulid.Make().String() + "-" + p.cfg.Region
+	if r.Method == http.MethodConnect {
+		p.fail(w, reqID, http.StatusMethodNotAllowed, codeBadRequest, "CONNECT is not proxied")
+		return
+	}
 	appName, ok := appOf(r.Host, p.cfg.Domain)
 	st := p.state.Load()
 	if !ok || !st.table.HasApp(appName) {

@@ -525,3 +525,26 @@ func TestMachineCannotForgeInternalHeaders(t *testing.T) {
 		t.Error("a forged retry moved the request")
 	}
 }
+
+// TestChunkedAndEmptyBodies: a body of unknown length is buffered and sent
+// with its length; an empty one arrives empty.
+func TestChunkedAndEmptyBodies(t *testing.T) {
+	b := startBackend(t, "m1")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(factsOne(b), nil)
+	for _, payload := range []string{"", "chunked body"} {
+		pr, pw := io.Pipe()
+		go func() {
+			io.WriteString(pw, payload)
+			pw.Close()
+		}()
+		resp, body := do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, pr)
+		s := decode(t, body)
+		if resp.StatusCode != 200 || s.Body != payload {
+			t.Errorf("%q: %d, machine got %q", payload, resp.StatusCode, s.Body)
+		}
+		if te := s.Header.Get("Transfer-Encoding"); te != "" {
+			t.Errorf("%q: sent on with Transfer-Encoding %q", payload, te)
+		}
+	}
+}
