@@ -52,6 +52,8 @@ func freePort(t *testing.T) int {
 // TestEdgeRoutesToNearestRegion: a request for demo.localhost at the ams
 // edge is answered by an ams machine; once the ams machines are stopped, by
 // the next region's, paying the distance — and no request fails meanwhile.
+// The control plane and its catalog are down throughout: the data plane
+// routes by the hosts' gossip alone.
 func TestEdgeRoutesToNearestRegion(t *testing.T) {
 	self, err := os.Executable()
 	if err != nil {
@@ -66,6 +68,7 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 		NewDriver: func(string, int, string) (driver.Driver, error) {
 			return exec.New(exec.Config{Images: map[string][]string{host.DemoImage: {self, "demo-app"}}}, nil), nil
 		},
+		ControlPlane: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -78,6 +81,9 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 	defer cancel()
 	if err := c.WaitConverged(wctx); err != nil {
 		t.Fatal(err)
+	}
+	if err := c.Plane.Close(); err != nil {
+		t.Fatalf("stop the control plane: %v", err)
 	}
 	edges := c.Edges()
 	if len(edges) != 3 || edges["ams"] == "" || edges["iad"] == "" || edges["syd"] == "" {
