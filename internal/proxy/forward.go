@@ -28,7 +28,11 @@ const (
 	// hdrRetry on a backhaul response says the machine was not reached
 	// (not running on that host, connect refused, reset): the edge tries
 	// its next candidate. Fly calls the first case PM13, "recently stopped".
-	hdrRetry     = "Flame-Proxy-Retry"
+	hdrRetry = "Flame-Proxy-Retry"
+	// hdrTimeout on a backhaul response says the machine took the request
+	// but did not start answering in time: only an idempotent request
+	// moves on.
+	hdrTimeout   = "Flame-Proxy-Timeout"
 	internalPref = "Flame-Proxy-"
 )
 
@@ -46,6 +50,7 @@ const (
 	codeBadRequest  = "bad_request"  // 400: the request's body could not be read; 405 for CONNECT
 	codeForbidden   = "forbidden"    // 403: a backhaul request without the token
 	codeNotHere     = "not_here"     // 503 on the backhaul: the machine does not run here
+	codeTimeout     = "timeout"      // 504: the machine did not start its answer in time
 )
 
 // hopHeaders are meaningful for one connection only and never forwarded.
@@ -73,6 +78,28 @@ func removeInternal(h http.Header) {
 			delete(h, k)
 		}
 	}
+}
+
+// idempotent methods may be sent again after a machine took them without
+// answering (RFC 9110, 9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return false
+}
+
+// headerTimeout reports whether an attempt failed because the machine did
+// not start its answer in time (a connect that timed out is no such case:
+// nothing was sent).
+func headerTimeout(err error) bool {
+	var ce *connectError
+	if errors.As(err, &ce) {
+		return false
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // requestBody is a request's body as the attempts see it: buffered whole
@@ -188,14 +215,26 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 			break // a streamed body was already sent, in part
 		}
 		resp, err := p.send(r, st, tg, hdr, rb, size, port)
-		if err == nil && resp.Header.Get(hdrRetry) != "" && !tg.OnSelf {
-			err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
-			resp.Body.Close()
-			resp = nil
+		if err == nil && !tg.OnSelf {
+			switch {
+			case resp.Header.Get(hdrRetry) != "":
+				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
+			case resp.Header.Get(hdrTimeout) != "" && idempotent(r.Method):
+				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrTimeout))
+			}
+			if err != nil {
+				resp.Body.Close()
+				resp = nil
+			}
 		}
 		if err != nil {
 			if r.Context().Err() != nil {
 				return // the client went away
+			}
+			if headerTimeout(err) && !idempotent(r.Method) {
+				reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
+				p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
+				return
 			}
 			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
 			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
@@ -380,6 +419,11 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 	resp, err := p.toSelf.RoundTrip(out)
 	if err != nil {
 		if r.Context().Err() != nil {
+			return
+		}
+		if headerTimeout(err) {
+			w.Header().Set(hdrTimeout, "machine "+machineID+": "+err.Error())
+			p.fail(w, "", http.StatusGatewayTimeout, codeTimeout, fmt.Sprintf("machine %q: %v", machineID, err))
 			return
 		}
 		w.Header().Set(hdrRetry, "machine "+machineID+": "+err.Error())

@@ -19,13 +19,14 @@ type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
 
 // Defaults and limits.
 const (
-	DefaultDomain            = "localhost"
-	DefaultPort              = 80
-	DefaultMaxHeaderBytes    = 32 << 10
-	DefaultReadHeaderTimeout = 10 * time.Second
-	DefaultIdleTimeout       = 60 * time.Second
-	DefaultConnectTimeout    = 5 * time.Second
-	DefaultMinConnectTimeout = 250 * time.Millisecond
+	DefaultDomain                = "localhost"
+	DefaultPort                  = 80
+	DefaultMaxHeaderBytes        = 32 << 10
+	DefaultReadHeaderTimeout     = 10 * time.Second
+	DefaultIdleTimeout           = 60 * time.Second
+	DefaultConnectTimeout        = 5 * time.Second
+	DefaultMinConnectTimeout     = 250 * time.Millisecond
+	DefaultResponseHeaderTimeout = 60 * time.Second
 	// DefaultMaxBufferedBody is the largest request body kept so a request
 	// can be retried on another machine; larger bodies stream, once.
 	DefaultMaxBufferedBody = 10 << 20
@@ -71,7 +72,11 @@ type Config struct {
 	// candidate is tried.
 	ConnectTimeout    time.Duration
 	MinConnectTimeout time.Duration
-	MaxBufferedBody   int64
+	// ResponseHeaderTimeout is how long a machine may take to start its
+	// answer. Then an idempotent request moves to the next candidate; any
+	// other is answered 504, since the machine may have acted on it.
+	ResponseHeaderTimeout time.Duration
+	MaxBufferedBody       int64
 }
 
 func (c *Config) setDefaults() {
@@ -95,6 +100,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MinConnectTimeout == 0 {
 		c.MinConnectTimeout = min(DefaultMinConnectTimeout, c.ConnectTimeout)
+	}
+	if c.ResponseHeaderTimeout == 0 {
+		c.ResponseHeaderTimeout = DefaultResponseHeaderTimeout
 	}
 	if c.MaxBufferedBody == 0 {
 		c.MaxBufferedBody = DefaultMaxBufferedBody
@@ -151,8 +159,9 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy")}
-	p.toSelf = p.transport(cfg.DialMachine, 64)
-	p.toHosts = p.transport(cfg.Dial, 256)
+	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
+	// The far proxy times its machine out first and says so.
+	p.toHosts = p.transport(cfg.Dial, 256, cfg.ResponseHeaderTimeout+time.Second)
 	p.setState(route.Facts{Self: cfg.HostID, Region: cfg.Region}, nil)
 	return p, nil
 }
@@ -160,7 +169,7 @@ func New(cfg Config) (*Proxy, error) {
 // transport is a pool of keep-alive connections through one dialer. A dial
 // error comes back marked, so a refused connect is known to have sent
 // nothing.
-func (p *Proxy) transport(dial DialFunc, perHost int) *http.Transport {
+func (p *Proxy) transport(dial DialFunc, perHost int, headerTimeout time.Duration) *http.Transport {
 	return &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			timeout, ok := ctx.Value(connectBudgetKey{}).(time.Duration)
@@ -175,10 +184,11 @@ func (p *Proxy) transport(dial DialFunc, perHost int) *http.Transport {
 			}
 			return c, nil
 		},
-		MaxIdleConns:        4096,
-		MaxIdleConnsPerHost: perHost,
-		IdleConnTimeout:     30 * time.Second,
-		DisableCompression:  true,
+		ResponseHeaderTimeout: headerTimeout,
+		MaxIdleConns:          4096,
+		MaxIdleConnsPerHost:   perHost,
+		IdleConnTimeout:       30 * time.Second,
+		DisableCompression:    true,
 		// Responses are passed on as they come; headers are bounded like
 		// a client's.
 		MaxResponseHeaderBytes: 1 << 20,

@@ -548,3 +548,61 @@ func TestChunkedAndEmptyBodies(t *testing.T) {
 		}
 	}
 }
+
+// TestHangingMachine: a machine that takes a request and never answers is
+// given up after the response header timeout; an idempotent request then
+// goes to the next candidate, any other is answered 504 and sent nowhere
+// else — on this host and across the backhaul alike.
+func TestHangingMachine(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	hang := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	})}
+	go hang.Serve(ln)
+	t.Cleanup(func() {
+		close(release)
+		hang.Close()
+	})
+	hangAddr := ln.Addr().(*net.TCPAddr)
+	good := startBackend(t, "good")
+	const timeout = 200 * time.Millisecond
+	edge := startProxy(t, Config{HostID: "ams-1", ResponseHeaderTimeout: timeout})
+	far := startProxy(t, Config{HostID: "fra-1", ResponseHeaderTimeout: timeout})
+	backhaul := map[string]string{"fra-1": far.BackhaulAddr()}
+	client := &http.Client{Timeout: 30 * time.Second} // a proxy that never gives up fails the test
+	for _, hangHost := range []string{"ams-1", "fra-1"} {
+		ms := []route.Machine{machine("hang", hangHost, hangAddr), machine("good", "ams-1", good.addr)}
+		edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: ms}, backhaul)
+		far.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: ms}, backhaul)
+
+		prefer := map[string]string{"Fly-Prefer-Instance-Id": "hang"}
+		before := good.hits.Load()
+		start := time.Now()
+		resp, body := do(t, client, "GET", edge.EdgeAddr(), "demo.localhost", "/", prefer, nil)
+		if resp.StatusCode != 200 || decode(t, body).Machine != "good" {
+			t.Errorf("hanging on %s, GET: %d %s", hangHost, resp.StatusCode, body)
+		}
+		if took := time.Since(start); took < timeout {
+			t.Errorf("hanging on %s, GET moved on after %v, before the timeout", hangHost, took)
+		}
+		resp, body = do(t, client, "POST", edge.EdgeAddr(), "demo.localhost", "/", prefer, strings.NewReader("once"))
+		if resp.StatusCode != http.StatusGatewayTimeout || resp.Header.Get("Flame-Error") != codeTimeout {
+			t.Errorf("hanging on %s, POST: %d %s", hangHost, resp.StatusCode, body)
+		}
+		for k := range resp.Header {
+			if strings.HasPrefix(k, internalPref) {
+				t.Errorf("the client saw %s", k)
+			}
+		}
+		if n := good.hits.Load() - before; n != 1 {
+			t.Errorf("hanging on %s: the other machine got %d requests, want the GET only", hangHost, n)
+		}
+	}
+}
