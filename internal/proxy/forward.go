@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/oklog/ulid/v2"
 
@@ -189,8 +190,10 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	hdr := r.Header.Clone()
+	proto := upgradeOf(hdr)
 	removeHopHeaders(hdr)
 	removeInternal(hdr)
+	keepUpgrade(hdr, proto)
 	clientIP := r.RemoteAddr
 	if h, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		clientIP = h
@@ -285,8 +288,27 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 		p.load.add(tg.MachineID, -1)
 		return nil, err
 	}
-	resp.Body = &countedBody{ReadCloser: resp.Body, done: func() { p.load.add(tg.MachineID, -1) }}
+	done := func() { p.load.add(tg.MachineID, -1) }
+	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
+		resp.Body = &countedConn{ReadWriteCloser: rwc, done: done}
+	} else {
+		resp.Body = &countedBody{ReadCloser: resp.Body, done: done}
+	}
 	return resp, nil
+}
+
+// countedConn is countedBody for an upgraded connection: it stays counted
+// in flight until it closes.
+type countedConn struct {
+	io.ReadWriteCloser
+	once sync.Once
+	done func()
+}
+
+func (c *countedConn) Close() error {
+	err := c.ReadWriteCloser.Close()
+	c.once.Do(c.done)
+	return err
 }
 
 // countedBody ends a request's count in flight when its response is done.
@@ -308,6 +330,10 @@ func (c *countedBody) Close() error {
 // the status was sent cuts the client's connection too, so it cannot take
 // a partial body for a whole one.
 func (p *Proxy) respond(w http.ResponseWriter, resp *http.Response, reqID, machineID string) {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		p.switchProtocols(w, resp, reqID)
+		return
+	}
 	defer resp.Body.Close()
 	h := w.Header()
 	removeHopHeaders(resp.Header)
@@ -401,8 +427,10 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h := r.Header.Clone()
+	proto := upgradeOf(h)
 	removeHopHeaders(h)
 	removeInternal(h)
+	keepUpgrade(h, proto)
 	body := r.Body
 	if r.ContentLength == 0 {
 		body = http.NoBody

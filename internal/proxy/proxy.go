@@ -148,8 +148,10 @@ type Proxy struct {
 	toSelf  *http.Transport // to this host's machines
 	toHosts *http.Transport // to other hosts' backhaul listeners
 	servers []*http.Server
-	stop    context.CancelFunc
-	wg      sync.WaitGroup
+	// upgraded are the connections switched to another protocol.
+	upgraded upgrades
+	stop     context.CancelFunc
+	wg       sync.WaitGroup
 }
 
 // New builds a proxy; nothing runs until Start.
@@ -307,6 +309,7 @@ func (p *Proxy) Close() error {
 			srv.Close()
 		}
 	}
+	p.upgraded.closeAll()
 	// Listeners never served (a host that failed to start) are closed too.
 	for _, ln := range []net.Listener{p.cfg.Edge, p.cfg.Backhaul} {
 		if ln != nil {

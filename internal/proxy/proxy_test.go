@@ -606,3 +606,115 @@ func TestHangingMachine(t *testing.T) {
 		}
 	}
 }
+
+// startEchoUpgrader is a machine that switches requests with "Upgrade:
+// echo" to a line echo protocol, as a WebSocket server switches.
+func startEchoUpgrader(t *testing.T) *net.TCPAddr {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "echo" {
+			http.Error(w, "want Upgrade: echo", http.StatusBadRequest)
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\nX-Region-Seen: %s\r\n\r\n", r.Header.Get("Fly-Region"))
+		brw.Flush()
+		for {
+			line, err := brw.ReadString('\n')
+			if err != nil {
+				return
+			}
+			brw.WriteString("echo " + line)
+			brw.Flush()
+		}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr)
+}
+
+// upgradeAt opens a connection to an edge, asks for the echo protocol and
+// returns the connection once switched.
+func upgradeAt(t *testing.T, edge string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", edge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(c, "GET /chat HTTP/1.1\r\nHost: demo.localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "echo" ||
+		!strings.HasSuffix(resp.Header.Get("Fly-Request-Id"), "-ams") || resp.Header.Get("X-Region-Seen") != "ams" {
+		t.Fatalf("upgrade answer: %d %v", resp.StatusCode, resp.Header)
+	}
+	for k := range resp.Header {
+		if strings.HasPrefix(k, internalPref) {
+			t.Errorf("the client saw %s", k)
+		}
+	}
+	// A line the client sent right behind its request is not lost.
+	if line, err := br.ReadString('\n'); err != nil || line != "echo early\n" {
+		t.Fatalf("first echo: %q %v", line, err)
+	}
+	return c, br
+}
+
+// TestUpgradePassesThrough: a WebSocket-style upgrade reaches the machine,
+// on this host and across the backhaul, and the switched connection carries
+// bytes both ways; it counts in flight until it closes, and Close ends it.
+func TestUpgradePassesThrough(t *testing.T) {
+	addr := startEchoUpgrader(t)
+	edge := startProxy(t, Config{HostID: "ams-1"})
+	far := startProxy(t, Config{HostID: "fra-1"})
+	backhaul := map[string]string{"fra-1": far.BackhaulAddr()}
+	for _, on := range []string{"ams-1", "fra-1"} {
+		ms := []route.Machine{machine("ws", on, addr)}
+		edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: ms}, backhaul)
+		far.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: ms}, backhaul)
+		c, br := upgradeAt(t, edge.EdgeAddr())
+		for i := range 3 {
+			fmt.Fprintf(c, "line %d\n", i)
+			if line, err := br.ReadString('\n'); err != nil || line != fmt.Sprintf("echo line %d\n", i) {
+				t.Fatalf("on %s: echo %d: %q %v", on, i, line, err)
+			}
+		}
+		if n := edge.InFlight()["ws"]; n != 1 {
+			t.Errorf("on %s: %d in flight at the edge, want the open connection", on, n)
+		}
+		c.Close()
+		deadline := time.Now().Add(10 * time.Second)
+		for edge.InFlight()["ws"] != 0 || far.InFlight()["ws"] != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("on %s: still in flight after the close: edge %v far %v", on, edge.InFlight(), far.InFlight())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	// An upgraded connection still open when the proxy closes is cut.
+	c, br := upgradeAt(t, edge.EdgeAddr())
+	closed := make(chan error, 1)
+	go func() { closed <- edge.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Close waited on an upgraded connection")
+	}
+	if _, err := br.ReadString('\n'); err == nil {
+		t.Error("the upgraded connection outlived the proxy")
+	}
+	c.Close()
+}
