@@ -184,6 +184,19 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, reason)
 		return
 	}
+	if cands[0].ForceHTTPS {
+		// The edge speaks plain HTTP only (TLS is not served yet).
+		host := r.Host
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		w.Header().Set("Location", "https://"+host+r.URL.RequestURI())
+		w.Header().Set("Fly-Request-Id", reqID)
+		w.Header().Set("Server", serverName)
+		w.Header().Add("Via", viaValue)
+		w.WriteHeader(http.StatusMovedPermanently)
+		return
+	}
 	body, err := readBody(r, p.cfg.MaxBufferedBody)
 	if err != nil {
 		p.fail(w, reqID, http.StatusBadRequest, codeBadRequest, err.Error())

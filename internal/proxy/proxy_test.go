@@ -718,3 +718,21 @@ func TestUpgradePassesThrough(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TestForceHTTPS: a port with force_https answers plain HTTP with a
+// permanent redirect to the same URL over HTTPS, without reaching a machine.
+func TestForceHTTPS(t *testing.T) {
+	b := startBackend(t, "m1")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	m := machine("m1", "ams-1", b.addr)
+	m.Services[0].Ports[0].ForceHTTPS = true
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{m}}, nil)
+	c := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, body := do(t, c, "GET", p.EdgeAddr(), "demo.localhost:8080", "/a/b?c=d", nil, nil)
+	if resp.StatusCode != http.StatusMovedPermanently || resp.Header.Get("Location") != "https://demo.localhost/a/b?c=d" {
+		t.Errorf("%d %v %s", resp.StatusCode, resp.Header, body)
+	}
+	if b.hits.Load() != 0 {
+		t.Error("the machine was reached")
+	}
+}

@@ -70,9 +70,9 @@ func factsFrom(snap *cluster.Snapshot, self, region string, load map[string]int)
 			for _, p := range s.Ports {
 				switch {
 				case p.Port > 0:
-					rs.Ports = append(rs.Ports, route.PortRange{Start: p.Port, End: p.Port})
+					rs.Ports = append(rs.Ports, route.PortRange{Start: p.Port, End: p.Port, ForceHTTPS: p.ForceHTTPS})
 				case p.StartPort > 0 && p.EndPort >= p.StartPort:
-					rs.Ports = append(rs.Ports, route.PortRange{Start: p.StartPort, End: p.EndPort})
+					rs.Ports = append(rs.Ports, route.PortRange{Start: p.StartPort, End: p.EndPort, ForceHTTPS: p.ForceHTTPS})
 				}
 			}
 			rm.Services = append(rm.Services, rs)

@@ -29,7 +29,7 @@ func benchTable(n int) (*Table, []Query) {
 			ms = append(ms, Machine{
 				ID: id, InstanceID: "i" + id, App: fmt.Sprintf("app-%d", a), Region: h.Region, Host: h.ID,
 				PrivateIP: "fdaa::1", Started: true, Healthy: i%13 != 0,
-				Services: []Service{{InternalPort: 8080, Ports: []PortRange{{80, 80}, {443, 443}}}},
+				Services: []Service{{InternalPort: 8080, Ports: []PortRange{{Start: 80, End: 80}, {Start: 443, End: 443}}}},
 			})
 			load[id] = (i * 31) % 27
 		}

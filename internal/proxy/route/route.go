@@ -83,8 +83,12 @@ type Service struct {
 	HardLimit    int
 }
 
-// PortRange is a public port (Start == End) or a range of them.
-type PortRange struct{ Start, End int }
+// PortRange is a public port (Start == End) or a range of them, and
+// whether plain HTTP requests on it are redirected to HTTPS.
+type PortRange struct {
+	Start, End int
+	ForceHTTPS bool
+}
 
 // Facts are what a Table is built from.
 type Facts struct {
@@ -142,9 +146,11 @@ type Target struct {
 	Addr string
 	Port int
 	// OnSelf is true when the machine runs on the edge's own host.
-	OnSelf    bool
-	SoftLimit int
-	HardLimit int
+	OnSelf bool
+	// ForceHTTPS: the port answers plain HTTP with a redirect to HTTPS.
+	ForceHTTPS bool
+	SoftLimit  int
+	HardLimit  int
 	// Excluded says why the target gets no traffic (Included when it does).
 	Excluded Exclusion
 	// Published is the concurrency the machine's host last published.
@@ -215,7 +221,7 @@ func Build(f Facts) *Table {
 					MachineID: m.ID, InstanceID: m.InstanceID, App: m.App, Region: m.Region, Host: m.Host,
 					Addr: m.PrivateIP, Port: s.InternalPort, OnSelf: m.Host == f.Self,
 					SoftLimit: soft, HardLimit: hard, Excluded: excl, Published: max(f.Load[m.ID], 0),
-					lo: p.Start, hi: p.End,
+					ForceHTTPS: p.ForceHTTPS, lo: p.Start, hi: p.End,
 				}
 				if h != nil {
 					tg.suspect = h.Status == HostSuspect

@@ -29,8 +29,8 @@ func mk(id, host string, opts ...func(*Machine)) Machine {
 		ID: id, InstanceID: "inst-" + id, App: "web", Region: region, Host: host,
 		PrivateIP: "fdaa::" + id, Started: true, Healthy: true,
 		Services: []Service{
-			{InternalPort: 8080, Ports: []PortRange{{80, 80}, {443, 443}}},
-			{InternalPort: 9000, Ports: []PortRange{{5000, 5009}}},
+			{InternalPort: 8080, Ports: []PortRange{{Start: 80, End: 80}, {Start: 443, End: 443}}},
+			{InternalPort: 9000, Ports: []PortRange{{Start: 5000, End: 5009}}},
 		},
 	}
 	for _, o := range opts {
@@ -365,9 +365,11 @@ func TestLimits(t *testing.T) {
 func TestBuildIgnoresBadFacts(t *testing.T) {
 	dup := mk("a", "fra-1")
 	orphan := mk("o", "nowhere-1")
-	badPort := mk("p", "ams-1", func(m *Machine) { m.Services = []Service{{InternalPort: 1, Ports: []PortRange{{0, 0}, {90, 80}}}} })
+	badPort := mk("p", "ams-1", func(m *Machine) {
+		m.Services = []Service{{InternalPort: 1, Ports: []PortRange{{Start: 0, End: 0}, {Start: 90, End: 80}}}}
+	})
 	twice := mk("t", "ams-2", func(m *Machine) {
-		m.Services = []Service{{InternalPort: 1, Ports: []PortRange{{80, 80}}}, {InternalPort: 2, Ports: []PortRange{{80, 80}}}}
+		m.Services = []Service{{InternalPort: 1, Ports: []PortRange{{Start: 80, End: 80}}}, {InternalPort: 2, Ports: []PortRange{{Start: 80, End: 80}}}}
 	})
 	tab := Build(Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []Machine{mk("a", "ams-1"), dup, orphan, badPort, twice, {ID: "x"}}})
 	got := tab.Targets("web", 80)
