@@ -177,9 +177,9 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		Rand:           p.seq.Add(0x9e3779b97f4a7c15),
 	}
 	var buf [route.MaxCandidates]*route.Target
-	cands := st.table.Select(appName, q, &p.load, buf[:0])
+	cands := st.table.Select(appName, q, routeInput{p}, buf[:0])
 	if len(cands) == 0 {
-		reason := st.table.Explain(appName, q, &p.load)
+		reason := st.table.Explain(appName, q, routeInput{p})
 		p.log.Debug("no candidate", "app", appName, "request_id", reqID, "reason", reason)
 		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, reason)
 		return
@@ -247,6 +247,7 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 			if r.Context().Err() != nil {
 				return // the client went away
 			}
+			p.strike(tg, err)
 			if headerTimeout(err) && !idempotent(r.Method) {
 				reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
 				p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
@@ -256,12 +257,24 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
 			continue
 		}
+		p.strikes.ok(tg.MachineID, tg.Host)
 		p.respond(w, resp, reqID, tg.MachineID)
 		return
 	}
 	reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))
 	p.log.Warn("request failed on every candidate", "app", appName, "request_id", reqID, "reason", reason)
 	p.fail(w, reqID, http.StatusBadGateway, codeAllFailed, reason)
+}
+
+// strike records a failed attempt: a connect to another host that timed
+// out demotes the host (it went silent), any other failure the machine.
+func (p *Proxy) strike(tg *route.Target, err error) {
+	var ce *connectError
+	if !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded) {
+		p.strikes.fail("", tg.Host)
+		return
+	}
+	p.strikes.fail(tg.MachineID, tg.Host)
 }
 
 // send makes one attempt: straight to a machine of this host, or over the

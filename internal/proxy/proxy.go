@@ -77,6 +77,8 @@ type Config struct {
 	// other is answered 504, since the machine may have acted on it.
 	ResponseHeaderTimeout time.Duration
 	MaxBufferedBody       int64
+	// Now is the clock of demotions after failures (nil: time.Now).
+	Now func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -109,6 +111,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
 	}
 	d := &net.Dialer{}
 	if c.Dial == nil {
@@ -144,6 +149,7 @@ type Proxy struct {
 	log     *slog.Logger
 	state   atomic.Pointer[state]
 	load    inflight
+	strikes *strikes
 	seq     atomic.Uint64
 	toSelf  *http.Transport // to this host's machines
 	toHosts *http.Transport // to other hosts' backhaul listeners
@@ -160,7 +166,7 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy")}
+	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newStrikes(cfg.Now)}
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	// The far proxy times its machine out first and says so.
 	p.toHosts = p.transport(cfg.Dial, 256, cfg.ResponseHeaderTimeout+time.Second)

@@ -573,11 +573,15 @@ func TestHangingMachine(t *testing.T) {
 	hangAddr := ln.Addr().(*net.TCPAddr)
 	good := startBackend(t, "good")
 	const timeout = 200 * time.Millisecond
-	edge := startProxy(t, Config{HostID: "ams-1", ResponseHeaderTimeout: timeout})
-	far := startProxy(t, Config{HostID: "fra-1", ResponseHeaderTimeout: timeout})
+	// A machine that timed out is demoted for a while; the clock moves
+	// past that between requests, so each meets the hanging machine first.
+	clock := newTestClock()
+	edge := startProxy(t, Config{HostID: "ams-1", ResponseHeaderTimeout: timeout, Now: clock.now})
+	far := startProxy(t, Config{HostID: "fra-1", ResponseHeaderTimeout: timeout, Now: clock.now})
 	backhaul := map[string]string{"fra-1": far.BackhaulAddr()}
 	client := &http.Client{Timeout: 30 * time.Second} // a proxy that never gives up fails the test
 	for _, hangHost := range []string{"ams-1", "fra-1"} {
+		clock.advance(time.Hour)
 		ms := []route.Machine{machine("hang", hangHost, hangAddr), machine("good", "ams-1", good.addr)}
 		edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: ms}, backhaul)
 		far.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: ms}, backhaul)
@@ -592,6 +596,7 @@ func TestHangingMachine(t *testing.T) {
 		if took := time.Since(start); took < timeout {
 			t.Errorf("hanging on %s, GET moved on after %v, before the timeout", hangHost, took)
 		}
+		clock.advance(time.Hour)
 		resp, body = do(t, client, "POST", edge.EdgeAddr(), "demo.localhost", "/", prefer, strings.NewReader("once"))
 		if resp.StatusCode != http.StatusGatewayTimeout || resp.Header.Get("Flame-Error") != codeTimeout {
 			t.Errorf("hanging on %s, POST: %d %s", hangHost, resp.StatusCode, body)
@@ -734,5 +739,83 @@ func TestForceHTTPS(t *testing.T) {
 	}
 	if b.hits.Load() != 0 {
 		t.Error("the machine was reached")
+	}
+}
+
+// TestFailedCandidatesDemoted: after a silent host cost one request its
+// connect budget, the next requests do not try it again until the
+// demotion ends; then one does (and, failing again, demotes it for
+// longer). A machine that refuses connections is demoted the same way.
+func TestFailedCandidatesDemoted(t *testing.T) {
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return time.Millisecond }})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "fra-1"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bhF, err := n.Listen("fra-1", 4380)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dials atomic.Int64
+	dial := n.DialerFrom("ams-1")
+	countingDial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return dial(ctx, network, addr)
+	}
+	local := startBackend(t, "m-ams")
+	clock := newTestClock()
+	edge := startProxy(t, Config{HostID: "ams-1", Dial: countingDial, Now: clock.now, MinConnectTimeout: 50 * time.Millisecond})
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("m-fra", "fra-1", local.addr), machine("m-ams", "ams-1", local.addr)}},
+		map[string]string{"fra-1": bhF.Addr().String()})
+	n.Kill("fra-1")
+	prefer := map[string]string{"Fly-Prefer-Instance-Id": "m-fra"}
+	ask := func() {
+		t.Helper()
+		if resp, body := get(t, http.DefaultClient, edge.EdgeAddr(), "demo.localhost", prefer); resp.StatusCode != 200 || decode(t, body).Machine != "m-ams" {
+			t.Fatalf("%d %s", resp.StatusCode, body)
+		}
+	}
+	ask()
+	if dials.Load() != 1 {
+		t.Fatalf("%d dials to the silent host, want 1", dials.Load())
+	}
+	for range 5 {
+		ask()
+	}
+	if dials.Load() != 1 {
+		t.Errorf("the demoted host was dialled %d more times", dials.Load()-1)
+	}
+	clock.advance(strikeBase)
+	ask()
+	if dials.Load() != 2 {
+		t.Errorf("after the demotion %d dials, want one probe", dials.Load())
+	}
+	clock.advance(strikeBase) // the second strike demotes for twice as long
+	ask()
+	if dials.Load() != 2 {
+		t.Errorf("a second failure demoted for no longer than the first")
+	}
+
+	// A machine refusing connections on this host.
+	refused := refusingAddr(t)
+	p := startProxy(t, Config{HostID: "ams-1", Now: clock.now})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
+		Machines: []route.Machine{machine("dead", "ams-1", refused), machine("good", "ams-1", local.addr)},
+		Load:     map[string]int{"good": 5}}, nil)
+	if resp, _ := get(t, http.DefaultClient, p.EdgeAddr(), "demo.localhost", nil); resp.StatusCode != 200 {
+		t.Fatal(resp.StatusCode)
+	}
+	if !p.strikes.demoted("dead", "ams-1") || p.strikes.demoted("good", "ams-1") {
+		t.Error("a refused connect did not demote only its machine")
+	}
+	if got := p.Table().Select("demo", route.Query{Port: 80}, routeInput{p}, nil); len(got) != 0 {
+		t.Fatal("no room, yet candidates")
+	}
+	var buf [route.MaxCandidates]*route.Target
+	if got := p.Table().Select("demo", route.Query{Port: 80}, routeInput{p}, buf[:0]); len(got) != 2 || got[0].MachineID != "good" {
+		t.Errorf("order with dead demoted: %v", got)
 	}
 }

@@ -55,6 +55,14 @@ type liveLoad map[string]int
 
 func (l liveLoad) InFlight(id string) int { return l[id] }
 
+// demoting is a Load that demotes the machines and hosts it names.
+type demoting struct {
+	liveLoad
+	names map[string]bool
+}
+
+func (d demoting) Demoted(id, host string) bool { return d.names[id] || d.names[host] }
+
 func ids(ts []*Target) []string {
 	out := []string{}
 	for _, t := range ts {
@@ -262,6 +270,23 @@ func TestRegionsRankedByMeasuredRTT(t *testing.T) {
 	// Within zzz the less loaded machine goes first, though farther.
 	if want := []string{"z2", "z1", "b", "a"}; !slices.Equal(got, want) {
 		t.Errorf("got %v, want %v", got, want)
+	}
+}
+
+// TestDemotedGoLast: machines that failed recently, or on hosts that did,
+// are tried after every other, suspect hosts included, in their usual order.
+func TestDemotedGoLast(t *testing.T) {
+	ms := []Machine{mk("a", "ams-1"), mk("b", "ams-2"), mk("f", "fra-1"), mk("l", "lhr-1"), mk("i", "iad-1")}
+	tab := Build(Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: ms})
+	d := demoting{names: map[string]bool{"a": true, "fra-1": true}}
+	got := ids(tab.Select("web", Query{Port: 80}, d, make([]*Target, 0, 8)))
+	if want := []string{"b", "i", "l", "a", "f"}; !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+	out := make([]*Target, 0, MaxCandidates)
+	var load Load = d
+	if allocs := testing.AllocsPerRun(100, func() { tab.Select("web", Query{Port: 80}, load, out) }); allocs != 0 {
+		t.Errorf("%v allocations with a Demoter", allocs)
 	}
 }
 

@@ -27,6 +27,13 @@ type Load interface {
 	InFlight(machineID string) int
 }
 
+// Demoter is implemented by a Load that also knows which machines and hosts
+// failed recently (a refused or timed-out connect): their machines are
+// still candidates, but after every other.
+type Demoter interface {
+	Demoted(machineID, host string) bool
+}
+
 // key orders candidates: lower first.
 type key struct {
 	tier    int
@@ -49,7 +56,7 @@ func (k key) less(o key) bool {
 }
 
 // Tiers, best first. A machine on a suspect host sorts after every machine
-// on a live one.
+// on a live one, and a demoted one after both.
 const (
 	tierPreferred = iota // fly-prefer-instance-id
 	tierHomeUnderSoft
@@ -101,22 +108,23 @@ func (t *Table) Select(appName string, q Query, load Load, out []*Target) []*Tar
 	if q.ForceRegion != "" {
 		home = q.ForceRegion
 	}
+	dm, _ := load.(Demoter)
 	idx := a.byPort[q.Port]
 	if len(idx) > 0 {
 		for _, i := range idx {
-			t.consider(&p, &a.targets[i], &q, home, load)
+			t.consider(&p, &a.targets[i], &q, home, load, dm)
 		}
 	} else {
 		for _, i := range a.ranges {
 			if tg := &a.targets[i]; tg.lo <= q.Port && q.Port <= tg.hi {
-				t.consider(&p, tg, &q, home, load)
+				t.consider(&p, tg, &q, home, load, dm)
 			}
 		}
 	}
 	return p.out
 }
 
-func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load) {
+func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load, dm Demoter) {
 	if tg.Excluded != Included {
 		return
 	}
@@ -153,6 +161,9 @@ func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load
 	}
 	if tg.suspect {
 		k.tier += tiers
+	}
+	if dm != nil && dm.Demoted(tg.MachineID, tg.Host) {
+		k.tier += 2 * tiers
 	}
 	p.offer(tg, k)
 }
