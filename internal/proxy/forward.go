@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/oklog/ulid/v2"
 
@@ -126,22 +127,52 @@ func (o *onceReader) Read(b []byte) (int, error) {
 
 func (o *onceReader) Close() error { return nil }
 
-// readBody buffers up to max bytes of a request's body.
-func readBody(r *http.Request, max int64) (*requestBody, error) {
+// byteBudget bounds the bytes of request bodies buffered at once: past it,
+// bodies stream (and are not retried) instead of taking memory without
+// limit.
+type byteBudget struct{ left atomic.Int64 }
+
+func (b *byteBudget) take(n int64) bool {
+	if b.left.Add(-n) < 0 {
+		b.left.Add(n)
+		return false
+	}
+	return true
+}
+
+func (b *byteBudget) give(n int64) { b.left.Add(n) }
+
+// readBody buffers up to max bytes of a request's body, within the budget;
+// held is what it keeps of the budget until the request ends.
+func readBody(r *http.Request, max int64, budget *byteBudget) (body *requestBody, held int64, err error) {
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
-		return &requestBody{}, nil
+		return &requestBody{}, 0, nil
+	}
+	stream := func(rd io.Reader) *requestBody {
+		return &requestBody{stream: &onceReader{r: rd}, size: r.ContentLength}
 	}
 	if r.ContentLength > max {
-		return &requestBody{stream: &onceReader{r: r.Body}, size: r.ContentLength}, nil
+		return stream(r.Body), 0, nil
+	}
+	need := r.ContentLength
+	if need < 0 {
+		need = max + 1 // unknown: room for the most, given back once read
+	}
+	if !budget.take(need) {
+		return stream(r.Body), 0, nil
 	}
 	buf, err := io.ReadAll(io.LimitReader(r.Body, max+1))
 	if err != nil {
-		return nil, fmt.Errorf("read request body: %w", err)
+		budget.give(need)
+		return nil, 0, fmt.Errorf("read request body: %w", err)
 	}
 	if int64(len(buf)) > max {
-		return &requestBody{stream: &onceReader{r: io.MultiReader(bytes.NewReader(buf), r.Body)}, size: r.ContentLength}, nil
+		budget.give(need)
+		return stream(io.MultiReader(bytes.NewReader(buf), r.Body)), 0, nil
 	}
-	return &requestBody{buf: buf, size: int64(len(buf))}, nil
+	held = int64(len(buf))
+	budget.give(need - held)
+	return &requestBody{buf: buf, size: held}, held, nil
 }
 
 // attempt returns the body for one attempt, and whether one may be made.
@@ -197,11 +228,12 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusMovedPermanently)
 		return
 	}
-	body, err := readBody(r, p.cfg.MaxBufferedBody)
+	body, held, err := readBody(r, p.cfg.MaxBufferedBody, &p.buffered)
 	if err != nil {
 		p.fail(w, reqID, http.StatusBadRequest, codeBadRequest, err.Error())
 		return
 	}
+	defer p.buffered.give(held)
 	hdr := r.Header.Clone()
 	proto := upgradeOf(hdr)
 	removeHopHeaders(hdr)

@@ -58,8 +58,10 @@ func startBackend(t *testing.T, name string) *backend {
 	return b
 }
 
-// resetter accepts connections, reads what arrives for a moment and closes
-// them without answering: a reset before the response started.
+// resetter accepts connections, reads the first bytes of a request and
+// resets the connection without answering: a reset before the response
+// started, after the request (and some of its body: the client writes
+// headers and body together) arrived.
 func startResetter(t *testing.T) (*net.TCPAddr, *atomic.Int64) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -76,7 +78,7 @@ func startResetter(t *testing.T) (*net.TCPAddr, *atomic.Int64) {
 			n.Add(1)
 			go func() {
 				buf := make([]byte, 4096)
-				c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
 				c.Read(buf)
 				if tc, ok := c.(*net.TCPConn); ok {
 					tc.SetLinger(0)

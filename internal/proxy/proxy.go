@@ -30,6 +30,8 @@ const (
 	// DefaultMaxBufferedBody is the largest request body kept so a request
 	// can be retried on another machine; larger bodies stream, once.
 	DefaultMaxBufferedBody = 10 << 20
+	// DefaultMaxBufferedTotal bounds what all requests buffer at once.
+	DefaultMaxBufferedTotal = 256 << 20
 )
 
 // Config configures a host's proxy.
@@ -77,6 +79,7 @@ type Config struct {
 	// other is answered 504, since the machine may have acted on it.
 	ResponseHeaderTimeout time.Duration
 	MaxBufferedBody       int64
+	MaxBufferedTotal      int64
 	// Now is the clock of demotions after failures (nil: time.Now).
 	Now func() time.Time
 }
@@ -109,6 +112,9 @@ func (c *Config) setDefaults() {
 	if c.MaxBufferedBody == 0 {
 		c.MaxBufferedBody = DefaultMaxBufferedBody
 	}
+	if c.MaxBufferedTotal == 0 {
+		c.MaxBufferedTotal = DefaultMaxBufferedTotal
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -137,8 +143,8 @@ func (c *Config) Validate() error {
 		return errors.New("proxy: an edge or a backhaul listener is required")
 	case c.Port < 1 || c.Port > 65535:
 		return fmt.Errorf("proxy: port %d is not between 1 and 65535", c.Port)
-	case c.MaxBufferedBody < 0:
-		return errors.New("proxy: max buffered body is negative")
+	case c.MaxBufferedBody < 0 || c.MaxBufferedTotal < 0:
+		return errors.New("proxy: a body buffer limit is negative")
 	}
 	return validDomain(c.Domain)
 }
@@ -150,10 +156,12 @@ type Proxy struct {
 	state   atomic.Pointer[state]
 	load    inflight
 	strikes *strikes
-	seq     atomic.Uint64
-	toSelf  *http.Transport // to this host's machines
-	toHosts *http.Transport // to other hosts' backhaul listeners
-	servers []*http.Server
+	// buffered is what request bodies may still take of MaxBufferedTotal.
+	buffered byteBudget
+	seq      atomic.Uint64
+	toSelf   *http.Transport // to this host's machines
+	toHosts  *http.Transport // to other hosts' backhaul listeners
+	servers  []*http.Server
 	// upgraded are the connections switched to another protocol.
 	upgraded upgrades
 	stop     context.CancelFunc
@@ -167,6 +175,7 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newStrikes(cfg.Now)}
+	p.buffered.give(cfg.MaxBufferedTotal)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	// The far proxy times its machine out first and says so.
 	p.toHosts = p.transport(cfg.Dial, 256, cfg.ResponseHeaderTimeout+time.Second)

@@ -819,3 +819,61 @@ func TestFailedCandidatesDemoted(t *testing.T) {
 		t.Errorf("order with dead demoted: %v", got)
 	}
 }
+
+// TestBufferedBodiesBounded: while the bodies in flight hold the whole
+// buffer budget, another body streams instead (and so is not retried after
+// a machine read part of it); once they are done, bodies buffer again.
+func TestBufferedBodiesBounded(t *testing.T) {
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.ReadAll(r.Body)
+		arrived <- struct{}{}
+		<-release
+	})}
+	go slow.Serve(ln)
+	t.Cleanup(func() { slow.Close() })
+	good := startBackend(t, "good")
+	rst, _ := startResetter(t)
+	clock := newTestClock()
+	p := startProxy(t, Config{HostID: "ams-1", MaxBufferedBody: 1000, MaxBufferedTotal: 100, Now: clock.now})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{
+		machine("slow", "ams-1", ln.Addr().(*net.TCPAddr)), machine("rst", "ams-1", rst), machine("good", "ams-1", good.addr),
+	}, Load: map[string]int{"slow": 10, "good": 5}}, nil) // rst first, then good
+	payload := strings.Repeat("p", 80)
+
+	first := make(chan int, 1)
+	go func() {
+		req, _ := http.NewRequest("POST", "http://"+p.EdgeAddr()+"/", strings.NewReader(payload))
+		req.Host = "demo.localhost"
+		req.Header.Set("Fly-Force-Instance-Id", "slow")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			first <- 0
+			return
+		}
+		resp.Body.Close()
+		first <- resp.StatusCode
+	}()
+	<-arrived // 80 of the 100 bytes are held
+	resp, body := do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(payload))
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("over the budget: %d %s, want the streamed body not retried", resp.StatusCode, body)
+	}
+	close(release)
+	if code := <-first; code != 200 {
+		t.Fatalf("the held request: %d", code)
+	}
+	clock.advance(time.Hour) // rst's demotion over: it is tried first again
+	before := good.hits.Load()
+	resp, body = do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(payload))
+	if resp.StatusCode != 200 || decode(t, body).Body != payload || good.hits.Load() != before+1 {
+		t.Errorf("within the budget again: %d %s", resp.StatusCode, body)
+	}
+	if left := p.buffered.left.Load(); left != 100 {
+		t.Errorf("budget left after every request: %d of 100", left)
+	}
+}
