@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/oklog/ulid/v2"
 
@@ -228,12 +229,22 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusMovedPermanently)
 		return
 	}
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Now().Add(p.cfg.BodyReadTimeout)) // a socket deadline: the real clock
 	body, held, err := readBody(r, p.cfg.MaxBufferedBody, &p.buffered)
 	if err != nil {
+		// The rest of the body is not waited for: the connection closes.
+		w.Header().Set("Connection", "close")
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			p.fail(w, reqID, http.StatusRequestTimeout, codeBadRequest, fmt.Sprintf("the request's body did not arrive within %v", p.cfg.BodyReadTimeout))
+			return
+		}
 		p.fail(w, reqID, http.StatusBadRequest, codeBadRequest, err.Error())
 		return
 	}
 	defer p.buffered.give(held)
+	rc.SetReadDeadline(time.Time{}) // a streamed body takes its time
 	hdr := r.Header.Clone()
 	proto := upgradeOf(hdr)
 	removeHopHeaders(hdr)

@@ -27,6 +27,7 @@ const (
 	DefaultConnectTimeout        = 5 * time.Second
 	DefaultMinConnectTimeout     = 250 * time.Millisecond
 	DefaultResponseHeaderTimeout = 60 * time.Second
+	DefaultBodyReadTimeout       = 60 * time.Second
 	// DefaultMaxBufferedBody is the largest request body kept so a request
 	// can be retried on another machine; larger bodies stream, once.
 	DefaultMaxBufferedBody = 10 << 20
@@ -74,6 +75,10 @@ type Config struct {
 	// candidate is tried.
 	ConnectTimeout    time.Duration
 	MinConnectTimeout time.Duration
+	// BodyReadTimeout is how long a client may take to send a body the
+	// edge buffers (at most MaxBufferedBody): a sender slower than that is
+	// answered 408 and holds no buffer longer.
+	BodyReadTimeout time.Duration
 	// ResponseHeaderTimeout is how long a machine may take to start its
 	// answer. Then an idempotent request moves to the next candidate; any
 	// other is answered 504, since the machine may have acted on it.
@@ -105,6 +110,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MinConnectTimeout == 0 {
 		c.MinConnectTimeout = min(DefaultMinConnectTimeout, c.ConnectTimeout)
+	}
+	if c.BodyReadTimeout == 0 {
+		c.BodyReadTimeout = DefaultBodyReadTimeout
 	}
 	if c.ResponseHeaderTimeout == 0 {
 		c.ResponseHeaderTimeout = DefaultResponseHeaderTimeout

@@ -877,3 +877,34 @@ func TestBufferedBodiesBounded(t *testing.T) {
 		t.Errorf("budget left after every request: %d of 100", left)
 	}
 }
+
+// TestSlowBodySender: a client that sends part of a body and stalls is
+// answered 408 once the body read timeout passes, and holds no buffer.
+func TestSlowBodySender(t *testing.T) {
+	b := startBackend(t, "m1")
+	const timeout = 300 * time.Millisecond
+	p := startProxy(t, Config{HostID: "ams-1", BodyReadTimeout: timeout})
+	p.setState(factsOne(b), nil)
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 100\r\n\r\nonly part")
+	c.SetReadDeadline(time.Now().Add(30 * time.Second)) // only a broken proxy waits this long
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestTimeout || time.Since(start) < timeout {
+		t.Errorf("%d after %v", resp.StatusCode, time.Since(start))
+	}
+	if b.hits.Load() != 0 {
+		t.Error("a partial body was delivered")
+	}
+	if left := p.buffered.left.Load(); left != DefaultMaxBufferedTotal {
+		t.Errorf("budget left: %d", left)
+	}
+}
