@@ -17,6 +17,10 @@
 //     only when the group opts in (Spill);
 //   - its machines are kept started: a stopped one is started, a failed one
 //     is started once and, if it fails again, replaced;
+//   - a machine that stops soon after it was started (within the region's
+//     current backoff, BackoffBase at least) failed: the region backs off
+//     and the machine stays stopped until it tries again, so a command that
+//     exits at once is never restarted in a loop;
 //   - a machine lost with its host is replaced, by a ready standby first;
 //     one whose live host never shows it is forgotten after LostAfter;
 //   - extras are destroyed, the least useful first (failed, stopped, in
@@ -99,6 +103,15 @@ type Backoff struct {
 	Machine string `json:"machine,omitempty"`
 }
 
+// Run is the record of a start of one of the group's machines by the
+// control plane, kept until the machine has run for the region's window
+// (see Decide): one that stops before did not start well.
+type Run struct {
+	At time.Time `json:"at"`
+	// Seen is set once the machine's host has shown it started since.
+	Seen bool `json:"seen,omitempty"`
+}
+
 // Group is the declared state and what the group remembers between passes.
 type Group struct {
 	Regions  map[string]int
@@ -112,6 +125,8 @@ type Group struct {
 	// Pending holds, per region, why declared machines were not placed at
 	// the last pass.
 	Pending map[string]string
+	// Started holds, by machine, the starts not yet known to be good.
+	Started map[string]Run
 }
 
 // Input is everything a decision reads.
@@ -196,12 +211,15 @@ func (a Action) String() string {
 	return b.String()
 }
 
-// Plan is a decision: the actions, in order, and the group's backoff and
-// pending reasons after them.
+// Plan is a decision: the actions, in order, and the group's backoff,
+// pending reasons and starts after them. The control plane records in
+// Started the machines it places started, and forgets the starts that did
+// not happen.
 type Plan struct {
 	Actions []Action
 	Backoff map[string]Backoff
 	Pending map[string]string
+	Started map[string]Run
 }
 
 // class is how a machine counts.
@@ -250,9 +268,12 @@ type region struct {
 
 // Decide plans one pass over a group.
 func Decide(in Input) Plan {
-	p := Plan{Backoff: maps.Clone(in.Group.Backoff), Pending: map[string]string{}}
+	p := Plan{Backoff: maps.Clone(in.Group.Backoff), Pending: map[string]string{}, Started: maps.Clone(in.Group.Started)}
 	if p.Backoff == nil {
 		p.Backoff = map[string]Backoff{}
+	}
+	if p.Started == nil {
+		p.Started = map[string]Run{}
 	}
 	ms := slices.Clone(in.Machines)
 	slices.SortFunc(ms, func(a, b Machine) int { return cmp.Compare(a.ID, b.ID) })
@@ -298,6 +319,14 @@ func Decide(in Input) Plan {
 			delete(p.Backoff, r)
 		}
 	}
+	// The starts of machines the group no longer has are forgotten.
+	for id := range p.Started {
+		if !slices.ContainsFunc(in.Machines, func(m Machine) bool {
+			return m.ID == id && m.Host != HostDown && m.State != machine.Destroyed
+		}) {
+			delete(p.Started, id)
+		}
+	}
 	return p
 }
 
@@ -332,17 +361,46 @@ func (p *Plan) region(in Input, name string, r *region, room map[string]int) {
 	keep := r.actives[:0:0]
 	for _, m := range r.actives {
 		c := classOf(m)
+		if st, ok := p.Started[m.ID]; ok && m.Host == HostUp {
+			// Started lately: it must run for the window before its start
+			// counts as good, and one that stops before failed.
+			window := in.Policy.delay(max(b.Failures, 1))
+			ran := in.Now.Sub(st.At)
+			switch {
+			case c == started && ran >= window:
+				delete(p.Started, m.ID)
+			case c == started:
+				st.Seen = true
+				p.Started[m.ID] = st
+			case c == stopped && (st.Seen || ran >= window):
+				delete(p.Started, m.ID)
+				cause := fmt.Sprintf("machine %s stopped %s after it was started", m.ID, ran.Round(time.Millisecond))
+				if !st.Seen {
+					cause = fmt.Sprintf("machine %s did not stay started: %s after it was started, it is %s", m.ID, ran.Round(time.Millisecond), m.State)
+				}
+				b = b.Failed(in.Now, m.ID, cause, in.Policy)
+				waiting = true
+				keep = append(keep, m)
+				continue
+			case c == stopped:
+				// Not shown started yet: the start is left the window.
+				keep = append(keep, m)
+				continue
+			}
+		}
 		switch {
 		case c != stopped && c != failed, m.Host != HostUp, waiting:
 			keep = append(keep, m)
 		case c == stopped:
 			p.add(Action{Kind: Start, Machine: m.ID, Region: name, Why: string(m.State)})
+			p.Started[m.ID] = Run{At: in.Now}
 			keep = append(keep, m)
 		case m.ID == b.Machine:
 			p.add(Action{Kind: Destroy, Machine: m.ID, Region: name, Why: "failed, its last failure already counted: replacing it"})
 		default:
 			b = b.Failed(in.Now, m.ID, fmt.Sprintf("machine %s failed", m.ID), in.Policy)
 			p.add(Action{Kind: Start, Machine: m.ID, Region: name, Retry: true, Why: "failed: starting it again"})
+			p.Started[m.ID] = Run{At: in.Now}
 			keep = append(keep, m)
 		}
 	}
@@ -366,6 +424,7 @@ func (p *Plan) region(in Input, name string, r *region, room map[string]int) {
 			continue
 		}
 		p.add(Action{Kind: Promote, Machine: m.ID, Region: name, Why: "short of machines"})
+		p.Started[m.ID] = Run{At: in.Now}
 		ready = slices.Delete(ready, i, i+1)
 		need--
 	}

@@ -40,6 +40,8 @@ type script struct {
 //	m <id> <slot> <up|down|unknown> <state|-> [created=<offset>] [standby]
 //	rm <id>
 //	fail <region> <machine> <cause…>     (what the control plane records)
+//	placed <id>                           (the control plane placed it
+//	                                       started: its run is recorded)
 //	decide <offset>                       (plans a pass at t0+offset, keeps
 //	                                       the plan's backoff and pending)
 //
@@ -111,7 +113,8 @@ func (s *script) do(line string) (string, error) {
 	f := strings.Fields(line)
 	switch f[0] {
 	case "group":
-		g := Group{Regions: map[string]int{}, Guest: s.group.Guest, Backoff: s.group.Backoff, Pending: s.group.Pending}
+		g := Group{Regions: map[string]int{}, Guest: s.group.Guest, Backoff: s.group.Backoff, Pending: s.group.Pending,
+			Started: s.group.Started}
 		for _, a := range f[1:] {
 			k, v, _ := strings.Cut(a, "=")
 			switch k {
@@ -201,6 +204,12 @@ func (s *script) do(line string) (string, error) {
 		}
 		s.machines[m.ID] = m
 		return "", nil
+	case "placed":
+		if s.group.Started == nil {
+			s.group.Started = map[string]Run{}
+		}
+		s.group.Started[f[1]] = Run{At: s.now}
+		return "", nil
 	case "rm":
 		delete(s.machines, f[1])
 		return "", nil
@@ -230,11 +239,23 @@ func (s *script) do(line string) (string, error) {
 		for _, a := range p.Actions {
 			b.WriteString(a.String() + "\n")
 		}
-		s.group.Backoff, s.group.Pending = p.Backoff, p.Pending
+		s.group.Backoff, s.group.Pending, s.group.Started = p.Backoff, p.Pending, p.Started
 		for _, r := range slices.Sorted(maps.Keys(p.Pending)) {
 			fmt.Fprintf(&b, "pending %s: %s\n", r, p.Pending[r])
 		}
 		b.WriteString(s.backoffs())
+		if len(p.Started) > 0 {
+			var runs []string
+			for _, id := range slices.Sorted(maps.Keys(p.Started)) {
+				x := p.Started[id]
+				r := fmt.Sprintf("%s@%s", id, x.At.Sub(t0))
+				if x.Seen {
+					r += " seen"
+				}
+				runs = append(runs, r)
+			}
+			fmt.Fprintf(&b, "runs: %s\n", strings.Join(runs, ", "))
+		}
 		in.Group = s.group
 		st := Status(in)
 		for _, r := range slices.Sorted(maps.Keys(st)) {
