@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -211,5 +212,83 @@ func TestGroupBadImageBacksOff(t *testing.T) {
 	}
 	if strings.Contains(c.Logs(), "missing from its host") {
 		t.Error("the log calls a failed machine missing")
+	}
+}
+
+// TestGroupMachineThatExitsBacksOff: a group machine whose command exits at
+// once (exit 0: the default restart policy leaves it stopped) is not
+// started again in a loop: each start that does not last counts as a
+// failure of its region, which backs off, and the group says why.
+func TestGroupMachineThatExitsBacksOff(t *testing.T) {
+	const base = 500 * time.Millisecond
+	o := fastReconcile()
+	o.FailureBackoff, o.FailureBackoffMax = base, time.Hour
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1, server: o})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cl, _ := orgWithApp(t, c, "acme", "quick")
+	start := time.Now()
+	if _, err := cl.PutGroup(ctx, "quick", api.Group{Name: "app", Config: demoConfig(), Regions: map[string]int{"ams": 1}}); err != nil {
+		t.Fatal(err)
+	}
+	var id string
+	waitUntil(t, "the group's machine", 20*time.Second, func() bool {
+		ms, err := cl.List(ctx, "quick", api.ListMachinesOptions{})
+		if err == nil && len(ms) == 1 {
+			id = ms[0].ID
+		}
+		return id != ""
+	})
+	// Every workload of the machine exits as soon as it starts.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	for _, d := range c.drivers {
+		wg.Go(func() {
+			var p *fake.Proc
+			for {
+				var err error
+				if p, err = d.WaitProcess(ctx, id, p); err != nil {
+					return
+				}
+				p.Exit(0)
+			}
+		})
+	}
+	starts := func() int {
+		n := 0
+		for _, d := range c.drivers {
+			n += d.Counts(id).Start
+		}
+		return n
+	}
+	// While the region backs off, the machine is shown stopped, with the
+	// cause and when it is tried again.
+	var g *api.Group
+	shown := false
+	waitUntil(t, "four starts", 30*time.Second, func() bool {
+		var err error
+		if g, err = cl.GetGroup(ctx, "quick", "app"); err != nil {
+			t.Fatal(err)
+		}
+		st := g.Status["ams"]
+		shown = shown || (st.Stopped == 1 && !st.RetryAt.IsZero() && strings.Contains(st.LastError, "after it was started"))
+		return starts() >= 4
+	})
+	elapsed := time.Since(start)
+	n := starts()
+	// The first start may count as good (it ran until the workloads were
+	// made to exit); from the second on, each fails, so the k-th start
+	// comes at least base·(2^(k−2) − 1) after the second, which came after
+	// start.
+	bound := 2 + int(math.Log2(float64(elapsed)/float64(base)+1))
+	if n > bound {
+		t.Errorf("%d starts in %s: want at most %d with a backoff from %s", n, elapsed, bound, base)
+	}
+	if !shown {
+		t.Errorf("the group never showed the stopped machine backing off with its cause: last %+v", g.Status["ams"])
+	}
+	if !strings.Contains(g.LastError, id) {
+		t.Errorf("the group's last error %q does not name machine %s", g.LastError, id)
 	}
 }

@@ -137,7 +137,7 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 		if exists && v.AppID == a.ID && reflect.DeepEqual(v.Config, g.Config) {
 			// The same machines declared again: their failures still
 			// count, or declaring in a loop would defeat the backoff.
-			next.Backoff = v.Backoff
+			next.Backoff, next.Started = v.Backoff, v.Started
 		}
 		*v = next
 		return nil

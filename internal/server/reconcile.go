@@ -314,11 +314,25 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 			}
 			log.Info("reconciler destroyed machine", "host", me.Host)
 		case reconcile.Start, reconcile.Promote:
-			if err := s.startGroupMachine(ctx, me, act.Kind == reconcile.Promote); err != nil {
+			started, err := s.startGroupMachine(ctx, me, act.Kind == reconcile.Promote)
+			if err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
+				delete(p.Started, me.ID) // its failure is counted here
 				failed(act.Region, me.ID, fmt.Sprintf("start machine %s: %v", me.ID, err), act.Retry)
+				continue
+			}
+			if !started {
+				// No start happened: none is to be judged by how long it
+				// lasts.
+				if r, ok := g.Started[me.ID]; ok {
+					p.Started[me.ID] = r
+				} else {
+					delete(p.Started, me.ID)
+				}
+				log.Info("reconciler did not start machine: its host refused the start in the machine's state (stopping, or changing); the next pass sees it again",
+					"host", me.Host, "promoted", act.Kind == reconcile.Promote)
 				continue
 			}
 			log.Info("reconciler started machine", "host", me.Host, "promoted", act.Kind == reconcile.Promote)
@@ -343,6 +357,10 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 			case m.State == api.StateFailed || m.State == api.StateLaunchFailed:
 				failed(act.Region, m.ID, fmt.Sprintf("machine %s failed to launch: %s", m.ID, failureCause(m)), false)
 			default:
+				if !act.Standby {
+					// Started by its create: judged as any start.
+					p.Started[m.ID] = reconcile.Run{At: now}
+				}
 				log.Info("reconciler placed machine", "placed", m.ID, "in", m.Region, "standby", act.Standby)
 			}
 		}
@@ -363,7 +381,7 @@ func (s *Server) policy() reconcile.Policy {
 func (s *Server) planInput(g group, es []machineEntry, snap *cluster.Snapshot, now time.Time) reconcile.Input {
 	in := reconcile.Input{Now: now, Policy: s.policy(), Group: reconcile.Group{
 		Regions: g.Regions, Standbys: g.Standbys, Spill: g.Spill, Guest: guestOf(g.Config),
-		Backoff: g.Backoff, Pending: g.Pending,
+		Backoff: g.Backoff, Pending: g.Pending, Started: g.Started,
 	}}
 	for _, me := range es {
 		if me.Group != g.Name {
@@ -426,17 +444,19 @@ func failureCause(m *api.Machine) string {
 // errGroupChanged aborts keeping a plan for a group declared again since.
 var errGroupChanged = errors.New("group declared again")
 
-// keepPlan stores the plan's backoff and pending reasons on the group's
-// record, when they changed and the group was not declared again since.
+// keepPlan stores the plan's backoff, pending reasons and starts on the
+// group's record, when they changed and the group was not declared again
+// since.
 func (s *Server) keepPlan(ctx context.Context, g group, p reconcile.Plan) error {
-	if sameBackoff(g.Backoff, p.Backoff) && maps.Equal(g.Pending, p.Pending) {
+	if sameBackoff(g.Backoff, p.Backoff) && maps.Equal(g.Pending, p.Pending) &&
+		maps.EqualFunc(g.Started, p.Started, func(x, y reconcile.Run) bool { return x.At.Equal(y.At) && x.Seen == y.Seen }) {
 		return nil
 	}
 	_, _, err := catalog.UpdateJSON(ctx, s.groups, groupKey(g.App, g.Name), func(v *group, exists bool) error {
 		if !exists || v.AppID != g.AppID || !v.Updated.Equal(g.Updated) {
 			return errGroupChanged
 		}
-		v.Backoff, v.Pending = p.Backoff, p.Pending
+		v.Backoff, v.Pending, v.Started = p.Backoff, p.Pending, p.Started
 		return nil
 	})
 	if errors.Is(err, errGroupChanged) {
@@ -453,17 +473,23 @@ func sameBackoff(a, b map[string]reconcile.Backoff) bool {
 }
 
 // startGroupMachine starts a machine of a group; promote also records a
-// standby as one of the group's machines.
-func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote bool) error {
+// standby as one of the group's machines. It reports whether the host
+// started the machine: a machine in a state that cannot start now (the host
+// answers 409, as to a machine still stopping) is not started, and not an
+// error either — the next pass sees where it went.
+func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote bool) (bool, error) {
 	c, err := s.hostClient(me.Host, "")
 	if err != nil {
-		return err
+		return false, err
 	}
-	if _, err := c.Start(ctx, me.App, me.ID); err != nil && !errors.Is(err, api.ErrConflict) {
-		return hostError(err)
+	started := true
+	if _, err := c.Start(ctx, me.App, me.ID); errors.Is(err, api.ErrConflict) {
+		started = false
+	} else if err != nil {
+		return false, hostError(err)
 	}
 	if !promote {
-		return nil
+		return started, nil
 	}
 	_, _, err = catalog.UpdateJSON(ctx, s.machines, machineKey(me.App, me.ID), func(v *machineEntry, exists bool) error {
 		if !exists {
@@ -472,5 +498,5 @@ func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote
 		v.Standby = false
 		return nil
 	})
-	return err
+	return started, err
 }

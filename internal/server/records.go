@@ -109,6 +109,9 @@ type group struct {
 	// it backs off from, and why declared machines are not placed.
 	Backoff map[string]reconcile.Backoff `json:"backoff,omitempty"`
 	Pending map[string]string            `json:"pending,omitempty"`
+	// Started holds the reconciler's starts of machines not yet known to
+	// be good (see reconcile.Run).
+	Started map[string]reconcile.Run `json:"started,omitempty"`
 }
 
 // slot is the region whose count a machine fills.
