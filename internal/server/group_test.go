@@ -292,3 +292,49 @@ func TestGroupMachineThatExitsBacksOff(t *testing.T) {
 		t.Errorf("the group's last error %q does not name machine %s", g.LastError, id)
 	}
 }
+
+// TestGroupStartRefusedIsNotStarted: a start the host refuses with 409 (the
+// machine is leased by someone else) did not start the machine: the log
+// says so and never that the reconciler started it.
+func TestGroupStartRefusedIsNotStarted(t *testing.T) {
+	o := fastReconcile()
+	o.FailureBackoff, o.FailureBackoffMax = 300*time.Millisecond, time.Second
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1, server: o})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "held")
+	if _, err := cl.PutGroup(ctx, "held", api.Group{Name: "app", Config: demoConfig(), Regions: map[string]int{"ams": 1}}); err != nil {
+		t.Fatal(err)
+	}
+	var id string
+	waitUntil(t, "the group's machine to start", 20*time.Second, func() bool {
+		ms, err := cl.List(ctx, "held", api.ListMachinesOptions{})
+		if err == nil && len(ms) == 1 && ms[0].State == api.StateStarted {
+			id = ms[0].ID
+		}
+		return id != ""
+	})
+	l, err := cl.AcquireLease(ctx, "held", id, api.LeaseInput{TTL: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.WithLeaseNonce(l.Data.Nonce).Stop(ctx, "held", id, api.StopMachineInput{}); err != nil {
+		t.Fatal(err)
+	}
+	refused := "reconciler did not start machine"
+	waitUntil(t, "the reconciler to try the leased machine", 20*time.Second, func() bool {
+		for _, line := range strings.Split(c.Logs(), "\n") {
+			if strings.Contains(line, refused) && strings.Contains(line, "machine="+id) {
+				return true
+			}
+		}
+		return false
+	})
+	for _, line := range strings.Split(c.Logs(), "\n") {
+		if strings.Contains(line, "reconciler started machine") && strings.Contains(line, "machine="+id) {
+			t.Errorf("a refused start is logged as a start: %s", line)
+		}
+	}
+	if m, err := cl.Get(ctx, "held", id); err != nil || m.State != api.StateStopped {
+		t.Errorf("the leased machine: %v, %v; want it stopped", m, err)
+	}
+}
