@@ -43,6 +43,10 @@ const (
 	MaxSecrets      = 256
 	MaxSecretsBytes = 512 << 10
 
+	// MaxGroupsPerApp bounds the groups an app declares: the reconciler
+	// passes over every group of every app.
+	MaxGroupsPerApp = 32
+
 	// MaxImageRefLen bounds an image reference.
 	MaxImageRefLen = 512
 

@@ -2,7 +2,9 @@ package server_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"math"
 	"strings"
 	"sync"
@@ -336,5 +338,55 @@ func TestGroupStartRefusedIsNotStarted(t *testing.T) {
 	}
 	if m, err := cl.Get(ctx, "held", id); err != nil || m.State != api.StateStopped {
 		t.Errorf("the leased machine: %v, %v; want it stopped", m, err)
+	}
+}
+
+// TestGroupsPerAppBounded: an app declares at most api.MaxGroupsPerApp
+// groups, even when it declares many at once; past it a new group is
+// refused with 422 naming the limit, while declaring one it has again is
+// not.
+func TestGroupsPerAppBounded(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1, server: fastReconcile()})
+	ctx := context.Background()
+	cl, tok := orgWithApp(t, c, "acme", "many")
+	put := func(i int) error {
+		_, err := cl.PutGroup(ctx, "many", api.Group{Name: fmt.Sprintf("g%d", i), Config: demoConfig(), Regions: map[string]int{"ams": 0}})
+		return err
+	}
+	count := func() int {
+		code, body := rawGet(t, c.Plane.URL()+"/v1/apps/many/groups", tok)
+		var out struct{ Groups []api.Group }
+		if err := json.Unmarshal([]byte(body), &out); code != 200 || err != nil {
+			t.Fatalf("list groups: %d %s: %v", code, body, err)
+		}
+		return len(out.Groups)
+	}
+	const n = api.MaxGroupsPerApp + 8
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = put(i) })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			refused(t, fmt.Sprintf("group g%d declared at once with %d others", i, n-1), err, "MaxGroupsPerApp")
+		}
+	}
+	if got := count(); got > api.MaxGroupsPerApp {
+		t.Fatalf("%d groups declared at once: %d kept, want at most %d", n, got, api.MaxGroupsPerApp)
+	}
+	// One at a time, the app fills up to the limit, and no further.
+	for i := 0; count() < api.MaxGroupsPerApp; i++ {
+		if err := put(i); err != nil {
+			t.Fatalf("group g%d, the app having fewer than %d: %v", i, api.MaxGroupsPerApp, err)
+		}
+	}
+	refused(t, "one group more than the limit", put(n), "MaxGroupsPerApp")
+	if got := count(); got != api.MaxGroupsPerApp {
+		t.Errorf("%d groups kept, want %d", got, api.MaxGroupsPerApp)
+	}
+	if err := put(0); err != nil {
+		t.Errorf("declaring a group the app has again: %v", err)
 	}
 }

@@ -130,9 +130,16 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	if n, had, err := s.countGroups(r.Context(), a, name); err != nil {
+		return err
+	} else if !had && n >= api.MaxGroupsPerApp {
+		return tooManyGroups(a)
+	}
 	g := group{App: a.Name, AppID: a.ID, Name: name, Config: &cfg, Regions: in.Regions, Standbys: in.Standbys,
 		Spill: in.Spill, Updated: s.cfg.Now().UTC()}
-	g, _, err = catalog.UpdateJSON(r.Context(), s.groups, groupKey(a.Name, name), func(v *group, exists bool) error {
+	isNew := false
+	g, rev, err := catalog.UpdateJSON(r.Context(), s.groups, groupKey(a.Name, name), func(v *group, exists bool) error {
+		isNew = !exists || v.AppID != a.ID
 		next := g
 		if exists && v.AppID == a.ID && reflect.DeepEqual(v.Config, g.Config) {
 			// The same machines declared again: their failures still
@@ -145,6 +152,18 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if isNew {
+		// Declared at the same time as others, it may be one too many: the
+		// last to count sees them all, and takes its own back.
+		n, _, err := s.countGroups(r.Context(), a, name)
+		if err == nil && n > api.MaxGroupsPerApp {
+			err = tooManyGroups(a)
+		}
+		if err != nil {
+			s.groups.Delete(r.Context(), groupKey(a.Name, name), rev)
+			return err
+		}
+	}
 	s.log.Info("group declared", "app", a.Name, "group", name, "regions", in.Regions, "standbys", in.Standbys)
 	s.pokeReconciler()
 	es, err := s.entries(r.Context(), a)
@@ -153,6 +172,28 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	}
 	httpapi.WriteJSON(w, http.StatusOK, s.groupOut(g, es))
 	return nil
+}
+
+// countGroups counts the groups app a declares, and tells whether one is
+// named name.
+func (s *Server) countGroups(ctx context.Context, a app, name string) (int, bool, error) {
+	es, err := s.groups.List(ctx, a.Name+".")
+	if err != nil {
+		return 0, false, err
+	}
+	n, had := 0, false
+	for _, e := range es {
+		var g group
+		if decodeJSON(e.Value, &g) == nil && g.AppID == a.ID {
+			n++
+			had = had || g.Name == name
+		}
+	}
+	return n, had, nil
+}
+
+func tooManyGroups(a app) error {
+	return api.Errorf(http.StatusUnprocessableEntity, "groups: app %s already declares %d groups, the most an app may (MaxGroupsPerApp); delete one first", a.Name, api.MaxGroupsPerApp)
 }
 
 // deleteGroup stops keeping a group; its machines stay as they are.
