@@ -17,8 +17,10 @@
 //     only when the group opts in (Spill);
 //   - its machines are kept started: a stopped one is started, a failed one
 //     is started once and, if it fails again, replaced;
-//   - a machine that stops soon after it was started (within the region's
-//     current backoff, BackoffBase at least) failed: the region backs off
+//   - a machine that stops by itself soon after it was started (within the
+//     region's current backoff, BackoffBase at least) failed (the control
+//     plane forgets the starts of machines stopped on request, and tells
+//     the exit in Machine.Exit): the region backs off
 //     and the machine stays stopped until it tries again, so a command that
 //     exits at once is never restarted in a loop;
 //   - a machine lost with its host is replaced, by a ready standby first;
@@ -88,6 +90,8 @@ type Machine struct {
 	// State is the machine's state as its host shows it, "" when the host
 	// does not show it.
 	State machine.State
+	// Exit says how its last run ended ("exit code 0"), when known.
+	Exit string
 }
 
 // Backoff is a region's record of failures.
@@ -377,6 +381,9 @@ func (p *Plan) region(in Input, name string, r *region, room map[string]int) {
 				cause := fmt.Sprintf("machine %s stopped %s after it was started", m.ID, ran.Round(time.Millisecond))
 				if !st.Seen {
 					cause = fmt.Sprintf("machine %s did not stay started: %s after it was started, it is %s", m.ID, ran.Round(time.Millisecond), m.State)
+				}
+				if m.Exit != "" {
+					cause += " (" + m.Exit + ")"
 				}
 				b = b.Failed(in.Now, m.ID, cause, in.Policy)
 				waiting = true

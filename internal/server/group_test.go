@@ -220,7 +220,9 @@ func TestGroupBadImageBacksOff(t *testing.T) {
 // TestGroupMachineThatExitsBacksOff: a group machine whose command exits at
 // once (exit 0: the default restart policy leaves it stopped) is not
 // started again in a loop: each start that does not last counts as a
-// failure of its region, which backs off, and the group says why.
+// failure of its region, which backs off, and the group says why, exit
+// code included. (A machine stopped on request is started again at once:
+// TestGroupKeepsMachinesStarted.)
 func TestGroupMachineThatExitsBacksOff(t *testing.T) {
 	const base = 500 * time.Millisecond
 	o := fastReconcile()
@@ -290,8 +292,8 @@ func TestGroupMachineThatExitsBacksOff(t *testing.T) {
 	if !shown {
 		t.Errorf("the group never showed the stopped machine backing off with its cause: last %+v", g.Status["ams"])
 	}
-	if !strings.Contains(g.LastError, id) {
-		t.Errorf("the group's last error %q does not name machine %s", g.LastError, id)
+	if !strings.Contains(g.LastError, id) || !strings.Contains(g.LastError, "exit code 0") {
+		t.Errorf("the group's last error %q does not name machine %s and its exit code", g.LastError, id)
 	}
 }
 

@@ -271,12 +271,12 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 	guest := guestOf(g.Config)
 	in := s.planInput(g, all, snap, now)
 	in.Room = s.room(snap, now, guest)
-	p := reconcile.Decide(in)
-
 	byID := map[string]machineEntry{}
 	for _, me := range all {
 		byID[me.ID] = me
 	}
+	s.howStopped(ctx, &in, byID)
+	p := reconcile.Decide(in)
 	// halted holds the regions that place nothing more this pass: no room
 	// after all, or a failure (the backoff says when to try again).
 	halted := map[string]bool{}
@@ -369,6 +369,51 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// howStopped asks the hosts how the machines the reconciler started lately
+// and that are stopped now ended: one stopped on request (by its user, or
+// the fair queue) did not stop by itself, and its start is forgotten; for
+// the others the plan's cause tells the exit. It asks once per such start:
+// the plan forgets the start either way.
+func (s *Server) howStopped(ctx context.Context, in *reconcile.Input, byID map[string]machineEntry) {
+	for i, m := range in.Machines {
+		if _, ok := in.Group.Started[m.ID]; !ok || m.Host != reconcile.HostUp || m.State != machine.Stopped {
+			continue
+		}
+		me := byID[m.ID]
+		c, err := s.hostClient(me.Host, "")
+		if err != nil {
+			continue
+		}
+		am, err := c.Get(ctx, me.App, me.ID)
+		if err != nil {
+			continue
+		}
+		switch x := lastExit(am); {
+		case x == nil:
+		case x.RequestedStop:
+			in.Group.Started = maps.Clone(in.Group.Started)
+			delete(in.Group.Started, m.ID)
+		case x.OOMKilled:
+			in.Machines[i].Exit = "out of memory"
+		case x.Signal != 0:
+			in.Machines[i].Exit = fmt.Sprintf("killed by signal %d", x.Signal)
+		default:
+			in.Machines[i].Exit = fmt.Sprintf("exit code %d", x.ExitCode)
+		}
+	}
+}
+
+// lastExit is how a machine's last run ended, as its events say; nil when
+// they do not.
+func lastExit(m *api.Machine) *api.ExitEvent {
+	for _, e := range m.Events { // newest first
+		if e != nil && e.Request != nil && e.Request.ExitEvent != nil {
+			return e.Request.ExitEvent
+		}
+	}
+	return nil
 }
 
 // policy is the reconciler's timings.
