@@ -314,7 +314,7 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 			}
 			log.Info("reconciler destroyed machine", "host", me.Host)
 		case reconcile.Start, reconcile.Promote:
-			started, err := s.startGroupMachine(ctx, me, act.Kind == reconcile.Promote)
+			refused, err := s.startGroupMachine(ctx, me, act.Kind == reconcile.Promote)
 			if err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()
@@ -323,7 +323,7 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 				failed(act.Region, me.ID, fmt.Sprintf("start machine %s: %v", me.ID, err), act.Retry)
 				continue
 			}
-			if !started {
+			if refused != nil {
 				// No start happened: none is to be judged by how long it
 				// lasts.
 				if r, ok := g.Started[me.ID]; ok {
@@ -331,8 +331,8 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 				} else {
 					delete(p.Started, me.ID)
 				}
-				log.Info("reconciler did not start machine: its host refused the start in the machine's state (stopping, or changing); the next pass sees it again",
-					"host", me.Host, "promoted", act.Kind == reconcile.Promote)
+				log.Info("reconciler did not start machine: its host refused; the next pass sees it again",
+					"host", me.Host, "promoted", act.Kind == reconcile.Promote, "refusal", hostError(refused))
 				continue
 			}
 			log.Info("reconciler started machine", "host", me.Host, "promoted", act.Kind == reconcile.Promote)
@@ -374,8 +374,8 @@ func (s *Server) reconcileGroup(ctx context.Context, g group) error {
 // howStopped asks the hosts how the machines the reconciler started lately
 // and that are stopped now ended: one stopped on request (by its user, or
 // the fair queue) did not stop by itself, and its start is forgotten; for
-// the others the plan's cause tells the exit. It asks once per such start:
-// the plan forgets the start either way.
+// the others the plan's cause tells the exit. It asks at most once a pass
+// per such start, until the plan judges it and forgets it.
 func (s *Server) howStopped(ctx context.Context, in *reconcile.Input, byID map[string]machineEntry) {
 	for i, m := range in.Machines {
 		if _, ok := in.Group.Started[m.ID]; !ok || m.Host != reconcile.HostUp || m.State != machine.Stopped {
@@ -518,23 +518,22 @@ func sameBackoff(a, b map[string]reconcile.Backoff) bool {
 }
 
 // startGroupMachine starts a machine of a group; promote also records a
-// standby as one of the group's machines. It reports whether the host
-// started the machine: a machine in a state that cannot start now (the host
-// answers 409, as to a machine still stopping) is not started, and not an
-// error either — the next pass sees where it went.
-func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote bool) (bool, error) {
+// standby as one of the group's machines. A start the host refuses with
+// 409 (the machine is leased, or in a state that cannot start) started
+// nothing and is no error either: it is returned as refused, and the next
+// pass sees where the machine went.
+func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote bool) (refused, err error) {
 	c, err := s.hostClient(me.Host, "")
 	if err != nil {
-		return false, err
+		return nil, err
 	}
-	started := true
 	if _, err := c.Start(ctx, me.App, me.ID); errors.Is(err, api.ErrConflict) {
-		started = false
+		refused = err
 	} else if err != nil {
-		return false, hostError(err)
+		return nil, hostError(err)
 	}
 	if !promote {
-		return started, nil
+		return refused, nil
 	}
 	_, _, err = catalog.UpdateJSON(ctx, s.machines, machineKey(me.App, me.ID), func(v *machineEntry, exists bool) error {
 		if !exists {
@@ -543,5 +542,5 @@ func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote
 		v.Standby = false
 		return nil
 	})
-	return started, err
+	return refused, err
 }
