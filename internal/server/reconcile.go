@@ -230,7 +230,12 @@ func (s *Server) settleLeftBehind(ctx context.Context) {
 			}
 		case h.Up():
 			s.log.Info("destroying a machine left behind on a host that returned", "app", me.App, "machine", me.ID, "host", me.Host)
-			c, err := s.hostClient(me.Host, "")
+			// Recorded first, as every destroy is, so include_deleted shows it.
+			err := s.bury(ctx, me)
+			var c *api.Client
+			if err == nil {
+				c, err = s.hostClient(me.Host, "")
+			}
 			if err == nil {
 				err = c.Destroy(ctx, me.App, me.ID, true)
 				if errors.Is(err, api.ErrNotFound) {

@@ -185,6 +185,23 @@ func TestReconcilerReplacesLostHost(t *testing.T) {
 	if !groupIs(t, cl, "shop", "app", want, map[string]int{"ams": 1, "iad": 1}) {
 		t.Fatal("the group is not as declared after the host returned")
 	}
+	// Destroyed there, they are listed with include_deleted like any
+	// machine destroyed through the API.
+	all, err := cl.List(ctx, "shop", api.ListMachinesOptions{IncludeDeleted: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	destroyed := map[string]bool{}
+	for _, m := range all {
+		if m.State == api.StateDestroyed {
+			destroyed[m.ID] = true
+		}
+	}
+	for id, host := range onHost {
+		if host == victim && !destroyed[id] {
+			t.Errorf("machine %s, destroyed on the returning host, is not listed with include_deleted (destroyed: %v)", id, destroyed)
+		}
+	}
 }
 
 // TestRestartKeepsEverything: a control plane restarted on its data dir
