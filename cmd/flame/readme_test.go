@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -68,17 +69,29 @@ func TestReadmeExamples(t *testing.T) {
 	if !strings.Contains(readmeText(t, "../../README.md"), "127.0.0.1:4280") {
 		t.Fatal("README.md no longer names 127.0.0.1:4280: update the address mapping of this test")
 	}
+	// The regions' edges, in the order flame dev prints them; the README
+	// names the defaults 4380, 4381, 4382 in the same order.
+	edgeRow := regexp.MustCompile(`^\s+Edge\s+([a-z]+)\s+http://<app>\.localhost:(\d+)/`)
+	edges := map[string]string{}
+	for i, def := range []string{"4380", "4381", "4382"} {
+		m := dev.waitMatch(t, edgeRow, fmt.Sprintf("the edge of region %d", i+1))
+		edges["localhost:"+def] = "localhost:" + m[2]
+	}
 
-	r := &readmeRunner{t: t, repo: repo, work: t.TempDir(), apiAddr: apiAddr, dnsPort: dnsPort,
+	r := &readmeRunner{t: t, repo: repo, work: t.TempDir(), apiAddr: apiAddr, dnsPort: dnsPort, edges: edges,
 		vars: map[string]string{}, placeholders: map[string]string{"<the token flame dev printed>": token}}
 	// The demo app is deployed in the background; the README's first
 	// commands list it, so let it be there, as it is for a user reading.
 	c := api.NewClient(url, token)
-	readmeWaitFor(t, 60*time.Second, "the demo app to run in every region", func() bool {
+	readmeWaitFor(t, 60*time.Second, "the demo app to run in every region, its checks passing", func() bool {
 		ms, err := c.List(context.Background(), "demo", api.ListMachinesOptions{})
 		started := 0
 		for _, m := range ms {
-			if m.State == api.StateStarted {
+			passing := true
+			for _, c := range m.Checks {
+				passing = passing && c.Status == "passing"
+			}
+			if m.State == api.StateStarted && passing {
 				started++
 			}
 		}
@@ -89,7 +102,7 @@ func TestReadmeExamples(t *testing.T) {
 			r.run(line)
 		}
 	}
-	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns"} {
+	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced"} {
 		if !r.checked[want] {
 			t.Errorf("the README's examples never reached the %q check", want)
 		}
@@ -259,6 +272,7 @@ type readmeRunner struct {
 	t                *testing.T
 	repo, work       string
 	apiAddr, dnsPort string
+	edges            map[string]string // README's "localhost:<default port>" → flame dev's
 	vars             map[string]string
 	placeholders     map[string]string // "<…>" in the README → its value
 	id, destroyed    string
@@ -275,6 +289,9 @@ func (r *readmeRunner) run(line string) {
 	t.Helper()
 	raw := line
 	line = strings.ReplaceAll(line, "127.0.0.1:4280", r.apiAddr)
+	for k, v := range r.edges {
+		line = strings.ReplaceAll(line, k, v)
+	}
 	for k, v := range r.placeholders {
 		line = strings.ReplaceAll(line, k, v)
 	}
@@ -468,7 +485,7 @@ func (r *readmeRunner) curl(raw string, args []string) {
 	// moment after it started; nothing else is retried.
 	retry := strings.Contains(target, "://[")
 	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		resp, err = http.DefaultClient.Do(req)
+		resp, err = readmeHTTP.Do(req)
 		var op *net.OpError
 		if err == nil || !retry || !errors.As(err, &op) || time.Now().After(end) {
 			break
@@ -483,12 +500,23 @@ func (r *readmeRunner) curl(raw string, args []string) {
 	if resp.StatusCode/100 != 2 {
 		t.Fatalf("README command %q answered %d: %s", raw, resp.StatusCode, b)
 	}
-	r.checkAnswer(raw, method, target, b)
+	r.checkAnswer(raw, method, target, header, b)
 }
+
+// readmeHTTP is curl's HTTP: names under localhost are loopback, as curl
+// (and browsers) resolve them without asking DNS.
+var readmeHTTP = &http.Client{Transport: &http.Transport{
+	DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if host, port, err := net.SplitHostPort(addr); err == nil && strings.HasSuffix(host, ".localhost") {
+			addr = net.JoinHostPort("127.0.0.1", port)
+		}
+		return (&net.Dialer{}).DialContext(ctx, network, addr)
+	},
+}}
 
 // checkAnswer remembers what later commands refer to, and checks what the
 // README promises of some answers beyond their status.
-func (r *readmeRunner) checkAnswer(raw, method, target string, b []byte) {
+func (r *readmeRunner) checkAnswer(raw, method, target string, header http.Header, b []byte) {
 	t := r.t
 	t.Helper()
 	if r.checked == nil {
@@ -533,6 +561,22 @@ func (r *readmeRunner) checkAnswer(raw, method, target string, b []byte) {
 			t.Fatalf("README command %q: the destroyed machine %q is not listed: %s", raw, r.destroyed, b)
 		}
 		r.checked["destroyed listed"] = true
+	case strings.Contains(target, ".localhost:"):
+		// Through an edge: the demo app answers with where it runs.
+		var who map[string]any
+		if err := json.Unmarshal(b, &who); err != nil || flyVar(who, "FLY_APP_NAME") != "demo" {
+			t.Fatalf("README command %q: the edge answered %s", raw, b)
+		}
+		if want := header.Get("fly-force-region"); want != "" {
+			if got := flyVar(who, "FLY_REGION"); got != want {
+				t.Fatalf("README command %q: answered from %q, not the forced %q", raw, got, want)
+			}
+			r.checked["edge forced"] = true
+		} else if got := flyVar(who, "FLY_REGION"); got != "ams" {
+			t.Fatalf("README command %q: the ams edge answered from %q, not its own region", raw, got)
+		} else {
+			r.checked["edge answered"] = true
+		}
 	case strings.Contains(target, "://["):
 		var who map[string]any
 		if err := json.Unmarshal(b, &who); err != nil || flyVar(who, "FLY_MACHINE_ID") != r.id {
