@@ -54,6 +54,8 @@ const (
 	codeForbidden   = "forbidden"    // 403: a backhaul request without the token
 	codeNotHere     = "not_here"     // 503 on the backhaul: the machine does not run here
 	codeTimeout     = "timeout"      // 504: the machine did not start its answer in time
+	codeBadReplay   = "bad_replay"   // 502: a fly-replay the edge cannot follow
+	codeReplayLimit = "replay_limit" // 508: more than MaxReplays replays
 )
 
 // hopHeaders are meaningful for one connection only and never forwarded.
@@ -267,7 +269,54 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	hdr.Set("X-Forwarded-Port", port)
 	hdr.Set("Fly-Forwarded-Port", port)
 
-	var tried []string
+	hdr.Del(hdrReplaySrc) // only the edge says where a replay comes from
+	for replays := 0; ; replays++ {
+		resp, from, tried := p.attempts(w, r, reqID, st, appName, cands, body, hdr, port)
+		if resp == nil {
+			if tried != nil {
+				reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))
+				p.log.Warn("request failed on every candidate", "app", appName, "request_id", reqID, "reason", reason)
+				p.fail(w, reqID, http.StatusBadGateway, codeAllFailed, reason)
+			}
+			return
+		}
+		rp, isReplay, err := replayOf(resp)
+		if !isReplay {
+			p.respond(w, resp, reqID, from.MachineID)
+			return
+		}
+		var status int
+		var code, reason string
+		switch {
+		case err != nil:
+			status, code, reason = http.StatusBadGateway, codeBadReplay, fmt.Sprintf("machine %s asked for a replay the edge cannot follow: %v", from.MachineID, err)
+		case body.stream != nil:
+			status, code, reason = http.StatusBadGateway, codeBadReplay, fmt.Sprintf("machine %s asked for a replay, but the request's body was larger than %d bytes and was streamed, not kept: it cannot be sent again", from.MachineID, p.cfg.MaxBufferedBody)
+		case replays == MaxReplays:
+			status, code, reason = http.StatusLoopDetected, codeReplayLimit, fmt.Sprintf("machine %s asked for replay %d; at most %d are followed", from.MachineID, replays+1, MaxReplays)
+		case rp.App != "" && rp.App != appName:
+			status, code, reason = http.StatusBadGateway, codeBadReplay, fmt.Sprintf("machine %s asked for a replay to app %q: replays to another app are refused (the edge does not know apps' organizations)", from.MachineID, rp.App)
+		}
+		if code == "" {
+			cands = p.replayTargets(st, appName, rp, from, cands[:0])
+			if len(cands) == 0 {
+				status, code, reason = http.StatusServiceUnavailable, codeNoCandidate, fmt.Sprintf("machine %s asked for a replay (%s) that no machine can take", from.MachineID, rp)
+			}
+		}
+		if code != "" {
+			p.log.Debug("replay refused", "app", appName, "request_id", reqID, "reason", reason)
+			p.fail(w, reqID, status, code, reason)
+			return
+		}
+		hdr.Set(hdrReplaySrc, replaySrc(from.MachineID, from.Region, p.cfg.Now(), rp.State))
+	}
+}
+
+// attempts tries the candidates in order and returns the first response,
+// with the machine it came from. With no response, tried lists the
+// failures (nil when the request was answered here or the client left).
+func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, st *state, appName string, cands []*route.Target, body *requestBody, hdr http.Header, port string) (*http.Response, *route.Target, []string) {
+	tried := []string{}
 	for _, tg := range cands {
 		rb, size, ok := body.attempt()
 		if !ok {
@@ -288,25 +337,22 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		}
 		if err != nil {
 			if r.Context().Err() != nil {
-				return // the client went away
+				return nil, nil, nil // the client went away
 			}
 			p.strike(tg, err)
 			if headerTimeout(err) && !idempotent(r.Method) {
 				reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
 				p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
-				return
+				return nil, nil, nil
 			}
 			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
 			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
 			continue
 		}
 		p.strikes.ok(tg.MachineID, tg.Host)
-		p.respond(w, resp, reqID, tg.MachineID)
-		return
+		return resp, tg, nil
 	}
-	reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))
-	p.log.Warn("request failed on every candidate", "app", appName, "request_id", reqID, "reason", reason)
-	p.fail(w, reqID, http.StatusBadGateway, codeAllFailed, reason)
+	return nil, nil, tried
 }
 
 // strike records a failed attempt: a connect to another host that timed
@@ -407,6 +453,9 @@ func (p *Proxy) respond(w http.ResponseWriter, resp *http.Response, reqID, machi
 	h := w.Header()
 	removeHopHeaders(resp.Header)
 	removeInternal(resp.Header)
+	if reqID != "" {
+		resp.Header.Del(hdrReplay) // for the edge alone
+	}
 	for k, vs := range resp.Header {
 		h[k] = vs
 	}
