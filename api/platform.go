@@ -117,6 +117,9 @@ type Region struct {
 	Deprecated       bool    `json:"deprecated"`
 	Capacity         int64   `json:"capacity"`
 	Hosts            int     `json:"hosts"`
+	// Edge is where the region's edge proxy takes clients' requests
+	// (host:port), when known (a Flame extension).
+	Edge string `json:"edge,omitempty"`
 }
 
 // RegionsResponse is the answer of GET /v1/platform/regions (fly-go reads
@@ -124,6 +127,9 @@ type Region struct {
 type RegionsResponse struct {
 	Regions []Region `json:"Regions"`
 	Nearest string   `json:"Nearest,omitempty"`
+	// Global is where the entry in front of every edge listens, handing
+	// each request to the edge nearest to its client (a Flame extension).
+	Global string `json:"Global,omitempty"`
 }
 
 // Group is an app's declared state for one process group (a Flame

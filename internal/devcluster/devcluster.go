@@ -50,6 +50,13 @@ type Config struct {
 	// EdgeDomain is what apps are served under at the edges (default
 	// localhost: <app>.localhost resolves to loopback with no setup).
 	EdgeDomain string
+	// GlobalAddr is where the global entry listens: it hands each request
+	// to the edge nearest to its client, as anycast would (see global.go).
+	GlobalAddr string
+	// ClientRegion is where the global entry's clients are, unless a
+	// request names its own in the flame-client-region header (default
+	// the first region).
+	ClientRegion string
 	// NewDriver makes the driver of one host. registryAddr is where
 	// Registry is served (host:port).
 	NewDriver func(hostID string, hostIndex int, registryAddr string) (driver.Driver, error)
@@ -90,6 +97,12 @@ func (c *Config) setDefaults() {
 	if c.EdgeAddr == "" {
 		c.EdgeAddr = "127.0.0.1:0"
 	}
+	if c.GlobalAddr == "" {
+		c.GlobalAddr = "127.0.0.1:0"
+	}
+	if c.ClientRegion == "" && len(c.Regions) > 0 {
+		c.ClientRegion = c.Regions[0]
+	}
 	if c.ServerAddr == "" {
 		c.ServerAddr = "127.0.0.1:0"
 	}
@@ -115,6 +128,9 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("devcluster: unknown region %q", r)
 		}
 	}
+	if _, ok := geo.Lookup(c.ClientRegion); c.ClientRegion != "" && !ok {
+		return fmt.Errorf("devcluster: unknown client region %q", c.ClientRegion)
+	}
 	return nil
 }
 
@@ -136,8 +152,11 @@ type Cluster struct {
 	Net   *netsim.Network
 	// Plane is the control plane, when Config.ControlPlane is set.
 	Plane *server.Plane
-	cfg   Config
-	sim   *simNet
+	// GlobalAddr is where the global entry listens.
+	GlobalAddr string
+	cfg        Config
+	global     *global
+	sim        *simNet
 	// toHosts is the control plane's transport to the hosts, unless
 	// Config.Server brought its own client.
 	toHosts *http.Transport
@@ -251,6 +270,11 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if cfg.ControlPlane {
 		regionOf[controlID], _ = geo.Lookup(cfg.Regions[0])
 	}
+	// Every region of the world has a client's point, from which the
+	// global entry reaches the nearest edge.
+	for _, r := range geo.All() {
+		regionOf[clientMember(r.Code)] = r
+	}
 	for ri, code := range cfg.Regions {
 		region, _ := geo.Lookup(code)
 		for n := 1; n <= cfg.HostsPerRegion; n++ {
@@ -298,6 +322,13 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		}
 		c.Hosts = append(c.Hosts, h)
 	}
+	if err := c.startGlobalEntry(); err != nil {
+		if planeLn != nil {
+			planeLn.Close()
+		}
+		c.Close()
+		return nil, fmt.Errorf("devcluster: global entry: %w", err)
+	}
 	if cfg.ControlPlane {
 		if c.Plane, err = c.startPlane(ctx, planeLn, seed); err != nil {
 			c.Close()
@@ -306,6 +337,29 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.bus.p.Store(c.Plane)
 	}
 	return c, nil
+}
+
+// startGlobalEntry puts every edge on the simulated network too and the
+// clients' points in every region, and starts the global entry.
+func (c *Cluster) startGlobalEntry() error {
+	for _, h := range c.Hosts {
+		if h.EdgeAddr != "" {
+			if err := c.sim.exposeAt(h.ID, edgeSimPort, h.EdgeAddr, false); err != nil {
+				return err
+			}
+		}
+	}
+	for _, r := range geo.All() {
+		if _, err := c.Net.AddHost(clientMember(r.Code)); err != nil {
+			return err
+		}
+	}
+	g, err := c.startGlobal(c.cfg.GlobalAddr, c.cfg.ClientRegion, c.Edges())
+	if err != nil {
+		return err
+	}
+	c.global, c.GlobalAddr = g, g.ln.Addr().String()
+	return nil
 }
 
 // controlID names the control plane's member of the cluster.
@@ -321,6 +375,7 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	mc.HostID, mc.Region, mc.Transport = controlID, c.cfg.Regions[0], tr
 	sc := c.cfg.Server
 	sc.AgentToken = c.cfg.Token
+	sc.Edges, sc.GlobalEntry = c.Edges(), c.GlobalAddr
 	if sc.HTTPClient == nil {
 		// Calls to hosts cross the simulated network from the control
 		// plane's region.
@@ -528,6 +583,9 @@ func (c *Cluster) Close() error {
 
 func (c *Cluster) close() error {
 	var errs []error
+	if c.global != nil {
+		errs = append(errs, c.global.close())
+	}
 	if c.Plane != nil {
 		c.bus.p.Store(nil)
 		errs = append(errs, c.Plane.Close())

@@ -45,12 +45,17 @@ func newSimNet(c *Cluster) *simNet {
 // member's, and sends dials of realAddr there. A host's API is one the
 // control plane calls: shutAndWait waits for the calls to it.
 func (s *simNet) expose(member, realAddr string, host bool) error {
-	ln, err := s.c.Net.Listen(member, simPort)
+	return s.exposeAt(member, simPort, realAddr, host)
+}
+
+// exposeAt is expose on another port of member's.
+func (s *simNet) exposeAt(member string, port int, realAddr string, host bool) error {
+	ln, err := s.c.Net.Listen(member, port)
 	if err != nil {
 		return err
 	}
 	s.mu.Lock()
-	s.routes[realAddr] = net.JoinHostPort(member, strconv.Itoa(simPort))
+	s.routes[realAddr] = net.JoinHostPort(member, strconv.Itoa(port))
 	s.lns = append(s.lns, ln)
 	s.mu.Unlock()
 	s.wg.Add(1)

@@ -11,7 +11,8 @@ import (
 )
 
 // regions is GET /v1/platform/regions: every region with hosts, and how many
-// machines of the default guest its live hosts have room for.
+// machines of the default guest its live hosts have room for, where its edge
+// listens, and where the global entry in front of every edge does.
 func (s *Server) regions(w http.ResponseWriter, r *http.Request) error {
 	snap := s.cfg.Cluster.Snapshot()
 	byCode := map[string]*api.Region{}
@@ -21,7 +22,7 @@ func (s *Server) regions(w http.ResponseWriter, r *http.Request) error {
 		}
 		reg, ok := byCode[h.Region]
 		if !ok {
-			reg = &api.Region{Code: h.Region, Name: h.Region, GatewayAvailable: true}
+			reg = &api.Region{Code: h.Region, Name: h.Region, GatewayAvailable: true, Edge: s.cfg.Edges[h.Region]}
 			if g, ok := geo.Lookup(h.Region); ok {
 				reg.Name, reg.Latitude, reg.Longitude = g.City, float32(g.Lat), float32(g.Lon)
 			}
@@ -32,7 +33,7 @@ func (s *Server) regions(w http.ResponseWriter, r *http.Request) error {
 			reg.Capacity += int64(max(min(h.Free.CPUs/api.DefaultGuestCPUs, h.Free.MemoryMB/api.DefaultGuestMemoryMB), 0))
 		}
 	}
-	out := api.RegionsResponse{Regions: []api.Region{}}
+	out := api.RegionsResponse{Regions: []api.Region{}, Global: s.cfg.GlobalEntry}
 	for _, reg := range byCode {
 		out.Regions = append(out.Regions, *reg)
 	}

@@ -68,6 +68,11 @@ type Config struct {
 	// RTT is the latency between regions placement scores by (default:
 	// geo's model).
 	RTT place.RTT
+	// Edges are where each region's edge takes clients' requests (region →
+	// host:port), and GlobalEntry where the entry in front of them all
+	// does, when known: GET /v1/platform/regions lists them.
+	Edges       map[string]string
+	GlobalEntry string
 	// Seed seeds the placement's tie-breaking (0: random).
 	Seed uint64
 	// PendingTimeout is how long a create waits for room when no host has

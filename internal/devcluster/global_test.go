@@ -1,0 +1,177 @@
+package devcluster
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/exec"
+	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// TestGlobalEntryNearestEdge: the global entry hands a request to the edge
+// nearest to its client — the ams edge for a client in ams (the default),
+// syd's for one that says it is in syd, syd's for one in nrt (no edge
+// there) — paying at least the round trip from the client's region to that
+// edge on the simulated network; an unknown region is refused with 400
+// naming the known ones. The regions endpoint lists every edge and the
+// global entry.
+func TestGlobalEntryNearestEdge(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	over := new(atomic.Bool)
+	t.Cleanup(func() { over.Store(true) })
+	ctx := context.Background()
+	c, err := Start(ctx, Config{
+		Dir: t.TempDir(), Token: "t", Seed: 1, HostsPerRegion: 1,
+		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		NewDriver: func(string, int, string) (driver.Driver, error) {
+			return exec.New(exec.Config{Images: map[string][]string{host.DemoImage: {self, "demo-app"}}}, nil), nil
+		},
+		Cluster:      cluster.Config{Capacity: cluster.Resources{CPUs: 16, MemoryMB: 16 * 1024}},
+		ControlPlane: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.StopMachines(context.Background())
+		c.Close()
+	})
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := c.WaitConverged(wctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.GlobalAddr == "" {
+		t.Fatal("no global entry")
+	}
+
+	// The regions endpoint names every edge and the global entry.
+	tok, err := c.Plane.AddOrg(ctx, "personal", "Personal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	regs, err := api.NewClient(c.Plane.URL(), tok).Regions(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edges := c.Edges()
+	if regs.Global != c.GlobalAddr || len(regs.Regions) != len(edges) {
+		t.Fatalf("regions %+v, want global %s and %d regions", regs, c.GlobalAddr, len(edges))
+	}
+	for _, r := range regs.Regions {
+		if r.Edge == "" || r.Edge != edges[r.Code] {
+			t.Errorf("region %s lists edge %q, want %q", r.Code, r.Edge, edges[r.Code])
+		}
+	}
+
+	// One demo machine in each region.
+	machines := map[string]string{} // id → region
+	for _, h := range c.Hosts {
+		port := freePort(t)
+		m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
+			Services: []api.MachineService{{
+				Protocol: "tcp", InternalPort: port,
+				Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
+				Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
+			}},
+		}})
+		if err != nil {
+			t.Fatalf("create on %s: %v", h.ID, err)
+		}
+		machines[m.ID] = h.Region
+	}
+	for _, h := range c.Hosts {
+		waitUntil(t, "every machine routable at the "+h.Region+" edge", func() bool {
+			n := 0
+			for _, tg := range h.Proxy.Table().Targets("demo", 80) {
+				if tg.Excluded == route.Included {
+					n++
+				}
+			}
+			return n == 3
+		})
+	}
+
+	client := &http.Client{Timeout: 30 * time.Second}
+	ask := func(clientRegion string) (status int, region string, body string, took time.Duration) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", "http://"+c.GlobalAddr+"/", nil)
+		req.Host = "demo.localhost"
+		if clientRegion != "" {
+			req.Header.Set(ClientRegionHeader, clientRegion)
+		}
+		start := time.Now()
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("request at the global entry (client in %q): %v", clientRegion, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		took = time.Since(start)
+		if resp.StatusCode != 200 {
+			return resp.StatusCode, "", string(b), took
+		}
+		var id struct {
+			Env map[string]string `json:"env"`
+		}
+		if err := json.Unmarshal(b, &id); err != nil {
+			t.Fatalf("not the demo app's answer: %s", b)
+		}
+		if got := machines[id.Env["FLY_MACHINE_ID"]]; got == "" || got != id.Env["FLY_REGION"] {
+			t.Fatalf("answer from an unknown machine: %s", b)
+		}
+		return 200, id.Env["FLY_REGION"], string(b), took
+	}
+	for _, tc := range []struct{ client, edge, answer string }{
+		{"", "ams", "ams"},    // the default client region, the first
+		{"syd", "syd", "syd"}, // the header moves the client
+		{"SYD", "syd", "syd"},
+		{"nrt", "syd", "syd"}, // no edge in nrt: syd's is nearest
+		{"lhr", "ams", "ams"},
+		{"ams", "ams", "ams"},
+	} {
+		from := tc.client
+		if from == "" {
+			from = "ams"
+		}
+		// Each request pays at least one round trip from the client to
+		// its edge (the request there, the answer back).
+		floor := geo.RTT(mustRegion(t, strings.ToLower(from)), mustRegion(t, tc.edge))
+		for i := range 3 {
+			status, region, body, took := ask(tc.client)
+			if status != 200 || region != tc.answer {
+				t.Fatalf("client %q, request %d: %d from %q (%s), want 200 from %s", tc.client, i, status, region, body, tc.answer)
+			}
+			if i == 0 {
+				t.Logf("client %q: answered from %s through the %s edge in %v (round trip to it %v)", tc.client, region, tc.edge, took, floor)
+			}
+			if took < floor {
+				t.Errorf("client %q, request %d: answered in %v, under the round trip of %v to the %s edge", tc.client, i, took, floor, tc.edge)
+			}
+		}
+	}
+	for _, bad := range []string{"xyz", "ams,syd", strings.Repeat("a", 4000)} {
+		status, _, body, _ := ask(bad)
+		if status != http.StatusBadRequest || !strings.Contains(body, "known regions are") || !strings.Contains(body, "syd") {
+			t.Errorf("client region %.20q: %d %s, want 400 naming the known regions", bad, status, body)
+		}
+	}
+}
