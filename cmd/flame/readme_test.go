@@ -77,8 +77,12 @@ func TestReadmeExamples(t *testing.T) {
 		m := dev.waitMatch(t, edgeRow, fmt.Sprintf("the edge of region %d", i+1))
 		edges["localhost:"+def] = "localhost:" + m[2]
 	}
+	// The global entry, which the README names at its default 4379.
+	globalRow := regexp.MustCompile(`^\s+Global\s+http://<app>\.localhost:(\d+)/\s+\(client in ams\)`)
+	global := "localhost:" + dev.waitLine(t, globalRow, "the global entry")
+	edges["localhost:4379"] = global
 
-	r := &readmeRunner{t: t, repo: repo, work: t.TempDir(), apiAddr: apiAddr, dnsPort: dnsPort, edges: edges,
+	r := &readmeRunner{t: t, repo: repo, work: t.TempDir(), apiAddr: apiAddr, dnsPort: dnsPort, edges: edges, global: global,
 		vars: map[string]string{}, placeholders: map[string]string{"<the token flame dev printed>": token}}
 	// The demo app is deployed in the background; the README's first
 	// commands list it, so let it be there, as it is for a user reading.
@@ -102,7 +106,7 @@ func TestReadmeExamples(t *testing.T) {
 			r.run(line)
 		}
 	}
-	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced"} {
+	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions"} {
 		if !r.checked[want] {
 			t.Errorf("the README's examples never reached the %q check", want)
 		}
@@ -273,6 +277,7 @@ type readmeRunner struct {
 	repo, work       string
 	apiAddr, dnsPort string
 	edges            map[string]string // README's "localhost:<default port>" → flame dev's
+	global           string            // the global entry, "localhost:<port>"
 	vars             map[string]string
 	placeholders     map[string]string // "<…>" in the README → its value
 	id, destroyed    string
@@ -561,6 +566,33 @@ func (r *readmeRunner) checkAnswer(raw, method, target string, header http.Heade
 			t.Fatalf("README command %q: the destroyed machine %q is not listed: %s", raw, r.destroyed, b)
 		}
 		r.checked["destroyed listed"] = true
+	case strings.Contains(target, "."+r.global+"/"):
+		// Through the global entry: the edge nearest to the client (ams
+		// by default, the header's region otherwise) and, the demo app
+		// running in every region, a machine of that region answers.
+		var who map[string]any
+		if err := json.Unmarshal(b, &who); err != nil || flyVar(who, "FLY_APP_NAME") != "demo" {
+			t.Fatalf("README command %q: the global entry answered %s", raw, b)
+		}
+		want, check := "ams", "global answered"
+		if h := header.Get("flame-client-region"); h != "" {
+			want, check = h, "global moved"
+		}
+		if got := flyVar(who, "FLY_REGION"); got != want {
+			t.Fatalf("README command %q: answered from %q, want the client's nearest region %q", raw, got, want)
+		}
+		r.checked[check] = true
+	case strings.HasSuffix(target, "/v1/platform/regions"):
+		var regs api.RegionsResponse
+		if err := json.Unmarshal(b, &regs); err != nil || regs.Global == "" || len(regs.Regions) != 3 {
+			t.Fatalf("README command %q: the regions and the global entry are not listed: %s", raw, b)
+		}
+		for _, reg := range regs.Regions {
+			if reg.Edge == "" {
+				t.Fatalf("README command %q: region %s lists no edge: %s", raw, reg.Code, b)
+			}
+		}
+		r.checked["regions"] = true
 	case strings.Contains(target, ".localhost:"):
 		// Through an edge: the demo app answers with where it runs.
 		var who map[string]any

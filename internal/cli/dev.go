@@ -28,6 +28,7 @@ import (
 
 type devFlags struct {
 	apiAddr, hostsAddr, dnsAddr, edgeAddr, dataDir, token, regions, logLevel, driver string
+	globalAddr, clientRegion                                                         string
 	hostsPerRegion                                                                   int
 	noDemo                                                                           bool
 }
@@ -41,7 +42,11 @@ func newDevCmd() *cobra.Command {
 Machines API for every app (at --api-addr), and several hosts in several
 regions (by default ams, iad and syd, two hosts each), joined into one cluster
 over a simulated network with real-world distances between regions. Each host
-serves the .internal DNS names of every machine in the cluster.
+serves the .internal DNS names of every machine in the cluster. Each region
+has an edge proxy, and one global entry (--global-addr) hands each request
+to the edge nearest to its client, as anycast would: the client is in
+--client-region, or in the region a request's flame-client-region header
+names, and the hop to its edge costs the distance from there.
 
 It creates the org "personal" with a token, which it prints (with the admin
 token; both are kept in the data dir and printed again on every start), and
@@ -58,6 +63,8 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.StringVar(&f.hostsAddr, "hosts-addr", "127.0.0.1:4281", "internal API of the first host; the others take the next ports")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
 	fs.StringVar(&f.edgeAddr, "edge-addr", "127.0.0.1:4380", "edge proxy of the first region (http://<app>.localhost:<port>/); the other regions take the next ports")
+	fs.StringVar(&f.globalAddr, "global-addr", "127.0.0.1:4379", "global entry (http://<app>.localhost:<port>/): each request to the edge nearest to its client")
+	fs.StringVar(&f.clientRegion, "client-region", "", "where the global entry's clients are, unless a request's flame-client-region header says (default: the first region)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
 	fs.StringVar(&f.token, "token", "", "token between the control plane and the hosts (default: a random one)")
 	fs.BoolVar(&f.noDemo, "no-demo", false, "do not deploy the demo app")
@@ -123,6 +130,8 @@ func runDev(c *cobra.Command, f devFlags) error {
 		ControlPlane:   true,
 		DNSAddr:        f.dnsAddr,
 		EdgeAddr:       f.edgeAddr,
+		GlobalAddr:     f.globalAddr,
+		ClientRegion:   f.clientRegion,
 		Logger:         log,
 		Registry:       reg,
 		NewHostDriver: func(h devcluster.HostSpec) (driver.Driver, error) {
@@ -310,6 +319,11 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 			fmt.Fprintf(w, "  Edge %-8s http://<app>.%s/   (on %s)\n", h.Region, edgeHost(h.EdgeAddr), h.ID)
 		}
 	}
+	client := f.clientRegion
+	if client == "" {
+		client = first.Region
+	}
+	fmt.Fprintf(w, "  Global        http://<app>.%s/   (client in %s)\n", edgeHost(dev.GlobalAddr), client)
 	demoURL := "http://demo." + edgeHost(first.EdgeAddr) + "/"
 	if driverKind == host.DriverExec {
 		demoURL += "   (exec machines share this host's ports: the demo app is not behind the edges)"
