@@ -1,10 +1,13 @@
 package devcluster
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -41,7 +44,9 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 		Dir: t.TempDir(), Token: "t", Seed: 1, HostsPerRegion: 1,
 		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		NewDriver: func(string, int, string) (driver.Driver, error) {
-			return exec.New(exec.Config{Images: map[string][]string{host.DemoImage: {self, "demo-app"}}}, nil), nil
+			return exec.New(exec.Config{Images: map[string][]string{
+				host.DemoImage: {self, "demo-app"}, upgraderImage: {self, "echo-upgrader"},
+			}}, nil), nil
 		},
 		Cluster:      cluster.Config{Capacity: cluster.Resources{CPUs: 16, MemoryMB: 16 * 1024}},
 		ControlPlane: true,
@@ -81,7 +86,20 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 		}
 	}
 
-	// One demo machine in each region.
+	// One demo machine in each region, and an app "ws" whose one machine,
+	// in syd, switches protocols and echoes.
+	syd := c.Hosts[len(c.Hosts)-1]
+	wsPort := freePort(t)
+	if _, err := api.NewClient(syd.APIURL, "t").Create(ctx, "ws", api.LaunchMachineInput{Config: &api.MachineConfig{
+		Image: upgraderImage, Env: map[string]string{"PORT": strconv.Itoa(wsPort)},
+		Services: []api.MachineService{{
+			Protocol: "tcp", InternalPort: wsPort,
+			Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
+			Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
+		}},
+	}}); err != nil {
+		t.Fatalf("create ws on %s: %v", syd.ID, err)
+	}
 	machines := map[string]string{} // id → region
 	for _, h := range c.Hosts {
 		port := freePort(t)
@@ -168,10 +186,58 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 			}
 		}
 	}
+	// An upgrade passes through the entry and the edge both ways: a
+	// client in ams reaches the ws machine in syd.
+	waitUntil(t, "the ws machine routable at the ams edge", func() bool {
+		tg := c.Hosts[0].Proxy.Table().Targets("ws", 80)
+		return len(tg) == 1 && tg[0].Excluded == route.Included
+	})
+	conn, err := net.DialTimeout("tcp", c.GlobalAddr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: ws.localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade through the global entry: %v %v", resp, err)
+	}
+	for _, msg := range []string{"hello\n", "again\n"} {
+		io.WriteString(conn, msg)
+		if got, err := br.ReadString('\n'); err != nil || got != msg {
+			t.Fatalf("echo through the upgraded connection: %q %v, want %q", got, err, msg)
+		}
+	}
+
 	for _, bad := range []string{"xyz", "ams,syd", strings.Repeat("a", 4000)} {
 		status, _, body, _ := ask(bad)
 		if status != http.StatusBadRequest || !strings.Contains(body, "known regions are") || !strings.Contains(body, "syd") {
 			t.Errorf("client region %.20q: %d %s, want 400 naming the known regions", bad, status, body)
 		}
 	}
+}
+
+// upgraderImage is the image of a machine that switches any request asking
+// for "Upgrade: echo" to echoing what it reads.
+const upgraderImage = "flame/echo-upgrader"
+
+// runEchoUpgrader serves upgraderImage on $PORT until killed.
+func runEchoUpgrader() {
+	err := http.ListenAndServe("127.0.0.1:"+os.Getenv("PORT"), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "echo" {
+			http.Error(w, "want Upgrade: echo", http.StatusBadRequest)
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		io.Copy(conn, brw)
+	}))
+	fmt.Fprintln(os.Stderr, err)
+	os.Exit(1)
 }
