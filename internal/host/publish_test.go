@@ -182,7 +182,7 @@ func TestConfigAtTheLimitsPublishes(t *testing.T) {
 	for _, s := range specs {
 		m.Checks = append(m.Checks, &api.CheckStatus{Name: s.Name, Status: api.CheckPassing, Output: strings.Repeat("é", 300)})
 	}
-	facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{}, cluster.Resources{CPUs: 1, MemoryMB: 256})
+	facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{}, cluster.Resources{CPUs: 1, MemoryMB: 256}, nil)
 	if err := c.Publish(facts); err != nil {
 		t.Fatalf("the cluster refuses what the API accepts: %v", err)
 	}
