@@ -781,3 +781,50 @@ func histPercentile(before, after *metrics.Float64Histogram, p float64) float64 
 	}
 	return 0
 }
+
+// BenchmarkLoadGossip: what publishing machines' load costs. Each host runs
+// three machines; over one window every host publishes its facts unchanged
+// every 200 ms (the host's load interval: nothing is sent), then over
+// another each publish changes one machine's load (the worst case: every
+// host's load changing all the time). Reports gossip bytes per second per
+// host in both, and the load-change deltas each host sent.
+func BenchmarkLoadGossip(b *testing.B) {
+	const n = 100
+	const interval = 200 * time.Millisecond
+	window := 5 * time.Second
+	sim := benchSim(b, n, slog.DiscardHandler, nil)
+	run := func(change bool) float64 {
+		before, start := bytesSent(sim), time.Now()
+		var wg sync.WaitGroup
+		for i, id := range sim.ids {
+			c := sim.hosts[id]
+			ms := machines(strings.ReplaceAll(id, "-", "m"), "app"+strconv.Itoa(i%7), regionOf(id), 3)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				t := time.NewTicker(dilate(interval))
+				defer t.Stop()
+				for k := 1; time.Since(start) < dilate(window); k++ {
+					<-t.C
+					if change {
+						ms[k%len(ms)].Load = k % 50
+					}
+					if err := c.Publish(HostFacts{Machines: ms}); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return float64(bytesSent(sim)-before) / undilate(time.Since(start)).Seconds() / n
+	}
+	b.ResetTimer()
+	var steady, changing float64
+	for range b.N {
+		steady += run(false)
+		changing += run(true)
+	}
+	b.ReportMetric(steady/float64(b.N), "steady-B/s/host")
+	b.ReportMetric(changing/float64(b.N), "changing-B/s/host")
+}

@@ -187,5 +187,11 @@
 // what a machine's config puts in a record are the api package's, which the
 // Machines API enforces first; a machine that breaks them anyway is left out
 // of its host's facts (Publish reports it) rather than stopping the host
-// from publishing. The types are JSON-encodable for APIs and logs.
+// from publishing. A machine's record carries its load (requests in flight
+// through its host's proxy, at most MaxLoad); the host republishes it at
+// most every few hundred milliseconds and only when it changed, and a change
+// costs one machine upsert, like a check status. Format 2 added it: a host
+// refuses a record of another format rather than misreading it, so hosts
+// of both formats in one cluster do not see each other's facts. The types
+// are JSON-encodable for APIs and logs.
 package cluster

@@ -3,6 +3,7 @@ package cluster
 import (
 	"time"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/place"
 )
 
@@ -16,6 +17,11 @@ const (
 	CheckWarning  = "warning"
 	CheckCritical = "critical"
 )
+
+// MaxLoad is the most a machine's published load may say: the largest
+// concurrency limit a service may declare, so a load at MaxLoad is at every
+// hard limit. A host clamps what it counts to it.
+const MaxLoad = api.MaxConcurrencyLimit
 
 // Machine is what every host knows of one machine: enough to route to it,
 // answer DNS for it and count it in placement. Its full configuration stays
@@ -32,6 +38,10 @@ type Machine struct {
 	Cordoned     bool          `json:"cordoned,omitempty"`
 	Services     []Service     `json:"services,omitempty"`
 	Checks       []CheckStatus `json:"checks,omitempty"`
+	// Load is the requests and connections in flight to the machine through
+	// its host's proxy, as the host last sampled it (at most MaxLoad: a
+	// count past it is past every hard limit anyway).
+	Load int `json:"load,omitempty"`
 
 	// Host is the host that published the machine. It is set by the cluster
 	// from the record's owner and never taken from the wire.

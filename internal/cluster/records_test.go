@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -197,6 +198,8 @@ func TestHostileRecords(t *testing.T) {
 		{"soft over hard", bad(func(m *Machine) { m.Services[0].Concurrency.SoftLimit = 99 })},
 		{"bad check status", bad(func(m *Machine) { m.Checks[0].Status = "fine" })},
 		{"invalid utf-8 output", bad(func(m *Machine) { m.Checks[0].Output = "\xff\xfe" })},
+		{"machine load over the max", bad(func(m *Machine) { m.Load = MaxLoad + 1 })},
+		{"machine load huge varint", hugeMachineLoad(now)},
 		{"owner bad", encodeDelta(&delta{Owner: "", Version: now})},
 		{"version far ahead", encodeDelta(&delta{Owner: "p", Version: now + uint64(48*time.Hour)})},
 		{"version max", encodeDelta(&delta{Owner: "p", Version: math.MaxUint64})},
@@ -233,6 +236,50 @@ func TestHostileRecords(t *testing.T) {
 	r.memberUp(&memberlist.Node{Name: "z", Addr: []byte{10, 0, 0, 9}, Meta: []byte("\x01\xff\xff")})
 	if s := r.build(); s.Host("z") != nil || s.Host("p") == nil {
 		t.Fatalf("host with invalid meta: %v", view(s))
+	}
+}
+
+// hugeMachineLoad is a delta whose one machine says 2^63 requests in flight.
+func hugeMachineLoad(now uint64) []byte {
+	m := machine("evil", "web", "ams")
+	b := encodeDelta(&delta{Owner: "p", Base: 0, Version: now + 1, Upserts: []Machine{m}})
+	// The machine's load is the delta's last field: a zero varint.
+	return append(b[:len(b)-1], 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f)
+}
+
+// TestMachineLoad: a machine's load travels in its record, each change as a
+// new version, and a load no service limit could use is refused on publish
+// and on receipt.
+func TestMachineLoad(t *testing.T) {
+	r := idle(t, "r", nil)
+	d := &delegate{r}
+	know(r, "p", "ams")
+	p := idle(t, "p", nil)
+	ms := machines("p", "web", "ams", 2)
+	for _, load := range []int{7, 0, MaxLoad, 3} {
+		ms[1].Load = load
+		deltas := published(t, p, HostFacts{Machines: ms})
+		if len(deltas) != 1 {
+			t.Fatalf("load %d: %d deltas, want 1", load, len(deltas))
+		}
+		for _, b := range deltas {
+			d.NotifyMsg(b)
+		}
+		m := r.build().Machine("p0001")
+		if m == nil || m.Load != load || r.build().Machine("p0000").Load != 0 {
+			t.Fatalf("load %d: receiver holds %+v", load, m)
+		}
+	}
+	if got := published(t, p, HostFacts{Machines: ms}); len(got) != 0 {
+		t.Fatalf("an unchanged load was published again: %d deltas", len(got))
+	}
+	for _, load := range []int{-1, MaxLoad + 1} {
+		bad := machines("p", "web", "ams", 2)
+		bad[1].Load = load
+		var rej *RejectedError
+		if err := p.Publish(HostFacts{Machines: bad}); !errors.As(err, &rej) || rej.Machines["p0001"] == nil {
+			t.Fatalf("load %d published: %v", load, err)
+		}
 	}
 }
 

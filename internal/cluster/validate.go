@@ -69,6 +69,8 @@ func validateMachine(m *Machine) error {
 		return invalid("machine %s: %d services", m.ID, len(m.Services))
 	case len(m.Checks) > maxChecks:
 		return invalid("machine %s: %d checks", m.ID, len(m.Checks))
+	case m.Load < 0 || m.Load > MaxLoad:
+		return invalid("machine %s: load %d", m.ID, m.Load)
 	}
 	if m.PrivateIP != "" {
 		if _, err := netip.ParseAddr(m.PrivateIP); err != nil {

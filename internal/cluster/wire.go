@@ -17,7 +17,9 @@ import (
 // size to reject. A machine with one service and one check is ~90 bytes,
 // about half its JSON, which matters in 1,400-byte gossip packets.
 
-const wireFormat = 1
+// wireFormat 2 added each machine's load; a host of another format refuses
+// the records rather than misreading them.
+const wireFormat = 2
 
 // Message kinds.
 const (
@@ -46,6 +48,7 @@ const (
 	maxOwners         = 20000 // per message
 	maxPort           = 65535
 	maxLimit          = api.MaxConcurrencyLimit
+	maxMachineLoad    = MaxLoad
 	maxCPUs           = 1 << 16
 	maxMemoryMB       = 1 << 32
 	maxLoad           = 1 << 20
@@ -167,6 +170,7 @@ func (w *writer) machine(m *Machine) {
 		w.string(c.Status)
 		w.string(c.Output)
 	}
+	w.int(m.Load)
 }
 
 // reader decodes the wire encoding; the first error sticks and every later
@@ -315,6 +319,7 @@ func (r *reader) machine() Machine {
 			c.Output = r.string(maxOutputLen, "check output")
 		}
 	}
+	m.Load = r.int(maxMachineLoad, "machine load")
 	return m
 }
 

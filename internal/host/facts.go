@@ -16,9 +16,10 @@ import (
 // (their records break its rules: a config from before the API checked
 // them, or a bug) are each reported once per reason: a warning, and an
 // event on the machine, so its owner sees why DNS and the proxy do not
-// know it. reported holds what was reported already.
-func (h *Host) publishOnce(reported map[string]string) {
-	err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity))
+// know it. reported holds what was reported already; load is the requests
+// in flight per machine through this host's proxy.
+func (h *Host) publishOnce(reported map[string]string, load map[string]int) {
+	err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity, load))
 	var rej *cluster.RejectedError
 	if err != nil && !errors.As(err, &rej) {
 		h.log.Warn("publish host facts", "err", err)
@@ -47,8 +48,11 @@ func (h *Host) publishOnce(reported map[string]string) {
 }
 
 // hostFacts is what this host publishes: its machines as the cluster needs
-// them, and what it has free.
-func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Resources) cluster.HostFacts {
+// them with their load (from load, by machine id; a count past
+// cluster.MaxLoad is past every hard limit and says MaxLoad), and what it has
+// free. Counts for machines of other hosts (this proxy's own requests to
+// them) are not this host's to publish and are left out.
+func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Resources, load map[string]int) cluster.HostFacts {
 	f := cluster.HostFacts{Machines: make([]cluster.Machine, 0, len(ms)), Free: cluster.Resources{
 		CPUs: max(capacity.CPUs-used.CPUs, 0), MemoryMB: max(capacity.MemoryMB-used.MemoryMB, 0),
 	}}
@@ -57,6 +61,7 @@ func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Reso
 		cm := cluster.Machine{
 			ID: m.ID, App: am.App, Org: am.Org, Region: m.Region, State: m.State, InstanceID: m.InstanceID,
 			PrivateIP: m.PrivateIP, Cordoned: m.Cordoned, ProcessGroup: "app",
+			Load: min(max(load[m.ID], 0), cluster.MaxLoad),
 		}
 		if cfg := m.Config; cfg != nil {
 			if g := cfg.Metadata[api.MetadataProcessGroup]; g != "" {

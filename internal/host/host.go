@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -240,19 +241,41 @@ func (h *Host) machinesChanged() {
 	}
 }
 
+// LoadInterval is how often a host samples its proxy's requests in flight
+// per machine and, when any changed, republishes its facts: a remote edge
+// sees a machine's load within this plus a gossip hop, and a host whose
+// load changes all the time sends at most one delta per interval.
+const LoadInterval = 200 * time.Millisecond
+
 // publish keeps the cluster's view of this host's machines current: at once
-// after each change, and every few seconds for what drifts (free capacity).
+// after each change, every LoadInterval when their load changed, and every
+// few seconds for what drifts (free capacity).
 func (h *Host) publish(ctx context.Context) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
+	var loadC <-chan time.Time
+	if h.Proxy != nil {
+		lt := time.NewTicker(LoadInterval)
+		defer lt.Stop()
+		loadC = lt.C
+	}
 	reported := map[string]string{} // machine → why the cluster refused it
+	var load map[string]int         // the load last sampled
 	for {
-		h.publishOnce(reported)
-		select {
-		case <-ctx.Done():
-			return
-		case <-h.kick:
-		case <-t.C:
+		h.publishOnce(reported, load)
+		for again := false; !again; {
+			select {
+			case <-ctx.Done():
+				return
+			case <-h.kick:
+				again = true
+			case <-t.C:
+				again = true
+			case <-loadC:
+				now := h.Proxy.InFlight()
+				again = !maps.Equal(now, load)
+				load = now
+			}
 		}
 	}
 }

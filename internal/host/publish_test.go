@@ -182,9 +182,15 @@ func TestConfigAtTheLimitsPublishes(t *testing.T) {
 	for _, s := range specs {
 		m.Checks = append(m.Checks, &api.CheckStatus{Name: s.Name, Status: api.CheckPassing, Output: strings.Repeat("é", 300)})
 	}
-	facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{}, cluster.Resources{CPUs: 1, MemoryMB: 256})
+	// A count of requests in flight past every limit says the most a
+	// record may; counts for other hosts' machines are not published.
+	load := map[string]int{m.ID: cluster.MaxLoad + 100, "other": 3}
+	facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{}, cluster.Resources{CPUs: 1, MemoryMB: 256}, load)
 	if err := c.Publish(facts); err != nil {
 		t.Fatalf("the cluster refuses what the API accepts: %v", err)
+	}
+	if len(facts.Machines) != 1 || facts.Machines[0].Load != cluster.MaxLoad {
+		t.Fatalf("published %+v, want one machine with load %d", facts.Machines, cluster.MaxLoad)
 	}
 
 	over := map[string]func(*api.MachineConfig){

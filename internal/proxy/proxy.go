@@ -247,7 +247,7 @@ func (p *Proxy) setState(f route.Facts, backhaul map[string]string) {
 
 // refresh rebuilds the table from the source's current snapshot.
 func (p *Proxy) refresh() {
-	f, bh := factsFrom(p.cfg.Source.Snapshot(), p.cfg.HostID, p.cfg.Region, nil)
+	f, bh := factsFrom(p.cfg.Source.Snapshot(), p.cfg.HostID, p.cfg.Region)
 	p.setState(f, bh)
 }
 

@@ -134,16 +134,6 @@ func always(v string) func(*http.Request) (string, bool) {
 	return func(*http.Request) (string, bool) { return v, false }
 }
 
-// firstOnly asks for a replay only of a request that was not replayed yet.
-func firstOnly(v string) func(*http.Request) (string, bool) {
-	return func(r *http.Request) (string, bool) {
-		if r.Header.Get("Fly-Replay-Src") != "" {
-			return "", false
-		}
-		return v, false
-	}
-}
-
 // replayCluster runs proxies on ams-1 (the edge the client uses), ams-2
 // and fra-1, over loopback backhauls, with the given machines.
 func replayCluster(t *testing.T, edgeCfg Config, ms ...route.Machine) *Proxy {

@@ -29,9 +29,12 @@ type state struct {
 }
 
 // factsFrom turns a cluster snapshot into the route table's facts, as seen
-// from host self in region.
-func factsFrom(snap *cluster.Snapshot, self, region string, load map[string]int) (route.Facts, map[string]string) {
-	f := route.Facts{Self: self, Region: region, Load: load}
+// from host self in region. The load of another host's machine is what that
+// host published; this host's own machines get none from the snapshot, since
+// every request to them passes through this proxy, whose live count
+// (inflight) is fresher than the sample this host published.
+func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[string]string) {
+	f := route.Facts{Self: self, Region: region}
 	backhaul := map[string]string{}
 	if snap == nil {
 		return f, backhaul
@@ -78,6 +81,12 @@ func factsFrom(snap *cluster.Snapshot, self, region string, load map[string]int)
 			rm.Services = append(rm.Services, rs)
 		}
 		f.Machines = append(f.Machines, rm)
+		if m.Load > 0 && m.Host != self {
+			if f.Load == nil {
+				f.Load = map[string]int{}
+			}
+			f.Load[m.ID] = m.Load
+		}
 	}
 	return f, backhaul
 }
