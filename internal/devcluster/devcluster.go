@@ -314,7 +314,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 			if planeLn != nil {
 				planeLn.Close()
 			}
-			c.Close()
+			c.abort()
 			return nil, fmt.Errorf("devcluster: host %s: %w", p.id, err)
 		}
 		if seed == "" {
@@ -326,12 +326,12 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		if planeLn != nil {
 			planeLn.Close()
 		}
-		c.Close()
+		c.abort()
 		return nil, fmt.Errorf("devcluster: global entry: %w", err)
 	}
 	if cfg.ControlPlane {
 		if c.Plane, err = c.startPlane(ctx, planeLn, seed); err != nil {
-			c.Close()
+			c.abort()
 			return nil, fmt.Errorf("devcluster: control plane: %w", err)
 		}
 		c.bus.p.Store(c.Plane)
@@ -562,6 +562,15 @@ func (c *Cluster) DestroyMachines(ctx context.Context) {
 		}()
 	}
 	wg.Wait()
+}
+
+// abort undoes a start that failed once hosts ran: it closes them and
+// removes what their drivers made on the machine (bridges, cgroups, spare
+// inits). A host that adopted machines from its data dir keeps them, and
+// with them its bridge and cgroups (Teardown refuses), for the next start.
+func (c *Cluster) abort() {
+	c.Close()
+	c.Teardown()
 }
 
 // Teardown removes what the hosts' drivers keep for all their machines;
