@@ -6,20 +6,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
-	"github.com/flamehq/flame/internal/driver"
-	"github.com/flamehq/flame/internal/driver/exec"
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
@@ -33,36 +29,11 @@ import (
 // naming the known ones. The regions endpoint lists every edge and the
 // global entry.
 func TestGlobalEntryNearestEdge(t *testing.T) {
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	over := new(atomic.Bool)
-	t.Cleanup(func() { over.Store(true) })
 	ctx := context.Background()
-	c, err := Start(ctx, Config{
-		Dir: t.TempDir(), Token: "t", Seed: 1, HostsPerRegion: 1,
-		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		NewDriver: func(string, int, string) (driver.Driver, error) {
-			return exec.New(exec.Config{Images: map[string][]string{
-				host.DemoImage: {self, "demo-app"}, upgraderImage: {self, "echo-upgrader"},
-			}}, nil), nil
-		},
+	c := startExecCluster(t, Config{HostsPerRegion: 1,
 		Cluster:      cluster.Config{Capacity: cluster.Resources{CPUs: 16, MemoryMB: 16 * 1024}},
 		ControlPlane: true,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c.StopMachines(context.Background())
-		c.Close()
-	})
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	if err := c.WaitConverged(wctx); err != nil {
-		t.Fatal(err)
-	}
+	}, map[string]string{upgraderImage: "echo-upgrader"})
 	if c.GlobalAddr == "" {
 		t.Fatal("no global entry")
 	}

@@ -5,18 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
-	"os"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
-	"github.com/flamehq/flame/internal/driver"
-	"github.com/flamehq/flame/internal/driver/exec"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
@@ -30,32 +25,8 @@ import (
 // apart: without the published load the edge would share requests between
 // them.
 func TestRemoteLoadSteersTheEdge(t *testing.T) {
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	over := new(atomic.Bool)
-	t.Cleanup(func() { over.Store(true) })
 	ctx := context.Background()
-	c, err := Start(ctx, Config{
-		Dir: t.TempDir(), Token: "t", Seed: 1, Regions: []string{"ams", "iad"},
-		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		NewDriver: func(string, int, string) (driver.Driver, error) {
-			return exec.New(exec.Config{Images: map[string][]string{host.DemoImage: {self, "demo-app"}}}, nil), nil
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c.StopMachines(context.Background())
-		c.Close()
-	})
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	if err := c.WaitConverged(wctx); err != nil {
-		t.Fatal(err)
-	}
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}}, nil)
 	edges := c.Edges()
 	byHost := map[string]*Host{}
 	for _, h := range c.Hosts {

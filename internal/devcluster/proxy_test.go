@@ -52,27 +52,28 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// TestEdgeRoutesToNearestRegion: a request for demo.localhost at the ams
-// edge is answered by an ams machine; once the ams machines are stopped, by
-// the next region's, paying the distance — and no request fails meanwhile.
-// The control plane and its catalog are down throughout: the data plane
-// routes by the hosts' gossip alone.
-func TestEdgeRoutesToNearestRegion(t *testing.T) {
+// startExecCluster starts a dev cluster whose hosts run machines as host
+// processes of this test binary (the demo image runs it as the demo app;
+// modes maps further images to the mode of the binary they run), logs
+// warnings to t, stops it when the test ends and waits for it to converge.
+func startExecCluster(t *testing.T, cfg Config, modes map[string]string) *Cluster {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
+	images := map[string][]string{host.DemoImage: {self, "demo-app"}}
+	for image, mode := range modes {
+		images[image] = []string{self, mode}
+	}
 	over := new(atomic.Bool)
 	t.Cleanup(func() { over.Store(true) })
-	ctx := context.Background()
-	c, err := Start(ctx, Config{
-		Dir: t.TempDir(), Token: "t", Seed: 1,
-		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		NewDriver: func(string, int, string) (driver.Driver, error) {
-			return exec.New(exec.Config{Images: map[string][]string{host.DemoImage: {self, "demo-app"}}}, nil), nil
-		},
-		ControlPlane: true,
-	})
+	cfg.Dir, cfg.Token, cfg.Seed = t.TempDir(), "t", 1
+	cfg.Logger = slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.NewDriver = func(string, int, string) (driver.Driver, error) {
+		return exec.New(exec.Config{Images: images}, nil), nil
+	}
+	c, err := Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,11 +81,22 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 		c.StopMachines(context.Background())
 		c.Close()
 	})
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	wctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if err := c.WaitConverged(wctx); err != nil {
 		t.Fatal(err)
 	}
+	return c
+}
+
+// TestEdgeRoutesToNearestRegion: a request for demo.localhost at the ams
+// edge is answered by an ams machine; once the ams machines are stopped, by
+// the next region's, paying the distance — and no request fails meanwhile.
+// The control plane and its catalog are down throughout: the data plane
+// routes by the hosts' gossip alone.
+func TestEdgeRoutesToNearestRegion(t *testing.T) {
+	ctx := context.Background()
+	c := startExecCluster(t, Config{ControlPlane: true}, nil)
 	if err := c.Plane.Close(); err != nil {
 		t.Fatalf("stop the control plane: %v", err)
 	}
