@@ -100,6 +100,11 @@ func validMethod(m string) bool {
 	return true
 }
 
+// ServicePrefix begins the name of every check of services[].checks: only
+// those gate routing (the edge proxy tells them by it); top-level checks
+// only report.
+const ServicePrefix = "servicecheck-"
+
 // Specs lists the checks of a machine config: first its services' checks in
 // order, named like Fly's "servicecheck-<nn>-<type>-<port>" (nn counting
 // every service check of the machine from 00), whose port defaults to the
@@ -125,7 +130,7 @@ func Specs(cfg *api.MachineConfig) ([]Spec, error) {
 				return nil, fmt.Errorf("%s: %w", where, err)
 			}
 			s.Service = true
-			s.Name = fmt.Sprintf("servicecheck-%02d-%s-%d", n, s.Type, s.Port)
+			s.Name = fmt.Sprintf("%s%02d-%s-%d", ServicePrefix, n, s.Type, s.Port)
 			n++
 			names[s.Name] = true
 			specs = append(specs, s)

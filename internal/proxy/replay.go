@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -109,7 +110,7 @@ func (rp *replay) set(k, v string) error {
 	case "region":
 		for r := range strings.SplitSeq(v, ",") {
 			r = strings.ToLower(strings.TrimSpace(r))
-			if !validName(r) {
+			if !api.ValidWord(r, maxReplayName, "") {
 				return fmt.Errorf("fly-replay: region %q is not a region code", clip(r))
 			}
 			if len(rp.Regions) == maxReplayRegions {
@@ -118,7 +119,7 @@ func (rp *replay) set(k, v string) error {
 			rp.Regions = append(rp.Regions, r)
 		}
 	case "instance", "prefer_instance":
-		if !validName(v) {
+		if !api.ValidWord(v, maxReplayName, "") {
 			return fmt.Errorf("fly-replay: %s %q is not a machine or instance id", k, clip(v))
 		}
 		if k == "instance" {
@@ -162,21 +163,6 @@ func (rp *replay) check() error {
 		return errors.New("fly-replay: instance excludes region and prefer_instance")
 	}
 	return nil
-}
-
-// validName accepts a region code, machine id or instance id: letters,
-// digits, '-' and '_', at most maxReplayName.
-func validName(s string) bool {
-	if s == "" || len(s) > maxReplayName {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
 
 func clip(s string) string {

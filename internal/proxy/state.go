@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/flamehq/flame/internal/check"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
@@ -15,11 +16,6 @@ type Source interface {
 	Snapshot() *cluster.Snapshot
 	Subscribe() (<-chan struct{}, func())
 }
-
-// serviceCheckPrefix names the checks of services[].checks (the check
-// package names them "servicecheck-<nn>-<type>-<port>"): only they gate
-// routing; top-level checks only report. A test holds the two in step.
-const serviceCheckPrefix = "servicecheck-"
 
 // state is what a request routes by: one table and the backhaul address of
 // every host, from one snapshot, swapped as one.
@@ -61,7 +57,7 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 			PrivateIP: m.PrivateIP, Started: m.State == "started", Cordoned: m.Cordoned, Healthy: true,
 		}
 		for _, c := range m.Checks {
-			if strings.HasPrefix(c.Name, serviceCheckPrefix) && c.Status != cluster.CheckPassing {
+			if strings.HasPrefix(c.Name, check.ServicePrefix) && c.Status != cluster.CheckPassing {
 				rm.Healthy = false
 			}
 		}

@@ -73,7 +73,7 @@ func TestServiceCheckNames(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, s := range specs {
-		if got := strings.HasPrefix(s.Name, serviceCheckPrefix); got != s.Service {
+		if got := strings.HasPrefix(s.Name, check.ServicePrefix); got != s.Service {
 			t.Errorf("check %q: service %v, prefixed %v", s.Name, s.Service, got)
 		}
 	}
