@@ -89,7 +89,7 @@ func (s *Server) deletedMachines(ctx context.Context, a app, f api.ListMachinesO
 			if h := s.cfg.Cluster.Snapshot().Host(hostID); h == nil || !h.Up() {
 				return
 			}
-			c, err := s.hostClient(hostID, "")
+			c, err := s.hostClient(hostID)
 			if err != nil {
 				return
 			}

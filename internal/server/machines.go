@@ -70,7 +70,7 @@ func (s *Server) entry(ctx context.Context, ref api.MachineRef, write bool) (mac
 
 // hostClient returns a client for a host's API, or 503 when the host is not
 // reachable now.
-func (s *Server) hostClient(hostID, nonce string) (*api.Client, error) {
+func (s *Server) hostClient(hostID string) (*api.Client, error) {
 	h := s.cfg.Cluster.Snapshot().Host(hostID)
 	switch {
 	case h == nil:
@@ -80,7 +80,7 @@ func (s *Server) hostClient(hostID, nonce string) (*api.Client, error) {
 	case h.Addrs["api"] == "":
 		return nil, api.Errorf(http.StatusServiceUnavailable, "host %s advertises no API address", hostID)
 	}
-	c := api.NewClient("http://"+h.Addrs["api"], s.cfg.AgentToken).WithLeaseNonce(nonce)
+	c := api.NewClient("http://"+h.Addrs["api"], s.cfg.AgentToken)
 	c.HTTPClient = s.cfg.HTTPClient
 	return c, nil
 }
@@ -94,7 +94,7 @@ func (s *Server) onHost(ctx context.Context, ref api.MachineRef, write bool) (ap
 	if err != nil {
 		return nil, err
 	}
-	return s.hostClient(me.Host, "")
+	return s.hostClient(me.Host)
 }
 
 // fromHost passes a host's answer on, its error through hostError.
@@ -211,7 +211,7 @@ func (s *Server) GetMachine(ctx context.Context, ref api.MachineRef) (*api.Machi
 	if err != nil {
 		return nil, err
 	}
-	c, err := s.hostClient(me.Host, ref.LeaseNonce)
+	c, err := s.hostClient(me.Host)
 	if err != nil {
 		return unreachable(me, s.cfg.Cluster.Snapshot().Machine(me.ID)), nil
 	}
@@ -249,7 +249,7 @@ func (s *Server) ListMachines(ctx context.Context, appName string, f api.ListMac
 	for hostID, mes := range byHost {
 		go func() {
 			var r result
-			c, err := s.hostClient(hostID, "")
+			c, err := s.hostClient(hostID)
 			if err == nil {
 				var got []*api.Machine
 				got, err = c.ListMachines(ctx, appName, f)
@@ -434,7 +434,7 @@ func (s *Server) destroy(ctx context.Context, me machineEntry, force bool, nonce
 		_, err := s.machines.Put(ctx, machineKey(me.App, me.ID), mustJSON(me))
 		return err
 	}
-	c, err := s.hostClient(me.Host, "")
+	c, err := s.hostClient(me.Host)
 	if err != nil {
 		return err
 	}

@@ -70,7 +70,7 @@ type placerDeps struct {
 	pending  time.Duration // how long a create waits for room
 	machines catalog.Bucket
 	// hostClient returns a client for a host's API.
-	hostClient func(hostID, nonce string) (*api.Client, error)
+	hostClient func(hostID string) (*api.Client, error)
 	log        *slog.Logger
 	// goOwned runs fn in a goroutine its owner waits for on close.
 	goOwned func(fn func())
@@ -247,7 +247,7 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 			return nil, fmt.Errorf("record machine %s: %w", in.ID, err)
 		}
 		written = true
-		c, err := p.hostClient(h.ID, "")
+		c, err := p.hostClient(h.ID)
 		var m *api.Machine
 		if err == nil {
 			// Not cancelled with the client's request: a host half-way

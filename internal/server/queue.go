@@ -203,7 +203,7 @@ func (p *placer) reclaim(ctx context.Context, c place.Claim, ms []machineEntry) 
 		if got.CPUs >= c.Amount.CPUs && got.MemoryMB >= c.Amount.MemoryMB {
 			return
 		}
-		hc, err := p.hostClient(me.Host, "")
+		hc, err := p.hostClient(me.Host)
 		if err != nil {
 			continue
 		}

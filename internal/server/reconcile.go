@@ -234,7 +234,7 @@ func (s *Server) settleLeftBehind(ctx context.Context) {
 			err := s.bury(ctx, me)
 			var c *api.Client
 			if err == nil {
-				c, err = s.hostClient(me.Host, "")
+				c, err = s.hostClient(me.Host)
 			}
 			if err == nil {
 				err = c.Destroy(ctx, me.App, me.ID, true)
@@ -387,7 +387,7 @@ func (s *Server) howStopped(ctx context.Context, in *reconcile.Input, byID map[s
 			continue
 		}
 		me := byID[m.ID]
-		c, err := s.hostClient(me.Host, "")
+		c, err := s.hostClient(me.Host)
 		if err != nil {
 			continue
 		}
@@ -528,7 +528,7 @@ func sameBackoff(a, b map[string]reconcile.Backoff) bool {
 // nothing and is no error either: it is returned as refused, and the next
 // pass sees where the machine went.
 func (s *Server) startGroupMachine(ctx context.Context, me machineEntry, promote bool) (refused, err error) {
-	c, err := s.hostClient(me.Host, "")
+	c, err := s.hostClient(me.Host)
 	if err != nil {
 		return nil, err
 	}

@@ -98,7 +98,7 @@ func (s *Server) eachMachine(ctx context.Context, a app, fn func(me machineEntry
 	}
 	var wg sync.WaitGroup
 	for _, me := range es {
-		c, err := s.hostClient(me.Host, "")
+		c, err := s.hostClient(me.Host)
 		if err != nil {
 			continue
 		}
