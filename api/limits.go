@@ -69,9 +69,17 @@ const MetadataProcessGroup = "fly_process_group"
 // starting with a letter or digit.
 func ValidName(s string) bool { return ValidWord(s, MaxNameLen, "") }
 
+// ServiceCheckPrefix begins the name of every check of services[].checks:
+// only those gate routing (the edge proxy tells them by it), so no
+// top-level check may take a name that begins with it.
+const ServiceCheckPrefix = "servicecheck-"
+
 // ValidCheckName reports whether s may name a top-level check: as
-// ValidName, with '.' and ':' allowed after the first character.
-func ValidCheckName(s string) bool { return ValidWord(s, MaxNameLen, ".:") }
+// ValidName, with '.' and ':' allowed after the first character, and not
+// beginning with ServiceCheckPrefix.
+func ValidCheckName(s string) bool {
+	return ValidWord(s, MaxNameLen, ".:") && !strings.HasPrefix(s, ServiceCheckPrefix)
+}
 
 // ValidWord reports whether s is 1..max characters of [A-Za-z0-9_-] and
 // extra, starting with a letter or digit: the one shape of the names, ids

@@ -67,6 +67,10 @@ func TestValidate(t *testing.T) {
 		}, "config.services[0].concurrency.soft_limit"},
 		{"check type", func(c *MachineConfig) { c.Checks = map[string]MachineCheck{"x": {Type: str("icmp")}} }, "config.checks.x.type"},
 		{"check path", func(c *MachineConfig) { c.Checks = map[string]MachineCheck{"x": {Path: str("health")}} }, "config.checks.x.path"},
+		// A top-level check named like a service's would gate routing.
+		{"check named like a service's", func(c *MachineConfig) {
+			c.Checks = map[string]MachineCheck{ServiceCheckPrefix + "00-tcp-80": {Port: num(80)}}
+		}, "config.checks"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -102,8 +102,8 @@ func validMethod(m string) bool {
 
 // ServicePrefix begins the name of every check of services[].checks: only
 // those gate routing (the edge proxy tells them by it); top-level checks
-// only report.
-const ServicePrefix = "servicecheck-"
+// only report, and the API refuses them a name with this prefix.
+const ServicePrefix = api.ServiceCheckPrefix
 
 // Specs lists the checks of a machine config: first its services' checks in
 // order, named like Fly's "servicecheck-<nn>-<type>-<port>" (nn counting
