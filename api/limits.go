@@ -3,6 +3,7 @@ package api
 import (
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Limits on what a machine's config, and the calls about a machine, may
@@ -71,15 +72,13 @@ func ValidName(s string) bool { return ValidWord(s, MaxNameLen, "") }
 
 // ServiceCheckPrefix begins the name of every check of services[].checks:
 // only those gate routing (the edge proxy tells them by it), so no
-// top-level check may take a name that begins with it.
+// top-level check may take a name that begins with it (Validate refuses
+// one).
 const ServiceCheckPrefix = "servicecheck-"
 
-// ValidCheckName reports whether s may name a top-level check: as
-// ValidName, with '.' and ':' allowed after the first character, and not
-// beginning with ServiceCheckPrefix.
-func ValidCheckName(s string) bool {
-	return ValidWord(s, MaxNameLen, ".:") && !strings.HasPrefix(s, ServiceCheckPrefix)
-}
+// ValidCheckName reports whether s may name a check: as ValidName, with
+// '.' and ':' allowed after the first character.
+func ValidCheckName(s string) bool { return ValidWord(s, MaxNameLen, ".:") }
 
 // ValidWord reports whether s is 1..max characters of [A-Za-z0-9_-] and
 // extra, starting with a letter or digit: the one shape of the names, ids
@@ -163,13 +162,28 @@ func CheckLeaseTTL(field string, seconds int) error {
 	return nil
 }
 
-// clipped shortens what an error quotes back.
-func clipped(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "..."
+// Clip makes s valid UTF-8 (dropping invalid bytes) of at most max bytes,
+// cut at a character boundary and ending in "…" when it was cut: the one
+// way messages quote back what a client sent, and records bound a text
+// they carry.
+func Clip(s string, max int) string {
+	s = strings.ToValidUTF8(s, "")
+	if len(s) <= max {
+		return s
 	}
-	return s
+	const ellipsis = "…"
+	n := max - len(ellipsis)
+	if n <= 0 {
+		return ellipsis[:0]
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + ellipsis
 }
+
+// clipped shortens what an error quotes back.
+func clipped(s string) string { return Clip(s, 64) }
 
 // envSize is the bytes the variables of env take in a program's
 // environment ("NAME=value" and its terminating NUL each), checking each

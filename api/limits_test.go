@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/flamehq/flame/internal/machine"
 )
@@ -170,5 +171,26 @@ func TestCallLimits(t *testing.T) {
 	}
 	if err := CheckStopTimeout("timeout", 100000*time.Hour); err == nil || !strings.HasPrefix(err.Error(), "timeout ") {
 		t.Errorf("stop timeout 100000h: %v", err)
+	}
+}
+
+func TestClip(t *testing.T) {
+	tests := []struct {
+		in   string
+		max  int
+		want string
+	}{
+		{"short", 10, "short"},
+		{"exactly10!", 10, "exactly10!"},
+		{"a longer text", 10, "a longe…"},
+		{"abcdéfgh", 8, "abcd…"},       // "é" is not cut in half
+		{"bad\xffbyte", 64, "badbyte"}, // invalid bytes dropped
+		{"abcdef", 2, ""},              // no room even for the ellipsis
+	}
+	for _, tt := range tests {
+		got := Clip(tt.in, tt.max)
+		if got != tt.want || len(got) > tt.max || !utf8.ValidString(got) {
+			t.Errorf("Clip(%q, %d) = %q, want %q", tt.in, tt.max, got, tt.want)
+		}
 	}
 }

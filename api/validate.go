@@ -110,7 +110,7 @@ func (c *MachineConfig) Validate() error {
 	}
 	for name, ch := range c.Checks {
 		f := "config.checks." + name
-		if !ValidCheckName(name) {
+		if !ValidCheckName(name) || strings.HasPrefix(name, ServiceCheckPrefix) {
 			return invalid("config.checks", "has an invalid name %q: use 1 to %d letters, digits, '-', '_', '.' and ':', starting with a letter or digit and not with %q (kept for services' checks)", clipped(name), MaxNameLen, ServiceCheckPrefix)
 		}
 		if err := validateCheck(f, ch.Type, ch.Port, ch.Interval, ch.Timeout, ch.GracePeriod, ch.Path); err != nil {

@@ -12,11 +12,9 @@ import (
 	"net"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	"github.com/hashicorp/memberlist"
 )
@@ -831,18 +829,6 @@ func (c *Cluster) drop(what string, err error) {
 	if now-last > int64(time.Second) && c.dropLog.CompareAndSwap(last, now) {
 		c.log.Warn("dropped record", "what", what, "err", err, "dropped_total", c.stats.dropped.Load())
 	}
-}
-
-func truncate(s string, n int) string {
-	s = strings.ToValidUTF8(s, "")
-	if len(s) <= n {
-		return s
-	}
-	s = s[:n]
-	for !utf8.ValidString(s) {
-		s = s[:len(s)-1]
-	}
-	return s
 }
 
 func compareStrings(a, b string) int {

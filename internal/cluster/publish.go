@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/flamehq/flame/api"
 	"github.com/hashicorp/memberlist"
 )
 
@@ -31,7 +32,7 @@ func (c *Cluster) Publish(f HostFacts) error {
 		m.Host = ""
 		m.Checks = slices.Clone(m.Checks)
 		for j := range m.Checks {
-			m.Checks[j].Output = truncate(m.Checks[j].Output, maxOutputLen)
+			m.Checks[j].Output = api.Clip(m.Checks[j].Output, maxOutputLen)
 		}
 		err := validateMachine(&m)
 		switch {

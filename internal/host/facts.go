@@ -72,7 +72,7 @@ func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Reso
 			}
 		}
 		for _, c := range m.Checks {
-			cm.Checks = append(cm.Checks, cluster.CheckStatus{Name: c.Name, Status: c.Status, Output: clip(c.Output, 256)})
+			cm.Checks = append(cm.Checks, cluster.CheckStatus{Name: c.Name, Status: c.Status, Output: api.Clip(c.Output, 256)})
 		}
 		f.Machines = append(f.Machines, cm)
 	}
@@ -95,13 +95,6 @@ func clusterService(s api.MachineService) cluster.Service {
 		out.Concurrency = cluster.Concurrency{Type: c.Type, SoftLimit: c.SoftLimit, HardLimit: c.HardLimit}
 	}
 	return out
-}
-
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 // dnsSource answers DNS from the cluster's current snapshot, one snapshot

@@ -73,10 +73,4 @@ func badRequest(format string, args ...any) error {
 }
 
 // clip shortens client-supplied text echoed in messages.
-func clip(s string) string {
-	const max = 80
-	if len(s) <= max {
-		return s
-	}
-	return s[:max] + "..."
-}
+func clip(s string) string { return api.Clip(s, 80) }

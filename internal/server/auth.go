@@ -184,9 +184,4 @@ func (s *Server) appFor(ctx context.Context, name string, write bool) (app, erro
 
 var validSlug = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 
-func clipName(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "..."
-	}
-	return s
-}
+func clipName(s string) string { return api.Clip(s, 64) }

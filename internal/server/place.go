@@ -32,6 +32,17 @@ const hostCreateTimeout = 5 * time.Minute
 // errNoRoom means no live host in the requested regions has room now.
 var errNoRoom = errors.New("no room")
 
+// refusedError is errNoRoom with what the hosts asked said when they
+// refused: a refusal is not always for room (an image no host can pull
+// now), and the caller is told which.
+type refusedError struct{ refusals []string }
+
+func (e *refusedError) Error() string { return "no room: " + strings.Join(e.refusals, "; ") }
+func (e *refusedError) Unwrap() error { return errNoRoom }
+
+// maxRefusalText bounds each host's refusal quoted back to the caller.
+const maxRefusalText = 200
+
 // placer turns the cluster snapshot into placement decisions and runs the
 // market: ask the best host, take the next on a refusal. Hosts' published
 // free capacity lags behind, so the placer holds each placed machine's share
@@ -217,8 +228,12 @@ func (p *placer) place(ctx context.Context, a app, in api.LaunchMachineInput, re
 			return m, err
 		}
 		if deadline.IsZero() || !p.now().Before(deadline) {
-			return nil, api.Errorf(http.StatusServiceUnavailable,
-				"no host in %s has room for %d cpus and %d MB", strings.Join(regions, ","), guest.CPUs, guest.MemoryMB)
+			msg := fmt.Sprintf("no host in %s has room for %d cpus and %d MB", strings.Join(regions, ","), guest.CPUs, guest.MemoryMB)
+			if re, ok := errors.AsType[*refusedError](err); ok {
+				msg = fmt.Sprintf("no host in %s took the machine (%d cpus, %d MB); the hosts asked answered: %s",
+					strings.Join(regions, ","), guest.CPUs, guest.MemoryMB, strings.Join(re.refusals, "; "))
+			}
+			return nil, api.Errorf(http.StatusServiceUnavailable, "%s", msg)
 		}
 		req := place.Request{Org: a.Org, App: a.Name, Regions: regions, Guest: guest}
 		if err := p.queue.wait(ctx, req, deadline); err != nil {
@@ -232,6 +247,7 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 	req := place.Request{Org: a.Org, App: a.Name, Regions: regions, Guest: guest, Exclude: map[string]bool{}}
 	key := machineKey(a.Name, in.ID)
 	written := false
+	var refusals []string
 	for range maxAsks {
 		h, ok := p.choose(req, in.ID)
 		if !ok {
@@ -284,9 +300,20 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 		}
 		p.log.Info("host refused machine", "host", h.ID, "machine", in.ID, "err", err)
 		req.Exclude[h.ID] = true
+		why := err.Error()
+		if ae != nil {
+			why = ae.Message
+		}
+		if len(why) > maxRefusalText {
+			why = why[:maxRefusalText] + "…"
+		}
+		refusals = append(refusals, h.ID+": "+why)
 	}
 	if written {
 		p.machines.Delete(context.WithoutCancel(ctx), key, 0)
+	}
+	if len(refusals) > 0 {
+		return nil, &refusedError{refusals: refusals}
 	}
 	return nil, errNoRoom
 }
