@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -253,5 +254,30 @@ func TestFairQueueReclaimsBurst(t *testing.T) {
 	// The newest gives back: the last created.
 	if len(stopped) != 1 || stopped[0] != hogs[len(hogs)-1] {
 		t.Fatalf("stopped %v of the bursting org's machines %v, want only the newest", stopped, hogs)
+	}
+}
+
+// TestEveryHostUnableToPullSaysWhy: when every host refuses a create
+// because it cannot get the image now, the 503 says what the hosts said,
+// not that no host has room.
+func TestEveryHostUnableToPullSaysWhy(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 2, server: server.Config{PendingTimeout: -1}})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	for _, h := range c.Hosts {
+		c.drivers[h.ID].FailPrepare(fmt.Errorf("pull demo: cannot reach registry.test: %w", driver.ErrUnavailable))
+	}
+	_, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig(), Region: "ams"})
+	if !errors.Is(err, api.ErrUnavailable) {
+		t.Fatalf("create with no host able to pull: %v, want 503", err)
+	}
+	msg := err.Error()
+	if strings.Contains(msg, "has room") || !strings.Contains(msg, "cannot reach registry.test") {
+		t.Fatalf("the 503 does not say why: %s", msg)
+	}
+	for _, h := range c.Hosts {
+		if !strings.Contains(msg, h.ID+":") {
+			t.Errorf("the 503 does not name host %s: %s", h.ID, msg)
+		}
 	}
 }
