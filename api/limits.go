@@ -22,6 +22,9 @@ const (
 	MaxHandlersPerPort  = 8
 	MaxChecks           = 32      // service checks and top-level checks together
 	MaxConcurrencyLimit = 1 << 20 // soft_limit and hard_limit
+	// MaxMinMachinesRunning bounds services[].min_machines_running: the
+	// machines an app keeps started in its primary region.
+	MaxMinMachinesRunning = 1000
 
 	// Metadata: Fly publishes no limits; these keep a machine's record (sent
 	// whole on every GET and written whole on every change) small.

@@ -146,6 +146,12 @@ func TestValidateLimits(t *testing.T) {
 			c.Services = []MachineService{{Protocol: "tcp", InternalPort: 80,
 				Concurrency: &MachineServiceConcurrency{SoftLimit: MaxConcurrencyLimit + 1}}}
 		}, "config.services[0].concurrency.soft_limit"},
+		{"min machines running at the limit", func(c *MachineConfig) {
+			c.Services = []MachineService{{Protocol: "tcp", InternalPort: 80, MinMachinesRunning: new(MaxMinMachinesRunning)}}
+		}, ""},
+		{"min machines running", func(c *MachineConfig) {
+			c.Services = []MachineService{{Protocol: "tcp", InternalPort: 80, MinMachinesRunning: new(MaxMinMachinesRunning + 1)}}
+		}, "config.services[0].min_machines_running"},
 	}
 	for _, tt := range tests {
 		c := base()

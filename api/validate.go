@@ -134,6 +134,9 @@ func (s *MachineService) validate(f string) error {
 	if s.MinMachinesRunning != nil && *s.MinMachinesRunning < 0 {
 		return invalid(f+".min_machines_running", "must not be negative")
 	}
+	if s.MinMachinesRunning != nil && *s.MinMachinesRunning > MaxMinMachinesRunning {
+		return invalid(f+".min_machines_running", "must be at most %d, not %d", MaxMinMachinesRunning, *s.MinMachinesRunning)
+	}
 	if len(s.Ports) > MaxPortsPerService {
 		return limitErr(f+".ports", len(s.Ports), MaxPortsPerService, "ports")
 	}

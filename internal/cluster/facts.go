@@ -27,17 +27,21 @@ const MaxLoad = api.MaxConcurrencyLimit
 // answer DNS for it and count it in placement. Its full configuration stays
 // with the host that runs it.
 type Machine struct {
-	ID           string        `json:"id"`
-	App          string        `json:"app"`
-	Org          string        `json:"org,omitempty"`
-	Region       string        `json:"region"`
-	State        string        `json:"state"`
-	InstanceID   string        `json:"instance_id,omitempty"`
-	PrivateIP    string        `json:"private_ip,omitempty"`
-	ProcessGroup string        `json:"process_group,omitempty"`
-	Cordoned     bool          `json:"cordoned,omitempty"`
-	Services     []Service     `json:"services,omitempty"`
-	Checks       []CheckStatus `json:"checks,omitempty"`
+	ID           string `json:"id"`
+	App          string `json:"app"`
+	Org          string `json:"org,omitempty"`
+	Region       string `json:"region"`
+	State        string `json:"state"`
+	InstanceID   string `json:"instance_id,omitempty"`
+	PrivateIP    string `json:"private_ip,omitempty"`
+	ProcessGroup string `json:"process_group,omitempty"`
+	// PrimaryRegion is the app's primary region as the machine's config
+	// says it (its PRIMARY_REGION); empty means the machine's own region.
+	// Autostop counts min_machines_running there.
+	PrimaryRegion string        `json:"primary_region,omitempty"`
+	Cordoned      bool          `json:"cordoned,omitempty"`
+	Services      []Service     `json:"services,omitempty"`
+	Checks        []CheckStatus `json:"checks,omitempty"`
 	// Load is the requests and connections in flight to the machine through
 	// its host's proxy, as the host last sampled it (at most MaxLoad: a
 	// count past it is past every hard limit anyway).
@@ -54,7 +58,23 @@ type Service struct {
 	InternalPort int         `json:"internal_port"`
 	Ports        []Port      `json:"ports,omitempty"`
 	Concurrency  Concurrency `json:"concurrency,omitzero"`
+	// Autostop is what the proxy does to an idle machine: AutostopOff ("",
+	// the default, or "off"), AutostopStop or AutostopSuspend.
+	Autostop string `json:"autostop,omitempty"`
+	// Autostart lets an edge start the machine (stopped or suspended) when
+	// a request finds no machine to take it.
+	Autostart bool `json:"autostart,omitempty"`
+	// MinMachinesRunning is how many machines of the app autostop leaves
+	// started in its primary region (at most api.MaxMinMachinesRunning).
+	MinMachinesRunning int `json:"min_machines_running,omitempty"`
 }
+
+// Autostop values of a Service, the api package's names.
+const (
+	AutostopOff     = api.AutostopOff
+	AutostopStop    = api.AutostopStop
+	AutostopSuspend = api.AutostopSuspend
+)
 
 // Port is one public port, or a range of them, of a service.
 type Port struct {

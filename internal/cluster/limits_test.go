@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -119,4 +120,57 @@ func TestPublishOverMachineLimit(t *testing.T) {
 	waitFor(t, 10*time.Second, "three machines in a's view", func() bool {
 		return len(a.Snapshot().AppMachines("web")) == 3
 	})
+}
+
+// TestAutoscaleFieldsRoundTrip: a service's autostop, autostart and
+// min_machines_running and a machine's primary region cross the wire
+// unchanged, and values past their bounds are refused by the decoder or by
+// validation.
+func TestAutoscaleFieldsRoundTrip(t *testing.T) {
+	for _, mode := range []string{"", AutostopOff, AutostopStop, AutostopSuspend} {
+		m := machine("m1", "web", "ams")
+		m.PrimaryRegion = "fra"
+		m.Load = 3
+		m.Services[0].Autostop = mode
+		m.Services[0].Autostart = mode != ""
+		m.Services[0].MinMachinesRunning = api.MaxMinMachinesRunning
+		msg := encodeFull([]*fullFacts{{Owner: "h1", Version: 1, Machines: []Machine{m}}})
+		v, err := decodeMessage(msg)
+		if err != nil {
+			t.Fatalf("autostop %q: decode: %v", mode, err)
+		}
+		got := v.([]*fullFacts)[0].Machines[0]
+		if !reflect.DeepEqual(got, m) {
+			t.Fatalf("autostop %q: decoded\n%+v\nwant\n%+v", mode, got, m)
+		}
+		if err := validateMachine(&got); err != nil {
+			t.Errorf("autostop %q refused: %v", mode, err)
+		}
+	}
+	bad := map[string]func(*Machine){
+		"autostop":       func(m *Machine) { m.Services[0].Autostop = "sleep" },
+		"min negative":   func(m *Machine) { m.Services[0].MinMachinesRunning = -1 },
+		"min over limit": func(m *Machine) { m.Services[0].MinMachinesRunning = api.MaxMinMachinesRunning + 1 },
+		"primary region": func(m *Machine) { m.PrimaryRegion = "Ams!" },
+	}
+	for name, edit := range bad {
+		m := machine("m1", "web", "ams")
+		edit(&m)
+		if err := validateMachine(&m); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s accepted: %v", name, err)
+		}
+	}
+	// The decoder refuses a count past the bound before validation sees it.
+	m := machine("m1", "web", "ams")
+	m.Services[0].MinMachinesRunning = api.MaxMinMachinesRunning + 1
+	if _, err := decodeMessage(encodeFull([]*fullFacts{{Owner: "h1", Version: 1, Machines: []Machine{m}}})); err == nil ||
+		!strings.Contains(err.Error(), "min machines running") {
+		t.Errorf("decoded a min_machines_running past the bound: %v", err)
+	}
+	// A record of the previous format is refused, not misread.
+	old := encodeFull([]*fullFacts{{Owner: "h1", Version: 1, Machines: []Machine{machine("m1", "web", "ams")}}})
+	old[0] = 2
+	if _, err := decodeMessage(old); err == nil {
+		t.Error("a format 2 record decoded")
+	}
 }

@@ -33,6 +33,9 @@ func validMachineID(s string) bool { return word(s, maxIDLen, "") }
 func validName(s string) bool      { return api.ValidName(s) }
 func validRegion(s string) bool    { return word(s, maxShortLen, "") }
 
+// ValidRegion reports whether a region code is one a record may carry.
+func ValidRegion(s string) bool { return validRegion(s) }
+
 func validVersion(v uint64, now time.Time) bool {
 	return v > 0 && v <= uint64(now.Add(maxClockSkew).UnixNano())
 }
@@ -65,6 +68,8 @@ func validateMachine(m *Machine) error {
 		return invalid("machine %s: instance id %q", m.ID, m.InstanceID)
 	case m.ProcessGroup != "" && !api.ValidName(m.ProcessGroup):
 		return invalid("machine %s: process group %q", m.ID, m.ProcessGroup)
+	case m.PrimaryRegion != "" && !validRegion(m.PrimaryRegion):
+		return invalid("machine %s: primary region %q", m.ID, m.PrimaryRegion)
 	case len(m.Services) > maxServices:
 		return invalid("machine %s: %d services", m.ID, len(m.Services))
 	case len(m.Checks) > maxChecks:
@@ -109,6 +114,14 @@ func validateMachine(m *Machine) error {
 		if c.SoftLimit < 0 || c.HardLimit < 0 || c.SoftLimit > maxLimit || c.HardLimit > maxLimit ||
 			(c.SoftLimit > 0 && c.HardLimit > 0 && c.SoftLimit > c.HardLimit) {
 			return invalid("machine %s: service %d: concurrency limits %d/%d", m.ID, i, c.SoftLimit, c.HardLimit)
+		}
+		switch s.Autostop {
+		case "", AutostopOff, AutostopStop, AutostopSuspend:
+		default:
+			return invalid("machine %s: service %d: autostop %q", m.ID, i, s.Autostop)
+		}
+		if s.MinMachinesRunning < 0 || s.MinMachinesRunning > maxMinRunning {
+			return invalid("machine %s: service %d: min_machines_running %d", m.ID, i, s.MinMachinesRunning)
 		}
 	}
 	for _, c := range m.Checks {

@@ -17,9 +17,10 @@ import (
 // size to reject. A machine with one service and one check is ~90 bytes,
 // about half its JSON, which matters in 1,400-byte gossip packets.
 
-// wireFormat 2 added each machine's load; a host of another format refuses
-// the records rather than misreading them.
-const wireFormat = 2
+// wireFormat 2 added each machine's load, 3 each service's autostop,
+// autostart and min_machines_running and each machine's primary region; a
+// host of another format refuses the records rather than misreading them.
+const wireFormat = 3
 
 // Message kinds.
 const (
@@ -48,6 +49,7 @@ const (
 	maxOwners         = 20000 // per message
 	maxPort           = 65535
 	maxLimit          = api.MaxConcurrencyLimit
+	maxMinRunning     = api.MaxMinMachinesRunning
 	maxMachineLoad    = MaxLoad
 	maxCPUs           = 1 << 16
 	maxMemoryMB       = 1 << 32
@@ -144,6 +146,7 @@ func (w *writer) machine(m *Machine) {
 	w.string(m.InstanceID)
 	w.string(m.PrivateIP)
 	w.string(m.ProcessGroup)
+	w.string(m.PrimaryRegion)
 	w.bool(m.Cordoned)
 	w.int(len(m.Services))
 	for _, s := range m.Services {
@@ -163,6 +166,9 @@ func (w *writer) machine(m *Machine) {
 		w.string(s.Concurrency.Type)
 		w.int(s.Concurrency.SoftLimit)
 		w.int(s.Concurrency.HardLimit)
+		w.string(s.Autostop)
+		w.bool(s.Autostart)
+		w.int(s.MinMachinesRunning)
 	}
 	w.int(len(m.Checks))
 	for _, c := range m.Checks {
@@ -282,6 +288,7 @@ func (r *reader) machine() Machine {
 	m.InstanceID = r.string(maxIDLen, "instance id")
 	m.PrivateIP = r.string(maxShortLen*2, "private ip")
 	m.ProcessGroup = r.string(maxNameLen, "process group")
+	m.PrimaryRegion = r.string(maxShortLen, "primary region")
 	m.Cordoned = r.bool("cordoned")
 	if n := r.count(maxServices, "services"); n > 0 {
 		m.Services = make([]Service, n)
@@ -308,6 +315,9 @@ func (r *reader) machine() Machine {
 			s.Concurrency.Type = r.string(maxShortLen, "concurrency type")
 			s.Concurrency.SoftLimit = r.int(maxLimit, "soft limit")
 			s.Concurrency.HardLimit = r.int(maxLimit, "hard limit")
+			s.Autostop = r.string(maxShortLen, "autostop")
+			s.Autostart = r.bool("autostart")
+			s.MinMachinesRunning = r.int(maxMinRunning, "min machines running")
 		}
 	}
 	if n := r.count(maxChecks, "checks"); n > 0 {

@@ -67,8 +67,16 @@ func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Reso
 			if g := cfg.Metadata[api.MetadataProcessGroup]; g != "" {
 				cm.ProcessGroup = g
 			}
+			if pr := cfg.Env["PRIMARY_REGION"]; pr != cm.Region && cluster.ValidRegion(pr) {
+				cm.PrimaryRegion = pr
+			}
 			for _, s := range cfg.Services {
-				cm.Services = append(cm.Services, clusterService(s))
+				cs := clusterService(s)
+				// Fly's default: a service starts its machines on
+				// demand unless told not to.
+				cs.Autostart = s.Autostart == nil && (cfg.DisableMachineAutostart == nil || !*cfg.DisableMachineAutostart) ||
+					s.Autostart != nil && *s.Autostart
+				cm.Services = append(cm.Services, cs)
 			}
 		}
 		for _, c := range m.Checks {
@@ -93,6 +101,12 @@ func clusterService(s api.MachineService) cluster.Service {
 	}
 	if c := s.Concurrency; c != nil {
 		out.Concurrency = cluster.Concurrency{Type: c.Type, SoftLimit: c.SoftLimit, HardLimit: c.HardLimit}
+	}
+	if s.Autostop != nil && *s.Autostop != api.AutostopOff {
+		out.Autostop = string(*s.Autostop)
+	}
+	if s.MinMachinesRunning != nil {
+		out.MinMachinesRunning = *s.MinMachinesRunning
 	}
 	return out
 }
