@@ -55,6 +55,7 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 		rm := route.Machine{
 			ID: m.ID, InstanceID: m.InstanceID, App: m.App, Region: m.Region, Host: m.Host,
 			PrivateIP: m.PrivateIP, Started: m.State == "started", Cordoned: m.Cordoned, Healthy: true,
+			Stopped: m.State == "stopped" || m.State == "suspended",
 		}
 		for _, c := range m.Checks {
 			if strings.HasPrefix(c.Name, check.ServicePrefix) && c.Status != cluster.CheckPassing {
@@ -65,7 +66,8 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 			if s.Protocol != "" && s.Protocol != "tcp" {
 				continue
 			}
-			rs := route.Service{InternalPort: s.InternalPort, SoftLimit: s.Concurrency.SoftLimit, HardLimit: s.Concurrency.HardLimit}
+			rs := route.Service{InternalPort: s.InternalPort, SoftLimit: s.Concurrency.SoftLimit, HardLimit: s.Concurrency.HardLimit,
+				Autostart: s.Autostart}
 			for _, p := range s.Ports {
 				switch {
 				case p.Port > 0:

@@ -66,7 +66,10 @@ type Machine struct {
 	// PrivateIP is the address the machine's host reaches it at.
 	PrivateIP string
 	Started   bool
-	Cordoned  bool
+	// Stopped is true for a stopped or suspended machine: one a start
+	// brings back (see Table.Startable).
+	Stopped  bool
+	Cordoned bool
 	// Healthy is false while any of its services[].checks checks is not
 	// passing (top-level checks only report and do not count).
 	Healthy  bool
@@ -81,6 +84,9 @@ type Service struct {
 	Ports        []PortRange
 	SoftLimit    int
 	HardLimit    int
+	// Autostart lets an edge start the machine when it is stopped and no
+	// started machine can take a request.
+	Autostart bool
 }
 
 // PortRange is a public port (Start == End) or a range of them, and
@@ -163,6 +169,9 @@ type Target struct {
 	suspect    bool
 	regionRank int // 0 for the edge's region, then nearer regions first
 	slot       uint64
+
+	// startable: stopped, with autostart, not cordoned, on a host not down.
+	startable bool
 }
 
 // app is the routing state of one app.
@@ -227,6 +236,7 @@ func Build(f Facts) *Table {
 					tg.suspect = h.Status == HostSuspect
 					tg.RTT = h.RTT
 				}
+				tg.startable = m.Stopped && s.Autostart && !m.Cordoned && h != nil && h.Status != HostDown
 				tg.regionRank = t.rank(m.Region)
 				tg.slot = mix(uint64(len(a.targets)) + 1)
 				idx := int32(len(a.targets))
