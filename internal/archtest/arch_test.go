@@ -63,6 +63,7 @@ var pure = []string{
 	"github.com/flamehq/flame/internal/place",
 	"github.com/flamehq/flame/internal/reconcile",
 	"github.com/flamehq/flame/internal/proxy/route",
+	"github.com/flamehq/flame/internal/proxy/autostop",
 }
 
 // forbidden may not be reached at all; forbiddenDirect may not be imported

@@ -38,10 +38,14 @@ type Machine struct {
 	// PrimaryRegion is the app's primary region as the machine's config
 	// says it (its PRIMARY_REGION); empty means the machine's own region.
 	// Autostop counts min_machines_running there.
-	PrimaryRegion string        `json:"primary_region,omitempty"`
-	Cordoned      bool          `json:"cordoned,omitempty"`
-	Services      []Service     `json:"services,omitempty"`
-	Checks        []CheckStatus `json:"checks,omitempty"`
+	PrimaryRegion string `json:"primary_region,omitempty"`
+	Cordoned      bool   `json:"cordoned,omitempty"`
+	// Draining is set, with Cordoned, while autostop drains the machine
+	// before stopping it: an edge with no other machine for a request asks
+	// its host to keep it instead (see internal/proxy).
+	Draining bool          `json:"draining,omitempty"`
+	Services []Service     `json:"services,omitempty"`
+	Checks   []CheckStatus `json:"checks,omitempty"`
 	// Load is the requests and connections in flight to the machine through
 	// its host's proxy, as the host last sampled it (at most MaxLoad: a
 	// count past it is past every hard limit anyway).

@@ -131,6 +131,7 @@ func TestAutoscaleFieldsRoundTrip(t *testing.T) {
 		m := machine("m1", "web", "ams")
 		m.PrimaryRegion = "fra"
 		m.Load = 3
+		m.Cordoned, m.Draining = mode != "", mode != ""
 		m.Services[0].Autostop = mode
 		m.Services[0].Autostart = mode != ""
 		m.Services[0].MinMachinesRunning = api.MaxMinMachinesRunning

@@ -18,7 +18,8 @@ import (
 // about half its JSON, which matters in 1,400-byte gossip packets.
 
 // wireFormat 2 added each machine's load, 3 each service's autostop,
-// autostart and min_machines_running and each machine's primary region; a
+// autostart and min_machines_running and each machine's primary region and
+// draining flag; a
 // host of another format refuses the records rather than misreading them.
 const wireFormat = 3
 
@@ -148,6 +149,7 @@ func (w *writer) machine(m *Machine) {
 	w.string(m.ProcessGroup)
 	w.string(m.PrimaryRegion)
 	w.bool(m.Cordoned)
+	w.bool(m.Draining)
 	w.int(len(m.Services))
 	for _, s := range m.Services {
 		w.string(s.Protocol)
@@ -290,6 +292,7 @@ func (r *reader) machine() Machine {
 	m.ProcessGroup = r.string(maxNameLen, "process group")
 	m.PrimaryRegion = r.string(maxShortLen, "primary region")
 	m.Cordoned = r.bool("cordoned")
+	m.Draining = r.bool("draining")
 	if n := r.count(maxServices, "services"); n > 0 {
 		m.Services = make([]Service, n)
 		for i := range m.Services {

@@ -1,7 +1,9 @@
 package host
 
 import (
+	"context"
 	"errors"
+	"net/http"
 	"net/netip"
 	"slices"
 	"time"
@@ -19,7 +21,11 @@ import (
 // know it. reported holds what was reported already; load is the requests
 // in flight per machine through this host's proxy.
 func (h *Host) publishOnce(reported map[string]string, load map[string]int) {
-	err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity, load))
+	var draining map[string]bool
+	if h.Proxy != nil {
+		draining = h.Proxy.Draining()
+	}
+	err := h.Cluster.Publish(hostFacts(h.Agent.AllMachines(), h.Agent.Used(), h.cfg.Cluster.Capacity, load, draining))
 	var rej *cluster.RejectedError
 	if err != nil && !errors.As(err, &rej) {
 		h.log.Warn("publish host facts", "err", err)
@@ -49,10 +55,10 @@ func (h *Host) publishOnce(reported map[string]string, load map[string]int) {
 
 // hostFacts is what this host publishes: its machines as the cluster needs
 // them with their load (from load, by machine id; a count past
-// cluster.MaxLoad is past every hard limit and says MaxLoad), and what it has
-// free. Counts for machines of other hosts (this proxy's own requests to
+// cluster.MaxLoad is past every hard limit and says MaxLoad), those autostop
+// is stopping (draining) cordoned, and what it has free. Counts for machines of other hosts (this proxy's own requests to
 // them) are not this host's to publish and are left out.
-func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Resources, load map[string]int) cluster.HostFacts {
+func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Resources, load map[string]int, draining map[string]bool) cluster.HostFacts {
 	f := cluster.HostFacts{Machines: make([]cluster.Machine, 0, len(ms)), Free: cluster.Resources{
 		CPUs: max(capacity.CPUs-used.CPUs, 0), MemoryMB: max(capacity.MemoryMB-used.MemoryMB, 0),
 	}}
@@ -60,7 +66,7 @@ func hostFacts(ms []agent.AppMachine, used agent.Capacity, capacity cluster.Reso
 		m := am.Machine
 		cm := cluster.Machine{
 			ID: m.ID, App: am.App, Org: am.Org, Region: m.Region, State: m.State, InstanceID: m.InstanceID,
-			PrivateIP: m.PrivateIP, Cordoned: m.Cordoned, ProcessGroup: "app",
+			PrivateIP: m.PrivateIP, Cordoned: m.Cordoned || draining[m.ID], Draining: draining[m.ID], ProcessGroup: "app",
 			Load: min(max(load[m.ID], 0), cluster.MaxLoad),
 		}
 		if cfg := m.Config; cfg != nil {
@@ -171,4 +177,34 @@ func (d dnsView) RTT(region string) (time.Duration, bool) {
 		}
 	}
 	return best, ok
+}
+
+// autostart is the proxy's Start hook: it starts a stopped machine of this
+// host for a request. A machine already started, or starting for another
+// request, is no error: the proxy waits until it is ready.
+func (h *Host) autostart(ctx context.Context, app, id string) error {
+	ref := api.MachineRef{App: app, ID: id}
+	_, err := h.Agent.StartMachine(ctx, ref)
+	if err == nil {
+		return nil
+	}
+	if m, gerr := h.Agent.GetMachine(ctx, ref); gerr == nil && (m.State == api.StateStarted || m.State == api.StateStarting) {
+		return nil
+	}
+	return err
+}
+
+// autostop is the proxy's autostop hook: it suspends the machine when asked
+// to and the driver can (no driver of this agent can yet: it is stopped
+// instead), and stops it otherwise.
+func (h *Host) autostop(ctx context.Context, app, id string, suspend bool) error {
+	ref := api.MachineRef{App: app, ID: id}
+	if suspend {
+		err := h.Agent.SuspendMachine(ctx, ref)
+		var ae *api.Error
+		if err == nil || !errors.As(err, &ae) || ae.Status != http.StatusNotImplemented {
+			return err
+		}
+	}
+	return h.Agent.StopMachine(ctx, ref, api.StopMachineInput{})
 }

@@ -78,6 +78,11 @@ type ProxyConfig struct {
 	// port the edge stands for (default 80).
 	Domain string
 	Port   int
+	// AutostopInterval is the period of the proxy's autostop passes
+	// (default proxy.DefaultAutostopInterval); AutostartTimeout bounds how
+	// long a request waits for a machine started for it.
+	AutostopInterval time.Duration
+	AutostartTimeout time.Duration
 }
 
 // Publisher sends a message on a subject of the event bus (the catalog's
@@ -183,6 +188,8 @@ func New(cfg Config) (*Host, error) {
 				HostID: cc.HostID, Region: cfg.Region, Domain: cfg.Proxy.Domain, Port: cfg.Proxy.Port,
 				Edge: cfg.Proxy.Edge, Backhaul: cfg.Proxy.Backhaul, Dial: cfg.Proxy.Dial,
 				Token: cfg.Token, Source: h.Cluster, Logger: cfg.Logger,
+				Start: h.autostart, AutostartTimeout: cfg.Proxy.AutostartTimeout,
+				Autostop: proxy.AutostopConfig{Stop: h.autostop, Interval: cfg.Proxy.AutostopInterval, OnDrain: h.machinesChanged},
 			})
 			if err != nil {
 				ag.Close()

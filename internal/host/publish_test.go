@@ -185,7 +185,7 @@ func TestConfigAtTheLimitsPublishes(t *testing.T) {
 	// A count of requests in flight past every limit says the most a
 	// record may; counts for other hosts' machines are not published.
 	load := map[string]int{m.ID: cluster.MaxLoad + 100, "other": 3}
-	facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{}, cluster.Resources{CPUs: 1, MemoryMB: 256}, load)
+	facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{}, cluster.Resources{CPUs: 1, MemoryMB: 256}, load, nil)
 	if err := c.Publish(facts); err != nil {
 		t.Fatalf("the cluster refuses what the API accepts: %v", err)
 	}

@@ -212,8 +212,12 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	}
 	var buf [route.MaxCandidates]*route.Target
 	cands := st.table.Select(appName, q, routeInput{p}, buf[:0])
+	cands, why := p.autostart(r.Context(), st, appName, q, cands)
 	if len(cands) == 0 {
 		reason := st.table.Explain(appName, q, routeInput{p})
+		if why != "" {
+			reason += "; " + why
+		}
 		p.log.Debug("no candidate", "app", appName, "request_id", reqID, "reason", reason)
 		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, reason)
 		return
@@ -534,6 +538,10 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 	}
 	appName, machineID := r.Header.Get(hdrApp), r.Header.Get(hdrMachine)
 	port, _ := strconv.Atoi(r.Header.Get(hdrPort))
+	if r.Header.Get(hdrStart) != "" {
+		p.serveStart(w, r, appName, machineID, port)
+		return
+	}
 	tg := p.state.Load().table.OnSelf(appName, port, machineID)
 	if tg == nil || tg.Excluded == route.NotStarted || tg.Excluded == route.NoAddress {
 		why := "not running here"

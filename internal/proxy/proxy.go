@@ -87,6 +87,14 @@ type Config struct {
 	MaxBufferedTotal      int64
 	// Now is the clock of demotions after failures (nil: time.Now).
 	Now func() time.Time
+
+	// Start starts a stopped machine of this host that a request needs
+	// (autostart; see autostart.go) and returns once it is started; nil:
+	// this host's machines are never started on demand. AutostartTimeout
+	// bounds how long a request waits for one (default 30 s).
+	Start            func(ctx context.Context, app, machineID string) error
+	AutostartTimeout time.Duration
+	Autostop         AutostopConfig
 }
 
 func (c *Config) setDefaults() {
@@ -129,6 +137,10 @@ func (c *Config) setDefaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if c.AutostartTimeout == 0 {
+		c.AutostartTimeout = DefaultAutostartTimeout
+	}
+	c.Autostop.setDefaults()
 	d := &net.Dialer{}
 	if c.Dial == nil {
 		c.Dial = d.DialContext
@@ -153,6 +165,11 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("proxy: port %d is not between 1 and 65535", c.Port)
 	case c.MaxBufferedBody < 0 || c.MaxBufferedTotal < 0:
 		return errors.New("proxy: a body buffer limit is negative")
+	case c.AutostartTimeout < 0:
+		return errors.New("proxy: the autostart timeout is negative")
+	}
+	if err := c.Autostop.validate(c.Source); err != nil {
+		return err
 	}
 	return validDomain(c.Domain)
 }
@@ -172,6 +189,9 @@ type Proxy struct {
 	servers  []*http.Server
 	// upgraded are the connections switched to another protocol.
 	upgraded upgrades
+	tables   tableWatch // wakes waiters for a machine started on demand
+	starts   *starter
+	drain    draining // machines autostop took out of rotation
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
 }
@@ -182,7 +202,7 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newStrikes(cfg.Now)}
+	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newStrikes(cfg.Now), starts: newStarter()}
 	p.buffered.give(cfg.MaxBufferedTotal)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	// The far proxy times its machine out first and says so.
@@ -243,6 +263,7 @@ func (e *connectError) Unwrap() error { return e.err }
 // setState builds the route table from facts and swaps it in.
 func (p *Proxy) setState(f route.Facts, backhaul map[string]string) {
 	p.state.Store(&state{table: route.Build(f), backhaul: backhaul})
+	p.tables.notify()
 }
 
 // refresh rebuilds the table from the source's current snapshot.
@@ -280,6 +301,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 			}
 		}()
 	}
+	p.startAutostop(bg)
 	serve := func(ln net.Listener, h http.Handler, what string) {
 		srv := &http.Server{
 			Handler:           h,
@@ -325,6 +347,7 @@ func (p *Proxy) BackhaulAddr() string {
 // Close stops serving: requests in flight get a few seconds to finish, then
 // their connections are cut. It waits for every goroutine the proxy started.
 func (p *Proxy) Close() error {
+	p.starts.close() // requests held for a start are answered at once
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for _, srv := range p.servers {

@@ -55,7 +55,7 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 		rm := route.Machine{
 			ID: m.ID, InstanceID: m.InstanceID, App: m.App, Region: m.Region, Host: m.Host,
 			PrivateIP: m.PrivateIP, Started: m.State == "started", Cordoned: m.Cordoned, Healthy: true,
-			Stopped: m.State == "stopped" || m.State == "suspended",
+			Stopped: m.State == "stopped" || m.State == "suspended", Draining: m.Draining,
 		}
 		for _, c := range m.Checks {
 			if strings.HasPrefix(c.Name, check.ServicePrefix) && c.Status != cluster.CheckPassing {
@@ -90,11 +90,17 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 }
 
 // inflight counts the requests this proxy has in flight per machine: the
-// live load the route table's selection reads. Counters are never removed
-// (one per machine this host has routed to).
+// live load the route table's selection reads; and, for autostop, how many
+// it ever sent. Counters are never removed (one per machine this host has
+// routed to).
 type inflight struct {
 	mu sync.RWMutex
-	n  map[string]*atomic.Int64
+	n  map[string]*counter
+}
+
+type counter struct {
+	now   atomic.Int64 // in flight
+	total atomic.Int64 // ever begun
 }
 
 var _ route.Load = (*inflight)(nil)
@@ -106,7 +112,18 @@ func (l *inflight) InFlight(id string) int {
 	if c == nil {
 		return 0
 	}
-	return int(c.Load())
+	return int(c.now.Load())
+}
+
+// total is how many requests and connections to the machine ever began.
+func (l *inflight) total(id string) int64 {
+	l.mu.RLock()
+	c := l.n[id]
+	l.mu.RUnlock()
+	if c == nil {
+		return 0
+	}
+	return c.total.Load()
 }
 
 func (l *inflight) add(id string, d int64) {
@@ -116,15 +133,18 @@ func (l *inflight) add(id string, d int64) {
 	if c == nil {
 		l.mu.Lock()
 		if l.n == nil {
-			l.n = map[string]*atomic.Int64{}
+			l.n = map[string]*counter{}
 		}
 		if c = l.n[id]; c == nil {
-			c = new(atomic.Int64)
+			c = new(counter)
 			l.n[id] = c
 		}
 		l.mu.Unlock()
 	}
-	c.Add(d)
+	c.now.Add(d)
+	if d > 0 {
+		c.total.Add(d)
+	}
 }
 
 // snapshot returns the machines with requests in flight.
@@ -133,7 +153,7 @@ func (l *inflight) snapshot() map[string]int {
 	defer l.mu.RUnlock()
 	out := map[string]int{}
 	for id, c := range l.n {
-		if v := c.Load(); v > 0 {
+		if v := c.now.Load(); v > 0 {
 			out[id] = int(v)
 		}
 	}

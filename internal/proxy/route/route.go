@@ -70,6 +70,9 @@ type Machine struct {
 	// brings back (see Table.Startable).
 	Stopped  bool
 	Cordoned bool
+	// Draining: cordoned by autostop, which is about to stop it. It takes
+	// no traffic, but an edge may ask its host to keep it (startable).
+	Draining bool
 	// Healthy is false while any of its services[].checks checks is not
 	// passing (top-level checks only report and do not count).
 	Healthy  bool
@@ -170,7 +173,8 @@ type Target struct {
 	regionRank int // 0 for the edge's region, then nearer regions first
 	slot       uint64
 
-	// startable: stopped, with autostart, not cordoned, on a host not down.
+	// startable: stopped with autostart and not cordoned, or draining; on
+	// a host not down.
 	startable bool
 }
 
@@ -236,7 +240,7 @@ func Build(f Facts) *Table {
 					tg.suspect = h.Status == HostSuspect
 					tg.RTT = h.RTT
 				}
-				tg.startable = m.Stopped && s.Autostart && !m.Cordoned && h != nil && h.Status != HostDown
+				tg.startable = (m.Stopped && s.Autostart && !m.Cordoned || m.Started && m.Draining) && h != nil && h.Status != HostDown
 				tg.regionRank = t.rank(m.Region)
 				tg.slot = mix(uint64(len(a.targets)) + 1)
 				idx := int32(len(a.targets))

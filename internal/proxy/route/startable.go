@@ -2,8 +2,9 @@ package route
 
 // Startable orders the stopped machines of an app's service on q.Port that
 // an edge may start for a request no started machine can take (autostart):
-// stopped or suspended, with autostart, not cordoned, on a host that is not
-// down. The order is the candidates' region order — the edge's region (or
+// stopped or suspended, with autostart, not cordoned — or started but
+// draining (autostop is about to stop it; its host keeps it instead) — on a
+// host that is not down. The order is the candidates' region order — the edge's region (or
 // fly-prefer-region's) first, then nearer regions — then the closer host by
 // RTT, a suspect host's after a live one's, ties broken by machine id so
 // every request of a moment names the same machine first.

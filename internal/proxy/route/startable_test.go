@@ -50,6 +50,9 @@ func TestStartable(t *testing.T) {
 		{"fly-force-instance-id keeps one machine", []Machine{
 			mk("a", "ams-1", parked), mk("i", "iad-1", parked),
 		}, Query{Port: 80, ForceInstance: "inst-i"}, []string{"i"}},
+		{"a draining machine, autostart or not; not a cordoned one", []Machine{
+			mk("d", "ams-1", noAutostart, cordoned, func(m *Machine) { m.Draining = true }), mk("c", "ams-1", cordoned),
+		}, Query{Port: 80}, []string{"d"}},
 		{"port ranges", []Machine{mk("a", "ams-1", parked)}, Query{Port: 5003}, []string{"a"}},
 		{"another port", []Machine{mk("a", "ams-1", parked)}, Query{Port: 81}, []string{}},
 	}
