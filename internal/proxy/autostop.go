@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/internal/cluster"
@@ -71,8 +72,9 @@ func (c *AutostopConfig) validate(src Source) error {
 // rotation. A machine is revived (its stop called off) when a request
 // needs it before its stop began.
 type draining struct {
-	mu  sync.Mutex
-	ids map[string]*drainState
+	mu     sync.Mutex
+	ids    map[string]*drainState
+	passes atomic.Int64 // autostop passes run
 }
 
 type drainState struct{ stopping bool }
@@ -175,6 +177,7 @@ type activity struct {
 // autostopPass stops, in the background, the machines of this host the
 // plan names.
 func (p *Proxy) autostopPass(ctx context.Context, seen map[string]activity) {
+	defer p.drain.passes.Add(1)
 	snap := p.cfg.Source.Snapshot()
 	if snap == nil {
 		return
