@@ -42,7 +42,7 @@ func TestMain(m *testing.M) {
 
 // freePort is a loopback port free when asked: exec machines share the
 // host's network, so each listens on its own.
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -56,7 +56,7 @@ func freePort(t *testing.T) int {
 // processes of this test binary (the demo image runs it as the demo app;
 // modes maps further images to the mode of the binary they run), logs
 // warnings to t, stops it when the test ends and waits for it to converge.
-func startExecCluster(t *testing.T, cfg Config, modes map[string]string) *Cluster {
+func startExecCluster(t testing.TB, cfg Config, modes map[string]string) *Cluster {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
