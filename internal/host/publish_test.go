@@ -214,3 +214,49 @@ func TestConfigAtTheLimitsPublishes(t *testing.T) {
 		}
 	}
 }
+
+// TestPublishedAutoscaleSettings: a service's autostart (Fly's default on,
+// off by either spelling), autostop and min_machines_running, the
+// machine's primary region (a PRIMARY_REGION no record may carry is left
+// out) and autostop's draining reach the machine's record.
+func TestPublishedAutoscaleSettings(t *testing.T) {
+	suspend, off := api.Autostop(api.AutostopSuspend), api.Autostop(api.AutostopOff)
+	tests := []struct {
+		name      string
+		edit      func(*api.MachineConfig)
+		draining  bool
+		autostart bool
+		autostop  string
+		min       int
+		primary   string
+	}{
+		{"defaults", func(*api.MachineConfig) {}, false, true, "", 0, ""},
+		{"autostart false", func(c *api.MachineConfig) { c.Services[0].Autostart = ptr(false) }, false, false, "", 0, ""},
+		{"disable_machine_autostart", func(c *api.MachineConfig) { c.DisableMachineAutostart = ptr(true) }, false, false, "", 0, ""},
+		{"autostart wins over the old spelling", func(c *api.MachineConfig) {
+			c.DisableMachineAutostart, c.Services[0].Autostart = ptr(true), ptr(true)
+		}, false, true, "", 0, ""},
+		{"suspend, min 2", func(c *api.MachineConfig) {
+			c.Services[0].Autostop, c.Services[0].MinMachinesRunning = &suspend, ptr(2)
+		}, false, true, api.AutostopSuspend, 2, ""},
+		{"off", func(c *api.MachineConfig) { c.Services[0].Autostop = &off }, false, true, "", 0, ""},
+		{"primary region", func(c *api.MachineConfig) { c.Env = map[string]string{"PRIMARY_REGION": "fra"} }, false, true, "", 0, "fra"},
+		{"primary region is its own", func(c *api.MachineConfig) { c.Env = map[string]string{"PRIMARY_REGION": "ams"} }, false, true, "", 0, ""},
+		{"primary region unusable", func(c *api.MachineConfig) { c.Env = map[string]string{"PRIMARY_REGION": "Fra Nce"} }, false, true, "", 0, ""},
+		{"draining", func(*api.MachineConfig) {}, true, true, "", 0, ""},
+	}
+	for _, tt := range tests {
+		cfg := &api.MachineConfig{Image: "demo", Services: []api.MachineService{{Protocol: "tcp", InternalPort: 8080,
+			Ports: []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}}}}}
+		tt.edit(cfg)
+		m := &api.Machine{ID: api.NewMachineID(), Region: "ams", State: api.StateStarted, Config: cfg}
+		facts := hostFacts([]agent.AppMachine{{App: "web", Org: "personal", Machine: m}}, agent.Capacity{},
+			cluster.Resources{CPUs: 1, MemoryMB: 256}, nil, map[string]bool{m.ID: tt.draining})
+		got := facts.Machines[0]
+		s := got.Services[0]
+		if s.Autostart != tt.autostart || s.Autostop != tt.autostop || s.MinMachinesRunning != tt.min ||
+			got.PrimaryRegion != tt.primary || got.Draining != tt.draining || got.Cordoned != tt.draining {
+			t.Errorf("%s: published %+v", tt.name, got)
+		}
+	}
+}
