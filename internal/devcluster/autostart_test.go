@@ -181,3 +181,84 @@ func BenchmarkAutostart(b *testing.B) {
 	b.ReportMetric(med(request), "request-ms")
 	b.ReportMetric(med(request)-med(ready), "overhead-ms")
 }
+
+// TestScaleToZeroAndBack: an app whose machines have autostop stop and
+// min_machines_running 1 (primary region ams) goes from two idle machines
+// in ams to one — never none — and an idle machine alone in iad is stopped
+// too; a request at the iad edge goes to the running ams machine, and one
+// forced to iad (fly-force-region) starts iad's machine again and is
+// answered by it.
+func TestScaleToZeroAndBack(t *testing.T) {
+	ctx := context.Background()
+	c := startExecCluster(t, Config{AutostopInterval: 100 * time.Millisecond}, nil)
+	byHost := map[string]*Host{}
+	for _, h := range c.Hosts {
+		byHost[h.ID] = h
+	}
+	stopMode := api.Autostop(api.AutostopStop)
+	ids := map[string]string{} // machine → host
+	for _, hid := range []string{"ams-1", "ams-2", "iad-1"} {
+		port := freePort(t)
+		m, err := api.NewClient(byHost[hid].APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port), "PRIMARY_REGION": "ams"},
+			Services: []api.MachineService{{
+				Protocol: "tcp", InternalPort: port, Autostop: &stopMode, MinMachinesRunning: ptr(1),
+				Ports: []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
+			}},
+		}})
+		if err != nil {
+			t.Fatalf("create on %s: %v", hid, err)
+		}
+		ids[m.ID] = hid
+	}
+	state := func(id string) string {
+		m, err := api.NewClient(byHost[ids[id]].APIURL, "t").Get(ctx, "demo", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.State
+	}
+	count := func(region, st string) int {
+		n := 0
+		for id, hid := range ids {
+			if byHost[hid].Region == region && state(id) == st {
+				n++
+			}
+		}
+		return n
+	}
+	waitUntil(t, "one ams machine and the iad machine stopped", func() bool {
+		return count("ams", api.StateStopped) == 1 && count("iad", api.StateStopped) == 1
+	})
+	// Several more passes: the last ams machine stays.
+	time.Sleep(time.Second)
+	if n := count("ams", api.StateStarted); n != 1 {
+		t.Fatalf("%d ams machines started, want min_machines_running 1", n)
+	}
+	// A request at the iad edge: iad's machine is stopped, ams has one
+	// running under its soft limit, so the request goes there (Fly's
+	// order: a running machine elsewhere before a start).
+	req, _ := http.NewRequest("GET", "http://"+c.Edges()["iad"]+"/", nil)
+	req.Host = "demo.localhost"
+	resp, err := (&http.Client{Timeout: 60 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("request at the iad edge: %d", resp.StatusCode)
+	}
+	req.Header.Set("Fly-Force-Region", "iad")
+	resp, err = (&http.Client{Timeout: 60 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var who struct {
+		Env map[string]string `json:"env"`
+	}
+	if resp.StatusCode != 200 || json.Unmarshal(b, &who) != nil || who.Env["FLY_REGION"] != "iad" {
+		t.Fatalf("request forced to iad: %d %s", resp.StatusCode, b)
+	}
+}

@@ -71,6 +71,9 @@ type Config struct {
 	Logger *slog.Logger
 	// Cluster overrides gossip settings (timings) for every host.
 	Cluster cluster.Config
+	// AutostopInterval is the period of every host's autostop passes
+	// (zero: the proxy's default).
+	AutostopInterval time.Duration
 
 	// ControlPlane runs a control plane (`flame server`) beside the hosts,
 	// as a member of their cluster in the first region, serving the public
@@ -471,7 +474,8 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		DataDir: filepath.Join(c.cfg.Dir, id), Region: region, Listener: ln, Token: c.cfg.Token,
 		Driver: d, Logger: c.cfg.Logger.With("host", id), Cluster: cc,
 		DNSPacketConn: pc, DNSListener: dl,
-		Proxy: host.ProxyConfig{Edge: edge, Backhaul: backhaul, Dial: c.Net.DialerFrom(id), Domain: c.cfg.EdgeDomain},
+		Proxy: host.ProxyConfig{Edge: edge, Backhaul: backhaul, Dial: c.Net.DialerFrom(id), Domain: c.cfg.EdgeDomain,
+			AutostopInterval: c.cfg.AutostopInterval},
 	}
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
