@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -319,5 +320,38 @@ func TestAutostopCalledOffByARequest(t *testing.T) {
 	}
 	if s := h.stops(); len(s) != 0 {
 		t.Errorf("stopped %v", s)
+	}
+}
+
+// TestAutostopKeepsAnOpenWebSocket: a machine with an open WebSocket
+// through the edge is busy: pass after pass leaves it running; once the
+// connection closes, the idle machine is stopped.
+func TestAutostopKeepsAnOpenWebSocket(t *testing.T) {
+	addr := startEchoUpgrader(t)
+	h := newStopHost(t)
+	h.add("ws", svc(&backend{name: "ws", addr: addr}, cluster.AutostopStop, 0))
+	p := h.start(20*time.Millisecond, time.Millisecond)
+	deadline := time.Now().Add(30 * time.Second)
+	for len(p.Table().Targets("demo", 80)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the machine never reached the table")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	c, br := upgradeAt(t, p.EdgeAddr())
+	passes(t, p, 10)
+	if s := h.stops(); len(s) != 0 {
+		t.Fatalf("stopped %v with a WebSocket open", s)
+	}
+	fmt.Fprintf(c, "still here\n")
+	if line, err := br.ReadString('\n'); err != nil || line != "echo still here\n" {
+		t.Fatalf("echo: %q %v", line, err)
+	}
+	c.Close()
+	for len(h.stops()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("not stopped once the WebSocket closed")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
