@@ -282,6 +282,10 @@ func (p *Proxy) startOne(ctx context.Context, st *state, tg *route.Target, port 
 // kept instead, if its stop has not begun; if it has, it is started again
 // once stopped.
 func (p *Proxy) startHere(ctx context.Context, appName string, port int, machineID string) (*route.Target, error) {
+	// The request held for the machine counts in flight to it, so
+	// autostop does not take it while it boots.
+	p.load.add(machineID, 1)
+	defer p.load.add(machineID, -1)
 	for {
 		changed := p.tables.changed()
 		tg := p.state.Load().table.OnSelf(appName, port, machineID)

@@ -170,8 +170,9 @@ func (p *Proxy) startAutostop(ctx context.Context) {
 
 // activity is what a pass saw of one of this host's machines.
 type activity struct {
-	total int64
-	last  time.Time // when a pass last saw it busy (or first saw it)
+	total   int64
+	running bool
+	last    time.Time // when a pass last saw it busy, newly running, or first saw it
 }
 
 // autostopPass stops, in the background, the machines of this host the
@@ -202,7 +203,8 @@ func (p *Proxy) autostopPass(ctx context.Context, seen map[string]activity) {
 
 // autostopInput is the plan's view of the snapshot. seen keeps, for this
 // host's machines, the requests counted at the last pass: a machine that
-// took any since (or has some in flight, or is new) was active now.
+// took any since (or has some in flight, or is new, or was started since)
+// was active now.
 func (p *Proxy) autostopInput(snap *cluster.Snapshot, now time.Time, seen map[string]activity) []autostop.Machine {
 	var out []autostop.Machine
 	mine := map[string]bool{}
@@ -237,10 +239,11 @@ func (p *Proxy) autostopInput(snap *cluster.Snapshot, now time.Time, seen map[st
 			live := p.load.InFlight(m.ID)
 			am.Load = max(am.Load, live)
 			a, ok := seen[m.ID]
-			if total := p.load.total(m.ID); !ok || total != a.total || live > 0 || p.drain.has(m.ID) {
-				a = activity{total: total, last: now}
-				seen[m.ID] = a
+			if total := p.load.total(m.ID); !ok || total != a.total || live > 0 || am.Running && !a.running || p.drain.has(m.ID) {
+				a.total, a.last = total, now
 			}
+			a.running = am.Running
+			seen[m.ID] = a
 			am.LastActive = a.last
 		}
 		out = append(out, am)

@@ -355,3 +355,62 @@ func TestAutostopKeepsAnOpenWebSocket(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// edit changes a machine of the host and republishes.
+func (h *stopHost) edit(id string, fn func(*cluster.Machine)) {
+	h.mu.Lock()
+	for i := range h.ms {
+		if h.ms[i].ID == id {
+			fn(&h.ms[i])
+		}
+	}
+	h.mu.Unlock()
+	h.publish()
+}
+
+// TestAutostopSparesAMachineStartingForARequest: a machine started for a
+// request is not stopped by autostop while it boots (its checks not yet
+// passing, many passes going by), nor right after: the request is
+// answered by it.
+func TestAutostopSparesAMachineStartingForARequest(t *testing.T) {
+	b := startBackend(t, "m1")
+	h := newStopHost(t)
+	h.add("m1", svc(b, cluster.AutostopStop, 0))
+	h.edit("m1", func(m *cluster.Machine) { m.State = "stopped" })
+	check := "servicecheck-00-tcp-" + portOf(b.addr)
+	var p *Proxy
+	p = startProxy(t, Config{HostID: "ams-1", Source: h.c,
+		Start: func(ctx context.Context, app, id string) error {
+			h.edit(id, func(m *cluster.Machine) {
+				m.State = "started"
+				m.Checks = []cluster.CheckStatus{{Name: check, Status: cluster.CheckWarning}}
+			})
+			go func() {
+				passes(t, p, 10) // booting for ten passes
+				h.edit(id, func(m *cluster.Machine) { m.Checks[0].Status = cluster.CheckPassing })
+			}()
+			return nil
+		},
+		Autostop: AutostopConfig{Stop: h.stop, Interval: 20 * time.Millisecond, Idle: 10 * time.Millisecond,
+			Grace: time.Millisecond, OnDrain: h.publish},
+	})
+	h.p.Store(p)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		tgs := p.Table().Targets("demo", 80)
+		if len(tgs) == 1 && tgs[0].Startable() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stopped machine never reached the table")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	resp, body := get(t, &http.Client{Timeout: 60 * time.Second}, p.EdgeAddr(), "demo.localhost", nil)
+	if resp.StatusCode != 200 || decode(t, body).Machine != "m1" {
+		t.Fatalf("%d %s (stopped %v)", resp.StatusCode, body, h.stops())
+	}
+	if s := h.stops(); len(s) != 0 {
+		t.Errorf("stopped %v while it started for a request", s)
+	}
+}
