@@ -190,8 +190,10 @@
 // from publishing. A machine's record carries its load (requests in flight
 // through its host's proxy, at most MaxLoad); the host republishes it at
 // most every few hundred milliseconds and only when it changed, and a change
-// costs one machine upsert, like a check status. Format 2 added it: a host
+// costs one machine upsert, like a check status. Format 2 added it; format
+// 3 added each service's autostop, autostart and min_machines_running, and
+// each machine's primary region and draining flag (autostop's). A host
 // refuses a record of another format rather than misreading it, so hosts
-// of both formats in one cluster do not see each other's facts. The types
+// of two formats in one cluster do not see each other's facts. The types
 // are JSON-encodable for APIs and logs.
 package cluster
