@@ -35,8 +35,13 @@ const (
 	// hdrTimeout on a backhaul response says the machine took the request
 	// but did not start answering in time: only an idempotent request
 	// moves on.
-	hdrTimeout   = "Flame-Proxy-Timeout"
-	internalPref = "Flame-Proxy-"
+	hdrTimeout = "Flame-Proxy-Timeout"
+	// hdrRetryKind says why, with hdrRetry: retryNotReached when nothing
+	// reached the machine (not running there, connect refused), which opens
+	// its breaker at once; absent for a reset.
+	hdrRetryKind    = "Flame-Proxy-Retry-Kind"
+	retryNotReached = "not-reached"
+	internalPref    = "Flame-Proxy-"
 )
 
 // Response headers every edge answer carries, and the name it goes by.
@@ -318,56 +323,76 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 
 // attempts tries the candidates in order and returns the first response,
 // with the machine it came from. With no response, tried lists the
-// failures (nil when the request was answered here or the client left).
+// failures (nil when the request was answered here or the client left). A
+// candidate whose breaker keeps it out is tried only after every other, as
+// a last resort.
 func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, st *state, appName string, cands []*route.Target, body *requestBody, hdr http.Header, port string) (*http.Response, *route.Target, []string) {
 	tried := []string{}
-	for _, tg := range cands {
-		rb, size, ok := body.attempt()
-		if !ok {
-			break // a streamed body was already sent, in part
+	var skipped [route.MaxCandidates]*route.Target
+	ns := 0
+	for pass := range 2 {
+		list := cands
+		if pass == 1 {
+			list = skipped[:ns]
 		}
-		resp, err := p.send(r, st, tg, hdr, rb, size, port)
-		if err == nil && !tg.OnSelf {
-			switch {
-			case resp.Header.Get(hdrRetry) != "":
-				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
-			case resp.Header.Get(hdrTimeout) != "" && idempotent(r.Method):
-				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrTimeout))
+		for _, tg := range list {
+			probe := false
+			if pass == 0 {
+				var ok bool
+				if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
+					skipped[ns] = tg
+					ns++
+					continue
+				}
+			}
+			rb, size, ok := body.attempt()
+			if !ok {
+				if probe {
+					p.strikes.release(tg.MachineID, tg.Host)
+				}
+				return nil, nil, tried // a streamed body was already sent, in part
+			}
+			resp, err := p.send(r, st, tg, hdr, rb, size, port)
+			if err == nil && !tg.OnSelf {
+				switch {
+				case resp.Header.Get(hdrRetry) != "":
+					err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
+					if resp.Header.Get(hdrRetryKind) == retryNotReached {
+						err = fmt.Errorf("%w: %w", errNotReached, err)
+					}
+				case resp.Header.Get(hdrTimeout) != "" && idempotent(r.Method):
+					err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrTimeout))
+				}
+				if err != nil {
+					resp.Body.Close()
+					resp = nil
+				}
 			}
 			if err != nil {
-				resp.Body.Close()
-				resp = nil
+				if r.Context().Err() != nil {
+					if probe {
+						p.strikes.release(tg.MachineID, tg.Host)
+					}
+					return nil, nil, nil // the client went away
+				}
+				p.strike(tg, err)
+				if probe {
+					p.strikes.release(tg.MachineID, tg.Host)
+				}
+				if headerTimeout(err) && !idempotent(r.Method) {
+					reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
+					p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
+					return nil, nil, nil
+				}
+				p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
+				tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
+				continue
 			}
+			p.succeeded(tg)
+			return resp, tg, nil
 		}
-		if err != nil {
-			if r.Context().Err() != nil {
-				return nil, nil, nil // the client went away
-			}
-			p.strike(tg, err)
-			if headerTimeout(err) && !idempotent(r.Method) {
-				reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
-				p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
-				return nil, nil, nil
-			}
-			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
-			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
-			continue
-		}
-		p.strikes.ok(tg.MachineID, tg.Host)
-		return resp, tg, nil
 	}
 	return nil, nil, tried
-}
-
-// strike records a failed attempt: a connect to another host that timed
-// out demotes the host (it went silent), any other failure the machine.
-func (p *Proxy) strike(tg *route.Target, err error) {
-	var ce *connectError
-	if !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded) {
-		p.strikes.fail("", tg.Host)
-		return
-	}
-	p.strikes.fail(tg.MachineID, tg.Host)
 }
 
 // send makes one attempt: straight to a machine of this host, or over the
@@ -549,6 +574,7 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 			why = tg.Excluded.String()
 		}
 		w.Header().Set(hdrRetry, "machine "+machineID+" "+why)
+		w.Header().Set(hdrRetryKind, retryNotReached)
 		p.fail(w, "", http.StatusServiceUnavailable, codeNotHere, fmt.Sprintf("machine %q of app %q is %s on host %s", machineID, appName, why, p.cfg.HostID))
 		return
 	}
@@ -581,6 +607,9 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		w.Header().Set(hdrRetry, "machine "+machineID+": "+err.Error())
+		if ce := (*connectError)(nil); errors.As(err, &ce) {
+			w.Header().Set(hdrRetryKind, retryNotReached)
+		}
 		p.fail(w, "", http.StatusBadGateway, codeAllFailed, fmt.Sprintf("machine %q: %v", machineID, err))
 		return
 	}

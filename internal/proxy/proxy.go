@@ -85,7 +85,7 @@ type Config struct {
 	ResponseHeaderTimeout time.Duration
 	MaxBufferedBody       int64
 	MaxBufferedTotal      int64
-	// Now is the clock of demotions after failures (nil: time.Now).
+	// Now is the clock of the circuit breakers (nil: time.Now).
 	Now func() time.Time
 
 	// Start starts a stopped machine of this host that a request needs
@@ -180,7 +180,8 @@ type Proxy struct {
 	log     *slog.Logger
 	state   atomic.Pointer[state]
 	load    inflight
-	strikes *strikes
+	strikes *breakers // of machines and hosts
+	regions regionBreakers
 	// buffered is what request bodies may still take of MaxBufferedTotal.
 	buffered byteBudget
 	seq      atomic.Uint64
@@ -202,7 +203,8 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newStrikes(cfg.Now), starts: newStarter()}
+	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newBreakers(cfg.Now), starts: newStarter()}
+	p.regions.now = cfg.Now
 	p.buffered.give(cfg.MaxBufferedTotal)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	// The far proxy times its machine out first and says so.

@@ -788,12 +788,12 @@ func TestFailedCandidatesDemoted(t *testing.T) {
 	if dials.Load() != 1 {
 		t.Errorf("the demoted host was dialled %d more times", dials.Load()-1)
 	}
-	clock.advance(strikeBase)
+	clock.advance(breakerBase)
 	ask()
 	if dials.Load() != 2 {
 		t.Errorf("after the demotion %d dials, want one probe", dials.Load())
 	}
-	clock.advance(strikeBase) // the second strike demotes for twice as long
+	clock.advance(breakerBase) // the second strike demotes for twice as long
 	ask()
 	if dials.Load() != 2 {
 		t.Errorf("a second failure demoted for no longer than the first")

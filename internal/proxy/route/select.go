@@ -56,7 +56,8 @@ func (k key) less(o key) bool {
 }
 
 // Tiers, best first. A machine on a suspect host sorts after every machine
-// on a live one, and a demoted one after both.
+// on a live one, one in a shed region after both, and a demoted one after
+// all of them.
 const (
 	tierPreferred = iota // fly-prefer-instance-id
 	tierHomeUnderSoft
@@ -109,22 +110,23 @@ func (t *Table) Select(appName string, q Query, load Load, out []*Target) []*Tar
 		home = q.ForceRegion
 	}
 	dm, _ := load.(Demoter)
+	sh, _ := load.(Shedder)
 	idx := a.byPort[q.Port]
 	if len(idx) > 0 {
 		for _, i := range idx {
-			t.consider(&p, &a.targets[i], &q, home, load, dm)
+			t.consider(&p, &a.targets[i], &q, home, load, dm, sh)
 		}
 	} else {
 		for _, i := range a.ranges {
 			if tg := &a.targets[i]; tg.lo <= q.Port && q.Port <= tg.hi {
-				t.consider(&p, tg, &q, home, load, dm)
+				t.consider(&p, tg, &q, home, load, dm, sh)
 			}
 		}
 	}
 	return p.out
 }
 
-func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load, dm Demoter) {
+func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load, dm Demoter, sh Shedder) {
 	if tg.Excluded != Included {
 		return
 	}
@@ -159,11 +161,16 @@ func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load
 		}
 		k.a, k.b, k.c = int64(tg.regionRank), int64(n), int64(tg.RTT)
 	}
+	// Penalties, each outweighing the ones before: a suspect host, a shed
+	// region, a demoted machine or host.
 	if tg.suspect {
 		k.tier += tiers
 	}
-	if dm != nil && dm.Demoted(tg.MachineID, tg.Host) {
+	if sh != nil && sh.Shed(tg.Region, q.Rand) {
 		k.tier += 2 * tiers
+	}
+	if dm != nil && dm.Demoted(tg.MachineID, tg.Host) {
+		k.tier += 4 * tiers
 	}
 	p.offer(tg, k)
 }

@@ -1,0 +1,327 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// Circuit breakers of machines and hosts.
+//
+// A breaker is closed while what it guards answers. Failed attempts add up,
+// weighted by how sure they are: at breakerTrip points in a row (no success
+// between) it opens. A failure to connect — refused, timed out, or the
+// machine's host saying the machine is not running there — weighs
+// breakerTrip, so it opens at once: nothing reached the machine, nothing
+// listens there now, and every request that tries again pays for it (a
+// silent host costs its whole connect budget). A reset before the response
+// started, or a machine that took a request and did not answer in time,
+// weighs one point: one request can crash a handler, and a keep-alive
+// connection the machine closed just as it was reused resets too, while the
+// machine is fine — five in a row are not chance (Envoy ejects after five
+// consecutive errors, gobreaker trips after five). A machine's answer, 5xx
+// included, is a success: the breaker guards delivery, not the app's
+// answers, which are passed on and never retried.
+//
+// An open breaker's machine (every machine of a host whose breaker is open)
+// is skipped while any other candidate is left; when none is, it is tried
+// anyway, as a last resort, rather than answering 502 or 503 for a breaker
+// alone: an app whose only machine came back is served by the next request,
+// not after the backoff. After breakerBase (doubling with each opening in a
+// row, up to breakerMax) the breaker is half-open: exactly one request
+// (the probe) tries the machine at its usual rank, the others still skip
+// it; the probe's success closes the breaker, its failure opens it again
+// for twice as long. A probe that never reports (its request vanished) is
+// given back after probeLease.
+const (
+	breakerTrip   = 5
+	weightConnect = breakerTrip
+	weightReset   = 1
+	breakerBase   = 250 * time.Millisecond
+	breakerMax    = 10 * time.Second
+	probeLease    = DefaultResponseHeaderTimeout + 2*DefaultConnectTimeout
+	// maxBreakers bounds the breakers kept: past it, those that are
+	// neither open nor probing are forgotten.
+	maxBreakers = 1 << 14
+)
+
+// breakerState is where a breaker is.
+type breakerState uint8
+
+const (
+	stateClosed breakerState = iota
+	stateOpen
+	stateHalfOpen
+)
+
+func (s breakerState) String() string {
+	return [...]string{"closed", "open", "half-open"}[s]
+}
+
+// breaker is one machine's or host's breaker: a state machine of the
+// attempts' outcomes and the time, which is passed in.
+type breaker struct {
+	points  int       // weighted failures in a row while closed
+	trips   int       // times opened in a row, zero while closed
+	until   time.Time // open until, when trips > 0
+	probeAt time.Time // when the half-open probe was handed out; zero: none is
+}
+
+func (b *breaker) state(now time.Time) breakerState {
+	switch {
+	case b.trips == 0:
+		return stateClosed
+	case now.Before(b.until):
+		return stateOpen
+	}
+	return stateHalfOpen
+}
+
+// probing reports whether a probe is out.
+func (b *breaker) probing(now time.Time) bool {
+	return !b.probeAt.IsZero() && now.Sub(b.probeAt) < probeLease
+}
+
+// fail records a failed attempt of weight points and reports whether the
+// breaker opened. A failure while half-open (the probe's, or a last
+// resort's) opens it again; one while open (a last resort) changes nothing.
+func (b *breaker) fail(now time.Time, weight int) bool {
+	switch b.state(now) {
+	case stateClosed:
+		b.points += weight
+		if b.points < breakerTrip {
+			return false
+		}
+	case stateOpen:
+		return false
+	}
+	b.trips++
+	b.points = 0
+	b.probeAt = time.Time{}
+	b.until = now.Add(min(breakerBase<<min(b.trips-1, 16), breakerMax))
+	return true
+}
+
+// admit reports whether a request may try what the breaker guards at its
+// usual rank now, and whether it holds the probe for it.
+func (b *breaker) admit(now time.Time) (ok, probe bool) {
+	switch b.state(now) {
+	case stateClosed:
+		return true, false
+	case stateOpen:
+		return false, false
+	}
+	if b.probing(now) {
+		return false, false
+	}
+	b.probeAt = now
+	return true, true
+}
+
+// demoted: a selection ranks it after every other candidate — open, or
+// half-open with its probe out. A half-open breaker with no probe out is
+// ranked as usual, so the next request probes it.
+func (b *breaker) demoted(now time.Time) bool {
+	switch b.state(now) {
+	case stateOpen:
+		return true
+	case stateHalfOpen:
+		return b.probing(now)
+	}
+	return false
+}
+
+// keep: worth remembering when the table of breakers is full.
+func (b *breaker) keep(now time.Time) bool {
+	st := b.state(now)
+	return st == stateOpen || st == stateHalfOpen && b.probing(now)
+}
+
+// breakers are the breakers of machines and hosts that failed recently. A
+// success forgets what it guards. (The proxy's field is still called
+// strikes.)
+type breakers struct {
+	now     func() time.Time
+	entries atomic.Int32 // breakers kept: zero is the fast path
+	mu      sync.Mutex
+	machine map[string]*breaker
+	host    map[string]*breaker
+}
+
+func newBreakers(now func() time.Time) *breakers {
+	return &breakers{now: now, machine: map[string]*breaker{}, host: map[string]*breaker{}}
+}
+
+// fail records a failed attempt on a machine, or on a whole host when
+// machine is "", and reports whether its breaker opened.
+func (s *breakers) fail(machine, host string, weight int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, key := s.machine, machine
+	if machine == "" {
+		m, key = s.host, host
+	}
+	b := m[key]
+	if b == nil {
+		if int(s.entries.Load()) >= maxBreakers {
+			s.prune()
+		}
+		b = &breaker{}
+		m[key] = b
+		s.entries.Add(1)
+	}
+	return b.fail(s.now(), weight)
+}
+
+// prune forgets the breakers that are neither open nor probing.
+func (s *breakers) prune() {
+	now := s.now()
+	for _, m := range []map[string]*breaker{s.machine, s.host} {
+		for k, b := range m {
+			if !b.keep(now) {
+				delete(m, k)
+				s.entries.Add(-1)
+			}
+		}
+	}
+}
+
+// ok closes the breakers of a machine and its host after a success.
+func (s *breakers) ok(machine, host string) {
+	if s.entries.Load() == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, found := s.machine[machine]; found {
+		delete(s.machine, machine)
+		s.entries.Add(-1)
+	}
+	if _, found := s.host[host]; found {
+		delete(s.host, host)
+		s.entries.Add(-1)
+	}
+}
+
+// admit reports whether a request may try a machine at its usual rank now
+// (its breaker and its host's both let it), and whether it took a probe
+// (then it must report a success, a failure, or release).
+func (s *breakers) admit(machine, host string) (ok, probe bool) {
+	if s.entries.Load() == 0 {
+		return true, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	mb, hb := s.machine[machine], s.host[host]
+	for _, b := range []*breaker{mb, hb} {
+		if b != nil && b.demoted(now) {
+			return false, false
+		}
+	}
+	for _, b := range []*breaker{mb, hb} {
+		if b != nil {
+			_, p := b.admit(now)
+			probe = probe || p
+		}
+	}
+	return true, probe
+}
+
+// release gives back a probe whose request ended without telling (the
+// client left).
+func (s *breakers) release(machine, host string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range []*breaker{s.machine[machine], s.host[host]} {
+		if b != nil {
+			b.probeAt = time.Time{}
+		}
+	}
+}
+
+// demoted reports whether a selection ranks the machine last now.
+func (s *breakers) demoted(machine, host string) bool {
+	if s.entries.Load() == 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	if b := s.machine[machine]; b != nil && b.demoted(now) {
+		return true
+	}
+	if b := s.host[host]; b != nil && b.demoted(now) {
+		return true
+	}
+	return false
+}
+
+// states returns the state of the machine's breaker and of its host's.
+func (s *breakers) states(machine, host string) (m, h breakerState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	if b := s.machine[machine]; b != nil {
+		m = b.state(now)
+	}
+	if b := s.host[host]; b != nil {
+		h = b.state(now)
+	}
+	return m, h
+}
+
+// Recording the outcome of an attempt: what every delivery path calls.
+
+// admit reports whether an attempt on tg may be made at its rank now, and
+// whether it holds a probe (see breakers.admit).
+func (p *Proxy) admit(tg *route.Target) (ok, probe bool) {
+	return p.strikes.admit(tg.MachineID, tg.Host)
+}
+
+// succeeded records a delivered attempt: the breakers of its machine and
+// host close, and its region counts a success.
+func (p *Proxy) succeeded(tg *route.Target) {
+	p.strikes.ok(tg.MachineID, tg.Host)
+	p.regions.record(tg.Region, false)
+}
+
+// strike records a failed attempt: a connect to another host that timed
+// out counts against the host (it went silent), any other failure against
+// the machine; its region counts a failure.
+func (p *Proxy) strike(tg *route.Target, err error) {
+	p.regions.record(tg.Region, true)
+	var ce *connectError
+	switch {
+	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded):
+		p.strikes.fail("", tg.Host, weightConnect)
+	case errors.As(err, &ce), errors.Is(err, errNotReached):
+		p.strikes.fail(tg.MachineID, tg.Host, weightConnect)
+	default:
+		p.strikes.fail(tg.MachineID, tg.Host, weightReset)
+	}
+}
+
+// errNotReached: the machine's host says the machine was not reached (it
+// does not run there, or refused the connection).
+var errNotReached = errors.New("machine not reached")
+
+// routeInput is what a selection reads of the proxy's live state: requests
+// in flight, open breakers and regions shed.
+type routeInput struct{ p *Proxy }
+
+var (
+	_ route.Load    = routeInput{}
+	_ route.Demoter = routeInput{}
+	_ route.Shedder = routeInput{}
+)
+
+func (r routeInput) InFlight(id string) int { return r.p.load.InFlight(id) }
+
+func (r routeInput) Demoted(id, host string) bool { return r.p.strikes.demoted(id, host) }
+
+func (r routeInput) Shed(region string, rand uint64) bool { return r.p.regions.shed(region, rand) }
