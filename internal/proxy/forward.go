@@ -303,10 +303,15 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 			status, code, reason = http.StatusBadGateway, codeBadReplay, fmt.Sprintf("machine %s asked for a replay, but the request's body was larger than %d bytes and was streamed, not kept: it cannot be sent again", from.MachineID, p.cfg.MaxBufferedBody)
 		case replays == MaxReplays:
 			status, code, reason = http.StatusLoopDetected, codeReplayLimit, fmt.Sprintf("machine %s asked for replay %d; at most %d are followed", from.MachineID, replays+1, MaxReplays)
-		case rp.App != "" && rp.App != appName:
-			status, code, reason = http.StatusBadGateway, codeBadReplay, fmt.Sprintf("machine %s asked for a replay to app %q: replays to another app are refused (the edge does not know apps' organizations)", from.MachineID, rp.App)
+		case rp.App != "" && rp.App != appName && !st.table.SameOrg(appName, rp.App):
+			// The same answer whether the app exists in another org or
+			// not at all: a tenant learns nothing of other orgs' apps.
+			status, code, reason = http.StatusBadGateway, codeBadReplay, fmt.Sprintf("machine %s asked for a replay to app %q, which is not an app of its organization", from.MachineID, rp.App)
 		}
 		if code == "" {
+			if rp.App != "" {
+				appName = rp.App // another app of the org: the replays go on counting
+			}
 			cands = p.replayTargets(st, appName, rp, from, cands[:0])
 			if len(cands) == 0 {
 				status, code, reason = http.StatusServiceUnavailable, codeNoCandidate, fmt.Sprintf("machine %s asked for a replay (%s) that no machine can take", from.MachineID, rp)

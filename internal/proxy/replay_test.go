@@ -341,7 +341,7 @@ func TestReplayRefused(t *testing.T) {
 	edge := replayCluster(t, Config{}, machine("a1", "ams-1", a1.addr))
 	for v, want := range map[string]string{
 		"region=fr%20a": "not a region code",
-		"app=other":     "another app",
+		"app=other":     "not an app of its organization",
 		"frobnicate=1":  "unknown field",
 	} {
 		resp, body := do(t, http.DefaultClient, "GET", edge.EdgeAddr(), "demo.localhost", "/?v="+v, nil, nil)

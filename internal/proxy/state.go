@@ -53,7 +53,7 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 			continue // a copy another host is believed over
 		}
 		rm := route.Machine{
-			ID: m.ID, InstanceID: m.InstanceID, App: m.App, Region: m.Region, Host: m.Host,
+			ID: m.ID, InstanceID: m.InstanceID, App: m.App, Org: m.Org, Region: m.Region, Host: m.Host,
 			PrivateIP: m.PrivateIP, Started: m.State == "started", Cordoned: m.Cordoned, Healthy: true,
 			Stopped: m.State == "stopped" || m.State == "suspended", Draining: m.Draining,
 		}

@@ -107,7 +107,7 @@ func TestFollowsTheCluster(t *testing.T) {
 
 	publish := func(state, checkStatus string) {
 		t.Helper()
-		m := cluster.Machine{ID: "m1", App: "demo", Region: "ams", State: state, PrivateIP: "127.0.0.1",
+		m := cluster.Machine{ID: "m1", App: "demo", Org: "acme", Region: "ams", State: state, PrivateIP: "127.0.0.1",
 			Services: []cluster.Service{{Protocol: "tcp", InternalPort: b.addr.Port, Ports: []cluster.Port{{Port: 80, Handlers: []string{"http"}}}}},
 			Checks: []cluster.CheckStatus{
 				{Name: "servicecheck-00-tcp-" + portOf(b.addr), Status: checkStatus},
@@ -137,6 +137,9 @@ func TestFollowsTheCluster(t *testing.T) {
 	}
 	publish("started", cluster.CheckPassing)
 	waitFor("published", 200)
+	if !p.Table().SameOrg("demo", "demo") {
+		t.Error("the machine's org did not reach the route table")
+	}
 	publish("started", cluster.CheckCritical)
 	waitFor("service check critical", 503)
 	publish("started", cluster.CheckPassing)

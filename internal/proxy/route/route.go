@@ -61,8 +61,10 @@ type Machine struct {
 	ID         string
 	InstanceID string
 	App        string
-	Region     string
-	Host       string
+	// Org is the organization of the machine's app ("" when unknown).
+	Org    string
+	Region string
+	Host   string
 	// PrivateIP is the address the machine's host reaches it at.
 	PrivateIP string
 	Started   bool
@@ -184,6 +186,8 @@ type app struct {
 	byPort   map[int][]int32 // single public ports → target indices
 	ranges   []int32         // targets whose public ports are a range
 	machines int             // machines of the app, any state
+	org      string          // "" when unknown, or when its machines disagree
+	orgSet   bool
 }
 
 // Table is the route table of one edge at one moment. It is immutable.
@@ -214,6 +218,7 @@ func Build(f Facts) *Table {
 			t.apps[m.App] = a
 		}
 		a.machines++
+		a.addOrg(m.Org)
 		h := hosts[m.Host]
 		excl := exclusion(m, h)
 		for _, s := range m.Services {
@@ -260,6 +265,24 @@ func Build(f Facts) *Table {
 		}
 	}
 	return t
+}
+
+// addOrg notes the org one of the app's machines names: an app whose
+// machines name different orgs (or none) belongs to no org here.
+func (a *app) addOrg(org string) {
+	if !a.orgSet {
+		a.org, a.orgSet = org, true
+	} else if a.org != org {
+		a.org = ""
+	}
+}
+
+// SameOrg reports whether two apps are both known and of one organization:
+// a machine of one may send a request to the other (fly-replay's app=). An
+// app whose org is not known belongs to none.
+func (t *Table) SameOrg(app1, app2 string) bool {
+	a, b := t.apps[app1], t.apps[app2]
+	return a != nil && b != nil && a.org != "" && a.org == b.org
 }
 
 func exclusion(m *Machine, h *Host) Exclusion {
