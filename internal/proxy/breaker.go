@@ -287,14 +287,14 @@ func (p *Proxy) admit(tg *route.Target) (ok, probe bool) {
 // host close, and its region counts a success.
 func (p *Proxy) succeeded(tg *route.Target) {
 	p.strikes.ok(tg.MachineID, tg.Host)
-	p.regions.record(tg.Region, false)
+	p.regions.record(tg.App, tg.Region, false)
 }
 
 // strike records a failed attempt: a connect to another host that timed
 // out counts against the host (it went silent), any other failure against
 // the machine; its region counts a failure.
 func (p *Proxy) strike(tg *route.Target, err error) {
-	p.regions.record(tg.Region, true)
+	p.regions.record(tg.App, tg.Region, true)
 	var ce *connectError
 	switch {
 	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded):
@@ -324,4 +324,6 @@ func (r routeInput) InFlight(id string) int { return r.p.load.InFlight(id) }
 
 func (r routeInput) Demoted(id, host string) bool { return r.p.strikes.demoted(id, host) }
 
-func (r routeInput) Shed(region string, rand uint64) bool { return r.p.regions.shed(region, rand) }
+func (r routeInput) Shed(app, region string, rand uint64) bool {
+	return r.p.regions.shed(app, region, rand)
+}

@@ -393,7 +393,11 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 				tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
 				continue
 			}
-			p.succeeded(tg)
+			if !tg.OnSelf && resp.Header.Get(hdrTimeout) != "" {
+				p.strike(tg, errors.New(resp.Header.Get(hdrTimeout))) // a 504 for the client
+			} else {
+				p.succeeded(tg)
+			}
 			return resp, tg, nil
 		}
 	}

@@ -9,12 +9,13 @@ import (
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
-// TestRegionShedAndRecover: every machine of the edge's region resets the
-// requests it takes. The requests are served from the next region all along;
+// TestRegionShedAndRecover: every machine of an app in the edge's region
+// resets the requests it takes. The requests are served from the next region all along;
 // once the region's breaker opens, they go there without trying the sick
 // region first (whose machines' own breakers are still closed: no machine
 // failed often enough alone). When the region heals, a trickle of probes
-// closes its breaker after the backoff and the traffic comes home.
+// closes its breaker after the backoff and the traffic comes home. Another
+// app's traffic stays in the region all along.
 func TestRegionShedAndRecover(t *testing.T) {
 	rst, resets := startResetter(t)
 	f1 := startBackend(t, "f1")
@@ -26,7 +27,9 @@ func TestRegionShedAndRecover(t *testing.T) {
 	// Six machines in ams, each its own healthy backend; while the region
 	// is sick their connections go to the resetter.
 	const n = 6
-	ms := []route.Machine{machine("f1", "fra-1", f1.addr)}
+	// Another app's machine in ams is fine.
+	o1 := startBackend(t, "o1")
+	ms := []route.Machine{machine("f1", "fra-1", f1.addr), ofApp(machine("o1", "ams-1", o1.addr), "other", ""), ofApp(machine("o2", "fra-1", f1.addr), "other", "")}
 	home := map[string]*backend{}
 	for i := range n {
 		b := startBackend(t, fmt.Sprint("a", i))
@@ -53,13 +56,17 @@ func TestRegionShedAndRecover(t *testing.T) {
 			t.Fatalf("request %d answered by %s", i, got)
 		}
 	}
-	if st := edge.regions.state("ams"); st != route.RegionOpen {
+	if st := edge.regions.state("demo", "ams"); st != route.RegionOpen {
 		t.Fatalf("region breaker %v after %d resets", st, resets.Load())
 	}
 	for name := range home {
 		if st, _ := edge.strikes.states(name, "ams-1"); st != stateClosed {
 			t.Fatalf("machine %s's own breaker is %v: the test would not show the region's", name, st)
 		}
+	}
+	// Another app's traffic stays in the region.
+	if resp, body := get(t, http.DefaultClient, edge.EdgeAddr(), "other.localhost", nil); resp.StatusCode != 200 || decode(t, body).Machine != "o1" {
+		t.Fatalf("another app: %d %s", resp.StatusCode, body)
 	}
 	before := resets.Load()
 	for range 20 {
@@ -82,7 +89,7 @@ func TestRegionShedAndRecover(t *testing.T) {
 	fromFra, homeRun := 0, 0
 	for i := 0; homeRun < 20; i++ {
 		if i == 50*route.RegionProbeEvery {
-			t.Fatalf("traffic never came home: region %v", edge.regions.state("ams"))
+			t.Fatalf("traffic never came home: region %v", edge.regions.state("demo", "ams"))
 		}
 		if ask() == "f1" {
 			fromFra++
@@ -91,7 +98,7 @@ func TestRegionShedAndRecover(t *testing.T) {
 			homeRun++
 		}
 	}
-	if st := edge.regions.state("ams"); st != route.RegionClosed {
+	if st := edge.regions.state("demo", "ams"); st != route.RegionClosed {
 		t.Errorf("region breaker %v after the traffic came home", st)
 	}
 	if fromFra == 0 {

@@ -2,14 +2,14 @@ package route
 
 import "time"
 
-// Shedder is implemented by a Load whose edge sheds the traffic of regions
-// that fail: a shed region's machines are still candidates, but after every
-// machine of a region that is not shed (as a demoted machine comes after
-// every other). rand is the query's: a region recovering lets through the
-// requests it picks (a trickle of probes), the same for every machine of
-// the region within one selection.
+// Shedder is implemented by a Load whose edge sheds an app's traffic from
+// the regions where it fails: a shed region's machines are still
+// candidates, but after every machine of a region that is not shed (as a
+// demoted machine comes after every other). rand is the query's: a region
+// recovering lets through the requests it picks (a trickle of probes), the
+// same for every machine of the region within one selection.
 type Shedder interface {
-	Shed(region string, rand uint64) bool
+	Shed(app, region string, rand uint64) bool
 }
 
 // The region breaker: a region whose recent attempts mostly failed is shed.

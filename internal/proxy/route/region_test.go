@@ -157,7 +157,7 @@ type shedding struct {
 	regions map[string]bool
 }
 
-func (s shedding) Shed(region string, _ uint64) bool { return s.regions[region] }
+func (s shedding) Shed(app, region string, _ uint64) bool { return app == "web" && s.regions[region] }
 
 // TestShedRegionGoesLast: a shed region's machines — the edge's own region
 // included — come after every other region's, before demoted machines; a

@@ -166,7 +166,7 @@ func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load
 	if tg.suspect {
 		k.tier += tiers
 	}
-	if sh != nil && sh.Shed(tg.Region, q.Rand) {
+	if sh != nil && sh.Shed(tg.App, tg.Region, q.Rand) {
 		k.tier += 2 * tiers
 	}
 	if dm != nil && dm.Demoted(tg.MachineID, tg.Host) {
