@@ -7,7 +7,9 @@
 // and delivers to its own machine. A refused connect, a reset before the
 // response started, or the far host answering that the machine is not
 // running there moves the request to the next candidate at once; bodies up
-// to MaxBufferedBody are buffered so the retry is safe.
+// to MaxBufferedBody are buffered so the retry is safe. Circuit breakers
+// per machine, per host and per app and region keep the requests that
+// follow away from what failed, and probe it back.
 //
 // Two listeners: the edge (public: clients) and the backhaul (other hosts'
 // proxies only). A request on the edge never chooses its machine or address

@@ -16,7 +16,12 @@
 //
 // The package is pure: the proxy builds a Table from each cluster snapshot
 // and swaps it in atomically, and supplies the live load and the randomness
-// that breaks ties with every query.
+// that breaks ties with every query. The live load may also demote machines
+// whose circuit breaker is open (Demoter) and shed an app's regions that
+// fail (Shedder): their machines come after every other. The region
+// breaker's sliding window and decisions live here too (RegionBreaker),
+// with time as an argument. The table also knows each app's organization,
+// for replays between the apps of one.
 package route
 
 import (
