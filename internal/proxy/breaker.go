@@ -190,8 +190,11 @@ func (s *breakers) prune() {
 	}
 }
 
-// ok closes the breakers of a machine and its host after a success.
-func (s *breakers) ok(machine, host string) {
+// reset closes the breakers of a machine and its host after a success.
+// A delivery path calls Proxy.succeeded, which also counts the success for
+// the region: a path that counted only failures there would shed healthy
+// regions.
+func (s *breakers) reset(machine, host string) {
 	if s.entries.Load() == 0 {
 		return
 	}
@@ -275,7 +278,10 @@ func (s *breakers) states(machine, host string) (m, h breakerState) {
 	return m, h
 }
 
-// Recording the outcome of an attempt: what every delivery path calls.
+// Recording the outcome of an attempt: what every delivery path calls —
+// admit before an attempt (false: skip the target while another is left;
+// a probe taken must end in succeeded, strike or strikes.release),
+// succeeded or strike after it.
 
 // admit reports whether an attempt on tg may be made at its rank now, and
 // whether it holds a probe (see breakers.admit).
@@ -286,7 +292,7 @@ func (p *Proxy) admit(tg *route.Target) (ok, probe bool) {
 // succeeded records a delivered attempt: the breakers of its machine and
 // host close, and its region counts a success.
 func (p *Proxy) succeeded(tg *route.Target) {
-	p.strikes.ok(tg.MachineID, tg.Host)
+	p.strikes.reset(tg.MachineID, tg.Host)
 	p.regions.record(tg.App, tg.Region, false)
 }
 

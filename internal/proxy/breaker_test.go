@@ -119,7 +119,7 @@ func TestBreakerStates(t *testing.T) {
 				case "connect":
 					b.fail("m", "h", weightConnect)
 				case "ok":
-					b.ok("m", "h")
+					b.reset("m", "h")
 				case "release":
 					b.release("m", "h")
 				case "admit":
@@ -391,7 +391,7 @@ func TestBreakerWeights(t *testing.T) {
 	if st, _ := p.strikes.states("m", "ams-2"); st != stateOpen {
 		t.Errorf("after a refused connect: %v", st)
 	}
-	p.strikes.ok("m", "ams-2")
+	p.strikes.reset("m", "ams-2")
 	for i := range breakerTrip {
 		if st, _ := p.strikes.states("m", "ams-2"); st != stateClosed {
 			t.Fatalf("after %d resets: %v", i, st)

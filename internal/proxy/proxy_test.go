@@ -573,8 +573,9 @@ func TestHangingMachine(t *testing.T) {
 	hangAddr := ln.Addr().(*net.TCPAddr)
 	good := startBackend(t, "good")
 	const timeout = 200 * time.Millisecond
-	// A machine that timed out is demoted for a while; the clock moves
-	// past that between requests, so each meets the hanging machine first.
+	// A machine that timed out counts toward its breaker; the clock moves
+	// on between requests, so that each meets the hanging machine first
+	// whatever the breaker's weights.
 	clock := newTestClock()
 	edge := startProxy(t, Config{HostID: "ams-1", ResponseHeaderTimeout: timeout, Now: clock.now})
 	far := startProxy(t, Config{HostID: "fra-1", ResponseHeaderTimeout: timeout, Now: clock.now})
@@ -867,7 +868,7 @@ func TestBufferedBodiesBounded(t *testing.T) {
 	if code := <-first; code != 200 {
 		t.Fatalf("the held request: %d", code)
 	}
-	clock.advance(time.Hour) // rst's demotion over: it is tried first again
+	clock.advance(time.Hour) // were rst's breaker open, it is half-open now: tried first again
 	before := good.hits.Load()
 	resp, body = do(t, http.DefaultClient, "POST", p.EdgeAddr(), "demo.localhost", "/", nil, strings.NewReader(payload))
 	if resp.StatusCode != 200 || decode(t, body).Body != payload || good.hits.Load() != before+1 {

@@ -157,7 +157,7 @@ type shedding struct {
 	regions map[string]bool
 }
 
-func (s shedding) Shed(app, region string, _ uint64) bool { return app == "web" && s.regions[region] }
+func (s shedding) Shed(app, region string, _ uint64) bool { return app != "" && s.regions[region] }
 
 // TestShedRegionGoesLast: a shed region's machines — the edge's own region
 // included — come after every other region's, before demoted machines; a
@@ -179,5 +179,26 @@ func TestShedRegionGoesLast(t *testing.T) {
 	var load Load = s
 	if allocs := testing.AllocsPerRun(100, func() { tab.Select("web", Query{Port: 80}, load, out) }); allocs != 0 {
 		t.Errorf("%v allocations with a Shedder", allocs)
+	}
+}
+
+// BenchmarkSelectShedding is BenchmarkSelect with a live load that also
+// demotes machines and sheds a region, as the proxy's does.
+//
+//	go test ./internal/proxy/route -run '^$' -bench Shedding -benchmem -cpu 1
+func BenchmarkSelectShedding(b *testing.B) {
+	tab, queries := benchTable(100)
+	out := make([]*Target, 0, MaxCandidates)
+	var load Load = shedding{
+		demoting: demoting{liveLoad: liveLoad{"web-0001": 3}, names: map[string]bool{"web-0002": true, "fra-1": true}},
+		regions:  map[string]bool{"ams": true},
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		q := queries[i%len(queries)]
+		q.Rand = uint64(i)
+		out = tab.Select("app-7", q, load, out)
+		i++
 	}
 }
