@@ -424,3 +424,29 @@ func (nopListener) Close() error              { return nil }
 func (nopListener) Addr() net.Addr            { return &net.TCPAddr{} }
 
 func jsonDecode(resp *http.Response, v any) error { return json.NewDecoder(resp.Body).Decode(v) }
+
+// TestBreakerAcrossBackhaul: the far host says why a machine was not
+// reached — not running there, or refusing connections: its breaker at the
+// edge opens at once — while a reset there counts one point only.
+func TestBreakerAcrossBackhaul(t *testing.T) {
+	good := startBackend(t, "good")
+	rst, _ := startResetter(t)
+	edge := startProxy(t, Config{HostID: "ams-1"})
+	far := startProxy(t, Config{HostID: "fra-1"})
+	backhaul := map[string]string{"ams-1": edge.BackhaulAddr(), "fra-1": far.BackhaulAddr()}
+	stale := machine("stale", "fra-1", good.addr)
+	ms := []route.Machine{stale, machine("refusing", "fra-1", refusingAddr(t)), machine("resetting", "fra-1", rst), machine("good", "ams-1", good.addr)}
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: ms}, backhaul)
+	stale.Started = false // the far host knows it stopped
+	ms[0] = stale
+	far.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: ms}, backhaul)
+	for id, want := range map[string]breakerState{"stale": stateOpen, "refusing": stateOpen, "resetting": stateClosed} {
+		resp, body := get(t, http.DefaultClient, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Prefer-Instance-Id": id})
+		if resp.StatusCode != 200 || decode(t, body).Machine != "good" {
+			t.Fatalf("%s: %d %s", id, resp.StatusCode, body)
+		}
+		if m, h := edge.strikes.states(id, "fra-1"); m != want || h != stateClosed {
+			t.Errorf("%s: machine breaker %v (want %v), host %v", id, m, want, h)
+		}
+	}
+}
