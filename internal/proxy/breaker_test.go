@@ -166,6 +166,36 @@ func TestBreakerHalfOpenRankedAsUsual(t *testing.T) {
 	}
 }
 
+// TestBreakerOneProbeUnderContention: however many requests reach a
+// half-open breaker at once, one takes the probe.
+func TestBreakerOneProbeUnderContention(t *testing.T) {
+	clock := newTestClock()
+	b := newBreakers(clock.now)
+	b.fail("m", "h", weightConnect)
+	clock.advance(breakerBase)
+	var probes, admitted atomic.Int64
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			if ok, probe := b.admit("m", "h"); ok {
+				admitted.Add(1)
+				if probe {
+					probes.Add(1)
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if probes.Load() != 1 || admitted.Load() != 1 {
+		t.Errorf("%d admitted, %d probes; want one", admitted.Load(), probes.Load())
+	}
+}
+
 // TestBreakersBounded: however many machines fail, the breakers kept stay
 // bounded; the open ones are kept.
 func TestBreakersBounded(t *testing.T) {
