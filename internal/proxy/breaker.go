@@ -280,13 +280,22 @@ func (s *breakers) states(machine, host string) (m, h breakerState) {
 
 // Recording the outcome of an attempt: what every delivery path calls —
 // admit before an attempt (false: skip the target while another is left;
-// a probe taken must end in succeeded, strike or strikes.release),
+// a probe taken must end in succeeded, or strike then release, or
+// release alone when the client left),
 // succeeded or strike after it.
 
 // admit reports whether an attempt on tg may be made at its rank now, and
 // whether it holds a probe (see breakers.admit).
 func (p *Proxy) admit(tg *route.Target) (ok, probe bool) {
 	return p.strikes.admit(tg.MachineID, tg.Host)
+}
+
+// release gives back the probe an attempt took, once its outcome was
+// recorded (or will not be: the client left).
+func (p *Proxy) release(tg *route.Target, probe bool) {
+	if probe {
+		p.strikes.release(tg.MachineID, tg.Host)
+	}
 }
 
 // succeeded records a delivered attempt: the breakers of its machine and

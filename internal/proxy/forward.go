@@ -335,71 +335,63 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 	tried := []string{}
 	var skipped [route.MaxCandidates]*route.Target
 	ns := 0
-	for pass := range 2 {
-		list := cands
-		if pass == 1 {
-			list = skipped[:ns]
-		}
-		for _, tg := range list {
-			probe := false
-			if pass == 0 {
-				var ok bool
-				if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
-					skipped[ns] = tg
-					ns++
-					continue
-				}
-			}
-			rb, size, ok := body.attempt()
-			if !ok {
-				if probe {
-					p.strikes.release(tg.MachineID, tg.Host)
-				}
-				return nil, nil, tried // a streamed body was already sent, in part
-			}
-			resp, err := p.send(r, st, tg, hdr, rb, size, port)
-			if err == nil && !tg.OnSelf {
-				switch {
-				case resp.Header.Get(hdrRetry) != "":
-					err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
-					if resp.Header.Get(hdrRetryKind) == retryNotReached {
-						err = fmt.Errorf("%w: %w", errNotReached, err)
-					}
-				case resp.Header.Get(hdrTimeout) != "" && idempotent(r.Method):
-					err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrTimeout))
-				}
-				if err != nil {
-					resp.Body.Close()
-					resp = nil
-				}
-			}
-			if err != nil {
-				if r.Context().Err() != nil {
-					if probe {
-						p.strikes.release(tg.MachineID, tg.Host)
-					}
-					return nil, nil, nil // the client went away
-				}
-				p.strike(tg, err)
-				if probe {
-					p.strikes.release(tg.MachineID, tg.Host)
-				}
-				if headerTimeout(err) && !idempotent(r.Method) {
-					reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
-					p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
-					return nil, nil, nil
-				}
-				p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
-				tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
+	for i := 0; i < len(cands)+ns; i++ {
+		var tg *route.Target
+		probe := false
+		if i < len(cands) {
+			tg = cands[i]
+			var ok bool
+			if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
+				skipped[ns] = tg
+				ns++
 				continue
 			}
-			if !tg.OnSelf && resp.Header.Get(hdrTimeout) != "" {
-				p.strike(tg, errors.New(resp.Header.Get(hdrTimeout))) // a 504 for the client
-			} else {
-				p.succeeded(tg)
-			}
-			return resp, tg, nil
+		} else {
+			tg = skipped[i-len(cands)] // a last resort
 		}
+		rb, size, ok := body.attempt()
+		if !ok {
+			p.release(tg, probe)
+			break // a streamed body was already sent, in part
+		}
+		resp, err := p.send(r, st, tg, hdr, rb, size, port)
+		if err == nil && !tg.OnSelf {
+			switch {
+			case resp.Header.Get(hdrRetry) != "":
+				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
+				if resp.Header.Get(hdrRetryKind) == retryNotReached {
+					err = fmt.Errorf("%w: %w", errNotReached, err)
+				}
+			case resp.Header.Get(hdrTimeout) != "" && idempotent(r.Method):
+				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrTimeout))
+			}
+			if err != nil {
+				resp.Body.Close()
+				resp = nil
+			}
+		}
+		if err != nil {
+			if r.Context().Err() != nil {
+				p.release(tg, probe)
+				return nil, nil, nil // the client went away
+			}
+			p.strike(tg, err)
+			p.release(tg, probe)
+			if headerTimeout(err) && !idempotent(r.Method) {
+				reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, r.Method)
+				p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
+				return nil, nil, nil
+			}
+			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
+			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
+			continue
+		}
+		if !tg.OnSelf && resp.Header.Get(hdrTimeout) != "" {
+			p.strike(tg, errors.New(resp.Header.Get(hdrTimeout))) // a 504 for the client
+		} else {
+			p.succeeded(tg)
+		}
+		return resp, tg, nil
 	}
 	return nil, nil, tried
 }
