@@ -36,14 +36,14 @@ import (
 // (the probe) tries the machine at its usual rank, the others still skip
 // it; the probe's success closes the breaker, its failure opens it again
 // for twice as long. A probe that never reports (its request vanished) is
-// given back after probeLease.
+// given back after its lease: the longest an attempt may take (the connect
+// timeout twice over, and the response header timeout).
 const (
 	breakerTrip   = 5
 	weightConnect = breakerTrip
 	weightReset   = 1
 	breakerBase   = 250 * time.Millisecond
 	breakerMax    = 10 * time.Second
-	probeLease    = DefaultResponseHeaderTimeout + 2*DefaultConnectTimeout
 	// maxBreakers bounds the breakers kept: past it, those that are
 	// neither open nor probing are forgotten.
 	maxBreakers = 1 << 14
@@ -69,6 +69,7 @@ type breaker struct {
 	trips   int       // times opened in a row, zero while closed
 	until   time.Time // open until, when trips > 0
 	probeAt time.Time // when the half-open probe was handed out; zero: none is
+	lease   time.Duration
 }
 
 func (b *breaker) state(now time.Time) breakerState {
@@ -83,7 +84,7 @@ func (b *breaker) state(now time.Time) breakerState {
 
 // probing reports whether a probe is out.
 func (b *breaker) probing(now time.Time) bool {
-	return !b.probeAt.IsZero() && now.Sub(b.probeAt) < probeLease
+	return !b.probeAt.IsZero() && now.Sub(b.probeAt) < b.lease
 }
 
 // fail records a failed attempt of weight points and reports whether the
@@ -146,14 +147,15 @@ func (b *breaker) keep(now time.Time) bool {
 // strikes.)
 type breakers struct {
 	now     func() time.Time
-	entries atomic.Int32 // breakers kept: zero is the fast path
+	lease   time.Duration // of a probe
+	entries atomic.Int32  // breakers kept: zero is the fast path
 	mu      sync.Mutex
 	machine map[string]*breaker
 	host    map[string]*breaker
 }
 
-func newBreakers(now func() time.Time) *breakers {
-	return &breakers{now: now, machine: map[string]*breaker{}, host: map[string]*breaker{}}
+func newBreakers(now func() time.Time, lease time.Duration) *breakers {
+	return &breakers{now: now, lease: lease, machine: map[string]*breaker{}, host: map[string]*breaker{}}
 }
 
 // fail records a failed attempt on a machine, or on a whole host when
@@ -170,7 +172,7 @@ func (s *breakers) fail(machine, host string, weight int) bool {
 		if int(s.entries.Load()) >= maxBreakers {
 			s.prune()
 		}
-		b = &breaker{}
+		b = &breaker{lease: s.lease}
 		m[key] = b
 		s.entries.Add(1)
 	}

@@ -102,14 +102,14 @@ func TestBreakerStates(t *testing.T) {
 		{"a probe that never reports is handed out again after its lease", []step{
 			{do: "connect", state: stateOpen},
 			{wait: breakerBase, do: "admit", state: stateHalfOpen, admit: "probe"},
-			{wait: probeLease - 1, do: "admit", state: stateHalfOpen, admit: "no"},
+			{wait: testLease - 1, do: "admit", state: stateHalfOpen, admit: "no"},
 			{wait: 1, do: "admit", state: stateHalfOpen, admit: "probe"},
 		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			clock := newTestClock()
-			b := newBreakers(clock.now)
+			b := newBreakers(clock.now, testLease)
 			for i, s := range tt.steps {
 				clock.advance(s.wait)
 				got := ""
@@ -143,12 +143,14 @@ func TestBreakerStates(t *testing.T) {
 	}
 }
 
+const testLease = time.Minute
+
 // TestBreakerHalfOpenRankedAsUsual: once half-open with no probe out, a
 // selection ranks the machine as usual again, so the next request is the
 // probe; a host's breaker guards all its machines.
 func TestBreakerHalfOpenRankedAsUsual(t *testing.T) {
 	clock := newTestClock()
-	b := newBreakers(clock.now)
+	b := newBreakers(clock.now, testLease)
 	b.fail("m", "h", weightConnect)
 	if !b.demoted("m", "h") {
 		t.Fatal("open, not demoted")
@@ -170,7 +172,7 @@ func TestBreakerHalfOpenRankedAsUsual(t *testing.T) {
 // half-open breaker at once, one takes the probe.
 func TestBreakerOneProbeUnderContention(t *testing.T) {
 	clock := newTestClock()
-	b := newBreakers(clock.now)
+	b := newBreakers(clock.now, testLease)
 	b.fail("m", "h", weightConnect)
 	clock.advance(breakerBase)
 	var probes, admitted atomic.Int64
@@ -200,7 +202,7 @@ func TestBreakerOneProbeUnderContention(t *testing.T) {
 // bounded; the open ones are kept.
 func TestBreakersBounded(t *testing.T) {
 	clock := newTestClock()
-	b := newBreakers(clock.now)
+	b := newBreakers(clock.now, testLease)
 	b.fail("open-one", "h", weightConnect)
 	for i := range 3 * maxBreakers {
 		b.fail(fmt.Sprint("m", i), "h", weightReset)

@@ -203,7 +203,7 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newBreakers(cfg.Now), starts: newStarter()}
+	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newBreakers(cfg.Now, 2*cfg.ConnectTimeout+cfg.ResponseHeaderTimeout), starts: newStarter()}
 	p.regions.now = cfg.Now
 	p.buffered.give(cfg.MaxBufferedTotal)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
