@@ -168,20 +168,33 @@ func hangUp(m *rawMachine, c net.Conn, br *bufio.Reader) {
 }
 
 // proxyGoroutines returns the stacks of goroutines that only a proxy
-// starts in this test: its own, and net/http's servers and transports (the
-// test's machines and clients use none).
+// starts in this test: those running the proxy's code (any of its files but
+// the tests), and net/http's servers and transports (the test's machines
+// and clients use none).
 func proxyGoroutines() []string {
 	buf := make([]byte, 8<<20)
 	var out []string
 	for g := range strings.SplitSeq(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
-		for _, mark := range []string{"internal/proxy.(*Proxy)", "internal/proxy.join", "net/http.(*conn).serve", "net/http.(*persistConn)", "net/http.(*Transport)"} {
-			if strings.Contains(g, mark) {
-				out = append(out, g)
-				break
-			}
+		if ownedByProxy(g) {
+			out = append(out, g)
 		}
 	}
 	return out
+}
+
+func ownedByProxy(stack string) bool {
+	for line := range strings.SplitSeq(stack, "\n") {
+		line = strings.TrimSpace(line)
+		if strings.Contains(line, "/internal/proxy/") && strings.Contains(line, ".go:") && !strings.Contains(line, "_test.go:") {
+			return true
+		}
+		for _, mark := range []string{"net/http.(*conn).serve", "net/http.(*persistConn)", "net/http.(*Transport)"} {
+			if strings.HasPrefix(line, mark) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // TestCloseLeavesNoGoroutineOrConnection: after plain requests on kept-alive
@@ -286,6 +299,10 @@ func TestCloseLeavesNoGoroutineOrConnection(t *testing.T) {
 		t.Fatalf("edge holds %d client connections, want %d", counts["edge, from clients"].open.Load(), len(clients))
 	}
 
+	// The check below must see the proxies' goroutines while they run.
+	if g := proxyGoroutines(); len(g) < 2*len(clients) {
+		t.Fatalf("%d goroutines seen as the proxies' while %d clients are served", len(g), len(clients))
+	}
 	for _, p := range []*Proxy{edge, far} {
 		if err := p.Close(); err != nil {
 			t.Fatal(err)
