@@ -197,6 +197,10 @@ func (b *requestBody) attempt() (io.ReadCloser, int64, bool) {
 // serveEdge routes a client's request to the best machine of its app.
 func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	reqID := ulid.Make().String() + "-" + p.cfg.Region
+	pre := handedOver(r) // a fly-replay the fast path was answered with
+	if pre != nil {
+		reqID = pre.reqID
+	}
 	if r.Method == http.MethodConnect {
 		p.fail(w, reqID, http.StatusMethodNotAllowed, codeBadRequest, "CONNECT is not proxied")
 		return
@@ -280,7 +284,11 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 
 	hdr.Del(hdrReplaySrc) // only the edge says where a replay comes from
 	for replays := 0; ; replays++ {
-		resp, from, tried := p.attempts(w, r, reqID, st, appName, cands, body, hdr, port)
+		resp, from, tried := pre.answer()
+		if resp == nil {
+			resp, from, tried = p.attempts(w, r, reqID, st, appName, cands, body, hdr, port)
+		}
+		pre = nil
 		if resp == nil {
 			if tried != nil {
 				reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))

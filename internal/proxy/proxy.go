@@ -95,6 +95,9 @@ type Config struct {
 	Start            func(ctx context.Context, app, machineID string) error
 	AutostartTimeout time.Duration
 	Autostop         AutostopConfig
+	// DisableFastPath serves the edge with net/http alone (fastconn.go
+	// says what the fast path is); for comparisons.
+	DisableFastPath bool
 }
 
 func (c *Config) setDefaults() {
@@ -188,6 +191,7 @@ type Proxy struct {
 	toSelf   *http.Transport // to this host's machines
 	toHosts  *http.Transport // to other hosts' backhaul listeners
 	servers  []*http.Server
+	edge     *edgeServer // the edge listener's fast path; nil when disabled
 	// upgraded are the connections switched to another protocol.
 	upgraded upgrades
 	tables   tableWatch // wakes waiters for a machine started on demand
@@ -312,6 +316,9 @@ func (p *Proxy) Start(ctx context.Context) error {
 			IdleTimeout:       p.cfg.IdleTimeout,
 			ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		}
+		if what == "edge" {
+			srv = p.edgeHTTPServer() // HTTP/1.1 and h2c
+		}
 		p.servers = append(p.servers, srv)
 		p.wg.Add(1)
 		go func() {
@@ -321,7 +328,11 @@ func (p *Proxy) Start(ctx context.Context) error {
 			}
 		}()
 	}
-	if p.cfg.Edge != nil {
+	switch {
+	case p.cfg.Edge != nil && !p.cfg.DisableFastPath:
+		p.edge = newEdgeServer(p, p.cfg.Edge)
+		p.edge.start()
+	case p.cfg.Edge != nil:
 		serve(p.cfg.Edge, http.HandlerFunc(p.serveEdge), "edge")
 	}
 	if p.cfg.Backhaul != nil {
@@ -352,6 +363,9 @@ func (p *Proxy) Close() error {
 	p.starts.close() // requests held for a start are answered at once
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	if p.edge != nil {
+		p.edge.close(ctx)
+	}
 	for _, srv := range p.servers {
 		if serr := srv.Shutdown(ctx); serr != nil {
 			srv.Close()

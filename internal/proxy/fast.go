@@ -1,0 +1,830 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/oklog/ulid/v2"
+
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// The fast path's delivery: the same routing, headers, retries, load
+// counting and demotions as serveEdge, over pooled keep-alive connections
+// of its own (to this host's machines, and to other hosts' backhaul
+// listeners, speaking HTTP/1.1 with the internal headers of forward.go).
+
+// str views bytes as a string without copying: for lookups and selection
+// only, never kept past the request (the buffer is reused).
+func str(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
+
+// newID makes the request id: <ULID>-<region>, in the connection's buffer.
+func (fc *fastConn) newID() []byte {
+	id := ulid.Make()
+	id.MarshalTextTo(fc.id[:26])
+	fc.id[26] = '-'
+	fc.idLen = 27 + copy(fc.id[27:], fc.e.p.cfg.Region)
+	return fc.id[:fc.idLen]
+}
+
+// forward routes and delivers one request whose body is buffered whole.
+func (fc *fastConn) forward(body []byte) action {
+	p, req := fc.e.p, &fc.req
+	appName, ok := appOf(str(req.host), p.cfg.Domain)
+	st := p.state.Load()
+	if !ok || !st.table.HasApp(appName) {
+		return actHandOff // net/http answers 404 naming the host
+	}
+	q := route.Query{
+		Port:           p.cfg.Port,
+		PreferRegion:   str(req.header("Fly-Prefer-Region")),
+		ForceRegion:    str(req.header("Fly-Force-Region")),
+		PreferInstance: str(req.header("Fly-Prefer-Instance-Id")),
+		ForceInstance:  str(req.header("Fly-Force-Instance-Id")),
+		Rand:           p.seq.Add(0x9e3779b97f4a7c15),
+	}
+	var buf [route.MaxCandidates]*route.Target
+	cands := st.table.Select(appName, q, routeInput{p}, buf[:0])
+	if len(cands) == 0 || cands[0].ForceHTTPS {
+		return actHandOff // the reasons and redirects are net/http's
+	}
+	fc.newID()
+	var tried []string
+	for _, tg := range cands {
+		act, err := fc.attempt(st, tg, body)
+		if err == nil {
+			p.strikes.ok(tg.MachineID, tg.Host)
+			return act
+		}
+		p.strike(tg, err)
+		if headerTimeout(err) && !idempotent(str(req.method)) {
+			reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, req.method)
+			fc.fail(http.StatusGatewayTimeout, codeTimeout, reason, req.close)
+			return actKeep
+		}
+		p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "err", err)
+		tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
+	}
+	reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))
+	p.log.Warn("request failed on every candidate", "app", strings.Clone(appName), "request_id", string(fc.id[:fc.idLen]), "reason", reason)
+	fc.fail(http.StatusBadGateway, codeAllFailed, reason, req.close)
+	return actKeep
+}
+
+// attempt sends the request to one candidate. A non-nil error means the
+// candidate failed before its answer started: nothing reached the client.
+func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, error) {
+	p := fc.e.p
+	key := upKey{addr: tg.Addr, port: tg.Port}
+	headerTimeout := p.cfg.ResponseHeaderTimeout
+	if !tg.OnSelf {
+		key = upKey{addr: st.backhaul[tg.Host]}
+		if key.addr == "" {
+			return actKeep, fmt.Errorf("host %s advertises no proxy address", tg.Host)
+		}
+		headerTimeout += time.Second // the far proxy times its machine out first and says so
+	}
+	p.load.add(tg.MachineID, 1)
+	fc.counted = tg.MachineID
+	defer fc.endLoad()
+	// A pooled connection the machine closed meanwhile fails before any
+	// answer: it is replaced by a new one, once.
+	for fresh := false; ; fresh = true {
+		var uc *upConn
+		if !fresh {
+			uc = fc.e.pool.get(key)
+		}
+		if uc == nil {
+			var err error
+			if uc, err = fc.e.pool.dial(fc.e.dialer(tg), key, p.connectBudget(tg)); err != nil {
+				return actKeep, err
+			}
+			fresh = true
+		}
+		fc.setUp(uc)
+		err := fc.exchange(uc, tg, body, headerTimeout)
+		if err == nil {
+			break
+		}
+		fc.setUp(nil)
+		uc.c.Close()
+		if fresh || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) {
+			return actKeep, err
+		}
+	}
+	uc := fc.upConn
+	defer fc.setUp(nil)
+	resp := &fc.resp
+	if !tg.OnSelf {
+		var err error
+		switch {
+		case len(resp.retry) > 0:
+			err = fmt.Errorf("host %s: %s", tg.Host, resp.retry)
+		case len(resp.timeout) > 0 && idempotent(str(fc.req.method)):
+			err = &farTimeout{fmt.Sprintf("host %s: %s", tg.Host, resp.timeout)}
+		}
+		if err != nil {
+			uc.c.Close()
+			return actKeep, err
+		}
+	}
+	if resp.replay {
+		// fly-replay is followed by serveEdge: the request goes there,
+		// whole, with this answer (handover.go).
+		fc.pre = fc.prefetch(uc, tg)
+		uc.c.Close()
+		return actHandOff, nil
+	}
+	fc.giveBody()
+	return fc.respond(uc, tg), nil
+}
+
+// farTimeout is a far host's word that its machine did not answer in time;
+// like a local header timeout, only an idempotent request moves on.
+type farTimeout struct{ s string }
+
+func (e *farTimeout) Error() string { return e.s }
+
+// errBadResponse: what came back is not an HTTP/1.1 response.
+var errBadResponse = errors.New("malformed response")
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// dialer is how a target is reached: the machine directly, or the host's
+// backhaul.
+func (e *edgeServer) dialer(tg *route.Target) DialFunc {
+	if tg.OnSelf {
+		return e.p.cfg.DialMachine
+	}
+	return e.p.cfg.Dial
+}
+
+// exchange writes the request and reads the response's head into fc.resp.
+func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout time.Duration) error {
+	b := fc.out.start(nil)
+	b = fc.appendRequest(b, tg, body)
+	fc.out.b = b
+	if len(b)+len(body) <= cap(b) {
+		b = append(b, body...)
+		body = nil
+	}
+	uc.got = 0
+	uc.c.SetDeadline(time.Now().Add(timeout))
+	if _, err := uc.c.Write(b); err != nil {
+		return err
+	}
+	if len(body) > 0 {
+		if _, err := uc.c.Write(body); err != nil {
+			return err
+		}
+	}
+	fc.out.b = b[:0]
+	for {
+		err := parseResponseHead(uc.buf[uc.r:uc.w], 1<<20, &fc.resp)
+		switch err {
+		case nil:
+			if fc.resp.status/100 == 1 && fc.resp.status != http.StatusSwitchingProtocols {
+				uc.r += fc.resp.headLen // an interim answer (103): not passed on, as net/http does
+				continue
+			}
+			if fc.resp.status == http.StatusSwitchingProtocols {
+				return fmt.Errorf("%w: 101 to a request without an upgrade", errBadResponse)
+			}
+			uc.c.SetDeadline(time.Time{})
+			return nil
+		case errIncomplete:
+			if err := uc.fill(); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("%w: %v", errBadResponse, err)
+		}
+	}
+}
+
+// appendRequest writes the request line and headers for the next hop:
+// the client's headers without the hop-by-hop and internal ones, then
+// Fly's, as serveEdge sets them.
+func (fc *fastConn) appendRequest(b []byte, tg *route.Target, body []byte) []byte {
+	p, req := fc.e.p, &fc.req
+	b = append(b, req.method...)
+	b = append(b, ' ')
+	b = append(b, req.target...)
+	b = append(b, " HTTP/1.1\r\nHost: "...)
+	b = append(b, req.host...)
+	b = append(b, "\r\n"...)
+	var xff int
+	for i := range req.headers {
+		h := &req.headers[i]
+		if dropRequestHeader(req, h.name) {
+			continue
+		}
+		if equalFoldBS(h.name, "X-Forwarded-For") {
+			xff++
+			continue
+		}
+		b = append(b, h.name...)
+		b = append(b, ": "...)
+		b = append(b, h.value...)
+		b = append(b, "\r\n"...)
+	}
+	b = append(b, "Fly-Client-Ip: "...)
+	b = append(b, fc.clientIP...)
+	b = append(b, "\r\nFly-Region: "...)
+	b = append(b, p.cfg.Region...)
+	b = append(b, "\r\nFly-Request-Id: "...)
+	b = append(b, fc.id[:fc.idLen]...)
+	b = append(b, "\r\nX-Forwarded-For: "...)
+	if xff > 0 {
+		for i := range req.headers {
+			h := &req.headers[i]
+			if equalFoldBS(h.name, "X-Forwarded-For") && !dropRequestHeader(req, h.name) {
+				b = append(b, h.value...)
+				b = append(b, ", "...)
+			}
+		}
+	}
+	b = append(b, fc.clientIP...)
+	b = append(b, "\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: "...)
+	b = appendInt(b, int64(p.cfg.Port))
+	b = append(b, "\r\nFly-Forwarded-Port: "...)
+	b = appendInt(b, int64(p.cfg.Port))
+	b = append(b, "\r\n"...)
+	if !tg.OnSelf {
+		b = append(b, hdrToken+": "...)
+		b = append(b, p.cfg.Token...)
+		b = append(b, "\r\n"+hdrApp+": "...)
+		b = append(b, tg.App...)
+		b = append(b, "\r\n"+hdrMachine+": "...)
+		b = append(b, tg.MachineID...)
+		b = append(b, "\r\n"+hdrPort+": "...)
+		b = appendInt(b, int64(p.cfg.Port))
+		b = append(b, "\r\n"...)
+	}
+	if m := str(req.method); len(body) > 0 || m == http.MethodPost || m == http.MethodPut || m == http.MethodPatch {
+		b = append(b, "Content-Length: "...)
+		b = appendInt(b, int64(len(body)))
+		b = append(b, "\r\n"...)
+	}
+	return append(b, "\r\n"...)
+}
+
+// dropRequestHeader: what the edge does not pass on of a client's request.
+// Fly's own headers are set again by the edge.
+func dropRequestHeader(req *h1Request, name []byte) bool {
+	if hopByHop(name) || listedInConnection(req.headers, name) || hasPrefixFold(name, internalPref) {
+		return true
+	}
+	for _, n := range [...]string{"Host", "Content-Length", hdrReplaySrc, "Fly-Client-Ip", "Fly-Region", "Fly-Request-Id",
+		"X-Forwarded-Proto", "X-Forwarded-Port", "Fly-Forwarded-Port"} {
+		if equalFoldBS(name, n) {
+			return true
+		}
+	}
+	return false
+}
+
+func hopByHop(name []byte) bool {
+	for _, h := range hopHeaders {
+		if equalFoldBS(name, h) {
+			return true
+		}
+	}
+	return false
+}
+
+// listedInConnection reports whether a Connection header names the
+// header (a hop-by-hop header of the sender's choosing).
+func listedInConnection(hs []h1Header, name []byte) bool {
+	for i := range hs {
+		if !equalFoldBS(hs[i].name, "Connection") {
+			continue
+		}
+		for tok := range tokens(hs[i].value) {
+			if len(tok) == len(name) && equalFoldBS(tok, str(name)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// respond passes the machine's answer to the client, streaming its body.
+// A body cut off after the head was sent cuts the client's connection.
+func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
+	p, req, resp := fc.e.p, &fc.req, &fc.resp
+	isHead := str(req.method) == http.MethodHead
+	b := fc.out.start(fc.c)
+	b = append(b, "HTTP/1.1 "...)
+	b = appendInt(b, int64(resp.status))
+	b = append(b, ' ')
+	if t := http.StatusText(resp.status); t != "" {
+		b = append(b, t...)
+	} else {
+		b = append(b, "status code "...)
+		b = appendInt(b, int64(resp.status))
+	}
+	b = append(b, "\r\n"...)
+	for i := range resp.headers {
+		h := &resp.headers[i]
+		if hopByHop(h.name) || listedInConnection(resp.headers, h.name) || hasPrefixFold(h.name, internalPref) ||
+			equalFoldBS(h.name, "Content-Length") || equalFoldBS(h.name, "Fly-Request-Id") || equalFoldBS(h.name, "Server") {
+			continue
+		}
+		b = append(b, h.name...)
+		b = append(b, ": "...)
+		b = append(b, h.value...)
+		b = append(b, "\r\n"...)
+	}
+	b = fc.appendEdgeHeaders(b, !resp.hasDate)
+	switch {
+	case bodyless(isHead, resp.status):
+		if resp.contentLength >= 0 && resp.status != http.StatusNoContent && resp.status/100 != 1 {
+			b = append(b, "Content-Length: "...)
+			b = appendInt(b, resp.contentLength)
+			b = append(b, "\r\n"...)
+		}
+	case resp.contentLength >= 0:
+		b = append(b, "Content-Length: "...)
+		b = appendInt(b, resp.contentLength)
+		b = append(b, "\r\n"...)
+	default:
+		b = append(b, "Transfer-Encoding: chunked\r\n"...)
+	}
+	if req.close {
+		b = append(b, "Connection: close\r\n"...)
+	}
+	b = append(b, "\r\n"...)
+	fc.out.b = b
+	var err error
+	reusable := !resp.close
+	switch {
+	case bodyless(isHead, resp.status):
+		uc.r += resp.headLen
+		fc.endLoad()
+		err = fc.out.flush()
+	case resp.contentLength >= 0:
+		uc.r += resp.headLen
+		if err = copyN(&fc.out, uc, resp.contentLength); err == nil {
+			fc.endLoad()
+			err = fc.out.flush()
+		}
+	case resp.chunked:
+		uc.r += resp.headLen
+		err = copyChunked(&fc.out, uc)
+	default:
+		uc.r += resp.headLen
+		reusable = false
+		err = copyUntilEOF(&fc.out, uc)
+	}
+	if err == nil {
+		fc.endLoad()
+		err = fc.out.flush()
+	}
+	if err != nil {
+		uc.c.Close()
+		p.log.Debug("response cut off", "machine", tg.MachineID, "err", err)
+		return actClose
+	}
+	if reusable && uc.r == uc.w {
+		fc.e.pool.put(uc)
+	} else {
+		uc.c.Close()
+	}
+	return actKeep
+}
+
+// appendEdgeHeaders adds what every edge answer carries.
+func (fc *fastConn) appendEdgeHeaders(b []byte, date bool) []byte {
+	b = append(b, "Fly-Request-Id: "...)
+	b = append(b, fc.id[:fc.idLen]...)
+	b = append(b, "\r\nServer: "+serverName+"\r\nVia: "+viaValue+"\r\n"...)
+	if date {
+		b = append(b, "Date: "...)
+		b = appendDate(b, time.Now())
+		b = append(b, "\r\n"...)
+	}
+	return b
+}
+
+// fail answers with the edge's own error, as Proxy.fail does.
+func (fc *fastConn) fail(status int, code, reason string, close bool) {
+	body := fmt.Sprintf("%d %s: %s\n", status, code, reason)
+	b := fc.out.start(fc.c)
+	b = append(b, "HTTP/1.1 "...)
+	b = appendInt(b, int64(status))
+	b = append(b, ' ')
+	b = append(b, http.StatusText(status)...)
+	b = append(b, "\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nFlame-Error: "...)
+	b = append(b, code...)
+	b = append(b, "\r\n"...)
+	b = fc.appendEdgeHeaders(b, true)
+	b = append(b, "Content-Length: "...)
+	b = appendInt(b, int64(len(body)))
+	b = append(b, "\r\n"...)
+	if close {
+		b = append(b, "Connection: close\r\n"...)
+	}
+	b = append(b, "\r\n"...)
+	b = append(b, body...)
+	fc.out.b = b
+	fc.out.flush()
+}
+
+// copyLength copies n bytes of body from the machine to the client.
+func copyLength(o *outBuf, uc *upConn, n int64) error {
+	if err := copyN(o, uc, n); err != nil {
+		return err
+	}
+	return o.flush()
+}
+
+// copyChunked copies a chunked body, chunk by chunk (trailers are dropped,
+// as serveEdge drops them), flushing whenever the machine has sent no
+// more yet: a stream reaches the client as it comes.
+func copyChunked(o *outBuf, uc *upConn) error {
+	for {
+		line, err := uc.line()
+		if err != nil {
+			return err
+		}
+		if i := strings.IndexByte(str(line), ';'); i >= 0 {
+			line = line[:i]
+		}
+		size, ok := parseHex(trimOWS(line))
+		if !ok {
+			return errBadResponse
+		}
+		if size == 0 {
+			for {
+				l, err := uc.line()
+				if err != nil {
+					return err
+				}
+				if len(l) == 0 {
+					break
+				}
+			}
+			return o.frame(lastChunk) // the caller flushes
+		}
+		if err := o.chunkHeader(size); err != nil {
+			return err
+		}
+		if err := copyN(o, uc, size); err != nil {
+			return err
+		}
+		if err := o.frame(crlf); err != nil {
+			return err
+		}
+		if l, err := uc.line(); err != nil || len(l) != 0 {
+			return errBadResponse
+		}
+		if uc.r == uc.w {
+			if err := o.flush(); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// copyN copies n bytes of body, flushing only before it would wait.
+func copyN(o *outBuf, uc *upConn, n int64) error {
+	for n > 0 {
+		if uc.r == uc.w {
+			if err := o.flush(); err != nil {
+				return err
+			}
+			if err := uc.fill(); err != nil {
+				return err
+			}
+		}
+		k := min(int64(uc.w-uc.r), n)
+		if err := o.write(uc.buf[uc.r : uc.r+int(k)]); err != nil {
+			return err
+		}
+		uc.r += int(k)
+		n -= k
+	}
+	return nil
+}
+
+// copyUntilEOF sends a body the machine ends by closing, as chunks.
+func copyUntilEOF(o *outBuf, uc *upConn) error {
+	for {
+		if uc.r < uc.w {
+			if err := o.chunkHeader(int64(uc.w - uc.r)); err != nil {
+				return err
+			}
+			if err := o.write(uc.buf[uc.r:uc.w]); err != nil {
+				return err
+			}
+			if err := o.frame(crlf); err != nil {
+				return err
+			}
+			uc.r = uc.w
+			if err := o.flush(); err != nil {
+				return err
+			}
+		}
+		err := uc.fill()
+		if errors.Is(err, io.EOF) {
+			return o.frame(lastChunk) // the caller flushes
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// outBuf is a write buffer on the client's connection, taken from a pool
+// for one answer.
+type outBuf struct {
+	c  io.Writer
+	bp *[]byte
+	b  []byte
+	// data: chunked framing is not written, only the body's bytes.
+	data bool
+}
+
+const outBufSize = 16 << 10
+
+var outBufs = sync.Pool{New: func() any { b := make([]byte, 0, outBufSize); return &b }}
+
+// start empties the buffer for writing to c and returns it.
+func (o *outBuf) start(c io.Writer) []byte {
+	if o.bp == nil {
+		o.bp = outBufs.Get().(*[]byte)
+		o.b = (*o.bp)[:0]
+	}
+	o.c = c
+	o.b = o.b[:0]
+	return o.b
+}
+
+func (o *outBuf) write(p []byte) error {
+	if len(o.b)+len(p) > cap(o.b) {
+		if err := o.flush(); err != nil {
+			return err
+		}
+		if len(p) > cap(o.b) {
+			_, err := o.c.Write(p)
+			return err
+		}
+	}
+	o.b = append(o.b, p...)
+	return nil
+}
+
+// chunkHeader writes a chunk's size line.
+func (o *outBuf) chunkHeader(size int64) error {
+	if o.data {
+		return nil
+	}
+	if len(o.b)+20 > cap(o.b) {
+		if err := o.flush(); err != nil {
+			return err
+		}
+	}
+	o.b = strconv.AppendInt(o.b, size, 16)
+	o.b = append(o.b, '\r', '\n')
+	return nil
+}
+
+var lastChunk = []byte("0\r\n\r\n")
+
+// frame writes chunked framing, unless only the data is wanted.
+func (o *outBuf) frame(p []byte) error {
+	if o.data {
+		return nil
+	}
+	return o.write(p)
+}
+
+// copyChunkedData copies a chunked body's data alone.
+func copyChunkedData(o *outBuf, uc *upConn) error {
+	o.data = true
+	return copyChunked(o, uc)
+}
+
+func (o *outBuf) flush() error {
+	if len(o.b) == 0 {
+		return nil
+	}
+	_, err := o.c.Write(o.b)
+	o.b = o.b[:0]
+	return err
+}
+
+func (o *outBuf) release() {
+	if o.bp != nil {
+		if cap(o.b) == outBufSize {
+			*o.bp = o.b[:0]
+		}
+		outBufs.Put(o.bp)
+		o.bp, o.b = nil, nil
+	}
+}
+
+func appendInt(b []byte, n int64) []byte { return strconv.AppendInt(b, n, 10) }
+
+// The Date header, formatted once a second.
+type dateStamp struct {
+	sec int64
+	b   []byte
+}
+
+var dateNow atomic.Pointer[dateStamp]
+
+func appendDate(b []byte, now time.Time) []byte {
+	sec := now.Unix()
+	d := dateNow.Load()
+	if d == nil || d.sec != sec {
+		d = &dateStamp{sec: sec, b: now.UTC().AppendFormat(nil, http.TimeFormat)}
+		dateNow.Store(d)
+	}
+	return append(b, d.b...)
+}
+
+// upKey names a pool of upstream connections: a machine's address and
+// port, or a host's backhaul address (port 0).
+type upKey struct {
+	addr string
+	port int
+}
+
+// upConn is a keep-alive connection to a machine or a far proxy, with its
+// read buffer.
+type upConn struct {
+	c    net.Conn
+	key  upKey
+	buf  []byte
+	r, w int
+	got  int // bytes read of the current answer
+	idle time.Time
+}
+
+const upBufSize = 16 << 10
+
+// fill reads more of the answer.
+func (uc *upConn) fill() error {
+	if uc.r == uc.w {
+		uc.r, uc.w = 0, 0
+	} else if uc.w == len(uc.buf) {
+		if uc.r > 0 {
+			copy(uc.buf, uc.buf[uc.r:uc.w])
+			uc.w -= uc.r
+			uc.r = 0
+		} else {
+			if len(uc.buf) >= 1<<20 {
+				return fmt.Errorf("%w: a line or head over 1 MiB", errBadResponse)
+			}
+			nb := make([]byte, 2*len(uc.buf)) // a large head: rare
+			copy(nb, uc.buf[:uc.w])
+			uc.buf = nb
+		}
+	}
+	n, err := uc.c.Read(uc.buf[uc.w:])
+	uc.w += n
+	uc.got += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// line returns the next CRLF-terminated line, without it.
+func (uc *upConn) line() ([]byte, error) {
+	for {
+		if i := strings.Index(str(uc.buf[uc.r:uc.w]), "\r\n"); i >= 0 {
+			l := uc.buf[uc.r : uc.r+i]
+			uc.r += i + 2
+			return l, nil
+		}
+		if uc.w-uc.r > maxChunkLine {
+			return nil, errBadResponse
+		}
+		if err := uc.fill(); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil, io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+}
+
+// upPool keeps idle upstream connections, most recently used last.
+type upPool struct {
+	mu     sync.Mutex
+	idle   map[upKey][]*upConn
+	closed bool
+}
+
+// Idle upstream connections: at most maxIdlePerKey per machine or host,
+// each kept upIdleTimeout.
+const (
+	maxIdlePerKey = 256
+	upIdleTimeout = 30 * time.Second
+)
+
+func newUpPool() *upPool { return &upPool{idle: map[upKey][]*upConn{}} }
+
+func (p *upPool) get(k upKey) *upConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cs := p.idle[k]
+	if len(cs) == 0 {
+		return nil
+	}
+	uc := cs[len(cs)-1]
+	cs[len(cs)-1] = nil
+	p.idle[k] = cs[:len(cs)-1]
+	return uc
+}
+
+func (p *upPool) put(uc *upConn) {
+	uc.r, uc.w = 0, 0
+	uc.idle = time.Now()
+	p.mu.Lock()
+	if p.closed || len(p.idle[uc.key]) >= maxIdlePerKey {
+		p.mu.Unlock()
+		uc.c.Close()
+		return
+	}
+	p.idle[uc.key] = append(p.idle[uc.key], uc)
+	p.mu.Unlock()
+}
+
+// dial opens a new connection; a failure is a connectError (nothing sent).
+func (p *upPool) dial(dial DialFunc, k upKey, budget time.Duration) (*upConn, error) {
+	addr := k.addr
+	if k.port != 0 {
+		addr = net.JoinHostPort(k.addr, strconv.Itoa(k.port))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), budget)
+	defer cancel()
+	c, err := dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, &connectError{addr: addr, err: err}
+	}
+	return &upConn{c: c, key: k, buf: make([]byte, upBufSize)}, nil
+}
+
+// reap closes connections idle too long, until done.
+func (p *upPool) reap(done <-chan struct{}) {
+	t := time.NewTicker(upIdleTimeout / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		cutoff := time.Now().Add(-upIdleTimeout)
+		p.mu.Lock()
+		for k, cs := range p.idle {
+			keep := cs[:0]
+			for _, uc := range cs {
+				if uc.idle.Before(cutoff) {
+					uc.c.Close()
+				} else {
+					keep = append(keep, uc)
+				}
+			}
+			clear(cs[len(keep):])
+			if len(keep) == 0 {
+				delete(p.idle, k)
+			} else {
+				p.idle[k] = keep
+			}
+		}
+		p.mu.Unlock()
+	}
+}
+
+func (p *upPool) closeAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	for k, cs := range p.idle {
+		for _, uc := range cs {
+			uc.c.Close()
+		}
+		delete(p.idle, k)
+	}
+}
