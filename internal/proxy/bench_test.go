@@ -1,10 +1,13 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"testing"
 
 	"github.com/flamehq/flame/internal/proxy/route"
@@ -12,10 +15,11 @@ import (
 
 // BenchmarkEdge measures one request through the edge to a machine on the
 // same host (keep-alive both sides), against the same request sent
-// straight to the machine: what the proxy adds, with net/http on both of
-// its sides.
+// straight to the machine: what the proxy adds, with net/http as the
+// client and the machine. "nethttp" is the edge served by net/http alone
+// (Config.DisableFastPath), "fast" the edge's fast path.
 //
-//	go test ./internal/proxy -run '^$' -bench Edge -benchmem
+//	go test ./internal/proxy -run '^$' -bench 'Edge' -benchmem
 func BenchmarkEdge(b *testing.B) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -28,20 +32,7 @@ func BenchmarkEdge(b *testing.B) {
 	go backendSrv.Serve(ln)
 	defer backendSrv.Close()
 	addr := ln.Addr().(*net.TCPAddr)
-
-	edgeLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", addr)}}, nil)
-	if err := p.Start(b.Context()); err != nil {
-		b.Fatal(err)
-	}
-	defer p.Close()
+	slow, fast := benchEdges(b, addr)
 
 	run := func(b *testing.B, target string) {
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
@@ -63,5 +54,130 @@ func BenchmarkEdge(b *testing.B) {
 		}
 	}
 	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
-	b.Run("edge", func(b *testing.B) { run(b, p.EdgeAddr()) })
+	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
+	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
+}
+
+// BenchmarkEdgeLean is BenchmarkEdge with a client and a machine that
+// allocate nothing (a fixed request written on a raw connection, a fixed
+// answer): allocs/op is what the edge allocates per request.
+//
+//	go test ./internal/proxy -run '^$' -bench 'EdgeLean' -benchmem
+func BenchmarkEdgeLean(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go leanBackend(ln)
+	addr := ln.Addr().(*net.TCPAddr)
+	slow, fast := benchEdges(b, addr)
+
+	run := func(b *testing.B, target string) {
+		c, err := net.Dial("tcp", target)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		req := []byte("GET / HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: bench\r\n\r\n")
+		br := bufio.NewReaderSize(c, 16<<10)
+		b.ReportAllocs()
+		b.ResetTimer()
+		for b.Loop() {
+			if _, err := c.Write(req); err != nil {
+				b.Fatal(err)
+			}
+			if err := readLeanResponse(br); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
+	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
+	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
+}
+
+// benchEdges starts two edges in front of a machine at addr: net/http
+// alone, and the fast path.
+func benchEdges(b *testing.B, addr *net.TCPAddr) (slow, fast *Proxy) {
+	start := func(disable bool) *Proxy {
+		edgeLn, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler), DisableFastPath: disable})
+		if err != nil {
+			b.Fatal(err)
+		}
+		p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", addr)}}, nil)
+		if err := p.Start(b.Context()); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { p.Close() })
+		return p
+	}
+	return start(true), start(false)
+}
+
+// leanBackend answers every request on every connection with a fixed
+// 200, allocating nothing per request.
+func leanBackend(ln net.Listener) {
+	resp := []byte("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nDate: Mon, 07 Dec 2026 00:00:00 GMT\r\n\r\nhello\n")
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			buf := make([]byte, 16<<10)
+			n := 0
+			for {
+				k, err := c.Read(buf[n:])
+				if err != nil {
+					return
+				}
+				n += k
+				for {
+					i := bytes.Index(buf[:n], []byte("\r\n\r\n"))
+					if i < 0 {
+						break
+					}
+					if _, err := c.Write(resp); err != nil {
+						return
+					}
+					n = copy(buf, buf[i+4:n])
+				}
+			}
+		}()
+	}
+}
+
+// readLeanResponse reads one response with a Content-Length.
+func readLeanResponse(br *bufio.Reader) error {
+	length := -1
+	line, err := br.ReadSlice('\n')
+	if err != nil {
+		return err
+	}
+	if !bytes.HasPrefix(line, []byte("HTTP/1.1 200 ")) {
+		return io.ErrUnexpectedEOF
+	}
+	for {
+		line, err := br.ReadSlice('\n')
+		if err != nil {
+			return err
+		}
+		if len(line) <= 2 {
+			break
+		}
+		if k, v, ok := bytes.Cut(line, []byte(":")); ok && bytes.EqualFold(k, []byte("Content-Length")) {
+			length, _ = strconv.Atoi(string(bytes.TrimSpace(v)))
+		}
+	}
+	if length < 0 {
+		return io.ErrUnexpectedEOF
+	}
+	_, err = br.Discard(length)
+	return err
 }

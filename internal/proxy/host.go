@@ -36,8 +36,10 @@ func validLabel(l string) bool {
 // with an optional port, any case, one label. It allocates only for a host
 // with capitals.
 func appOf(host, domain string) (string, bool) {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
+	if strings.IndexByte(host, ':') >= 0 { // else SplitHostPort fails, allocating its error
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
 	}
 	host = strings.TrimSuffix(host, ".")
 	for i := 0; i < len(host); i++ {
