@@ -3,10 +3,10 @@ package proxy
 import (
 	"context"
 	"encoding/binary"
-	"math/rand/v2"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
