@@ -75,6 +75,9 @@ func (fc *fastConn) forward(body []byte) action {
 			p.strikes.ok(tg.MachineID, tg.Host)
 			return act
 		}
+		if fc.gone.Load() {
+			return actClose // the client went away
+		}
 		p.strike(tg, err)
 		if headerTimeout(err) && !idempotent(str(req.method)) {
 			reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, req.method)
@@ -127,7 +130,7 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, e
 		}
 		fc.setUp(nil)
 		uc.c.Close()
-		if fresh || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) {
+		if fresh || fc.gone.Load() || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) {
 			return actKeep, err
 		}
 	}
@@ -191,7 +194,19 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout 
 		body = nil
 	}
 	uc.got = 0
-	uc.c.SetDeadline(time.Now().Add(timeout))
+	now := time.Now()
+	deadline := now.Add(timeout)
+	uc.c.SetWriteDeadline(deadline)
+	// A machine slower than clientCheckAfter has the client watched
+	// meanwhile: a client that leaves ends the attempt (net/http's path
+	// cancels its request the same way).
+	uc.c.SetReadDeadline(now.Add(min(timeout, clientCheckAfter)))
+	var stop func()
+	defer func() {
+		if stop != nil {
+			stop()
+		}
+	}()
 	if _, err := uc.c.Write(b); err != nil {
 		return err
 	}
@@ -216,11 +231,48 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout 
 			return nil
 		case errIncomplete:
 			if err := uc.fill(); err != nil {
+				if stop == nil && isTimeout(err) && time.Now().Before(deadline) {
+					stop = fc.watchClient(uc)
+					uc.c.SetReadDeadline(deadline)
+					continue
+				}
 				return err
 			}
 		default:
 			return fmt.Errorf("%w: %v", errBadResponse, err)
 		}
+	}
+}
+
+// clientCheckAfter is how long a machine may take to answer before the
+// client's connection is watched for its leaving.
+const clientCheckAfter = 200 * time.Millisecond
+
+// watchClient reads the client's connection until stop is called: a
+// client that closes it (or resets it) has left, and the upstream
+// connection is closed to end the attempt. Bytes the client sends
+// meanwhile (a pipelined request) are kept, and end the watch.
+func (fc *fastConn) watchClient(uc *upConn) (stop func()) {
+	b := (*fc.buf)[fc.w:]
+	if len(b) == 0 {
+		return func() {} // a full buffer: the client is not done sending
+	}
+	done := make(chan struct{})
+	fc.c.SetReadDeadline(time.Time{})
+	go func() {
+		defer close(done)
+		n, err := fc.c.Read(b)
+		if n > 0 || isTimeout(err) {
+			fc.w += n
+			return
+		}
+		fc.gone.Store(true)
+		uc.c.Close()
+	}()
+	return func() {
+		fc.c.SetReadDeadline(time.Unix(1, 0)) // ends the read
+		<-done
+		fc.c.SetReadDeadline(time.Time{})
 	}
 }
 

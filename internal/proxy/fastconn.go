@@ -278,6 +278,7 @@ type fastConn struct {
 	upMu   sync.Mutex
 	upConn *upConn // the upstream connection in use, cut on a forced close
 	pre    *prefetched
+	gone   atomic.Bool // the client left while its request was in flight
 	held   int64 // bytes of the body buffer budget the request holds
 	// counted is the machine the request is counted in flight to, until
 	// its answer is done.
@@ -404,6 +405,12 @@ func (fc *fastConn) fill() bool {
 // next reads one request and serves it.
 func (fc *fastConn) next() action {
 	e, p := fc.e, fc.e.p
+	// Until its head is read whole, a request is not begun: Close may
+	// end the connection.
+	fc.state.Store(connIdle)
+	if e.closing.Load() {
+		return actClose
+	}
 	if fc.r == fc.w {
 		// Between requests: the small buffer is enough.
 		fc.r, fc.w = 0, 0
@@ -411,19 +418,11 @@ func (fc *fastConn) next() action {
 			fc.putBuf()
 			fc.buf = smallBufs.Get().(*[]byte)
 		}
-		fc.state.Store(connIdle)
-		if e.closing.Load() {
-			return actClose
-		}
 		fc.c.SetReadDeadline(time.Now().Add(p.cfg.IdleTimeout))
 		if !fc.fill() {
 			return actClose
 		}
-		if !fc.state.CompareAndSwap(connIdle, connActive) {
-			return actClose // closing
-		}
 	}
-	fc.state.Store(connActive)
 	fc.c.SetReadDeadline(time.Now().Add(p.cfg.ReadHeaderTimeout))
 	req := &fc.req
 	for {
@@ -448,6 +447,9 @@ func (fc *fastConn) next() action {
 			return actHandOff
 		}
 		break
+	}
+	if !fc.state.CompareAndSwap(connIdle, connActive) {
+		return actClose // the proxy is closing
 	}
 	if req.upgrade || req.expect || req.minor == 0 || string(req.method) == http.MethodConnect {
 		return actHandOff
