@@ -279,7 +279,7 @@ type fastConn struct {
 	upConn *upConn // the upstream connection in use, cut on a forced close
 	pre    *prefetched
 	gone   atomic.Bool // the client left while its request was in flight
-	held   int64 // bytes of the body buffer budget the request holds
+	held   int64       // bytes of the body buffer budget the request holds
 	// counted is the machine the request is counted in flight to, until
 	// its answer is done.
 	counted string
