@@ -489,3 +489,51 @@ func TestFastPathCloseLeavesNothing(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestFastPathClientLeaves: a client that leaves while its machine has not
+// answered ends the attempt: the machine's connection is closed and the
+// request no longer counts in flight.
+func TestFastPathClientLeaves(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	upClosed := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(60 * time.Second)) // only a broken proxy keeps it this long
+		io.Copy(io.Discard, c)                              // takes the request, never answers
+		close(upClosed)
+	}()
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", ln.Addr().(*net.TCPAddr))}}, nil)
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+	deadline := time.Now().Add(30 * time.Second)
+	for p.InFlight()["m1"] != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the request never reached the machine")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	c.Close()
+	select {
+	case <-upClosed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the machine's connection stayed open after the client left")
+	}
+	for len(p.InFlight()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("still in flight: %v", p.InFlight())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
