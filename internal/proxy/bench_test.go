@@ -97,6 +97,49 @@ func BenchmarkEdgeLean(b *testing.B) {
 	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
 }
 
+// BenchmarkEdgeParallel is BenchmarkEdgeLean with 50 clients at once
+// (keep-alive, one connection each): req/s is b.N over the time taken.
+//
+//	go test ./internal/proxy -run '^$' -bench 'EdgeParallel' -benchmem
+func BenchmarkEdgeParallel(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go leanBackend(ln)
+	addr := ln.Addr().(*net.TCPAddr)
+	slow, fast := benchEdges(b, addr)
+	run := func(b *testing.B, target string) {
+		req := []byte("GET / HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: bench\r\n\r\n")
+		b.ReportAllocs()
+		b.SetParallelism(25) // 50 clients on 2 cores
+		b.RunParallel(func(pb *testing.PB) {
+			c, err := net.Dial("tcp", target)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			defer c.Close()
+			br := bufio.NewReaderSize(c, 16<<10)
+			for pb.Next() {
+				if _, err := c.Write(req); err != nil {
+					b.Error(err)
+					return
+				}
+				if err := readLeanResponse(br); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
+	}
+	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
+	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
+	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
+}
+
 // benchEdges starts two edges in front of a machine at addr: net/http
 // alone, and the fast path.
 func benchEdges(b *testing.B, addr *net.TCPAddr) (slow, fast *Proxy) {
@@ -109,7 +152,9 @@ func benchEdges(b *testing.B, addr *net.TCPAddr) (slow, fast *Proxy) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", addr)}}, nil)
+		m := machine("m1", "ams-1", addr)
+		m.Services[0].SoftLimit, m.Services[0].HardLimit = 1000, 1000 // 50 clients at once
+		p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{m}}, nil)
 		if err := p.Start(b.Context()); err != nil {
 			b.Fatal(err)
 		}
