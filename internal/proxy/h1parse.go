@@ -118,9 +118,18 @@ func parseRequestHead(b []byte, limit int, r *h1Request) error {
 		return errMalformed
 	}
 	r.target = rest[:sp]
-	for _, c := range r.target {
-		if c <= ' ' || c == 0x7f {
+	inPath := true
+	for i, c := range r.target {
+		switch {
+		case c <= ' ' || c == 0x7f:
 			return errMalformed
+		case c == '?':
+			inPath = false
+		case c == '%' && inPath:
+			// A path's escapes are checked, as net/http checks them.
+			if i+2 >= len(r.target) || !ishex(r.target[i+1]) || !ishex(r.target[i+2]) {
+				return errMalformed
+			}
 		}
 	}
 	switch v := rest[sp+1:]; string(v) {
@@ -366,6 +375,10 @@ func decodeChunked(b []byte, max int64, dst []byte) (out []byte, n int, err erro
 		}
 		n += 2
 	}
+}
+
+func ishex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
 
 // parseHex parses a chunk size: hex digits, at most 15.
