@@ -527,6 +527,7 @@ func (fc *fastConn) bodyTimeout() action {
 	fc.giveBody()
 	fc.newID()
 	fc.fail(http.StatusRequestTimeout, codeBadRequest, "the request's body did not arrive within "+p.cfg.BodyReadTimeout.String(), true)
+	fc.linger()
 	return actClose
 }
 
@@ -545,4 +546,33 @@ func (fc *fastConn) plain(status int) {
 	b = append(b, text...)
 	fc.out.b = b
 	fc.out.flush()
+	fc.linger()
 }
+
+// linger ends a connection the edge refused a request on without
+// resetting it: what the client still sends is read and dropped for a
+// moment after the answer (as net/http does), so the answer is not lost to
+// a reset.
+func (fc *fastConn) linger() {
+	type closeWriter interface{ CloseWrite() error }
+	cw, ok := fc.c.(closeWriter)
+	if !ok {
+		return
+	}
+	cw.CloseWrite()
+	fc.c.SetReadDeadline(time.Now().Add(lingerTime))
+	var drop [4 << 10]byte
+	for n := 0; n < lingerBytes; {
+		k, err := fc.c.Read(drop[:])
+		n += k
+		if err != nil {
+			return
+		}
+	}
+}
+
+// What linger reads at most.
+const (
+	lingerTime  = 500 * time.Millisecond
+	lingerBytes = 256 << 10
+)
