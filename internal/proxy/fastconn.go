@@ -114,8 +114,7 @@ func (e *edgeServer) acceptLoop() {
 			if e.closing.Load() || errors.Is(err, net.ErrClosed) {
 				return
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || backoff < time.Second {
+			if te, ok := err.(interface{ Temporary() bool }); ok && te.Temporary() {
 				// Out of descriptors and the like: wait, as net/http does.
 				backoff = max(5*time.Millisecond, min(2*backoff, time.Second))
 				e.p.log.Debug("edge accept", "err", err, "retry_in", backoff)
@@ -511,6 +510,7 @@ func (fc *fastConn) next() action {
 	fc.c.SetReadDeadline(time.Time{})
 	act := fc.forward(body)
 	fc.out.release()
+	fc.shrink()
 	if act == actHandOff {
 		return act // the request's bytes are replayed from fc.r
 	}
@@ -519,6 +519,20 @@ func (fc *fastConn) next() action {
 		return actClose
 	}
 	return act
+}
+
+// shrink drops what one large request grew, so an idle connection holds
+// only its small buffer.
+func (fc *fastConn) shrink() {
+	if cap(fc.req.headers) > 64 {
+		fc.req.headers = nil
+	}
+	if cap(fc.resp.headers) > 64 {
+		fc.resp.headers = nil
+	}
+	if cap(fc.body) > smallBuf {
+		fc.body = nil
+	}
 }
 
 // bodyTimeout answers a body that did not arrive in time (or at all).
