@@ -95,6 +95,44 @@ func BenchmarkEdgeLean(b *testing.B) {
 	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
 	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
 	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
+	// Two hops: the machine on another host, reached over that host's
+	// backhaul listener (net/http on that side).
+	slow2, fast2 := benchTwoHops(b, addr)
+	b.Run("nethttp-two-hops", func(b *testing.B) { run(b, slow2.EdgeAddr()) })
+	b.Run("fast-two-hops", func(b *testing.B) { run(b, fast2.EdgeAddr()) })
+}
+
+// benchTwoHops starts a far host (fra-1, backhaul only) whose machine is
+// at addr, and two edges on ams-1 in front of it: net/http alone, and the
+// fast path.
+func benchTwoHops(b *testing.B, addr *net.TCPAddr) (slow, fast *Proxy) {
+	listen := func() net.Listener {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		return ln
+	}
+	m := machine("m1", "fra-1", addr)
+	m.Services[0].SoftLimit, m.Services[0].HardLimit = 1000, 1000
+	start := func(cfg Config, self string, backhaul map[string]string) *Proxy {
+		cfg.Token, cfg.Logger = testToken, slog.New(slog.DiscardHandler)
+		p, err := New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		p.setState(route.Facts{Self: self, Region: cfg.Region, Hosts: testHosts, Machines: []route.Machine{m}}, backhaul)
+		if err := p.Start(b.Context()); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { p.Close() })
+		return p
+	}
+	far := start(Config{HostID: "fra-1", Region: "fra", Backhaul: listen()}, "fra-1", nil)
+	bh := map[string]string{"fra-1": far.BackhaulAddr()}
+	slow = start(Config{HostID: "ams-1", Region: "ams", Edge: listen(), DisableFastPath: true}, "ams-1", bh)
+	fast = start(Config{HostID: "ams-1", Region: "ams", Edge: listen()}, "ams-1", bh)
+	return slow, fast
 }
 
 // BenchmarkEdgeParallel is BenchmarkEdgeLean with 50 clients at once
