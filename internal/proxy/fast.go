@@ -432,6 +432,7 @@ func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
 	fc.out.b = b
 	var err error
 	reusable := !resp.close
+	uc.watchBody(fc)
 	switch {
 	case bodyless(isHead, resp.status):
 		uc.r += resp.headLen
@@ -451,6 +452,7 @@ func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
 		reusable = false
 		err = copyUntilEOF(&fc.out, uc)
 	}
+	uc.endWatch() // before uc can go back to the pool
 	if err == nil {
 		fc.endLoad()
 		err = fc.out.flush()
@@ -735,6 +737,23 @@ type upConn struct {
 	r, w int
 	got  int // bytes read of the current answer
 	idle time.Time
+	// client is the client whose answer's body is being read, watched
+	// once the body pauses (stop ends the watch).
+	client *fastConn
+	stop   func()
+}
+
+// watchBody has the client watched while the body pauses, until
+// endWatch.
+func (uc *upConn) watchBody(fc *fastConn) {
+	uc.client = fc
+}
+
+func (uc *upConn) endWatch() {
+	if uc.stop != nil {
+		uc.stop()
+	}
+	uc.client, uc.stop = nil, nil
 }
 
 const upBufSize = 16 << 10
@@ -757,7 +776,17 @@ func (uc *upConn) fill() error {
 			uc.buf = nb
 		}
 	}
+	if uc.client != nil && uc.stop == nil {
+		uc.c.SetReadDeadline(time.Now().Add(clientCheckAfter))
+	}
 	n, err := uc.c.Read(uc.buf[uc.w:])
+	if n == 0 && uc.client != nil && uc.stop == nil && isTimeout(err) {
+		// A body that pauses (a stream, a long poll): the client is
+		// watched until the answer ends.
+		uc.stop = uc.client.watchClient(uc)
+		uc.c.SetReadDeadline(time.Time{})
+		n, err = uc.c.Read(uc.buf[uc.w:])
+	}
 	uc.w += n
 	uc.got += n
 	if n > 0 {

@@ -540,3 +540,53 @@ func TestFastPathClientLeaves(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestFastPathClientLeavesAStream: a client that leaves a streamed answer
+// while the machine is silent ends it too.
+func TestFastPathClientLeavesAStream(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan struct{})
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first\n")
+		w.(http.Flusher).Flush()
+		select { // silent until the client's leaving reaches here
+		case <-r.Context().Done():
+			close(ended)
+		case <-time.After(60 * time.Second):
+		}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", ln.Addr().(*net.TCPAddr))}}, nil)
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil || line != "first\n" || resp.TransferEncoding == nil {
+		t.Fatalf("first chunk %q %v (%v)", line, err, resp.TransferEncoding)
+	}
+	c.Close()
+	select {
+	case <-ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the machine's stream went on after the client left")
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(p.InFlight()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("still in flight: %v", p.InFlight())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
