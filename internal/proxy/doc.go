@@ -11,6 +11,12 @@
 // per machine, per host and per app and region keep the requests that
 // follow away from what failed, and probe it back.
 //
+// The edge listener serves plain HTTP/1.1 on a fast path of its own
+// (fastconn.go: a strict parser, pooled buffers and upstream connections,
+// nothing allocated per request) and hands everything else — h2c,
+// upgrades, fly-replay answers, the unusual — to the same handler over
+// net/http, so both answer alike.
+//
 // Two listeners: the edge (public: clients) and the backhaul (other hosts'
 // proxies only). A request on the edge never chooses its machine or address
 // itself: the internal headers that name a machine are stripped there and
