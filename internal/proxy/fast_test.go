@@ -377,8 +377,14 @@ func normalHeader(h http.Header) string {
 // in HTTP/2, through the edge's usual routing, and its connection ends
 // with the proxy.
 func TestH2CEdge(t *testing.T) {
+	for _, disable := range []bool{false, true} {
+		t.Run(fmt.Sprintf("DisableFastPath=%v", disable), func(t *testing.T) { testH2C(t, disable) })
+	}
+}
+
+func testH2C(t *testing.T, disableFastPath bool) {
 	b := startBackend(t, "m1")
-	p := startProxy(t, Config{HostID: "ams-1"})
+	p := startProxy(t, Config{HostID: "ams-1", DisableFastPath: disableFastPath})
 	p.setState(factsOne(b), nil)
 	protos := new(http.Protocols)
 	protos.SetUnencryptedHTTP2(true)
