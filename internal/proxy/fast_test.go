@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"regexp"
@@ -594,5 +595,40 @@ func TestFastPathClientLeavesAStream(t *testing.T) {
 			t.Fatalf("still in flight: %v", p.InFlight())
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestFastPathAllocatesNothing: a GET through the fast path to a machine
+// on this host allocates nothing in the process (client and machine
+// allocate nothing either), once its connections are open.
+func TestFastPathAllocatesNothing(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go leanBackend(ln)
+	p := startProxy(t, Config{HostID: "ams-1", Logger: slog.New(slog.DiscardHandler)})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", ln.Addr().(*net.TCPAddr))}}, nil)
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := []byte("GET /x?y=1 HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: t\r\nX-Forwarded-For: 203.0.113.1\r\n\r\n")
+	br := bufio.NewReaderSize(c, 16<<10)
+	var failed error
+	one := func() {
+		if _, err := c.Write(req); err != nil {
+			failed = err
+			return
+		}
+		if err := readLeanResponse(br); err != nil {
+			failed = err
+		}
+	}
+	one() // the pooled connection to the machine opens here
+	if n := testing.AllocsPerRun(500, one); n != 0 || failed != nil {
+		t.Errorf("%v allocations per request (err %v)", n, failed)
 	}
 }
