@@ -385,17 +385,31 @@ func TestH2CEdge(t *testing.T) {
 
 func testH2C(t *testing.T, disableFastPath bool) {
 	b := startBackend(t, "m1")
-	p := startProxy(t, Config{HostID: "ams-1", DisableFastPath: disableFastPath})
+	// The connection outlives the header timeout: it is idle between its
+	// requests longer than that, and is kept.
+	const headerTimeout = 100 * time.Millisecond
+	p := startProxy(t, Config{HostID: "ams-1", DisableFastPath: disableFastPath, ReadHeaderTimeout: headerTimeout})
 	p.setState(factsOne(b), nil)
 	protos := new(http.Protocols)
 	protos.SetUnencryptedHTTP2(true)
 	tr := &http.Transport{Protocols: protos}
 	defer tr.CloseIdleConnections()
+	var conns atomic.Int64
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conns.Add(1)
+		return (&net.Dialer{}).DialContext(ctx, network, addr)
+	}
 	client := &http.Client{Transport: tr}
 	for i := range 3 {
+		if i > 0 {
+			time.Sleep(3 * headerTimeout)
+		}
 		resp, body := do(t, client, "POST", p.EdgeAddr(), "demo.localhost", "/h2", nil, strings.NewReader(fmt.Sprint("body ", i)))
 		if resp.StatusCode != 200 || resp.ProtoMajor != 2 {
 			t.Fatalf("%d over %s: %s", resp.StatusCode, resp.Proto, body)
+		}
+		if n := conns.Load(); n != 1 {
+			t.Fatalf("request %d: %d connections, want the first kept", i, n)
 		}
 		s := decode(t, body)
 		if s.Body != fmt.Sprint("body ", i) || s.Header.Get("Fly-Region") != "ams" || s.Header.Get("X-Forwarded-For") != "127.0.0.1" {
