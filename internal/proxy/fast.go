@@ -74,8 +74,8 @@ func (fc *fastConn) forward(body []byte) action {
 			p.strikes.ok(tg.MachineID, tg.Host)
 			return act
 		}
-		if fc.gone.Load() {
-			return actClose // the client went away
+		if fc.gone.Load() || fc.state.Load() == connClosed {
+			return actClose // the client went away, or the proxy cut it
 		}
 		p.strike(tg, err)
 		if headerTimeout(err) && !idempotent(str(req.method)) {
@@ -129,7 +129,7 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, e
 		}
 		fc.setUp(nil)
 		uc.c.Close()
-		if fresh || fc.gone.Load() || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) {
+		if fresh || fc.gone.Load() || fc.state.Load() == connClosed || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) {
 			return actKeep, err
 		}
 	}

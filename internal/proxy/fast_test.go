@@ -646,3 +646,55 @@ func TestFastPathAllocatesNothing(t *testing.T) {
 		t.Errorf("%v allocations per request (err %v)", n, failed)
 	}
 }
+
+// TestFastPathCloseCutsHangingRequests: a request still waiting on its
+// machine when Close's grace ends is cut, and not sent on to the next
+// candidate.
+func TestFastPathCloseCutsHangingRequests(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { // takes requests, never answers
+				defer c.Close()
+				c.SetReadDeadline(time.Now().Add(60 * time.Second))
+				io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	good := startBackend(t, "good")
+	p := startProxy(t, Config{HostID: "ams-1"})
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{
+		machine("hang", "ams-1", ln.Addr().(*net.TCPAddr)), machine("good", "ams-1", good.addr),
+	}, Load: map[string]int{"good": 5}}, nil) // hang first
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+	deadline := time.Now().Add(30 * time.Second)
+	for p.InFlight()["hang"] != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the request never reached the hanging machine")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	closed := make(chan struct{})
+	go func() { p.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(60 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	if n := good.hits.Load(); n != 0 {
+		t.Errorf("the cut request went on to the next machine (%d)", n)
+	}
+}
