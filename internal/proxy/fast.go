@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -64,20 +65,45 @@ func (fc *fastConn) forward(body []byte) action {
 	var buf [route.MaxCandidates]*route.Target
 	cands := st.table.Select(appName, q, routeInput{p}, buf[:0])
 	if len(cands) == 0 || cands[0].ForceHTTPS {
-		return actHandOff // the reasons and redirects are net/http's
+		return actHandOff // the reasons, autostarts held for and redirects are net/http's
+	}
+	if p.allOverSoft(cands) {
+		// autostart starts a machine in the background (it keeps the app
+		// and query: copies, not views of the buffer) and does not wait.
+		q.PreferRegion, q.ForceRegion = strings.Clone(q.PreferRegion), strings.Clone(q.ForceRegion)
+		q.PreferInstance, q.ForceInstance = strings.Clone(q.PreferInstance), strings.Clone(q.ForceInstance)
+		cands, _ = p.autostart(context.Background(), st, strings.Clone(appName), q, cands)
 	}
 	fc.newID()
 	var tried []string
-	for _, tg := range cands {
-		act, err := fc.attempt(st, tg, body)
+	// As Proxy.attempts: a candidate its breaker keeps out comes after
+	// every other, as a last resort.
+	var skipped [route.MaxCandidates]*route.Target
+	ns := 0
+	for i := 0; i < len(cands)+ns; i++ {
+		var tg *route.Target
+		probe := false
+		if i < len(cands) {
+			tg = cands[i]
+			var ok bool
+			if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
+				skipped[ns] = tg
+				ns++
+				continue
+			}
+		} else {
+			tg = skipped[i-len(cands)]
+		}
+		act, err := fc.attempt(st, tg, body, probe)
 		if err == nil {
-			p.strikes.ok(tg.MachineID, tg.Host)
 			return act
 		}
 		if fc.gone.Load() || fc.state.Load() == connClosed {
+			p.release(tg, probe)
 			return actClose // the client went away, or the proxy cut it
 		}
 		p.strike(tg, err)
+		p.release(tg, probe)
 		if headerTimeout(err) && !idempotent(str(req.method)) {
 			reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, req.method)
 			fc.fail(http.StatusGatewayTimeout, codeTimeout, reason, req.close)
@@ -94,7 +120,7 @@ func (fc *fastConn) forward(body []byte) action {
 
 // attempt sends the request to one candidate. A non-nil error means the
 // candidate failed before its answer started: nothing reached the client.
-func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, error) {
+func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe bool) (action, error) {
 	p := fc.e.p
 	key := upKey{addr: tg.Addr, port: tg.Port}
 	headerTimeout := p.cfg.ResponseHeaderTimeout
@@ -141,6 +167,9 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, e
 		switch {
 		case len(resp.retry) > 0:
 			err = fmt.Errorf("host %s: %s", tg.Host, resp.retry)
+			if equalFoldBS(resp.retryKind, retryNotReached) {
+				err = fmt.Errorf("%w: %w", errNotReached, err)
+			}
 		case len(resp.timeout) > 0 && idempotent(str(fc.req.method)):
 			err = &farTimeout{fmt.Sprintf("host %s: %s", tg.Host, resp.timeout)}
 		}
@@ -148,6 +177,12 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, e
 			uc.c.Close()
 			return actKeep, err
 		}
+	}
+	if !tg.OnSelf && len(resp.timeout) > 0 {
+		p.strike(tg, errors.New(string(resp.timeout))) // a 504 for the client
+		p.release(tg, probe)
+	} else {
+		p.succeeded(tg)
 	}
 	if resp.replay {
 		// fly-replay is followed by serveEdge: the request goes there,
@@ -158,6 +193,17 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte) (action, e
 	}
 	fc.giveBody()
 	return fc.respond(uc, tg), nil
+}
+
+// allOverSoft reports whether every candidate is at its soft limit: then
+// autostart starts another machine, if the app has one stopped.
+func (p *Proxy) allOverSoft(cands []*route.Target) bool {
+	for _, tg := range cands {
+		if !p.overSoft(tg) {
+			return false
+		}
+	}
+	return true
 }
 
 // farTimeout is a far host's word that its machine did not answer in time;

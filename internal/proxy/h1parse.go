@@ -413,6 +413,7 @@ type h1Response struct {
 	close         bool
 	replay        bool // a Fly-Replay header or the replay JSON type
 	retry         []byte
+	retryKind     []byte
 	timeout       []byte
 	hasDate       bool
 	headLen       int
@@ -498,6 +499,8 @@ func parseResponseHead(b []byte, limit int, r *h1Response) error {
 			}
 		case equalFoldBS(name, hdrRetry):
 			r.retry = v
+		case equalFoldBS(name, hdrRetryKind):
+			r.retryKind = v
 		case equalFoldBS(name, hdrTimeout):
 			r.timeout = v
 		case equalFoldBS(name, "Date"):
