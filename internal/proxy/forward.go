@@ -396,6 +396,7 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 		}
 		if !tg.OnSelf && resp.Header.Get(hdrTimeout) != "" {
 			p.strike(tg, errors.New(resp.Header.Get(hdrTimeout))) // a 504 for the client
+			p.release(tg, probe)
 		} else {
 			p.succeeded(tg)
 		}
