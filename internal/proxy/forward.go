@@ -571,6 +571,10 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, "", http.StatusForbidden, codeForbidden, "the backhaul takes requests from the cluster's hosts only")
 		return
 	}
+	if isTCPHop(r) {
+		p.serveBackhaulTCP(w, r)
+		return
+	}
 	appName, machineID := r.Header.Get(hdrApp), r.Header.Get(hdrMachine)
 	port, _ := strconv.Atoi(r.Header.Get(hdrPort))
 	if r.Header.Get(hdrStart) != "" {

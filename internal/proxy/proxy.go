@@ -98,6 +98,16 @@ type Config struct {
 	// DisableFastPath serves the edge with net/http alone (fastconn.go
 	// says what the fast path is); for comparisons.
 	DisableFastPath bool
+
+	// TCPPorts are the public ports the edge may serve raw TCP services
+	// on (handlers none or proxy_proto): it listens on each such port its
+	// cluster snapshot shows inside the range (empty: none).
+	TCPPorts PortRange
+	// ListenTCP opens the listener of a raw TCP public port; nil listens on
+	// the edge listener's IP.
+	ListenTCP func(port int) (net.Listener, error)
+	// TCPIdleTimeout ends a raw TCP connection idle both ways that long.
+	TCPIdleTimeout time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -144,6 +154,12 @@ func (c *Config) setDefaults() {
 		c.AutostartTimeout = DefaultAutostartTimeout
 	}
 	c.Autostop.setDefaults()
+	if c.TCPIdleTimeout == 0 {
+		c.TCPIdleTimeout = DefaultTCPIdleTimeout
+	}
+	if c.ListenTCP == nil {
+		c.ListenTCP = c.listenTCP
+	}
 	d := &net.Dialer{}
 	if c.Dial == nil {
 		c.Dial = d.DialContext
@@ -174,6 +190,12 @@ func (c *Config) Validate() error {
 	if err := c.Autostop.validate(c.Source); err != nil {
 		return err
 	}
+	if !c.TCPPorts.Empty() && c.Edge == nil {
+		return errors.New("proxy: raw TCP ports need an edge listener")
+	}
+	if err := c.TCPPorts.validate(); err != nil {
+		return fmt.Errorf("proxy: raw TCP ports: %w", err)
+	}
 	return validDomain(c.Domain)
 }
 
@@ -199,6 +221,9 @@ type Proxy struct {
 	drain    draining // machines autostop took out of rotation
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
+
+	// tcp serves the raw TCP ports.
+	tcp *tcpEdge
 }
 
 // New builds a proxy; nothing runs until Start.
@@ -210,6 +235,7 @@ func New(cfg Config) (*Proxy, error) {
 	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newBreakers(cfg.Now, 2*cfg.ConnectTimeout+cfg.ResponseHeaderTimeout), starts: newStarter()}
 	p.regions.now = cfg.Now
 	p.buffered.give(cfg.MaxBufferedTotal)
+	p.tcp = newTCPEdge(p)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	// The far proxy times its machine out first and says so.
 	p.toHosts = p.transport(cfg.Dial, 256, cfg.ResponseHeaderTimeout+time.Second)
@@ -268,8 +294,10 @@ func (e *connectError) Unwrap() error { return e.err }
 
 // setState builds the route table from facts and swaps it in.
 func (p *Proxy) setState(f route.Facts, backhaul map[string]string) {
-	p.state.Store(&state{table: route.Build(f), backhaul: backhaul})
+	st := &state{table: route.Build(f), backhaul: backhaul}
+	p.state.Store(st)
 	p.tables.notify()
+	p.tcp.sync(st.table)
 }
 
 // refresh rebuilds the table from the source's current snapshot.
@@ -338,6 +366,9 @@ func (p *Proxy) Start(ctx context.Context) error {
 	if p.cfg.Backhaul != nil {
 		serve(p.cfg.Backhaul, http.HandlerFunc(p.serveBackhaul), "backhaul")
 	}
+	if !p.cfg.TCPPorts.Empty() {
+		p.tcp.start()
+	}
 	return nil
 }
 
@@ -371,6 +402,7 @@ func (p *Proxy) Close() error {
 			srv.Close()
 		}
 	}
+	p.tcp.close()
 	p.upgraded.closeAll()
 	// Listeners never served (a host that failed to start) are closed too.
 	for _, ln := range []net.Listener{p.cfg.Edge, p.cfg.Backhaul} {

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/check"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/proxy/route"
@@ -69,11 +70,12 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 			rs := route.Service{InternalPort: s.InternalPort, SoftLimit: s.Concurrency.SoftLimit, HardLimit: s.Concurrency.HardLimit,
 				Autostart: s.Autostart}
 			for _, p := range s.Ports {
+				h := handlerOf(p.Handlers)
 				switch {
 				case p.Port > 0:
-					rs.Ports = append(rs.Ports, route.PortRange{Start: p.Port, End: p.Port, ForceHTTPS: p.ForceHTTPS})
+					rs.Ports = append(rs.Ports, route.PortRange{Start: p.Port, End: p.Port, ForceHTTPS: p.ForceHTTPS, Handler: h})
 				case p.StartPort > 0 && p.EndPort >= p.StartPort:
-					rs.Ports = append(rs.Ports, route.PortRange{Start: p.StartPort, End: p.EndPort, ForceHTTPS: p.ForceHTTPS})
+					rs.Ports = append(rs.Ports, route.PortRange{Start: p.StartPort, End: p.EndPort, ForceHTTPS: p.ForceHTTPS, Handler: h})
 				}
 			}
 			rm.Services = append(rm.Services, rs)
@@ -87,6 +89,17 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 		}
 	}
 	return f, backhaul
+}
+
+// handlerOf is how the edge serves a port with these handlers.
+func handlerOf(handlers []string) route.Handler {
+	switch raw, pp := api.RawTCP(handlers); {
+	case pp:
+		return route.HandlerProxyProto
+	case raw:
+		return route.HandlerTCP
+	}
+	return route.HandlerHTTP
 }
 
 // inflight counts the requests this proxy has in flight per machine: the

@@ -99,12 +99,31 @@ type Service struct {
 	Autostart bool
 }
 
-// PortRange is a public port (Start == End) or a range of them, and
-// whether plain HTTP requests on it are redirected to HTTPS.
+// PortRange is a public port (Start == End) or a range of them, how the
+// edge serves it, and whether plain HTTP requests on it are redirected to
+// HTTPS.
 type PortRange struct {
 	Start, End int
 	ForceHTTPS bool
+	Handler    Handler
 }
+
+// Handler is how the edge serves a public port.
+type Handler uint8
+
+// Handlers. The zero value is HTTP.
+const (
+	HandlerHTTP Handler = iota
+	// HandlerTCP passes a connection's bytes through untouched.
+	HandlerTCP
+	// HandlerProxyProto passes them through after a PROXY protocol header
+	// naming the client's address and the edge's.
+	HandlerProxyProto
+)
+
+// Raw reports whether connections on the port are passed through as
+// bytes (not served as HTTP).
+func (h Handler) Raw() bool { return h == HandlerTCP || h == HandlerProxyProto }
 
 // Facts are what a Table is built from.
 type Facts struct {
@@ -165,8 +184,10 @@ type Target struct {
 	OnSelf bool
 	// ForceHTTPS: the port answers plain HTTP with a redirect to HTTPS.
 	ForceHTTPS bool
-	SoftLimit  int
-	HardLimit  int
+	// Handler is how the edge serves the public port.
+	Handler   Handler
+	SoftLimit int
+	HardLimit int
 	// Excluded says why the target gets no traffic (Included when it does).
 	Excluded Exclusion
 	// Published is the concurrency the machine's host last published.
@@ -200,11 +221,14 @@ type Table struct {
 	self, region string
 	apps         map[string]*app
 	regionRank   map[string]int
+	// tcpPorts are the public ports served as raw TCP, with the apps that
+	// declare each (sorted; more than one is a conflict).
+	tcpPorts map[int][]string
 }
 
 // Build makes the table for Facts. It copies what it keeps.
 func Build(f Facts) *Table {
-	t := &Table{self: f.Self, region: f.Region, apps: map[string]*app{}, regionRank: map[string]int{}}
+	t := &Table{self: f.Self, region: f.Region, apps: map[string]*app{}, regionRank: map[string]int{}, tcpPorts: map[int][]string{}}
 	hosts := make(map[string]*Host, len(f.Hosts))
 	for i := range f.Hosts {
 		hosts[f.Hosts[i].ID] = &f.Hosts[i]
@@ -244,7 +268,10 @@ func Build(f Facts) *Table {
 					MachineID: m.ID, InstanceID: m.InstanceID, App: m.App, Region: m.Region, Host: m.Host,
 					Addr: m.PrivateIP, Port: s.InternalPort, OnSelf: m.Host == f.Self,
 					SoftLimit: soft, HardLimit: hard, Excluded: excl, Published: max(f.Load[m.ID], 0),
-					ForceHTTPS: p.ForceHTTPS, lo: p.Start, hi: p.End,
+					ForceHTTPS: p.ForceHTTPS, Handler: p.Handler, lo: p.Start, hi: p.End,
+				}
+				if p.Handler.Raw() {
+					t.claimTCP(m.App, p.Start, p.End)
 				}
 				if h != nil {
 					tg.suspect = h.Status == HostSuspect
@@ -289,6 +316,23 @@ func (t *Table) SameOrg(app1, app2 string) bool {
 	a, b := t.apps[app1], t.apps[app2]
 	return a != nil && b != nil && a.org != "" && a.org == b.org
 }
+
+// claimTCP records that app serves the public ports lo..hi as raw TCP.
+func (t *Table) claimTCP(appName string, lo, hi int) {
+	for port := lo; port <= hi && port <= 65535; port++ {
+		l := t.tcpPorts[port]
+		if i, found := slices.BinarySearch(l, appName); !found {
+			t.tcpPorts[port] = slices.Insert(l, i, appName)
+		}
+	}
+}
+
+// TCPPorts returns the public ports some machine serves as raw TCP, each
+// with the apps that declare it, sorted. A port is one app's: the control
+// plane refuses a second app's claim, so two apps on one port mean facts
+// that disagree, and an edge serves neither. The map belongs to the table
+// and must not be modified.
+func (t *Table) TCPPorts() map[int][]string { return t.tcpPorts }
 
 func exclusion(m *Machine, h *Host) Exclusion {
 	switch {

@@ -461,3 +461,46 @@ func TestSelectAllocatesNothing(t *testing.T) {
 		}
 	}
 }
+
+// TestRawTCPPorts: ports served as raw TCP are listed with the apps that
+// declare them (ranges port by port), and a selection takes only the
+// targets served the way the query asks: raw for a TCP connection, HTTP for
+// a request.
+func TestRawTCPPorts(t *testing.T) {
+	raw := func(app string, h Handler, ports ...PortRange) func(*Machine) {
+		return func(m *Machine) {
+			m.App = app
+			for i := range ports {
+				ports[i].Handler = h
+			}
+			m.Services = append(m.Services, Service{InternalPort: 7000, Ports: ports})
+		}
+	}
+	tb := Build(Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []Machine{
+		mk("a1", "ams-1", raw("db", HandlerTCP, PortRange{Start: 5432, End: 5432})),
+		mk("a2", "ams-2", raw("db", HandlerProxyProto, PortRange{Start: 5432, End: 5432})),
+		mk("b1", "ams-1", raw("games", HandlerTCP, PortRange{Start: 7000, End: 7002})),
+		mk("c1", "fra-1", raw("rival", HandlerTCP, PortRange{Start: 7002, End: 7002})),
+	}})
+	want := map[int][]string{5432: {"db"}, 7000: {"games"}, 7001: {"games"}, 7002: {"games", "rival"}}
+	got := tb.TCPPorts()
+	if len(got) != len(want) {
+		t.Fatalf("TCPPorts %v, want %v", got, want)
+	}
+	for port, apps := range want {
+		if !slices.Equal(got[port], apps) {
+			t.Errorf("port %d: %v, want %v", port, got[port], apps)
+		}
+	}
+	var buf [MaxCandidates]*Target
+	tcp := tb.Select("db", Query{Port: 5432, TCP: true}, nil, buf[:0])
+	if len(tcp) != 2 || tcp[0].MachineID != "a1" || tcp[1].Handler != HandlerProxyProto {
+		t.Errorf("raw TCP selection: %v", tcp)
+	}
+	if l := tb.Select("db", Query{Port: 5432}, nil, buf[:0]); len(l) != 0 {
+		t.Errorf("an HTTP request was given raw TCP targets: %v", l)
+	}
+	if l := tb.Select("db", Query{Port: 80, TCP: true}, nil, buf[:0]); len(l) != 0 {
+		t.Errorf("a raw TCP connection was given HTTP targets: %v", l)
+	}
+}

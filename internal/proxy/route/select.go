@@ -19,6 +19,9 @@ type Query struct {
 	// Rand breaks ties between equally good machines; the caller draws it
 	// per request.
 	Rand uint64
+	// TCP is set for a raw TCP connection: only ports served as raw TCP
+	// take it, as only ports served as HTTP take an HTTP request.
+	TCP bool
 }
 
 // Load gives the live concurrency of a machine as the proxy counts it (its
@@ -127,7 +130,7 @@ func (t *Table) Select(appName string, q Query, load Load, out []*Target) []*Tar
 }
 
 func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load, dm Demoter, sh Shedder) {
-	if tg.Excluded != Included {
+	if tg.Excluded != Included || tg.Handler.Raw() != q.TCP {
 		return
 	}
 	if q.ForceInstance != "" && q.ForceInstance != tg.MachineID && q.ForceInstance != tg.InstanceID {
