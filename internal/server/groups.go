@@ -130,6 +130,9 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	if err := s.claimTCPPorts(r.Context(), a, &cfg); err != nil {
+		return err
+	}
 	if n, had, err := s.countGroups(r.Context(), a, name); err != nil {
 		return err
 	} else if !had && n >= api.MaxGroupsPerApp {

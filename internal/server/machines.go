@@ -153,6 +153,9 @@ func (s *Server) CreateMachine(ctx context.Context, appName string, in api.Launc
 	if err := s.regionsHaveHosts(regions); err != nil {
 		return nil, err
 	}
+	if err := s.claimTCPPorts(ctx, a, in.Config); err != nil {
+		return nil, err
+	}
 	return s.create(ctx, a, in, regions, intent{})
 }
 
@@ -322,6 +325,9 @@ func (s *Server) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.L
 	}
 	h, err := s.onHost(ctx, ref, true)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.claimTCPPorts(ctx, a, in.Config); err != nil {
 		return nil, err
 	}
 	if !in.SkipSecrets {

@@ -167,6 +167,7 @@ func Buckets() []catalog.BucketSpec {
 		{Name: bucketOrgs}, {Name: bucketApps}, {Name: bucketTokens},
 		{Name: bucketMachines}, {Name: bucketSecrets}, {Name: bucketGroups},
 		{Name: bucketLocks, TTL: true}, {Name: bucketDestroyed, TTL: true},
+		{Name: bucketTCPPorts},
 	}
 }
 
@@ -178,6 +179,8 @@ type Server struct {
 	aead aeadSealer
 
 	orgs, apps, tokens, machines, secrets, groups, locks, destroyed catalog.Bucket
+
+	tcpPorts catalog.Bucket // raw TCP public ports → the app that holds each
 
 	placer *placer
 	// Hot reads: every request's token and app.
@@ -213,6 +216,7 @@ func New(cfg Config) (*Server, error) {
 		{bucketOrgs, &s.orgs}, {bucketApps, &s.apps}, {bucketTokens, &s.tokens},
 		{bucketMachines, &s.machines}, {bucketSecrets, &s.secrets},
 		{bucketGroups, &s.groups}, {bucketLocks, &s.locks}, {bucketDestroyed, &s.destroyed},
+		{bucketTCPPorts, &s.tcpPorts},
 	} {
 		if *b.dst, err = cfg.Catalog.Bucket(b.name); err != nil {
 			return nil, fmt.Errorf("server: bucket %s: %w", b.name, err)
