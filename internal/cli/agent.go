@@ -12,12 +12,13 @@ import (
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/proxy"
 )
 
 type agentFlags struct {
 	apiAddr, dataDir, token, region, logLevel, driver, registry string
 	hostID, gossipAddr, dnsAddr, natsURL                        string
-	edgeAddr, backhaulAddr, edgeDomain                          string
+	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts            string
 	join                                                        []string
 }
 
@@ -39,7 +40,9 @@ In a cluster every host runs a proxy: other hosts' edges deliver requests for
 its machines to --backhaul-addr, authenticated with --token (shared by the
 hosts), so it must be an address the other hosts reach. With --edge-addr the
 host is an edge too: it takes clients' requests for <app>.<edge-domain> and
-sends each to the best machine of the app, here or on another host.`,
+sends each to the best machine of the app, here or on another host, and serves
+the raw TCP services (ports with handlers none or proxy_proto) whose public
+port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runAgent(c, f) },
 	}
@@ -56,6 +59,7 @@ sends each to the best machine of the app, here or on another host.`,
 	fs.StringVar(&f.dnsAddr, "dns-addr", "", "address for .internal DNS over UDP and TCP (needs --host-id)")
 	fs.StringVar(&f.edgeAddr, "edge-addr", "", "address of the public edge proxy (HTTP; needs --host-id; default: no edge)")
 	fs.StringVar(&f.edgeDomain, "edge-domain", "localhost", "apps are served at <app>.<edge-domain>")
+	fs.StringVar(&f.edgeTCPPorts, "edge-tcp-ports", defaultEdgeTCPPorts, "public ports the edge may serve raw TCP services on (handlers none or proxy_proto), lo-hi; \"\" for none")
 	fs.StringVar(&f.backhaulAddr, "backhaul-addr", "127.0.0.1:0", "where other hosts' edges reach this host's machines (with --host-id)")
 	fs.StringVar(&f.natsURL, "nats-url", "", "the control plane's NATS (flame server --nats-addr): machine events are published there")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -72,6 +76,9 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		return usageError{fmt.Errorf("--dns-addr needs --host-id (DNS answers from the cluster)")}
 	case f.edgeAddr != "" && f.hostID == "":
 		return usageError{fmt.Errorf("--edge-addr needs --host-id (the edge routes by the cluster)")}
+	}
+	if _, err := proxy.ParsePortRange(f.edgeTCPPorts); err != nil {
+		return usageError{fmt.Errorf("--edge-tcp-ports: %w", err)}
 	}
 	log, err := newLogger(c.ErrOrStderr(), f.logLevel)
 	if err != nil {
@@ -157,6 +164,9 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if h.Proxy != nil {
 		if a := h.Proxy.EdgeAddr(); a != "" {
 			fmt.Fprintf(c.OutOrStdout(), "flame agent: edge proxy on http://%s (apps at <app>.%s), backhaul on %s\n", a, f.edgeDomain, h.Proxy.BackhaulAddr())
+			if f.edgeTCPPorts != "" {
+				fmt.Fprintf(c.OutOrStdout(), "flame agent: raw TCP services on their public ports in %s\n", f.edgeTCPPorts)
+			}
 		} else {
 			fmt.Fprintf(c.OutOrStdout(), "flame agent: proxy backhaul on %s\n", h.Proxy.BackhaulAddr())
 		}
@@ -178,9 +188,14 @@ func listenProxy(hc *host.Config, f agentFlags) error {
 			bh.Close()
 			return fmt.Errorf("edge: listen on %s: %w", f.edgeAddr, err)
 		}
+		hc.Proxy.TCPPorts, _ = proxy.ParsePortRange(f.edgeTCPPorts) // checked by runAgent
 	}
 	return nil
 }
+
+// defaultEdgeTCPPorts are the public ports an edge serves raw TCP services
+// on unless told otherwise.
+const defaultEdgeTCPPorts = "10000-10999"
 
 func closeDNS(hc host.Config) {
 	if hc.DNSPacketConn != nil {

@@ -23,11 +23,13 @@ import (
 	"github.com/flamehq/flame/internal/driver/sandbox"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/image/registry"
+	"github.com/flamehq/flame/internal/proxy"
 	"github.com/flamehq/flame/internal/server"
 )
 
 type devFlags struct {
 	apiAddr, hostsAddr, dnsAddr, edgeAddr, dataDir, token, regions, logLevel, driver string
+	edgeTCPPorts                                                                     string
 	globalAddr, clientRegion                                                         string
 	hostsPerRegion                                                                   int
 	noDemo                                                                           bool
@@ -63,6 +65,7 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.StringVar(&f.hostsAddr, "hosts-addr", "127.0.0.1:4281", "internal API of the first host; the others take the next ports")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
 	fs.StringVar(&f.edgeAddr, "edge-addr", "127.0.0.1:4380", "edge proxy of the first region (http://<app>.localhost:<port>/); the other regions take the next ports")
+	fs.StringVar(&f.edgeTCPPorts, "edge-tcp-ports", defaultEdgeTCPPorts, "public ports the edges serve raw TCP services on (handlers none or proxy_proto), lo-hi; the first region's edge at the --edge-addr IP, the next at the next loopback addresses; \"\" for none")
 	fs.StringVar(&f.globalAddr, "global-addr", "127.0.0.1:4379", "global entry (http://<app>.localhost:<port>/): each request to the edge nearest to its client")
 	fs.StringVar(&f.clientRegion, "client-region", "", "where the global entry's clients are, unless a request's flame-client-region header says (default: the first region)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
@@ -83,6 +86,10 @@ func runDev(c *cobra.Command, f devFlags) error {
 	}
 	if f.hostsPerRegion < 1 {
 		return usageError{fmt.Errorf("--hosts-per-region must be at least 1")}
+	}
+	tcpPorts, err := proxy.ParsePortRange(f.edgeTCPPorts)
+	if err != nil {
+		return usageError{fmt.Errorf("--edge-tcp-ports: %w", err)}
 	}
 	if f.token == "" {
 		f.token = randomToken()
@@ -130,6 +137,7 @@ func runDev(c *cobra.Command, f devFlags) error {
 		ControlPlane:   true,
 		DNSAddr:        f.dnsAddr,
 		EdgeAddr:       f.edgeAddr,
+		EdgeTCPPorts:   tcpPorts,
 		GlobalAddr:     f.globalAddr,
 		ClientRegion:   f.clientRegion,
 		Logger:         log,
@@ -317,6 +325,11 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 	for _, h := range dev.Hosts {
 		if h.EdgeAddr != "" {
 			fmt.Fprintf(w, "  Edge %-8s http://<app>.%s/   (on %s)\n", h.Region, edgeHost(h.EdgeAddr), h.ID)
+		}
+	}
+	for _, h := range dev.Hosts {
+		if h.EdgeTCPIP != "" {
+			fmt.Fprintf(w, "  TCP  %-8s %s:<port>, raw TCP services on their ports %s\n", h.Region, h.EdgeTCPIP, f.edgeTCPPorts)
 		}
 	}
 	client := f.clientRegion

@@ -11,8 +11,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,6 +26,7 @@ import (
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/proxy"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -50,6 +53,13 @@ type Config struct {
 	// EdgeDomain is what apps are served under at the edges (default
 	// localhost: <app>.localhost resolves to loopback with no setup).
 	EdgeDomain string
+	// EdgeTCPPorts are the public ports the edges serve raw TCP services
+	// on (empty: none). Every region's edge listens on the same port
+	// numbers, so each takes its own loopback address: the first region's
+	// edge the IP of EdgeAddr (127.0.0.1), the next ones the following
+	// addresses (127.0.0.2, ...); with an EdgeAddr that is not an IPv4
+	// loopback address only the first region's edge serves them.
+	EdgeTCPPorts proxy.PortRange
 	// GlobalAddr is where the global entry listens: it hands each request
 	// to the edge nearest to its client, as anycast would (see global.go).
 	GlobalAddr string
@@ -203,6 +213,9 @@ type Host struct {
 	// EdgeAddr is where the region's edge proxy listens, on the first host
 	// of each region ("" on the others).
 	EdgeAddr string
+	// EdgeTCPIP is the address the region's edge serves raw TCP services
+	// at, on their public ports ("" for none).
+	EdgeTCPIP string
 }
 
 // backhaulPort is where every host's proxy takes the requests other hosts'
@@ -477,6 +490,16 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		Proxy: host.ProxyConfig{Edge: edge, Backhaul: backhaul, Dial: c.Net.DialerFrom(id), Domain: c.cfg.EdgeDomain,
 			AutostopInterval: c.cfg.AutostopInterval},
 	}
+	tcpIP := ""
+	if edge != nil && !c.cfg.EdgeTCPPorts.Empty() {
+		tcpIP = edgeTCPIP(edge.Addr(), slices.Index(c.cfg.Regions, region))
+	}
+	if tcpIP != "" {
+		hc.Proxy.TCPPorts = c.cfg.EdgeTCPPorts
+		hc.Proxy.ListenTCP = func(port int) (net.Listener, error) {
+			return net.Listen("tcp", net.JoinHostPort(tcpIP, strconv.Itoa(port)))
+		}
+	}
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
 	}
@@ -503,7 +526,33 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	if edge != nil {
 		out.EdgeAddr = edge.Addr().String()
 	}
+	out.EdgeTCPIP = tcpIP
 	return out, nil
+}
+
+// edgeTCPIP is the address the edge of the region at index ri serves raw
+// TCP ports at: the edge's own IP for the first region; for the others,
+// when that is an IPv4 loopback address, the ri-th one after it (all of
+// 127.0.0.0/8 is loopback), else none.
+func edgeTCPIP(edge net.Addr, ri int) string {
+	ta, ok := edge.(*net.TCPAddr)
+	if !ok || ri < 0 {
+		return ""
+	}
+	ip, ok := netip.AddrFromSlice(ta.IP)
+	if !ok {
+		return ""
+	}
+	ip = ip.Unmap()
+	if ri == 0 {
+		return ip.String()
+	}
+	if !ip.Is4() || !ip.IsLoopback() || int(ip.As4()[3])+ri > 254 {
+		return ""
+	}
+	b := ip.As4()
+	b[3] += byte(ri)
+	return netip.AddrFrom4(b).String()
 }
 
 // WaitConverged waits until every host (and the control plane) sees every

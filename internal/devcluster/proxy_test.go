@@ -37,6 +37,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "echo-upgrader" {
 		runEchoUpgrader()
 	}
+	if len(os.Args) > 1 && os.Args[1] == "tcp-echo" {
+		runTCPEcho()
+	}
 	os.Exit(m.Run())
 }
 

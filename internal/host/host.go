@@ -83,6 +83,10 @@ type ProxyConfig struct {
 	// long a request waits for a machine started for it.
 	AutostopInterval time.Duration
 	AutostartTimeout time.Duration
+	// TCPPorts are the public ports the edge may serve raw TCP services on
+	// (empty: none), and ListenTCP opens one (nil: on the edge's IP).
+	TCPPorts  proxy.PortRange
+	ListenTCP func(port int) (net.Listener, error)
 }
 
 // Publisher sends a message on a subject of the event bus (the catalog's
@@ -190,6 +194,7 @@ func New(cfg Config) (*Host, error) {
 				Token: cfg.Token, Source: h.Cluster, Logger: cfg.Logger,
 				Start: h.autostart, AutostartTimeout: cfg.Proxy.AutostartTimeout,
 				Autostop: proxy.AutostopConfig{Stop: h.autostop, Interval: cfg.Proxy.AutostopInterval, OnDrain: h.machinesChanged},
+				TCPPorts: cfg.Proxy.TCPPorts, ListenTCP: cfg.Proxy.ListenTCP,
 			})
 			if err != nil {
 				ag.Close()
