@@ -416,7 +416,7 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 		if addr == "" {
 			return nil, fmt.Errorf("host %s advertises no proxy address", tg.Host)
 		}
-		tr = p.toHosts
+		tr = p.hostTransport(h)
 		h.Set(hdrToken, p.cfg.Token)
 		h.Set(hdrApp, tg.App)
 		h.Set(hdrMachine, tg.MachineID)

@@ -224,6 +224,11 @@ type Proxy struct {
 
 	// tcp serves the raw TCP ports.
 	tcp *tcpEdge
+	// toHostsUpgrade carries upgrades to other hosts (HTTP/1.1; see
+	// backhaul.go).
+	toHostsUpgrade *http.Transport
+	backhaulSrv    *http.Server
+	backhaulConns  connStates
 }
 
 // New builds a proxy; nothing runs until Start.
@@ -237,8 +242,7 @@ func New(cfg Config) (*Proxy, error) {
 	p.buffered.give(cfg.MaxBufferedTotal)
 	p.tcp = newTCPEdge(p)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
-	// The far proxy times its machine out first and says so.
-	p.toHosts = p.transport(cfg.Dial, 256, cfg.ResponseHeaderTimeout+time.Second)
+	p.toHosts, p.toHostsUpgrade = p.hostTransports()
 	p.setState(route.Facts{Self: cfg.HostID, Region: cfg.Region}, nil)
 	return p, nil
 }
@@ -347,6 +351,10 @@ func (p *Proxy) Start(ctx context.Context) error {
 		if what == "edge" {
 			srv = p.edgeHTTPServer() // HTTP/1.1 and h2c
 		}
+		if ln == p.cfg.Backhaul {
+			srv.Protocols, srv.ConnState = backhaulProtocols(), p.backhaulConns.hook
+			p.backhaulSrv = srv
+		}
 		p.servers = append(p.servers, srv)
 		p.wg.Add(1)
 		go func() {
@@ -398,6 +406,10 @@ func (p *Proxy) Close() error {
 		p.edge.close(ctx)
 	}
 	for _, srv := range p.servers {
+		if srv == p.backhaulSrv {
+			p.shutdownBackhaul(ctx, srv)
+			continue
+		}
 		if serr := srv.Shutdown(ctx); serr != nil {
 			srv.Close()
 		}
@@ -416,5 +428,6 @@ func (p *Proxy) Close() error {
 	p.wg.Wait()
 	p.toSelf.CloseIdleConnections()
 	p.toHosts.CloseIdleConnections()
+	p.toHostsUpgrade.CloseIdleConnections()
 	return nil
 }
