@@ -180,19 +180,19 @@ func (e *tcpEdge) accept(ln net.Listener, port int) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// Out of file descriptors and the like: wait, as
-				// net/http does.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				select {
-				case <-time.After(backoff):
-					continue
-				case <-e.ctx.Done():
-					return
-				}
+			if errors.Is(err, net.ErrClosed) || e.ctx.Err() != nil {
+				return
 			}
-			return // closed
+			// Out of file descriptors and the like: wait and go on, as
+			// net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			e.p.log.Warn("raw TCP port: accept", "port", port, "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+				continue
+			case <-e.ctx.Done():
+				return
+			}
 		}
 		backoff = 0
 		if !e.track(c) {
