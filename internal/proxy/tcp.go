@@ -114,22 +114,17 @@ func (e *tcpEdge) sync(t *route.Table) {
 	if !e.started || e.closed {
 		return
 	}
-	rng := e.p.cfg.TCPPorts
-	want := map[int]bool{}
-	for port, apps := range t.TCPPorts() {
-		if !rng.Contains(port) {
-			continue
+	want, conflicts := tcpPlan(t, e.p.cfg.TCPPorts)
+	for port, apps := range conflicts {
+		if names := strings.Join(apps, ","); e.conflicts[port] != names {
+			e.conflicts[port] = names
+			e.p.log.Error("raw TCP port declared by more than one app: serving none of them", "port", port, "apps", apps)
 		}
-		if len(apps) != 1 {
-			names := strings.Join(apps, ",")
-			if e.conflicts[port] != names {
-				e.conflicts[port] = names
-				e.p.log.Error("raw TCP port declared by more than one app: serving none of them", "port", port, "apps", apps)
-			}
-			continue
+	}
+	for port := range e.conflicts {
+		if conflicts[port] == nil {
+			delete(e.conflicts, port)
 		}
-		delete(e.conflicts, port)
-		want[port] = true
 	}
 	for port, ln := range e.listeners {
 		if !want[port] {
@@ -161,6 +156,23 @@ func (e *tcpEdge) sync(t *route.Table) {
 			delete(e.failed, port)
 		}
 	}
+}
+
+// tcpPlan decides which raw TCP ports of a table an edge serves: those in
+// its range that exactly one app declares. The others in range are
+// conflicts, with the apps that declare them.
+func tcpPlan(t *route.Table, rng PortRange) (want map[int]bool, conflicts map[int][]string) {
+	want, conflicts = map[int]bool{}, map[int][]string{}
+	for port, apps := range t.TCPPorts() {
+		switch {
+		case !rng.Contains(port):
+		case len(apps) == 1:
+			want[port] = true
+		default:
+			conflicts[port] = apps
+		}
+	}
+	return want, conflicts
 }
 
 // addrs returns the open raw TCP listeners' addresses by public port.

@@ -439,3 +439,30 @@ func TestTCPCloseLeavesNothing(t *testing.T) {
 	waitFor(t, "the machine's connections closed", func() bool { return b.open.Load() == 0 })
 	waitFor(t, "goroutines gone", func() bool { return runtime.NumGoroutine() <= before })
 }
+
+func TestTCPPlan(t *testing.T) {
+	addr := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}
+	at := func(id, app string, lo, hi int, h route.Handler) route.Machine {
+		m := tcpMachine(id, app, "ams-1", addr, h, 0)
+		m.Services[0].Ports[0] = route.PortRange{Start: lo, End: hi, Handler: h}
+		return m
+	}
+	tb := route.Build(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{
+		at("a", "db", 10001, 10001, route.HandlerTCP),
+		at("b", "db", 10001, 10001, route.HandlerProxyProto), // the same app twice: one owner
+		at("c", "games", 10998, 11001, route.HandlerTCP),     // a range across the edge of the range
+		at("d", "rival", 10999, 10999, route.HandlerTCP),     // a conflict
+		at("e", "web", 10500, 10500, route.HandlerHTTP),      // not raw
+		at("f", "low", 80, 80, route.HandlerTCP),             // out of range
+	}})
+	want, conflicts := tcpPlan(tb, PortRange{Lo: 10000, Hi: 10999})
+	if got := fmt.Sprint(want); got != "map[10001:true 10998:true]" {
+		t.Errorf("served %s", got)
+	}
+	if got := fmt.Sprint(conflicts); got != "map[10999:[games rival]]" {
+		t.Errorf("conflicts %s", got)
+	}
+	if want, _ := tcpPlan(tb, PortRange{}); len(want) != 0 {
+		t.Errorf("an empty range serves %v", want)
+	}
+}
