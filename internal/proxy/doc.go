@@ -17,8 +17,14 @@
 // upgrades, fly-replay answers, the unusual — to the same handler over
 // net/http, so both answer alike.
 //
-// Two listeners: the edge (public: clients) and the backhaul (other hosts'
-// proxies only). A request on the edge never chooses its machine or address
+// Raw TCP services (ports with handlers none or proxy_proto) are served on
+// their own public ports, one listener each, routed by the same table and
+// spliced byte for byte (tcp.go). Between hosts, what net/http sends goes
+// as HTTP/2 streams over a few pooled connections (backhaul.go).
+//
+// Two kinds of listener: the edge (public: clients, plus its raw TCP
+// ports) and the backhaul (other hosts' proxies only). A request on the
+// edge never chooses its machine or address
 // itself: the internal headers that name a machine are stripped there and
 // honoured only on the backhaul, with the hosts' shared token.
 package proxy
