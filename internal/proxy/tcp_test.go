@@ -305,14 +305,16 @@ func TestTCPHardLimit(t *testing.T) {
 // the attempt: the connection goes to the next candidate.
 func TestTCPRefusedConnectMovesOn(t *testing.T) {
 	good := startTCPBackend(t, "good", false)
-	edge := startProxy(t, Config{HostID: "ams-1", TCPPorts: tcpRange, ListenTCP: tcpListen})
+	// The clock stands still: a demotion lasts until the test looks.
+	edge := startProxy(t, Config{HostID: "ams-1", TCPPorts: tcpRange, ListenTCP: tcpListen, Now: newTestClock().now})
 	near := startProxy(t, Config{HostID: "ams-2"})
 	far := startProxy(t, Config{HostID: "fra-1"})
 	backhaul := map[string]string{"ams-2": near.BackhaulAddr(), "fra-1": far.BackhaulAddr()}
 	for _, on := range []string{"ams-1", "ams-2"} {
 		// The refusing machine is in the edge's region, the good one
 		// away: the refusing one comes first.
-		ms := []route.Machine{tcpMachine("bad", "demo", on, refusingAddr(t), route.HandlerTCP, 0),
+		bad := "bad-" + on // a machine of its own each time: not demoted yet
+		ms := []route.Machine{tcpMachine(bad, "demo", on, refusingAddr(t), route.HandlerTCP, 0),
 			tcpMachine("good", "demo", "fra-1", good.addr, route.HandlerTCP, 0)}
 		for _, p := range []*Proxy{edge, near, far} {
 			p.setState(route.Facts{Self: p.cfg.HostID, Region: p.cfg.Region, Hosts: testHosts, Machines: ms}, backhaul)
@@ -320,7 +322,7 @@ func TestTCPRefusedConnectMovesOn(t *testing.T) {
 		var q route.Query
 		q.Port, q.TCP = tcpPort, true
 		var buf [route.MaxCandidates]*route.Target
-		if cands := edge.Table().Select("demo", q, nil, buf[:0]); len(cands) != 2 || cands[0].MachineID != "bad" {
+		if cands := edge.Table().Select("demo", q, routeInput{edge}, buf[:0]); len(cands) != 2 || cands[0].MachineID != bad {
 			t.Fatalf("bad on %s: candidates %v, want the refusing machine first", on, cands)
 		}
 		c, br, g := dialTCPEdge(t, edge)
@@ -329,7 +331,7 @@ func TestTCPRefusedConnectMovesOn(t *testing.T) {
 		}
 		echo(t, c, br, "good")
 		c.Close()
-		if !edge.strikes.demoted("bad", on) {
+		if !edge.strikes.demoted(bad, on) {
 			t.Errorf("bad on %s: the refusing machine was not tried (not demoted)", on)
 		}
 	}
