@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/flamehq/flame/internal/proxy/route"
@@ -30,7 +31,8 @@ func tcpListen(port int) (net.Listener, error) { return net.Listen("tcp", "127.0
 
 // tcpBackend is a machine's raw TCP server: on each connection it reads a
 // PROXY protocol v1 header first when asked to, greets with its name and
-// the addresses the header named, then echoes lines.
+// the addresses the header named, then echoes lines; at the end of the
+// client's stream it says bye and closes.
 type tcpBackend struct {
 	name  string
 	addr  *net.TCPAddr
@@ -80,6 +82,10 @@ func startTCPBackend(t *testing.T, name string, proxyProto bool) *tcpBackend {
 				fmt.Fprintf(c, "%s\n", greeting)
 				for {
 					line, err := br.ReadString('\n')
+					if err == io.EOF {
+						fmt.Fprintf(c, "bye\n") // the client's half close arrived
+						return
+					}
 					if err != nil {
 						return
 					}
@@ -212,10 +218,11 @@ func TestTCPPassthrough(t *testing.T) {
 		}
 		// A line sent with the half close still arrives and is answered.
 		fmt.Fprintf(c, "last\n")
-		if on == "ams-1" {
-			c.(*net.TCPConn).CloseWrite()
-			if line, err := br.ReadString('\n'); err != nil || line != "echo: last\n" {
-				t.Errorf("after a half close: %q %v", line, err)
+		c.(*net.TCPConn).CloseWrite()
+		// The machine sees the end of the stream and still answers.
+		for _, want := range []string{"echo: last\n", "bye\n"} {
+			if line, err := br.ReadString('\n'); err != nil || line != want {
+				t.Errorf("on %s: after a half close: %q %v, want %q", on, line, err, want)
 			}
 		}
 		c.Close()
@@ -371,26 +378,17 @@ func TestTCPPortsFollowTheTable(t *testing.T) {
 	}
 }
 
-// TestTCPIdleTimeout: a spliced connection with no byte either way for the
-// idle timeout is closed; one busy in a single direction is not.
+// TestTCPIdleTimeout: through the edge, a raw TCP connection idle both
+// ways for the idle timeout is closed, on both sides, and not before.
 func TestTCPIdleTimeout(t *testing.T) {
 	const idle = 300 * time.Millisecond
 	b := startTCPBackend(t, "echo", false)
 	edge := startProxy(t, Config{HostID: "ams-1", TCPPorts: tcpRange, ListenTCP: tcpListen, TCPIdleTimeout: idle})
 	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts,
 		Machines: []route.Machine{tcpMachine("m1", "demo", "ams-1", b.addr, route.HandlerTCP, 0)}}, nil)
-
-	// Busy: the client writes every idle/3 and the machine answers; the
-	// connection outlives several idle timeouts.
 	c, br, _ := dialTCPEdge(t, edge)
+	// The edge's last byte moved after the client sent its last line.
 	start := time.Now()
-	for time.Since(start) < 4*idle {
-		echo(t, c, br, "echo")
-		time.Sleep(idle / 3)
-	}
-	// Idle: it is closed, not before the timeout. The edge's last byte
-	// moved after the client sent its last line.
-	start = time.Now()
 	echo(t, c, br, "echo")
 	if _, err := br.ReadString('\n'); err == nil {
 		t.Fatal("an idle connection got a line")
@@ -399,6 +397,40 @@ func TestTCPIdleTimeout(t *testing.T) {
 		t.Errorf("closed after %v idle, before the %v timeout", took, idle)
 	}
 	waitFor(t, "the machine's side closed", func() bool { return b.open.Load() == 0 })
+}
+
+// TestSpliceIdle: a splice lives while bytes move in either direction —
+// one way only is enough — and ends idle for exactly the idle timeout after
+// the last byte (virtual time).
+func TestSpliceIdle(t *testing.T) {
+	const idle = time.Minute
+	synctest.Test(t, func(t *testing.T) {
+		client, edgeSide := net.Pipe()
+		machineSide, machine := net.Pipe()
+		done := make(chan struct{})
+		go func() {
+			splice(edgeSide, edgeSide, machineSide, machineSide, idle)
+			close(done)
+		}()
+		// The machine streams a byte every idle/3 for ten idle timeouts;
+		// the client only reads.
+		go io.Copy(io.Discard, client)
+		for range 30 {
+			time.Sleep(idle / 3)
+			if _, err := machine.Write([]byte{'x'}); err != nil {
+				t.Fatalf("the splice ended while the machine was sending: %v", err)
+			}
+		}
+		last := time.Now()
+		go io.Copy(io.Discard, machine)
+		<-done
+		if took := time.Since(last); took != idle {
+			t.Errorf("ended %v after the last byte, want the idle timeout %v", took, idle)
+		}
+		if _, err := machine.Write([]byte{'x'}); err == nil {
+			t.Error("the machine's side is still open")
+		}
+	})
 }
 
 // TestTCPCloseLeavesNothing: Close cuts open raw TCP connections (edge and
