@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -308,8 +309,9 @@ func TestTCPHardLimit(t *testing.T) {
 }
 
 // TestTCPRefusedConnectMovesOn: a machine that refuses the connection,
-// on the edge's host or on another (whose proxy says so), costs nothing but
-// the attempt: the connection goes to the next candidate.
+// on the edge's host or on another (whose proxy says so), or that its host
+// knows stopped, costs nothing but the attempt: the connection goes to the
+// next candidate.
 func TestTCPRefusedConnectMovesOn(t *testing.T) {
 	good := startTCPBackend(t, "good", false)
 	// The clock stands still: a demotion lasts until the test looks.
@@ -317,14 +319,25 @@ func TestTCPRefusedConnectMovesOn(t *testing.T) {
 	near := startProxy(t, Config{HostID: "ams-2"})
 	far := startProxy(t, Config{HostID: "fra-1"})
 	backhaul := map[string]string{"ams-2": near.BackhaulAddr(), "fra-1": far.BackhaulAddr()}
-	for _, on := range []string{"ams-1", "ams-2"} {
-		// The refusing machine is in the edge's region, the good one
-		// away: the refusing one comes first.
+	// The third case: a machine the edge believes started, whose host
+	// knows it stopped.
+	for _, on := range []string{"ams-1", "ams-2", "stale"} {
+		// The bad machine is in the edge's region, the good one away:
+		// the bad one comes first.
 		bad := "bad-" + on // a machine of its own each time: not demoted yet
-		ms := []route.Machine{tcpMachine(bad, "demo", on, refusingAddr(t), route.HandlerTCP, 0),
+		host := on
+		if on == "stale" {
+			host = "ams-2"
+		}
+		ms := []route.Machine{tcpMachine(bad, "demo", host, refusingAddr(t), route.HandlerTCP, 0),
 			tcpMachine("good", "demo", "fra-1", good.addr, route.HandlerTCP, 0)}
 		for _, p := range []*Proxy{edge, near, far} {
-			p.setState(route.Facts{Self: p.cfg.HostID, Region: p.cfg.Region, Hosts: testHosts, Machines: ms}, backhaul)
+			mine := slices.Clone(ms)
+			if on == "stale" && p == near {
+				mine[0] = tcpMachine(bad, "demo", host, good.addr, route.HandlerTCP, 0) // would answer, were it started
+				mine[0].Started = false
+			}
+			p.setState(route.Facts{Self: p.cfg.HostID, Region: p.cfg.Region, Hosts: testHosts, Machines: mine}, backhaul)
 		}
 		var q route.Query
 		q.Port, q.TCP = tcpPort, true
@@ -338,7 +351,7 @@ func TestTCPRefusedConnectMovesOn(t *testing.T) {
 		}
 		echo(t, c, br, "good")
 		c.Close()
-		if !edge.strikes.demoted(bad, on) {
+		if !edge.strikes.demoted(bad, host) {
 			t.Errorf("bad on %s: the refusing machine was not tried (not demoted)", on)
 		}
 	}
