@@ -21,6 +21,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"dev", "extra"},                       // positional argument
 		{"dev", "--log-level", "loud"},         // bad level
 		{"version", "--api-addr", "127.0.0.1"}, // flag of another command
+		{"agent", "--data-dir", "/tmp/x", "--token", "t", "--edge-tcp-ports", "2000-1000"}, // empty range
+		{"dev", "--edge-tcp-ports", "10000-70000"},                                         // past 65535
 	}
 	for _, args := range cases {
 		code, _, stderr := run(args...)
