@@ -15,6 +15,13 @@ func RawTCP(handlers []string) (raw, proxyProto bool) {
 	return true, slices.Contains(handlers, "proxy_proto")
 }
 
+// PROXY protocol versions a proxy_proto port sends
+// (proxy_proto_options.version; none is v1).
+const (
+	ProxyProtoV1 = "v1"
+	ProxyProtoV2 = "v2"
+)
+
 // MaxTCPPortsPerConfig bounds the public raw TCP ports one machine config
 // may declare (a port range counts each port): each is claimed for its app
 // platform-wide.

@@ -155,6 +155,9 @@ func (s *MachineService) validate(f string) error {
 		case p.Port == nil && (!validPort(*p.StartPort) || !validPort(*p.EndPort) || *p.StartPort > *p.EndPort):
 			return invalid(pf, "has an invalid port range %d-%d", *p.StartPort, *p.EndPort)
 		}
+		if o := p.ProxyProtoOptions; o != nil && o.Version != "" && o.Version != ProxyProtoV1 && o.Version != ProxyProtoV2 {
+			return invalid(pf+".proxy_proto_options.version", "must be v1 or v2, not %q", Clip(o.Version, 16))
+		}
 		for _, h := range p.Handlers {
 			switch h {
 			case "http", "tls", "proxy_proto", "pg_tls", "edge_http":

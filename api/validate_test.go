@@ -62,6 +62,10 @@ func TestValidate(t *testing.T) {
 		{"handler", func(c *MachineConfig) {
 			c.Services = []MachineService{{Protocol: "tcp", InternalPort: 80, Ports: []MachinePort{{Port: num(80), Handlers: []string{"ftp"}}}}}
 		}, "config.services[0].ports[0].handlers"},
+		{"PROXY protocol version", func(c *MachineConfig) {
+			c.Services = []MachineService{{Protocol: "tcp", InternalPort: 80, Ports: []MachinePort{{Port: num(10000),
+				Handlers: []string{"proxy_proto"}, ProxyProtoOptions: &ProxyProtoOptions{Version: "v3"}}}}}
+		}, "config.services[0].ports[0].proxy_proto_options.version"},
 		{"soft over hard", func(c *MachineConfig) {
 			c.Services = []MachineService{{Protocol: "tcp", InternalPort: 80, Concurrency: &MachineServiceConcurrency{SoftLimit: 30, HardLimit: 20}}}
 		}, "config.services[0].concurrency.soft_limit"},

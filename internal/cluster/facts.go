@@ -87,6 +87,9 @@ type Port struct {
 	EndPort    int      `json:"end_port,omitempty"`
 	Handlers   []string `json:"handlers,omitempty"`
 	ForceHTTPS bool     `json:"force_https,omitempty"`
+	// ProxyProto is the PROXY protocol version a proxy_proto port sends
+	// (api.ProxyProtoV1 or V2; "" is v1).
+	ProxyProto string `json:"proxy_proto,omitempty"`
 }
 
 // Concurrency is how much load a service takes before the proxy prefers

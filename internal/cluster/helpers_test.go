@@ -146,6 +146,7 @@ func machine(id, app, region string) Machine {
 			Ports: []Port{
 				{Port: 80, Handlers: []string{"http"}, ForceHTTPS: true},
 				{Port: 443, Handlers: []string{"tls", "http"}},
+				{Port: 10000, Handlers: []string{"proxy_proto"}, ProxyProto: "v2"},
 			},
 			Concurrency: Concurrency{Type: "requests", SoftLimit: 20, HardLimit: 25},
 		}},

@@ -106,6 +106,9 @@ func validateMachine(m *Machine) error {
 					return invalid("machine %s: service %d: handler %q", m.ID, i, h)
 				}
 			}
+			if p.ProxyProto != "" && p.ProxyProto != api.ProxyProtoV1 && p.ProxyProto != api.ProxyProtoV2 {
+				return invalid("machine %s: service %d: PROXY protocol version %q", m.ID, i, p.ProxyProto)
+			}
 		}
 		c := s.Concurrency
 		if c.Type != "" && c.Type != api.ConcurrencyConnections && c.Type != api.ConcurrencyRequests {

@@ -19,9 +19,9 @@ import (
 
 // wireFormat 2 added each machine's load, 3 each service's autostop,
 // autostart and min_machines_running and each machine's primary region and
-// draining flag; a
-// host of another format refuses the records rather than misreading them.
-const wireFormat = 3
+// draining flag, 4 each port's PROXY protocol version; a host of another
+// format refuses the records rather than misreading them.
+const wireFormat = 4
 
 // Message kinds.
 const (
@@ -164,6 +164,7 @@ func (w *writer) machine(m *Machine) {
 				w.string(h)
 			}
 			w.bool(p.ForceHTTPS)
+			w.string(p.ProxyProto)
 		}
 		w.string(s.Concurrency.Type)
 		w.int(s.Concurrency.SoftLimit)
@@ -313,6 +314,7 @@ func (r *reader) machine() Machine {
 						}
 					}
 					p.ForceHTTPS = r.bool("force https")
+					p.ProxyProto = r.string(maxShortLen, "proxy protocol version")
 				}
 			}
 			s.Concurrency.Type = r.string(maxShortLen, "concurrency type")

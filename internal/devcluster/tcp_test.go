@@ -3,8 +3,11 @@ package devcluster
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -19,7 +22,7 @@ import (
 const tcpEchoImage = "flame/tcp-echo"
 
 // runTCPEcho is a machine with a raw TCP service behind proxy_proto: it
-// reads the PROXY v1 header of each connection, greets with its region and
+// reads the PROXY v2 header of each connection, greets with its region and
 // the client address the header named, then echoes lines.
 func runTCPEcho() {
 	ln, err := net.Listen("tcp", "127.0.0.1:"+os.Getenv("PORT"))
@@ -35,13 +38,16 @@ func runTCPEcho() {
 		go func() {
 			defer c.Close()
 			br := bufio.NewReader(c)
-			hdr, err := br.ReadString('\n')
-			f := strings.Fields(hdr)
-			if err != nil || len(f) != 6 || f[0] != "PROXY" || f[1] != "TCP4" {
-				fmt.Fprintf(c, "bad PROXY header %q\n", hdr)
+			// Signature, version 2 PROXY, TCP over IPv4, 12 address
+			// bytes: source, destination, their ports.
+			var hdr [28]byte
+			_, err := io.ReadFull(br, hdr[:])
+			if err != nil || string(hdr[:16]) != "\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" {
+				fmt.Fprintf(c, "bad PROXY header %x\n", hdr)
 				return
 			}
-			fmt.Fprintf(c, "%s %s\n", os.Getenv("FLY_REGION"), net.JoinHostPort(f[2], f[4]))
+			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte(hdr[16:20])), binary.BigEndian.Uint16(hdr[24:26]))
+			fmt.Fprintf(c, "%s %s\n", os.Getenv("FLY_REGION"), src)
 			for {
 				line, err := br.ReadString('\n')
 				if err != nil {
@@ -53,8 +59,8 @@ func runTCPEcho() {
 	}
 }
 
-// TestEdgeServesRawTCP: a raw TCP service (proxy_proto) is served at the
-// edge on its public port: from a machine in another region, across the
+// TestEdgeServesRawTCP: a raw TCP service (proxy_proto, version 2) is
+// served at the edge on its public port: from a machine in another region, across the
 // simulated backhaul at that distance, then from one on the edge's host;
 // the machine learns the client's real address.
 func TestEdgeServesRawTCP(t *testing.T) {
@@ -76,7 +82,8 @@ func TestEdgeServesRawTCP(t *testing.T) {
 		_, err := api.NewClient(byHost[on].APIURL, "t").Create(ctx, "db", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: tcpEchoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{Protocol: "tcp", InternalPort: port,
-				Ports: []api.MachinePort{{Port: ptr(public), Handlers: []string{"proxy_proto"}}}}},
+				Ports: []api.MachinePort{{Port: ptr(public), Handlers: []string{"proxy_proto"},
+					ProxyProtoOptions: &api.ProxyProtoOptions{Version: api.ProxyProtoV2}}}}},
 		}})
 		if err != nil {
 			t.Fatalf("create on %s: %v", on, err)

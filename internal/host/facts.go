@@ -97,6 +97,9 @@ func clusterService(s api.MachineService) cluster.Service {
 	out := cluster.Service{Protocol: s.Protocol, InternalPort: s.InternalPort}
 	for _, p := range s.Ports {
 		cp := cluster.Port{Handlers: slices.Clone(p.Handlers), ForceHTTPS: p.ForceHTTPS}
+		if o := p.ProxyProtoOptions; o != nil {
+			cp.ProxyProto = o.Version
+		}
 		if p.Port != nil {
 			cp.Port = *p.Port
 		}

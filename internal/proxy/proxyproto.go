@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"strconv"
@@ -46,4 +47,34 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 	}
 	ap, _ := netip.ParseAddrPort(a.String())
 	return ap
+}
+
+// proxyV2Sig opens every PROXY protocol version 2 header.
+const proxyV2Sig = "\r\n\r\n\x00\r\nQUIT\n"
+
+// proxyHeaderV2 is the PROXY protocol version 2 (binary) header for the
+// same facts as proxyHeaderV1: TCP over IPv4, or over IPv6 when either
+// address is IPv6 (the other mapped); addresses that are not IP send the
+// LOCAL command, which tells the machine to use the connection's own.
+func proxyHeaderV2(client, edge netip.AddrPort) []byte {
+	src, dst := client.Addr().Unmap(), edge.Addr().Unmap()
+	b := make([]byte, 0, 16+36)
+	b = append(b, proxyV2Sig...)
+	if !src.IsValid() || !dst.IsValid() {
+		return append(b, 0x20, 0x00, 0, 0) // version 2, LOCAL; no address
+	}
+	b = append(b, 0x21) // version 2, PROXY
+	if src.Is4() && dst.Is4() {
+		b = append(b, 0x11, 0, 12) // TCP over IPv4; 12 address bytes
+		s, d := src.As4(), dst.As4()
+		b = append(b, s[:]...)
+		b = append(b, d[:]...)
+	} else {
+		b = append(b, 0x21, 0, 36) // TCP over IPv6; 36 address bytes
+		s, d := src.As16(), dst.As16()
+		b = append(b, s[:]...)
+		b = append(b, d[:]...)
+	}
+	b = binary.BigEndian.AppendUint16(b, client.Port())
+	return binary.BigEndian.AppendUint16(b, edge.Port())
 }

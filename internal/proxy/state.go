@@ -70,7 +70,7 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 			rs := route.Service{InternalPort: s.InternalPort, SoftLimit: s.Concurrency.SoftLimit, HardLimit: s.Concurrency.HardLimit,
 				Autostart: s.Autostart}
 			for _, p := range s.Ports {
-				h := handlerOf(p.Handlers)
+				h := handlerOf(p.Handlers, p.ProxyProto)
 				switch {
 				case p.Port > 0:
 					rs.Ports = append(rs.Ports, route.PortRange{Start: p.Port, End: p.Port, ForceHTTPS: p.ForceHTTPS, Handler: h})
@@ -91,9 +91,12 @@ func factsFrom(snap *cluster.Snapshot, self, region string) (route.Facts, map[st
 	return f, backhaul
 }
 
-// handlerOf is how the edge serves a port with these handlers.
-func handlerOf(handlers []string) route.Handler {
+// handlerOf is how the edge serves a port with these handlers (and PROXY
+// protocol version).
+func handlerOf(handlers []string, version string) route.Handler {
 	switch raw, pp := api.RawTCP(handlers); {
+	case pp && version == api.ProxyProtoV2:
+		return route.HandlerProxyProtoV2
 	case pp:
 		return route.HandlerProxyProto
 	case raw:

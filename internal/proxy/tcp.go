@@ -390,9 +390,16 @@ func (p *Proxy) dialMachineTCP(ctx context.Context, tg *route.Target, budget tim
 	if err != nil {
 		return nil, nil, &connectError{addr: addr, err: err}
 	}
-	if tg.Handler == route.HandlerProxyProto {
+	var hdr []byte
+	switch tg.Handler {
+	case route.HandlerProxyProto:
+		hdr = proxyHeaderV1(client, edge)
+	case route.HandlerProxyProtoV2:
+		hdr = proxyHeaderV2(client, edge)
+	}
+	if hdr != nil {
 		c.SetWriteDeadline(time.Now().Add(p.cfg.ConnectTimeout))
-		if _, err := c.Write(proxyHeaderV1(client, edge)); err != nil {
+		if _, err := c.Write(hdr); err != nil {
 			c.Close()
 			return nil, nil, fmt.Errorf("machine %s: send the PROXY header: %w", tg.MachineID, err)
 		}

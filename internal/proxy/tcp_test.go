@@ -73,12 +73,12 @@ func startTCPBackend(t *testing.T, name string, proxyProto bool) *tcpBackend {
 				br := bufio.NewReader(c)
 				greeting := name
 				if proxyProto {
-					src, dst, err := readProxyV1(br)
+					version, src, dst, err := readProxyHeader(br)
 					if err != nil {
 						fmt.Fprintf(c, "bad PROXY header: %v\n", err)
 						return
 					}
-					greeting += " " + src.String() + " " + dst.String()
+					greeting += " " + version + " " + src.String() + " " + dst.String()
 				}
 				fmt.Fprintf(c, "%s\n", greeting)
 				for {
@@ -105,6 +105,45 @@ func startTCPBackend(t *testing.T, name string, proxyProto bool) *tcpBackend {
 		wg.Wait()
 	})
 	return b
+}
+
+// readProxyHeader parses a PROXY protocol header of either version, as a
+// machine would.
+func readProxyHeader(br *bufio.Reader) (version string, src, dst netip.AddrPort, err error) {
+	if sig, _ := br.Peek(len(proxyV2Sig)); string(sig) == proxyV2Sig {
+		src, dst, err = readProxyV2(br)
+		return "v2", src, dst, err
+	}
+	src, dst, err = readProxyV1(br)
+	return "v1", src, dst, err
+}
+
+// readProxyV2 parses a PROXY protocol v2 header (PROXY command, TCP).
+func readProxyV2(br *bufio.Reader) (src, dst netip.AddrPort, err error) {
+	var fixed [16]byte
+	if _, err := io.ReadFull(br, fixed[:]); err != nil {
+		return src, dst, err
+	}
+	if string(fixed[:12]) != proxyV2Sig || fixed[12] != 0x21 {
+		return src, dst, fmt.Errorf("v2 header %x: not version 2 PROXY", fixed)
+	}
+	n := int(fixed[14])<<8 | int(fixed[15])
+	body := make([]byte, n)
+	if _, err := io.ReadFull(br, body); err != nil {
+		return src, dst, err
+	}
+	port := func(b []byte) uint16 { return uint16(b[0])<<8 | uint16(b[1]) }
+	switch {
+	case fixed[13] == 0x11 && n >= 12:
+		s, _ := netip.AddrFromSlice(body[0:4])
+		d, _ := netip.AddrFromSlice(body[4:8])
+		return netip.AddrPortFrom(s, port(body[8:])), netip.AddrPortFrom(d, port(body[10:])), nil
+	case fixed[13] == 0x21 && n >= 36:
+		s, _ := netip.AddrFromSlice(body[0:16])
+		d, _ := netip.AddrFromSlice(body[16:32])
+		return netip.AddrPortFrom(s.Unmap(), port(body[32:])), netip.AddrPortFrom(d.Unmap(), port(body[34:])), nil
+	}
+	return src, dst, fmt.Errorf("v2 header: family %#x with %d address bytes", fixed[13], n)
 }
 
 // readProxyV1 parses a PROXY protocol v1 header as a machine would.
@@ -239,20 +278,46 @@ func TestTCPPassthrough(t *testing.T) {
 }
 
 // TestTCPProxyProto: a port with the proxy_proto handler sends the machine
-// a PROXY v1 header with the client's address and the edge's before the
-// client's bytes, directly and across the backhaul.
+// a PROXY header (v1, or v2 when the port asks) with the client's address
+// and the edge's before the client's bytes, directly and across the
+// backhaul.
 func TestTCPProxyProto(t *testing.T) {
 	b := startTCPBackend(t, "pp", true)
 	edge, _, set := tcpPair(t)
-	for _, on := range []string{"ams-1", "fra-1"} {
-		set(tcpMachine("m1", "demo", on, b.addr, route.HandlerProxyProto, 0))
-		c, br, greeting := dialTCPEdge(t, edge)
-		want := fmt.Sprintf("pp %s %s", c.LocalAddr(), c.RemoteAddr())
-		if greeting != want {
-			t.Fatalf("on %s: the machine saw %q, want %q", on, greeting, want)
+	for _, h := range []route.Handler{route.HandlerProxyProto, route.HandlerProxyProtoV2} {
+		version := map[route.Handler]string{route.HandlerProxyProto: "v1", route.HandlerProxyProtoV2: "v2"}[h]
+		for _, on := range []string{"ams-1", "fra-1"} {
+			set(tcpMachine("m1", "demo", on, b.addr, h, 0))
+			c, br, greeting := dialTCPEdge(t, edge)
+			want := fmt.Sprintf("pp %s %s %s", version, c.LocalAddr(), c.RemoteAddr())
+			if greeting != want {
+				t.Fatalf("on %s: the machine saw %q, want %q", on, greeting, want)
+			}
+			echo(t, c, br, "pp")
+			c.Close()
 		}
-		echo(t, c, br, "pp")
-		c.Close()
+	}
+}
+
+func TestProxyHeaderV2(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	for _, tc := range []struct{ client, edge netip.AddrPort }{
+		{ap("1.2.3.4:5678"), ap("10.0.0.1:10001")},
+		{ap("[2001:db8::1]:5678"), ap("[::1]:443")},
+		{ap("[::ffff:1.2.3.4]:1"), ap("10.0.0.1:2")},
+	} {
+		h := proxyHeaderV2(tc.client, tc.edge)
+		src, dst, err := readProxyV2(bufio.NewReader(strings.NewReader(string(h))))
+		if err != nil || src != netip.AddrPortFrom(tc.client.Addr().Unmap(), tc.client.Port()) || dst != tc.edge {
+			t.Errorf("%v → %v: read back %v → %v, %v (%x)", tc.client, tc.edge, src, dst, err, h)
+		}
+	}
+	want := []byte("\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\x01\x02\x03\x04\x0a\x00\x00\x01\x16\x2e\x27\x11")
+	if got := proxyHeaderV2(ap("1.2.3.4:5678"), ap("10.0.0.1:10001")); string(got) != string(want) {
+		t.Errorf("IPv4 header %x, want %x", got, want)
+	}
+	if got := proxyHeaderV2(netip.AddrPort{}, ap("10.0.0.1:1")); string(got) != proxyV2Sig+"\x20\x00\x00\x00" {
+		t.Errorf("unknown addresses: %x, want a LOCAL header", got)
 	}
 }
 

@@ -117,13 +117,18 @@ const (
 	// HandlerTCP passes a connection's bytes through untouched.
 	HandlerTCP
 	// HandlerProxyProto passes them through after a PROXY protocol header
-	// naming the client's address and the edge's.
+	// (version 1, text) naming the client's address and the edge's.
 	HandlerProxyProto
+	// HandlerProxyProtoV2 is HandlerProxyProto with a version 2 (binary)
+	// header.
+	HandlerProxyProtoV2
 )
 
 // Raw reports whether connections on the port are passed through as
 // bytes (not served as HTTP).
-func (h Handler) Raw() bool { return h == HandlerTCP || h == HandlerProxyProto }
+func (h Handler) Raw() bool {
+	return h == HandlerTCP || h == HandlerProxyProto || h == HandlerProxyProtoV2
+}
 
 // Facts are what a Table is built from.
 type Facts struct {
