@@ -11,10 +11,12 @@ import (
 )
 
 // BenchmarkCrossHost measures a request through an edge to a machine on
-// another host (edge → backhaul → far proxy → machine, all on loopback),
-// with the backhaul multiplexed over HTTP/2 (h2c) and, for comparison,
-// over the HTTP/1.1 keep-alive pool it used before (the pool upgrades
-// still use): one request at a time, and 64 at once.
+// another host (edge → backhaul → far proxy → machine, all on loopback).
+// The edge serves with net/http, its backhaul hop multiplexed over HTTP/2
+// (h2c) and, for comparison, over the HTTP/1.1 keep-alive pool it used
+// before (the pool upgrades still use); "fast" is an edge on its fast
+// path, which keeps HTTP/1.1 connections of its own to the far host. One
+// request at a time, and 64 at once.
 //
 //	go test ./internal/proxy -run '^$' -bench CrossHost -benchmem
 func BenchmarkCrossHost(b *testing.B) {
@@ -31,7 +33,7 @@ func BenchmarkCrossHost(b *testing.B) {
 	m := machine("m1", "fra-1", ln.Addr().(*net.TCPAddr))
 	m.Services[0].SoftLimit, m.Services[0].HardLimit = 1000, 1000
 
-	start := func(host string, edge bool) *Proxy {
+	start := func(host string, edge, fastPath bool) *Proxy {
 		var edgeLn net.Listener
 		if edge {
 			if edgeLn, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
@@ -42,7 +44,8 @@ func BenchmarkCrossHost(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		p, err := New(Config{HostID: host, Region: host[:3], Token: testToken, Edge: edgeLn, Backhaul: bh, Logger: slog.New(slog.DiscardHandler)})
+		p, err := New(Config{HostID: host, Region: host[:3], Token: testToken, Edge: edgeLn, Backhaul: bh,
+			Logger: slog.New(slog.DiscardHandler), DisableFastPath: !fastPath})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -51,19 +54,22 @@ func BenchmarkCrossHost(b *testing.B) {
 		}
 		return p
 	}
-	edge, far := start("ams-1", true), start("fra-1", false)
+	edge, fast, far := start("ams-1", true, false), start("ams-1", true, true), start("fra-1", false, false)
 	defer edge.Close()
+	defer fast.Close()
 	defer far.Close()
 	backhaul := map[string]string{"fra-1": far.BackhaulAddr()}
 	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{m}}, backhaul)
+	fast.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{m}}, backhaul)
 	far.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: testHosts, Machines: []route.Machine{m}}, backhaul)
 	h2, h1 := edge.toHosts, edge.toHostsUpgrade
 	defer func() { edge.toHosts = h2 }()
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128}}
 	defer client.CloseIdleConnections()
+	target := edge.EdgeAddr()
 	one := func(b *testing.B) {
-		req, _ := http.NewRequest("GET", "http://"+edge.EdgeAddr()+"/", nil)
+		req, _ := http.NewRequest("GET", "http://"+target+"/", nil)
 		req.Host = "demo.localhost"
 		resp, err := client.Do(req)
 		if err != nil {
@@ -78,8 +84,12 @@ func BenchmarkCrossHost(b *testing.B) {
 	for _, bc := range []struct {
 		name string
 		tr   *http.Transport
-	}{{"h2c", h2}, {"http1", h1}} {
-		edge.toHosts = bc.tr
+	}{{"h2c", h2}, {"http1", h1}, {"fast", nil}} {
+		if bc.tr != nil {
+			edge.toHosts = bc.tr
+		} else {
+			target = fast.EdgeAddr()
+		}
 		b.Run(bc.name+"/serial", func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
