@@ -121,10 +121,13 @@ func eventLine(evs []*api.MachineEvent) string {
 	return strings.Join(w, " ")
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or the deadline passes. The deadline
+// only bounds a failing test: what is awaited takes milliseconds on an idle
+// machine and has taken over 10 s on a 2-core one running several test
+// suites at once, so it is far past both.
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
