@@ -308,13 +308,16 @@ func (p *Proxy) succeeded(tg *route.Target) {
 }
 
 // strike records a failed attempt: a connect to another host that timed
-// out counts against the host (it went silent), any other failure against
-// the machine; its region counts a failure.
+// out, or a request it did not acknowledge (ack.go), counts against the
+// host (it went silent), any other failure against the machine; its
+// region counts a failure.
 func (p *Proxy) strike(tg *route.Target, err error) {
 	p.regions.record(tg.App, tg.Region, true)
 	var ce *connectError
+	var se *silentError
 	switch {
-	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded):
+	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded),
+		!tg.OnSelf && errors.As(err, &se):
 		p.strikes.fail("", tg.Host, weightConnect)
 	case errors.As(err, &ce), errors.Is(err, errNotReached):
 		p.strikes.fail(tg.MachineID, tg.Host, weightConnect)

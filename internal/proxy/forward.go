@@ -362,7 +362,10 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 			p.release(tg, probe)
 			break // a streamed body was already sent, in part
 		}
-		resp, err := p.send(r, st, tg, hdr, rb, size, port)
+		// Over the backhaul, a request that may go to a next candidate
+		// waits only so long for the far host's acknowledgement (ack.go).
+		ack := !tg.OnSelf && i < len(cands)+ns-1 && idempotent(r.Method) && body.stream == nil
+		resp, err := p.send(r, st, tg, hdr, rb, size, port, ack)
 		if err == nil && !tg.OnSelf {
 			switch {
 			case resp.Header.Get(hdrRetry) != "":
@@ -406,8 +409,9 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 }
 
 // send makes one attempt: straight to a machine of this host, or over the
-// backhaul to the machine's host.
-func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Header, body io.ReadCloser, size int64, port string) (*http.Response, error) {
+// backhaul to the machine's host (with ack, given up when that host does
+// not acknowledge it in time).
+func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Header, body io.ReadCloser, size int64, port string, ack bool) (*http.Response, error) {
 	h := hdr.Clone()
 	addr := net.JoinHostPort(tg.Addr, strconv.Itoa(tg.Port))
 	tr := p.toSelf
@@ -422,6 +426,11 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 		h.Set(hdrMachine, tg.MachineID)
 		h.Set(hdrPort, port)
 	}
+	ctx := context.WithValue(r.Context(), connectBudgetKey{}, p.connectBudget(tg))
+	var aw *ackWatch
+	if ack {
+		ctx, aw = p.watchAck(ctx, tg)
+	}
 	out := (&http.Request{
 		Method:        r.Method,
 		URL:           &url.URL{Scheme: "http", Host: addr, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery},
@@ -432,17 +441,29 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 		Host:          r.Host,
 		Body:          body,
 		ContentLength: size,
-	}).WithContext(context.WithValue(r.Context(), connectBudgetKey{}, p.connectBudget(tg)))
+	}).WithContext(ctx)
 	if size < 0 {
 		out.ContentLength = -1
 	}
 	p.load.add(tg.MachineID, 1)
 	resp, err := tr.RoundTrip(out)
+	if aw != nil && (err != nil || !aw.done()) {
+		if err == nil {
+			resp.Body.Close() // the answer came as the host was given up
+		}
+		err = aw.failed(err)
+		aw.cancel()
+	}
 	if err != nil {
 		p.load.add(tg.MachineID, -1)
 		return nil, err
 	}
-	done := func() { p.load.add(tg.MachineID, -1) }
+	done := func() {
+		p.load.add(tg.MachineID, -1)
+		if aw != nil {
+			aw.cancel()
+		}
+	}
 	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
 		resp.Body = &countedConn{ReadWriteCloser: rwc, done: done}
 	} else {
@@ -581,8 +602,10 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 		p.serveStart(w, r, appName, machineID, port)
 		return
 	}
+	stopAck := keepAcking(w) // the edge knows this host is alive (ack.go)
 	tg := p.state.Load().table.OnSelf(appName, port, machineID)
 	if tg == nil || tg.Excluded == route.NotStarted || tg.Excluded == route.NoAddress {
+		stopAck()
 		why := "not running here"
 		if tg != nil {
 			why = tg.Excluded.String()
@@ -611,6 +634,7 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 	p.load.add(machineID, 1)
 	defer p.load.add(machineID, -1)
 	resp, err := p.toSelf.RoundTrip(out)
+	stopAck()
 	if err != nil {
 		if r.Context().Err() != nil {
 			return

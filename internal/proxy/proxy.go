@@ -75,6 +75,10 @@ type Config struct {
 	// candidate is tried.
 	ConnectTimeout    time.Duration
 	MinConnectTimeout time.Duration
+	// AckTimeout plus two measured round trips is how long another host
+	// may take to acknowledge a request it was sent over the backhaul
+	// (ack.go), or ConnectTimeout when the round trip is not known.
+	AckTimeout time.Duration
 	// BodyReadTimeout is how long a client may take to send a body the
 	// edge buffers (at most MaxBufferedBody): a sender slower than that is
 	// answered 408 and holds no buffer longer.
@@ -131,6 +135,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MinConnectTimeout == 0 {
 		c.MinConnectTimeout = min(DefaultMinConnectTimeout, c.ConnectTimeout)
+	}
+	if c.AckTimeout == 0 {
+		c.AckTimeout = min(DefaultAckTimeout, c.ConnectTimeout)
 	}
 	if c.BodyReadTimeout == 0 {
 		c.BodyReadTimeout = DefaultBodyReadTimeout

@@ -1,0 +1,188 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"sync"
+	"time"
+
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// A host that dies with connections open to it goes silent: a request sent
+// on a pooled backhaul connection is written without error and is then
+// never answered, and no connect timeout applies, since nothing connects;
+// a request the host had taken when it died is never answered either. So
+// the far proxy acknowledges every backhaul request at once, with an
+// interim 102 (Processing) written before it does anything else, and again
+// every ackInterval until the machine starts its answer. The edge gives a
+// request that may be sent again (idempotent, its body kept, another
+// candidate left) AckTimeout plus two measured round trips to the host for
+// the first acknowledgement, and ackInterval more for each next one; when
+// one does not come the host is taken as silent: its breaker opens as for
+// a host whose connect timed out, and the request goes to its next
+// candidate. The
+// machine may take as long as it needs to answer: the acknowledgements come
+// from the far proxy, not from the machine.
+
+// DefaultAckTimeout is what a far proxy may take, beyond two round trips,
+// to acknowledge a backhaul request.
+const DefaultAckTimeout = 50 * time.Millisecond
+
+// ackInterval is how often the far proxy acknowledges a request again
+// while its machine has not started the answer.
+const ackInterval = 25 * time.Millisecond
+
+// ackBudget is how long a far host may take to acknowledge a request.
+func (p *Proxy) ackBudget(tg *route.Target) time.Duration {
+	if tg.RTT <= 0 {
+		return p.cfg.ConnectTimeout
+	}
+	return min(p.cfg.AckTimeout+2*tg.RTT, p.cfg.ConnectTimeout)
+}
+
+// keepAcking acknowledges a backhaul request at once, and again every
+// ackInterval until stop is called; stop returns once no acknowledgement
+// is being written, so the caller may answer. Nothing may have been set in
+// the response's header yet: a 1xx carries what is there.
+func keepAcking(w http.ResponseWriter) (stop func()) {
+	w.WriteHeader(http.StatusProcessing)
+	a := &acker{w: w}
+	a.mu.Lock()
+	a.timer = time.AfterFunc(ackInterval, a.tick)
+	a.mu.Unlock()
+	return a.stop
+}
+
+// acker repeats a backhaul request's acknowledgement on a timer: no
+// goroutine while it waits, none at all for a request answered within
+// ackInterval.
+type acker struct {
+	mu      sync.Mutex
+	w       http.ResponseWriter
+	timer   *time.Timer
+	stopped bool
+}
+
+func (a *acker) tick() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.stopped {
+		return
+	}
+	a.w.WriteHeader(http.StatusProcessing)
+	a.timer.Reset(ackInterval)
+}
+
+func (a *acker) stop() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.stopped = true
+	a.timer.Stop()
+}
+
+// silentError is an attempt whose far host did not acknowledge the request
+// in time.
+type silentError struct {
+	host   string
+	budget time.Duration
+}
+
+func (e *silentError) Error() string {
+	return fmt.Sprintf("host %s did not acknowledge the request within %v", e.host, e.budget)
+}
+
+// ackWatch times one attempt's acknowledgement.
+type ackWatch struct {
+	mu     sync.Mutex
+	state  int // ackWaiting, ackDone or ackSilent
+	timer  *time.Timer
+	cancel context.CancelFunc
+	err    *silentError
+}
+
+const (
+	ackWaiting = iota
+	ackDone
+	ackSilent
+)
+
+// watchAck returns the context of an attempt on tg's host that is
+// cancelled when the host does not acknowledge the request within its
+// budget, counted from when the request's headers were written.
+func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context, *ackWatch) {
+	ctx, cancel := context.WithCancel(ctx)
+	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}}
+	trace := &httptrace.ClientTrace{
+		WroteHeaders: func() {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			if a.state == ackWaiting && a.timer == nil {
+				a.timer = time.AfterFunc(a.err.budget, a.expire)
+			}
+		},
+		Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
+			if code == http.StatusProcessing {
+				a.acked()
+			}
+			return nil
+		},
+	}
+	return httptrace.WithClientTrace(ctx, trace), a
+}
+
+func (a *ackWatch) expire() {
+	a.mu.Lock()
+	silent := a.state == ackWaiting
+	if silent {
+		a.state = ackSilent
+	}
+	a.mu.Unlock()
+	if silent {
+		a.cancel()
+	}
+}
+
+// acked gives the host until the next acknowledgement is due.
+func (a *ackWatch) acked() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.state != ackWaiting {
+		return
+	}
+	if a.timer != nil {
+		a.timer.Stop()
+	}
+	a.timer = time.AfterFunc(a.err.budget+ackInterval, a.expire)
+}
+
+// done records the answer; false when the attempt was already given up as
+// silent.
+func (a *ackWatch) done() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.state == ackWaiting {
+		a.state = ackDone
+		if a.timer != nil {
+			a.timer.Stop()
+		}
+	}
+	return a.state == ackDone
+}
+
+// failed returns the attempt's error: a silentError when it was given up
+// for want of an acknowledgement.
+func (a *ackWatch) failed(err error) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.timer != nil {
+		a.timer.Stop()
+	}
+	if a.state == ackSilent {
+		return a.err
+	}
+	return err
+}
