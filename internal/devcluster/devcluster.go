@@ -170,6 +170,8 @@ type Cluster struct {
 	cfg        Config
 	global     *global
 	sim        *simNet
+	// faults are the hosts killed (faults.go).
+	faults faults
 	// toHosts is the control plane's transport to the hosts, unless
 	// Config.Server brought its own client.
 	toHosts *http.Transport
@@ -653,8 +655,11 @@ func (c *Cluster) close() error {
 		errs = append(errs, c.Plane.Close())
 	}
 	for i := len(c.Hosts) - 1; i >= 0; i-- {
-		errs = append(errs, c.Hosts[i].Close())
+		if !c.Killed(c.Hosts[i].ID) { // a killed host closes itself
+			errs = append(errs, c.Hosts[i].Close())
+		}
 	}
+	c.faults.wg.Wait()
 	c.sim.close()
 	errs = append(errs, c.Net.Close())
 	return errors.Join(errs...)

@@ -61,7 +61,7 @@ func startDev(t *testing.T) *Cluster {
 
 func ptr[T any](v T) *T { return &v }
 
-func waitUntil(t *testing.T, what string, cond func() bool) {
+func waitUntil(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	for end := time.Now().Add(15 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(end) {

@@ -1,6 +1,7 @@
 package devcluster
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/flamehq/flame/internal/geo"
@@ -43,11 +45,27 @@ func clientMember(region string) string { return "client-" + region }
 type global struct {
 	srv     *http.Server
 	ln      net.Listener
-	client  string                            // the default client region
-	proxies map[string]*httputil.ReverseProxy // by client region
-	edgeOf  map[string]string                 // client region → region of the nearest edge
-	known   string                            // the client regions, for errors
+	client  string                                       // the default client region
+	order   map[string][]string                          // client region → regions of the edges, nearest first
+	proxies map[string]map[string]*httputil.ReverseProxy // client region → edge region → proxy
+	known   string                                       // the client regions, for errors
 	trs     []*http.Transport
+
+	// down is closed, per edge region, once that edge's host was killed
+	// (faults.go): the entry hands it nothing more, and what is in flight
+	// through it is cut.
+	mu   sync.Mutex
+	down map[string]chan struct{}
+}
+
+// attemptKey carries, in a request's context, where the entry's error
+// handler leaves a failure the entry may retry elsewhere.
+type attemptKey struct{}
+
+type attempt struct {
+	edgeDown   <-chan struct{}
+	replayable bool // an idempotent request without a body
+	retry      bool // it failed because its edge died: send it to the next
 }
 
 // startGlobal listens on addr and serves the global entry in front of
@@ -60,29 +78,43 @@ func (c *Cluster) startGlobal(addr, client string, edges map[string]string) (*gl
 	for r := range edges {
 		codes = append(codes, r)
 	}
-	g := &global{client: client, proxies: map[string]*httputil.ReverseProxy{}, edgeOf: map[string]string{}}
+	g := &global{client: client, order: map[string][]string{},
+		proxies: map[string]map[string]*httputil.ReverseProxy{}, down: map[string]chan struct{}{}}
+	for _, r := range codes {
+		g.down[r] = make(chan struct{})
+	}
 	var known []string
 	for _, from := range geo.All() {
 		known = append(known, from.Code)
-		near := geo.Nearest(from, codes)[0]
-		g.edgeOf[from.Code] = near
-		target := &url.URL{Scheme: "http", Host: edges[near]}
+		g.order[from.Code] = geo.Nearest(from, codes)
 		tr := &http.Transport{
 			DialContext:         c.sim.dialerFrom(clientMember(from.Code)),
 			MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second,
 			ResponseHeaderTimeout: 5 * time.Minute,
 		}
 		g.trs = append(g.trs, tr)
-		g.proxies[from.Code] = &httputil.ReverseProxy{
-			Rewrite: func(pr *httputil.ProxyRequest) {
-				pr.SetURL(target)
-				pr.Out.Host = pr.In.Host // the edge routes by the app's name
-				pr.Out.Header.Del(ClientRegionHeader)
-			},
-			Transport: tr,
-			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-				http.Error(w, fmt.Sprintf("global entry: the %s edge: %v", near, err), http.StatusBadGateway)
-			},
+		g.proxies[from.Code] = map[string]*httputil.ReverseProxy{}
+		for _, near := range codes {
+			target := &url.URL{Scheme: "http", Host: edges[near]}
+			g.proxies[from.Code][near] = &httputil.ReverseProxy{
+				Rewrite: func(pr *httputil.ProxyRequest) {
+					pr.SetURL(target)
+					pr.Out.Host = pr.In.Host // the edge routes by the app's name
+					pr.Out.Header.Del(ClientRegionHeader)
+				},
+				Transport: tr,
+				ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+					if a, ok := r.Context().Value(attemptKey{}).(*attempt); ok && a.replayable {
+						select {
+						case <-a.edgeDown:
+							a.retry = true
+							return // ServeHTTP sends it to the next edge
+						default:
+						}
+					}
+					http.Error(w, fmt.Sprintf("global entry: the %s edge: %v", near, err), http.StatusBadGateway)
+				},
+			}
 		}
 	}
 	g.known = strings.Join(known, ", ")
@@ -102,6 +134,33 @@ func (c *Cluster) startGlobal(addr, client string, edges map[string]string) (*gl
 	return g, nil
 }
 
+// edgeDown withdraws a region's edge: its host was killed.
+func (g *global) edgeDown(region string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if ch, ok := g.down[region]; ok {
+		select {
+		case <-ch:
+		default:
+			close(ch)
+		}
+	}
+}
+
+// live returns the channel closed when a region's edge goes down, and
+// whether it is up now.
+func (g *global) live(region string) (<-chan struct{}, bool) {
+	g.mu.Lock()
+	ch := g.down[region]
+	g.mu.Unlock()
+	select {
+	case <-ch:
+		return ch, false
+	default:
+		return ch, true
+	}
+}
+
 func (g *global) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	from := g.client
 	if v := r.Header.Values(ClientRegionHeader); len(v) > 0 {
@@ -115,8 +174,49 @@ func (g *global) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	g.proxies[from].ServeHTTP(w, r)
+	// The nearest edge that is up. A request in flight through an edge
+	// that dies is cut, as the connection to a dead point of presence is;
+	// an idempotent one without a body is sent again to the next nearest
+	// edge, as a client retries it.
+	replayable := r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+	default:
+		replayable = false
+	}
+	for _, near := range g.order[from] {
+		down, up := g.live(near)
+		if !up {
+			continue
+		}
+		ctx, cancel := context.WithCancel(r.Context())
+		stop := context.AfterFunc(chanContext(down), cancel)
+		a := &attempt{edgeDown: down, replayable: replayable}
+		rr := r.WithContext(context.WithValue(ctx, attemptKey{}, a))
+		g.proxies[from][near].ServeHTTP(w, rr)
+		stop()
+		cancel()
+		if !a.retry {
+			return
+		}
+	}
+	http.Error(w, "global entry: no edge is up", http.StatusBadGateway)
 }
+
+// chanContext is a context done when its channel is closed.
+type chanContext <-chan struct{}
+
+func (c chanContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (c chanContext) Done() <-chan struct{}       { return c }
+func (c chanContext) Err() error {
+	select {
+	case <-c:
+		return context.Canceled
+	default:
+		return nil
+	}
+}
+func (c chanContext) Value(any) any { return nil }
 
 // close stops listening and cuts what is in flight.
 func (g *global) close() error {

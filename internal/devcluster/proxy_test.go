@@ -58,7 +58,8 @@ func freePort(t testing.TB) int {
 // startExecCluster starts a dev cluster whose hosts run machines as host
 // processes of this test binary (the demo image runs it as the demo app;
 // modes maps further images to the mode of the binary they run), logs
-// warnings to t, stops it when the test ends and waits for it to converge.
+// warnings to t (unless cfg brings its own logger), stops it when the
+// test ends and waits for it to converge.
 func startExecCluster(t testing.TB, cfg Config, modes map[string]string) *Cluster {
 	t.Helper()
 	self, err := os.Executable()
@@ -72,7 +73,9 @@ func startExecCluster(t testing.TB, cfg Config, modes map[string]string) *Cluste
 	over := new(atomic.Bool)
 	t.Cleanup(func() { over.Store(true) })
 	cfg.Dir, cfg.Token, cfg.Seed = t.TempDir(), "t", 1
-	cfg.Logger = slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
 	cfg.NewDriver = func(string, int, string) (driver.Driver, error) {
 		return exec.New(exec.Config{Images: images}, nil), nil
 	}

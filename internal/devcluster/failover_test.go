@@ -1,0 +1,539 @@
+package devcluster
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// Failover under load. One cluster of two regions, ams and iad, three hosts
+// each (the first of each has the region's edge), two demo machines on
+// every host, none restarted by its host when it dies. Three clients send
+// GETs at a steady rate with bounded concurrency, each request doing a
+// little work on its machine (?delay), and record every answer:
+//
+//   - "ams edge": straight to the ams edge;
+//   - "global": through the global entry, from a client in ams;
+//   - "iad edge, prefer ams": to the iad edge with fly-prefer-region: ams,
+//     so the iad edge delivers to ams over the backhaul, 80 ms away.
+//
+// Then, a phase apart and with the load running throughout: one machine of
+// ams-2 is killed (SIGKILL); the host ams-3 is killed (silent, its machines
+// gone); the "ams edge" client stops (its edge is about to die) and every
+// host of ams is killed. No request may fail.
+//
+// What is measured, per fault and client (failoverReport):
+//
+//   - the fault's instant F: when the fault began (before the first
+//     process was killed or host silenced);
+//   - "last touch": from F to the last attempt an edge made on a dead
+//     target (the killed machine, a machine of a killed host) and saw fail
+//     — a refused or reset connection, the far host saying the machine is
+//     gone, a connect or acknowledgement that timed out. Every request sent
+//     after it is served elsewhere on its first attempt. It is read from the
+//     edges' own record of failed attempts (the proxy's "candidate failed"
+//     log record), over all edges, so it is per fault, not per client;
+//   - "served elsewhere": from F until the last request that was in flight
+//     at F or sent after it and was held up by the fault — it took longer
+//     than twice the larger of the p99 before F and the p50 after the
+//     fault, plus 20 ms — was answered; 0 when none was held up;
+//   - p50/p99 latency of the requests sent in the second before F
+//     (before), in the second after F (during), and from then to the next
+//     fault (after).
+
+// failoverOpts sizes a failover run.
+type failoverOpts struct {
+	rate        int           // requests per second, per client
+	concurrency int           // requests in flight at most, per client
+	work        time.Duration // each request's delay on its machine
+	phase       time.Duration // from one fault to the next
+}
+
+// sample is one request as its client saw it.
+type sample struct {
+	sent, done time.Time
+	status     int
+	err        string
+	machine    string
+	region     string
+}
+
+func (s sample) failed() bool { return s.err != "" || s.status != http.StatusOK }
+
+// loadClient sends GETs for the demo app at a steady rate.
+type loadClient struct {
+	name   string
+	url    string
+	header map[string]string
+	opts   failoverOpts
+
+	mu      sync.Mutex
+	samples []sample
+	stop    context.CancelFunc
+	done    chan struct{}
+}
+
+func (lc *loadClient) start(client *http.Client) {
+	ctx, cancel := context.WithCancel(context.Background())
+	lc.stop, lc.done = cancel, make(chan struct{})
+	go func() {
+		defer close(lc.done)
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		sem := make(chan struct{}, lc.opts.concurrency)
+		interval := time.Second / time.Duration(lc.opts.rate)
+		next := time.Now()
+		for {
+			next = next.Add(interval)
+			if d := time.Until(next); d > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(d):
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case sem <- struct{}{}:
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				s := lc.one(client)
+				lc.mu.Lock()
+				lc.samples = append(lc.samples, s)
+				lc.mu.Unlock()
+			}()
+		}
+	}()
+}
+
+// halt stops sending and waits for the requests in flight.
+func (lc *loadClient) halt() {
+	lc.stop()
+	<-lc.done
+}
+
+func (lc *loadClient) one(client *http.Client) sample {
+	url := lc.url + "/?delay=" + lc.opts.work.String()
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Host = "demo.localhost"
+	for k, v := range lc.header {
+		req.Header.Set(k, v)
+	}
+	s := sample{sent: time.Now()}
+	resp, err := client.Do(req)
+	if err != nil {
+		s.done, s.err = time.Now(), err.Error()
+		return s
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	s.done, s.status = time.Now(), resp.StatusCode
+	if err != nil {
+		s.err = err.Error()
+		return s
+	}
+	if resp.StatusCode != http.StatusOK {
+		s.err = strings.TrimSpace(string(b))
+		return s
+	}
+	var id struct {
+		Env map[string]string `json:"env"`
+	}
+	if err := json.Unmarshal(b, &id); err != nil {
+		s.err = fmt.Sprintf("not the demo app's answer: %.200s", b)
+		return s
+	}
+	s.machine, s.region = id.Env["FLY_MACHINE_ID"], id.Env["FLY_REGION"]
+	return s
+}
+
+func (lc *loadClient) all() []sample {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	out := slices.Clone(lc.samples)
+	sort.Slice(out, func(i, j int) bool { return out[i].sent.Before(out[j].sent) })
+	return out
+}
+
+// attemptLog records the edges' failed attempts (the proxy's "candidate
+// failed" records) and passes warnings on to the test's log.
+type attemptLog struct {
+	next  slog.Handler
+	attrs []slog.Attr
+	rec   *attempts
+}
+
+type attempts struct {
+	mu     sync.Mutex
+	failed []failedAttempt
+}
+
+type failedAttempt struct {
+	at            time.Time
+	machine, host string
+}
+
+func (h *attemptLog) Enabled(ctx context.Context, l slog.Level) bool { return true }
+
+func (h *attemptLog) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == "candidate failed" {
+		fa := failedAttempt{at: r.Time}
+		r.Attrs(func(a slog.Attr) bool {
+			switch a.Key {
+			case "machine":
+				fa.machine = a.Value.String()
+			case "host":
+				fa.host = a.Value.String()
+			}
+			return true
+		})
+		h.rec.mu.Lock()
+		h.rec.failed = append(h.rec.failed, fa)
+		h.rec.mu.Unlock()
+	}
+	if r.Level >= slog.LevelWarn {
+		return h.next.WithAttrs(h.attrs).Handle(ctx, r)
+	}
+	return nil
+}
+
+func (h *attemptLog) WithAttrs(as []slog.Attr) slog.Handler {
+	return &attemptLog{next: h.next, attrs: append(slices.Clone(h.attrs), as...), rec: h.rec}
+}
+
+func (h *attemptLog) WithGroup(string) slog.Handler { return h }
+
+// fault is one fault of the run: when it began and what it killed.
+type fault struct {
+	name     string
+	at       time.Time
+	machines map[string]bool // dead machines
+	clients  []*loadClient   // the clients running through it
+}
+
+// failoverRun is what a run leaves to check and report.
+type failoverRun struct {
+	clients  []*loadClient
+	faults   []*fault
+	attempts *attempts
+	machines map[string]string // machine id → host id
+	opts     failoverOpts
+}
+
+// runFailover starts the cluster and the machines, runs the load and the
+// faults, and returns what was recorded.
+func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
+	ctx := context.Background()
+	run := &failoverRun{attempts: &attempts{}, machines: map[string]string{}, opts: opts}
+	// The cluster's log: warnings to the test, failed attempts recorded.
+	over := new(atomic.Bool)
+	t.Cleanup(func() { over.Store(true) })
+	logger := slog.New(&attemptLog{rec: run.attempts,
+		next: slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn})})
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 3, Logger: logger}, nil)
+	byHost := map[string]*Host{}
+	for _, h := range c.Hosts {
+		byHost[h.ID] = h
+	}
+	for _, h := range c.Hosts {
+		for range 2 {
+			port := freePort(t)
+			m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+				Image:   host.DemoImage,
+				Env:     map[string]string{"PORT": strconv.Itoa(port)},
+				Restart: &api.MachineRestart{Policy: api.RestartNo},
+				Services: []api.MachineService{{
+					Protocol: "tcp", InternalPort: port,
+					Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
+					Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
+				}},
+			}})
+			if err != nil {
+				t.Fatalf("create on %s: %v", h.ID, err)
+			}
+			run.machines[m.ID] = h.ID
+		}
+	}
+	edges := c.Edges()
+	amsEdge, iadEdge := byHost["ams-1"], byHost["iad-1"]
+	waitUntil(t, "every machine routable at both edges", func() bool {
+		for _, e := range []*Host{amsEdge, iadEdge} {
+			n := 0
+			for _, tg := range e.Proxy.Table().Targets("demo", 80) {
+				if tg.Excluded == route.Included {
+					n++
+				}
+			}
+			if n != len(run.machines) {
+				return false
+			}
+		}
+		return true
+	})
+	waitUntil(t, "RTTs measured from both edges", func() bool {
+		a, i := amsEdge.Cluster.Snapshot(), iadEdge.Cluster.Snapshot()
+		for _, h := range c.Hosts {
+			if h != amsEdge && a.RTT(h.ID) <= 0 || h != iadEdge && i.RTT(h.ID) <= 0 {
+				return false
+			}
+		}
+		return true
+	})
+
+	tr := &http.Transport{MaxIdleConnsPerHost: opts.concurrency * 3, MaxConnsPerHost: 0}
+	t.Cleanup(tr.CloseIdleConnections)
+	client := &http.Client{Transport: tr, Timeout: 20 * time.Second}
+	direct := &loadClient{name: "ams edge", url: "http://" + edges["ams"], opts: opts}
+	global := &loadClient{name: "global", url: "http://" + c.GlobalAddr, opts: opts}
+	remote := &loadClient{name: "iad edge, prefer ams", url: "http://" + edges["iad"],
+		header: map[string]string{"fly-prefer-region": "ams"}, opts: opts}
+	run.clients = []*loadClient{direct, global, remote}
+	for _, lc := range run.clients {
+		lc.start(client)
+	}
+	t.Cleanup(func() {
+		for _, lc := range run.clients {
+			if lc.stop != nil {
+				lc.stop()
+			}
+		}
+	})
+	time.Sleep(opts.phase)
+
+	onHost := func(ids ...string) map[string]bool {
+		out := map[string]bool{}
+		for m, h := range run.machines {
+			if slices.Contains(ids, h) {
+				out[m] = true
+			}
+		}
+		return out
+	}
+	// One machine of ams-2.
+	var victim string
+	for m := range onHost("ams-2") {
+		victim = m
+		break
+	}
+	f := &fault{name: "machine killed (ams-2)", at: time.Now(), machines: map[string]bool{victim: true}, clients: run.clients}
+	if _, err := c.KillMachine(ctx, "demo", victim); err != nil {
+		t.Fatal(err)
+	}
+	run.faults = append(run.faults, f)
+	time.Sleep(opts.phase)
+
+	f = &fault{name: "host killed (ams-3)", at: time.Now(), machines: onHost("ams-3"), clients: run.clients}
+	if err := c.KillHost(ctx, "ams-3"); err != nil {
+		t.Fatal(err)
+	}
+	run.faults = append(run.faults, f)
+	time.Sleep(opts.phase)
+
+	// The ams edge dies with its region: its own client stops first.
+	direct.halt()
+	f = &fault{name: "region killed (ams)", at: time.Now(), machines: onHost("ams-1", "ams-2", "ams-3"), clients: []*loadClient{global, remote}}
+	for m := range run.faults[0].machines {
+		f.machines[m] = true
+	}
+	if _, err := c.KillRegion(ctx, "ams"); err != nil {
+		t.Fatal(err)
+	}
+	run.faults = append(run.faults, f)
+	time.Sleep(opts.phase)
+	global.halt()
+	remote.halt()
+	return run
+}
+
+// check fails the test for every failed request and every answer from a
+// machine after it died, and checks where the requests went after the
+// region died.
+func (run *failoverRun) check(t testing.TB) {
+	for _, lc := range run.clients {
+		ss := lc.all()
+		if len(ss) == 0 {
+			t.Errorf("%s: no request sent", lc.name)
+		}
+		var failed []string
+		for _, s := range ss {
+			if s.failed() {
+				failed = append(failed, fmt.Sprintf("sent %s: status %d: %s", s.sent.Format("15:04:05.000"), s.status, s.err))
+			}
+		}
+		if len(failed) > 0 {
+			t.Errorf("%s: %d of %d requests failed; the first: %s", lc.name, len(failed), len(ss), strings.Join(failed[:min(5, len(failed))], "; "))
+		}
+		for _, f := range run.faults {
+			for _, s := range ss {
+				if f.machines[s.machine] && s.sent.After(f.at) {
+					t.Errorf("%s: a request sent %v after %s answered by machine %s, which it killed",
+						lc.name, s.sent.Sub(f.at), f.name, s.machine)
+					break
+				}
+			}
+		}
+	}
+	// After the region died, both remaining clients are served from iad.
+	last := run.faults[len(run.faults)-1]
+	for _, lc := range last.clients {
+		n := 0
+		for _, s := range lc.all() {
+			if s.sent.After(last.at) && !s.failed() {
+				n++
+				if s.region != "iad" {
+					t.Errorf("%s: after ams died, answered from %q", lc.name, s.region)
+					break
+				}
+			}
+		}
+		if n == 0 {
+			t.Errorf("%s: no request answered after ams died", lc.name)
+		}
+	}
+}
+
+// failoverReport is one line of the measurement: one fault, one client.
+type failoverReport struct {
+	fault, client         string
+	requests, failed      int
+	lastTouch, elsewhere  time.Duration
+	held                  int // requests held up by the fault
+	before, during, after [2]time.Duration
+	touches               int
+}
+
+func (run *failoverRun) report() []failoverReport {
+	run.attempts.mu.Lock()
+	failedAttempts := slices.Clone(run.attempts.failed)
+	run.attempts.mu.Unlock()
+	var out []failoverReport
+	for i, f := range run.faults {
+		end := time.Now()
+		if i+1 < len(run.faults) {
+			end = run.faults[i+1].at
+		}
+		dead := map[string]bool{}
+		for m := range f.machines {
+			dead[m] = true
+		}
+		var lastTouch time.Duration
+		touches := 0
+		for _, a := range failedAttempts {
+			if a.at.Before(f.at) || !a.at.Before(end) || !dead[a.machine] {
+				continue
+			}
+			touches++
+			lastTouch = max(lastTouch, a.at.Sub(f.at))
+		}
+		for _, lc := range f.clients {
+			r := failoverReport{fault: f.name, client: lc.name, lastTouch: lastTouch, touches: touches}
+			var before, during, after []time.Duration
+			ss := lc.all()
+			for _, s := range ss {
+				switch d := s.sent.Sub(f.at); {
+				case d >= -time.Second && d < 0:
+					before = append(before, s.done.Sub(s.sent))
+				case d >= 0 && d < time.Second && s.sent.Before(end):
+					during = append(during, s.done.Sub(s.sent))
+				case d >= time.Second && s.sent.Before(end):
+					after = append(after, s.done.Sub(s.sent))
+				}
+			}
+			r.before, r.during, r.after = percentiles(before), percentiles(during), percentiles(after)
+			// Held up: slower than both the paths before and after the
+			// fault (the path after may be longer: another region).
+			slow := 2*max(r.before[1], r.after[0]) + 20*time.Millisecond
+			for _, s := range ss {
+				if !s.done.After(f.at) || !s.sent.Before(end) {
+					continue
+				}
+				r.requests++
+				if s.failed() {
+					r.failed++
+				}
+				if s.done.Sub(s.sent) > slow {
+					r.held++
+					r.elsewhere = max(r.elsewhere, s.done.Sub(f.at))
+				}
+			}
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// percentiles are the p50 and p99 of ds.
+func percentiles(ds []time.Duration) [2]time.Duration {
+	if len(ds) == 0 {
+		return [2]time.Duration{}
+	}
+	slices.Sort(ds)
+	at := func(p float64) time.Duration { return ds[min(len(ds)-1, int(p*float64(len(ds))))] }
+	return [2]time.Duration{at(0.50), at(0.99)}
+}
+
+func formatReport(rs []failoverReport) string {
+	var b strings.Builder
+	ms := func(d time.Duration) string {
+		return strconv.FormatFloat(float64(d)/float64(time.Millisecond), 'f', 1, 64)
+	}
+	fmt.Fprintf(&b, "%-24s %-22s %6s %6s %7s %6s %7s %6s %-13s %-13s %-13s\n",
+		"fault", "client", "reqs", "failed", "touches", "last", "elsewh", "held", "before p50/99", "during p50/99", "after p50/99")
+	for _, r := range rs {
+		fmt.Fprintf(&b, "%-24s %-22s %6d %6d %7d %6s %7s %6d %-13s %-13s %-13s\n",
+			r.fault, r.client, r.requests, r.failed, r.touches, ms(r.lastTouch), ms(r.elsewhere), r.held,
+			ms(r.before[0])+"/"+ms(r.before[1]), ms(r.during[0])+"/"+ms(r.during[1]), ms(r.after[0])+"/"+ms(r.after[1]))
+	}
+	return b.String()
+}
+
+// TestFailoverUnderLoad: with GETs arriving steadily at the ams edge,
+// through the global entry and at the iad edge preferring ams, a machine,
+// then a host, then every host of ams are killed — and no request fails.
+// The figures are printed, for the record; BenchmarkFailover is the
+// measurement (docs/BENCHMARKS.md).
+func TestFailoverUnderLoad(t *testing.T) {
+	run := runFailover(t, failoverOpts{rate: 50, concurrency: 8, work: 5 * time.Millisecond, phase: 2500 * time.Millisecond})
+	run.check(t)
+	t.Logf("\n%s", formatReport(run.report()))
+}
+
+// BenchmarkFailover runs the failover scenarios at a few hundred requests
+// a second per client and prints, per fault and client, the failed
+// requests, the time until every request was served elsewhere and the
+// latencies before, during and after. One run, whatever b.N.
+func BenchmarkFailover(b *testing.B) {
+	for range b.N {
+	}
+	run := runFailover(b, failoverOpts{rate: 300, concurrency: 32, work: 5 * time.Millisecond, phase: 5 * time.Second})
+	run.check(b)
+	rs := run.report()
+	fmt.Printf("\n%s", formatReport(rs))
+	for i, f := range run.faults {
+		for _, r := range rs {
+			if r.fault == f.name {
+				b.ReportMetric(float64(r.lastTouch)/float64(time.Millisecond), fmt.Sprintf("ms-last-touch-%d", i+1))
+				break
+			}
+		}
+	}
+}
