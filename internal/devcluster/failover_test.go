@@ -52,9 +52,10 @@ import (
 //     at F or sent after it and was held up by the fault — it took longer
 //     than twice the larger of the p99 before F and the p50 after the
 //     fault, plus 20 ms — was answered; 0 when none was held up;
-//   - p50/p99 latency of the requests sent in the second before F
-//     (before), in the second after F (during), and from then to the next
-//     fault (after).
+//   - p50/p99 latency of the requests sent and answered in the second
+//     before F (before), sent in the second after F (during), and sent
+//     from then on (after), each answered before the next fault (a
+//     request in flight at a fault counts for that fault).
 
 // failoverOpts sizes a failover run.
 type failoverOpts struct {
@@ -188,8 +189,9 @@ type attempts struct {
 }
 
 type failedAttempt struct {
-	at            time.Time
-	machine, host string
+	at                  time.Time
+	edge, machine, host string // the edge's host, the machine, its host
+	err                 string
 }
 
 func (h *attemptLog) Enabled(ctx context.Context, l slog.Level) bool { return true }
@@ -197,12 +199,19 @@ func (h *attemptLog) Enabled(ctx context.Context, l slog.Level) bool { return tr
 func (h *attemptLog) Handle(ctx context.Context, r slog.Record) error {
 	if r.Message == "candidate failed" {
 		fa := failedAttempt{at: r.Time}
+		for _, a := range h.attrs {
+			if a.Key == "host" && fa.edge == "" {
+				fa.edge = a.Value.String()
+			}
+		}
 		r.Attrs(func(a slog.Attr) bool {
 			switch a.Key {
 			case "machine":
 				fa.machine = a.Value.String()
 			case "host":
 				fa.host = a.Value.String()
+			case "err":
+				fa.err = a.Value.String()
 			}
 			return true
 		})
@@ -227,6 +236,7 @@ type fault struct {
 	name     string
 	at       time.Time
 	machines map[string]bool // dead machines
+	hosts    []string        // the hosts it killed
 	clients  []*loadClient   // the clients running through it
 }
 
@@ -237,6 +247,7 @@ type failoverRun struct {
 	attempts *attempts
 	machines map[string]string // machine id → host id
 	opts     failoverOpts
+	verbose  func(format string, args ...any) // when set, report lists every touch
 }
 
 // runFailover starts the cluster and the machines, runs the load and the
@@ -341,7 +352,7 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 	run.faults = append(run.faults, f)
 	time.Sleep(opts.phase)
 
-	f = &fault{name: "host killed (ams-3)", at: time.Now(), machines: onHost("ams-3"), clients: run.clients}
+	f = &fault{name: "host killed (ams-3)", at: time.Now(), machines: onHost("ams-3"), hosts: []string{"ams-3"}, clients: run.clients}
 	if err := c.KillHost(ctx, "ams-3"); err != nil {
 		t.Fatal(err)
 	}
@@ -350,7 +361,8 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 
 	// The ams edge dies with its region: its own client stops first.
 	direct.halt()
-	f = &fault{name: "region killed (ams)", at: time.Now(), machines: onHost("ams-1", "ams-2", "ams-3"), clients: []*loadClient{global, remote}}
+	f = &fault{name: "region killed (ams)", at: time.Now(), machines: onHost("ams-1", "ams-2", "ams-3"),
+		hosts: []string{"ams-1", "ams-2", "ams-3"}, clients: []*loadClient{global, remote}}
 	for m := range run.faults[0].machines {
 		f.machines[m] = true
 	}
@@ -431,30 +443,42 @@ func (run *failoverRun) report() []failoverReport {
 		if i+1 < len(run.faults) {
 			end = run.faults[i+1].at
 		}
-		dead := map[string]bool{}
-		for m := range f.machines {
-			dead[m] = true
+		// The attempts of live edges on what the fault killed (a dead
+		// edge's own attempts reach no client).
+		deadEdge := map[string]bool{}
+		for _, g := range run.faults[:i+1] {
+			for _, h := range g.hosts {
+				deadEdge[h] = true
+			}
 		}
 		var lastTouch time.Duration
 		touches := 0
 		for _, a := range failedAttempts {
-			if a.at.Before(f.at) || !a.at.Before(end) || !dead[a.machine] {
+			if a.at.Before(f.at) || !a.at.Before(end) || !f.machines[a.machine] || deadEdge[a.edge] {
 				continue
 			}
 			touches++
 			lastTouch = max(lastTouch, a.at.Sub(f.at))
+			if run.verbose != nil {
+				run.verbose("%s: +%v at the %s edge: %s on %s: %s", f.name, a.at.Sub(f.at).Round(time.Millisecond), a.edge, a.machine, a.host, a.err)
+			}
 		}
 		for _, lc := range f.clients {
 			r := failoverReport{fault: f.name, client: lc.name, lastTouch: lastTouch, touches: touches}
+			// A request still in flight when the next fault comes is the
+			// next fault's.
 			var before, during, after []time.Duration
 			ss := lc.all()
 			for _, s := range ss {
+				if !s.done.Before(end) {
+					continue
+				}
 				switch d := s.sent.Sub(f.at); {
-				case d >= -time.Second && d < 0:
+				case d >= -time.Second && d < 0 && s.done.Before(f.at):
 					before = append(before, s.done.Sub(s.sent))
-				case d >= 0 && d < time.Second && s.sent.Before(end):
+				case d >= 0 && d < time.Second:
 					during = append(during, s.done.Sub(s.sent))
-				case d >= time.Second && s.sent.Before(end):
+				case d >= time.Second:
 					after = append(after, s.done.Sub(s.sent))
 				}
 			}
@@ -463,7 +487,7 @@ func (run *failoverRun) report() []failoverReport {
 			// fault (the path after may be longer: another region).
 			slow := 2*max(r.before[1], r.after[0]) + 20*time.Millisecond
 			for _, s := range ss {
-				if !s.done.After(f.at) || !s.sent.Before(end) {
+				if !s.done.After(f.at) || !s.done.Before(end) {
 					continue
 				}
 				r.requests++
@@ -514,6 +538,9 @@ func formatReport(rs []failoverReport) string {
 func TestFailoverUnderLoad(t *testing.T) {
 	run := runFailover(t, failoverOpts{rate: 50, concurrency: 8, work: 5 * time.Millisecond, phase: 2500 * time.Millisecond})
 	run.check(t)
+	if testing.Verbose() {
+		run.verbose = t.Logf
+	}
 	t.Logf("\n%s", formatReport(run.report()))
 }
 
