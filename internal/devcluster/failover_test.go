@@ -234,7 +234,8 @@ func (h *attemptLog) WithGroup(string) slog.Handler { return h }
 // fault is one fault of the run: when it began and what it killed.
 type fault struct {
 	name     string
-	at       time.Time
+	at       time.Time // when the fault began
+	over     time.Time // when it was complete: every process gone, every host silent
 	machines map[string]bool // dead machines
 	hosts    []string        // the hosts it killed
 	clients  []*loadClient   // the clients running through it
@@ -349,6 +350,7 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 	if _, err := c.KillMachine(ctx, "demo", victim); err != nil {
 		t.Fatal(err)
 	}
+	f.over = time.Now()
 	run.faults = append(run.faults, f)
 	time.Sleep(opts.phase)
 
@@ -356,6 +358,7 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 	if err := c.KillHost(ctx, "ams-3"); err != nil {
 		t.Fatal(err)
 	}
+	f.over = time.Now()
 	run.faults = append(run.faults, f)
 	time.Sleep(opts.phase)
 
@@ -369,6 +372,7 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 	if _, err := c.KillRegion(ctx, "ams"); err != nil {
 		t.Fatal(err)
 	}
+	f.over = time.Now()
 	run.faults = append(run.faults, f)
 	time.Sleep(opts.phase)
 	global.halt()
@@ -396,7 +400,7 @@ func (run *failoverRun) check(t testing.TB) {
 		}
 		for _, f := range run.faults {
 			for _, s := range ss {
-				if f.machines[s.machine] && s.sent.After(f.at) {
+				if f.machines[s.machine] && s.sent.After(f.over) {
 					t.Errorf("%s: a request sent %v after %s answered by machine %s, which it killed",
 						lc.name, s.sent.Sub(f.at), f.name, s.machine)
 					break
@@ -409,7 +413,7 @@ func (run *failoverRun) check(t testing.TB) {
 	for _, lc := range last.clients {
 		n := 0
 		for _, s := range lc.all() {
-			if s.sent.After(last.at) && !s.failed() {
+			if s.sent.After(last.over) && !s.failed() {
 				n++
 				if s.region != "iad" {
 					t.Errorf("%s: after ams died, answered from %q", lc.name, s.region)
