@@ -48,10 +48,8 @@ import (
 //     after it is served elsewhere on its first attempt. It is read from the
 //     edges' own record of failed attempts (the proxy's "candidate failed"
 //     log record), over all edges, so it is per fault, not per client;
-//   - "served elsewhere": from F until the last request that was in flight
-//     at F or sent after it and was held up by the fault — it took longer
-//     than twice the larger of the p99 before F and the p50 after the
-//     fault, plus 20 ms — was answered; 0 when none was held up;
+//   - "first touch": from F to the first such failed attempt — when an
+//     edge first met the fault and moved a request on;
 //   - p50/p99 latency of the requests sent and answered in the second
 //     before F (before), sent in the second after F (during), and sent
 //     from then on (after), each answered before the next fault (a
@@ -234,8 +232,8 @@ func (h *attemptLog) WithGroup(string) slog.Handler { return h }
 // fault is one fault of the run: when it began and what it killed.
 type fault struct {
 	name     string
-	at       time.Time // when the fault began
-	over     time.Time // when it was complete: every process gone, every host silent
+	at       time.Time       // when the fault began
+	over     time.Time       // when it was complete: every process gone, every host silent
 	machines map[string]bool // dead machines
 	hosts    []string        // the hosts it killed
 	clients  []*loadClient   // the clients running through it
@@ -431,10 +429,9 @@ func (run *failoverRun) check(t testing.TB) {
 type failoverReport struct {
 	fault, client         string
 	requests, failed      int
-	lastTouch, elsewhere  time.Duration
-	held                  int // requests held up by the fault
-	before, during, after [2]time.Duration
 	touches               int
+	firstTouch, lastTouch time.Duration
+	before, during, after [2]time.Duration
 }
 
 func (run *failoverRun) report() []failoverReport {
@@ -455,11 +452,14 @@ func (run *failoverRun) report() []failoverReport {
 				deadEdge[h] = true
 			}
 		}
-		var lastTouch time.Duration
+		var firstTouch, lastTouch time.Duration
 		touches := 0
 		for _, a := range failedAttempts {
 			if a.at.Before(f.at) || !a.at.Before(end) || !f.machines[a.machine] || deadEdge[a.edge] {
 				continue
+			}
+			if touches == 0 || a.at.Sub(f.at) < firstTouch {
+				firstTouch = a.at.Sub(f.at)
 			}
 			touches++
 			lastTouch = max(lastTouch, a.at.Sub(f.at))
@@ -468,7 +468,7 @@ func (run *failoverRun) report() []failoverReport {
 			}
 		}
 		for _, lc := range f.clients {
-			r := failoverReport{fault: f.name, client: lc.name, lastTouch: lastTouch, touches: touches}
+			r := failoverReport{fault: f.name, client: lc.name, firstTouch: firstTouch, lastTouch: lastTouch, touches: touches}
 			// A request still in flight when the next fault comes is the
 			// next fault's.
 			var before, during, after []time.Duration
@@ -487,20 +487,12 @@ func (run *failoverRun) report() []failoverReport {
 				}
 			}
 			r.before, r.during, r.after = percentiles(before), percentiles(during), percentiles(after)
-			// Held up: slower than both the paths before and after the
-			// fault (the path after may be longer: another region).
-			slow := 2*max(r.before[1], r.after[0]) + 20*time.Millisecond
 			for _, s := range ss {
-				if !s.done.After(f.at) || !s.done.Before(end) {
-					continue
-				}
-				r.requests++
-				if s.failed() {
-					r.failed++
-				}
-				if s.done.Sub(s.sent) > slow {
-					r.held++
-					r.elsewhere = max(r.elsewhere, s.done.Sub(f.at))
+				if s.done.After(f.at) && s.done.Before(end) {
+					r.requests++
+					if s.failed() {
+						r.failed++
+					}
 				}
 			}
 			out = append(out, r)
@@ -524,12 +516,13 @@ func formatReport(rs []failoverReport) string {
 	ms := func(d time.Duration) string {
 		return strconv.FormatFloat(float64(d)/float64(time.Millisecond), 'f', 1, 64)
 	}
-	fmt.Fprintf(&b, "%-24s %-22s %6s %6s %7s %6s %7s %6s %-13s %-13s %-13s\n",
-		"fault", "client", "reqs", "failed", "touches", "last", "elsewh", "held", "before p50/99", "during p50/99", "after p50/99")
+	pq := func(p [2]time.Duration) string { return ms(p[0]) + " / " + ms(p[1]) }
+	fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", "fault", "client", "requests", "failed",
+		"failed attempts on it", "first touch ms", "last touch ms", "before p50 / p99 ms", "during p50 / p99 ms", "after p50 / p99 ms")
+	b.WriteString("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, r := range rs {
-		fmt.Fprintf(&b, "%-24s %-22s %6d %6d %7d %6s %7s %6d %-13s %-13s %-13s\n",
-			r.fault, r.client, r.requests, r.failed, r.touches, ms(r.lastTouch), ms(r.elsewhere), r.held,
-			ms(r.before[0])+"/"+ms(r.before[1]), ms(r.during[0])+"/"+ms(r.during[1]), ms(r.after[0])+"/"+ms(r.after[1]))
+		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %s | %s | %s | %s | %s |\n", r.fault, r.client, r.requests, r.failed,
+			r.touches, ms(r.firstTouch), ms(r.lastTouch), pq(r.before), pq(r.during), pq(r.after))
 	}
 	return b.String()
 }
