@@ -3,10 +3,12 @@ package devcluster
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -17,6 +19,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
@@ -320,11 +323,9 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 	for _, lc := range run.clients {
 		lc.start(client)
 	}
-	t.Cleanup(func() {
+	t.Cleanup(func() { // before the cluster closes
 		for _, lc := range run.clients {
-			if lc.stop != nil {
-				lc.stop()
-			}
+			lc.halt()
 		}
 	})
 	time.Sleep(opts.phase)
@@ -559,5 +560,92 @@ func BenchmarkFailover(b *testing.B) {
 				break
 			}
 		}
+	}
+}
+
+// TestFaultsAreCrashes: a killed machine's processes are gone and its host
+// records the exit (restart policy no: it stays down); a killed host's
+// machines' processes are gone and nothing restarts them (restart policy
+// always), and its peer sees it dead — silent — not left, as a host that
+// says goodbye would be. A host is killed once.
+func TestFaultsAreCrashes(t *testing.T) {
+	ctx := context.Background()
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
+	ams, iad := c.Hosts[0], c.Hosts[1]
+	create := func(h *Host, policy string) string {
+		t.Helper()
+		m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(freePort(t))},
+			Restart: &api.MachineRestart{Policy: policy},
+		}})
+		if err != nil {
+			t.Fatalf("create on %s: %v", h.ID, err)
+		}
+		return m.ID
+	}
+	// A machine's processes are those carrying its id in their
+	// environment (a zombie is gone: its parent reaps it).
+	gone := func(id string) func() bool {
+		return func() bool {
+			ents, _ := os.ReadDir("/proc")
+			for _, e := range ents {
+				env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+				if err != nil || !strings.Contains(string(env), "FLY_MACHINE_ID="+id+"\x00") {
+					continue
+				}
+				if st, err := os.ReadFile("/proc/" + e.Name() + "/stat"); err == nil && !strings.Contains(string(st), ") Z ") {
+					return false
+				}
+			}
+			return true
+		}
+	}
+
+	m := create(ams, api.RestartNo)
+	if gone(m)() {
+		t.Fatalf("no process of machine %s found", m)
+	}
+	if h, err := c.KillMachine(ctx, "demo", m); err != nil || h != ams {
+		t.Fatalf("kill machine %s: host %v, %v", m, h, err)
+	}
+	waitUntil(t, "the killed machine's processes gone", gone(m))
+	waitUntil(t, "the killed machine recorded stopped by its host", func() bool {
+		got, err := ams.Agent.GetMachine(ctx, api.MachineRef{App: "demo", ID: m})
+		return err == nil && got.State == api.StateStopped
+	})
+
+	m = create(iad, api.RestartAlways)
+	if err := c.KillHost(ctx, iad.ID); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the killed host's machine's processes gone", gone(m))
+	var saw []string
+	waitUntil(t, "ams seeing iad dead", func() bool {
+		h := ams.Cluster.Snapshot().Host(iad.ID)
+		if h == nil {
+			return false
+		}
+		if len(saw) == 0 || saw[len(saw)-1] != string(h.Status) {
+			saw = append(saw, string(h.Status))
+		}
+		return h.Status == cluster.StatusDead
+	})
+	if slices.Contains(saw, string(cluster.StatusLeft)) {
+		t.Errorf("ams saw iad as %v: a killed host must not say goodbye", saw)
+	}
+	if !c.Killed(iad.ID) || c.Killed(ams.ID) {
+		t.Errorf("killed: iad %v, ams %v", c.Killed(iad.ID), c.Killed(ams.ID))
+	}
+	if err := c.KillHost(ctx, iad.ID); !errors.Is(err, ErrHostKilled) {
+		t.Errorf("killing iad again: %v, want ErrHostKilled", err)
+	}
+	if _, err := c.KillMachine(ctx, "demo", m); err == nil {
+		t.Error("a machine of a killed host was killed again")
+	}
+	// Nothing restarted the machine (policy always, first restart after
+	// 200 ms): its host's agent died with it.
+	time.Sleep(time.Second)
+	if !gone(m)() {
+		t.Error("a process of the killed host's machine came back")
 	}
 }
