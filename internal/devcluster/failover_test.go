@@ -563,7 +563,8 @@ func BenchmarkFailover(b *testing.B) {
 	}
 }
 
-// TestFaultsAreCrashes: a killed machine's processes are gone and its host
+// TestFaultsAreCrashes: leased machines are killed all the same; a killed
+// machine's processes are gone and its host
 // records the exit (restart policy no: it stays down); a killed host's
 // machines' processes are gone and nothing restarts them (restart policy
 // always), and its peer sees it dead — silent — not left, as a host that
@@ -572,6 +573,7 @@ func TestFaultsAreCrashes(t *testing.T) {
 	ctx := context.Background()
 	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
 	ams, iad := c.Hosts[0], c.Hosts[1]
+	// Each machine is leased, as a deploy leases it: a crash does not ask.
 	create := func(h *Host, policy string) string {
 		t.Helper()
 		m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
@@ -580,6 +582,9 @@ func TestFaultsAreCrashes(t *testing.T) {
 		}})
 		if err != nil {
 			t.Fatalf("create on %s: %v", h.ID, err)
+		}
+		if _, err := h.Agent.AcquireMachineLease(ctx, api.MachineRef{App: "demo", ID: m.ID}, api.LeaseInput{TTL: 60}); err != nil {
+			t.Fatalf("lease %s: %v", m.ID, err)
 		}
 		return m.ID
 	}

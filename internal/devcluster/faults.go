@@ -8,7 +8,6 @@ import (
 	"syscall"
 
 	"github.com/flamehq/flame/api"
-	"github.com/flamehq/flame/internal/machine"
 )
 
 // Faults, as a crash would cause them. A killed machine's processes die
@@ -53,7 +52,7 @@ func (c *Cluster) KillMachine(ctx context.Context, app, machineID string) (*Host
 			if am.App != app || am.Machine.ID != machineID {
 				continue
 			}
-			if err := h.Agent.SignalMachine(ctx, api.MachineRef{App: app, ID: machineID}, "SIGKILL"); err != nil {
+			if err := h.Agent.SignalMachine(ctx, refOf(ctx, h, app, machineID), "SIGKILL"); err != nil {
 				return nil, fmt.Errorf("devcluster: kill machine %s on %s: %w", machineID, h.ID, err)
 			}
 			return h, nil
@@ -126,32 +125,26 @@ func (c *Cluster) kill(ctx context.Context, ids []string) error {
 }
 
 // crash kills a silenced host's machines and closes the host in the
-// background. The agent is closed before the processes are killed, so it
-// neither records their exits nor restarts them: the host's record of its
-// machines stays as a crash leaves it.
+// background. The agent is closed before the processes are listed and
+// killed, so it neither records their exits nor restarts them, and a start
+// it had under way has finished: the host's record of its machines stays
+// as a crash leaves it.
 func (c *Cluster) crash(ctx context.Context, h *Host) error {
-	var pids []int
+	var errs []error
+	if err := h.Agent.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("devcluster: close agent of %s: %w", h.ID, err))
+	}
 	for _, am := range h.Agent.AllMachines() {
-		if am.Machine.State != string(machine.Started) {
+		ps, err := h.Agent.MachineProcesses(ctx, refOf(ctx, h, am.App, am.Machine.ID))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("devcluster: processes of machine %s on %s: %w", am.Machine.ID, h.ID, err))
 			continue
 		}
-		ps, err := h.Agent.MachineProcesses(ctx, api.MachineRef{App: am.App, ID: am.Machine.ID})
-		if err != nil {
-			return fmt.Errorf("devcluster: processes of machine %s on %s: %w", am.Machine.ID, h.ID, err)
-		}
 		for _, p := range ps {
-			pids = append(pids, int(p.Pid))
+			if err := syscall.Kill(int(p.Pid), syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+				errs = append(errs, fmt.Errorf("devcluster: kill process %d of machine %s on %s: %w", p.Pid, am.Machine.ID, h.ID, err))
+			}
 		}
-	}
-	closeErr := h.Agent.Close()
-	var errs []error
-	for _, pid := range pids {
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("devcluster: kill process %d of host %s: %w", pid, h.ID, err))
-		}
-	}
-	if closeErr != nil {
-		errs = append(errs, fmt.Errorf("devcluster: close agent of %s: %w", h.ID, closeErr))
 	}
 	c.faults.wg.Add(1)
 	go func() {
@@ -161,6 +154,16 @@ func (c *Cluster) crash(ctx context.Context, h *Host) error {
 		}
 	}()
 	return errors.Join(errs...)
+}
+
+// refOf names a machine of a host's with the nonce of its lease, if one
+// is held: a crash does not ask the lease's holder.
+func refOf(ctx context.Context, h *Host, app, id string) api.MachineRef {
+	ref := api.MachineRef{App: app, ID: id}
+	if l, err := h.Agent.MachineLease(ctx, ref); err == nil && l.Data != nil {
+		ref.LeaseNonce = l.Data.Nonce
+	}
+	return ref
 }
 
 // host finds a host by id.
