@@ -33,7 +33,7 @@ import (
 //   - "ams edge": straight to the ams edge;
 //   - "global": through the global entry, from a client in ams;
 //   - "iad edge, prefer ams": to the iad edge with fly-prefer-region: ams,
-//     so the iad edge delivers to ams over the backhaul, 80 ms away.
+//     so the iad edge delivers to ams over the backhaul, 94 ms away.
 //
 // Then, a phase apart and with the load running throughout: one machine of
 // ams-2 is killed (SIGKILL); the host ams-3 is killed (silent, its machines

@@ -16,12 +16,15 @@ import (
 // killed host goes silent at once — the simulated network drops what it
 // sends and holds what is sent to it, so its peers see no close, no reset
 // and no goodbye, only silence, as from a server whose power was cut —
-// and its machines' processes die with it; its agent, proxy, gossip, API
+// and its machines' processes die with it, once its agent is closed (so
+// nothing records their exits or restarts them); its proxy, gossip, API
 // and DNS are then closed in the background, out of sight of the rest of
 // the cluster, and never come back. When the host had its region's edge,
-// the global entry stops handing requests to that edge (as anycast
-// withdraws the route of a dead point of presence) and moves the
-// idempotent requests in flight through it to the next nearest edge.
+// the global entry stops handing requests to that edge at once (as
+// anycast withdraws the route of a dead point of presence) and moves the
+// idempotent requests in flight through it to the next nearest edge; a
+// client of the edge's real address may still be answered until the
+// background close reaches it.
 
 // ErrHostKilled is returned for a host that was already killed.
 var ErrHostKilled = errors.New("devcluster: host already killed")
