@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/internal/geo"
@@ -189,8 +191,16 @@ func (g *global) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if !up {
 			continue
 		}
+		// Cut only while the edge has not started answering: bytes that
+		// arrived before it died are on this side of it.
 		ctx, cancel := context.WithCancel(r.Context())
-		stop := context.AfterFunc(chanContext(down), cancel)
+		var answering atomic.Bool
+		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotFirstResponseByte: func() { answering.Store(true) }})
+		stop := context.AfterFunc(chanContext(down), func() {
+			if !answering.Load() {
+				cancel()
+			}
+		})
 		a := &attempt{edgeDown: down, replayable: replayable}
 		rr := r.WithContext(context.WithValue(ctx, attemptKey{}, a))
 		g.proxies[from][near].ServeHTTP(w, rr)
