@@ -48,8 +48,15 @@ func startHolder(t *testing.T, name string, release <-chan struct{}) (*net.TCPAd
 // next candidate; so does a GET the host had taken (its machine working on
 // it) when it died, once the host's acknowledgements stop. Both are
 // answered long before the minute a machine may take to start its answer,
-// which is all the edge would otherwise wait for.
+// which is all the edge would otherwise wait for. Both edge paths: the
+// fast path and net/http's.
 func TestHostDyingUnderRequests(t *testing.T) {
+	for _, path := range []string{"fast", "net/http"} {
+		t.Run(path, func(t *testing.T) { hostDyingUnderRequests(t, path == "net/http") })
+	}
+}
+
+func hostDyingUnderRequests(t *testing.T, netHTTP bool) {
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
 	farAddr, farTook := startHolder(t, "far", release)
@@ -71,7 +78,7 @@ func TestHostDyingUnderRequests(t *testing.T) {
 	near := startBackend(t, "near")
 	// Demotions end when the test says: each request meets fra-1 first.
 	clock := newTestClock()
-	edge := startProxy(t, Config{HostID: "ams-1", Backhaul: bhA, Dial: n.DialerFrom("ams-1"), Now: clock.now})
+	edge := startProxy(t, Config{HostID: "ams-1", Backhaul: bhA, Dial: n.DialerFrom("ams-1"), Now: clock.now, DisableFastPath: netHTTP})
 	fp := startProxy(t, Config{HostID: "fra-1", Backhaul: bhF, Dial: n.DialerFrom("fra-1")})
 	ms := []route.Machine{machine("far", "fra-1", farAddr), machine("near", "ams-1", near.addr)}
 	backhaul := map[string]string{"ams-1": bhA.Addr().String(), "fra-1": bhF.Addr().String()}

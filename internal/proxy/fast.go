@@ -94,7 +94,10 @@ func (fc *fastConn) forward(body []byte) action {
 		} else {
 			tg = skipped[i-len(cands)]
 		}
-		act, err := fc.attempt(st, tg, body, probe)
+		// Over the backhaul, a request that may go to a next candidate
+		// waits only so long for the far host's acknowledgement (ack.go).
+		ack := !tg.OnSelf && i < len(cands)+ns-1 && idempotent(str(req.method))
+		act, err := fc.attempt(st, tg, body, probe, ack)
 		if err == nil {
 			return act
 		}
@@ -118,12 +121,18 @@ func (fc *fastConn) forward(body []byte) action {
 	return actKeep
 }
 
-// attempt sends the request to one candidate. A non-nil error means the
-// candidate failed before its answer started: nothing reached the client.
-func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe bool) (action, error) {
+// attempt sends the request to one candidate (with ack, given up when the
+// candidate's host does not acknowledge it in time). A non-nil error means
+// the candidate failed before its answer started: nothing reached the
+// client.
+func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack bool) (action, error) {
 	p := fc.e.p
 	key := upKey{addr: tg.Addr, port: tg.Port}
 	headerTimeout := p.cfg.ResponseHeaderTimeout
+	var ackBudget time.Duration
+	if ack {
+		ackBudget = p.ackBudget(tg)
+	}
 	if !tg.OnSelf {
 		key = upKey{addr: st.backhaul[tg.Host]}
 		if key.addr == "" {
@@ -149,13 +158,14 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe bool
 			fresh = true
 		}
 		fc.setUp(uc)
-		err := fc.exchange(uc, tg, body, headerTimeout)
+		err := fc.exchange(uc, tg, body, headerTimeout, ackBudget)
 		if err == nil {
 			break
 		}
 		fc.setUp(nil)
 		uc.c.Close()
-		if fresh || fc.gone.Load() || fc.state.Load() == connClosed || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) {
+		var se *silentError
+		if fresh || fc.gone.Load() || fc.state.Load() == connClosed || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) || errors.As(err, &se) {
 			return actKeep, err
 		}
 	}
@@ -230,7 +240,10 @@ func (e *edgeServer) dialer(tg *route.Target) DialFunc {
 }
 
 // exchange writes the request and reads the response's head into fc.resp.
-func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout time.Duration) error {
+// With ack > 0 the far host must acknowledge the request within ack, and
+// again within ack plus ackInterval of each acknowledgement (ack.go), or
+// the attempt ends with a silentError.
+func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout, ack time.Duration) error {
 	b := fc.out.start(nil)
 	b = fc.appendRequest(b, tg, body)
 	fc.out.b = b
@@ -245,8 +258,23 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout 
 	// A machine slower than clientCheckAfter has the client watched
 	// meanwhile: a client that leaves ends the attempt (net/http's path
 	// cancels its request the same way).
-	uc.c.SetReadDeadline(now.Add(min(timeout, clientCheckAfter)))
+	check := now.Add(min(timeout, clientCheckAfter))
+	var ackDue time.Time // when the far host's next acknowledgement is due
+	if ack > 0 {
+		ackDue = now.Add(ack)
+	}
 	var stop func()
+	readBy := func() time.Time { // the first of the deadlines still ahead
+		t := deadline
+		if stop == nil && check.Before(t) {
+			t = check
+		}
+		if !ackDue.IsZero() && ackDue.Before(t) {
+			t = ackDue
+		}
+		return t
+	}
+	uc.c.SetReadDeadline(readBy())
 	defer func() {
 		if stop != nil {
 			stop()
@@ -267,6 +295,10 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout 
 		case nil:
 			if fc.resp.status/100 == 1 && fc.resp.status != http.StatusSwitchingProtocols {
 				uc.r += fc.resp.headLen // an interim answer (103): not passed on, as net/http does
+				if !ackDue.IsZero() && fc.resp.status == http.StatusProcessing {
+					ackDue = time.Now().Add(ack + ackInterval) // the far host's acknowledgement
+					uc.c.SetReadDeadline(readBy())
+				}
 				continue
 			}
 			if fc.resp.status == http.StatusSwitchingProtocols {
@@ -276,12 +308,20 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout 
 			return nil
 		case errIncomplete:
 			if err := uc.fill(); err != nil {
-				if stop == nil && isTimeout(err) && time.Now().Before(deadline) {
-					stop = fc.watchClient(uc)
-					uc.c.SetReadDeadline(deadline)
-					continue
+				if !isTimeout(err) {
+					return err
 				}
-				return err
+				now := time.Now()
+				if !ackDue.IsZero() && !now.Before(ackDue) {
+					return &silentError{host: tg.Host, budget: ack}
+				}
+				if !now.Before(deadline) {
+					return err
+				}
+				if stop == nil && !now.Before(check) {
+					stop = fc.watchClient(uc)
+				}
+				uc.c.SetReadDeadline(readBy())
 			}
 		default:
 			return fmt.Errorf("%w: %v", errBadResponse, err)
