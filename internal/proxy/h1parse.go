@@ -151,27 +151,10 @@ func parseRequestHead(b []byte, limit int, r *h1Request) error {
 	hosts := 0
 	keepAlive := false
 	for len(head) > 0 {
-		nl := bytes.Index(head, crlf)
-		line := head[:nl]
-		head = head[nl+2:]
-		if bytes.IndexByte(line, '\n') >= 0 || bytes.IndexByte(line, '\r') >= 0 {
-			return errMalformed // bare CR or LF inside a line
-		}
-		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 {
-			return errMalformed // no name, or obs-fold (a line starting with space)
-		}
-		name := line[:colon]
-		for _, c := range name {
-			if !tchar[c] {
-				return errMalformed // whitespace before the colon included
-			}
-		}
-		v := trimOWS(line[colon+1:])
-		for _, c := range v {
-			if c < ' ' && c != '\t' || c == 0x7f {
-				return errMalformed
-			}
+		var name, v []byte
+		var err error
+		if name, v, head, err = nextHeader(head); err != nil {
+			return err
 		}
 		r.headers = append(r.headers, h1Header{name: name, value: v})
 		switch {
@@ -453,24 +436,10 @@ func parseResponseHead(b []byte, limit int, r *h1Response) error {
 		return errMalformed
 	}
 	for len(head) > 0 {
-		nl := bytes.Index(head, crlf)
-		line := head[:nl]
-		head = head[nl+2:]
-		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 {
-			return errMalformed
-		}
-		name := line[:colon]
-		for _, c := range name {
-			if !tchar[c] {
-				return errMalformed
-			}
-		}
-		v := trimOWS(line[colon+1:])
-		for _, c := range v {
-			if c < ' ' && c != '\t' || c == 0x7f {
-				return errMalformed
-			}
+		var name, v []byte
+		var err error
+		if name, v, head, err = nextHeader(head); err != nil {
+			return err
 		}
 		r.headers = append(r.headers, h1Header{name: name, value: v})
 		switch {
@@ -516,4 +485,34 @@ func parseResponseHead(b []byte, limit int, r *h1Response) error {
 // bodyless reports whether a response to method with status has no body.
 func bodyless(head bool, status int) bool {
 	return head || status/100 == 1 || status == 204 || status == 304
+}
+
+// nextHeader takes the first header line of head (every line ending in
+// CRLF) strictly: a name of token characters right before the colon (no
+// obs-fold, no whitespace), a value with its surrounding whitespace trimmed
+// and no control character, no bare CR or LF anywhere. It returns the rest
+// of head.
+func nextHeader(head []byte) (name, value, rest []byte, err error) {
+	nl := bytes.Index(head, crlf)
+	line, rest := head[:nl], head[nl+2:]
+	if bytes.IndexByte(line, '\n') >= 0 || bytes.IndexByte(line, '\r') >= 0 {
+		return nil, nil, nil, errMalformed // bare CR or LF inside a line
+	}
+	colon := bytes.IndexByte(line, ':')
+	if colon <= 0 {
+		return nil, nil, nil, errMalformed // no name, or obs-fold (a line starting with space)
+	}
+	name = line[:colon]
+	for _, c := range name {
+		if !tchar[c] {
+			return nil, nil, nil, errMalformed // whitespace before the colon included
+		}
+	}
+	value = trimOWS(line[colon+1:])
+	for _, c := range value {
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return nil, nil, nil, errMalformed
+		}
+	}
+	return name, value, rest, nil
 }
