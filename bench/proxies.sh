@@ -8,6 +8,7 @@
 #
 #   bench/proxies.sh [--rounds 3] [--duration 10s] [--warmup 3s]
 #                    [--connections 50] [--only LIST] [--no-install] [--json]
+#                    [--save RESULTS.tsv]
 #   bench/proxies.sh --render RESULTS.tsv [--json]
 #
 # Every target runs --rounds times, interleaved (direct, nginx, …, then
@@ -17,8 +18,8 @@
 # direct,nginx,haproxy,caddy,flame-1hop,flame-2hop. Missing packages are
 # installed from Debian (apt-get update once, then install what is missing;
 # a package this Debian lacks is reported and its row skipped); wrk is the
-# one that must exist. --render prints the summary of a results file this
-# script wrote (its rows are in the run's --json output as well).
+# one that must exist (and nginx, the backend). --save keeps the raw
+# results, which --render summarizes again.
 #
 # CPUs: the proxy under test alone on CPU 1; wrk and the backend share CPU
 # 0 in every row, direct included, so a row differs from direct only by
@@ -28,9 +29,9 @@
 # BenchmarkSelect and TestSelectAllocatesNothing in internal/proxy/route.
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
-rounds=3 duration=10s warmup=3s conns=50 json=0 install=1 render="" only=""
+rounds=3 duration=10s warmup=3s conns=50 json=0 install=1 render="" only="" save=""
 all_targets="direct nginx haproxy caddy flame-1hop flame-2hop"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
     --no-install) install=0; shift ;;
     --json) json=1; shift ;;
     --render) render=${2:?}; shift 2 ;;
+    --save) save=${2:?}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "proxies.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -185,7 +187,7 @@ for p in nginx haproxy caddy wrk; do [ -n "$(path_of "${bin[$p]}")" ] || missing
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$install" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing ${missing[*]} from Debian"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 || log "apt-get update failed; trying the lists there are"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >"$work/apt.log" 2>&1 || log "apt-get update failed; trying the lists there are"
     want=()
     for p in "${missing[@]}"; do
       cand=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ { print $2 }')
@@ -202,8 +204,8 @@ if [ ${#missing[@]} -gt 0 ]; then
         made_policy=/usr/sbin/policy-rc.d
         printf '#!/bin/sh\nexit 101\n' >"$made_policy"; chmod 755 "$made_policy"
       fi
-      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${want[@]}" >&2 ||
-        log "apt-get install ${want[*]} failed"
+      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+        "${want[@]}" >"$work/apt.log" 2>&1 || { log "apt-get install ${want[*]} failed:"; tail -20 "$work/apt.log" >&2; }
       [ -n "$made_policy" ] && { rm -f "$made_policy"; made_policy=""; }
     fi
   fi
@@ -339,7 +341,7 @@ haproxy_conf() {
   cat >"$dir/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
@@ -364,7 +366,6 @@ caddy_conf() {
 {
   admin off
   auto_https off
-  persist_config off
   storage file_system $dir/home/data
 }
 http://:$p {
@@ -440,12 +441,14 @@ drive() {
 results="$work/results.tsv"
 meta() { printf '#%s\t%s\n' "$1" "$2" >>"$results"; }
 version() {
+  set +o pipefail   # wrk -v exits 1
   case $1 in
     nginx) "$nginx_bin" -v 2>&1 | sed 's/.*version: //' ;;
     haproxy) "$(path_of haproxy)" -v 2>/dev/null | sed -n '1s/ - .*//p' ;;
     caddy) "$(path_of caddy)" version 2>/dev/null | awk '{ print $1 }' ;;
-    wrk) "$wrk_bin" -v 2>&1 | sed -n '1s/ \[.*//p' ;;
+    wrk) "$wrk_bin" -v 2>&1 | sed -n '1{s/ \[.*//;s/^wrk //;p}' ;;
   esac
+  set -o pipefail
 }
 
 rev=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
@@ -474,11 +477,13 @@ for t in $targets; do
     flame-2hop) flame_serve "$t" 2 || failed[$t]="did not start" ;;
   esac
 done
-for t in $targets; do [ -n "${failed[$t]:-}" ] && printf '%s\t0\t%s\n' "$t" "${failed[$t]}" >>"$results"; done
 
 for r in $(seq "$rounds"); do
   for t in $targets; do
-    [ -z "${failed[$t]:-}" ] || continue
+    if [ -n "${failed[$t]:-}" ]; then
+      [ "$r" != 1 ] || printf '%s\t0\t%s\n' "$t" "${failed[$t]}" >>"$results"
+      continue
+    fi
     log "round $r/$rounds: $t"
     drive "${port[$t]}" "$warmup" >/dev/null || { printf '%s\t%d\twrk failed\n' "$t" "$r" >>"$results"; continue; }
     before=""; [ "$t" != direct ] && before=$(cpu_ticks "${pid_of[$t]}")
@@ -495,5 +500,6 @@ for r in $(seq "$rounds"); do
   done
 done
 meta load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
+[ -z "$save" ] || cp "$results" "$save"
 
 summarize "$json" "$results"
