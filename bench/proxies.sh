@@ -68,8 +68,9 @@ log() { echo "proxies.sh: $*" >&2; }
 # summarize prints the table (or JSON) of a results file: "#key<TAB>value"
 # lines of facts about the run, then one line per measurement:
 # name, round, status (ok, or why there is no figure), req/s, p50 µs,
-# p99 µs, errors (non-2xx answers and socket errors), CPU µs per request
-# of the process on the proxy CPU ("-" for none).
+# p99 µs, answers other than 2xx/3xx, CPU µs per request of the process on
+# the proxy CPU ("-" for none), socket errors (connect, read, write,
+# timeouts: wrk gives up on a request after 2 s).
 summarize() {
   awk -F'\t' -v json="$1" '
     function median(name, col,   n, i, j, t, a) {
@@ -89,7 +90,7 @@ summarize() {
       if ($3 != "ok") { if (!(name in why)) why[name] = $3; next }
       c = ++cnt[name]
       val[name, "rps", c] = $4; val[name, "p50", c] = $5; val[name, "p99", c] = $6
-      errs[name] += $7
+      errs[name] += $7; sock[name] += $9
       if ($8 != "-") { val[name, "cpu", c] = $8; ncpu[name]++ }
       if (!(name in lo) || $4 + 0 < lo[name]) lo[name] = $4 + 0
       if (!(name in hi) || $4 + 0 > hi[name]) hi[name] = $4 + 0
@@ -113,14 +114,14 @@ summarize() {
           printf ",\"vs_nginx\":%s", jnum(ok && rps["nginx"] > 0, "%.4f", rps[name] / (rps["nginx"] > 0 ? rps["nginx"] : 1))
           printf ",\"vs_caddy\":%s", jnum(ok && rps["caddy"] > 0, "%.4f", rps[name] / (rps["caddy"] > 0 ? rps["caddy"] : 1))
           printf ",\"added_p50_us\":%s", jnum(ok && name != "direct" && ("direct" in rps), "%.1f", p50[name] - p50["direct"])
-          printf ",\"cpu_us_per_req\":%s,\"errors\":%s}", jnum(ok && cpu[name] != "", "%.2f", cpu[name]), jnum(ok, "%d", errs[name])
+          printf ",\"cpu_us_per_req\":%s,\"non_2xx\":%s,\"socket_errors\":%s}", jnum(ok && cpu[name] != "", "%.2f", cpu[name]), jnum(ok, "%d", errs[name]), jnum(ok, "%d", sock[name])
         }
         print "]}"
         exit
       }
       for (i = 1; i <= nm; i++) printf "%-12s %s\n", mkeys[i] ":", meta[mkeys[i]]
       print ""
-      printf "%-11s %9s  %-19s %8s %8s %8s %8s %8s %10s %7s\n", "target", "req/s", "range (rounds)", "p50 us", "p99 us", "vs nginx", "vs caddy", "+p50 us", "cpu us/req", "errors"
+      printf "%-11s %9s  %-19s %8s %8s %8s %8s %8s %10s %7s %7s\n", "target", "req/s", "range (rounds)", "p50 us", "p99 us", "vs nginx", "vs caddy", "+p50 us", "cpu us/req", "non-2xx", "sockerr"
       for (k = 1; k <= n; k++) {
         name = order[k]
         if (!cnt[name]) { printf "%-11s %s\n", name, why[name]; continue }
@@ -128,12 +129,13 @@ summarize() {
         printf " %8s", (rps["nginx"] > 0 ? sprintf("%.2f", rps[name] / rps["nginx"]) : "-")
         printf " %8s", (rps["caddy"] > 0 ? sprintf("%.2f", rps[name] / rps["caddy"]) : "-")
         printf " %8s", (name != "direct" && ("direct" in rps) ? sprintf("%+.0f", p50[name] - p50["direct"]) : "-")
-        printf " %10s %7d\n", (cpu[name] != "" ? sprintf("%.1f", cpu[name]) : "-"), errs[name]
+        printf " %10s %7d %7d\n", (cpu[name] != "" ? sprintf("%.1f", cpu[name]) : "-"), errs[name], sock[name]
       }
       print ""
       print "req/s, p50, p99: medians over the rounds; vs nginx, vs caddy: req/s against theirs; +p50: p50 over"
       print "direct; cpu us/req: CPU time of the proxy (all its processes) per request, which other work on the"
-      print "machine disturbs less than req/s."
+      print "machine disturbs less than req/s; non-2xx: answers other than 2xx/3xx; sockerr: connect, read and"
+      print "write errors, and requests wrk gave up on after 2 s."
       print "Allocations of route selection: BenchmarkSelect in internal/proxy/route (0 per request)."
     }' "$2"
 }
@@ -419,9 +421,9 @@ cpu_ticks() {
 cat >"$work/report.lua" <<'EOF'
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("FLAMEBENCH requests=%d duration_us=%d p50_us=%.1f p99_us=%.1f errors=%d\n",
+  io.write(string.format("FLAMEBENCH requests=%d duration_us=%d p50_us=%.1f p99_us=%.1f non2xx=%d socket=%d\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout + e.status))
+    e.status, e.connect + e.read + e.write + e.timeout))
 end
 EOF
 
@@ -492,11 +494,11 @@ for r in $(seq "$rounds"); do
     if [ -n "$before" ]; then
       after=$(cpu_ticks "${pid_of[$t]}")
       cpu=$(echo "$line" | awk -v d=$((after - before)) -v hz="$(getconf CLK_TCK)" \
-        '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } printf "%.2f", d * 1e6 / hz / f["requests"] }')
+        '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } if (f["requests"] > 0) printf "%.2f", d * 1e6 / hz / f["requests"]; else printf "-" }')
     fi
     echo "$line" | awk -v t="$t" -v r="$r" -v cpu="$cpu" 'BEGIN { OFS = "\t" }
       { for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-        print t, r, "ok", sprintf("%.1f", f["requests"] * 1e6 / f["duration_us"]), f["p50_us"], f["p99_us"], f["errors"], cpu }' >>"$results"
+        print t, r, "ok", sprintf("%.1f", f["requests"] * 1e6 / (f["duration_us"] > 0 ? f["duration_us"] : 1)), f["p50_us"], f["p99_us"], f["non2xx"], cpu, f["socket"] }' >>"$results"
   done
 done
 meta load_end "$(cut -d' ' -f1-3 /proc/loadavg)"

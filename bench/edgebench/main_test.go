@@ -222,6 +222,8 @@ func TestScript(t *testing.T) {
 			VsNginx    *float64 `json:"vs_nginx"`
 			VsCaddy    *float64 `json:"vs_caddy"`
 			AddedP50US *float64 `json:"added_p50_us"`
+			Non2xx     *int     `json:"non_2xx"`
+			SocketErrs *int     `json:"socket_errors"`
 		} `json:"rows"`
 	}
 	if err := json.Unmarshal(out, &doc); err != nil {
@@ -233,7 +235,7 @@ func TestScript(t *testing.T) {
 	}
 	f := doc.Rows[byName["flame-1hop"]]
 	if len(doc.Rows) != 6 || f.Status != "ok" || f.RPS != 30000 || f.VsNginx == nil || *f.VsNginx != 0.5 ||
-		*f.VsCaddy != 2 || *f.AddedP50US != 60 {
+		*f.VsCaddy != 2 || *f.AddedP50US != 60 || *f.Non2xx != 3 || *f.SocketErrs != 4 {
 		t.Errorf("--json: %s", out)
 	}
 	if h := doc.Rows[byName["haproxy"]]; h.Status == "ok" || h.VsNginx != nil {
