@@ -496,6 +496,11 @@ for r in $(seq "$rounds"); do
       cpu=$(echo "$line" | awk -v d=$((after - before)) -v hz="$(getconf CLK_TCK)" \
         '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } if (f["requests"] > 0) printf "%.2f", d * 1e6 / hz / f["requests"]; else printf "-" }')
     fi
+    # A proxy's error answers or dropped requests: show what it logged.
+    if ! echo "$line" | grep -q ' non2xx=0 socket=0$'; then
+      log "$t, round $r: ${line#FLAMEBENCH }; the end of its log:"
+      tail -n 3 "$work/$t/out" "$work/$t/error.log" 2>/dev/null | sed 's/^/  /' >&2 || true
+    fi
     echo "$line" | awk -v t="$t" -v r="$r" -v cpu="$cpu" 'BEGIN { OFS = "\t" }
       { for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
         print t, r, "ok", sprintf("%.1f", f["requests"] * 1e6 / (f["duration_us"] > 0 ? f["duration_us"] : 1)), f["p50_us"], f["p99_us"], f["non2xx"], cpu, f["socket"] }' >>"$results"
