@@ -161,9 +161,10 @@ starttime() { local f; f=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; f=${f##
 stop() {
   local pid=${1%%:*}
   [ "$(starttime "$pid")" = "${1#*:}" ] || return 0
-  kill -TERM -- "-$pid" 2>/dev/null || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || return 0
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  [ "$(starttime "$pid")" = "${1#*:}" ] && kill -KILL -- "-$pid" 2>/dev/null || true
+  [ "$(starttime "$pid")" = "${1#*:}" ] || return 0
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
 }
 
 cleanup() {
