@@ -154,7 +154,12 @@ wrk_pid=""        # the wrk running now
 
 # starttime PID: when PID started (clock ticks since boot), so a PID that
 # ended and was reused by another process is never signalled.
-starttime() { local f; f=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; f=${f##*) }; set -- $f; echo "${20}"; }
+starttime() {
+  local f a
+  f=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  read -r -a a <<<"${f##*) }"   # the fields after the command name, from the state (field 3) on
+  echo "${a[19]}"
+}
 
 # stop PID:STARTTIME ends the process group that process leads, if it is
 # still the one started (TERM, then KILL after 5 s).
@@ -409,12 +414,11 @@ flame_serve() {
 # cpu_ticks PID: CPU time (utime + stime, clock ticks) of PID and its
 # children (nginx's worker).
 cpu_ticks() {
-  local total=0 p f
+  local total=0 p f a
   for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null || true); do
     f=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    f=${f##*) }   # the fields after the command name
-    set -- $f
-    total=$((total + ${12} + ${13}))
+    read -r -a a <<<"${f##*) }"   # the fields after the command name, from the state (field 3) on
+    total=$((total + a[11] + a[12]))
   done
   echo "$total"
 }
