@@ -91,7 +91,7 @@ summarize() {
       c = ++cnt[name]
       val[name, "rps", c] = $4; val[name, "p50", c] = $5; val[name, "p99", c] = $6
       errs[name] += $7; sock[name] += $9
-      if ($8 != "-") { val[name, "cpu", c] = $8; ncpu[name]++ }
+      if ($8 != "-") { val[name, "cpu", c] = $8; val[name, "busy", c] = $8 * $4 / 1e4; ncpu[name]++ }
       if (!(name in lo) || $4 + 0 < lo[name]) lo[name] = $4 + 0
       if (!(name in hi) || $4 + 0 > hi[name]) hi[name] = $4 + 0
     }
@@ -101,6 +101,7 @@ summarize() {
         if (!cnt[name]) continue
         rps[name] = median(name, "rps"); p50[name] = median(name, "p50"); p99[name] = median(name, "p99")
         cpu[name] = ncpu[name] == cnt[name] ? median(name, "cpu") : ""
+        busy[name] = ncpu[name] == cnt[name] ? median(name, "busy") : ""
       }
       if (json) {
         printf "{\"meta\":{"
@@ -114,14 +115,14 @@ summarize() {
           printf ",\"vs_nginx\":%s", jnum(ok && rps["nginx"] > 0, "%.4f", rps[name] / (rps["nginx"] > 0 ? rps["nginx"] : 1))
           printf ",\"vs_caddy\":%s", jnum(ok && rps["caddy"] > 0, "%.4f", rps[name] / (rps["caddy"] > 0 ? rps["caddy"] : 1))
           printf ",\"added_p50_us\":%s", jnum(ok && name != "direct" && ("direct" in rps), "%.1f", p50[name] - p50["direct"])
-          printf ",\"cpu_us_per_req\":%s,\"non_2xx\":%s,\"socket_errors\":%s}", jnum(ok && cpu[name] != "", "%.2f", cpu[name]), jnum(ok, "%d", errs[name]), jnum(ok, "%d", sock[name])
+          printf ",\"cpu_us_per_req\":%s,\"proxy_cpu_busy_pct\":%s,\"non_2xx\":%s,\"socket_errors\":%s}", jnum(ok && cpu[name] != "", "%.2f", cpu[name]), jnum(ok && busy[name] != "", "%.1f", busy[name]), jnum(ok, "%d", errs[name]), jnum(ok, "%d", sock[name])
         }
         print "]}"
         exit
       }
       for (i = 1; i <= nm; i++) printf "%-12s %s\n", mkeys[i] ":", meta[mkeys[i]]
       print ""
-      printf "%-11s %9s  %-19s %8s %8s %8s %8s %8s %10s %7s %7s\n", "target", "req/s", "range (rounds)", "p50 us", "p99 us", "vs nginx", "vs caddy", "+p50 us", "cpu us/req", "non-2xx", "sockerr"
+      printf "%-11s %9s  %-19s %8s %8s %8s %8s %8s %10s %5s %7s %7s\n", "target", "req/s", "range (rounds)", "p50 us", "p99 us", "vs nginx", "vs caddy", "+p50 us", "cpu us/req", "busy", "non-2xx", "sockerr"
       for (k = 1; k <= n; k++) {
         name = order[k]
         if (!cnt[name]) { printf "%-11s %s\n", name, why[name]; continue }
@@ -129,13 +130,14 @@ summarize() {
         printf " %8s", (rps["nginx"] > 0 ? sprintf("%.2f", rps[name] / rps["nginx"]) : "-")
         printf " %8s", (rps["caddy"] > 0 ? sprintf("%.2f", rps[name] / rps["caddy"]) : "-")
         printf " %8s", (name != "direct" && ("direct" in rps) ? sprintf("%+.0f", p50[name] - p50["direct"]) : "-")
-        printf " %10s %7d %7d\n", (cpu[name] != "" ? sprintf("%.1f", cpu[name]) : "-"), errs[name], sock[name]
+        printf " %10s %5s %7d %7d\n", (cpu[name] != "" ? sprintf("%.1f", cpu[name]) : "-"), (busy[name] != "" ? sprintf("%.0f%%", busy[name]) : "-"), errs[name], sock[name]
       }
       print ""
       print "req/s, p50, p99: medians over the rounds; vs nginx, vs caddy: req/s against theirs; +p50: p50 over"
       print "direct; cpu us/req: CPU time of the proxy (all its processes) per request, which other work on the"
-      print "machine disturbs less than req/s; non-2xx: answers other than 2xx/3xx; sockerr: connect, read and"
-      print "write errors, and requests wrk gave up on after 2 s."
+      print "machine disturbs less than req/s; busy: the share of its core the proxy used (well under 100%: its"
+      print "req/s was bounded elsewhere, by the client core or by waiting for a CPU); non-2xx: answers other"
+      print "than 2xx/3xx; sockerr: connect, read and write errors, and requests wrk gave up on after 2 s."
       print "Allocations of route selection: BenchmarkSelect in internal/proxy/route (0 per request)."
     }' "$2"
 }
