@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -73,7 +74,7 @@ func TestEdgeAnswers(t *testing.T) {
 			before := hits.Load()
 			addrFile := filepath.Join(t.TempDir(), "edge")
 			ctx, cancel := context.WithCancel(context.Background())
-			var stdout, stderr bytes.Buffer
+			var stdout, stderr syncBuffer
 			done := make(chan error, 1)
 			go func() {
 				done <- run(ctx, []string{"-backend", ln.Addr().String(), "-hops", hops, "-addr-file", addrFile}, &stdout, &stderr)
@@ -125,9 +126,6 @@ func TestEdgeAnswers(t *testing.T) {
 			if got := hits.Load() - before; got < 20 {
 				t.Errorf("the backend saw %d requests, want at least 20", got)
 			}
-			if !strings.Contains(stdout.String(), "edge "+edge+" hops "+hops) {
-				t.Errorf("stdout %q does not report the edge", stdout.String())
-			}
 			cancel()
 			select {
 			case err := <-done:
@@ -136,6 +134,9 @@ func TestEdgeAnswers(t *testing.T) {
 				}
 			case <-time.After(30 * time.Second): // Close gives requests 5 s
 				t.Fatal("edgebench did not stop after its context ended")
+			}
+			if !strings.Contains(stdout.String(), "edge "+edge+" hops "+hops) {
+				t.Errorf("stdout %q does not report the edge", stdout.String())
 			}
 		})
 	}
@@ -248,6 +249,24 @@ func TestScript(t *testing.T) {
 	if h := doc.Rows[byName["haproxy"]]; h.Status == "ok" || h.VsNginx != nil {
 		t.Errorf("--json: haproxy, not installed, reads %+v", h)
 	}
+}
+
+// syncBuffer is a buffer the program writes while the test reads it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func testLogger(t *testing.T) *slog.Logger {
