@@ -263,7 +263,6 @@ type fastConn struct {
 	c        net.Conn
 	state    atomic.Int32
 	clientIP string
-	port     []byte
 
 	buf    *[]byte // read buffer (small, or big while a request needs it)
 	isBig  bool
