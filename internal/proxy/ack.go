@@ -102,6 +102,9 @@ type ackWatch struct {
 	timer  *time.Timer
 	cancel context.CancelFunc
 	err    *silentError
+	// wait is the attempt among those on its host (silence.go).
+	wait    *hostWaiter
+	waiters *hostWaiters
 }
 
 const (
@@ -115,7 +118,8 @@ const (
 // budget, counted from when the request's headers were written.
 func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context, *ackWatch) {
 	ctx, cancel := context.WithCancel(ctx)
-	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}}
+	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}, waiters: &p.waiters}
+	a.wait = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, a.err.budget), a.expire)
 	trace := &httptrace.ClientTrace{
 		WroteHeaders: func() {
 			a.mu.Lock()
@@ -126,6 +130,7 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 		},
 		Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
 			if code == http.StatusProcessing {
+				a.wait.hear()
 				a.acked()
 			}
 			return nil
@@ -162,6 +167,7 @@ func (a *ackWatch) acked() {
 // done records the answer; false when the attempt was already given up as
 // silent.
 func (a *ackWatch) done() bool {
+	a.waiters.stop(a.wait)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.state == ackWaiting {
@@ -176,6 +182,7 @@ func (a *ackWatch) done() bool {
 // failed returns the attempt's error: a silentError when it was given up
 // for want of an acknowledgement.
 func (a *ackWatch) failed(err error) error {
+	a.waiters.stop(a.wait)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.timer != nil {

@@ -350,7 +350,8 @@ func (p *Proxy) strike(tg *route.Target, err error) {
 	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded),
 		!tg.OnSelf && errors.As(err, &se):
 		if p.strikes.fail("", tg.Host, weightConnect) {
-			p.probes.kick() // the host's probe is scheduled
+			p.probes.kick()           // the host's probe is scheduled
+			p.waiters.silent(tg.Host) // and the attempts still waiting on it give up (silence.go)
 		}
 	case errors.As(err, &ce), errors.Is(err, errNotReached):
 		p.strikes.fail(tg.MachineID, tg.Host, weightConnect)

@@ -215,6 +215,7 @@ type Proxy struct {
 	strikes *breakers // of machines and hosts
 	probes  *prober   // of hosts whose breakers are open (probe.go)
 	toProbe *http.Transport
+	waiters hostWaiters // attempts waiting on other hosts (silence.go)
 	regions regionBreakers
 	// buffered is what request bodies may still take of MaxBufferedTotal.
 	buffered byteBudget
