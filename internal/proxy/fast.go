@@ -259,7 +259,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	// meanwhile: a client that leaves ends the attempt (net/http's path
 	// cancels its request the same way).
 	check := now.Add(min(timeout, clientCheckAfter))
-	var ackDue time.Time // when the far host's next acknowledgement is due
+	var ackDue time.Time   // when the far host's next acknowledgement is due
 	var gaveUp atomic.Bool // the host was found silent meanwhile (silence.go)
 	var hw *hostWaiter
 	if ack > 0 {
