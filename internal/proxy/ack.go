@@ -89,9 +89,13 @@ func (a *acker) stop() {
 type silentError struct {
 	host   string
 	budget time.Duration
+	found  bool // given up when another attempt found the host silent
 }
 
 func (e *silentError) Error() string {
+	if e.found {
+		return fmt.Sprintf("host %s was found silent while this attempt waited on it", e.host)
+	}
 	return fmt.Sprintf("host %s did not acknowledge the request within %v", e.host, e.budget)
 }
 
@@ -119,7 +123,7 @@ const (
 func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context, *ackWatch) {
 	ctx, cancel := context.WithCancel(ctx)
 	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}, waiters: &p.waiters}
-	a.wait = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, a.err.budget), a.expire)
+	a.wait = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, a.err.budget), a.giveUp)
 	trace := &httptrace.ClientTrace{
 		WroteHeaders: func() {
 			a.mu.Lock()
@@ -139,11 +143,17 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 	return httptrace.WithClientTrace(ctx, trace), a
 }
 
-func (a *ackWatch) expire() {
+func (a *ackWatch) expire() { a.silence(false) }
+
+// giveUp ends the attempt: another found its host silent (silence.go).
+func (a *ackWatch) giveUp() { a.silence(true) }
+
+func (a *ackWatch) silence(found bool) {
 	a.mu.Lock()
 	silent := a.state == ackWaiting
 	if silent {
 		a.state = ackSilent
+		a.err.found = found
 	}
 	a.mu.Unlock()
 	if silent {

@@ -236,7 +236,7 @@ func (e *edgeServer) dialer(tg *route.Target) DialFunc {
 	if tg.OnSelf {
 		return e.p.cfg.DialMachine
 	}
-	return e.p.cfg.Dial
+	return e.p.dialWaiting(tg)
 }
 
 // exchange writes the request and reads the response's head into fc.resp.

@@ -1,9 +1,13 @@
 package proxy
 
 import (
+	"context"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/flamehq/flame/internal/proxy/route"
 )
 
 // When one attempt finds a host silent (its breaker opens: breaker.go),
@@ -16,6 +20,28 @@ import (
 // kept and another candidate left, which may be sent again. An attempt
 // still hearing acknowledgements keeps waiting, so one connection gone
 // silent on its own does not take every request on the host with it.
+
+// The fast path's connects to another host wait among the attempts on it
+// too (net/http's path waits for its connect inside the attempt's wait):
+// a connect given up sent nothing.
+
+// dialWaiting dials tg's host, given up with the host when it is found
+// silent.
+func (p *Proxy) dialWaiting(tg *route.Target) DialFunc {
+	host, quiet := tg.Host, p.quietFor(tg.RTT, p.connectBudget(tg))
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithCancelCause(ctx)
+		defer cancel(nil)
+		silent := &silentError{host: host, found: true}
+		w := p.waiters.wait(host, quiet, func() { cancel(silent) })
+		c, err := p.cfg.Dial(ctx, network, addr)
+		p.waiters.stop(w)
+		if err != nil && context.Cause(ctx) == error(silent) {
+			return nil, silent
+		}
+		return c, err
+	}
+}
 
 // hostWaiters are the attempts waiting on each host.
 type hostWaiters struct {
