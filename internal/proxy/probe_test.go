@@ -370,31 +370,35 @@ func TestProbeAnsweredOnlyWithTheToken(t *testing.T) {
 }
 
 // TestSilentHostGivesUpQuietWaiters: when a host is found silent, the
-// attempts on it that heard nothing for longer than their quiet are given
-// up at once; one still hearing from the host, one on another host, and
-// one that stopped waiting are not.
+// attempts on it that never heard from it, or heard nothing for longer
+// than their quiet, are given up at once; one still hearing from the host,
+// one on another host, and one that stopped waiting are not.
 func TestSilentHostGivesUpQuietWaiters(t *testing.T) {
 	var s hostWaiters
 	var gaveUp sync.Map
 	wait := func(name, host string, quiet time.Duration, heardAgo time.Duration) *hostWaiter {
 		w := s.wait(host, quiet, func() { gaveUp.Store(name, true) })
-		w.heard.Store(time.Now().Add(-heardAgo).UnixNano())
+		if heardAgo >= 0 {
+			w.hear()
+			w.heard.Store(time.Now().Add(-heardAgo).UnixNano())
+		}
 		return w
 	}
 	wait("quiet", "fra-1", 100*time.Millisecond, time.Second)
+	wait("never heard", "fra-1", time.Hour, -1)
 	wait("hearing", "fra-1", time.Hour, time.Second)
 	wait("elsewhere", "iad-1", 100*time.Millisecond, time.Second)
 	s.stop(wait("answered", "fra-1", 100*time.Millisecond, time.Second))
-	if n := s.silent("fra-1"); n != 1 {
-		t.Errorf("%d given up, want 1", n)
+	if n := s.silent("fra-1"); n != 2 {
+		t.Errorf("%d given up, want 2", n)
 	}
-	for _, name := range []string{"quiet", "hearing", "elsewhere", "answered"} {
+	for _, name := range []string{"quiet", "never heard", "hearing", "elsewhere", "answered"} {
 		_, got := gaveUp.Load(name)
-		if got != (name == "quiet") {
+		if got != (name == "quiet" || name == "never heard") {
 			t.Errorf("%s: given up %v", name, got)
 		}
 	}
-	if len(s.m["fra-1"]) != 2 || len(s.m["iad-1"]) != 1 {
-		t.Errorf("waiters left: %d on fra-1, %d on iad-1; want 2 and 1", len(s.m["fra-1"]), len(s.m["iad-1"]))
+	if len(s.m["fra-1"]) != 3 || len(s.m["iad-1"]) != 1 {
+		t.Errorf("waiters left: %d on fra-1, %d on iad-1; want 3 and 1", len(s.m["fra-1"]), len(s.m["iad-1"]))
 	}
 }

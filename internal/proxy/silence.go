@@ -11,15 +11,16 @@ import (
 )
 
 // When one attempt finds a host silent (its breaker opens: breaker.go),
-// the other attempts waiting on that host for an acknowledgement (ack.go)
-// need not each wait out their own budget: those that have heard nothing
-// from the host for longer than a healthy host leaves them waiting — a
-// round trip plus ackInterval — are given up at once, as silent too, and
-// go to their next candidate. Only attempts that wait for
-// acknowledgements are concerned: idempotent requests with their bodies
-// kept and another candidate left, which may be sent again. An attempt
-// still hearing acknowledgements keeps waiting, so one connection gone
-// silent on its own does not take every request on the host with it.
+// the other attempts waiting on that host need not each wait out their
+// own budget: those that have not heard from the host yet (a connect, a
+// request not acknowledged once), and those that have heard nothing for
+// longer than a healthy host leaves them waiting — a round trip plus
+// ackInterval — are given up at once, as silent too, and go to their next
+// candidate. Only attempts that may go there are concerned: connects
+// (nothing was sent), and requests waiting for acknowledgements (ack.go:
+// idempotent, their bodies kept, another candidate left). An attempt still
+// hearing acknowledgements keeps waiting, so one connection gone silent
+// on its own does not take a host's long requests with it.
 
 // The fast path's connects to another host wait among the attempts on it
 // too (net/http's path waits for its connect inside the attempt's wait):
@@ -54,6 +55,7 @@ type hostWaiter struct {
 	host  string
 	quiet time.Duration // heard nothing that long: given up with the host
 	heard atomic.Int64  // when the host was last heard from (unix ns)
+	acked atomic.Bool   // the host was heard from at all
 	// giveUp ends the attempt as silent; it runs under mu, and never once
 	// the attempt stopped waiting (done).
 	mu     sync.Mutex
@@ -80,7 +82,10 @@ func (s *hostWaiters) wait(host string, quiet time.Duration, giveUp func()) *hos
 }
 
 // hear records a word from the host (an acknowledgement).
-func (w *hostWaiter) hear() { w.heard.Store(time.Now().UnixNano()) }
+func (w *hostWaiter) hear() {
+	w.heard.Store(time.Now().UnixNano())
+	w.acked.Store(true)
+}
 
 // stop ends the wait; once it returns, giveUp does not run.
 func (s *hostWaiters) stop(w *hostWaiter) {
@@ -104,7 +109,7 @@ func (s *hostWaiters) silent(host string) int {
 	var quiet []*hostWaiter
 	s.mu.Lock()
 	for w := range s.m[host] {
-		if time.Duration(now-w.heard.Load()) > w.quiet {
+		if !w.acked.Load() || time.Duration(now-w.heard.Load()) > w.quiet {
 			quiet = append(quiet, w)
 		}
 	}
