@@ -259,21 +259,22 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	// meanwhile: a client that leaves ends the attempt (net/http's path
 	// cancels its request the same way).
 	check := now.Add(min(timeout, clientCheckAfter))
-	var ackDue time.Time   // when the far host's next acknowledgement is due
-	var gaveUp atomic.Bool // the host was found silent meanwhile (silence.go)
+	var ackDue time.Time    // when the far host's next acknowledgement is due
+	var gaveUp *atomic.Bool // the host was found silent meanwhile (silence.go)
 	var hw *hostWaiter
 	if ack > 0 {
 		ackDue = now.Add(ack)
-		p := fc.e.p
+		p, flag, c := fc.e.p, new(atomic.Bool), uc.c
+		gaveUp = flag
 		hw = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, ack), func() {
-			gaveUp.Store(true)
-			uc.c.SetReadDeadline(time.Now())
+			flag.Store(true)
+			c.SetReadDeadline(time.Now())
 		})
 		defer p.waiters.stop(hw)
 	}
 	var stop func()
 	readBy := func() time.Time { // the first of the deadlines still ahead
-		if gaveUp.Load() {
+		if gaveUp != nil && gaveUp.Load() {
 			return time.Now()
 		}
 		t := deadline
