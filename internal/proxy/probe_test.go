@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -400,5 +401,53 @@ func TestSilentHostGivesUpQuietWaiters(t *testing.T) {
 	}
 	if len(s.m["fra-1"]) != 3 || len(s.m["iad-1"]) != 1 {
 		t.Errorf("waiters left: %d on fra-1, %d on iad-1; want 3 and 1", len(s.m["fra-1"]), len(s.m["iad-1"]))
+	}
+}
+
+// TestCloseStopsProbes: Close ends a probe still waiting on a silent host
+// (its connect budget a minute) and the scheduler, and leaves no goroutine
+// of the proxy behind.
+func TestCloseStopsProbes(t *testing.T) {
+	if !settle(func() bool { return len(proxyGoroutines()) == 0 }) {
+		t.Fatalf("goroutines of earlier tests never ended:\n%s", strings.Join(proxyGoroutines(), "\n\n"))
+	}
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return time.Millisecond }})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "fra-1"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bhF, err := n.Listen("fra-1", 4380)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Kill("fra-1")
+	var dials atomic.Int64
+	dial := n.DialerFrom("ams-1")
+	clock := newTestClock()
+	edge := startProxy(t, Config{HostID: "ams-1", Now: clock.now, ConnectTimeout: time.Minute, MinConnectTimeout: time.Minute,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials.Add(1)
+			return dial(ctx, network, addr)
+		}})
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts}, map[string]string{"fra-1": bhF.Addr().String()})
+	edge.strike(&route.Target{MachineID: "m", Host: "fra-1"}, &connectError{addr: "x", err: context.DeadlineExceeded})
+	clock.advance(breakerBase)
+	if !settle(func() bool { return dials.Load() == 1 }) {
+		t.Fatalf("%d probes dialled the silent host, want 1", dials.Load())
+	}
+	closed := make(chan struct{})
+	go func() { edge.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(settleWait):
+		t.Fatal("Close waits on a probe of a silent host")
+	}
+	if !settle(func() bool { return len(proxyGoroutines()) == 0 }) {
+		t.Fatalf("goroutines left after Close:\n%s", strings.Join(proxyGoroutines(), "\n\n"))
+	}
+	if dials.Load() != 1 {
+		t.Errorf("%d probes of one host, want 1", dials.Load())
 	}
 }
