@@ -89,9 +89,13 @@ func (a *acker) stop() {
 type silentError struct {
 	host   string
 	budget time.Duration
+	found  bool // given up when another attempt found the host silent
 }
 
 func (e *silentError) Error() string {
+	if e.found {
+		return fmt.Sprintf("host %s was found silent while this attempt waited on it", e.host)
+	}
 	return fmt.Sprintf("host %s did not acknowledge the request within %v", e.host, e.budget)
 }
 
@@ -102,6 +106,9 @@ type ackWatch struct {
 	timer  *time.Timer
 	cancel context.CancelFunc
 	err    *silentError
+	// wait is the attempt among those on its host (silence.go).
+	wait    *hostWaiter
+	waiters *hostWaiters
 }
 
 const (
@@ -115,7 +122,8 @@ const (
 // budget, counted from when the request's headers were written.
 func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context, *ackWatch) {
 	ctx, cancel := context.WithCancel(ctx)
-	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}}
+	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}, waiters: &p.waiters}
+	a.wait = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, a.err.budget), a.giveUp)
 	trace := &httptrace.ClientTrace{
 		WroteHeaders: func() {
 			a.mu.Lock()
@@ -126,6 +134,7 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 		},
 		Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
 			if code == http.StatusProcessing {
+				a.wait.hear()
 				a.acked()
 			}
 			return nil
@@ -134,11 +143,17 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 	return httptrace.WithClientTrace(ctx, trace), a
 }
 
-func (a *ackWatch) expire() {
+func (a *ackWatch) expire() { a.silence(false) }
+
+// giveUp ends the attempt: another found its host silent (silence.go).
+func (a *ackWatch) giveUp() { a.silence(true) }
+
+func (a *ackWatch) silence(found bool) {
 	a.mu.Lock()
 	silent := a.state == ackWaiting
 	if silent {
 		a.state = ackSilent
+		a.err.found = found
 	}
 	a.mu.Unlock()
 	if silent {
@@ -162,6 +177,7 @@ func (a *ackWatch) acked() {
 // done records the answer; false when the attempt was already given up as
 // silent.
 func (a *ackWatch) done() bool {
+	a.waiters.stop(a.wait)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.state == ackWaiting {
@@ -176,6 +192,7 @@ func (a *ackWatch) done() bool {
 // failed returns the attempt's error: a silentError when it was given up
 // for want of an acknowledgement.
 func (a *ackWatch) failed(err error) error {
+	a.waiters.stop(a.wait)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.timer != nil {

@@ -106,6 +106,8 @@ func hostDyingUnderRequests(t *testing.T, netHTTP bool) {
 	// fra-1 comes back; a GET is taken by its machine, and fra-1 dies.
 	n.Revive("fra-1")
 	clock.advance(time.Hour)
+	// The edge's own probe of fra-1 closes its breaker (probe.go).
+	waitHostBreaker(t, edge, "fra-1", stateClosed)
 	took := farTook.Load()
 	type answer struct {
 		status int

@@ -38,6 +38,17 @@ import (
 // for twice as long. A probe that never reports (its request vanished) is
 // given back after its lease: the longest an attempt may take (the connect
 // timeout twice over, and the response header timeout).
+//
+// A host's breaker is opened by silence alone (a connect to it that timed
+// out, a request it did not acknowledge), and a request that probed a
+// silent host would wait out the same budget. So no request probes it: when
+// it would be half-open the proxy probes the host itself, in the
+// background (probe.go), and until that probe succeeds, no request is
+// admitted to the host's machines at their rank (a last resort still is).
+// The probe's success closes the breaker; its failure opens it for twice as
+// long. A machine's breaker keeps its request probes: it opens on what
+// fails at once (a refused connect, a reset), so a probe that fails again
+// costs its request next to nothing.
 const (
 	breakerTrip   = 5
 	weightConnect = breakerTrip
@@ -70,6 +81,8 @@ type breaker struct {
 	until   time.Time // open until, when trips > 0
 	probeAt time.Time // when the half-open probe was handed out; zero: none is
 	lease   time.Duration
+	// synthetic: probed by the proxy, never by a request (a host's).
+	synthetic bool
 }
 
 func (b *breaker) state(now time.Time) breakerState {
@@ -84,6 +97,9 @@ func (b *breaker) state(now time.Time) breakerState {
 
 // probing reports whether a probe is out.
 func (b *breaker) probing(now time.Time) bool {
+	if b.synthetic {
+		return !b.probeAt.IsZero() // the proxy's probe always reports
+	}
 	return !b.probeAt.IsZero() && now.Sub(b.probeAt) < b.lease
 }
 
@@ -110,6 +126,9 @@ func (b *breaker) fail(now time.Time, weight int) bool {
 // admit reports whether a request may try what the breaker guards at its
 // usual rank now, and whether it holds the probe for it.
 func (b *breaker) admit(now time.Time) (ok, probe bool) {
+	if b.synthetic {
+		return b.trips == 0, false
+	}
 	switch b.state(now) {
 	case stateClosed:
 		return true, false
@@ -127,6 +146,9 @@ func (b *breaker) admit(now time.Time) (ok, probe bool) {
 // half-open with its probe out. A half-open breaker with no probe out is
 // ranked as usual, so the next request probes it.
 func (b *breaker) demoted(now time.Time) bool {
+	if b.synthetic {
+		return b.trips > 0
+	}
 	switch b.state(now) {
 	case stateOpen:
 		return true
@@ -138,8 +160,17 @@ func (b *breaker) demoted(now time.Time) bool {
 
 // keep: worth remembering when the table of breakers is full.
 func (b *breaker) keep(now time.Time) bool {
+	if b.synthetic {
+		return b.trips > 0
+	}
 	st := b.state(now)
 	return st == stateOpen || st == stateHalfOpen && b.probing(now)
+}
+
+// probeDue reports whether the proxy's own probe is due: a synthetic
+// breaker past its open time with no probe out.
+func (b *breaker) probeDue(now time.Time) bool {
+	return b.synthetic && b.trips > 0 && !now.Before(b.until) && b.probeAt.IsZero()
 }
 
 // breakers are the breakers of machines and hosts that failed recently. A
@@ -172,7 +203,7 @@ func (s *breakers) fail(machine, host string, weight int) bool {
 		if int(s.entries.Load()) >= maxBreakers {
 			s.prune()
 		}
-		b = &breaker{lease: s.lease}
+		b = &breaker{lease: s.lease, synthetic: machine == ""}
 		m[key] = b
 		s.entries.Add(1)
 	}
@@ -318,7 +349,10 @@ func (p *Proxy) strike(tg *route.Target, err error) {
 	switch {
 	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded),
 		!tg.OnSelf && errors.As(err, &se):
-		p.strikes.fail("", tg.Host, weightConnect)
+		if p.strikes.fail("", tg.Host, weightConnect) {
+			p.probes.kick()           // the host's probe is scheduled
+			p.waiters.silent(tg.Host) // and the attempts still waiting on it give up (silence.go)
+		}
 	case errors.As(err, &ce), errors.Is(err, errNotReached):
 		p.strikes.fail(tg.MachineID, tg.Host, weightConnect)
 	default:

@@ -9,7 +9,9 @@
 // running there moves the request to the next candidate at once; bodies up
 // to MaxBufferedBody are buffered so the retry is safe. Circuit breakers
 // per machine, per host and per app and region keep the requests that
-// follow away from what failed, and probe it back.
+// follow away from what failed, and probe it back: a machine with one
+// request, a silent host with the proxy's own probes (probe.go), off the
+// request path.
 //
 // The edge listener serves plain HTTP/1.1 on a fast path of its own
 // (fastconn.go: a strict parser, pooled buffers and upstream connections,

@@ -236,7 +236,7 @@ func (e *edgeServer) dialer(tg *route.Target) DialFunc {
 	if tg.OnSelf {
 		return e.p.cfg.DialMachine
 	}
-	return e.p.cfg.Dial
+	return e.p.dialWaiting(tg)
 }
 
 // exchange writes the request and reads the response's head into fc.resp.
@@ -259,12 +259,24 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	// meanwhile: a client that leaves ends the attempt (net/http's path
 	// cancels its request the same way).
 	check := now.Add(min(timeout, clientCheckAfter))
-	var ackDue time.Time // when the far host's next acknowledgement is due
+	var ackDue time.Time    // when the far host's next acknowledgement is due
+	var gaveUp *atomic.Bool // the host was found silent meanwhile (silence.go)
+	var hw *hostWaiter
 	if ack > 0 {
 		ackDue = now.Add(ack)
+		p, flag, c := fc.e.p, new(atomic.Bool), uc.c
+		gaveUp = flag
+		hw = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, ack), func() {
+			flag.Store(true)
+			c.SetReadDeadline(time.Now())
+		})
+		defer p.waiters.stop(hw)
 	}
 	var stop func()
 	readBy := func() time.Time { // the first of the deadlines still ahead
+		if gaveUp != nil && gaveUp.Load() {
+			return time.Now()
+		}
 		t := deadline
 		if stop == nil && check.Before(t) {
 			t = check
@@ -296,6 +308,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			if fc.resp.status/100 == 1 && fc.resp.status != http.StatusSwitchingProtocols {
 				uc.r += fc.resp.headLen // an interim answer (103): not passed on, as net/http does
 				if !ackDue.IsZero() && fc.resp.status == http.StatusProcessing {
+					hw.hear()
 					ackDue = time.Now().Add(ack + ackInterval) // the far host's acknowledgement
 					uc.c.SetReadDeadline(readBy())
 				}
@@ -303,6 +316,9 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			}
 			if fc.resp.status == http.StatusSwitchingProtocols {
 				return fmt.Errorf("%w: 101 to a request without an upgrade", errBadResponse)
+			}
+			if hw != nil {
+				fc.e.p.waiters.stop(hw) // the answer came: no giving up now
 			}
 			uc.c.SetDeadline(time.Time{})
 			return nil
@@ -312,7 +328,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 					return err
 				}
 				now := time.Now()
-				if !ackDue.IsZero() && !now.Before(ackDue) {
+				if !ackDue.IsZero() && (!now.Before(ackDue) || gaveUp.Load()) {
 					return &silentError{host: tg.Host, budget: ack}
 				}
 				if !now.Before(deadline) {

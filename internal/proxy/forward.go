@@ -596,6 +596,10 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 		p.serveBackhaulTCP(w, r)
 		return
 	}
+	if r.Header.Get(hdrProbe) != "" {
+		serveProbe(w) // another host asks whether this one is there (probe.go)
+		return
+	}
 	appName, machineID := r.Header.Get(hdrApp), r.Header.Get(hdrMachine)
 	port, _ := strconv.Atoi(r.Header.Get(hdrPort))
 	if r.Header.Get(hdrStart) != "" {

@@ -213,6 +213,9 @@ type Proxy struct {
 	state   atomic.Pointer[state]
 	load    inflight
 	strikes *breakers // of machines and hosts
+	probes  *prober   // of hosts whose breakers are open (probe.go)
+	toProbe *http.Transport
+	waiters hostWaiters // attempts waiting on other hosts (silence.go)
 	regions regionBreakers
 	// buffered is what request bodies may still take of MaxBufferedTotal.
 	buffered byteBudget
@@ -244,12 +247,13 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newBreakers(cfg.Now, 2*cfg.ConnectTimeout+cfg.ResponseHeaderTimeout), starts: newStarter()}
+	p := &Proxy{cfg: cfg, log: cfg.Logger.With("component", "proxy"), strikes: newBreakers(cfg.Now, 2*cfg.ConnectTimeout+cfg.ResponseHeaderTimeout), starts: newStarter(), probes: newProber()}
 	p.regions.now = cfg.Now
 	p.buffered.give(cfg.MaxBufferedTotal)
 	p.tcp = newTCPEdge(p)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	p.toHosts, p.toHostsUpgrade = p.hostTransports()
+	p.toProbe = p.probeTransport()
 	p.setState(route.Facts{Self: cfg.HostID, Region: cfg.Region}, nil)
 	return p, nil
 }
@@ -305,7 +309,7 @@ func (e *connectError) Unwrap() error { return e.err }
 
 // setState builds the route table from facts and swaps it in.
 func (p *Proxy) setState(f route.Facts, backhaul map[string]string) {
-	st := &state{table: route.Build(f), backhaul: backhaul}
+	st := &state{table: route.Build(f), backhaul: backhaul, hosts: hostsOf(f.Hosts)}
 	p.state.Store(st)
 	p.tables.notify()
 	p.tcp.sync(st.table)
@@ -347,6 +351,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 		}()
 	}
 	p.startAutostop(bg)
+	p.startProbes(bg)
 	serve := func(ln net.Listener, h http.Handler, what string) {
 		srv := &http.Server{
 			Handler:           h,
@@ -436,5 +441,6 @@ func (p *Proxy) Close() error {
 	p.toSelf.CloseIdleConnections()
 	p.toHosts.CloseIdleConnections()
 	p.toHostsUpgrade.CloseIdleConnections()
+	p.toProbe.CloseIdleConnections()
 	return nil
 }

@@ -744,9 +744,10 @@ func TestForceHTTPS(t *testing.T) {
 }
 
 // TestFailedCandidatesDemoted: after a silent host cost one request its
-// connect budget, the next requests do not try it again until the
-// demotion ends; then one does (and, failing again, demotes it for
-// longer). A machine that refuses connections is demoted the same way.
+// connect budget, the next requests do not try it again; when the
+// demotion ends the edge's own probe does, not a request (and, failing
+// again, demotes it for longer). A machine that refuses connections is
+// demoted too, and probed by a request.
 func TestFailedCandidatesDemoted(t *testing.T) {
 	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return time.Millisecond }})
 	t.Cleanup(func() { n.Close() })
@@ -790,14 +791,21 @@ func TestFailedCandidatesDemoted(t *testing.T) {
 		t.Errorf("the demoted host was dialled %d more times", dials.Load()-1)
 	}
 	clock.advance(breakerBase)
-	ask()
-	if dials.Load() != 2 {
-		t.Errorf("after the demotion %d dials, want one probe", dials.Load())
+	deadline := time.Now().Add(30 * time.Second)
+	for hostTrips(edge, "fra-1") < 2 { // the edge's probe failed (probe.go)
+		if time.Now().After(deadline) {
+			t.Fatal("no probe of the silent host after the demotion")
+		}
+		ask()
+		time.Sleep(5 * time.Millisecond)
 	}
-	clock.advance(breakerBase) // the second strike demotes for twice as long
-	ask()
 	if dials.Load() != 2 {
-		t.Errorf("a second failure demoted for no longer than the first")
+		t.Errorf("after the demotion %d dials, want the one probe", dials.Load())
+	}
+	clock.advance(breakerBase) // the failed probe demotes for twice as long
+	ask()
+	if _, st := edge.strikes.states("", "fra-1"); st != stateOpen || dials.Load() != 2 {
+		t.Errorf("a second failure demoted for no longer than the first: %v, %d dials", st, dials.Load())
 	}
 
 	// A machine refusing connections on this host.

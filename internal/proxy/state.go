@@ -23,6 +23,7 @@ type Source interface {
 type state struct {
 	table    *route.Table
 	backhaul map[string]string // host id → its proxy's backhaul address
+	hosts    map[string]route.Host
 }
 
 // factsFrom turns a cluster snapshot into the route table's facts, as seen
