@@ -381,3 +381,38 @@ func (r routeInput) Demoted(id, host string) bool { return r.p.strikes.demoted(i
 func (r routeInput) Shed(app, region string, rand uint64) bool {
 	return r.p.regions.shed(app, region, rand)
 }
+
+// order walks a selection as every delivery takes it: each candidate its
+// breakers admit, in rank order, then, as last resorts, those they kept
+// out (a breaker alone never turns a request or connection away). The
+// selection is passed to each call, not kept: a selection held in a
+// struct would make the escape analysis move its buffer to the heap.
+type order struct {
+	p       *Proxy
+	skipped [route.MaxCandidates]*route.Target
+	ns, i   int
+}
+
+// next returns the next target of cands to try and whether the attempt is
+// its breaker's half-open probe (a probe taken must end as admit says); ok
+// is false when none is left.
+func (o *order) next(cands []*route.Target) (tg *route.Target, probe, ok bool) {
+	for o.i < len(cands) {
+		tg = cands[o.i]
+		o.i++
+		admitted, probe := o.p.admit(tg)
+		if admitted || o.ns == len(o.skipped) {
+			return tg, probe, true
+		}
+		o.skipped[o.ns] = tg
+		o.ns++
+	}
+	if j := o.i - len(cands); j < o.ns {
+		o.i++
+		return o.skipped[j], false, true
+	}
+	return nil, false, false
+}
+
+// more reports whether a target is left after the one next returned last.
+func (o *order) more(cands []*route.Target) bool { return o.i < len(cands)+o.ns }

@@ -76,27 +76,11 @@ func (fc *fastConn) forward(body []byte) action {
 	}
 	fc.newID()
 	var tried []string
-	// As Proxy.attempts: a candidate its breaker keeps out comes after
-	// every other, as a last resort.
-	var skipped [route.MaxCandidates]*route.Target
-	ns := 0
-	for i := 0; i < len(cands)+ns; i++ {
-		var tg *route.Target
-		probe := false
-		if i < len(cands) {
-			tg = cands[i]
-			var ok bool
-			if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
-				skipped[ns] = tg
-				ns++
-				continue
-			}
-		} else {
-			tg = skipped[i-len(cands)]
-		}
+	o := order{p: p}
+	for tg, probe, ok := o.next(cands); ok; tg, probe, ok = o.next(cands) {
 		// Over the backhaul, a request that may go to a next candidate
 		// waits only so long for the far host's acknowledgement (ack.go).
-		ack := !tg.OnSelf && i < len(cands)+ns-1 && idempotent(str(req.method))
+		ack := !tg.OnSelf && o.more(cands) && idempotent(str(req.method))
 		act, err := fc.attempt(st, tg, body, probe, ack)
 		if err == nil {
 			return act

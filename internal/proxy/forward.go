@@ -341,22 +341,8 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 // a last resort.
 func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, st *state, appName string, cands []*route.Target, body *requestBody, hdr http.Header, port string) (*http.Response, *route.Target, []string) {
 	tried := []string{}
-	var skipped [route.MaxCandidates]*route.Target
-	ns := 0
-	for i := 0; i < len(cands)+ns; i++ {
-		var tg *route.Target
-		probe := false
-		if i < len(cands) {
-			tg = cands[i]
-			var ok bool
-			if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
-				skipped[ns] = tg
-				ns++
-				continue
-			}
-		} else {
-			tg = skipped[i-len(cands)] // a last resort
-		}
+	o := order{p: p}
+	for tg, probe, ok := o.next(cands); ok; tg, probe, ok = o.next(cands) {
 		rb, size, ok := body.attempt()
 		if !ok {
 			p.release(tg, probe)
@@ -364,7 +350,7 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 		}
 		// Over the backhaul, a request that may go to a next candidate
 		// waits only so long for the far host's acknowledgement (ack.go).
-		ack := !tg.OnSelf && i < len(cands)+ns-1 && idempotent(r.Method) && body.stream == nil
+		ack := !tg.OnSelf && o.more(cands) && idempotent(r.Method) && body.stream == nil
 		resp, err := p.send(r, st, tg, hdr, rb, size, port, ack)
 		if err == nil && !tg.OnSelf {
 			switch {

@@ -275,24 +275,8 @@ func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, port int) {
 	}
 	client, edge := addrPortOf(c.RemoteAddr()), addrPortOf(c.LocalAddr())
 	var tried []string
-	// As for a request: a candidate whose breaker keeps it out is tried
-	// only after every other, as a last resort.
-	var skipped [route.MaxCandidates]*route.Target
-	ns := 0
-	for i := 0; i < len(cands)+ns; i++ {
-		var tg *route.Target
-		probe := false
-		if i < len(cands) {
-			tg = cands[i]
-			var ok bool
-			if ok, probe = p.admit(tg); !ok && ns < len(skipped) {
-				skipped[ns] = tg
-				ns++
-				continue
-			}
-		} else {
-			tg = skipped[i-len(cands)]
-		}
+	o := order{p: p}
+	for tg, probe, ok := o.next(cands); ok; tg, probe, ok = o.next(cands) {
 		// Counted from the connect on, so connections racing for a
 		// machine's last place see each other.
 		p.load.add(tg.MachineID, 1)
