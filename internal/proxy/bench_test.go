@@ -84,17 +84,21 @@ func BenchmarkEdgeLean(b *testing.B) {
 		defer c.Close()
 		req := []byte("GET / HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: bench\r\n\r\n")
 		br := bufio.NewReaderSize(c, 16<<10)
+		lat := new(latencies)
 		b.ReportAllocs()
 		defer reportCPU(b)()
 		b.ResetTimer()
 		for b.Loop() {
+			t0 := time.Now()
 			if _, err := c.Write(req); err != nil {
 				b.Fatal(err)
 			}
 			if err := readLeanResponse(br); err != nil {
 				b.Fatal(err)
 			}
+			lat.add(time.Since(t0))
 		}
+		lat.report(b)
 	}
 	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
 	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
@@ -286,4 +290,33 @@ func processCPU() time.Duration {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// latencies is a histogram of request times in microseconds (the last
+// bucket holds everything slower), allocated before the timed loop.
+type latencies struct{ n [10000]uint32 }
+
+func (l *latencies) add(d time.Duration) {
+	l.n[min(int(d/time.Microsecond), len(l.n)-1)]++
+}
+
+// report reports the median and the 99th percentile (p50-µs, p99-µs).
+func (l *latencies) report(b *testing.B) {
+	var total uint64
+	for _, k := range l.n {
+		total += uint64(k)
+	}
+	at := func(q float64) float64 {
+		var seen uint64
+		for us, k := range l.n {
+			if seen += uint64(k); float64(seen) >= q*float64(total) {
+				return float64(us)
+			}
+		}
+		return float64(len(l.n))
+	}
+	if total > 0 {
+		b.ReportMetric(at(0.50), "p50-µs")
+		b.ReportMetric(at(0.99), "p99-µs")
+	}
 }
