@@ -181,6 +181,7 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack
 	if resp.replay {
 		// fly-replay is followed by serveEdge: the request goes there,
 		// whole, with this answer (handover.go).
+		uc.dl.read(uc.c, time.Time{}, 0) // the prefetch reads with no deadline
 		fc.pre = fc.prefetch(uc, tg)
 		uc.c.Close()
 		return actHandOff, nil
@@ -238,7 +239,10 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	uc.got = 0
 	now := time.Now()
 	deadline := now.Add(timeout)
-	uc.c.SetWriteDeadline(deadline)
+	// The write deadline stands between requests (only exchange writes
+	// here): it may fire up to timeout/slackDiv late, and moves once per
+	// that much time on a busy connection.
+	uc.dl.write(uc.c, deadline, timeout/slackDiv)
 	// A machine slower than clientCheckAfter has the client watched
 	// meanwhile: a client that leaves ends the attempt (net/http's path
 	// cancels its request the same way).
@@ -270,7 +274,13 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 		}
 		return t
 	}
-	uc.c.SetReadDeadline(readBy())
+	// The first read deadline: the client check's may be late by a little
+	// (it only starts the watch), the others are exact.
+	if t := readBy(); t.Equal(check) && ackDue.IsZero() {
+		uc.dl.read(uc.c, t, clientCheckAfter/slackDiv)
+	} else {
+		uc.dl.read(uc.c, t, 0)
+	}
 	defer func() {
 		if stop != nil {
 			stop()
@@ -294,7 +304,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 				if !ackDue.IsZero() && fc.resp.status == http.StatusProcessing {
 					hw.hear()
 					ackDue = time.Now().Add(ack + ackInterval) // the far host's acknowledgement
-					uc.c.SetReadDeadline(readBy())
+					uc.dl.read(uc.c, readBy(), 0)
 				}
 				continue
 			}
@@ -303,8 +313,15 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			}
 			if hw != nil {
 				fc.e.p.waiters.stop(hw) // the answer came: no giving up now
+				if gaveUp.Load() {
+					// The silent host's wake-up set a read deadline of
+					// its own: cleared, as dl knows nothing of it.
+					uc.dl.r = time.Time{}
+					uc.c.SetReadDeadline(time.Time{})
+				}
 			}
-			uc.c.SetDeadline(time.Time{})
+			// The deadlines stand: the body's reads set their own
+			// (upConn.fill), and a replay's prefetch clears it.
 			return nil
 		case errIncomplete:
 			if err := uc.fill(); err != nil {
@@ -321,7 +338,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 				if stop == nil && !now.Before(check) {
 					stop = fc.watchClient(uc)
 				}
-				uc.c.SetReadDeadline(readBy())
+				uc.dl.read(uc.c, readBy(), 0)
 			}
 		default:
 			return fmt.Errorf("%w: %v", errBadResponse, err)
@@ -343,7 +360,7 @@ func (fc *fastConn) watchClient(uc *upConn) (stop func()) {
 		return func() {} // a full buffer: the client is not done sending
 	}
 	done := make(chan struct{})
-	fc.c.SetReadDeadline(time.Time{})
+	fc.dl.read(fc.c, time.Time{}, 0)
 	go func() {
 		defer close(done)
 		n, err := fc.c.Read(b)
@@ -355,9 +372,9 @@ func (fc *fastConn) watchClient(uc *upConn) (stop func()) {
 		uc.c.Close()
 	}()
 	return func() {
-		fc.c.SetReadDeadline(time.Unix(1, 0)) // ends the read
+		fc.dl.read(fc.c, time.Unix(1, 0), 0) // ends the read
 		<-done
-		fc.c.SetReadDeadline(time.Time{})
+		fc.dl.read(fc.c, time.Time{}, 0)
 	}
 }
 

@@ -273,6 +273,7 @@ type fastConn struct {
 	body   []byte // a chunked body, decoded
 	id     [26 + 1 + 64]byte
 	idLen  int
+	dl     deadlines // the client connection's, as set
 	upMu   sync.Mutex
 	upConn *upConn // the upstream connection in use, cut on a forced close
 	pre    *prefetched
@@ -416,18 +417,26 @@ func (fc *fastConn) next() action {
 			fc.putBuf()
 			fc.buf = smallBufs.Get().(*[]byte)
 		}
-		fc.c.SetReadDeadline(time.Now().Add(p.cfg.IdleTimeout))
+		// The idle deadline stands across requests (nothing reads the
+		// connection under it but this fill): it moves once per slack.
+		fc.dl.read(fc.c, time.Now().Add(p.cfg.IdleTimeout), p.cfg.IdleTimeout/slackDiv)
 		if !fc.fill() {
 			return actClose
 		}
 	}
-	fc.c.SetReadDeadline(time.Now().Add(p.cfg.ReadHeaderTimeout))
+	// The header timeout runs from the first bytes of the head; it is set
+	// only if the head needs another read.
+	var headBy time.Time
 	req := &fc.req
 	for {
 		err := parseRequestHead((*fc.buf)[fc.r:fc.w], e.headLimit, req)
 		switch err {
 		case nil:
 		case errIncomplete:
+			if headBy.IsZero() {
+				headBy = time.Now().Add(p.cfg.ReadHeaderTimeout)
+			}
+			fc.dl.read(fc.c, headBy, 0)
 			if !fc.fill() {
 				if fc.w-fc.r >= e.headLimit {
 					fc.plain(http.StatusRequestHeaderFieldsTooLarge)
@@ -455,9 +464,15 @@ func (fc *fastConn) next() action {
 	// The body, buffered whole.
 	var body []byte
 	raw := req.headLen
+	var bodyBy time.Time // the body timeout, set before the body's first read
+	bodyDeadline := func() {
+		if bodyBy.IsZero() {
+			bodyBy = time.Now().Add(p.cfg.BodyReadTimeout)
+		}
+		fc.dl.read(fc.c, bodyBy, 0)
+	}
 	switch {
 	case req.chunked:
-		fc.c.SetReadDeadline(time.Now().Add(p.cfg.BodyReadTimeout))
 		for {
 			var n int
 			var err error
@@ -467,6 +482,7 @@ func (fc *fastConn) next() action {
 				raw += n
 				body = fc.body
 			case errIncomplete:
+				bodyDeadline()
 				if fc.fill() {
 					continue
 				}
@@ -497,8 +513,8 @@ func (fc *fastConn) next() action {
 		}
 		fc.held = int64(n)
 		defer fc.giveBody()
-		fc.c.SetReadDeadline(time.Now().Add(p.cfg.BodyReadTimeout))
 		for fc.w-fc.r < req.headLen+n {
+			bodyDeadline()
 			if !fc.fill() {
 				return fc.bodyTimeout()
 			}
@@ -506,7 +522,9 @@ func (fc *fastConn) next() action {
 		raw += n
 		body = (*fc.buf)[fc.r+req.headLen : fc.r+req.headLen+n]
 	}
-	fc.c.SetReadDeadline(time.Time{})
+	// The read deadline set last stands while the request is forwarded:
+	// nothing reads the client's connection meanwhile but watchClient,
+	// which clears it.
 	act := fc.forward(body)
 	fc.out.release()
 	fc.shrink()
@@ -573,7 +591,7 @@ func (fc *fastConn) linger() {
 		return
 	}
 	cw.CloseWrite()
-	fc.c.SetReadDeadline(time.Now().Add(lingerTime))
+	fc.dl.read(fc.c, time.Now().Add(lingerTime), 0)
 	var drop [4 << 10]byte
 	for n := 0; n < lingerBytes; {
 		k, err := fc.c.Read(drop[:])

@@ -32,6 +32,7 @@ type upConn struct {
 	r, w int
 	got  int // bytes read of the current answer
 	idle time.Time
+	dl   deadlines // as set; they stand between requests
 	// client is the client whose answer's body is being read, watched
 	// once the body pauses (stop ends the watch).
 	client *fastConn
@@ -72,14 +73,14 @@ func (uc *upConn) fill() error {
 		}
 	}
 	if uc.client != nil && uc.stop == nil {
-		uc.c.SetReadDeadline(time.Now().Add(clientCheckAfter))
+		uc.dl.read(uc.c, time.Now().Add(clientCheckAfter), clientCheckAfter/slackDiv)
 	}
 	n, err := uc.c.Read(uc.buf[uc.w:])
 	if n == 0 && uc.client != nil && uc.stop == nil && isTimeout(err) {
 		// A body that pauses (a stream, a long poll): the client is
 		// watched until the answer ends.
 		uc.stop = uc.client.watchClient(uc)
-		uc.c.SetReadDeadline(time.Time{})
+		uc.dl.read(uc.c, time.Time{}, 0)
 		n, err = uc.c.Read(uc.buf[uc.w:])
 	}
 	uc.w += n
