@@ -1,7 +1,7 @@
 // Package netsim is an in-memory network of simulated hosts for tests,
 // benchmarks and `flame dev`: streams, datagrams and a memberlist transport
-// between named hosts, with per-link latency, packet loss, partitions and
-// dead hosts.
+// between named hosts, with per-link latency, packet loss, partitions, dead
+// hosts and faults of single links (links.go).
 //
 // Time is real: deliveries wait on timers, because the code under test
 // (memberlist, net/http) runs its own real timers. Randomness (loss and
@@ -92,7 +92,8 @@ type Network struct {
 	conns  map[*conn]struct{}
 	closed bool
 
-	loss atomic.Uint64 // math.Float64bits of the loss probability
+	loss  atomic.Uint64 // math.Float64bits of the loss probability
+	links links         // faults of single links (links.go)
 
 	rngMu sync.Mutex
 	rng   *rand.Rand
@@ -238,8 +239,12 @@ func (n *Network) SetLoss(p float64) {
 	n.loss.Store(math.Float64bits(p))
 }
 
-func (n *Network) lost() bool {
+// lost decides whether a datagram from a to b is lost.
+func (n *Network) lost(a, b *host) bool {
 	p := math.Float64frombits(n.loss.Load())
+	if lp := n.links.get(a, b).Loss; lp > 0 {
+		p = 1 - (1-p)*(1-lp)
+	}
 	if p <= 0 {
 		return false
 	}
@@ -254,6 +259,7 @@ func (n *Network) latency(a, b *host) time.Duration {
 	if n.cfg.Latency != nil {
 		d = n.cfg.Latency(a.name, b.name)
 	}
+	d += n.links.get(a, b).Delay
 	if n.cfg.Jitter > 0 {
 		n.rngMu.Lock()
 		d += time.Duration(n.rng.Int64N(int64(n.cfg.Jitter)))
@@ -264,7 +270,7 @@ func (n *Network) latency(a, b *host) time.Duration {
 
 // linkUp reports whether a and b can reach each other now.
 func (n *Network) linkUp(a, b *host) bool {
-	return !a.dead.Load() && !b.dead.Load() && a.group.Load() == b.group.Load()
+	return !a.dead.Load() && !b.dead.Load() && a.group.Load() == b.group.Load() && !n.links.get(a, b).Cut
 }
 
 // Partition splits the hosts: hosts in different groups cannot reach each

@@ -58,7 +58,7 @@ func (n *Network) sendPacket(src *host, srcPort int, b []byte, addr string) erro
 	}
 	src.sentPackets.Add(1)
 	src.sentBytes.Add(uint64(len(b)))
-	if dst == nil || !n.linkUp(src, dst) || n.lost() {
+	if dst == nil || !n.linkUp(src, dst) || n.lost(src, dst) {
 		return nil
 	}
 	n.schedule(n.latency(src, dst), event{
