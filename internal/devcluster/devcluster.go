@@ -647,6 +647,7 @@ func (c *Cluster) Close() error {
 
 func (c *Cluster) close() error {
 	var errs []error
+	c.stopStalls()
 	if c.global != nil {
 		errs = append(errs, c.global.close())
 	}

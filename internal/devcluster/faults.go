@@ -34,6 +34,10 @@ type faults struct {
 	mu     sync.Mutex
 	killed map[string]bool // host ids
 	wg     sync.WaitGroup  // the background closes of killed hosts
+	// The network's faults (chaos.go).
+	links  []LinkFault       // as asked for, in order
+	stalls map[string]*stall // by host id
+	closed bool              // no stall resumes
 }
 
 // Killed reports whether the host was killed.

@@ -1,0 +1,270 @@
+package devcluster
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/flamehq/flame/internal/netsim"
+)
+
+// Faults of the network, beside the crashes of faults.go. They act on the
+// simulated network the cluster's parts talk over — gossip, the control
+// plane's calls to the hosts, the edges' backhaul, the global entry's hops
+// to the edges — so every protocol meets them as it would meet a real
+// network's: a partition cuts the links between two sides (each sees the
+// other fall silent; streams hold their data, as TCP retransmits, until it
+// heals), loss drops datagrams (gossip's probes) and a slow link adds to
+// the latency of a link both ways. A stalled host's programs keep running
+// but nothing it sends or is sent arrives until the stall ends, as a VM
+// paused by its hypervisor. What clients reach on real loopback (the
+// hosts' APIs, the edges) is not on the simulated network: a partition or
+// a stall reaches it only where it calls across the cluster.
+//
+// Sides are named by host ids, the control plane's member ("control") and
+// region codes (every host of the region; the control plane is named on
+// its own).
+
+// Errors of the fault API.
+var (
+	// ErrUnknownTarget is returned for a name that is no host, control
+	// plane or region of the cluster.
+	ErrUnknownTarget = errors.New("devcluster: no such host or region")
+	// ErrBadFault is returned for a fault that cannot be: sides that
+	// overlap, a loss or a delay out of range.
+	ErrBadFault = errors.New("devcluster: bad fault")
+)
+
+// Limits of the faults one may ask for.
+const (
+	MaxSlowLink = 10 * time.Second
+	MaxStall    = 10 * time.Minute
+)
+
+// LinkFault is one fault between two sides, as it was asked for.
+type LinkFault struct {
+	// Kind is "partition", "loss" or "slow-link".
+	Kind string   `json:"kind"`
+	A    []string `json:"a"`
+	B    []string `json:"b"`
+	// Percent is the share of datagrams lost (loss).
+	Percent float64 `json:"percent,omitempty"`
+	// DelayMS is the latency added one way, in milliseconds (slow-link).
+	DelayMS int64 `json:"delay_ms,omitempty"`
+}
+
+// Stall is a stalled host and when it resumes.
+type Stall struct {
+	Host  string    `json:"host"`
+	Until time.Time `json:"until"`
+}
+
+// FaultStatus is every fault active in the cluster.
+type FaultStatus struct {
+	Killed  []string    `json:"killed"`
+	Stalled []Stall     `json:"stalled"`
+	Links   []LinkFault `json:"links"`
+}
+
+// members expands names (hosts, "control", regions) to the cluster's
+// members on the simulated network, sorted and without repeats.
+func (c *Cluster) members(names []string) ([]string, error) {
+	if len(names) == 0 {
+		return nil, fmt.Errorf("%w: an empty side", ErrBadFault)
+	}
+	var out []string
+	for _, n := range names {
+		switch {
+		case c.host(n) != nil:
+			out = append(out, n)
+		case n == controlID && c.Plane != nil:
+			out = append(out, n)
+		case slices.Contains(c.cfg.Regions, n):
+			for _, h := range c.Hosts {
+				if h.Region == n {
+					out = append(out, h.ID)
+				}
+			}
+		default:
+			return nil, fmt.Errorf("%w: %q", ErrUnknownTarget, n)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// sides expands two sides and refuses a member on both.
+func (c *Cluster) sides(a, b []string) ([]string, []string, error) {
+	ma, err := c.members(a)
+	if err != nil {
+		return nil, nil, err
+	}
+	mb, err := c.members(b)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, m := range ma {
+		if slices.Contains(mb, m) {
+			return nil, nil, fmt.Errorf("%w: %s is on both sides", ErrBadFault, m)
+		}
+	}
+	return ma, mb, nil
+}
+
+// setLinks changes the fault of every link between the two sides and
+// records the fault as asked (replacing one of the same kind between the
+// same sides; a zero one only clears).
+func (c *Cluster) setLinks(f LinkFault, change func(*netsim.LinkFault)) error {
+	ma, mb, err := c.sides(f.A, f.B)
+	if err != nil {
+		return err
+	}
+	c.faults.mu.Lock()
+	defer c.faults.mu.Unlock()
+	for _, x := range ma {
+		for _, y := range mb {
+			lf := c.Net.Link(x, y)
+			change(&lf)
+			if err := c.Net.SetLink(x, y, lf); err != nil {
+				return fmt.Errorf("devcluster: link %s-%s: %w", x, y, err)
+			}
+		}
+	}
+	f.A, f.B = slices.Clone(f.A), slices.Clone(f.B)
+	c.faults.links = slices.DeleteFunc(c.faults.links, func(o LinkFault) bool {
+		return o.Kind == f.Kind && sameSides(o, f)
+	})
+	if f.Kind == "partition" || f.Percent > 0 || f.DelayMS > 0 {
+		c.faults.links = append(c.faults.links, f)
+	}
+	return nil
+}
+
+func sameSides(x, y LinkFault) bool {
+	eq := func(p, q []string) bool {
+		return strings.Join(sorted(p), ",") == strings.Join(sorted(q), ",")
+	}
+	return eq(x.A, y.A) && eq(x.B, y.B) || eq(x.A, y.B) && eq(x.B, y.A)
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
+}
+
+// Partition cuts every link between a member of side a and one of side b.
+// Partitions add up; Heal ends them all.
+func (c *Cluster) Partition(a, b []string) error {
+	return c.setLinks(LinkFault{Kind: "partition", A: a, B: b}, func(lf *netsim.LinkFault) { lf.Cut = true })
+}
+
+// Loss makes the links between the two sides lose percent (0 to 100) of
+// their datagrams, both ways; 0 ends it. Streams are not lossy.
+func (c *Cluster) Loss(a, b []string, percent float64) error {
+	if !(percent >= 0 && percent <= 100) { // NaN too
+		return fmt.Errorf("%w: loss of %v%%: want 0 to 100", ErrBadFault, percent)
+	}
+	return c.setLinks(LinkFault{Kind: "loss", A: a, B: b, Percent: percent}, func(lf *netsim.LinkFault) { lf.Loss = percent / 100 })
+}
+
+// SlowLink adds extra to the one-way latency of the links between the two
+// sides, both ways; 0 ends it.
+func (c *Cluster) SlowLink(a, b []string, extra time.Duration) error {
+	if extra < 0 || extra > MaxSlowLink {
+		return fmt.Errorf("%w: extra latency %v: want 0 to %v", ErrBadFault, extra, MaxSlowLink)
+	}
+	return c.setLinks(LinkFault{Kind: "slow-link", A: a, B: b, DelayMS: extra.Milliseconds()}, func(lf *netsim.LinkFault) { lf.Delay = extra })
+}
+
+// Heal ends every partition, loss and slow link. Killed and stalled hosts
+// stay as they are.
+func (c *Cluster) Heal() {
+	c.faults.mu.Lock()
+	defer c.faults.mu.Unlock()
+	c.Net.ClearLinks()
+	c.faults.links = nil
+}
+
+// stall is one stalled host's resumption.
+type stall struct {
+	until time.Time
+	timer *time.Timer
+}
+
+// StallHost silences a live host's network for d: its goroutines keep
+// running, but nothing it sends arrives and nothing sent to it arrives
+// (datagrams are lost, stream data waits) until the stall ends. Stalling
+// a stalled host again sets when it resumes.
+func (c *Cluster) StallHost(hostID string, d time.Duration) error {
+	if d <= 0 || d > MaxStall {
+		return fmt.Errorf("%w: stall of %v: want more than 0 and at most %v", ErrBadFault, d, MaxStall)
+	}
+	if c.host(hostID) == nil {
+		return fmt.Errorf("%w: %q", ErrUnknownTarget, hostID)
+	}
+	c.faults.mu.Lock()
+	defer c.faults.mu.Unlock()
+	if c.faults.killed[hostID] {
+		return fmt.Errorf("%w: %s", ErrHostKilled, hostID)
+	}
+	if c.faults.closed {
+		return errors.New("devcluster: closed")
+	}
+	if old := c.faults.stalls[hostID]; old != nil {
+		old.timer.Stop()
+	}
+	if c.faults.stalls == nil {
+		c.faults.stalls = map[string]*stall{}
+	}
+	s := &stall{until: time.Now().Add(d)}
+	s.timer = time.AfterFunc(d, func() { c.resume(hostID, s) })
+	c.faults.stalls[hostID] = s
+	c.Net.Kill(hostID)
+	return nil
+}
+
+// resume ends a stall, unless another replaced it or the host was killed
+// meanwhile.
+func (c *Cluster) resume(hostID string, s *stall) {
+	c.faults.mu.Lock()
+	defer c.faults.mu.Unlock()
+	if c.faults.stalls[hostID] != s {
+		return
+	}
+	delete(c.faults.stalls, hostID)
+	if !c.faults.killed[hostID] && !c.faults.closed {
+		c.Net.Revive(hostID)
+	}
+}
+
+// stopStalls ends the stalls' timers for Close.
+func (c *Cluster) stopStalls() {
+	c.faults.mu.Lock()
+	defer c.faults.mu.Unlock()
+	c.faults.closed = true
+	for id, s := range c.faults.stalls {
+		s.timer.Stop()
+		delete(c.faults.stalls, id)
+	}
+}
+
+// Status returns the faults active now.
+func (c *Cluster) Status() FaultStatus {
+	c.faults.mu.Lock()
+	defer c.faults.mu.Unlock()
+	st := FaultStatus{Killed: []string{}, Stalled: []Stall{}, Links: slices.Clone(c.faults.links)}
+	if st.Links == nil {
+		st.Links = []LinkFault{}
+	}
+	for _, h := range c.Hosts {
+		if c.faults.killed[h.ID] {
+			st.Killed = append(st.Killed, h.ID)
+		} else if s := c.faults.stalls[h.ID]; s != nil {
+			st.Stalled = append(st.Stalled, Stall{Host: h.ID, Until: s.until})
+		}
+	}
+	return st
+}
