@@ -79,7 +79,7 @@ func (c *Cluster) members(names []string) ([]string, error) {
 		switch {
 		case c.host(n) != nil:
 			out = append(out, n)
-		case n == controlID && c.Plane != nil:
+		case n == controlID && c.cfg.ControlPlane:
 			out = append(out, n)
 		case slices.Contains(c.cfg.Regions, n):
 			for _, h := range c.Hosts {

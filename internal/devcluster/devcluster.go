@@ -90,6 +90,8 @@ type Config struct {
 	// Machines API at ServerAddr; the hosts' own APIs then answer only it.
 	ControlPlane bool
 	ServerAddr   string
+	// Chaos serves the chaos API (chaosapi.go) beside the control plane's.
+	Chaos bool
 	// Server tunes the control plane (placement weights, timings).
 	Server server.Config
 }
@@ -406,7 +408,7 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	p, err := server.StartPlane(ctx, server.PlaneConfig{
 		DataDir: filepath.Join(c.cfg.Dir, controlID), Listener: ln,
 		Cluster: mc, Join: []string{seed}, Server: sc, Registry: c.cfg.Registry,
-		Logger: c.cfg.Logger.With("host", controlID),
+		Handlers: c.chaosHandlers(), Logger: c.cfg.Logger.With("host", controlID),
 	})
 	if err != nil {
 		ln.Close()
