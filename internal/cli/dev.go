@@ -135,6 +135,7 @@ func runDev(c *cobra.Command, f devFlags) error {
 		APIAddr:        f.hostsAddr,
 		ServerAddr:     f.apiAddr,
 		ControlPlane:   true,
+		Chaos:          true,
 		DNSAddr:        f.dnsAddr,
 		EdgeAddr:       f.edgeAddr,
 		EdgeTCPPorts:   tcpPorts,
@@ -310,7 +311,7 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 	fmt.Fprintf(w, "  Machines API  %s   (org \"personal\")\n", url)
 	fmt.Fprintf(w, "  Token         %s\n", token)
 	if tokens.admin != "" {
-		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens)\n", tokens.admin)
+		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens; flame chaos reads it from $FLAME_ADMIN_TOKEN)\n", tokens.admin)
 	}
 	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n", url, demoRef)
 	if driverKind == host.DriverSandbox {

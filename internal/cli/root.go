@@ -69,6 +69,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	})
 	root.AddCommand(
 		newDevCmd(),
+		newChaosCmd(),
 		newAgentCmd(),
 		newServerCmd(),
 		newDemoAppCmd(),
