@@ -61,14 +61,13 @@ Hosts are named by id (ams-1), sides of a link fault by comma-separated
 hosts and regions (ams,iad-2); "control" is the control plane's member.
 
   flame chaos kill-region ams           every host of ams crashes
+  flame chaos revive ams                its hosts start again from their data dirs
   flame chaos partition ams iad,syd     cut every link between the sides
   flame chaos loss ams-1 iad 20         20% of datagrams lost, both ways (0 ends it)
   flame chaos slow-link ams syd 150     150 ms more one way (0 ends it)
   flame chaos stall-host iad-2 10s      iad-2's network stops, then resumes
   flame chaos heal                      end every partition, loss and slow link
-  flame chaos status                    the active faults
-
-A killed host stays dead until flame dev restarts.`,
+  flame chaos status                    the active faults`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return c.Help() },
 	}
@@ -119,6 +118,9 @@ A killed host stays dead until flame dev restarts.`,
 		}),
 		action("kill-region <region>", "Crash every host of a region at once", 1, func(a []string) (devcluster.ChaosRequest, error) {
 			return devcluster.ChaosRequest{Region: a[0]}, nil
+		}),
+		action("revive <host|region>", "Start killed hosts again from their data dirs, as restarted agents", 1, func(a []string) (devcluster.ChaosRequest, error) {
+			return devcluster.ChaosRequest{Host: a[0]}, nil
 		}),
 		action("partition <hosts|regions> <hosts|regions>", "Cut every link between two sides", 2, func(a []string) (devcluster.ChaosRequest, error) {
 			return devcluster.ChaosRequest{A: splitList(a[0]), B: splitList(a[1])}, nil

@@ -33,9 +33,12 @@ func TestMain(m *testing.M) {
 
 // demoRegion asks url for the demo app and returns the region that
 // answered.
-func demoRegion(client *http.Client, url string) (string, error) {
+func demoRegion(client *http.Client, url string, header ...string) (string, error) {
 	req, _ := http.NewRequest("GET", url+"/", nil)
 	req.Host = "demo.localhost"
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
 	resp, err := client.Do(req)
 	if err != nil {
 		return "", err
@@ -193,6 +196,20 @@ func TestChaosKillRegion(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "killed") || !strings.Contains(out, "ams-1") {
 		t.Errorf("flame chaos status: exit %d, %q %q", code, out, stderr)
 	}
+
+	// Revived, the region's host starts from its data dir, its machine
+	// there, and its edge answers again.
+	if code, out, stderr = run(append([]string{"chaos", "revive", "ams"}, flags...)...); code != 0 || !strings.Contains(out, "no faults") {
+		t.Fatalf("flame chaos revive: exit %d, %q %q", code, out, stderr)
+	}
+	ms, err := api.NewClient(dev.Hosts[0].APIURL, "agent-secret").List(ctx, "demo", api.ListMachinesOptions{})
+	if err != nil || len(ms) != 1 {
+		t.Fatalf("machines of the revived host: %v, %v", ms, err)
+	}
+	waitFor(t, "the ams edge to answer again", func() bool {
+		_, err := demoRegion(client, "http://"+edges["ams"])
+		return err == nil
+	})
 }
 
 func TestChaosUsage(t *testing.T) {

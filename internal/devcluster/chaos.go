@@ -1,6 +1,7 @@
 package devcluster
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -267,4 +268,83 @@ func (c *Cluster) Status() FaultStatus {
 		}
 	}
 	return st
+}
+
+// ErrNotKilled is returned for reviving a host that is not killed.
+var ErrNotKilled = errors.New("devcluster: host not killed")
+
+// Revive starts killed hosts again — a host by id, or every killed host of
+// a region — as a restarted agent starts: from its data dir, at the
+// addresses it had, rejoining the cluster. Machines it had are found in its
+// data dir, with their processes gone. It returns the ids it revived.
+// Revive replaces the revived hosts' *Host in Hosts: nothing may use them
+// meanwhile.
+func (c *Cluster) Revive(ctx context.Context, name string) ([]string, error) {
+	var ids []string
+	switch {
+	case c.host(name) != nil:
+		if !c.Killed(name) {
+			return nil, fmt.Errorf("%w: %s", ErrNotKilled, name)
+		}
+		ids = []string{name}
+	case slices.Contains(c.cfg.Regions, name):
+		for _, h := range c.Hosts {
+			if h.Region == name && c.Killed(h.ID) {
+				ids = append(ids, h.ID)
+			}
+		}
+		if len(ids) == 0 {
+			return nil, fmt.Errorf("%w: no host of region %s is", ErrNotKilled, name)
+		}
+	default:
+		return nil, fmt.Errorf("%w: %q", ErrUnknownTarget, name)
+	}
+	for i, id := range ids {
+		if err := c.revive(ctx, id); err != nil {
+			return ids[:i], err
+		}
+	}
+	return ids, nil
+}
+
+// revive starts one killed host again, once its close is over.
+func (c *Cluster) revive(ctx context.Context, id string) error {
+	c.faults.mu.Lock()
+	gone := c.faults.gone[id]
+	c.faults.mu.Unlock()
+	if gone != nil {
+		select {
+		case <-gone:
+		case <-ctx.Done():
+			return fmt.Errorf("devcluster: revive %s: its close is not over: %w", id, ctx.Err())
+		}
+	}
+	i := slices.IndexFunc(c.Hosts, func(h *Host) bool { return h.ID == id })
+	old := c.Hosts[i]
+	// It joins through any live member.
+	var seed string
+	for _, h := range c.Hosts {
+		if !c.Killed(h.ID) {
+			seed = h.Cluster.GossipAddr()
+			break
+		}
+	}
+	if seed == "" && c.Plane != nil {
+		seed = c.Plane.Cluster.GossipAddr()
+	}
+	c.Net.Revive(id)
+	h, err := c.startHost(ctx, id, old.Region, i, strings.TrimPrefix(old.APIURL, "http://"), old.DNSAddr, old.EdgeAddr, seed)
+	if err != nil {
+		c.Net.Kill(id)
+		return fmt.Errorf("devcluster: revive %s: %w", id, err)
+	}
+	c.Hosts[i] = h
+	c.faults.mu.Lock()
+	delete(c.faults.killed, id)
+	delete(c.faults.gone, id)
+	c.faults.mu.Unlock()
+	if h.EdgeAddr != "" && c.global != nil {
+		c.global.edgeUp(h.Region)
+	}
+	return nil
 }

@@ -3,11 +3,15 @@ package devcluster
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
+	"strconv"
 	"testing"
 	"time"
 
+	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/host"
 )
 
 // statusOf is what from believes of host id.
@@ -162,6 +166,48 @@ func TestNetworkFaults(t *testing.T) {
 			t.Fatalf("call after the stall: %v", err)
 		}
 		converge(t)
+	})
+
+	t.Run("kill and revive", func(t *testing.T) {
+		ctx := context.Background()
+		if _, err := c.Revive(ctx, "iad-2"); !errors.Is(err, ErrNotKilled) {
+			t.Fatalf("revive of a live host: %v", err)
+		}
+		port := freePort(t)
+		m, err := api.NewClient(c.host("iad-2").APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
+			Restart: &api.MachineRestart{Policy: api.RestartNo},
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.KillHost(ctx, "iad-2"); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, "iad-1 to give iad-2 up", func() bool {
+			return statusOf(c, "iad-1", "iad-2").Status != cluster.StatusAlive
+		})
+		ids, err := c.Revive(ctx, "iad")
+		if err != nil || len(ids) != 1 || ids[0] != "iad-2" {
+			t.Fatalf("revive iad: %v, %v", ids, err)
+		}
+		if c.Killed("iad-2") || len(c.Status().Killed) != 0 {
+			t.Fatalf("revived, still killed: %+v", c.Status())
+		}
+		converge(t)
+		// It started from its data dir: the machine it ran is there, its
+		// process gone with the crash.
+		got, err := api.NewClient(c.host("iad-2").APIURL, "t").Get(ctx, "demo", m.ID)
+		if err != nil {
+			t.Fatalf("the machine after revive: %v", err)
+		}
+		if got.State != api.StateStopped {
+			t.Errorf("the machine after revive: %s, want stopped (restart policy no)", got.State)
+		}
+		if conn, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), time.Second); err == nil {
+			conn.Close()
+			t.Errorf("the machine's process outlived its host's crash")
+		}
 	})
 }
 

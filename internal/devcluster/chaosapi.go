@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/flamehq/flame/api"
@@ -24,14 +25,15 @@ import (
 //	POST /v1/chaos/{action}  a ChaosRequest; answers the faults after it
 //
 // Actions: kill-machine (app, machine), kill-host (host), kill-region
-// (region), partition (a, b), heal, loss (a, b, percent), slow-link (a, b,
-// delay_ms), stall-host (host, duration_ms). Bad input is a 422 naming the
-// field, a host or region the cluster lacks a 404, a host already killed a
-// 409.
+// (region), revive (host or region), partition (a, b), heal, loss (a, b,
+// percent), slow-link (a, b, delay_ms), stall-host (host, duration_ms).
+// Bad input is a 422 naming the field, a host or region the cluster lacks
+// a 404, a host already killed (or, to revive, not killed) a 409. One
+// call is served at a time.
 
 // ChaosActions are the actions of the chaos API, in the order help lists
 // them.
-var ChaosActions = []string{"kill-machine", "kill-host", "kill-region", "partition", "heal", "loss", "slow-link", "stall-host"}
+var ChaosActions = []string{"kill-machine", "kill-host", "kill-region", "revive", "partition", "heal", "loss", "slow-link", "stall-host"}
 
 // ChaosRequest is the body of a chaos action; each action reads its own
 // fields.
@@ -67,7 +69,10 @@ func (c *Cluster) chaosHandlers() map[string]http.Handler {
 
 // chaosHandler serves the chaos API.
 func (c *Cluster) chaosHandler() http.Handler {
+	var one sync.Mutex // Revive replaces hosts the others read
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		one.Lock()
+		defer one.Unlock()
 		if err := c.serveChaos(w, r); err != nil {
 			var ae *api.Error
 			if !errors.As(err, &ae) {
@@ -184,6 +189,19 @@ func (c *Cluster) chaos(ctx context.Context, action string, req ChaosRequest) er
 	case "heal":
 		c.Heal()
 		return nil
+	case "revive":
+		name := req.Host
+		if name == "" {
+			name = req.Region
+		}
+		if req.Host != "" && req.Region != "" {
+			return api.Errorf(http.StatusUnprocessableEntity, "host or region: not both")
+		}
+		if err := needName("host or region", name); err != nil {
+			return err
+		}
+		_, err := c.Revive(ctx, name)
+		return err
 	case "stall-host":
 		if err := needName("host", req.Host); err != nil {
 			return err
@@ -209,7 +227,7 @@ func chaosError(err error) error {
 		return api.Errorf(http.StatusNotFound, "%v", err)
 	case errors.Is(err, ErrBadFault):
 		return api.Errorf(http.StatusUnprocessableEntity, "%v", err)
-	case errors.Is(err, ErrHostKilled):
+	case errors.Is(err, ErrHostKilled), errors.Is(err, ErrNotKilled):
 		return api.Errorf(http.StatusConflict, "%v", err)
 	}
 	return err

@@ -158,5 +158,18 @@ func TestChaosAPI(t *testing.T) {
 		if st = do("kill-region", ChaosRequest{Region: "ams"}); len(st.Killed) != 2 || !c.Killed("ams-1") {
 			t.Errorf("killed: %+v", st)
 		}
+		if st = do("revive", ChaosRequest{Region: "ams"}); len(st.Killed) != 1 || st.Killed[0] != "iad-1" || c.Killed("ams-1") {
+			t.Errorf("after revive: %+v", st)
+		}
+		for _, tc := range []struct {
+			req  ChaosRequest
+			want int
+		}{{ChaosRequest{Host: "ams-1"}, 409}, {ChaosRequest{Region: "ams"}, 409}, {ChaosRequest{Region: "lhr"}, 404},
+			{ChaosRequest{}, 422}, {ChaosRequest{Host: "iad-1", Region: "iad"}, 422}} {
+			var ae *api.Error
+			if _, err := admin.Do(ctx, "revive", tc.req); !errors.As(err, &ae) || ae.Status != tc.want {
+				t.Errorf("revive %+v: %v, want %d", tc.req, err, tc.want)
+			}
+		}
 	})
 }

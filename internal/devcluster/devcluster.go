@@ -418,8 +418,10 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 }
 
 func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAddr, dnsAddr, edgeAddr, seed string) (*Host, error) {
-	if _, err := c.Net.AddHost(id); err != nil {
-		return nil, err
+	if _, ok := c.Net.HostIP(id); !ok { // a revived host has its place (chaos.go)
+		if _, err := c.Net.AddHost(id); err != nil {
+			return nil, err
+		}
 	}
 	tr, err := c.Net.Transport(id, 7946)
 	if err != nil {
@@ -434,7 +436,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		ln.Close()
 		return nil, err
 	}
-	if err := c.sim.expose(id, ln.Addr().String(), c.cfg.ControlPlane); err != nil {
+	if err := c.sim.exposeOnce(id, ln.Addr().String(), c.cfg.ControlPlane); err != nil {
 		ln.Close()
 		pc.Close()
 		dl.Close()

@@ -19,12 +19,12 @@ import (
 // and its machines' processes die with it, once its agent is closed (so
 // nothing records their exits or restarts them); its proxy, gossip, API
 // and DNS are then closed in the background, out of sight of the rest of
-// the cluster, and never come back. When the host had its region's edge,
-// the global entry stops handing requests to that edge at once (as
-// anycast withdraws the route of a dead point of presence) and moves the
-// idempotent requests in flight through it to the next nearest edge; a
-// client of the edge's real address may still be answered until the
-// background close reaches it.
+// the cluster, until Revive starts the host again (chaos.go). When the
+// host had its region's edge, the global entry stops handing requests to
+// that edge at once (as anycast withdraws the route of a dead point of
+// presence) and moves the idempotent requests in flight through it to the
+// next nearest edge; a client of the edge's real address may still be
+// answered until the background close reaches it.
 
 // ErrHostKilled is returned for a host that was already killed.
 var ErrHostKilled = errors.New("devcluster: host already killed")
@@ -38,6 +38,8 @@ type faults struct {
 	links  []LinkFault       // as asked for, in order
 	stalls map[string]*stall // by host id
 	closed bool              // no stall resumes
+	// gone is closed, per killed host, once its background close is over.
+	gone map[string]chan struct{}
 }
 
 // Killed reports whether the host was killed.
@@ -153,9 +155,17 @@ func (c *Cluster) crash(ctx context.Context, h *Host) error {
 			}
 		}
 	}
+	c.faults.mu.Lock()
+	if c.faults.gone == nil {
+		c.faults.gone = map[string]chan struct{}{}
+	}
+	gone := make(chan struct{})
+	c.faults.gone[h.ID] = gone
+	c.faults.mu.Unlock()
 	c.faults.wg.Add(1)
 	go func() {
 		defer c.faults.wg.Done()
+		defer close(gone)
 		if err := h.Close(); err != nil {
 			c.cfg.Logger.Debug("closing a killed host", "host", h.ID, "err", err)
 		}

@@ -149,6 +149,19 @@ func (g *global) edgeDown(region string) {
 	}
 }
 
+// edgeUp hands a region's edge requests again: its host was revived.
+func (g *global) edgeUp(region string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if ch, ok := g.down[region]; ok {
+		select {
+		case <-ch:
+			g.down[region] = make(chan struct{})
+		default:
+		}
+	}
+}
+
 // live returns the channel closed when a region's edge goes down, and
 // whether it is up now.
 func (g *global) live(region string) (<-chan struct{}, bool) {

@@ -48,6 +48,18 @@ func (s *simNet) expose(member, realAddr string, host bool) error {
 	return s.exposeAt(member, simPort, realAddr, host)
 }
 
+// exposeOnce is expose, unless realAddr is exposed already (a revived
+// host listens where it did before).
+func (s *simNet) exposeOnce(member, realAddr string, host bool) error {
+	s.mu.Lock()
+	_, ok := s.routes[realAddr]
+	s.mu.Unlock()
+	if ok {
+		return nil
+	}
+	return s.expose(member, realAddr, host)
+}
+
 // exposeAt is expose on another port of member's.
 func (s *simNet) exposeAt(member string, port int, realAddr string, host bool) error {
 	ln, err := s.c.Net.Listen(member, port)
