@@ -333,7 +333,9 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 		seed = c.Plane.Cluster.GossipAddr()
 	}
 	c.Net.Revive(id)
-	h, err := c.startHost(ctx, id, old.Region, i, strings.TrimPrefix(old.APIURL, "http://"), old.DNSAddr, old.EdgeAddr, seed)
+	// The host lives as long as the cluster, not as the call that revived
+	// it (a chaos API request): its loops do not take ctx's end.
+	h, err := c.startHost(context.WithoutCancel(ctx), id, old.Region, i, strings.TrimPrefix(old.APIURL, "http://"), old.DNSAddr, old.EdgeAddr, seed)
 	if err != nil {
 		c.Net.Kill(id)
 		return fmt.Errorf("devcluster: revive %s: %w", id, err)
