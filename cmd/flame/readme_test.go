@@ -62,6 +62,7 @@ func TestReadmeExamples(t *testing.T) {
 	})
 	url := dev.apiURL(t)
 	token := dev.token(t)
+	adminToken := dev.waitLine(t, regexp.MustCompile(`^\s+Admin token\s+(\S+)`), "its admin token")
 	hostRow := regexp.MustCompile(`^\s+[a-z]+-\d+\s+[a-z]+\s+http://\S+\s+(\S+)$`)
 	dnsAddr := dev.waitLine(t, hostRow, "its hosts")
 	apiAddr := strings.TrimPrefix(url, "http://")
@@ -83,7 +84,7 @@ func TestReadmeExamples(t *testing.T) {
 	edges["localhost:4379"] = global
 
 	r := &readmeRunner{t: t, repo: repo, work: t.TempDir(), apiAddr: apiAddr, dnsPort: dnsPort, edges: edges, global: global,
-		vars: map[string]string{}, placeholders: map[string]string{"<the token flame dev printed>": token}}
+		vars: map[string]string{}, placeholders: map[string]string{"<the token flame dev printed>": token, "<the admin token flame dev printed>": adminToken}}
 	// The demo app is deployed in the background; the README's first
 	// commands list it, so let it be there, as it is for a user reading.
 	c := api.NewClient(url, token)
@@ -106,7 +107,7 @@ func TestReadmeExamples(t *testing.T) {
 			r.run(line)
 		}
 	}
-	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions"} {
+	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions", "global failed over", "revived"} {
 		if !r.checked[want] {
 			t.Errorf("the README's examples never reached the %q check", want)
 		}
@@ -281,6 +282,7 @@ type readmeRunner struct {
 	vars             map[string]string
 	placeholders     map[string]string // "<…>" in the README → its value
 	id, destroyed    string
+	killed           string // the region flame chaos killed, until revived
 	checked          map[string]bool
 }
 
@@ -390,6 +392,15 @@ func (r *readmeRunner) flame(raw string, args []string) {
 			}
 		}
 		r.exec(raw, r.work, nil, flameBin, args...)
+	case len(args) >= 2 && args[0] == "chaos":
+		r.exec(raw, r.work, nil, flameBin, append(args, "--api", "http://"+r.apiAddr)...)
+		switch {
+		case args[1] == "kill-region" && len(args) == 3:
+			r.killed = args[2]
+		case args[1] == "revive" && len(args) == 3 && args[2] == r.killed:
+			r.killed = ""
+			r.checked["revived"] = true
+		}
 	default:
 		t.Fatalf("README command %q: this test does not know how to run it", raw)
 	}
@@ -577,6 +588,17 @@ func (r *readmeRunner) checkAnswer(raw, method, target string, header http.Heade
 		want, check := "ams", "global answered"
 		if h := header.Get("flame-client-region"); h != "" {
 			want, check = h, "global moved"
+		}
+		if want == r.killed {
+			// The next nearest edge (iad) takes the request; a machine of
+			// any live region answers it.
+			req, _ := who["request"].(map[string]any)
+			hdr, _ := req["headers"].(map[string]any)
+			if edge, _ := hdr["Fly-Region"].(string); edge != "iad" || flyVar(who, "FLY_REGION") == r.killed {
+				t.Fatalf("README command %q: with %s killed, answered through the %q edge from %q", raw, r.killed, edge, flyVar(who, "FLY_REGION"))
+			}
+			r.checked["global failed over"] = true
+			return
 		}
 		if got := flyVar(who, "FLY_REGION"); got != want {
 			t.Fatalf("README command %q: answered from %q, want the client's nearest region %q", raw, got, want)

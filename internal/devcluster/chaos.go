@@ -350,3 +350,16 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// reviveToDestroy revives every killed host, so that a Shutdown that
+// destroys everything destroys their machines too and removes what their
+// drivers keep.
+func (c *Cluster) reviveToDestroy(ctx context.Context) error {
+	var errs []error
+	for _, h := range c.Hosts {
+		if c.Killed(h.ID) {
+			errs = append(errs, c.revive(ctx, h.ID))
+		}
+	}
+	return errors.Join(errs...)
+}

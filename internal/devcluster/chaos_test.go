@@ -215,3 +215,32 @@ func packets(c *Cluster, id string) (sent, recv uint64) {
 	_, _, sent, recv = c.Net.Stats(id)
 	return sent, recv
 }
+
+// TestShutdownAfterKill: a cluster with a killed region shuts down as
+// flame dev does on Ctrl-C, destroying everything: the killed hosts are
+// revived to destroy their machines, and nothing hangs.
+func TestShutdownAfterKill(t *testing.T) {
+	ctx := context.Background()
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
+	cl := api.NewClient(c.host("iad-1").APIURL, "t")
+	m, err := cl.Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(freePort(t))},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.KillRegion(ctx, "iad"); err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := c.Shutdown(sctx, true); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	if sctx.Err() != nil {
+		t.Fatal("shutdown ran out of time")
+	}
+	if ms := c.host("iad-1").Agent.AllMachines(); len(ms) != 0 {
+		t.Fatalf("machines left on the killed host: %v (of %s)", ms, m.ID)
+	}
+}

@@ -596,10 +596,13 @@ func (c *Cluster) WaitConverged(ctx context.Context) error {
 	}
 }
 
-// StopMachines stops every machine on every host.
+// StopMachines stops every machine on every live host.
 func (c *Cluster) StopMachines(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, h := range c.Hosts {
+		if c.Killed(h.ID) { // its agent is closed, its machines' processes gone
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -609,11 +612,14 @@ func (c *Cluster) StopMachines(ctx context.Context) {
 	wg.Wait()
 }
 
-// DestroyMachines destroys every machine on every host (for a cluster whose
-// state is temporary).
+// DestroyMachines destroys every machine on every live host (for a cluster
+// whose state is temporary; Shutdown revives killed hosts first).
 func (c *Cluster) DestroyMachines(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, h := range c.Hosts {
+		if c.Killed(h.ID) {
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -687,6 +693,7 @@ func (c *Cluster) Shutdown(ctx context.Context, destroy bool) error {
 		errs = append(errs, c.sim.shutAndWait(ctx))
 	}
 	if destroy {
+		errs = append(errs, c.reviveToDestroy(ctx))
 		c.DestroyMachines(ctx)
 	} else {
 		c.StopMachines(ctx)
