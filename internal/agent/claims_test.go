@@ -125,7 +125,7 @@ func TestEventsCapped(t *testing.T) {
 func TestReadersNeverWaitForOperations(t *testing.T) {
 	a := newAgent(t, "", nil)
 	ctx := context.Background()
-	m := create(t, a, shConfig("trap '' TERM; exec sleep 600"))
+	m := createStubborn(t, a)
 	pid := pidOf(t, a, m.ID)
 	const stopTimeout = time.Minute
 	stopped := make(chan error, 1)

@@ -307,7 +307,20 @@ func pidFromHandle(h string) int {
 // stubbornConfig runs a workload that ignores the stop signals: only the
 // SIGKILL at the end of a stop's grace ends it.
 func stubbornConfig() *api.MachineConfig {
-	return shConfig("trap '' TERM INT; exec sleep 600")
+	return shConfig("trap '' TERM INT; : > trapped; exec sleep 600")
+}
+
+// createStubborn creates a machine running stubbornConfig and returns once
+// its workload ignores the signals: a stop sent before the shell ran its
+// trap would end it at once.
+func createStubborn(t *testing.T, a *Agent) *api.Machine {
+	t.Helper()
+	m := create(t, a, stubbornConfig())
+	waitFor(t, "the workload to trap its signals", func() bool {
+		_, err := os.Stat(filepath.Join(a.machineDir(m.ID), "trapped"))
+		return err == nil
+	})
+	return m
 }
 
 // stopStubborn starts a stop of machine id with grace on a, waits until the
@@ -335,7 +348,7 @@ func TestRestartAnswersWhileAStopRuns(t *testing.T) {
 	const bound = grace / 4
 	dir := t.TempDir()
 	a := newAgent(t, dir, nil)
-	slow := create(t, a, stubbornConfig())
+	slow := createStubborn(t, a)
 	running := create(t, a, shConfig("exec sleep 60"))
 	stopped := create(t, a, shConfig("exec sleep 60"))
 	if err := a.StopMachine(context.Background(), ref(stopped.ID), api.StopMachineInput{}); err != nil {
@@ -439,7 +452,7 @@ func TestResumedStopKeepsItsDeadline(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			a := newAgent(t, dir, nil)
-			slow := create(t, a, stubbornConfig())
+			slow := createStubborn(t, a)
 			pid := pidOf(t, a, slow.ID)
 			t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
 			deadline := stopStubborn(t, a, slow.ID, grace)
