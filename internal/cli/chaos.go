@@ -19,6 +19,9 @@ import (
 // defaultAPI is where `flame dev` serves the control plane's API.
 const defaultAPI = "http://127.0.0.1:4280"
 
+// defaultGlobalAddr is where `flame dev` serves its global entry.
+const defaultGlobalAddr = "127.0.0.1:4379"
+
 // chaosFlags are the flags of every chaos command.
 type chaosFlags struct {
 	api, token string

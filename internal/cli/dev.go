@@ -66,7 +66,7 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
 	fs.StringVar(&f.edgeAddr, "edge-addr", "127.0.0.1:4380", "edge proxy of the first region (http://<app>.localhost:<port>/); the other regions take the next ports")
 	fs.StringVar(&f.edgeTCPPorts, "edge-tcp-ports", defaultEdgeTCPPorts, "public ports the edges serve raw TCP services on (handlers none or proxy_proto), lo-hi; the first region's edge at the --edge-addr IP, the next at the next loopback addresses; \"\" for none")
-	fs.StringVar(&f.globalAddr, "global-addr", "127.0.0.1:4379", "global entry (http://<app>.localhost:<port>/): each request to the edge nearest to its client")
+	fs.StringVar(&f.globalAddr, "global-addr", defaultGlobalAddr, "global entry (http://<app>.localhost:<port>/): each request to the edge nearest to its client")
 	fs.StringVar(&f.clientRegion, "client-region", "", "where the global entry's clients are, unless a request's flame-client-region header says (default: the first region)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
 	fs.StringVar(&f.token, "token", "", "token between the control plane and the hosts (default: a random one)")

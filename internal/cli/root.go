@@ -70,6 +70,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root.AddCommand(
 		newDevCmd(),
 		newChaosCmd(),
+		newBenchCmd(),
 		newAgentCmd(),
 		newServerCmd(),
 		newDemoAppCmd(),

@@ -2,15 +2,12 @@ package devcluster
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"os"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -66,115 +63,24 @@ type failoverOpts struct {
 	phase       time.Duration // from one fault to the next
 }
 
-// sample is one request as its client saw it.
-type sample struct {
-	sent, done time.Time
-	status     int
-	err        string
-	machine    string
-	region     string
-}
-
-func (s sample) failed() bool { return s.err != "" || s.status != http.StatusOK }
-
-// loadClient sends GETs for the demo app at a steady rate.
+// loadClient is one client of the run: a load with a name.
 type loadClient struct {
 	name   string
 	url    string
 	header map[string]string
 	opts   failoverOpts
-
-	mu      sync.Mutex
-	samples []sample
-	stop    context.CancelFunc
-	done    chan struct{}
+	load   *Load
 }
 
 func (lc *loadClient) start(client *http.Client) {
-	ctx, cancel := context.WithCancel(context.Background())
-	lc.stop, lc.done = cancel, make(chan struct{})
-	go func() {
-		defer close(lc.done)
-		var wg sync.WaitGroup
-		defer wg.Wait()
-		sem := make(chan struct{}, lc.opts.concurrency)
-		interval := time.Second / time.Duration(lc.opts.rate)
-		next := time.Now()
-		for {
-			next = next.Add(interval)
-			if d := time.Until(next); d > 0 {
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(d):
-				}
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case sem <- struct{}{}:
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer func() { <-sem }()
-				s := lc.one(client)
-				lc.mu.Lock()
-				lc.samples = append(lc.samples, s)
-				lc.mu.Unlock()
-			}()
-		}
-	}()
+	lc.load = StartLoad(LoadConfig{URL: lc.url, Header: lc.header, Rate: lc.opts.rate,
+		Concurrency: lc.opts.concurrency, Work: lc.opts.work, Client: client})
 }
 
 // halt stops sending and waits for the requests in flight.
-func (lc *loadClient) halt() {
-	lc.stop()
-	<-lc.done
-}
+func (lc *loadClient) halt() { lc.load.Halt() }
 
-func (lc *loadClient) one(client *http.Client) sample {
-	url := lc.url + "/?delay=" + lc.opts.work.String()
-	req, _ := http.NewRequest("GET", url, nil)
-	req.Host = "demo.localhost"
-	for k, v := range lc.header {
-		req.Header.Set(k, v)
-	}
-	s := sample{sent: time.Now()}
-	resp, err := client.Do(req)
-	if err != nil {
-		s.done, s.err = time.Now(), err.Error()
-		return s
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	s.done, s.status = time.Now(), resp.StatusCode
-	if err != nil {
-		s.err = err.Error()
-		return s
-	}
-	if resp.StatusCode != http.StatusOK {
-		s.err = strings.TrimSpace(string(b))
-		return s
-	}
-	var id struct {
-		Env map[string]string `json:"env"`
-	}
-	if err := json.Unmarshal(b, &id); err != nil {
-		s.err = fmt.Sprintf("not the demo app's answer: %.200s", b)
-		return s
-	}
-	s.machine, s.region = id.Env["FLY_MACHINE_ID"], id.Env["FLY_REGION"]
-	return s
-}
-
-func (lc *loadClient) all() []sample {
-	lc.mu.Lock()
-	defer lc.mu.Unlock()
-	out := slices.Clone(lc.samples)
-	sort.Slice(out, func(i, j int) bool { return out[i].sent.Before(out[j].sent) })
-	return out
-}
+func (lc *loadClient) all() []Sample { return lc.load.Samples() }
 
 // attemptLog records the edges' failed attempts (the proxy's "candidate
 // failed" records) and passes warnings on to the test's log.
@@ -390,8 +296,8 @@ func (run *failoverRun) check(t testing.TB) {
 		}
 		var failed []string
 		for _, s := range ss {
-			if s.failed() {
-				failed = append(failed, fmt.Sprintf("sent %s: status %d: %s", s.sent.Format("15:04:05.000"), s.status, s.err))
+			if s.Failed() {
+				failed = append(failed, fmt.Sprintf("sent %s: status %d: %s", s.Sent.Format("15:04:05.000"), s.Status, s.Err))
 			}
 		}
 		if len(failed) > 0 {
@@ -399,9 +305,9 @@ func (run *failoverRun) check(t testing.TB) {
 		}
 		for _, f := range run.faults {
 			for _, s := range ss {
-				if f.machines[s.machine] && s.sent.After(f.over) {
+				if f.machines[s.Machine] && s.Sent.After(f.over) {
 					t.Errorf("%s: a request sent %v after %s answered by machine %s, which it killed",
-						lc.name, s.sent.Sub(f.at), f.name, s.machine)
+						lc.name, s.Sent.Sub(f.at), f.name, s.Machine)
 					break
 				}
 			}
@@ -412,10 +318,10 @@ func (run *failoverRun) check(t testing.TB) {
 	for _, lc := range last.clients {
 		n := 0
 		for _, s := range lc.all() {
-			if s.sent.After(last.over) && !s.failed() {
+			if s.Sent.After(last.over) && !s.Failed() {
 				n++
-				if s.region != "iad" {
-					t.Errorf("%s: after ams died, answered from %q", lc.name, s.region)
+				if s.Region != "iad" {
+					t.Errorf("%s: after ams died, answered from %q", lc.name, s.Region)
 					break
 				}
 			}
@@ -472,26 +378,13 @@ func (run *failoverRun) report() []failoverReport {
 			r := failoverReport{fault: f.name, client: lc.name, firstTouch: firstTouch, lastTouch: lastTouch, touches: touches}
 			// A request still in flight when the next fault comes is the
 			// next fault's.
-			var before, during, after []time.Duration
 			ss := lc.all()
+			ph := LatencyPhases(ss, f.at, end)
+			r.before, r.during, r.after = ph.Before, ph.During, ph.After
 			for _, s := range ss {
-				if !s.done.Before(end) {
-					continue
-				}
-				switch d := s.sent.Sub(f.at); {
-				case d >= -time.Second && d < 0 && s.done.Before(f.at):
-					before = append(before, s.done.Sub(s.sent))
-				case d >= 0 && d < time.Second:
-					during = append(during, s.done.Sub(s.sent))
-				case d >= time.Second:
-					after = append(after, s.done.Sub(s.sent))
-				}
-			}
-			r.before, r.during, r.after = percentiles(before), percentiles(during), percentiles(after)
-			for _, s := range ss {
-				if s.done.After(f.at) && s.done.Before(end) {
+				if s.Done.After(f.at) && s.Done.Before(end) {
 					r.requests++
-					if s.failed() {
+					if s.Failed() {
 						r.failed++
 					}
 				}
@@ -500,16 +393,6 @@ func (run *failoverRun) report() []failoverReport {
 		}
 	}
 	return out
-}
-
-// percentiles are the p50 and p99 of ds.
-func percentiles(ds []time.Duration) [2]time.Duration {
-	if len(ds) == 0 {
-		return [2]time.Duration{}
-	}
-	slices.Sort(ds)
-	at := func(p float64) time.Duration { return ds[min(len(ds)-1, int(p*float64(len(ds))))] }
-	return [2]time.Duration{at(0.50), at(0.99)}
 }
 
 func formatReport(rs []failoverReport) string {
