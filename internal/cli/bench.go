@@ -217,19 +217,13 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 	// Who serves this client now: the nearest region with the app.
 	var serving string
 	for end := time.Now().Add(10 * time.Second); ; {
-		l := devcluster.StartLoad(load) // one request is enough; halted at once
-		l.Halt()
-		ss := l.Samples()
-		if len(ss) > 0 && !ss[0].Failed() {
-			serving = ss[0].Region
+		s := load.Send()
+		if !s.Failed() {
+			serving = s.Region
 			break
 		}
 		if time.Now().After(end) {
-			why := "no answer"
-			if len(ss) > 0 {
-				why = ss[0].Err
-			}
-			return fmt.Errorf("the global entry %s does not serve %s: %.200s", f.global, f.app, why)
+			return fmt.Errorf("the global entry %s does not serve %s: %.200s", f.global, f.app, s.Err)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -299,7 +293,11 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 					by[s.Region]++
 				}
 			}
-			progress("+%4.1fs  %d sent, %d failed; the last second served by %v", time.Since(start).Seconds(), len(ss), failed, by)
+			var served []string
+			for _, r := range slices.Sorted(maps.Keys(by)) {
+				served = append(served, fmt.Sprintf("%s %d", r, by[r]))
+			}
+			progress("+%4.1fs  %d sent, %d failed; the last second served by %s", time.Since(start).Seconds(), len(ss), failed, strings.Join(served, ", "))
 		}
 	}
 	tick(start.Add(f.duration))

@@ -69,10 +69,11 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// TestChaosKillRegion runs `flame chaos kill-region ams` against a dev
-// cluster: the ams edge stops answering, and requests through the global
-// entry from a client in ams keep being answered, from iad, none failing.
-func TestChaosKillRegion(t *testing.T) {
+// startDemoDev starts a dev cluster with the control plane and the chaos
+// API, one host in each of ams and iad, and one demo machine (exec driver:
+// the test binary) on each host, served by the edges on port 80.
+func startDemoDev(t *testing.T) *devcluster.Cluster {
+	t.Helper()
 	ctx := context.Background()
 	self, err := os.Executable()
 	if err != nil {
@@ -119,6 +120,15 @@ func TestChaosKillRegion(t *testing.T) {
 			t.Fatalf("create on %s: %v", h.ID, err)
 		}
 	}
+	return dev
+}
+
+// TestChaosKillRegion runs `flame chaos kill-region ams` against a dev
+// cluster: the ams edge stops answering, and requests through the global
+// entry from a client in ams keep being answered, from iad, none failing.
+func TestChaosKillRegion(t *testing.T) {
+	ctx := context.Background()
+	dev := startDemoDev(t)
 	client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{}}
 	t.Cleanup(client.CloseIdleConnections)
 	edges, global := dev.Edges(), "http://"+dev.GlobalAddr

@@ -50,7 +50,6 @@ type LoadConfig struct {
 
 // Load sends requests until halted.
 type Load struct {
-	cfg     LoadConfig
 	mu      sync.Mutex
 	samples []Sample
 	stop    context.CancelFunc
@@ -59,15 +58,10 @@ type Load struct {
 
 // StartLoad starts sending; Halt stops it.
 func StartLoad(cfg LoadConfig) *Load {
-	if cfg.Host == "" {
-		cfg.Host = "demo.localhost"
-	}
-	if cfg.Client == nil {
-		cfg.Client = http.DefaultClient
-	}
+	cfg = cfg.withDefaults()
 	cfg.Rate, cfg.Concurrency = max(1, cfg.Rate), max(1, cfg.Concurrency)
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &Load{cfg: cfg, stop: cancel, done: make(chan struct{})}
+	l := &Load{stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(l.done)
 		var wg sync.WaitGroup
@@ -93,7 +87,7 @@ func StartLoad(cfg LoadConfig) *Load {
 			go func() {
 				defer wg.Done()
 				defer func() { <-sem }()
-				s := l.one()
+				s := cfg.Send()
 				l.mu.Lock()
 				l.samples = append(l.samples, s)
 				l.mu.Unlock()
@@ -109,18 +103,30 @@ func (l *Load) Halt() {
 	<-l.done
 }
 
-func (l *Load) one() Sample {
-	url := l.cfg.URL + "/"
-	if l.cfg.Work > 0 {
-		url += "?delay=" + l.cfg.Work.String()
+func (cfg LoadConfig) withDefaults() LoadConfig {
+	if cfg.Host == "" {
+		cfg.Host = "demo.localhost"
+	}
+	if cfg.Client == nil {
+		cfg.Client = http.DefaultClient
+	}
+	return cfg
+}
+
+// Send sends one request of the load, now, and records its answer.
+func (cfg LoadConfig) Send() Sample {
+	cfg = cfg.withDefaults()
+	url := cfg.URL + "/"
+	if cfg.Work > 0 {
+		url += "?delay=" + cfg.Work.String()
 	}
 	req, _ := http.NewRequest("GET", url, nil)
-	req.Host = l.cfg.Host
-	for k, v := range l.cfg.Header {
+	req.Host = cfg.Host
+	for k, v := range cfg.Header {
 		req.Header.Set(k, v)
 	}
 	s := Sample{Sent: time.Now()}
-	resp, err := l.cfg.Client.Do(req)
+	resp, err := cfg.Client.Do(req)
 	if err != nil {
 		s.Done, s.Err, s.Cause = time.Now(), err.Error(), errorCause(err)
 		return s

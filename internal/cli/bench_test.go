@@ -1,0 +1,89 @@
+package cli
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBenchFailover runs `flame bench failover` against a dev cluster of
+// two regions, one demo machine in each (no group: no declared counts),
+// for two seconds of load on each side of the default fault: killing ams,
+// the region serving the global entry's client. No request fails, every
+// request is served from iad soon after, and the latencies are there.
+func TestBenchFailover(t *testing.T) {
+	dev := startDemoDev(t)
+	client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{}}
+	t.Cleanup(client.CloseIdleConnections)
+	edges := dev.Edges()
+	for _, r := range []string{"ams", "iad"} {
+		waitFor(t, "the "+r+" edge to serve its region's machine", func() bool {
+			got, err := demoRegion(client, "http://"+edges[r])
+			return err == nil && got == r
+		})
+	}
+	code, out, stderr := run("bench", "failover", "--json", "--rate", "20", "--concurrency", "4", "--duration", "2s",
+		"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken, "--global", "http://"+dev.GlobalAddr)
+	if code != 0 {
+		t.Fatalf("flame bench failover: exit %d, %s", code, stderr)
+	}
+	t.Logf("%s%s", stderr, out)
+	var r failoverReport
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("flame bench failover printed %q: %v", out, err)
+	}
+	if r.Fault != "kill-region ams" {
+		t.Errorf("fault %q, want kill-region ams (the region serving the client)", r.Fault)
+	}
+	// 20 a second for four seconds, give or take the machine's pace.
+	if r.Requests < 40 || r.Failed != 0 || len(r.FailedByCause) != 0 {
+		t.Errorf("%d requests, %d failed %v; want some, none failed", r.Requests, r.Failed, r.FailedByCause)
+	}
+	if r.ServedElsewhereMS == nil || *r.ServedElsewhereMS < 0 || *r.ServedElsewhereMS > 2000 {
+		t.Errorf("served elsewhere %v ms, want a time within the load after the fault", r.ServedElsewhereMS)
+	}
+	for name, l := range map[string]latencyFigure{"before": r.Before, "during": r.During, "after": r.After} {
+		if l.Requests == 0 || l.P50MS <= 0 || l.P99MS < l.P50MS {
+			t.Errorf("latency %s: %+v", name, l)
+		}
+	}
+	if r.Declared.Group != "" || r.Declared.Note != "no declared counts" {
+		t.Errorf("declared counts %+v, want none (the demo machines are in no group)", r.Declared)
+	}
+	if !strings.Contains(stderr, "kill-region ams") || !strings.Contains(stderr, "sent") {
+		t.Errorf("no progress on stderr: %q", stderr)
+	}
+}
+
+func TestBenchFailoverUsage(t *testing.T) {
+	t.Setenv("FLAME_ADMIN_TOKEN", "")
+	for _, args := range [][]string{
+		{"--rate", "0"},
+		{"--rate", "100000"},
+		{"--concurrency", "0"},
+		{"--concurrency", "5000"},
+		{"--duration", "1ms"},
+		{"--duration", "2h"},
+		{"--work", "-1s"},
+		{"--restore-timeout", "1h"},
+		{"--fault", "partition ams iad"},
+		{"--fault", "kill-host"},
+		{"--fault", "kill-machine a/b"},
+		{"--global", "127.0.0.1:4379"},
+		{"--app", "Demo!"},
+		{"--client-region", "a b"},
+		{"--rate", "many"},
+		{"extra"},
+		{}, // no admin token
+	} {
+		args = append([]string{"bench", "failover"}, args...)
+		if len(args) > 2 {
+			args = append(args, "--token", "x")
+		}
+		if code, _, stderr := run(args...); code != 2 || !strings.HasPrefix(stderr, "flame: ") {
+			t.Errorf("flame %s: exit %d, stderr %q; want 2", strings.Join(args, " "), code, stderr)
+		}
+	}
+}
