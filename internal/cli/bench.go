@@ -317,7 +317,7 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 		watch.Add(1)
 		go func() {
 			defer watch.Done()
-			watchDeclared(ctx, plane, f.app, f.group, at, loadOver, f.restore, &decl)
+			watchDeclared(ctx, plane, f.app, f.group, at, loadOver, f.restore, &decl, progress)
 		}()
 	}
 	tick(at.Add(f.duration))
@@ -325,9 +325,7 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 	halted = true
 	end := time.Now()
 	close(loadOver)
-	if group != nil {
-		progress("load over; waiting for the declared counts (up to %v)", f.restore)
-	}
+	progress("+%4.1fs  load over", time.Since(start).Seconds())
 	watch.Wait()
 
 	ss := lg.Samples()
@@ -360,7 +358,7 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 // plane sees the declared counts running in every remaining region after
 // having seen one short; or, if none fell short, until the load is over;
 // or the wait after the load runs out. It fills d.
-func watchDeclared(ctx context.Context, plane *api.Client, app, name string, at time.Time, loadOver <-chan struct{}, wait time.Duration, d *declaredFigure) {
+func watchDeclared(ctx context.Context, plane *api.Client, app, name string, at time.Time, loadOver <-chan struct{}, wait time.Duration, d *declaredFigure, progress func(string, ...any)) {
 	var deadline <-chan time.Time
 	over := loadOver
 	for {
@@ -391,6 +389,7 @@ func watchDeclared(ctx context.Context, plane *api.Client, app, name string, at 
 				d.Note = "the remaining regions never fell short of their declared counts"
 				return
 			}
+			progress("waiting for the declared counts in %s (up to %v)", strings.Join(d.Remaining, ", "), wait)
 			over, deadline = nil, time.After(wait)
 		case <-deadline:
 			d.Note = fmt.Sprintf("not restored within %v after the load", wait)
@@ -434,7 +433,11 @@ func printFailoverReport(w io.Writer, r failoverReport, asJSON bool) error {
 		_, err := fmt.Fprintf(w, "declared counts   %s\n", d.Note)
 		return err
 	}
-	_, err := fmt.Fprintf(w, "declared counts   %s %v in %s: %s%s\n", d.Group, d.Regions, strings.Join(d.Remaining, ","), d.Note,
+	var counts []string
+	for _, r := range slices.Sorted(maps.Keys(d.Regions)) {
+		counts = append(counts, fmt.Sprintf("%s %d", r, d.Regions[r]))
+	}
+	_, err := fmt.Fprintf(w, "declared counts   %s (%s), watched in %s: %s%s\n", d.Group, strings.Join(counts, ", "), strings.Join(d.Remaining, ", "), d.Note,
 		map[bool]string{true: " after " + opt(d.RestoredMS, ""), false: ""}[d.RestoredMS != nil])
 	return err
 }
