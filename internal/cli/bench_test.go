@@ -1,20 +1,45 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/host"
 )
 
 // TestBenchFailover runs `flame bench failover` against a dev cluster of
-// two regions, one demo machine in each (no group: no declared counts),
-// for two seconds of load on each side of the default fault: killing ams,
-// the region serving the global entry's client. No request fails, every
-// request is served from iad soon after, and the latencies are there.
+// two regions, one demo machine in each behind the edges, for two seconds
+// of load on each side of the default fault: killing ams, the region
+// serving the global entry's client. No request fails, every request is
+// served from iad soon after, and the latencies are there. The demo app
+// also declares a group of one machine per region (exec machines share the
+// host's ports: these serve nothing), whose count in iad, the remaining
+// region, never falls short.
 func TestBenchFailover(t *testing.T) {
+	ctx := context.Background()
 	dev := startDemoDev(t)
+	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plane := api.NewClient(dev.Plane.URL(), org)
+	if _, err := plane.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plane.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: map[string]int{"ams": 1, "iad": 1},
+		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": "0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the group's machines running", func() bool {
+		g, err := plane.GetGroup(ctx, "demo", "app")
+		return err == nil && g.Running["ams"] == 1 && g.Running["iad"] == 1
+	})
 	client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{}}
 	t.Cleanup(client.CloseIdleConnections)
 	edges := dev.Edges()
@@ -49,11 +74,22 @@ func TestBenchFailover(t *testing.T) {
 			t.Errorf("latency %s: %+v", name, l)
 		}
 	}
-	if r.Declared.Group != "" || r.Declared.Note != "no declared counts" {
-		t.Errorf("declared counts %+v, want none (the demo machines are in no group)", r.Declared)
+	if d := r.Declared; d.Group != "demo/app" || d.Regions["iad"] != 1 || !slices.Equal(d.Remaining, []string{"iad"}) ||
+		d.FellShort || d.RestoredMS != nil || !strings.Contains(d.Note, "never fell short") {
+		t.Errorf("declared counts %+v, want demo/app watched in iad, never short", d)
 	}
 	if !strings.Contains(stderr, "kill-region ams") || !strings.Contains(stderr, "sent") {
 		t.Errorf("no progress on stderr: %q", stderr)
+	}
+}
+
+// TestBenchFailoverNoDeclaredCounts: an app without the group has no
+// declared counts to restore, and the report says so rather than a figure.
+func TestBenchFailoverNoDeclaredCounts(t *testing.T) {
+	var b strings.Builder
+	r := failoverReport{Fault: "kill-region ams", Declared: declaredFigure{Note: "no declared counts"}}
+	if err := printFailoverReport(&b, r, false); err != nil || !strings.Contains(b.String(), "declared counts   no declared counts\n") {
+		t.Errorf("report %q, %v", b.String(), err)
 	}
 }
 
