@@ -22,10 +22,10 @@ import (
 
 // Bounds of `flame bench failover`'s load.
 const (
-	maxBenchRate        = 5000
+	maxBenchRate        = 2000
 	maxBenchConcurrency = 1024
 	minBenchDuration    = 500 * time.Millisecond
-	maxBenchDuration    = 10 * time.Minute
+	maxBenchDuration    = 5 * time.Minute // with the rate, bounds the samples kept: 1.2 million
 	maxBenchWork        = 10 * time.Second
 	maxRestoreTimeout   = 10 * time.Minute
 )
