@@ -225,7 +225,11 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 		if time.Now().After(end) {
 			return fmt.Errorf("the global entry %s does not serve %s: %.200s", f.global, f.app, s.Err)
 		}
-		time.Sleep(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
 	req := devcluster.ChaosRequest{}
 	dead := func(devcluster.Sample) bool { return false }
