@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
@@ -299,11 +300,27 @@ func (d *Driver) attach(sn *sandboxNet, machineID string, addr netip.Addr) error
 		}
 	}
 	eth0 := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sn.eth0}}
+	if err := sn.h.LinkSetHardwareAddr(eth0, machineMAC(machineID)); err != nil {
+		return fmt.Errorf("set eth0's hardware address: %w", err)
+	}
 	a := &netlink.Addr{IPNet: ipNet(addr, d.cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE}
 	if err := sn.h.AddrAdd(eth0, a); err != nil {
 		return fmt.Errorf("address eth0: %w", err)
 	}
 	return nil
+}
+
+// machineMAC is the hardware address of machine id's eth0: the same on
+// every start of the machine, so what its neighbours (the host, the other
+// machines on the bridge) have cached of its address stays true across a
+// restart. A new address on each start left them sending to the old one,
+// and the machine unreachable, until their entries expired (30 s and
+// more). Unicast and locally administered, from a hash of the id.
+func machineMAC(id string) net.HardwareAddr {
+	h := sha256.Sum256([]byte(id))
+	mac := net.HardwareAddr(h[:6])
+	mac[0] = mac[0]&^0x01 | 0x02
+	return mac
 }
 
 // close releases what the driver holds of sn, and with del deletes the

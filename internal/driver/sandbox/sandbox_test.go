@@ -931,3 +931,33 @@ func reportPercentiles(b *testing.B, took []time.Duration) {
 func dialTCP(addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
 	return net.DialTimeout("tcp", addr.String(), timeout)
 }
+
+// TestRestartedAfterKillReachable: a machine killed (SIGKILL) and started
+// again, as its restart policy does, answers at its private address at
+// once, although the host last reached it through the veth that went with
+// the killed sandbox.
+func TestRestartedAfterKillReachable(t *testing.T) {
+	d := newDriver(t, testConfig(t))
+	spec := testSpec(t, "busybox")
+	spec.Entrypoint = []string{"httpd", "-f", "-p", "[::]:8080", "-h", "/www"}
+	p := start(t, d, spec)
+	addr, ok := d.PrivateIP(spec)
+	if !ok {
+		t.Fatal("no private IP")
+	}
+	if body, _ := httpGet(t, netip.AddrPortFrom(addr, 8080)); body != "hello from the sandbox\n" {
+		t.Fatalf("body = %q", body)
+	}
+	if err := p.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitExit(t, p)
+	if _, err := d.Start(context.Background(), spec); err != nil {
+		t.Fatalf("start again: %v", err)
+	}
+	body, took := httpGet(t, netip.AddrPortFrom(addr, 8080))
+	if body != "hello from the sandbox\n" {
+		t.Fatalf("body after the restart = %q", body)
+	}
+	t.Logf("answered %v after the restart", took)
+}
