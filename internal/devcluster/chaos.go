@@ -67,6 +67,9 @@ type FaultStatus struct {
 	Killed  []string    `json:"killed"`
 	Stalled []Stall     `json:"stalled"`
 	Links   []LinkFault `json:"links"`
+	// ControlPlane is the control plane's state: "up" or "killed" (""
+	// for a cluster without one).
+	ControlPlane string `json:"control_plane,omitempty"`
 }
 
 // members expands names (hosts, "control", regions) to the cluster's
@@ -267,6 +270,12 @@ func (c *Cluster) Status() FaultStatus {
 			st.Stalled = append(st.Stalled, Stall{Host: h.ID, Until: s.until})
 		}
 	}
+	if c.cfg.ControlPlane {
+		st.ControlPlane = "up"
+		if c.PlaneDown() {
+			st.ControlPlane = "killed"
+		}
+	}
 	return st
 }
 
@@ -329,7 +338,7 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 			break
 		}
 	}
-	if seed == "" && c.Plane != nil {
+	if seed == "" && c.Plane != nil && !c.PlaneDown() {
 		seed = c.Plane.Cluster.GossipAddr()
 	}
 	c.Net.Revive(id)

@@ -26,14 +26,19 @@ import (
 //
 // Actions: kill-machine (app, machine), kill-host (host), kill-region
 // (region), revive (host or region), partition (a, b), heal, loss (a, b,
-// percent), slow-link (a, b, delay_ms), stall-host (host, duration_ms).
+// percent), slow-link (a, b, delay_ms), stall-host (host, duration_ms),
+// kill-control-plane and restart-control-plane (no fields). The API is
+// served by the dev cluster on the control plane's address, so it answers
+// while the plane is down (controlplane.go): the plane's other routes are
+// then a 503, and the chaos API takes the admin tokens the plane verified
+// before it went down.
 // Bad input is a 422 naming the field, a host or region the cluster lacks
 // a 404, a host already killed (or, to revive, not killed) a 409. One
 // call is served at a time.
 
 // ChaosActions are the actions of the chaos API, in the order help lists
 // them.
-var ChaosActions = []string{"kill-machine", "kill-host", "kill-region", "revive", "partition", "heal", "loss", "slow-link", "stall-host"}
+var ChaosActions = []string{"kill-machine", "kill-host", "kill-region", "revive", "partition", "heal", "loss", "slow-link", "stall-host", "kill-control-plane", "restart-control-plane"}
 
 // ChaosRequest is the body of a chaos action; each action reads its own
 // fields.
@@ -57,16 +62,6 @@ const (
 	maxTargetName = 63
 )
 
-// chaosHandlers are what the control plane serves beside its API: the
-// chaos API when Config.Chaos is set.
-func (c *Cluster) chaosHandlers() map[string]http.Handler {
-	if !c.cfg.Chaos {
-		return nil
-	}
-	h := c.chaosHandler()
-	return map[string]http.Handler{"/v1/chaos": h, "/v1/chaos/": h}
-}
-
 // chaosHandler serves the chaos API.
 func (c *Cluster) chaosHandler() http.Handler {
 	var one sync.Mutex // Revive replaces hosts the others read
@@ -85,11 +80,7 @@ func (c *Cluster) chaosHandler() http.Handler {
 }
 
 func (c *Cluster) serveChaos(w http.ResponseWriter, r *http.Request) error {
-	p := c.bus.p.Load()
-	if p == nil {
-		return api.Errorf(http.StatusServiceUnavailable, "the control plane is not serving")
-	}
-	if err := p.RequireAdmin(r); err != nil {
+	if err := c.requireAdmin(r); err != nil {
 		return err
 	}
 	action, ok := strings.CutPrefix(r.URL.Path, "/v1/chaos")
@@ -189,6 +180,10 @@ func (c *Cluster) chaos(ctx context.Context, action string, req ChaosRequest) er
 	case "heal":
 		c.Heal()
 		return nil
+	case "kill-control-plane":
+		return c.KillControlPlane(ctx)
+	case "restart-control-plane":
+		return c.RestartControlPlane(ctx)
 	case "revive":
 		name := req.Host
 		if name == "" {
@@ -227,7 +222,8 @@ func chaosError(err error) error {
 		return api.Errorf(http.StatusNotFound, "%v", err)
 	case errors.Is(err, ErrBadFault):
 		return api.Errorf(http.StatusUnprocessableEntity, "%v", err)
-	case errors.Is(err, ErrHostKilled), errors.Is(err, ErrNotKilled):
+	case errors.Is(err, ErrHostKilled), errors.Is(err, ErrNotKilled),
+		errors.Is(err, ErrPlaneKilled), errors.Is(err, ErrPlaneNotKilled):
 		return api.Errorf(http.StatusConflict, "%v", err)
 	}
 	return err

@@ -172,4 +172,52 @@ func TestChaosAPI(t *testing.T) {
 			}
 		}
 	})
+
+	// The chaos API lives on while the control plane is down: only the
+	// admin token it verified before may act, the plane's own routes are
+	// a 503 saying why, and a restart brings the same tokens back.
+	t.Run("control plane", func(t *testing.T) {
+		org := api.NewClient(c.Plane.URL(), orgToken)
+		if _, err := org.CreateApp(ctx, api.CreateAppInput{AppName: "shop", OrgSlug: "personal"}); err != nil {
+			t.Fatal(err)
+		}
+		var ae *api.Error
+		if _, err := (ChaosClient{URL: c.Plane.URL(), Token: orgToken}).Do(ctx, "kill-control-plane", ChaosRequest{}); !errors.As(err, &ae) || ae.Status != 403 {
+			t.Fatalf("kill by an org token: %v, want 403", err)
+		}
+		if _, err := admin.Do(ctx, "restart-control-plane", ChaosRequest{}); !errors.Is(err, api.ErrConflict) {
+			t.Errorf("restart a live control plane: %v, want 409", err)
+		}
+		st, err := admin.Do(ctx, "kill-control-plane", ChaosRequest{})
+		if err != nil || st.ControlPlane != "killed" || !c.PlaneDown() {
+			t.Fatalf("kill-control-plane: %+v, %v", st, err)
+		}
+		if _, err := admin.Do(ctx, "kill-control-plane", ChaosRequest{}); !errors.Is(err, api.ErrConflict) {
+			t.Errorf("kill a killed control plane: %v, want 409", err)
+		}
+		if _, err := org.ListApps(ctx, "personal"); !errors.As(err, &ae) || ae.Status != 503 || !strings.Contains(ae.Message, "restart-control-plane") {
+			t.Errorf("the API while the plane is down: %v, want a 503 saying why", err)
+		}
+		for _, tc := range []struct {
+			token string
+			want  int
+		}{{"", 401}, {orgToken, 503}, {"flame_nope", 503}} {
+			if _, err := (ChaosClient{URL: c.Plane.URL(), Token: tc.token}).Do(ctx, "restart-control-plane", ChaosRequest{}); !errors.As(err, &ae) || ae.Status != tc.want {
+				t.Errorf("restart with token %q while down: %v, want %d", tc.token, err, tc.want)
+			}
+		}
+		if st, err := admin.Status(ctx); err != nil || st.ControlPlane != "killed" {
+			t.Errorf("status while down: %+v, %v", st, err)
+		}
+		if st, err = admin.Do(ctx, "restart-control-plane", ChaosRequest{}); err != nil || st.ControlPlane != "up" || c.PlaneDown() {
+			t.Fatalf("restart-control-plane: %+v, %v", st, err)
+		}
+		apps, err := org.ListApps(ctx, "personal")
+		if err != nil || len(apps) != 1 || apps[0].Name != "shop" {
+			t.Fatalf("apps after the restart, same token: %+v, %v", apps, err)
+		}
+		if _, err := (ChaosClient{URL: c.Plane.URL(), Token: orgToken}).Status(ctx); !errors.As(err, &ae) || ae.Status != 403 {
+			t.Errorf("status by an org token after the restart: %v, want 403", err)
+		}
+	})
 }

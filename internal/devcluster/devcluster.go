@@ -165,7 +165,8 @@ type HostSpec struct {
 type Cluster struct {
 	Hosts []*Host
 	Net   *netsim.Network
-	// Plane is the control plane, when Config.ControlPlane is set.
+	// Plane is the control plane, when Config.ControlPlane is set (closed
+	// while killed; RestartControlPlane replaces it, controlplane.go).
 	Plane *server.Plane
 	// GlobalAddr is where the global entry listens.
 	GlobalAddr string
@@ -186,6 +187,11 @@ type Cluster struct {
 	// bus carries the hosts' machine events to the control plane's NATS
 	// once it runs (the hosts start first).
 	bus lateBus
+	// front serves the control plane's address (controlplane.go).
+	front     *front
+	planeMu   sync.Mutex // kill and restart of the control plane
+	planeDown atomic.Bool
+	admins    admins
 }
 
 // lateBus publishes on the control plane's event bus once there is one;
@@ -350,11 +356,14 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		return nil, fmt.Errorf("devcluster: global entry: %w", err)
 	}
 	if cfg.ControlPlane {
-		if c.Plane, err = c.startPlane(ctx, planeLn, seed); err != nil {
+		if c.Plane, err = c.startPlane(ctx, newParked(planeLn.Addr()), seed); err != nil {
+			planeLn.Close()
 			c.abort()
 			return nil, fmt.Errorf("devcluster: control plane: %w", err)
 		}
 		c.bus.p.Store(c.Plane)
+		c.serveFront(planeLn)
+		c.front.set(c.planeHandler(c.Plane), "")
 	}
 	return c, nil
 }
@@ -407,8 +416,8 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	}
 	p, err := server.StartPlane(ctx, server.PlaneConfig{
 		DataDir: filepath.Join(c.cfg.Dir, controlID), Listener: ln,
-		Cluster: mc, Join: []string{seed}, Server: sc, Registry: c.cfg.Registry,
-		Handlers: c.chaosHandlers(), Logger: c.cfg.Logger.With("host", controlID),
+		Cluster: mc, Join: []string{seed}, Server: sc,
+		Logger: c.cfg.Logger.With("host", controlID),
 	})
 	if err != nil {
 		ln.Close()
@@ -568,7 +577,7 @@ func (c *Cluster) WaitConverged(ctx context.Context) error {
 	for _, h := range c.Hosts {
 		members = append(members, h.Cluster)
 	}
-	if c.Plane != nil {
+	if c.Plane != nil && !c.PlaneDown() {
 		members = append(members, c.Plane.Cluster)
 	}
 	for {
@@ -661,6 +670,9 @@ func (c *Cluster) close() error {
 	if c.global != nil {
 		errs = append(errs, c.global.close())
 	}
+	if c.front != nil {
+		errs = append(errs, c.front.close())
+	}
 	if c.Plane != nil {
 		c.bus.p.Store(nil)
 		errs = append(errs, c.Plane.Close())
@@ -685,6 +697,7 @@ func (c *Cluster) close() error {
 func (c *Cluster) Shutdown(ctx context.Context, destroy bool) error {
 	var errs []error
 	if c.Plane != nil {
+		c.front.set(nil, "the control plane is shutting down")
 		c.bus.p.Store(nil)
 		errs = append(errs, c.Plane.Close())
 		if c.toHosts != nil {
