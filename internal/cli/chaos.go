@@ -70,7 +70,12 @@ hosts and regions (ams,iad-2); "control" is the control plane's member.
   flame chaos slow-link ams syd 150     150 ms more one way (0 ends it)
   flame chaos stall-host iad-2 10s      iad-2's network stops, then resumes
   flame chaos heal                      end every partition, loss and slow link
-  flame chaos status                    the active faults`,
+  flame chaos kill-control-plane        the control plane crashes; traffic goes on
+  flame chaos restart-control-plane     it starts again from its data dir
+  flame chaos status                    the active faults and the control plane's state
+
+The chaos API stays up while the control plane is down (the Machines API
+then answers 503), and takes the admin token it verified before.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return c.Help() },
 	}
@@ -152,7 +157,9 @@ hosts and regions (ams,iad-2); "control" is the control plane's member.
 			ms := d.Milliseconds()
 			return devcluster.ChaosRequest{Host: a[0], DurationMS: &ms}, nil
 		}),
-		action("status", "Show the active faults", 0, none),
+		action("kill-control-plane", "Crash the control plane: its API answers 503, hosts and edges serve on", 0, none),
+		action("restart-control-plane", "Start the killed control plane again from its data dir", 0, none),
+		action("status", "Show the active faults and the control plane's state", 0, none),
 	)
 	return c
 }
@@ -179,6 +186,9 @@ func printFaults(w io.Writer, st devcluster.FaultStatus, asJSON bool) error {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
+	}
+	if st.ControlPlane != "" {
+		fmt.Fprintf(w, "control plane: %s\n", st.ControlPlane)
 	}
 	if len(st.Killed)+len(st.Stalled)+len(st.Links) == 0 {
 		_, err := fmt.Fprintln(w, "no faults")

@@ -221,6 +221,23 @@ func TestChaosKillRegion(t *testing.T) {
 		got, err := demoRegion(client, global)
 		return err == nil && got == "ams"
 	})
+
+	// The control plane killed: status says so, the global entry answers
+	// on; restarted, status says it is up.
+	if code, out, stderr = run(append([]string{"chaos", "kill-control-plane"}, flags...)...); code != 0 || !strings.Contains(out, "control plane: killed") {
+		t.Fatalf("flame chaos kill-control-plane: exit %d, %q %q", code, out, stderr)
+	}
+	for range 5 {
+		if _, err := demoRegion(client, global); err != nil {
+			t.Errorf("global entry with the control plane down: %v", err)
+		}
+	}
+	if code, out, stderr = run(append([]string{"chaos", "status"}, flags...)...); code != 0 || !strings.Contains(out, "control plane: killed") {
+		t.Errorf("flame chaos status: exit %d, %q %q", code, out, stderr)
+	}
+	if code, out, stderr = run(append([]string{"chaos", "restart-control-plane"}, flags...)...); code != 0 || !strings.Contains(out, "control plane: up") {
+		t.Fatalf("flame chaos restart-control-plane: exit %d, %q %q", code, out, stderr)
+	}
 }
 
 func TestChaosUsage(t *testing.T) {

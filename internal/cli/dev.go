@@ -106,11 +106,15 @@ func runDev(c *cobra.Command, f devFlags) error {
 	// The registry takes the hosts' token and, once the control plane is
 	// up, any of its tokens (read-only ones only to pull), so users push
 	// images with the token they were given.
-	var plane atomic.Pointer[server.Plane]
+	// The control plane of the moment: `flame chaos` may kill and
+	// restart it.
+	var running atomic.Pointer[devcluster.Cluster]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
 		Auth: func(token string, push bool) bool {
-			if p := plane.Load(); p != nil {
-				return p.RegistryAuth(context.Background(), token, push)
+			if d := running.Load(); d != nil {
+				if p := d.LivePlane(); p != nil {
+					return p.RegistryAuth(context.Background(), token, push)
+				}
 			}
 			return token == f.token
 		}})
@@ -169,7 +173,7 @@ func runDev(c *cobra.Command, f devFlags) error {
 	if err != nil {
 		log.Warn("cluster not converged yet", "err", err)
 	}
-	plane.Store(dev.Plane)
+	running.Store(dev)
 	ref, err := host.PushDemoImage(c.Context(), dev.RegistryAddr(), f.token, nil)
 	if err != nil {
 		log.Warn("demo image not pushed", "err", err)

@@ -132,6 +132,10 @@ func (l *parked) Accept() (net.Conn, error) { <-l.done; return nil, net.ErrClose
 func (l *parked) Close() error              { l.once.Do(func() { close(l.done) }); return nil }
 func (l *parked) Addr() net.Addr            { return l.addr }
 
+// LivePlane returns the control plane while it is up (nil while it is
+// killed, or in a cluster without one); safe to call at any time.
+func (c *Cluster) LivePlane() *server.Plane { return c.bus.p.Load() }
+
 // PlaneDown reports whether the control plane was killed and not
 // restarted.
 func (c *Cluster) PlaneDown() bool { return c.planeDown.Load() }
