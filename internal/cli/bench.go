@@ -68,9 +68,11 @@ what the client saw:
   the time until the control plane's reconciler had the group's declared
     counts running again in the remaining regions (if the app has one).
 
---fault picks another fault: kill-region <region>, kill-host <host>, or
-kill-machine <machine-id> (of --app). The fault is left in place: undo it
-with flame chaos revive. Progress goes to stderr.`,
+--fault picks another fault: kill-region <region>, kill-host <host>,
+kill-machine <machine-id> (of --app), or kill-control-plane (traffic is
+then served from cluster state alone; the target is 0 failed requests).
+The fault is left in place: undo it with flame chaos revive (or flame
+chaos restart-control-plane). Progress goes to stderr.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runBenchFailover(c, f) },
 	}
@@ -81,7 +83,7 @@ with flame chaos revive. Progress goes to stderr.`,
 	fs.StringVar(&f.global, "global", "http://"+defaultGlobalAddr, "flame dev's global entry")
 	fs.StringVar(&f.app, "app", "demo", "the app to send requests to (<app>.localhost); it must be the demo app")
 	fs.StringVar(&f.group, "group", "app", "the app's group whose declared counts are watched")
-	fs.StringVar(&f.fault, "fault", "kill-region", `the fault: "kill-region [region]" (default: the region serving the client), "kill-host <host>", "kill-machine <machine-id>"`)
+	fs.StringVar(&f.fault, "fault", "kill-region", `the fault: "kill-region [region]" (default: the region serving the client), "kill-host <host>", "kill-machine <machine-id>", "kill-control-plane"`)
 	fs.StringVar(&f.clientRegion, "client-region", "", "where the client is, for the global entry (default: flame dev's --client-region)")
 	fs.IntVar(&f.rate, "rate", 50, "requests a second, 1 to "+strconv.Itoa(maxBenchRate))
 	fs.IntVar(&f.concurrency, "concurrency", 16, "requests in flight at most, 1 to "+strconv.Itoa(maxBenchConcurrency))
@@ -100,12 +102,16 @@ func parseBenchFault(s string) (benchFault, error) {
 	target = strings.TrimSpace(target)
 	switch action {
 	case "kill-region":
+	case "kill-control-plane":
+		if target != "" {
+			return benchFault{}, fmt.Errorf("--fault %q: kill-control-plane takes no target", s)
+		}
 	case "kill-host", "kill-machine":
 		if target == "" {
 			return benchFault{}, fmt.Errorf("--fault %q: %s needs a target, as %q", s, action, action+" <id>")
 		}
 	default:
-		return benchFault{}, fmt.Errorf("--fault %q: want kill-region [region], kill-host <host> or kill-machine <machine-id>", s)
+		return benchFault{}, fmt.Errorf("--fault %q: want kill-region [region], kill-host <host>, kill-machine <machine-id> or kill-control-plane", s)
 	}
 	if len(target) > 63 || strings.ContainsAny(target, " \t/") {
 		return benchFault{}, fmt.Errorf("--fault %q: bad target", s)
@@ -247,7 +253,7 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 		req.App, req.Machine = f.app, fault.target
 		dead = func(s devcluster.Sample) bool { return s.Machine == fault.target }
 	}
-	name := fault.action + " " + fault.target
+	name := strings.TrimSpace(fault.action + " " + fault.target)
 
 	// The declared counts, if the app has the group.
 	plane := api.NewClient(chaos.URL, chaos.Token)
@@ -261,6 +267,11 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 	}
 	if group != nil && len(group.Regions) == 0 {
 		group = nil
+	}
+	if fault.action == "kill-control-plane" {
+		// Its reconciler is what would restore the counts: nothing to
+		// watch while it is down.
+		group, decl.Note = nil, "the control plane is down: no reconciler to watch"
 	}
 	if group != nil {
 		decl.Group, decl.Regions = f.app+"/"+f.group, group.Regions

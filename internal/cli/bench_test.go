@@ -81,6 +81,23 @@ func TestBenchFailover(t *testing.T) {
 	if !strings.Contains(stderr, "kill-region ams") || !strings.Contains(stderr, "sent") {
 		t.Errorf("no progress on stderr: %q", stderr)
 	}
+
+	// The control-plane case: killed under load, not one request fails.
+	code, out, stderr = run("bench", "failover", "--json", "--rate", "20", "--concurrency", "4", "--duration", "1s",
+		"--fault", "kill-control-plane",
+		"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken, "--global", "http://"+dev.GlobalAddr)
+	if code != 0 {
+		t.Fatalf("flame bench failover --fault kill-control-plane: exit %d, %s", code, stderr)
+	}
+	t.Logf("%s%s", stderr, out)
+	r = failoverReport{}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("flame bench failover printed %q: %v", out, err)
+	}
+	if r.Fault != "kill-control-plane" || r.Requests < 20 || r.Failed != 0 || !dev.PlaneDown() {
+		t.Errorf("%s: %d requests, %d failed %v, plane down %v; want some, none failed, the plane down",
+			r.Fault, r.Requests, r.Failed, r.FailedByCause, dev.PlaneDown())
+	}
 }
 
 // TestBenchFailoverNoDeclaredCounts: an app without the group has no
@@ -106,6 +123,7 @@ func TestBenchFailoverUsage(t *testing.T) {
 		{"--restore-timeout", "1h"},
 		{"--fault", "partition ams iad"},
 		{"--fault", "kill-host"},
+		{"--fault", "kill-control-plane ams"},
 		{"--fault", "kill-machine a/b"},
 		{"--global", "127.0.0.1:4379"},
 		{"--app", "Demo!"},
