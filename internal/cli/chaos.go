@@ -191,7 +191,11 @@ func printFaults(w io.Writer, st devcluster.FaultStatus, asJSON bool) error {
 		fmt.Fprintf(w, "control plane: %s\n", st.ControlPlane)
 	}
 	if len(st.Killed)+len(st.Stalled)+len(st.Links) == 0 {
-		_, err := fmt.Fprintln(w, "no faults")
+		none := "no faults"
+		if st.ControlPlane == "killed" {
+			none = "no other faults"
+		}
+		_, err := fmt.Fprintln(w, none)
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
