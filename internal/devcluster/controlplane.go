@@ -50,6 +50,9 @@ type front struct {
 	// down is why there is no plane to hand requests to.
 	down atomic.Pointer[string]
 	done chan struct{}
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -79,15 +82,18 @@ func (f *front) set(h http.Handler, why string) {
 	f.plane.Store(&h)
 }
 
+// close stops serving, waiting up to 5 s for the requests in flight;
+// closing twice is harmless.
 func (f *front) close() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	err := f.srv.Shutdown(ctx)
-	if err != nil {
-		f.srv.Close()
-	}
-	<-f.done
-	return err
+	f.closeOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if f.closeErr = f.srv.Shutdown(ctx); f.closeErr != nil {
+			f.srv.Close()
+		}
+		<-f.done
+	})
+	return f.closeErr
 }
 
 // serveFront starts serving the control plane's address.

@@ -697,7 +697,11 @@ func (c *Cluster) close() error {
 func (c *Cluster) Shutdown(ctx context.Context, destroy bool) error {
 	var errs []error
 	if c.Plane != nil {
-		c.front.set(nil, "the control plane is shutting down")
+		// In-flight API calls are answered first (up to 5 s), as the
+		// plane's own server would drain them; then no new one comes in.
+		if c.front != nil {
+			errs = append(errs, c.front.close())
+		}
 		c.bus.p.Store(nil)
 		errs = append(errs, c.Plane.Close())
 		if c.toHosts != nil {
