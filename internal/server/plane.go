@@ -43,10 +43,6 @@ type PlaneConfig struct {
 	// Registry, when set, is served under /v2/ beside the API: the OCI
 	// registry hosts pull images from.
 	Registry http.Handler
-	// Handlers are served beside the API at their patterns (http.ServeMux
-	// patterns, such as "/v1/chaos/"): `flame dev` serves its chaos API
-	// so. They check their callers themselves (Server.RequireAdmin).
-	Handlers map[string]http.Handler
 	// Server tunes the control plane; Catalog, Cluster, SecretKey and
 	// Logger are filled in.
 	Server Config
@@ -139,15 +135,10 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 		return nil, err
 	}
 	handler := p.Server.Handler()
-	if cfg.Registry != nil || len(cfg.Handlers) > 0 {
+	if cfg.Registry != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/", handler)
-		if cfg.Registry != nil {
-			mux.Handle("/v2/", cfg.Registry)
-		}
-		for pattern, h := range cfg.Handlers {
-			mux.Handle(pattern, h)
-		}
+		mux.Handle("/v2/", cfg.Registry)
 		handler = mux
 	}
 	p.srv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
