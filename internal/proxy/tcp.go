@@ -88,14 +88,15 @@ type tcpEdge struct {
 	listeners map[int]net.Listener
 	failed    map[int]bool   // ports whose listener could not open (logged once)
 	conflicts map[int]string // ports two apps declare (logged once)
-	conns     map[net.Conn]struct{}
-	wg        sync.WaitGroup
+	wg        sync.WaitGroup // the accept loops
+	// conns are the connections being served, which Close cuts.
+	conns upgrades
 }
 
 func newTCPEdge(p *Proxy) *tcpEdge {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &tcpEdge{p: p, ctx: ctx, cancel: cancel, listeners: map[int]net.Listener{},
-		failed: map[int]bool{}, conflicts: map[int]string{}, conns: map[net.Conn]struct{}{}}
+		failed: map[int]bool{}, conflicts: map[int]string{}}
 }
 
 // start opens the listeners the current table asks for.
@@ -207,35 +208,16 @@ func (e *tcpEdge) accept(ln net.Listener, port int) {
 			}
 		}
 		backoff = 0
-		if !e.track(c) {
+		if !e.conns.add(c) {
 			c.Close()
 			return
 		}
 		go func() {
-			defer e.untrack(c)
+			defer e.conns.done(c)
+			defer c.Close()
 			e.p.serveTCP(e.ctx, c, port)
 		}()
 	}
-}
-
-// track registers a connection Close must cut; false once closing.
-func (e *tcpEdge) track(c net.Conn) bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return false
-	}
-	e.conns[c] = struct{}{}
-	e.wg.Add(1)
-	return true
-}
-
-func (e *tcpEdge) untrack(c net.Conn) {
-	c.Close()
-	e.mu.Lock()
-	delete(e.conns, c)
-	e.mu.Unlock()
-	e.wg.Done()
 }
 
 // close stops the listeners, cuts every connection and waits for their
@@ -247,11 +229,9 @@ func (e *tcpEdge) close() {
 		ln.Close()
 		delete(e.listeners, port)
 	}
-	for c := range e.conns {
-		c.Close()
-	}
 	e.mu.Unlock()
 	e.cancel()
+	e.conns.closeAll()
 	e.wg.Wait()
 }
 

@@ -32,8 +32,9 @@ func keepUpgrade(h http.Header, proto string) {
 	}
 }
 
-// upgrades are the connections switched to another protocol, which the
-// HTTP server no longer tracks: Close ends them.
+// upgrades are connections no HTTP server tracks — those switched to
+// another protocol, and raw TCP ones — which Close ends: each add is one
+// goroutine serving them, which done ends.
 type upgrades struct {
 	mu     sync.Mutex
 	conns  map[io.Closer]struct{}
