@@ -63,6 +63,17 @@ const (
 	codeReplayLimit = "replay_limit" // 508: more than MaxReplays replays
 )
 
+// forwardable is a copy of a request's headers to send on: without the
+// hop-by-hop and the proxies' internal ones, keeping an upgrade's.
+func forwardable(in http.Header) http.Header {
+	h := in.Clone()
+	proto := upgradeOf(h)
+	removeHopHeaders(h)
+	removeInternal(h)
+	keepUpgrade(h, proto)
+	return h
+}
+
 // hopHeaders are meaningful for one connection only and never forwarded.
 var hopHeaders = []string{
 	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
@@ -260,11 +271,7 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	}
 	defer p.buffered.give(held)
 	rc.SetReadDeadline(time.Time{}) // a streamed body takes its time
-	hdr := r.Header.Clone()
-	proto := upgradeOf(hdr)
-	removeHopHeaders(hdr)
-	removeInternal(hdr)
-	keepUpgrade(hdr, proto)
+	hdr := forwardable(r.Header)
 	clientIP := r.RemoteAddr
 	if h, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		clientIP = h
@@ -605,11 +612,7 @@ func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, "", http.StatusServiceUnavailable, codeNotHere, fmt.Sprintf("machine %q of app %q is %s on host %s", machineID, appName, why, p.cfg.HostID))
 		return
 	}
-	h := r.Header.Clone()
-	proto := upgradeOf(h)
-	removeHopHeaders(h)
-	removeInternal(h)
-	keepUpgrade(h, proto)
+	h := forwardable(r.Header)
 	body := r.Body
 	if r.ContentLength == 0 {
 		body = http.NoBody
