@@ -288,10 +288,11 @@ serve() {
   return 1
 }
 
-backend_conf() {
-  local dir=$1 p=$2 cpu=$3
-  mkdir -p "$dir/tmp"
-  cat >"$dir/nginx.conf" <<EOF
+# nginx_prelude prints what both nginx configs (the backend's and the
+# proxy's) begin with, up to inside their http block.
+nginx_prelude() {
+  local dir=$1
+  cat <<EOF
 worker_processes 1;
 daemon off;
 pid $dir/nginx.pid;
@@ -303,30 +304,27 @@ http {
   keepalive_timeout 120s;
   client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy;
   fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;
+EOF
+}
+
+backend_conf() {
+  local dir=$1 p=$2 cpu=$3
+  mkdir -p "$dir/tmp"
+  { nginx_prelude "$dir"; cat <<EOF
   server {
     listen 127.0.0.1:$p;
     location / { default_type text/plain; return 200 "hello\n"; }
   }
 }
 EOF
+  } >"$dir/nginx.conf"
   start "$cpu" "$dir" "$nginx_bin" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
 }
 
 nginx_conf() {
   local dir=$1 p=$2 cpu=$3
   mkdir -p "$dir/tmp"
-  cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  keepalive_timeout 120s;
-  client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy;
-  fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;
+  { nginx_prelude "$dir"; cat <<EOF
   upstream backend {
     server 127.0.0.1:${port[backend]};
     keepalive 256;
@@ -343,6 +341,7 @@ http {
   }
 }
 EOF
+  } >"$dir/nginx.conf"
   start "$cpu" "$dir" "$nginx_bin" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
 }
 
