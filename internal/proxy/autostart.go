@@ -188,32 +188,6 @@ func (p *Proxy) startFor(appName string, q route.Query, background bool) *startF
 	return f
 }
 
-// inFlight counts the starts in flight for an app; waiters the requests
-// held for them.
-func (s *starter) inFlight(appName string) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for _, f := range s.flights {
-		if f.app == appName {
-			n++
-		}
-	}
-	return n
-}
-
-func (s *starter) waiters(appName string) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for _, f := range s.flights {
-		if f.app == appName {
-			n += int(f.waiters.Load())
-		}
-	}
-	return n
-}
-
 var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // runStart starts the nearest startable machine, or the next when one

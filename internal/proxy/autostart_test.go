@@ -257,3 +257,29 @@ func TestAutostartBehindSoftLimit(t *testing.T) {
 	}
 	once.Do(func() { close(startedB) })
 }
+
+// inFlight counts (for the tests) the starts in flight for an app; waiters the requests
+// held for them.
+func (s *starter) inFlight(appName string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, f := range s.flights {
+		if f.app == appName {
+			n++
+		}
+	}
+	return n
+}
+
+func (s *starter) waiters(appName string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, f := range s.flights {
+		if f.app == appName {
+			n += int(f.waiters.Load())
+		}
+	}
+	return n
+}
