@@ -130,3 +130,17 @@ func (c *Client) CreateToken(ctx context.Context, in CreateTokenInput) (*Token, 
 	}
 	return out, nil
 }
+
+// ListTokens lists the tokens the caller may manage (never their secrets).
+func (c *Client) ListTokens(ctx context.Context) (*ListTokensResponse, error) {
+	out := new(ListTokensResponse)
+	if err := c.do(ctx, request{method: http.MethodGet, path: "/v1/tokens"}, out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// RevokeToken revokes the token with the given id; it is refused from then on.
+func (c *Client) RevokeToken(ctx context.Context, id string) error {
+	return c.do(ctx, request{method: http.MethodDelete, path: "/v1/tokens/" + url.PathEscape(id)}, nil)
+}

@@ -45,22 +45,48 @@ type Org struct {
 }
 
 // CreateTokenInput is the body of POST /v1/tokens (a Flame extension): a
-// token for one org, optionally only one app of it, optionally read-only.
+// token for one org, optionally only one app of it, optionally read-only,
+// optionally expiring (at ExpiresAt, RFC 3339, or TTLSeconds from now; not
+// both). A token minted by an expiring token expires no later than it.
+// Admin (admin callers only, without an org) mints another admin token, to
+// rotate the admin token.
 type CreateTokenInput struct {
-	Name     string `json:"name,omitempty"`
-	OrgSlug  string `json:"org_slug"`
-	App      string `json:"app,omitempty"`
-	ReadOnly bool   `json:"read_only,omitempty"`
+	Name       string `json:"name,omitempty"`
+	Admin      bool   `json:"admin,omitempty"`
+	OrgSlug    string `json:"org_slug"`
+	App        string `json:"app,omitempty"`
+	ReadOnly   bool   `json:"read_only,omitempty"`
+	ExpiresAt  string `json:"expires_at,omitempty"`
+	TTLSeconds int64  `json:"ttl_seconds,omitempty"`
 }
+
+// MaxTokenTTL bounds how far in the future a token may expire.
+const MaxTokenTTL = 10 * 365 * 24 * time.Hour
 
 // Token is a token as POST /v1/tokens answers it: the only time its secret
 // is shown.
 type Token struct {
-	Token    string `json:"token"`
-	Name     string `json:"name,omitempty"`
-	OrgSlug  string `json:"org_slug"`
-	App      string `json:"app,omitempty"`
-	ReadOnly bool   `json:"read_only,omitempty"`
+	Token string `json:"token"`
+	TokenInfo
+}
+
+// TokenInfo is a token as GET /v1/tokens lists it: never its secret. ID is
+// the hex SHA-256 of the secret, the name DELETE /v1/tokens/{id} revokes it
+// by. Admin tokens have no org.
+type TokenInfo struct {
+	ID        string `json:"id"`
+	Name      string `json:"name,omitempty"`
+	OrgSlug   string `json:"org_slug,omitempty"`
+	App       string `json:"app,omitempty"`
+	Admin     bool   `json:"admin,omitempty"`
+	ReadOnly  bool   `json:"read_only,omitempty"`
+	CreatedAt string `json:"created_at,omitempty"`
+	ExpiresAt string `json:"expires_at,omitempty"`
+}
+
+// ListTokensResponse is the answer of GET /v1/tokens.
+type ListTokensResponse struct {
+	Tokens []TokenInfo `json:"tokens"`
 }
 
 // AppSecret is one secret as the secrets endpoints show it: never its value.

@@ -3,6 +3,7 @@ package devcluster
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -210,16 +211,29 @@ func (c *Cluster) RestartControlPlane(ctx context.Context) error {
 
 // admins remembers the admin tokens the control plane verified, by hash,
 // so the chaos API still knows them while the plane is down (to restart
-// it). A token the plane refuses is forgotten.
+// it). A token the plane refuses or revokes is forgotten. Keys are the
+// tokens' ids: the SHA-256 of the bearer token.
 type admins struct {
 	mu sync.Mutex
 	ok map[[32]byte]bool
 }
 
+// forget drops the token whose id (hex SHA-256) is given: the plane
+// revoked it, so it must not open the chaos API while the plane is down.
+func (a *admins) forget(id string) {
+	var key [32]byte
+	if n, err := hex.Decode(key[:], []byte(id)); err != nil || n != len(key) {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.ok, key)
+}
+
 // requireAdmin lets only the admin token through: the control plane
 // decides while it is up, the tokens it accepted before while it is down.
 func (c *Cluster) requireAdmin(r *http.Request) error {
-	auth := r.Header.Get("Authorization")
+	auth, _ := httpapi.BearerToken(r)
 	key := sha256.Sum256([]byte(auth))
 	p := c.bus.p.Load()
 	if p == nil {

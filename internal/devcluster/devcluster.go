@@ -403,7 +403,7 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	mc := c.cfg.Cluster
 	mc.HostID, mc.Region, mc.Transport = controlID, c.cfg.Regions[0], tr
 	sc := c.cfg.Server
-	sc.AgentToken = c.cfg.Token
+	sc.AgentToken, sc.OnRevoke = c.cfg.Token, c.admins.forget
 	sc.Edges, sc.GlobalEntry = c.Edges(), c.GlobalAddr
 	if sc.HTTPClient == nil {
 		// Calls to hosts cross the simulated network from the control

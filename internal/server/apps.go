@@ -73,8 +73,9 @@ func (s *Server) listOrgs(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// createToken is POST /v1/tokens: an admin mints a token for any org; an
-// org's read-write token mints tokens for its own org (narrower or equal).
+// createToken is POST /v1/tokens: an admin mints a token for any org, or
+// another admin token; an org's read-write token mints tokens for its own
+// org (narrower or equal, expiring no later than itself).
 func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	p := caller(r.Context())
 	var in api.CreateTokenInput
@@ -84,24 +85,39 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	switch {
 	case p.ReadOnly || (!p.Admin && p.App != ""):
 		return api.Errorf(http.StatusForbidden, "this token cannot create tokens")
-	case in.OrgSlug == "":
+	case in.Admin && !p.Admin:
+		return api.Errorf(http.StatusForbidden, "only an admin token can mint admin tokens")
+	case in.Admin && (in.OrgSlug != "" || in.App != "" || in.ReadOnly):
+		return api.Errorf(http.StatusUnprocessableEntity, "admin: an admin token has no org_slug, app or read_only")
+	case in.OrgSlug == "" && !in.Admin:
 		return api.Errorf(http.StatusUnprocessableEntity, "org_slug is required")
 	case !p.Admin && in.OrgSlug != p.Org:
 		return api.Errorf(http.StatusNotFound, "org %s not found", clipName(in.OrgSlug))
+	case len(in.Name) > api.MaxNameLen:
+		return api.Errorf(http.StatusUnprocessableEntity, "name: at most %d bytes", api.MaxNameLen)
 	}
-	if _, _, err := catalog.GetJSON[org](r.Context(), s.orgs, in.OrgSlug); err != nil || !validSlug.MatchString(in.OrgSlug) {
-		return api.Errorf(http.StatusNotFound, "org %s not found", clipName(in.OrgSlug))
+	now := s.cfg.Now()
+	exp, err := tokenExpiry(in, p, now)
+	if err != nil {
+		return err
+	}
+	if !in.Admin {
+		if _, _, err := catalog.GetJSON[org](r.Context(), s.orgs, in.OrgSlug); err != nil || !validSlug.MatchString(in.OrgSlug) {
+			return api.Errorf(http.StatusNotFound, "org %s not found", clipName(in.OrgSlug))
+		}
 	}
 	if in.App != "" {
 		if a, err := s.appFor(r.Context(), in.App, false); err != nil || a.Org != in.OrgSlug {
 			return api.Errorf(http.StatusNotFound, "app %s not found", clipName(in.App))
 		}
 	}
-	raw, err := s.CreateToken(r.Context(), token{Name: in.Name, Org: in.OrgSlug, App: in.App, ReadOnly: in.ReadOnly})
+	t := token{Name: in.Name, Admin: in.Admin, Org: in.OrgSlug, App: in.App, ReadOnly: in.ReadOnly, Expires: exp}
+	raw, err := s.CreateToken(r.Context(), t)
 	if err != nil {
 		return err
 	}
-	httpapi.WriteJSON(w, http.StatusCreated, api.Token{Token: raw, Name: in.Name, OrgSlug: in.OrgSlug, App: in.App, ReadOnly: in.ReadOnly})
+	t.Created = now
+	httpapi.WriteJSON(w, http.StatusCreated, api.Token{Token: raw, TokenInfo: t.info(tokenKey(raw))})
 	return nil
 }
 
@@ -211,6 +227,9 @@ func (s *Server) deleteApp(w http.ResponseWriter, r *http.Request) error {
 	a, err := s.appFor(ctx, r.PathValue("app"), true)
 	if err != nil {
 		return err
+	}
+	if caller(ctx).App != "" {
+		return api.Errorf(http.StatusForbidden, "an app-scoped token cannot delete its app")
 	}
 	if err := s.apps.Delete(ctx, a.Name, 0); err != nil {
 		return err

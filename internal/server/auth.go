@@ -39,16 +39,9 @@ func (s *Server) authenticate(r *http.Request) (context.Context, error) {
 	if err != nil {
 		return nil, err
 	}
-	key := tokenKey(raw)
-	if t, ok := s.tokenCache.get(key); ok {
-		return context.WithValue(r.Context(), principalKey{}, principal{t}), nil
-	}
-	t, _, err := catalog.GetJSON[token](r.Context(), s.tokens, key)
-	if errors.Is(err, catalog.ErrNotFound) {
-		return nil, api.Errorf(http.StatusUnauthorized, "invalid token")
-	}
+	t, err := s.lookupToken(r.Context(), raw)
 	if err != nil {
-		return nil, api.Errorf(http.StatusServiceUnavailable, "catalog unavailable, try again: %v", err)
+		return nil, err
 	}
 	return context.WithValue(r.Context(), principalKey{}, principal{t}), nil
 }
@@ -118,7 +111,7 @@ func (s *Server) MayPush(ctx context.Context, raw string) bool {
 	if subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
 		return true
 	}
-	t, _, err := catalog.GetJSON[token](ctx, s.tokens, tokenKey(raw))
+	t, err := s.lookupToken(ctx, raw)
 	return err == nil && !t.ReadOnly
 }
 
@@ -131,7 +124,7 @@ func (s *Server) MayPull(ctx context.Context, raw string) bool {
 	if subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
 		return true
 	}
-	_, _, err := catalog.GetJSON[token](ctx, s.tokens, tokenKey(raw))
+	_, err := s.lookupToken(ctx, raw)
 	return err == nil
 }
 

@@ -17,9 +17,36 @@ import (
 type cache[T any] struct {
 	mu sync.RWMutex
 	m  map[string]T
+	// gone holds keys deleted by this server whose deletion the watch has
+	// not reported yet: a late event cannot bring them back meanwhile.
+	gone map[string]struct{}
 }
 
-func newCache[T any]() *cache[T] { return &cache[T]{m: map[string]T{}} }
+func newCache[T any]() *cache[T] { return &cache[T]{m: map[string]T{}, gone: map[string]struct{}{}} }
+
+// revoke forgets key now, ahead of its deletion from the catalog.
+func (c *cache[T]) revoke(key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, key)
+	c.gone[key] = struct{}{}
+}
+
+// unrevoke undoes revoke when the deletion failed.
+func (c *cache[T]) unrevoke(key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.gone, key)
+}
+
+// revoked reports whether key was revoked here and its deletion is still
+// on its way through the watch.
+func (c *cache[T]) revoked(key string) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	_, ok := c.gone[key]
+	return ok
+}
 
 func (c *cache[T]) get(key string) (T, bool) {
 	c.mu.RLock()
@@ -38,6 +65,9 @@ func (c *cache[T]) follow(ctx context.Context, s *Server, b catalog.Bucket, name
 				c.mu.Lock()
 				if ch.Deleted {
 					delete(c.m, ch.Key)
+					delete(c.gone, ch.Key)
+				} else if _, gone := c.gone[ch.Key]; gone {
+					// Revoked here; its deletion is on its way.
 				} else {
 					var v T
 					if decodeJSON(ch.Value, &v) == nil {
@@ -51,6 +81,7 @@ func (c *cache[T]) follow(ctx context.Context, s *Server, b catalog.Bucket, name
 		}
 		c.mu.Lock()
 		clear(c.m)
+		clear(c.gone)
 		c.mu.Unlock()
 		if ctx.Err() != nil {
 			return

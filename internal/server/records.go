@@ -47,6 +47,8 @@ type token struct {
 	App      string    `json:"app,omitempty"`
 	ReadOnly bool      `json:"read_only,omitempty"`
 	Created  time.Time `json:"created_at"`
+	// Expires, when set, is when the token stops working.
+	Expires time.Time `json:"expires_at,omitzero"`
 }
 
 // machineEntry says where a machine runs. It is written before the host is

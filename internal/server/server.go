@@ -91,6 +91,10 @@ type Config struct {
 	// to start or create a machine before it tries again; it doubles with
 	// each further failure, up to FailureBackoffMax (defaults 10 s, 30 min).
 	FailureBackoff, FailureBackoffMax time.Duration
+
+	// OnRevoke, when set, is told the id (hex SHA-256) of each token this
+	// server revokes, for whoever remembers verified tokens beside it.
+	OnRevoke func(id string)
 }
 
 func (c *Config) setDefaults() {
@@ -292,4 +296,6 @@ func (s *Server) routes() {
 	s.api.Handle("POST /v1/orgs", s.createOrg)
 	s.api.Handle("GET /v1/orgs", s.listOrgs)
 	s.api.Handle("POST /v1/tokens", s.createToken)
+	s.api.Handle("GET /v1/tokens", s.listTokens)
+	s.api.Handle("DELETE /v1/tokens/{id}", s.revokeToken)
 }
