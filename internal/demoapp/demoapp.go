@@ -26,6 +26,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/flamehq/flame/internal/httpserve"
 )
 
 // IdentityVars are the variables GET / reports, when set.
@@ -60,7 +62,7 @@ func Run(ctx context.Context, addr string, env func(string) string, stdout io.Wr
 // Serve is Run on a listener it takes over and closes.
 func Serve(ctx context.Context, ln net.Listener, env func(string) string, stdout io.Writer) error {
 	a := newApp(env, stdout, time.Now())
-	srv := &http.Server{Handler: a, ReadHeaderTimeout: 10 * time.Second}
+	srv := httpserve.New(a, httpserve.Limits{})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	a.printf("demo app listening on %s (app %s, machine %s, region %s)",

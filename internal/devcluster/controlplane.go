@@ -15,6 +15,7 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/httpapi"
+	"github.com/flamehq/flame/internal/httpserve"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -103,7 +104,7 @@ func (c *Cluster) serveFront(ln net.Listener) {
 	if c.cfg.Chaos {
 		f.chaos = c.chaosHandler()
 	}
-	f.srv = &http.Server{Handler: f, ReadHeaderTimeout: 10 * time.Second}
+	f.srv = httpserve.New(f, httpserve.Limits{})
 	c.front = f
 	go func() {
 		defer close(f.done)

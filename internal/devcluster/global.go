@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/internal/geo"
+	"github.com/flamehq/flame/internal/httpserve"
 )
 
 // The global entry stands for anycast: one address in front of every
@@ -126,12 +127,7 @@ func (c *Cluster) startGlobal(addr, client string, edges map[string]string) (*gl
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
 	g.ln = ln
-	g.srv = &http.Server{
-		Handler:           g,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
-	}
+	g.srv = httpserve.New(g, httpserve.Limits{})
 	go g.srv.Serve(ln)
 	return g, nil
 }

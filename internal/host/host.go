@@ -23,6 +23,7 @@ import (
 	"github.com/flamehq/flame/internal/dns"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/httpapi"
+	"github.com/flamehq/flame/internal/httpserve"
 	"github.com/flamehq/flame/internal/machine"
 	"github.com/flamehq/flame/internal/proxy"
 )
@@ -209,7 +210,7 @@ func New(cfg Config) (*Host, error) {
 			}
 		}
 	}
-	h.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	h.srv = httpserve.New(mux, httpserve.Limits{})
 	return h, nil
 }
 

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/flamehq/flame/internal/httpserve"
 )
 
 // The edge listener. Every accepted connection is dispatched here: plain
@@ -61,7 +63,7 @@ func (p *Proxy) edgeHTTPServer() *http.Server {
 	protos := new(http.Protocols)
 	protos.SetHTTP1(true)
 	protos.SetUnencryptedHTTP2(true)
-	return &http.Server{
+	return httpserve.Apply(&http.Server{
 		Handler:           http.HandlerFunc(p.serveEdge),
 		MaxHeaderBytes:    p.cfg.MaxHeaderBytes,
 		ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
@@ -69,7 +71,7 @@ func (p *Proxy) edgeHTTPServer() *http.Server {
 		Protocols:         protos,
 		ConnContext:       connContext,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
-	}
+	}, p.httpLimits())
 }
 
 func newEdgeServer(p *Proxy, ln net.Listener) *edgeServer {

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flamehq/flame/internal/httpserve"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -353,13 +354,13 @@ func (p *Proxy) Start(ctx context.Context) error {
 	p.startAutostop(bg)
 	p.startProbes(bg)
 	serve := func(ln net.Listener, h http.Handler, what string) {
-		srv := &http.Server{
+		srv := httpserve.Apply(&http.Server{
 			Handler:           h,
 			MaxHeaderBytes:    p.cfg.MaxHeaderBytes,
 			ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
 			IdleTimeout:       p.cfg.IdleTimeout,
 			ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
-		}
+		}, p.httpLimits())
 		if what == "edge" {
 			srv = p.edgeHTTPServer() // HTTP/1.1 and h2c
 		}

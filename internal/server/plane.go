@@ -16,6 +16,7 @@ import (
 	"github.com/flamehq/flame/internal/atomicfile"
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
+	"github.com/flamehq/flame/internal/httpserve"
 )
 
 // PlaneConfig describes a whole control plane process: its catalog, its own
@@ -46,6 +47,8 @@ type PlaneConfig struct {
 	// Server tunes the control plane; Catalog, Cluster, SecretKey and
 	// Logger are filled in.
 	Server Config
+	// HTTP bounds how long a client may hold the API (zero: the defaults).
+	HTTP   httpserve.Limits
 	Logger *slog.Logger
 }
 
@@ -141,7 +144,7 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 		mux.Handle("/v2/", cfg.Registry)
 		handler = mux
 	}
-	p.srv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	p.srv = httpserve.New(handler, cfg.HTTP)
 	go func() {
 		defer close(p.wg)
 		if err := p.srv.Serve(cfg.Listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
