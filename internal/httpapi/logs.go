@@ -44,6 +44,15 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) error {
 		if _, err := s.backend.GetMachine(ctx, ref); err != nil {
 			return err
 		}
+		key := ""
+		if s.followBy != nil {
+			key = s.followBy(ctx)
+		}
+		var done func()
+		if ctx, done, err = s.follows.Admit(w, r, key); err != nil {
+			return err
+		}
+		defer done()
 		st.mu.Lock()
 		st.begin()
 		st.mu.Unlock()

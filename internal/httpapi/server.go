@@ -69,6 +69,12 @@ type Config struct {
 	// an *api.Error (a store that is unavailable into 503, say) before it
 	// is answered.
 	MapError func(error) error
+	// Follows counts followed log streams against their limits; nil
+	// makes one with the defaults. FollowKey names whose streams a
+	// request's are (from the context Authenticate returned); nil or ""
+	// counts them only against the total.
+	Follows   *Follows
+	FollowKey func(context.Context) string
 }
 
 // Validate reports a Config that New cannot use.
@@ -90,6 +96,8 @@ type Server struct {
 	log      *slog.Logger
 	maxBody  int64
 	mux      *http.ServeMux
+	follows  *Follows
+	followBy func(context.Context) string
 }
 
 // New builds a Server from cfg.
@@ -104,6 +112,11 @@ func New(cfg Config) (*Server, error) {
 		log:      cfg.Logger,
 		maxBody:  cfg.MaxBodyBytes,
 		mux:      http.NewServeMux(),
+		follows:  cfg.Follows,
+		followBy: cfg.FollowKey,
+	}
+	if s.follows == nil {
+		s.follows = NewFollows(FollowLimits{})
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)

@@ -92,6 +92,10 @@ type Config struct {
 	// each further failure, up to FailureBackoffMax (defaults 10 s, 30 min).
 	FailureBackoff, FailureBackoffMax time.Duration
 
+	// Follows bounds followed logs and events: per org (per admin for
+	// admin tokens), in all, and in duration (zero fields: the defaults).
+	Follows httpapi.FollowLimits
+
 	// OnRevoke, when set, is told the id (hex SHA-256) of each token this
 	// server revokes, for whoever remembers verified tokens beside it.
 	OnRevoke func(id string)
@@ -190,6 +194,7 @@ type Server struct {
 	// Hot reads: every request's token and app.
 	tokenCache *cache[token]
 	appCache   *cache[app]
+	follows    *httpapi.Follows
 	// id names this control plane in the reconciler lock.
 	id            string
 	reconcileKick chan struct{}
@@ -230,7 +235,9 @@ func New(cfg Config) (*Server, error) {
 		seed: cfg.Seed, pending: cfg.PendingTimeout, machines: s.machines, hostClient: s.hostClient,
 		log: s.log, goOwned: s.wg.Go})
 	s.tokenCache, s.appCache = newCache[token](), newCache[app]()
+	s.follows = httpapi.NewFollows(cfg.Follows)
 	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger,
+		Follows: s.follows, FollowKey: followKey,
 		MapError: func(err error) error {
 			var ae *api.Error
 			if !errors.As(err, &ae) && errors.Is(err, catalog.ErrUnavailable) {

@@ -28,6 +28,14 @@ func streamApp[T any](s *Server, w http.ResponseWriter, r *http.Request, subject
 			return api.Errorf(http.StatusBadRequest, "follow: want true or false")
 		}
 	}
+	if follow {
+		var done func()
+		var err error
+		if ctx, done, err = s.follows.Admit(w, r, followKey(ctx)); err != nil {
+			return err
+		}
+		defer done()
+	}
 	live := make(chan T, liveBuffer)
 	overflow := make(chan struct{})
 	var once sync.Once
@@ -87,6 +95,15 @@ func streamApp[T any](s *Server, w http.ResponseWriter, r *http.Request, subject
 			rc.Flush()
 		}
 	}
+}
+
+// followKey is whose followed streams a request's are: its org's, or, for
+// an admin token (which has none), the admins'.
+func followKey(ctx context.Context) string {
+	if p := caller(ctx); p.Org != "" {
+		return "org:" + p.Org
+	}
+	return "admin"
 }
 
 // eachMachine calls fn for every machine of the app, at once, with a client
