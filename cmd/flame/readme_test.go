@@ -107,7 +107,7 @@ func TestReadmeExamples(t *testing.T) {
 			r.run(line)
 		}
 	}
-	for _, want := range []string{"created", "exec", "lease", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions", "global failed over", "revived"} {
+	for _, want := range []string{"created", "exec", "lease", "token minted", "tokens listed", "token revoked", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions", "global failed over", "revived"} {
 		if !r.checked[want] {
 			t.Errorf("the README's examples never reached the %q check", want)
 		}
@@ -282,6 +282,7 @@ type readmeRunner struct {
 	vars             map[string]string
 	placeholders     map[string]string // "<…>" in the README → its value
 	id, destroyed    string
+	minted           string // the secret of the token the README mints
 	killed           string // the region flame chaos killed, until revived
 	checked          map[string]bool
 }
@@ -540,6 +541,9 @@ func (r *readmeRunner) checkAnswer(raw, method, target string, header http.Heade
 	}
 	machines := r.vars["API"]
 	switch {
+	case strings.HasSuffix(target, "/v1/tokens") || strings.Contains(target, "/v1/tokens/"):
+		r.checkTokens(raw, method, target, header, b)
+		return
 	case method == "POST" && target == machines && r.id == "":
 		var m api.Machine
 		if err := json.Unmarshal(b, &m); err != nil || m.ID == "" || m.PrivateIP == "" {
@@ -688,4 +692,47 @@ func (r *readmeRunner) dig(raw string, args []string) {
 		r.checked = map[string]bool{}
 	}
 	r.checked["dns"] = true
+}
+
+// checkTokens follows the README's token examples: the minted token works
+// and expires in an hour, the list shows it without a secret, and once
+// revoked it is refused.
+func (r *readmeRunner) checkTokens(raw, method, target string, header http.Header, b []byte) {
+	t := r.t
+	t.Helper()
+	switch method {
+	case "POST":
+		var tok api.Token
+		if err := json.Unmarshal(b, &tok); err != nil || tok.Token == "" || tok.ID == "" || tok.ExpiresAt == "" {
+			t.Fatalf("README command %q: not an expiring token: %s", raw, b)
+		}
+		if _, err := api.NewClient(strings.TrimSuffix(target, "/v1/tokens"), tok.Token).ListApps(context.Background(), "personal"); err != nil {
+			t.Fatalf("README command %q: the minted token does not work: %v", raw, err)
+		}
+		r.placeholders["<id from the token answer>"] = tok.ID
+		r.minted = tok.Token
+		r.checked["token minted"] = true
+	case "GET":
+		var l api.ListTokensResponse
+		if err := json.Unmarshal(b, &l); err != nil {
+			t.Fatalf("README command %q: %v", raw, err)
+		}
+		id := r.placeholders["<id from the token answer>"]
+		found := false
+		for _, ti := range l.Tokens {
+			found = found || ti.ID == id && ti.ExpiresAt != ""
+		}
+		if !found || bytes.Contains(b, []byte(r.minted)) || bytes.Contains(b, []byte(`"token"`)) {
+			t.Fatalf("README command %q: the list misses the token %s or shows a secret: %s", raw, id, b)
+		}
+		r.checked["tokens listed"] = true
+	case "DELETE":
+		base, _, _ := strings.Cut(target, "/v1/tokens/")
+		_, err := api.NewClient(base, r.minted).ListApps(context.Background(), "personal")
+		var ae *api.Error
+		if !errors.As(err, &ae) || ae.Status != http.StatusUnauthorized {
+			t.Fatalf("README command %q: the revoked token answered %v, want 401", raw, err)
+		}
+		r.checked["token revoked"] = true
+	}
 }

@@ -183,6 +183,7 @@ func New(cfg Config) (*Cluster, error) {
 		since:  now,
 	}
 	c.order = []string{cfg.HostID}
+	c.store.bound(cfg.MaxOwners, cfg.MaxStoredMachines, func(id string) bool { return c.members[id] != nil }) // under c.mu
 	c.store.ensure(cfg.HostID)
 	c.snap.Store(c.build())
 	return c, nil

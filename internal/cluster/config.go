@@ -81,6 +81,11 @@ type Config struct {
 	ReapTimeout time.Duration
 	// MaxMachines bounds the machines one host may publish. Default 10,000.
 	MaxMachines int
+	// MaxOwners and MaxStoredMachines bound the facts this host keeps in
+	// all: the hosts it holds facts of, and their machines together
+	// (defaults 4,096 and 250,000). At a bound, a member's facts take the
+	// place of facts of hosts that are not members; others are refused.
+	MaxOwners, MaxStoredMachines int
 
 	// Dilation stretches every timing of the protocol — the ones above,
 	// set or default, and the package's own — by this factor. It is for
@@ -91,6 +96,12 @@ type Config struct {
 	// or one on real hosts.
 	Dilation int
 }
+
+// Default bounds on the facts a host keeps.
+const (
+	DefaultMaxOwners         = 4096
+	DefaultMaxStoredMachines = 250_000
+)
 
 // Default timings.
 const (
@@ -147,6 +158,8 @@ func (c *Config) setDefaults() {
 	def(&c.ReapTimeout, DefaultReapTimeout)
 	def(&c.ReconnectInterval, DefaultReconnectInterval)
 	defInt(&c.MaxMachines, maxMachines)
+	defInt(&c.MaxOwners, DefaultMaxOwners)
+	defInt(&c.MaxStoredMachines, DefaultMaxStoredMachines)
 	if c.Dilation > 1 {
 		for _, d := range []*time.Duration{&c.ProbeInterval, &c.ProbeTimeout, &c.RegionProbeInterval,
 			&c.RegionProbeTimeout, &c.GossipInterval, &c.PushPullInterval, &c.AntiEntropyInterval,
@@ -192,8 +205,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("region probe timeout %s must be shorter than the region probe interval %s", c.RegionProbeTimeout, c.RegionProbeInterval))
 	}
 	if c.SuspicionMult < 1 || c.SuspicionMaxTimeoutMult < 1 || c.IndirectChecks < 0 ||
-		c.GossipNodes < 1 || c.RetransmitMult < 1 || c.MaxMachines < 0 || c.MaxMachines > maxMachines || c.Dilation < 0 {
-		errs = append(errs, errors.New("suspicion, gossip, retransmit, machine limits and dilation must be positive"))
+		c.GossipNodes < 1 || c.RetransmitMult < 1 || c.MaxMachines < 0 || c.MaxMachines > maxMachines || c.Dilation < 0 ||
+		c.MaxOwners < 1 || c.MaxStoredMachines < c.MaxMachines {
+		errs = append(errs, errors.New("suspicion, gossip, retransmit, machine and owner bounds and dilation must be positive (MaxStoredMachines at least MaxMachines)"))
 	}
 	if c.BindPort < 0 || c.BindPort > maxPort || c.AdvertisePort < 0 || c.AdvertisePort > maxPort {
 		errs = append(errs, errors.New("ports must be within 0-65535"))

@@ -15,12 +15,23 @@ import (
 // arrives ahead of its base waits in a small buffer until the gap fills or
 // a full record overtakes it. So duplicates and reordering are harmless,
 // and two hosts holding the same version of an owner hold the same facts.
+//
+// The store is bounded in all, not only per owner, so a sender that makes
+// up owners cannot grow it without end: at most maxOwners owners and
+// maxTotal machines across them (zero: no bound). At either bound, facts
+// of an owner that is a member of the cluster take the place of owners
+// that are not (gossiped ahead of their member, or made up); facts of an
+// owner that is not a member are refused.
 type store struct {
-	self    string
-	limit   int // machines per owner
-	owners  map[string]*owner
-	waiting map[string]*owner // owners with deltas waiting for their base
-	maxWait int               // pending deltas kept per owner
+	self      string
+	limit     int // machines per owner
+	owners    map[string]*owner
+	waiting   map[string]*owner // owners with deltas waiting for their base
+	maxWait   int               // pending deltas kept per owner
+	maxOwners int
+	maxTotal  int
+	total     int                  // machines held, across owners
+	member    func(id string) bool // nil: every owner is one
 }
 
 type owner struct {
@@ -47,6 +58,40 @@ const (
 
 func newStore(self string, limit int) *store {
 	return &store{self: self, limit: limit, owners: map[string]*owner{}, waiting: map[string]*owner{}, maxWait: 64}
+}
+
+// bound sets the store's bounds in all (see store) and how it tells a
+// member from an owner that is not one.
+func (s *store) bound(maxOwners, maxTotal int, member func(string) bool) {
+	s.maxOwners, s.maxTotal, s.member = maxOwners, maxTotal, member
+}
+
+// isMember reports whether id is a member (or the store cannot tell).
+func (s *store) isMember(id string) bool { return s.member == nil || id == s.self || s.member(id) }
+
+// room makes room for owner id (new when it has no entry) to hold n
+// machines in place of the cur it holds, evicting owners that are not
+// members when id is one; false when there is no room.
+func (s *store) room(id string, isNew bool, cur, n int) bool {
+	fits := func() bool {
+		return (!isNew || s.maxOwners == 0 || len(s.owners) < s.maxOwners) &&
+			(s.maxTotal == 0 || s.total-cur+n <= s.maxTotal)
+	}
+	if fits() {
+		return true
+	}
+	if !s.isMember(id) {
+		return false
+	}
+	for oid := range s.owners {
+		if oid != id && !s.isMember(oid) {
+			s.remove(oid)
+			if fits() {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (s *store) get(id string) *owner { return s.owners[id] }
@@ -76,8 +121,15 @@ func (s *store) applyFull(f *fullFacts) applyResult {
 	if o != nil && f.Version <= o.version {
 		return resultStale
 	}
+	cur := 0
+	if o != nil {
+		cur = len(o.machines)
+	}
+	if !s.room(f.Owner, o == nil, cur, len(f.Machines)) {
+		return resultInvalid
+	}
 	o = s.ensure(f.Owner)
-	o.replace(f.Owner, f.Version, f.Free, f.Load, f.Machines)
+	s.replace(o, f.Owner, f.Version, f.Free, f.Load, f.Machines)
 	s.drain(o, s.limit)
 	return resultApplied
 }
@@ -97,22 +149,33 @@ func (s *store) applyDelta(d *delta, now int64) applyResult {
 		// chain one version to the next, so this is not one of them.
 		return resultStale
 	}
+	cur := 0
+	if o != nil {
+		cur = len(o.machines)
+	}
+	if o == nil && !s.room(d.Owner, true, 0, 0) {
+		return resultInvalid
+	}
 	o = s.ensure(d.Owner)
 	if d.Base != 0 && d.Base != o.version {
 		return s.wait(o, d, now)
 	}
-	if !o.fits(d, s.limit) {
+	if !o.fits(d, s.limit) || !s.room(d.Owner, false, cur, o.count(d)) {
 		return resultInvalid
 	}
-	o.apply(d)
+	s.apply(o, d)
 	s.drain(o, s.limit)
 	return resultApplied
 }
 
 // fits reports whether applying d keeps the owner within limit machines.
-func (o *owner) fits(d *delta, limit int) bool {
+func (o *owner) fits(d *delta, limit int) bool { return o.count(d) <= limit }
+
+// count is how many machines the owner would hold with d applied (at most:
+// removes are not subtracted).
+func (o *owner) count(d *delta) int {
 	if d.Base == 0 {
-		return len(d.Upserts) <= limit
+		return len(d.Upserts)
 	}
 	n := len(o.machines)
 	for i := range d.Upserts {
@@ -120,7 +183,7 @@ func (o *owner) fits(d *delta, limit int) bool {
 			n++
 		}
 	}
-	return n <= limit
+	return n
 }
 
 func (s *store) wait(o *owner, d *delta, now int64) applyResult {
@@ -156,8 +219,8 @@ func (s *store) drain(o *owner, limit int) {
 	for len(o.pending) > 0 {
 		if d, ok := o.pending[o.version]; ok {
 			delete(o.pending, o.version)
-			if d.Version > o.version && o.fits(d, limit) {
-				o.apply(d)
+			if d.Version > o.version && o.fits(d, limit) && s.room(o.id, false, len(o.machines), o.count(d)) {
+				s.apply(o, d)
 			}
 			continue
 		}
@@ -178,13 +241,29 @@ func (s *store) drain(o *owner, limit int) {
 // applyLocal applies this host's own published delta.
 func (s *store) applyLocal(d *delta) {
 	o := s.ensure(s.self)
-	o.apply(d)
+	s.apply(o, d)
 }
 
 // remove forgets an owner.
 func (s *store) remove(id string) {
+	if o := s.owners[id]; o != nil {
+		s.total -= len(o.machines)
+	}
 	delete(s.owners, id)
 	delete(s.waiting, id)
+}
+
+// replace and apply change an owner's facts, keeping the store's count.
+func (s *store) replace(o *owner, id string, version uint64, free Resources, load float64, ms []Machine) {
+	s.total -= len(o.machines)
+	o.replace(id, version, free, load, ms)
+	s.total += len(o.machines)
+}
+
+func (s *store) apply(o *owner, d *delta) {
+	s.total -= len(o.machines)
+	o.apply(d)
+	s.total += len(o.machines)
 }
 
 // gaps lists owners whose deltas have waited since before the given time.
