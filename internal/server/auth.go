@@ -77,8 +77,8 @@ func (s *Server) CreateToken(ctx context.Context, t token) (string, error) {
 	return raw, nil
 }
 
-// Bootstrap makes sure an admin token exists. When it had to create one it
-// returns it (its only appearance); otherwise "".
+// Bootstrap makes sure an admin token exists that has not expired. When it
+// had to create one it returns it (its only appearance); otherwise "".
 func (s *Server) Bootstrap(ctx context.Context) (string, error) {
 	es, err := s.tokens.List(ctx, "")
 	if err != nil {
@@ -86,7 +86,7 @@ func (s *Server) Bootstrap(ctx context.Context) (string, error) {
 	}
 	for _, e := range es {
 		var t token
-		if decodeJSON(e.Value, &t) == nil && t.Admin {
+		if decodeJSON(e.Value, &t) == nil && t.Admin && !t.expired(s.cfg.Now()) {
 			return "", nil
 		}
 	}
