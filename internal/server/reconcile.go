@@ -154,7 +154,7 @@ func (s *Server) holdLock(ctx context.Context, rev uint64) (uint64, error) {
 // machines left behind on hosts that were down.
 func (s *Server) ReconcileOnce(ctx context.Context) {
 	ctx = asControlPlane(ctx)
-	if now := s.cfg.Now(); now.Sub(s.lastSettle) >= settleInterval {
+	if now := s.cfg.Now(); now.Sub(s.lastSettle) >= SettleInterval {
 		// It reads every entry of every app: not on every change.
 		s.lastSettle = now
 		defer s.settleLeftBehind(ctx)
@@ -176,8 +176,8 @@ func (s *Server) ReconcileOnce(ctx context.Context) {
 	}
 }
 
-// settleInterval is how often the reconciler looks for machines left behind.
-const settleInterval = 5 * time.Second
+// SettleInterval is how often the reconciler looks for machines left behind.
+const SettleInterval = 5 * time.Second
 
 // forgetLeftBehind is how long a lost or doomed machine's entry is kept when
 // the cluster no longer knows its host (it keeps dead hosts 72 h).

@@ -101,6 +101,10 @@ type Config struct {
 	OnRevoke func(id string)
 }
 
+// DefaultReconcileInterval is how often declared groups are checked when
+// nothing changes, unless Config says otherwise.
+const DefaultReconcileInterval = 2 * time.Second
+
 func (c *Config) setDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -118,7 +122,7 @@ func (c *Config) setDefaults() {
 		c.PendingTimeout = 10 * time.Second
 	}
 	if c.ReconcileInterval == 0 {
-		c.ReconcileInterval = 2 * time.Second
+		c.ReconcileInterval = DefaultReconcileInterval
 	}
 	if c.LostAfter == 0 {
 		c.LostAfter = 30 * time.Second
