@@ -122,16 +122,6 @@ func (p *proc) waitLine(re *regexp.Regexp) ([]string, error) {
 	}
 }
 
-// exited reports whether the process has exited.
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
 // wait waits for the process to exit (it was killed), at most killTimeout.
 func (p *proc) wait() error {
 	select {
