@@ -72,6 +72,24 @@ func TestRealCluster(t *testing.T) {
 	t.Run("PartitionAndHeal", func(t *testing.T) {
 		f := proccluster.Fault{Kind: proccluster.PartitionHost, Target: machineHost(t, c, "ams"), Hold: 2 * time.Second}
 		runFault(t, c, f, step{catalogAfter: true})
+		// A partition between groups named by region is a rule in each
+		// namespace for each address of the other side (the control plane
+		// is named on its own), both ways; heal leaves none.
+		if err := c.Partition([]string{"ams", proccluster.ControlID}, []string{"iad"}); err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range c.Members() {
+			want := 2 * 2 // input and output, for each of the other side's two members
+			if m.Region == "iad" {
+				want = 2 * 3
+			}
+			if n, err := c.Rules(m.ID); err != nil || n != want {
+				t.Errorf("%s has %d rules (%v), want %d", m.ID, n, err, want)
+			}
+		}
+		if err := c.Heal(); err != nil {
+			t.Fatal(err)
+		}
 	})
 	t.Run("StallAndResume", func(t *testing.T) {
 		f := proccluster.Fault{Kind: proccluster.StallHost, Target: machineHost(t, c, "ams"), Hold: 2 * time.Second}
