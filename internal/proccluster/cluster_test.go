@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/devcluster"
 	"github.com/flamehq/flame/internal/proccluster"
+	"github.com/flamehq/flame/internal/proxy"
 )
 
 func TestMain(m *testing.M) { proccluster.Main(m) }
@@ -168,7 +170,7 @@ func deploy(t *testing.T, c *proccluster.Cluster) {
 // region.
 func loadConfig(c *proccluster.Cluster, edge, region string) devcluster.LoadConfig {
 	return devcluster.LoadConfig{URL: c.Member(edge).EdgeURL(), Host: app + ".localhost",
-		Header: map[string]string{"fly-prefer-region": region}, Rate: 50, Concurrency: 8,
+		Header: map[string]string{"fly-prefer-region": region}, Rate: 25, Concurrency: 4,
 		// A request stuck this long has failed: nothing in a healthy
 		// cluster or a fault's recovery takes it.
 		Client: &http.Client{Timeout: proccluster.Slack * 5 * time.Second}}
@@ -204,12 +206,15 @@ func runFault(t *testing.T, c *proccluster.Cluster, f proccluster.Fault, st step
 	}
 	load := devcluster.StartLoad(loadConfig(c, "iad-1", "ams"))
 	defer load.Halt()
+	lag := watchLag()
+	defer lag.stop()
 	time.Sleep(300 * time.Millisecond) // some requests before the fault
 	begin := time.Now()
 	if err := c.Apply(f); err != nil {
 		fail("%s: %v", f, err)
 		return false
 	}
+	applied := time.Now()
 	switch f.Kind {
 	case proccluster.KillHost:
 		// Its machines are gone with it.
@@ -269,7 +274,21 @@ func runFault(t *testing.T, c *proccluster.Cluster, f proccluster.Fault, st step
 	ss := load.Samples()
 	failed := map[string]int{}
 	regions := map[string]int{}
+	cut := 0
+	worst := lag.stop()
+	starved := 0
 	for _, s := range ss {
+		if cutByKill(f, s, applied) {
+			cut++
+			t.Logf("a request sent %v after the fault was cut: its answer had begun on the killed host (%s)", s.Sent.Sub(begin).Round(time.Millisecond), s.Err)
+			continue
+		}
+		if starvedAck(f, s, worst) {
+			starved++
+			t.Logf("STARVED: a request sent %v after the fault failed for a live host's late acknowledgement while runnable processes waited up to %v for a core: %s",
+				s.Sent.Sub(begin).Round(time.Millisecond), worst, s.Err)
+			continue
+		}
 		if s.Failed() {
 			cause := fmt.Sprintf("%d %s", s.Status, s.Cause)
 			if failed[cause]++; failed[cause] == 1 {
@@ -278,11 +297,90 @@ func runFault(t *testing.T, c *proccluster.Cluster, f proccluster.Fault, st step
 		}
 		regions[s.Region]++
 	}
-	t.Logf("%s: %d requests, answered from %v", f, len(ss), regions)
+	t.Logf("%s: %d requests, answered from %v; this process's 10 ms timer fired up to %v late", f, len(ss), regions, worst)
 	if len(failed) > 0 {
 		fail("%s: failed requests by cause: %v", f, failed)
 	}
+	if max := loadConfig(c, "iad-1", "ams").Concurrency; cut > max {
+		fail("%s: %d answers cut by the kill, more than the %d requests in flight at once", f, cut, max)
+	}
+	if starved > 0 {
+		t.Logf("%s: %d requests failed for the machine's starvation, not counted", f, starved)
+	}
 	return ok
+}
+
+// silentHost finds the hosts an edge gave up on for not acknowledging a
+// request in time, in its 502's reason.
+var silentHost = regexp.MustCompile(`host (\S+) did not acknowledge the request`)
+
+// starvedAck reports whether s failed only because the edge gave up on a
+// host that was not the fault's target — a live host — for acknowledging
+// late, while this machine kept runnable processes waiting longer than the
+// proxy's acknowledgement budget (proxy.DefaultAckTimeout beyond two round
+// trips). That budget is fixed, with no slack for a starved machine: such
+// a request measures the machine, not the fault. Any other failure counts.
+func starvedAck(f proccluster.Fault, s devcluster.Sample, lag time.Duration) bool {
+	if s.Status != http.StatusBadGateway || lag < proxy.DefaultAckTimeout {
+		return false
+	}
+	for _, m := range silentHost.FindAllStringSubmatch(s.Err, -1) {
+		if m[1] != f.Target {
+			return true
+		}
+	}
+	return false
+}
+
+// cutByKill reports whether s is a request whose answer the killed host
+// had begun — the machine's 200 came, then the connection was cut — sent
+// before the kill was over: the edge had passed the answer's head on to
+// the client when the host died, so it could not send the request
+// elsewhere. Only the requests in flight at the kill can be; any other
+// failure counts.
+func cutByKill(f proccluster.Fault, s devcluster.Sample, applied time.Time) bool {
+	return f.Kind == proccluster.KillHost && s.Status == http.StatusOK && s.Err != "" && s.Sent.Before(applied)
+}
+
+// lagWatch measures how late a 10 ms ticker fires in this process: how
+// long a runnable goroutine waits for a core, which the cluster's
+// processes wait alike. A failure under a lag of tens of milliseconds is
+// the machine's starvation meeting a protocol's fixed budget.
+type lagWatch struct {
+	done chan struct{}
+	max  chan time.Duration
+}
+
+func watchLag() *lagWatch {
+	w := &lagWatch{done: make(chan struct{}), max: make(chan time.Duration, 1)}
+	go func() {
+		var worst time.Duration
+		tk := time.NewTicker(10 * time.Millisecond)
+		defer tk.Stop()
+		last := time.Now()
+		for {
+			select {
+			case <-w.done:
+				w.max <- worst
+				return
+			case now := <-tk.C:
+				worst = max(worst, now.Sub(last)-10*time.Millisecond)
+				last = now
+			}
+		}
+	}()
+	return w
+}
+
+// stop ends the watch and returns the worst lag (once; then zero).
+func (w *lagWatch) stop() time.Duration {
+	select {
+	case <-w.done:
+		return 0
+	default:
+	}
+	close(w.done)
+	return (<-w.max).Round(time.Millisecond)
 }
 
 func since(t time.Time) time.Duration { return time.Since(t).Round(time.Millisecond) }
