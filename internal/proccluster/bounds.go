@@ -53,6 +53,13 @@ func HealBound(n int) time.Duration {
 	return Slack * (cluster.DefaultReconnectInterval + 16*cluster.DefaultProbeInterval + spread(n))
 }
 
+// FactsBound bounds how long a host's new facts (a machine started) take
+// to reach every other host: gossip carries them at once, and what it
+// misses the next anti-entropy exchange mends.
+func FactsBound(n int) time.Duration {
+	return Slack * (cluster.DefaultAntiEntropyInterval + spread(n))
+}
+
 // FormBound bounds how long a new cluster of n members takes to see every
 // member alive everywhere once each serves.
 func FormBound(n int) time.Duration { return HealBound(n) }

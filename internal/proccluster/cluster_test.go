@@ -148,9 +148,8 @@ func deploy(t *testing.T, c *proccluster.Cluster) {
 	if err := waitFor(bound, func() string { return catalogDiff(c) }); err != nil {
 		t.Fatalf("the group was not deployed within %v: %v", bound, err)
 	}
-	// The machines' facts reach the edges by gossip: at once, or at the
-	// next anti-entropy exchange.
-	bound = proccluster.HealBound(members)
+	// The machines' facts reach the edges by gossip.
+	bound = proccluster.FactsBound(members)
 	err := waitFor(bound, func() string {
 		for _, edge := range []string{"ams-1", "iad-1"} {
 			for _, region := range []string{"ams", "iad"} {
@@ -166,8 +165,8 @@ func deploy(t *testing.T, c *proccluster.Cluster) {
 	}
 }
 
-// loadConfig is GETs of the app through host edge's edge, preferring
-// region.
+// loadConfig is GETs of the app through the edge of host edge,
+// preferring region.
 func loadConfig(c *proccluster.Cluster, edge, region string) devcluster.LoadConfig {
 	return devcluster.LoadConfig{URL: c.Member(edge).EdgeURL(), Host: app + ".localhost",
 		Header: map[string]string{"fly-prefer-region": region}, Rate: 25, Concurrency: 4,
