@@ -6,6 +6,7 @@ package registry
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -20,6 +21,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"time"
 
 	ggcr "github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -33,23 +35,60 @@ const maxManifest = 4 << 20
 
 // Config configures a Registry.
 type Config struct {
-	// Dir holds the registry's data: blobs/ (content by digest) and repos/
-	// (each repository's manifests and tags). Created if missing.
+	// Dir holds the registry's data: blobs/ (content by digest), repos/
+	// (each repository's manifests, tags and the blobs it may serve) and
+	// uploads/ (uploads in progress). Created if missing.
 	Dir string
 	// Logger receives a line per request at debug level; nil discards.
 	Logger *slog.Logger
-	// Auth, when set, must accept the token of every request, sent as
-	// "Authorization: Bearer <token>" or as the password of Basic auth (as
-	// `docker login` sends it). push says whether the request writes (any
-	// method but GET and HEAD) or only reads (pulls). Nil lets every
-	// request in.
-	Auth func(token string, push bool) bool
+	// Auth, when set, says what the token of a request may do (see Scope):
+	// the token is sent as "Authorization: Bearer <token>" or as the
+	// password of Basic auth (as `docker login` sends it). It returns
+	// ErrUnauthorized for a token it does not know. Nil lets every request
+	// do everything.
+	Auth func(ctx context.Context, token string) (Scope, error)
+	// MaxBlobSize bounds one blob (a layer): an upload past it is answered
+	// 413 and what it sent is removed. Default 4 GiB.
+	MaxBlobSize int64
+	// UploadTimeout is how long an upload session may sit idle before it
+	// is abandoned and its data removed. Default 15 minutes.
+	UploadTimeout time.Duration
+	// MaxUploadsPerOrg bounds the upload sessions open at once per org
+	// (admins count as one org); MaxUploads bounds them in all. Past
+	// either, a new session is answered 429. Defaults 16 and 256.
+	MaxUploadsPerOrg, MaxUploads int
+	// Now is the clock upload sessions expire by (default time.Now).
+	Now func() time.Time
+}
+
+func (c *Config) setDefaults() {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.MaxBlobSize == 0 {
+		c.MaxBlobSize = 4 << 30
+	}
+	if c.UploadTimeout == 0 {
+		c.UploadTimeout = 15 * time.Minute
+	}
+	if c.MaxUploadsPerOrg == 0 {
+		c.MaxUploadsPerOrg = 16
+	}
+	if c.MaxUploads == 0 {
+		c.MaxUploads = 256
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
 }
 
 // Validate reports what is wrong with c.
 func (c Config) Validate() error {
-	if c.Dir == "" {
+	switch {
+	case c.Dir == "":
 		return errors.New("registry: Dir is required")
+	case c.MaxBlobSize < 0, c.UploadTimeout < 0, c.MaxUploadsPerOrg < 0, c.MaxUploads < 0:
+		return errors.New("registry: limits must not be negative")
 	}
 	return nil
 }
@@ -57,13 +96,15 @@ func (c Config) Validate() error {
 // Registry serves the OCI distribution API. It is an http.Handler meant to
 // be mounted at the site root (it answers /v2/…).
 type Registry struct {
+	cfg    Config
 	dir    string
 	log    *slog.Logger
-	auth   func(token string, push bool) bool
 	inner  http.Handler
 	blobs  *diskBlobs
 	mu     sync.Mutex // serializes manifest writes and deletes on disk
 	loaded int        // manifests loaded from disk at start
+
+	uploads uploads
 }
 
 // New opens (or creates) the registry stored in cfg.Dir and loads every
@@ -72,12 +113,12 @@ func New(cfg Config) (*Registry, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	cfg.setDefaults()
 	logger := cfg.Logger
-	if logger == nil {
-		logger = slog.New(slog.DiscardHandler)
-	}
-	blobs := &diskBlobs{dir: filepath.Join(cfg.Dir, "blobs")}
-	for _, d := range []string{blobs.dir, filepath.Join(blobs.dir, "tmp"), filepath.Join(cfg.Dir, "repos")} {
+	blobs := &diskBlobs{dir: filepath.Join(cfg.Dir, "blobs"), repos: filepath.Join(cfg.Dir, "repos")}
+	// Uploads do not survive a restart: their sessions are in memory.
+	os.RemoveAll(filepath.Join(cfg.Dir, "uploads"))
+	for _, d := range []string{blobs.dir, filepath.Join(blobs.dir, "tmp"), blobs.repos, filepath.Join(cfg.Dir, "uploads")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("registry: %w", err)
 		}
@@ -89,10 +130,11 @@ func New(cfg Config) (*Registry, error) {
 		}
 	}
 	r := &Registry{
-		dir:   cfg.Dir,
-		log:   logger,
-		auth:  cfg.Auth,
-		blobs: blobs,
+		cfg:     cfg,
+		dir:     cfg.Dir,
+		log:     logger,
+		blobs:   blobs,
+		uploads: uploads{sessions: map[string]*upload{}},
 		inner: ggcr.New(
 			ggcr.Logger(slog.NewLogLogger(logger.Handler(), slog.LevelDebug)),
 			ggcr.WithBlobHandler(blobs),
@@ -114,27 +156,61 @@ var (
 	digestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
 )
 
-// ServeHTTP checks auth and names, keeps manifests on disk, and hands the
-// protocol to the inner handler.
+// ServeHTTP checks the token, the names and the token's reach into the
+// repository, keeps manifests on disk, streams uploads to disk, and hands
+// the rest of the protocol to the inner handler.
 func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	if !strings.HasPrefix(req.URL.Path, "/v2") {
 		writeError(w, http.StatusNotFound, "NOT_FOUND", "not a registry path")
 		return
 	}
+	r.uploads.sweep(r, r.cfg.Now())
+	scope := Scope{Admin: true}
+	if r.cfg.Auth != nil {
+		var err error
+		scope, err = r.cfg.Auth(req.Context(), token(req))
+		switch {
+		case errors.Is(err, ErrUnauthorized):
+			w.Header().Set("WWW-Authenticate", `Basic realm="flame"`)
+			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "a valid token is required")
+			return
+		case err != nil:
+			r.log.Warn("token check failed", "err", err)
+			writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the token could not be checked, try again")
+			return
+		}
+	}
 	push := req.Method != http.MethodGet && req.Method != http.MethodHead
-	if r.auth != nil && !r.auth(token(req), push) {
-		w.Header().Set("WWW-Authenticate", `Basic realm="flame"`)
-		writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "a valid token is required")
+	if push && scope.ReadOnly {
+		writeError(w, http.StatusForbidden, "DENIED", "this token is read-only")
 		return
 	}
 	r.log.Debug("request", "method", req.Method, "path", req.URL.Path)
 	repo, kind, target, ok := splitPath(req.URL.Path)
 	if !ok {
+		if strings.TrimSuffix(req.URL.Path, "/") == "/v2/_catalog" {
+			r.catalog(w, req, scope)
+			return
+		}
 		r.inner.ServeHTTP(w, req)
 		return
 	}
 	if !repoRE.MatchString(repo) || len(repo) > 255 {
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", fmt.Sprintf("invalid repository name %q", repo))
+		return
+	}
+	// Another org's repository is not there for this token: a pull is
+	// told it does not exist, whether it does or not.
+	if !scope.MayPull(repo) {
+		writeError(w, http.StatusNotFound, "NAME_UNKNOWN", fmt.Sprintf("repository %s not found", repo))
+		return
+	}
+	if push && !scope.MayPush(repo) {
+		msg := fmt.Sprintf("this token may not push to %s: repositories are named <org>/<name>", repo)
+		if scope.Org != "" {
+			msg = fmt.Sprintf("this token may push only to %s/<name>, not %s", scope.Org, repo)
+		}
+		writeError(w, http.StatusForbidden, "DENIED", msg)
 		return
 	}
 	if kind == "manifests" {
@@ -151,11 +227,17 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			return
 		}
 	}
-	if kind == "blobs" && req.Method == http.MethodDelete {
-		// Manifests live in the blob store too; blobs are removed only
-		// by a future garbage collection, never one at a time.
-		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "blob deletion is not supported")
-		return
+	if kind == "blobs" {
+		if target == "uploads" || strings.HasPrefix(target, "uploads/") {
+			r.serveUpload(w, req, scope, repo, strings.TrimPrefix(strings.TrimPrefix(target, "uploads"), "/"))
+			return
+		}
+		if req.Method != http.MethodGet && req.Method != http.MethodHead {
+			// Manifests live in the blob store too; blobs are removed only
+			// by a future garbage collection, never one at a time.
+			writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "blob deletion is not supported")
+			return
+		}
 	}
 	r.inner.ServeHTTP(w, req)
 }
@@ -268,8 +350,8 @@ func (r *Registry) checkManifest(repo string, mt types.MediaType, body []byte) (
 			if !d.MediaType.IsDistributable() {
 				continue
 			}
-			if _, err := r.blobs.size(d.Digest); err != nil {
-				return "MANIFEST_BLOB_UNKNOWN", fmt.Sprintf("manifest references blob %s, which was not uploaded", d.Digest)
+			if _, err := r.blobs.stat(repo, d.Digest); err != nil {
+				return "MANIFEST_BLOB_UNKNOWN", fmt.Sprintf("manifest references blob %s, which was not uploaded to %s", d.Digest, repo)
 			}
 		}
 	default:
@@ -296,6 +378,9 @@ func (r *Registry) hasManifest(repo, digest string) bool {
 func (r *Registry) storeManifest(repo, target, digest, ctype string, body []byte) error {
 	h, _ := v1.NewHash(digest)
 	if err := r.blobs.write(h, bytes.NewReader(body)); err != nil {
+		return err
+	}
+	if err := r.blobs.link(repo, h); err != nil {
 		return err
 	}
 	dir := r.repoDir(repo)
@@ -387,6 +472,11 @@ func (r *Registry) load() error {
 		if err != nil {
 			return fmt.Errorf("manifest %s of %s: %w", digest, repo, err)
 		}
+		// Registries written before blobs were linked to repositories:
+		// a repository serves what its manifests reference.
+		if err := r.linkReferenced(repo, h, ctypes[repo+"@"+digest], body); err != nil {
+			return fmt.Errorf("manifest %s of %s: %w", digest, repo, err)
+		}
 		req, _ := http.NewRequest(http.MethodPut, "/v2/"+repo+"/manifests/"+target, bytes.NewReader(body))
 		req.Header.Set("Content-Type", ctypes[repo+"@"+digest])
 		rec := &bufferedResponse{header: http.Header{}}
@@ -429,6 +519,30 @@ func (r *Registry) load() error {
 				return err
 			}
 			r.loaded-- // a tag is not another manifest
+		}
+	}
+	return nil
+}
+
+// linkReferenced links manifest h of repo, and the blobs it references
+// that are present, to repo.
+func (r *Registry) linkReferenced(repo string, h v1.Hash, ctype string, body []byte) error {
+	if err := r.blobs.link(repo, h); err != nil {
+		return err
+	}
+	mt := types.MediaType(ctype)
+	if !(mt.IsImage() || mt == types.OCIManifestSchema1 || mt == "") {
+		return nil
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(body))
+	if err != nil {
+		return nil // served as it is; the protocol handler judges it
+	}
+	for _, d := range append([]v1.Descriptor{m.Config}, m.Layers...) {
+		if _, err := r.blobs.size(d.Digest); err == nil {
+			if err := r.blobs.link(repo, d.Digest); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -2,6 +2,8 @@ package registry
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -28,9 +30,15 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func start(t *testing.T, dir string, auth func(string, bool) bool) (*Registry, *httptest.Server) {
+func start(t *testing.T, dir string, auth func(context.Context, string) (Scope, error)) (*Registry, *httptest.Server) {
 	t.Helper()
-	r, err := New(Config{Dir: dir, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)), Auth: auth})
+	return startConfig(t, Config{Dir: dir, Auth: auth})
+}
+
+func startConfig(t *testing.T, cfg Config) (*Registry, *httptest.Server) {
+	t.Helper()
+	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	r, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +204,17 @@ func TestNamesChecked(t *testing.T) {
 
 func TestAuth(t *testing.T) {
 	// "s3cret" may push and pull, "reader" only pull.
-	_, srv := start(t, t.TempDir(), func(tok string, push bool) bool { return tok == "s3cret" || tok == "reader" && !push })
+	_, srv := start(t, t.TempDir(), func(_ context.Context, tok string) (Scope, error) {
+		switch tok {
+		case "s3cret":
+			return Scope{Org: "acme"}, nil
+		case "reader":
+			return Scope{Org: "acme", ReadOnly: true}, nil
+		case "down":
+			return Scope{}, errors.New("catalog unavailable")
+		}
+		return Scope{}, ErrUnauthorized
+	})
 	do := func(method, h string) int {
 		req, _ := http.NewRequest(method, srv.URL+"/v2/", nil)
 		if h != "" {
@@ -225,7 +243,10 @@ func TestAuth(t *testing.T) {
 	if got := get("Bearer reader"); got != http.StatusOK {
 		t.Errorf("a reader's GET: status %d, want 200", got)
 	}
-	if got := do(http.MethodPost, "Bearer reader"); got != http.StatusUnauthorized {
-		t.Errorf("a reader's POST: status %d, want 401", got)
+	if got := do(http.MethodPost, "Bearer reader"); got != http.StatusForbidden {
+		t.Errorf("a reader's POST: status %d, want 403", got)
+	}
+	if got := get("Bearer down"); got != http.StatusServiceUnavailable {
+		t.Errorf("a token that cannot be checked: status %d, want 503", got)
 	}
 }
