@@ -199,18 +199,19 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", fmt.Sprintf("invalid repository name %q", repo))
 		return
 	}
-	// Another org's repository is not there for this token: a pull is
-	// told it does not exist, whether it does or not.
-	if !scope.MayPull(repo) {
-		writeError(w, http.StatusNotFound, "NAME_UNKNOWN", fmt.Sprintf("repository %s not found", repo))
-		return
-	}
+	// Who owns a repository follows from its name, so a write outside
+	// the token's namespace is refused as such; a read of another org's
+	// repository is told it does not exist, whether it does or not.
 	if push && !scope.MayPush(repo) {
 		msg := fmt.Sprintf("this token may not push to %s: repositories are named <org>/<name>", repo)
 		if scope.Org != "" {
 			msg = fmt.Sprintf("this token may push only to %s/<name>, not %s", scope.Org, repo)
 		}
 		writeError(w, http.StatusForbidden, "DENIED", msg)
+		return
+	}
+	if !scope.MayPull(repo) {
+		writeError(w, http.StatusNotFound, "NAME_UNKNOWN", fmt.Sprintf("repository %s not found", repo))
 		return
 	}
 	if kind == "manifests" {
