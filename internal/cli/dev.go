@@ -104,19 +104,23 @@ func runDev(c *cobra.Command, f devFlags) error {
 		f.dataDir = dir
 	}
 	// The registry takes the hosts' token and, once the control plane is
-	// up, any of its tokens (read-only ones only to pull), so users push
-	// images with the token they were given.
+	// up, any of its tokens, each reaching its org's repositories
+	// (read-only ones to pull), so users push images with the token they
+	// were given.
 	// The control plane of the moment: `flame chaos` may kill and
 	// restart it.
 	var running atomic.Pointer[devcluster.Cluster]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
-		Auth: func(token string, push bool) bool {
+		Auth: func(ctx context.Context, token string) (registry.Scope, error) {
 			if d := running.Load(); d != nil {
 				if p := d.LivePlane(); p != nil {
-					return p.RegistryAuth(context.Background(), token, push)
+					return p.RegistryScope(ctx, token)
 				}
 			}
-			return token == f.token
+			if token == f.token {
+				return registry.Scope{Admin: true}, nil
+			}
+			return registry.Scope{}, registry.ErrUnauthorized
 		}})
 	if err != nil {
 		return err

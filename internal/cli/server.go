@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -109,13 +110,16 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
 	}
-	// The registry hosts pull from: the hosts' token and any token of the
-	// catalog that may write can push; read-only tokens can pull.
+	// The registry hosts pull from: each org's tokens reach its
+	// repositories (<org>/<name>), read-only ones to pull (see
+	// Server.RegistryScope).
 	var plane atomic.Pointer[server.Plane]
 	reg, err := registry.New(registry.Config{Dir: filepath.Join(f.dataDir, "registry"), Logger: log,
-		Auth: func(token string, push bool) bool {
-			p := plane.Load()
-			return p != nil && p.RegistryAuth(context.Background(), token, push)
+		Auth: func(ctx context.Context, token string) (registry.Scope, error) {
+			if p := plane.Load(); p != nil {
+				return p.RegistryScope(ctx, token)
+			}
+			return registry.Scope{}, errors.New("the control plane is starting")
 		}})
 	if err != nil {
 		ln.Close()

@@ -417,7 +417,10 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	p, err := server.StartPlane(ctx, server.PlaneConfig{
 		DataDir: filepath.Join(c.cfg.Dir, controlID), Listener: ln,
 		Cluster: mc, Join: []string{seed}, Server: sc,
-		Logger: c.cfg.Logger.With("host", controlID),
+		// Served by the front (planeHandler); the plane pins creates'
+		// images to it.
+		Registry: c.cfg.Registry,
+		Logger:   c.cfg.Logger.With("host", controlID),
 	})
 	if err != nil {
 		ln.Close()

@@ -128,15 +128,6 @@ func (s *Server) MayPull(ctx context.Context, raw string) bool {
 	return err == nil
 }
 
-// RegistryAuth is the registry's check of a request's token: pushes need
-// MayPush, pulls MayPull.
-func (s *Server) RegistryAuth(ctx context.Context, raw string, push bool) bool {
-	if push {
-		return s.MayPush(ctx, raw)
-	}
-	return s.MayPull(ctx, raw)
-}
-
 // canSee reports whether p may see an app of org appOrg named name.
 func (p principal) canSee(appOrg, name string) bool {
 	switch {

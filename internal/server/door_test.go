@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver/fake"
+	"github.com/flamehq/flame/internal/image/registry"
 )
 
 // refused checks that err is a 422 whose message names field.
@@ -153,7 +155,8 @@ func TestMachineCallsAtTheDoor(t *testing.T) {
 }
 
 // TestTokensAtTheDoor: a token request without its org names the field;
-// a read-only token may pull images from the registry but not push.
+// in the registry a token reaches its org's repositories, a read-only one
+// to pull only, an admin's and the hosts' every one.
 func TestTokensAtTheDoor(t *testing.T) {
 	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1})
 	ctx := context.Background()
@@ -165,19 +168,20 @@ func TestTokensAtTheDoor(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
-		token      string
-		push, pull bool
+		token string
+		want  registry.Scope
+		err   error
 	}{
-		{rw, true, true},
-		{ro.Token, false, true},
-		{"flame_not-a-token", false, false},
-		{"", false, false},
+		{rw, registry.Scope{Org: "acme"}, nil},
+		{ro.Token, registry.Scope{Org: "acme", ReadOnly: true}, nil},
+		{c.Plane.AdminToken, registry.Scope{Admin: true}, nil},
+		{"agent-secret", registry.Scope{Admin: true}, nil},
+		{"flame_not-a-token", registry.Scope{}, registry.ErrUnauthorized},
+		{"", registry.Scope{}, registry.ErrUnauthorized},
 	} {
-		if got := c.Plane.RegistryAuth(ctx, tc.token, true); got != tc.push {
-			t.Errorf("token %.12q push = %v, want %v", tc.token, got, tc.push)
-		}
-		if got := c.Plane.RegistryAuth(ctx, tc.token, false); got != tc.pull {
-			t.Errorf("token %.12q pull = %v, want %v", tc.token, got, tc.pull)
+		got, err := c.Plane.RegistryScope(ctx, tc.token)
+		if got != tc.want || !errors.Is(err, tc.err) {
+			t.Errorf("token %.12q: scope %+v, %v; want %+v, %v", tc.token, got, err, tc.want, tc.err)
 		}
 	}
 }

@@ -130,6 +130,9 @@ func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	if err := s.pinImage(a.Org, &cfg); err != nil {
+		return err
+	}
 	if err := s.claimTCPPorts(r.Context(), a, &cfg); err != nil {
 		return err
 	}

@@ -169,6 +169,13 @@ type intent struct {
 
 // create places and creates a machine of app a.
 func (s *Server) create(ctx context.Context, a app, in api.LaunchMachineInput, regions []string, it intent) (*api.Machine, error) {
+	if in.Config != nil {
+		cfg := *in.Config // the caller's (a group's) config stays as it is
+		if err := s.pinImage(a.Org, &cfg); err != nil {
+			return nil, err
+		}
+		in.Config = &cfg
+	}
 	if !in.SkipSecrets {
 		sec, err := s.plainSecrets(ctx, a)
 		if err != nil {
@@ -323,6 +330,11 @@ func (s *Server) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.L
 	if err != nil {
 		return nil, err
 	}
+	cfg := *in.Config
+	if err := s.pinImage(a.Org, &cfg); err != nil {
+		return nil, err
+	}
+	in.Config = &cfg
 	h, err := s.onHost(ctx, ref, true)
 	if err != nil {
 		return nil, err

@@ -125,6 +125,10 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	}
 	sc := cfg.Server
 	sc.Catalog, sc.Cluster, sc.SecretKey, sc.Logger = p.Catalog, p.Cluster, key, cfg.Logger
+	if res, ok := cfg.Registry.(ImageResolver); ok && sc.Images == nil {
+		sc.Images = res
+		sc.RegistryNames = append(sc.RegistryNames, registryNames(cfg.Listener.Addr().String())...)
+	}
 	if p.Server, err = New(sc); err != nil {
 		return nil, err
 	}

@@ -73,6 +73,12 @@ type Config struct {
 	// does, when known: GET /v1/platform/regions lists them.
 	Edges       map[string]string
 	GlobalEntry string
+	// Images, when set, is the platform registry: a create, update or
+	// group may use only its org's images and the public ones, pinned to
+	// their digest (see pinImage). RegistryNames are the host:port names
+	// hosts reach it by; an image naming one of them is the registry's.
+	Images        ImageResolver
+	RegistryNames []string
 	// Seed seeds the placement's tie-breaking (0: random).
 	Seed uint64
 	// PendingTimeout is how long a create waits for room when no host has
