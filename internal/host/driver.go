@@ -135,8 +135,17 @@ type defaultRegistry struct {
 	registry string
 }
 
+// Pull pulls ref. The host's credentials go only with references it
+// qualified itself: the control plane checked those against the machine's
+// org and gives the platform registry's images without a registry. One that
+// names the default registry itself slipped past that check (under a name
+// the control plane does not know it by), and is pulled as anyone would.
 func (d defaultRegistry) Pull(ctx context.Context, ref string) (*image.Image, error) {
-	return d.Store.Pull(ctx, qualify(ref, d.registry))
+	q := qualify(ref, d.registry)
+	if p := d.registry + "/"; q == ref && d.registry != "" && len(ref) > len(p) && strings.EqualFold(ref[:len(p)], p) {
+		return d.Store.PullAnonymous(ctx, ref)
+	}
+	return d.Store.Pull(ctx, q)
 }
 
 // qualify puts registry in front of ref when ref's first component is not a

@@ -160,26 +160,43 @@ type layerMeta struct {
 // host's architecture) and the config, and downloads and unpacks each layer
 // not already here. Every blob is checked against its digest.
 func (s *Store) Pull(ctx context.Context, ref string) (*Image, error) {
+	return s.pullRef(ctx, ref, false)
+}
+
+// PullAnonymous is Pull without credentials, whatever Auth gives for the
+// registry, and without the shortcut of an image already here: the
+// registry alone says whether the image may be had.
+func (s *Store) PullAnonymous(ctx context.Context, ref string) (*Image, error) {
+	return s.pullRef(ctx, ref, true)
+}
+
+func (s *Store) pullRef(ctx context.Context, ref string, anonymous bool) (*Image, error) {
 	r, err := parseRef(ref)
 	if err != nil {
 		return nil, err
 	}
-	img, err := s.pull(ctx, r)
+	img, err := s.pull(ctx, r, anonymous)
 	if err != nil {
 		return nil, fmt.Errorf("pull %s: %w", ref, err)
 	}
 	return img, nil
 }
 
-func (s *Store) pull(ctx context.Context, r name.Reference) (*Image, error) {
+func (s *Store) pull(ctx context.Context, r name.Reference, anonymous bool) (*Image, error) {
 	s.gc.RLock()
 	defer s.gc.RUnlock()
 	repo := r.Context().RepositoryStr()
 	c := s.http(r.Context().RegistryStr())
+	if anonymous {
+		c.token = ""
+	}
 
-	// By digest and already here: no registry needed.
-	if d, ok := r.(name.Digest); ok {
-		if img, ok := s.localImage(d.DigestStr()); ok {
+	// By digest and already here, pulled from the same repository: no
+	// registry needed. Not from another one: knowing an image's digest
+	// is not being allowed to pull it.
+	if d, ok := r.(name.Digest); ok && !anonymous {
+		from := r.Context()
+		if img, ok := s.localImage(d.DigestStr(), &from); ok {
 			img.Ref = r.Name()
 			return img, nil
 		}
@@ -200,7 +217,7 @@ func (s *Store) pull(ctx context.Context, r name.Reference) (*Image, error) {
 	if !mt.IsImage() && mt != "" {
 		return nil, fmt.Errorf("%w: manifest %s has media type %s, not an image", ErrInvalid, digest, mt)
 	}
-	if img, ok := s.localImage(digest); ok {
+	if img, ok := s.localImage(digest, nil); ok {
 		img.Ref = r.Name()
 		return img, nil
 	}
@@ -251,8 +268,9 @@ func (s *Store) pull(ctx context.Context, r name.Reference) (*Image, error) {
 }
 
 // localImage returns the image with manifest digest if its record and all
-// its layers are here.
-func (s *Store) localImage(digest string) (*Image, bool) {
+// its layers are here, and, with from set, it was pulled from that
+// repository.
+func (s *Store) localImage(digest string, from *name.Repository) (*Image, bool) {
 	hexd, ok := strings.CutPrefix(digest, "sha256:")
 	if !ok {
 		return nil, false
@@ -264,6 +282,12 @@ func (s *Store) localImage(digest string) (*Image, bool) {
 	var img Image
 	if json.Unmarshal(b, &img) != nil {
 		return nil, false
+	}
+	if from != nil {
+		was, err := name.ParseReference(img.Ref)
+		if err != nil || was.Context().Name() != from.Name() {
+			return nil, false
+		}
 	}
 	for i, l := range img.Layers {
 		dir := s.layerDir(strings.TrimPrefix(l.Digest, "sha256:"))

@@ -100,7 +100,9 @@ func (s *Server) platformRepo(ref string) (imageName, bool) {
 // to the digest its tag names now, so that a later push of the tag changes
 // nothing they run — not a restart, not a replacement: an image of the
 // platform registry must be in org's namespace or the public one, and is
-// rewritten name[:tag]@sha256:…. Another org's image and a missing one are
+// rewritten name[:tag]@sha256:…, without the registry's name (a host pulls
+// such a name from the platform registry with its credentials, and names
+// the registry itself without them). Another org's image and a missing one are
 // refused alike (422 naming config.image), so names in other orgs are not
 // revealed. A public image the registry does not hold is left by name (the
 // exec driver runs flame/demo-app as a host program); only admins can push
@@ -138,9 +140,13 @@ func (s *Server) pinImage(org string, cfg *api.MachineConfig) error {
 	case err != nil:
 		return api.Errorf(http.StatusServiceUnavailable, "resolve config.image: %v", err)
 	}
-	if n.digest == "" {
-		cfg.Image += "@" + digest
+	// Without the registry's name: hosts send their credentials only
+	// with names they qualify themselves.
+	pinned := n.repo
+	if n.tag != "" {
+		pinned += ":" + n.tag
 	}
+	cfg.Image = pinned + "@" + digest
 	return nil
 }
 

@@ -308,9 +308,16 @@ func TestCreatesUseTheirOrgsImages(t *testing.T) {
 			t.Errorf("globex declares a group of %s: %v, want 422", img, err)
 		}
 	}
+	// acme names its image with the registry: pinned, without it.
+	acme := api.NewClient(d.Plane.URL(), acmeTok)
+	m, err := acme.Create(ctx, "shop", api.LaunchMachineInput{Config: &api.MachineConfig{Image: d.regHost + "/acme/app:v1", Guest: imgGuest}})
+	if err != nil || m.Config.Image != "acme/app:v1@"+secret {
+		t.Errorf("acme runs its image named with the registry: %v, image %q; want acme/app:v1@%s", err, m.Config.Image, secret)
+	}
+
 	// The public namespace: every org runs it, pinned; only admins push it.
 	demo := d.push(t, "agent-secret", "flame/demo-app:latest")
-	m, err := globex.Create(ctx, "spy", api.LaunchMachineInput{Config: &api.MachineConfig{Image: "flame/demo-app", Guest: imgGuest}})
+	m, err = globex.Create(ctx, "spy", api.LaunchMachineInput{Config: &api.MachineConfig{Image: "flame/demo-app", Guest: imgGuest}})
 	if err != nil || m.Config.Image != "flame/demo-app@"+demo {
 		t.Errorf("globex runs the public demo image: %v, image %q; want it pinned to %s", err, m.Config.Image, demo)
 	}
