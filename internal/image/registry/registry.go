@@ -1,7 +1,9 @@
 // Package registry is Flame's embedded OCI distribution registry (/v2/…):
 // go-containerregistry's protocol handler with blobs and manifests kept on
-// disk, so images survive a restart, every upload checked against its digest,
-// and an optional bearer-token check in front.
+// disk, so images survive a restart; repositories owned by orgs
+// (<org>/<name>), each token reaching only its org's and the public ones;
+// uploads streamed to disk under a size cap, checked against their digest,
+// and abandoned sessions expired.
 package registry
 
 import (
@@ -364,8 +366,9 @@ func (r *Registry) checkManifest(repo string, mt types.MediaType, body []byte) (
 }
 
 // A repository on disk: repos/<repo>/_manifests/sha256/<hex> holds the
-// manifest's media type (its bytes are the blob of that digest) and
-// repos/<repo>/_tags/<tag> the digest the tag points to.
+// manifest's media type (its bytes are the blob of that digest),
+// repos/<repo>/_tags/<tag> the digest the tag points to, and
+// repos/<repo>/_layers/sha256/<hex> (empty) lets it serve that blob.
 
 func (r *Registry) repoDir(repo string) string {
 	return filepath.Join(r.dir, "repos", filepath.FromSlash(repo))
