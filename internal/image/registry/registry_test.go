@@ -42,6 +42,7 @@ func startConfig(t *testing.T, cfg Config) (*Registry, *httptest.Server) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { r.Close() })
 	srv := httptest.NewServer(r)
 	t.Cleanup(srv.Close)
 	return r, srv

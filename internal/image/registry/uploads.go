@@ -42,6 +42,46 @@ type upload struct {
 type uploads struct {
 	mu       sync.Mutex
 	sessions map[string]*upload
+	// timer sweeps while sessions are open, so abandoned ones go even
+	// when no request comes (every request sweeps too).
+	timer   *time.Timer
+	closed  bool
+	pending sync.WaitGroup // a sweep scheduled or running
+}
+
+// arm schedules a sweep a timeout from now unless one is pending; u.mu is
+// held.
+func (u *uploads) arm(r *Registry) {
+	if u.timer != nil || u.closed || len(u.sessions) == 0 {
+		return
+	}
+	u.pending.Add(1)
+	u.timer = time.AfterFunc(r.cfg.UploadTimeout+r.cfg.UploadTimeout/8, func() {
+		defer u.pending.Done()
+		u.mu.Lock()
+		u.timer = nil
+		u.mu.Unlock()
+		u.sweep(r, r.cfg.Now())
+		u.mu.Lock()
+		u.arm(r)
+		u.mu.Unlock()
+	})
+}
+
+// Close stops the sweeps of upload sessions, waiting for one under way.
+// The registry answers on; abandoned sessions then go only when requests
+// come.
+func (r *Registry) Close() error {
+	u := &r.uploads
+	u.mu.Lock()
+	u.closed = true
+	if u.timer != nil && u.timer.Stop() {
+		u.pending.Done()
+	}
+	u.timer = nil
+	u.mu.Unlock()
+	u.pending.Wait()
+	return nil
 }
 
 // OpenUploads reports how many upload sessions are open (for tests and metrics).
@@ -99,6 +139,7 @@ func (u *uploads) open(r *Registry, repo, owner string) (*upload, error) {
 	}
 	f.Close()
 	u.sessions[id] = s
+	u.arm(r)
 	return s, nil
 }
 

@@ -245,3 +245,32 @@ func TestAbandonedUploadsExpire(t *testing.T) {
 		t.Errorf("after a restart: %v", files)
 	}
 }
+
+// TestAbandonedUploadsSweptWithoutRequests: sessions are swept on a timer
+// too, so an abandoned upload's data goes even if no request ever comes.
+func TestAbandonedUploadsSweptWithoutRequests(t *testing.T) {
+	const timeout = 100 * time.Millisecond
+	dir := t.TempDir()
+	r, srv := startConfig(t, Config{Dir: dir, Auth: orgAuth, UploadTimeout: timeout})
+	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/v2/acme/app/blobs/uploads/", nil)
+	req.Header.Set("Authorization", "Bearer acme")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if code, _ := call(t, srv, "acme", http.MethodPatch, resp.Header.Get("Location"), []byte("abandoned")); code != http.StatusAccepted {
+		t.Fatalf("patch: %d", code)
+	}
+	// The sweep runs about a timeout after the session opened and again
+	// each timeout while sessions are left: on a busy machine it may run
+	// late, never not at all.
+	for end := time.Now().Add(60 * time.Second); r.OpenUploads() != 0; time.Sleep(timeout / 4) {
+		if time.Now().After(end) {
+			t.Fatalf("the abandoned session is still open after %v with a timeout of %v", 60*time.Second, timeout)
+		}
+	}
+	if files := uploadFiles(t, dir); len(files) != 0 {
+		t.Errorf("files left: %v", files)
+	}
+}
