@@ -274,3 +274,43 @@ func TestAbandonedUploadsSweptWithoutRequests(t *testing.T) {
 		t.Errorf("files left: %v", files)
 	}
 }
+
+// TestStalledUploadBodyFails: a PATCH whose body stops arriving fails once
+// it has sent nothing for the timeout, and its session goes; it does not
+// hold the session open by trickling nothing.
+func TestStalledUploadBodyFails(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	dir := t.TempDir()
+	r, srv := startConfig(t, Config{Dir: dir, Auth: orgAuth, UploadTimeout: timeout})
+	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/v2/acme/app/blobs/uploads/", nil)
+	req.Header.Set("Authorization", "Bearer acme")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	pr, pw := io.Pipe()
+	t.Cleanup(func() { pw.Close() })
+	go pw.Write([]byte("a first chunk, then nothing"))
+	req, _ = http.NewRequest(http.MethodPatch, srv.URL+resp.Header.Get("Location"), pr)
+	req.Header.Set("Authorization", "Bearer acme")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	// The deadline is a timeout after the last read: on a busy machine it
+	// may pass late, never not at all.
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second):
+		t.Fatal("a stalled upload body held its request for 60s with a timeout of 200ms")
+	}
+	for end := time.Now().Add(60 * time.Second); r.OpenUploads() != 0; time.Sleep(timeout / 4) {
+		if time.Now().After(end) {
+			t.Fatal("the stalled upload's session is still open")
+		}
+	}
+}
