@@ -146,6 +146,11 @@ func (s *Server) CreateMachine(ctx context.Context, appName string, in api.Launc
 	if err := in.Config.Validate(); err != nil {
 		return nil, err
 	}
+	cfg := *in.Config
+	if err := s.pinImage(a.Org, &cfg); err != nil { // before anything is claimed
+		return nil, err
+	}
+	in.Config = &cfg
 	regions, err := parseRegions(in.Region)
 	if err != nil {
 		return nil, err
