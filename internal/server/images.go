@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -20,8 +21,8 @@ type ImageResolver interface {
 }
 
 // RegistryScope is the registry's check of a token (registry.Config.Auth).
-// A token of the catalog passes the same door as on the API (so what
-// refuses it there refuses it here) and reaches its org's repositories —
+// A token of the catalog passes the same check as on the API (lookupToken:
+// unknown, revoked and expired tokens are refused) and reaches its org's repositories —
 // read-only ones to pull — or, for an admin, every repository. The hosts'
 // token reaches every repository: hosts pull the images of every org's
 // machines, which creates checked.
@@ -32,20 +33,14 @@ func (s *Server) RegistryScope(ctx context.Context, raw string) (registry.Scope,
 	if subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
 		return registry.Scope{Admin: true}, nil
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "/v2/", nil)
-	if err != nil {
-		return registry.Scope{}, err
-	}
-	req.Header.Set("Authorization", "Bearer "+raw)
-	c, err := s.authenticate(req)
+	p, err := s.lookupToken(ctx, raw)
 	if err != nil {
 		var ae *api.Error
 		if errors.As(err, &ae) && ae.Status == http.StatusUnauthorized {
-			return registry.Scope{}, registry.ErrUnauthorized
+			return registry.Scope{}, fmt.Errorf("%w: %s", registry.ErrUnauthorized, ae.Message)
 		}
 		return registry.Scope{}, err
 	}
-	p := caller(c)
 	if p.Admin {
 		return registry.Scope{Admin: true, ReadOnly: p.ReadOnly}, nil
 	}

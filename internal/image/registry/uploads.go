@@ -304,9 +304,11 @@ func (r *Registry) serveUpload(w http.ResponseWriter, req *http.Request, scope S
 }
 
 // uploadChunk appends body to s, answering and ending the session when it
-// fails: past the cap 413, a broken body 400.
+// fails: past the cap 413, a broken body 400 — among them one that stopped
+// arriving, cut by the server's bound between body reads (httpserve), so a
+// stalled upload does not hold its session.
 func (r *Registry) uploadChunk(w http.ResponseWriter, s *upload, body io.Reader) bool {
-	err := r.appendBody(s, r.idle(w, body))
+	err := r.appendBody(s, body)
 	if err == nil {
 		return true
 	}
@@ -334,7 +336,7 @@ func (r *Registry) monolithic(w http.ResponseWriter, req *http.Request, repo, di
 	f.Close()
 	s := &upload{path: f.Name(), sum: sha256.New()}
 	defer os.Remove(s.path)
-	if err := r.appendBody(s, r.idle(w, req.Body)); err != nil {
+	if err := r.appendBody(s, req.Body); err != nil {
 		if errors.Is(err, errTooLarge) {
 			writeError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", fmt.Sprintf("a blob may be at most %d bytes", r.cfg.MaxBlobSize))
 			return
@@ -354,24 +356,6 @@ func (r *Registry) monolithic(w http.ResponseWriter, req *http.Request, repo, di
 	w.Header().Set("Location", "/v2/"+repo+"/blobs/"+h.String())
 	w.Header().Set("Docker-Content-Digest", h.String())
 	w.WriteHeader(http.StatusCreated)
-}
-
-// idleReader moves the connection's read deadline a timeout ahead before
-// each read of an upload's body: a body that stops arriving fails, and its
-// session goes, rather than holding it open while it trickles nothing.
-type idleReader struct {
-	r    io.Reader
-	rc   *http.ResponseController
-	idle time.Duration
-}
-
-func (i idleReader) Read(p []byte) (int, error) {
-	i.rc.SetReadDeadline(time.Now().Add(i.idle)) // unsupported writers (tests') ignore it
-	return i.r.Read(p)
-}
-
-func (r *Registry) idle(w http.ResponseWriter, body io.Reader) io.Reader {
-	return idleReader{r: body, rc: http.NewResponseController(w), idle: r.cfg.UploadTimeout}
 }
 
 // commitUpload makes the verified file at path blob h, linked to repo.
