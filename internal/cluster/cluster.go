@@ -40,8 +40,8 @@ const exchangeEvery = time.Second
 // reapEvery is how often hosts dead past ReapTimeout are looked for.
 const reapEvery = time.Minute
 
-// settleAfter are the times after joining when a host swaps the whole
-// membership with one more random host. Memberlist spreads news of a host
+// settleAfter are the times after joining, or being joined, when a host
+// swaps the whole membership with one more random host. Memberlist spreads news of a host
 // that joins by gossip, each host passing it on a number of times that
 // grows with the cluster size it knows; when many hosts start together
 // they all know few, the news of the first ones dies out before reaching
@@ -278,14 +278,31 @@ func (c *Cluster) Join(addrs []string) (int, error) {
 	if err != nil && n == 0 {
 		return 0, fmt.Errorf("join %v: %w", addrs, err)
 	}
-	now := c.cfg.Now()
 	c.mu.Lock()
 	c.settleAt = c.settleAt[:0]
+	c.armSettleLocked()
+	c.mu.Unlock()
+	return n, nil
+}
+
+// joinedBy is called when another host joins through this one. The target
+// of a join is as likely as the joiner to miss news of hosts joining
+// elsewhere at the same moment (the first host of a cluster never joins
+// anyone), so it makes the same membership swaps, unless some are pending.
+func (c *Cluster) joinedBy() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.settleAt) == 0 {
+		c.armSettleLocked()
+	}
+}
+
+// armSettleLocked schedules the membership swaps of settleAfter from now.
+func (c *Cluster) armSettleLocked() {
+	now := c.cfg.Now()
 	for _, d := range settleAfter {
 		c.settleAt = append(c.settleAt, now.Add(c.cfg.stretch(d)))
 	}
-	c.mu.Unlock()
-	return n, nil
 }
 
 // Leave tells the cluster this host is going, and waits up to timeout for

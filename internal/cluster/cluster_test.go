@@ -409,6 +409,23 @@ func TestManyJoinAtOnce(t *testing.T) {
 		}
 		wg.Wait()
 		start := time.Now()
+		defer func() {
+			if !t.Failed() {
+				return
+			}
+			for _, c := range cs {
+				hs := c.Snapshot().Hosts()
+				bad := []string{}
+				for _, h := range hs {
+					if h.Status != StatusAlive || h.Version == 0 {
+						bad = append(bad, fmt.Sprintf("%s:%v:v%d", h.ID, h.Status, h.Version))
+					}
+				}
+				if len(hs) != n || len(bad) > 0 {
+					t.Logf("%s sees %d members=%d bad=%v", c.cfg.HostID, len(hs), c.ml.NumMembers(), bad)
+				}
+			}
+		}()
 		waitFor(t, 8*time.Second, "every host to see every other with its facts", func() bool {
 			for _, c := range cs {
 				hs := c.Snapshot().Hosts()

@@ -62,6 +62,9 @@ func (d *delegate) LocalState(join bool) []byte {
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	d.c.receive(bytes.Clone(buf), true)
+	if join {
+		d.c.joinedBy()
+	}
 }
 
 func (d *delegate) NotifyJoin(n *memberlist.Node) { d.c.memberUp(n) }
