@@ -31,6 +31,9 @@ type Sample struct {
 	// Machine and Region answered (the demo app's FLY_MACHINE_ID and
 	// FLY_REGION).
 	Machine, Region string
+	// RequestID is the edge's Fly-Request-Id for the request: the edge
+	// names it so in its record of failed attempts.
+	RequestID string
 }
 
 // Failed reports whether the request got anything but the demo app's 200.
@@ -132,6 +135,7 @@ func (cfg LoadConfig) Send() Sample {
 		return s
 	}
 	defer resp.Body.Close()
+	s.RequestID = resp.Header.Get("Fly-Request-Id")
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10)) // the demo's answer is well under
 	s.Done, s.Status = time.Now(), resp.StatusCode
 	if err != nil {

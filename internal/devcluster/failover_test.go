@@ -98,6 +98,7 @@ type attempts struct {
 type failedAttempt struct {
 	at                  time.Time
 	edge, machine, host string // the edge's host, the machine, its host
+	request             string // the request's Fly-Request-Id
 	err                 string
 }
 
@@ -117,6 +118,8 @@ func (h *attemptLog) Handle(ctx context.Context, r slog.Record) error {
 				fa.machine = a.Value.String()
 			case "host":
 				fa.host = a.Value.String()
+			case "request_id":
+				fa.request = a.Value.String()
 			case "err":
 				fa.err = a.Value.String()
 			}
@@ -148,10 +151,65 @@ type fault struct {
 	clients  []*loadClient   // the clients running through it
 }
 
+// tableWatch records, per edge, when its route table stopped offering
+// each machine (excluded, or its host declared dead), and when its
+// cluster view first saw each host otherwise than alive: where the time
+// goes between a fault and the gossip that tells the edges of it.
+type tableWatch struct {
+	mu   sync.Mutex
+	gone map[[2]string]time.Time // edge, machine → first seen out of rotation
+	host map[[2]string]struct {  // edge, host → first seen suspect, dead
+		suspect, dead time.Time
+	}
+	stop func()
+}
+
+func watchTables(edges []*Host) *tableWatch {
+	w := &tableWatch{gone: map[[2]string]time.Time{}, host: map[[2]string]struct{ suspect, dead time.Time }{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	w.stop = func() { cancel(); <-done }
+	go func() {
+		defer close(done)
+		for ctx.Err() == nil {
+			now := time.Now()
+			for _, e := range edges {
+				tab := e.Proxy.Table()
+				snap := e.Cluster.Snapshot()
+				w.mu.Lock()
+				for _, tg := range tab.Targets("demo", 80) {
+					k := [2]string{e.ID, tg.MachineID}
+					if _, seen := w.gone[k]; !seen && tg.Excluded != route.Included {
+						w.gone[k] = now
+					}
+				}
+				for _, h := range snap.Hosts() {
+					k := [2]string{e.ID, h.ID}
+					v := w.host[k]
+					if v.suspect.IsZero() && h.Status == cluster.StatusSuspect {
+						v.suspect = now
+					}
+					if v.dead.IsZero() && h.Status == cluster.StatusDead {
+						v.dead = now
+					}
+					w.host[k] = v
+				}
+				w.mu.Unlock()
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}()
+	return w
+}
+
 // failoverRun is what a run leaves to check and report.
 type failoverRun struct {
 	clients  []*loadClient
 	faults   []*fault
+	tables   *tableWatch
 	attempts *attempts
 	machines map[string]string // machine id → host id
 	opts     failoverOpts
@@ -217,6 +275,9 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 		}
 		return true
 	})
+
+	run.tables = watchTables([]*Host{amsEdge, iadEdge})
+	t.Cleanup(run.tables.stop)
 
 	tr := &http.Transport{MaxIdleConnsPerHost: opts.concurrency * 3, MaxConnsPerHost: 0}
 	t.Cleanup(tr.CloseIdleConnections)
@@ -338,6 +399,11 @@ type failoverReport struct {
 	requests, failed      int
 	touches               int
 	firstTouch, lastTouch time.Duration
+	// onIt counts the requests sent at or after the fault that tried a
+	// dead target first; lastOnIt is when the last of them was sent: from
+	// then on every request was served elsewhere without trying one.
+	onIt     int
+	lastOnIt time.Duration
 	before, during, after [2]time.Duration
 }
 
@@ -345,6 +411,14 @@ func (run *failoverRun) report() []failoverReport {
 	run.attempts.mu.Lock()
 	failedAttempts := slices.Clone(run.attempts.failed)
 	run.attempts.mu.Unlock()
+	sent := map[string]time.Time{} // request id → when its client sent it
+	for _, lc := range run.clients {
+		for _, s := range lc.all() {
+			if s.RequestID != "" {
+				sent[s.RequestID] = s.Sent
+			}
+		}
+	}
 	var out []failoverReport
 	for i, f := range run.faults {
 		end := time.Now()
@@ -359,8 +433,9 @@ func (run *failoverRun) report() []failoverReport {
 				deadEdge[h] = true
 			}
 		}
-		var firstTouch, lastTouch time.Duration
+		var firstTouch, lastTouch, lastOnIt time.Duration
 		touches := 0
+		onIt := map[string]bool{}
 		for _, a := range failedAttempts {
 			if a.at.Before(f.at) || !a.at.Before(end) || !f.machines[a.machine] || deadEdge[a.edge] {
 				continue
@@ -370,12 +445,40 @@ func (run *failoverRun) report() []failoverReport {
 			}
 			touches++
 			lastTouch = max(lastTouch, a.at.Sub(f.at))
+			// The request it was an attempt of: when its client sent it (a
+			// request no client recorded counts when it failed over, the
+			// latest it can have been sent).
+			at, known := sent[a.request]
+			if !known {
+				at = a.at
+			}
+			if !at.Before(f.at) {
+				onIt[a.request] = true
+				lastOnIt = max(lastOnIt, at.Sub(f.at))
+			}
 			if run.verbose != nil {
-				run.verbose("%s: +%v at the %s edge: %s on %s: %s", f.name, a.at.Sub(f.at).Round(time.Millisecond), a.edge, a.machine, a.host, a.err)
+				run.verbose("%s: +%v at the %s edge: request %s (sent %+v) on %s on %s: %s", f.name, a.at.Sub(f.at).Round(time.Millisecond),
+					a.edge, a.request, at.Sub(f.at).Round(time.Millisecond), a.machine, a.host, a.err)
 			}
 		}
+		if run.verbose != nil && run.tables != nil {
+			run.tables.mu.Lock()
+			for k, at := range run.tables.gone {
+				if f.machines[k[1]] && !at.Before(f.at) && at.Before(end) {
+					run.verbose("%s: +%v at the %s edge: machine %s out of its route table", f.name, at.Sub(f.at).Round(time.Millisecond), k[0], k[1])
+				}
+			}
+			for k, v := range run.tables.host {
+				if slices.Contains(f.hosts, k[1]) {
+					run.verbose("%s: at the %s edge, host %s suspect at %+v, dead at %+v", f.name, k[0], k[1],
+						v.suspect.Sub(f.at).Round(time.Millisecond), v.dead.Sub(f.at).Round(time.Millisecond))
+				}
+			}
+			run.tables.mu.Unlock()
+		}
 		for _, lc := range f.clients {
-			r := failoverReport{fault: f.name, client: lc.name, firstTouch: firstTouch, lastTouch: lastTouch, touches: touches}
+			r := failoverReport{fault: f.name, client: lc.name, firstTouch: firstTouch, lastTouch: lastTouch, touches: touches,
+				onIt: len(onIt), lastOnIt: lastOnIt}
 			// A request still in flight when the next fault comes is the
 			// next fault's.
 			ss := lc.all()
@@ -401,12 +504,13 @@ func formatReport(rs []failoverReport) string {
 		return strconv.FormatFloat(float64(d)/float64(time.Millisecond), 'f', 1, 64)
 	}
 	pq := func(p [2]time.Duration) string { return ms(p[0]) + " / " + ms(p[1]) }
-	fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", "fault", "client", "requests", "failed",
-		"failed attempts on it", "first touch ms", "last touch ms", "before p50 / p99 ms", "during p50 / p99 ms", "after p50 / p99 ms")
-	b.WriteString("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+	fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", "fault", "client", "requests", "failed",
+		"failed attempts on it", "first touch ms", "last touch ms", "requests sent after it that tried it", "last of them sent ms",
+		"before p50 / p99 ms", "during p50 / p99 ms", "after p50 / p99 ms")
+	b.WriteString("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, r := range rs {
-		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %s | %s | %s | %s | %s |\n", r.fault, r.client, r.requests, r.failed,
-			r.touches, ms(r.firstTouch), ms(r.lastTouch), pq(r.before), pq(r.during), pq(r.after))
+		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %s | %s | %d | %s | %s | %s | %s |\n", r.fault, r.client, r.requests, r.failed,
+			r.touches, ms(r.firstTouch), ms(r.lastTouch), r.onIt, ms(r.lastOnIt), pq(r.before), pq(r.during), pq(r.after))
 	}
 	return b.String()
 }
@@ -432,7 +536,7 @@ func TestFailoverUnderLoad(t *testing.T) {
 func BenchmarkFailover(b *testing.B) {
 	for range b.N {
 	}
-	run := runFailover(b, failoverOpts{rate: 300, concurrency: 32, work: 5 * time.Millisecond, phase: 5 * time.Second})
+	run := runFailover(b, failoverOpts{rate: 300, concurrency: 96, work: 5 * time.Millisecond, phase: 5 * time.Second})
 	run.check(b)
 	rs := run.report()
 	fmt.Printf("\n%s", formatReport(rs))
@@ -440,6 +544,7 @@ func BenchmarkFailover(b *testing.B) {
 		for _, r := range rs {
 			if r.fault == f.name {
 				b.ReportMetric(float64(r.lastTouch)/float64(time.Millisecond), fmt.Sprintf("ms-last-touch-%d", i+1))
+				b.ReportMetric(float64(r.lastOnIt)/float64(time.Millisecond), fmt.Sprintf("ms-elsewhere-%d", i+1))
 				break
 			}
 		}

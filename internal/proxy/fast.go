@@ -96,7 +96,7 @@ func (fc *fastConn) forward(body []byte) action {
 			fc.fail(http.StatusGatewayTimeout, codeTimeout, reason, req.close)
 			return actKeep
 		}
-		p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "err", err)
+		p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "request_id", string(fc.id[:fc.idLen]), "err", err)
 		tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
 	}
 	reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))

@@ -386,7 +386,7 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 				p.fail(w, reqID, http.StatusGatewayTimeout, codeTimeout, reason)
 				return nil, nil, nil
 			}
-			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "err", err)
+			p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "request_id", reqID, "err", err)
 			tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
 			continue
 		}
