@@ -402,8 +402,8 @@ type failoverReport struct {
 	// onIt counts the requests sent at or after the fault that tried a
 	// dead target first; lastOnIt is when the last of them was sent: from
 	// then on every request was served elsewhere without trying one.
-	onIt     int
-	lastOnIt time.Duration
+	onIt                  int
+	lastOnIt              time.Duration
 	before, during, after [2]time.Duration
 }
 
