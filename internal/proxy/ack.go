@@ -106,6 +106,12 @@ type ackWatch struct {
 	timer  *time.Timer
 	cancel context.CancelFunc
 	err    *silentError
+	// sus makes the host suspect when no word came in time (suspect.go);
+	// rtt is the host's round trip, heard what clears a suspicion.
+	sus     *time.Timer
+	suspect func()
+	rtt     time.Duration
+	heard   func()
 	// wait is the attempt among those on its host (silence.go).
 	wait    *hostWaiter
 	waiters *hostWaiters
@@ -122,7 +128,10 @@ const (
 // budget, counted from when the request's headers were written.
 func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context, *ackWatch) {
 	ctx, cancel := context.WithCancel(ctx)
-	a := &ackWatch{cancel: cancel, err: &silentError{host: tg.Host, budget: p.ackBudget(tg)}, waiters: &p.waiters}
+	host := tg.Host
+	a := &ackWatch{cancel: cancel, err: &silentError{host: host, budget: p.ackBudget(tg)}, waiters: &p.waiters, rtt: tg.RTT,
+		suspect: func() { p.suspectHost(host, "an attempt heard nothing from it for a round trip") },
+		heard:   func() { p.suspicion.heard(host) }}
 	a.wait = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, a.err.budget), a.giveUp)
 	trace := &httptrace.ClientTrace{
 		WroteHeaders: func() {
@@ -130,11 +139,15 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 			defer a.mu.Unlock()
 			if a.state == ackWaiting && a.timer == nil {
 				a.timer = time.AfterFunc(a.err.budget, a.expire)
+				if d := suspectAfter(a.rtt); d > 0 {
+					a.sus = time.AfterFunc(d, a.suspect)
+				}
 			}
 		},
 		Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
 			if code == http.StatusProcessing {
 				a.wait.hear()
+				a.heard()
 				a.acked()
 			}
 			return nil
@@ -172,6 +185,16 @@ func (a *ackWatch) acked() {
 		a.timer.Stop()
 	}
 	a.timer = time.AfterFunc(a.err.budget+ackInterval, a.expire)
+	if a.sus != nil {
+		a.sus.Reset(suspectBetweenAcks(a.rtt))
+	}
+}
+
+// stopSuspect stops the suspicion timer; under a.mu.
+func (a *ackWatch) stopSuspect() {
+	if a.sus != nil {
+		a.sus.Stop()
+	}
 }
 
 // done records the answer; false when the attempt was already given up as
@@ -180,6 +203,7 @@ func (a *ackWatch) done() bool {
 	a.waiters.stop(a.wait)
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.stopSuspect()
 	if a.state == ackWaiting {
 		a.state = ackDone
 		if a.timer != nil {
@@ -195,6 +219,7 @@ func (a *ackWatch) failed(err error) error {
 	a.waiters.stop(a.wait)
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.stopSuspect()
 	if a.timer != nil {
 		a.timer.Stop()
 	}

@@ -335,6 +335,7 @@ func (p *Proxy) release(tg *route.Target, probe bool) {
 // host close, and its region counts a success.
 func (p *Proxy) succeeded(tg *route.Target) {
 	p.strikes.reset(tg.MachineID, tg.Host)
+	p.suspicion.heard(tg.Host)
 	p.regions.record(tg.App, tg.Region, false)
 }
 
@@ -349,10 +350,7 @@ func (p *Proxy) strike(tg *route.Target, err error) {
 	switch {
 	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded),
 		!tg.OnSelf && errors.As(err, &se):
-		if p.strikes.fail("", tg.Host, weightConnect) {
-			p.probes.kick()           // the host's probe is scheduled
-			p.waiters.silent(tg.Host) // and the attempts still waiting on it give up (silence.go)
-		}
+		p.foundSilent(tg.Host) // its breaker opens; its region-mates are suspect (suspect.go)
 	case errors.As(err, &ce), errors.Is(err, errNotReached):
 		p.strikes.fail(tg.MachineID, tg.Host, weightConnect)
 	default:
@@ -376,7 +374,11 @@ var (
 
 func (r routeInput) InFlight(id string) int { return r.p.load.InFlight(id) }
 
-func (r routeInput) Demoted(id, host string) bool { return r.p.strikes.demoted(id, host) }
+// Demoted: an open breaker's machine or host, or a suspect host
+// (suspect.go), ranks after every other candidate.
+func (r routeInput) Demoted(id, host string) bool {
+	return r.p.strikes.demoted(id, host) || r.p.suspicion.has(host)
+}
 
 func (r routeInput) Shed(app, region string, rand uint64) bool {
 	return r.p.regions.shed(app, region, rand)

@@ -248,10 +248,14 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	// cancels its request the same way).
 	check := now.Add(min(timeout, clientCheckAfter))
 	var ackDue time.Time    // when the far host's next acknowledgement is due
+	var suspectAt time.Time // when the host is suspect without it (suspect.go)
 	var gaveUp *atomic.Bool // the host was found silent meanwhile (silence.go)
 	var hw *hostWaiter
 	if ack > 0 {
 		ackDue = now.Add(ack)
+		if d := suspectAfter(tg.RTT); d > 0 {
+			suspectAt = now.Add(d)
+		}
 		p, flag, c := fc.e.p, new(atomic.Bool), uc.c
 		gaveUp = flag
 		hw = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, ack), func() {
@@ -271,6 +275,9 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 		}
 		if !ackDue.IsZero() && ackDue.Before(t) {
 			t = ackDue
+		}
+		if !suspectAt.IsZero() && suspectAt.Before(t) {
+			t = suspectAt
 		}
 		return t
 	}
@@ -303,7 +310,12 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 				uc.r += fc.resp.headLen // an interim answer (103): not passed on, as net/http does
 				if !ackDue.IsZero() && fc.resp.status == http.StatusProcessing {
 					hw.hear()
-					ackDue = time.Now().Add(ack + ackInterval) // the far host's acknowledgement
+					fc.e.p.suspicion.heard(tg.Host)
+					now := time.Now()
+					ackDue = now.Add(ack + ackInterval) // the far host's acknowledgement
+					if d := suspectBetweenAcks(tg.RTT); d > 0 {
+						suspectAt = now.Add(d)
+					}
 					uc.dl.read(uc.c, readBy(), 0)
 				}
 				continue
@@ -329,6 +341,10 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 					return err
 				}
 				now := time.Now()
+				if !suspectAt.IsZero() && !now.Before(suspectAt) {
+					suspectAt = time.Time{}
+					fc.e.p.suspectHost(tg.Host, "an attempt heard nothing from it for a round trip")
+				}
 				if !ackDue.IsZero() && (!now.Before(ackDue) || gaveUp.Load()) {
 					return &silentError{host: tg.Host, budget: ack}
 				}

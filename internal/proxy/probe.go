@@ -75,7 +75,7 @@ func (p *Proxy) runProbes(ctx context.Context) {
 	defer wg.Wait()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	var due []string
+	var due, sus []string
 	for {
 		now := p.cfg.Now()
 		var next time.Time
@@ -102,6 +102,31 @@ func (p *Proxy) runProbes(ctx context.Context) {
 					done <- host
 				}()
 			}
+		}
+		// Suspect hosts (suspect.go), probed once each: the answer clears
+		// the suspicion, silence is the verdict.
+		sus = p.suspicion.dueProbes(maxProbes-len(running), running, sus[:0])
+		for _, host := range sus {
+			h, known := st.hosts[host]
+			addr := st.backhaul[host]
+			if !known || h.Status == route.HostDown || addr == "" {
+				p.suspicion.heard(host) // the route table sends it nothing anyway
+				continue
+			}
+			running[host] = true
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := p.probeHost(ctx, host, addr, h.RTT)
+				if ctx.Err() == nil {
+					if err != nil {
+						p.foundSilent(host)
+					}
+					p.suspicion.heard(host)
+					p.log.Debug("suspect host probed", "host", host, "err", err)
+				}
+				done <- host
+			}()
 		}
 		var tick <-chan time.Time
 		if !next.IsZero() || len(running) > 0 {

@@ -217,7 +217,9 @@ type Proxy struct {
 	probes  *prober   // of hosts whose breakers are open (probe.go)
 	toProbe *http.Transport
 	waiters hostWaiters // attempts waiting on other hosts (silence.go)
-	regions regionBreakers
+	// suspicion holds the hosts this edge suspects (suspect.go).
+	suspicion suspects
+	regions   regionBreakers
 	// buffered is what request bodies may still take of MaxBufferedTotal.
 	buffered byteBudget
 	seq      atomic.Uint64

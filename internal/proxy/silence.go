@@ -29,13 +29,21 @@ import (
 // dialWaiting dials tg's host, given up with the host when it is found
 // silent.
 func (p *Proxy) dialWaiting(tg *route.Target) DialFunc {
-	host, quiet := tg.Host, p.quietFor(tg.RTT, p.connectBudget(tg))
+	host, quiet, rtt := tg.Host, p.quietFor(tg.RTT, p.connectBudget(tg)), tg.RTT
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		ctx, cancel := context.WithCancelCause(ctx)
 		defer cancel(nil)
 		silent := &silentError{host: host, found: true}
 		w := p.waiters.wait(host, quiet, func() { cancel(silent) })
+		// A connect is answered in a round trip (suspect.go).
+		sus := p.suspectTimer(host, suspectAfter(rtt), "a connect to it heard nothing for a round trip")
 		c, err := p.cfg.Dial(ctx, network, addr)
+		if sus != nil {
+			sus.Stop()
+		}
+		if err == nil {
+			p.suspicion.heard(host)
+		}
 		p.waiters.stop(w)
 		if err != nil && context.Cause(ctx) == error(silent) {
 			return nil, silent

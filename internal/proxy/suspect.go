@@ -1,0 +1,198 @@
+package proxy
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Suspect hosts: this edge's doubt, sooner than its verdict.
+//
+// A host is found silent (breaker.go) when an attempt's whole budget runs
+// out: 50 ms plus two round trips for an acknowledgement, 250 ms plus three
+// for a connect. The budgets are generous because the verdict moves the
+// requests already sent and opens the host's breaker; but until it comes,
+// every new request the edge sends the host meets the same silence. So
+// the edge suspects a host long before it condemns it: an attempt on
+// another host that has heard nothing from it one round trip plus a slack
+// (suspectAfter) after its request was written or its connect began — a
+// healthy host acknowledges at once (ack.go) — makes the host suspect,
+// and so does a gap of two acknowledgement intervals plus the slack
+// between two acknowledgements of one request.
+//
+// A suspect host is deprioritised, never refused: its machines rank after
+// every other candidate (routeInput.Demoted), so a request still goes there
+// when nothing else is left, and the attempts already waiting on it keep
+// their budgets — a slow host loses its place in the order for a moment,
+// not a request. Any word from it clears the suspicion (an
+// acknowledgement, an answer, a connect), and the proxy probes a suspect
+// host at once, off the request path (probe.go): the probe's answer clears
+// it; a probe that hears nothing within the budgets of a request is the
+// silent verdict, and the host's breaker opens.
+//
+// A host found silent makes the other hosts of its region suspect (never
+// the edge's own host): the hosts of a region die together when the region
+// does, and a request moved from one of them to a region-mate would meet
+// the same silence. Each is probed at once, and a region-mate that answers
+// is back in its place a round trip or two later.
+
+// suspectSlack is what a healthy host's first word may take beyond the
+// measured round trip: the far proxy acknowledges before doing anything
+// else, so this is scheduling on both ends, which the measured round
+// trip (taken by the same busy hosts) partly holds already.
+const (
+	suspectSlackMin = 10 * time.Millisecond
+	suspectSlackDiv = 8 // and an eighth of the round trip
+)
+
+// suspectAfter is how long an attempt on a host with round trip rtt waits
+// for the host's first word before the host is suspect; zero when the
+// round trip is unknown (the host is then never suspected early).
+func suspectAfter(rtt time.Duration) time.Duration {
+	if rtt <= 0 {
+		return 0
+	}
+	return rtt + suspectSlackMin + rtt/suspectSlackDiv
+}
+
+// suspectBetweenAcks is the longest gap between two acknowledgements of
+// one request before its host is suspect (zero: never).
+func suspectBetweenAcks(rtt time.Duration) time.Duration {
+	if rtt <= 0 {
+		return 0
+	}
+	return 2*ackInterval + suspectSlackMin + rtt/suspectSlackDiv
+}
+
+// maxSuspects bounds the hosts suspected at once.
+const maxSuspects = 1 << 12
+
+// suspects are the hosts this edge suspects.
+type suspects struct {
+	n  atomic.Int32 // hosts suspect: zero is the fast path
+	mu sync.Mutex
+	m  map[string]*suspicion
+}
+
+// suspicion is one suspect host.
+type suspicion struct {
+	probing bool // the proxy's probe of it is out
+}
+
+// suspect makes host suspect and reports whether it was not already.
+func (s *suspects) suspect(host string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[string]*suspicion{}
+	}
+	if s.m[host] != nil || len(s.m) >= maxSuspects {
+		return false
+	}
+	s.m[host] = &suspicion{}
+	s.n.Add(1)
+	return true
+}
+
+// heard clears a suspicion: the host was heard from.
+func (s *suspects) heard(host string) {
+	if s.n.Load() == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m[host] != nil {
+		delete(s.m, host)
+		s.n.Add(-1)
+	}
+}
+
+// has reports whether host is suspect.
+func (s *suspects) has(host string) bool {
+	if s.n.Load() == 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m[host] != nil
+}
+
+// dueProbes appends to out at most limit suspect hosts not probed yet (and
+// not probed for a breaker: running), marking them probed.
+func (s *suspects) dueProbes(limit int, running map[string]bool, out []string) []string {
+	if s.n.Load() == 0 {
+		return out
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for host, sp := range s.m {
+		if len(out) >= limit {
+			break
+		}
+		if !sp.probing && !running[host] {
+			sp.probing = true
+			out = append(out, host)
+		}
+	}
+	return out
+}
+
+// pending reports whether a suspect host waits for its probe.
+func (s *suspects) pending() bool {
+	if s.n.Load() == 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sp := range s.m {
+		if !sp.probing {
+			return true
+		}
+	}
+	return false
+}
+
+// suspectHost makes a host suspect, as an attempt on it found (why), and
+// has the proxy probe it.
+func (p *Proxy) suspectHost(host, why string) {
+	if host == p.cfg.HostID {
+		return
+	}
+	if p.suspicion.suspect(host) {
+		p.log.Debug("host suspect", "host", host, "why", why)
+		p.probes.kick()
+	}
+}
+
+// foundSilent records the verdict on a host an attempt or a probe found
+// silent: its breaker opens (once: true when it did now), the attempts
+// still waiting on it give up (silence.go), and the other hosts of its
+// region are suspect.
+func (p *Proxy) foundSilent(host string) bool {
+	if !p.strikes.fail("", host, weightConnect) {
+		return false
+	}
+	p.suspicion.heard(host) // the breaker governs it now
+	p.probes.kick()         // the host's probe is scheduled
+	p.waiters.silent(host)  // the attempts still waiting on it give up
+	st := p.state.Load()
+	region := st.hosts[host].Region
+	if region == "" {
+		return true
+	}
+	for id, h := range st.hosts {
+		if h.Region == region && id != host && id != p.cfg.HostID {
+			p.suspectHost(id, "a host of its region, "+host+", was found silent")
+		}
+	}
+	return true
+}
+
+// suspectTimer makes host suspect when it fires; nil when the round trip
+// is unknown. Stop it once the host was heard from.
+func (p *Proxy) suspectTimer(host string, after time.Duration, why string) *time.Timer {
+	if after <= 0 {
+		return nil
+	}
+	return time.AfterFunc(after, func() { p.suspectHost(host, why) })
+}

@@ -1,0 +1,237 @@
+package proxy
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/proxy/route"
+)
+
+// attemptRecorder keeps the request ids of the edge's failed attempts by
+// host (its "candidate failed" records) and passes every record on.
+type attemptRecorder struct {
+	next  slog.Handler
+	mu    *sync.Mutex
+	tried map[string][]string // host → request ids
+}
+
+func newAttemptRecorder(next slog.Handler) *attemptRecorder {
+	return &attemptRecorder{next: next, mu: new(sync.Mutex), tried: map[string][]string{}}
+}
+
+func (h *attemptRecorder) Enabled(ctx context.Context, l slog.Level) bool { return true }
+
+func (h *attemptRecorder) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == "candidate failed" {
+		var host, id string
+		r.Attrs(func(a slog.Attr) bool {
+			switch a.Key {
+			case "host":
+				host = a.Value.String()
+			case "request_id":
+				id = a.Value.String()
+			}
+			return true
+		})
+		h.mu.Lock()
+		h.tried[host] = append(h.tried[host], id)
+		h.mu.Unlock()
+	}
+	return h.next.Handle(ctx, r)
+}
+
+func (h *attemptRecorder) WithAttrs(as []slog.Attr) slog.Handler {
+	return &attemptRecorder{next: h.next.WithAttrs(as), mu: h.mu, tried: h.tried}
+}
+
+func (h *attemptRecorder) WithGroup(g string) slog.Handler {
+	return &attemptRecorder{next: h.next.WithGroup(g), mu: h.mu, tried: h.tried}
+}
+
+func (h *attemptRecorder) triedOn(host, id string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Contains(h.tried[host], id)
+}
+
+// TestSilentHostSuspectedBeforeItsVerdict: fra-1 dies silent, 100 ms from
+// the edge each way. A request that meets it waits its acknowledgement
+// budget (50 ms plus two round trips: 450 ms) before the verdict; but the
+// edge suspects fra-1 one round trip and a slack after that request was
+// written, and a request sent then, preferring fra-1's machine, goes
+// elsewhere without trying it (it would otherwise wait with the first for
+// the verdict). Once the verdict opens fra-1's breaker, fra-1's
+// region-mate fra-2 is suspect too, probed, and — alive — cleared,
+// its breaker never opened.
+func TestSilentHostSuspectedBeforeItsVerdict(t *testing.T) {
+	const oneWay = 100 * time.Millisecond
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration {
+		if from[:3] == to[:3] {
+			return 0
+		}
+		return oneWay
+	}})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "fra-1", "fra-2"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bh := map[string]string{}
+	far := map[string]*Proxy{}
+	for _, h := range []string{"fra-1", "fra-2"} {
+		ln, err := n.Listen(h, 4380)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bh[h] = ln.Addr().String()
+		far[h] = startProxy(t, Config{HostID: h, Backhaul: ln, Dial: n.DialerFrom(h)})
+	}
+	hosts := []route.Host{
+		{ID: "ams-1", Region: "ams", Status: route.HostAlive},
+		{ID: "fra-1", Region: "fra", Status: route.HostAlive, RTT: 2 * oneWay},
+		{ID: "fra-2", Region: "fra", Status: route.HostAlive, RTT: 2 * oneWay},
+	}
+	m1, m2, local := startBackend(t, "m-fra1"), startBackend(t, "m-fra2"), startBackend(t, "m-ams")
+	ms := []route.Machine{machine("m-fra1", "fra-1", m1.addr), machine("m-fra2", "fra-2", m2.addr), machine("m-ams", "ams-1", local.addr)}
+	rec := newAttemptRecorder(testLogger(t).Handler())
+	edge := startProxy(t, Config{HostID: "ams-1", Dial: n.DialerFrom("ams-1"), Logger: slog.New(rec)})
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: hosts, Machines: ms}, bh)
+	for h, p := range far {
+		p.setState(route.Facts{Self: h, Region: "fra", Hosts: hosts, Machines: ms}, bh)
+	}
+	client := &http.Client{Timeout: 30 * time.Second}
+	prefer := map[string]string{"Fly-Prefer-Instance-Id": "m-fra1"}
+	type answer struct {
+		status      int
+		machine, id string
+	}
+	ask := func() answer {
+		resp, body := get(t, client, edge.EdgeAddr(), "demo.localhost", prefer)
+		a := answer{status: resp.StatusCode, id: resp.Header.Get("Fly-Request-Id")}
+		if a.status == 200 {
+			a.machine = decode(t, body).Machine
+		}
+		return a
+	}
+	// Warm: fra-1 answers, and the edge pools a connection to it.
+	if a := ask(); a.status != 200 || a.machine != "m-fra1" {
+		t.Fatalf("before fra-1 dies: %+v, want 200 from m-fra1", a)
+	}
+
+	n.Kill("fra-1")
+	first := make(chan answer, 1)
+	go func() { first <- ask() }()
+	waitFor(t, "fra-1 suspect or its breaker open", func() bool {
+		_, st := edge.strikes.states("", "fra-1")
+		return edge.suspicion.has("fra-1") || st != stateClosed
+	})
+	if _, st := edge.strikes.states("", "fra-1"); st != stateClosed {
+		t.Fatalf("fra-1's breaker %v before it was seen suspect: the verdict came first", st)
+	}
+	second := ask()
+	if second.status != 200 || second.machine == "m-fra1" {
+		t.Fatalf("request sent while fra-1 was suspect: %+v", second)
+	}
+	if rec.triedOn("fra-1", second.id) {
+		t.Errorf("request %s sent while fra-1 was suspect tried fra-1 first", second.id)
+	}
+	if a := <-first; a.status != 200 || a.machine == "m-fra1" {
+		t.Fatalf("request in flight when fra-1 died: %+v", a)
+	}
+	if rec.mu.Lock(); len(rec.tried["fra-1"]) == 0 {
+		t.Error("the request that met fra-1 recorded no failed attempt on it")
+	}
+	rec.mu.Unlock()
+
+	// The verdict: fra-1's breaker opens; its region-mate is suspect
+	// until its probe answers, and is never condemned.
+	waitHostBreaker(t, edge, "fra-1", stateOpen)
+	saw := false
+	waitFor(t, "fra-2 suspect, then cleared by its probe", func() bool {
+		saw = saw || edge.suspicion.has("fra-2")
+		return saw && !edge.suspicion.has("fra-2")
+	})
+	if _, st := edge.strikes.states("", "fra-2"); st != stateClosed {
+		t.Errorf("fra-2, alive, has its breaker %v", st)
+	}
+	prefer = map[string]string{"Fly-Prefer-Instance-Id": "m-fra2"}
+	if resp, body := get(t, client, edge.EdgeAddr(), "demo.localhost", prefer); resp.StatusCode != 200 || decode(t, body).Machine != "m-fra2" {
+		t.Errorf("fra-2 after its probe answered: %d %s, want 200 from m-fra2", resp.StatusCode, body)
+	}
+}
+
+// TestSlowHostSuspectedNotCondemned: a live host whose round trip is far
+// longer than the edge measured (20 ms measured, 60 ms real) is suspect
+// while each request waits for its acknowledgement, but it is heard from
+// before any budget runs out: every request preferring its machine is
+// answered by it, none moves, its breaker never opens, and no suspicion
+// is left once the requests are answered.
+func TestSlowHostSuspectedNotCondemned(t *testing.T) {
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return 30 * time.Millisecond }})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "fra-1"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ln, err := n.Listen("fra-1", 4380)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bh := map[string]string{"fra-1": ln.Addr().String()}
+	hosts := []route.Host{
+		{ID: "ams-1", Region: "ams", Status: route.HostAlive},
+		{ID: "fra-1", Region: "fra", Status: route.HostAlive, RTT: 20 * time.Millisecond},
+	}
+	mf, local := startBackend(t, "m-fra"), startBackend(t, "m-ams")
+	ms := []route.Machine{machine("m-fra", "fra-1", mf.addr), machine("m-ams", "ams-1", local.addr)}
+	// A budget no scheduling delay reaches: what is tested is that
+	// suspicion alone moves nothing.
+	edge := startProxy(t, Config{HostID: "ams-1", Dial: n.DialerFrom("ams-1"), AckTimeout: 5 * time.Second, ConnectTimeout: 10 * time.Second})
+	fp := startProxy(t, Config{HostID: "fra-1", Backhaul: ln, Dial: n.DialerFrom("fra-1")})
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: hosts, Machines: ms}, bh)
+	fp.setState(route.Facts{Self: "fra-1", Region: "fra", Hosts: hosts, Machines: ms}, bh)
+	client := &http.Client{Timeout: 30 * time.Second}
+	prefer := map[string]string{"Fly-Prefer-Instance-Id": "m-fra"}
+	suspected := false
+	stop := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			if edge.suspicion.has("fra-1") {
+				suspected = true
+			}
+		}
+	}()
+	for i := range 5 {
+		resp, body := get(t, client, edge.EdgeAddr(), "demo.localhost", prefer)
+		if resp.StatusCode != 200 || decode(t, body).Machine != "m-fra" {
+			t.Fatalf("request %d: %d %s, want 200 from m-fra", i, resp.StatusCode, body)
+		}
+	}
+	close(stop)
+	<-watched
+	if !suspected {
+		t.Error("fra-1 was never suspect, though each acknowledgement came two round trips late")
+	}
+	if _, st := edge.strikes.states("", "fra-1"); st != stateClosed {
+		t.Errorf("fra-1's breaker %v", st)
+	}
+	waitFor(t, "fra-1's suspicion cleared", func() bool { return !edge.suspicion.has("fra-1") })
+	if mf.hits.Load() != 5 {
+		t.Errorf("m-fra took %d requests, want 5", mf.hits.Load())
+	}
+}
