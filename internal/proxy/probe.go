@@ -105,7 +105,7 @@ func (p *Proxy) runProbes(ctx context.Context) {
 		}
 		// Suspect hosts (suspect.go), probed once each: the answer clears
 		// the suspicion, silence is the verdict.
-		sus = p.suspicion.dueProbes(maxProbes-len(running), running, sus[:0])
+		sus = p.suspicion.dueProbes(maxProbes-len(running), running, p.waiters.waiting, sus[:0])
 		for _, host := range sus {
 			h, known := st.hosts[host]
 			addr := st.backhaul[host]
@@ -129,7 +129,7 @@ func (p *Proxy) runProbes(ctx context.Context) {
 			}()
 		}
 		var tick <-chan time.Time
-		if !next.IsZero() || len(running) > 0 {
+		if !next.IsZero() || len(running) > 0 || p.suspicion.pending() {
 			wait := probePoll
 			if !next.IsZero() {
 				wait = min(max(next.Sub(now), time.Millisecond), probePoll)

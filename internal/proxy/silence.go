@@ -110,6 +110,13 @@ func (s *hostWaiters) stop(w *hostWaiter) {
 	}
 }
 
+// waiting reports whether an attempt waits on host.
+func (s *hostWaiters) waiting(host string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m[host]) > 0
+}
+
 // silent gives up the attempts on host that heard nothing from it for
 // longer than their quiet, and returns how many.
 func (s *hostWaiters) silent(host string) int {

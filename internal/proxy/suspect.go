@@ -26,9 +26,10 @@ import (
 // their budgets — a slow host loses its place in the order for a moment,
 // not a request. Any word from it clears the suspicion (an
 // acknowledgement, an answer, a connect), and the proxy probes a suspect
-// host at once, off the request path (probe.go): the probe's answer clears
-// it; a probe that hears nothing within the budgets of a request is the
-// silent verdict, and the host's breaker opens.
+// host off the request path (probe.go) as soon as no attempt waits on it
+// (while one does, its word or its verdict will tell): the probe's answer
+// clears the suspicion; a probe that hears nothing within the budgets of a
+// request is the silent verdict, and the host's breaker opens.
 //
 // A host found silent makes the other hosts of its region suspect (never
 // the edge's own host): the hosts of a region die together when the region
@@ -118,8 +119,9 @@ func (s *suspects) has(host string) bool {
 }
 
 // dueProbes appends to out at most limit suspect hosts not probed yet (and
-// not probed for a breaker: running), marking them probed.
-func (s *suspects) dueProbes(limit int, running map[string]bool, out []string) []string {
+// not probed for a breaker: running) on which no attempt waits (its word
+// or its verdict will tell), marking them probed.
+func (s *suspects) dueProbes(limit int, running map[string]bool, waiting func(host string) bool, out []string) []string {
 	if s.n.Load() == 0 {
 		return out
 	}
@@ -129,7 +131,7 @@ func (s *suspects) dueProbes(limit int, running map[string]bool, out []string) [
 		if len(out) >= limit {
 			break
 		}
-		if !sp.probing && !running[host] {
+		if !sp.probing && !running[host] && !waiting(host) {
 			sp.probing = true
 			out = append(out, host)
 		}
