@@ -36,6 +36,8 @@ type benchFailoverFlags struct {
 	fault, clientRegion     string
 	rate, concurrency       int
 	duration, work, restore time.Duration
+	// standbys, when not -1, is declared for the group before the load.
+	standbys int
 }
 
 func newBenchCmd() *cobra.Command {
@@ -68,6 +70,12 @@ what the client saw:
   the time until the control plane's reconciler had the group's declared
     counts running again in the remaining regions (if the app has one).
 
+--standbys N declares N warm standbys per region for the group first (and
+waits until they are ready), so the reconciler restores a lost machine by
+starting one: with --fault "kill-host <host>" of a host running one of the
+group's machines, the report gives the time until the declared counts were
+restored from them.
+
 --fault picks another fault: kill-region <region>, kill-host <host>,
 kill-machine <machine-id> (of --app), or kill-control-plane (traffic is
 then served from cluster state alone; the target is 0 failed requests).
@@ -90,6 +98,7 @@ chaos restart-control-plane). Progress goes to stderr.`,
 	fs.DurationVar(&f.duration, "duration", 5*time.Second, "load before the fault, and again after it ("+minBenchDuration.String()+" to "+maxBenchDuration.String()+")")
 	fs.DurationVar(&f.work, "work", 5*time.Millisecond, "each request's work on its machine (the demo's ?delay), 0 to "+maxBenchWork.String())
 	fs.DurationVar(&f.restore, "restore-timeout", 30*time.Second, "how long to wait for the declared counts after the load, up to "+maxRestoreTimeout.String())
+	fs.IntVar(&f.standbys, "standbys", -1, "declare this many warm standbys per region for the group before the load (default: as declared)")
 	return c
 }
 
@@ -131,6 +140,8 @@ func (f benchFailoverFlags) validate() (benchFault, error) {
 		return benchFault{}, fmt.Errorf("--work %v: want 0 to %v", f.work, maxBenchWork)
 	case f.restore < 0 || f.restore > maxRestoreTimeout:
 		return benchFault{}, fmt.Errorf("--restore-timeout %v: want 0 to %v", f.restore, maxRestoreTimeout)
+	case f.standbys < -1:
+		return benchFault{}, fmt.Errorf("--standbys %d: want 0 or more", f.standbys)
 	case !strings.HasPrefix(f.global, "http://"):
 		return benchFault{}, fmt.Errorf("--global %q: want http://host:port", f.global)
 	case !validLabel(f.app):
@@ -186,6 +197,8 @@ type declaredFigure struct {
 	// Group is app/group; empty when the app declares no counts.
 	Group   string         `json:"group,omitempty"`
 	Regions map[string]int `json:"regions,omitempty"` // declared, per region
+	// Standbys are the warm standbys declared per region.
+	Standbys int `json:"standbys"`
 	// Remaining are the regions the counts are watched in: all but a killed one.
 	Remaining []string `json:"remaining,omitempty"`
 	// FellShort is whether the control plane saw fewer running than
@@ -268,13 +281,21 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 	if group != nil && len(group.Regions) == 0 {
 		group = nil
 	}
+	if f.standbys >= 0 {
+		if group == nil {
+			return fmt.Errorf("--standbys %d: app %s declares no group %q", f.standbys, f.app, f.group)
+		}
+		if group, err = declareStandbys(ctx, plane, f.app, group, f.standbys, f.restore, progress); err != nil {
+			return err
+		}
+	}
 	if fault.action == "kill-control-plane" {
 		// Its reconciler is what would restore the counts: nothing to
 		// watch while it is down.
 		group, decl.Note = nil, "the control plane is down: no reconciler to watch"
 	}
 	if group != nil {
-		decl.Group, decl.Regions = f.app+"/"+f.group, group.Regions
+		decl.Group, decl.Regions, decl.Standbys = f.app+"/"+f.group, group.Regions, group.Standbys
 		for _, r := range slices.Sorted(maps.Keys(group.Regions)) {
 			if r != killedRegion && group.Regions[r] > 0 {
 				decl.Remaining = append(decl.Remaining, r)
@@ -369,6 +390,48 @@ func runBenchFailover(c *cobra.Command, f benchFailoverFlags) error {
 	return printFailoverReport(c.OutOrStdout(), r, f.chaos.json)
 }
 
+// declareStandbys declares n standbys per region for the group (unless it
+// has them) and waits, up to wait, until each of its regions runs its
+// declared count with n standbys ready.
+func declareStandbys(ctx context.Context, plane *api.Client, app string, g *api.Group, n int, wait time.Duration, progress func(string, ...any)) (*api.Group, error) {
+	if g.Standbys != n {
+		in := api.Group{Name: g.Name, Config: g.Config, Regions: g.Regions, Standbys: n, Spill: g.Spill}
+		if _, err := plane.PutGroup(ctx, app, in); err != nil {
+			return nil, fmt.Errorf("declare %d standbys for %s/%s: %w", n, app, g.Name, err)
+		}
+	}
+	progress("waiting for %s/%s's machines and %d standbys per region (up to %v)", app, g.Name, n, wait)
+	deadline := time.Now().Add(wait)
+	for {
+		got, err := plane.GetGroup(ctx, app, g.Name)
+		if err != nil {
+			return nil, fmt.Errorf("read group %s/%s: %w", app, g.Name, err)
+		}
+		ready := true
+		for r, want := range got.Regions {
+			if want > 0 && (got.Running[r] < want || got.Ready[r] < n) {
+				ready = false
+			}
+		}
+		if ready {
+			return got, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("group %s/%s: its machines and %d standbys per region not ready within %v (running %v, ready %v)", app, g.Name, n, wait, got.Running, got.Ready)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// watchPoll is how often the group is read while its counts are watched:
+// a host's death is counted out and its machine replaced from a standby
+// within a few hundred ms, and a slower poll would miss the gap.
+const watchPoll = 20 * time.Millisecond
+
 // watchDeclared polls the group from the fault at on until the control
 // plane sees the declared counts running in every remaining region after
 // having seen one short; or, if none fell short, until the load is over;
@@ -409,7 +472,7 @@ func watchDeclared(ctx context.Context, plane *api.Client, app, name string, at 
 		case <-deadline:
 			d.Note = fmt.Sprintf("not restored within %v after the load", wait)
 			return
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(watchPoll):
 		}
 	}
 }
@@ -451,6 +514,9 @@ func printFailoverReport(w io.Writer, r failoverReport, asJSON bool) error {
 	var counts []string
 	for _, r := range slices.Sorted(maps.Keys(d.Regions)) {
 		counts = append(counts, fmt.Sprintf("%s %d", r, d.Regions[r]))
+	}
+	if d.Standbys > 0 {
+		counts = append(counts, fmt.Sprintf("%d standby per region", d.Standbys))
 	}
 	_, err := fmt.Fprintf(w, "declared counts   %s (%s), watched in %s: %s%s\n", d.Group, strings.Join(counts, ", "), strings.Join(d.Remaining, ", "), d.Note,
 		map[bool]string{true: " after " + opt(d.RestoredMS, ""), false: ""}[d.RestoredMS != nil])

@@ -121,6 +121,7 @@ func TestBenchFailoverUsage(t *testing.T) {
 		{"--duration", "2h"},
 		{"--work", "-1s"},
 		{"--restore-timeout", "1h"},
+		{"--standbys", "-2"},
 		{"--fault", "partition ams iad"},
 		{"--fault", "kill-host"},
 		{"--fault", "kill-control-plane ams"},

@@ -1,0 +1,146 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/devcluster"
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/exec"
+	"github.com/flamehq/flame/internal/host"
+)
+
+// TestBenchFailoverStandbys runs `flame bench failover --standbys 1
+// --fault "kill-host <host>"` against a dev cluster of ams and iad, two
+// hosts each, where the demo app declares one machine per region: the
+// command declares a warm standby per region and waits for them, then
+// kills the host of the ams machine; the report has the standbys, ams
+// falling short, and the time the declared counts were restored — by the
+// reconciler starting the standby. No request fails.
+func TestBenchFailoverStandbys(t *testing.T) {
+	ctx := context.Background()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	images := map[string][]string{host.DemoImage: {self, "demo-app"}}
+	dev, err := devcluster.Start(ctx, devcluster.Config{
+		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams", "iad"}, HostsPerRegion: 2,
+		Logger: slog.New(slog.DiscardHandler),
+		NewDriver: func(string, int, string) (driver.Driver, error) {
+			return exec.New(exec.Config{Images: images}, nil), nil
+		},
+		ControlPlane: true, Chaos: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		dev.StopMachines(context.Background())
+		dev.Close()
+	})
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := dev.WaitConverged(wctx); err != nil {
+		t.Fatal(err)
+	}
+	// A demo machine on every host, behind the edges.
+	for _, h := range dev.Hosts {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		if _, err := api.NewClient(h.APIURL, "agent-secret").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
+			Services: []api.MachineService{{
+				Protocol: "tcp", InternalPort: port,
+				Ports:  []api.MachinePort{{Port: ptrTo(80), Handlers: []string{"http"}}},
+				Checks: []api.MachineServiceCheck{{Type: ptrTo("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
+			}},
+		}}); err != nil {
+			t.Fatalf("create on %s: %v", h.ID, err)
+		}
+	}
+	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plane := api.NewClient(dev.Plane.URL(), org)
+	if _, err := plane.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plane.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: map[string]int{"ams": 1, "iad": 1},
+		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": "0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	// The ams group machine's host is the victim: the group's machines
+	// are those the control plane lists beyond the hosts' own.
+	var victim string
+	waitFor(t, "the group's ams machine started", func() bool {
+		g, err := plane.GetGroup(ctx, "demo", "app")
+		if err != nil || g.Running["ams"] != 1 || g.Running["iad"] != 1 {
+			return false
+		}
+		ms, err := plane.ListMachines(ctx, "demo", api.ListMachinesOptions{})
+		if err != nil {
+			return false
+		}
+		for _, m := range ms {
+			if m.Region == "ams" && m.Config != nil && m.Config.Env["PORT"] == "0" && m.State == api.StateStarted {
+				victim = hostOf(dev, m.ID)
+			}
+		}
+		return victim != ""
+	})
+	client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{}}
+	t.Cleanup(client.CloseIdleConnections)
+	edges := dev.Edges()
+	for _, r := range []string{"ams", "iad"} {
+		waitFor(t, "the "+r+" edge to serve its region's machines", func() bool {
+			got, err := demoRegion(client, "http://"+edges[r])
+			return err == nil && got == r
+		})
+	}
+	code, out, stderr := run("bench", "failover", "--json", "--rate", "20", "--concurrency", "8", "--duration", "2s",
+		"--standbys", "1", "--fault", "kill-host "+victim,
+		"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken, "--global", "http://"+dev.GlobalAddr)
+	if code != 0 {
+		t.Fatalf("flame bench failover: exit %d, %s", code, stderr)
+	}
+	t.Logf("%s%s", stderr, out)
+	var r failoverReport
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("flame bench failover printed %q: %v", out, err)
+	}
+	if r.Requests < 40 || r.Failed != 0 {
+		t.Errorf("%d requests, %d failed %v; want some, none failed", r.Requests, r.Failed, r.FailedByCause)
+	}
+	d := r.Declared
+	if d.Standbys != 1 || !d.FellShort || d.RestoredMS == nil || *d.RestoredMS <= 0 {
+		t.Errorf("declared counts %+v, want 1 standby, ams short, then restored", d)
+	}
+	g, err := plane.GetGroup(ctx, "demo", "app")
+	if err != nil || g.Standbys != 1 || g.Running["ams"] != 1 {
+		t.Errorf("group after: %+v, %v; want 1 standby declared, ams running its 1", g, err)
+	}
+}
+
+// hostOf finds the host running machine id.
+func hostOf(dev *devcluster.Cluster, id string) string {
+	for _, h := range dev.Hosts {
+		if _, err := h.Agent.GetMachine(context.Background(), api.MachineRef{App: "demo", ID: id}); err == nil {
+			return h.ID
+		}
+	}
+	return ""
+}
