@@ -80,6 +80,9 @@ type Config struct {
 	// may take to acknowledge a request it was sent over the backhaul
 	// (ack.go), or ConnectTimeout when the round trip is not known.
 	AckTimeout time.Duration
+	// HeartbeatInterval is how often an edge asks each host of its region
+	// whether it is there (heartbeat.go; default 25 ms, negative: never).
+	HeartbeatInterval time.Duration
 	// BodyReadTimeout is how long a client may take to send a body the
 	// edge buffers (at most MaxBufferedBody): a sender slower than that is
 	// answered 408 and holds no buffer longer.
@@ -136,6 +139,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MinConnectTimeout == 0 {
 		c.MinConnectTimeout = min(DefaultMinConnectTimeout, c.ConnectTimeout)
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = DefaultHeartbeatInterval
 	}
 	if c.AckTimeout == 0 {
 		c.AckTimeout = min(DefaultAckTimeout, c.ConnectTimeout)
@@ -355,6 +361,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 	}
 	p.startAutostop(bg)
 	p.startProbes(bg)
+	p.startHeartbeats(bg)
 	serve := func(ln net.Listener, h http.Handler, what string) {
 		srv := httpserve.Apply(&http.Server{
 			Handler:           h,

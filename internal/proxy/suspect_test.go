@@ -235,3 +235,67 @@ func TestSlowHostSuspectedNotCondemned(t *testing.T) {
 		t.Errorf("m-fra took %d requests, want 5", mf.hits.Load())
 	}
 }
+
+// TestHeartbeatSuspectsQuietRegionMate: the edge sends nothing to its
+// region-mate ams-2 when ams-2 dies silent; its heartbeats (heartbeat.go)
+// find it: ams-2 is suspect, then found silent by its probe, and the first
+// request preferring ams-2's machine goes to ams-1's own without trying
+// ams-2 — it never meets the dead host, though no request had before it.
+// A region-mate that answers its heartbeats is never suspect for long: ams-3,
+// alive throughout, ends the test unsuspected with its breaker closed.
+func TestHeartbeatSuspectsQuietRegionMate(t *testing.T) {
+	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return 500 * time.Microsecond }})
+	t.Cleanup(func() { n.Close() })
+	for _, h := range []string{"ams-1", "ams-2", "ams-3"} {
+		if _, err := n.AddHost(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hosts := []route.Host{
+		{ID: "ams-1", Region: "ams", Status: route.HostAlive},
+		{ID: "ams-2", Region: "ams", Status: route.HostAlive, RTT: time.Millisecond},
+		{ID: "ams-3", Region: "ams", Status: route.HostAlive, RTT: time.Millisecond},
+	}
+	m2, m3, local := startBackend(t, "m-2"), startBackend(t, "m-3"), startBackend(t, "m-1")
+	ms := []route.Machine{machine("m-2", "ams-2", m2.addr), machine("m-3", "ams-3", m3.addr), machine("m-1", "ams-1", local.addr)}
+	bh := map[string]string{}
+	far := map[string]*Proxy{}
+	for _, h := range []string{"ams-2", "ams-3"} {
+		ln, err := n.Listen(h, 4380)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bh[h] = ln.Addr().String()
+		far[h] = startProxy(t, Config{HostID: h, Backhaul: ln, Dial: n.DialerFrom(h), HeartbeatInterval: -1})
+	}
+	rec := newAttemptRecorder(testLogger(t).Handler())
+	edge := startProxy(t, Config{HostID: "ams-1", Dial: n.DialerFrom("ams-1"), Logger: slog.New(rec)})
+	edge.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: hosts, Machines: ms}, bh)
+	for h, p := range far {
+		p.setState(route.Facts{Self: h, Region: "ams", Hosts: hosts, Machines: ms}, bh)
+	}
+	client := &http.Client{Timeout: 30 * time.Second}
+	if resp, body := get(t, client, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Prefer-Instance-Id": "m-2"}); resp.StatusCode != 200 || decode(t, body).Machine != "m-2" {
+		t.Fatalf("before ams-2 dies: %d %s", resp.StatusCode, body)
+	}
+	n.Kill("ams-2")
+	waitFor(t, "ams-2 suspect or its breaker open", func() bool {
+		_, st := edge.strikes.states("", "ams-2")
+		return edge.suspicion.has("ams-2") || st != stateClosed
+	})
+	resp, body := get(t, client, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Prefer-Instance-Id": "m-2"})
+	if resp.StatusCode != 200 || decode(t, body).Machine == "m-2" {
+		t.Fatalf("after ams-2 died: %d %s", resp.StatusCode, body)
+	}
+	if id := resp.Header.Get("Fly-Request-Id"); rec.triedOn("ams-2", id) {
+		t.Errorf("request %s tried the dead ams-2, which the heartbeats had found", id)
+	}
+	waitHostBreaker(t, edge, "ams-2", stateOpen) // the suspicion's probe: the verdict
+	waitFor(t, "ams-3 unsuspected", func() bool { return !edge.suspicion.has("ams-3") })
+	if _, st := edge.strikes.states("", "ams-3"); st != stateClosed {
+		t.Errorf("ams-3, alive, has its breaker %v", st)
+	}
+	if resp, body := get(t, client, edge.EdgeAddr(), "demo.localhost", map[string]string{"Fly-Prefer-Instance-Id": "m-3"}); resp.StatusCode != 200 || decode(t, body).Machine != "m-3" {
+		t.Errorf("ams-3: %d %s, want 200 from m-3", resp.StatusCode, body)
+	}
+}
