@@ -65,3 +65,31 @@ func TestLatencyPhases(t *testing.T) {
 		t.Errorf("phases %+v, want %+v", ph, want)
 	}
 }
+
+// TestTouchesOf: a fault's touches are the live edges' failed attempts on
+// what it killed, from the fault to the next; the requests on it are those
+// of them sent at or after the fault (a request sent before it, still
+// failing over after it, is not one), each counted once, at its client's
+// sending time — or, unknown to the clients, at its attempt's.
+func TestTouchesOf(t *testing.T) {
+	f0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return f0.Add(time.Duration(ms) * time.Millisecond) }
+	f := &fault{at: f0, machines: map[string]bool{"dead": true}}
+	sent := map[string]time.Time{"before": at(-40), "r1": at(10), "r2": at(60)}
+	failed := []failedAttempt{
+		{at: at(-5), edge: "iad-1", machine: "dead", request: "early"},          // before the fault
+		{at: at(150), edge: "iad-1", machine: "dead", request: "before"},        // sent before it
+		{at: at(120), edge: "iad-1", machine: "dead", request: "r1"},            // on it
+		{at: at(121), edge: "iad-1", machine: "dead", request: "r1"},            // the same request again
+		{at: at(170), edge: "iad-1", machine: "alive", request: "r2"},           // on a live machine
+		{at: at(90), edge: "ams-1", machine: "dead", request: "r2"},             // a dead edge's
+		{at: at(75), edge: "iad-1", machine: "dead", request: "not a client's"}, // unknown: at its attempt
+		{at: at(5000), edge: "iad-1", machine: "dead", request: "r2"},           // the next fault's
+	}
+	tf := touchesOf(failed, sent, f, at(1000), map[string]bool{"ams-1": true})
+	ms := time.Millisecond
+	if len(tf.attempts) != 4 || tf.first != 75*ms || tf.last != 150*ms || tf.onIt != 2 || tf.lastOnIt != 75*ms {
+		t.Errorf("touches %d, first %v, last %v, on it %d, the last sent %v; want 4, 75ms, 150ms, 2, 75ms",
+			len(tf.attempts), tf.first, tf.last, tf.onIt, tf.lastOnIt)
+	}
+}

@@ -93,6 +93,9 @@ type attemptLog struct {
 type attempts struct {
 	mu     sync.Mutex
 	failed []failedAttempt
+	// suspected are the edges' suspicions of hosts (the proxy's "host
+	// suspect" records): host is the suspect, err why.
+	suspected []failedAttempt
 }
 
 type failedAttempt struct {
@@ -105,7 +108,7 @@ type failedAttempt struct {
 func (h *attemptLog) Enabled(ctx context.Context, l slog.Level) bool { return true }
 
 func (h *attemptLog) Handle(ctx context.Context, r slog.Record) error {
-	if r.Message == "candidate failed" {
+	if r.Message == "candidate failed" || r.Message == "host suspect" {
 		fa := failedAttempt{at: r.Time}
 		for _, a := range h.attrs {
 			if a.Key == "host" && fa.edge == "" {
@@ -120,13 +123,17 @@ func (h *attemptLog) Handle(ctx context.Context, r slog.Record) error {
 				fa.host = a.Value.String()
 			case "request_id":
 				fa.request = a.Value.String()
-			case "err":
+			case "err", "why":
 				fa.err = a.Value.String()
 			}
 			return true
 		})
 		h.rec.mu.Lock()
-		h.rec.failed = append(h.rec.failed, fa)
+		if r.Message == "host suspect" {
+			h.rec.suspected = append(h.rec.suspected, fa)
+		} else {
+			h.rec.failed = append(h.rec.failed, fa)
+		}
 		h.rec.mu.Unlock()
 	}
 	if r.Level >= slog.LevelWarn {
@@ -433,34 +440,15 @@ func (run *failoverRun) report() []failoverReport {
 				deadEdge[h] = true
 			}
 		}
-		var firstTouch, lastTouch, lastOnIt time.Duration
-		touches := 0
-		onIt := map[string]bool{}
-		for _, a := range failedAttempts {
-			if a.at.Before(f.at) || !a.at.Before(end) || !f.machines[a.machine] || deadEdge[a.edge] {
-				continue
-			}
-			if touches == 0 || a.at.Sub(f.at) < firstTouch {
-				firstTouch = a.at.Sub(f.at)
-			}
-			touches++
-			lastTouch = max(lastTouch, a.at.Sub(f.at))
-			// The request it was an attempt of: when its client sent it (a
-			// request no client recorded counts when it failed over, the
-			// latest it can have been sent).
-			at, known := sent[a.request]
-			if !known {
-				at = a.at
-			}
-			if !at.Before(f.at) {
-				onIt[a.request] = true
-				lastOnIt = max(lastOnIt, at.Sub(f.at))
-			}
-			if run.verbose != nil {
+		tf := touchesOf(failedAttempts, sent, f, end, deadEdge)
+		if run.verbose != nil {
+			for i, a := range tf.attempts {
 				run.verbose("%s: +%v at the %s edge: request %s (sent %+v) on %s on %s: %s", f.name, a.at.Sub(f.at).Round(time.Millisecond),
-					a.edge, a.request, at.Sub(f.at).Round(time.Millisecond), a.machine, a.host, a.err)
+					a.edge, a.request, tf.sent[i].Sub(f.at).Round(time.Millisecond), a.machine, a.host, a.err)
 			}
 		}
+		firstTouch, lastTouch, touches, lastOnIt := tf.first, tf.last, len(tf.attempts), tf.lastOnIt
+		onIt := tf.onIt
 		if run.verbose != nil && run.tables != nil {
 			run.tables.mu.Lock()
 			for k, at := range run.tables.gone {
@@ -469,7 +457,7 @@ func (run *failoverRun) report() []failoverReport {
 				}
 			}
 			for k, v := range run.tables.host {
-				if slices.Contains(f.hosts, k[1]) {
+				if slices.Contains(f.hosts, k[1]) && !v.dead.IsZero() {
 					run.verbose("%s: at the %s edge, host %s suspect at %+v, dead at %+v", f.name, k[0], k[1],
 						v.suspect.Sub(f.at).Round(time.Millisecond), v.dead.Sub(f.at).Round(time.Millisecond))
 				}
@@ -478,7 +466,7 @@ func (run *failoverRun) report() []failoverReport {
 		}
 		for _, lc := range f.clients {
 			r := failoverReport{fault: f.name, client: lc.name, firstTouch: firstTouch, lastTouch: lastTouch, touches: touches,
-				onIt: len(onIt), lastOnIt: lastOnIt}
+				onIt: onIt, lastOnIt: lastOnIt}
 			// A request still in flight when the next fault comes is the
 			// next fault's.
 			ss := lc.all()
@@ -493,6 +481,75 @@ func (run *failoverRun) report() []failoverReport {
 				}
 			}
 			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// touchFigures are a fault's touches: the failed attempts of live edges on
+// what it killed, and the requests sent at or after it that made them.
+type touchFigures struct {
+	attempts    []failedAttempt
+	sent        []time.Time // when each attempt's request was sent
+	first, last time.Duration
+	// onIt counts the requests sent at or after the fault that tried a
+	// dead target; lastOnIt is when the last of them was sent.
+	onIt     int
+	lastOnIt time.Duration
+}
+
+// touchesOf reads a fault's touches from the edges' failed attempts made
+// from f on and before end; sent gives, by request id, when its client
+// sent each request (one no client recorded counts as sent when its attempt
+// failed: the latest it can have been). A dead edge's attempts reach no
+// client and do not count.
+func touchesOf(failed []failedAttempt, sent map[string]time.Time, f *fault, end time.Time, deadEdge map[string]bool) touchFigures {
+	var tf touchFigures
+	onIt := map[string]bool{}
+	for _, a := range failed {
+		if a.at.Before(f.at) || !a.at.Before(end) || !f.machines[a.machine] || deadEdge[a.edge] {
+			continue
+		}
+		d := a.at.Sub(f.at)
+		if len(tf.attempts) == 0 || d < tf.first {
+			tf.first = d
+		}
+		tf.last = max(tf.last, d)
+		at, known := sent[a.request]
+		if !known || a.request == "" {
+			at = a.at
+		}
+		tf.attempts, tf.sent = append(tf.attempts, a), append(tf.sent, at)
+		if !at.Before(f.at) {
+			key := a.request
+			if !known || key == "" {
+				key = fmt.Sprintf("unknown %d", len(tf.attempts))
+			}
+			onIt[key] = true
+			tf.lastOnIt = max(tf.lastOnIt, at.Sub(f.at))
+		}
+	}
+	tf.onIt = len(onIt)
+	return tf
+}
+
+// liveSuspicions lists the suspicions of hosts that were alive then (not
+// killed by a fault begun before), which moved requests from a live host
+// for a moment: heartbeats or acknowledgements late on a busy machine, or
+// the region-mates of a host found silent.
+func (run *failoverRun) liveSuspicions() []failedAttempt {
+	run.attempts.mu.Lock()
+	defer run.attempts.mu.Unlock()
+	var out []failedAttempt
+	for _, s := range run.attempts.suspected {
+		dead := false
+		for _, f := range run.faults {
+			if !s.at.Before(f.at) && slices.Contains(f.hosts, s.host) {
+				dead = true
+			}
+		}
+		if !dead {
+			out = append(out, s)
 		}
 	}
 	return out
@@ -525,6 +582,9 @@ func TestFailoverUnderLoad(t *testing.T) {
 	run.check(t)
 	if testing.Verbose() {
 		run.verbose = t.Logf
+		for _, s := range run.liveSuspicions() {
+			t.Logf("live host %s suspected by the %s edge at %s: %s", s.host, s.edge, s.at.Format("15:04:05.000"), s.err)
+		}
 	}
 	t.Logf("\n%s", formatReport(run.report()))
 }
@@ -540,6 +600,9 @@ func BenchmarkFailover(b *testing.B) {
 	run.check(b)
 	rs := run.report()
 	fmt.Printf("\n%s", formatReport(rs))
+	live := run.liveSuspicions()
+	fmt.Printf("suspicions of live hosts: %d\n", len(live))
+	b.ReportMetric(float64(len(live)), "live-suspicions")
 	for i, f := range run.faults {
 		for _, r := range rs {
 			if r.fault == f.name {
