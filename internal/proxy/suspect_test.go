@@ -299,3 +299,33 @@ func TestHeartbeatSuspectsQuietRegionMate(t *testing.T) {
 		t.Errorf("ams-3: %d %s, want 200 from m-3", resp.StatusCode, body)
 	}
 }
+
+// TestHeartbeatAllowanceLearnt: a heartbeat's allowance is the smoothed
+// round trip plus four mean deviations plus the slack (RFC 6298's
+// estimator): steady answers keep it tight, one late answer widens it,
+// and it narrows again as answers come steadily.
+func TestHeartbeatAllowanceLearnt(t *testing.T) {
+	ms := time.Millisecond
+	var e rttEstimate
+	if e.allowance() != 0 {
+		t.Fatalf("allowance %v before any sample, want 0", e.allowance())
+	}
+	for range 50 {
+		e.sample(ms)
+	}
+	steady := e.allowance()
+	if steady < suspectSlackMin+ms || steady > suspectSlackMin+2*ms {
+		t.Errorf("steady 1 ms answers: allowance %v, want about %v", steady, suspectSlackMin+ms)
+	}
+	e.sample(40 * ms) // this machine was busy
+	late := e.allowance()
+	if late < steady+30*ms {
+		t.Errorf("after a 40 ms answer: allowance %v, want above %v", late, steady+30*ms)
+	}
+	for range 50 {
+		e.sample(ms)
+	}
+	if got := e.allowance(); got >= late || got > steady+ms {
+		t.Errorf("after steady answers again: allowance %v, want back near %v", got, steady)
+	}
+}
