@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"slices"
@@ -601,7 +602,14 @@ func BenchmarkFailover(b *testing.B) {
 	rs := run.report()
 	fmt.Printf("\n%s", formatReport(rs))
 	live := run.liveSuspicions()
+	why := map[string]int{}
+	for _, s := range live {
+		why[s.edge+" of "+s.host+": "+s.err]++
+	}
 	fmt.Printf("suspicions of live hosts: %d\n", len(live))
+	for _, k := range slices.Sorted(maps.Keys(why)) {
+		fmt.Printf("  %4d by the %s\n", why[k], k)
+	}
 	b.ReportMetric(float64(len(live)), "live-suspicions")
 	for i, f := range run.faults {
 		for _, r := range rs {

@@ -110,8 +110,9 @@ type ackWatch struct {
 	// rtt is the host's round trip, heard what clears a suspicion.
 	sus     *time.Timer
 	suspect func()
-	rtt     time.Duration
-	heard   func()
+	allow   time.Duration // how long the host's first word may take
+	wrote   time.Time     // when the request's headers were written
+	heard   func(first bool, took time.Duration)
 	// wait is the attempt among those on its host (silence.go).
 	wait    *hostWaiter
 	waiters *hostWaiters
@@ -129,25 +130,36 @@ const (
 func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context, *ackWatch) {
 	ctx, cancel := context.WithCancel(ctx)
 	host := tg.Host
-	a := &ackWatch{cancel: cancel, err: &silentError{host: host, budget: p.ackBudget(tg)}, waiters: &p.waiters, rtt: tg.RTT,
+	a := &ackWatch{cancel: cancel, err: &silentError{host: host, budget: p.ackBudget(tg)}, waiters: &p.waiters,
+		allow:   p.words.allowance(host, tg.RTT),
 		suspect: func() { p.suspectHost(host, "an attempt heard nothing from it for a round trip") },
-		heard:   func() { p.suspicion.heard(host) }}
+		heard: func(first bool, took time.Duration) {
+			if first {
+				p.words.sample(host, took)
+			}
+			p.suspicion.heard(host)
+		}}
 	a.wait = p.waiters.wait(tg.Host, p.quietFor(tg.RTT, a.err.budget), a.giveUp)
 	trace := &httptrace.ClientTrace{
 		WroteHeaders: func() {
 			a.mu.Lock()
 			defer a.mu.Unlock()
 			if a.state == ackWaiting && a.timer == nil {
+				a.wrote = time.Now()
 				a.timer = time.AfterFunc(a.err.budget, a.expire)
-				if d := suspectAfter(a.rtt); d > 0 {
-					a.sus = time.AfterFunc(d, a.suspect)
+				if a.allow > 0 {
+					a.sus = time.AfterFunc(a.allow, a.suspect)
 				}
 			}
 		},
 		Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
 			if code == http.StatusProcessing {
+				first := !a.wait.acked.Load()
 				a.wait.hear()
-				a.heard()
+				a.mu.Lock()
+				took := time.Since(a.wrote)
+				a.mu.Unlock()
+				a.heard(first, took)
 				a.acked()
 			}
 			return nil
@@ -186,7 +198,7 @@ func (a *ackWatch) acked() {
 	}
 	a.timer = time.AfterFunc(a.err.budget+ackInterval, a.expire)
 	if a.sus != nil {
-		a.sus.Reset(suspectBetweenAcks(a.rtt))
+		a.sus.Reset(suspectBetweenAcks(a.allow))
 	}
 }
 

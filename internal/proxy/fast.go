@@ -249,12 +249,14 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	check := now.Add(min(timeout, clientCheckAfter))
 	var ackDue time.Time    // when the far host's next acknowledgement is due
 	var suspectAt time.Time // when the host is suspect without it (suspect.go)
+	var allow time.Duration // how long its first word may take
+	acked := false
 	var gaveUp *atomic.Bool // the host was found silent meanwhile (silence.go)
 	var hw *hostWaiter
 	if ack > 0 {
 		ackDue = now.Add(ack)
-		if d := suspectAfter(tg.RTT); d > 0 {
-			suspectAt = now.Add(d)
+		if allow = fc.e.p.words.allowance(tg.Host, tg.RTT); allow > 0 {
+			suspectAt = now.Add(allow)
 		}
 		p, flag, c := fc.e.p, new(atomic.Bool), uc.c
 		gaveUp = flag
@@ -311,10 +313,14 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 				if !ackDue.IsZero() && fc.resp.status == http.StatusProcessing {
 					hw.hear()
 					fc.e.p.suspicion.heard(tg.Host)
-					now := time.Now()
-					ackDue = now.Add(ack + ackInterval) // the far host's acknowledgement
-					if d := suspectBetweenAcks(tg.RTT); d > 0 {
-						suspectAt = now.Add(d)
+					at := time.Now()
+					if !acked {
+						acked = true
+						fc.e.p.words.sample(tg.Host, at.Sub(now))
+					}
+					ackDue = at.Add(ack + ackInterval) // the far host's acknowledgement
+					if d := suspectBetweenAcks(allow); d > 0 {
+						suspectAt = at.Add(d)
 					}
 					uc.dl.read(uc.c, readBy(), 0)
 				}

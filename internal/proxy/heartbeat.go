@@ -22,13 +22,8 @@ import (
 // after it was sent makes the host suspect (suspect.go) — deprioritised,
 // then probed with a request's budgets for the verdict — and any answer
 // clears the suspicion: a host that was only slow is back in its place a
-// heartbeat later. How long a heartbeat may take is learnt from the
-// heartbeats' own round trips, as TCP learns its retransmission timeout
-// (RFC 6298): a smoothed round trip plus four times its mean deviation,
-// plus the slack, and never less than suspectAfter of the round trip the
-// cluster measured — so a host answering late because this machine is
-// busy widens its own allowance instead of being suspected again and
-// again. Only hosts with a measured round trip are watched, the
+// heartbeat later. How long a heartbeat may take is learnt from the host's
+// words (suspect.go: hostWords), heartbeats' answers among them. Only hosts with a measured round trip are watched, the
 // nearest maxHeartbeats of them, one heartbeat out per host at a time; the
 // hosts of other regions are watched by the requests sent there. A region
 // of n edges sends each of its hosts n heartbeats every interval: the
@@ -57,8 +52,7 @@ func (p *Proxy) runHeartbeats(ctx context.Context) {
 	tick := time.NewTicker(p.cfg.HeartbeatInterval)
 	defer tick.Stop()
 	var mu sync.Mutex
-	out := map[string]bool{}         // hosts with a heartbeat out
-	est := map[string]*rttEstimate{} // the heartbeats' round trips, per host
+	out := map[string]bool{} // hosts with a heartbeat out
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	var mates []route.Host
@@ -71,30 +65,16 @@ func (p *Proxy) runHeartbeats(ctx context.Context) {
 		st := p.state.Load()
 		mates = regionMates(st, p.cfg.HostID, p.cfg.Region, mates[:0])
 		mu.Lock()
-		for id := range est {
-			if !slices.ContainsFunc(mates, func(h route.Host) bool { return h.ID == id }) {
-				delete(est, id) // no longer watched
-			}
-		}
 		for _, h := range mates {
 			if out[h.ID] {
 				continue
 			}
 			out[h.ID] = true
-			e := est[h.ID]
-			if e == nil {
-				e = &rttEstimate{}
-				est[h.ID] = e
-			}
-			allow := max(suspectAfter(h.RTT), e.allowance())
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				took, ok := p.heartbeat(ctx, h, st.backhaul[h.ID], allow)
+				p.heartbeat(ctx, h, st.backhaul[h.ID], p.words.allowance(h.ID, h.RTT))
 				mu.Lock()
-				if ok {
-					e.sample(took)
-				}
 				delete(out, h.ID)
 				mu.Unlock()
 			}()
@@ -116,38 +96,10 @@ func regionMates(st *state, self, region string, out []route.Host) []route.Host 
 	return out[:min(len(out), maxHeartbeats)]
 }
 
-// rttEstimate is a smoothed round trip and its mean deviation (RFC 6298),
-// of one host's heartbeats.
-type rttEstimate struct {
-	srtt, rttvar time.Duration
-}
-
-func (e *rttEstimate) sample(r time.Duration) {
-	if e.srtt == 0 {
-		e.srtt, e.rttvar = r, r/2
-		return
-	}
-	d := e.srtt - r
-	if d < 0 {
-		d = -d
-	}
-	e.rttvar = (3*e.rttvar + d) / 4
-	e.srtt = (7*e.srtt + r) / 8
-}
-
-// allowance is how long a heartbeat may take before its host is suspect:
-// zero before the first sample.
-func (e *rttEstimate) allowance() time.Duration {
-	if e.srtt == 0 {
-		return 0
-	}
-	return e.srtt + 4*e.rttvar + suspectSlackMin
-}
-
 // heartbeat asks h's proxy, at addr, whether it is there: an answer clears
-// a suspicion of it, no answer within allow makes it suspect. It returns
-// how long the answer took, and whether one came.
-func (p *Proxy) heartbeat(ctx context.Context, h route.Host, addr string, allow time.Duration) (time.Duration, bool) {
+// a suspicion of it (and teaches how long its words take), no answer within
+// allow makes it suspect.
+func (p *Proxy) heartbeat(ctx context.Context, h route.Host, addr string, allow time.Duration) {
 	tg := &route.Target{Host: h.ID, RTT: h.RTT}
 	ctx, cancel := context.WithTimeout(ctx, p.connectBudget(tg)+p.ackBudget(tg))
 	defer cancel()
@@ -159,23 +111,23 @@ func (p *Proxy) heartbeat(ctx context.Context, h route.Host, addr string, allow 
 	}()
 	req, err := http.NewRequestWithContext(context.WithValue(ctx, connectBudgetKey{}, p.connectBudget(tg)), http.MethodGet, "http://"+addr+"/", nil)
 	if err != nil {
-		return 0, false
+		return
 	}
 	req.Header.Set(hdrToken, p.cfg.Token)
 	req.Header.Set(hdrProbe, "1")
 	start := time.Now()
 	resp, err := p.toHosts.RoundTrip(req)
 	if err != nil {
-		return 0, false // the suspicion's probe gives the verdict
+		return // the suspicion's probe gives the verdict
 	}
 	took := time.Since(start)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusNoContent || resp.Header.Get(hdrProbe) != probeOK {
-		return 0, false
+		return
 	}
 	if sus != nil {
 		sus.Stop()
 	}
+	p.words.sample(h.ID, took)
 	p.suspicion.heard(h.ID)
-	return took, true
 }

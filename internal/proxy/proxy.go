@@ -223,8 +223,10 @@ type Proxy struct {
 	probes  *prober   // of hosts whose breakers are open (probe.go)
 	toProbe *http.Transport
 	waiters hostWaiters // attempts waiting on other hosts (silence.go)
-	// suspicion holds the hosts this edge suspects (suspect.go).
+	// suspicion holds the hosts this edge suspects, words what it learnt
+	// of how long each host's first word takes (suspect.go).
 	suspicion suspects
+	words     hostWords
 	regions   regionBreakers
 	// buffered is what request bodies may still take of MaxBufferedTotal.
 	buffered byteBudget

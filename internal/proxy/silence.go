@@ -36,12 +36,14 @@ func (p *Proxy) dialWaiting(tg *route.Target) DialFunc {
 		silent := &silentError{host: host, found: true}
 		w := p.waiters.wait(host, quiet, func() { cancel(silent) })
 		// A connect is answered in a round trip (suspect.go).
-		sus := p.suspectTimer(host, suspectAfter(rtt), "a connect to it heard nothing for a round trip")
+		start := time.Now()
+		sus := p.suspectTimer(host, p.words.allowance(host, rtt), "a connect to it heard nothing for a round trip")
 		c, err := p.cfg.Dial(ctx, network, addr)
 		if sus != nil {
 			sus.Stop()
 		}
 		if err == nil {
+			p.words.sample(host, time.Since(start)) // a connect is answered in a round trip
 			p.suspicion.heard(host)
 		}
 		p.waiters.stop(w)

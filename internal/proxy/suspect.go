@@ -57,12 +57,90 @@ func suspectAfter(rtt time.Duration) time.Duration {
 }
 
 // suspectBetweenAcks is the longest gap between two acknowledgements of
-// one request before its host is suspect (zero: never).
-func suspectBetweenAcks(rtt time.Duration) time.Duration {
-	if rtt <= 0 {
+// one request before its host is suspect, for a host whose first word is
+// allowed allow (zero: never).
+func suspectBetweenAcks(allow time.Duration) time.Duration {
+	if allow <= 0 {
 		return 0
 	}
-	return 2*ackInterval + suspectSlackMin + rtt/suspectSlackDiv
+	return ackInterval + allow
+}
+
+// hostWords learns, per host, how long its first word takes: the round
+// trip of a request's first acknowledgement or of a heartbeat's answer,
+// both written at once by the far proxy. A host's allowance is the larger
+// of suspectAfter its measured round trip and the learnt smoothed round
+// trip plus four mean deviations plus the slack (RFC 6298's estimator), so
+// a busy machine, whose words come late and unevenly, widens the
+// allowance instead of having its hosts suspected again and again.
+type hostWords struct {
+	mu sync.Mutex
+	m  map[string]*rttEstimate
+}
+
+// maxWordHosts bounds the hosts whose words are learnt.
+const maxWordHosts = 1 << 12
+
+// sample records a word from host that took d after what asked for it.
+func (w *hostWords) sample(host string, d time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.m == nil {
+		w.m = map[string]*rttEstimate{}
+	}
+	e := w.m[host]
+	if e == nil {
+		if len(w.m) >= maxWordHosts {
+			for k := range w.m { // forget one: the map stays bounded
+				delete(w.m, k)
+				break
+			}
+		}
+		e = &rttEstimate{}
+		w.m[host] = e
+	}
+	e.sample(d)
+}
+
+// allowance is how long host's first word may take before it is suspect,
+// for a host with measured round trip rtt (zero: never suspected early).
+func (w *hostWords) allowance(host string, rtt time.Duration) time.Duration {
+	base := suspectAfter(rtt)
+	if base == 0 {
+		return 0
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if e := w.m[host]; e != nil {
+		return max(base, e.allowance())
+	}
+	return base
+}
+
+// rttEstimate is a smoothed round trip and its mean deviation (RFC 6298).
+type rttEstimate struct {
+	srtt, rttvar time.Duration
+}
+
+func (e *rttEstimate) sample(r time.Duration) {
+	if e.srtt == 0 {
+		e.srtt, e.rttvar = r, r/2
+		return
+	}
+	d := e.srtt - r
+	if d < 0 {
+		d = -d
+	}
+	e.rttvar = (3*e.rttvar + d) / 4
+	e.srtt = (7*e.srtt + r) / 8
+}
+
+// allowance is the estimate's: zero before the first sample.
+func (e *rttEstimate) allowance() time.Duration {
+	if e.srtt == 0 {
+		return 0
+	}
+	return e.srtt + 4*e.rttvar + suspectSlackMin
 }
 
 // maxSuspects bounds the hosts suspected at once.

@@ -120,9 +120,15 @@ func TestSilentHostSuspectedBeforeItsVerdict(t *testing.T) {
 		}
 		return a
 	}
-	// Warm: fra-1 answers, and the edge pools a connection to it.
-	if a := ask(); a.status != 200 || a.machine != "m-fra1" {
-		t.Fatalf("before fra-1 dies: %+v, want 200 from m-fra1", a)
+	// Warm: fra-1 answers, the edge pools a connection to it and learns
+	// how long its acknowledgements take (steadily, a round trip).
+	for range 12 {
+		if a := ask(); a.status != 200 || a.machine != "m-fra1" {
+			t.Fatalf("before fra-1 dies: %+v, want 200 from m-fra1", a)
+		}
+	}
+	if allow := edge.words.allowance("fra-1", 2*oneWay); allow >= edge.ackBudget(&route.Target{Host: "fra-1", RTT: 2 * oneWay}) {
+		t.Fatalf("after a dozen answers fra-1's allowance %v is not below its acknowledgement budget", allow)
 	}
 
 	n.Kill("fra-1")
@@ -169,10 +175,11 @@ func TestSilentHostSuspectedBeforeItsVerdict(t *testing.T) {
 
 // TestSlowHostSuspectedNotCondemned: a live host whose round trip is far
 // longer than the edge measured (20 ms measured, 60 ms real) is suspect
-// while each request waits for its acknowledgement, but it is heard from
-// before any budget runs out: every request preferring its machine is
-// answered by it, none moves, its breaker never opens, and no suspicion
-// is left once the requests are answered.
+// while the first request waits for its acknowledgement (until the edge
+// has learnt how long the host's words take), but it is heard from before
+// any budget runs out: every request preferring its machine is answered
+// by it, none moves, its breaker never opens, and no suspicion is left
+// once the requests are answered.
 func TestSlowHostSuspectedNotCondemned(t *testing.T) {
 	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return 30 * time.Millisecond }})
 	t.Cleanup(func() { n.Close() })
@@ -300,32 +307,41 @@ func TestHeartbeatSuspectsQuietRegionMate(t *testing.T) {
 	}
 }
 
-// TestHeartbeatAllowanceLearnt: a heartbeat's allowance is the smoothed
-// round trip plus four mean deviations plus the slack (RFC 6298's
-// estimator): steady answers keep it tight, one late answer widens it,
-// and it narrows again as answers come steadily.
-func TestHeartbeatAllowanceLearnt(t *testing.T) {
+// TestAllowanceLearnt: how long a host's first word may take is the
+// larger of suspectAfter its measured round trip and what its words taught
+// (RFC 6298's estimator: smoothed round trip plus four mean deviations plus
+// the slack): steady answers keep it at the floor, late ones widen it, and
+// it narrows again as answers come steadily; a host with no measured round
+// trip is never suspected early.
+func TestAllowanceLearnt(t *testing.T) {
 	ms := time.Millisecond
-	var e rttEstimate
-	if e.allowance() != 0 {
-		t.Fatalf("allowance %v before any sample, want 0", e.allowance())
+	var w hostWords
+	rtt := ms
+	floor := suspectAfter(rtt)
+	if got := w.allowance("ams-2", rtt); got != floor {
+		t.Fatalf("allowance %v before any word, want %v", got, floor)
 	}
 	for range 50 {
-		e.sample(ms)
+		w.sample("ams-2", ms)
 	}
-	steady := e.allowance()
-	if steady < suspectSlackMin+ms || steady > suspectSlackMin+2*ms {
-		t.Errorf("steady 1 ms answers: allowance %v, want about %v", steady, suspectSlackMin+ms)
+	if got := w.allowance("ams-2", rtt); got != floor {
+		t.Errorf("steady 1 ms words: allowance %v, want the floor %v", got, floor)
 	}
-	e.sample(40 * ms) // this machine was busy
-	late := e.allowance()
-	if late < steady+30*ms {
-		t.Errorf("after a 40 ms answer: allowance %v, want above %v", late, steady+30*ms)
+	w.sample("ams-2", 40*ms) // this machine was busy
+	late := w.allowance("ams-2", rtt)
+	if late < floor+30*ms {
+		t.Errorf("after a 40 ms word: allowance %v, want above %v", late, floor+30*ms)
+	}
+	if got := w.allowance("ams-3", rtt); got != floor {
+		t.Errorf("another host's allowance %v, want %v", got, floor)
 	}
 	for range 50 {
-		e.sample(ms)
+		w.sample("ams-2", ms)
 	}
-	if got := e.allowance(); got >= late || got > steady+ms {
-		t.Errorf("after steady answers again: allowance %v, want back near %v", got, steady)
+	if got := w.allowance("ams-2", rtt); got >= late || got > floor+ms {
+		t.Errorf("after steady words again: allowance %v, want back near %v", got, floor)
+	}
+	if got := w.allowance("ams-2", 0); got != 0 {
+		t.Errorf("no measured round trip: allowance %v, want 0 (never early)", got)
 	}
 }
