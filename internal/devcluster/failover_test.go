@@ -534,6 +534,24 @@ func touchesOf(failed []failedAttempt, sent map[string]time.Time, f *fault, end 
 	return tf
 }
 
+// awayBefore counts, per client, the requests answered from another region
+// than ams while ams lived (sent and answered before the region died):
+// every client prefers ams, and ams had live machines throughout, so each
+// is a request moved across the ocean for a false alarm.
+func (run *failoverRun) awayBefore() map[string]int {
+	last := run.faults[len(run.faults)-1]
+	out := map[string]int{}
+	for _, lc := range run.clients {
+		out[lc.name] = 0
+		for _, s := range lc.all() {
+			if !s.Failed() && s.Done.Before(last.at) && s.Region != "ams" {
+				out[lc.name]++
+			}
+		}
+	}
+	return out
+}
+
 // liveSuspicions lists the suspicions of hosts that were alive then (not
 // killed by a fault begun before), which moved requests from a live host
 // for a moment: heartbeats or acknowledgements late on a busy machine, or
@@ -588,6 +606,7 @@ func TestFailoverUnderLoad(t *testing.T) {
 		}
 	}
 	t.Logf("\n%s", formatReport(run.report()))
+	t.Logf("answered from iad while ams lived: %v; suspicions of live hosts: %d", run.awayBefore(), len(run.liveSuspicions()))
 }
 
 // BenchmarkFailover runs the failover scenarios at a few hundred requests
@@ -606,6 +625,13 @@ func BenchmarkFailover(b *testing.B) {
 	for _, s := range live {
 		why[s.edge+" of "+s.host+": "+s.err]++
 	}
+	away := run.awayBefore()
+	fmt.Printf("answered from iad while ams lived: %v\n", away)
+	n := 0
+	for _, v := range away {
+		n += v
+	}
+	b.ReportMetric(float64(n), "away-before")
 	fmt.Printf("suspicions of live hosts: %d\n", len(live))
 	for _, k := range slices.Sorted(maps.Keys(why)) {
 		fmt.Printf("  %4d by the %s\n", why[k], k)

@@ -106,10 +106,11 @@ type ackWatch struct {
 	timer  *time.Timer
 	cancel context.CancelFunc
 	err    *silentError
-	// sus makes the host suspect when no word came in time (suspect.go);
-	// rtt is the host's round trip, heard what clears a suspicion.
-	sus     *time.Timer
-	suspect func()
+	// sus makes the host suspect when no word came in time (suspect.go),
+	// started by suspect; heard clears a suspicion (and learns the first
+	// word's round trip).
+	sus     *suspectClock
+	suspect func(after time.Duration) *suspectClock
 	allow   time.Duration // how long the host's first word may take
 	wrote   time.Time     // when the request's headers were written
 	heard   func(first bool, took time.Duration)
@@ -131,8 +132,10 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 	ctx, cancel := context.WithCancel(ctx)
 	host := tg.Host
 	a := &ackWatch{cancel: cancel, err: &silentError{host: host, budget: p.ackBudget(tg)}, waiters: &p.waiters,
-		allow:   p.words.allowance(host, tg.RTT),
-		suspect: func() { p.suspectHost(host, "an attempt heard nothing from it for a round trip") },
+		allow: p.words.allowance(host, tg.RTT),
+		suspect: func(after time.Duration) *suspectClock {
+			return p.suspectTimer(host, after, "an attempt heard nothing from it for a round trip")
+		},
 		heard: func(first bool, took time.Duration) {
 			if first {
 				p.words.sample(host, took)
@@ -147,9 +150,7 @@ func (p *Proxy) watchAck(ctx context.Context, tg *route.Target) (context.Context
 			if a.state == ackWaiting && a.timer == nil {
 				a.wrote = time.Now()
 				a.timer = time.AfterFunc(a.err.budget, a.expire)
-				if a.allow > 0 {
-					a.sus = time.AfterFunc(a.allow, a.suspect)
-				}
+				a.sus = a.suspect(a.allow)
 			}
 		},
 		Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {

@@ -250,7 +250,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 	var ackDue time.Time    // when the far host's next acknowledgement is due
 	var suspectAt time.Time // when the host is suspect without it (suspect.go)
 	var allow time.Duration // how long its first word may take
-	acked := false
+	acked, rechecked := false, false
 	var gaveUp *atomic.Bool // the host was found silent meanwhile (silence.go)
 	var hw *hostWaiter
 	if ack > 0 {
@@ -320,7 +320,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 					}
 					ackDue = at.Add(ack + ackInterval) // the far host's acknowledgement
 					if d := suspectBetweenAcks(allow); d > 0 {
-						suspectAt = at.Add(d)
+						suspectAt, rechecked = at.Add(d), false
 					}
 					uc.dl.read(uc.c, readBy(), 0)
 				}
@@ -347,7 +347,12 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 					return err
 				}
 				now := time.Now()
-				if !suspectAt.IsZero() && !now.Before(suspectAt) {
+				switch {
+				case suspectAt.IsZero() || now.Before(suspectAt):
+				case !rechecked:
+					// A word may wait unread: look once more (suspect.go).
+					rechecked, suspectAt = true, now.Add(recheckAfter(suspectAt, now))
+				default:
 					suspectAt = time.Time{}
 					fc.e.p.suspectHost(tg.Host, "an attempt heard nothing from it for a round trip")
 				}

@@ -268,11 +268,81 @@ func (p *Proxy) foundSilent(host string) bool {
 	return true
 }
 
-// suspectTimer makes host suspect when it fires; nil when the round trip
-// is unknown. Stop it once the host was heard from.
-func (p *Proxy) suspectTimer(host string, after time.Duration, why string) *time.Timer {
+// A word may be waiting, unread, when the allowance runs out: on a busy
+// machine the goroutine that would read it has not run, and a timer or a
+// read deadline fires late. So when the allowance runs out, the edge looks
+// once more, after the time it was late itself (at least recheckMin),
+// before it suspects the host: the edge's own stall is not the host's
+// silence.
+const recheckMin = time.Millisecond
+
+// recheckAfter is how long the edge looks again when an allowance due at
+// due ran out, noticed at now.
+func recheckAfter(due, now time.Time) time.Duration {
+	return max(recheckMin, now.Sub(due))
+}
+
+// suspectClock makes a host suspect when its allowance runs out (and the
+// recheck after it): a timer that Stop ends and Reset starts again.
+type suspectClock struct {
+	mu        sync.Mutex
+	t         *time.Timer
+	due       time.Time
+	rechecked bool
+	stopped   bool
+	fire      func()
+}
+
+// suspectTimer makes host suspect when the allowance after runs out; nil
+// when after is zero (never early). Stop it once the host was heard from.
+func (p *Proxy) suspectTimer(host string, after time.Duration, why string) *suspectClock {
 	if after <= 0 {
 		return nil
 	}
-	return time.AfterFunc(after, func() { p.suspectHost(host, why) })
+	c := &suspectClock{fire: func() { p.suspectHost(host, why) }}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.due = time.Now().Add(after)
+	c.t = time.AfterFunc(after, c.expire)
+	return c
+}
+
+func (c *suspectClock) expire() {
+	c.mu.Lock()
+	if c.stopped {
+		c.mu.Unlock()
+		return
+	}
+	if !c.rechecked {
+		c.rechecked = true
+		now := time.Now()
+		d := recheckAfter(c.due, now)
+		c.due = now.Add(d)
+		c.t.Reset(d)
+		c.mu.Unlock()
+		return
+	}
+	c.stopped = true
+	c.mu.Unlock()
+	c.fire()
+}
+
+// Stop ends the clock: the host was heard from, or the attempt is over.
+func (c *suspectClock) Stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stopped = true
+	c.t.Stop()
+}
+
+// Reset starts the clock again with a new allowance (after a word).
+func (c *suspectClock) Reset(after time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopped {
+		return
+	}
+	c.rechecked = false
+	c.due = time.Now().Add(after)
+	c.t.Reset(after)
 }

@@ -345,3 +345,50 @@ func TestAllowanceLearnt(t *testing.T) {
 		t.Errorf("no measured round trip: allowance %v, want 0 (never early)", got)
 	}
 }
+
+// TestSuspectClockRechecks: when a host's allowance runs out, the edge
+// looks once more before it suspects the host (a word may wait unread on
+// a busy machine); a clock stopped meanwhile — the word was read — never
+// suspects, and one reset by a word starts its allowance again.
+func TestSuspectClockRechecks(t *testing.T) {
+	p := &Proxy{cfg: Config{HostID: "ams-1"}, log: slog.New(slog.DiscardHandler), probes: newProber()}
+	c := p.suspectTimer("fra-1", time.Millisecond, "test")
+	waitFor(t, "fra-1 suspect", func() bool { return p.suspicion.has("fra-1") })
+	c.mu.Lock()
+	if !c.rechecked {
+		t.Error("suspected without looking again")
+	}
+	c.mu.Unlock()
+
+	// The allowance ran out an hour ago, and this edge was stalled that
+	// long: it looks again for as long before it suspects.
+	c = p.suspectTimer("fra-2", time.Hour, "test")
+	c.mu.Lock()
+	c.due = time.Now().Add(-time.Hour)
+	c.t.Reset(0)
+	c.mu.Unlock()
+	waitFor(t, "the recheck armed", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.rechecked
+	})
+	c.mu.Lock()
+	if time.Until(c.due) < 59*time.Minute {
+		t.Errorf("recheck due in %v, want the hour the edge was late", time.Until(c.due))
+	}
+	c.mu.Unlock()
+	c.Stop() // the word is read during the recheck
+	time.Sleep(20 * time.Millisecond)
+	if p.suspicion.has("fra-2") {
+		t.Error("fra-2 suspected though its word came during the recheck")
+	}
+	c = p.suspectTimer("fra-3", time.Hour, "test")
+	c.Reset(time.Hour)
+	if c.rechecked || p.suspicion.has("fra-3") || time.Until(c.due) < 59*time.Minute {
+		t.Error("a reset clock did not start its allowance again")
+	}
+	c.Stop()
+	if p.suspectTimer("fra-4", 0, "test") != nil {
+		t.Error("a zero allowance (round trip unknown) still made a clock")
+	}
+}
