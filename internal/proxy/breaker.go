@@ -370,15 +370,20 @@ var (
 	_ route.Load    = routeInput{}
 	_ route.Demoter = routeInput{}
 	_ route.Shedder = routeInput{}
+	_ route.Doubter = routeInput{}
 )
 
 func (r routeInput) InFlight(id string) int { return r.p.load.InFlight(id) }
 
-// Demoted: an open breaker's machine or host, or a suspect host
-// (suspect.go), ranks after every other candidate.
+// Demoted: an open breaker's machine or host ranks after every other
+// candidate, and so does a suspect host (suspect.go) of a region every
+// host of which this edge suspects or found silent: the region looks dead.
 func (r routeInput) Demoted(id, host string) bool {
-	return r.p.strikes.demoted(id, host) || r.p.suspicion.has(host)
+	return r.p.strikes.demoted(id, host) || r.p.suspicion.has(host) && r.p.regionLooksDead(host)
 }
+
+// Doubted: a suspect host's machines rank after their region's others.
+func (r routeInput) Doubted(host string) bool { return r.p.suspicion.has(host) }
 
 func (r routeInput) Shed(app, region string, rand uint64) bool {
 	return r.p.regions.shed(app, region, rand)

@@ -4,6 +4,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/flamehq/flame/internal/proxy/route"
 )
 
 // Suspect hosts: this edge's doubt, sooner than its verdict.
@@ -21,10 +23,14 @@ import (
 // between two acknowledgements of one request.
 //
 // A suspect host is deprioritised, never refused: its machines rank after
-// every other candidate (routeInput.Demoted), so a request still goes there
-// when nothing else is left, and the attempts already waiting on it keep
-// their budgets — a slow host loses its place in the order for a moment,
-// not a request. Any word from it clears the suspicion (an
+// the other machines of their region (route.Doubter), still before any
+// other region's — a doubt alone, which a busy machine raises now and then,
+// never sends a request across the world — and after every other candidate
+// only once every host of that region is suspect or found silent
+// (routeInput.Demoted: the region looks dead; never the edge's own). A
+// request still goes to a suspect host when nothing else is left, and the
+// attempts already waiting on it keep their budgets — a slow host loses
+// its place in the order for a moment, not a request. Any word from it clears the suspicion (an
 // acknowledgement, an answer, a connect), and the proxy probes a suspect
 // host off the request path (probe.go) as soon as no attempt waits on it
 // (while one does, its word or its verdict will tell): the probe's answer
@@ -148,9 +154,10 @@ const maxSuspects = 1 << 12
 
 // suspects are the hosts this edge suspects.
 type suspects struct {
-	n  atomic.Int32 // hosts suspect: zero is the fast path
-	mu sync.Mutex
-	m  map[string]*suspicion
+	index atomic.Pointer[regionIndex]
+	n     atomic.Int32 // hosts suspect: zero is the fast path
+	mu    sync.Mutex
+	m     map[string]*suspicion
 }
 
 // suspicion is one suspect host.
@@ -230,6 +237,57 @@ func (s *suspects) pending() bool {
 		}
 	}
 	return false
+}
+
+// regionIndex lists the hosts of each region of one state.
+type regionIndex struct {
+	st *state
+	by map[string][]string
+}
+
+// regionHosts returns the hosts of region in st (indexed once per state).
+func (p *Proxy) regionHosts(st *state, region string) []string {
+	if ix := p.suspicion.index.Load(); ix != nil && ix.st == st {
+		return ix.by[region]
+	}
+	ix := &regionIndex{st: st, by: map[string][]string{}}
+	for id, h := range st.hosts {
+		ix.by[h.Region] = append(ix.by[h.Region], id)
+	}
+	p.suspicion.index.Store(ix)
+	return ix.by[region]
+}
+
+// regionLooksDead reports whether every host of host's region that could
+// take a request (not down, with a backhaul address) is suspect or has
+// its breaker open; never for the edge's own region.
+func (p *Proxy) regionLooksDead(host string) bool {
+	st := p.state.Load()
+	h, ok := st.hosts[host]
+	if !ok || h.Region == p.cfg.Region {
+		return false
+	}
+	for _, id := range p.regionHosts(st, h.Region) {
+		m := st.hosts[id]
+		if m.Status == route.HostDown || st.backhaul[id] == "" {
+			continue
+		}
+		if !p.suspicion.has(id) && !p.strikes.hostOpen(id) {
+			return false
+		}
+	}
+	return true
+}
+
+// hostOpen reports whether host's breaker is open (or waits for its probe).
+func (s *breakers) hostOpen(host string) bool {
+	if s.entries.Load() == 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.host[host]
+	return b != nil && b.trips > 0
 }
 
 // suspectHost makes a host suspect, as an attempt on it found (why), and

@@ -392,3 +392,48 @@ func TestSuspectClockRechecks(t *testing.T) {
 		t.Error("a zero allowance (round trip unknown) still made a clock")
 	}
 }
+
+// TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead: at an iad edge
+// preferring ams, a suspect ams host's machines go after the other ams
+// host's, still before iad's: a doubt alone, which a busy machine raises
+// now and then, never sends a request across the ocean. Once every ams
+// host is suspect or found silent — the region looks dead — iad's
+// machines go first. The edge's own region never looks dead to it.
+func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
+	b := startBackend(t, "any")
+	hosts := []route.Host{
+		{ID: "iad-1", Region: "iad", Status: route.HostAlive},
+		{ID: "iad-2", Region: "iad", Status: route.HostAlive, RTT: time.Millisecond},
+		{ID: "ams-1", Region: "ams", Status: route.HostAlive, RTT: 90 * time.Millisecond},
+		{ID: "ams-2", Region: "ams", Status: route.HostAlive, RTT: 91 * time.Millisecond},
+	}
+	ms := []route.Machine{machine("a1", "ams-1", b.addr), machine("a2", "ams-2", b.addr), machine("i1", "iad-1", b.addr), machine("i2", "iad-2", b.addr)}
+	edge := startProxy(t, Config{HostID: "iad-1", HeartbeatInterval: -1})
+	edge.setState(route.Facts{Self: "iad-1", Region: "iad", Hosts: hosts, Machines: ms},
+		map[string]string{"ams-1": "10.0.0.1:4380", "ams-2": "10.0.0.2:4380", "iad-2": "10.0.1.2:4380"})
+	order := func(q route.Query) []string {
+		var buf [route.MaxCandidates]*route.Target
+		var out []string
+		for _, tg := range edge.Table().Select("demo", q, routeInput{edge}, buf[:0]) {
+			out = append(out, tg.MachineID)
+		}
+		return out
+	}
+	ams := route.Query{Port: 80, PreferRegion: "ams"}
+	edge.suspicion.suspect("ams-1")
+	if got := order(ams); !slices.Equal(got[:2], []string{"a2", "a1"}) {
+		t.Errorf("ams-1 suspect: %v, want a2 then a1 before iad", got)
+	}
+	edge.strikes.fail("", "ams-2", weightConnect) // found silent
+	if got := order(ams); got[0] == "a1" || got[0] == "a2" || !slices.Equal(got[2:], []string{"a1", "a2"}) && !slices.Equal(got[2:], []string{"a2", "a1"}) {
+		t.Errorf("ams-1 suspect, ams-2 silent: %v, want iad's machines first", got)
+	}
+	edge.suspicion.heard("ams-1")
+	if got := order(ams); got[0] != "a1" {
+		t.Errorf("ams-1 heard from, ams-2 silent: %v, want a1 first", got)
+	}
+	edge.suspicion.suspect("iad-2")
+	if got := order(route.Query{Port: 80}); !slices.Equal(got[:2], []string{"i1", "i2"}) {
+		t.Errorf("iad-2 suspect at its own region's edge: %v, want i1 then i2 before ams", got)
+	}
+}

@@ -37,6 +37,18 @@ type Demoter interface {
 	Demoted(machineID, host string) bool
 }
 
+// Doubter is implemented by a Load that doubts some hosts (the edge
+// suspects them, without a verdict): their machines rank after the other
+// machines of their tier and region, and a preferred instance on one loses
+// its preference — but they still rank before any other region's machines
+// (a doubt alone never sends a request across the world).
+type Doubter interface {
+	Doubted(host string) bool
+}
+
+// doubted is the penalty a doubted host's machines take within their tier.
+const doubted = int64(1) << 40
+
 // key orders candidates: lower first.
 type key struct {
 	tier    int
@@ -114,22 +126,23 @@ func (t *Table) Select(appName string, q Query, load Load, out []*Target) []*Tar
 	}
 	dm, _ := load.(Demoter)
 	sh, _ := load.(Shedder)
+	dt, _ := load.(Doubter)
 	idx := a.byPort[q.Port]
 	if len(idx) > 0 {
 		for _, i := range idx {
-			t.consider(&p, &a.targets[i], &q, home, load, dm, sh)
+			t.consider(&p, &a.targets[i], &q, home, load, dm, sh, dt)
 		}
 	} else {
 		for _, i := range a.ranges {
 			if tg := &a.targets[i]; tg.lo <= q.Port && q.Port <= tg.hi {
-				t.consider(&p, tg, &q, home, load, dm, sh)
+				t.consider(&p, tg, &q, home, load, dm, sh, dt)
 			}
 		}
 	}
 	return p.out
 }
 
-func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load, dm Demoter, sh Shedder) {
+func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load, dm Demoter, sh Shedder, dt Doubter) {
 	if tg.Excluded != Included || tg.Handler.Raw() != q.TCP {
 		return
 	}
@@ -148,8 +161,9 @@ func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load
 	}
 	k := key{tie: mix(tg.slot ^ q.Rand)}
 	over := n >= tg.SoftLimit
+	doubt := dt != nil && dt.Doubted(tg.Host)
 	switch {
-	case q.PreferInstance != "" && (q.PreferInstance == tg.MachineID || q.PreferInstance == tg.InstanceID):
+	case q.PreferInstance != "" && (q.PreferInstance == tg.MachineID || q.PreferInstance == tg.InstanceID) && !doubt:
 		k.tier = tierPreferred
 	case tg.Region == home:
 		k.tier = tierHomeUnderSoft
@@ -157,12 +171,18 @@ func (t *Table) consider(p *picker, tg *Target, q *Query, home string, load Load
 			k.tier = tierHomeOverSoft
 		}
 		k.a, k.b = int64(n), int64(tg.RTT)
+		if doubt {
+			k.a += doubted
+		}
 	default:
 		k.tier = tierAwayUnderSoft
 		if over {
 			k.tier = tierAwayOverSoft
 		}
 		k.a, k.b, k.c = int64(tg.regionRank), int64(n), int64(tg.RTT)
+		if doubt {
+			k.b += doubted
+		}
 	}
 	// Penalties, each outweighing the ones before: a suspect host, a shed
 	// region, a demoted machine or host.
