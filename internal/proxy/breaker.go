@@ -350,7 +350,7 @@ func (p *Proxy) strike(tg *route.Target, err error) {
 	switch {
 	case !tg.OnSelf && errors.As(err, &ce) && errors.Is(err, context.DeadlineExceeded),
 		!tg.OnSelf && errors.As(err, &se):
-		p.foundSilent(tg.Host) // its breaker opens; its region-mates are suspect (suspect.go)
+		p.foundSilent(tg.Host) // its breaker opens (suspect.go)
 	case errors.As(err, &ce), errors.Is(err, errNotReached):
 		p.strikes.fail(tg.MachineID, tg.Host, weightConnect)
 	default:

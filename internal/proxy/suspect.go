@@ -37,11 +37,10 @@ import (
 // clears the suspicion; a probe that hears nothing within the budgets of a
 // request is the silent verdict, and the host's breaker opens.
 //
-// A host found silent makes the other hosts of its region suspect (never
-// the edge's own host): the hosts of a region die together when the region
-// does, and a request moved from one of them to a region-mate would meet
-// the same silence. Each is probed at once, and a region-mate that answers
-// is back in its place a round trip or two later.
+// A host found silent does not make its region-mates suspect: when a whole
+// region dies, each of its hosts the edge sends to is suspected on its own
+// evidence within the same allowance, and on a busy machine a false
+// verdict on one host would otherwise move a whole region's traffic.
 
 // suspectSlack is what a healthy host's first word may take beyond the
 // measured round trip: the far proxy acknowledges before doing anything
@@ -303,9 +302,8 @@ func (p *Proxy) suspectHost(host, why string) {
 }
 
 // foundSilent records the verdict on a host an attempt or a probe found
-// silent: its breaker opens (once: true when it did now), the attempts
-// still waiting on it give up (silence.go), and the other hosts of its
-// region are suspect.
+// silent: its breaker opens (once: true when it did now), and the attempts
+// still waiting on it give up (silence.go).
 func (p *Proxy) foundSilent(host string) bool {
 	if !p.strikes.fail("", host, weightConnect) {
 		return false
@@ -313,16 +311,6 @@ func (p *Proxy) foundSilent(host string) bool {
 	p.suspicion.heard(host) // the breaker governs it now
 	p.probes.kick()         // the host's probe is scheduled
 	p.waiters.silent(host)  // the attempts still waiting on it give up
-	st := p.state.Load()
-	region := st.hosts[host].Region
-	if region == "" {
-		return true
-	}
-	for id, h := range st.hosts {
-		if h.Region == region && id != host && id != p.cfg.HostID {
-			p.suspectHost(id, "a host of its region, "+host+", was found silent")
-		}
-	}
 	return true
 }
 
