@@ -259,12 +259,20 @@ func (p *Proxy) regionHosts(st *state, region string) []string {
 
 // regionLooksDead reports whether every host of host's region that could
 // take a request (not down, with a backhaul address) is suspect or has
-// its breaker open; never for the edge's own region.
+// its breaker open; never for the edge's own region, and never while the
+// edge suspects a host of its own region too: a doubt that is everywhere
+// is the doubter's (a busy machine, its own network), and moving traffic
+// across the world would not cure it.
 func (p *Proxy) regionLooksDead(host string) bool {
 	st := p.state.Load()
 	h, ok := st.hosts[host]
 	if !ok || h.Region == p.cfg.Region {
 		return false
+	}
+	for _, id := range p.regionHosts(st, p.cfg.Region) {
+		if id != p.cfg.HostID && p.suspicion.has(id) {
+			return false
+		}
 	}
 	for _, id := range p.regionHosts(st, h.Region) {
 		m := st.hosts[id]

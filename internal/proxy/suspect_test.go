@@ -395,7 +395,9 @@ func TestSuspectClockRechecks(t *testing.T) {
 // host's, still before iad's: a doubt alone, which a busy machine raises
 // now and then, never sends a request across the ocean. Once every ams
 // host is suspect or found silent — the region looks dead — iad's
-// machines go first. The edge's own region never looks dead to it.
+// machines go first, unless the edge suspects a host of its own region
+// too (the doubt is then its own). The edge's own region never looks dead
+// to it.
 func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
 	b := startBackend(t, "any")
 	hosts := []route.Host{
@@ -425,6 +427,12 @@ func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
 	if got := order(ams); got[0] == "a1" || got[0] == "a2" || !slices.Equal(got[2:], []string{"a1", "a2"}) && !slices.Equal(got[2:], []string{"a2", "a1"}) {
 		t.Errorf("ams-1 suspect, ams-2 silent: %v, want iad's machines first", got)
 	}
+	// The edge doubts a host of its own region too: the doubt is its own.
+	edge.suspicion.suspect("iad-2")
+	if got := order(ams); got[0] != "a1" {
+		t.Errorf("ams-1 and iad-2 suspect, ams-2 silent: %v, want a1 first", got)
+	}
+	edge.suspicion.heard("iad-2")
 	edge.suspicion.heard("ams-1")
 	if got := order(ams); got[0] != "a1" {
 		t.Errorf("ams-1 heard from, ams-2 silent: %v, want a1 first", got)
