@@ -546,6 +546,14 @@ func (run *failoverRun) awayBefore() map[string]int {
 		for _, s := range lc.all() {
 			if !s.Failed() && s.Done.Before(last.at) && s.Region != "ams" {
 				out[lc.name]++
+				// and by phase: before the first fault, after the nth
+				phase := "before any fault"
+				for _, f := range run.faults {
+					if !s.Sent.Before(f.at) {
+						phase = "after " + f.name
+					}
+				}
+				out[phase]++
 			}
 		}
 	}
