@@ -83,6 +83,8 @@ type breaker struct {
 	lease   time.Duration
 	// synthetic: probed by the proxy, never by a request (a host's).
 	synthetic bool
+	// opened is when it first opened since it was last closed.
+	opened time.Time
 }
 
 func (b *breaker) state(now time.Time) breakerState {
@@ -115,6 +117,9 @@ func (b *breaker) fail(now time.Time, weight int) bool {
 		}
 	case stateOpen:
 		return false
+	}
+	if b.trips == 0 {
+		b.opened = time.Now() // wall time: regions compare it with suspicions (suspect.go)
 	}
 	b.trips++
 	b.points = 0

@@ -97,6 +97,9 @@ func (p *Proxy) runProbes(ctx context.Context) {
 					err := p.probeHost(ctx, host, addr, h.RTT)
 					if ctx.Err() == nil {
 						p.strikes.probed(host, err == nil)
+						if err == nil {
+							p.suspicion.heard(host)
+						}
 						p.log.Debug("host probed", "host", host, "err", err)
 					}
 					done <- host
@@ -107,6 +110,9 @@ func (p *Proxy) runProbes(ctx context.Context) {
 		// the suspicion, silence is the verdict.
 		sus = p.suspicion.dueProbes(maxProbes-len(running), running, p.waiters.waiting, sus[:0])
 		for _, host := range sus {
+			if p.strikes.hostOpen(host) {
+				continue // its breaker's probe tells (and clears the suspicion)
+			}
 			h, known := st.hosts[host]
 			addr := st.backhaul[host]
 			if !known || h.Status == route.HostDown || addr == "" {

@@ -161,7 +161,8 @@ type suspects struct {
 
 // suspicion is one suspect host.
 type suspicion struct {
-	probing bool // the proxy's probe of it is out
+	probing bool      // the proxy's probe of it is out
+	since   time.Time // when it became suspect
 }
 
 // suspect makes host suspect and reports whether it was not already.
@@ -174,7 +175,7 @@ func (s *suspects) suspect(host string) bool {
 	if s.m[host] != nil || len(s.m) >= maxSuspects {
 		return false
 	}
-	s.m[host] = &suspicion{}
+	s.m[host] = &suspicion{since: time.Now()}
 	s.n.Add(1)
 	return true
 }
@@ -190,6 +191,19 @@ func (s *suspects) heard(host string) {
 		delete(s.m, host)
 		s.n.Add(-1)
 	}
+}
+
+// since reports when host became suspect (false: it is not).
+func (s *suspects) since(host string) (time.Time, bool) {
+	if s.n.Load() == 0 {
+		return time.Time{}, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if sp := s.m[host]; sp != nil {
+		return sp.since, true
+	}
+	return time.Time{}, false
 }
 
 // has reports whether host is suspect.
@@ -259,10 +273,12 @@ func (p *Proxy) regionHosts(st *state, region string) []string {
 
 // regionLooksDead reports whether every host of host's region that could
 // take a request (not down, with a backhaul address) is suspect or has
-// its breaker open; never for the edge's own region, and never while the
-// edge suspects a host of its own region too: a doubt that is everywhere
-// is the doubter's (a busy machine, its own network), and moving traffic
-// across the world would not cure it.
+// its breaker open, and all fell so within one allowance of each other:
+// a region dies at once, while a host that died long ago and a flicker of
+// its region-mates on a busy machine are no region's death. Never for the
+// edge's own region, and never while the edge suspects a host of its own
+// region too: a doubt that is everywhere is the doubter's (a busy machine,
+// its own network), and moving traffic across the world would not cure it.
 func (p *Proxy) regionLooksDead(host string) bool {
 	st := p.state.Load()
 	h, ok := st.hosts[host]
@@ -274,27 +290,48 @@ func (p *Proxy) regionLooksDead(host string) bool {
 			return false
 		}
 	}
+	var first, last time.Time
+	var window time.Duration
 	for _, id := range p.regionHosts(st, h.Region) {
 		m := st.hosts[id]
 		if m.Status == route.HostDown || st.backhaul[id] == "" {
 			continue
 		}
-		if !p.suspicion.has(id) && !p.strikes.hostOpen(id) {
-			return false
+		at, ok := p.suspicion.since(id)
+		if !ok {
+			if at, ok = p.strikes.hostOpenSince(id); !ok {
+				return false
+			}
 		}
+		if first.IsZero() || at.Before(first) {
+			first = at
+		}
+		if at.After(last) {
+			last = at
+		}
+		window = max(window, p.words.allowance(id, m.RTT))
 	}
-	return true
+	return !first.IsZero() && last.Sub(first) <= window
+}
+
+// hostOpenSince reports since when host's breaker has been open (or
+// waiting for its probe) without closing.
+func (s *breakers) hostOpenSince(host string) (time.Time, bool) {
+	if s.entries.Load() == 0 {
+		return time.Time{}, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b := s.host[host]; b != nil && b.trips > 0 {
+		return b.opened, true
+	}
+	return time.Time{}, false
 }
 
 // hostOpen reports whether host's breaker is open (or waits for its probe).
 func (s *breakers) hostOpen(host string) bool {
-	if s.entries.Load() == 0 {
-		return false
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	b := s.host[host]
-	return b != nil && b.trips > 0
+	_, open := s.hostOpenSince(host)
+	return open
 }
 
 // suspectHost makes a host suspect, as an attempt on it found (why), and
@@ -316,9 +353,8 @@ func (p *Proxy) foundSilent(host string) bool {
 	if !p.strikes.fail("", host, weightConnect) {
 		return false
 	}
-	p.suspicion.heard(host) // the breaker governs it now
-	p.probes.kick()         // the host's probe is scheduled
-	p.waiters.silent(host)  // the attempts still waiting on it give up
+	p.probes.kick()        // the host's probe is scheduled; its success clears a suspicion too
+	p.waiters.silent(host) // the attempts still waiting on it give up
 	return true
 }
 

@@ -395,8 +395,9 @@ func TestSuspectClockRechecks(t *testing.T) {
 // host's, still before iad's: a doubt alone, which a busy machine raises
 // now and then, never sends a request across the ocean. Once every ams
 // host is suspect or found silent — the region looks dead — iad's
-// machines go first, unless the edge suspects a host of its own region
-// too (the doubt is then its own). The edge's own region never looks dead
+// machines go first — if they fell silent within one allowance of each
+// other (a region dies at once), and unless the edge suspects a host of
+// its own region too (the doubt is then its own). The edge's own region never looks dead
 // to it.
 func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
 	b := startBackend(t, "any")
@@ -437,6 +438,16 @@ func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
 	if got := order(ams); got[0] != "a1" {
 		t.Errorf("ams-1 heard from, ams-2 silent: %v, want a1 first", got)
 	}
+	// ams-2 fell silent ten seconds ago; ams-1 flickers now: no region
+	// dies that slowly.
+	edge.strikes.mu.Lock()
+	edge.strikes.host["ams-2"].opened = time.Now().Add(-10 * time.Second)
+	edge.strikes.mu.Unlock()
+	edge.suspicion.suspect("ams-1")
+	if got := order(ams); got[0] != "a1" {
+		t.Errorf("ams-2 silent long ago, ams-1 suspect now: %v, want a1 first", got)
+	}
+	edge.suspicion.heard("ams-1")
 	edge.suspicion.suspect("iad-2")
 	if got := order(route.Query{Port: 80}); !slices.Equal(got[:2], []string{"i1", "i2"}) {
 		t.Errorf("iad-2 suspect at its own region's edge: %v, want i1 then i2 before ams", got)
