@@ -16,26 +16,33 @@ import (
 // requests already sent and opens the host's breaker; but until it comes,
 // every new request the edge sends the host meets the same silence. So
 // the edge suspects a host long before it condemns it: an attempt on
-// another host that has heard nothing from it one round trip plus a slack
-// (suspectAfter) after its request was written or its connect began — a
-// healthy host acknowledges at once (ack.go) — makes the host suspect,
-// and so does a gap of two acknowledgement intervals plus the slack
-// between two acknowledgements of one request.
+// another host that has heard nothing from it for the host's allowance
+// (hostWords: a round trip plus a slack, or what the host's words taught)
+// after its request was written or its connect began — a healthy host
+// acknowledges at once (ack.go) — makes the host suspect, and so does a
+// gap of an acknowledgement interval plus the allowance between two
+// acknowledgements of one request, or an unanswered heartbeat
+// (heartbeat.go). When an allowance runs out the edge looks once more
+// before it suspects (recheckAfter): its own stall is not the host's
+// silence.
 //
 // A suspect host is deprioritised, never refused: its machines rank after
 // the other machines of their region (route.Doubter), still before any
 // other region's — a doubt alone, which a busy machine raises now and then,
 // never sends a request across the world — and after every other candidate
-// only once every host of that region is suspect or found silent
-// (routeInput.Demoted: the region looks dead; never the edge's own). A
-// request still goes to a suspect host when nothing else is left, and the
-// attempts already waiting on it keep their budgets — a slow host loses
-// its place in the order for a moment, not a request. Any word from it clears the suspicion (an
-// acknowledgement, an answer, a connect), and the proxy probes a suspect
-// host off the request path (probe.go) as soon as no attempt waits on it
-// (while one does, its word or its verdict will tell): the probe's answer
-// clears the suspicion; a probe that hears nothing within the budgets of a
-// request is the silent verdict, and the host's breaker opens.
+// only once every host of that region is suspect or found silent, all
+// within one allowance of each other (regionLooksDead). A request still
+// goes to a suspect host when nothing else is left, and the attempts
+// already waiting on it keep their budgets — a slow host loses its place
+// in the order for a moment, not a request. Any word from it clears the
+// suspicion (an acknowledgement, an answer, a connect, a heartbeat's
+// answer), and the proxy probes a suspect host off the request path
+// (probe.go) as soon as no attempt waits on it (while one does, its word
+// or its verdict will tell): the probe's answer clears the suspicion; a
+// probe that hears nothing within the budgets of a request is the silent
+// verdict, and the host's breaker opens. A suspicion outlives the verdict
+// until the host is heard from: when it fell silent is what tells a
+// region's death from a flicker.
 //
 // A host found silent does not make its region-mates suspect: when a whole
 // region dies, each of its hosts the edge sends to is suspected on its own
