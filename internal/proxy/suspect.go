@@ -282,7 +282,9 @@ func (p *Proxy) regionHosts(st *state, region string) []string {
 // take a request (not down, with a backhaul address) is suspect or has
 // its breaker open, and all fell so within one allowance of each other:
 // a region dies at once, while a host that died long ago and a flicker of
-// its region-mates on a busy machine are no region's death. Never for the
+// its region-mates on a busy machine are no region's death. It takes two
+// hosts at least: one host's silence alone is corroborated by nothing but
+// its verdict (its breaker demotes it then). Never for the
 // edge's own region, and never while the edge suspects a host of its own
 // region too: a doubt that is everywhere is the doubter's (a busy machine,
 // its own network), and moving traffic across the world would not cure it.
@@ -299,11 +301,13 @@ func (p *Proxy) regionLooksDead(host string) bool {
 	}
 	var first, last time.Time
 	var window time.Duration
+	hosts := 0
 	for _, id := range p.regionHosts(st, h.Region) {
 		m := st.hosts[id]
 		if m.Status == route.HostDown || st.backhaul[id] == "" {
 			continue
 		}
+		hosts++
 		at, ok := p.suspicion.since(id)
 		if !ok {
 			if at, ok = p.strikes.hostOpenSince(id); !ok {
@@ -318,7 +322,7 @@ func (p *Proxy) regionLooksDead(host string) bool {
 		}
 		window = max(window, p.words.allowance(id, m.RTT))
 	}
-	return !first.IsZero() && last.Sub(first) <= window
+	return hosts >= 2 && last.Sub(first) <= window
 }
 
 // hostOpenSince reports since when host's breaker has been open (or

@@ -397,8 +397,9 @@ func TestSuspectClockRechecks(t *testing.T) {
 // host is suspect or found silent — the region looks dead — iad's
 // machines go first — if they fell silent within one allowance of each
 // other (a region dies at once), and unless the edge suspects a host of
-// its own region too (the doubt is then its own). The edge's own region never looks dead
-// to it.
+// its own region too (the doubt is then its own). A region of one host
+// never looks dead for a suspicion alone, and the edge's own region never
+// looks dead to it.
 func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
 	b := startBackend(t, "any")
 	hosts := []route.Host{
@@ -448,6 +449,15 @@ func TestSuspicionCrossesRegionsOnlyWhenTheRegionLooksDead(t *testing.T) {
 		t.Errorf("ams-2 silent long ago, ams-1 suspect now: %v, want a1 first", got)
 	}
 	edge.suspicion.heard("ams-1")
+	// A region of one host never looks dead for a suspicion alone.
+	edge.setState(route.Facts{Self: "iad-1", Region: "iad", Hosts: hosts[:3], Machines: ms[:3]},
+		map[string]string{"ams-1": "10.0.0.1:4380"})
+	edge.suspicion.suspect("ams-1")
+	if got := order(ams); got[0] != "a1" {
+		t.Errorf("ams-1, alone in ams, suspect: %v, want a1 first", got)
+	}
+	edge.setState(route.Facts{Self: "iad-1", Region: "iad", Hosts: hosts, Machines: ms},
+		map[string]string{"ams-1": "10.0.0.1:4380", "ams-2": "10.0.0.2:4380", "iad-2": "10.0.1.2:4380"})
 	edge.suspicion.suspect("iad-2")
 	if got := order(route.Query{Port: 80}); !slices.Equal(got[:2], []string{"i1", "i2"}) {
 		t.Errorf("iad-2 suspect at its own region's edge: %v, want i1 then i2 before ams", got)
