@@ -32,13 +32,13 @@ import (
 
 // edgeServer serves the edge listener.
 type edgeServer struct {
-	p    *Proxy
-	ln   net.Listener
+	p  *Proxy
+	ln net.Listener
 	// tlsLn is the HTTPS listener (nil: none); its connections are
 	// wrapped in TLS with tlsConf (tls.go).
 	tlsLn   net.Listener
 	tlsConf *tls.Config
-	slow *http.Server // serveEdge over net/http: h2c and what the fast path hands over
+	slow    *http.Server // serveEdge over net/http: h2c and what the fast path hands over
 	// handed is the listener slow serves: the connections handed over.
 	handed *handoffListener
 	pool   *upPool
