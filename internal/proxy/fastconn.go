@@ -32,13 +32,9 @@ import (
 
 // edgeServer serves the edge listener.
 type edgeServer struct {
-	p  *Proxy
-	ln net.Listener
-	// tlsLn is the HTTPS listener (nil: none); its connections are
-	// wrapped in TLS with tlsConf (tls.go).
-	tlsLn   net.Listener
-	tlsConf *tls.Config
-	slow    *http.Server // serveEdge over net/http: h2c and what the fast path hands over
+	p    *Proxy
+	ln   net.Listener
+	slow *http.Server // serveEdge over net/http: h2c and what the fast path hands over
 	// handed is the listener slow serves: the connections handed over.
 	handed *handoffListener
 	pool   *upPool
@@ -51,6 +47,11 @@ type edgeServer struct {
 	conns   map[*fastConn]struct{}
 	closing atomic.Bool
 	wg      sync.WaitGroup
+
+	// tlsLn is the HTTPS listener (nil: none); its connections are
+	// wrapped in TLS with tlsConf (tls.go).
+	tlsLn   net.Listener
+	tlsConf *tls.Config
 }
 
 // fastBodyLimit is the largest request body the fast path buffers itself
