@@ -50,7 +50,7 @@ func TestReadmeExamples(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0")
 	// Stop it as a user would (Ctrl-C): a kill would leave the sandboxes.
 	t.Cleanup(func() {
 		dev.cmd.Process.Signal(syscall.SIGINT)

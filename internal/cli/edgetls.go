@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/certstore"
+	"github.com/flamehq/flame/internal/devcluster"
 	"github.com/flamehq/flame/internal/edgecert"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy"
@@ -115,4 +117,19 @@ func setupEdgeTLS(hc *host.Config, a agentFlags, bus *catalog.NATS, log *slog.Lo
 		names.Close()
 		st.Close()
 	}, nil
+}
+
+// defaultEdgeTLSAddr is flame dev's first HTTPS edge.
+const defaultEdgeTLSAddr = "127.0.0.1:4390"
+
+// printHTTPSEdges lists flame dev's HTTPS edges and the CA a client trusts.
+func printHTTPSEdges(w io.Writer, dev *devcluster.Cluster) {
+	for _, h := range dev.Hosts {
+		if h.EdgeTLSAddr != "" {
+			fmt.Fprintf(w, "  HTTPS %-7s https://<app>.%s/   (on %s)\n", h.Region, edgeHost(h.EdgeTLSAddr), h.ID)
+		}
+	}
+	if p := dev.CAPath(); p != "" {
+		fmt.Fprintf(w, "  CA            %s   (curl --cacert; the HTTPS edges' certificates chain to it)\n", p)
+	}
 }
