@@ -51,7 +51,7 @@ func (fc *fastConn) forward(body []byte) action {
 	p, req := fc.e.p, &fc.req
 	appName, ok := p.appFor(str(req.host))
 	st := p.state.Load()
-	if !ok || !st.table.HasApp(appName) || p.wantsChallenge(req.target) {
+	if !ok || !st.table.HasApp(appName) || p.wantsChallenge(str(req.host), str(req.target)) {
 		return actHandOff // net/http answers 404 naming the host, or an ACME challenge
 	}
 	q := route.Query{

@@ -159,16 +159,21 @@ func (p *Proxy) httpsURL(host, uri string) string {
 // acmeChallenge answers an HTTP-01 challenge request, if it is one the
 // certificate source knows.
 func (p *Proxy) acmeChallenge(w http.ResponseWriter, r *http.Request) bool {
-	if p.cfg.TLS == nil || p.cfg.TLS.HTTPChallenge == nil || !strings.HasPrefix(r.URL.Path, acmeChallengePath) {
+	if !p.wantsChallenge(r.Host, r.URL.Path) {
 		return false
 	}
 	return p.cfg.TLS.HTTPChallenge(w, r)
 }
 
-// wantsChallenge reports whether the fast path must hand a request (its
-// target) to net/http for the HTTP-01 answer.
-func (p *Proxy) wantsChallenge(target []byte) bool {
-	return p.cfg.TLS != nil && p.cfg.TLS.HTTPChallenge != nil && strings.HasPrefix(str(target), acmeChallengePath)
+// wantsChallenge reports whether a request (its Host and path) may be an
+// HTTP-01 challenge: one for a claimed hostname, so that a client asking
+// any other name under that path costs no look-up in the shared storage.
+func (p *Proxy) wantsChallenge(host, path string) bool {
+	if p.cfg.TLS == nil || p.cfg.TLS.HTTPChallenge == nil || p.cfg.Hostnames == nil || !strings.HasPrefix(path, acmeChallengePath) {
+		return false
+	}
+	_, ok := p.cfg.Hostnames(hostOnly(host))
+	return ok
 }
 
 // handshake runs a TLS connection's handshake under the header timeout
