@@ -192,3 +192,41 @@ func TestValidHostname(t *testing.T) {
 		}
 	}
 }
+
+// TestHostnamesFollow: the follower sees claims made and deleted.
+func TestHostnamesFollow(t *testing.T) {
+	ctx := context.Background()
+	cat := openCatalog(t)
+	b, err := cat.Bucket(BucketHostnames)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := catalog.CreateJSON(ctx, b, "a.example.com", Claim{Hostname: "a.example.com", App: "a", AppID: "1"}, 0); err != nil {
+		t.Fatal(err)
+	}
+	h := NewHostnames(b, nil)
+	h.Start()
+	defer h.Close()
+	<-h.Ready()
+	wait := func(host, app string, ok bool) {
+		t.Helper()
+		for end := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if got, gok := h.App(host); got == app && gok == ok {
+				return
+			}
+			if time.Now().After(end) {
+				t.Fatalf("%s: never (%q, %v)", host, app, ok)
+			}
+		}
+	}
+	wait("a.example.com", "a", true)
+	if _, err := catalog.CreateJSON(ctx, b, "b.example.com", Claim{Hostname: "b.example.com", App: "b", AppID: "2"}, 0); err != nil {
+		t.Fatal(err)
+	}
+	wait("b.example.com", "b", true)
+	if err := b.Delete(ctx, "a.example.com", 0); err != nil {
+		t.Fatal(err)
+	}
+	wait("a.example.com", "", false)
+	wait("b.example.com", "b", true)
+}
