@@ -106,16 +106,36 @@ func startPebble(t *testing.T, httpPort, tlsPort int, validity time.Duration) *p
 	pb := &pebble{ca: ca}
 	h := wfe.Handler()
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPost && r.URL.Path == "/order-plz" {
+		if r.Method != http.MethodPost || r.URL.Path != "/order-plz" {
+			h.ServeHTTP(w, r)
+			return
+		}
+		// An order made, not a request for one (pebble refuses some nonces
+		// on purpose, and the client asks again).
+		sw := &statusWriter{ResponseWriter: w}
+		h.ServeHTTP(sw, r)
+		if sw.status == http.StatusCreated {
 			pb.orders.Add(1)
 		}
-		h.ServeHTTP(w, r)
 	}))
 	t.Cleanup(srv.Close)
 	pb.url = srv.URL + pebblewfe.DirectoryPath
 	pb.roots = x509.NewCertPool()
 	pb.roots.AddCert(srv.Certificate())
 	return pb
+}
+
+// statusWriter remembers the status written.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
 }
 
 // issuedRoots trusts what pebble issues.
