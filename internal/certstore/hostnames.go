@@ -105,7 +105,7 @@ func (h *Hostnames) Start() {
 	h.wg.Go(func() {
 		var once sync.Once
 		for ctx.Err() == nil {
-			if err := h.follow(ctx, &once); err != nil && ctx.Err() == nil {
+			if err := h.follow(ctx, &once); ctx.Err() == nil {
 				h.log.Warn("following hostname claims", "err", err)
 			}
 			select {
@@ -117,7 +117,8 @@ func (h *Hostnames) Start() {
 }
 
 // follow applies one watch's changes; the first batch of current entries is
-// applied whole (the watch sends them before the changes).
+// applied whole (the watch sends them before the changes). It returns why
+// it stopped (never nil).
 func (h *Hostnames) follow(ctx context.Context, once *sync.Once) error {
 	es, err := h.b.List(ctx, "")
 	if err != nil {
