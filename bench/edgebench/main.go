@@ -15,12 +15,17 @@
 // edge is answered by the backend, the edge's address is written to
 // -addr-file and printed; the program then serves until SIGINT or SIGTERM.
 //
+// With -tls-cert and -tls-key the edge serves HTTPS too, at -tls-listen
+// (public port 443 of the service), its address written to
+// -tls-addr-file: what bench/tls.sh measures against nginx.
+//
 // Pin it to one CPU (taskset) and the Go runtime uses that one.
 package main
 
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -81,6 +86,8 @@ type options struct {
 	limit     int            // the service's soft and hard concurrency limits
 	readyWait time.Duration  // how long the first answer through the edge may take
 	verbose   bool
+
+	tlsCert, tlsKey, tlsListen, tlsAddrFile string // HTTPS at the edge
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -96,6 +103,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.limit, "limit", 10000, "the service's soft and hard concurrency limits")
 	fs.DurationVar(&o.readyWait, "ready-wait", 30*time.Second, "how long the first answer through the edge may take")
 	fs.BoolVar(&o.verbose, "v", false, "log the proxies' debug messages")
+	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM `file` of the edge's certificate: serve HTTPS too")
+	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM `file` of its key")
+	fs.StringVar(&o.tlsListen, "tls-listen", "127.0.0.1:0", "the HTTPS listener's `address`")
+	fs.StringVar(&o.tlsAddrFile, "tls-addr-file", "", "write the HTTPS listener's address to this `file` once the edge answers")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return o, err
@@ -113,6 +124,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, usageError{fmt.Sprintf("-limit %d: must be between 1 and %d", o.limit, api.MaxConcurrencyLimit)}
 	case o.readyWait <= 0:
 		return o, usageError{"-ready-wait must be positive"}
+	case (o.tlsCert == "") != (o.tlsKey == ""):
+		return o, usageError{"-tls-cert and -tls-key go together"}
 	}
 	ap, err := netip.ParseAddrPort(backend)
 	if err != nil || ap.Port() == 0 {
@@ -142,7 +155,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
+	if b.tls != "" && o.tlsAddrFile != "" {
+		if err := writeAtomic(o.tlsAddrFile, b.tls+"\n"); err != nil {
+			return err
+		}
+	}
 	fmt.Fprintf(stdout, "edge %s hops %d gomaxprocs %d\n", b.edge, o.hops, runtime.GOMAXPROCS(0))
+	if b.tls != "" {
+		fmt.Fprintf(stdout, "edge https %s\n", b.tls)
+	}
 	<-ctx.Done()
 	return nil
 }
@@ -178,6 +199,7 @@ type host struct {
 // bench is the hosts, the first one holding the edge.
 type bench struct {
 	edge  string
+	tls   string // the HTTPS listener's address ("" without)
 	hosts []*host
 }
 
@@ -204,15 +226,19 @@ func start(ctx context.Context, o options, log *slog.Logger) (_ *bench, err erro
 			b.Close()
 		}
 	}()
-	edge, err := startHost(ctx, "edge-host", o.listen, o.domain, token, log)
+	tlsConf, err := edgeTLS(o)
+	if err != nil {
+		return nil, err
+	}
+	edge, err := startHost(ctx, "edge-host", o.listen, o.domain, token, log, tlsConf)
 	if err != nil {
 		return nil, err
 	}
 	b.hosts = append(b.hosts, edge)
-	b.edge = edge.proxy.EdgeAddr()
+	b.edge, b.tls = edge.proxy.EdgeAddr(), edge.proxy.TLSAddr()
 	owner := edge
 	if o.hops == 2 {
-		if owner, err = startHost(ctx, "machine-host", "", o.domain, token, log); err != nil {
+		if owner, err = startHost(ctx, "machine-host", "", o.domain, token, log, nil); err != nil {
 			return nil, err
 		}
 		b.hosts = append(b.hosts, owner)
@@ -225,7 +251,7 @@ func start(ctx context.Context, o options, log *slog.Logger) (_ *bench, err erro
 		PrivateIP: o.backend.Addr().String(),
 		Services: []cluster.Service{{
 			Protocol: "tcp", InternalPort: int(o.backend.Port()),
-			Ports:       []cluster.Port{{Port: publicPort, Handlers: []string{"http"}}},
+			Ports:       []cluster.Port{{Port: publicPort, Handlers: []string{"http"}}, {Port: proxy.DefaultTLSPort, Handlers: []string{"tls", "http"}}},
 			Concurrency: cluster.Concurrency{Type: api.ConcurrencyRequests, SoftLimit: o.limit, HardLimit: o.limit},
 		}},
 	}
@@ -240,7 +266,7 @@ func start(ctx context.Context, o options, log *slog.Logger) (_ *bench, err erro
 
 // startHost starts a cluster member and its proxy; edgeAddr "" makes a
 // host with no edge listener, reached only over the backhaul.
-func startHost(ctx context.Context, id, edgeAddr, domain, token string, log *slog.Logger) (_ *host, err error) {
+func startHost(ctx context.Context, id, edgeAddr, domain, token string, log *slog.Logger, tlsConf *proxy.TLSConfig) (_ *host, err error) {
 	log = log.With("host", id)
 	var edge net.Listener
 	if edgeAddr != "" {
@@ -278,7 +304,7 @@ func startHost(ctx context.Context, id, edgeAddr, domain, token string, log *slo
 	}
 	p, err := proxy.New(proxy.Config{
 		HostID: id, Region: region, Domain: domain, Port: publicPort,
-		Edge: edge, Backhaul: backhaul, Token: token, Source: c, Logger: log,
+		Edge: edge, Backhaul: backhaul, Token: token, Source: c, Logger: log, TLS: tlsConf,
 	})
 	if err != nil {
 		c.Close()
@@ -333,4 +359,21 @@ func randomToken() (string, error) {
 		return "", fmt.Errorf("hosts' token: %w", err)
 	}
 	return hex.EncodeToString(b), nil
+}
+
+// edgeTLS is the edge's HTTPS listener with the given certificate (nil
+// without -tls-cert).
+func edgeTLS(o options) (*proxy.TLSConfig, error) {
+	if o.tlsCert == "" {
+		return nil, nil
+	}
+	pair, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
+	if err != nil {
+		return nil, fmt.Errorf("-tls-cert/-tls-key: %w", err)
+	}
+	ln, err := net.Listen("tcp", o.tlsListen)
+	if err != nil {
+		return nil, fmt.Errorf("tls listener: %w", err)
+	}
+	return &proxy.TLSConfig{Listener: ln, GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &pair, nil }}, nil
 }

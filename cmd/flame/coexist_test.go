@@ -146,7 +146,7 @@ func TestDevSideBySide(t *testing.T) {
 	ctx := context.Background()
 	devs := []*sideDev{{name: "dev A"}, {name: "dev B"}}
 	for _, d := range devs {
-		d.p = startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0",
+		d.p = startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0",
 			"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
 		d.hosts = 2
 	}

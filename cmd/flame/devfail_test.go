@@ -23,7 +23,7 @@ func TestDevFailedStartLeavesNothing(t *testing.T) {
 	defer taken.Close()
 	dir := t.TempDir()
 	p := startFlame(t, "dev", "--data-dir", dir, "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0",
-		"--global-addr", taken.Addr().String(), "--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
+		"--edge-tls-addr", "127.0.0.1:0", "--global-addr", taken.Addr().String(), "--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
 	select {
 	case <-p.done:
 	case <-time.After(60 * time.Second):

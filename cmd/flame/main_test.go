@@ -419,7 +419,7 @@ func TestAgentKilledResumes(t *testing.T) {
 // interrupt stops every machine and removes the temporary state.
 func TestDevStopsCleanly(t *testing.T) {
 	ctx := context.Background()
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--driver", "exec")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0", "--driver", "exec")
 	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)
 	c := api.NewClient(url, dev.token(t))
@@ -492,7 +492,7 @@ func TestDevSandbox(t *testing.T) {
 	for _, l := range links {
 		before["link "+l.Attrs().Name] = true
 	}
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0",
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0",
 		"--driver", "sandbox", "--regions", "ams,syd", "--hosts-per-region", "1", "--no-demo")
 	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,7 +52,7 @@ func TestReadmeExamples(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0")
 	// Stop it as a user would (Ctrl-C): a kill would leave the sandboxes.
 	t.Cleanup(func() {
 		dev.cmd.Process.Signal(syscall.SIGINT)
@@ -78,13 +80,22 @@ func TestReadmeExamples(t *testing.T) {
 		m := dev.waitMatch(t, edgeRow, fmt.Sprintf("the edge of region %d", i+1))
 		edges["localhost:"+def] = "localhost:" + m[2]
 	}
+	// The regions' HTTPS edges (4390, 4391, 4392 in the README) and the
+	// CA their certificates chain to.
+	httpsRow := regexp.MustCompile(`^\s+HTTPS\s+([a-z]+)\s+https://<app>\.localhost:(\d+)/`)
+	for i, def := range []string{"4390", "4391", "4392"} {
+		m := dev.waitMatch(t, httpsRow, fmt.Sprintf("the HTTPS edge of region %d", i+1))
+		edges["localhost:"+def] = "localhost:" + m[2]
+	}
+	caPath := dev.waitLine(t, regexp.MustCompile(`^\s+CA\s+(\S+)`), "its CA")
 	// The global entry, which the README names at its default 4379.
 	globalRow := regexp.MustCompile(`^\s+Global\s+http://<app>\.localhost:(\d+)/\s+\(client in ams\)`)
 	global := "localhost:" + dev.waitLine(t, globalRow, "the global entry")
 	edges["localhost:4379"] = global
 
 	r := &readmeRunner{t: t, repo: repo, work: t.TempDir(), apiAddr: apiAddr, dnsPort: dnsPort, edges: edges, global: global,
-		vars: map[string]string{}, placeholders: map[string]string{"<the token flame dev printed>": token, "<the admin token flame dev printed>": adminToken}}
+		vars: map[string]string{}, placeholders: map[string]string{"<the token flame dev printed>": token, "<the admin token flame dev printed>": adminToken,
+			"<the CA flame dev printed>": caPath}}
 	// The demo app is deployed in the background; the README's first
 	// commands list it, so let it be there, as it is for a user reading.
 	c := api.NewClient(url, token)
@@ -107,7 +118,7 @@ func TestReadmeExamples(t *testing.T) {
 			r.run(line)
 		}
 	}
-	for _, want := range []string{"created", "exec", "lease", "token minted", "tokens listed", "token revoked", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions", "global failed over", "revived"} {
+	for _, want := range []string{"created", "exec", "lease", "token minted", "tokens listed", "token revoked", "destroyed listed", "demo answered", "dns", "edge answered", "edge forced", "global answered", "global moved", "regions", "global failed over", "revived", "https answered"} {
 		if !r.checked[want] {
 			t.Errorf("the README's examples never reached the %q check", want)
 		}
@@ -448,7 +459,7 @@ func (r *readmeRunner) exec(raw, dir string, env map[string]string, prog string,
 func (r *readmeRunner) curl(raw string, args []string) {
 	t := r.t
 	t.Helper()
-	method, target, data := "", "", (*string)(nil)
+	method, target, data, cacert := "", "", (*string)(nil), ""
 	header := http.Header{}
 	for i := 0; i < len(args); i++ {
 		arg := func() string {
@@ -471,6 +482,8 @@ func (r *readmeRunner) curl(raw string, args []string) {
 		case a == "-d":
 			d := arg()
 			data = &d
+		case a == "--cacert":
+			cacert = arg()
 		case strings.HasPrefix(a, "-"):
 			t.Fatalf("README command %q: curl option %s is not handled by this test", raw, a)
 		case target != "":
@@ -501,8 +514,12 @@ func (r *readmeRunner) curl(raw string, args []string) {
 	// The machine's own address answers once its program listens, a
 	// moment after it started; nothing else is retried.
 	retry := strings.Contains(target, "://[")
+	client := readmeHTTP
+	if cacert != "" {
+		client = readmeHTTPS(t, raw, cacert)
+	}
 	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		resp, err = readmeHTTP.Do(req)
+		resp, err = client.Do(req)
 		var op *net.OpError
 		if err == nil || !retry || !errors.As(err, &op) || time.Now().After(end) {
 			break
@@ -517,6 +534,16 @@ func (r *readmeRunner) curl(raw string, args []string) {
 	if resp.StatusCode/100 != 2 {
 		t.Fatalf("README command %q answered %d: %s", raw, resp.StatusCode, b)
 	}
+	if strings.HasPrefix(target, "https://") {
+		// curl speaks HTTP/2 over TLS when the server offers it.
+		if resp.TLS == nil || resp.ProtoMajor != 2 {
+			t.Fatalf("README command %q: answered over HTTP/%d, TLS %v", raw, resp.ProtoMajor, resp.TLS != nil)
+		}
+		if r.checked == nil {
+			r.checked = map[string]bool{}
+		}
+		r.checked["https answered"] = true
+	}
 	r.checkAnswer(raw, method, target, header, b)
 }
 
@@ -530,6 +557,22 @@ var readmeHTTP = &http.Client{Transport: &http.Transport{
 		return (&net.Dialer{}).DialContext(ctx, network, addr)
 	},
 }}
+
+// readmeHTTPS is curl --cacert: readmeHTTP trusting the CA in file.
+func readmeHTTPS(t *testing.T, raw, file string) *http.Client {
+	t.Helper()
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatalf("README command %q: %v", raw, err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		t.Fatalf("README command %q: no certificate in %s", raw, file)
+	}
+	tr := readmeHTTP.Transport.(*http.Transport).Clone()
+	tr.TLSClientConfig, tr.ForceAttemptHTTP2 = &tls.Config{RootCAs: roots}, true
+	return &http.Client{Transport: tr}
+}
 
 // checkAnswer remembers what later commands refer to, and checks what the
 // README promises of some answers beyond their status.

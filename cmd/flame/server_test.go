@@ -36,7 +36,7 @@ func TestServerWithAgents(t *testing.T) {
 		return startFlame(t, args...)
 	}
 	natsAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
-	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--agent-token", "agent-secret", "--api-addr", "127.0.0.1:0",
+	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--agent-token", "agent-secret", "--api-addr", "127.0.0.1:0", "--plain-http",
 		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--nats-addr", natsAddr)
 	var admin, url string
 	re := regexp.MustCompile(`^\s+(flame_\S+)$|Machines API on (http://[0-9.:]+[0-9])`)

@@ -20,6 +20,7 @@ type agentFlags struct {
 	hostID, gossipAddr, dnsAddr, natsURL                        string
 	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts            string
 	join                                                        []string
+	tls                                                         edgeTLSFlags // edgetls.go
 }
 
 func newAgentCmd() *cobra.Command {
@@ -63,6 +64,7 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.backhaulAddr, "backhaul-addr", "127.0.0.1:0", "where other hosts' edges reach this host's machines (with --host-id)")
 	fs.StringVar(&f.natsURL, "nats-url", "", "the control plane's NATS (flame server --nats-addr): machine events are published there")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	addEdgeTLSFlags(fs, &f.tls)
 	return c
 }
 
@@ -76,6 +78,9 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		return usageError{fmt.Errorf("--dns-addr needs --host-id (DNS answers from the cluster)")}
 	case f.edgeAddr != "" && f.hostID == "":
 		return usageError{fmt.Errorf("--edge-addr needs --host-id (the edge routes by the cluster)")}
+	}
+	if err := f.tls.check(f); err != nil {
+		return usageError{err}
 	}
 	if _, err := proxy.ParsePortRange(f.edgeTCPPorts); err != nil {
 		return usageError{fmt.Errorf("--edge-tcp-ports: %w", err)}
@@ -104,8 +109,9 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		}
 	}
 	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: f.token, Driver: d, Logger: log, Join: f.join}
+	var bus *catalog.NATS
 	if f.natsURL != "" {
-		bus, err := catalog.Open(c.Context(), catalog.Config{URL: f.natsURL, Logger: log})
+		bus, err = catalog.Open(c.Context(), catalog.Config{URL: f.natsURL, Logger: log, Buckets: f.tls.buckets()})
 		if err != nil {
 			ln.Close()
 			closeDriver()
@@ -147,6 +153,15 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 			closeDNS(hc)
 			return err
 		}
+		closeTLS, err := setupEdgeTLS(&hc, f, bus, log)
+		if err != nil {
+			ln.Close()
+			closeDriver()
+			closeDNS(hc)
+			closeProxy(hc)
+			return err
+		}
+		defer closeTLS()
 	}
 	h, err := host.New(hc)
 	if err != nil {
@@ -164,6 +179,9 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if h.Proxy != nil {
 		if a := h.Proxy.EdgeAddr(); a != "" {
 			fmt.Fprintf(c.OutOrStdout(), "flame agent: edge proxy on http://%s (apps at <app>.%s), backhaul on %s\n", a, f.edgeDomain, h.Proxy.BackhaulAddr())
+			if a := h.Proxy.TLSAddr(); a != "" {
+				fmt.Fprintf(c.OutOrStdout(), "flame agent: edge HTTPS on %s\n", a)
+			}
 			if f.edgeTCPPorts != "" {
 				fmt.Fprintf(c.OutOrStdout(), "flame agent: raw TCP services on their public ports in %s\n", f.edgeTCPPorts)
 			}

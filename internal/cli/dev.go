@@ -30,6 +30,7 @@ import (
 type devFlags struct {
 	apiAddr, hostsAddr, dnsAddr, edgeAddr, dataDir, token, regions, logLevel, driver string
 	edgeTCPPorts                                                                     string
+	edgeTLSAddr                                                                      string
 	globalAddr, clientRegion                                                         string
 	hostsPerRegion                                                                   int
 	noDemo                                                                           bool
@@ -66,6 +67,7 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.StringVar(&f.dnsAddr, "dns-addr", "127.0.0.1:5300", ".internal DNS of the first host (UDP and TCP); the others take the next ports")
 	fs.StringVar(&f.edgeAddr, "edge-addr", "127.0.0.1:4380", "edge proxy of the first region (http://<app>.localhost:<port>/); the other regions take the next ports")
 	fs.StringVar(&f.edgeTCPPorts, "edge-tcp-ports", defaultEdgeTCPPorts, "public ports the edges serve raw TCP services on (handlers none or proxy_proto), lo-hi; the first region's edge at the --edge-addr IP, the next at the next loopback addresses; \"\" for none")
+	fs.StringVar(&f.edgeTLSAddr, "edge-tls-addr", defaultEdgeTLSAddr, "HTTPS edge of the first region (https://<app>.localhost:<port>/, certificates of a local CA made in the data dir); the other regions take the next ports; \"\" for none")
 	fs.StringVar(&f.globalAddr, "global-addr", defaultGlobalAddr, "global entry (http://<app>.localhost:<port>/): each request to the edge nearest to its client")
 	fs.StringVar(&f.clientRegion, "client-region", "", "where the global entry's clients are, unless a request's flame-client-region header says (default: the first region)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for state (default: a temporary directory removed on exit)")
@@ -147,6 +149,7 @@ func runDev(c *cobra.Command, f devFlags) error {
 		DNSAddr:        f.dnsAddr,
 		EdgeAddr:       f.edgeAddr,
 		EdgeTCPPorts:   tcpPorts,
+		EdgeTLSAddr:    f.edgeTLSAddr,
 		GlobalAddr:     f.globalAddr,
 		ClientRegion:   f.clientRegion,
 		Logger:         log,
@@ -303,7 +306,8 @@ func deployDemo(ctx context.Context, dev *devcluster.Cluster, token, driverKind 
 		// Served by the edges on port 80, once its check passes.
 		cfg.Services = []api.MachineService{{
 			Protocol: "tcp", InternalPort: 8080,
-			Ports:  []api.MachinePort{{Port: ptrTo(80), Handlers: []string{"http"}}},
+			Ports: []api.MachinePort{{Port: ptrTo(80), Handlers: []string{"http"}},
+				{Port: ptrTo(443), Handlers: []string{"tls", "http"}}},
 			Checks: []api.MachineServiceCheck{{Type: ptrTo("tcp")}},
 		}}
 	}
@@ -336,6 +340,7 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 			fmt.Fprintf(w, "  Edge %-8s http://<app>.%s/   (on %s)\n", h.Region, edgeHost(h.EdgeAddr), h.ID)
 		}
 	}
+	printHTTPSEdges(w, dev)
 	for _, h := range dev.Hosts {
 		if h.EdgeTCPIP != "" {
 			fmt.Fprintf(w, "  TCP  %-8s %s:<port>, raw TCP services on their ports %s\n", h.Region, h.EdgeTCPIP, f.edgeTCPPorts)

@@ -27,6 +27,7 @@ type serverFlags struct {
 	natsURL, natsListen, natsName, natsCluster              string
 	natsRoutes                                              []string
 	replicas                                                int
+	tls                                                     apiTLSFlags // apitls.go
 }
 
 func newServerCmd() *cobra.Command {
@@ -67,6 +68,7 @@ On its first start it creates an admin token, prints it once and writes it to
 	fs.IntVar(&f.replicas, "replicas", 1, "catalog replicas (3 in a three-server cluster)")
 	fs.StringVar(&f.keyFile, "secret-key-file", "", "the 32-byte key that seals secrets, made on first use (default <data-dir>/secret.key; servers sharing a catalog need the same one)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	addAPITLSFlags(fs, &f.tls)
 	return c
 }
 
@@ -76,6 +78,10 @@ func runServer(c *cobra.Command, f serverFlags) error {
 		return usageError{fmt.Errorf("--data-dir is required")}
 	case f.agentToken == "":
 		return usageError{fmt.Errorf("--agent-token is required")}
+	}
+	apiTLS, err := f.tls.config()
+	if err != nil {
+		return err
 	}
 	if _, ok := geo.Lookup(f.region); !ok {
 		return usageError{fmt.Errorf("--region: unknown region %q", f.region)}
@@ -130,6 +136,7 @@ func runServer(c *cobra.Command, f serverFlags) error {
 		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log, Registry: reg, SecretKeyFile: f.keyFile,
 		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port},
 		Server:  server.Config{AgentToken: f.agentToken},
+		TLS:     apiTLS,
 	})
 	if err != nil {
 		ln.Close()

@@ -5,6 +5,7 @@
 package devcluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/edgecert"
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/netsim"
@@ -60,6 +62,10 @@ type Config struct {
 	// addresses (127.0.0.2, ...); with an EdgeAddr that is not an IPv4
 	// loopback address only the first region's edge serves them.
 	EdgeTCPPorts proxy.PortRange
+	// EdgeTLSAddr is where the first region's edge serves HTTPS, with a
+	// local CA's certificates (tls.go); the other regions take the
+	// following ports ("": no HTTPS).
+	EdgeTLSAddr string
 	// GlobalAddr is where the global entry listens: it hands each request
 	// to the edge nearest to its client, as anycast would (see global.go).
 	GlobalAddr string
@@ -192,6 +198,7 @@ type Cluster struct {
 	planeMu   sync.Mutex // kill and restart of the control plane
 	planeDown atomic.Bool
 	admins    admins
+	devCA     *edgecert.DevCA // of the HTTPS edges (tls.go)
 }
 
 // lateBus publishes on the control plane's event bus once there is one;
@@ -226,6 +233,8 @@ type Host struct {
 	// EdgeTCPIP is the address the region's edge serves raw TCP services
 	// at, on their public ports ("" for none).
 	EdgeTCPIP string
+	// EdgeTLSAddr is where the region's edge serves HTTPS ("" for none).
+	EdgeTLSAddr string
 }
 
 // backhaulPort is where every host's proxy takes the requests other hosts'
@@ -405,6 +414,9 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 	sc := c.cfg.Server
 	sc.AgentToken, sc.OnRevoke = c.cfg.Token, c.admins.forget
 	sc.Edges, sc.GlobalEntry = c.Edges(), c.GlobalAddr
+	if sc.EdgeDomain == "" {
+		sc.EdgeDomain = cmp.Or(c.cfg.EdgeDomain, proxy.DefaultDomain)
+	}
 	if sc.HTTPClient == nil {
 		// Calls to hosts cross the simulated network from the control
 		// plane's region.
@@ -473,6 +485,17 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 			return nil, fmt.Errorf("edge: listen on %s: %w", edgeAddr, err)
 		}
 	}
+	var edgeTLS *proxy.TLSConfig
+	if edge != nil && c.cfg.EdgeTLSAddr != "" {
+		if edgeTLS, err = c.edgeTLS(region); err != nil {
+			ln.Close()
+			pc.Close()
+			dl.Close()
+			backhaul.Close()
+			edge.Close()
+			return nil, err
+		}
+	}
 	closeAll := func() {
 		ln.Close()
 		pc.Close()
@@ -480,6 +503,9 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		backhaul.Close()
 		if edge != nil {
 			edge.Close()
+		}
+		if edgeTLS != nil {
+			edgeTLS.Listener.Close()
 		}
 	}
 	regAddr := c.registryAddr
@@ -506,7 +532,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		Driver: d, Logger: c.cfg.Logger.With("host", id), Cluster: cc,
 		DNSPacketConn: pc, DNSListener: dl,
 		Proxy: host.ProxyConfig{Edge: edge, Backhaul: backhaul, Dial: c.Net.DialerFrom(id), Domain: c.cfg.EdgeDomain,
-			AutostopInterval: c.cfg.AutostopInterval},
+			AutostopInterval: c.cfg.AutostopInterval, TLS: edgeTLS},
 	}
 	tcpIP := ""
 	if edge != nil && !c.cfg.EdgeTCPPorts.Empty() {
@@ -545,6 +571,9 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		out.EdgeAddr = edge.Addr().String()
 	}
 	out.EdgeTCPIP = tcpIP
+	if edgeTLS != nil {
+		out.EdgeTLSAddr = edgeTLS.Listener.Addr().String()
+	}
 	return out, nil
 }
 

@@ -88,6 +88,10 @@ type ProxyConfig struct {
 	// (empty: none), and ListenTCP opens one (nil: on the edge's IP).
 	TCPPorts  proxy.PortRange
 	ListenTCP func(port int) (net.Listener, error)
+	// TLS serves HTTPS beside the edge (nil: none), and Hostnames names
+	// the app of a claimed custom hostname (see proxy.Config).
+	TLS       *proxy.TLSConfig
+	Hostnames func(host string) (app string, ok bool)
 }
 
 // Publisher sends a message on a subject of the event bus (the catalog's
@@ -196,6 +200,7 @@ func New(cfg Config) (*Host, error) {
 				Start: h.autostart, AutostartTimeout: cfg.Proxy.AutostartTimeout,
 				Autostop: proxy.AutostopConfig{Stop: h.autostop, Interval: cfg.Proxy.AutostopInterval, OnDrain: h.machinesChanged},
 				TCPPorts: cfg.Proxy.TCPPorts, ListenTCP: cfg.Proxy.ListenTCP,
+				TLS: cfg.Proxy.TLS, Hostnames: cfg.Proxy.Hostnames,
 			})
 			if err != nil {
 				ag.Close()

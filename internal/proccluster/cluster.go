@@ -184,7 +184,7 @@ func New(t testing.TB, cfg Config) *Cluster {
 	ctl := c.members[0]
 	ctl.args = []string{"server", "--data-dir", ctl.dataDir, "--agent-token", c.Token,
 		"--api-addr", c.addr(ctl, serverAPIPort), "--region", ctl.Region, "--host-id", ControlID,
-		"--gossip-addr", c.addr(ctl, gossipPort), "--nats-addr", c.addr(ctl, natsPort)}
+		"--gossip-addr", c.addr(ctl, gossipPort), "--nats-addr", c.addr(ctl, natsPort), "--plain-http"}
 	if err := c.start(ctl); err != nil {
 		t.Fatalf("proccluster: %v", err)
 	}

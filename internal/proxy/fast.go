@@ -49,13 +49,13 @@ func (fc *fastConn) newID() []byte {
 // forward routes and delivers one request whose body is buffered whole.
 func (fc *fastConn) forward(body []byte) action {
 	p, req := fc.e.p, &fc.req
-	appName, ok := appOf(str(req.host), p.cfg.Domain)
+	appName, ok := p.appFor(str(req.host))
 	st := p.state.Load()
-	if !ok || !st.table.HasApp(appName) {
-		return actHandOff // net/http answers 404 naming the host
+	if !ok || !st.table.HasApp(appName) || p.wantsChallenge(str(req.host), str(req.target)) {
+		return actHandOff // net/http answers 404 naming the host, or an ACME challenge
 	}
 	q := route.Query{
-		Port:           p.cfg.Port,
+		Port:           p.publicPort(fc.secure),
 		PreferRegion:   str(req.header("Fly-Prefer-Region")),
 		ForceRegion:    str(req.header("Fly-Force-Region")),
 		PreferInstance: str(req.header("Fly-Prefer-Instance-Id")),
@@ -64,7 +64,7 @@ func (fc *fastConn) forward(body []byte) action {
 	}
 	var buf [route.MaxCandidates]*route.Target
 	cands := st.table.Select(appName, q, routeInput{p}, buf[:0])
-	if len(cands) == 0 || cands[0].ForceHTTPS {
+	if len(cands) == 0 || cands[0].ForceHTTPS && !fc.secure {
 		return actHandOff // the reasons, autostarts held for and redirects are net/http's
 	}
 	if p.allOverSoft(cands) {
@@ -448,10 +448,15 @@ func (fc *fastConn) appendRequest(b []byte, tg *route.Target, body []byte) []byt
 		}
 	}
 	b = append(b, fc.clientIP...)
-	b = append(b, "\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: "...)
-	b = appendInt(b, int64(p.cfg.Port))
+	if fc.secure {
+		b = append(b, "\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Port: "...)
+	} else {
+		b = append(b, "\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: "...)
+	}
+	port := int64(p.publicPort(fc.secure))
+	b = appendInt(b, port)
 	b = append(b, "\r\nFly-Forwarded-Port: "...)
-	b = appendInt(b, int64(p.cfg.Port))
+	b = appendInt(b, port)
 	b = append(b, "\r\n"...)
 	if !tg.OnSelf {
 		b = append(b, hdrToken+": "...)
@@ -461,7 +466,7 @@ func (fc *fastConn) appendRequest(b []byte, tg *route.Target, body []byte) []byt
 		b = append(b, "\r\n"+hdrMachine+": "...)
 		b = append(b, tg.MachineID...)
 		b = append(b, "\r\n"+hdrPort+": "...)
-		b = appendInt(b, int64(p.cfg.Port))
+		b = appendInt(b, port)
 		b = append(b, "\r\n"...)
 	}
 	if m := str(req.method); len(body) > 0 || m == http.MethodPost || m == http.MethodPut || m == http.MethodPatch {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -46,6 +47,11 @@ type edgeServer struct {
 	conns   map[*fastConn]struct{}
 	closing atomic.Bool
 	wg      sync.WaitGroup
+
+	// tlsLn is the HTTPS listener (nil: none); its connections are
+	// wrapped in TLS with tlsConf (tls.go).
+	tlsLn   net.Listener
+	tlsConf *tls.Config
 }
 
 // fastBodyLimit is the largest request body the fast path buffers itself
@@ -63,6 +69,7 @@ func (p *Proxy) edgeHTTPServer() *http.Server {
 	protos := new(http.Protocols)
 	protos.SetHTTP1(true)
 	protos.SetUnencryptedHTTP2(true)
+	protos.SetHTTP2(true) // over TLS (tls.go)
 	return httpserve.Apply(&http.Server{
 		Handler:           http.HandlerFunc(p.serveEdge),
 		MaxHeaderBytes:    p.cfg.MaxHeaderBytes,
@@ -82,6 +89,9 @@ func newEdgeServer(p *Proxy, ln net.Listener) *edgeServer {
 		headLimit: p.cfg.MaxHeaderBytes + 4096,
 		bodyLimit: int(min(p.cfg.MaxBufferedBody, fastBodyLimit)),
 		conns:     map[*fastConn]struct{}{},
+	}
+	if p.cfg.TLS != nil {
+		e.tlsLn, e.tlsConf = p.cfg.TLS.Listener, p.cfg.TLS.tlsServerConfig()
 	}
 	size := e.headLimit + e.bodyLimit + 4096
 	e.big.New = func() any { b := make([]byte, size); return &b }
@@ -104,14 +114,17 @@ func (e *edgeServer) start() {
 	}()
 	go func() {
 		defer e.wg.Done()
-		e.acceptLoop()
+		e.acceptLoop(e.ln, false)
 	}()
+	if e.tlsLn != nil {
+		e.wg.Go(func() { e.acceptLoop(e.tlsLn, true) })
+	}
 }
 
-func (e *edgeServer) acceptLoop() {
+func (e *edgeServer) acceptLoop(ln net.Listener, overTLS bool) {
 	var backoff time.Duration
 	for {
-		c, err := e.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			if e.closing.Load() || errors.Is(err, net.ErrClosed) {
 				return
@@ -131,16 +144,20 @@ func (e *edgeServer) acceptLoop() {
 			return
 		}
 		backoff = 0
-		e.dispatch(c)
+		e.dispatch(c, overTLS)
 	}
 }
 
-// dispatch starts serving an accepted connection. This is where a TLS
-// handshake will wrap c (and send an ALPN "h2" connection to e.handOff
-// at once); a plain connection starts on the fast path, which hands
-// HTTP/2's preface to net/http itself.
-func (e *edgeServer) dispatch(c net.Conn) {
-	fc := &fastConn{e: e, c: c}
+// dispatch starts serving an accepted connection: one from the HTTPS
+// listener is wrapped in TLS, and its handshake (in its own goroutine, on
+// serve) decides between net/http's HTTP/2 and the fast path; a plain
+// connection starts on the fast path, which hands HTTP/2's preface to
+// net/http itself.
+func (e *edgeServer) dispatch(c net.Conn, overTLS bool) {
+	if overTLS {
+		c = tls.Server(c, e.tlsConf)
+	}
+	fc := &fastConn{e: e, c: c, secure: overTLS}
 	e.mu.Lock()
 	if e.closing.Load() {
 		e.mu.Unlock()
@@ -176,6 +193,9 @@ func (e *edgeServer) handOff(c net.Conn, pending []byte, pre *prefetched) {
 func (e *edgeServer) close(ctx context.Context) {
 	e.closing.Store(true)
 	e.ln.Close()
+	if e.tlsLn != nil {
+		e.tlsLn.Close()
+	}
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -265,6 +285,7 @@ type fastConn struct {
 	c        net.Conn
 	state    atomic.Int32
 	clientIP string
+	secure   bool // over TLS (c is a *tls.Conn)
 
 	buf    *[]byte // read buffer (small, or big while a request needs it)
 	isBig  bool
@@ -337,6 +358,19 @@ func (fc *fastConn) serve() {
 	fc.clientIP = fc.c.RemoteAddr().String()
 	if h, _, err := net.SplitHostPort(fc.clientIP); err == nil {
 		fc.clientIP = h
+	}
+	if fc.secure {
+		// Idle until the handshake is done: Close may end it.
+		fc.state.Store(connIdle)
+		h2, err := fc.handshake(fc.c.(*tls.Conn))
+		if err != nil {
+			return
+		}
+		if h2 {
+			handed = true
+			e.handOffTLS(fc.c.(*tls.Conn))
+			return
+		}
 	}
 	for {
 		if e.closing.Load() {

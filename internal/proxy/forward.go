@@ -216,14 +216,18 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, reqID, http.StatusMethodNotAllowed, codeBadRequest, "CONNECT is not proxied")
 		return
 	}
-	appName, ok := appOf(r.Host, p.cfg.Domain)
+	if p.acmeChallenge(w, r) {
+		return
+	}
+	overTLS := secure(r)
+	appName, ok := p.appFor(r.Host)
 	st := p.state.Load()
 	if !ok || !st.table.HasApp(appName) {
 		p.fail(w, reqID, http.StatusNotFound, codeUnknownHost, fmt.Sprintf("no app is served at %q", clipHost(r.Host)))
 		return
 	}
 	q := route.Query{
-		Port:           p.cfg.Port,
+		Port:           p.publicPort(overTLS),
 		PreferRegion:   r.Header.Get("Fly-Prefer-Region"),
 		ForceRegion:    r.Header.Get("Fly-Force-Region"),
 		PreferInstance: r.Header.Get("Fly-Prefer-Instance-Id"),
@@ -242,13 +246,8 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, reqID, http.StatusServiceUnavailable, codeNoCandidate, reason)
 		return
 	}
-	if cands[0].ForceHTTPS {
-		// The edge speaks plain HTTP only (TLS is not served yet).
-		host := r.Host
-		if h, _, err := net.SplitHostPort(host); err == nil {
-			host = h
-		}
-		w.Header().Set("Location", "https://"+host+r.URL.RequestURI())
+	if cands[0].ForceHTTPS && !overTLS {
+		w.Header().Set("Location", p.httpsURL(r.Host, r.URL.RequestURI()))
 		w.Header().Set("Fly-Request-Id", reqID)
 		w.Header().Set("Server", serverName)
 		w.Header().Add("Via", viaValue)
@@ -276,7 +275,7 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	if h, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		clientIP = h
 	}
-	port := strconv.Itoa(p.cfg.Port)
+	port := strconv.Itoa(q.Port)
 	hdr.Set("Fly-Client-IP", clientIP)
 	hdr.Set("Fly-Region", p.cfg.Region)
 	hdr.Set("Fly-Request-Id", reqID)
@@ -285,7 +284,11 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	} else {
 		hdr.Set("X-Forwarded-For", clientIP)
 	}
-	hdr.Set("X-Forwarded-Proto", "http")
+	if overTLS {
+		hdr.Set("X-Forwarded-Proto", "https")
+	} else {
+		hdr.Set("X-Forwarded-Proto", "http")
+	}
 	hdr.Set("X-Forwarded-Port", port)
 	hdr.Set("Fly-Forwarded-Port", port)
 
@@ -327,7 +330,7 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 			if rp.App != "" {
 				appName = rp.App // another app of the org: the replays go on counting
 			}
-			cands = p.replayTargets(st, appName, rp, from, cands[:0])
+			cands = p.replayTargets(st, appName, q.Port, rp, from, cands[:0])
 			if len(cands) == 0 {
 				status, code, reason = http.StatusServiceUnavailable, codeNoCandidate, fmt.Sprintf("machine %s asked for a replay (%s) that no machine can take", from.MachineID, rp)
 			}

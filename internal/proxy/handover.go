@@ -30,6 +30,7 @@ type handedKey struct{}
 // connContext gives a handed-over connection's requests its prefetched
 // answer (the first request takes it).
 func connContext(ctx context.Context, c net.Conn) context.Context {
+	ctx = secureConn(ctx, c)
 	if rc, ok := c.(*replayConn); ok && rc.pre != nil {
 		return context.WithValue(ctx, handedKey{}, rc.pre)
 	}

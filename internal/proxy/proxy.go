@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -116,6 +117,12 @@ type Config struct {
 	ListenTCP func(port int) (net.Listener, error)
 	// TCPIdleTimeout ends a raw TCP connection idle both ways that long.
 	TCPIdleTimeout time.Duration
+
+	// TLS serves HTTPS beside the edge listener (tls.go); nil: none.
+	TLS *TLSConfig
+	// Hostnames returns the app that claimed a hostname (lower case, no
+	// port), for hosts other than <app>.<Domain>; nil: none.
+	Hostnames func(host string) (app string, ok bool)
 }
 
 func (c *Config) setDefaults() {
@@ -174,6 +181,9 @@ func (c *Config) setDefaults() {
 	if c.ListenTCP == nil {
 		c.ListenTCP = c.listenTCP
 	}
+	if c.TLS != nil {
+		c.TLS.setDefaults()
+	}
 	d := &net.Dialer{}
 	if c.Dial == nil {
 		c.Dial = d.DialContext
@@ -203,6 +213,14 @@ func (c *Config) Validate() error {
 	}
 	if err := c.Autostop.validate(c.Source); err != nil {
 		return err
+	}
+	if c.TLS != nil && c.Edge == nil {
+		return errors.New("proxy: tls needs an edge listener")
+	}
+	if c.TLS != nil {
+		if err := c.TLS.validate(); err != nil {
+			return err
+		}
 	}
 	if !c.TCPPorts.Empty() && c.Edge == nil {
 		return errors.New("proxy: raw TCP ports need an edge listener")
@@ -394,6 +412,9 @@ func (p *Proxy) Start(ctx context.Context) error {
 		p.edge.start()
 	case p.cfg.Edge != nil:
 		serve(p.cfg.Edge, http.HandlerFunc(p.serveEdge), "edge")
+		if p.cfg.TLS != nil {
+			serve(tls.NewListener(p.cfg.TLS.Listener, p.cfg.TLS.tlsServerConfig()), http.HandlerFunc(p.serveEdge), "edge")
+		}
 	}
 	if p.cfg.Backhaul != nil {
 		serve(p.cfg.Backhaul, http.HandlerFunc(p.serveBackhaul), "backhaul")
@@ -441,7 +462,7 @@ func (p *Proxy) Close() error {
 	p.tcp.close()
 	p.upgraded.closeAll()
 	// Listeners never served (a host that failed to start) are closed too.
-	for _, ln := range []net.Listener{p.cfg.Edge, p.cfg.Backhaul} {
+	for _, ln := range []net.Listener{p.cfg.Edge, p.cfg.Backhaul, p.cfg.TLS.listener()} {
 		if ln != nil {
 			ln.Close()
 		}

@@ -230,8 +230,8 @@ func (rp replay) String() string {
 // instance first, then the usual order. The client's routing headers no
 // longer count: the machine decided. Elsewhere leaves out the machine that
 // asked.
-func (p *Proxy) replayTargets(st *state, appName string, rp replay, from *route.Target, out []*route.Target) []*route.Target {
-	q := route.Query{Port: p.cfg.Port, ForceInstance: rp.Instance, PreferInstance: rp.PreferInstance}
+func (p *Proxy) replayTargets(st *state, appName string, port int, rp replay, from *route.Target, out []*route.Target) []*route.Target {
+	q := route.Query{Port: port, ForceInstance: rp.Instance, PreferInstance: rp.PreferInstance}
 	regions := rp.Regions
 	if len(regions) == 0 {
 		regions = []string{""}

@@ -255,6 +255,9 @@ func (s *Server) deleteApp(w http.ResponseWriter, r *http.Request) error {
 	if err := s.releaseTCPPorts(ctx, a, nil); err != nil {
 		return err
 	}
+	if _, err := s.releaseHostnames(ctx, a, ""); err != nil {
+		return err
+	}
 	if e, err := s.secrets.Get(ctx, a.Name); err == nil {
 		if err := s.secrets.Delete(ctx, a.Name, e.Revision); err != nil && !errors.Is(err, catalog.ErrConflict) {
 			return err

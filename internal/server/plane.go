@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,6 +51,8 @@ type PlaneConfig struct {
 	// HTTP bounds how long a client may hold the API (zero: the defaults).
 	HTTP   httpserve.Limits
 	Logger *slog.Logger
+	// TLS serves the API over TLS (apitls.go); nil: plain HTTP.
+	TLS *tls.Config
 }
 
 // Plane is a running control plane.
@@ -67,6 +70,7 @@ type Plane struct {
 	srv       *http.Server
 	ln        net.Listener
 	wg        chan struct{}
+	tls       bool // the API is served over TLS
 }
 
 // DataDir is where the plane keeps its state.
@@ -90,7 +94,7 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p = &Plane{ln: cfg.Listener, wg: make(chan struct{}), dataDir: cfg.DataDir}
+	p = &Plane{ln: cfg.Listener, wg: make(chan struct{}), dataDir: cfg.DataDir, tls: cfg.TLS != nil}
 	built := p // the named result is nil on the error paths
 	defer func() {
 		if err != nil {
@@ -151,7 +155,7 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	p.srv = httpserve.New(handler, cfg.HTTP)
 	go func() {
 		defer close(p.wg)
-		if err := p.srv.Serve(cfg.Listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := p.srv.Serve(apiListener(cfg)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			cfg.Logger.Error("control plane api stopped", "err", err)
 		}
 	}()
@@ -159,7 +163,7 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 }
 
 // URL is the API's base URL.
-func (p *Plane) URL() string { return "http://" + p.ln.Addr().String() }
+func (p *Plane) URL() string { return apiScheme(p.tls) + "://" + p.ln.Addr().String() }
 
 // Close stops serving, the reconciler, the cluster member and the catalog.
 // Closing twice is harmless.

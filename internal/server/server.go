@@ -37,6 +37,7 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/catalog"
+	"github.com/flamehq/flame/internal/certstore"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/httpapi"
@@ -79,6 +80,9 @@ type Config struct {
 	// hosts reach it by; an image naming one of them is the registry's.
 	Images        ImageResolver
 	RegistryNames []string
+	// EdgeDomain is the domain the edges serve apps under (<app>.<domain>):
+	// no app may add a hostname under it but its own (certificates.go).
+	EdgeDomain string
 	// Seed seeds the placement's tie-breaking (0: random).
 	Seed uint64
 	// PendingTimeout is how long a create waits for room when no host has
@@ -181,12 +185,12 @@ func geoRTT(from, to string) time.Duration {
 // Buckets lists the catalog buckets the control plane uses, for whoever
 // opens the catalog.
 func Buckets() []catalog.BucketSpec {
-	return []catalog.BucketSpec{
+	return append([]catalog.BucketSpec{
 		{Name: bucketOrgs}, {Name: bucketApps}, {Name: bucketTokens},
 		{Name: bucketMachines}, {Name: bucketSecrets}, {Name: bucketGroups},
 		{Name: bucketLocks, TTL: true}, {Name: bucketDestroyed, TTL: true},
 		{Name: bucketTCPPorts},
-	}
+	}, certstore.Buckets()...)
 }
 
 // Server is a running control plane.
@@ -199,6 +203,10 @@ type Server struct {
 	orgs, apps, tokens, machines, secrets, groups, locks, destroyed catalog.Bucket
 
 	tcpPorts catalog.Bucket // raw TCP public ports → the app that holds each
+	// hostnames are the apps' custom hostnames, certStore what the edges
+	// obtained for them (certificates.go).
+	hostnames catalog.Bucket
+	certStore *certstore.Storage
 
 	placer *placer
 	// Hot reads: every request's token and app.
@@ -240,6 +248,9 @@ func New(cfg Config) (*Server, error) {
 		if *b.dst, err = cfg.Catalog.Bucket(b.name); err != nil {
 			return nil, fmt.Errorf("server: bucket %s: %w", b.name, err)
 		}
+	}
+	if err := s.openCertificates(); err != nil {
+		return nil, err
 	}
 	s.placer = newPlacer(placerDeps{now: cfg.Now, cluster: cfg.Cluster, rtt: cfg.RTT, weights: cfg.Weights,
 		seed: cfg.Seed, pending: cfg.PendingTimeout, machines: s.machines, hostClient: s.hostClient,
@@ -315,4 +326,5 @@ func (s *Server) routes() {
 	s.api.Handle("POST /v1/tokens", s.createToken)
 	s.api.Handle("GET /v1/tokens", s.listTokens)
 	s.api.Handle("DELETE /v1/tokens/{id}", s.revokeToken)
+	s.certificateRoutes()
 }
