@@ -3,7 +3,7 @@ package devcluster
 import (
 	"context"
 	"encoding/json"
-		"fmt"
+	"fmt"
 	"maps"
 	"math/rand/v2"
 	"net/http"

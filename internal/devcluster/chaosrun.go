@@ -101,7 +101,7 @@ func (f ChaosFault) String() string {
 
 // ChaosStep is faults applied together and held for Hold.
 type ChaosStep struct {
-	Faults []ChaosFault   `json:"faults"`
+	Faults []ChaosFault  `json:"faults"`
 	Hold   time.Duration `json:"hold"`
 }
 
