@@ -2,12 +2,18 @@ package devcluster
 
 import (
 	"context"
+	"fmt"
+	"net/http"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/fake"
+	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/proxy/route"
 )
 
 // What the chaos runs found, each pinned by a test of its own.
@@ -67,5 +73,72 @@ func TestKillControlPlaneMidCreate(t *testing.T) {
 	}
 	if err := c.RestartControlPlane(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRevivedEdgeServesAtOnce: the global entry hands a revived region's
+// edge requests again only once that edge can route them — found by chaos
+// runs (seeds 101 and 102 of the second sweep), where requests from the
+// revived region's clients reached its edge before it had heard of the
+// other regions' machines, and were answered 503 "no candidate".
+func TestRevivedEdgeServesAtOnce(t *testing.T) {
+	ctx := context.Background()
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
+	for _, h := range c.Hosts {
+		port := freePort(t)
+		if _, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
+			Services: []api.MachineService{{
+				Protocol: "tcp", InternalPort: port,
+				Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
+				Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
+			}},
+		}}); err != nil {
+			t.Fatalf("create on %s: %v", h.ID, err)
+		}
+	}
+	waitUntil(t, "both machines routable at both edges", func() bool {
+		for _, h := range c.Hosts {
+			n := 0
+			for _, tg := range h.Proxy.Table().Targets("demo", 80) {
+				if tg.Excluded == route.Included {
+					n++
+				}
+			}
+			if n != 2 {
+				return false
+			}
+		}
+		return true
+	})
+	tr := &http.Transport{MaxIdleConnsPerHost: 16}
+	t.Cleanup(tr.CloseIdleConnections)
+	load := LoadConfig{URL: "http://" + c.GlobalAddr, Header: map[string]string{ClientRegionHeader: "iad"},
+		Client: &http.Client{Transport: tr, Timeout: 20 * time.Second}}
+	if _, err := c.KillRegion(ctx, "iad"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Revive(ctx, "iad"); err != nil {
+		t.Fatal(err)
+	}
+	// Clients of iad at once, as anycast sends them to the revived edge
+	// the moment it is announced.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var failed []string
+	for range 8 {
+		wg.Go(func() {
+			for range 10 {
+				if s := load.Send(); s.Failed() {
+					mu.Lock()
+					failed = append(failed, fmt.Sprintf("status %d: %s", s.Status, s.Err))
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if len(failed) > 0 {
+		t.Errorf("%d of 80 requests from iad failed after its revival; the first: %s", len(failed), failed[0])
 	}
 }
