@@ -160,12 +160,16 @@ type chaosRun struct {
 }
 
 func (r *chaosRun) violate(format string, args ...any) {
+	r.violateOnce("", format, args...)
+}
+
+// violateOnce records a violation once per key ("": its message).
+func (r *chaosRun) violateOnce(key, format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	key := msg
-	if i := strings.Index(key, ":"); i > 0 {
-		key = key[:i] // one of each kind of violation per step is enough
+	if key == "" {
+		key = msg
 	}
 	if r.seen[key] || len(r.violations) >= 200 {
 		return
@@ -438,17 +442,22 @@ func (r *chaosRun) sampleLoop(ctx context.Context) {
 			r.hostsMu.RLock()
 			ss, ok := r.c.sampleCounts(ctx, app)
 			r.hostsMu.RUnlock()
-			if !ok {
-				continue
+			if ok {
+				r.checkCounts(app, ss)
 			}
-			for _, s := range ss {
-				for region, ids := range s.started {
-					if allowed := r.allowed(app, s.group, region, s.at); len(ids) > allowed {
-						slices.Sort(ids)
-						r.violate("counts: group %s/%s had %d machines started in %s at %s, more than the %d declared: %v",
-							app, s.group, len(ids), region, s.at.Format("15:04:05.000"), allowed, ids)
-					}
-				}
+		}
+	}
+}
+
+// checkCounts reports a group with more machines started in a region than
+// it may have.
+func (r *chaosRun) checkCounts(app string, ss []countSample) {
+	for _, s := range ss {
+		for region, ids := range s.started {
+			if allowed := r.allowed(app, s.group, region, s.at); len(ids) > allowed {
+				slices.Sort(ids)
+				r.violateOnce("counts "+app+"/"+s.group+"/"+region, "counts: group %s/%s had %d machines started in %s at %s, more than the %d declared: %v",
+					app, s.group, len(ids), region, s.at.Format("15:04:05.000"), allowed, ids)
 			}
 		}
 	}
@@ -497,12 +506,17 @@ func (r *chaosRun) allowed(app, group, region string, t time.Time) int {
 // how long it waited.
 func (r *chaosRun) checkMachinesUntil(ctx context.Context, step int, deadline time.Time) (time.Duration, bool) {
 	begin := time.Now()
+	told := false
 	for {
 		r.hostsMu.RLock()
 		problems := r.machineProblems(ctx)
 		r.hostsMu.RUnlock()
 		if len(problems) == 0 {
 			return time.Since(begin), true
+		}
+		if !told && time.Since(begin) > slowReconcile {
+			told = true
+			r.logf("step %d: the machines not converged %v on: %s", step, slowReconcile, strings.Join(problems, "; "))
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			for _, p := range problems {
@@ -513,6 +527,9 @@ func (r *chaosRun) checkMachinesUntil(ctx context.Context, step int, deadline ti
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// slowReconcile is when a wait for the machines is worth telling of.
+const slowReconcile = 5 * time.Second
 
 // machineProblems lists what keeps the machines from their converged
 // state (none: converged).

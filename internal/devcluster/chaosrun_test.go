@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	osexec "os/exec"
 	"os/signal"
 	"reflect"
 	"strconv"
@@ -304,5 +305,62 @@ func TestGenerateChaos(t *testing.T) {
 	}
 	if _, err := GenerateChaos(1, topo, 4, time.Millisecond); !errors.Is(err, ErrChaosShape) {
 		t.Errorf("a hold of 1ms: %v", err)
+	}
+}
+
+// TestChaosChecksCatch: the invariants' checks pass on a calm cluster and
+// catch each kind of violation put in front of them: a machine a host runs
+// that the catalog does not know, a machine running as two processes, a
+// group over its declared count, and an acknowledged create that is gone.
+func TestChaosChecksCatch(t *testing.T) {
+	c, cfg := chaosCluster(t)
+	ctx := context.Background()
+	r := &chaosRun{c: c, cfg: cfg, seen: map[string]bool{}, orgAPI: api.NewClient(c.Plane.URL(), cfg.Token)}
+	r.api = &chaosAPI{cl: r.orgAPI, app: cfg.Ledger, group: cfg.LedgerGroup, config: cfg.LedgerConfig}
+	if _, ok := r.checkMachinesUntil(ctx, 0, time.Now().Add(c.reconcileBound())); !ok {
+		t.Fatalf("a calm cluster did not converge: %v", r.violations)
+	}
+	r.checkLedger(ctx, nil, 0)
+	if len(r.violations) > 0 {
+		t.Fatalf("violations on a calm cluster: %v", r.violations)
+	}
+
+	// A machine made behind the control plane's back, on a host.
+	h := c.Hosts[0]
+	stray, err := api.NewClient(h.APIURL, "agent-secret").Create(ctx, "chaos", api.LaunchMachineInput{
+		Config: cfg.LedgerConfig, SkipLaunch: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A second process of a group machine.
+	var twin string
+	for _, hm := range c.hostMachines("chaos") {
+		if hm.state == api.StateStarted {
+			twin = hm.id
+			break
+		}
+	}
+	cmd := osexec.Command("sleep", "60")
+	cmd.Env = []string{"FLY_APP_NAME=chaos", "FLY_MACHINE_ID=" + twin}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	r.checkMachinesUntil(ctx, 0, time.Now())
+	// A group over its count, as the sampler would read it.
+	r.checkCounts("chaos", []countSample{{at: time.Now(), group: "app", started: map[string][]string{"ams": {"a", "b", "c"}}}})
+	// An acknowledged create of a machine that does not exist.
+	r.checkLedger(ctx, []APICall{{Op: "create", Machine: "00000000000001"}}, 0)
+
+	all := strings.Join(r.violations, "\n")
+	for _, want := range []string{
+		"machine " + stray.ID + " of chaos (created on " + h.ID + ") is not in the catalog",
+		"machine " + twin + " runs as 2 processes",
+		"counts: group chaos/app had 3 machines started in ams",
+		"acknowledged machine 00000000000001 is gone, never destroyed",
+	} {
+		if !strings.Contains(all, want) {
+			t.Errorf("no violation %q among:\n%s", want, all)
+		}
 	}
 }
