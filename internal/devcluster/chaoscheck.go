@@ -157,6 +157,8 @@ type chaosRun struct {
 	mu         sync.Mutex
 	violations []string
 	seen       map[string]bool
+	// outages are when the control plane was killed and restarted.
+	outages [][2]time.Time
 }
 
 func (r *chaosRun) violate(format string, args ...any) {
@@ -250,6 +252,7 @@ func (c *Cluster) RunChaos(ctx context.Context, cfg ChaosConfig) (*ChaosReport, 
 		r.traffic.withhold(edges)
 		var undos []func(context.Context) error
 		r.hostsMu.Lock()
+		down := time.Now()
 		for _, f := range st.Faults {
 			undo, err := c.applyChaos(ctx, f, st.Hold, cfg.App)
 			if err != nil {
@@ -275,6 +278,11 @@ func (c *Cluster) RunChaos(ctx context.Context, cfg ChaosConfig) (*ChaosReport, 
 			cancel()
 		}
 		r.hostsMu.Unlock()
+		if slices.ContainsFunc(st.Faults, func(f ChaosFault) bool { return f.Kind == FaultKillPlane }) {
+			r.mu.Lock()
+			r.outages = append(r.outages, [2]time.Time{down, time.Now()})
+			r.mu.Unlock()
+		}
 		if runErr != nil {
 			break
 		}
@@ -456,8 +464,17 @@ func (r *chaosRun) checkCounts(app string, ss []countSample) {
 		for region, ids := range s.started {
 			if allowed := r.allowed(app, s.group, region, s.at); len(ids) > allowed {
 				slices.Sort(ids)
-				r.violateOnce("counts "+app+"/"+s.group+"/"+region, "counts: group %s/%s had %d machines started in %s at %s, more than the %d declared: %v",
-					app, s.group, len(ids), region, s.at.Format("15:04:05.000"), allowed, ids)
+				var puts []string
+				if app == r.cfg.Ledger {
+					for _, call := range r.api.history() {
+						if call.Op == "put-group" && !call.Sent.After(s.at) {
+							puts = append(puts, fmt.Sprintf("%s–%s %s", call.Sent.Format("15:04:05.000"), call.Done.Format("15:04:05.000"), call))
+						}
+					}
+					puts = puts[max(0, len(puts)-4):]
+				}
+				r.violateOnce("counts "+app+"/"+s.group+"/"+region, "counts: group %s/%s had %d machines started in %s at %s, more than the %d declared: %v; the last declarations: %s",
+					app, s.group, len(ids), region, s.at.Format("15:04:05.000"), allowed, ids, strings.Join(puts, "; "))
 			}
 		}
 	}
@@ -466,6 +483,33 @@ func (r *chaosRun) checkCounts(app string, ss []countSample) {
 // shrinkGrace is how long a shrunk declaration gives the reconciler to
 // destroy the extras: two passes.
 const shrinkGrace = 5 * time.Second
+
+// reconcilerLockTTL is how long a restarted control plane waits for the
+// reconciler's lock its killed self held (server's lockTTL).
+const reconcilerLockTTL = 6 * time.Second
+
+// settled reports whether by t the reconciler has had its time to act on
+// a declaration acknowledged at ack: shrinkGrace, or, when the control
+// plane was killed within it, shrinkGrace after the restarted plane could
+// take the reconciler's lock.
+func (r *chaosRun) settled(ack, t time.Time) bool {
+	until := ack.Add(shrinkGrace)
+	r.mu.Lock()
+	for _, o := range r.outages {
+		if o[0].Before(ack.Add(shrinkGrace)) && o[1].After(ack) {
+			until = later(until, o[1].Add(reconcilerLockTTL+shrinkGrace))
+		}
+	}
+	r.mu.Unlock()
+	return !t.Before(until)
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
 
 // allowed is the most machines a group may run in a region at t: its
 // declared count, or for the ledger's group the most of the declarations
@@ -488,8 +532,8 @@ func (r *chaosRun) allowed(app, group, region string, t time.Time) int {
 	most := 0
 	for i, call := range cur {
 		replaced := false
-		for _, later := range cur[i+1:] {
-			if later.acked() && later.Done.Add(shrinkGrace).Before(t) {
+		for _, next := range cur[i+1:] {
+			if next.acked() && r.settled(next.Done, t) {
 				replaced = true
 			}
 		}

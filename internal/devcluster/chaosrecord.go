@@ -332,14 +332,15 @@ func (a *chaosAPI) history() []APICall {
 // catalogEntry is what the chaos checks read of the control plane's
 // machine entries (server's machineEntry, as stored).
 type catalogEntry struct {
-	ID     string `json:"id"`
-	App    string `json:"app"`
-	Host   string `json:"host"`
-	Region string `json:"region"`
-	Group  string `json:"group"`
-	For    string `json:"for"`
-	Lost   bool   `json:"lost"`
-	Doomed bool   `json:"doomed"`
+	ID      string    `json:"id"`
+	App     string    `json:"app"`
+	Host    string    `json:"host"`
+	Region  string    `json:"region"`
+	Group   string    `json:"group"`
+	For     string    `json:"for"`
+	Lost    bool      `json:"lost"`
+	Doomed  bool      `json:"doomed"`
+	Created time.Time `json:"created_at"`
 }
 
 // catalogEntries reads the live control plane's machine entries of app
@@ -422,7 +423,7 @@ func (c *Cluster) sampleCounts(ctx context.Context, app string) ([]countSample, 
 		if r == "" {
 			r = e.Region
 		}
-		cs.started[r] = append(cs.started[r], hm.id)
+		cs.started[r] = append(cs.started[r], hm.id+" (on "+hm.host+", recorded "+e.Created.Format("15:04:05.000")+")")
 	}
 	var out []countSample
 	for _, g := range slices.Sorted(maps.Keys(by)) {
