@@ -689,6 +689,7 @@ func (c *Cluster) close() error {
 		}
 	}
 	c.faults.wg.Wait()
+	c.releaseAll()
 	c.sim.close()
 	errs = append(errs, c.Net.Close())
 	return errors.Join(errs...)
