@@ -244,9 +244,8 @@ func GenerateChaos(seed int64, topo ChaosTopology, steps int, maxHold time.Durat
 	return s, nil
 }
 
-// ChaosHosts returns the hosts a step's faults kill or stall (which are
-// then no edge for clients to call), and the regions whose every host
-// they kill.
+// chaosDown returns the hosts a step's faults kill or stall: their edges
+// are no edges for clients to call meanwhile.
 func (c *Cluster) chaosDown(st ChaosStep) (hosts []string) {
 	for _, f := range st.Faults {
 		switch f.Kind {
