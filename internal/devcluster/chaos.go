@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/proxy/route"
 )
 
 // Faults of the network, beside the crashes of faults.go. They act on the
@@ -341,12 +342,14 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 	if seed == "" && c.Plane != nil && !c.PlaneDown() {
 		seed = c.Plane.Cluster.GossipAddr()
 	}
+	c.release(id)
 	c.Net.Revive(id)
 	// The host lives as long as the cluster, not as the call that revived
 	// it (a chaos API request): its loops do not take ctx's end.
 	h, err := c.startHost(context.WithoutCancel(ctx), id, old.Region, i, strings.TrimPrefix(old.APIURL, "http://"), old.DNSAddr, old.EdgeAddr, seed)
 	if err != nil {
 		c.Net.Kill(id)
+		c.reserve(old)
 		return fmt.Errorf("devcluster: revive %s: %w", id, err)
 	}
 	c.Hosts[i] = h
@@ -355,9 +358,63 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 	delete(c.faults.gone, id)
 	c.faults.mu.Unlock()
 	if h.EdgeAddr != "" && c.global != nil {
+		c.awaitRoutes(ctx, h)
 		c.global.edgeUp(h.Region)
 	}
 	return nil
+}
+
+// edgeReadyWait bounds how long a revived edge waits to be announced.
+const edgeReadyWait = 10 * time.Second
+
+// awaitRoutes waits, up to edgeReadyWait, until a revived host's edge
+// can route: its view holds the facts of every other host not killed, and
+// its route table every machine of that view with a public port. Anycast
+// announces a point of presence once its proxy is ready, not when its
+// process starts: before, the edge knows only its own machines, just
+// restarting, and would answer its clients "no candidate".
+func (c *Cluster) awaitRoutes(ctx context.Context, h *Host) {
+	deadline := time.Now().Add(edgeReadyWait)
+	for {
+		if c.routesReady(h) {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.cfg.Logger.Warn("announcing a revived edge that cannot route everything yet", "host", h.ID, "waited", edgeReadyWait)
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func (c *Cluster) routesReady(h *Host) bool {
+	snap := h.Cluster.Snapshot()
+	for _, o := range c.Hosts {
+		if o.ID == h.ID || c.Killed(o.ID) {
+			continue
+		}
+		if f := snap.Host(o.ID); f == nil || f.Version == 0 {
+			return false
+		}
+	}
+	table := h.Proxy.Table()
+	for _, m := range snap.Machines() {
+		if snap.Machine(m.ID) != m {
+			continue // a copy another host is believed over
+		}
+		for _, s := range m.Services {
+			for _, p := range s.Ports {
+				if p.Port > 0 && !slices.ContainsFunc(table.Targets(m.App, p.Port), func(tg *route.Target) bool { return tg.MachineID == m.ID }) {
+					return false
+				}
+			}
+		}
+	}
+	return true
 }
 
 // reviveToDestroy revives every killed host, so that a Shutdown that

@@ -166,6 +166,10 @@ func (c *Cluster) KillControlPlane(ctx context.Context) error {
 	c.Net.Kill(controlID)
 	c.front.set(nil, planeDownReason)
 	c.bus.p.Store(nil)
+	// Its connections die with it, as a crashed process's sockets do:
+	// closing the plane must not wait on a call to a host (a create is
+	// given minutes) whose answer the silenced network holds back.
+	c.planeConns.cut()
 	err := c.Plane.Close()
 	if c.toHosts != nil {
 		c.toHosts.CloseIdleConnections()
@@ -196,6 +200,7 @@ func (c *Cluster) RestartControlPlane(ctx context.Context) error {
 		}
 	}
 	c.Net.Revive(controlID)
+	c.planeConns.reopen()
 	// The plane lives as long as the cluster, not as the call that
 	// restarted it.
 	p, err := c.startPlane(context.WithoutCancel(ctx), newParked(c.front.ln.Addr()), seed)
@@ -267,3 +272,71 @@ func (c *Cluster) requireAdmin(r *http.Request) error {
 
 // maxRememberedAdmins bounds the tokens requireAdmin remembers.
 const maxRememberedAdmins = 64
+
+// connSet keeps the connections a dialer opened until they close, so that
+// they can all be cut at once.
+type connSet struct {
+	mu    sync.Mutex
+	conns map[*setConn]struct{}
+	cutAt bool // cut, and not reopened: no new connection
+}
+
+type setConn struct {
+	net.Conn
+	set  *connSet
+	once sync.Once
+}
+
+func (c *setConn) Close() error {
+	c.once.Do(func() {
+		c.set.mu.Lock()
+		delete(c.set.conns, c)
+		c.set.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// dialer is dial, its connections kept in the set.
+func (s *connSet) dialer(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		sc := &setConn{Conn: conn, set: s}
+		s.mu.Lock()
+		if s.cutAt {
+			s.mu.Unlock()
+			conn.Close()
+			return nil, fmt.Errorf("dial %s: %w", addr, net.ErrClosed)
+		}
+		if s.conns == nil {
+			s.conns = map[*setConn]struct{}{}
+		}
+		s.conns[sc] = struct{}{}
+		s.mu.Unlock()
+		return sc, nil
+	}
+}
+
+// cut closes every connection of the set, and fails every dial until
+// reopen.
+func (s *connSet) cut() {
+	s.mu.Lock()
+	s.cutAt = true
+	conns := make([]*setConn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
+		sc.Close()
+	}
+}
+
+// reopen lets the dialer dial again.
+func (s *connSet) reopen() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cutAt = false
+}

@@ -194,11 +194,14 @@ type Cluster struct {
 	// once it runs (the hosts start first).
 	bus lateBus
 	// front serves the control plane's address (controlplane.go).
-	front     *front
-	planeMu   sync.Mutex // kill and restart of the control plane
-	planeDown atomic.Bool
-	admins    admins
-	devCA     *edgecert.DevCA // of the HTTPS edges (tls.go)
+	front   *front
+	planeMu sync.Mutex // kill and restart of the control plane
+	// planeConns are the control plane's connections to the hosts
+	// (controlplane.go).
+	planeConns connSet
+	planeDown  atomic.Bool
+	admins     admins
+	devCA      *edgecert.DevCA // of the HTTPS edges (tls.go)
 }
 
 // lateBus publishes on the control plane's event bus once there is one;
@@ -421,7 +424,7 @@ func (c *Cluster) startPlane(ctx context.Context, ln net.Listener, seed string) 
 		// Calls to hosts cross the simulated network from the control
 		// plane's region.
 		c.toHosts = &http.Transport{
-			DialContext:         c.sim.dialerFrom(controlID),
+			DialContext:         c.planeConns.dialer(c.sim.dialerFrom(controlID)),
 			MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second,
 		}
 		sc.HTTPClient = &http.Client{Transport: c.toHosts}
@@ -715,6 +718,7 @@ func (c *Cluster) close() error {
 		}
 	}
 	c.faults.wg.Wait()
+	c.releaseAll()
 	c.sim.close()
 	errs = append(errs, c.Net.Close())
 	return errors.Join(errs...)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"syscall"
 
@@ -40,6 +41,8 @@ type faults struct {
 	closed bool              // no stall resumes
 	// gone is closed, per killed host, once its background close is over.
 	gone map[string]chan struct{}
+	// held are the killed hosts' addresses, kept for Revive (reserve.go).
+	held map[string][]io.Closer
 }
 
 // Killed reports whether the host was killed.
@@ -169,6 +172,7 @@ func (c *Cluster) crash(ctx context.Context, h *Host) error {
 		if err := h.Close(); err != nil {
 			c.cfg.Logger.Debug("closing a killed host", "host", h.ID, "err", err)
 		}
+		c.reserve(h)
 	}()
 	return errors.Join(errs...)
 }

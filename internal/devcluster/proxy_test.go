@@ -34,6 +34,9 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
+	if len(os.Args) > 1 && os.Args[1] == "chaos-demo-app" {
+		runChaosDemoApp()
+	}
 	if len(os.Args) > 1 && os.Args[1] == "echo-upgrader" {
 		runEchoUpgrader()
 	}
