@@ -3,7 +3,9 @@ package sandbox
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	osexec "os/exec"
 	"runtime"
@@ -78,8 +80,12 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
 	}
 	defer root.Close()
+	env, err := workloadEnv(h.Pid, st.Workload)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w: %w", spec.MachineID, err, driver.ErrGone)
+	}
 	pathEnv := defaultPath
-	for _, kv := range st.Launch.Env {
+	for _, kv := range env {
 		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
 			pathEnv = v
 		}
@@ -97,7 +103,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	cmd := &osexec.Cmd{
 		Path:   prog,
 		Args:   command,
-		Env:    st.Launch.Env,
+		Env:    env,
 		Dir:    st.Launch.Dir,
 		Stdout: &stdout,
 		Stderr: &stderr,
@@ -173,3 +179,90 @@ func (b *cappedBuffer) Write(p []byte) (int, error) {
 }
 
 func (b *cappedBuffer) Bytes() []byte { return b.buf.Bytes() }
+
+// maxEnviron caps what workloadEnv reads of a workload's environment (the
+// kernel lets exec take at most a quarter of an 8 MiB stack for argv and
+// environment together).
+const maxEnviron = 2 << 20
+
+// workloadEnv is the environment the workload of the sandbox whose init is
+// initPid was started with: nsPid is its pid inside the sandbox. The driver
+// keeps no copy (it holds the machine's secrets): it reads the workload's
+// own, as the kernel keeps it, from the init's child with that pid.
+func workloadEnv(initPid, nsPid int) ([]string, error) {
+	if nsPid <= 0 {
+		return nil, errors.New("no workload recorded")
+	}
+	pid, err := childWithNSPid(initPid, nsPid)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		return nil, fmt.Errorf("workload environment: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxEnviron+1))
+	if err != nil {
+		return nil, fmt.Errorf("workload environment: %w", err)
+	}
+	if len(b) > maxEnviron {
+		return nil, fmt.Errorf("workload environment: over %d bytes", maxEnviron)
+	}
+	// The workload must still be the init's child: the pid read first
+	// could have been reused meanwhile.
+	if again, err := childWithNSPid(initPid, nsPid); err != nil || again != pid {
+		return nil, errors.New("workload ended")
+	}
+	var env []string
+	for kv := range bytes.SplitSeq(b, []byte{0}) {
+		if len(kv) > 0 {
+			env = append(env, string(kv))
+		}
+	}
+	return env, nil
+}
+
+// childWithNSPid finds the host pid of the child of initPid whose pid in
+// the sandbox's namespace is nsPid.
+func childWithNSPid(initPid, nsPid int) (int, error) {
+	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(initPid) + "/task")
+	if err != nil {
+		return 0, err
+	}
+	for _, t := range tasks {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(initPid) + "/task/" + t.Name() + "/children")
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			pid, err := strconv.Atoi(f)
+			if err != nil {
+				continue
+			}
+			if ns, ok := innermostPid(pid); ok && ns == nsPid {
+				return pid, nil
+			}
+		}
+	}
+	return 0, errors.New("workload not found")
+}
+
+// innermostPid is pid's pid in its innermost pid namespace (NSpid's last).
+func innermostPid(pid int) (int, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			f := strings.Fields(rest)
+			if len(f) == 0 {
+				return 0, false
+			}
+			n, err := strconv.Atoi(f[len(f)-1])
+			return n, err == nil
+		}
+	}
+	return 0, false
+}

@@ -384,7 +384,7 @@ func writeStatus(dirfd int, st exitStatus) error {
 		return err
 	}
 	tmp := statusFile + ".tmp"
-	fd, err := unix.Openat(dirfd, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC, 0o644)
+	fd, err := unix.Openat(dirfd, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return err
 	}
