@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	osexec "os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -117,11 +118,17 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
-	if err := startInNamespaces(ctx, cmd, h.Pid); err != nil {
-		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
+	if d.cg.v2 {
+		// Born in a cgroup on v2 takes clone3, which the seccomp
+		// filter the command must be born under refuses.
+		return driver.ExecResult{}, fmt.Errorf("exec %s: commands are not run on cgroup v2 hosts yet: %w", spec.MachineID, driver.ErrUnavailable)
 	}
-	if err := d.cg.add(spec.MachineID, cmd.Process.Pid); err != nil {
-		d.logger.Warn("exec: join cgroup", "machine", spec.MachineID, "err", err)
+	home, err := d.cg.processDirs()
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
+	}
+	if err := startInNamespaces(ctx, cmd, h.Pid, d.cg.dirs(spec.MachineID), home); err != nil {
+		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
 	}
 	waited := make(chan struct{})
 	go func() {
@@ -137,9 +144,13 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 }
 
 // startInNamespaces starts cmd from a thread that joined the namespaces of
-// pid and dropped capabilities from its bounding set. The thread is spoiled
-// for anything else, so it stays locked and exits with its goroutine.
-func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int) error {
+// pid and the cgroups cgroupDirs (cgroup v1, where a thread moves alone: so
+// the command is born in the machine's cgroups and never runs a
+// instruction outside them), took a cgroup namespace rooted there, dropped
+// capabilities from its bounding set and took the sandbox's seccomp
+// filter. The thread is spoiled for anything else, so it stays locked and
+// exits with its goroutine, after it went back to the cgroups home.
+func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int, cgroupDirs, home []string) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -156,14 +167,38 @@ func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int) error {
 				return
 			}
 		}
-		if err := dropBoundingCaps(execCaps); err != nil {
-			errc <- err
-			return
-		}
-		// cmd.Start forks from this thread: the child is in the
-		// sandbox's namespaces (its pid namespace included, which only
-		// applies to children).
-		errc <- cmd.Start()
+		tid := strconv.Itoa(unix.Gettid())
+		errc <- func() (err error) {
+			// The thread leaves the machine's cgroups before Exec
+			// returns (else it could still be there when the
+			// machine's cgroup must be empty).
+			defer func() {
+				for _, dir := range home {
+					if herr := writeFile(filepath.Join(dir, "tasks"), tid); herr != nil && err == nil {
+						err = fmt.Errorf("leave cgroup: %w", herr)
+					}
+				}
+			}()
+			for _, dir := range cgroupDirs {
+				if err := writeFile(filepath.Join(dir, "tasks"), tid); err != nil {
+					return fmt.Errorf("join cgroup: %w", err)
+				}
+			}
+			if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
+				return fmt.Errorf("cgroup namespace: %w", err)
+			}
+			if err := dropBoundingCaps(execCaps); err != nil {
+				return err
+			}
+			if err := installSeccomp(); err != nil {
+				return err
+			}
+			// cmd.Start forks from this thread: the child is in
+			// the sandbox's namespaces (its pid namespace
+			// included, which only applies to children) and
+			// cgroups.
+			return cmd.Start()
+		}()
 	}()
 	return <-errc
 }

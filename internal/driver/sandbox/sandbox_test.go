@@ -34,6 +34,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == InitCommand {
 		os.Exit(InitMain(os.Args[2:]))
 	}
+	if len(os.Args) > 1 && os.Args[1] == probeCommand {
+		os.Exit(probeMain())
+	}
 	os.Exit(runTests(m))
 }
 
@@ -59,6 +62,10 @@ func runTests(m *testing.M) int {
 		defer os.RemoveAll(dir)
 		if err := buildBase(filepath.Join(dir, "base"), bb); err != nil {
 			fmt.Fprintln(os.Stderr, "build test rootfs:", err)
+			return 1
+		}
+		if err := installProbe(filepath.Join(dir, "base")); err != nil {
+			fmt.Fprintln(os.Stderr, "build test rootfs: attack probe:", err)
 			return 1
 		}
 		testRoot = dir
@@ -125,7 +132,7 @@ func buildBase(base, busybox string) error {
 		return err
 	}
 	for _, applet := range []string{"sh", "sleep", "cat", "ls", "ps", "id", "hostname", "dd", "httpd", "echo",
-		"true", "false", "env", "ip", "grep", "tr", "wc", "head", "pwd", "test", "wget", "kill"} {
+		"true", "false", "env", "ip", "grep", "tr", "wc", "head", "pwd", "test", "wget", "kill", "unshare"} {
 		if err := os.Symlink("busybox", filepath.Join(base, "bin", applet)); err != nil {
 			return err
 		}
@@ -374,7 +381,7 @@ echo done`)
 		"pid1=" + d.cfg.InitPath + " sandbox-init run",
 		"host=" + spec.MachineID + "\n",
 		"ip=" + addr.String() + "\n",
-		"root=bin dev etc home proc root sys tmp www \n",
+		"root=bin dev etc home lib lib64 proc root sys tmp www \n", // lib, lib64: the probe's (see installProbe)
 		"hosts=" + addr.String() + "\t" + spec.MachineID + " " + spec.MachineID + ".vm.demo.internal",
 	} {
 		if !strings.Contains(out, want) {
