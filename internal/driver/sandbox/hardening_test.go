@@ -171,8 +171,13 @@ func probeMain() int {
 		}
 		fmt.Printf("%s: %s\n", a.name, res)
 	}
+	// Its own cgroups, then the init's: both at the root of the cgroup
+	// namespace means the probe was in the init's (the machine's) cgroups
+	// from the start.
 	b, _ := os.ReadFile("/proc/self/cgroup")
 	fmt.Printf("cgroup:\n%s", b)
+	b, _ = os.ReadFile("/proc/1/cgroup")
+	fmt.Printf("init-cgroup:\n%s", b)
 	return 0
 }
 
@@ -232,11 +237,12 @@ func checkProbe(t *testing.T, who, out string) {
 			t.Errorf("%s: attack %s: got %q, want %q", who, a.name, got, want)
 		}
 	}
-	_, cg, ok := strings.Cut(out, "cgroup:\n")
-	if !ok || strings.TrimSpace(cg) == "" {
-		t.Fatalf("%s: no cgroup in %q", who, out)
+	_, cgs, ok := strings.Cut(out, "cgroup:\n")
+	own, initCg, ok2 := strings.Cut(cgs, "init-cgroup:\n")
+	if !ok || !ok2 || strings.TrimSpace(own) == "" || strings.TrimSpace(initCg) == "" {
+		t.Fatalf("%s: no cgroups in %q", who, out)
 	}
-	for _, line := range strings.Split(strings.TrimSpace(cg), "\n") {
+	for _, line := range strings.Split(strings.TrimSpace(own)+"\n"+strings.TrimSpace(initCg), "\n") {
 		// hierarchy:controllers:path; the machine's hierarchies
 		// (memory, cpu, pids) must show the namespace's root.
 		f := strings.SplitN(line, ":", 3)
