@@ -306,8 +306,6 @@ type state struct {
 	Instance string `json:"instance"`
 	Handle   string `json:"handle"`
 	Launch   launch `json:"launch"`
-	// Workload is the workload's pid inside the sandbox, once started.
-	Workload int `json:"workload,omitempty"`
 }
 
 const stateFile = "sandbox.json"
@@ -599,10 +597,6 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 				return nil, fmt.Errorf("start workload: %w", err)
 			}
 		}
-	}
-	st.Workload = m.Pid
-	if err := writeState(spec.Dir, st); err != nil {
-		return nil, fmt.Errorf("record sandbox: %w", err)
 	}
 	s, err := d.watch(h, ip.pidfd, spec.Dir, cfg.OOMFile)
 	if err != nil {

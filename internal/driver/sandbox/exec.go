@@ -81,7 +81,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
 	}
 	defer root.Close()
-	env, err := workloadEnv(h.Pid, st.Workload)
+	env, err := workloadEnv(h.Pid)
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w: %w", spec.MachineID, err, driver.ErrGone)
 	}
@@ -221,14 +221,12 @@ func (b *cappedBuffer) Bytes() []byte { return b.buf.Bytes() }
 const maxEnviron = 2 << 20
 
 // workloadEnv is the environment the workload of the sandbox whose init is
-// initPid was started with: nsPid is its pid inside the sandbox. The driver
-// keeps no copy (it holds the machine's secrets): it reads the workload's
-// own, as the kernel keeps it, from the init's child with that pid.
-func workloadEnv(initPid, nsPid int) ([]string, error) {
-	if nsPid <= 0 {
-		return nil, errors.New("no workload recorded")
-	}
-	pid, err := childWithNSPid(initPid, nsPid)
+// initPid was started with. The driver keeps no copy (it holds the
+// machine's secrets): it reads the workload's own, as the kernel keeps it.
+// The workload is the init's oldest child: the first process it started,
+// and the orphans it adopts are the workload's descendants, younger.
+func workloadEnv(initPid int) ([]string, error) {
+	pid, start, err := oldestChild(initPid)
 	if err != nil {
 		return nil, err
 	}
@@ -244,9 +242,9 @@ func workloadEnv(initPid, nsPid int) ([]string, error) {
 	if len(b) > maxEnviron {
 		return nil, fmt.Errorf("workload environment: over %d bytes", maxEnviron)
 	}
-	// The workload must still be the init's child: the pid read first
-	// could have been reused meanwhile.
-	if again, err := childWithNSPid(initPid, nsPid); err != nil || again != pid {
+	// The pid must still be the workload's: it could have ended, and
+	// its pid been reused, meanwhile.
+	if again, st, err := oldestChild(initPid); err != nil || again != pid || st != start {
 		return nil, errors.New("workload ended")
 	}
 	var env []string
@@ -258,29 +256,39 @@ func workloadEnv(initPid, nsPid int) ([]string, error) {
 	return env, nil
 }
 
-// childWithNSPid finds the host pid of the child of initPid whose pid in
-// the sandbox's namespace is nsPid.
-func childWithNSPid(initPid, nsPid int) (int, error) {
+// oldestChild finds the child of initPid (forked by any of its threads)
+// that started first; between children started in the same clock tick,
+// the one with the lower pid in the sandbox.
+func oldestChild(initPid int) (pid int, start uint64, err error) {
 	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(initPid) + "/task")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
+	bestNS := 0
 	for _, t := range tasks {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(initPid) + "/task/" + t.Name() + "/children")
 		if err != nil {
 			continue
 		}
 		for _, f := range strings.Fields(string(b)) {
-			pid, err := strconv.Atoi(f)
+			c, err := strconv.Atoi(f)
 			if err != nil {
 				continue
 			}
-			if ns, ok := innermostPid(pid); ok && ns == nsPid {
-				return pid, nil
+			st, err := hostproc.ReadStat(c)
+			if err != nil {
+				continue
+			}
+			ns, _ := innermostPid(c)
+			if pid == 0 || st.Start < start || (st.Start == start && ns < bestNS) {
+				pid, start, bestNS = c, st.Start, ns
 			}
 		}
 	}
-	return 0, errors.New("workload not found")
+	if pid == 0 {
+		return 0, 0, errors.New("workload not found")
+	}
+	return pid, start, nil
 }
 
 // innermostPid is pid's pid in its innermost pid namespace (NSpid's last).

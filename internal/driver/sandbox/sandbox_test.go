@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -36,6 +37,10 @@ func TestMain(m *testing.M) {
 	}
 	if len(os.Args) > 1 && os.Args[1] == probeCommand {
 		os.Exit(probeMain())
+	}
+	if len(os.Args) > 2 && os.Args[1] == stepsCommand {
+		n, _ := strconv.Atoi(os.Args[2])
+		os.Exit(stepsMain(n))
 	}
 	os.Exit(runTests(m))
 }

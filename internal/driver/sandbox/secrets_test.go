@@ -14,7 +14,9 @@ import (
 // runs commands with it.
 func TestSecretsOffDisk(t *testing.T) {
 	d := newDriver(t, testConfig(t))
-	spec := testSpec(t, "busybox", "-c", "echo ready; exec sleep 1000")
+	// An orphan with an environment of its own is the init's child too:
+	// Exec must still take the workload's.
+	spec := testSpec(t, "busybox", "-c", "(ORPHAN=yes sleep 1000 &); sleep 0.1; echo ready; exec sleep 1000")
 	secret := "hush-" + randHex(16)
 	spec.Env["DATABASE_PASSWORD"] = secret
 	start(t, d, spec)
@@ -26,6 +28,9 @@ func TestSecretsOffDisk(t *testing.T) {
 	}
 	if !strings.Contains(string(res.Stdout), "DATABASE_PASSWORD="+secret+"\n") {
 		t.Errorf("exec'd command lacks the machine's environment: %q", res.Stdout)
+	}
+	if strings.Contains(string(res.Stdout), "ORPHAN=") {
+		t.Errorf("exec'd command has an orphan's environment: %q", res.Stdout)
 	}
 	for _, dir := range []string{spec.Dir, d.cfg.StateDir} {
 		err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
