@@ -112,6 +112,11 @@ func TestDevNotRootUsesExecDriverSayingSo(t *testing.T) {
 	case <-time.After(startupTimeout):
 		t.Fatalf("flame dev as another user did not start; stderr:\n%s", stderr.String())
 	}
+	if fi, err := os.Stat(data); err != nil {
+		t.Error(err)
+	} else if fi.Mode().Perm() != 0o700 {
+		t.Errorf("data dir has mode %v, want 0700", fi.Mode().Perm())
+	}
 	if !strings.Contains(stderr.String(), "WARNING: exec driver") {
 		t.Errorf("flame dev did not say machines run unisolated; stderr:\n%s", stderr.String())
 	}

@@ -86,7 +86,7 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
+	if err := privateDir(f.dataDir); err != nil {
 		return err
 	}
 	// Listen first: a driver (a sandbox's bridge, cgroups and spare init)
@@ -218,4 +218,16 @@ func closeProxy(hc host.Config) {
 	if hc.Proxy.Edge != nil {
 		hc.Proxy.Edge.Close()
 	}
+}
+
+// privateDir makes dir, or makes an existing one, the invoking user's alone
+// (0700): a data dir holds tokens, machine logs and state.
+func privateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	return nil
 }

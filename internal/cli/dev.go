@@ -103,6 +103,8 @@ func runDev(c *cobra.Command, f devFlags) error {
 		}
 		defer os.RemoveAll(dir)
 		f.dataDir = dir
+	} else if err := privateDir(f.dataDir); err != nil {
+		return err
 	}
 	// The registry takes the hosts' token and, once the control plane is
 	// up, any of its tokens, each reaching its org's repositories
