@@ -77,7 +77,7 @@ func TestDevRestartKeeps(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	args := []string{"dev", "--data-dir", dir, "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0",
-		"--driver", "exec", "--regions", "ams,iad", "--hosts-per-region", "1"}
+		"--driver", "exec", "--allow-host-exec", "--regions", "ams,iad", "--hosts-per-region", "1"}
 	p1 := startFlame(t, args...)
 	first := readBanner(t, p1)
 	if first.admin == "" {

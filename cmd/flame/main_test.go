@@ -343,7 +343,7 @@ func demoConfig(port int) *api.MachineConfig {
 func TestAgentKilledResumes(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	args := []string{"agent", "--data-dir", dir, "--token", "secret", "--api-addr", "127.0.0.1:0", "--driver", "exec"}
+	args := []string{"agent", "--data-dir", dir, "--token", "secret", "--api-addr", "127.0.0.1:0", "--driver", "exec", "--allow-host-exec"}
 	agent := startFlame(t, args...)
 	c := api.NewClient(agent.apiURL(t), "secret")
 
@@ -419,7 +419,7 @@ func TestAgentKilledResumes(t *testing.T) {
 // interrupt stops every machine and removes the temporary state.
 func TestDevStopsCleanly(t *testing.T) {
 	ctx := context.Background()
-	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0", "--driver", "exec")
+	dev := startFlame(t, "dev", "--api-addr", "127.0.0.1:0", "--hosts-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--edge-addr", "127.0.0.1:0", "--global-addr", "127.0.0.1:0", "--edge-tls-addr", "127.0.0.1:0", "--driver", "exec", "--allow-host-exec")
 	stateDir := dev.waitLine(t, regexp.MustCompile(`state in (\S+)\)`), "its state dir")
 	url := dev.apiURL(t)
 	c := api.NewClient(url, dev.token(t))

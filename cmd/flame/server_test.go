@@ -26,7 +26,7 @@ func TestServerWithAgents(t *testing.T) {
 	var natsAddr string
 	agent := func(id, region, gossipAddr string, join ...string) *proc {
 		args := []string{"agent", "--data-dir", t.TempDir(), "--token", "agent-secret", "--api-addr", "127.0.0.1:0",
-			"--driver", "exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr, "--nats-url", "nats://" + natsAddr}
+			"--driver", "exec", "--allow-host-exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr, "--nats-url", "nats://" + natsAddr}
 		for _, j := range join {
 			args = append(args, "--join", j)
 		}

@@ -187,7 +187,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(cfg.DataDir, "machines"), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(cfg.DataDir, "machines"), 0o700); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	st, err := openStore(filepath.Join(cfg.DataDir, "agent.db"))

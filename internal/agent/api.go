@@ -76,7 +76,7 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	if in.LeaseTTL > 0 {
 		r.Lease = &lease{Nonce: newNonce(), ExpiresAt: now.Add(time.Duration(in.LeaseTTL) * time.Second)}
 	}
-	if err := os.MkdirAll(a.machineDir(id), 0o755); err != nil {
+	if err := os.MkdirAll(a.machineDir(id), 0o700); err != nil {
 		return nil, fmt.Errorf("create machine: %w", err)
 	}
 	m := newMach(r)

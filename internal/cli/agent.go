@@ -21,6 +21,7 @@ type agentFlags struct {
 	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts            string
 	join                                                        []string
 	tls                                                         edgeTLSFlags // edgetls.go
+	allowHostExec                                               bool
 }
 
 func newAgentCmd() *cobra.Command {
@@ -52,7 +53,8 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for the agent's state (required)")
 	fs.StringVar(&f.token, "token", "", "bearer token the API requires (required)")
 	fs.StringVar(&f.region, "region", "ams", "region of this host")
-	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (sandbox as root, else exec), sandbox or exec")
+	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: sandbox, exec (host processes: needs --allow-host-exec) or auto (as root the sandbox or an error; else exec, with --allow-host-exec)")
+	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs, so any token that may create a machine runs commands on this host")
 	fs.StringVar(&f.registry, "registry", "", "registry (host:port) for image names without one")
 	fs.StringVar(&f.hostID, "host-id", "", "this host's name in the cluster (default: none, no cluster)")
 	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
@@ -89,7 +91,7 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(f.dataDir, 0o755); err != nil {
+	if err := privateDir(f.dataDir); err != nil {
 		return err
 	}
 	// Listen first: a driver (a sandbox's bridge, cgroups and spare init)
@@ -98,10 +100,13 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
 	}
-	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: f.token, Logger: log})
+	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: f.token, AllowHostExec: f.allowHostExec, Logger: log})
 	if err != nil {
 		ln.Close()
 		return err
+	}
+	if kind == host.DriverExec {
+		fmt.Fprintln(c.ErrOrStderr(), "flame agent: "+host.HostExecWarning+".")
 	}
 	closeDriver := func() {
 		if c, ok := d.(io.Closer); ok {
@@ -231,4 +236,16 @@ func closeProxy(hc host.Config) {
 	if hc.Proxy.Edge != nil {
 		hc.Proxy.Edge.Close()
 	}
+}
+
+// privateDir makes dir, or makes an existing one, the invoking user's alone
+// (0700): a data dir holds tokens, machine logs and state.
+func privateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	return nil
 }

@@ -33,7 +33,7 @@ type devFlags struct {
 	edgeTLSAddr                                                                      string
 	globalAddr, clientRegion                                                         string
 	hostsPerRegion                                                                   int
-	noDemo                                                                           bool
+	noDemo, allowHostExec                                                            bool
 }
 
 func newDevCmd() *cobra.Command {
@@ -75,7 +75,8 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.BoolVar(&f.noDemo, "no-demo", false, "do not deploy the demo app")
 	fs.StringVar(&f.regions, "regions", "ams,iad,syd", "comma-separated region codes")
 	fs.IntVar(&f.hostsPerRegion, "hosts-per-region", 2, "hosts in each region")
-	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (sandbox as root, else exec), sandbox or exec")
+	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (as root the sandbox or an error; else exec, where you are the only tenant), sandbox or exec (as root: needs --allow-host-exec)")
+	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "as root, allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs (a user other than root is always allowed: the only tenant is that user)")
 	fs.StringVar(&f.logLevel, "log-level", "warn", "debug, info, warn or error")
 	return c
 }
@@ -104,6 +105,8 @@ func runDev(c *cobra.Command, f devFlags) error {
 		}
 		defer os.RemoveAll(dir)
 		f.dataDir = dir
+	} else if err := privateDir(f.dataDir); err != nil {
+		return err
 	}
 	// The registry takes the hosts' token and, once the control plane is
 	// up, any of its tokens, each reaching its org's repositories
@@ -137,6 +140,10 @@ func runDev(c *cobra.Command, f devFlags) error {
 		}
 	}
 	kinds := make([]string, 0)
+	// Run by a user other than root, flame dev can only run machines as
+	// that user's processes: nobody else is a tenant of it, so the exec
+	// driver needs no opt-in there (it still says so).
+	allowHostExec := f.allowHostExec || os.Geteuid() != 0
 	cfg := devcluster.Config{
 		Regions:        splitList(f.regions),
 		HostsPerRegion: f.hostsPerRegion,
@@ -161,9 +168,15 @@ func runDev(c *cobra.Command, f devFlags) error {
 			}
 			d, kind, err := host.NewDriver(host.DriverConfig{Kind: kind, DataDir: filepath.Join(f.dataDir, h.ID),
 				Registry: h.RegistryAddr, RegistryToken: f.token, Dial: h.Dial,
-				Instance: instance, Index: h.Index, Logger: log.With("host", h.ID)})
+				Instance: instance, Index: h.Index, AllowHostExec: allowHostExec, Logger: log.With("host", h.ID)})
+			if err != nil {
+				return nil, err
+			}
+			if h.Index == 0 && kind == host.DriverExec {
+				fmt.Fprintln(c.ErrOrStderr(), "flame dev: "+host.HostExecWarning+".")
+			}
 			kinds = append(kinds, kind)
-			return d, err
+			return d, nil
 		},
 	}
 	if err := cfg.Validate(); err != nil {

@@ -2,6 +2,7 @@ package host
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -17,8 +18,8 @@ import (
 
 // Driver kinds.
 const (
-	DriverAuto    = "auto"    // sandbox when running as root and it works, else exec
-	DriverExec    = "exec"    // host processes, no isolation
+	DriverAuto    = "auto"    // as root the sandbox (or an error); else exec, if allowed
+	DriverExec    = "exec"    // host processes, no isolation: needs AllowHostExec
 	DriverSandbox = "sandbox" // namespaces, cgroups, OCI images
 )
 
@@ -41,14 +42,41 @@ type DriverConfig struct {
 	Instance string
 	// Index tells the hosts of one instance apart: it picks the host's
 	// bridge, its private network prefix and its cgroup.
-	Index  int
-	Logger *slog.Logger
+	Index int
+	// AllowHostExec lets the exec driver run: machines become plain host
+	// processes and "exec:" images run any host program, so whoever may
+	// create a machine runs commands on the host. Without it the exec
+	// driver is refused, and DriverAuto is the sandbox or an error.
+	AllowHostExec bool
+	Logger        *slog.Logger
 }
 
-// NewDriver builds the driver cfg asks for and says which one it built. With
-// DriverAuto a sandbox that cannot start (not root, no cgroups) falls back to
-// the exec driver, with a warning.
+// ErrHostExecNotAllowed is the exec driver asked for, or needed, without
+// DriverConfig.AllowHostExec.
+var ErrHostExecNotAllowed = errors.New("the exec driver runs machines as host processes with no isolation; it must be allowed explicitly (--allow-host-exec)")
+
+// HostExecWarning is what a program says, loudly, when it runs the exec
+// driver (NewDriver leaves saying it to its caller, once).
+const HostExecWarning = "WARNING: exec driver: machines run as plain host processes with no isolation, and \"exec:\" images run any host program; anyone who may create a machine runs commands on this host as " +
+	"the user running flame"
+
+// NewDriver builds the driver cfg asks for and says which one it built. It
+// fails closed: DriverAuto is, as root, the sandbox or an error (never the
+// exec driver), and, as another user, the exec driver only where
+// cfg.AllowHostExec allows it; DriverExec needs AllowHostExec too.
 func NewDriver(cfg DriverConfig) (driver.Driver, string, error) {
+	return newDriver(cfg, os.Geteuid() == 0)
+}
+
+// AutoKind is the driver DriverAuto picks: the sandbox as root, else exec.
+func AutoKind(root bool) string {
+	if root {
+		return DriverSandbox
+	}
+	return DriverExec
+}
+
+func newDriver(cfg DriverConfig, root bool) (driver.Driver, string, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -57,26 +85,29 @@ func NewDriver(cfg DriverConfig) (driver.Driver, string, error) {
 		kind = DriverAuto
 	}
 	switch kind {
-	case DriverExec:
-		d, err := newExecDriver(cfg.Logger)
-		return d, DriverExec, err
-	case DriverSandbox:
-		d, err := newSandboxDriver(cfg)
-		return d, DriverSandbox, err
 	case DriverAuto:
-		if os.Geteuid() == 0 {
-			d, err := newSandboxDriver(cfg)
-			if err == nil {
-				return d, DriverSandbox, nil
+		kind = AutoKind(root)
+	case DriverExec, DriverSandbox:
+	default:
+		return nil, "", fmt.Errorf("unknown driver %q: want auto, exec or sandbox", kind)
+	}
+	switch kind {
+	case DriverExec:
+		if !cfg.AllowHostExec {
+			if cfg.Kind == DriverExec {
+				return nil, "", ErrHostExecNotAllowed
 			}
-			cfg.Logger.Warn("sandbox driver unavailable; machines run as plain host processes", "err", err)
-		} else {
-			cfg.Logger.Warn("not running as root: machines run as plain host processes without isolation (exec driver)")
+			return nil, "", fmt.Errorf("driver auto: not running as root, so no sandbox: %w", ErrHostExecNotAllowed)
 		}
 		d, err := newExecDriver(cfg.Logger)
 		return d, DriverExec, err
+	default:
+		d, err := newSandboxDriver(cfg)
+		if err != nil {
+			return nil, "", fmt.Errorf("sandbox driver: %w (no fallback: machines never run unsandboxed unless the exec driver is asked for)", err)
+		}
+		return d, DriverSandbox, nil
 	}
-	return nil, "", fmt.Errorf("unknown driver %q: want auto, exec or sandbox", kind)
 }
 
 func newExecDriver(log *slog.Logger) (driver.Driver, error) {

@@ -194,7 +194,7 @@ func New(t testing.TB, cfg Config) *Cluster {
 	}
 	c.AdminToken = strings.TrimSpace(string(b))
 	for _, m := range c.members[1:] {
-		m.args = []string{"agent", "--data-dir", m.dataDir, "--token", c.Token, "--driver", "exec",
+		m.args = []string{"agent", "--data-dir", m.dataDir, "--token", c.Token, "--driver", "exec", "--allow-host-exec",
 			"--api-addr", c.addr(m, agentAPIPort), "--region", m.Region, "--host-id", m.ID,
 			"--gossip-addr", c.addr(m, gossipPort), "--backhaul-addr", c.addr(m, backhaulPort),
 			"--nats-url", "nats://" + c.addr(ctl, natsPort), "--edge-tcp-ports="}

@@ -77,7 +77,7 @@ type leases struct{ dir string }
 
 func (l leases) init() error {
 	for _, d := range []string{"addrs", "machines"} {
-		if err := os.MkdirAll(filepath.Join(l.dir, d), 0o755); err != nil {
+		if err := os.MkdirAll(filepath.Join(l.dir, d), 0o700); err != nil {
 			return err
 		}
 	}

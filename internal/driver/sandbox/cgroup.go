@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -69,6 +70,39 @@ type cgroups struct {
 	// roots are the parent directories of the machines' cgroups: one for
 	// v2; memory, cpu and pids (in that order) for v1.
 	roots []string
+	// mounts are the v1 hierarchies' mount points, in the order of roots.
+	mounts []string
+}
+
+// v1Controllers name the v1 hierarchies of roots and mounts, in order.
+var v1Controllers = []string{"memory", "cpu", "pids"}
+
+// processDirs are the v1 cgroup directories the calling process (its main
+// thread) is in, in the order of roots: where a thread that joined a
+// machine's cgroups goes back to.
+func (c *cgroups) processDirs() ([]string, error) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, len(c.mounts))
+	for line := range strings.SplitSeq(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		for i, ctrl := range v1Controllers {
+			if i < len(out) && slices.Contains(strings.Split(f[1], ","), ctrl) {
+				out[i] = filepath.Join(c.mounts[i], f[2])
+			}
+		}
+	}
+	for i, d := range out {
+		if d == "" {
+			return nil, fmt.Errorf("no %s cgroup in /proc/self/cgroup", v1Controllers[i])
+		}
+	}
+	return out, nil
 }
 
 // detectCgroups finds the hierarchies to use from /proc/self/mountinfo:
@@ -113,7 +147,7 @@ func detectCgroups(parent string) (*cgroups, error) {
 			filepath.Join(v1["memory"], parent),
 			filepath.Join(v1["cpu"], parent),
 			filepath.Join(v1["pids"], parent),
-		}}, nil
+		}, mounts: []string{v1["memory"], v1["cpu"], v1["pids"]}}, nil
 	}
 	return nil, errors.New("detect cgroups: neither cgroup v2 with the memory, cpu and pids controllers nor cgroup v1 hierarchies for them are mounted")
 }

@@ -59,8 +59,9 @@
 // A handle is "<pid>:<starttime>:<boot id>" of the init (for a spare, its
 // start time is when the spare was made, before the machine's start);
 // Adopt accepts it only for a live process with that pid, start time and
-// boot. Start also records the handle, with how the workload was launched,
-// in sandbox.json in the machine's directory, which Adopt with an empty
+// boot. Start also records the handle, with how the workload was launched
+// (its environment left out: it holds the machine's secrets), in
+// sandbox.json (0600) in the machine's directory, which Adopt with an empty
 // handle, Exec and Cleanup read. A half-started sandbox whose agent died
 // ends by itself: its init exits when the start socket closes before it was
 // told to go; so does a spare. Close kills the spare and removes its
@@ -71,9 +72,14 @@
 // Exec runs a command in a running sandbox: from a locked thread that joined
 // the sandbox's IPC, UTS, network and PID namespaces, chrooted into
 // /proc/<init>/root (a multithreaded process cannot join a mount namespace;
-// the init's root shows the same tree), with the workload's environment,
-// directory and user, in the machine's cgroup, and without CAP_SYS_CHROOT,
-// which would let it out of the chroot.
+// the init's root shows the same tree), with the workload's environment
+// (read from the workload's /proc/<pid>/environ: the init's oldest child),
+// directory and user, without CAP_SYS_CHROOT, which would let it out of the
+// chroot, and under the sandbox's seccomp filter (seccomp.go). On cgroup v1
+// the thread joins the machine's cgroups and a cgroup namespace rooted
+// there before it forks, so the command never runs outside them, and goes
+// back afterwards; on cgroup v2 (where only clone3 could do that, which the
+// filter refuses) Exec is unavailable for now.
 //
 // # Resources
 //

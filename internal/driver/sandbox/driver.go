@@ -298,7 +298,10 @@ func (d *Driver) image(ctx context.Context, spec driver.Spec) (*image.Image, err
 }
 
 // state is what the driver keeps in the machine's directory about its
-// sandbox, for Adopt, Exec and Cleanup.
+// sandbox, for Adopt, Exec and Cleanup. It never holds the workload's
+// environment, which carries the machine's secrets: Launch.Env is empty on
+// disk, the init gets the environment over its start socket, and Exec reads
+// it back from the running workload (see workloadEnv).
 type state struct {
 	Instance string `json:"instance"`
 	Handle   string `json:"handle"`
@@ -322,12 +325,14 @@ func readState(dir string) (state, error) {
 }
 
 func writeState(dir string, st state) error {
+	st.Launch.Env = nil
 	b, err := json.Marshal(st)
 	if err != nil {
 		return err
 	}
 	tmp := filepath.Join(dir, stateFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	os.Remove(tmp) // WriteFile keeps an existing file's mode
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, filepath.Join(dir, stateFile))
@@ -552,7 +557,8 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 	}
 	conn.SetDeadline(deadline)
 
-	if err := writeState(spec.Dir, state{Instance: spec.InstanceID, Handle: h.String(), Launch: cfg.Launch}); err != nil {
+	st := state{Instance: spec.InstanceID, Handle: h.String(), Launch: cfg.Launch}
+	if err := writeState(spec.Dir, st); err != nil {
 		return nil, fmt.Errorf("record sandbox: %w", err)
 	}
 	if err := sendFiles(conn, fds); err != nil {

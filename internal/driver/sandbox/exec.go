@@ -3,9 +3,12 @@ package sandbox
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	osexec "os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -78,8 +81,12 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
 	}
 	defer root.Close()
+	env, err := workloadEnv(h.Pid)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w: %w", spec.MachineID, err, driver.ErrGone)
+	}
 	pathEnv := defaultPath
-	for _, kv := range st.Launch.Env {
+	for _, kv := range env {
 		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
 			pathEnv = v
 		}
@@ -97,7 +104,7 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	cmd := &osexec.Cmd{
 		Path:   prog,
 		Args:   command,
-		Env:    st.Launch.Env,
+		Env:    env,
 		Dir:    st.Launch.Dir,
 		Stdout: &stdout,
 		Stderr: &stderr,
@@ -111,11 +118,17 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
-	if err := startInNamespaces(ctx, cmd, h.Pid); err != nil {
-		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
+	if d.cg.v2 {
+		// Born in a cgroup on v2 takes clone3, which the seccomp
+		// filter the command must be born under refuses.
+		return driver.ExecResult{}, fmt.Errorf("exec %s: commands are not run on cgroup v2 hosts yet: %w", spec.MachineID, driver.ErrUnavailable)
 	}
-	if err := d.cg.add(spec.MachineID, cmd.Process.Pid); err != nil {
-		d.logger.Warn("exec: join cgroup", "machine", spec.MachineID, "err", err)
+	home, err := d.cg.processDirs()
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
+	}
+	if err := startInNamespaces(ctx, cmd, h.Pid, d.cg.dirs(spec.MachineID), home); err != nil {
+		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
 	}
 	waited := make(chan struct{})
 	go func() {
@@ -131,9 +144,13 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 }
 
 // startInNamespaces starts cmd from a thread that joined the namespaces of
-// pid and dropped capabilities from its bounding set. The thread is spoiled
-// for anything else, so it stays locked and exits with its goroutine.
-func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int) error {
+// pid and the cgroups cgroupDirs (cgroup v1, where a thread moves alone: so
+// the command is born in the machine's cgroups and never runs a
+// instruction outside them), took a cgroup namespace rooted there, dropped
+// capabilities from its bounding set and took the sandbox's seccomp
+// filter. The thread is spoiled for anything else, so it stays locked and
+// exits with its goroutine, after it went back to the cgroups home.
+func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int, cgroupDirs, home []string) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -150,14 +167,38 @@ func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int) error {
 				return
 			}
 		}
-		if err := dropBoundingCaps(execCaps); err != nil {
-			errc <- err
-			return
-		}
-		// cmd.Start forks from this thread: the child is in the
-		// sandbox's namespaces (its pid namespace included, which only
-		// applies to children).
-		errc <- cmd.Start()
+		tid := strconv.Itoa(unix.Gettid())
+		errc <- func() (err error) {
+			// The thread leaves the machine's cgroups before Exec
+			// returns (else it could still be there when the
+			// machine's cgroup must be empty).
+			defer func() {
+				for _, dir := range home {
+					if herr := writeFile(filepath.Join(dir, "tasks"), tid); herr != nil && err == nil {
+						err = fmt.Errorf("leave cgroup: %w", herr)
+					}
+				}
+			}()
+			for _, dir := range cgroupDirs {
+				if err := writeFile(filepath.Join(dir, "tasks"), tid); err != nil {
+					return fmt.Errorf("join cgroup: %w", err)
+				}
+			}
+			if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
+				return fmt.Errorf("cgroup namespace: %w", err)
+			}
+			if err := dropBoundingCaps(execCaps); err != nil {
+				return err
+			}
+			if err := installSeccomp(); err != nil {
+				return err
+			}
+			// cmd.Start forks from this thread: the child is in
+			// the sandbox's namespaces (its pid namespace
+			// included, which only applies to children) and
+			// cgroups.
+			return cmd.Start()
+		}()
 	}()
 	return <-errc
 }
@@ -173,3 +214,98 @@ func (b *cappedBuffer) Write(p []byte) (int, error) {
 }
 
 func (b *cappedBuffer) Bytes() []byte { return b.buf.Bytes() }
+
+// maxEnviron caps what workloadEnv reads of a workload's environment (the
+// kernel lets exec take at most a quarter of an 8 MiB stack for argv and
+// environment together).
+const maxEnviron = 2 << 20
+
+// workloadEnv is the environment the workload of the sandbox whose init is
+// initPid was started with. The driver keeps no copy (it holds the
+// machine's secrets): it reads the workload's own, as the kernel keeps it.
+// The workload is the init's oldest child: the first process it started,
+// and the orphans it adopts are the workload's descendants, younger.
+func workloadEnv(initPid int) ([]string, error) {
+	pid, start, err := oldestChild(initPid)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		return nil, fmt.Errorf("workload environment: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxEnviron+1))
+	if err != nil {
+		return nil, fmt.Errorf("workload environment: %w", err)
+	}
+	if len(b) > maxEnviron {
+		return nil, fmt.Errorf("workload environment: over %d bytes", maxEnviron)
+	}
+	// The pid must still be the workload's: it could have ended, and
+	// its pid been reused, meanwhile.
+	if again, st, err := oldestChild(initPid); err != nil || again != pid || st != start {
+		return nil, errors.New("workload ended")
+	}
+	var env []string
+	for kv := range bytes.SplitSeq(b, []byte{0}) {
+		if len(kv) > 0 {
+			env = append(env, string(kv))
+		}
+	}
+	return env, nil
+}
+
+// oldestChild finds the child of initPid (forked by any of its threads)
+// that started first; between children started in the same clock tick,
+// the one with the lower pid in the sandbox.
+func oldestChild(initPid int) (pid int, start uint64, err error) {
+	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(initPid) + "/task")
+	if err != nil {
+		return 0, 0, err
+	}
+	bestNS := 0
+	for _, t := range tasks {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(initPid) + "/task/" + t.Name() + "/children")
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			c, err := strconv.Atoi(f)
+			if err != nil {
+				continue
+			}
+			st, err := hostproc.ReadStat(c)
+			if err != nil {
+				continue
+			}
+			ns, _ := innermostPid(c)
+			if pid == 0 || st.Start < start || (st.Start == start && ns < bestNS) {
+				pid, start, bestNS = c, st.Start, ns
+			}
+		}
+	}
+	if pid == 0 {
+		return 0, 0, errors.New("workload not found")
+	}
+	return pid, start, nil
+}
+
+// innermostPid is pid's pid in its innermost pid namespace (NSpid's last).
+func innermostPid(pid int) (int, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			f := strings.Fields(rest)
+			if len(f) == 0 {
+				return 0, false
+			}
+			n, err := strconv.Atoi(f[len(f)-1])
+			return n, err == nil
+		}
+	}
+	return 0, false
+}

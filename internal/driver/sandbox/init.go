@@ -198,11 +198,12 @@ func writeMessage(w io.Writer, m message) error {
 
 // keptCaps are the capabilities a workload running as root keeps in its
 // bounding set: those container runtimes grant by default, minus CAP_MKNOD
-// (device nodes could reach the host's disks: no device cgroup is set up).
+// (device nodes could reach the host's disks: no device cgroup is set up)
+// and CAP_NET_RAW (raw sockets forge packets on the host's bridge).
 var keptCaps = []int{
 	unix.CAP_CHOWN, unix.CAP_DAC_OVERRIDE, unix.CAP_FOWNER, unix.CAP_FSETID,
 	unix.CAP_KILL, unix.CAP_SETGID, unix.CAP_SETUID, unix.CAP_SETPCAP,
-	unix.CAP_NET_BIND_SERVICE, unix.CAP_NET_RAW, unix.CAP_SYS_CHROOT,
+	unix.CAP_NET_BIND_SERVICE, unix.CAP_SYS_CHROOT,
 	unix.CAP_AUDIT_WRITE, unix.CAP_SETFCAP,
 }
 
@@ -272,8 +273,16 @@ func (ln *launcher) start(l launch) (int, error) {
 	return r.pid, r.err
 }
 
-// forkWorkload starts l, from the launcher's thread.
+// forkWorkload starts l, from the launcher's thread, once the init is in
+// the machine's cgroup: the thread takes a cgroup namespace rooted there
+// and the seccomp filter, and the workload inherits both.
 func forkWorkload(l launch) (int, error) {
+	if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
+		return 0, fmt.Errorf("cgroup namespace: %w", err)
+	}
+	if err := installSeccomp(); err != nil {
+		return 0, err
+	}
 	devnull, err := os.Open("/dev/null")
 	if err != nil {
 		return 0, err
@@ -384,7 +393,7 @@ func writeStatus(dirfd int, st exitStatus) error {
 		return err
 	}
 	tmp := statusFile + ".tmp"
-	fd, err := unix.Openat(dirfd, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC, 0o644)
+	fd, err := unix.Openat(dirfd, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return err
 	}

@@ -173,7 +173,7 @@ func openInitFiles(logPath, dir, oomFile, rootfs string) (fds []int, err error) 
 		fds = append(fds, fd)
 		return nil
 	}
-	if err := open(logPath, unix.O_WRONLY|unix.O_APPEND|unix.O_CREAT, 0o644); err != nil {
+	if err := open(logPath, unix.O_WRONLY|unix.O_APPEND|unix.O_CREAT, 0o600); err != nil {
 		return fds, err
 	}
 	if err := open(dir, unix.O_PATH|unix.O_DIRECTORY, 0); err != nil {

@@ -57,7 +57,7 @@ func LoadInstance(dir string) (string, error) {
 	if id, err := readInstance(path); !errors.Is(err, os.ErrNotExist) && err != errEmptyInstance {
 		return id, err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("instance id: %w", err)
 	}
 	// Starts racing on one dir take turns; the file itself is only ever

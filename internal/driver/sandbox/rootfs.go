@@ -53,6 +53,9 @@ func setupRoot(cfg *initConfig, tree int) error {
 	if err := mountDev(); err != nil {
 		return err
 	}
+	if err := maskPaths(); err != nil {
+		return err
+	}
 	// sysfs is a convenience (and needs the network namespace): read-only.
 	if err := os.MkdirAll("/sys", 0o555); err == nil {
 		_ = unix.Mount("sysfs", "/sys", "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
@@ -94,6 +97,41 @@ func mountProc() error {
 		}
 		if err := unix.Mount("", p, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 			return fmt.Errorf("protect %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// maskedPaths are hidden from the sandbox as runc hides them: they tell of
+// the host (its keyrings, timers, scheduler, memory) or reach its hardware.
+// A file is covered with /dev/null, a directory with an empty read-only
+// tmpfs.
+var maskedPaths = []string{
+	"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/key-users",
+	"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+	"/proc/sched_debug", "/proc/scsi", "/proc/kpagecount", "/proc/kpageflags",
+	"/proc/kpagecgroup", "/sys/firmware", "/sys/devices/virtual/powercap",
+}
+
+// maskPaths covers maskedPaths; it runs once /proc, /sys and /dev are
+// mounted. A path the kernel does not have is skipped.
+func maskPaths() error {
+	for _, p := range maskedPaths {
+		var st unix.Stat_t
+		if err := unix.Stat(p, &st); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			return fmt.Errorf("mask %s: %w", p, err)
+		}
+		var err error
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			err = unix.Mount("tmpfs", p, "tmpfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "size=0,mode=555")
+		} else {
+			err = unix.Mount("/dev/null", p, "", unix.MS_BIND, "")
+		}
+		if err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("mask %s: %w", p, err)
 		}
 	}
 	return nil

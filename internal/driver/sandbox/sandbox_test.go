@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -33,6 +34,13 @@ import (
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == InitCommand {
 		os.Exit(InitMain(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == probeCommand {
+		os.Exit(probeMain())
+	}
+	if len(os.Args) > 2 && os.Args[1] == stepsCommand {
+		n, _ := strconv.Atoi(os.Args[2])
+		os.Exit(stepsMain(n))
 	}
 	os.Exit(runTests(m))
 }
@@ -59,6 +67,10 @@ func runTests(m *testing.M) int {
 		defer os.RemoveAll(dir)
 		if err := buildBase(filepath.Join(dir, "base"), bb); err != nil {
 			fmt.Fprintln(os.Stderr, "build test rootfs:", err)
+			return 1
+		}
+		if err := installProbe(filepath.Join(dir, "base")); err != nil {
+			fmt.Fprintln(os.Stderr, "build test rootfs: attack probe:", err)
 			return 1
 		}
 		testRoot = dir
@@ -125,7 +137,7 @@ func buildBase(base, busybox string) error {
 		return err
 	}
 	for _, applet := range []string{"sh", "sleep", "cat", "ls", "ps", "id", "hostname", "dd", "httpd", "echo",
-		"true", "false", "env", "ip", "grep", "tr", "wc", "head", "pwd", "test", "wget", "kill"} {
+		"true", "false", "env", "ip", "grep", "tr", "wc", "head", "pwd", "test", "wget", "kill", "unshare"} {
 		if err := os.Symlink("busybox", filepath.Join(base, "bin", applet)); err != nil {
 			return err
 		}
@@ -374,7 +386,7 @@ echo done`)
 		"pid1=" + d.cfg.InitPath + " sandbox-init run",
 		"host=" + spec.MachineID + "\n",
 		"ip=" + addr.String() + "\n",
-		"root=bin dev etc home proc root sys tmp www \n",
+		"root=" + imageRoot(t) + " \n",
 		"hosts=" + addr.String() + "\t" + spec.MachineID + " " + spec.MachineID + ".vm.demo.internal",
 	} {
 		if !strings.Contains(out, want) {
@@ -392,6 +404,24 @@ echo done`)
 	if procs < 2 || procs > 5 {
 		t.Errorf("workload sees %d processes, want only its own", procs)
 	}
+}
+
+// imageRoot lists, as ls does, what the root of a sandbox of the test image
+// holds: the image's top directories (with the probe's libraries, see
+// installProbe) and the mount points the init makes.
+func imageRoot(t *testing.T) string {
+	entries, err := os.ReadDir(filepath.Join(testRoot, "base"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := []string{"dev", "proc", "sys"}
+	for _, e := range entries {
+		if !slices.Contains(names, e.Name()) {
+			names = append(names, e.Name())
+		}
+	}
+	slices.Sort(names)
+	return strings.Join(names, " ")
 }
 
 func TestImageConfigMerge(t *testing.T) {
