@@ -225,7 +225,24 @@ const maxEnviron = 2 << 20
 // machine's secrets): it reads the workload's own, as the kernel keeps it.
 // The workload is the init's oldest child: the first process it started,
 // and the orphans it adopts are the workload's descendants, younger.
-func workloadEnv(initPid int) ([]string, error) {
+func workloadEnv(initPid int) (env []string, err error) {
+	// The kernel's list of a task's children is not read atomically: a
+	// read that races a fork or a reap may miss one, so an answer that
+	// does not hold still is read again before it counts.
+	for range 5 {
+		if env, err = readWorkloadEnv(initPid); err != errWorkloadMoved {
+			return env, err
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil, err
+}
+
+// errWorkloadMoved is a workload found, then gone or another, while its
+// environment was read.
+var errWorkloadMoved = errors.New("workload ended")
+
+func readWorkloadEnv(initPid int) ([]string, error) {
 	pid, start, err := oldestChild(initPid)
 	if err != nil {
 		return nil, err
@@ -245,7 +262,7 @@ func workloadEnv(initPid int) ([]string, error) {
 	// The pid must still be the workload's: it could have ended, and
 	// its pid been reused, meanwhile.
 	if again, st, err := oldestChild(initPid); err != nil || again != pid || st != start {
-		return nil, errors.New("workload ended")
+		return nil, errWorkloadMoved
 	}
 	var env []string
 	for kv := range bytes.SplitSeq(b, []byte{0}) {
