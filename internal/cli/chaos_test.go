@@ -108,7 +108,7 @@ func startDemoDev(t *testing.T) *devcluster.Cluster {
 		}
 		port := ln.Addr().(*net.TCPAddr).Port
 		ln.Close()
-		_, err = api.NewClient(h.APIURL, "agent-secret").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		_, err = dev.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port,
@@ -213,7 +213,7 @@ func TestChaosKillRegion(t *testing.T) {
 	if code, out, stderr = run(append([]string{"chaos", "revive", "ams"}, flags...)...); code != 0 || !strings.Contains(out, "no faults") {
 		t.Fatalf("flame chaos revive: exit %d, %q %q", code, out, stderr)
 	}
-	ms, err := api.NewClient(dev.Hosts[0].APIURL, "agent-secret").List(ctx, "demo", api.ListMachinesOptions{})
+	ms, err := dev.HostClient(dev.Hosts[0]).List(ctx, "demo", api.ListMachinesOptions{})
 	if err != nil || len(ms) != 1 {
 		t.Fatalf("machines of the revived host: %v, %v", ms, err)
 	}

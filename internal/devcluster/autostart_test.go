@@ -37,7 +37,7 @@ func newAutostartRig(t testing.TB, c *Cluster) *autostartRig {
 	if ams2 == nil {
 		t.Fatal("no host ams-2")
 	}
-	r := &autostartRig{c: c, client: api.NewClient(ams2.APIURL, "t"), edge: c.Edges()["ams"], port: freePort(t)}
+	r := &autostartRig{c: c, client: c.HostClient(ams2), edge: c.Edges()["ams"], port: freePort(t)}
 	m, err := r.client.Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 		Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(r.port)},
 		Services: []api.MachineService{{
@@ -199,7 +199,7 @@ func TestScaleToZeroAndBack(t *testing.T) {
 	ids := map[string]string{} // machine → host
 	for _, hid := range []string{"ams-1", "ams-2", "iad-1"} {
 		port := freePort(t)
-		m, err := api.NewClient(byHost[hid].APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		m, err := c.HostClient(byHost[hid]).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port), "PRIMARY_REGION": "ams"},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port, Autostop: &stopMode, MinMachinesRunning: ptr(1),
@@ -212,7 +212,7 @@ func TestScaleToZeroAndBack(t *testing.T) {
 		ids[m.ID] = hid
 	}
 	state := func(id string) string {
-		m, err := api.NewClient(byHost[ids[id]].APIURL, "t").Get(ctx, "demo", id)
+		m, err := c.HostClient(byHost[ids[id]]).Get(ctx, "demo", id)
 		if err != nil {
 			t.Fatal(err)
 		}

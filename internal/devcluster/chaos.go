@@ -346,7 +346,7 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 	c.Net.Revive(id)
 	// The host lives as long as the cluster, not as the call that revived
 	// it (a chaos API request): its loops do not take ctx's end.
-	h, err := c.startHost(context.WithoutCancel(ctx), id, old.Region, i, strings.TrimPrefix(old.APIURL, "http://"), old.DNSAddr, old.EdgeAddr, seed)
+	h, err := c.startHost(context.WithoutCancel(ctx), id, old.Region, i, old.Addr(), old.DNSAddr, old.EdgeAddr, seed)
 	if err != nil {
 		c.Net.Kill(id)
 		c.reserve(old)

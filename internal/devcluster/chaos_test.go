@@ -174,7 +174,7 @@ func TestNetworkFaults(t *testing.T) {
 			t.Fatalf("revive of a live host: %v", err)
 		}
 		port := freePort(t)
-		m, err := api.NewClient(c.host("iad-2").APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		m, err := c.HostClient(c.host("iad-2")).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Restart: &api.MachineRestart{Policy: api.RestartNo},
 		}})
@@ -197,7 +197,7 @@ func TestNetworkFaults(t *testing.T) {
 		converge(t)
 		// It started from its data dir: the machine it ran is there, its
 		// process gone with the crash.
-		got, err := api.NewClient(c.host("iad-2").APIURL, "t").Get(ctx, "demo", m.ID)
+		got, err := c.HostClient(c.host("iad-2")).Get(ctx, "demo", m.ID)
 		if err != nil {
 			t.Fatalf("the machine after revive: %v", err)
 		}
@@ -222,7 +222,7 @@ func packets(c *Cluster, id string) (sent, recv uint64) {
 func TestShutdownAfterKill(t *testing.T) {
 	ctx := context.Background()
 	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
-	cl := api.NewClient(c.host("iad-1").APIURL, "t")
+	cl := c.HostClient(c.host("iad-1"))
 	m, err := cl.Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 		Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(freePort(t))},
 	}})

@@ -32,7 +32,7 @@ func TestKillControlPlane(t *testing.T) {
 	}
 	for _, h := range c.Hosts {
 		port := freePort(t)
-		if _, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		if _, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port,

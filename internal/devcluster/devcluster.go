@@ -28,6 +28,7 @@ import (
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/proxy"
 	"github.com/flamehq/flame/internal/server"
 )
@@ -40,7 +41,8 @@ type Config struct {
 	HostsPerRegion int
 	// Dir holds every host's state, one directory per host.
 	Dir string
-	// Token is the API token of every host.
+	// Token is the API token of every host without a control plane, and
+	// the hosts' shared token (backhaul, registry) with one.
 	Token string
 	// APIAddr is where the first host serves its Machines API; the others
 	// take the following ports (or random ones when its port is 0).
@@ -93,7 +95,9 @@ type Config struct {
 
 	// ControlPlane runs a control plane (`flame server`) beside the hosts,
 	// as a member of their cluster in the first region, serving the public
-	// Machines API at ServerAddr; the hosts' own APIs then answer only it.
+	// Machines API at ServerAddr. The hosts enroll with it as `flame agent`
+	// does (identities.go): their own APIs then serve mutual TLS and answer
+	// only a control plane's certificate.
 	ControlPlane bool
 	ServerAddr   string
 	// Chaos serves the chaos API (chaosapi.go) beside the control plane's.
@@ -202,6 +206,8 @@ type Cluster struct {
 	planeDown  atomic.Bool
 	admins     admins
 	devCA      *edgecert.DevCA // of the HTTPS edges (tls.go)
+	// hostClients are the clients HostClient hands out, by host.
+	hostClients hostClients
 }
 
 // lateBus publishes on the control plane's event bus once there is one;
@@ -238,6 +244,8 @@ type Host struct {
 	EdgeTCPIP string
 	// EdgeTLSAddr is where the region's edge serves HTTPS ("" for none).
 	EdgeTLSAddr string
+	// identity is the host's, with a control plane.
+	identity *pki.Slot
 }
 
 // backhaulPort is where every host's proxy takes the requests other hosts'
@@ -376,6 +384,10 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.bus.p.Store(c.Plane)
 		c.serveFront(planeLn)
 		c.front.set(c.planeHandler(c.Plane), "")
+		if err := c.enrollHosts(ctx); err != nil {
+			c.abort()
+			return nil, fmt.Errorf("devcluster: %w", err)
+		}
 	}
 	return c, nil
 }
@@ -549,6 +561,14 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	}
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
+		// Served over mutual TLS once enrolled (at once when the data dir
+		// holds an identity from before).
+		id, err := host.LoadIdentity(hc.DataDir)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		hc.Identity = pki.NewSlot(id)
 	}
 	if seed != "" {
 		hc.Join = []string{seed}
@@ -569,7 +589,10 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		h.Close()
 		return nil, err
 	}
-	out := &Host{Host: h, ID: id, Region: region, APIURL: "http://" + ln.Addr().String(), DNSAddr: pc.LocalAddr().String()}
+	out := &Host{Host: h, ID: id, Region: region, APIURL: "http://" + ln.Addr().String(), DNSAddr: pc.LocalAddr().String(), identity: hc.Identity}
+	if hc.Identity != nil {
+		out.APIURL = "https://" + ln.Addr().String()
+	}
 	if edge != nil {
 		out.EdgeAddr = edge.Addr().String()
 	}
@@ -719,6 +742,7 @@ func (c *Cluster) close() error {
 	}
 	c.faults.wg.Wait()
 	c.releaseAll()
+	c.hostClients.close()
 	c.sim.close()
 	errs = append(errs, c.Net.Close())
 	return errors.Join(errs...)

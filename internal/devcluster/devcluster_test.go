@@ -101,7 +101,7 @@ func TestSixHostsThreeRegions(t *testing.T) {
 	if iad.Region != "iad" {
 		t.Fatalf("host 2 is in %s", iad.Region)
 	}
-	m, err := api.NewClient(iad.APIURL, "t").Create(ctx, "web", api.LaunchMachineInput{Config: &api.MachineConfig{
+	m, err := c.HostClient(iad).Create(ctx, "web", api.LaunchMachineInput{Config: &api.MachineConfig{
 		Image: "exec:/bin/sleep", Init: api.MachineInit{Cmd: []string{"60"}},
 	}})
 	if err != nil {
@@ -137,7 +137,7 @@ func TestSixHostsThreeRegions(t *testing.T) {
 	}))
 	defer srv.Close()
 	port := srv.Listener.Addr().(*net.TCPAddr).Port
-	checked, err := api.NewClient(iad.APIURL, "t").Create(ctx, "web", api.LaunchMachineInput{Config: &api.MachineConfig{
+	checked, err := c.HostClient(iad).Create(ctx, "web", api.LaunchMachineInput{Config: &api.MachineConfig{
 		Image: "exec:/bin/sleep", Init: api.MachineInit{Cmd: []string{"60"}},
 		Checks: map[string]api.MachineCheck{"alive": {Type: ptr("http"), Port: &port, Interval: api.Dur(50 * time.Millisecond)}},
 	}})

@@ -242,7 +242,7 @@ func runFailover(t testing.TB, opts failoverOpts) *failoverRun {
 	for _, h := range c.Hosts {
 		for range 2 {
 			port := freePort(t)
-			m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+			m, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 				Image:   host.DemoImage,
 				Env:     map[string]string{"PORT": strconv.Itoa(port)},
 				Restart: &api.MachineRestart{Policy: api.RestartNo},
@@ -669,7 +669,7 @@ func TestFaultsAreCrashes(t *testing.T) {
 	// Each machine is leased, as a deploy leases it: a crash does not ask.
 	create := func(h *Host, policy string) string {
 		t.Helper()
-		m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		m, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(freePort(t))},
 			Restart: &api.MachineRestart{Policy: policy},
 		}})

@@ -61,7 +61,7 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 	// in syd, switches protocols and echoes.
 	syd := c.Hosts[len(c.Hosts)-1]
 	wsPort := freePort(t)
-	if _, err := api.NewClient(syd.APIURL, "t").Create(ctx, "ws", api.LaunchMachineInput{Config: &api.MachineConfig{
+	if _, err := c.HostClient(syd).Create(ctx, "ws", api.LaunchMachineInput{Config: &api.MachineConfig{
 		Image: upgraderImage, Env: map[string]string{"PORT": strconv.Itoa(wsPort)},
 		Services: []api.MachineService{{
 			Protocol: "tcp", InternalPort: wsPort,
@@ -74,7 +74,7 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 	machines := map[string]string{} // id → region
 	for _, h := range c.Hosts {
 		port := freePort(t)
-		m, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		m, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port,

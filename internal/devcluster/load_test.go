@@ -42,7 +42,7 @@ func TestRemoteLoadSteersTheEdge(t *testing.T) {
 	create := func(limits *api.MachineServiceConcurrency) string {
 		t.Helper()
 		port := freePort(t)
-		m, err := api.NewClient(ams2.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		m, err := c.HostClient(ams2).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port,

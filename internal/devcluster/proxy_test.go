@@ -123,7 +123,7 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 	machines := map[string]string{} // id → host
 	for _, id := range []string{"ams-1", "ams-2", "iad-1", "syd-1"} {
 		port := freePort(t)
-		m, err := api.NewClient(byHost[id].APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		m, err := c.HostClient(byHost[id]).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port,
@@ -193,7 +193,7 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 		if byHost[h].Region != "ams" {
 			continue
 		}
-		if err := api.NewClient(byHost[h].APIURL, "t").Stop(ctx, "demo", id, api.StopMachineInput{}); err != nil {
+		if err := c.HostClient(byHost[h]).Stop(ctx, "demo", id, api.StopMachineInput{}); err != nil {
 			t.Fatalf("stop %s: %v", id, err)
 		}
 	}

@@ -79,7 +79,7 @@ func TestEdgeServesRawTCP(t *testing.T) {
 	create := func(on string) {
 		t.Helper()
 		port := freePort(t)
-		_, err := api.NewClient(byHost[on].APIURL, "t").Create(ctx, "db", api.LaunchMachineInput{Config: &api.MachineConfig{
+		_, err := c.HostClient(byHost[on]).Create(ctx, "db", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: tcpEchoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{Protocol: "tcp", InternalPort: port,
 				Ports: []api.MachinePort{{Port: ptr(public), Handlers: []string{"proxy_proto"},

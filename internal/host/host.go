@@ -5,6 +5,7 @@ package host
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,6 +26,7 @@ import (
 	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/httpserve"
 	"github.com/flamehq/flame/internal/machine"
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/proxy"
 )
 
@@ -34,8 +36,14 @@ type Config struct {
 	Region  string
 	// Listener is where the Machines API is served.
 	Listener net.Listener
-	// Token is the bearer token the API requires.
+	// Token is the bearer token the API requires, unless Identity is set;
+	// hosts share it for the proxy's backhaul too.
 	Token string
+	// Identity, when set, is the host's enrolled identity (possibly given
+	// later, through the slot): the API is served over TLS with the
+	// host's certificate and answers only clients presenting a control
+	// plane's certificate from the same CA; tokens are not accepted.
+	Identity *pki.Slot
 	// Driver runs the workloads.
 	Driver driver.Driver
 	// Backoff spaces automatic restarts (zero: the agent's default).
@@ -123,6 +131,15 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// controlPlaneAuth accepts what the TLS handshake let in: a control
+// plane's certificate from the host's CA (pki.Slot.ServerTLS checks it).
+func controlPlaneAuth(r *http.Request) (context.Context, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return nil, api.Errorf(http.StatusUnauthorized, "a control plane's certificate is required")
+	}
+	return r.Context(), nil
+}
+
 // Host is a running host.
 type Host struct {
 	Agent   *agent.Agent
@@ -165,6 +182,9 @@ func New(cfg Config) (*Host, error) {
 	}
 	h.Agent = ag
 	auth := httpapi.TokenAuth(cfg.Token)
+	if cfg.Identity != nil {
+		auth = controlPlaneAuth
+	}
 	api, err := httpapi.New(httpapi.Config{Backend: ag, Authenticate: auth, Logger: cfg.Logger})
 	if err != nil {
 		ag.Close()
@@ -333,7 +353,11 @@ func (h *Host) Start(ctx context.Context) error {
 	h.wg.Add(1)
 	go func() {
 		defer h.wg.Done()
-		if err := h.srv.Serve(h.cfg.Listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		ln := h.cfg.Listener
+		if h.cfg.Identity != nil {
+			ln = tls.NewListener(ln, h.cfg.Identity.ServerTLS(time.Now))
+		}
+		if err := h.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			h.log.Error("machines api stopped", "err", err)
 		}
 	}()

@@ -44,7 +44,7 @@ func BenchmarkControlPlaneOverhead(b *testing.B) {
 		b.Fatal(err)
 	}
 	plane := api.NewClient(c.Plane.URL(), tok)
-	host := api.NewClient(c.Hosts[0].APIURL, "agent-secret")
+	host := c.HostClient(c.Hosts[0])
 	if _, err := plane.CreateApp(ctx, api.CreateAppInput{AppName: "bench", OrgSlug: "acme"}); err != nil {
 		b.Fatal(err)
 	}

@@ -69,7 +69,7 @@ func (s *Server) entry(ctx context.Context, ref api.MachineRef, write bool) (mac
 }
 
 // hostClient returns a client for a host's API, or 503 when the host is not
-// reachable now.
+// reachable now (or not enrolled, or revoked).
 func (s *Server) hostClient(hostID string) (*api.Client, error) {
 	h := s.cfg.Cluster.Snapshot().Host(hostID)
 	switch {
@@ -77,12 +77,9 @@ func (s *Server) hostClient(hostID string) (*api.Client, error) {
 		return nil, api.Errorf(http.StatusServiceUnavailable, "host %s is not known to the cluster", hostID)
 	case !h.Up():
 		return nil, api.Errorf(http.StatusServiceUnavailable, "host %s is %s", hostID, h.Status)
-	case h.Addrs["api"] == "":
-		return nil, api.Errorf(http.StatusServiceUnavailable, "host %s advertises no API address", hostID)
 	}
-	c := api.NewClient("http://"+h.Addrs["api"], s.cfg.AgentToken)
-	c.HTTPClient = s.cfg.HTTPClient
-	return c, nil
+	// Where the host enrolled, never an address the gossip advertises.
+	return s.enrolledClient(hostID)
 }
 
 // onHost returns the Machines API of the host that runs the machine ref

@@ -85,6 +85,9 @@ type placerDeps struct {
 	log        *slog.Logger
 	// goOwned runs fn in a goroutine its owner waits for on close.
 	goOwned func(fn func())
+	// callable reports whether the control plane may call a host (it is
+	// enrolled and not revoked); nil: every host.
+	callable func(hostID string) bool
 }
 
 func newPlacer(d placerDeps) *placer {
@@ -134,6 +137,9 @@ func (p *placer) hostsLocked(snap *cluster.Snapshot, now time.Time) []place.Host
 	for _, h := range hs {
 		if h.Capacity.CPUs == 0 && h.Capacity.MemoryMB == 0 {
 			continue // a member that runs no machines (a control plane)
+		}
+		if p.callable != nil && !p.callable(h.ID) {
+			continue // a member that never enrolled, or a revoked host
 		}
 		free := place.Resources{CPUs: h.Free.CPUs, MemoryMB: h.Free.MemoryMB}
 		for _, r := range p.reserved[h.ID] {

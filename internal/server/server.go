@@ -57,8 +57,10 @@ type Config struct {
 	Catalog catalog.Catalog
 	// Cluster is the view of hosts and machines. Required.
 	Cluster ClusterView
-	// AgentToken is the token hosts' APIs require; only the control plane
-	// holds it. Required.
+	// AgentToken is the token hosts share for what does not use their
+	// certificates yet (the proxy's backhaul, image pulls); enrollment
+	// hands it to them. Empty: one made on the catalog's first use and
+	// kept there, sealed.
 	AgentToken string
 	// SecretKey seals app secrets (32 bytes, AES-256-GCM). Required.
 	SecretKey []byte
@@ -163,8 +165,6 @@ func (c *Config) Validate() error {
 		return errors.New("server: catalog is required")
 	case c.Cluster == nil:
 		return errors.New("server: cluster view is required")
-	case c.AgentToken == "":
-		return errors.New("server: agent token is required")
 	case len(c.SecretKey) != 32:
 		return fmt.Errorf("server: secret key must be 32 bytes, not %d", len(c.SecretKey))
 	}
@@ -190,7 +190,7 @@ func Buckets() []catalog.BucketSpec {
 		{Name: bucketMachines}, {Name: bucketSecrets}, {Name: bucketGroups},
 		{Name: bucketLocks, TTL: true}, {Name: bucketDestroyed, TTL: true},
 		{Name: bucketTCPPorts},
-	}, certstore.Buckets()...)
+	}, append(certstore.Buckets(), identityBuckets()...)...)
 }
 
 // Server is a running control plane.
@@ -207,6 +207,9 @@ type Server struct {
 	// obtained for them (certificates.go).
 	hostnames catalog.Bucket
 	certStore *certstore.Storage
+
+	ident   *identity // the CA and enrolled hosts (hosts_enroll.go), loaded by Start
+	handler http.Handler
 
 	placer *placer
 	// Hot reads: every request's token and app.
@@ -254,7 +257,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.placer = newPlacer(placerDeps{now: cfg.Now, cluster: cfg.Cluster, rtt: cfg.RTT, weights: cfg.Weights,
 		seed: cfg.Seed, pending: cfg.PendingTimeout, machines: s.machines, hostClient: s.hostClient,
-		log: s.log, goOwned: s.wg.Go})
+		log: s.log, goOwned: s.wg.Go, callable: s.hostCallable})
 	s.tokenCache, s.appCache = newCache[token](), newCache[app]()
 	s.follows = httpapi.NewFollows(cfg.Follows)
 	s.api, err = httpapi.New(httpapi.Config{Backend: s, Authenticate: s.authenticate, Logger: cfg.Logger,
@@ -270,15 +273,23 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.routes()
+	mux := http.NewServeMux()
+	mux.Handle("/", s.api)
+	mux.HandleFunc("POST /v1/hosts/enroll", s.enroll) // the join token's proof is the credential
+	s.handler = mux
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
 
 // Handler serves the public API.
-func (s *Server) Handler() http.Handler { return s.api }
+func (s *Server) Handler() http.Handler { return s.handler }
 
 // Start runs the reconciler and the placement queue until Close.
 func (s *Server) Start(ctx context.Context) error {
+	if err := s.loadIdentity(ctx); err != nil {
+		return err
+	}
+	s.wg.Go(func() { s.ident.cache.follow(s.ctx, s, s.ident.hosts, bucketHosts) })
 	s.wg.Add(4)
 	go func() { defer s.wg.Done(); s.placer.run(s.ctx) }()
 	go func() { defer s.wg.Done(); s.reconcileLoop(s.ctx) }()
@@ -298,6 +309,7 @@ func (s *Server) Start(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.cancel()
 	s.wg.Wait()
+	s.closeHostConns()
 	return nil
 }
 
@@ -327,4 +339,5 @@ func (s *Server) routes() {
 	s.api.Handle("GET /v1/tokens", s.listTokens)
 	s.api.Handle("DELETE /v1/tokens/{id}", s.revokeToken)
 	s.certificateRoutes()
+	s.identityRoutes()
 }

@@ -1,0 +1,81 @@
+package devcluster
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/host"
+)
+
+// enrollHosts enrolls every host that has no identity yet with the control
+// plane, as `flame agent` does: a join token minted for the host, then the
+// enrollment call over the plane's API (its key made in its data dir).
+func (c *Cluster) enrollHosts(ctx context.Context) error {
+	for _, h := range c.Hosts {
+		if h.identity == nil || h.identity.Get() != nil {
+			continue
+		}
+		tok, err := c.Plane.MintJoinToken(ctx, h.ID, time.Minute)
+		if err != nil {
+			return fmt.Errorf("join token for %s: %w", h.ID, err)
+		}
+		id, err := host.Enroll(ctx, host.Enrollment{DataDir: c.hostDir(h.ID), PlaneURL: c.Plane.URL(),
+			JoinToken: tok.Token, HostID: h.ID, Region: h.Region, APIAddr: h.Addr()})
+		if err != nil {
+			return fmt.Errorf("host %s: %w", h.ID, err)
+		}
+		h.identity.Set(id)
+	}
+	return nil
+}
+
+func (c *Cluster) hostDir(id string) string { return filepath.Join(c.cfg.Dir, id) }
+
+// HostClient is a client of a host's own Machines API: with a control
+// plane, over mutual TLS with the control plane's certificate, checking the
+// host's (what an operator's tool would hold); without one, with the
+// hosts' token.
+func (c *Cluster) HostClient(h *Host) *api.Client {
+	if h.identity == nil {
+		return api.NewClient(h.APIURL, c.cfg.Token)
+	}
+	cl := api.NewClient(h.APIURL, "")
+	cl.HTTPClient = c.hostClients.get(h.ID, func() *http.Transport {
+		return &http.Transport{TLSClientConfig: c.Plane.ControlTLS(h.ID), MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second}
+	})
+	return cl
+}
+
+// hostClients keeps one transport per host, so clients handed out reuse
+// connections; Close closes them.
+type hostClients struct {
+	mu sync.Mutex
+	m  map[string]*http.Transport
+}
+
+func (hc *hostClients) get(id string, mk func() *http.Transport) *http.Client {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	if hc.m == nil {
+		hc.m = map[string]*http.Transport{}
+	}
+	tr := hc.m[id]
+	if tr == nil {
+		tr = mk()
+		hc.m[id] = tr
+	}
+	return &http.Client{Transport: tr}
+}
+
+func (hc *hostClients) close() {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	for _, tr := range hc.m {
+		tr.CloseIdleConnections()
+	}
+}

@@ -1,0 +1,82 @@
+package host
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/pki"
+)
+
+// IdentityDir is where a host keeps its identity: its key (made there, never
+// sent anywhere), its certificate, the CA's and the hosts' token, each
+// readable by the owner only.
+func IdentityDir(dataDir string) string { return filepath.Join(dataDir, "identity") }
+
+// LoadIdentity reads the identity a host enrolled with before, or nil when
+// it has none yet.
+func LoadIdentity(dataDir string) (*pki.HostIdentity, error) {
+	id, err := pki.LoadHostIdentity(IdentityDir(dataDir))
+	if errors.Is(err, pki.ErrNotEnrolled) {
+		return nil, nil
+	}
+	return id, err
+}
+
+// Enrollment is what a host enrolls with.
+type Enrollment struct {
+	DataDir string
+	// PlaneURL is the control plane's API (http://host:port).
+	PlaneURL string
+	// JoinToken is the one-time token an admin minted.
+	JoinToken string
+	// HostID, Region and APIAddr are what the host enrolls as: APIAddr is
+	// the only address the control plane will call it at.
+	HostID, Region, APIAddr string
+	// HTTPClient reaches the control plane (nil: a default client).
+	HTTPClient *http.Client
+}
+
+// Enroll gets the host its certificate: a fresh key in the identity dir, a
+// request for it sent with a proof of the join token (never the token's
+// secret), and the answer kept only if it comes from the CA the token
+// names, for this host and this key.
+func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
+	tok, err := pki.ParseJoinToken(e.JoinToken)
+	if err != nil {
+		return nil, err
+	}
+	dir := IdentityDir(e.DataDir)
+	key, err := pki.HostKey(dir)
+	if err != nil {
+		return nil, fmt.Errorf("enroll: host key: %w", err)
+	}
+	csr, err := pki.NewCSR(key, pki.RoleHost, e.HostID)
+	if err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	claim := pki.EnrollClaim{TokenID: tok.ID, HostID: e.HostID, Region: e.Region, APIAddr: e.APIAddr, CSR: csr}
+	c := api.NewClient(e.PlaneURL, "")
+	if e.HTTPClient != nil {
+		c.HTTPClient = e.HTTPClient
+	}
+	resp, err := c.EnrollHost(ctx, api.EnrollHostInput{TokenID: tok.ID, HostID: e.HostID, Region: e.Region,
+		APIAddr: e.APIAddr, CSR: csr, Proof: pki.Proof(tok.Secret, claim)})
+	if err != nil {
+		return nil, fmt.Errorf("enroll at %s: %w", e.PlaneURL, err)
+	}
+	if _, _, err := pki.CheckHostCert([]byte(resp.CA), []byte(resp.Certificate), tok.CAFingerprint, e.HostID, key, time.Now()); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	if resp.HostsToken == "" {
+		return nil, errors.New("enroll: the control plane sent no hosts' token")
+	}
+	if err := pki.SaveHostIdentity(dir, []byte(resp.CA), []byte(resp.Certificate), resp.HostsToken); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	return pki.LoadHostIdentity(dir)
+}
