@@ -212,7 +212,7 @@ func startFlame(t *testing.T, args ...string) *proc {
 // apiURL waits for the line announcing the Machines API and returns its URL.
 func (p *proc) apiURL(t *testing.T) string {
 	t.Helper()
-	return p.waitLine(t, regexp.MustCompile(`(?:Machines API|machines API on)\s+(http://[0-9.:]+)`), "its API")
+	return p.waitLine(t, regexp.MustCompile(`(?:Machines API|machines API on)\s+(https?://[0-9.:]+)`), "its API")
 }
 
 // token reads the token `flame dev` prints after its API.
@@ -343,7 +343,11 @@ func demoConfig(port int) *api.MachineConfig {
 func TestAgentKilledResumes(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	args := []string{"agent", "--data-dir", dir, "--token", "secret", "--api-addr", "127.0.0.1:0", "--driver", "exec", "--allow-host-exec"}
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte("secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"agent", "--data-dir", dir, "--token-file", tokenFile, "--api-addr", "127.0.0.1:0", "--driver", "exec", "--allow-host-exec"}
 	agent := startFlame(t, args...)
 	c := api.NewClient(agent.apiURL(t), "secret")
 

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -24,19 +26,8 @@ func TestServerWithAgents(t *testing.T) {
 	gossip := func() string { return "127.0.0.1:" + strconv.Itoa(freePort(t)) }
 	ga, gb, gs := gossip(), gossip(), gossip()
 	var natsAddr string
-	agent := func(id, region, gossipAddr string, join ...string) *proc {
-		args := []string{"agent", "--data-dir", t.TempDir(), "--token", "agent-secret", "--api-addr", "127.0.0.1:0",
-			"--driver", "exec", "--allow-host-exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr, "--nats-url", "nats://" + natsAddr}
-		for _, j := range join {
-			args = append(args, "--join", j)
-		}
-		if id == "ams-1" {
-			args = append(args, "--edge-addr", "127.0.0.1:0")
-		}
-		return startFlame(t, args...)
-	}
 	natsAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
-	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--agent-token", "agent-secret", "--api-addr", "127.0.0.1:0", "--plain-http",
+	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--api-addr", "127.0.0.1:0", "--plain-http",
 		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--nats-addr", natsAddr)
 	var admin, url string
 	re := regexp.MustCompile(`^\s+(flame_\S+)$|Machines API on (http://[0-9.:]+[0-9])`)
@@ -50,13 +41,33 @@ func TestServerWithAgents(t *testing.T) {
 	if admin == "" {
 		t.Fatal("flame server printed no admin token")
 	}
+	c := api.NewClient(url, admin)
+	// Each agent enrolls with a join token minted for it, read from a file.
+	agent := func(id, region, gossipAddr string, join ...string) *proc {
+		jt, err := c.CreateJoinToken(ctx, api.CreateJoinTokenInput{HostID: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tokenFile := filepath.Join(t.TempDir(), "join-token")
+		if err := os.WriteFile(tokenFile, []byte(jt.Token+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args := []string{"agent", "--data-dir", t.TempDir(), "--join-token-file", tokenFile, "--control-plane", url, "--api-addr", "127.0.0.1:0",
+			"--driver", "exec", "--allow-host-exec", "--region", region, "--host-id", id, "--gossip-addr", gossipAddr, "--nats-url", "nats://" + natsAddr}
+		for _, j := range join {
+			args = append(args, "--join", j)
+		}
+		if id == "ams-1" {
+			args = append(args, "--edge-addr", "127.0.0.1:0")
+		}
+		return startFlame(t, args...)
+	}
 	// The agents join the server's gossip and publish events on its NATS.
 	a := agent("ams-1", "ams", ga, gs)
 	a.apiURL(t)
 	edge := a.waitLine(t, regexp.MustCompile(`edge proxy on http://([0-9.:]+)`), "its edge")
 	b := agent("iad-1", "iad", gb, gs)
 	b.apiURL(t)
-	c := api.NewClient(url, admin)
 	if _, err := c.CreateOrg(ctx, api.Org{Slug: "acme"}); err != nil {
 		t.Fatal(err)
 	}

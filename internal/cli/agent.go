@@ -12,16 +12,18 @@ import (
 	"github.com/flamehq/flame/internal/catalog"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/proxy"
 )
 
 type agentFlags struct {
-	apiAddr, dataDir, token, region, logLevel, driver, registry string
-	hostID, gossipAddr, dnsAddr, natsURL                        string
-	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts            string
-	join                                                        []string
-	tls                                                         edgeTLSFlags // edgetls.go
-	allowHostExec                                               bool
+	apiAddr, dataDir, tokenFile, region, logLevel, driver, registry string
+	controlPlane, joinTokenFile                                     string
+	hostID, gossipAddr, dnsAddr, natsURL                            string
+	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts                string
+	join                                                            []string
+	tls                                                             edgeTLSFlags // edgetls.go
+	allowHostExec                                                   bool
 }
 
 func newAgentCmd() *cobra.Command {
@@ -38,9 +40,19 @@ With --host-id and --gossip-addr it joins other hosts (--join) into a cluster:
 every host's machines and health reach every other host, and --dns-addr serves
 the .internal names of the whole cluster.
 
+With a control plane (flame server), a host enrolls once: --join-token-file
+(or $FLAME_JOIN_TOKEN) holds a one-time token an admin minted (POST
+/v1/hosts/join-tokens), --control-plane the server's API. The host makes its
+key in <data-dir>/identity (never sent anywhere) and gets a certificate naming
+--host-id; from then on its API serves mutual TLS at --api-addr, the one
+address the control plane calls it at, and answers only the control plane.
+A later start finds the identity and needs no token. Without a control plane,
+the API takes the bearer token in --token-file (or $FLAME_AGENT_TOKEN).
+
 In a cluster every host runs a proxy: other hosts' edges deliver requests for
-its machines to --backhaul-addr, authenticated with --token (shared by the
-hosts), so it must be an address the other hosts reach. With --edge-addr the
+its machines to --backhaul-addr, authenticated with the hosts' token (the
+control plane's, given at enrollment, or --token-file), so it must be an
+address the other hosts reach. With --edge-addr the
 host is an edge too: it takes clients' requests for <app>.<edge-domain> and
 sends each to the best machine of the app, here or on another host, and serves
 the raw TCP services (ports with handlers none or proxy_proto) whose public
@@ -51,7 +63,9 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs := c.Flags()
 	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4281", "address of the Machines API")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for the agent's state (required)")
-	fs.StringVar(&f.token, "token", "", "bearer token the API requires (required)")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the bearer token the API requires, without a control plane (or $FLAME_AGENT_TOKEN)")
+	fs.StringVar(&f.joinTokenFile, "join-token-file", "", "file holding a one-time join token, to enroll with the control plane (or $FLAME_JOIN_TOKEN)")
+	fs.StringVar(&f.controlPlane, "control-plane", "", "the control plane's API (http://host:port) to enroll with")
 	fs.StringVar(&f.region, "region", "ams", "region of this host")
 	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: sandbox, exec (host processes: needs --allow-host-exec) or auto (as root the sandbox or an error; else exec, with --allow-host-exec)")
 	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs, so any token that may create a machine runs commands on this host")
@@ -74,8 +88,6 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	switch {
 	case f.dataDir == "":
 		return usageError{fmt.Errorf("--data-dir is required")}
-	case f.token == "":
-		return usageError{fmt.Errorf("--token is required")}
 	case f.dnsAddr != "" && f.hostID == "":
 		return usageError{fmt.Errorf("--dns-addr needs --host-id (DNS answers from the cluster)")}
 	case f.edgeAddr != "" && f.hostID == "":
@@ -91,6 +103,10 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err != nil {
 		return err
 	}
+	cred, err := agentCredentials(f)
+	if err != nil {
+		return err
+	}
 	if err := privateDir(f.dataDir); err != nil {
 		return err
 	}
@@ -100,7 +116,17 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
 	}
-	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: f.token, AllowHostExec: f.allowHostExec, Logger: log})
+	if cred.join != "" {
+		id, err := host.Enroll(c.Context(), host.Enrollment{DataDir: f.dataDir, PlaneURL: f.controlPlane, JoinToken: cred.join,
+			HostID: f.hostID, Region: f.region, APIAddr: ln.Addr().String()})
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		cred.identity, cred.token = id, id.HostsToken
+		fmt.Fprintf(c.ErrOrStderr(), "flame agent: enrolled as %s (identity in %s)\n", f.hostID, host.IdentityDir(f.dataDir))
+	}
+	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log})
 	if err != nil {
 		ln.Close()
 		return err
@@ -113,7 +139,10 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 			c.Close()
 		}
 	}
-	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: f.token, Driver: d, Logger: log, Join: f.join}
+	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: cred.token, Driver: d, Logger: log, Join: f.join}
+	if cred.identity != nil {
+		hc.Identity = pki.NewSlot(cred.identity)
+	}
 	var bus *catalog.NATS
 	if f.natsURL != "" {
 		bus, err = catalog.Open(c.Context(), catalog.Config{URL: f.natsURL, Logger: log, Buckets: f.tls.buckets()})
@@ -180,7 +209,11 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		h.Close()
 		return err
 	}
-	fmt.Fprintf(c.OutOrStdout(), "flame agent: region %s, %s driver, machines API on http://%s\n", f.region, kind, h.Addr())
+	if cred.identity != nil {
+		fmt.Fprintf(c.OutOrStdout(), "flame agent: region %s, %s driver, machines API on https://%s (mutual TLS: the control plane only)\n", f.region, kind, h.Addr())
+	} else {
+		fmt.Fprintf(c.OutOrStdout(), "flame agent: region %s, %s driver, machines API on http://%s\n", f.region, kind, h.Addr())
+	}
 	if h.Proxy != nil {
 		if a := h.Proxy.EdgeAddr(); a != "" {
 			fmt.Fprintf(c.OutOrStdout(), "flame agent: edge proxy on http://%s (apps at <app>.%s), backhaul on %s\n", a, f.edgeDomain, h.Proxy.BackhaulAddr())
@@ -196,6 +229,51 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	}
 	<-c.Context().Done()
 	return h.Close()
+}
+
+// agentCreds are what a host authenticates with: an enrolled identity (and
+// the hosts' token it came with), a join token to enroll with, or a token
+// of its own without a control plane.
+type agentCreds struct {
+	identity *pki.HostIdentity
+	join     string
+	token    string
+}
+
+// agentCredentials finds the host's credentials before anything starts:
+// an identity in the data dir wins; else a join token enrolls (later, once
+// the API listens); else the token from --token-file or the environment.
+func agentCredentials(f agentFlags) (agentCreds, error) {
+	var cr agentCreds
+	id, err := host.LoadIdentity(f.dataDir)
+	if err != nil {
+		return cr, fmt.Errorf("host identity: %w", err)
+	}
+	if id != nil {
+		if f.hostID != "" && f.hostID != id.HostID {
+			return cr, usageError{fmt.Errorf("--host-id %s: this data dir is enrolled as %s", f.hostID, id.HostID)}
+		}
+		return agentCreds{identity: id, token: id.HostsToken}, nil
+	}
+	if cr.join, err = readSecret("join-token-file", f.joinTokenFile, "FLAME_JOIN_TOKEN"); err != nil {
+		return cr, err
+	}
+	if cr.join != "" {
+		switch {
+		case f.hostID == "":
+			return cr, usageError{fmt.Errorf("enrolling needs --host-id")}
+		case f.controlPlane == "":
+			return cr, usageError{fmt.Errorf("enrolling needs --control-plane")}
+		}
+		return cr, nil
+	}
+	if cr.token, err = readSecret("token-file", f.tokenFile, "FLAME_AGENT_TOKEN"); err != nil {
+		return cr, err
+	}
+	if cr.token == "" {
+		return cr, usageError{fmt.Errorf("no credentials: enroll with --join-token-file (or $FLAME_JOIN_TOKEN), or give a token with --token-file (or $FLAME_AGENT_TOKEN)")}
+	}
+	return cr, nil
 }
 
 // listenProxy opens the proxy's listeners of a host in a cluster: the

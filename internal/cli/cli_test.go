@@ -2,6 +2,8 @@ package cli
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -13,16 +15,25 @@ func run(args ...string) (code int, stdout, stderr string) {
 }
 
 func TestUsageErrorsExit2(t *testing.T) {
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte("t\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("FLAME_AGENT_TOKEN", "")
+	t.Setenv("FLAME_JOIN_TOKEN", "")
 	cases := [][]string{
 		{"nosuchcommand"},
-		{"agent"},                              // --data-dir missing
-		{"agent", "--data-dir", "/tmp/x"},      // --token missing
-		{"dev", "--no-such-flag"},              // unknown flag
-		{"dev", "extra"},                       // positional argument
-		{"dev", "--log-level", "loud"},         // bad level
-		{"version", "--api-addr", "127.0.0.1"}, // flag of another command
-		{"agent", "--data-dir", "/tmp/x", "--token", "t", "--edge-tcp-ports", "2000-1000"}, // empty range
-		{"dev", "--edge-tcp-ports", "10000-70000"},                                         // past 65535
+		{"agent"},                            // --data-dir missing
+		{"agent", "--data-dir", t.TempDir()}, // no token
+		{"agent", "--data-dir", t.TempDir(), "--token", "t"},                 // a secret on the command line
+		{"agent", "--data-dir", t.TempDir(), "--join-token-file", tokenFile}, // enrolling without --host-id
+		{"dev", "--no-such-flag"},                                            // unknown flag
+		{"dev", "extra"},                                                     // positional argument
+		{"dev", "--log-level", "loud"},                                       // bad level
+		{"version", "--api-addr", "127.0.0.1"},                               // flag of another command
+		{"agent", "--data-dir", t.TempDir(), "--token-file", tokenFile, "--edge-tcp-ports", "2000-1000"}, // empty range
+		{"server", "--data-dir", t.TempDir(), "--agent-token", "t"},                                      // a secret on the command line
+		{"dev", "--edge-tcp-ports", "10000-70000"},                                                       // past 65535
 	}
 	for _, args := range cases {
 		code, _, stderr := run(args...)
@@ -46,7 +57,8 @@ func TestVersionAndHelp(t *testing.T) {
 }
 
 func TestAgentListenErrorIsNotUsage(t *testing.T) {
-	code, _, stderr := run("agent", "--data-dir", t.TempDir(), "--token", "t", "--api-addr", "256.0.0.1:1")
+	t.Setenv("FLAME_AGENT_TOKEN", "t")
+	code, _, stderr := run("agent", "--data-dir", t.TempDir(), "--api-addr", "256.0.0.1:1")
 	if code != 1 || !strings.Contains(stderr, "listen") {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}

@@ -21,13 +21,13 @@ import (
 )
 
 type serverFlags struct {
-	apiAddr, dataDir, agentToken, region, logLevel, keyFile string
-	hostID, gossipAddr                                      string
-	join                                                    []string
-	natsURL, natsListen, natsName, natsCluster              string
-	natsRoutes                                              []string
-	replicas                                                int
-	tls                                                     apiTLSFlags // apitls.go
+	apiAddr, dataDir, region, logLevel, keyFile string
+	hostID, gossipAddr                          string
+	join                                        []string
+	natsURL, natsListen, natsName, natsCluster  string
+	natsRoutes                                  []string
+	replicas                                    int
+	tls                                         apiTLSFlags // apitls.go
 }
 
 func newServerCmd() *cobra.Command {
@@ -38,8 +38,13 @@ func newServerCmd() *cobra.Command {
 		Long: `Run the control plane. It serves Fly's Machines API for every app (apps,
 machines, secrets, regions; groups of machines per region kept by a
 reconciler), places machines on the hosts it learns of by joining their cluster
-(--join), and forwards every machine call to the host that runs it, with the
-hosts' own token (--agent-token).
+(--join), and forwards every machine call to the host that runs it.
+
+Hosts enroll with a one-time join token an admin mints (POST
+/v1/hosts/join-tokens) and get a certificate from the cluster's CA, made on the
+first start and kept in the catalog sealed with the secrets key. The server
+calls a host only at the address it enrolled with, over mutual TLS; an admin
+revokes a host with POST /v1/hosts/{id}/revoke.
 
 It serves the OCI registry the hosts pull from under /v2/ (start agents with
 --registry <this address>). Its catalog is an embedded NATS JetStream server under <data-dir>/catalog; or,
@@ -55,7 +60,6 @@ On its first start it creates an admin token, prints it once and writes it to
 	fs := c.Flags()
 	fs.StringVar(&f.apiAddr, "api-addr", "127.0.0.1:4280", "address of the public Machines API")
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for the catalog and the secrets key (required)")
-	fs.StringVar(&f.agentToken, "agent-token", "", "the token the hosts' APIs require (required)")
 	fs.StringVar(&f.region, "region", "ams", "region this server is in")
 	fs.StringVar(&f.hostID, "host-id", "", "this server's name in the cluster (default: control-<hostname>)")
 	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
@@ -76,8 +80,6 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	switch {
 	case f.dataDir == "":
 		return usageError{fmt.Errorf("--data-dir is required")}
-	case f.agentToken == "":
-		return usageError{fmt.Errorf("--agent-token is required")}
 	}
 	apiTLS, err := f.tls.config()
 	if err != nil {
@@ -135,7 +137,6 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	p, err := server.StartPlane(c.Context(), server.PlaneConfig{
 		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log, Registry: reg, SecretKeyFile: f.keyFile,
 		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port},
-		Server:  server.Config{AgentToken: f.agentToken},
 		TLS:     apiTLS,
 	})
 	if err != nil {

@@ -3,9 +3,9 @@ package server_test
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"net/http"
-	"encoding/json"
 	"strings"
 	"testing"
 	"time"
