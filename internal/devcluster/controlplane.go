@@ -209,6 +209,7 @@ func (c *Cluster) RestartControlPlane(ctx context.Context) error {
 		return fmt.Errorf("devcluster: restart control plane from %s: %w", filepath.Join(c.cfg.Dir, controlID), err)
 	}
 	c.Plane = p
+	c.enroller.Store(p.Server)
 	c.bus.p.Store(p)
 	c.front.set(c.planeHandler(p), "")
 	c.planeDown.Store(false)

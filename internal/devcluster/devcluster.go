@@ -100,6 +100,10 @@ type Config struct {
 	// only a control plane's certificate.
 	ControlPlane bool
 	ServerAddr   string
+	// Identities makes the hosts serve mutual TLS and wait to be enrolled
+	// by a control plane started apart (EnrollWith); always so with
+	// ControlPlane, which enrolls them itself.
+	Identities bool
 	// Chaos serves the chaos API (chaosapi.go) beside the control plane's.
 	Chaos bool
 	// Server tunes the control plane (placement weights, timings).
@@ -206,8 +210,10 @@ type Cluster struct {
 	planeDown  atomic.Bool
 	admins     admins
 	devCA      *edgecert.DevCA // of the HTTPS edges (tls.go)
-	// hostClients are the clients HostClient hands out, by host.
+	// hostClients are the clients HostClient hands out, by host, holding
+	// the certificate of enroller, the plane that enrolled the hosts.
 	hostClients hostClients
+	enroller    atomic.Pointer[server.Server]
 }
 
 // lateBus publishes on the control plane's event bus once there is one;
@@ -384,7 +390,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.bus.p.Store(c.Plane)
 		c.serveFront(planeLn)
 		c.front.set(c.planeHandler(c.Plane), "")
-		if err := c.enrollHosts(ctx); err != nil {
+		if err := c.EnrollWith(ctx, c.Plane.Server, c.Plane.URL()); err != nil {
 			c.abort()
 			return nil, fmt.Errorf("devcluster: %w", err)
 		}
@@ -561,6 +567,8 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	}
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
+	}
+	if c.cfg.ControlPlane || c.cfg.Identities {
 		// Served over mutual TLS once enrolled (at once when the data dir
 		// holds an identity from before).
 		id, err := host.LoadIdentity(hc.DataDir)

@@ -10,21 +10,24 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/server"
 )
 
-// enrollHosts enrolls every host that has no identity yet with the control
-// plane, as `flame agent` does: a join token minted for the host, then the
-// enrollment call over the plane's API (its key made in its data dir).
-func (c *Cluster) enrollHosts(ctx context.Context) error {
+// EnrollWith enrolls every host that has no identity yet with the control
+// plane s serving at planeURL, as `flame agent` does: a join token minted
+// for the host, then the enrollment call over the plane's API (the host's
+// key made in its data dir). HostClient then holds s's certificate.
+func (c *Cluster) EnrollWith(ctx context.Context, s *server.Server, planeURL string) error {
+	c.enroller.Store(s)
 	for _, h := range c.Hosts {
 		if h.identity == nil || h.identity.Get() != nil {
 			continue
 		}
-		tok, err := c.Plane.MintJoinToken(ctx, h.ID, time.Minute)
+		tok, err := s.MintJoinToken(ctx, h.ID, time.Minute)
 		if err != nil {
 			return fmt.Errorf("join token for %s: %w", h.ID, err)
 		}
-		id, err := host.Enroll(ctx, host.Enrollment{DataDir: c.hostDir(h.ID), PlaneURL: c.Plane.URL(),
+		id, err := host.Enroll(ctx, host.Enrollment{DataDir: c.hostDir(h.ID), PlaneURL: planeURL,
 			JoinToken: tok.Token, HostID: h.ID, Region: h.Region, APIAddr: h.Addr()})
 		if err != nil {
 			return fmt.Errorf("host %s: %w", h.ID, err)
@@ -45,8 +48,12 @@ func (c *Cluster) HostClient(h *Host) *api.Client {
 		return api.NewClient(h.APIURL, c.cfg.Token)
 	}
 	cl := api.NewClient(h.APIURL, "")
+	s := c.enroller.Load()
+	if s == nil { // not enrolled yet: nothing would be accepted
+		return cl
+	}
 	cl.HTTPClient = c.hostClients.get(h.ID, func() *http.Transport {
-		return &http.Transport{TLSClientConfig: c.Plane.ControlTLS(h.ID), MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second}
+		return &http.Transport{TLSClientConfig: s.ControlTLS(h.ID), MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second}
 	})
 	return cl
 }

@@ -80,3 +80,6 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 	}
 	return pki.LoadHostIdentity(dir)
 }
+
+// DataDir is where the host keeps its state.
+func (h *Host) DataDir() string { return h.cfg.DataDir }

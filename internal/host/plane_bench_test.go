@@ -3,6 +3,7 @@ package host
 import (
 	"context"
 	"net"
+	"net/http"
 	"os"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/netsim"
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -46,7 +48,9 @@ func BenchmarkControlPlaneCreateToStarted(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	h, err := New(Config{DataDir: b.TempDir(), Region: "ams", Listener: ln, Token: "agent", Driver: d,
+	slot := pki.NewSlot(nil) // enrolled once the plane runs
+	hostDir := b.TempDir()
+	h, err := New(Config{DataDir: hostDir, Region: "ams", Listener: ln, Token: "agent", Driver: d, Identity: slot,
 		Cluster: cluster.Config{HostID: "ams-1", Transport: member("ams-1")}})
 	if err != nil {
 		b.Fatal(err)
@@ -70,12 +74,22 @@ func BenchmarkControlPlaneCreateToStarted(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { p.Close() })
+	jt, err := p.MintJoinToken(ctx, "ams-1", time.Minute)
+	if err != nil {
+		b.Fatal(err)
+	}
+	id, err := Enroll(ctx, Enrollment{DataDir: hostDir, PlaneURL: p.URL(), JoinToken: jt.Token, HostID: "ams-1", Region: "ams", APIAddr: h.Addr()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	slot.Set(id)
 	tok, err := p.AddOrg(ctx, "personal", "Personal")
 	if err != nil {
 		b.Fatal(err)
 	}
 	viaPlane := api.NewClient(p.URL(), tok)
-	direct := api.NewClient("http://"+h.Addr(), "agent")
+	direct := api.NewClient("https://"+h.Addr(), "")
+	direct.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: p.ControlTLS("ams-1")}}
 	if _, err := viaPlane.CreateApp(ctx, api.CreateAppInput{AppName: "bench", OrgSlug: "personal"}); err != nil {
 		b.Fatal(err)
 	}

@@ -34,7 +34,7 @@ func TestCatalogDownAnswers503(t *testing.T) {
 	c, err := devcluster.Start(ctx, devcluster.Config{
 		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams"}, HostsPerRegion: 1, Logger: log,
 		NewDriver: func(string, int, string) (driver.Driver, error) { return fake.New(), nil },
-		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 8, MemoryMB: 8192}},
+		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 8, MemoryMB: 8192}}, Identities: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -77,6 +77,9 @@ func TestCatalogDownAnswers503(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Close() })
+	if err := c.EnrollWith(ctx, p.Server, p.URL()); err != nil {
+		t.Fatal(err)
+	}
 	tok, err := p.AddOrg(ctx, "acme", "Acme")
 	if err != nil {
 		t.Fatal(err)

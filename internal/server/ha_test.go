@@ -41,7 +41,7 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 	c, err := devcluster.Start(ctx, devcluster.Config{
 		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams"}, HostsPerRegion: 2, Logger: log,
 		NewDriver: func(string, int, string) (driver.Driver, error) { return fake.New(), nil },
-		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 64, MemoryMB: 65536}},
+		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 64, MemoryMB: 65536}}, Identities: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -91,6 +91,9 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 			t.Fatalf("plane %d: %v", i+1, errs[i])
 		}
 		t.Cleanup(func() { p.Close() })
+	}
+	if err := c.EnrollWith(ctx, planes[0].Server, planes[0].URL()); err != nil {
+		t.Fatal(err)
 	}
 	tok, err := planes[0].AddOrg(ctx, "acme", "Acme")
 	if err != nil {

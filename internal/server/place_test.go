@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,8 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/server"
 )
 
@@ -159,7 +162,17 @@ func startLiar(t *testing.T, c *dev, name string, asked *atomic.Int64) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		json.NewEncoder(w).Encode(api.ErrorBody{Error: "insufficient capacity"})
 	})}
-	go srv.Serve(ln)
+	// Enrolled like any host: it is the refusals that are tested here.
+	tok, err := c.Plane.MintJoinToken(ctx, name, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := host.Enroll(ctx, host.Enrollment{DataDir: t.TempDir(), PlaneURL: c.Plane.URL(), JoinToken: tok.Token,
+		HostID: name, Region: "ams", APIAddr: ln.Addr().String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(tls.NewListener(ln, pki.NewSlot(id).ServerTLS(time.Now)))
 	t.Cleanup(func() { srv.Close() })
 	if _, err := c.Net.AddHost(name); err != nil {
 		t.Fatal(err)

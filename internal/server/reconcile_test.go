@@ -340,7 +340,7 @@ func TestOneReconcilerAtATime(t *testing.T) {
 		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams"}, HostsPerRegion: 1,
 		Logger:    slog.New(slog.NewTextHandler(tWriter{t, over, new(sync.Mutex), new(strings.Builder)}, nil)),
 		NewDriver: func(string, int, string) (driver.Driver, error) { return fake.New(), nil },
-		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 64, MemoryMB: 65536}},
+		Cluster:   cluster.Config{Capacity: cluster.Resources{CPUs: 64, MemoryMB: 65536}}, Identities: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -379,6 +379,9 @@ func TestOneReconcilerAtATime(t *testing.T) {
 		t.Cleanup(hs.Close)
 		p.url = hs.URL
 		planes[i] = p
+	}
+	if err := c.EnrollWith(ctx, planes[0].Server, planes[0].url); err != nil {
+		t.Fatal(err)
 	}
 	// Never both at once, sampled for the whole test.
 	stop := make(chan struct{})
