@@ -236,6 +236,8 @@ func New(cfg Config) (*Host, error) {
 		}
 	}
 	h.srv = httpserve.New(mux, httpserve.Limits{})
+	// Refused handshakes (no certificate, another CA) are logged at debug.
+	h.srv.ErrorLog = slog.NewLogLogger(h.log.Handler(), slog.LevelDebug)
 	return h, nil
 }
 

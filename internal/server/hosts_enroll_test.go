@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -98,6 +100,23 @@ func TestRogueMemberNeverCalled(t *testing.T) {
 	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 2})
 	ctx := context.Background()
 	cl, _ := orgWithApp(t, c, "acme", "shop")
+	// The rogue's API: it counts whoever connects.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var dialed atomic.Int64
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			dialed.Add(1)
+			conn.Close()
+		}
+	}()
 	if _, err := c.Net.AddHost("rogue-1"); err != nil {
 		t.Fatal(err)
 	}
@@ -106,8 +125,8 @@ func TestRogueMemberNeverCalled(t *testing.T) {
 		t.Fatal(err)
 	}
 	rogue, err := cluster.New(cluster.Config{HostID: "rogue-1", Region: "ams", Transport: tr,
-		Capacity: cluster.Resources{CPUs: 1 << 20, MemoryMB: 1 << 30},
-		Addrs:    map[string]string{"api": c.Hosts[0].Addr()}}) // and even a real host's address
+		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20},
+		Addrs:    map[string]string{"api": ln.Addr().String()}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,6 +135,9 @@ func TestRogueMemberNeverCalled(t *testing.T) {
 	}
 	t.Cleanup(func() { rogue.Close() })
 	if _, err := rogue.Join([]string{c.Hosts[0].Cluster.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rogue.Publish(cluster.HostFacts{Free: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}}); err != nil {
 		t.Fatal(err)
 	}
 	waitUntil(t, "the control plane to see the rogue member", 20*time.Second, func() bool {
@@ -133,6 +155,9 @@ func TestRogueMemberNeverCalled(t *testing.T) {
 	}
 	if total != 6 {
 		t.Errorf("the enrolled hosts run %d machines, want all 6", total)
+	}
+	if n := dialed.Load(); n != 0 {
+		t.Errorf("the control plane connected to the rogue member %d times", n)
 	}
 }
 
@@ -199,8 +224,14 @@ func TestStolenHostCredentialAfterRevocation(t *testing.T) {
 	if err := c.admin.RevokeHost(ctx, victim.ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cl.Get(ctx, "shop", onVictim.ID); status(err) != 503 || !strings.Contains(err.Error(), "revoked") {
+	if err := cl.Stop(ctx, "shop", onVictim.ID, api.StopMachineInput{}); status(err) != 503 || !strings.Contains(err.Error(), "revoked") {
 		t.Errorf("the control plane called a revoked host: %v", err)
+	}
+	if m, err := cl.Get(ctx, "shop", onVictim.ID); err != nil || m.HostStatus != "unreachable" {
+		t.Errorf("a machine of a revoked host: %v %+v", err, m)
+	}
+	if m, err := c.HostClient(victim).Get(ctx, "shop", onVictim.ID); err != nil || m.State != api.StateStarted {
+		t.Errorf("the machine was stopped on the revoked host: %v %+v", err, m)
 	}
 	before := machinesOn(t, c, victim)
 	for range 4 {
