@@ -13,14 +13,16 @@ import (
 	"github.com/flamehq/flame/internal/server"
 )
 
-// EnrollWith enrolls every host that has no identity yet with the control
-// plane s serving at planeURL, as `flame agent` does: a join token minted
-// for the host, then the enrollment call over the plane's API (the host's
-// key made in its data dir). HostClient then holds s's certificate.
+// EnrollWith enrolls every host with the control plane s serving at
+// planeURL, as `flame agent` does: a join token minted for the host, then
+// the enrollment call over the plane's API (the host's key made in its data
+// dir, or the one it has). A host enrolled by an earlier start is enrolled
+// again, as its address may have changed. HostClient then holds s's
+// certificate.
 func (c *Cluster) EnrollWith(ctx context.Context, s *server.Server, planeURL string) error {
 	c.enroller.Store(s)
 	for _, h := range c.Hosts {
-		if h.identity == nil || h.identity.Get() != nil {
+		if h.identity == nil {
 			continue
 		}
 		tok, err := s.MintJoinToken(ctx, h.ID, time.Minute)

@@ -467,27 +467,19 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	return &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()), HostsToken: s.ident.hostsToken}, nil
 }
 
-// mayEnroll checks the host's id and address against the enrolled hosts:
-// a revoked id never enrolls again; an enrolled id only with a token minted
-// for it; no two live hosts share an address.
+// mayEnroll checks the host's id against the enrolled hosts: a revoked id
+// never enrolls again; an enrolled id only with a token minted for it. (Two
+// hosts may name one address, one after the other: a call checks the
+// certificate names the host it is meant for.)
 func (s *Server) mayEnroll(ctx context.Context, in api.EnrollHostInput, tok joinTokenRecord) error {
-	es, err := s.ident.hosts.List(ctx, "")
-	if err != nil {
+	h, ok, err := s.hostRecordOf(ctx, in.HostID)
+	switch {
+	case err != nil:
 		return err
-	}
-	for _, e := range es {
-		var h hostRecord
-		if decodeJSON(e.Value, &h) != nil {
-			continue
-		}
-		switch {
-		case h.ID == in.HostID && h.Revoked:
-			return api.Errorf(http.StatusForbidden, "host %s was revoked: enroll the machine under another id", in.HostID)
-		case h.ID == in.HostID && tok.HostID == "":
-			return api.Errorf(http.StatusConflict, "host %s is enrolled: a join token minted for it enrolls it again", in.HostID)
-		case h.ID != in.HostID && !h.Revoked && h.APIAddr == in.APIAddr:
-			return api.Errorf(http.StatusConflict, "api_addr %s is host %s's", in.APIAddr, h.ID)
-		}
+	case ok && h.Revoked:
+		return api.Errorf(http.StatusForbidden, "host %s was revoked: enroll the machine under another id", in.HostID)
+	case ok && tok.HostID == "":
+		return api.Errorf(http.StatusConflict, "host %s is enrolled: a join token minted for it enrolls it again", in.HostID)
 	}
 	return nil
 }
