@@ -502,7 +502,7 @@ func TestDevSandbox(t *testing.T) {
 	url := dev.apiURL(t)
 	token := dev.token(t)
 	hosts := map[string][2]string{} // id → API URL, DNS address
-	re := regexp.MustCompile(`^\s+(ams-1|syd-1)\s+\S+\s+(http://\S+)\s+(\S+)$`)
+	re := regexp.MustCompile(`^\s+(ams-1|syd-1)\s+\S+\s+(https?://\S+)\s+(\S+)$`)
 	for len(hosts) < 2 {
 		m := dev.waitMatch(t, re, "its hosts")
 		hosts[m[1]] = [2]string{m[2], m[3]}

@@ -65,7 +65,7 @@ func TestReadmeExamples(t *testing.T) {
 	url := dev.apiURL(t)
 	token := dev.token(t)
 	adminToken := dev.waitLine(t, regexp.MustCompile(`^\s+Admin token\s+(\S+)`), "its admin token")
-	hostRow := regexp.MustCompile(`^\s+[a-z]+-\d+\s+[a-z]+\s+http://\S+\s+(\S+)$`)
+	hostRow := regexp.MustCompile(`^\s+[a-z]+-\d+\s+[a-z]+\s+https?://\S+\s+(\S+)$`)
 	dnsAddr := dev.waitLine(t, hostRow, "its hosts")
 	apiAddr := strings.TrimPrefix(url, "http://")
 	_, dnsPort, _ := net.SplitHostPort(dnsAddr)
