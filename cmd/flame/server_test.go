@@ -25,8 +25,7 @@ func TestServerWithAgents(t *testing.T) {
 	ctx := context.Background()
 	gossip := func() string { return "127.0.0.1:" + strconv.Itoa(freePort(t)) }
 	ga, gb, gs := gossip(), gossip(), gossip()
-	var natsAddr string
-	natsAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
+	natsAddr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	srv := startFlame(t, "server", "--data-dir", t.TempDir(), "--api-addr", "127.0.0.1:0", "--plain-http",
 		"--region", "ams", "--host-id", "control-1", "--gossip-addr", gs, "--nats-addr", natsAddr)
 	var admin, url string
