@@ -67,7 +67,7 @@ type rig struct {
 	serial  string
 }
 
-func newRig(t *testing.T, hostID string) rig {
+func newRig(t testing.TB, hostID string) rig {
 	t.Helper()
 	ca, err := NewCA("test", t0)
 	if err != nil {
