@@ -104,3 +104,27 @@ func (c *Client) RevokeHost(ctx context.Context, hostID string) error {
 	b.WriteString("/revoke")
 	return c.do(ctx, request{method: http.MethodPost, path: b.String()}, nil)
 }
+
+// ClientCertificateInput is POST /v1/hosts/client-certificates (admin
+// only): a certificate request for a key of the caller's.
+type ClientCertificateInput struct {
+	CSR []byte `json:"csr"` // DER, base64 on the wire
+}
+
+// ClientCertificate is a short-lived client certificate in the control
+// plane's role, and the CA's: what lets an operator's tool call hosts' APIs
+// directly, as the control plane does.
+type ClientCertificate struct {
+	Certificate string `json:"certificate"`
+	CA          string `json:"ca"`
+	ExpiresAt   string `json:"expires_at"`
+}
+
+// IssueClientCertificate asks for a client certificate (admin only).
+func (c *Client) IssueClientCertificate(ctx context.Context, in ClientCertificateInput) (*ClientCertificate, error) {
+	out := new(ClientCertificate)
+	if err := c.do(ctx, request{method: http.MethodPost, path: "/v1/hosts/client-certificates", body: in}, out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}

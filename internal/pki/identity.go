@@ -260,3 +260,34 @@ func (c *ControlCert) Get() (*tls.Certificate, error) {
 	c.cur = &tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: key, Leaf: leaf}
 	return c.cur, nil
 }
+
+// Operator is a client certificate in the control plane's role that an
+// admin got for a tool (POST /v1/hosts/client-certificates): the tool calls
+// hosts' APIs as the control plane does.
+type Operator struct {
+	roots *x509.CertPool
+	cert  tls.Certificate
+}
+
+// NewOperator pairs key with the certificate issued for it and the CA.
+func NewOperator(key *ecdsa.PrivateKey, certPEM, caPEM []byte) (*Operator, error) {
+	ca, err := ParseCertPEM(caPEM)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := ParseCertPEM(certPEM)
+	if err != nil {
+		return nil, err
+	}
+	if !key.PublicKey.Equal(cert.PublicKey) {
+		return nil, fmt.Errorf("%w: the certificate is not for this key", ErrIdentity)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	return &Operator{roots: roots, cert: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}, nil
+}
+
+// TLS is the client TLS for calling host hostID.
+func (o *Operator) TLS(hostID string) *tls.Config {
+	return ClientTLS(o.roots, func() (*tls.Certificate, error) { return &o.cert, nil }, hostID, "", time.Now)
+}

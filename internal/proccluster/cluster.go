@@ -21,6 +21,7 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/pki"
 )
 
 // ControlID is the control plane's name among the members, and in faults.
@@ -76,12 +77,13 @@ type Member struct {
 	state   State
 }
 
-// APIURL is the member's Machines API: the control plane's or the host's.
+// APIURL is the member's Machines API: the control plane's, or the host's
+// (mutual TLS: Cluster.HostClient calls it).
 func (m *Member) APIURL() string {
 	if m.ID == ControlID {
 		return "http://" + net.JoinHostPort(m.IP.String(), strconv.Itoa(serverAPIPort))
 	}
-	return "http://" + net.JoinHostPort(m.IP.String(), strconv.Itoa(agentAPIPort))
+	return "https://" + net.JoinHostPort(m.IP.String(), strconv.Itoa(agentAPIPort))
 }
 
 // EdgeURL is the host's edge proxy ("" for a host without one).
@@ -99,9 +101,10 @@ type Cluster struct {
 	name string
 	dir  string
 	net  *network
-	// Token is the hosts' token; AdminToken the control plane's admin
-	// token.
-	Token, AdminToken string
+	// AdminToken is the control plane's admin token.
+	AdminToken string
+	// operator is the client certificate the cluster calls hosts with.
+	operator *pki.Operator
 
 	mu      sync.Mutex
 	members []*Member // the control plane first
@@ -127,7 +130,6 @@ func New(t testing.TB, cfg Config) *Cluster {
 		t.Logf("proccluster: sweeping leftovers of dead runs: %v", err)
 	}
 	c := &Cluster{t: t, name: runName(), byID: map[string]*Member{}, cut: map[[2]string]bool{}}
-	c.Token = c.name + "-hosts"
 	c.dir = filepath.Join(os.TempDir(), c.name)
 	if err := os.Mkdir(c.dir, 0o755); err != nil {
 		t.Fatalf("proccluster: %v", err)
@@ -182,7 +184,7 @@ func New(t testing.TB, cfg Config) *Cluster {
 		}
 	})
 	ctl := c.members[0]
-	ctl.args = []string{"server", "--data-dir", ctl.dataDir, "--agent-token", c.Token,
+	ctl.args = []string{"server", "--data-dir", ctl.dataDir,
 		"--api-addr", c.addr(ctl, serverAPIPort), "--region", ctl.Region, "--host-id", ControlID,
 		"--gossip-addr", c.addr(ctl, gossipPort), "--nats-addr", c.addr(ctl, natsPort), "--plain-http"}
 	if err := c.start(ctl); err != nil {
@@ -193,8 +195,14 @@ func New(t testing.TB, cfg Config) *Cluster {
 		t.Fatalf("proccluster: the control plane's admin token: %v", err)
 	}
 	c.AdminToken = strings.TrimSpace(string(b))
+	if err := c.enroll(); err != nil {
+		t.Fatalf("proccluster: %v", err)
+	}
 	for _, m := range c.members[1:] {
-		m.args = []string{"agent", "--data-dir", m.dataDir, "--token", c.Token, "--driver", "exec", "--allow-host-exec",
+		// Each agent enrolls with a join token minted for it, from a file;
+		// started again, it finds its identity in its data dir.
+		m.args = []string{"agent", "--data-dir", m.dataDir, "--join-token-file", m.dataDir + ".join-token",
+			"--control-plane", ctl.APIURL(), "--driver", "exec", "--allow-host-exec",
 			"--api-addr", c.addr(m, agentAPIPort), "--region", m.Region, "--host-id", m.ID,
 			"--gossip-addr", c.addr(m, gossipPort), "--backhaul-addr", c.addr(m, backhaulPort),
 			"--nats-url", "nats://" + c.addr(ctl, natsPort), "--edge-tcp-ports="}
@@ -228,7 +236,46 @@ func (c *Cluster) addr(m *Member, port int) string {
 	return net.JoinHostPort(m.IP.String(), strconv.Itoa(port))
 }
 
-var readyLine = regexp.MustCompile(`(?:Machines API|machines API) on http://`)
+var readyLine = regexp.MustCompile(`(?:Machines API|machines API) on https?://`)
+
+// enroll mints a join token for every host, in a file beside its data dir,
+// and gets the cluster a client certificate to call the hosts with.
+func (c *Cluster) enroll() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cl := c.Client()
+	for _, m := range c.members[1:] {
+		jt, err := cl.CreateJoinToken(ctx, api.CreateJoinTokenInput{HostID: m.ID})
+		if err != nil {
+			return fmt.Errorf("join token for %s: %w", m.ID, err)
+		}
+		if err := os.WriteFile(m.dataDir+".join-token", []byte(jt.Token+"\n"), 0o600); err != nil {
+			return err
+		}
+	}
+	key, err := pki.NewKey()
+	if err != nil {
+		return err
+	}
+	csr, err := pki.NewCSR(key, pki.RoleControl, "proccluster")
+	if err != nil {
+		return err
+	}
+	cc, err := cl.IssueClientCertificate(ctx, api.ClientCertificateInput{CSR: csr})
+	if err != nil {
+		return fmt.Errorf("client certificate: %w", err)
+	}
+	c.operator, err = pki.NewOperator(key, []byte(cc.Certificate), []byte(cc.CA))
+	return err
+}
+
+// HostClient is host id's own Machines API, over mutual TLS with the
+// cluster's client certificate.
+func (c *Cluster) HostClient(m *Member) *api.Client {
+	cl := api.NewClient(m.APIURL(), "")
+	cl.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: c.operator.TLS(m.ID), DisableKeepAlives: true}}
+	return cl
+}
 
 // start starts m's process and waits until it serves.
 func (c *Cluster) start(m *Member) error {
@@ -500,8 +547,8 @@ func (c *Cluster) ReadView(ctx context.Context, id string) (View, error) {
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", "Bearer "+c.Token)
-	resp, err := http.DefaultClient.Do(req)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: c.operator.TLS(m.ID), DisableKeepAlives: true}}
+	resp, err := hc.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("view of %s: %w", id, err)
 	}

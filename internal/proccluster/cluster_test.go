@@ -422,7 +422,7 @@ func catalogDiff(c *proccluster.Cluster) string {
 		if c.State(h.ID) != proccluster.Up {
 			continue
 		}
-		ms, err := api.NewClient(h.APIURL(), c.Token).List(ctx, app, api.ListMachinesOptions{})
+		ms, err := c.HostClient(h).List(ctx, app, api.ListMachinesOptions{})
 		if err != nil {
 			return fmt.Sprintf("machines of %s: %v", h.ID, err)
 		}
@@ -449,7 +449,7 @@ func machineHost(t *testing.T, c *proccluster.Cluster, region string) string {
 		if m.Region != region {
 			continue
 		}
-		ms, err := api.NewClient(m.APIURL(), c.Token).List(context.Background(), app, api.ListMachinesOptions{})
+		ms, err := c.HostClient(m).List(context.Background(), app, api.ListMachinesOptions{})
 		if err != nil {
 			t.Fatalf("machines of %s: %v", m.ID, err)
 		}

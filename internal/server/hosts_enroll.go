@@ -275,6 +275,39 @@ func (s *Server) identityRoutes() {
 	s.api.Handle("POST /v1/hosts/join-tokens", s.createJoinToken)
 	s.api.Handle("GET /v1/hosts", s.listHosts)
 	s.api.Handle("POST /v1/hosts/{host}/revoke", s.revokeHost)
+	s.api.Handle("POST /v1/hosts/client-certificates", s.issueClientCertificate)
+}
+
+// operatorValidity is how long an operator's client certificate lasts: it
+// cannot be revoked, so it is short.
+const operatorValidity = time.Hour
+
+// issueClientCertificate is POST /v1/hosts/client-certificates (admin
+// only): a client certificate in the control plane's role, for an hour,
+// for a key the caller keeps — an operator's tool (a test harness, a
+// debugging session) calls hosts' APIs directly with it.
+func (s *Server) issueClientCertificate(w http.ResponseWriter, r *http.Request) error {
+	if !caller(r.Context()).Admin {
+		return api.Errorf(http.StatusForbidden, "only an admin token can get a client certificate")
+	}
+	var in api.ClientCertificateInput
+	if err := httpapi.DecodeBody(r, &in, true); err != nil {
+		return err
+	}
+	pub, err := pki.CheckCSR(in.CSR)
+	if err != nil {
+		return api.Errorf(http.StatusUnprocessableEntity, "csr: %v", err)
+	}
+	var name [8]byte
+	rand.Read(name[:])
+	cert, err := s.ident.ca.Issue(pki.RoleControl, "operator-"+hex.EncodeToString(name[:]), pub, s.cfg.Now(), operatorValidity)
+	if err != nil {
+		return err
+	}
+	s.log.Info("client certificate issued", "name", cert.Subject.CommonName, "by", caller(r.Context()).Name)
+	httpapi.WriteJSON(w, http.StatusCreated, api.ClientCertificate{Certificate: string(pki.CertPEM(cert.Raw)),
+		CA: string(s.ident.ca.CertPEM()), ExpiresAt: cert.NotAfter.UTC().Format(time.RFC3339)})
+	return nil
 }
 
 // createJoinToken is POST /v1/hosts/join-tokens (admin only).
