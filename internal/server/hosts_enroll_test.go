@@ -78,6 +78,28 @@ func TestJoinTokens(t *testing.T) {
 	if err := enroll(short.Token, "new-4", "127.0.0.1:11"); status(err) != 401 {
 		t.Errorf("an expired token enrolled: %v", err)
 	}
+	// An admin, and only an admin, gets a client certificate that calls
+	// hosts as the control plane does.
+	opKey, _ := pki.NewKey()
+	opCSR, _ := pki.NewCSR(opKey, pki.RoleControl, "tool")
+	if _, err := api.NewClient(c.Plane.URL(), orgTok).IssueClientCertificate(ctx, api.ClientCertificateInput{CSR: opCSR}); status(err) != 403 {
+		t.Errorf("an org token got a client certificate: %v", err)
+	}
+	cc, err := c.admin.IssueClientCertificate(ctx, api.ClientCertificateInput{CSR: opCSR})
+	if err != nil {
+		t.Fatal(err)
+	}
+	op, err := pki.NewOperator(opKey, []byte(cc.Certificate), []byte(cc.CA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	direct := api.NewClient(c.Hosts[0].APIURL, "")
+	tr := &http.Transport{TLSClientConfig: op.TLS(c.Hosts[0].ID)}
+	defer tr.CloseIdleConnections()
+	direct.HTTPClient = &http.Client{Transport: tr}
+	if _, err := direct.List(ctx, "shop", api.ListMachinesOptions{}); err != nil {
+		t.Errorf("an operator's certificate: %v", err)
+	}
 	hosts, err := c.admin.ListHosts(ctx)
 	if err != nil {
 		t.Fatal(err)
