@@ -17,7 +17,7 @@ import (
 // TestServersCutSlowClients plays a slowloris, a body that stops and an
 // idle keep-alive against every HTTP server of a dev cluster reachable
 // from outside — the control plane's address (API, registry, chaos API),
-// the global entry, each host's API — and checks each is cut at its
+// the global entry, each host's API (inside its mutual TLS) — and checks each is cut at its
 // bound: not before, and not later than the bound plus
 // httpservetest.Allowance (the servers cut at their deadlines; the
 // allowance is a busy machine's delay in noticing).
@@ -43,7 +43,8 @@ func TestServersCutSlowClients(t *testing.T) {
 		"global entry":  c.GlobalAddr,
 	}
 	for _, h := range c.Hosts {
-		servers["host API "+h.ID] = strings.TrimPrefix(h.APIURL, "http://")
+		// Over the mutual TLS only the control plane's certificate opens.
+		servers["host API "+h.ID] = tlsForward(t, c, h)
 	}
 	check := func(t *testing.T, what string, got time.Duration, err error, limit time.Duration) {
 		t.Helper()

@@ -21,6 +21,9 @@ import (
 	"github.com/flamehq/flame/internal/pki"
 )
 
+// Certificates are made and checked on the machine's clock, never on
+// Config.Now (a test's clock): hosts check them on theirs.
+//
 // Host identities: the cluster's CA lives in the catalog, its key sealed
 // under the secrets key; an admin mints one-time join tokens; a host
 // enrolls with one and its own key's certificate request and gets a
@@ -114,7 +117,7 @@ func (s *Server) loadIdentity(ctx context.Context) error {
 		return fmt.Errorf("server: bucket %s: %w", bucketJoinTokens, err)
 	}
 	rec, err := loadOrCreate(ctx, auth, "ca", func() (caRecord, error) {
-		ca, err := pki.NewCA("flame cluster CA", s.cfg.Now())
+		ca, err := pki.NewCA("flame cluster CA", time.Now())
 		if err != nil {
 			return caRecord{}, err
 		}
@@ -133,7 +136,7 @@ func (s *Server) loadIdentity(ctx context.Context) error {
 	id.roots = id.ca.Pool()
 	var name [8]byte
 	rand.Read(name[:])
-	id.control = pki.NewControlCert(id.ca, "plane-"+hex.EncodeToString(name[:]), s.cfg.Now)
+	id.control = pki.NewControlCert(id.ca, "plane-"+hex.EncodeToString(name[:]), time.Now)
 	id.hostsToken = s.cfg.AgentToken
 	if id.hostsToken == "" {
 		tr, err := loadOrCreate(ctx, auth, "hosts-token", func() (sealedValue, error) {
@@ -184,7 +187,7 @@ func (s *Server) CAFingerprint() string { return s.ident.ca.Fingerprint() }
 // plane's certificate, and only that host's (any certificate of it the CA
 // issued). Operators' tools and tests call hosts with it.
 func (s *Server) ControlTLS(hostID string) *tls.Config {
-	return pki.ClientTLS(s.ident.roots, s.ident.control.Get, hostID, "", s.cfg.Now)
+	return pki.ClientTLS(s.ident.roots, s.ident.control.Get, hostID, "", time.Now)
 }
 
 // hostRecordOf reads a host's record, from the cache when it has it.
@@ -239,7 +242,7 @@ func (s *Server) enrolledClient(hostID string) (*api.Client, error) {
 			hc.tr.CloseIdleConnections()
 		}
 		tr := s.ident.template.Clone()
-		tr.TLSClientConfig = pki.ClientTLS(s.ident.roots, s.ident.control.Get, hostID, rec.Serial, s.cfg.Now)
+		tr.TLSClientConfig = pki.ClientTLS(s.ident.roots, s.ident.control.Get, hostID, rec.Serial, time.Now)
 		hc = &hostConn{addr: rec.APIAddr, serial: rec.Serial, tr: tr, client: &http.Client{Transport: tr}}
 		s.ident.conns[hostID] = hc
 	}
@@ -300,7 +303,7 @@ func (s *Server) issueClientCertificate(w http.ResponseWriter, r *http.Request) 
 	}
 	var name [8]byte
 	rand.Read(name[:])
-	cert, err := s.ident.ca.Issue(pki.RoleControl, "operator-"+hex.EncodeToString(name[:]), pub, s.cfg.Now(), operatorValidity)
+	cert, err := s.ident.ca.Issue(pki.RoleControl, "operator-"+hex.EncodeToString(name[:]), pub, time.Now(), operatorValidity)
 	if err != nil {
 		return err
 	}
@@ -481,7 +484,7 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	}); err != nil {
 		return nil, err
 	}
-	cert, err := s.ident.ca.Issue(pki.RoleHost, in.HostID, pub, now, pki.HostValidity)
+	cert, err := s.ident.ca.Issue(pki.RoleHost, in.HostID, pub, time.Now(), pki.HostValidity)
 	if err != nil {
 		return nil, err
 	}
