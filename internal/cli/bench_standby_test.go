@@ -60,7 +60,7 @@ func TestBenchFailoverStandbys(t *testing.T) {
 		}
 		port := ln.Addr().(*net.TCPAddr).Port
 		ln.Close()
-		if _, err := api.NewClient(h.APIURL, "agent-secret").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
+		if _, err := dev.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
 			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
 			Services: []api.MachineService{{
 				Protocol: "tcp", InternalPort: port,
