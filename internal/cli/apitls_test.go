@@ -20,9 +20,9 @@ import (
 // is an error, one that loads gives the plane its TLS config.
 func TestServerAPIIsTLS(t *testing.T) {
 	for _, args := range [][]string{
-		{"server", "--data-dir", t.TempDir(), "--agent-token", "t"},
-		{"server", "--data-dir", t.TempDir(), "--agent-token", "t", "--tls-cert", "x.pem"},
-		{"server", "--data-dir", t.TempDir(), "--agent-token", "t", "--plain-http", "--tls-cert", "x.pem", "--tls-key", "k.pem"},
+		{"server", "--data-dir", t.TempDir()},
+		{"server", "--data-dir", t.TempDir(), "--tls-cert", "x.pem"},
+		{"server", "--data-dir", t.TempDir(), "--plain-http", "--tls-cert", "x.pem", "--tls-key", "k.pem"},
 	} {
 		code, _, stderr := run(args...)
 		if code != 2 || !strings.Contains(stderr, "tls") && !strings.Contains(stderr, "TLS") {

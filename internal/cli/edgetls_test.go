@@ -19,7 +19,8 @@ import (
 // TestAgentEdgeTLSFlags: HTTPS needs the plain edge, and ACME needs the
 // HTTPS listener and the catalog (usage errors, exit 2).
 func TestAgentEdgeTLSFlags(t *testing.T) {
-	base := []string{"agent", "--data-dir", t.TempDir(), "--token", "t"}
+	t.Setenv("FLAME_AGENT_TOKEN", "t")
+	base := []string{"agent", "--data-dir", t.TempDir()}
 	for _, extra := range [][]string{
 		{"--edge-tls-addr", "127.0.0.1:0"},
 		{"--host-id", "h", "--edge-addr", "127.0.0.1:0", "--acme-ca", "https://ca.test/dir"},
