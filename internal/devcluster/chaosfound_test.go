@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -161,7 +160,7 @@ func TestReviveWhereItWas(t *testing.T) {
 	c.faults.mu.Unlock()
 	<-gone
 	// Another program wants the addresses the killed host listened on.
-	for _, addr := range []string{strings.TrimPrefix(old.APIURL, "http://"), old.DNSAddr, old.EdgeAddr} {
+	for _, addr := range []string{apiAddr(old.APIURL), old.DNSAddr, old.EdgeAddr} {
 		if ln, err := net.Listen("tcp", addr); err == nil {
 			t.Cleanup(func() { ln.Close() })
 			t.Errorf("%s was free for others while its host was dead", addr)

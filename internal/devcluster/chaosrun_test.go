@@ -335,7 +335,7 @@ func TestChaosChecksCatch(t *testing.T) {
 
 	// A machine made behind the control plane's back, on a host.
 	h := c.Hosts[0]
-	stray, err := api.NewClient(h.APIURL, "agent-secret").Create(ctx, "chaos", api.LaunchMachineInput{
+	stray, err := c.HostClient(h).Create(ctx, "chaos", api.LaunchMachineInput{
 		Config: cfg.LedgerConfig, SkipLaunch: true})
 	if err != nil {
 		t.Fatal(err)

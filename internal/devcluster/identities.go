@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -87,4 +88,9 @@ func (hc *hostClients) close() {
 	for _, tr := range hc.m {
 		tr.CloseIdleConnections()
 	}
+}
+
+// apiAddr is the host:port of a host's API URL, plain or over TLS.
+func apiAddr(url string) string {
+	return strings.TrimPrefix(strings.TrimPrefix(url, "http://"), "https://")
 }

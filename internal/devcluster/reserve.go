@@ -4,7 +4,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"strings"
 )
 
 // A killed host's addresses on real loopback (API, DNS, edge) were mostly
@@ -37,7 +36,7 @@ func (c *Cluster) reserve(h *Host) {
 			}
 		}()
 	}
-	tcp(strings.TrimPrefix(h.APIURL, "http://"))
+	tcp(apiAddr(h.APIURL))
 	if h.DNSAddr != "" {
 		if pc, err := net.ListenPacket("udp", h.DNSAddr); err == nil {
 			held = append(held, pc)

@@ -87,6 +87,9 @@ type identity struct {
 
 	mu    sync.Mutex
 	conns map[string]*hostConn // host id → its client, for one address and certificate
+	// retired are transports replaced or dropped while a call may still
+	// have held a connection: it goes idle there later, and Close closes it.
+	retired []*http.Transport
 }
 
 type hostConn struct {
@@ -240,6 +243,7 @@ func (s *Server) enrolledClient(hostID string) (*api.Client, error) {
 	if hc == nil || hc.addr != rec.APIAddr || hc.serial != rec.Serial {
 		if hc != nil {
 			hc.tr.CloseIdleConnections()
+			s.ident.retired = append(s.ident.retired, hc.tr)
 		}
 		tr := s.ident.template.Clone()
 		tr.TLSClientConfig = pki.ClientTLS(s.ident.roots, s.ident.control.Get, hostID, rec.Serial, time.Now)
@@ -257,6 +261,7 @@ func (s *Server) dropHostConn(hostID string) {
 	defer s.ident.mu.Unlock()
 	if hc := s.ident.conns[hostID]; hc != nil {
 		hc.tr.CloseIdleConnections()
+		s.ident.retired = append(s.ident.retired, hc.tr)
 		delete(s.ident.conns, hostID)
 	}
 }
@@ -272,6 +277,10 @@ func (s *Server) closeHostConns() {
 		hc.tr.CloseIdleConnections()
 		delete(s.ident.conns, id)
 	}
+	for _, tr := range s.ident.retired {
+		tr.CloseIdleConnections()
+	}
+	s.ident.retired = nil
 }
 
 func (s *Server) identityRoutes() {
