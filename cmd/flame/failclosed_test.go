@@ -24,8 +24,9 @@ func TestAgentExecDriverNeedsOptIn(t *testing.T) {
 	defer cancel()
 	for _, driver := range []string{"exec"} {
 		var stderr bytes.Buffer
-		cmd := exec.CommandContext(ctx, flameBin, "agent", "--data-dir", t.TempDir(), "--token", "t",
+		cmd := exec.CommandContext(ctx, flameBin, "agent", "--data-dir", t.TempDir(),
 			"--api-addr", "127.0.0.1:0", "--driver", driver)
+		cmd.Env = append(os.Environ(), "FLAME_AGENT_TOKEN=t")
 		cmd.Stderr = &stderr
 		err := cmd.Run()
 		if err == nil || ctx.Err() != nil {
