@@ -88,9 +88,17 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 		machines[m.ID] = h.Region
 	}
 	for _, h := range c.Hosts {
+		seen := ""
+		defer func() {
+			if t.Failed() && seen != "" {
+				t.Logf("the %s edge's table last held: %s", h.Region, seen)
+			}
+		}()
 		waitUntil(t, "every machine routable at the "+h.Region+" edge", func() bool {
 			n := 0
+			seen = ""
 			for _, tg := range h.Proxy.Table().Targets("demo", 80) {
+				seen += fmt.Sprintf("%s on %s: %s; ", tg.MachineID, tg.Host, tg.Excluded)
 				if tg.Excluded == route.Included {
 					n++
 				}
