@@ -3,18 +3,12 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"log/slog"
-	"net"
 	"net/http"
-	"os"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/devcluster"
-	"github.com/flamehq/flame/internal/driver"
-	"github.com/flamehq/flame/internal/driver/exec"
 	"github.com/flamehq/flame/internal/host"
 )
 
@@ -27,50 +21,7 @@ import (
 // reconciler starting the standby. No request fails.
 func TestBenchFailoverStandbys(t *testing.T) {
 	ctx := context.Background()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	images := map[string][]string{host.DemoImage: {self, "demo-app"}}
-	dev, err := devcluster.Start(ctx, devcluster.Config{
-		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams", "iad"}, HostsPerRegion: 2,
-		Logger: slog.New(slog.DiscardHandler),
-		NewDriver: func(string, int, string) (driver.Driver, error) {
-			return exec.New(exec.Config{Images: images}, nil), nil
-		},
-		ControlPlane: true, Chaos: true,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		dev.StopMachines(context.Background())
-		dev.Close()
-	})
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := dev.WaitConverged(wctx); err != nil {
-		t.Fatal(err)
-	}
-	// A demo machine on every host, behind the edges.
-	for _, h := range dev.Hosts {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := ln.Addr().(*net.TCPAddr).Port
-		ln.Close()
-		if _, err := dev.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
-			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
-			Services: []api.MachineService{{
-				Protocol: "tcp", InternalPort: port,
-				Ports:  []api.MachinePort{{Port: ptrTo(80), Handlers: []string{"http"}}},
-				Checks: []api.MachineServiceCheck{{Type: ptrTo("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
-			}},
-		}}); err != nil {
-			t.Fatalf("create on %s: %v", h.ID, err)
-		}
-	}
+	dev := startDemoDev(t, 2)
 	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
 	if err != nil {
 		t.Fatal(err)

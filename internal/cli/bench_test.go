@@ -23,7 +23,7 @@ import (
 // region, never falls short.
 func TestBenchFailover(t *testing.T) {
 	ctx := context.Background()
-	dev := startDemoDev(t)
+	dev := startDemoDev(t, 1)
 	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
 	if err != nil {
 		t.Fatal(err)

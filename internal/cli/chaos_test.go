@@ -70,9 +70,10 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // startDemoDev starts a dev cluster with the control plane and the chaos
-// API, one host in each of ams and iad, and one demo machine (exec driver:
-// the test binary) on each host, served by the edges on port 80.
-func startDemoDev(t *testing.T) *devcluster.Cluster {
+// API, hostsPerRegion hosts in each of ams and iad, and one demo machine
+// (exec driver: the test binary) on each host, served by the edges on port
+// 80.
+func startDemoDev(t *testing.T, hostsPerRegion int) *devcluster.Cluster {
 	t.Helper()
 	ctx := context.Background()
 	self, err := os.Executable()
@@ -81,7 +82,7 @@ func startDemoDev(t *testing.T) *devcluster.Cluster {
 	}
 	images := map[string][]string{host.DemoImage: {self, "demo-app"}}
 	dev, err := devcluster.Start(ctx, devcluster.Config{
-		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams", "iad"}, HostsPerRegion: 1,
+		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams", "iad"}, HostsPerRegion: hostsPerRegion,
 		Logger: slog.New(slog.DiscardHandler),
 		NewDriver: func(string, int, string) (driver.Driver, error) {
 			return exec.New(exec.Config{Images: images}, nil), nil
@@ -128,7 +129,7 @@ func startDemoDev(t *testing.T) *devcluster.Cluster {
 // entry from a client in ams keep being answered, from iad, none failing.
 func TestChaosKillRegion(t *testing.T) {
 	ctx := context.Background()
-	dev := startDemoDev(t)
+	dev := startDemoDev(t, 1)
 	client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{}}
 	t.Cleanup(client.CloseIdleConnections)
 	edges, global := dev.Edges(), "http://"+dev.GlobalAddr

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/x509"
@@ -59,12 +60,8 @@ func (s *Server) claimHostname(ctx context.Context, a app, h string) (certstore.
 			return errNoChange
 		}
 		if exists {
-			held, _, err := catalog.GetJSON[app](ctx, s.apps, v.App)
-			switch {
-			case err == nil && held.ID == v.AppID:
-				return errHostnameTaken(h)
-			case err != nil && !errors.Is(err, catalog.ErrNotFound):
-				return err
+			if live, err := s.liveClaim(ctx, v.App, v.AppID); err != nil || live {
+				return cmp.Or(err, errHostnameTaken(h))
 			}
 		}
 		*v = certstore.Claim{Hostname: h, App: a.Name, AppID: a.ID, CreatedAt: s.cfg.Now().UTC()}

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -49,12 +50,8 @@ func (s *Server) claimTCPPorts(ctx context.Context, a app, cfg *api.MachineConfi
 				return errNoChange
 			}
 			if exists {
-				held, _, err := catalog.GetJSON[app](ctx, s.apps, v.App)
-				switch {
-				case err == nil && held.ID == v.AppID:
-					return errPortTaken(port)
-				case err != nil && !errors.Is(err, catalog.ErrNotFound):
-					return err
+				if live, err := s.liveClaim(ctx, v.App, v.AppID); err != nil || live {
+					return cmp.Or(err, errPortTaken(port))
 				}
 			}
 			*v, fresh = tcpClaim{App: a.Name, AppID: a.ID}, true
@@ -101,4 +98,19 @@ func (s *Server) releaseTCPPorts(ctx context.Context, a app, keys []string) erro
 		}
 	}
 	return nil
+}
+
+// liveClaim reports whether a claim (of a raw TCP port, of a hostname)
+// made by the app named name with id id still stands: that very app still
+// exists. A deleted app's claim, or an earlier app's of the same name, is
+// taken over.
+func (s *Server) liveClaim(ctx context.Context, name, id string) (bool, error) {
+	held, _, err := catalog.GetJSON[app](ctx, s.apps, name)
+	switch {
+	case err == nil:
+		return held.ID == id, nil
+	case errors.Is(err, catalog.ErrNotFound):
+		return false, nil
+	}
+	return false, err
 }
