@@ -174,7 +174,22 @@ func loadOrCreate[T any](ctx context.Context, b catalog.Bucket, key string, make
 		return v, err
 	}
 	if _, err = catalog.CreateJSON(ctx, b, key, v, 0); errors.Is(err, catalog.ErrExists) {
-		v, _, err = catalog.GetJSON[T](ctx, b, key)
+		// Another plane made it first. A replicated catalog may answer
+		// the read from a replica that has not applied that create yet:
+		// the key exists, so not-found only means not yet.
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		for {
+			v, _, err = catalog.GetJSON[T](ctx, b, key)
+			if !errors.Is(err, catalog.ErrNotFound) {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return v, fmt.Errorf("%s exists but cannot be read yet: %w", key, err)
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
 	}
 	return v, err
 }
