@@ -117,7 +117,8 @@
 // layout fdaa:<network>:<host>::/64: the network is the instance id's 32
 // bits, two groups, and the host, numbered from 1, the next group; see
 // instance.go). New holds the prefix
-// until Close — a lock file per prefix under /run/flame — and refuses, before
+// until Close — a lock file per prefix under /run/flame, removed by Close —
+// and refuses, before
 // it makes anything, a prefix another driver holds or another link routes.
 // The bridge is made without
 // spanning tree or forward delay, so that a new port forwards at once, and

@@ -181,12 +181,12 @@ func New(cfg Config) (*Driver, error) {
 	}
 	cg, err := detectCgroups(cfg.CgroupParent)
 	if err != nil {
-		lock.Close()
+		unlockFile(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	l := leases{dir: filepath.Join(cfg.StateDir, "leases")}
 	if err := l.init(); err != nil {
-		lock.Close()
+		unlockFile(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	d := &Driver{
@@ -737,7 +737,7 @@ func (d *Driver) Close() error {
 	d.wg.Wait()
 	d.netMu.Lock()
 	if d.prefixLock != nil {
-		d.prefixLock.Close()
+		unlockFile(d.prefixLock)
 		d.prefixLock = nil
 	}
 	d.netMu.Unlock()

@@ -268,3 +268,36 @@ func TestLegacyInstance(t *testing.T) {
 		t.Errorf("instance names %+v", n)
 	}
 }
+
+// TestPrefixLockFiles: a prefix's lock file is held by one at a time, and
+// is gone once its holder lets go, so a machine that runs many drivers
+// over time is not left a file per prefix; a closed driver's is gone too.
+func TestPrefixLockFiles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "6pn-test.lock")
+	a, err := lockFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lockFile(path); err != unix.EWOULDBLOCK {
+		t.Fatalf("a second lock of a held file: %v, want EWOULDBLOCK", err)
+	}
+	unlockFile(a)
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("lock file after unlock: %v", err)
+	}
+	b, err := lockFile(path)
+	if err != nil {
+		t.Fatalf("lock after unlock: %v", err)
+	}
+	unlockFile(b)
+
+	d := newDriver(t, testConfig(t))
+	held := d.prefixLock.Name()
+	if _, err := os.Stat(held); err != nil {
+		t.Fatalf("a running driver's lock file: %v", err)
+	}
+	d.Close()
+	if _, err := os.Stat(held); !os.IsNotExist(err) {
+		t.Fatalf("a closed driver's lock file %s: %v", held, err)
+	}
+}

@@ -103,12 +103,8 @@ func claimPrefix(cfg Config) (*os.File, error) {
 	}
 	name := "6pn-" + strings.NewReplacer(":", "_", "/", "-").Replace(prefix.String()) + ".lock"
 	path := filepath.Join(prefixLockDir, name)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := lockFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("lock prefix %s: %w", prefix, err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			holder, _ := os.ReadFile(path)
 			return nil, fmt.Errorf("prefix %s is held by another driver on this machine (bridge %q, lock %s): another Flame uses it",
@@ -128,6 +124,38 @@ func claimPrefix(cfg Config) (*os.File, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+// lockFile takes an exclusive flock of the file at path, made if absent,
+// without waiting (unix.EWOULDBLOCK while another holds it). Holders
+// remove the file when they let go (unlockFile), so a lock taken on a
+// file that is no longer the one at path is not the lock: it is taken
+// again on the file there now.
+func lockFile(path string) (*os.File, error) {
+	for range 10 {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return nil, err
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			return nil, err
+		}
+		held, err1 := f.Stat()
+		now, err2 := os.Stat(path)
+		if err1 == nil && err2 == nil && os.SameFile(held, now) {
+			return f, nil
+		}
+		f.Close()
+	}
+	return nil, fmt.Errorf("%s keeps being replaced", path)
+}
+
+// unlockFile removes a lock file taken by lockFile, then lets go of it: a
+// machine that runs many drivers over time is not left a file per prefix.
+func unlockFile(f *os.File) {
+	os.Remove(f.Name())
+	f.Close()
 }
 
 // checkPrefixFree fails when a link other than the bridge (index brIndex,
