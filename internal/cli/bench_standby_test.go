@@ -9,7 +9,6 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/devcluster"
-	"github.com/flamehq/flame/internal/host"
 )
 
 // TestBenchFailoverStandbys runs `flame bench failover --standbys 1
@@ -22,18 +21,7 @@ import (
 func TestBenchFailoverStandbys(t *testing.T) {
 	ctx := context.Background()
 	dev := startDemoDev(t, 2)
-	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
-	if err != nil {
-		t.Fatal(err)
-	}
-	plane := api.NewClient(dev.Plane.URL(), org)
-	if _, err := plane.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := plane.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: map[string]int{"ams": 1, "iad": 1},
-		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": "0"}}}); err != nil {
-		t.Fatal(err)
-	}
+	plane := declareDemoGroup(t, dev)
 	// The ams group machine's host is the victim: the group's machines
 	// are those the control plane lists beyond the hosts' own.
 	var victim string

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/devcluster"
 	"github.com/flamehq/flame/internal/host"
 )
 
@@ -24,18 +25,7 @@ import (
 func TestBenchFailover(t *testing.T) {
 	ctx := context.Background()
 	dev := startDemoDev(t, 1)
-	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
-	if err != nil {
-		t.Fatal(err)
-	}
-	plane := api.NewClient(dev.Plane.URL(), org)
-	if _, err := plane.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := plane.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: map[string]int{"ams": 1, "iad": 1},
-		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": "0"}}}); err != nil {
-		t.Fatal(err)
-	}
+	plane := declareDemoGroup(t, dev)
 	waitFor(t, "the group's machines running", func() bool {
 		g, err := plane.GetGroup(ctx, "demo", "app")
 		return err == nil && g.Running["ams"] == 1 && g.Running["iad"] == 1
@@ -141,4 +131,26 @@ func TestBenchFailoverUsage(t *testing.T) {
 			t.Errorf("flame %s: exit %d, stderr %q; want 2", strings.Join(args, " "), code, stderr)
 		}
 	}
+}
+
+// declareDemoGroup makes the org personal and its app demo on dev's control
+// plane, declares the group app of one demo machine per region (exec
+// machines share the host's ports: these serve nothing) and returns the
+// org's client.
+func declareDemoGroup(t *testing.T, dev *devcluster.Cluster) *api.Client {
+	t.Helper()
+	ctx := context.Background()
+	org, err := dev.Plane.AddOrg(ctx, "personal", "Personal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plane := api.NewClient(dev.Plane.URL(), org)
+	if _, err := plane.CreateApp(ctx, api.CreateAppInput{AppName: "demo", OrgSlug: "personal"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plane.PutGroup(ctx, "demo", api.Group{Name: "app", Regions: map[string]int{"ams": 1, "iad": 1},
+		Config: &api.MachineConfig{Image: host.DemoImage, Env: map[string]string{"PORT": "0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	return plane
 }
