@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -13,7 +12,6 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/fake"
-	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -87,14 +85,7 @@ func TestRevivedEdgeServesAtOnce(t *testing.T) {
 	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
 	for _, h := range c.Hosts {
 		port := freePort(t)
-		if _, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
-			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
-			Services: []api.MachineService{{
-				Protocol: "tcp", InternalPort: port,
-				Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
-				Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
-			}},
-		}}); err != nil {
+		if _, err := api.NewClient(h.APIURL, "t").Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)}); err != nil {
 			t.Fatalf("create on %s: %v", h.ID, err)
 		}
 	}

@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
-	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -32,14 +30,7 @@ func TestKillControlPlane(t *testing.T) {
 	}
 	for _, h := range c.Hosts {
 		port := freePort(t)
-		if _, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
-			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
-			Services: []api.MachineService{{
-				Protocol: "tcp", InternalPort: port,
-				Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
-				Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
-			}},
-		}}); err != nil {
+		if _, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)}); err != nil {
 			t.Fatalf("create on %s: %v", h.ID, err)
 		}
 	}

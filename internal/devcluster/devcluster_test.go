@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/exec"
+	"github.com/flamehq/flame/internal/host"
 )
 
 // tWriter routes logs to t.Log until the test ends; memberlist leaves a
@@ -60,6 +62,19 @@ func startDev(t *testing.T) *Cluster {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// demoConfig is a demo machine listening on port, served by the edges on
+// port 80 once a TCP check every 100 ms passes.
+func demoConfig(port int) *api.MachineConfig {
+	return &api.MachineConfig{
+		Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
+		Services: []api.MachineService{{
+			Protocol: "tcp", InternalPort: port,
+			Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
+			Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
+		}},
+	}
+}
 
 func waitUntil(t testing.TB, what string, cond func() bool) {
 	t.Helper()

@@ -17,7 +17,6 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/geo"
-	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -74,14 +73,7 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 	machines := map[string]string{} // id → region
 	for _, h := range c.Hosts {
 		port := freePort(t)
-		m, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
-			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
-			Services: []api.MachineService{{
-				Protocol: "tcp", InternalPort: port,
-				Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
-				Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
-			}},
-		}})
+		m, err := c.HostClient(h).Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)})
 		if err != nil {
 			t.Fatalf("create on %s: %v", h.ID, err)
 		}

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -123,14 +122,7 @@ func TestEdgeRoutesToNearestRegion(t *testing.T) {
 	machines := map[string]string{} // id → host
 	for _, id := range []string{"ams-1", "ams-2", "iad-1", "syd-1"} {
 		port := freePort(t)
-		m, err := c.HostClient(byHost[id]).Create(ctx, "demo", api.LaunchMachineInput{Config: &api.MachineConfig{
-			Image: host.DemoImage, Env: map[string]string{"PORT": strconv.Itoa(port)},
-			Services: []api.MachineService{{
-				Protocol: "tcp", InternalPort: port,
-				Ports:  []api.MachinePort{{Port: ptr(80), Handlers: []string{"http"}}},
-				Checks: []api.MachineServiceCheck{{Type: ptr("tcp"), Interval: api.Dur(100 * time.Millisecond)}},
-			}},
-		}})
+		m, err := c.HostClient(byHost[id]).Create(ctx, "demo", api.LaunchMachineInput{Config: demoConfig(port)})
 		if err != nil {
 			t.Fatalf("create on %s: %v", id, err)
 		}
