@@ -160,36 +160,21 @@ func (ca *DevCA) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, e
 
 // sign makes a leaf for name.
 func (ca *DevCA) sign(name string, now time.Time) (*tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(devLeafLifetime),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	if ip := net.ParseIP(name); ip != nil {
-		tmpl.DNSNames, tmpl.IPAddresses = nil, []net.IP{ip}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		return nil, fmt.Errorf("dev ca: sign %s: %w", name, err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key, Leaf: leaf}, nil
+	return ca.issue([]string{name}, now, devLeafLifetime)
 }
 
 // ServerCertificate signs a certificate for the given names and IPs (a
 // control plane's API in dev), valid a year.
 func (ca *DevCA) ServerCertificate(names []string) (*tls.Certificate, error) {
+	return ca.issue(names, ca.now(), 365*24*time.Hour)
+}
+
+// issue signs a server certificate for names (host names or IPs), valid
+// from now for life, with a key of its own.
+func (ca *DevCA) issue(names []string, now time.Time, life time.Duration) (*tls.Certificate, error) {
+	if len(names) == 0 {
+		return nil, errors.New("dev ca: a certificate needs a name")
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -198,10 +183,9 @@ func (ca *DevCA) ServerCertificate(names []string) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	now := ca.now()
 	tmpl := &x509.Certificate{
 		SerialNumber: serial, Subject: pkix.Name{CommonName: names[0]},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(365 * 24 * time.Hour),
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(life),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	for _, n := range names {
@@ -213,8 +197,11 @@ func (ca *DevCA) ServerCertificate(names []string) (*tls.Certificate, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
+		return nil, fmt.Errorf("dev ca: sign %v: %w", names, err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
 		return nil, err
 	}
-	leaf, _ := x509.ParseCertificate(der)
 	return &tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key, Leaf: leaf}, nil
 }
