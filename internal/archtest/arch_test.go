@@ -64,6 +64,7 @@ var pure = []string{
 	"github.com/flamehq/flame/internal/reconcile",
 	"github.com/flamehq/flame/internal/proxy/route",
 	"github.com/flamehq/flame/internal/proxy/autostop",
+	"github.com/flamehq/flame/internal/mesh/layout",
 }
 
 // forbidden may not be reached at all; forbiddenDirect may not be imported
