@@ -60,6 +60,9 @@ func newTokenSecret() string {
 	return "flame_" + base64.RawURLEncoding.EncodeToString(b[:])
 }
 
+// newServerID is a random id for a server in the reconciler lock.
+func newServerID() string { return newTokenSecret()[6:22] }
+
 // CreateToken stores a token with t's rights and returns its secret, which
 // is not kept anywhere.
 func (s *Server) CreateToken(ctx context.Context, t token) (string, error) {

@@ -32,3 +32,16 @@ func (s *Server) HasEntryForTest(ctx context.Context, appName, id string) (bool,
 	}
 	return err == nil, err
 }
+
+// LockHolderForTest is the id of the server holding the reconciler lock
+// ("" when none does).
+func (s *Server) LockHolderForTest(ctx context.Context) (string, error) {
+	e, err := s.locks.Get(ctx, lockReconciler)
+	if errors.Is(err, catalog.ErrNotFound) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return string(e.Value), nil
+}

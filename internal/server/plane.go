@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -128,6 +129,11 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 		}
 	}
 	sc := cfg.Server
+	if sc.ID == "" {
+		if sc.ID, err = serverID(filepath.Join(cfg.DataDir, "server-id")); err != nil {
+			return nil, fmt.Errorf("control plane: %w", err)
+		}
+	}
 	sc.Catalog, sc.Cluster, sc.SecretKey, sc.Logger = p.Catalog, p.Cluster, key, cfg.Logger
 	if res, ok := cfg.Registry.(ImageResolver); ok && sc.Images == nil {
 		sc.Images = res
@@ -195,6 +201,26 @@ func (p *Plane) closeParts() error {
 		err = errors.Join(err, p.Catalog.Close())
 	}
 	return err
+}
+
+// serverID reads the server's id, making and keeping one on first use.
+func serverID(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err == nil {
+		id := strings.TrimSpace(string(b))
+		if id == "" || len(id) > 64 {
+			return "", fmt.Errorf("server id %s: want 1 to 64 characters", path)
+		}
+		return id, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	id := newServerID()
+	if err := atomicfile.Write(path, []byte(id+"\n"), filepath.Dir(path)); err != nil {
+		return "", fmt.Errorf("server id: %w", err)
+	}
+	return id, nil
 }
 
 // secretKey reads the key that seals secrets, creating it on first use.

@@ -78,7 +78,13 @@ func (s *Server) reconcileLoop(ctx context.Context) {
 func (s *Server) leadLoop(ctx context.Context, lead *atomic.Pointer[context.Context]) {
 	var rev uint64
 	cancel := context.CancelFunc(func() {})
-	defer func() { cancel(); s.leading.Store(false) }()
+	defer func() {
+		cancel()
+		s.leading.Store(false)
+		if rev != 0 {
+			s.releaseLock(rev)
+		}
+	}()
 	t := time.NewTicker(lockTTL / 3)
 	defer t.Stop()
 	for {
@@ -148,6 +154,17 @@ func (s *Server) holdLock(ctx context.Context, rev uint64) (uint64, error) {
 	}
 	s.log.Info("reconciler lock taken")
 	return n, nil
+}
+
+// releaseLock gives the reconciler lock up as this server stops, so that
+// another takes over at once rather than when it expires. Only the
+// revision this server wrote is deleted.
+func (s *Server) releaseLock(rev uint64) {
+	ctx, cancel := context.WithTimeout(context.Background(), lockTTL/3)
+	defer cancel()
+	if err := s.locks.Delete(ctx, lockReconciler, rev); err != nil && !errors.Is(err, catalog.ErrConflict) && !errors.Is(err, catalog.ErrNotFound) {
+		s.log.Warn("reconciler lock: release", "err", err)
+	}
 }
 
 // ReconcileOnce runs one pass over every declared group, then settles the

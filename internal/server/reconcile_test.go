@@ -222,6 +222,7 @@ func TestRestartKeepsEverything(t *testing.T) {
 	}
 	old := c.Plane
 	dataDir := old.DataDir()
+	waitUntil(t, "the plane to lead", 10*time.Second, old.Leading)
 	if err := old.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -259,11 +260,16 @@ func TestRestartKeepsEverything(t *testing.T) {
 	p, err := server.StartPlane(ctx, server.PlaneConfig{DataDir: dataDir, Listener: ln,
 		Cluster: cluster.Config{HostID: "control-2", Region: "ams", Transport: tr},
 		Join:    []string{c.Hosts[0].Cluster.GossipAddr()},
-		Server:  server.Config{AgentToken: "agent-secret"}})
+		Server:  server.Config{AgentToken: "agent-secret", ID: "restarted"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Close() })
+	// The old plane gave its reconciler lock up as it closed: a restarted
+	// one (or another) takes over at once, not when the lock expires.
+	if holder, err := p.LockHolderForTest(ctx); err != nil || holder != "" && holder != "restarted" {
+		t.Fatalf("reconciler lock after a clean close: held by %q (%v)", holder, err)
+	}
 	if p.AdminToken != "" {
 		t.Error("a restarted control plane made a second admin token")
 	}

@@ -57,6 +57,11 @@ type Config struct {
 	Catalog catalog.Catalog
 	// Cluster is the view of hosts and machines. Required.
 	Cluster ClusterView
+	// ID names this server in the reconciler lock (empty: a random one per
+	// start). StartPlane keeps one in <DataDir>/server-id, so that a plane
+	// restarted after a crash takes its lock back at once rather than
+	// waiting for it to expire.
+	ID string
 	// AgentToken is the token hosts share for what does not use their
 	// certificates yet (the proxy's backhaul, image pulls); enrollment
 	// hands it to them. Empty: one made on the catalog's first use and
@@ -234,7 +239,10 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"),
-		id: newTokenSecret()[6:22], reconcileKick: make(chan struct{}, 1)}
+		id: cfg.ID, reconcileKick: make(chan struct{}, 1)}
+	if s.id == "" {
+		s.id = newServerID()
+	}
 	var err error
 	if s.aead, err = newSealer(cfg.SecretKey); err != nil {
 		return nil, err
