@@ -274,8 +274,11 @@ func (p *placer) market(ctx context.Context, a app, in api.LaunchMachineInput, r
 		if err == nil {
 			// Not cancelled with the client's request: a host half-way
 			// through a create finishes it either way, and the entry must
-			// stay true to that.
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hostCreateTimeout)
+			// stay true to that. Given up when the cluster declares the
+			// host dead, though: a silent host must not hold the caller
+			// (the reconciler, which works through groups one at a time)
+			// for the whole timeout.
+			cctx, cancel := p.untilHostDies(context.WithoutCancel(ctx), h.ID, hostCreateTimeout)
 			m, err = c.Create(cctx, a.Name, in)
 			cancel()
 			var ae *api.Error
@@ -343,4 +346,33 @@ func mustJSON(v any) []byte {
 func lost(snap *cluster.Snapshot, me machineEntry) bool {
 	h := snap.Host(me.Host)
 	return h != nil && (h.Status == cluster.StatusDead || h.Status == cluster.StatusLeft)
+}
+
+// untilHostDies is ctx bounded by timeout and by the life of host: it ends
+// when the cluster shows the host dead or gone.
+func (p *placer) untilHostDies(ctx context.Context, hostID string, timeout time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancelTimeout := context.WithTimeout(ctx, timeout)
+	ctx, cancel := context.WithCancelCause(ctx)
+	changes, unsubscribe := p.cluster.Subscribe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer unsubscribe()
+		for {
+			if h := p.cluster.Snapshot().Host(hostID); h == nil || !h.Up() {
+				cancel(fmt.Errorf("host %s is dead", hostID))
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-changes:
+			}
+		}
+	}()
+	return ctx, func() {
+		cancel(nil)
+		cancelTimeout()
+		<-done
+	}
 }

@@ -294,3 +294,28 @@ func TestEveryHostUnableToPullSaysWhy(t *testing.T) {
 		}
 	}
 }
+
+// TestCreateToSilencedHostEndsWithItsDeath: a host cut off while a create
+// waits on it holds the create only until the cluster declares it dead —
+// not for the host call's whole timeout (minutes), which held every caller
+// and the reconciler behind it. The answer is 503 (the host may still have
+// made the machine), and the entry stays for the reconciler to settle.
+func TestCreateToSilencedHostEndsWithItsDeath(t *testing.T) {
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 1})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	victim := c.Hosts[0].ID
+	c.Net.Kill(victim)
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := cl.Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig(), Region: "ams"})
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable {
+		t.Fatalf("create to a silenced host after %v: %v, want a 503", time.Since(start), err)
+	}
+	if h := c.Plane.Cluster.Snapshot().Host(victim); h != nil && h.Up() {
+		t.Fatalf("the create ended before the host was seen dead: %v", err)
+	}
+	t.Logf("answered after %v: %v", time.Since(start), err)
+}
