@@ -86,7 +86,7 @@ chaos restart-control-plane). Progress goes to stderr.`,
 	}
 	fs := c.Flags()
 	fs.StringVar(&f.chaos.api, "api", "", "the control plane's API (default: $FLY_FLAPS_BASE_URL, else "+defaultAPI+")")
-	fs.StringVar(&f.chaos.token, "token", "", "the admin token flame dev printed (default: $FLAME_ADMIN_TOKEN)")
+	fs.StringVar(&f.chaos.tokenFile, "token-file", "", "file holding the admin token flame dev printed (default: $FLAME_ADMIN_TOKEN)")
 	fs.BoolVar(&f.chaos.json, "json", false, "print the report as JSON")
 	fs.StringVar(&f.global, "global", "http://"+defaultGlobalAddr, "flame dev's global entry")
 	fs.StringVar(&f.app, "app", "demo", "the app to send requests to (<app>.localhost); it must be the demo app")

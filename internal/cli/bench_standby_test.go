@@ -52,7 +52,7 @@ func TestBenchFailoverStandbys(t *testing.T) {
 	}
 	code, out, stderr := run("bench", "failover", "--json", "--rate", "20", "--concurrency", "8", "--duration", "2s",
 		"--standbys", "1", "--fault", "kill-host "+victim,
-		"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken, "--global", "http://"+dev.GlobalAddr)
+		"--api", dev.Plane.URL(), "--token-file", secretFile(t, dev.Plane.AdminToken), "--global", "http://"+dev.GlobalAddr)
 	if code != 0 {
 		t.Fatalf("flame bench failover: exit %d, %s", code, stderr)
 	}

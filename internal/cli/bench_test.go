@@ -40,7 +40,7 @@ func TestBenchFailover(t *testing.T) {
 		})
 	}
 	code, out, stderr := run("bench", "failover", "--json", "--rate", "20", "--concurrency", "4", "--duration", "2s",
-		"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken, "--global", "http://"+dev.GlobalAddr)
+		"--api", dev.Plane.URL(), "--token-file", secretFile(t, dev.Plane.AdminToken), "--global", "http://"+dev.GlobalAddr)
 	if code != 0 {
 		t.Fatalf("flame bench failover: exit %d, %s", code, stderr)
 	}
@@ -75,7 +75,7 @@ func TestBenchFailover(t *testing.T) {
 	// The control-plane case: killed under load, not one request fails.
 	code, out, stderr = run("bench", "failover", "--json", "--rate", "20", "--concurrency", "4", "--duration", "1s",
 		"--fault", "kill-control-plane",
-		"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken, "--global", "http://"+dev.GlobalAddr)
+		"--api", dev.Plane.URL(), "--token-file", secretFile(t, dev.Plane.AdminToken), "--global", "http://"+dev.GlobalAddr)
 	if code != 0 {
 		t.Fatalf("flame bench failover --fault kill-control-plane: exit %d, %s", code, stderr)
 	}
@@ -125,7 +125,7 @@ func TestBenchFailoverUsage(t *testing.T) {
 	} {
 		args = append([]string{"bench", "failover"}, args...)
 		if len(args) > 2 {
-			args = append(args, "--token", "x")
+			args = append(args, "--token-file", secretFile(t, "x"))
 		}
 		if code, _, stderr := run(args...); code != 2 || !strings.HasPrefix(stderr, "flame: ") {
 			t.Errorf("flame %s: exit %d, stderr %q; want 2", strings.Join(args, " "), code, stderr)

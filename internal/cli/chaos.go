@@ -24,8 +24,8 @@ const defaultGlobalAddr = "127.0.0.1:4379"
 
 // chaosFlags are the flags of every chaos command.
 type chaosFlags struct {
-	api, token string
-	json       bool
+	api, tokenFile string
+	json           bool
 }
 
 func (f *chaosFlags) client() (devcluster.ChaosClient, error) {
@@ -39,12 +39,12 @@ func (f *chaosFlags) client() (devcluster.ChaosClient, error) {
 	if !strings.HasPrefix(url, "http://") && !strings.HasPrefix(url, "https://") {
 		return devcluster.ChaosClient{}, usageError{fmt.Errorf("--api %q: want http://host:port", url)}
 	}
-	token := f.token
-	if token == "" {
-		token = os.Getenv("FLAME_ADMIN_TOKEN")
+	token, err := readSecret("token-file", f.tokenFile, "FLAME_ADMIN_TOKEN")
+	if err != nil {
+		return devcluster.ChaosClient{}, err
 	}
 	if token == "" {
-		return devcluster.ChaosClient{}, usageError{errors.New("the chaos API needs the admin token flame dev printed: pass --token or set FLAME_ADMIN_TOKEN")}
+		return devcluster.ChaosClient{}, usageError{errors.New("the chaos API needs the admin token flame dev printed: set FLAME_ADMIN_TOKEN or pass --token-file")}
 	}
 	return devcluster.ChaosClient{URL: url, Token: token}, nil
 }
@@ -81,7 +81,7 @@ then answers 503), and takes the admin token it verified before.`,
 	}
 	pf := c.PersistentFlags()
 	pf.StringVar(&f.api, "api", "", "the control plane's API (default: $FLY_FLAPS_BASE_URL, else "+defaultAPI+")")
-	pf.StringVar(&f.token, "token", "", "the admin token flame dev printed (default: $FLAME_ADMIN_TOKEN)")
+	pf.StringVar(&f.tokenFile, "token-file", "", "file holding the admin token flame dev printed (default: $FLAME_ADMIN_TOKEN)")
 	pf.BoolVar(&f.json, "json", false, "print the active faults as JSON")
 
 	action := func(use, short string, nargs int, build func(args []string) (devcluster.ChaosRequest, error)) *cobra.Command {

@@ -174,7 +174,7 @@ func TestChaosKillRegion(t *testing.T) {
 		return answers["ams"] >= 5
 	})
 
-	flags := []string{"--api", dev.Plane.URL(), "--token", dev.Plane.AdminToken}
+	flags := []string{"--api", dev.Plane.URL(), "--token-file", secretFile(t, dev.Plane.AdminToken)}
 	code, out, stderr := run(append([]string{"chaos", "kill-region", "ams", "--json"}, flags...)...)
 	if code != 0 {
 		t.Fatalf("flame chaos kill-region: exit %d, %s", code, stderr)
@@ -245,19 +245,19 @@ func TestChaosUsage(t *testing.T) {
 	t.Setenv("FLAME_ADMIN_TOKEN", "")
 	for _, args := range [][]string{
 		{"chaos", "kill-region"},
-		{"chaos", "loss", "ams", "iad", "many", "--token", "x"},
-		{"chaos", "loss", "ams", "iad", "101", "--token", "x"},
-		{"chaos", "slow-link", "ams", "iad", "-5", "--token", "x"},
-		{"chaos", "stall-host", "ams-1", "forever", "--token", "x"},
+		{"chaos", "loss", "ams", "iad", "many", "--token-file", secretFile(t, "x")},
+		{"chaos", "loss", "ams", "iad", "101", "--token-file", secretFile(t, "x")},
+		{"chaos", "slow-link", "ams", "iad", "-5", "--token-file", secretFile(t, "x")},
+		{"chaos", "stall-host", "ams-1", "forever", "--token-file", secretFile(t, "x")},
 		{"chaos", "status"}, // no admin token
-		{"chaos", "heal", "--token", "x", "--api", "127.0.0.1:4280"},
+		{"chaos", "heal", "--token-file", secretFile(t, "x"), "--api", "127.0.0.1:4280"},
 	} {
 		if code, _, stderr := run(args...); code != 2 || !strings.HasPrefix(stderr, "flame: ") {
 			t.Errorf("flame %s: exit %d, stderr %q; want 2", strings.Join(args, " "), code, stderr)
 		}
 	}
 	// Refused by the API (here: nobody listens) is not a usage error.
-	if code, _, stderr := run("chaos", "heal", "--token", "x", "--api", "http://127.0.0.1:1"); code != 1 {
+	if code, _, stderr := run("chaos", "heal", "--token-file", secretFile(t, "x"), "--api", "http://127.0.0.1:1"); code != 1 {
 		t.Errorf("flame chaos heal against nothing: exit %d, %q; want 1", code, stderr)
 	}
 }

@@ -34,6 +34,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"agent", "--data-dir", t.TempDir(), "--token-file", tokenFile, "--edge-tcp-ports", "2000-1000"}, // empty range
 		{"server", "--data-dir", t.TempDir(), "--agent-token", "t"},                                      // a secret on the command line
 		{"dev", "--edge-tcp-ports", "10000-70000"},                                                       // past 65535
+		{"chaos", "heal", "--token", "t"},                                                                // a secret on the command line
+		{"image", "ls", "--token", "t"},                                                                  // a secret on the command line
 	}
 	for _, args := range cases {
 		code, _, stderr := run(args...)
@@ -62,4 +64,14 @@ func TestAgentListenErrorIsNotUsage(t *testing.T) {
 	if code != 1 || !strings.Contains(stderr, "listen") {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
+}
+
+// secretFile writes a secret to an owner-only file for a --*-file flag.
+func secretFile(t *testing.T, secret string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(path, []byte(secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }

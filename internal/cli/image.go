@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"text/tabwriter"
 
@@ -18,23 +17,23 @@ const defaultRegistry = "127.0.0.1:4280"
 
 // registryFlags are the flags of every command that talks to a registry.
 type registryFlags struct {
-	registry, token string
-	insecure        bool
+	registry, tokenFile string
+	insecure            bool
 }
 
 func (f *registryFlags) register(c *cobra.Command) {
 	fs := c.Flags()
 	fs.StringVar(&f.registry, "registry", defaultRegistry, "registry address, host:port")
-	fs.StringVar(&f.token, "token", "", "registry token (default: $FLY_API_TOKEN)")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the registry token (default: $FLY_API_TOKEN)")
 	fs.BoolVar(&f.insecure, "insecure", false, "use plain HTTP (always used for loopback registries)")
 }
 
-func (f *registryFlags) remote(c *cobra.Command) image.Remote {
-	token := f.token
-	if token == "" {
-		token = os.Getenv("FLY_API_TOKEN")
+func (f *registryFlags) remote(c *cobra.Command) (image.Remote, error) {
+	token, err := readSecret("token-file", f.tokenFile, "FLY_API_TOKEN")
+	if err != nil {
+		return image.Remote{}, err
 	}
-	return image.Remote{Token: token, Insecure: f.insecure, Progress: c.ErrOrStderr()}
+	return image.Remote{Token: token, Insecure: f.insecure, Progress: c.ErrOrStderr()}, nil
 }
 
 // target joins --registry and --name (repository[:tag], tag "latest" by
@@ -91,12 +90,16 @@ the pushed reference, with its digest, to stdout.`,
 			if err != nil {
 				return err
 			}
+			r, err := f.remote(c)
+			if err != nil {
+				return err
+			}
 			img, err := image.Import(args[0], "")
 			if err != nil {
 				return err
 			}
 			defer img.Close()
-			return pushAndPrint(c, img, ref, f.remote(c))
+			return pushAndPrint(c, img, ref, r)
 		},
 	}
 	f.register(c)
@@ -138,7 +141,9 @@ separated by spaces ('/app serve').`,
 				}
 			}
 			spec.Dir = args[0]
-			spec.Remote = f.remote(c)
+			if spec.Remote, err = f.remote(c); err != nil {
+				return err
+			}
 			img, err := image.Build(c.Context(), spec)
 			if err != nil {
 				return err
@@ -188,7 +193,7 @@ func pushAndPrint(c *cobra.Command, img *image.LocalImage, ref string, r image.R
 // tokenHint says how to pass a token when a registry wants one.
 func tokenHint(err error, r image.Remote) error {
 	if errors.Is(err, image.ErrUnauthorized) && r.Token == "" {
-		return fmt.Errorf("%w\n(the registry needs a token: pass --token or set FLY_API_TOKEN)", err)
+		return fmt.Errorf("%w\n(the registry needs a token: set FLY_API_TOKEN or pass --token-file)", err)
 	}
 	return err
 }
@@ -201,7 +206,10 @@ func newImageLsCmd() *cobra.Command {
 		Short: "List the repositories, tags, digests and sizes in a registry",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			r := f.remote(c)
+			r, err := f.remote(c)
+			if err != nil {
+				return err
+			}
 			list, err := image.List(c.Context(), f.registry, r)
 			if err != nil {
 				return tokenHint(err, r)
