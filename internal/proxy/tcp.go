@@ -248,9 +248,15 @@ func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, port int) {
 	q := route.Query{Port: port, TCP: true, Rand: p.seq.Add(0x9e3779b97f4a7c15)}
 	var buf [route.MaxCandidates]*route.Target
 	cands := st.table.Select(appName, q, routeInput{p}, buf[:0])
+	// As for HTTP: with no machine running the connection is held while
+	// the nearest stopped one starts; with every one at its soft limit,
+	// one starts behind it. Nothing of the client's is read meanwhile.
+	cands, why := p.autostart(ctx, st, appName, q, cands)
 	if len(cands) == 0 {
-		p.log.Debug("raw TCP: no candidate", "app", appName, "port", port, "client", c.RemoteAddr().String(),
-			"reason", st.table.Explain(appName, q, routeInput{p}))
+		if why == "" {
+			why = st.table.Explain(appName, q, routeInput{p})
+		}
+		p.log.Debug("raw TCP: no candidate", "app", appName, "port", port, "client", c.RemoteAddr().String(), "reason", why)
 		return
 	}
 	client, edge := addrPortOf(c.RemoteAddr()), addrPortOf(c.LocalAddr())
