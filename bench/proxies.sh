@@ -63,8 +63,6 @@ if [ -n "$only" ]; then
   done
 fi
 
-log() { echo "proxies.sh: $*" >&2; }
-
 # summarize prints the table (or JSON) of a results file: "#key<TAB>value"
 # lines of facts about the run, then one line per measurement:
 # name, round, status (ok, or why there is no figure), req/s, p50 µs,
@@ -147,112 +145,20 @@ if [ -n "$render" ]; then
   exit 0
 fi
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d "${TMPDIR:-/tmp}/flame-proxies.XXXXXX")
-pids=()          # every process started, as PID:STARTTIME, each the leader of its own process group
-made_policy=""   # the policy-rc.d made for the install, if any
-
-wrk_pid=""        # the wrk running now
-
-# starttime PID: when PID started (clock ticks since boot), so a PID that
-# ended and was reused by another process is never signalled.
-starttime() {
-  local f a
-  f=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
-  read -r -a a <<<"${f##*) }"   # the fields after the command name, from the state (field 3) on
-  echo "${a[19]}"
-}
-
-# stop PID:STARTTIME ends the process group that process leads, if it is
-# still the one started (TERM, then KILL after 5 s).
-stop() {
-  local pid=${1%%:*}
-  [ "$(starttime "$pid")" = "${1#*:}" ] || return 0
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  [ "$(starttime "$pid")" = "${1#*:}" ] || return 0
-  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local e
-  [ -z "$wrk_pid" ] || kill -TERM "$wrk_pid" 2>/dev/null || true
-  for e in "${pids[@]}"; do
-    [ "$(starttime "${e%%:*}")" = "${e#*:}" ] && kill -TERM -- "-${e%%:*}" 2>/dev/null || true
-  done
-  for e in "${pids[@]}"; do stop "$e"; done
-  if [ -n "$made_policy" ]; then rm -f "$made_policy"; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+. "$(dirname "$0")/lib.sh"
+bench_init proxies
 
 # ---- packages ---------------------------------------------------------------
-declare -A bin=([nginx]=nginx [haproxy]=haproxy [caddy]=caddy [wrk]=wrk)
-declare -A absent=()   # package → why it cannot be used
-path_of() { command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; } || true; }
-missing=()
-for p in nginx haproxy caddy wrk; do [ -n "$(path_of "${bin[$p]}")" ] || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$install" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "installing ${missing[*]} from Debian"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq >"$work/apt.log" 2>&1 || log "apt-get update failed; trying the lists there are"
-    want=()
-    for p in "${missing[@]}"; do
-      cand=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ { print $2 }')
-      if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then
-        absent[$p]="not in this Debian ($(. /etc/os-release && echo "$PRETTY_NAME"): apt-cache policy $p has no candidate)"
-      else
-        want+=("$p")
-      fi
-    done
-    if [ ${#want[@]} -gt 0 ]; then
-      # Debian starts a packaged service on install unless policy-rc.d
-      # refuses; nothing here may take port 80 or outlive the run.
-      if [ ! -e /usr/sbin/policy-rc.d ]; then
-        made_policy=/usr/sbin/policy-rc.d
-        printf '#!/bin/sh\nexit 101\n' >"$made_policy"; chmod 755 "$made_policy"
-      fi
-      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
-        "${want[@]}" >"$work/apt.log" 2>&1 || { log "apt-get install ${want[*]} failed:"; tail -20 "$work/apt.log" >&2; }
-      [ -n "$made_policy" ] && { rm -f "$made_policy"; made_policy=""; }
-    fi
-  fi
-  for p in "${missing[@]}"; do
-    [ -n "$(path_of "${bin[$p]}")" ] || [ -n "${absent[$p]:-}" ] || absent[$p]="not installed (run as root with apt-get, or without --no-install)"
-  done
-fi
+if [ "$install" = 1 ]; then bench_install nginx haproxy caddy wrk; else bench_install --no-install nginx haproxy caddy wrk; fi
 for p in "${!absent[@]}"; do log "$p: ${absent[$p]}"; done
 [ -z "${absent[wrk]:-}" ] || { log "wrk is required"; exit 1; }
 [ -z "${absent[nginx]:-}" ] || { log "nginx is required: it is the backend"; exit 1; }
 nginx_bin=$(path_of nginx); wrk_bin=$(path_of wrk)
 
 # ---- CPUs -------------------------------------------------------------------
-ncpu=$(nproc)
-if [ "$ncpu" -ge 2 ]; then proxy_cpu=1 client_cpu=0; else proxy_cpu=0 client_cpu=0; log "one CPU: everything shares it"; fi
+bench_cpus
 
 # ---- helpers ----------------------------------------------------------------
-# start CPU DIR CMD… runs CMD pinned to CPU in its own process group, its
-# output in DIR/out.
-start() {
-  local cpu=$1 dir=$2; shift 2
-  setsid taskset -c "$cpu" "$@" >"$dir/out" 2>&1 </dev/null &
-  last_pid=$!
-  pids+=("$last_pid:$(starttime "$last_pid")")
-}
-
-# free_port picks a port nobody listens on, below the ephemeral range so the
-# kernel does not hand it to a client meanwhile; a start that still loses
-# the race fails its readiness check and is retried on another port.
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 12000))
-    [ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ] && { echo "$p"; return; }
-  done
-}
-
 # http_ok PORT: one GET (Host demo.localhost) answered 200.
 http_ok() (
   exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
@@ -286,25 +192,6 @@ serve() {
   done
   log "$name did not start; its output:"; sed 's/^/  /' "$dir/out" >&2
   return 1
-}
-
-# nginx_prelude prints what both nginx configs (the backend's and the
-# proxy's) begin with, up to inside their http block.
-nginx_prelude() {
-  local dir=$1
-  cat <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  keepalive_timeout 120s;
-  client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy;
-  fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;
-EOF
 }
 
 backend_conf() {

@@ -40,56 +40,13 @@ for v in "$duration" "$warmup"; do
   [[ $v =~ ^[1-9][0-9]*[smh]?$ ]] || { echo "tls.sh: $v is not a wrk duration (10s, 1m)" >&2; exit 2; }
 done
 
-log() { echo "tls.sh: $*" >&2; }
-root=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d "${TMPDIR:-/tmp}/flame-tls.XXXXXX")
-pids=()
+. "$(dirname "$0")/lib.sh"
+bench_init tls
 
-# The processes started here lead their own process groups; each is ended
-# with its group, by its own id.
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$p" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-path_of() { command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; } || true; }
-missing=()
-for p in nginx wrk openssl; do [ -n "$(path_of "$p")" ] || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ] && [ "$install" = 1 ] && [ "$(id -u)" = 0 ]; then
-  log "installing ${missing[*]} from Debian"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq >"$work/apt.log" 2>&1 || true
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >>"$work/apt.log" 2>&1 ||
-    { log "apt-get install failed:"; tail -20 "$work/apt.log" >&2; }
-fi
-for p in nginx wrk openssl; do [ -n "$(path_of "$p")" ] || { log "$p is required"; exit 1; }; done
+if [ "$install" = 1 ]; then bench_install nginx wrk openssl; else bench_install --no-install nginx wrk openssl; fi
+for p in nginx wrk openssl; do [ -z "${absent[$p]:-}" ] || { log "$p is required: ${absent[$p]}"; exit 1; }; done
 nginx_bin=$(path_of nginx) wrk_bin=$(path_of wrk)
-
-ncpu=$(nproc)
-if [ "$ncpu" -ge 2 ]; then proxy_cpu=1 client_cpu=0; else proxy_cpu=0 client_cpu=0; log "one CPU: everything shares it"; fi
-
-# start CPU DIR CMD… runs CMD pinned to CPU in its own process group.
-start() {
-  local cpu=$1 dir=$2; shift 2
-  setsid taskset -c "$cpu" "$@" >"$dir/out" 2>&1 </dev/null &
-  last_pid=$!
-  pids+=("$last_pid")
-}
-
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 12000))
-    [ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ] && { echo "$p"; return; }
-  done
-}
+bench_cpus
 
 # answers SCHEME PORT: one GET for demo.localhost answered 200 within 15 s.
 answers() {
@@ -105,27 +62,11 @@ openssl ecparam -name prime256v1 -genkey -noout -out "$work/key.pem" 2>/dev/null
 openssl req -new -x509 -key "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=demo.localhost \
   -addext "subjectAltName=DNS:demo.localhost" 2>/dev/null
 
-prelude() {
-  cat <<EOF
-worker_processes 1;
-daemon off;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  keepalive_timeout 120s;
-  client_body_temp_path $1/tmp/body; proxy_temp_path $1/tmp/proxy;
-  fastcgi_temp_path $1/tmp/fastcgi; uwsgi_temp_path $1/tmp/uwsgi; scgi_temp_path $1/tmp/scgi;
-EOF
-}
-
 # ---- the backend, nginx over TLS, Flame's edge -------------------------------
 declare -A port=()
 mkdir -p "$work/backend/tmp" "$work/nginx/tmp" "$work/flame"
 port[backend]=$(free_port)
-{ prelude "$work/backend"; cat <<EOF
+{ nginx_prelude "$work/backend"; cat <<EOF
   server {
     listen 127.0.0.1:${port[backend]};
     location / { default_type text/plain; return 200 "hello\n"; }
@@ -137,7 +78,7 @@ start "$client_cpu" "$work/backend" "$nginx_bin" -p "$work/backend" -e "$work/ba
 answers http "${port[backend]}" || { log "the backend did not start"; cat "$work/backend/out" >&2; exit 1; }
 
 port[nginx]=$(free_port)
-{ prelude "$work/nginx"; cat <<EOF
+{ nginx_prelude "$work/nginx"; cat <<EOF
   upstream backend {
     server 127.0.0.1:${port[backend]};
     keepalive 256;
