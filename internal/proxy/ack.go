@@ -117,12 +117,19 @@ type ackWatch struct {
 	// wait is the attempt among those on its host (silence.go).
 	wait    *hostWaiter
 	waiters *hostWaiters
+	// hedge, when set, starts the request's hedge (hedge.go) when no word
+	// came in time, instead of the attempt being given up; it is handed
+	// what ends the attempt, and runs under mu. late records the host's
+	// lateness, after.
+	hedge func(wake func())
+	late  func(err *silentError)
 }
 
 const (
 	ackWaiting = iota
 	ackDone
 	ackSilent
+	ackHedged // late, kept running while a hedge runs
 )
 
 // watchAck returns the context of an attempt on tg's host that is
@@ -176,15 +183,24 @@ func (a *ackWatch) giveUp() { a.silence(true) }
 
 func (a *ackWatch) silence(found bool) {
 	a.mu.Lock()
-	silent := a.state == ackWaiting
-	if silent {
-		a.state = ackSilent
-		a.err.found = found
+	if a.state != ackWaiting {
+		a.mu.Unlock()
+		return
 	}
+	a.err.found = found
+	if a.hedge != nil {
+		a.state = ackHedged
+		if a.timer != nil {
+			a.timer.Stop()
+		}
+		a.hedge(a.cancel)
+		a.mu.Unlock()
+		a.late(a.err) // outside mu: the host's verdict gives up its other attempts
+		return
+	}
+	a.state = ackSilent
 	a.mu.Unlock()
-	if silent {
-		a.cancel()
-	}
+	a.cancel()
 }
 
 // acked gives the host until the next acknowledgement is due.
@@ -217,7 +233,7 @@ func (a *ackWatch) done() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.stopSuspect()
-	if a.state == ackWaiting {
+	if a.state == ackWaiting || a.state == ackHedged {
 		a.state = ackDone
 		if a.timer != nil {
 			a.timer.Stop()
@@ -239,5 +255,6 @@ func (a *ackWatch) failed(err error) error {
 	if a.state == ackSilent {
 		return a.err
 	}
+	a.state = ackDone // no hedge starts after the attempt returned
 	return err
 }

@@ -80,8 +80,13 @@ func (fc *fastConn) forward(body []byte) action {
 	for tg, probe, ok := o.next(cands); ok; tg, probe, ok = o.next(cands) {
 		// Over the backhaul, a request that may go to a next candidate
 		// waits only so long for the far host's acknowledgement (ack.go).
+		// A late one is hedged (hedge.go).
 		ack := !tg.OnSelf && o.more(cands) && idempotent(str(req.method))
-		act, err := fc.attempt(st, tg, body, probe, ack)
+		act, err := fc.attempt(st, tg, body, probe, ack, &o, cands)
+		if h := fc.hedge; h != nil {
+			fc.hedge = nil
+			return fc.settleHedge(h, tg, probe, act, err, appName, tried)
+		}
 		if err == nil {
 			return act
 		}
@@ -109,7 +114,7 @@ func (fc *fastConn) forward(body []byte) action {
 // candidate's host does not acknowledge it in time). A non-nil error means
 // the candidate failed before its answer started: nothing reached the
 // client.
-func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack bool) (action, error) {
+func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack bool, o *order, cands []*route.Target) (action, error) {
 	p := fc.e.p
 	key := upKey{addr: tg.Addr, port: tg.Port}
 	headerTimeout := p.cfg.ResponseHeaderTimeout
@@ -142,14 +147,14 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack
 			fresh = true
 		}
 		fc.setUp(uc)
-		err := fc.exchange(uc, tg, body, headerTimeout, ackBudget)
+		err := fc.exchange(uc, tg, body, headerTimeout, ackBudget, st, o, cands)
 		if err == nil {
 			break
 		}
 		fc.setUp(nil)
 		uc.c.Close()
 		var se *silentError
-		if fresh || fc.gone.Load() || fc.state.Load() == connClosed || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) || errors.As(err, &se) {
+		if fresh || fc.hedge != nil || fc.gone.Load() || fc.state.Load() == connClosed || uc.got > 0 || errors.Is(err, errBadResponse) || isTimeout(err) || errors.As(err, &se) {
 			return actKeep, err
 		}
 	}
@@ -171,6 +176,10 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack
 			uc.c.Close()
 			return actKeep, err
 		}
+	}
+	if fc.hedge != nil && !fc.hedge.claim() {
+		uc.c.Close() // the hedge's answer came first
+		return actKeep, errLostRace
 	}
 	if !tg.OnSelf && len(resp.timeout) > 0 {
 		p.strike(tg, errors.New(string(resp.timeout))) // a 504 for the client
@@ -228,7 +237,11 @@ func (e *edgeServer) dialer(tg *route.Target) DialFunc {
 // With ack > 0 the far host must acknowledge the request within ack, and
 // again within ack plus ackInterval of each acknowledgement (ack.go), or
 // the attempt ends with a silentError.
-func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout, ack time.Duration) error {
+//
+// When the acknowledgement is late and the request may be hedged (o and
+// cands give the candidates left), the attempt goes on and the hedge
+// starts (fc.hedge, hedge.go); it ends when the hedge wins.
+func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout, ack time.Duration, st *state, o *order, cands []*route.Target) error {
 	b := fc.out.start(nil)
 	b = fc.appendRequest(b, tg, body)
 	fc.out.b = b
@@ -331,7 +344,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			}
 			if hw != nil {
 				fc.e.p.waiters.stop(hw) // the answer came: no giving up now
-				if gaveUp.Load() {
+				if gaveUp != nil && gaveUp.Load() {
 					// The silent host's wake-up set a read deadline of
 					// its own: cleared, as dl knows nothing of it.
 					uc.dl.r = time.Time{}
@@ -344,6 +357,9 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 		case errIncomplete:
 			if err := uc.fill(); err != nil {
 				if !isTimeout(err) {
+					if fc.hedge != nil && fc.hedge.lost() {
+						return errLostRace
+					}
 					return err
 				}
 				now := time.Now()
@@ -356,8 +372,19 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 					suspectAt = time.Time{}
 					fc.e.p.suspectHost(tg.Host, "an attempt heard nothing from it for a round trip")
 				}
+				if fc.hedge != nil && fc.hedge.lost() {
+					return errLostRace
+				}
 				if !ackDue.IsZero() && (!now.Before(ackDue) || gaveUp.Load()) {
-					return &silentError{host: tg.Host, budget: ack}
+					se := &silentError{host: tg.Host, budget: ack, found: gaveUp.Load()}
+					if !fc.startHedge(uc, st, o, cands, body, hw) {
+						return se
+					}
+					// The attempt goes on, hedged; the host was late all
+					// the same (its breaker opens, its region counts it).
+					ackDue, suspectAt, gaveUp = time.Time{}, time.Time{}, nil
+					fc.e.p.strike(tg, se)
+					uc.dl.r = time.Time{} // a wake-up's deadline, unknown to dl
 				}
 				if !now.Before(deadline) {
 					return err

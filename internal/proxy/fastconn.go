@@ -300,6 +300,7 @@ type fastConn struct {
 	upMu   sync.Mutex
 	upConn *upConn // the upstream connection in use, cut on a forced close
 	pre    *prefetched
+	hedge  *hedge      // the request's hedge, while one runs (hedge.go)
 	gone   atomic.Bool // the client left while its request was in flight
 	held   int64       // bytes of the body buffer budget the request holds
 	// counted is the machine the request is counted in flight to, until

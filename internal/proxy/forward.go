@@ -211,6 +211,7 @@ func (p *Proxy) serveEdge(w http.ResponseWriter, r *http.Request) {
 	pre := handedOver(r) // a fly-replay the fast path was answered with
 	if pre != nil {
 		reqID = pre.reqID
+		defer pre.resp.Body.Close() // a hedge's answer holds a connection
 	}
 	if r.Method == http.MethodConnect {
 		p.fail(w, reqID, http.StatusMethodNotAllowed, codeBadRequest, "CONNECT is not proxied")
@@ -359,22 +360,22 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 			break // a streamed body was already sent, in part
 		}
 		// Over the backhaul, a request that may go to a next candidate
-		// waits only so long for the far host's acknowledgement (ack.go).
+		// waits only so long for the far host's acknowledgement (ack.go),
+		// then is hedged there (hedge.go).
 		ack := !tg.OnSelf && o.more(cands) && idempotent(r.Method) && body.stream == nil
-		resp, err := p.send(r, st, tg, hdr, rb, size, port, ack)
-		if err == nil && !tg.OnSelf {
-			switch {
-			case resp.Header.Get(hdrRetry) != "":
-				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrRetry))
-				if resp.Header.Get(hdrRetryKind) == retryNotReached {
-					err = fmt.Errorf("%w: %w", errNotReached, err)
-				}
-			case resp.Header.Get(hdrTimeout) != "" && idempotent(r.Method):
-				err = fmt.Errorf("host %s: %s", tg.Host, resp.Header.Get(hdrTimeout))
+		var slot *hedgeSlot
+		var startHedge func(wake func())
+		if ack {
+			slot = &hedgeSlot{}
+			startHedge = func(wake func()) {
+				slot.set(p.startHedge(r.Context(), st, &o, cands, hedgeRequest{r: r, hdr: hdr, body: body, port: port}, wake))
 			}
-			if err != nil {
-				resp.Body.Close()
-				resp = nil
+		}
+		resp, err := p.send(r, st, tg, hdr, rb, size, port, ack, startHedge)
+		err = farVerdict(tg, resp, err, r.Method)
+		if slot != nil {
+			if h := slot.get(); h != nil {
+				return p.settleHedge(r, h, tg, probe, resp, err, tried)
 			}
 		}
 		if err != nil {
@@ -406,8 +407,9 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 
 // send makes one attempt: straight to a machine of this host, or over the
 // backhaul to the machine's host (with ack, given up when that host does
-// not acknowledge it in time).
-func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Header, body io.ReadCloser, size int64, port string, ack bool) (*http.Response, error) {
+// not acknowledge it in time; with hedge too, kept running and hedged:
+// hedge.go).
+func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Header, body io.ReadCloser, size int64, port string, ack bool, hedge func(wake func())) (*http.Response, error) {
 	h := hdr.Clone()
 	addr := net.JoinHostPort(tg.Addr, strconv.Itoa(tg.Port))
 	tr := p.toSelf
@@ -426,6 +428,10 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 	var aw *ackWatch
 	if ack {
 		ctx, aw = p.watchAck(ctx, tg)
+		if hedge != nil {
+			aw.hedge = hedge
+			aw.late = func(se *silentError) { p.strike(tg, se) }
+		}
 	}
 	out := (&http.Request{
 		Method:        r.Method,

@@ -268,6 +268,9 @@ type Proxy struct {
 	toHostsUpgrade *http.Transport
 	backhaulSrv    *http.Server
 	backhaulConns  connStates
+
+	// hedges counts the hedges started (hedge.go).
+	hedges atomic.Int64
 }
 
 // New builds a proxy; nothing runs until Start.
