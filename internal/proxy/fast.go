@@ -377,7 +377,7 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 				}
 				if !ackDue.IsZero() && (!now.Before(ackDue) || gaveUp.Load()) {
 					se := &silentError{host: tg.Host, budget: ack, found: gaveUp.Load()}
-					if !fc.startHedge(uc, st, o, cands, body, hw) {
+					if !fc.startHedge(uc, tg, st, o, cands, body, hw) {
 						return se
 					}
 					// The attempt goes on, hedged; the host was late all

@@ -368,6 +368,8 @@ func (p *Proxy) attempts(w http.ResponseWriter, r *http.Request, reqID string, s
 		if ack {
 			slot = &hedgeSlot{}
 			startHedge = func(wake func()) {
+				p.log.Debug("candidate failed", "app", appName, "machine", tg.MachineID, "host", tg.Host, "request_id", reqID,
+					"err", "no acknowledgement in time; hedged")
 				slot.set(p.startHedge(r.Context(), st, &o, cands, hedgeRequest{r: r, hdr: hdr, body: body, port: port}, wake))
 			}
 		}

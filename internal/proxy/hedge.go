@@ -265,11 +265,11 @@ func (fc *fastConn) hedgeRequest(body []byte) (hedgeRequest, error) {
 var errLostRace = errors.New("the hedge answered first")
 
 // startHedge starts the hedge of the fast path's request when its primary
-// attempt, on uc, was not acknowledged in time; false when it cannot be
+// attempt, on tg over uc, was not acknowledged in time; false when it cannot be
 // hedged (nothing left to try), and the attempt ends as before. The
 // primary stops waiting among its host's attempts (hw): it is given up
 // only by losing the race.
-func (fc *fastConn) startHedge(uc *upConn, st *state, o *order, cands []*route.Target, body []byte, hw *hostWaiter) bool {
+func (fc *fastConn) startHedge(uc *upConn, tg *route.Target, st *state, o *order, cands []*route.Target, body []byte, hw *hostWaiter) bool {
 	if o == nil || !o.more(cands) {
 		return false
 	}
@@ -285,6 +285,8 @@ func (fc *fastConn) startHedge(uc *upConn, st *state, o *order, cands []*route.T
 	}
 	fc.hedge = h
 	fc.e.p.waiters.stop(hw)
+	fc.e.p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "request_id", string(fc.id[:fc.idLen]),
+		"err", "no acknowledgement in time; hedged")
 	return true
 }
 
