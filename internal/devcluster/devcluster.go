@@ -403,9 +403,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 func (c *Cluster) startGlobalEntry() error {
 	for _, h := range c.Hosts {
 		if h.EdgeAddr != "" {
-			if err := c.sim.exposeAt(h.ID, edgeSimPort, h.EdgeAddr, false); err != nil {
-				return err
-			}
+			c.sim.route(h.ID, edgeSimPort, h.EdgeAddr) // its entry listener (entry.go)
 		}
 	}
 	for _, r := range geo.All() {
@@ -504,6 +502,13 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 			dl.Close()
 			backhaul.Close()
 			return nil, fmt.Errorf("edge: listen on %s: %w", edgeAddr, err)
+		}
+		if edge, err = c.withEntry(id, edge); err != nil {
+			ln.Close()
+			pc.Close()
+			dl.Close()
+			backhaul.Close()
+			return nil, err
 		}
 	}
 	var edgeTLS *proxy.TLSConfig

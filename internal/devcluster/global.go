@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/http/httputil"
+	"net/netip"
 	"net/url"
 	"strings"
 	"sync"
@@ -52,7 +53,7 @@ type global struct {
 	order   map[string][]string                          // client region → regions of the edges, nearest first
 	proxies map[string]map[string]*httputil.ReverseProxy // client region → edge region → proxy
 	known   string                                       // the client regions, for errors
-	trs     []*http.Transport
+	clients *entryClients                                // the connections to the edges, per client (entry.go)
 
 	// down is closed, per edge region, once that edge's host was killed
 	// (faults.go): the entry hands it nothing more, and what is in flight
@@ -82,7 +83,8 @@ func (c *Cluster) startGlobal(addr, client string, edges map[string]string) (*gl
 		codes = append(codes, r)
 	}
 	g := &global{client: client, order: map[string][]string{},
-		proxies: map[string]map[string]*httputil.ReverseProxy{}, down: map[string]chan struct{}{}}
+		proxies: map[string]map[string]*httputil.ReverseProxy{}, down: map[string]chan struct{}{},
+		clients: &entryClients{c: c}}
 	for _, r := range codes {
 		g.down[r] = make(chan struct{})
 	}
@@ -90,12 +92,7 @@ func (c *Cluster) startGlobal(addr, client string, edges map[string]string) (*gl
 	for _, from := range geo.All() {
 		known = append(known, from.Code)
 		g.order[from.Code] = geo.Nearest(from, codes)
-		tr := &http.Transport{
-			DialContext:         c.sim.dialerFrom(clientMember(from.Code)),
-			MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second,
-			ResponseHeaderTimeout: 5 * time.Minute,
-		}
-		g.trs = append(g.trs, tr)
+		tr := g.clients.transport(from.Code)
 		g.proxies[from.Code] = map[string]*httputil.ReverseProxy{}
 		for _, near := range codes {
 			target := &url.URL{Scheme: "http", Host: edges[near]}
@@ -195,6 +192,11 @@ func (g *global) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		replayable = false
 	}
+	// The edge is told who the client is (entry.go).
+	var client net.Addr = &net.TCPAddr{}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		client = net.TCPAddrFromAddrPort(ap)
+	}
 	for _, near := range g.order[from] {
 		down, up := g.live(near)
 		if !up {
@@ -211,6 +213,7 @@ func (g *global) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		})
 		a := &attempt{edgeDown: down, replayable: replayable}
+		ctx = context.WithValue(ctx, clientKey{}, client)
 		rr := r.WithContext(context.WithValue(ctx, attemptKey{}, a))
 		g.proxies[from][near].ServeHTTP(w, rr)
 		stop()
@@ -243,8 +246,6 @@ func (g *global) close() error {
 	if g.srv != nil {
 		err = g.srv.Close()
 	}
-	for _, tr := range g.trs {
-		tr.CloseIdleConnections()
-	}
+	g.clients.closeIdle()
 	return err
 }

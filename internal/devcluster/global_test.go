@@ -157,6 +157,8 @@ func TestGlobalEntryNearestEdge(t *testing.T) {
 			}
 		}
 	}
+	checkEntryNamesClient(t, c.GlobalAddr)
+
 	// An upgrade passes through the entry and the edge both ways: a
 	// client in ams reaches the ws machine in syd.
 	waitUntil(t, "the ws machine routable at the ams edge", func() bool {
@@ -211,4 +213,41 @@ func runEchoUpgrader() {
 	}))
 	fmt.Fprintln(os.Stderr, err)
 	os.Exit(1)
+}
+
+// checkEntryNamesClient: a client at 127.0.0.2 (the entry's hop to the edge
+// comes from elsewhere) that forges Fly-Client-IP and X-Forwarded-For
+// reaches the demo machine through the global entry, near and far: the
+// machine is told the client's own address, and not the forged ones.
+func checkEntryNamesClient(t *testing.T, global string) {
+	t.Helper()
+	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).DialContext}}
+	defer client.CloseIdleConnections()
+	for _, from := range []string{"ams", "syd", "ams"} {
+		req, _ := http.NewRequest("GET", "http://"+global+"/", nil)
+		req.Host = "demo.localhost"
+		req.Header.Set(ClientRegionHeader, from)
+		req.Header.Set("Fly-Client-IP", "6.6.6.6")
+		req.Header.Set("X-Forwarded-For", "6.6.6.6")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("from 127.0.0.2 in %s: %v", from, err)
+		}
+		var id struct {
+			Request struct {
+				Headers map[string]string `json:"headers"`
+			} `json:"request"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&id)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("from 127.0.0.2 in %s: %d %v", from, resp.StatusCode, err)
+		}
+		h := id.Request.Headers
+		if h["Fly-Client-Ip"] != "127.0.0.2" || h["X-Forwarded-For"] != "127.0.0.2" {
+			t.Errorf("client at 127.0.0.2 in %s, forging 6.6.6.6: the machine saw Fly-Client-IP %q, X-Forwarded-For %q; want 127.0.0.2 for both",
+				from, h["Fly-Client-Ip"], h["X-Forwarded-For"])
+		}
+	}
 }

@@ -84,6 +84,14 @@ func (s *simNet) exposeAt(member string, port int, realAddr string, host bool) e
 	return nil
 }
 
+// route sends dials of realAddr to member's port on the simulated
+// network, where member listens itself (no relay).
+func (s *simNet) route(member string, port int, realAddr string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.routes[realAddr] = net.JoinHostPort(member, strconv.Itoa(port))
+}
+
 // dialerFrom is the dial function of a member: addresses of the cluster's
 // APIs over the simulated network, from the member's place in it; others
 // (a registry outside the cluster) directly.
