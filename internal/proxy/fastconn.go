@@ -300,12 +300,15 @@ type fastConn struct {
 	upMu   sync.Mutex
 	upConn *upConn // the upstream connection in use, cut on a forced close
 	pre    *prefetched
-	hedge  *hedge      // the request's hedge, while one runs (hedge.go)
 	gone   atomic.Bool // the client left while its request was in flight
 	held   int64       // bytes of the body buffer budget the request holds
 	// counted is the machine the request is counted in flight to, until
 	// its answer is done.
 	counted string
+	// hedge is the request's hedge while one runs (hedge.go);
+	// hedgeCancel, under upMu, ends it on a forced close.
+	hedge       *hedge
+	hedgeCancel context.CancelFunc
 }
 
 // endLoad ends the request's count in flight (before the answer's last
@@ -332,6 +335,9 @@ func (fc *fastConn) cut() {
 	fc.upMu.Lock()
 	if fc.upConn != nil {
 		fc.upConn.c.Close()
+	}
+	if fc.hedgeCancel != nil {
+		fc.hedgeCancel()
 	}
 	fc.upMu.Unlock()
 }

@@ -284,6 +284,12 @@ func (fc *fastConn) startHedge(uc *upConn, tg *route.Target, st *state, o *order
 		return false
 	}
 	fc.hedge = h
+	fc.upMu.Lock()
+	fc.hedgeCancel = h.cancel
+	fc.upMu.Unlock()
+	if fc.state.Load() == connClosed {
+		h.cancel() // cut meanwhile
+	}
 	fc.e.p.waiters.stop(hw)
 	fc.e.p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "request_id", string(fc.id[:fc.idLen]),
 		"err", "no acknowledgement in time; hedged")
@@ -296,6 +302,11 @@ func (fc *fastConn) startHedge(uc *upConn, tg *route.Target, st *state, o *order
 // is), or failed on both.
 func (fc *fastConn) settleHedge(h *hedge, tg *route.Target, probe bool, act action, err error, appName string, tried []string) action {
 	p := fc.e.p
+	defer func() {
+		fc.upMu.Lock()
+		fc.hedgeCancel = nil
+		fc.upMu.Unlock()
+	}()
 	if err == nil {
 		h.wait()
 		return act
