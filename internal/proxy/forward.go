@@ -432,7 +432,16 @@ func (p *Proxy) send(r *http.Request, st *state, tg *route.Target, hdr http.Head
 		ctx, aw = p.watchAck(ctx, tg)
 		if hedge != nil {
 			aw.hedge = hedge
-			aw.late = func(se *silentError) { p.strike(tg, se) }
+			aw.late = func(se *silentError) {
+				if se.found {
+					// The host was just found silent (its breaker is
+					// open): its region counts the attempt. This runs
+					// while the host's attempts are given up.
+					p.regions.record(tg.App, tg.Region, true)
+					return
+				}
+				p.strike(tg, se)
+			}
 		}
 	}
 	out := (&http.Request{
