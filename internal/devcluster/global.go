@@ -143,7 +143,10 @@ func (g *global) edgeDown(region string) {
 }
 
 // edgeUp hands a region's edge requests again: its host was revived.
+// Idle connections from before are not reused: the dead edge never closed
+// them (entry.go).
 func (g *global) edgeUp(region string) {
+	g.clients.closeIdle()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if ch, ok := g.down[region]; ok {
