@@ -268,3 +268,25 @@ func TestNonIdempotentNeverHedged(t *testing.T) {
 		rig.closeAndCheck(t, far, near)
 	})
 }
+
+// TestHedgeBounds: a hedge skips a machine that reached its hard limit
+// after the request chose its candidates, and a region whose breaker is
+// not closed; it takes a machine under its limit in a closed region.
+func TestHedgeBounds(t *testing.T) {
+	p := startProxy(t, Config{HostID: "ams-1"})
+	tg := &route.Target{App: "demo", MachineID: "m", Region: "fra", SoftLimit: 2, HardLimit: 3}
+	if why := p.notHedgedTo(tg); why != "" {
+		t.Fatalf("an idle machine in a closed region: not hedged to: %s", why)
+	}
+	p.load.add("m", 3)
+	if why := p.notHedgedTo(tg); !strings.Contains(why, "hard limit") {
+		t.Errorf("a machine at its hard limit: %q, want it skipped for its hard limit", why)
+	}
+	p.load.add("m", -3)
+	for range route.RegionMinAttempts {
+		p.regions.record("demo", "fra", true)
+	}
+	if why := p.notHedgedTo(tg); !strings.Contains(why, "region fra") {
+		t.Errorf("a machine of a tripped region: %q, want it skipped for its region", why)
+	}
+}
