@@ -15,4 +15,8 @@ var (
 	ErrUnauthorized = errors.New("registry refused access")
 	// ErrInvalid: the reference, manifest or layer is malformed or unsupported.
 	ErrInvalid = errors.New("invalid image")
+	// ErrTooLarge: a layer unpacks to more than the store's Limits allow.
+	// It comes with ErrInvalid: the image will not fit however often it
+	// is pulled.
+	ErrTooLarge = errors.New("image too large")
 )

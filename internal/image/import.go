@@ -100,7 +100,7 @@ func importImage(path, tempDir string) (*LocalImage, error) {
 			li.Close()
 			return nil, err
 		}
-		_, err = unpack(f, dir, formOCI, false)
+		_, err = unpack(f, dir, formOCI, false, Limits{})
 		f.Close()
 		if err != nil {
 			li.Close()

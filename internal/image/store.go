@@ -42,6 +42,9 @@ type StoreConfig struct {
 	// DialContext, when set, opens the connections to registries (a
 	// simulated network's dialer, in a dev cluster).
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Limits bound what each layer unpacks to (defaults:
+	// DefaultMaxLayerBytes, DefaultMaxLayerEntries).
+	Limits Limits
 }
 
 // Validate reports what is wrong with c.
@@ -71,6 +74,7 @@ type Store struct {
 	form     layerForm // how this host stores whiteouts
 	overlay  bool      // overlayfs mounts work here
 	chown    bool      // running as root: keep owners from the tar
+	limits   Limits
 
 	flights singleflight.Group
 	// gc excludes GC from pulls: a pull holds it shared from its first
@@ -109,6 +113,7 @@ func NewStore(cfg StoreConfig) (*Store, error) {
 		insecure: cfg.Insecure,
 		token:    cfg.Auth,
 		chown:    os.Geteuid() == 0,
+		limits:   cfg.Limits.withDefaults(),
 	}
 	hc := newHTTPClient(cfg.DialContext)
 	s.http = func(registry string) *client {
@@ -422,6 +427,9 @@ func (s *Store) download(ctx context.Context, c *client, repo string, desc v1.De
 		if errors.Is(unpackErr, ErrDigest) {
 			return fmt.Errorf("%s: %w", what, unpackErr)
 		}
+		if errors.Is(unpackErr, ErrTooLarge) {
+			return fmt.Errorf("%w: %s: %w", ErrInvalid, what, unpackErr)
+		}
 		return fmt.Errorf("%w: %s: unpack: %v", ErrInvalid, what, unpackErr)
 	}
 	meta := layerMeta{Digest: desc.Digest.String(), DiffID: diffID, Size: desc.Size, Form: s.form}
@@ -463,7 +471,7 @@ func (s *Store) unpackStream(r io.Reader, diffID, dir string) (unpackStats, erro
 		tarStream = zr
 	}
 	diff := newVerifier(tarStream, -1)
-	st, err := unpack(diff, dir, s.form, s.chown)
+	st, err := unpack(diff, dir, s.form, s.chown, s.limits)
 	if err != nil {
 		return st, err
 	}

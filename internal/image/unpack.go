@@ -38,9 +38,40 @@ const (
 	formOCI layerForm = "oci"
 )
 
-// unpackStats counts what unpack left out.
+// unpackStats counts what unpack wrote and left out.
 type unpackStats struct {
-	skipped int // device files and other entries a layer may not carry
+	skipped int   // device files and other entries a layer may not carry
+	bytes   int64 // file content written
+	entries int64 // entries of the tar unpacked (files, directories, links, whiteouts)
+}
+
+// Limits bound what one layer may unpack to, so that a small download
+// cannot fill the host's disk or inodes (a decompression bomb: gigabytes of
+// zeros compress to megabytes). A zero field takes its default.
+type Limits struct {
+	// MaxLayerBytes caps the content of a layer's files once unpacked
+	// (their sizes as the tar gives them, sparse files counted whole).
+	MaxLayerBytes int64
+	// MaxLayerEntries caps how many entries (files, directories, links,
+	// whiteouts) a layer unpacks.
+	MaxLayerEntries int64
+}
+
+// Default limits of one unpacked layer: larger than any layer of a real
+// image and far below what fills a host.
+const (
+	DefaultMaxLayerBytes   = 8 << 30
+	DefaultMaxLayerEntries = 1 << 20
+)
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxLayerBytes <= 0 {
+		l.MaxLayerBytes = DefaultMaxLayerBytes
+	}
+	if l.MaxLayerEntries <= 0 {
+		l.MaxLayerEntries = DefaultMaxLayerEntries
+	}
+	return l
 }
 
 // unpack extracts the layer tar r into the directory dir (which exists and
@@ -48,9 +79,11 @@ type unpackStats struct {
 // are cleaned of "..", and files are created through an os.Root, so neither
 // a name nor a symlink unpacked earlier can point a write outside. Device
 // files, other than whiteouts in overlay form, are not created. Owners are
-// applied when chown is true.
-func unpack(r io.Reader, dir string, form layerForm, chown bool) (unpackStats, error) {
+// applied when chown is true. A layer past lim is refused with ErrTooLarge
+// before the entry that would pass it is written; the caller removes dir.
+func unpack(r io.Reader, dir string, form layerForm, chown bool, lim Limits) (unpackStats, error) {
 	var st unpackStats
+	lim = lim.withDefaults()
 	root, err := os.OpenRoot(dir)
 	if err != nil {
 		return st, err
@@ -71,6 +104,17 @@ func unpack(r io.Reader, dir string, form layerForm, chown bool) (unpackStats, e
 		}
 		if name == "." {
 			continue
+		}
+		if st.entries++; st.entries > lim.MaxLayerEntries {
+			return st, fmt.Errorf("%w: layer has more than %d entries", ErrTooLarge, lim.MaxLayerEntries)
+		}
+		if hdr.Typeflag == tar.TypeReg {
+			// The size is the header's: a body longer than it is not
+			// read (the tar reader stops there).
+			if hdr.Size < 0 || hdr.Size > lim.MaxLayerBytes-st.bytes {
+				return st, fmt.Errorf("%w: layer unpacks to more than %d bytes (at %s)", ErrTooLarge, lim.MaxLayerBytes, hdr.Name)
+			}
+			st.bytes += hdr.Size
 		}
 		if err := unpackEntry(root, tr, hdr, name, form, chown, &st); err != nil {
 			return st, fmt.Errorf("%s: %w", hdr.Name, err)

@@ -93,7 +93,7 @@ func TestHostileTar(t *testing.T) {
 				for i := range layer {
 					layer[i].link = strings.ReplaceAll(layer[i].link, "OUTSIDE", outside)
 				}
-				_, err := unpack(bytes.NewReader(tarBytes(t, layer...)), dir, uf.form, uf.chown)
+				_, err := unpack(bytes.NewReader(tarBytes(t, layer...)), dir, uf.form, uf.chown, Limits{})
 				switch {
 				case c.wantErr == "" && err != nil:
 					t.Errorf("unpack: %v", err)
@@ -195,7 +195,7 @@ func FuzzUnpack(f *testing.F) {
 			if err := os.MkdirAll(dir, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			unpack(bytes.NewReader(withCanary(data, canary)), dir, uf.form, uf.chown)
+			unpack(bytes.NewReader(withCanary(data, canary)), dir, uf.form, uf.chown, Limits{})
 			for _, e := range entries(t, top) {
 				if e != "canary" && e != "canary/target" && e != "tree" && e != "tree/layer" && !strings.HasPrefix(e, "tree/layer/") {
 					t.Fatalf("%s form: wrote %s outside the layer", uf.form, e)
