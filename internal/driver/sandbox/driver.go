@@ -57,6 +57,9 @@ type Config struct {
 	// the machines' cgroups. Default: the instance's.
 	CgroupParent string
 	Logger       *slog.Logger
+
+	// cgroups replaces the hierarchies New detects (tests).
+	cgroups *cgroups
 }
 
 // DefaultStateDir is where the driver keeps its state by default.
@@ -180,6 +183,9 @@ func New(cfg Config) (*Driver, error) {
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	cg, err := detectCgroups(cfg.CgroupParent)
+	if cfg.cgroups != nil {
+		cg, err = cfg.cgroups, nil
+	}
 	if err != nil {
 		unlockFile(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
@@ -677,7 +683,7 @@ func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 	if err := d.cfg.Images.Unmount(ctx, mountDir(spec)); err != nil {
 		errs = append(errs, fmt.Errorf("unmount root filesystem: %w", err))
 	}
-	for _, f := range []string{stateFile, statusFile, statusFile + ".tmp", stateFile + ".tmp"} {
+	for _, f := range []string{stateFile, statusFile, statusFile + ".tmp", stateFile + ".tmp", execSocket} {
 		if err := os.Remove(filepath.Join(spec.Dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

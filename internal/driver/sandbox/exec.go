@@ -1,18 +1,15 @@
 package sandbox
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	osexec "os/exec"
-	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -24,32 +21,6 @@ import (
 
 // maxExecOutput caps what Exec keeps of each of stdout and stderr.
 const maxExecOutput = 1 << 20
-
-// execNamespaces are the namespaces Exec joins. The mount namespace cannot
-// be joined by a multithreaded process: the command is chrooted into the
-// sandbox's root (/proc/<init>/root) instead, which shows the same tree.
-var execNamespaces = []struct {
-	name string
-	flag int
-}{
-	{"ipc", unix.CLONE_NEWIPC},
-	{"uts", unix.CLONE_NEWUTS},
-	{"net", unix.CLONE_NEWNET},
-	{"pid", unix.CLONE_NEWPID},
-}
-
-// execCaps are the capabilities an Exec'd command may keep: the workload's,
-// minus CAP_SYS_CHROOT, which would let it out of its chroot into the host's
-// mount namespace.
-var execCaps = func() []int {
-	var out []int
-	for _, c := range keptCaps {
-		if c != unix.CAP_SYS_CHROOT {
-			out = append(out, c)
-		}
-	}
-	return out
-}()
 
 // Exec runs command inside spec's running sandbox: in its namespaces, root
 // filesystem and cgroup, with the workload's environment, directory and
@@ -100,107 +71,108 @@ func (d *Driver) Exec(ctx context.Context, spec driver.Spec, command []string, s
 		return driver.ExecResult{}, fmt.Errorf("exec %s: machine not running: %w", spec.MachineID, driver.ErrGone)
 	}
 
-	var stdout, stderr cappedBuffer
-	cmd := &osexec.Cmd{
-		Path:   prog,
-		Args:   command,
-		Env:    env,
-		Dir:    st.Launch.Dir,
-		Stdout: &stdout,
-		Stderr: &stderr,
-		SysProcAttr: &syscall.SysProcAttr{
-			Chroot:     rootPath,
-			Setsid:     true,
-			Credential: &syscall.Credential{Uid: st.Launch.UID, Gid: st.Launch.GID, Groups: st.Launch.Groups},
-		},
-		WaitDelay: time.Second,
-	}
-	if stdin != nil {
-		cmd.Stdin = bytes.NewReader(stdin)
-	}
-	if d.cg.v2 {
-		// Born in a cgroup on v2 takes clone3, which the seccomp
-		// filter the command must be born under refuses.
-		return driver.ExecResult{}, fmt.Errorf("exec %s: commands are not run on cgroup v2 hosts yet: %w", spec.MachineID, driver.ErrUnavailable)
-	}
-	home, err := d.cg.processDirs()
-	if err != nil {
-		return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
-	}
-	if err := startInNamespaces(ctx, cmd, h.Pid, d.cg.dirs(spec.MachineID), home); err != nil {
-		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %v\n", command[0], err)}, nil
-	}
-	waited := make(chan struct{})
-	go func() {
-		select {
-		case <-ctx.Done():
-			cmd.Process.Kill()
-		case <-waited:
-		}
-	}()
-	err = cmd.Wait()
-	close(waited)
-	return hostproc.ExecResult(ctx, spec.MachineID, cmd, err, stdout.Bytes(), stderr.Bytes())
+	l := launch{Path: prog, Argv: command, Env: env, Dir: st.Launch.Dir, UID: st.Launch.UID, GID: st.Launch.GID, Groups: st.Launch.Groups}
+	return runInSandbox(ctx, spec, l, stdin)
 }
 
-// startInNamespaces starts cmd from a thread that joined the namespaces of
-// pid and the cgroups cgroupDirs (cgroup v1, where a thread moves alone: so
-// the command is born in the machine's cgroups and never runs a
-// instruction outside them), took a cgroup namespace rooted there, dropped
-// capabilities from its bounding set and took the sandbox's seccomp
-// filter. The thread is spoiled for anything else, so it stays locked and
-// exits with its goroutine, after it went back to the cgroups home.
-func startInNamespaces(ctx context.Context, cmd *osexec.Cmd, pid int, cgroupDirs, home []string) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		for _, ns := range execNamespaces {
-			f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/ns/" + ns.name)
-			if err != nil {
-				errc <- err
-				return
-			}
-			err = unix.Setns(int(f.Fd()), ns.flag)
+// runInSandbox has the init of spec's sandbox run l (see execinit.go) and
+// collects its output and status. ctx ending kills the command.
+func runInSandbox(ctx context.Context, spec driver.Spec, l launch, stdin []byte) (driver.ExecResult, error) {
+	conn, err := dialExec(spec.Dir)
+	if err != nil {
+		// A sandbox started before its init took commands, or one
+		// that ended meanwhile.
+		return driver.ExecResult{}, fmt.Errorf("exec %s: sandbox takes no commands (restart the machine): %v: %w", spec.MachineID, err, driver.ErrUnavailable)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+
+	var ours, theirs []*os.File
+	defer func() {
+		for _, f := range append(ours, theirs...) {
 			f.Close()
-			if err != nil {
-				errc <- fmt.Errorf("join %s namespace: %w", ns.name, err)
-				return
-			}
 		}
-		tid := strconv.Itoa(unix.Gettid())
-		errc <- func() (err error) {
-			// The thread leaves the machine's cgroups before Exec
-			// returns (else it could still be there when the
-			// machine's cgroup must be empty).
-			defer func() {
-				for _, dir := range home {
-					if herr := writeFile(filepath.Join(dir, "tasks"), tid); herr != nil && err == nil {
-						err = fmt.Errorf("leave cgroup: %w", herr)
-					}
-				}
-			}()
-			for _, dir := range cgroupDirs {
-				if err := writeFile(filepath.Join(dir, "tasks"), tid); err != nil {
-					return fmt.Errorf("join cgroup: %w", err)
-				}
-			}
-			if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
-				return fmt.Errorf("cgroup namespace: %w", err)
-			}
-			if err := dropBoundingCaps(execCaps); err != nil {
-				return err
-			}
-			if err := installSeccomp(); err != nil {
-				return err
-			}
-			// cmd.Start forks from this thread: the child is in
-			// the sandbox's namespaces (its pid namespace
-			// included, which only applies to children) and
-			// cgroups.
-			return cmd.Start()
-		}()
 	}()
-	return <-errc
+	for i := range execStdio {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return driver.ExecResult{}, fmt.Errorf("exec %s: %w", spec.MachineID, err)
+		}
+		if i == 0 {
+			ours, theirs = append(ours, w), append(theirs, r)
+		} else {
+			ours, theirs = append(ours, r), append(theirs, w)
+		}
+	}
+	fds := make([]int, len(theirs))
+	for i, f := range theirs {
+		fds[i] = int(f.Fd())
+	}
+	if err := sendFiles(conn, fds); err != nil {
+		return execFailed(ctx, spec, err)
+	}
+	if err := writeMessage(conn, message{Op: "exec", Exec: &l}); err != nil {
+		return execFailed(ctx, spec, err)
+	}
+	// The init holds the command's ends now.
+	for _, f := range theirs {
+		f.Close()
+	}
+	theirs = nil
+	var stdout, stderr cappedBuffer
+	copied := make(chan struct{}, 2)
+	for i, buf := range []*cappedBuffer{&stdout, &stderr} {
+		go func() {
+			io.Copy(buf, ours[i+1])
+			copied <- struct{}{}
+		}()
+	}
+	go func() {
+		if len(stdin) > 0 {
+			ours[0].Write(stdin)
+		}
+		ours[0].Close()
+	}()
+	rd := bufio.NewReader(conn)
+	var m message
+	if err := readMessage(rd, &m); err != nil {
+		return execFailed(ctx, spec, err)
+	}
+	if m.Op == "error" {
+		return driver.ExecResult{ExitCode: 126, Stderr: fmt.Appendf(nil, "%s: %s\n", l.Argv[0], m.Err)}, nil
+	}
+	if err := readMessage(rd, &m); err != nil || m.Op != "exited" {
+		return execFailed(ctx, spec, fmt.Errorf("no exit status: %v (op %q)", err, m.Op))
+	}
+	res := driver.ExecResult{ExitCode: m.Code}
+	if m.Signal != 0 {
+		res.ExitCode = 128 + m.Signal
+	}
+	// What the command printed is read to its end, but not past a second
+	// when something it started keeps the output open.
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	for range 2 {
+		select {
+		case <-copied:
+		case <-t.C:
+			ours[1].SetReadDeadline(time.Now())
+			ours[2].SetReadDeadline(time.Now())
+			<-copied
+		}
+	}
+	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
+	return res, nil
+}
+
+// execFailed is the result of an Exec whose conversation with the init
+// broke off: ctx's error when it ended, else the sandbox is gone.
+func execFailed(ctx context.Context, spec driver.Spec, err error) (driver.ExecResult, error) {
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		return driver.ExecResult{ExitCode: -1}, fmt.Errorf("exec %s: %w", spec.MachineID, ctxErr)
+	}
+	return driver.ExecResult{}, fmt.Errorf("exec %s: sandbox ended: %v: %w", spec.MachineID, err, driver.ErrGone)
 }
 
 // cappedBuffer keeps the first maxExecOutput bytes written to it.

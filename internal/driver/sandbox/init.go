@@ -53,6 +53,11 @@ type message struct {
 	Config *initConfig `json:"config,omitempty"`
 	Pid    int         `json:"pid,omitempty"`
 	Err    string      `json:"err,omitempty"`
+	// Exec is the command of an "exec" request; Code and Signal how it
+	// "exited" (see execinit.go).
+	Exec   *launch `json:"exec,omitempty"`
+	Code   int     `json:"code,omitempty"`
+	Signal int     `json:"signal,omitempty"`
 }
 
 // initConfig is what the init needs to set up the sandbox from inside.
@@ -145,6 +150,11 @@ func runInit() (int, error) {
 	}
 	// Handles on the host's side, which pivot_root hides.
 	dirfd, oomfd := fds[fileDir], fds[fileOOM]
+	execLn, err := net.FileListener(os.NewFile(uintptr(fds[fileExec]), execSocket))
+	if err != nil {
+		return fail(fmt.Errorf("exec socket: %w", err))
+	}
+	unix.Close(fds[fileExec])
 	if err := setupRoot(cfg, fds[fileRoot]); err != nil {
 		return fail(err)
 	}
@@ -165,6 +175,7 @@ func runInit() (int, error) {
 		fmt.Fprintf(os.Stderr, "flame sandbox-init: report start: %v\n", err)
 	}
 	conn.Close()
+	go serveExec(execLn.(*net.UnixListener))
 	// The OOM killer must never choose the init: the workload was
 	// started with the default score and keeps it. Lowering the score
 	// takes CAP_SYS_RESOURCE, which some hosts withhold even from root;
@@ -320,9 +331,13 @@ func supervise(main int, sigs <-chan os.Signal, dirfd, oomfd int) int {
 			// Everything else in the namespace goes with the workload.
 			_ = unix.Kill(-1, unix.SIGKILL)
 			for {
-				_, err := unix.Wait4(-1, nil, 0, nil)
+				var w unix.WaitStatus
+				pid, err := unix.Wait4(-1, &w, 0, nil)
 				if err != nil && !errors.Is(err, unix.EINTR) {
 					break
+				}
+				if pid > 0 {
+					execExited(pid, w)
 				}
 			}
 			st := statusOf(ws, oomKills(oomfd) > 0)
@@ -357,6 +372,8 @@ func reap(main int) (ws unix.WaitStatus, done bool) {
 		}
 		if pid == main {
 			ws, done = w, true
+		} else {
+			execExited(pid, w)
 		}
 	}
 }

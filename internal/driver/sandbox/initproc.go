@@ -107,15 +107,17 @@ func (ip *initProc) kill() {
 // initFiles are the descriptors the driver sends an init with its
 // configuration, in this order: the init's stdout and stderr (the machine's
 // log), the machine's directory (where the status file goes), the cgroup
-// file counting OOM kills, and the root filesystem as a detached mount
-// (open_tree), which the init attaches in its own mount namespace. So an
-// init needs no host path, and a spare made before the machine's root
+// file counting OOM kills, the root filesystem as a detached mount
+// (open_tree), which the init attaches in its own mount namespace, and the
+// socket it listens on for commands to run (see execinit.go). So an init
+// needs no host path, and a spare made before the machine's root
 // filesystem was mounted gets it all the same.
 const (
 	fileLog = iota
 	fileDir
 	fileOOM
 	fileRoot
+	fileExec
 	numInitFiles
 )
 
@@ -186,7 +188,52 @@ func openInitFiles(logPath, dir, oomFile, rootfs string) (fds []int, err error) 
 	if err != nil {
 		return fds, fmt.Errorf("clone root filesystem mount: %w", err)
 	}
-	return append(fds, fd), nil
+	fds = append(fds, fd)
+	ln, err := listenExec(dir)
+	if err != nil {
+		return fds, err
+	}
+	return append(fds, ln), nil
+}
+
+// listenExec makes the socket an init listens on for commands, in the
+// machine's directory dir (replacing one an earlier run left), and returns
+// it. The name goes through the directory's descriptor, so that a long
+// machine directory does not pass the 108 bytes a socket address holds.
+func listenExec(dir string) (int, error) {
+	d, err := os.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer d.Close()
+	name := fmt.Sprintf("/proc/self/fd/%d/%s", d.Fd(), execSocket)
+	if err := unix.Unlink(name); err != nil && !errors.Is(err, unix.ENOENT) {
+		return -1, fmt.Errorf("exec socket: %w", err)
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("exec socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: name}); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("exec socket: %w", err)
+	}
+	if err := unix.Listen(fd, 16); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("exec socket: %w", err)
+	}
+	return fd, nil
+}
+
+// dialExec connects to the exec socket of the sandbox whose machine
+// directory is dir.
+func dialExec(dir string) (*net.UnixConn, error) {
+	d, err := os.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return net.DialUnix("unix", nil, &net.UnixAddr{Name: fmt.Sprintf("/proc/self/fd/%d/%s", d.Fd(), execSocket), Net: "unix"})
 }
 
 func closeFds(fds []int) {
