@@ -2,7 +2,6 @@ package image
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -37,25 +36,12 @@ const maxMountData = 4000
 // copied) in dir is returned as is, and an existing dir/upper is kept.
 func (s *Store) Mount(ctx context.Context, img *Image, dir string) (string, error) {
 	rootfs := filepath.Join(dir, mountRootfs)
-	lowers := make([]string, len(img.Layers))
-	overlay := s.overlay
-	for i, l := range img.Layers {
-		hexd, ok := strings.CutPrefix(l.Digest, "sha256:")
-		if !ok || strings.ContainsAny(hexd, "/.") {
-			return "", fmt.Errorf("mount %s: %w: layer digest %q", img.Ref, ErrInvalid, l.Digest)
-		}
-		b, err := os.ReadFile(filepath.Join(s.layerDir(hexd), "layer.json"))
-		if err != nil {
-			return "", fmt.Errorf("mount %s: %w: layer %s is not in the store (pull the image again)", img.Ref, ErrNotFound, l.Digest)
-		}
-		var meta layerMeta
-		if err := json.Unmarshal(b, &meta); err != nil {
-			return "", fmt.Errorf("mount %s: layer %s: %w", img.Ref, l.Digest, err)
-		}
-		if meta.Form != formOverlay {
-			overlay = false
-		}
-		lowers[i] = filepath.Join(s.layerDir(hexd), "fs")
+	lowers, overlay, err := s.lowerDirs(img)
+	if err != nil {
+		return "", fmt.Errorf("mount %s: %w", img.Ref, err)
+	}
+	if len(img.Layers) == 0 {
+		lowers = nil // overlayOptions puts the empty layer
 	}
 	if overlay {
 		opts, ok := overlayOptions(lowers, filepath.Join(s.dir, emptyLower), dir)

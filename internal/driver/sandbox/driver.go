@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,9 +28,11 @@ import (
 type Images interface {
 	// Pull resolves ref, fetching what the host lacks.
 	Pull(ctx context.Context, ref string) (*image.Image, error)
-	// Mount gives a machine a fresh copy-on-write root filesystem of img
-	// under dir and returns its path.
-	Mount(ctx context.Context, img *image.Image, dir string) (rootfs string, err error)
+	// MountTree gives a machine a fresh copy-on-write root filesystem of
+	// img under dir, as a detached mount (a descriptor the caller closes)
+	// whose image files show the ids of the user namespace userns (an
+	// open /proc/<pid>/ns/user), whose root is rootID outside.
+	MountTree(ctx context.Context, img *image.Image, dir string, userns int, rootID uint32) (tree int, err error)
 	// Unmount removes what Mount made under dir; a dir with nothing
 	// mounted is not an error.
 	Unmount(ctx context.Context, dir string) error
@@ -207,6 +210,7 @@ func New(cfg Config) (*Driver, error) {
 	}
 	d.prefixLock = lock
 	d.sweepSpares()
+	d.sweepSpareIDs()
 	d.spares = make(chan *spare)
 	d.wg.Add(1)
 	go d.keepSpares()
@@ -383,16 +387,52 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 	if err = os.MkdirAll(mountDir(spec), 0o700); err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
-	rootfs, err := d.cfg.Images.Mount(ctx, img, mountDir(spec))
+	lim := limitsFor(spec.MemoryMB, spec.CPUs)
+	sp := d.takeSpare(ctx, spec.MachineID, lim)
+	var ip *initProc
+	if sp != nil {
+		defer sp.release()
+		ip = sp.init
+	} else {
+		if err := d.cg.create(spec.MachineID, lim); err != nil {
+			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+		}
+		ids, err := d.allocIDs(spec.MachineID)
+		if err == nil {
+			err = d.assignIDs(spec.MachineID, ids)
+		}
+		if err != nil {
+			d.releaseIDs(ids)
+			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+		}
+		if ip, err = d.startInit(spec.MachineID, ids); err != nil {
+			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+		}
+	}
+	// The root filesystem is made for the init's user namespace; until
+	// launch takes them, a failure ends the init and closes the tree.
+	tree := -1
+	defer func() {
+		if err != nil && tree >= 0 {
+			unix.Close(tree)
+		}
+		if err != nil && tree != -2 {
+			if sp != nil {
+				d.discardSpare(sp)
+			} else {
+				ip.kill()
+			}
+		}
+	}()
+	tree, err = d.rootTree(ctx, img, spec, ip.h.Pid)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: mount image %s: %w", spec.MachineID, img.Ref, err)
 	}
-	l, err := resolveLaunch(rootfs, img.Config, spec, addr)
+	l, err := resolveLaunch(tree, img.Config, spec, addr)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: image %s: %w: %w", spec.MachineID, img.Ref, err, driver.ErrImage)
 	}
 	cfg := &initConfig{
-		Rootfs:   rootfs,
 		Dir:      spec.Dir,
 		Hostname: spec.MachineID,
 		Hosts:    hostsFile(spec, addr),
@@ -400,16 +440,9 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 		OOMFile:  d.cg.oomFile(spec.MachineID),
 		Launch:   l,
 	}
-	lim := limitsFor(spec.MemoryMB, spec.CPUs)
-	sp := d.takeSpare(ctx, spec.MachineID, lim)
-	if sp != nil {
-		defer sp.release()
-	} else {
-		if err := d.cg.create(spec.MachineID, lim); err != nil {
-			return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
-		}
-	}
-	s, err := d.launch(ctx, spec, cfg, addr, sp)
+	launchTree := tree
+	tree = -2 // launch's now, as the init is
+	s, err := d.launch(ctx, spec, cfg, addr, sp, ip, launchTree)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
@@ -432,13 +465,7 @@ func hostsFile(spec driver.Spec, addr netip.Addr) string {
 // resolveLaunch works out, against the image's root filesystem, how to run
 // spec's workload: argv with its program found, environment, directory and
 // user.
-func resolveLaunch(rootfs string, ic image.Config, spec driver.Spec, addr netip.Addr) (launch, error) {
-	root, err := os.OpenFile(rootfs, unix.O_PATH|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return launch{}, err
-	}
-	defer root.Close()
-	rootfd := int(root.Fd())
+func resolveLaunch(rootfd int, ic image.Config, spec driver.Spec, addr netip.Addr) (launch, error) {
 	acct, err := resolveUser(ic.User, func(name string) ([]byte, error) { return readInRoot(rootfd, name) })
 	if err != nil {
 		return launch{}, err
@@ -506,39 +533,26 @@ func executableInRoot(rootfd int, name string) error {
 }
 
 // cloneFlags are the namespaces each sandbox gets.
-const cloneFlags = unix.CLONE_NEWPID | unix.CLONE_NEWNS | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC | unix.CLONE_NEWNET
+const cloneFlags = unix.CLONE_NEWUSER | unix.CLONE_NEWPID | unix.CLONE_NEWNS | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC | unix.CLONE_NEWNET
 
-// launch configures an init for spec's machine — the spare sp's, else one
-// started now — in the machine's cgroup, connects its network and has it
-// start the workload (see message).
-func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, addr netip.Addr, sp *spare) (_ *sandbox, err error) {
-	fds, err := openInitFiles(spec.LogPath, spec.Dir, cfg.OOMFile, cfg.Rootfs)
-	if err != nil {
-		if sp != nil {
-			d.discardSpare(sp)
-		}
-		return nil, err
-	}
-	defer closeFds(fds)
-
+// launch configures the init ip for spec's machine — the spare sp's, or
+// one Start started — in the machine's cgroup, hands it the root
+// filesystem tree, connects its network and has it start the workload (see
+// message). It ends ip and closes tree when it fails.
+func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, addr netip.Addr, sp *spare, ip *initProc, tree int) (_ *sandbox, err error) {
+	ids, _ := d.machineIDs(spec.MachineID)
 	// The init joins its cgroup while the network is set up, where it was
 	// not born in it: a move takes milliseconds of waiting, and only has
 	// to be done before the workload is forked.
 	joined := make(chan error, 1)
-	var ip *initProc
 	var sn *sandboxNet
 	if sp != nil {
-		ip, sn = sp.init, sp.net
+		sn = sp.net
 		go func() { joined <- d.moveSpare(sp, spec.MachineID) }()
+	} else if d.cg.v2 {
+		joined <- nil
 	} else {
-		if ip, err = d.startInit(spec.MachineID); err != nil {
-			return nil, err
-		}
-		if d.cg.v2 {
-			joined <- nil
-		} else {
-			go func() { joined <- d.cg.add(spec.MachineID, ip.h.Pid) }()
-		}
+		go func() { joined <- d.cg.add(spec.MachineID, ip.h.Pid) }()
 	}
 	conn, h := ip.conn, ip.h
 	defer func() {
@@ -562,6 +576,16 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 		deadline = time.Now().Add(30 * time.Second)
 	}
 	conn.SetDeadline(deadline)
+	if err := makeStatusDir(spec.Dir, ids); err != nil {
+		unix.Close(tree)
+		return nil, err
+	}
+	fds, err := openInitFiles(spec.LogPath, spec.Dir, cfg.OOMFile, tree)
+	tree = -1
+	if err != nil {
+		return nil, err
+	}
+	defer closeFds(fds)
 
 	st := state{Instance: spec.InstanceID, Handle: h.String(), Launch: cfg.Launch}
 	if err := writeState(spec.Dir, st); err != nil {
@@ -667,10 +691,12 @@ func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
 // address.
 func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 	var errs []error
+	killed := true
 	if st, err := readState(spec.Dir); err == nil {
 		if h, err := hostproc.ParseHandle(st.Handle); err == nil && h.BootID == d.bootID {
 			if err := killInit(ctx, h); err != nil {
 				errs = append(errs, err)
+				killed = false
 			}
 		}
 	}
@@ -685,6 +711,15 @@ func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 	}
 	for _, f := range []string{stateFile, statusFile, statusFile + ".tmp", stateFile + ".tmp", execSocket} {
 		if err := os.Remove(filepath.Join(spec.Dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.RemoveAll(filepath.Join(spec.Dir, statusDir)); err != nil {
+		errs = append(errs, err)
+	}
+	// The id range goes back once no process of the sandbox is left.
+	if killed {
+		if err := d.releaseMachineIDs(spec.MachineID); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -765,4 +800,19 @@ func (d *Driver) untrack(s *sandbox) {
 	d.mu.Lock()
 	delete(d.procs, s)
 	d.mu.Unlock()
+}
+
+// rootTree mounts spec's root filesystem of img for the sandbox whose init
+// is initPid, in the init's user namespace.
+func (d *Driver) rootTree(ctx context.Context, img *image.Image, spec driver.Spec, initPid int) (int, error) {
+	ids, ok := d.machineIDs(spec.MachineID)
+	if !ok {
+		return -1, errors.New("no id range recorded")
+	}
+	ns, err := os.Open("/proc/" + strconv.Itoa(initPid) + "/ns/user")
+	if err != nil {
+		return -1, fmt.Errorf("user namespace: %w", err)
+	}
+	defer ns.Close()
+	return d.cfg.Images.MountTree(ctx, img, mountDir(spec), int(ns.Fd()), ids)
 }

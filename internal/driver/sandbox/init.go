@@ -21,9 +21,15 @@ import (
 // "<Config.InitPath> sandbox-init run".
 const InitCommand = "sandbox-init"
 
-// statusFile, in the machine's directory, is where the init writes how the
-// workload ended.
-const statusFile = "sandbox-exit.json"
+// statusFile, in statusDir of the machine's directory, is where the init
+// writes how the workload ended. statusDir belongs to the sandbox's root
+// (the first id of its range): the init, root of its user namespace only,
+// can write nowhere else on the host. Sandboxes started before user
+// namespaces wrote statusFile in the machine's directory itself.
+const (
+	statusFile = "sandbox-exit.json"
+	statusDir  = "sandbox-exit"
+)
 
 // sigKillAll asks the init to SIGKILL every process of the sandbox, so that
 // it can still record the workload's end (a SIGKILL of the init itself
@@ -62,8 +68,7 @@ type message struct {
 
 // initConfig is what the init needs to set up the sandbox from inside.
 type initConfig struct {
-	Rootfs   string `json:"rootfs"`   // host path of the root filesystem
-	Dir      string `json:"dir"`      // machine directory: the status file goes there
+	Dir      string `json:"dir"`      // machine directory
 	Hostname string `json:"hostname"` // the machine id
 	Hosts    string `json:"hosts"`    // /etc/hosts
 	Resolv   string `json:"resolv"`   // /etc/resolv.conf
@@ -98,6 +103,7 @@ func InitMain(args []string) int {
 }
 
 func runInit() (int, error) {
+	unix.Close(initExeFd)
 	f := os.NewFile(3, "sync")
 	if f == nil {
 		return 1, errors.New("no sync socket on fd 3")

@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -22,10 +24,11 @@ type initProc struct {
 }
 
 // startInit starts an init that knows nothing of any machine yet: stdio on
-// /dev/null, its start socket on fd 3. On cgroup v2 it is born in the cgroup
-// called cgroup (clone3 with CLONE_INTO_CGROUP); on v1, and with no cgroup,
-// it is born in the calling thread's cgroups.
-func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
+// /dev/null, its start socket on fd 3, root of a new user namespace whose
+// ids are the host's from ids on (see idmap.go). On cgroup v2 it is born in
+// the cgroup called cgroup (clone3 with CLONE_INTO_CGROUP); on v1, and with
+// no cgroup, it is born in the calling thread's cgroups.
+func (d *Driver) startInit(cgroup string, ids uint32) (_ *initProc, err error) {
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("socketpair: %w", err)
@@ -48,7 +51,20 @@ func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
 		return nil, err
 	}
 	defer devnull.Close()
-	sys := &syscall.SysProcAttr{Setsid: true, Cloneflags: cloneFlags}
+	// The maps are written before the init runs its first instruction
+	// (it waits for them), so that it executes as root of its namespace,
+	// with every capability there; setgroups stays allowed for the
+	// workload's supplementary groups.
+	sys := &syscall.SysProcAttr{
+		Setsid:                     true,
+		Cloneflags:                 cloneFlags,
+		UidMappings:                idMappings(ids),
+		GidMappings:                idMappings(ids),
+		GidMappingsEnableSetgroups: true,
+		// Root of the namespace (the range's first id outside), not
+		// the host's root, which the namespace does not map.
+		Credential: &syscall.Credential{Uid: 0, Gid: 0},
+	}
 	if d.cg.v2 && cgroup != "" {
 		cgdir, err := d.cg.openDir(cgroup)
 		if err != nil {
@@ -57,10 +73,18 @@ func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
 		defer cgdir.Close()
 		sys.UseCgroupFD, sys.CgroupFD = true, int(cgdir.Fd())
 	}
-	proc, err := os.StartProcess(d.cfg.InitPath, []string{d.cfg.InitPath, InitCommand, "run"}, &os.ProcAttr{
+	// The program is executed through a descriptor the host's root
+	// opened: the init, root of its namespace only, may not search the
+	// directories on the way to it.
+	exe, err := os.OpenFile(d.cfg.InitPath, unix.O_PATH, 0)
+	if err != nil {
+		return nil, fmt.Errorf("init %s: %w", d.cfg.InitPath, err)
+	}
+	defer exe.Close()
+	proc, err := os.StartProcess("/proc/self/fd/"+strconv.Itoa(initExeFd), []string{d.cfg.InitPath, InitCommand, "run"}, &os.ProcAttr{
 		Dir:   "/",
 		Env:   []string{"GOMAXPROCS=1"},
-		Files: []*os.File{devnull, devnull, devnull, theirs},
+		Files: []*os.File{devnull, devnull, devnull, theirs, exe},
 		Sys:   sys,
 	})
 	if err != nil {
@@ -82,6 +106,10 @@ func (d *Driver) startInit(cgroup string) (_ *initProc, err error) {
 	}
 	return &initProc{h: h, pidfd: pidfd, conn: conn}, nil
 }
+
+// initExeFd is where an init finds its own program, which it was executed
+// from (and closes).
+const initExeFd = 4
 
 // alive reports whether the init still runs.
 func (ip *initProc) alive() bool {
@@ -159,8 +187,9 @@ func recvFiles(conn *net.UnixConn, n int) ([]int, error) {
 	return fds, nil
 }
 
-// openInitFiles opens what sendFiles sends for a machine.
-func openInitFiles(logPath, dir, oomFile, rootfs string) (fds []int, err error) {
+// openInitFiles opens what sendFiles sends for a machine whose root
+// filesystem is the detached mount tree, which it takes (closed on error).
+func openInitFiles(logPath, dir, oomFile string, tree int) (fds []int, err error) {
 	defer func() {
 		if err != nil {
 			closeFds(fds)
@@ -175,20 +204,22 @@ func openInitFiles(logPath, dir, oomFile, rootfs string) (fds []int, err error) 
 		fds = append(fds, fd)
 		return nil
 	}
+	defer func() {
+		if tree >= 0 {
+			unix.Close(tree)
+		}
+	}()
 	if err := open(logPath, unix.O_WRONLY|unix.O_APPEND|unix.O_CREAT, 0o600); err != nil {
 		return fds, err
 	}
-	if err := open(dir, unix.O_PATH|unix.O_DIRECTORY, 0); err != nil {
+	if err := open(filepath.Join(dir, statusDir), unix.O_PATH|unix.O_DIRECTORY, 0); err != nil {
 		return fds, err
 	}
 	if err := open(oomFile, unix.O_RDONLY, 0); err != nil {
 		return fds, err
 	}
-	fd, err := unix.OpenTree(unix.AT_FDCWD, rootfs, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
-	if err != nil {
-		return fds, fmt.Errorf("clone root filesystem mount: %w", err)
-	}
-	fds = append(fds, fd)
+	fds = append(fds, tree)
+	tree = -1
 	ln, err := listenExec(dir)
 	if err != nil {
 		return fds, err

@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -184,7 +185,10 @@ func (s *sandbox) collect() driver.Exit {
 }
 
 func readStatus(dir string) (exitStatus, bool) {
-	b, err := os.ReadFile(filepath.Join(dir, statusFile))
+	b, err := os.ReadFile(filepath.Join(dir, statusDir, statusFile))
+	if errors.Is(err, os.ErrNotExist) {
+		b, err = os.ReadFile(filepath.Join(dir, statusFile)) // started before user namespaces
+	}
 	if err != nil {
 		return exitStatus{}, false
 	}

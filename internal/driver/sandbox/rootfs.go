@@ -8,33 +8,49 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// setupRoot runs in the init, in its new mount namespace with mounts made
-// private: it attaches the image's root filesystem (tree, a detached mount
-// the driver cloned) at cfg.Rootfs and makes it the root (pivot_root),
-// mounts /proc, /dev and /sys, and writes the machine's hostname,
-// /etc/hosts and /etc/resolv.conf.
+// setupRoot runs in the init, root of its own user namespace, in its new
+// mount namespace with mounts made private: it attaches the image's root
+// filesystem (tree, a detached and idmapped mount the driver cloned) and
+// makes it the root (pivot_root), mounts /proc, /dev and /sys, and writes
+// the machine's hostname, /etc/hosts and /etc/resolv.conf.
+//
+// The tree is attached over "/", a path the init can reach: its ids are
+// not the host's, so it may not search the host directories (0700) that
+// hold the root filesystem's own mount point. /proc, /sys and /dev's
+// devices are mounted before pivot_root, while the host's are in sight: a
+// user namespace may mount proc and sysfs only where a full instance of
+// them is visible, and cannot make device nodes (it binds the host's).
 func setupRoot(cfg *initConfig, tree int) error {
-	err := unix.MoveMount(tree, "", unix.AT_FDCWD, cfg.Rootfs, unix.MOVE_MOUNT_F_EMPTY_PATH)
-	unix.Close(tree)
-	if err != nil {
+	defer unix.Close(tree)
+	if err := unix.MoveMount(tree, "", unix.AT_FDCWD, "/", unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
 		return fmt.Errorf("attach root filesystem: %w", err)
 	}
+	if err := unix.Fchdir(tree); err != nil {
+		return fmt.Errorf("chdir to root filesystem: %w", err)
+	}
 	// A clone of a shared mount is shared: pivot_root refuses it.
-	if err := unix.Mount("", cfg.Rootfs, "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+	if err := unix.Mount("", ".", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make root filesystem private: %w", err)
 	}
 	// Device nodes an image carries must not open devices: only /dev,
-	// mounted below, has them.
+	// mounted below, has them (the driver made the tree nodev already).
 	var st unix.Statfs_t
 	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_NODEV)
-	if err := unix.Statfs(cfg.Rootfs, &st); err == nil && st.Flags&unix.ST_RDONLY != 0 {
+	if err := unix.Statfs(".", &st); err == nil && st.Flags&unix.ST_RDONLY != 0 {
 		flags |= unix.MS_RDONLY
 	}
-	if err := unix.Mount("", cfg.Rootfs, "", flags, ""); err != nil {
+	if err := unix.Mount("", ".", "", flags, ""); err != nil {
 		return fmt.Errorf("remount root filesystem nodev: %w", err)
 	}
-	if err := unix.Chdir(cfg.Rootfs); err != nil {
-		return fmt.Errorf("chdir to root filesystem: %w", err)
+	if err := mountProc(); err != nil {
+		return err
+	}
+	if err := mountDev(); err != nil {
+		return err
+	}
+	// sysfs is a convenience (and needs the network namespace): read-only.
+	if err := mountPoint("sys", 0o555); err == nil {
+		_ = unix.Mount("sysfs", "sys", "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
 	}
 	// pivot_root(".", ".") stacks the old root on top of the new one;
 	// detaching it leaves the new root alone, no put_old directory needed.
@@ -47,18 +63,11 @@ func setupRoot(cfg *initConfig, tree int) error {
 	if err := unix.Chdir("/"); err != nil {
 		return err
 	}
-	if err := mountProc(); err != nil {
-		return err
-	}
-	if err := mountDev(); err != nil {
+	if err := protectProc(); err != nil {
 		return err
 	}
 	if err := maskPaths(); err != nil {
 		return err
-	}
-	// sysfs is a convenience (and needs the network namespace): read-only.
-	if err := os.MkdirAll("/sys", 0o555); err == nil {
-		_ = unix.Mount("sysfs", "/sys", "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
 	}
 	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 		return fmt.Errorf("sethostname: %w", err)
@@ -79,15 +88,44 @@ func setupRoot(cfg *initConfig, tree int) error {
 	return nil
 }
 
-// mountProc mounts the sandbox's /proc and makes the files that reach
-// beyond the sandbox read-only or empty.
+// mountPoint makes name, in the current directory (the new root, before
+// pivot_root), a directory to mount on. Whatever the image has there that
+// is not a directory goes: a symlink would point the mount outside the new
+// root, at the host's tree still in place.
+func mountPoint(name string, perm uint32) error {
+	var st unix.Stat_t
+	err := unix.Lstat(name, &st)
+	if err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		return nil
+	}
+	if err == nil {
+		if err := unix.Unlink(name); err != nil {
+			return fmt.Errorf("make mount point %s: %w", name, err)
+		}
+	} else if !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("make mount point %s: %w", name, err)
+	}
+	if err := unix.Mkdir(name, perm); err != nil {
+		return fmt.Errorf("make mount point %s: %w", name, err)
+	}
+	return nil
+}
+
+// mountProc mounts the sandbox's /proc, at proc in the new root before
+// pivot_root.
 func mountProc() error {
-	if err := os.MkdirAll("/proc", 0o555); err != nil {
+	if err := mountPoint("proc", 0o555); err != nil {
 		return err
 	}
-	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+	if err := unix.Mount("proc", "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return fmt.Errorf("mount /proc: %w", err)
 	}
+	return nil
+}
+
+// protectProc makes the files of /proc that reach beyond the sandbox
+// read-only, after pivot_root.
+func protectProc() error {
 	for _, p := range []string{"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"} {
 		if err := unix.Mount(p, p, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 			if errors.Is(err, unix.ENOENT) {
@@ -137,45 +175,44 @@ func maskPaths() error {
 	return nil
 }
 
-// mountDev gives the sandbox a minimal /dev of its own.
+// mountDev gives the sandbox a minimal /dev of its own, at dev in the new
+// root before pivot_root: a tmpfs with the host's harmless devices bound
+// into it (a user namespace makes no device nodes, and its tmpfs would not
+// open them).
 func mountDev() error {
-	if err := os.MkdirAll("/dev", 0o755); err != nil {
+	if err := mountPoint("dev", 0o755); err != nil {
 		return err
 	}
-	if err := unix.Mount("tmpfs", "/dev", "tmpfs", unix.MS_NOSUID|unix.MS_STRICTATIME, "mode=755,size=65536k"); err != nil {
+	if err := unix.Mount("tmpfs", "dev", "tmpfs", unix.MS_NOSUID|unix.MS_STRICTATIME, "mode=755,size=65536k"); err != nil {
 		return fmt.Errorf("mount /dev: %w", err)
 	}
-	for _, d := range []struct {
-		name         string
-		major, minor uint32
-	}{
-		{"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7},
-		{"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0},
-	} {
-		p := "/dev/" + d.name
-		if err := unix.Mknod(p, unix.S_IFCHR|0o666, int(unix.Mkdev(d.major, d.minor))); err != nil {
-			return fmt.Errorf("mknod %s: %w", p, err)
+	for _, name := range []string{"null", "zero", "full", "random", "urandom", "tty"} {
+		p := "dev/" + name
+		fd, err := unix.Open(p, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_CLOEXEC, 0o666)
+		if err != nil {
+			return fmt.Errorf("mount point %s: %w", p, err)
 		}
-		if err := unix.Chmod(p, 0o666); err != nil { // past the umask
-			return err
+		unix.Close(fd)
+		if err := unix.Mount("/dev/"+name, p, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind /dev/%s: %w", name, err)
 		}
 	}
-	if err := unix.Mkdir("/dev/pts", 0o755); err != nil {
+	if err := unix.Mkdir("dev/pts", 0o755); err != nil {
 		return err
 	}
-	if err := unix.Mount("devpts", "/dev/pts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"); err != nil {
+	if err := unix.Mount("devpts", "dev/pts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"); err != nil {
 		return fmt.Errorf("mount /dev/pts: %w", err)
 	}
-	if err := unix.Mkdir("/dev/shm", 0o1777); err != nil {
+	if err := unix.Mkdir("dev/shm", 0o1777); err != nil {
 		return err
 	}
-	if err := unix.Mount("shm", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=1777,size=65536k"); err != nil {
+	if err := unix.Mount("shm", "dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=1777,size=65536k"); err != nil {
 		return fmt.Errorf("mount /dev/shm: %w", err)
 	}
 	for _, l := range [][2]string{
-		{"pts/ptmx", "/dev/ptmx"}, {"/proc/self/fd", "/dev/fd"},
-		{"/proc/self/fd/0", "/dev/stdin"}, {"/proc/self/fd/1", "/dev/stdout"},
-		{"/proc/self/fd/2", "/dev/stderr"},
+		{"pts/ptmx", "dev/ptmx"}, {"/proc/self/fd", "dev/fd"},
+		{"/proc/self/fd/0", "dev/stdin"}, {"/proc/self/fd/1", "dev/stdout"},
+		{"/proc/self/fd/2", "dev/stderr"},
 	} {
 		if err := unix.Symlink(l[0], l[1]); err != nil {
 			return fmt.Errorf("symlink %s: %w", l[1], err)

@@ -208,18 +208,11 @@ func (ti *testImages) Pull(ctx context.Context, ref string) (*image.Image, error
 	return &image.Image{Ref: "test/" + ref + ":latest", Digest: "sha256:" + hex.EncodeToString(sum[:]), Config: cfg}, nil
 }
 
-func (ti *testImages) Mount(ctx context.Context, img *image.Image, dir string) (string, error) {
-	root := filepath.Join(dir, "root")
-	for _, d := range []string{"upper", "work", "root"} {
-		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
-			return "", err
-		}
+func (ti *testImages) MountTree(ctx context.Context, img *image.Image, dir string, userns int, rootID uint32) (int, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return -1, err
 	}
-	opts := "lowerdir=" + ti.base + ",upperdir=" + filepath.Join(dir, "upper") + ",workdir=" + filepath.Join(dir, "work")
-	if err := unix.Mount("overlay", root, "overlay", 0, opts); err != nil {
-		return "", fmt.Errorf("mount overlay: %w", err)
-	}
-	return root, nil
+	return image.MountIDMapped([]string{ti.base}, dir, userns, rootID)
 }
 
 func (ti *testImages) Unmount(ctx context.Context, dir string) error {

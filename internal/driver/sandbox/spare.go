@@ -54,6 +54,7 @@ const spareWait = 50 * time.Millisecond
 
 type spare struct {
 	cgroup string // the spare cgroup, until Start renames it (v1)
+	ids    uint32 // the spare's id range, until a start makes it the machine's
 	init   *initProc
 	net    *sandboxNet
 
@@ -132,8 +133,13 @@ func (d *Driver) makeSpare() (_ *spare, err error) {
 	if d.cg.v2 {
 		cgroup = sp.cgroup
 	}
-	if sp.init, err = d.startInit(cgroup); err != nil {
+	if sp.ids, err = d.allocIDs(sp.cgroup); err != nil {
 		d.cg.remove(sp.cgroup)
+		return nil, err
+	}
+	if sp.init, err = d.startInit(cgroup, sp.ids); err != nil {
+		d.cg.remove(sp.cgroup)
+		d.releaseIDs(sp.ids)
 		return nil, err
 	}
 	joined := make(chan error, 1)
@@ -195,11 +201,15 @@ func (d *Driver) takeSpare(ctx context.Context, name string, l limits) *spare {
 		sp.cgroup = name
 		err = d.cg.setLimits(name, l)
 	}
+	if err == nil {
+		err = d.assignIDs(name, sp.ids)
+	}
 	if err != nil {
 		d.logger.Warn("claim spare init", "err", err)
 		d.discardSpare(sp)
 		return nil
 	}
+	sp.ids = 0 // the machine's now
 	return sp
 }
 
@@ -224,6 +234,11 @@ func (d *Driver) discardSpare(sp *spare) {
 	sp.init.kill()
 	if err := d.cg.remove(sp.cgroup); err != nil {
 		d.logger.Warn("remove spare cgroup", "err", err)
+	}
+	if sp.ids != 0 {
+		if err := d.releaseIDs(sp.ids); err != nil {
+			d.logger.Warn("release spare id range", "err", err)
+		}
 	}
 }
 
