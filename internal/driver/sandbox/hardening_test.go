@@ -114,6 +114,22 @@ var probeAttacks = []struct {
 	{"read-proc-kcore", "empty", func() error { return readsNothing("/proc/kcore") }},
 	{"write-sysrq-trigger", "EROFS", func() error { return os.WriteFile("/proc/sysrq-trigger", []byte("h"), 0) }},
 	{"write-proc-sys", "EROFS", func() error { return os.WriteFile("/proc/sys/kernel/hostname", []byte("x"), 0) }},
+	// Its stdout is a file (the machine's log) or a pipe of the host's
+	// root, mode 0600, reachable through /proc/self/fd: root of the
+	// sandbox's user namespace only, the probe may not open it anew.
+	{"reopen-host-file", "EACCES", func() error {
+		f, err := os.OpenFile("/proc/self/fd/1", os.O_WRONLY|os.O_APPEND, 0)
+		if err == nil {
+			f.Close()
+		}
+		return err
+	}},
+	{"uid", "0", func() error {
+		if os.Getuid() != 0 {
+			return fmt.Errorf("%d", os.Getuid())
+		}
+		return errors.New("0")
+	}},
 }
 
 var errEmpty = errors.New("empty")
@@ -161,6 +177,8 @@ func probeMain() int {
 		switch err := a.try(); {
 		case errors.Is(err, errEmpty):
 			res = "empty"
+		case err != nil && err.Error() == "0":
+			res = "0"
 		case err != nil:
 			var errno unix.Errno
 			if errors.As(err, &errno) {
