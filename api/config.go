@@ -58,6 +58,9 @@ type MachineGuest struct {
 	GPUs       int      `json:"gpus,omitempty"`
 	GPUKind    string   `json:"gpu_kind,omitempty"`
 	KernelArgs []string `json:"kernel_args,omitempty"`
+	// RootfsSizeMB caps what the machine writes to its root filesystem
+	// (DefaultGuestRootfsSizeMB when unset).
+	RootfsSizeMB int `json:"rootfs_size_mb,omitempty"`
 	// Accepted for Fly clients; not acted on.
 	MaxMemoryMB      int    `json:"max_memory_mb,omitempty"`
 	HostDedicationID string `json:"host_dedication_id,omitempty"`

@@ -7,7 +7,21 @@ package api
 const (
 	DefaultGuestCPUs     = 1
 	DefaultGuestMemoryMB = 256
+	// DefaultGuestRootfsSizeMB is what a machine may write to its root
+	// filesystem when its guest says nothing; MaxGuestRootfsSizeMB the
+	// most it may ask for.
+	DefaultGuestRootfsSizeMB = 1024
+	MaxGuestRootfsSizeMB     = 64 * 1024
 )
+
+// RootfsSizeMB is what a machine of this config may write to its root
+// filesystem: the guest's, defaulted when unset.
+func (c *MachineConfig) RootfsSizeMB() int {
+	if c == nil || c.Guest == nil || c.Guest.RootfsSizeMB <= 0 {
+		return DefaultGuestRootfsSizeMB
+	}
+	return c.Guest.RootfsSizeMB
+}
 
 // Size is the CPUs and memory a machine of this config takes: the guest's,
 // each defaulted when unset. A nil config is the default guest.

@@ -61,6 +61,8 @@ func (c *MachineConfig) Validate() error {
 			return invalid("config.guest.memory_mb", "must be a positive multiple of 256, not %d", g.MemoryMB)
 		case g.MemoryMB > 256*1024:
 			return invalid("config.guest.memory_mb", "must be at most 262144, not %d", g.MemoryMB)
+		case g.RootfsSizeMB < 0 || g.RootfsSizeMB > MaxGuestRootfsSizeMB:
+			return invalid("config.guest.rootfs_size_mb", "must be between 1 and %d, not %d", MaxGuestRootfsSizeMB, g.RootfsSizeMB)
 		}
 	}
 	if r := c.Restart; r != nil {

@@ -32,6 +32,7 @@ func (a *Agent) spec(r *record) driver.Spec {
 		Env:        workloadEnv(r, cfg),
 	}
 	s.CPUs, s.MemoryMB = cfg.Size()
+	s.RootfsSizeMB = cfg.RootfsSizeMB()
 	if len(cfg.Processes) > 0 {
 		p := cfg.Processes[0]
 		if len(p.Entrypoint) > 0 {

@@ -36,6 +36,9 @@ type Spec struct {
 	// MemoryMB and CPUs are the guest size (drivers that can, enforce them).
 	MemoryMB int
 	CPUs     int
+	// RootfsSizeMB caps what the workload writes to its root filesystem
+	// (drivers that can, enforce it; 0: api.DefaultGuestRootfsSizeMB).
+	RootfsSizeMB int
 }
 
 // Image is what Prepare resolved a spec's image reference to.

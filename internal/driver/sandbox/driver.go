@@ -387,6 +387,9 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 	if err = os.MkdirAll(mountDir(spec), 0o700); err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
+	if err = mountDisk(spec, mountDir(spec)); err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
 	lim := limitsFor(spec.MemoryMB, spec.CPUs)
 	sp := d.takeSpare(ctx, spec.MachineID, lim)
 	var ip *initProc
@@ -704,6 +707,10 @@ func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 		errs = append(errs, err)
 	}
 	if err := d.cg.remove(spec.MachineID); err != nil {
+		errs = append(errs, err)
+	}
+	// The writable layer first: what the machine wrote goes with it.
+	if err := unmountDisk(mountDir(spec)); err != nil {
 		errs = append(errs, err)
 	}
 	if err := d.cfg.Images.Unmount(ctx, mountDir(spec)); err != nil {
