@@ -1,49 +1,74 @@
 // Package sandbox is the driver that runs each machine's workload from its
-// image in a sandbox of its own: new PID, mount, UTS, IPC and network
-// namespaces, a root filesystem from the image store, cgroup limits and an
-// address on the host's private IPv6 network. It is the default driver
-// when the agent runs as root.
+// image in a sandbox of its own: new user, PID, mount, UTS, IPC and network
+// namespaces, a root filesystem from the image store, cgroup limits, a
+// size-limited writable layer and an address on the host's private IPv6
+// network. It is the default driver when the agent runs as root.
 //
 // # Starting a sandbox
 //
-// Start mounts a fresh copy-on-write root filesystem of the image under the
-// machine's directory (Images.Mount), and resolves how to run the workload
-// against it: the image's entrypoint and cmd merged with the machine's
-// config as container runtimes do (init.entrypoint replaces the image's
-// entrypoint and drops its cmd, init.cmd replaces the cmd), the image's
-// environment overlaid with the machine's, the image's working directory,
-// and its USER (uid[:gid] or names, looked up in the image's /etc/passwd and
-// /etc/group). FLY_PRIVATE_IP is set to the machine's real address.
+// Start takes the driver's spare init — Flame's own ("flame sandbox-init
+// run", see InitMain), started ahead of time as PID 1 of new namespaces,
+// root of a user namespace of its own, and waiting for its configuration —
+// or, when no spare is ready, starts one now. It mounts a tmpfs of the
+// guest's rootfs_size_mb for the machine's writes (disk.go) and has the
+// image store make the machine's copy-on-write root filesystem there
+// (Images.MountTree): an overlay whose lower layers are the store's shared
+// layer directories, each an idmapped mount for the init's user namespace
+// (idmap.go), returned as a detached mount. It resolves how to run the
+// workload against that tree: the image's entrypoint and cmd merged with
+// the machine's config as container runtimes do (init.entrypoint replaces
+// the image's entrypoint and drops its cmd, init.cmd replaces the cmd), the
+// image's environment overlaid with the machine's, the image's working
+// directory, and its USER (uid[:gid] or names, looked up in the image's
+// /etc/passwd and /etc/group). FLY_PRIVATE_IP is set to the machine's real
+// address.
 //
-// It then takes the driver's spare init — Flame's own ("flame sandbox-init
-// run", see InitMain), started ahead of time as PID 1 of new namespaces and
-// waiting for its configuration — or, when no spare is ready, starts one
-// now, and talks to it over a socket during the start only (see spare.go).
-// Over it go the machine's log (the init's and the workload's stdout and
-// stderr), its directory, its cgroup's OOM counter and the root filesystem
-// as a detached mount, so that an init needs no host path. The init makes the image's root its root
-// (pivot_root), mounts /proc (with /proc/sys and friends read-only), a
-// minimal /dev (null, zero, full, random, urandom, tty, pts, shm) and a
-// read-only /sys, sets the hostname to the machine id and writes
-// /etc/hosts and /etc/resolv.conf (nameserver fdaa::3, as on Fly). Meanwhile
-// the driver gives the sandbox's network the machine's name and address;
-// then the init starts the workload, from a thread it readied beforehand,
-// in a session of its own, with stdin on /dev/null and stdout and stderr
-// appended to the machine's log file. Start returns once
-// the workload's program has been executed.
+// The driver talks to the init over a socket during the start only (see
+// spare.go). Over it go the machine's log (the init's and the workload's
+// stdout and stderr), a directory for its exit status, its cgroup's OOM
+// counter, the root filesystem tree and the socket the init takes commands
+// on (execinit.go), so that an init needs no host path. The init attaches
+// the tree over "/" and makes it its root (pivot_root); before that, while
+// the host's are in sight, it mounts /proc, a minimal /dev (a tmpfs with
+// the host's null, zero, full, random, urandom and tty bound in, pts, shm)
+// and a read-only /sys; after it, it makes /proc/sys and friends read-only,
+// masks what runc masks, sets the hostname to the machine id and writes
+// /etc/hosts and /etc/resolv.conf (nameserver fdaa::3, as on Fly).
+// Meanwhile the driver gives the sandbox's network the machine's name and
+// address; then the init starts the workload, from a thread it readied
+// beforehand, in a session of its own, with stdin on /dev/null and stdout
+// and stderr appended to the machine's log file. Start returns once the
+// workload's program has been executed.
 //
-// The workload runs as root of the host's user namespace, with a reduced
-// capability bounding set (that of common container runtimes without
-// CAP_MKNOD), on a root filesystem mounted nodev. There is no user namespace
-// and no seccomp filter: the sandbox isolates trusted tenants from each
-// other's mistakes, not from a kernel exploit.
+// # What holds a workload
+//
+// Root in the sandbox is root of its user namespace only: outside, it is
+// the first id of a range of 65536 leased to the machine alone (idmap.go),
+// an unprivileged user of the host, and its capabilities hold over the
+// sandbox's namespaces and the files of its root filesystem, nothing of
+// the host's. The image's files keep their owners (a file uid 0 owns on
+// disk is root's inside) without a copy: its layers are idmapped mounts
+// under the overlay, and what the machine writes is stored, in its tmpfs,
+// with the range's ids. A kernel without what this takes (overlayfs
+// layers given as descriptors, Linux 6.13; idmapped mounts) fails the
+// start: the driver never runs a sandbox without its user namespace.
+//
+// Within that, the workload's capability bounding set is that of common
+// container runtimes without CAP_MKNOD and CAP_NET_RAW, and every process
+// of the sandbox runs under a seccomp filter (seccomp.go) at least as
+// strict as Docker's default (no new namespaces, user namespaces included,
+// no keyring, bpf, perf events, userfaultfd, io_uring, modules, clocks,
+// mounts), in a cgroup namespace rooted at the machine's cgroup, with /proc
+// and /sys masked as runc masks them (rootfs.go).
 //
 // # The init
 //
 // The init forwards the signals it gets to the workload's process group,
 // reaps orphans, and when the workload ends kills what is left and writes
 // the workload's exit (code or signal, and whether the OOM killer struck in
-// the sandbox's cgroup) to sandbox-exit.json in the machine's directory. So
+// the sandbox's cgroup) to sandbox-exit/sandbox-exit.json in the machine's
+// directory (sandbox-exit/ is the sandbox root's: the only place on the
+// host the init may write). So
 // the exit status is exact even for a sandbox a later agent adopted: the
 // driver watches the init through a pidfd and reads the file when it ends.
 // SIGKILL from the driver is turned into a request to the init to kill
@@ -69,17 +94,17 @@
 //
 // # Exec
 //
-// Exec runs a command in a running sandbox: from a locked thread that joined
-// the sandbox's IPC, UTS, network and PID namespaces, chrooted into
-// /proc/<init>/root (a multithreaded process cannot join a mount namespace;
-// the init's root shows the same tree), with the workload's environment
-// (read from the workload's /proc/<pid>/environ: the init's oldest child),
-// directory and user, without CAP_SYS_CHROOT, which would let it out of the
-// chroot, and under the sandbox's seccomp filter (seccomp.go). On cgroup v1
-// the thread joins the machine's cgroups and a cgroup namespace rooted
-// there before it forks, so the command never runs outside them, and goes
-// back afterwards; on cgroup v2 (where only clone3 could do that, which the
-// filter refuses) Exec is unavailable for now.
+// Exec runs a command in a running sandbox through its init (execinit.go):
+// the driver connects to the socket the init listens on (sandbox-exec.sock
+// in the machine's directory, which only the host's root reaches), hands it
+// the command's stdin, stdout and stderr, and the command with the
+// workload's environment (read from the workload's /proc/<pid>/environ:
+// the init's oldest child), directory and user; the init forks it from a
+// thread of its own that took a cgroup namespace, the workload's bounding
+// set and the seccomp filter. So the command is born in every namespace of
+// the sandbox, its user and mount namespaces included, and in the machine's
+// cgroup, on cgroup v1 and v2 alike. Closing the connection (ctx ending)
+// kills the command's process group.
 //
 // # Resources
 //
@@ -102,6 +127,10 @@
 //     "performance" cpu would be a weight of 1024 per cpu; driver.Spec does
 //     not carry cpu_kind yet.
 //   - pids: at most 4096 tasks.
+//   - disk: what the machine writes to its root filesystem goes to a tmpfs
+//     of the guest's rootfs_size_mb (api.DefaultGuestRootfsSizeMB when
+//     unset), mounted under its directory: past it, ENOSPC. Its pages are
+//     charged to the machine's memory (see disk.go for why not a disk).
 //
 // The spare init waits in a spare cgroup. On cgroup v1, where moving a
 // process into a cgroup waits for an RCU grace period (milliseconds), Start
@@ -147,6 +176,8 @@
 // machine starts again (a start is from a fresh copy of the image, as on
 // Fly) or Cleanup removes them. Cleanup kills the init if it still runs
 // (every process of the sandbox goes with it, and with the last one its
-// namespaces), deletes the veth, removes the cgroup, unmounts the root
-// filesystem, removes the state files and releases the address.
+// namespaces), deletes the veth, removes the cgroup, unmounts the
+// writable layer (what the machine wrote goes with it) and the root
+// filesystem, removes the state files, and gives back the id range, once
+// no process of the sandbox is left, and the address.
 package sandbox
