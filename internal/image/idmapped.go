@@ -103,11 +103,12 @@ func MountIDMapped(lowers []string, dir string, userns int, rootID uint32) (tree
 	// lowerdir+ stacks each layer below the ones given before it. A
 	// detached mount lives as long as its descriptor: they are kept until
 	// the overlay is made.
+	// Closing them dissolves each one's mount, and an unmount waits for
+	// an RCU grace period (milliseconds on a busy host): that is done off
+	// the caller's way, on a thread of its own.
 	var layers []int
 	defer func() {
-		for _, fd := range layers {
-			unix.Close(fd)
-		}
+		go closeAll(layers)
 	}()
 	for i := len(lowers) - 1; i >= 0; i-- {
 		fd, err := idmappedClone(lowers[i], userns)
@@ -171,4 +172,10 @@ func fsLog(fsfd int) string {
 		return ""
 	}
 	return " (" + strings.Join(msgs, "; ") + ")"
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
 }
