@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/image"
 )
 
 // stepsCommand makes the test binary time, in a mount namespace of its
@@ -103,5 +106,61 @@ func BenchmarkHardeningSteps(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(time.Since(t0).Nanoseconds())/float64(b.N)/1000, "state-write-µs")
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkRootfsSteps reports what a machine's root filesystem costs a
+// start with the user namespace and the disk quota, against the plain
+// overlay mount a start made before them: the tmpfs for the machine's
+// writes, and the overlay of idmapped layers (one layer, the test image's)
+// made from descriptors.
+func BenchmarkRootfsSteps(b *testing.B) {
+	requireSandboxes(b)
+	cmd := exec.Command("/bin/sleep", "1000")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER,
+		UidMappings: idMappings(1 << 24), GidMappings: idMappings(1 << 24)}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	ns, err := os.Open("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/ns/user")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ns.Close()
+	base := filepath.Join(testRoot, "base")
+	spec := testSpec(b, "busybox")
+	var plain, disk, tree time.Duration
+	for range b.N {
+		dir := b.TempDir()
+		for _, d := range []string{"upper", "work", "root"} {
+			os.MkdirAll(filepath.Join(dir, d), 0o755)
+		}
+		t0 := time.Now()
+		if err := unix.Mount("overlay", filepath.Join(dir, "root"), "overlay", 0,
+			"lowerdir="+base+",upperdir="+dir+"/upper,workdir="+dir+"/work"); err != nil {
+			b.Fatal(err)
+		}
+		plain += time.Since(t0)
+		unix.Unmount(filepath.Join(dir, "root"), unix.MNT_DETACH)
+
+		rootfs := filepath.Join(b.TempDir(), "rootfs")
+		os.Mkdir(rootfs, 0o700)
+		t0 = time.Now()
+		if err := mountDisk(spec, rootfs); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		fd, err := image.MountIDMapped([]string{base}, rootfs, int(ns.Fd()), 1<<24)
+		if err != nil {
+			b.Fatal(err)
+		}
+		disk, tree = disk+t1.Sub(t0), tree+time.Since(t1)
+		unix.Close(fd)
+		unmountDisk(rootfs)
+	}
+	b.ReportMetric(float64(plain.Microseconds())/float64(b.N), "plain-overlay-µs")
+	b.ReportMetric(float64(disk.Microseconds())/float64(b.N), "tmpfs-µs")
+	b.ReportMetric(float64(tree.Microseconds())/float64(b.N), "idmapped-overlay-µs")
 	b.ReportMetric(0, "ns/op")
 }
