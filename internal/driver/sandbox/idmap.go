@@ -155,7 +155,7 @@ func (d *Driver) releaseMachineIDs(machine string) error {
 }
 
 // sweepSpareIDs gives back the ranges of this state dir's spares that a
-// driver which died left.
+// driver which died left, and those of state dirs that no longer exist.
 func (d *Driver) sweepSpareIDs() {
 	es, _ := os.ReadDir(idLeaseDir)
 	for _, e := range es {
@@ -165,7 +165,13 @@ func (d *Driver) sweepSpareIDs() {
 			continue
 		}
 		dir, owner, _ := strings.Cut(strings.TrimSpace(string(b)), "\t")
-		if dir == d.cfg.StateDir && strings.HasPrefix(owner, sparePrefix) {
+		_, serr := os.Stat(dir)
+		switch {
+		case dir == d.cfg.StateDir && strings.HasPrefix(owner, sparePrefix):
+			os.Remove(path)
+		case errors.Is(serr, os.ErrNotExist) && filepath.IsAbs(dir):
+			// A driver whose state is gone (a dev cluster's, removed
+			// with its machines) left it.
 			os.Remove(path)
 		}
 	}

@@ -128,9 +128,21 @@ func TestSpareIDsSwept(t *testing.T) {
 	if _, err := os.Stat(lease); err != nil {
 		t.Fatalf("lease gone before the sweep: %v", err)
 	}
+	// And a range of a state dir that is gone.
+	gone := filepath.Join(t.TempDir(), "gone")
+	// Leased as a driver would, so that no live range is touched.
+	od := &Driver{cfg: Config{StateDir: gone}}
+	obase, err := od.allocIDs("somemachine")
+	if err != nil {
+		t.Fatal(err)
+	}
+	orphan := filepath.Join(idLeaseDir, idLeaseName(obase))
 	d2 := newDriver(t, cfg)
 	defer d2.Close()
 	if _, err := os.Stat(lease); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("dead spare's range %d still leased: %v", ids, err)
+	}
+	if _, err := os.Stat(orphan); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("range of a state dir that is gone still leased: %v", err)
 	}
 }
