@@ -33,7 +33,7 @@ type Images interface {
 	// whose image files show the ids of the user namespace userns (an
 	// open /proc/<pid>/ns/user), whose root is rootID outside.
 	MountTree(ctx context.Context, img *image.Image, dir string, userns int, rootID uint32) (tree int, err error)
-	// Unmount removes what Mount made under dir; a dir with nothing
+	// Unmount removes what MountTree made under dir; a dir with nothing
 	// mounted is not an error.
 	Unmount(ctx context.Context, dir string) error
 }
