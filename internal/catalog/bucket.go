@@ -54,6 +54,9 @@ func (n *NATS) createBucket(ctx context.Context, spec BucketSpec) (*bucket, erro
 		sc.AllowMsgTTL = true
 		sc.SubjectDeleteMarkerTTL = markerTTL
 	}
+	if n.cfg.Bind {
+		return n.bindBucket(ctx, spec)
+	}
 	delay := 50 * time.Millisecond
 	for {
 		qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -87,6 +90,29 @@ func (n *NATS) createBucket(ctx context.Context, spec BucketSpec) (*bucket, erro
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("create bucket %s: %w (last: %w)", spec.Name, ctx.Err(), err)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// bindBucket opens a bucket the control plane made, retrying while
+// JetStream is not up yet.
+func (n *NATS) bindBucket(ctx context.Context, spec BucketSpec) (*bucket, error) {
+	delay := 50 * time.Millisecond
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		kv, err := n.js.KeyValue(qctx, spec.Name)
+		cancel()
+		if err == nil {
+			return &bucket{n: n, spec: spec, kv: kv, pre: "$KV." + spec.Name + "."}, nil
+		}
+		if !transient(err) || ctx.Err() != nil {
+			return nil, fmt.Errorf("bind bucket %s: %w", spec.Name, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("bind bucket %s: %w (last: %w)", spec.Name, ctx.Err(), err)
 		case <-time.After(delay):
 		}
 		delay = min(2*delay, time.Second)

@@ -18,6 +18,12 @@ import (
 // open concurrently.
 func openCluster(t testing.TB) []*NATS {
 	t.Helper()
+	return openClusterWith(t, nil)
+}
+
+// openClusterWith is openCluster, locked with secret when it is not nil.
+func openClusterWith(t testing.TB, secret []byte) []*NATS {
+	t.Helper()
 	spec := []BucketSpec{{Name: "data"}, {Name: "leases", TTL: true}}
 	ports := routePorts(t, 3)
 	var routes []string
@@ -40,6 +46,7 @@ func openCluster(t testing.TB) []*NATS {
 				Routes:        routes,
 				Replicas:      3,
 				Buckets:       spec,
+				Secret:        secret,
 				Logger:        testLogger(t).With("server", name),
 			})
 		})

@@ -44,6 +44,36 @@ type Config struct {
 	// Buckets are created (or their settings updated) by Open.
 	Buckets []BucketSpec
 
+	// Secret locks the catalog (SecretLen bytes, the same for every server
+	// and control client of one catalog: the control plane's secrets key).
+	// An embedded server then speaks TLS to clients and on routes, with
+	// certificates of a CA derived from the secret (routes both ways, so a
+	// server without it cannot join), and admits only clients signing its
+	// nonce with an nkey: the control role's, derived from the secret too
+	// (the one this connection uses), or one Users names. With URL, the
+	// connection authenticates as the control role and checks the server
+	// against that CA.
+	Secret []byte
+	// Users names whom a locked embedded server admits besides the control
+	// role (nil: nobody), with their permissions.
+	Users UserSource
+
+	// Credentials is the file the connection to URL authenticates with: an
+	// nkey seed or a NATS .creds file, readable by its owner only.
+	Credentials string
+	// CA (PEM) is what the connection to URL checks the server's TLS
+	// certificate against (nil: the system's roots, if the server speaks
+	// TLS), as TLSName (default: the URL's host; ServerTLSName for a locked
+	// catalog's server).
+	CA      []byte
+	TLSName string
+	// User is the name a restricted user connects to URL as: its replies
+	// arrive under InboxPrefix(User), the only subjects it may subscribe to.
+	User string
+	// Bind opens the declared buckets without creating or changing them: a
+	// restricted user (a host) may do neither. They must exist.
+	Bind bool
+
 	Logger *slog.Logger
 
 	// relaxedSync lets the file store sync on an interval instead of on
@@ -107,6 +137,19 @@ func (c Config) Validate() error {
 			c.ClusterName != "" || c.ClusterListen != "" || len(c.Routes) > 0 {
 			return errors.New("catalog config: a url excludes the embedded server's settings (data dir, listen addresses, server name, cluster, routes)")
 		}
+	}
+	if c.Secret != nil && len(c.Secret) != SecretLen {
+		return fmt.Errorf("catalog config: secret of %d bytes, want %d", len(c.Secret), SecretLen)
+	}
+	switch {
+	case c.Users != nil && (c.Secret == nil || !embedded):
+		return errors.New("catalog config: users need a locked embedded server (a secret, no url)")
+	case embedded && (c.Credentials != "" || c.CA != nil || c.TLSName != "" || c.User != ""):
+		return errors.New("catalog config: credentials, ca, tls name and user are for a connection to a url")
+	case c.Credentials != "" && c.Secret != nil:
+		return errors.New("catalog config: a connection authenticates with credentials or the secret, not both")
+	case embedded && c.Bind:
+		return errors.New("catalog config: an embedded server makes its buckets; bind is for a connection to a url")
 	}
 	if c.Replicas < 0 || c.Replicas > 5 {
 		return fmt.Errorf("catalog config: replicas %d outside 1–5", c.Replicas)

@@ -20,6 +20,8 @@ type NATS struct {
 	cfg     Config
 	log     *slog.Logger
 	srv     *server.Server // nil with Config.URL
+	auth    *authenticator // a locked embedded server's check of clients
+	ca      *lockCA        // derived from Config.Secret
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	buckets map[string]*bucket
@@ -72,6 +74,11 @@ func (n *NATS) open(ctx context.Context) error {
 			n.log.Warn("nats connection", "subject", subject, "err", err)
 		}),
 	}
+	lock, err := n.lockOptions()
+	if err != nil {
+		return err
+	}
+	opts = append(opts, lock...)
 	addr := n.cfg.URL
 	if addr == "" {
 		srv, err := n.startServer(ctx)
@@ -91,8 +98,12 @@ func (n *NATS) open(ctx context.Context) error {
 		return fmt.Errorf("jetstream: %w", err)
 	}
 	n.js = js
-	if err := n.waitJetStream(ctx); err != nil {
-		return err
+	if !n.cfg.Bind {
+		// A restricted user may not ask for the account's information;
+		// binding a bucket waits for JetStream just as well.
+		if err := n.waitJetStream(ctx); err != nil {
+			return err
+		}
 	}
 	for _, spec := range n.cfg.Buckets {
 		b, err := n.createBucket(ctx, spec)
@@ -130,6 +141,9 @@ func (n *NATS) startServer(ctx context.Context) (*server.Server, error) {
 		// up, so a clustered server needs one: loopback, any port.
 		opts.DontListen = false
 		opts.Host, opts.Port = "127.0.0.1", server.RANDOM_PORT
+	}
+	if err := n.lockServer(opts); err != nil {
+		return nil, err
 	}
 	if c.ClusterListen != "" {
 		host, port, _ := splitHostPort(c.ClusterListen)
@@ -248,7 +262,15 @@ func (n *NATS) Subscribe(subject string, fn func(subject string, data []byte)) (
 	if err := checkSubject(subject, true); err != nil {
 		return nil, err
 	}
-	sub, err := n.nc.Subscribe(subject, func(m *nats.Msg) { fn(m.Subject, m.Data) })
+	sub, err := n.nc.Subscribe(subject, func(m *nats.Msg) {
+		// The bus carries what clients publish. A stream's consumer may be
+		// told to deliver anywhere (a user who may read a bucket may make
+		// one), so what a stream delivers is never taken as a message.
+		if strings.HasPrefix(m.Reply, "$JS.") {
+			return
+		}
+		fn(m.Subject, m.Data)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("subscribe %s: %w", subject, mapConnErr(err))
 	}
