@@ -46,6 +46,11 @@ type EnrollHostResponse struct {
 	Certificate string `json:"certificate"`
 	CA          string `json:"ca"`
 	HostsToken  string `json:"hosts_token"`
+	// NATSCredential is the host's own nkey seed on the catalog's NATS
+	// (events, logs, the edge's buckets) and NATSCA the CA (PEM) that
+	// NATS's certificate chains to; empty with an external NATS.
+	NATSCredential string `json:"nats_credential,omitempty"`
+	NATSCA         string `json:"nats_ca,omitempty"`
 }
 
 // Host is an enrolled host as the catalog records it.

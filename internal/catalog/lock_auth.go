@@ -72,13 +72,10 @@ func NewUserKey() (seed []byte, public string, err error) {
 // ValidUserKey reports whether s is a public user nkey.
 func ValidUserKey(s string) bool { return nkeys.IsValidPublicUserKey(s) }
 
-// SubjectToken turns a name that may hold dots (a host id) into one
-// subject token, so "a.b" cannot pass for a prefix of another's subjects.
-func SubjectToken(name string) string { return strings.ReplaceAll(name, ".", "~") }
-
 // InboxPrefix is where a restricted user's replies arrive: its own, so no
-// user reads another's (nor the control role's) replies.
-func InboxPrefix(name string) string { return "_INBOX_" + SubjectToken(name) }
+// user reads another's (nor the control role's) replies. Dots in the name
+// become '~', so the prefix is one token ("a.b" is not a prefix of "a").
+func InboxPrefix(name string) string { return "_INBOX_" + strings.ReplaceAll(name, ".", "~") }
 
 // BucketAccess grants a restricted user one bucket, to read, or to read and
 // write.

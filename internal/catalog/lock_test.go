@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/flamehq/flame/api"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -73,7 +75,7 @@ func (lc *lockedCatalog) addHost(t testing.TB, id string) (creds, nkey string) {
 	}
 	lc.mu.Lock()
 	lc.users[pub] = User{Name: id, Permissions: Restricted(id,
-		[]string{"events." + SubjectToken(id) + ".>", "logs." + SubjectToken(id) + ".>"}, edgeAccess)}
+		api.HostBusSubjects(id), edgeAccess)}
 	lc.mu.Unlock()
 	return creds, pub
 }

@@ -108,13 +108,15 @@ type Publisher interface {
 	Publish(ctx context.Context, subject string, data []byte) error
 }
 
-// LogSubject is the event bus subject of a machine's log lines;
-// "logs.<app>.>" carries every line of an app.
-func LogSubject(app, machineID string) string { return "logs." + app + "." + machineID }
+// LogSubject is the event bus subject of a machine's log lines on host
+// hostID; api.AppLogsSubject matches every line of an app.
+func LogSubject(hostID, app, machineID string) string { return api.LogSubject(hostID, app, machineID) }
 
-// EventSubject is the event bus subject of a machine's events;
-// "events.<app>.>" carries every event of an app.
-func EventSubject(app, machineID string) string { return "events." + app + "." + machineID }
+// EventSubject is the event bus subject of a machine's events on host
+// hostID; api.AppEventsSubject matches every event of an app.
+func EventSubject(hostID, app, machineID string) string {
+	return api.EventSubject(hostID, app, machineID)
+}
 
 // Validate reports what is missing.
 func (c *Config) Validate() error {
@@ -251,7 +253,7 @@ func (h *Host) publishEvent(app, machineID string, ev *api.MachineEvent) {
 	if err != nil {
 		return
 	}
-	if err := h.cfg.Events.Publish(context.Background(), EventSubject(app, machineID), b); err != nil {
+	if err := h.cfg.Events.Publish(context.Background(), EventSubject(h.cfg.Cluster.HostID, app, machineID), b); err != nil {
 		h.log.Debug("publish machine event", "machine", machineID, "err", err)
 	}
 }
@@ -266,7 +268,7 @@ func (h *Host) publishLog(app string, lines []api.LogEntry) {
 		if err != nil {
 			continue
 		}
-		if err := h.cfg.Events.Publish(context.Background(), LogSubject(app, l.MachineID), b); err != nil {
+		if err := h.cfg.Events.Publish(context.Background(), LogSubject(h.cfg.Cluster.HostID, app, l.MachineID), b); err != nil {
 			h.log.Debug("publish log line", "machine", l.MachineID, "err", err)
 			return
 		}

@@ -19,7 +19,7 @@ func (s *Server) appEvents(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	return streamApp(s, w, r, "events."+a.Name+".>",
+	return streamApp(s, w, r, api.AppEventsSubject(a.Name),
 		func(ctx context.Context) ([]api.AppEvent, error) { return s.eventHistory(ctx, a) },
 		func(ev api.AppEvent) bool { return ev.Event != nil && ev.App == a.Name },
 		func(ev api.AppEvent) string { return ev.Event.ID })
@@ -65,7 +65,7 @@ func (s *Server) appLogs(w http.ResponseWriter, r *http.Request) error {
 			return api.Errorf(http.StatusBadRequest, "tail: want a number of lines")
 		}
 	}
-	return streamApp(s, w, r, "logs."+a.Name+".>",
+	return streamApp(s, w, r, api.AppLogsSubject(a.Name),
 		func(ctx context.Context) ([]api.LogEntry, error) {
 			var mu sync.Mutex
 			var out []api.LogEntry

@@ -64,6 +64,9 @@ type hostRecord struct {
 	Expires   time.Time `json:"expires"`
 	Revoked   bool      `json:"revoked,omitempty"`
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
+	// NATSKey is the public nkey the host's credential on the catalog's
+	// NATS signs with (natsauth.go); "" with an external NATS.
+	NATSKey string `json:"nats_key,omitempty"`
 }
 
 type joinTokenRecord struct {
@@ -440,6 +443,7 @@ func (s *Server) revokeHost(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	s.dropHostConn(id)
+	s.setNATSUser(hostRecord{ID: id, Revoked: true})
 	s.log.Warn("host revoked", "host", id)
 	httpapi.WriteJSON(w, http.StatusOK, api.OK{OK: true})
 	return nil
@@ -513,6 +517,14 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 		return nil, err
 	}
 	rec := hostRecord{ID: in.HostID, Region: in.Region, APIAddr: in.APIAddr, Serial: pki.Serial(cert), Enrolled: now, Expires: cert.NotAfter.UTC()}
+	var natsSeed []byte
+	if s.cfg.CatalogCA != nil {
+		// A fresh credential on the catalog's NATS at every enrollment:
+		// the previous one stops working.
+		if natsSeed, rec.NATSKey, err = catalog.NewUserKey(); err != nil {
+			return nil, err
+		}
+	}
 	if _, _, err := catalog.UpdateJSON(ctx, s.ident.hosts, in.HostID, func(h *hostRecord, exists bool) error {
 		if exists && h.Revoked {
 			return api.Errorf(http.StatusForbidden, "host %s was revoked: enroll the machine under another id", in.HostID)
@@ -523,8 +535,15 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 		return nil, err
 	}
 	s.dropHostConn(in.HostID)
+	// Admitted by this plane's NATS at once, not only when the watch
+	// brings the record: the host connects right after this answer.
+	s.setNATSUser(rec)
 	s.log.Info("host enrolled", "host", in.HostID, "region", in.Region, "api", in.APIAddr)
-	return &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()), HostsToken: s.ident.hostsToken}, nil
+	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()), HostsToken: s.ident.hostsToken}
+	if natsSeed != nil {
+		out.NATSCredential, out.NATSCA = string(natsSeed), string(s.cfg.CatalogCA)
+	}
+	return out, nil
 }
 
 // mayEnroll checks the host's id against the enrolled hosts: a revoked id

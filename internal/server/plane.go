@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flamehq/flame/internal/atomicfile"
@@ -110,6 +111,19 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	if cc.Logger == nil {
 		cc.Logger = cfg.Logger
 	}
+	// The embedded NATS is locked with the secrets key (natsauth.go):
+	// every plane sharing the catalog has it, and admits the enrolled
+	// hosts the Server names once it runs.
+	var users atomic.Pointer[Server]
+	if cc.URL == "" {
+		cc.Secret = key
+		cc.Users = func(nkey string) (catalog.User, bool) {
+			if s := users.Load(); s != nil {
+				return s.NATSUser(nkey)
+			}
+			return catalog.User{}, false
+		}
+	}
 	if p.Catalog, err = catalog.Open(ctx, cc); err != nil {
 		return nil, fmt.Errorf("control plane: catalog: %w", err)
 	}
@@ -139,9 +153,15 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 		sc.Images = res
 		sc.RegistryNames = append(sc.RegistryNames, registryNames(cfg.Listener.Addr().String())...)
 	}
+	if cc.Secret != nil && sc.CatalogCA == nil {
+		if sc.CatalogCA, err = catalog.CAPEM(cc.Secret); err != nil {
+			return nil, err
+		}
+	}
 	if p.Server, err = New(sc); err != nil {
 		return nil, err
 	}
+	users.Store(p.Server)
 	if err = p.Server.checkSecretKey(ctx); err != nil {
 		return nil, fmt.Errorf("control plane: %w", err)
 	}

@@ -67,6 +67,10 @@ type Config struct {
 	// hands it to them. Empty: one made on the catalog's first use and
 	// kept there, sealed.
 	AgentToken string
+	// CatalogCA is the CA (PEM) of the catalog's locked NATS when this
+	// plane embeds it: enrollment then gives each host an nkey of its own
+	// there (natsauth.go). Nil: hosts get none.
+	CatalogCA []byte
 	// SecretKey seals app secrets (32 bytes, AES-256-GCM). Required.
 	SecretKey []byte
 	// HTTPClient calls the hosts (default: a client with sane timeouts).
@@ -214,6 +218,8 @@ type Server struct {
 	certStore *certstore.Storage
 
 	ident   *identity // the CA and enrolled hosts (hosts_enroll.go), loaded by Start
+	// natsUsers are the hosts the catalog's NATS admits (natsauth.go).
+	natsUsers *natsUsers
 	handler http.Handler
 
 	placer *placer
@@ -238,7 +244,7 @@ func New(cfg Config) (*Server, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"),
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), natsUsers: newNATSUsers(),
 		id: cfg.ID, reconcileKick: make(chan struct{}, 1)}
 	if s.id == "" {
 		s.id = newServerID()
@@ -298,6 +304,7 @@ func (s *Server) Start(ctx context.Context) error {
 		return err
 	}
 	s.wg.Go(func() { s.ident.cache.follow(s.ctx, s, s.ident.hosts, bucketHosts) })
+	s.wg.Go(func() { s.followNATSUsers(s.ctx) })
 	s.wg.Add(4)
 	go func() { defer s.wg.Done(); s.placer.run(s.ctx) }()
 	go func() { defer s.wg.Done(); s.reconcileLoop(s.ctx) }()
