@@ -20,6 +20,7 @@ type agentFlags struct {
 	apiAddr, dataDir, tokenFile, region, logLevel, driver, registry string
 	controlPlane, joinTokenFile                                     string
 	hostID, gossipAddr, dnsAddr, natsURL                            string
+	natsCreds, natsCA                                               string
 	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts                string
 	join                                                            []string
 	tls                                                             edgeTLSFlags // edgetls.go
@@ -79,6 +80,8 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.edgeTCPPorts, "edge-tcp-ports", defaultEdgeTCPPorts, "public ports the edge may serve raw TCP services on (handlers none or proxy_proto), lo-hi; \"\" for none")
 	fs.StringVar(&f.backhaulAddr, "backhaul-addr", "127.0.0.1:0", "where other hosts' edges reach this host's machines (with --host-id)")
 	fs.StringVar(&f.natsURL, "nats-url", "", "the control plane's NATS (flame server --nats-addr): machine events are published there")
+	fs.StringVar(&f.natsCreds, "nats-creds", "", "file of the credential on --nats-url (an nkey seed or a .creds file); default: the one enrollment gave, in <data-dir>/identity")
+	fs.StringVar(&f.natsCA, "nats-ca", "", "PEM file of the CA --nats-url's TLS certificate is checked against (with --nats-creds; default: the one enrollment gave)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	addEdgeTLSFlags(fs, &f.tls)
 	return c
@@ -145,7 +148,14 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	}
 	var bus *catalog.NATS
 	if f.natsURL != "" {
-		bus, err = catalog.Open(c.Context(), catalog.Config{URL: f.natsURL, Logger: log, Buckets: f.tls.buckets()})
+		cc, err := agentCatalog(f, cred)
+		if err != nil {
+			ln.Close()
+			closeDriver()
+			return err
+		}
+		cc.Logger, cc.Buckets = log, f.tls.buckets()
+		bus, err = catalog.Open(c.Context(), cc)
 		if err != nil {
 			ln.Close()
 			closeDriver()
@@ -326,4 +336,37 @@ func privateDir(dir string) error {
 		return fmt.Errorf("data dir: %w", err)
 	}
 	return nil
+}
+
+// agentCatalog is how the agent reaches --nats-url: with --nats-creds (and
+// --nats-ca) when given, else with the credential enrollment gave (a
+// locked embedded catalog's), else without any. It binds the buckets the
+// control plane made; it makes none.
+func agentCatalog(f agentFlags, cred agentCreds) (catalog.Config, error) {
+	cc := catalog.Config{URL: f.natsURL, Bind: true, User: f.hostID}
+	if cred.identity != nil {
+		cc.User = cred.identity.HostID
+	}
+	switch {
+	case f.natsCreds != "":
+		cc.Credentials = f.natsCreds
+	case f.natsCA != "":
+		return cc, usageError{fmt.Errorf("--nats-ca goes with --nats-creds")}
+	case cred.identity != nil:
+		seed, ca, ok, err := host.NATSCredential(f.dataDir)
+		if err != nil {
+			return cc, fmt.Errorf("nats credential: %w", err)
+		}
+		if ok {
+			cc.Credentials, cc.CA, cc.TLSName = seed, ca, catalog.ServerTLSName
+		}
+	}
+	if f.natsCA != "" {
+		b, err := os.ReadFile(f.natsCA)
+		if err != nil {
+			return cc, fmt.Errorf("--nats-ca: %w", err)
+		}
+		cc.CA = b
+	}
+	return cc, nil
 }

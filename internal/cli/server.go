@@ -25,6 +25,7 @@ type serverFlags struct {
 	hostID, gossipAddr                          string
 	join                                        []string
 	natsURL, natsListen, natsName, natsCluster  string
+	natsCreds, natsCA                           string
 	natsRoutes                                  []string
 	replicas                                    int
 	tls                                         apiTLSFlags // apitls.go
@@ -52,6 +53,15 @@ with --nats-url, an existing NATS. Three servers form one replicated catalog
 with --nats-name, --nats-cluster-addr, --nats-route (one per other server) and
 --replicas 3.
 
+The embedded NATS is locked with the secrets key: clients (--nats-addr) and
+routes speak TLS with certificates of a CA derived from it, so servers without
+the key cannot route; only the control plane and enrolled hosts connect, each
+host with the nkey its enrollment gave it (its own events and logs, the edge's
+certificate buckets, nothing else; refused once revoked). An external NATS
+(--nats-url) takes the control plane's credential from --nats-creds (an nkey
+seed or a .creds file) and its CA from --nats-ca; its operator gives each
+host a credential for flame agent --nats-creds.
+
 On its first start it creates an admin token, prints it once and writes it to
 <data-dir>/admin-token (readable by its owner only).`,
 		Args: noArgs,
@@ -65,6 +75,8 @@ On its first start it creates an admin token, prints it once and writes it to
 	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
 	fs.StringSliceVar(&f.join, "join", nil, "gossip addresses of hosts to join (repeatable)")
 	fs.StringVar(&f.natsURL, "nats-url", "", "use this NATS instead of an embedded one")
+	fs.StringVar(&f.natsCreds, "nats-creds", "", "with --nats-url: file of the control plane's credential there (an nkey seed or a .creds file; the user may do everything)")
+	fs.StringVar(&f.natsCA, "nats-ca", "", "with --nats-url: PEM file of the CA its TLS certificate is checked against (default: the system's roots)")
 	fs.StringVar(&f.natsListen, "nats-addr", "", "serve the embedded NATS to clients at this address (default: in-process only)")
 	fs.StringVar(&f.natsName, "nats-name", "", "the embedded NATS server's name (required in a cluster)")
 	fs.StringVar(&f.natsCluster, "nats-cluster-addr", "", "route address for a cluster of embedded NATS servers")
@@ -105,7 +117,12 @@ func runServer(c *cobra.Command, f serverFlags) error {
 		return err
 	}
 	cc := catalog.Config{URL: f.natsURL, ClientListen: f.natsListen, ServerName: f.natsName,
-		ClusterListen: f.natsCluster, Routes: f.natsRoutes, Replicas: f.replicas}
+		ClusterListen: f.natsCluster, Routes: f.natsRoutes, Replicas: f.replicas, Credentials: f.natsCreds}
+	if f.natsCA != "" {
+		if cc.CA, err = os.ReadFile(f.natsCA); err != nil {
+			return usageError{fmt.Errorf("--nats-ca: %w", err)}
+		}
+	}
 	check := cc
 	if check.URL == "" {
 		check.DataDir = filepath.Join(f.dataDir, "catalog")

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/flamehq/flame/api"
+	"github.com/flamehq/flame/internal/atomicfile"
 	"github.com/flamehq/flame/internal/pki"
 )
 
@@ -75,6 +77,9 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 	if resp.HostsToken == "" {
 		return nil, errors.New("enroll: the control plane sent no hosts' token")
 	}
+	if err := saveNATSCredential(dir, resp.NATSCredential, resp.NATSCA); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
 	if err := pki.SaveHostIdentity(dir, []byte(resp.CA), []byte(resp.Certificate), resp.HostsToken); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
@@ -83,3 +88,50 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 
 // DataDir is where the host keeps its state.
 func (h *Host) DataDir() string { return h.cfg.DataDir }
+
+// The host's credential on the catalog's NATS, in its identity dir.
+const (
+	natsSeedFile = "nats.seed"
+	natsCAFile   = "nats-ca.pem"
+)
+
+// saveNATSCredential keeps what enrollment gave for the catalog's NATS,
+// readable by the owner only; an enrollment without (an external NATS)
+// removes an older one.
+func saveNATSCredential(dir, seed, caPEM string) error {
+	if seed == "" || caPEM == "" {
+		for _, f := range []string{natsSeedFile, natsCAFile} {
+			if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, f := range []struct{ name, data string }{{natsCAFile, caPEM}, {natsSeedFile, seed + "\n"}} {
+		path := filepath.Join(dir, f.name)
+		if err := atomicfile.Write(path, []byte(f.data), dir); err != nil {
+			return fmt.Errorf("write %s: %w", path, err)
+		}
+		if err := os.Chmod(path, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// NATSCredential is the credential an enrolled host has on the catalog's
+// NATS: the file of its nkey seed and the CA (PEM) the server's
+// certificate chains to; ok is false when enrollment gave none.
+func NATSCredential(dataDir string) (seedFile string, caPEM []byte, ok bool, err error) {
+	dir := IdentityDir(dataDir)
+	seedFile = filepath.Join(dir, natsSeedFile)
+	if _, err := os.Stat(seedFile); errors.Is(err, os.ErrNotExist) {
+		return "", nil, false, nil
+	} else if err != nil {
+		return "", nil, false, err
+	}
+	if caPEM, err = os.ReadFile(filepath.Join(dir, natsCAFile)); err != nil {
+		return "", nil, false, err
+	}
+	return seedFile, caPEM, true, nil
+}
