@@ -217,10 +217,10 @@ type Server struct {
 	hostnames catalog.Bucket
 	certStore *certstore.Storage
 
-	ident   *identity // the CA and enrolled hosts (hosts_enroll.go), loaded by Start
+	ident *identity // the CA and enrolled hosts (hosts_enroll.go), loaded by Start
 	// natsUsers are the hosts the catalog's NATS admits (natsauth.go).
 	natsUsers *natsUsers
-	handler http.Handler
+	handler   http.Handler
 
 	placer *placer
 	// Hot reads: every request's token and app.
