@@ -178,17 +178,22 @@ func (n *NATS) Recheck() {
 	if n.srv == nil || n.auth == nil {
 		return
 	}
+	// Client ids only grow, and a client is listed from its creation on:
+	// one missing from the list below the newest listed has closed (a
+	// newer one may have connected since, and is kept).
 	open := map[uint64]bool{}
+	var newest uint64
 	if cz, err := n.srv.Connz(&server.ConnzOptions{State: server.ConnOpen, Limit: 1 << 20}); err == nil {
 		for _, ci := range cz.Conns {
 			open[ci.Cid] = true
+			newest = max(newest, ci.Cid)
 		}
 	}
 	a := n.auth
 	a.mu.Lock()
 	var refused []uint64
 	for cid, key := range a.conns {
-		if !open[cid] {
+		if !open[cid] && cid < newest {
 			delete(a.conns, cid)
 			continue
 		}
@@ -201,6 +206,25 @@ func (n *NATS) Recheck() {
 	for _, cid := range refused {
 		if err := n.srv.DisconnectClientByID(cid); err == nil {
 			n.log.Info("catalog client disconnected: its credential was withdrawn", "cid", cid)
+		}
+	}
+}
+
+// recheckEvery is how often a locked server rechecks its users by itself,
+// besides the Recheck its owner calls on a revocation: it also forgets
+// the connections that have closed.
+const recheckEvery = time.Minute
+
+func (n *NATS) recheckLoop() {
+	defer n.wg.Done()
+	t := time.NewTicker(recheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.closing:
+			return
+		case <-t.C:
+			n.Recheck()
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -503,5 +504,53 @@ func TestLockedClusterRefusesStrangerRoutes(t *testing.T) {
 				t.Fatalf("the locked server has %d routes, had %d", n, routes)
 			}
 		})
+	}
+}
+
+func TestLockedConfigValidate(t *testing.T) {
+	users := func(string) (User, bool) { return User{}, false }
+	secret := make([]byte, SecretLen)
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		ok   bool
+	}{
+		{"locked embedded", Config{DataDir: "d", Secret: secret, Users: users}, true},
+		{"control client of a url", Config{URL: "nats://x:4222", Secret: secret}, true},
+		{"host client of a url", Config{URL: "nats://x:4222", Credentials: "f", CA: []byte("pem"), TLSName: ServerTLSName, User: "h1", Bind: true}, true},
+		{"short secret", Config{DataDir: "d", Secret: secret[:16]}, false},
+		{"users without a secret", Config{DataDir: "d", Users: users}, false},
+		{"users of a url", Config{URL: "nats://x:4222", Secret: secret, Users: users}, false},
+		{"credentials for an embedded server", Config{DataDir: "d", Credentials: "f"}, false},
+		{"user for an embedded server", Config{DataDir: "d", User: "h1"}, false},
+		{"credentials and secret", Config{URL: "nats://x:4222", Secret: secret, Credentials: "f"}, false},
+		{"bind an embedded server", Config{DataDir: "d", Bind: true}, false},
+	} {
+		if err := tc.cfg.Validate(); (err == nil) != tc.ok {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+	}
+}
+
+// TestLockedCAIsTheSameFromTheSecret: every server holding the secret has
+// one CA, and another secret another.
+func TestLockedCAIsTheSameFromTheSecret(t *testing.T) {
+	s := newSecret(t)
+	a, err := CAPEM(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := CAPEM(slices.Clone(s))
+	c, _ := CAPEM(newSecret(t))
+	if string(a) != string(b) {
+		t.Fatal("one secret, two CAs")
+	}
+	if string(a) == string(c) {
+		t.Fatal("two secrets, one CA")
+	}
+	k1, _ := ControlSeed(s)
+	k2, _ := ControlSeed(newSecret(t))
+	if string(k1) == string(k2) {
+		t.Fatal("two secrets, one control key")
 	}
 }

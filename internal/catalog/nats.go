@@ -112,6 +112,9 @@ func (n *NATS) open(ctx context.Context) error {
 		}
 		n.buckets[spec.Name] = b
 	}
+	if n.auth != nil && n.track() {
+		go n.recheckLoop()
+	}
 	n.log.Info("catalog open", "server", n.cfg.ServerName, "url", n.cfg.URL, "dir", n.cfg.DataDir,
 		"cluster", n.cfg.ClusterName, "replicas", n.cfg.Replicas, "buckets", len(n.buckets))
 	return nil
