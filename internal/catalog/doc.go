@@ -48,4 +48,18 @@
 // to the value written with it: Update and Put write a value without one,
 // so the key stops expiring. A lease holder renews with Refresh, a
 // compare-and-swap on the revision that writes the value with a new TTL.
+//
+// # Lock
+//
+// With Config.Secret an embedded server is locked: an Ed25519 CA and the
+// control role's nkey are derived from the secret (HKDF), so every server
+// and control client holding it agrees on both without any exchange. The
+// client listener and the routes speak TLS with a fresh certificate of that
+// CA (routes both ways: a server without the secret cannot join), and a
+// client is admitted only by signing the server's nonce with the control
+// role's nkey (everything allowed) or with one Config.Users names, with
+// the Permissions it gives (Restricted: some subjects to publish on, some
+// buckets to read or write, replies under its own inbox). Recheck closes
+// the connections of users no longer named. A restricted user opens the
+// catalog with Config.Bind: it binds the buckets, never creates them.
 package catalog
