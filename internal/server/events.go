@@ -19,9 +19,10 @@ func (s *Server) appEvents(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	return streamApp(s, w, r, api.AppEventsSubject(a.Name),
+	return streamApp(s, w, r, a, api.AppEventsSubject(a.Name),
 		func(ctx context.Context) ([]api.AppEvent, error) { return s.eventHistory(ctx, a) },
 		func(ev api.AppEvent) bool { return ev.Event != nil && ev.App == a.Name },
+		func(ev api.AppEvent) string { return ev.MachineID },
 		func(ev api.AppEvent) string { return ev.Event.ID })
 }
 
@@ -65,7 +66,7 @@ func (s *Server) appLogs(w http.ResponseWriter, r *http.Request) error {
 			return api.Errorf(http.StatusBadRequest, "tail: want a number of lines")
 		}
 	}
-	return streamApp(s, w, r, api.AppLogsSubject(a.Name),
+	return streamApp(s, w, r, a, api.AppLogsSubject(a.Name),
 		func(ctx context.Context) ([]api.LogEntry, error) {
 			var mu sync.Mutex
 			var out []api.LogEntry
@@ -85,5 +86,6 @@ func (s *Server) appLogs(w http.ResponseWriter, r *http.Request) error {
 			return out, err
 		},
 		func(l api.LogEntry) bool { return l.MachineID != "" },
+		func(l api.LogEntry) string { return l.MachineID },
 		func(api.LogEntry) string { return "" })
 }

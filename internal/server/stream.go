@@ -18,8 +18,10 @@ const liveBuffer = 1024
 // hosts), then, with ?follow=true, what arrives on the event bus under
 // subject until the client goes away. It subscribes before reading history
 // so nothing falls between the two; key names an item so none is sent twice.
-func streamApp[T any](s *Server, w http.ResponseWriter, r *http.Request, subject string,
-	history func(ctx context.Context) ([]T, error), valid func(T) bool, key func(T) string) error {
+// An item from the bus counts only from the host that runs its machine
+// (busorigin.go).
+func streamApp[T any](s *Server, w http.ResponseWriter, r *http.Request, a app, subject string,
+	history func(ctx context.Context) ([]T, error), valid func(T) bool, machine, key func(T) string) error {
 	ctx := r.Context()
 	follow := false
 	if v := r.URL.Query().Get("follow"); v != "" {
@@ -40,9 +42,10 @@ func streamApp[T any](s *Server, w http.ResponseWriter, r *http.Request, subject
 	overflow := make(chan struct{})
 	var once sync.Once
 	if follow {
-		unsubscribe, err := s.cfg.Catalog.Subscribe(subject, func(_ string, data []byte) {
+		origin := newBusOrigin(s, a)
+		unsubscribe, err := s.cfg.Catalog.Subscribe(subject, func(subj string, data []byte) {
 			var v T
-			if json.Unmarshal(data, &v) != nil || !valid(v) {
+			if json.Unmarshal(data, &v) != nil || !valid(v) || !origin.ok(subj, machine(v)) {
 				return
 			}
 			select {
