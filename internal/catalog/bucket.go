@@ -50,6 +50,9 @@ func (n *NATS) createBucket(ctx context.Context, spec BucketSpec) (*bucket, erro
 		Discard:           jetstream.DiscardNew,
 		AllowDirect:       false,
 	}
+	if spec.MaxBytes > 0 {
+		sc.MaxBytes = spec.MaxBytes
+	}
 	if spec.TTL {
 		sc.AllowMsgTTL = true
 		sc.SubjectDeleteMarkerTTL = markerTTL

@@ -92,6 +92,10 @@ type BucketSpec struct {
 	// default 1). Only the latest is visible through this package; older
 	// ones are there for inspection with NATS tools.
 	History int
+	// MaxBytes bounds the bucket's size on disk (0: unbounded); a write
+	// beyond it is refused. Buckets that restricted users (hosts) write
+	// are bounded, so none of them can fill the catalog's disk.
+	MaxBytes int64
 }
 
 var bucketNameRE = regexp.MustCompile(`^[a-zA-Z0-9_-]+$`)
@@ -165,6 +169,9 @@ func (c Config) Validate() error {
 		seen[b.Name] = true
 		if b.History < 0 || b.History > 64 {
 			return fmt.Errorf("catalog config: bucket %q: history %d outside 1–64", b.Name, b.History)
+		}
+		if b.MaxBytes < 0 {
+			return fmt.Errorf("catalog config: bucket %q: max bytes %d below zero", b.Name, b.MaxBytes)
 		}
 		if b.TTL && b.History > 1 {
 			return fmt.Errorf("catalog config: bucket %q: per-key ttl needs history 1", b.Name)

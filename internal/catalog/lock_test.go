@@ -554,3 +554,21 @@ func TestLockedCAIsTheSameFromTheSecret(t *testing.T) {
 		t.Fatal("two secrets, one control key")
 	}
 }
+
+// TestBucketMaxBytes: a bounded bucket refuses a write past its bound.
+func TestBucketMaxBytes(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.Buckets = []BucketSpec{{Name: "small", MaxBytes: 4096}}
+	b := bucketOf(t, open(t, cfg), "small")
+	ctx := ctxFor(t, 20*time.Second)
+	value := []byte(strings.Repeat("x", 1000))
+	var err error
+	for i := range 10 {
+		if _, err = b.Put(ctx, fmt.Sprintf("k%d", i), value); err != nil {
+			break
+		}
+	}
+	if err == nil {
+		t.Fatal("10 kB went into a bucket of 4 kB")
+	}
+}

@@ -24,9 +24,18 @@ const (
 	BucketLocks = "certlocks"
 )
 
+// Bounds of the buckets every edge writes: room for the certificates of
+// tens of thousands of hostnames, and no more, so an edge cannot fill the
+// catalog's disk.
+const (
+	maxCertsBytes = 1 << 30
+	maxLocksBytes = 16 << 20
+)
+
 // Buckets declares the buckets, for whoever opens the catalog.
 func Buckets() []catalog.BucketSpec {
-	return []catalog.BucketSpec{{Name: BucketHostnames}, {Name: BucketCerts}, {Name: BucketLocks, TTL: true}}
+	return []catalog.BucketSpec{{Name: BucketHostnames}, {Name: BucketCerts, MaxBytes: maxCertsBytes},
+		{Name: BucketLocks, TTL: true, MaxBytes: maxLocksBytes}}
 }
 
 // Claim says which app a hostname belongs to.
