@@ -77,7 +77,8 @@ type Catalog interface {
 	Publish(ctx context.Context, subject string, data []byte) error
 	// Subscribe calls fn, one message at a time, for every message on
 	// subjects matching subject ("*" matches one token, a final ">" the
-	// rest).
+	// rest). It returns once the subscription is in place: what is
+	// published after it returns reaches fn.
 	Subscribe(subject string, fn func(subject string, data []byte)) (unsubscribe func(), err error)
 	// Close releases everything the catalog started.
 	Close() error

@@ -258,7 +258,12 @@ func (n *NATS) Publish(ctx context.Context, subject string, data []byte) error {
 	return nil
 }
 
-// Subscribe calls fn for every message on subject. fn runs on a goroutine
+// subscribeFlush bounds how long Subscribe waits for the server to confirm
+// the subscription.
+const subscribeFlush = 10 * time.Second
+
+// Subscribe calls fn for every message on subject; it returns once the
+// server has the subscription. fn runs on a goroutine
 // of the subscription, one message at a time; unsubscribe stops delivery
 // (a call to fn in progress finishes).
 func (n *NATS) Subscribe(subject string, fn func(subject string, data []byte)) (func(), error) {
@@ -275,6 +280,12 @@ func (n *NATS) Subscribe(subject string, fn func(subject string, data []byte)) (
 		fn(m.Subject, m.Data)
 	})
 	if err != nil {
+		return nil, fmt.Errorf("subscribe %s: %w", subject, mapConnErr(err))
+	}
+	// Once the server has the subscription, every later publish reaches
+	// it: a caller may subscribe, then read what came before.
+	if err := n.nc.FlushTimeout(subscribeFlush); err != nil {
+		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("subscribe %s: %w", subject, mapConnErr(err))
 	}
 	return func() { _ = sub.Unsubscribe() }, nil
