@@ -308,15 +308,20 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			stop()
 		}
 	}()
-	if _, err := uc.c.Write(b); err != nil {
-		return err
-	}
-	if len(body) > 0 {
-		if _, err := uc.c.Write(body); err != nil {
+	// A request in one piece is written and its answer waited for in one
+	// step (sendThenRead), with no read in vain between.
+	send := uc.rc != nil && len(body) == 0 && uc.r == uc.w
+	if !send {
+		if _, err := uc.c.Write(b); err != nil {
 			return err
 		}
+		if len(body) > 0 {
+			if _, err := uc.c.Write(body); err != nil {
+				return err
+			}
+		}
+		fc.out.b = b[:0]
 	}
-	fc.out.b = b[:0]
 	for {
 		err := parseResponseHead(uc.buf[uc.r:uc.w], 1<<20, &fc.resp)
 		switch err {
@@ -355,7 +360,14 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			// (upConn.fill), and a replay's prefetch clears it.
 			return nil
 		case errIncomplete:
-			if err := uc.fill(); err != nil {
+			var err error
+			if send {
+				send, err = false, uc.sendThenRead(b)
+				fc.out.b = b[:0]
+			} else {
+				err = uc.fill()
+			}
+			if err != nil {
 				if !isTimeout(err) {
 					if fc.hedge != nil && fc.hedge.lost() {
 						return errLostRace

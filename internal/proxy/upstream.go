@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -27,6 +28,8 @@ type upKey struct {
 // read buffer.
 type upConn struct {
 	c    net.Conn
+	rc   syscall.RawConn // c's socket (nil: not one of the net package's; rawio_linux.go)
+	raw  sendState
 	key  upKey
 	buf  []byte
 	r, w int
@@ -168,7 +171,7 @@ func (p *upPool) dial(dial DialFunc, k upKey, budget time.Duration) (*upConn, er
 	if err != nil {
 		return nil, &connectError{addr: addr, err: err}
 	}
-	return &upConn{c: c, key: k, buf: make([]byte, upBufSize)}, nil
+	return &upConn{c: c, rc: rawConnOf(c), key: k, buf: make([]byte, upBufSize)}, nil
 }
 
 // reap closes connections idle too long, until done.
