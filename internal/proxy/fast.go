@@ -561,7 +561,7 @@ func listedInConnection(hs []h1Header, name []byte) bool {
 func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
 	p, req, resp := fc.e.p, &fc.req, &fc.resp
 	isHead := str(req.method) == http.MethodHead
-	b := fc.out.start(fc.c)
+	b := fc.out.start(&fc.io)
 	b = append(b, "HTTP/1.1 "...)
 	b = appendInt(b, int64(resp.status))
 	b = append(b, ' ')
@@ -659,7 +659,7 @@ func (fc *fastConn) appendEdgeHeaders(b []byte, date bool) []byte {
 // fail answers with the edge's own error, as Proxy.fail does.
 func (fc *fastConn) fail(status int, code, reason string, close bool) {
 	body := fmt.Sprintf("%d %s: %s\n", status, code, reason)
-	b := fc.out.start(fc.c)
+	b := fc.out.start(&fc.io)
 	b = append(b, "HTTP/1.1 "...)
 	b = appendInt(b, int64(status))
 	b = append(b, ' ')

@@ -132,4 +132,75 @@ func (uc *upConn) onSocket(fd uintptr) bool {
 	return true
 }
 
+// rawRead is a Read of the socket: tried at once, then waited for on the
+// poller (under the read deadline) while it would block.
+func (s *sockIO) rawRead(b []byte) (int, error) {
+	if s.rd == nil {
+		s.rd = s.readStep
+	}
+	s.b, s.n, s.errno, s.eof = b, 0, 0, false
+	err := s.rc.Read(s.rd)
+	s.b = nil
+	switch {
+	case err != nil:
+		return 0, err
+	case s.errno != 0:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Addr: s.c.RemoteAddr(), Err: os.NewSyscallError("read", s.errno)}
+	case s.eof:
+		return 0, io.EOF
+	}
+	return s.n, nil
+}
+
+func (s *sockIO) readStep(fd uintptr) bool {
+	if len(s.b) == 0 {
+		return true
+	}
+	n, e := sysRead(fd, s.b)
+	switch {
+	case e == syscall.EAGAIN:
+		return false
+	case e != 0:
+		s.errno = e
+	case n == 0:
+		s.eof = true
+	default:
+		s.n = n
+	}
+	return true
+}
+
+// rawWrite is a Write of the socket: all of b, waiting on the poller
+// (under the write deadline) while the socket's buffer is full.
+func (s *sockIO) rawWrite(b []byte) (int, error) {
+	if s.wr == nil {
+		s.wr = s.writeStep
+	}
+	s.b, s.n, s.errno = b, 0, 0
+	err := s.rc.Write(s.wr)
+	s.b = nil
+	switch {
+	case s.errno != 0:
+		return s.n, &net.OpError{Op: "write", Net: "tcp", Addr: s.c.RemoteAddr(), Err: os.NewSyscallError("write", s.errno)}
+	case err != nil:
+		return s.n, err
+	}
+	return s.n, nil
+}
+
+func (s *sockIO) writeStep(fd uintptr) bool {
+	for s.n < len(s.b) {
+		n, e := sysWrite(fd, s.b[s.n:])
+		switch {
+		case e == syscall.EAGAIN:
+			return false
+		case e != 0:
+			s.errno = e
+			return true
+		}
+		s.n += n
+	}
+	return true
+}
+
 func sliceAddr(b []byte) unsafe.Pointer { return unsafe.Pointer(unsafe.SliceData(b)) }

@@ -19,3 +19,6 @@ func (uc *upConn) sendThenRead(b []byte) error {
 }
 
 type sendState struct{}
+
+func (s *sockIO) rawRead(b []byte) (int, error)  { return s.c.Read(b) }
+func (s *sockIO) rawWrite(b []byte) (int, error) { return s.c.Write(b) }
