@@ -308,15 +308,20 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			stop()
 		}
 	}()
-	if _, err := uc.c.Write(b); err != nil {
-		return err
-	}
-	if len(body) > 0 {
-		if _, err := uc.c.Write(body); err != nil {
+	// A request in one piece is written and its answer waited for in one
+	// step (sendThenRead), with no read in vain between.
+	send := uc.rc != nil && len(body) == 0 && uc.r == uc.w
+	if !send {
+		if _, err := uc.c.Write(b); err != nil {
 			return err
 		}
+		if len(body) > 0 {
+			if _, err := uc.c.Write(body); err != nil {
+				return err
+			}
+		}
+		fc.out.b = b[:0]
 	}
-	fc.out.b = b[:0]
 	for {
 		err := parseResponseHead(uc.buf[uc.r:uc.w], 1<<20, &fc.resp)
 		switch err {
@@ -355,7 +360,14 @@ func (fc *fastConn) exchange(uc *upConn, tg *route.Target, body []byte, timeout,
 			// (upConn.fill), and a replay's prefetch clears it.
 			return nil
 		case errIncomplete:
-			if err := uc.fill(); err != nil {
+			var err error
+			if send {
+				send, err = false, uc.sendThenRead(b)
+				fc.out.b = b[:0]
+			} else {
+				err = uc.fill()
+			}
+			if err != nil {
 				if !isTimeout(err) {
 					if fc.hedge != nil && fc.hedge.lost() {
 						return errLostRace
@@ -549,7 +561,7 @@ func listedInConnection(hs []h1Header, name []byte) bool {
 func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
 	p, req, resp := fc.e.p, &fc.req, &fc.resp
 	isHead := str(req.method) == http.MethodHead
-	b := fc.out.start(fc.c)
+	b := fc.out.start(&fc.io)
 	b = append(b, "HTTP/1.1 "...)
 	b = appendInt(b, int64(resp.status))
 	b = append(b, ' ')
@@ -647,7 +659,7 @@ func (fc *fastConn) appendEdgeHeaders(b []byte, date bool) []byte {
 // fail answers with the edge's own error, as Proxy.fail does.
 func (fc *fastConn) fail(status int, code, reason string, close bool) {
 	body := fmt.Sprintf("%d %s: %s\n", status, code, reason)
-	b := fc.out.start(fc.c)
+	b := fc.out.start(&fc.io)
 	b = append(b, "HTTP/1.1 "...)
 	b = appendInt(b, int64(status))
 	b = append(b, ' ')

@@ -283,6 +283,7 @@ const (
 type fastConn struct {
 	e        *edgeServer
 	c        net.Conn
+	io       sockIO // c, for the reads and writes of requests and answers
 	state    atomic.Int32
 	clientIP string
 	secure   bool // over TLS (c is a *tls.Conn)
@@ -362,6 +363,7 @@ func (fc *fastConn) serve() {
 		e.wg.Done()
 	}()
 	fc.buf = smallBufs.Get().(*[]byte)
+	fc.io = newSockIO(fc.c) // plain through a *tls.Conn
 	fc.clientIP = fc.c.RemoteAddr().String()
 	if h, _, err := net.SplitHostPort(fc.clientIP); err == nil {
 		fc.clientIP = h
@@ -439,7 +441,7 @@ func (fc *fastConn) fill() bool {
 		fc.buf, fc.isBig = nb, true
 		b = *nb
 	}
-	n, err := fc.c.Read(b[fc.w:])
+	n, err := fc.io.Read(b[fc.w:])
 	fc.w += n
 	return n > 0 || err == nil
 }
@@ -609,7 +611,7 @@ func (fc *fastConn) bodyTimeout() action {
 // and the connection closed.
 func (fc *fastConn) plain(status int) {
 	text := http.StatusText(status)
-	b := fc.out.start(fc.c)
+	b := fc.out.start(&fc.io)
 	b = append(b, "HTTP/1.1 "...)
 	b = appendInt(b, int64(status))
 	b = append(b, ' ')

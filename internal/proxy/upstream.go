@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -27,6 +28,9 @@ type upKey struct {
 // read buffer.
 type upConn struct {
 	c    net.Conn
+	rc   syscall.RawConn // c's socket (nil: not one of the net package's; rawio_linux.go)
+	raw  sendState
+	io   sockIO // c, for the reads of answers
 	key  upKey
 	buf  []byte
 	r, w int
@@ -75,13 +79,13 @@ func (uc *upConn) fill() error {
 	if uc.client != nil && uc.stop == nil {
 		uc.dl.read(uc.c, time.Now().Add(clientCheckAfter), clientCheckAfter/slackDiv)
 	}
-	n, err := uc.c.Read(uc.buf[uc.w:])
+	n, err := uc.io.Read(uc.buf[uc.w:])
 	if n == 0 && uc.client != nil && uc.stop == nil && isTimeout(err) {
 		// A body that pauses (a stream, a long poll): the client is
 		// watched until the answer ends.
 		uc.stop = uc.client.watchClient(uc)
 		uc.dl.read(uc.c, time.Time{}, 0)
-		n, err = uc.c.Read(uc.buf[uc.w:])
+		n, err = uc.io.Read(uc.buf[uc.w:])
 	}
 	uc.w += n
 	uc.got += n
@@ -168,7 +172,9 @@ func (p *upPool) dial(dial DialFunc, k upKey, budget time.Duration) (*upConn, er
 	if err != nil {
 		return nil, &connectError{addr: addr, err: err}
 	}
-	return &upConn{c: c, key: k, buf: make([]byte, upBufSize)}, nil
+	uc := &upConn{c: c, io: newSockIO(c), key: k, buf: make([]byte, upBufSize)}
+	uc.rc = uc.io.rc
+	return uc, nil
 }
 
 // reap closes connections idle too long, until done.
