@@ -45,6 +45,9 @@ func (p *Proxy) dialWaiting(tg *route.Target) DialFunc {
 		if err == nil {
 			p.words.sample(host, time.Since(start)) // a connect is answered in a round trip
 			p.suspicion.heard(host)
+			// Over mutual TLS, the handshake (after the sample: it
+			// takes round trips of its own).
+			c, err = p.secureHop(ctx, c, host)
 		}
 		p.waiters.stop(w)
 		if err != nil && context.Cause(ctx) == error(silent) {
