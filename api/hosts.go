@@ -39,13 +39,11 @@ type EnrollHostInput struct {
 	Proof   []byte `json:"proof"`
 }
 
-// EnrollHostResponse is the host's certificate and the CA's (PEM), and the
-// token hosts share for what does not use certificates yet (the proxy's
-// backhaul, image pulls).
+// EnrollHostResponse is the host's certificate and the CA's (PEM): the
+// host's only credential from then on.
 type EnrollHostResponse struct {
 	Certificate string `json:"certificate"`
 	CA          string `json:"ca"`
-	HostsToken  string `json:"hosts_token"`
 }
 
 // Host is an enrolled host as the catalog records it.
