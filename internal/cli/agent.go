@@ -164,7 +164,8 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: cred.token, Driver: d, Logger: log, Join: f.join}
 	if slot != nil {
 		hc.Identity = slot
-		hc.Renew = host.Renewal{PlaneURL: cmp.Or(f.controlPlane, host.EnrolledWith(f.dataDir)), HTTPClient: planeClient}
+		plane := cmp.Or(f.controlPlane, host.EnrolledWith(f.dataDir))
+		hc.Renew = host.Renewal{PlaneURL: func() string { return plane }, HTTPClient: planeClient}
 	}
 	var bus *catalog.NATS
 	if f.natsURL != "" {

@@ -363,7 +363,7 @@ func (h *Host) Start(ctx context.Context) error {
 			}
 		}
 	}
-	if h.cfg.Identity != nil && h.cfg.Renew.PlaneURL != "" {
+	if h.cfg.Identity != nil && h.cfg.Renew.PlaneURL != nil {
 		h.wg.Go(func() { h.renewLoop(bg) })
 	}
 	h.wg.Add(1)

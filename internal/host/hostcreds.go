@@ -96,6 +96,7 @@ const (
 // renewLoop renews the host's certificate two thirds into its life (and
 // retries until it succeeds or ctx ends).
 func (h *Host) renewLoop(ctx context.Context) {
+	var last time.Time
 	for {
 		var wait time.Duration
 		if id := h.cfg.Identity.Get(); id != nil {
@@ -103,6 +104,9 @@ func (h *Host) renewLoop(ctx context.Context) {
 		} else {
 			wait = minRenewRetry // not enrolled yet
 		}
+		// Never two renewals within minRenewRetry, whatever the
+		// certificates say.
+		wait = max(wait, minRenewRetry-time.Since(last))
 		if wait > 0 {
 			t := time.NewTimer(wait)
 			select {
@@ -116,6 +120,7 @@ func (h *Host) renewLoop(ctx context.Context) {
 		if id == nil || time.Now().Before(pki.RenewAt(id.Cert.Leaf)) {
 			continue
 		}
+		last = time.Now()
 		err := RenewIdentity(ctx, h.cfg.Renew, h.cfg.DataDir, h.cfg.Identity)
 		if err == nil {
 			h.log.Info("host certificate renewed", "expires", h.cfg.Identity.Get().Cert.Leaf.NotAfter)
@@ -137,9 +142,10 @@ func (h *Host) renewLoop(ctx context.Context) {
 // Renewal is how a host reaches the control plane to renew its
 // certificate.
 type Renewal struct {
-	// PlaneURL is the control plane's API; empty: the host never renews
-	// (it enrolls again with a join token minted for it).
-	PlaneURL   string
+	// PlaneURL gives the control plane's API ("" while there is none);
+	// nil: the host never renews (it enrolls again with a join token
+	// minted for it).
+	PlaneURL   func() string
 	HTTPClient *http.Client
 }
 
@@ -165,7 +171,14 @@ func RenewIdentity(ctx context.Context, r Renewal, dataDir string, slot *pki.Slo
 	if err != nil {
 		return err
 	}
-	c := api.NewClient(r.PlaneURL, "")
+	url := ""
+	if r.PlaneURL != nil {
+		url = r.PlaneURL()
+	}
+	if url == "" {
+		return errors.New("renew: no control plane to renew with")
+	}
+	c := api.NewClient(url, "")
 	if r.HTTPClient != nil {
 		c.HTTPClient = r.HTTPClient
 	}
@@ -173,7 +186,7 @@ func RenewIdentity(ctx context.Context, r Renewal, dataDir string, slot *pki.Slo
 	defer cancel()
 	resp, err := c.RenewHost(ctx, api.RenewHostInput{CSR: csr, Assertion: as})
 	if err != nil {
-		return fmt.Errorf("renew at %s: %w", r.PlaneURL, err)
+		return fmt.Errorf("renew at %s: %w", url, err)
 	}
 	if _, _, err := pki.CheckHostCert([]byte(resp.CA), []byte(resp.Certificate), pki.Fingerprint(id.CA.Raw), id.HostID, key, time.Now()); err != nil {
 		return fmt.Errorf("renew: %w", err)

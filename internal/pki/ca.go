@@ -165,10 +165,13 @@ func (ca *CA) Issue(role, id string, pub crypto.PublicKey, now time.Time, d time
 	if end.After(ca.Cert.NotAfter) {
 		end = ca.Cert.NotAfter
 	}
+	// Valid a little before now, for clocks behind the CA's: a minute,
+	// or a tenth of a short life (renewal is reckoned from it).
+	skew := min(time.Minute, d/10)
 	tmpl := &x509.Certificate{
 		SerialNumber: newSerial(),
 		Subject:      pkix.Name{CommonName: role + "/" + id},
-		NotBefore:    now.Add(-time.Minute),
+		NotBefore:    now.Add(-skew),
 		NotAfter:     end,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  usage,

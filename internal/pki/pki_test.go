@@ -103,7 +103,7 @@ func newRig(t testing.TB, hostID string) rig {
 	if id.HostID != hostID {
 		t.Fatalf("loaded %q", id.HostID)
 	}
-	for _, f := range []string{keyFile, certFile, caFile, hostsTokenFile} {
+	for _, f := range []string{keyFile, certFile, caFile} {
 		st, err := os.Stat(filepath.Join(dir, f))
 		if err != nil || st.Mode().Perm() != 0o600 {
 			t.Fatalf("%s: %v %v", f, st.Mode(), err)
