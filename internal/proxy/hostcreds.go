@@ -67,11 +67,16 @@ func (p *Proxy) hostDialer() DialFunc {
 }
 
 // secureHop runs the client's handshake on a connection dialed to host's
-// backhaul ("" when the address names no known host), within ctx.
-func (p *Proxy) secureHop(ctx context.Context, c net.Conn, host string) (net.Conn, error) {
+// backhaul ("" when the address names no known host). The host answered the
+// connect: the handshake is bounded by ConnectTimeout, not by the
+// attempt's connect budget (a few round trips), which a burst of
+// handshakes' CPU on a busy host would overrun and take for silence.
+func (p *Proxy) secureHop(_ context.Context, c net.Conn, host string) (net.Conn, error) {
 	if !p.mtls() {
 		return c, nil
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
 	cfg, err := p.cfg.Identity.BackhaulClientTLS(p.cfg.Revoked, host, time.Now)
 	if err != nil {
 		c.Close()

@@ -45,15 +45,17 @@ func (p *Proxy) dialWaiting(tg *route.Target) DialFunc {
 		if err == nil {
 			p.words.sample(host, time.Since(start)) // a connect is answered in a round trip
 			p.suspicion.heard(host)
-			// Over mutual TLS, the handshake (after the sample: it
-			// takes round trips of its own).
-			c, err = p.secureHop(ctx, c, host)
 		}
 		p.waiters.stop(w)
 		if err != nil && context.Cause(ctx) == error(silent) {
 			return nil, silent
 		}
-		return c, err
+		if err != nil {
+			return nil, err
+		}
+		// Over mutual TLS, the handshake: the host answered, so it is
+		// not silent whatever the handshake's CPU takes.
+		return p.secureHop(ctx, c, host)
 	}
 }
 
