@@ -226,6 +226,13 @@ func (s *Server) hostRegistryScope(ctx context.Context, raw string) (registry.Sc
 		return registry.Scope{}, fmt.Errorf("%w: %v", registry.ErrUnauthorized, err)
 	}
 	rec, ok, err := s.hostRecordOf(ctx, hostID)
+	if ok && err == nil && rec.Serial != pki.Serial(leaf) {
+		// The cache may not have the renewal of a moment ago yet.
+		rec, _, err = catalog.GetJSON[hostRecord](ctx, s.ident.hosts, hostID)
+		if errors.Is(err, catalog.ErrNotFound) {
+			ok, err = false, nil
+		}
+	}
 	switch {
 	case err != nil:
 		return registry.Scope{}, err
