@@ -41,8 +41,9 @@ type Config struct {
 	HostsPerRegion int
 	// Dir holds every host's state, one directory per host.
 	Dir string
-	// Token is the API token of every host without a control plane, and
-	// the hosts' shared token (backhaul, registry) with one.
+	// Token is the API token of every host without a control plane and
+	// their shared backhaul token; with one, hosts use their certificates
+	// and Token is only the registry's admin token (the demo image's push).
 	Token string
 	// APIAddr is where the first host serves its Machines API; the others
 	// take the following ports (or random ones when its port is 0).
