@@ -54,8 +54,7 @@ func mtlsPair(t *testing.T, ca *testCA, fastPath bool) (edge, far *Proxy, farRev
 	b = startBackend(t, "m1")
 	m := machine("m1", "fra-1", b.addr)
 	farRevoked = new(pki.Revocations)
-	far = startProxy(t, Config{HostID: "fra-1", Token: "-", Identity: pki.NewSlot(ca.identity(pki.RoleHost, "fra-1")), Revoked: farRevoked})
-	far.cfg.Token = "" // the token is not what the backhaul checks
+	far = startProxy(t, Config{HostID: "fra-1", Identity: pki.NewSlot(ca.identity(pki.RoleHost, "fra-1")), Revoked: farRevoked})
 	edge = startProxy(t, Config{HostID: "ams-1", Identity: pki.NewSlot(ca.identity(pki.RoleHost, "ams-1")), Revoked: new(pki.Revocations),
 		DisableFastPath: !fastPath})
 	bh := map[string]string{"fra-1": far.BackhaulAddr()}
