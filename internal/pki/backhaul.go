@@ -34,7 +34,10 @@ func (s *Slot) BackhaulServerTLS(rev *Revocations, now func() time.Time) *tls.Co
 				// resumed ones too, but a revoked key could still resume).
 				SessionTicketsDisabled: true,
 				VerifyConnection: func(cs tls.ConnectionState) error {
-					return verifyPeerHost(roots, rev, cs, x509.ExtKeyUsageClientAuth, "", now())
+					// Host certificates issued before hosts were
+					// clients too name server auth only: the role
+					// the certificate names is what counts.
+					return verifyPeerHost(roots, rev, cs, x509.ExtKeyUsageAny, "", now())
 				},
 			}, nil
 		},
