@@ -39,13 +39,11 @@ type EnrollHostInput struct {
 	Proof   []byte `json:"proof"`
 }
 
-// EnrollHostResponse is the host's certificate and the CA's (PEM), and the
-// token hosts share for what does not use certificates yet (the proxy's
-// backhaul, image pulls).
+// EnrollHostResponse is the host's certificate and the CA's (PEM): the
+// host's only credential from then on.
 type EnrollHostResponse struct {
 	Certificate string `json:"certificate"`
 	CA          string `json:"ca"`
-	HostsToken  string `json:"hosts_token"`
 	// NATSCredential is the host's own nkey seed on the catalog's NATS
 	// (events, logs, the edge's buckets) and NATSCA the CA (PEM) that
 	// NATS's certificate chains to; empty with an external NATS.

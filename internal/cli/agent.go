@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"net"
@@ -18,7 +19,7 @@ import (
 
 type agentFlags struct {
 	apiAddr, dataDir, tokenFile, region, logLevel, driver, registry string
-	controlPlane, joinTokenFile                                     string
+	controlPlane, joinTokenFile, caFile                             string
 	hostID, gossipAddr, dnsAddr, natsURL                            string
 	natsCreds, natsCA                                               string
 	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts                string
@@ -47,13 +48,18 @@ With a control plane (flame server), a host enrolls once: --join-token-file
 key in <data-dir>/identity (never sent anywhere) and gets a certificate naming
 --host-id; from then on its API serves mutual TLS at --api-addr, the one
 address the control plane calls it at, and answers only the control plane.
-A later start finds the identity and needs no token. Without a control plane,
-the API takes the bearer token in --token-file (or $FLAME_AGENT_TOKEN).
+A later start finds the identity and needs no token. The enrollment checks the
+control plane's API certificate against --ca-file (PEM: the cluster's CA, or
+whatever signed that certificate) when given, else the system's roots. The host
+renews its certificate two thirds into its life through the control plane it
+enrolled with. Without a control plane, the API takes the bearer token in
+--token-file (or $FLAME_AGENT_TOKEN).
 
 In a cluster every host runs a proxy: other hosts' edges deliver requests for
-its machines to --backhaul-addr, authenticated with the hosts' token (the
-control plane's, given at enrollment, or --token-file), so it must be an
-address the other hosts reach. With --edge-addr the
+its machines to --backhaul-addr, over mutual TLS between the hosts'
+certificates (or, without a control plane, with the token of --token-file,
+which every host then shares), so it must be an address the other hosts reach.
+An enrolled host pulls images from --registry with its certificate. With --edge-addr the
 host is an edge too: it takes clients' requests for <app>.<edge-domain> and
 sends each to the best machine of the app, here or on another host, and serves
 the raw TCP services (ports with handlers none or proxy_proto) whose public
@@ -66,7 +72,8 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for the agent's state (required)")
 	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the bearer token the API requires, without a control plane (or $FLAME_AGENT_TOKEN)")
 	fs.StringVar(&f.joinTokenFile, "join-token-file", "", "file holding a one-time join token, to enroll with the control plane (or $FLAME_JOIN_TOKEN)")
-	fs.StringVar(&f.controlPlane, "control-plane", "", "the control plane's API (http://host:port) to enroll with")
+	fs.StringVar(&f.controlPlane, "control-plane", "", "the control plane's API (https://host:port) to enroll with")
+	fs.StringVar(&f.caFile, "ca-file", "", "PEM certificates the control plane's API certificate must chain to (default: the system's roots)")
 	fs.StringVar(&f.region, "region", "ams", "region of this host")
 	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: sandbox, exec (host processes: needs --allow-host-exec) or auto (as root the sandbox or an error; else exec, with --allow-host-exec)")
 	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs, so any token that may create a machine runs commands on this host")
@@ -119,17 +126,28 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", f.apiAddr, err)
 	}
+	planeClient, err := planeHTTPClient(f.caFile)
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	if cred.join != "" {
 		id, err := host.Enroll(c.Context(), host.Enrollment{DataDir: f.dataDir, PlaneURL: f.controlPlane, JoinToken: cred.join,
-			HostID: f.hostID, Region: f.region, APIAddr: ln.Addr().String()})
+			HostID: f.hostID, Region: f.region, APIAddr: ln.Addr().String(), HTTPClient: planeClient})
 		if err != nil {
 			ln.Close()
 			return err
 		}
-		cred.identity, cred.token = id, id.HostsToken
+		cred.identity = id
 		fmt.Fprintf(c.ErrOrStderr(), "flame agent: enrolled as %s (identity in %s)\n", f.hostID, host.IdentityDir(f.dataDir))
 	}
-	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log})
+	var slot *pki.Slot
+	dc := host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log}
+	if cred.identity != nil {
+		slot = pki.NewSlot(cred.identity)
+		dc.RegistryCredential = host.RegistryCredential(slot)
+	}
+	d, kind, err := host.NewDriver(dc)
 	if err != nil {
 		ln.Close()
 		return err
@@ -143,8 +161,10 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		}
 	}
 	hc := host.Config{DataDir: f.dataDir, Region: f.region, Listener: ln, Token: cred.token, Driver: d, Logger: log, Join: f.join}
-	if cred.identity != nil {
-		hc.Identity = pki.NewSlot(cred.identity)
+	if slot != nil {
+		hc.Identity = slot
+		plane := cmp.Or(f.controlPlane, host.EnrolledWith(f.dataDir))
+		hc.Renew = host.Renewal{PlaneURL: func() string { return plane }, HTTPClient: planeClient}
 	}
 	var bus *catalog.NATS
 	if f.natsURL != "" {
@@ -241,9 +261,8 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	return h.Close()
 }
 
-// agentCreds are what a host authenticates with: an enrolled identity (and
-// the hosts' token it came with), a join token to enroll with, or a token
-// of its own without a control plane.
+// agentCreds are what a host authenticates with: an enrolled identity, a
+// join token to enroll with, or a token without a control plane.
 type agentCreds struct {
 	identity *pki.HostIdentity
 	join     string
@@ -263,7 +282,7 @@ func agentCredentials(f agentFlags) (agentCreds, error) {
 		if f.hostID != "" && f.hostID != id.HostID {
 			return cr, usageError{fmt.Errorf("--host-id %s: this data dir is enrolled as %s", f.hostID, id.HostID)}
 		}
-		return agentCreds{identity: id, token: id.HostsToken}, nil
+		return agentCreds{identity: id}, nil
 	}
 	if cr.join, err = readSecret("join-token-file", f.joinTokenFile, "FLAME_JOIN_TOKEN"); err != nil {
 		return cr, err

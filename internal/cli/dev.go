@@ -166,9 +166,13 @@ func runDev(c *cobra.Command, f devFlags) error {
 			if h.Index > 0 {
 				kind = kinds[0] // decided (and warned about) once, for the first host
 			}
-			d, kind, err := host.NewDriver(host.DriverConfig{Kind: kind, DataDir: filepath.Join(f.dataDir, h.ID),
+			dc := host.DriverConfig{Kind: kind, DataDir: filepath.Join(f.dataDir, h.ID),
 				Registry: h.RegistryAddr, RegistryToken: f.token, Dial: h.Dial,
-				Instance: instance, Index: h.Index, AllowHostExec: allowHostExec, Logger: log.With("host", h.ID)})
+				Instance: instance, Index: h.Index, AllowHostExec: allowHostExec, Logger: log.With("host", h.ID)}
+			if h.Identity != nil { // enrolled hosts pull with their certificates
+				dc.RegistryToken, dc.RegistryCredential = "", host.RegistryCredential(h.Identity)
+			}
+			d, kind, err := host.NewDriver(dc)
 			if err != nil {
 				return nil, err
 			}

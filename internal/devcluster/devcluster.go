@@ -41,8 +41,9 @@ type Config struct {
 	HostsPerRegion int
 	// Dir holds every host's state, one directory per host.
 	Dir string
-	// Token is the API token of every host without a control plane, and
-	// the hosts' shared token (backhaul, registry) with one.
+	// Token is the API token of every host without a control plane and
+	// their shared backhaul token; with one, hosts use their certificates
+	// and Token is only the registry's admin token (the demo image's push).
 	Token string
 	// APIAddr is where the first host serves its Machines API; the others
 	// take the following ports (or random ones when its port is 0).
@@ -173,6 +174,9 @@ type HostSpec struct {
 	// Dial is how the host dials the cluster's APIs (the registry): over
 	// the simulated network, from the host's region.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Identity is the host's, once enrolled (nil in a cluster of hosts
+	// only): it pulls images with it (host.RegistryCredential).
+	Identity *pki.Slot
 }
 
 // Cluster is a running dev cluster.
@@ -541,9 +545,20 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 			regAddr = strings.TrimPrefix(c.Hosts[0].APIURL, "http://")
 		}
 	}
+	var slot *pki.Slot
+	if c.cfg.ControlPlane || c.cfg.Identities {
+		// Served over mutual TLS once enrolled (at once when the data dir
+		// holds an identity from before).
+		hid, err := host.LoadIdentity(filepath.Join(c.cfg.Dir, id))
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		slot = pki.NewSlot(hid)
+	}
 	var d driver.Driver
 	if c.cfg.NewHostDriver != nil {
-		d, err = c.cfg.NewHostDriver(HostSpec{ID: id, Region: region, Index: i, RegistryAddr: regAddr, Dial: c.sim.dialerFrom(id)})
+		d, err = c.cfg.NewHostDriver(HostSpec{ID: id, Region: region, Index: i, RegistryAddr: regAddr, Dial: c.sim.dialerFrom(id), Identity: slot})
 	} else {
 		d, err = c.cfg.NewDriver(id, i, regAddr)
 	}
@@ -573,15 +588,15 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
 	}
-	if c.cfg.ControlPlane || c.cfg.Identities {
-		// Served over mutual TLS once enrolled (at once when the data dir
-		// holds an identity from before).
-		id, err := host.LoadIdentity(hc.DataDir)
-		if err != nil {
-			closeAll()
-			return nil, err
-		}
-		hc.Identity = pki.NewSlot(id)
+	if slot != nil {
+		hc.Identity = slot
+		// Renewed with the control plane of the moment.
+		hc.Renew = host.Renewal{PlaneURL: func() string {
+			if p := c.LivePlane(); p != nil && !c.PlaneDown() {
+				return p.URL()
+			}
+			return ""
+		}}
 	}
 	if seed != "" {
 		hc.Join = []string{seed}

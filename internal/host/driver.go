@@ -31,6 +31,9 @@ type DriverConfig struct {
 	// from ("flame/demo-app" → "<Registry>/flame/demo-app").
 	Registry      string
 	RegistryToken string
+	// RegistryCredential, used when RegistryToken is empty, gives the
+	// token for each pull (an enrolled host's: RegistryCredential).
+	RegistryCredential func() string
 	// Dial, when set, opens the image store's connections to registries
 	// (a dev cluster's simulated network).
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -127,10 +130,13 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 		Logger:      cfg.Logger,
 		DialContext: cfg.Dial,
 		Auth: func(registry string) string {
-			if registry == cfg.Registry {
-				return cfg.RegistryToken
+			if registry != cfg.Registry {
+				return ""
 			}
-			return ""
+			if cfg.RegistryToken == "" && cfg.RegistryCredential != nil {
+				return cfg.RegistryCredential()
+			}
+			return cfg.RegistryToken
 		},
 	})
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/flamehq/flame/api"
@@ -15,8 +16,8 @@ import (
 )
 
 // IdentityDir is where a host keeps its identity: its key (made there, never
-// sent anywhere), its certificate, the CA's and the hosts' token, each
-// readable by the owner only.
+// sent anywhere), its certificate, the CA's and the last revocation list
+// the control plane pushed, each readable by the owner only.
 func IdentityDir(dataDir string) string { return filepath.Join(dataDir, "identity") }
 
 // LoadIdentity reads the identity a host enrolled with before, or nil when
@@ -74,16 +75,30 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 	if _, _, err := pki.CheckHostCert([]byte(resp.CA), []byte(resp.Certificate), tok.CAFingerprint, e.HostID, key, time.Now()); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
-	if resp.HostsToken == "" {
-		return nil, errors.New("enroll: the control plane sent no hosts' token")
+	if err := pki.SaveHostIdentity(dir, []byte(resp.CA), []byte(resp.Certificate)); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
 	}
 	if err := saveNATSCredential(dir, resp.NATSCredential, resp.NATSCA); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
-	if err := pki.SaveHostIdentity(dir, []byte(resp.CA), []byte(resp.Certificate), resp.HostsToken); err != nil {
+	// Where the certificate is renewed, on later starts too.
+	if err := atomicfile.Write(filepath.Join(dir, planeURLFile), []byte(e.PlaneURL+"\n"), dir); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
 	return pki.LoadHostIdentity(dir)
+}
+
+// planeURLFile keeps the control plane's API the host enrolled with.
+const planeURLFile = "plane-url"
+
+// EnrolledWith is the control plane's API the host in dataDir enrolled
+// with ("" when unknown).
+func EnrolledWith(dataDir string) string {
+	b, err := os.ReadFile(filepath.Join(IdentityDir(dataDir), planeURLFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // DataDir is where the host keeps its state.

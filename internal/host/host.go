@@ -37,13 +37,17 @@ type Config struct {
 	// Listener is where the Machines API is served.
 	Listener net.Listener
 	// Token is the bearer token the API requires, unless Identity is set;
-	// hosts share it for the proxy's backhaul too.
+	// hosts share it for the proxy's backhaul too. Not needed with
+	// Identity: hosts enrolled with a control plane hold no shared secret.
 	Token string
 	// Identity, when set, is the host's enrolled identity (possibly given
 	// later, through the slot): the API is served over TLS with the
 	// host's certificate and answers only clients presenting a control
 	// plane's certificate from the same CA; tokens are not accepted.
 	Identity *pki.Slot
+	// Renew is where the identity's certificate is renewed (hostcreds.go);
+	// without a PlaneURL it is not.
+	Renew Renewal
 	// Driver runs the workloads.
 	Driver driver.Driver
 	// Backoff spaces automatic restarts (zero: the agent's default).
@@ -72,8 +76,9 @@ type Config struct {
 
 // ProxyConfig is the host's part of the edge proxy: every host delivers what
 // the edges send its machines over the backhaul; a host with an Edge
-// listener takes clients' requests too. The hosts' Token authenticates the
-// backhaul.
+// listener takes clients' requests too. The host's Identity authenticates
+// the backhaul (mutual TLS between hosts' certificates); without one, the
+// hosts' shared Token.
 type ProxyConfig struct {
 	// Edge is the public listener (nil: no edge on this host).
 	Edge net.Listener
@@ -123,8 +128,8 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Listener == nil:
 		return errors.New("host: listener is required")
-	case c.Token == "":
-		return errors.New("host: token is required")
+	case c.Token == "" && c.Identity == nil:
+		return errors.New("host: a token or an identity is required")
 	case (c.Proxy.Edge != nil || c.Proxy.Backhaul != nil) && c.Cluster.HostID == "":
 		return errors.New("host: the proxy routes by the cluster: a host id is required")
 	case c.Proxy.Edge != nil && c.Proxy.Backhaul == nil:
@@ -152,6 +157,7 @@ type Host struct {
 	srv     *http.Server
 	dns     *dns.Server
 	kick    chan struct{} // the agent's machines changed
+	revoked *pki.Revocations
 	stop    context.CancelFunc
 	wg      sync.WaitGroup
 }
@@ -184,8 +190,12 @@ func New(cfg Config) (*Host, error) {
 	}
 	h.Agent = ag
 	auth := httpapi.TokenAuth(cfg.Token)
+	h.revoked = new(pki.Revocations)
 	if cfg.Identity != nil {
 		auth = controlPlaneAuth
+		if err := loadRevocations(cfg.DataDir, h.revoked); err != nil {
+			h.log.Warn("revocation list kept from before", "err", err)
+		}
 	}
 	api, err := httpapi.New(httpapi.Config{Backend: ag, Authenticate: auth, Logger: cfg.Logger})
 	if err != nil {
@@ -194,6 +204,7 @@ func New(cfg Config) (*Host, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/", api.Handler())
+	mux.Handle("PUT /v1/host/revocations", h.revocationsHandler(auth))
 	if cfg.Registry != nil {
 		mux.Handle("/v2/", cfg.Registry)
 	}
@@ -218,7 +229,7 @@ func New(cfg Config) (*Host, error) {
 			h.Proxy, err = proxy.New(proxy.Config{
 				HostID: cc.HostID, Region: cfg.Region, Domain: cfg.Proxy.Domain, Port: cfg.Proxy.Port,
 				Edge: cfg.Proxy.Edge, Backhaul: cfg.Proxy.Backhaul, Dial: cfg.Proxy.Dial,
-				Token: cfg.Token, Source: h.Cluster, Logger: cfg.Logger,
+				Token: cfg.Token, Identity: cfg.Identity, Revoked: h.revoked, Source: h.Cluster, Logger: cfg.Logger,
 				Start: h.autostart, AutostartTimeout: cfg.Proxy.AutostartTimeout,
 				Autostop: proxy.AutostopConfig{Stop: h.autostop, Interval: cfg.Proxy.AutostopInterval, OnDrain: h.machinesChanged},
 				TCPPorts: cfg.Proxy.TCPPorts, ListenTCP: cfg.Proxy.ListenTCP,
@@ -353,6 +364,9 @@ func (h *Host) Start(ctx context.Context) error {
 				return err
 			}
 		}
+	}
+	if h.cfg.Identity != nil && h.cfg.Renew.PlaneURL != nil {
+		h.wg.Go(func() { h.renewLoop(bg) })
 	}
 	h.wg.Add(1)
 	go func() {

@@ -30,11 +30,11 @@ const (
 	RoleControl = "control"
 )
 
-// Validity of what the CA issues. Hosts have no renewal yet: a host is
-// enrolled again (a join token for its id) before its certificate ends.
+// Validity of what the CA issues. A host renews its certificate once
+// RenewAfter of its life is gone (renew.go).
 const (
 	CAValidity      = 10 * 365 * 24 * time.Hour
-	HostValidity    = 365 * 24 * time.Hour
+	HostValidity    = 90 * 24 * time.Hour
 	ControlValidity = 7 * 24 * time.Hour
 )
 
@@ -147,12 +147,14 @@ func (ca *CA) Issue(role, id string, pub crypto.PublicKey, now time.Time, d time
 	if !ValidID(id) {
 		return nil, fmt.Errorf("pki: invalid id %q", api.Clip(id, 80))
 	}
-	var usage x509.ExtKeyUsage
+	var usage []x509.ExtKeyUsage
 	switch role {
 	case RoleHost:
-		usage = x509.ExtKeyUsageServerAuth
+		// A host serves its API and its backhaul, and calls other
+		// hosts' backhaul listeners as a client.
+		usage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
 	case RoleControl:
-		usage = x509.ExtKeyUsageClientAuth
+		usage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	default:
 		return nil, fmt.Errorf("pki: unknown role %q", role)
 	}
@@ -163,13 +165,16 @@ func (ca *CA) Issue(role, id string, pub crypto.PublicKey, now time.Time, d time
 	if end.After(ca.Cert.NotAfter) {
 		end = ca.Cert.NotAfter
 	}
+	// Valid a little before now, for clocks behind the CA's: a minute,
+	// or a tenth of a short life (renewal is reckoned from it).
+	skew := min(time.Minute, d/10)
 	tmpl := &x509.Certificate{
 		SerialNumber: newSerial(),
 		Subject:      pkix.Name{CommonName: role + "/" + id},
-		NotBefore:    now.Add(-time.Minute),
+		NotBefore:    now.Add(-skew),
 		NotAfter:     end,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+		ExtKeyUsage:  usage,
 		URIs:         []*url.URL{identityURI(role, id)},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.key)

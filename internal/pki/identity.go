@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,23 +17,35 @@ import (
 
 // The files of a host's identity, in its identity directory (owner only).
 const (
-	keyFile        = "key.pem"
-	certFile       = "cert.pem"
-	caFile         = "ca.pem"
+	keyFile  = "key.pem"
+	certFile = "cert.pem"
+	caFile   = "ca.pem"
+	// hostsTokenFile held the token hosts shared before the backhaul and
+	// the registry took host certificates: SaveHostIdentity removes it.
 	hostsTokenFile = "hosts-token"
 )
 
 // ErrNotEnrolled is an identity directory without a certificate yet.
 var ErrNotEnrolled = errors.New("pki: host not enrolled")
 
-// HostIdentity is what an enrolled host holds: its certificate and key, the
-// CA it trusts, and the hosts' token the control plane gave it (the proxy
-// backhaul and the registry still authenticate with it).
+// HostIdentity is what an enrolled host holds: its certificate and key, and
+// the CA it trusts. It is the host's only credential with the control plane,
+// the other hosts' backhaul listeners and the registry.
 type HostIdentity struct {
-	HostID     string
-	CA         *x509.Certificate
-	Cert       tls.Certificate // Leaf set
-	HostsToken string
+	HostID string
+	CA     *x509.Certificate
+	Cert   tls.Certificate // Leaf set
+	roots  *x509.CertPool
+}
+
+// Roots is a pool holding only the identity's CA.
+func (id *HostIdentity) Roots() *x509.CertPool {
+	if id.roots != nil {
+		return id.roots
+	}
+	p := x509.NewCertPool()
+	p.AddCert(id.CA)
+	return p
 }
 
 // HostKey returns the host's key in dir, making it on first use: it never
@@ -99,8 +110,8 @@ func CheckHostCert(caPEM, certPEM []byte, fingerprint, hostID string, key *ecdsa
 
 // SaveHostIdentity keeps an enrollment's answer (checked by CheckHostCert)
 // in dir beside the key.
-func SaveHostIdentity(dir string, caPEM, certPEM []byte, hostsToken string) error {
-	if err := writePrivate(dir, hostsTokenFile, []byte(hostsToken+"\n")); err != nil {
+func SaveHostIdentity(dir string, caPEM, certPEM []byte) error {
+	if err := os.Remove(filepath.Join(dir, hostsTokenFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	if err := writePrivate(dir, caFile, caPEM); err != nil {
@@ -146,13 +157,10 @@ func LoadHostIdentity(dir string) (*HostIdentity, error) {
 	if err != nil {
 		return nil, err
 	}
-	tok, err := os.ReadFile(filepath.Join(dir, hostsTokenFile))
-	if err != nil {
-		return nil, err
-	}
-	return &HostIdentity{HostID: id, CA: ca,
-		Cert:       tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert},
-		HostsToken: strings.TrimSpace(string(tok))}, nil
+	out := &HostIdentity{HostID: id, CA: ca,
+		Cert: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
+	out.roots = out.Roots()
+	return out, nil
 }
 
 // Slot holds a host's identity once it has one: a host may serve before it

@@ -93,17 +93,17 @@ func newRig(t testing.TB, hostID string) rig {
 	if _, _, err := CheckHostCert(ca.CertPEM(), CertPEM(cert.Raw), ca.Fingerprint(), hostID, key, t0); err != nil {
 		t.Fatal(err)
 	}
-	if err := SaveHostIdentity(dir, ca.CertPEM(), CertPEM(cert.Raw), "hosts-token"); err != nil {
+	if err := SaveHostIdentity(dir, ca.CertPEM(), CertPEM(cert.Raw)); err != nil {
 		t.Fatal(err)
 	}
 	id, err := LoadHostIdentity(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if id.HostID != hostID || id.HostsToken != "hosts-token" {
-		t.Fatalf("loaded %q %q", id.HostID, id.HostsToken)
+	if id.HostID != hostID {
+		t.Fatalf("loaded %q", id.HostID)
 	}
-	for _, f := range []string{keyFile, certFile, caFile, hostsTokenFile} {
+	for _, f := range []string{keyFile, certFile, caFile} {
 		st, err := os.Stat(filepath.Join(dir, f))
 		if err != nil || st.Mode().Perm() != 0o600 {
 			t.Fatalf("%s: %v %v", f, st.Mode(), err)

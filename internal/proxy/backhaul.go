@@ -30,7 +30,7 @@ func backhaulProtocols() *http.Protocols {
 func (p *Proxy) hostTransports() (mux, upgrade *http.Transport) {
 	// The far proxy times its machine out first and says so.
 	timeout := p.cfg.ResponseHeaderTimeout + time.Second
-	mux = p.transport(p.cfg.Dial, 256, timeout)
+	mux = p.transport(p.dialHost, 256, timeout)
 	mux.Protocols = new(http.Protocols)
 	mux.Protocols.SetUnencryptedHTTP2(true)
 	// A request finding every pooled connection's streams taken (250 on
@@ -44,7 +44,7 @@ func (p *Proxy) hostTransports() (mux, upgrade *http.Transport) {
 		SendPingTimeout: 15 * time.Second,
 		PingTimeout:     5 * time.Second,
 	}
-	upgrade = p.transport(p.cfg.Dial, 256, timeout)
+	upgrade = p.transport(p.dialHost, 256, timeout)
 	return mux, upgrade
 }
 

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"testing"
 
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -16,7 +17,10 @@ import (
 // (h2c) and, for comparison, over the HTTP/1.1 keep-alive pool it used
 // before (the pool upgrades still use); "fast" is an edge on its fast
 // path, which keeps HTTP/1.1 connections of its own to the far host. One
-// request at a time, and 64 at once.
+// request at a time, and 64 at once. The backhaul runs over mutual TLS
+// between the hosts' certificates (hostcreds.go); revisions before it
+// checked a shared token, so bench/compare-revs.sh puts the two side by
+// side.
 //
 //	go test ./internal/proxy -run '^$' -bench CrossHost -benchmem
 func BenchmarkCrossHost(b *testing.B) {
@@ -33,6 +37,7 @@ func BenchmarkCrossHost(b *testing.B) {
 	m := machine("m1", "fra-1", ln.Addr().(*net.TCPAddr))
 	m.Services[0].SoftLimit, m.Services[0].HardLimit = 1000, 1000
 
+	ca := newTestCA(b)
 	start := func(host string, edge, fastPath bool) *Proxy {
 		var edgeLn net.Listener
 		if edge {
@@ -44,7 +49,8 @@ func BenchmarkCrossHost(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		p, err := New(Config{HostID: host, Region: host[:3], Token: testToken, Edge: edgeLn, Backhaul: bh,
+		p, err := New(Config{HostID: host, Region: host[:3], Edge: edgeLn, Backhaul: bh,
+			Identity: pki.NewSlot(ca.identity(pki.RoleHost, host)), Revoked: new(pki.Revocations),
 			Logger: slog.New(slog.DiscardHandler), DisableFastPath: !fastPath})
 		if err != nil {
 			b.Fatal(err)

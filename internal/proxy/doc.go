@@ -3,8 +3,9 @@
 // route table (internal/proxy/route) rebuilt on every cluster change, and
 // delivers each request to the first that takes it — straight to the
 // machine's private address when it runs on this host, else over the
-// backhaul to the proxy of the machine's host, which checks the hop's token
-// and delivers to its own machine. A refused connect, a reset before the
+// backhaul to the proxy of the machine's host, which checks the hop's
+// credential (mutual TLS between hosts' certificates, or a shared token
+// without a control plane: hostcreds.go) and delivers to its own machine. A refused connect, a reset before the
 // response started, or the far host answering that the machine is not
 // running there moves the request to the next candidate at once; bodies up
 // to MaxBufferedBody are buffered so the retry is safe. Circuit breakers
@@ -28,5 +29,5 @@
 // ports) and the backhaul (other hosts' proxies only). A request on the
 // edge never chooses its machine or address
 // itself: the internal headers that name a machine are stripped there and
-// honoured only on the backhaul, with the hosts' shared token.
+// honoured only on the backhaul, from another host.
 package proxy

@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -599,9 +598,9 @@ func clipHost(h string) string {
 }
 
 // serveBackhaul delivers what another host's edge sent for a machine of
-// this host, once the hop has shown the hosts' token.
+// this host, once the hop has shown a host's credential (hostcreds.go).
 func (p *Proxy) serveBackhaul(w http.ResponseWriter, r *http.Request) {
-	if tok := r.Header.Get(hdrToken); tok == "" || subtle.ConstantTimeCompare([]byte(tok), []byte(p.cfg.Token)) != 1 {
+	if !p.backhaulAuthorized(r) {
 		p.fail(w, "", http.StatusForbidden, codeForbidden, "the backhaul takes requests from the cluster's hosts only")
 		return
 	}

@@ -139,7 +139,7 @@ func startProxy(t *testing.T, cfg Config) *Proxy {
 	if cfg.Region == "" {
 		cfg.Region, _, _ = strings.Cut(cfg.HostID, "-")
 	}
-	if cfg.Token == "" {
+	if cfg.Token == "" && cfg.Identity == nil {
 		cfg.Token = testToken
 	}
 	if cfg.Logger == nil {

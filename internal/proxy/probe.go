@@ -181,7 +181,7 @@ func (p *Proxy) probeHost(ctx context.Context, host, addr string, rtt time.Durat
 
 // probeTransport dials a new connection for every probe.
 func (p *Proxy) probeTransport() *http.Transport {
-	tr := p.transport(p.cfg.Dial, 1, 0)
+	tr := p.transport(p.dialHost, 1, 0)
 	tr.DisableKeepAlives = true
 	return tr
 }

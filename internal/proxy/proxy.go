@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/flamehq/flame/internal/httpserve"
+	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
@@ -61,8 +62,13 @@ type Config struct {
 	// nil dials over the host's network.
 	DialMachine DialFunc
 	// Token is the secret every host shares: a backhaul request must carry
-	// it to name the machine it is for.
+	// it to name the machine it is for. Unused with Identity.
 	Token string
+	// Identity, when set, is the host's certificate: the backhaul runs
+	// over mutual TLS between hosts' certificates (hostcreds.go), and
+	// Revoked names those refused.
+	Identity *pki.Slot
+	Revoked  *pki.Revocations
 	// Source is the cluster the route table is built from, on every change.
 	Source Source
 	Logger *slog.Logger
@@ -200,8 +206,8 @@ func (c *Config) Validate() error {
 		return errors.New("proxy: host id is required")
 	case c.Region == "":
 		return errors.New("proxy: region is required")
-	case c.Token == "":
-		return errors.New("proxy: the hosts' token is required")
+	case c.Token == "" && c.Identity == nil:
+		return errors.New("proxy: the hosts' token or a host identity is required")
 	case c.Edge == nil && c.Backhaul == nil:
 		return errors.New("proxy: an edge or a backhaul listener is required")
 	case c.Port < 1 || c.Port > 65535:
@@ -251,6 +257,7 @@ type Proxy struct {
 	seq      atomic.Uint64
 	toSelf   *http.Transport // to this host's machines
 	toHosts  *http.Transport // to other hosts' backhaul listeners
+	dialHost DialFunc        // to other hosts' backhaul listeners (hostcreds.go)
 	servers  []*http.Server
 	edge     *edgeServer // the edge listener's fast path; nil when disabled
 	// upgraded are the connections switched to another protocol.
@@ -283,6 +290,8 @@ func New(cfg Config) (*Proxy, error) {
 	p.regions.now = cfg.Now
 	p.buffered.give(cfg.MaxBufferedTotal)
 	p.tcp = newTCPEdge(p)
+	p.dialHost = p.hostDialer()
+	p.cfg.Backhaul = p.newBackhaulListener(cfg.Backhaul)
 	p.toSelf = p.transport(cfg.DialMachine, 64, cfg.ResponseHeaderTimeout)
 	p.toHosts, p.toHostsUpgrade = p.hostTransports()
 	p.toProbe = p.probeTransport()

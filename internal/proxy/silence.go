@@ -50,7 +50,12 @@ func (p *Proxy) dialWaiting(tg *route.Target) DialFunc {
 		if err != nil && context.Cause(ctx) == error(silent) {
 			return nil, silent
 		}
-		return c, err
+		if err != nil {
+			return nil, err
+		}
+		// Over mutual TLS, the handshake: the host answered, so it is
+		// not silent whatever the handshake's CPU takes.
+		return p.secureHop(ctx, c, host)
 	}
 }
 

@@ -302,7 +302,7 @@ func (p *Proxy) dialTCP(ctx context.Context, st *state, tg *route.Target, port i
 	}
 	dctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
-	c, err := p.cfg.Dial(dctx, "tcp", addr)
+	c, err := p.dialHost(dctx, "tcp", addr)
 	if err != nil {
 		return nil, nil, &connectError{addr: addr, err: err}
 	}

@@ -31,7 +31,7 @@ import (
 // address it enrolled with, over mutual TLS, and only while it is not
 // revoked.
 const (
-	bucketAuthority  = "authority"  // "ca" → caRecord, "hosts-token" → sealedValue
+	bucketAuthority  = "authority"  // "ca" → caRecord
 	bucketHosts      = "hosts"      // host id → hostRecord
 	bucketJoinTokens = "jointokens" // token id → joinTokenRecord, expiring
 )
@@ -51,10 +51,6 @@ type caRecord struct {
 	SealedKey []byte `json:"sealed_key"`
 }
 
-type sealedValue struct {
-	Sealed []byte `json:"sealed"`
-}
-
 type hostRecord struct {
 	ID        string    `json:"id"`
 	Region    string    `json:"region"`
@@ -67,6 +63,9 @@ type hostRecord struct {
 	// NATSKey is the public nkey the host's credential on the catalog's
 	// NATS signs with (natsauth.go); "" with an external NATS.
 	NATSKey string `json:"nats_key,omitempty"`
+	// Superseded are the host's earlier certificates it replaced by
+	// renewing, until each ends (hosts_creds.go).
+	Superseded []supersededCert `json:"superseded,omitempty"`
 }
 
 type joinTokenRecord struct {
@@ -78,13 +77,16 @@ type joinTokenRecord struct {
 
 // identity is the control plane's side of host identities.
 type identity struct {
-	ca         *pki.CA
-	roots      *x509.CertPool
-	control    *pki.ControlCert
-	hostsToken string
-	hosts      catalog.Bucket
-	tokens     catalog.Bucket
-	cache      *cache[hostRecord]
+	ca      *pki.CA
+	roots   *x509.CertPool
+	control *pki.ControlCert
+	hosts   catalog.Bucket
+	tokens  catalog.Bucket
+	cache   *cache[hostRecord]
+	// revKick asks for the revocation list to be pushed to the hosts;
+	// orgs are the orgs with machines on each host (hosts_creds.go).
+	revKick chan struct{}
+	orgs    hostOrgs
 	// template is the transport each host's own is cloned from.
 	template *http.Transport
 
@@ -103,19 +105,18 @@ type hostConn struct {
 
 // AAD names for what the secrets key seals here, apart from apps' secrets.
 const (
-	sealCA         = "cluster-ca"
-	sealHostsToken = "hosts-token"
-	sealJoinToken  = "join-token"
+	sealCA        = "cluster-ca"
+	sealJoinToken = "join-token"
 )
 
-// loadIdentity reads (or, the first time, makes) the cluster's CA and the
-// hosts' token from the catalog.
+// loadIdentity reads (or, the first time, makes) the cluster's CA from the
+// catalog.
 func (s *Server) loadIdentity(ctx context.Context) error {
 	auth, err := s.cfg.Catalog.Bucket(bucketAuthority)
 	if err != nil {
 		return fmt.Errorf("server: bucket %s: %w", bucketAuthority, err)
 	}
-	id := &identity{conns: map[string]*hostConn{}, cache: newCache[hostRecord]()}
+	id := &identity{conns: map[string]*hostConn{}, cache: newCache[hostRecord](), revKick: make(chan struct{}, 1)}
 	if id.hosts, err = s.cfg.Catalog.Bucket(bucketHosts); err != nil {
 		return fmt.Errorf("server: bucket %s: %w", bucketHosts, err)
 	}
@@ -143,26 +144,12 @@ func (s *Server) loadIdentity(ctx context.Context) error {
 	var name [8]byte
 	rand.Read(name[:])
 	id.control = pki.NewControlCert(id.ca, "plane-"+hex.EncodeToString(name[:]), time.Now)
-	id.hostsToken = s.cfg.AgentToken
-	if id.hostsToken == "" {
-		tr, err := loadOrCreate(ctx, auth, "hosts-token", func() (sealedValue, error) {
-			return sealedValue{Sealed: s.aead.seal(sealHostsToken, "token", newTokenSecret())}, nil
-		})
-		if err != nil {
-			return fmt.Errorf("server: hosts' token: %w", err)
-		}
-		if id.hostsToken, err = s.aead.open(sealHostsToken, "token", tr.Sealed); err != nil {
-			return fmt.Errorf("server: the secret key does not open the hosts' token")
-		}
-	}
 	if t, ok := s.cfg.HTTPClient.Transport.(*http.Transport); ok {
 		id.template = t.Clone()
 	} else {
 		id.template = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	s.ident = id
-	// The registry's check of the hosts' token reads it from the config.
-	s.cfg.AgentToken = id.hostsToken
 	return nil
 }
 
@@ -196,10 +183,6 @@ func loadOrCreate[T any](ctx context.Context, b catalog.Bucket, key string, make
 	}
 	return v, err
 }
-
-// HostsToken is the token hosts share for what does not use certificates
-// yet (the proxy's backhaul, image pulls); enrollment hands it to hosts.
-func (s *Server) HostsToken() string { return s.ident.hostsToken }
 
 // CAFingerprint is the cluster's CA certificate's SHA-256.
 func (s *Server) CAFingerprint() string { return s.ident.ca.Fingerprint() }
@@ -444,6 +427,7 @@ func (s *Server) revokeHost(w http.ResponseWriter, r *http.Request) error {
 	}
 	s.dropHostConn(id)
 	s.setNATSUser(hostRecord{ID: id, Revoked: true})
+	s.kickRevocations()
 	s.log.Warn("host revoked", "host", id)
 	httpapi.WriteJSON(w, http.StatusOK, api.OK{OK: true})
 	return nil
@@ -512,7 +496,7 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	}); err != nil {
 		return nil, err
 	}
-	cert, err := s.ident.ca.Issue(pki.RoleHost, in.HostID, pub, time.Now(), pki.HostValidity)
+	cert, err := s.ident.ca.Issue(pki.RoleHost, in.HostID, pub, time.Now(), s.hostCertValidity())
 	if err != nil {
 		return nil, err
 	}
@@ -538,8 +522,9 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	// Admitted by this plane's NATS at once, not only when the watch
 	// brings the record: the host connects right after this answer.
 	s.setNATSUser(rec)
+	s.kickRevocations()
 	s.log.Info("host enrolled", "host", in.HostID, "region", in.Region, "api", in.APIAddr)
-	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()), HostsToken: s.ident.hostsToken}
+	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM())}
 	if natsSeed != nil {
 		out.NATSCredential, out.NATSCA = string(natsSeed), string(s.cfg.CatalogCA)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/image/registry"
+	"github.com/flamehq/flame/internal/pki"
 )
 
 // ImageResolver is the platform registry as creates see it: the manifest
@@ -23,15 +24,18 @@ type ImageResolver interface {
 // RegistryScope is the registry's check of a token (registry.Config.Auth).
 // A token of the catalog passes the same check as on the API (lookupToken:
 // unknown, revoked and expired tokens are refused) and reaches its org's repositories —
-// read-only ones to pull — or, for an admin, every repository. The hosts'
-// token reaches every repository: hosts pull the images of every org's
-// machines, which creates checked.
+// read-only ones to pull — or, for an admin, every repository. A host's
+// assertion (made from its certificate) pulls the public namespace and the
+// repositories of the orgs with a machine on it (hosts_creds.go).
 func (s *Server) RegistryScope(ctx context.Context, raw string) (registry.Scope, error) {
 	if raw == "" {
 		return registry.Scope{}, registry.ErrUnauthorized
 	}
-	if subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
+	if s.cfg.AgentToken != "" && subtle.ConstantTimeCompare([]byte(raw), []byte(s.cfg.AgentToken)) == 1 {
 		return registry.Scope{Admin: true}, nil
+	}
+	if pki.IsAssertion(raw) {
+		return s.hostRegistryScope(ctx, raw)
 	}
 	p, err := s.lookupToken(ctx, raw)
 	if err != nil {

@@ -62,15 +62,18 @@ type Config struct {
 	// restarted after a crash takes its lock back at once rather than
 	// waiting for it to expire.
 	ID string
-	// AgentToken is the token hosts share for what does not use their
-	// certificates yet (the proxy's backhaul, image pulls); enrollment
-	// hands it to them. Empty: one made on the catalog's first use and
-	// kept there, sealed.
+	// AgentToken, when set, is a token the registry takes as an admin's
+	// (pushes and pulls of every repository): a dev cluster's, whose
+	// hosts without a control plane share it. Hosts enrolled with the
+	// control plane never use it: they pull with their certificates.
 	AgentToken string
 	// CatalogCA is the CA (PEM) of the catalog's locked NATS when this
 	// plane embeds it: enrollment then gives each host an nkey of its own
 	// there (natsauth.go). Nil: hosts get none.
 	CatalogCA []byte
+	// HostCertValidity is how long host certificates last (zero:
+	// pki.HostValidity); hosts renew them two thirds in.
+	HostCertValidity time.Duration
 	// SecretKey seals app secrets (32 bytes, AES-256-GCM). Required.
 	SecretKey []byte
 	// HTTPClient calls the hosts (default: a client with sane timeouts).
@@ -290,6 +293,7 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/", s.api)
 	mux.HandleFunc("POST /v1/hosts/enroll", s.enroll) // the join token's proof is the credential
+	mux.HandleFunc("POST /v1/hosts/renew", s.renew)   // the current certificate's assertion is
 	s.handler = mux
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -305,6 +309,8 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	s.wg.Go(func() { s.ident.cache.follow(s.ctx, s, s.ident.hosts, bucketHosts) })
 	s.wg.Go(func() { s.followNATSUsers(s.ctx) })
+	s.wg.Go(func() { s.pushRevocations(s.ctx) })
+	s.kickRevocations()
 	s.wg.Add(4)
 	go func() { defer s.wg.Done(); s.placer.run(s.ctx) }()
 	go func() { defer s.wg.Done(); s.reconcileLoop(s.ctx) }()

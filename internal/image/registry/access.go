@@ -24,6 +24,10 @@ type Scope struct {
 	Org string
 	// ReadOnly tokens pull only.
 	ReadOnly bool
+	// Orgs, when set, says of further orgs whether the token pulls their
+	// repositories (a host's credential: the orgs with a machine on it).
+	// It may ask a store.
+	Orgs func(org string) bool
 }
 
 // Namespace returns the org that owns repository repo: its first path
@@ -40,7 +44,7 @@ func (s Scope) MayPull(repo string) bool {
 		return true
 	}
 	ns := Namespace(repo)
-	return ns == PublicNamespace || s.Org != "" && ns == s.Org
+	return ns == PublicNamespace || s.Org != "" && ns == s.Org || s.Orgs != nil && ns != "" && s.Orgs(ns)
 }
 
 // MayPush reports whether s may write repository repo (upload, tag,
