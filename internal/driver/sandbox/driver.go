@@ -162,6 +162,8 @@ type Driver struct {
 	bridgeIndex int
 	prefixLock  *os.File            // see claimPrefix; nil once closed
 	gateways    map[layout.Org]bool // the orgs whose gateway the bridge has (see orgnet.go)
+	filter      *filter             // nil for a legacy instance (see filter.go)
+	ports       map[string]int      // machine id → host end of its veth, while filtered
 
 	imgMu  sync.Mutex
 	images map[string]*image.Image // by reference, as Prepare resolved it
@@ -227,6 +229,14 @@ func New(cfg Config) (*Driver, error) {
 		stop:   make(chan struct{}),
 	}
 	d.gateways = make(map[layout.Org]bool)
+	d.ports = make(map[string]int)
+	if cfg.Network != 0 {
+		d.filter = newFilter(cfg.Bridge, cfg.Network)
+		if err := d.filter.install(); err != nil {
+			unlockFile(lock)
+			return nil, fmt.Errorf("sandbox driver: %w", err)
+		}
+	}
 	d.prefixLock = lock
 	d.sweepSpares()
 	d.sweepSpareIDs()
@@ -692,6 +702,10 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
 	}
+	if err := d.refilter(spec); err != nil {
+		pidfd.Close()
+		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
+	}
 	s, err := d.watch(h, pidfd, spec.Dir, d.cg.oomFile(spec.MachineID))
 	if err != nil {
 		pidfd.Close()
@@ -733,6 +747,9 @@ func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 				killed = false
 			}
 		}
+	}
+	if err := d.unfilter(spec.MachineID); err != nil {
+		errs = append(errs, err)
 	}
 	if err := d.deleteVeth(spec.MachineID); err != nil {
 		errs = append(errs, err)
@@ -814,13 +831,17 @@ func (d *Driver) Close() error {
 		s.abandon()
 	}
 	d.wg.Wait()
+	var ferr error
+	if d.filter != nil {
+		ferr = d.filter.close()
+	}
 	d.netMu.Lock()
 	if d.prefixLock != nil {
 		unlockFile(d.prefixLock)
 		d.prefixLock = nil
 	}
 	d.netMu.Unlock()
-	return nil
+	return ferr
 }
 
 func (d *Driver) track(s *sandbox) error {

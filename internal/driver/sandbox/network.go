@@ -382,6 +382,11 @@ func (d *Driver) attach(sn *sandboxNet, spec driver.Spec, addr netip.Addr) error
 	if err := sn.h.AddrAdd(eth0, a); err != nil {
 		return fmt.Errorf("address eth0: %w", err)
 	}
+	if d.filter != nil {
+		if err := d.filterPort(machineID, sn.host, addr, spec.Org); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -216,3 +216,59 @@ func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones).Masked(), true
 }
+
+// refilter installs the filter of an adopted machine's veth again: a new
+// driver starts from empty tables.
+func (d *Driver) refilter(spec driver.Spec) error {
+	if d.filter == nil {
+		return nil
+	}
+	l, err := netlink.LinkByName(vethName(spec.MachineID))
+	if err != nil {
+		return fmt.Errorf("veth of %s: %w", spec.MachineID, err)
+	}
+	prefix, err := d.machinePrefix(spec)
+	if err != nil {
+		return err
+	}
+	addr, ok := d.leases.lookup(prefix, spec.MachineID)
+	if !ok {
+		return fmt.Errorf("machine %s holds no address", spec.MachineID)
+	}
+	if err := d.ensureGateway(spec); err != nil {
+		return err
+	}
+	return d.filterPort(spec.MachineID, l.Attrs().Index, addr, spec.Org)
+}
+
+// filterPort installs machine id's filter on the host end (index port) of
+// its veth, and remembers the port so that teardown finds it even when the
+// veth went with the sandbox's namespace.
+func (d *Driver) filterPort(id string, port int, addr netip.Addr, org layout.Org) error {
+	if err := d.filter.allow(port, machineMAC(id), addr, org); err != nil {
+		return err
+	}
+	d.netMu.Lock()
+	d.ports[id] = port
+	d.netMu.Unlock()
+	return nil
+}
+
+// unfilter removes the filter of machine id's veth, if it has one.
+func (d *Driver) unfilter(id string) error {
+	if d.filter == nil {
+		return nil
+	}
+	d.netMu.Lock()
+	port, ok := d.ports[id]
+	delete(d.ports, id)
+	d.netMu.Unlock()
+	if !ok {
+		l, err := netlink.LinkByName(vethName(id))
+		if err != nil {
+			return nil // not filtered by this driver, and no veth to filter
+		}
+		port = l.Attrs().Index
+	}
+	return d.filter.forget(port)
+}

@@ -39,6 +39,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == probeCommand {
 		os.Exit(probeMain())
 	}
+	if len(os.Args) > 1 && os.Args[1] == netProbeCommand {
+		os.Exit(netProbeMain(os.Args[2:]))
+	}
 	if len(os.Args) > 2 && os.Args[1] == stepsCommand {
 		n, _ := strconv.Atoi(os.Args[2])
 		os.Exit(stepsMain(n))

@@ -1,0 +1,246 @@
+package sandbox
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/mesh/layout"
+)
+
+// netProbeCommand makes the test binary (/bin/probe in the test image) a
+// tenant's network tool inside a sandbox:
+//
+//	serve                 a TCP server on :8080 and a UDP echo on :8081
+//	tcp <addr> <port>     connect, print "ok" or the error
+//	udp <addr> <port>     send, wait for the echo, print "ok" or the error
+const netProbeCommand = "sandbox-netprobe"
+
+// probeWait bounds a probe's wait for an answer that must not come: a drop
+// is silence, so a refusal takes this long to show. Answers that must come
+// arrive in well under it on a loaded machine (a round trip on one bridge).
+const probeWait = 2 * time.Second
+
+func netProbeMain(args []string) int {
+	if len(args) == 0 {
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		ln, err := net.Listen("tcp", "[::]:8080")
+		if err != nil {
+			fmt.Println("serve:", err)
+			return 1
+		}
+		pc, err := net.ListenPacket("udp", "[::]:8081")
+		if err != nil {
+			fmt.Println("serve:", err)
+			return 1
+		}
+		go func() {
+			b := make([]byte, 512)
+			for {
+				n, from, err := pc.ReadFrom(b)
+				if err != nil {
+					return
+				}
+				pc.WriteTo(b[:n], from)
+			}
+		}()
+		fmt.Println("serving")
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return 1
+			}
+			c.Write([]byte("hello\n"))
+			c.Close()
+		}
+	case "tcp", "udp":
+		if len(args) != 3 {
+			return 2
+		}
+		fmt.Println(dialProbe(args[0], net.JoinHostPort(args[1], args[2]), nil))
+		return 0
+	}
+	return 2
+}
+
+// dialProbe connects to addr and waits for an answer; from, when set, is
+// the local address to send from.
+func dialProbe(network, addr string, from net.Addr) string {
+	d := net.Dialer{Timeout: probeWait, LocalAddr: from}
+	c, err := d.Dial(network, addr)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(probeWait))
+	if network == "udp" {
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return "error: " + err.Error()
+		}
+	}
+	b := make([]byte, 16)
+	if _, err := c.Read(b); err != nil {
+		return "error: " + err.Error()
+	}
+	return "ok"
+}
+
+// probe runs the net probe in spec's sandbox and returns what it printed.
+func probe(t *testing.T, d *Driver, spec driver.Spec, args ...string) string {
+	t.Helper()
+	res, err := d.Exec(context.Background(), spec, append([]string{"/bin/probe", netProbeCommand}, args...), nil)
+	if err != nil {
+		t.Fatalf("probe %v: %v", args, err)
+	}
+	return strings.TrimSpace(string(res.Stdout) + string(res.Stderr))
+}
+
+// serving starts a machine of org running the probe's servers.
+func serving(t *testing.T, d *Driver, org layout.Org) (driver.Spec, netip.Addr) {
+	t.Helper()
+	spec := testSpec(t, "busybox", "-c", "exec /bin/probe "+netProbeCommand+" serve")
+	spec.Org = org
+	start(t, d, spec)
+	waitLog(t, spec.LogPath, "serving")
+	addr, ok := d.PrivateIP(spec)
+	if !ok {
+		t.Fatal("no private IP")
+	}
+	return spec, addr
+}
+
+// TestOrgIsolation attacks from inside real sandboxes: a machine of org 1
+// reaches its org's other machine on the host (TCP and UDP), and not org
+// 2's machine, nor the host's own services on the bridge (its org's
+// gateway address); the host still reaches the machines (the proxy's way);
+// and a machine that takes over its network namespace (a second address, a
+// spoofed source) gets no packet through.
+func TestOrgIsolation(t *testing.T) {
+	d := newDriver(t, testConfig(t))
+	a1, addrA1 := serving(t, d, 1)
+	_, addrA2 := serving(t, d, 1)
+	_, addrB1 := serving(t, d, 2)
+
+	expect := func(what, got string, ok bool) {
+		t.Helper()
+		if (got == "ok") != ok {
+			t.Errorf("%s: %s, want %s", what, got, map[bool]string{true: "ok", false: "no answer"}[ok])
+		}
+	}
+	for _, proto := range []string{"tcp", "udp"} {
+		port := map[string]string{"tcp": "8080", "udp": "8081"}[proto]
+		expect("org 1 → org 1 over "+proto, probe(t, d, a1, proto, addrA2.String(), port), true)
+		expect("org 1 → org 2 over "+proto, probe(t, d, a1, proto, addrB1.String(), port), false)
+	}
+
+	// A service of the host on the bridge: on org 1's gateway.
+	gw := layout.Place{Network: d.cfg.Network, Org: 1, Host: d.cfg.Host}.Gateway()
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(gw, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("host\n"))
+			c.Close()
+		}
+	}()
+	pc, err := net.ListenPacket("udp", netip.AddrPortFrom(gw, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		b := make([]byte, 512)
+		for {
+			n, from, err := pc.ReadFrom(b)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(b[:n], from)
+		}
+	}()
+	tcpPort := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
+	udpPort := fmt.Sprint(pc.LocalAddr().(*net.UDPAddr).Port)
+	expect("org 1 → the host's TCP service on its gateway", probe(t, d, a1, "tcp", gw.String(), tcpPort), false)
+	expect("org 1 → the host's UDP service on its gateway", probe(t, d, a1, "udp", gw.String(), udpPort), false)
+
+	// The host opens connections to machines (the proxy, health checks),
+	// and their replies come back.
+	expect("host → org 1", dialProbe("tcp", netip.AddrPortFrom(addrA1, 8080).String(), nil), true)
+	expect("host → org 2", dialProbe("udp", netip.AddrPortFrom(addrB1, 8081).String(), nil), true)
+
+	// A tenant with its namespace in hand (as root of a user namespace
+	// would be) adds an address it does not own and sends from it.
+	spoofed, _ := layout.Place{Network: d.cfg.Network, Org: 1, Host: d.cfg.Host}.Addr(0xbad)
+	inSandbox(t, d, a1, func(h *netlink.Handle) {
+		eth0, err := h.LinkByName("eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := h.AddrAdd(eth0, &netlink.Addr{IPNet: ipNet(spoofed, 80), Flags: unix.IFA_F_NODAD}); err != nil {
+			t.Fatal(err)
+		}
+		for _, proto := range []string{"tcp", "udp"} {
+			port := map[string]string{"tcp": "8080", "udp": "8081"}[proto]
+			var from net.Addr = &net.TCPAddr{IP: spoofed.AsSlice()}
+			if proto == "udp" {
+				from = &net.UDPAddr{IP: spoofed.AsSlice()}
+			}
+			expect("spoofed source "+spoofed.String()+" → org 1 over "+proto,
+				dialProbe(proto, net.JoinHostPort(addrA2.String(), port), from), false)
+		}
+		// And from its own address it still gets through.
+		expect("own source after the attempt", dialProbe("tcp", net.JoinHostPort(addrA2.String(), "8080"), &net.TCPAddr{IP: addrA1.AsSlice()}), true)
+	})
+}
+
+// inSandbox runs f on a thread in spec's sandbox's network namespace, with
+// a netlink handle there.
+func inSandbox(t *testing.T, d *Driver, spec driver.Spec, f func(h *netlink.Handle)) {
+	t.Helper()
+	st, err := readState(spec.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _, _ := strings.Cut(st.Handle, ":")
+	ns, err := netns.GetFromPath("/proc/" + pid + "/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		if err := netns.Set(ns); err != nil {
+			t.Error(err)
+			return
+		}
+		f(h)
+	}()
+	<-done
+}
