@@ -186,6 +186,11 @@ func (s *Server) create(ctx context.Context, a app, in api.LaunchMachineInput, r
 		in.Secrets = sec
 	}
 	in.Org = a.Org
+	net, err := s.orgNetwork(ctx, a.Org)
+	if err != nil {
+		return nil, err
+	}
+	in.OrgNetwork = net
 	in.ID = api.NewMachineID()
 	in.Region = ""
 	return s.placer.place(ctx, a, in, regions, it)
