@@ -114,8 +114,8 @@ func (f *filter) install() error {
 	}
 	rule(input, fromBridge, ctEstablished(), verdict(expr.VerdictAccept))
 	rule(input, fromBridge, isIP6(), ndp(), verdict(expr.VerdictAccept))
-	rule(input, fromBridge, isIP6(), dns(unix.IPPROTO_UDP), verdict(expr.VerdictAccept))
-	rule(input, fromBridge, isIP6(), dns(unix.IPPROTO_TCP), verdict(expr.VerdictAccept))
+	rule(input, fromBridge, isIP6(), dnsTo(unix.IPPROTO_UDP), verdict(expr.VerdictAccept))
+	rule(input, fromBridge, isIP6(), dnsTo(unix.IPPROTO_TCP), verdict(expr.VerdictAccept))
 	rule(input, fromBridge, verdict(expr.VerdictDrop))
 
 	fwd := c.AddChain(&nftables.Chain{Name: "forward", Table: f.inet, Type: nftables.ChainTypeFilter,
@@ -199,8 +199,8 @@ func (f *filter) allow(port int, mac []byte, addr netip.Addr, org layout.Org) er
 	rule(addrIn(8, own, expr.CmpOpNeq), drop)
 	rule(addrIn(24, layout.OrgPrefix(f.network, org), expr.CmpOpEq), accept)
 	rule(addrIn(24, netip.MustParsePrefix("ff02::/16"), expr.CmpOpEq), ndp(), accept)
-	rule(dns(unix.IPPROTO_UDP), accept)
-	rule(dns(unix.IPPROTO_TCP), accept)
+	rule(dnsTo(unix.IPPROTO_UDP), accept)
+	rule(dnsTo(unix.IPPROTO_TCP), accept)
 	for _, p := range []string{"fdaa::/16", "ff00::/8", "fe80::/10", "::/8"} {
 		rule(addrIn(24, netip.MustParsePrefix(p), expr.CmpOpEq), drop)
 	}
@@ -293,8 +293,8 @@ func ndp() []expr.Any {
 	return append(ex, cmp(expr.CmpOpEq, []byte{255})...)
 }
 
-// dns matches proto (UDP or TCP) to port 53 of layout.DNS.
-func dns(proto byte) []expr.Any {
+// dnsTo matches proto (UDP or TCP) to port 53 of layout.DNS.
+func dnsTo(proto byte) []expr.Any {
 	ex := load(expr.PayloadBaseNetworkHeader, 24, 16)
 	ex = append(ex, cmp(expr.CmpOpEq, layout.DNS.AsSlice())...)
 	ex = append(ex, l4(proto)...)

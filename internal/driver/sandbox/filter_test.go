@@ -10,10 +10,12 @@ import (
 	"testing"
 	"time"
 
+	mdns "github.com/miekg/dns"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/flamehq/flame/internal/dns"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/mesh/layout"
 )
@@ -66,6 +68,12 @@ func netProbeMain(args []string) int {
 			c.Write([]byte("hello\n"))
 			c.Close()
 		}
+	case "dns":
+		if len(args) != 3 {
+			return 2
+		}
+		fmt.Println(askDNS(args[1], args[2]))
+		return 0
 	case "tcp", "udp":
 		if len(args) != 3 {
 			return 2
@@ -74,6 +82,30 @@ func netProbeMain(args []string) int {
 		return 0
 	}
 	return 2
+}
+
+// askDNS asks layout.DNS, over UDP, for name's records of type qt and
+// returns the rcode and the answers' data.
+func askDNS(qt, name string) string {
+	q := new(mdns.Msg)
+	q.SetQuestion(mdns.Fqdn(name), mdns.StringToType[qt])
+	c := mdns.Client{Net: "udp", Timeout: probeWait}
+	r, _, err := c.Exchange(q, netip.AddrPortFrom(layout.DNS, 53).String())
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	out := mdns.RcodeToString[r.Rcode]
+	for _, rr := range r.Answer {
+		switch rr := rr.(type) {
+		case *mdns.AAAA:
+			out += " " + rr.AAAA.String()
+		case *mdns.A:
+			out += " " + rr.A.String()
+		case *mdns.TXT:
+			out += " " + strings.Join(rr.Txt, "")
+		}
+	}
+	return out
 }
 
 // dialProbe connects to addr and waits for an answer; from, when set, is
@@ -243,4 +275,84 @@ func inSandbox(t *testing.T, d *Driver, spec driver.Spec, f func(h *netlink.Hand
 		f(h)
 	}()
 	<-done
+}
+
+// machineView is the cluster as the DNS test lays it out: each machine an
+// app of its own.
+type machineView map[string]netip.Addr
+
+func (v machineView) Instances(app string) []dns.Instance {
+	if a, ok := v[app]; ok {
+		return []dns.Instance{{ID: app, App: app, Region: "local", IP: a, Started: true}}
+	}
+	return nil
+}
+
+func (v machineView) Apps() []string {
+	var out []string
+	for app := range v {
+		out = append(out, app)
+	}
+	return out
+}
+
+func (v machineView) RTT(string) (time.Duration, bool) { return 0, true }
+func (v machineView) View() dns.View                   { return v }
+
+// TestMachineDNS asks fdaa::3 from inside sandboxes: a machine resolves its
+// org's apps, not another org's (NXDOMAIN), _apps.internal lists its org's
+// only, and names outside .internal come from the host's resolver.
+func TestMachineDNS(t *testing.T) {
+	d := newDriver(t, testConfig(t))
+	web, addrWeb := serving(t, d, 1)
+	_, addrAPI := serving(t, d, 1)
+	secret, addrSecret := serving(t, d, 2)
+	view := machineView{"web": addrWeb, "api": addrAPI, "secret": addrSecret}
+
+	upstream, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	us := &mdns.Server{PacketConn: upstream, Handler: mdns.HandlerFunc(func(w mdns.ResponseWriter, q *mdns.Msg) {
+		r := new(mdns.Msg)
+		r.SetReply(q)
+		r.Answer = append(r.Answer, &mdns.A{Hdr: mdns.RR_Header{Name: q.Question[0].Name, Rrtype: mdns.TypeA, Class: mdns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 7)})
+		w.WriteMsg(r)
+	})}
+	go us.ActivateAndServe()
+	defer us.Shutdown()
+	fwd, err := dns.ForwardTo(upstream.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, ln, err := d.DNSSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := dns.New(dns.Config{Source: view, PacketConn: pc, Listener: ln, Machines: &dns.Machines{Network: d.Network(), Forward: fwd}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	for _, tc := range []struct {
+		from     driver.Spec
+		qt, name string
+		want     string
+	}{
+		{web, "AAAA", "api.internal", "NOERROR " + addrAPI.String()},
+		{web, "AAAA", "secret.internal", "NXDOMAIN"},
+		{web, "TXT", "_apps.internal", "NOERROR api,web"},
+		{web, "A", "example.com", "NOERROR 192.0.2.7"},
+		{secret, "AAAA", "secret.internal", "NOERROR " + addrSecret.String()},
+		{secret, "AAAA", "web.internal", "NXDOMAIN"},
+		{secret, "TXT", "_apps.internal", "NOERROR secret"},
+	} {
+		if got := probe(t, d, tc.from, "dns", tc.qt, tc.name); got != tc.want {
+			t.Errorf("machine %s asks %s %s: %q, want %q", tc.from.MachineID, tc.qt, tc.name, got, tc.want)
+		}
+	}
 }
