@@ -163,7 +163,7 @@ type Driver struct {
 	prefixLock  *os.File            // see claimPrefix; nil once closed
 	gateways    map[layout.Org]bool // the orgs whose gateway the bridge has (see orgnet.go)
 	filter      *filter             // nil for a legacy instance (see filter.go)
-	ports       map[string]int      // machine id → host end of its veth, while filtered
+	ports       map[string]port     // machine id → its port in the filter
 
 	imgMu  sync.Mutex
 	images map[string]*image.Image // by reference, as Prepare resolved it
@@ -229,7 +229,7 @@ func New(cfg Config) (*Driver, error) {
 		stop:   make(chan struct{}),
 	}
 	d.gateways = make(map[layout.Org]bool)
-	d.ports = make(map[string]int)
+	d.ports = make(map[string]port)
 	if cfg.Network != 0 {
 		d.filter = newFilter(cfg.Bridge, cfg.Network)
 		if err := d.filter.install(); err != nil {

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"strconv"
+	"slices"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -21,20 +21,27 @@ import (
 // is touched).
 //
 // The bridge table sees every frame a sandbox sends, before the bridge
-// forwards it to another port or hands it to the host: its base chain
-// jumps, by the input port's index (a verdict map, ports), to a chain of the
-// machine's own ("m<index>"), which lets through only
+// forwards it to another port or hands it to the host. A frame that comes
+// in from a port of the driver's machines (set ports, by interface index)
+// goes through one chain, guard, whose rules are the same for every
+// machine and whose facts are per machine, in sets keyed by the port: its
+// MAC address (macs), its address (srcs) and its org's network (nets, the
+// /64's first 64 bits). So a machine's start adds four set elements in one
+// transaction and its end deletes them: no chain is made or removed per
+// machine (a chain's removal waits for the kernel's RCU grace periods:
+// milliseconds). Guard lets through only
 //
-//   - frames from the machine's MAC address carrying IPv6 (no ARP, no IPv4,
+//   - frames from the port's MAC address carrying IPv6 (no ARP, no IPv4,
 //     no VLAN tags);
 //   - neighbour discovery: router and neighbour solicitations, and
-//     neighbour advertisements for the machine's own address only (no
+//     neighbour advertisements for the port's own address only (no
 //     router advertisements or redirects: a machine never routes others);
-//   - from the machine's own address: to its org's network (OrgPrefix:
-//     its org's machines, here or on other hosts, and the org's gateway
-//     here, which is how replies to the host's connections go back), to
-//     the private network's DNS (layout.DNS, port 53), and to anything
-//     outside fdaa::/16 and multicast (the world, through the host).
+//   - from the port's own address: to its org's network (OrgPrefix: its
+//     org's machines, here or on other hosts, and the org's gateway here,
+//     which is how replies to the host's connections go back), to the
+//     private network's DNS (layout.DNS, port 53), and to anything outside
+//     fdaa::/16, link-local, multicast and ::/8 (the world, through the
+//     host).
 //
 // Everything else is dropped: another org's machines, whatever the
 // bridge, other Flames' networks, spoofed sources.
@@ -48,15 +55,21 @@ import (
 // postrouting chain masquerades what the machines send to the world
 // behind the host's address.
 //
-// A machine's chain and map entry are added before its workload runs
-// (attach) and removed with its veth (teardown). New replaces a table a
-// driver before it left; Close removes both tables when no machine of the
-// driver has a chain, and else leaves them to the next driver on the same
-// state, whose Adopt fills them again (the sandboxes keep running across a
-// restart of the agent, and so does their filter).
+// A machine's elements are added before its workload runs (attach) and
+// removed at its teardown. New replaces the tables a driver before it
+// left; Close removes them when no machine of the driver is in them, and
+// else leaves them to the next driver on the same state, whose Adopt fills
+// them again (the sandboxes keep running across a restart of the agent,
+// and so does their filter).
 
 // filterTable is the name of the driver's tables.
 func filterTable(bridge string) string { return "flame-" + bridge }
+
+// The 32-bit registers concatenated keys are built in.
+const (
+	reg0 = 8 // NFT_REG32_00
+	reg1 = 9 // NFT_REG32_01
+)
 
 // filter is a driver's packet filter.
 type filter struct {
@@ -64,19 +77,34 @@ type filter struct {
 	network layout.Network
 	br      *nftables.Table // bridge family
 	inet    *nftables.Table
-	ports   *nftables.Set // input port index → jump to the machine's chain
+	ports   *nftables.Set // the machines' ports (interface index)
+	macs    *nftables.Set // port . MAC address
+	srcs    *nftables.Set // port . address
+	nets    *nftables.Set // port . first 64 bits of the org's network
 }
 
 func newFilter(bridge string, network layout.Network) *filter {
 	name := filterTable(bridge)
 	br := &nftables.Table{Name: name, Family: nftables.TableFamilyBridge}
+	concat := func(ts ...nftables.SetDatatype) nftables.SetDatatype {
+		t, err := nftables.ConcatSetType(ts...)
+		if err != nil {
+			panic(err) // three types at most: never
+		}
+		return t
+	}
 	return &filter{
 		bridge:  bridge,
 		network: network,
 		br:      br,
 		inet:    &nftables.Table{Name: name, Family: nftables.TableFamilyINet},
-		ports: &nftables.Set{Table: br, Name: "ports", KeyType: nftables.TypeIFIndex,
-			DataType: nftables.TypeVerdict, IsMap: true},
+		ports:   &nftables.Set{Table: br, Name: "ports", KeyType: nftables.TypeIFIndex},
+		macs: &nftables.Set{Table: br, Name: "macs", Concatenation: true,
+			KeyType: concat(nftables.TypeIFIndex, nftables.TypeEtherAddr)},
+		srcs: &nftables.Set{Table: br, Name: "srcs", Concatenation: true,
+			KeyType: concat(nftables.TypeIFIndex, nftables.TypeIP6Addr)},
+		nets: &nftables.Set{Table: br, Name: "nets", Concatenation: true,
+			KeyType: concat(nftables.TypeIFIndex, nftables.TypeInteger, nftables.TypeInteger)},
 	}
 }
 
@@ -86,25 +114,27 @@ func (f *filter) install() error {
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	f.remove(c)
-	_ = c.Flush() // the tables may not exist
+	if ts, err := c.ListTables(); err == nil {
+		for _, t := range ts {
+			if t.Name == f.br.Name && (t.Family == f.br.Family || t.Family == f.inet.Family) {
+				c.DelTable(t)
+			}
+		}
+		if err := c.Flush(); err != nil {
+			return fmt.Errorf("nftables: remove the last driver's %s: %w", f.br.Name, err)
+		}
+	}
 
 	c.AddTable(f.br)
 	accept := nftables.ChainPolicyAccept
 	pre := c.AddChain(&nftables.Chain{Name: "prerouting", Table: f.br, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(-200), Policy: &accept})
-	if err := c.AddSet(f.ports, nil); err != nil {
-		return fmt.Errorf("nftables: %w", err)
+	guard := c.AddChain(&nftables.Chain{Name: "guard", Table: f.br})
+	for _, set := range []*nftables.Set{f.ports, f.macs, f.srcs, f.nets} {
+		if err := c.AddSet(set, nil); err != nil {
+			return fmt.Errorf("nftables: %w", err)
+		}
 	}
-	c.AddRule(&nftables.Rule{Table: f.br, Chain: pre, Exprs: []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyIIF, Register: 1},
-		&expr.Lookup{SourceRegister: 1, SetName: f.ports.Name, SetID: f.ports.ID, IsDestRegSet: true, DestRegister: 0},
-	}})
-
-	c.AddTable(f.inet)
-	input := c.AddChain(&nftables.Chain{Name: "input", Table: f.inet, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
-	fromBridge := ifname(expr.MetaKeyIIFNAME, f.bridge, expr.CmpOpEq)
 	rule := func(ch *nftables.Chain, parts ...[]expr.Any) {
 		var ex []expr.Any
 		for _, p := range parts {
@@ -112,19 +142,52 @@ func (f *filter) install() error {
 		}
 		c.AddRule(&nftables.Rule{Table: ch.Table, Chain: ch, Exprs: ex})
 	}
-	rule(input, fromBridge, ctEstablished(), verdict(expr.VerdictAccept))
-	rule(input, fromBridge, isIP6(), ndp(), verdict(expr.VerdictAccept))
-	rule(input, fromBridge, isIP6(), dnsTo(unix.IPPROTO_UDP), verdict(expr.VerdictAccept))
-	rule(input, fromBridge, isIP6(), dnsTo(unix.IPPROTO_TCP), verdict(expr.VerdictAccept))
-	rule(input, fromBridge, verdict(expr.VerdictDrop))
+	drop, accept_ := verdict(expr.VerdictDrop), verdict(expr.VerdictAccept)
+	rule(pre, []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyIIF, Register: 1},
+		&expr.Lookup{SourceRegister: 1, SetName: f.ports.Name, SetID: f.ports.ID},
+		&expr.Verdict{Kind: expr.VerdictJump, Chain: guard.Name},
+	})
+	// Its own MAC, IPv6 only.
+	rule(guard, portAnd(load8(expr.PayloadBaseLLHeader, 6, 6), f.macs, true), drop)
+	rule(guard, notIP6(), drop)
+	// Neighbour discovery: no advertisement but of its own address, no
+	// router advertisements or redirects.
+	rule(guard, icmp6Type(136), portAnd(load8(expr.PayloadBaseTransportHeader, 8, 16), f.srcs, true), drop)
+	rule(guard, icmp6Type(134), drop)
+	rule(guard, icmp6Type(137), drop)
+	rule(guard, addrIn(8, netip.MustParsePrefix("fe80::/10"), expr.CmpOpEq), ndp(), accept_)
+	// Its own source only.
+	rule(guard, portAnd(load8(expr.PayloadBaseNetworkHeader, 8, 16), f.srcs, true), drop)
+	rule(guard, portAnd(load8(expr.PayloadBaseNetworkHeader, 24, 8), f.nets, false), accept_)
+	// Neighbour discovery from its own address, to its neighbours'
+	// solicited-node groups or link-local addresses (the host asks for a
+	// machine from its link-local address when it forwards to it).
+	rule(guard, addrIn(24, netip.MustParsePrefix("ff02::/16"), expr.CmpOpEq), ndp(), accept_)
+	rule(guard, addrIn(24, netip.MustParsePrefix("fe80::/10"), expr.CmpOpEq), ndp(), accept_)
+	rule(guard, dnsTo(unix.IPPROTO_UDP), accept_)
+	rule(guard, dnsTo(unix.IPPROTO_TCP), accept_)
+	for _, p := range []string{"fdaa::/16", "ff00::/8", "fe80::/10", "::/8"} {
+		rule(guard, addrIn(24, netip.MustParsePrefix(p), expr.CmpOpEq), drop)
+	}
+
+	c.AddTable(f.inet)
+	input := c.AddChain(&nftables.Chain{Name: "input", Table: f.inet, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	fromBridge := ifname(expr.MetaKeyIIFNAME, f.bridge, expr.CmpOpEq)
+	rule(input, fromBridge, ctEstablished(), accept_)
+	rule(input, fromBridge, isIP6(), ndp(), accept_)
+	rule(input, fromBridge, isIP6(), dnsTo(unix.IPPROTO_UDP), accept_)
+	rule(input, fromBridge, isIP6(), dnsTo(unix.IPPROTO_TCP), accept_)
+	rule(input, fromBridge, drop)
 
 	fwd := c.AddChain(&nftables.Chain{Name: "forward", Table: f.inet, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
 	toBridge := ifname(expr.MetaKeyOIFNAME, f.bridge, expr.CmpOpEq)
 	notFromBridge := ifname(expr.MetaKeyIIFNAME, f.bridge, expr.CmpOpNeq)
-	rule(fwd, toBridge, notFromBridge, ctEstablished(), verdict(expr.VerdictAccept))
-	rule(fwd, toBridge, notFromBridge, isIP6(), addrIn(8, layout.NetworkPrefix(f.network), expr.CmpOpEq), verdict(expr.VerdictAccept))
-	rule(fwd, toBridge, notFromBridge, verdict(expr.VerdictDrop))
+	rule(fwd, toBridge, notFromBridge, ctEstablished(), accept_)
+	rule(fwd, toBridge, notFromBridge, isIP6(), addrIn(8, layout.NetworkPrefix(f.network), expr.CmpOpEq), accept_)
+	rule(fwd, toBridge, notFromBridge, drop)
 
 	nat := c.AddChain(&nftables.Chain{Name: "postrouting", Table: f.inet, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
@@ -136,13 +199,7 @@ func (f *filter) install() error {
 	return nil
 }
 
-// remove queues the deletion of both tables.
-func (f *filter) remove(c *nftables.Conn) {
-	c.DelTable(f.br)
-	c.DelTable(f.inet)
-}
-
-// close removes both tables unless a machine's chain is left in them.
+// close removes both tables unless a machine is left in them.
 func (f *filter) close() error {
 	c, err := nftables.New()
 	if err != nil {
@@ -152,81 +209,81 @@ func (f *filter) close() error {
 	if err == nil && len(elems) > 0 {
 		return nil
 	}
-	f.remove(c)
+	c.DelTable(f.br)
+	c.DelTable(f.inet)
 	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("nftables: remove %s: %w", f.br.Name, err)
 	}
 	return nil
 }
 
-func machineChain(port int) string { return "m" + strconv.Itoa(port) }
+// port is one machine's facts in the filter.
+type port struct {
+	index int
+	mac   []byte
+	addr  netip.Addr
+	org   layout.Org
+}
 
-// allow installs machine's chain for the host end (index port) of its veth:
-// its MAC, its address, its org's network.
-func (f *filter) allow(port int, mac []byte, addr netip.Addr, org layout.Org) error {
+func (p port) elements(f *filter) map[*nftables.Set][]nftables.SetElement {
+	key := portKey(p.index)
+	mac := append(append(slices.Clone(key), p.mac...), 0, 0)
+	net := layout.OrgPrefix(f.network, p.org).Addr().As16()
+	one := func(k []byte) []nftables.SetElement { return []nftables.SetElement{{Key: k}} }
+	return map[*nftables.Set][]nftables.SetElement{
+		f.ports: one(key),
+		f.macs:  one(mac),
+		f.srcs:  one(append(slices.Clone(key), p.addr.AsSlice()...)),
+		f.nets:  one(append(slices.Clone(key), net[:8]...)),
+	}
+}
+
+// allow lets the machine behind port p send what its org may.
+func (f *filter) allow(p port) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	name := machineChain(port)
-	ch := &nftables.Chain{Name: name, Table: f.br}
-	// A leftover of an earlier veth with the same index goes first.
-	c.SetDeleteElements(f.ports, []nftables.SetElement{{Key: portKey(port)}})
-	c.FlushChain(ch)
-	c.DelChain(ch)
-	_ = c.Flush()
-
-	c.AddChain(ch)
-	rule := func(parts ...[]expr.Any) {
-		var ex []expr.Any
-		for _, p := range parts {
-			ex = append(ex, p...)
+	for set, es := range p.elements(f) {
+		if err := c.SetAddElements(set, es); err != nil {
+			return fmt.Errorf("nftables: %w", err)
 		}
-		c.AddRule(&nftables.Rule{Table: f.br, Chain: ch, Exprs: ex})
 	}
-	drop, accept := verdict(expr.VerdictDrop), verdict(expr.VerdictAccept)
-	own := netip.PrefixFrom(addr, 128)
-	// Its own MAC, IPv6 only.
-	rule(load(expr.PayloadBaseLLHeader, 6, 6), cmp(expr.CmpOpNeq, mac), drop)
-	rule(notIP6(), drop)
-	// Neighbour discovery: no advertisement but of its own address, no
-	// router advertisements or redirects.
-	rule(icmp6Type(136), load(expr.PayloadBaseTransportHeader, 8, 16), cmp(expr.CmpOpNeq, addr.AsSlice()), drop)
-	rule(icmp6Type(134), drop)
-	rule(icmp6Type(137), drop)
-	rule(addrIn(8, netip.MustParsePrefix("fe80::/10"), expr.CmpOpEq), ndp(), accept)
-	// Its own source only.
-	rule(addrIn(8, own, expr.CmpOpNeq), drop)
-	rule(addrIn(24, layout.OrgPrefix(f.network, org), expr.CmpOpEq), accept)
-	rule(addrIn(24, netip.MustParsePrefix("ff02::/16"), expr.CmpOpEq), ndp(), accept)
-	rule(dnsTo(unix.IPPROTO_UDP), accept)
-	rule(dnsTo(unix.IPPROTO_TCP), accept)
-	for _, p := range []string{"fdaa::/16", "ff00::/8", "fe80::/10", "::/8"} {
-		rule(addrIn(24, netip.MustParsePrefix(p), expr.CmpOpEq), drop)
-	}
-	rule(accept)
-	c.SetAddElements(f.ports, []nftables.SetElement{{Key: portKey(port),
-		VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: name}}})
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables: filter of port %d: %w", port, err)
+		return fmt.Errorf("nftables: filter of port %d: %w", p.index, err)
 	}
 	return nil
 }
 
-// forget removes the chain of the veth whose host end had index port.
-func (f *filter) forget(port int) error {
+// forget removes what allow added for p.
+func (f *filter) forget(p port) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	ch := &nftables.Chain{Name: machineChain(port), Table: f.br}
-	c.SetDeleteElements(f.ports, []nftables.SetElement{{Key: portKey(port)}})
-	c.FlushChain(ch)
-	c.DelChain(ch)
+	for set, es := range p.elements(f) {
+		if err := c.SetDeleteElements(set, es); err != nil {
+			return fmt.Errorf("nftables: %w", err)
+		}
+	}
 	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("nftables: forget port %d: %w", port, err)
+		return fmt.Errorf("nftables: forget port %d: %w", p.index, err)
 	}
 	return nil
+}
+
+// portAnd looks the input port and the value loaded (by load8) up in set:
+// a match when absent with not, when present without.
+func portAnd(value []expr.Any, set *nftables.Set, not bool) []expr.Any {
+	ex := []expr.Any{&expr.Meta{Key: expr.MetaKeyIIF, Register: reg0}}
+	ex = append(ex, value...)
+	return append(ex, &expr.Lookup{SourceRegister: reg0, SetName: set.Name, SetID: set.ID, Invert: not})
+}
+
+// load8 loads n bytes of the header at off into the register after the
+// port's, for a concatenated key.
+func load8(base expr.PayloadBase, off, n uint32) []expr.Any {
+	return []expr.Any{&expr.Payload{DestRegister: reg1, Base: base, Offset: off, Len: n}}
 }
 
 func portKey(port int) []byte { return binaryutil.NativeEndian.PutUint32(uint32(port)) }
@@ -313,3 +370,4 @@ func addrIn(off uint32, prefix netip.Prefix, op expr.CmpOp) []expr.Any {
 	ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)})
 	return append(ex, cmp(op, prefix.Masked().Addr().AsSlice())...)
 }
+

@@ -3,9 +3,12 @@ package sandbox
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -59,6 +62,35 @@ func netProbeMain(args []string) int {
 				pc.WriteTo(b[:n], from)
 			}
 		}()
+		// :8082 echoes what it reads, for round trips and throughput.
+		echo, err := net.Listen("tcp", "[::]:8082")
+		if err != nil {
+			fmt.Println("serve:", err)
+			return 1
+		}
+		go func() {
+			for {
+				c, err := echo.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					b := make([]byte, 64<<10)
+					for {
+						n, err := c.Read(b)
+						if err != nil {
+							return
+						}
+						if n == 1 { // a round trip's byte goes back
+							if _, err := c.Write(b[:1]); err != nil {
+								return
+							}
+						}
+					}
+				}()
+			}
+		}()
 		fmt.Println("serving")
 		for {
 			c, err := ln.Accept()
@@ -74,6 +106,13 @@ func netProbeMain(args []string) int {
 		}
 		fmt.Println(askDNS(args[1], args[2]))
 		return 0
+	case "rtt", "tput":
+		if len(args) != 4 {
+			return 2
+		}
+		n, _ := strconv.Atoi(args[3])
+		fmt.Println(measure(args[0], net.JoinHostPort(args[1], args[2]), n))
+		return 0
 	case "tcp", "udp":
 		if len(args) != 3 {
 			return 2
@@ -82,6 +121,44 @@ func netProbeMain(args []string) int {
 		return 0
 	}
 	return 2
+}
+
+// measure connects to a probe's echo server at addr and reports, for rtt,
+// the median and 99th percentile of n one-byte round trips in µs, for tput,
+// the MB/s of sending n MiB.
+func measure(what, addr string, n int) string {
+	c, err := net.DialTimeout("tcp", addr, probeWait)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer c.Close()
+	if what == "rtt" {
+		c.(*net.TCPConn).SetNoDelay(true)
+		rtts := make([]time.Duration, n)
+		b := []byte{1}
+		for i := range rtts {
+			t0 := time.Now()
+			if _, err := c.Write(b); err != nil {
+				return "error: " + err.Error()
+			}
+			if _, err := c.Read(b); err != nil {
+				return "error: " + err.Error()
+			}
+			rtts[i] = time.Since(t0)
+		}
+		slices.Sort(rtts)
+		return fmt.Sprintf("%.1f %.1f", float64(rtts[n/2].Nanoseconds())/1e3, float64(rtts[n*99/100].Nanoseconds())/1e3)
+	}
+	b := make([]byte, 1<<20)
+	t0 := time.Now()
+	for range n {
+		if _, err := c.Write(b); err != nil {
+			return "error: " + err.Error()
+		}
+	}
+	c.(*net.TCPConn).CloseWrite()
+	io.Copy(io.Discard, c) // the echo ends when it has read everything
+	return fmt.Sprintf("%.0f", float64(n)/time.Since(t0).Seconds())
 }
 
 // askDNS asks layout.DNS, over UDP, for name's records of type qt and
@@ -353,6 +430,29 @@ func TestMachineDNS(t *testing.T) {
 	} {
 		if got := probe(t, d, tc.from, "dns", tc.qt, tc.name); got != tc.want {
 			t.Errorf("machine %s asks %s %s: %q, want %q", tc.from.MachineID, tc.qt, tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestOrgsAcrossHosts runs two hosts of one network on this kernel, as
+// `flame dev` does: a machine of org 1 reaches its org's machine on the
+// other host's bridge (routed by the kernel between the bridges), and not
+// org 2's machine there.
+func TestOrgsAcrossHosts(t *testing.T) {
+	cfg1 := testConfig(t)
+	cfg2 := testConfig(t)
+	cfg2.Network, cfg2.Host = cfg1.Network, 2
+	d1, d2 := newDriver(t, cfg1), newDriver(t, cfg2)
+	a1, _ := serving(t, d1, 1)
+	_, a2 := serving(t, d2, 1)
+	_, b2 := serving(t, d2, 2)
+	for _, proto := range []string{"tcp", "udp"} {
+		port := map[string]string{"tcp": "8080", "udp": "8081"}[proto]
+		if got := probe(t, d1, a1, proto, a2.String(), port); got != "ok" {
+			t.Errorf("org 1 on host 1 → org 1 on host 2 over %s: %s", proto, got)
+		}
+		if got := probe(t, d1, a1, proto, b2.String(), port); got == "ok" {
+			t.Errorf("org 1 on host 1 → org 2 on host 2 over %s: answered", proto)
 		}
 	}
 }

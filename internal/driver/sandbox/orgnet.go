@@ -245,36 +245,63 @@ func (d *Driver) refilter(spec driver.Spec) error {
 	return d.filterPort(spec.MachineID, l.Attrs().Index, addr, spec.Org)
 }
 
-// filterPort installs machine id's filter on the host end (index port) of
-// its veth, and remembers the port so that teardown finds it even when the
-// veth went with the sandbox's namespace.
-func (d *Driver) filterPort(id string, port int, addr netip.Addr, org layout.Org) error {
-	if err := d.filter.allow(port, machineMAC(id), addr, org); err != nil {
+// filterPort lets machine id send, from the host end (index) of its veth,
+// what its org may, and remembers the port so that teardown finds it even
+// when the veth went with the sandbox's namespace.
+func (d *Driver) filterPort(id string, index int, addr netip.Addr, org layout.Org) error {
+	p := port{index: index, mac: machineMAC(id), addr: addr, org: org}
+	d.netMu.Lock()
+	old, had := d.ports[id]
+	d.netMu.Unlock()
+	if had && old.index != index {
+		if err := d.filter.forget(old); err != nil {
+			return err
+		}
+	}
+	if err := d.filter.allow(p); err != nil {
 		return err
 	}
 	d.netMu.Lock()
-	d.ports[id] = port
+	d.ports[id] = p
 	d.netMu.Unlock()
 	return nil
 }
 
-// unfilter removes the filter of machine id's veth, if it has one.
+// unfilter removes machine id's elements from the filter, if this driver
+// added them. (A driver restarted while a sandbox had ended finds none:
+// its elements stay, naming a port that is gone, until the tables are
+// made again.) The removal is done in the background: a transaction that
+// deletes set elements waits for an RCU grace period (10 ms and more on a
+// busy host), and elements that name a port gone let nothing through
+// (interface indexes are handed out cyclically, so a new veth does not get
+// the old one's before 2^31 more were made). Close waits for it.
 func (d *Driver) unfilter(id string) error {
 	if d.filter == nil {
 		return nil
 	}
 	d.netMu.Lock()
-	port, ok := d.ports[id]
+	p, ok := d.ports[id]
 	delete(d.ports, id)
 	d.netMu.Unlock()
 	if !ok {
-		l, err := netlink.LinkByName(vethName(id))
-		if err != nil {
-			return nil // not filtered by this driver, and no veth to filter
-		}
-		port = l.Attrs().Index
+		return nil
 	}
-	return d.filter.forget(port)
+	d.mu.Lock()
+	closed := d.closed
+	if !closed {
+		d.wg.Add(1)
+	}
+	d.mu.Unlock()
+	if closed {
+		return d.filter.forget(p)
+	}
+	go func() {
+		defer d.wg.Done()
+		if err := d.filter.forget(p); err != nil {
+			d.logger.Warn("remove a machine's filter", "machine", id, "err", err)
+		}
+	}()
+	return nil
 }
 
 // ipv6Forwarding is the host's IPv6 forwarding switch: machines' packets to
