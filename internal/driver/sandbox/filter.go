@@ -370,4 +370,3 @@ func addrIn(off uint32, prefix netip.Prefix, op expr.CmpOp) []expr.Any {
 	ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)})
 	return append(ex, cmp(op, prefix.Masked().Addr().AsSlice())...)
 }
-
