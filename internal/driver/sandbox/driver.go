@@ -833,7 +833,7 @@ func (d *Driver) Close() error {
 	d.wg.Wait()
 	var ferr error
 	if d.filter != nil {
-		ferr = d.filter.close()
+		ferr = d.filter.close(false)
 	}
 	d.netMu.Lock()
 	if d.prefixLock != nil {

@@ -199,14 +199,14 @@ func (f *filter) install() error {
 	return nil
 }
 
-// close removes both tables unless a machine is left in them.
-func (f *filter) close() error {
+// close removes both tables unless a machine is left in them (any case
+// with all).
+func (f *filter) close(all bool) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	elems, err := c.GetSetElements(f.ports)
-	if err == nil && len(elems) > 0 {
+	if elems, err := c.GetSetElements(f.ports); !all && err == nil && len(elems) > 0 {
 		return nil
 	}
 	c.DelTable(f.br)
