@@ -10,6 +10,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/mesh/layout"
@@ -56,11 +57,12 @@ import (
 // behind the host's address.
 //
 // A machine's elements are added before its workload runs (attach) and
-// removed at its teardown. New replaces the tables a driver before it
-// left; Close removes them when no machine of the driver is in them, and
-// else leaves them to the next driver on the same state, whose Adopt fills
-// them again (the sandboxes keep running across a restart of the agent,
-// and so does their filter).
+// removed at its teardown. Close removes the tables when no machine of the
+// driver is in them, and else leaves them to the next driver on the same
+// state (the sandboxes keep running across a restart of the agent, and so
+// does their filter): New replaces them in one transaction with tables of
+// its own that keep the elements of the veths still on the bridge, and
+// Adopt takes those machines over.
 
 // filterTable is the name of the driver's tables.
 func filterTable(bridge string) string { return "flame-" + bridge }
@@ -114,14 +116,19 @@ func (f *filter) install() error {
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
+	// The tables a driver before left are replaced in the same
+	// transaction, keeping the elements of its machines whose veths are
+	// still ports of the bridge: their sandboxes run on, filtered all along,
+	// until Adopt takes them over.
+	keep := map[*nftables.Set][]nftables.SetElement{}
 	if ts, err := c.ListTables(); err == nil {
 		for _, t := range ts {
 			if t.Name == f.br.Name && (t.Family == f.br.Family || t.Family == f.inet.Family) {
+				if t.Family == f.br.Family {
+					keep = f.liveElements(c)
+				}
 				c.DelTable(t)
 			}
-		}
-		if err := c.Flush(); err != nil {
-			return fmt.Errorf("nftables: remove the last driver's %s: %w", f.br.Name, err)
 		}
 	}
 
@@ -131,7 +138,7 @@ func (f *filter) install() error {
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(-200), Policy: &accept})
 	guard := c.AddChain(&nftables.Chain{Name: "guard", Table: f.br})
 	for _, set := range []*nftables.Set{f.ports, f.macs, f.srcs, f.nets} {
-		if err := c.AddSet(set, nil); err != nil {
+		if err := c.AddSet(set, keep[set]); err != nil {
 			return fmt.Errorf("nftables: %w", err)
 		}
 	}
@@ -197,6 +204,38 @@ func (f *filter) install() error {
 		return fmt.Errorf("nftables: install %s: %w", f.br.Name, err)
 	}
 	return nil
+}
+
+// liveElements reads the elements of the tables in place whose port is
+// still a port of the bridge.
+func (f *filter) liveElements(c *nftables.Conn) map[*nftables.Set][]nftables.SetElement {
+	br, err := netlink.LinkByName(f.bridge)
+	if err != nil {
+		return nil
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil
+	}
+	live := map[string]bool{}
+	for _, l := range links {
+		if l.Attrs().MasterIndex == br.Attrs().Index {
+			live[string(portKey(l.Attrs().Index))] = true
+		}
+	}
+	out := map[*nftables.Set][]nftables.SetElement{}
+	for _, set := range []*nftables.Set{f.ports, f.macs, f.srcs, f.nets} {
+		es, err := c.GetSetElements(set)
+		if err != nil {
+			continue
+		}
+		for _, e := range es {
+			if len(e.Key) >= 4 && live[string(e.Key[:4])] {
+				out[set] = append(out[set], nftables.SetElement{Key: e.Key})
+			}
+		}
+	}
+	return out
 }
 
 // close removes both tables unless a machine is left in them (any case

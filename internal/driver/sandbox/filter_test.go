@@ -456,3 +456,27 @@ func TestOrgsAcrossHosts(t *testing.T) {
 		}
 	}
 }
+
+// TestFilterAcrossRestart closes a driver while its machines run, as an
+// agent that stops does, and starts another on the same state: before the
+// new one adopts anything, the machines are still kept apart.
+func TestFilterAcrossRestart(t *testing.T) {
+	cfg := testConfig(t)
+	d1, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a1, _ := serving(t, d1, 1)
+	_, a2 := serving(t, d1, 1)
+	_, b1 := serving(t, d1, 2)
+	if err := d1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := newDriver(t, cfg)
+	if got := probe(t, d2, a1, "tcp", a2.String(), "8080"); got != "ok" {
+		t.Errorf("org 1 → org 1 after the restart: %s", got)
+	}
+	if got := probe(t, d2, a1, "tcp", b1.String(), "8080"); got == "ok" {
+		t.Error("org 1 → org 2 after the restart: answered")
+	}
+}
