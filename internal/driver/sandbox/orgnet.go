@@ -163,6 +163,7 @@ func (d *Driver) readyLayoutBridge(br netlink.Link) error {
 		return fmt.Errorf("addresses: %w", err)
 	}
 	network := layout.NetworkPrefix(d.cfg.Network)
+	clear(d.gateways) // a bridge made again has none
 	for _, a := range addrs {
 		ip, ok := netip.AddrFromSlice(a.IP)
 		if !ok || !network.Contains(ip) {
