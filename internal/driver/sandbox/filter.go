@@ -248,8 +248,17 @@ func (f *filter) close(all bool) error {
 	if elems, err := c.GetSetElements(f.ports); !all && err == nil && len(elems) > 0 {
 		return nil
 	}
-	c.DelTable(f.br)
-	c.DelTable(f.inet)
+	// Only the tables that exist: a transaction that deletes one that does
+	// not fails whole.
+	ts, err := c.ListTables()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	for _, t := range ts {
+		if t.Name == f.br.Name && (t.Family == f.br.Family || t.Family == f.inet.Family) {
+			c.DelTable(t)
+		}
+	}
 	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("nftables: remove %s: %w", f.br.Name, err)
 	}

@@ -68,6 +68,7 @@ func instanceConfig(t *testing.T) Config {
 func cleanupInstance(t *testing.T, d *Driver) {
 	names := d.cfg
 	t.Cleanup(func() {
+		newFilter(names.Bridge, names.Network).close(true)
 		if l, err := netlink.LinkByName(names.Bridge); err == nil {
 			netlink.LinkDel(l)
 		}

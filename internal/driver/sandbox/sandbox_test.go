@@ -261,6 +261,8 @@ func testConfig(t testing.TB) Config {
 		Logger:       slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	t.Cleanup(func() {
+		// What a driver closed while its machines ran leaves (see filter.go).
+		newFilter(cfg.Bridge, cfg.Network).close(true)
 		if l, err := netlink.LinkByName(cfg.Bridge); err == nil {
 			netlink.LinkDel(l)
 		}
