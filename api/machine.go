@@ -159,6 +159,9 @@ type LaunchMachineInput struct {
 	ID string `json:"id,omitempty"`
 	// Org is the slug of the org that owns the app.
 	Org string `json:"org,omitempty"`
+	// OrgNetwork is the org's number in the private network (1–65535),
+	// the same on every host; a host numbers orgs itself when it is 0.
+	OrgNetwork uint16 `json:"org_network,omitempty"`
 	// Secrets are the app's secrets in plain text, given to the workload as
 	// environment variables and never shown in the machine's config.
 	Secrets map[string]string `json:"secrets,omitempty"`

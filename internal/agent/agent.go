@@ -242,6 +242,14 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.started = true
 	for _, r := range recs {
+		if r.OrgNet == 0 {
+			// Recorded before machines had an org's network: numbered
+			// here, as a host without a control plane does.
+			if r.OrgNet, err = a.store.orgNumber(r.Org); err != nil {
+				a.mu.Unlock()
+				return fmt.Errorf("agent: %w", err)
+			}
+		}
 		m := newMach(r)
 		m.opMu.Lock() // released by the machine's resume
 		a.machines[r.ID] = m

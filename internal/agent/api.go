@@ -52,6 +52,10 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	if in.Org != "" && !api.ValidName(in.Org) {
 		return nil, api.Errorf(422, "org %q is not a valid org name", in.Org)
 	}
+	orgNet, err := a.orgOf(in.Org, in.OrgNetwork)
+	if err != nil {
+		return nil, fmt.Errorf("create machine: %w", err)
+	}
 	id := in.ID
 	if id == "" {
 		id = api.NewMachineID()
@@ -66,7 +70,7 @@ func (a *Agent) CreateMachine(ctx context.Context, app string, in api.LaunchMach
 	}
 	cfg := cloneConfig(in.Config)
 	r := &record{
-		ID: id, App: app, Org: in.Org, Name: name, Region: a.cfg.Region, Secrets: maps.Clone(in.Secrets),
+		ID: id, App: app, Org: in.Org, OrgNet: orgNet, Name: name, Region: a.cfg.Region, Secrets: maps.Clone(in.Secrets),
 		State: machine.Creating, Instance: inst, Config: cfg,
 		Versions:   []version{{Instance: inst, State: machine.Creating, CreatedAt: now, Config: cfg}},
 		CreatedAt:  now,

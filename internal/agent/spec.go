@@ -23,6 +23,7 @@ func (a *Agent) spec(r *record) driver.Spec {
 		MachineID:  r.ID,
 		InstanceID: r.Instance,
 		App:        r.App,
+		Org:        r.OrgNet,
 		Region:     r.Region,
 		Dir:        dir,
 		LogPath:    filepath.Join(dir, "log"),

@@ -13,15 +13,19 @@ import (
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/machine"
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // record is everything the agent knows about one machine. It is written to
 // the store before the agent acts on a change, so an agent restarted at any
 // point finds the operation it was in the middle of and finishes it.
 type record struct {
-	ID        string             `json:"id"`
-	App       string             `json:"app"`
-	Org       string             `json:"org,omitempty"`
+	ID  string `json:"id"`
+	App string `json:"app"`
+	Org string `json:"org,omitempty"`
+	// OrgNet is the org's number in the private network: its machines'
+	// addresses are in its network (see orgnet.go).
+	OrgNet    layout.Org         `json:"org_net,omitempty"`
 	Name      string             `json:"name"`
 	Region    string             `json:"region"`
 	State     machine.State      `json:"state"`

@@ -23,6 +23,7 @@ import (
 	"github.com/flamehq/flame/internal/driver/sandbox"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/image/registry"
+	"github.com/flamehq/flame/internal/mesh/layout"
 	"github.com/flamehq/flame/internal/proxy"
 	"github.com/flamehq/flame/internal/server"
 )
@@ -413,6 +414,10 @@ func printSandboxNames(w io.Writer, instance string, hosts int) {
 		return
 	}
 	last, _ := sandbox.InstanceNames(instance, hosts-1)
-	fmt.Fprintf(w, "  Instance      %s   (bridges %s…%s, cgroups %s…%s, 6PN %s…)\n",
-		instance, first.Bridge, last.Bridge, first.CgroupParent, last.CgroupParent, first.HostPrefix)
+	net := first.HostPrefix.String() + "…"
+	if first.Network != 0 {
+		net = layout.NetworkPrefix(first.Network).String()
+	}
+	fmt.Fprintf(w, "  Instance      %s   (bridges %s…%s, cgroups %s…%s, 6PN %s)\n",
+		instance, first.Bridge, last.Bridge, first.CgroupParent, last.CgroupParent, net)
 }

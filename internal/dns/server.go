@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -37,6 +39,9 @@ type Config struct {
 	Logger *slog.Logger
 	// TTL of every answer; DefaultTTL when zero.
 	TTL time.Duration
+	// Machines, when set, makes this the server the machines of a network
+	// ask: each query answered for its source's org (see machines.go).
+	Machines *Machines
 }
 
 // Validate reports a config the server cannot run with.
@@ -193,7 +198,23 @@ func (s *Server) serveUDP(ctx context.Context, pc net.PacketConn) {
 			continue
 		}
 		delay = 0
-		out := reply(buf[:n], s.cfg.Source, s.ttl, true)
+		src := addrOf(addr)
+		view, fwd, ok := s.asker(src)
+		if !ok {
+			continue // not a machine of the network: not answered at all
+		}
+		if fwd != nil && forwardable(buf[:n]) {
+			q := slices.Clone(buf[:n])
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				if out := s.forward(ctx, fwd, q, true); out != nil {
+					pc.WriteTo(out, addr)
+				}
+			}()
+			continue
+		}
+		out := reply(buf[:n], staticSource{view}, s.ttl, true)
 		if out == nil {
 			continue
 		}
@@ -201,6 +222,60 @@ func (s *Server) serveUDP(ctx context.Context, pc net.PacketConn) {
 			s.log.Debug("write udp", "to", addr, "err", err)
 		}
 	}
+}
+
+// addrOf is the IP address of a socket address.
+func addrOf(a net.Addr) netip.Addr {
+	switch a := a.(type) {
+	case *net.UDPAddr:
+		ip, _ := netip.AddrFromSlice(a.IP)
+		return ip.Unmap()
+	case *net.TCPAddr:
+		ip, _ := netip.AddrFromSlice(a.IP)
+		return ip.Unmap()
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap.Addr().Unmap()
+}
+
+// staticSource hands out one view.
+type staticSource struct{ v View }
+
+func (s staticSource) View() View { return s.v }
+
+// forwardable reports whether b is a query for a name outside .internal.
+func forwardable(b []byte) bool {
+	q := new(dns.Msg)
+	return q.Unpack(b) == nil && !q.Response && q.Opcode == dns.OpcodeQuery && !internalName(q)
+}
+
+// forward answers b from the upstream resolvers, truncated for UDP to
+// what the client takes; SERVFAIL when they fail or are all busy.
+func (s *Server) forward(ctx context.Context, f *Forwarder, b []byte, udp bool) []byte {
+	q := new(dns.Msg)
+	if err := q.Unpack(b); err != nil {
+		return nil
+	}
+	r, err := f.exchange(ctx, q)
+	if err != nil {
+		s.log.Debug("forward", "name", q.Question[0].Name, "err", err)
+		r = new(dns.Msg)
+		r.SetRcode(q, dns.RcodeServerFailure)
+	}
+	r.Id = q.Id
+	size := dns.MaxMsgSize
+	if udp {
+		size = dns.MinMsgSize
+		if o := q.IsEdns0(); o != nil {
+			size = min(max(int(o.UDPSize()), dns.MinMsgSize), ednsSize)
+		}
+	}
+	r.Truncate(size)
+	out, err := r.Pack()
+	if err != nil || len(out) > size {
+		return nil
+	}
+	return out
 }
 
 func (s *Server) serveTCP(ctx context.Context, ln net.Listener) {
@@ -265,7 +340,16 @@ func (s *Server) serveConn(c net.Conn) {
 		if _, err := io.ReadFull(c, buf[:n]); err != nil {
 			return
 		}
-		out := reply(buf[:n], s.cfg.Source, s.ttl, false)
+		view, fwd, ok := s.asker(addrOf(c.RemoteAddr()))
+		if !ok {
+			return
+		}
+		var out []byte
+		if fwd != nil && forwardable(buf[:n]) {
+			out = s.forward(context.Background(), fwd, buf[:n], false)
+		} else {
+			out = reply(buf[:n], staticSource{view}, s.ttl, false)
+		}
 		if out == nil {
 			return
 		}

@@ -8,6 +8,8 @@ import (
 	"errors"
 	"syscall"
 	"time"
+
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // Spec is everything a driver needs to run one instance (config version) of a
@@ -18,6 +20,10 @@ type Spec struct {
 	InstanceID string
 	App        string
 	Region     string
+	// Org is the number of the machine's org in the private network
+	// (internal/mesh/layout): drivers that give machines addresses put
+	// it in the org's network, which is all the machine may reach there.
+	Org layout.Org
 	// Dir is a directory the agent owns for this machine; a driver may keep
 	// files there. It exists before Prepare is called.
 	Dir string

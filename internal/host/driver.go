@@ -160,6 +160,8 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 		Images:       defaultRegistry{store, cfg.Registry},
 		StateDir:     filepath.Join(cfg.DataDir, "sandbox"),
 		Bridge:       names.Bridge,
+		Network:      names.Network,
+		Host:         names.Host,
 		HostPrefix:   names.HostPrefix,
 		CgroupParent: names.CgroupParent,
 		Logger:       cfg.Logger,

@@ -156,6 +156,7 @@ type Host struct {
 	log     *slog.Logger
 	srv     *http.Server
 	dns     *dns.Server
+	mdns    *dns.Server   // the machines' (see machinedns.go)
 	kick    chan struct{} // the agent's machines changed
 	revoked *pki.Revocations
 	stop    context.CancelFunc
@@ -236,6 +237,12 @@ func New(cfg Config) (*Host, error) {
 				TLS: cfg.Proxy.TLS, Hostnames: cfg.Proxy.Hostnames,
 			})
 			if err != nil {
+				ag.Close()
+				return nil, err
+			}
+		}
+		if md, ok := cfg.Driver.(MachineDNS); ok {
+			if h.mdns, err = newMachineDNS(md, dnsSource{h.Cluster}, cfg.Logger); err != nil {
 				ag.Close()
 				return nil, err
 			}
@@ -359,6 +366,11 @@ func (h *Host) Start(ctx context.Context) error {
 				return err
 			}
 		}
+		if h.mdns != nil {
+			if err := h.mdns.Start(bg); err != nil {
+				return err
+			}
+		}
 		if h.Proxy != nil {
 			if err := h.Proxy.Start(bg); err != nil {
 				return err
@@ -399,6 +411,9 @@ func (h *Host) Close() error {
 	}
 	if h.dns != nil {
 		err = errors.Join(err, h.dns.Close())
+	}
+	if h.mdns != nil {
+		err = errors.Join(err, h.mdns.Close())
 	}
 	if h.Proxy != nil {
 		err = errors.Join(err, h.Proxy.Close())

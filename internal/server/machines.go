@@ -134,8 +134,8 @@ func (s *Server) CreateMachine(ctx context.Context, appName string, in api.Launc
 	if err != nil {
 		return nil, err
 	}
-	if in.ID != "" || in.Org != "" || in.Secrets != nil {
-		return nil, api.Errorf(http.StatusUnprocessableEntity, "id, org and secrets are set by the control plane")
+	if in.ID != "" || in.Org != "" || in.OrgNetwork != 0 || in.Secrets != nil {
+		return nil, api.Errorf(http.StatusUnprocessableEntity, "id, org, org_network and secrets are set by the control plane")
 	}
 	if in.Config == nil {
 		return nil, api.Errorf(http.StatusUnprocessableEntity, "config is required")
@@ -186,6 +186,11 @@ func (s *Server) create(ctx context.Context, a app, in api.LaunchMachineInput, r
 		in.Secrets = sec
 	}
 	in.Org = a.Org
+	net, err := s.orgNetwork(ctx, a.Org)
+	if err != nil {
+		return nil, err
+	}
+	in.OrgNetwork = net
 	in.ID = api.NewMachineID()
 	in.Region = ""
 	return s.placer.place(ctx, a, in, regions, it)
@@ -319,8 +324,8 @@ func cmpStrings(a, b string) int { return strings.Compare(a, b) }
 
 // UpdateMachine forwards the new config with the app's current secrets.
 func (s *Server) UpdateMachine(ctx context.Context, ref api.MachineRef, in api.LaunchMachineInput) (*api.Machine, error) {
-	if in.ID != "" || in.Org != "" || in.Secrets != nil {
-		return nil, api.Errorf(http.StatusUnprocessableEntity, "id, org and secrets are set by the control plane")
+	if in.ID != "" || in.Org != "" || in.OrgNetwork != 0 || in.Secrets != nil {
+		return nil, api.Errorf(http.StatusUnprocessableEntity, "id, org, org_network and secrets are set by the control plane")
 	}
 	if in.Config == nil {
 		return nil, api.Errorf(http.StatusUnprocessableEntity, "config is required")

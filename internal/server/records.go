@@ -25,6 +25,9 @@ type org struct {
 	Slug      string    `json:"slug"`
 	Name      string    `json:"name"`
 	CreatedAt time.Time `json:"created_at"`
+	// Net is the org's number in the private network (see orgnet.go);
+	// 0 until its first machine.
+	Net uint16 `json:"net,omitempty"`
 }
 
 // app is a named set of machines in an org. Names are unique across orgs,

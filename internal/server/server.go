@@ -201,7 +201,7 @@ func Buckets() []catalog.BucketSpec {
 		{Name: bucketOrgs}, {Name: bucketApps}, {Name: bucketTokens},
 		{Name: bucketMachines}, {Name: bucketSecrets}, {Name: bucketGroups},
 		{Name: bucketLocks, TTL: true}, {Name: bucketDestroyed, TTL: true},
-		{Name: bucketTCPPorts},
+		{Name: bucketTCPPorts}, {Name: bucketOrgNets},
 	}, append(certstore.Buckets(), identityBuckets()...)...)
 }
 
@@ -215,6 +215,7 @@ type Server struct {
 	orgs, apps, tokens, machines, secrets, groups, locks, destroyed catalog.Bucket
 
 	tcpPorts catalog.Bucket // raw TCP public ports → the app that holds each
+	orgNets  catalog.Bucket // the last org number given (see orgnet.go)
 	// hostnames are the apps' custom hostnames, certStore what the edges
 	// obtained for them (certificates.go).
 	hostnames catalog.Bucket
@@ -263,7 +264,7 @@ func New(cfg Config) (*Server, error) {
 		{bucketOrgs, &s.orgs}, {bucketApps, &s.apps}, {bucketTokens, &s.tokens},
 		{bucketMachines, &s.machines}, {bucketSecrets, &s.secrets},
 		{bucketGroups, &s.groups}, {bucketLocks, &s.locks}, {bucketDestroyed, &s.destroyed},
-		{bucketTCPPorts, &s.tcpPorts},
+		{bucketTCPPorts, &s.tcpPorts}, {bucketOrgNets, &s.orgNets},
 	} {
 		if *b.dst, err = cfg.Catalog.Bucket(b.name); err != nil {
 			return nil, fmt.Errorf("server: bucket %s: %w", b.name, err)

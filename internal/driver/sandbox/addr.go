@@ -122,14 +122,15 @@ func (l leases) acquire(prefix netip.Prefix, id string) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("no free address in %s for machine %s", prefix, id)
 }
 
-// lookup returns the address machine id holds in prefix, if any.
+// lookup returns the address machine id holds in prefix (any it holds, for
+// the zero prefix), if any.
 func (l leases) lookup(prefix netip.Prefix, id string) (netip.Addr, bool) {
 	b, err := os.ReadFile(l.machinePath(id))
 	if err != nil {
 		return netip.Addr{}, false
 	}
 	a, err := netip.ParseAddr(string(b))
-	if err != nil || !prefix.Contains(a) {
+	if err != nil || (prefix.IsValid() && !prefix.Contains(a)) {
 		return netip.Addr{}, false
 	}
 	if holder, err := os.ReadFile(l.addrPath(a)); err != nil || string(holder) != id {

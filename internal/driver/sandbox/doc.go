@@ -142,33 +142,44 @@
 // # Network
 //
 // The host has one bridge (Config.Bridge, "fl<instance>-<host>"), created on
-// first use with the first host address of Config.HostPrefix (the 6PN
-// layout fdaa:<network>:<host>::/64: the network is the instance id's 32
-// bits, two groups, and the host, numbered from 1, the next group; see
-// instance.go). New holds the prefix
-// until Close — a lock file per prefix under /run/flame, removed by Close —
-// and refuses, before
-// it makes anything, a prefix another driver holds or another link routes.
-// The bridge is made without
-// spanning tree or forward delay, so that a new port forwards at once, and
-// with a fixed MAC address. Each sandbox has a veth pair into it (host side
-// named "f<machine id>", "eth0" inside; the driver deletes a veth by name
-// only when it is a port of its own bridge or of none) with an address of the prefix and a
-// default route via the bridge. The spare's pair is made with the spare,
-// its host end under a name of its own, already a port of the bridge and
-// up (without IPv6: a port needs no address), eth0 up with the prefix's
-// routes; Start then only adds the machine's name to the host end, as an
-// alternative name (renaming would take the link down and up again), and
-// the machine's address to eth0. Addresses are added without duplicate
-// address detection, and the workload starts only once eth0 is
-// operationally up, so the machine is reachable at [private ip]:port from
-// the host as soon as it listens. A
-// machine's address puts its 56-bit id in the low bits of the prefix, so
-// machines never collide and keep their address; ids of another shape are
-// hashed. Addresses are leased under Config.StateDir (from Prepare until
-// Cleanup) so no two machines share one; PrivateIP reports a machine's.
-// There is no route out of the private network (no NAT) and no isolation
-// between the machines of one host's bridge.
+// first use, and a place in the private network (6PN, internal/mesh/layout):
+// Config.Network (the instance id's 32 bits) and Config.Host (the host's
+// index + 1; see instance.go). A machine's address is in its org's network
+// on this host, layout.Place{Network, spec.Org, Host}.HostPrefix() (a /80),
+// its 48 machine bits hashed from its id; the bridge holds that place's
+// Gateway (machine number 1) from the org's first machine here to its last
+// (orgnet.go), and the link-local fe80::1, which every sandbox's default
+// route goes through, whatever its org. A spec without an org is refused. A
+// legacy instance (no Network) keeps its one prefix, Config.HostPrefix, for
+// every machine, the bridge its first host address, and no filter. New
+// holds the host's place until Close — a lock file under /run/flame,
+// removed by Close — and refuses, before it makes anything, a place another
+// driver holds or another link routes a prefix of. The bridge is made
+// without spanning tree or forward delay, so that a new port forwards at
+// once, and with a fixed MAC address. Each sandbox has a veth pair into it
+// (host side named "f<machine id>", "eth0" inside; the driver deletes a veth
+// by name only when it is a port of its own bridge or of none). The spare's
+// pair is made with the spare, its host end under a name of its own,
+// already a port of the bridge and up (without IPv6: a port needs no
+// address), eth0 up with its default route; Start then only adds the
+// machine's name to the host end, as an alternative name (renaming would
+// take the link down and up again), the machine's address to eth0 (its
+// org's /80 on-link) and the machine to the filter. Addresses are added
+// without duplicate address detection, and the workload starts only once
+// eth0 is operationally up, so the machine is reachable at [private ip]:port
+// from the host as soon as it listens. Addresses are leased under
+// Config.StateDir (from Prepare until Cleanup) so no two machines share
+// one; PrivateIP reports a machine's.
+//
+// The filter (filter.go: nftables, two tables of the driver's own) lets a
+// machine send only from its MAC and address, only IPv6, and only to its
+// org's network, to layout.DNS port 53 or to the world, which the host
+// reaches for it by masquerading (the driver turns IPv6 forwarding on);
+// nothing from the bridge reaches the host but replies to its own
+// connections, neighbour discovery and DNS. The machine's facts go into the
+// filter before its workload runs. The host answers layout.DNS for the
+// machines (dnssock.go: the address on the bridge, sockets bound to it, see
+// internal/dns for the answers).
 //
 // # Cleanup
 //

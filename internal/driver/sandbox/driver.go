@@ -20,6 +20,7 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+	"github.com/flamehq/flame/internal/mesh/layout"
 
 	"github.com/flamehq/flame/internal/driver/hostproc"
 )
@@ -49,9 +50,16 @@ type Config struct {
 	// first use. Default: the instance's (see InstanceNames), from the
 	// instance id kept in StateDir.
 	Bridge string
-	// HostPrefix is this host's part of the private network
-	// (fdaa:<network>:<host>::/64 and the like); the bridge takes its first
-	// host address, machines the others. Default: the instance's.
+	// Network and Host place this host in the private network (6PN, see
+	// internal/mesh/layout): a machine of org o (driver.Spec.Org) gets an
+	// address in layout.Place{Network, o, Host}.HostPrefix(), and the
+	// bridge that place's Gateway while a machine of o is here. Default:
+	// the instance's.
+	Network layout.Network
+	Host    layout.Host
+	// HostPrefix, with no Network, is the layout of a legacy instance
+	// (see InstanceNames): one prefix for every machine of the host,
+	// whatever its org, the bridge its first host address.
 	HostPrefix netip.Prefix
 	// InitPath is the flame binary, whose hidden "sandbox-init" command
 	// is each sandbox's init. Default: this program.
@@ -72,7 +80,8 @@ func (c *Config) setDefaults() error {
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir
 	}
-	if (c.Bridge == "" || !c.HostPrefix.IsValid() || c.CgroupParent == "") && filepath.IsAbs(c.StateDir) {
+	noLayout := c.Network == 0 && !c.HostPrefix.IsValid()
+	if (c.Bridge == "" || noLayout || c.CgroupParent == "") && filepath.IsAbs(c.StateDir) {
 		inst, err := LoadInstance(c.StateDir)
 		if err != nil {
 			return err
@@ -84,12 +93,15 @@ func (c *Config) setDefaults() error {
 		if c.Bridge == "" {
 			c.Bridge = n.Bridge
 		}
-		if !c.HostPrefix.IsValid() {
-			c.HostPrefix = n.HostPrefix
+		if noLayout {
+			c.Network, c.Host, c.HostPrefix = n.Network, n.Host, n.HostPrefix
 		}
 		if c.CgroupParent == "" {
 			c.CgroupParent = n.CgroupParent
 		}
+	}
+	if c.Network != 0 {
+		c.HostPrefix = netip.Prefix{}
 	}
 	c.HostPrefix = c.HostPrefix.Masked()
 	if c.InitPath == "" {
@@ -117,7 +129,12 @@ func (c *Config) Validate() error {
 	if n := len(c.Bridge); n == 0 || n > 15 || strings.ContainsAny(c.Bridge, "/ :") {
 		errs = append(errs, fmt.Errorf("bridge %q: not an interface name", c.Bridge))
 	}
-	if !c.HostPrefix.Addr().Is6() || c.HostPrefix.Addr().Is4In6() || c.HostPrefix.Bits() > 120 {
+	switch {
+	case c.Network != 0:
+		if c.Host == 0 {
+			errs = append(errs, errors.New("host: required with a network (1 to 65535)"))
+		}
+	case !c.HostPrefix.Addr().Is6() || c.HostPrefix.Addr().Is4In6() || c.HostPrefix.Bits() > 120:
 		errs = append(errs, fmt.Errorf("host prefix %s: must be an IPv6 prefix of at most /120", c.HostPrefix))
 	}
 	if !filepath.IsAbs(c.InitPath) {
@@ -143,7 +160,10 @@ type Driver struct {
 
 	netMu       sync.Mutex
 	bridgeIndex int
-	prefixLock  *os.File // see claimPrefix; nil once closed
+	prefixLock  *os.File            // see claimPrefix; nil once closed
+	gateways    map[layout.Org]bool // the orgs whose gateway the bridge has (see orgnet.go)
+	filter      *filter             // nil for a legacy instance (see filter.go)
+	ports       map[string]port     // machine id → its port in the filter
 
 	imgMu  sync.Mutex
 	images map[string]*image.Image // by reference, as Prepare resolved it
@@ -208,13 +228,22 @@ func New(cfg Config) (*Driver, error) {
 		procs:  make(map[*sandbox]struct{}),
 		stop:   make(chan struct{}),
 	}
+	d.gateways = make(map[layout.Org]bool)
+	d.ports = make(map[string]port)
+	if cfg.Network != 0 {
+		d.filter = newFilter(cfg.Bridge, cfg.Network)
+		if err := d.filter.install(); err != nil {
+			unlockFile(lock)
+			return nil, fmt.Errorf("sandbox driver: %w", err)
+		}
+	}
 	d.prefixLock = lock
 	d.sweepSpares()
 	d.sweepSpareIDs()
 	d.spares = make(chan *spare)
 	d.wg.Add(1)
 	go d.keepSpares()
-	d.logger.Debug("sandbox driver ready", "cgroup", cg.version(), "bridge", cfg.Bridge, "prefix", cfg.HostPrefix)
+	d.logger.Debug("sandbox driver ready", "cgroup", cg.version(), "bridge", cfg.Bridge, "network", cfg.Network, "host", cfg.Host, "prefix", cfg.HostPrefix)
 	return d, nil
 }
 
@@ -227,7 +256,11 @@ func (d *Driver) CgroupVersion() int { return d.cg.version() }
 // PrivateIP is the machine's address on the private network, once Prepare
 // or Start gave it one (until Cleanup).
 func (d *Driver) PrivateIP(spec driver.Spec) (netip.Addr, bool) {
-	return d.leases.lookup(d.cfg.HostPrefix, spec.MachineID)
+	prefix, err := d.machinePrefix(spec)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return d.leases.lookup(prefix, spec.MachineID)
 }
 
 // checkSpec rejects specs the driver cannot name things after.
@@ -252,7 +285,11 @@ func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) (driver.Image, e
 	if err != nil {
 		return driver.Image{}, err
 	}
-	if _, err := d.leases.acquire(d.cfg.HostPrefix, spec.MachineID); err != nil {
+	prefix, err := d.machinePrefix(spec)
+	if err != nil {
+		return driver.Image{}, fmt.Errorf("prepare %s: %w", spec.MachineID, err)
+	}
+	if _, err := d.leases.acquire(prefix, spec.MachineID); err != nil {
 		return driver.Image{}, fmt.Errorf("prepare %s: %w", spec.MachineID, err)
 	}
 	return driver.Image{Ref: img.Ref, Digest: img.Digest}, nil
@@ -364,7 +401,11 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 	if err != nil {
 		return nil, err
 	}
-	addr, err := d.leases.acquire(d.cfg.HostPrefix, spec.MachineID)
+	prefix, err := d.machinePrefix(spec)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
+	addr, err := d.leases.acquire(prefix, spec.MachineID)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
@@ -605,7 +646,7 @@ func (d *Driver) launch(ctx context.Context, spec driver.Spec, cfg *initConfig, 
 			return nil, fmt.Errorf("network: %w", err)
 		}
 	}
-	if err := d.attach(sn, spec.MachineID, addr); err != nil {
+	if err := d.attach(sn, spec, addr); err != nil {
 		return nil, fmt.Errorf("network: %w", err)
 	}
 	rd := bufio.NewReader(conn)
@@ -661,6 +702,10 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
 	}
+	if err := d.refilter(spec); err != nil {
+		pidfd.Close()
+		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
+	}
 	s, err := d.watch(h, pidfd, spec.Dir, d.cg.oomFile(spec.MachineID))
 	if err != nil {
 		pidfd.Close()
@@ -678,7 +723,7 @@ func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
 		return err
 	}
 	err := d.teardown(ctx, spec)
-	if rerr := d.leases.release(d.cfg.HostPrefix, spec.MachineID); rerr != nil {
+	if rerr := d.releaseAddr(spec); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
 	d.imgMu.Lock()
@@ -702,6 +747,9 @@ func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 				killed = false
 			}
 		}
+	}
+	if err := d.unfilter(spec.MachineID); err != nil {
+		errs = append(errs, err)
 	}
 	if err := d.deleteVeth(spec.MachineID); err != nil {
 		errs = append(errs, err)
@@ -783,13 +831,17 @@ func (d *Driver) Close() error {
 		s.abandon()
 	}
 	d.wg.Wait()
+	var ferr error
+	if d.filter != nil {
+		ferr = d.filter.close(false)
+	}
 	d.netMu.Lock()
 	if d.prefixLock != nil {
 		unlockFile(d.prefixLock)
 		d.prefixLock = nil
 	}
 	d.netMu.Unlock()
-	return nil
+	return ferr
 }
 
 func (d *Driver) track(s *sandbox) error {

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // A driver makes things that are global to the machine it runs on, outside
@@ -23,11 +25,13 @@ import (
 // all its hosts). A driver restarted on the same state finds the same names,
 // and so adopts its sandboxes; another state never shares them.
 //
-// The 6PN layout: an instance is a network, its 32 bits the second and
-// third groups of fdaa:<id hi16>:<id lo16>::/48, and host number h of the
-// instance has the /64 fdaa:<id hi16>:<id lo16>:<h+1>::/64 in it. Two
+// The 6PN layout (internal/mesh/layout): an instance is a network, its 32
+// bits the second and third groups of fdaa:<id hi16>:<id lo16>::/48, host
+// index h of the instance is host number h+1 in it, and a machine of org o
+// there has its address in fdaa:<id hi16>:<id lo16>:<o>:<h+1>::/80. Two
 // instances share a prefix only when their whole ids are equal; New refuses
-// a prefix another driver on the machine holds or another link routes.
+// a host of a network another driver on the machine holds or another link
+// routes.
 //
 // State from before instance ids (a data dir whose sandbox state exists but
 // which keeps no instance id) keeps the names it ran under — bridge
@@ -201,16 +205,24 @@ func validInstance(id string) bool {
 
 // Names are the machine-global names of one driver.
 type Names struct {
-	Bridge       string       // "fl<instance>-<host>": at most 15 characters (IFNAMSIZ)
-	CgroupParent string       // "flame-<instance>-<host>"
-	HostPrefix   netip.Prefix // fdaa:<instance hi16>:<instance lo16>:<host+1>::/64
+	Bridge       string // "fl<instance>-<host>": at most 15 characters (IFNAMSIZ)
+	CgroupParent string // "flame-<instance>-<host>"
+	// Network is the instance id's 32 bits, Host the host index + 1: the
+	// host's place in the private network (see internal/mesh/layout).
+	Network layout.Network
+	Host    layout.Host
+	// HostPrefix is the one prefix of a legacy instance's host (no
+	// Network): fdaa:0:<host+1>::/64.
+	HostPrefix netip.Prefix
 }
 
 // InstanceNames returns the names of host number host (0 to MaxHostIndex)
 // of an instance: its hosts share the 6PN network fdaa:<instance>::/48 (the
-// instance id's 32 bits), each has a /64 of its own in it. The hosts of
-// LegacyInstance have the names of before instance ids: flame<host>,
-// flame-<host> and fdaa:0:<host+1>::/64.
+// instance id's 32 bits; an id of zeros is no network), host h is number
+// h+1 in it, and its machines have addresses in their orgs' networks (see
+// internal/mesh/layout). The hosts of LegacyInstance have the names of
+// before instance ids: flame<host>, flame-<host> and one prefix,
+// fdaa:0:<host+1>::/64, for all their machines.
 func InstanceNames(instance string, host int) (Names, error) {
 	if !validInstance(instance) {
 		return Names{}, fmt.Errorf("instance id %q: want %d hex digits", instance, instanceIDLen)
@@ -226,11 +238,10 @@ func InstanceNames(instance string, host int) (Names, error) {
 		}
 		return Names{Bridge: "flame" + n, CgroupParent: "flame-" + n, HostPrefix: prefix}, nil
 	}
-	hi, _ := strconv.ParseUint(instance[:4], 16, 16)
-	lo, _ := strconv.ParseUint(instance[4:], 16, 16)
-	prefix, err := netip.ParsePrefix(fmt.Sprintf("fdaa:%x:%x:%x::/64", hi, lo, host+1))
+	network, err := layout.ParseNetwork(instance)
 	if err != nil {
-		return Names{}, err
+		return Names{}, fmt.Errorf("instance id %q: %w", instance, err)
 	}
-	return Names{Bridge: "fl" + instance + "-" + n, CgroupParent: "flame-" + instance + "-" + n, HostPrefix: prefix}, nil
+	return Names{Bridge: "fl" + instance + "-" + n, CgroupParent: "flame-" + instance + "-" + n,
+		Network: network, Host: layout.Host(host + 1)}, nil
 }

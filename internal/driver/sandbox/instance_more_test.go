@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"context"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -10,6 +11,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // requireNothingOf fails t when anything of cfg's names exists on the
@@ -38,16 +41,18 @@ func TestPrefixRefusedByNew(t *testing.T) {
 	cfgA := testConfig(t)
 	a := newDriver(t, cfgA)
 	waitSpare(t, a) // its bridge is up, with the prefix's route
+	spec := testSpec(t, "busybox", "-c", "exec sleep 1000")
+	start(t, a, spec) // its bridge has org 1's gateway, with its prefix's route
 	cfgB := testConfig(t)
-	cfgB.HostPrefix = cfgA.HostPrefix
+	cfgB.Network, cfgB.Host = cfgA.Network, cfgA.Host
 
 	b, err := New(cfgB)
 	if err == nil {
 		b.Close()
-		t.Fatalf("a second driver on prefix %s started", cfgA.HostPrefix)
+		t.Fatalf("a second driver on host %d of network %s started", cfgA.Host, cfgA.Network)
 	}
-	if !strings.Contains(err.Error(), cfgA.HostPrefix.String()) || !strings.Contains(err.Error(), cfgA.Bridge) {
-		t.Errorf("error %q: want it to name the prefix and the other's bridge %s", err, cfgA.Bridge)
+	if !strings.Contains(err.Error(), cfgA.Network.String()) || !strings.Contains(err.Error(), cfgA.Bridge) {
+		t.Errorf("error %q: want it to name the network and the other's bridge %s", err, cfgA.Bridge)
 	}
 	requireNothingOf(t, cfgB)
 
@@ -55,7 +60,7 @@ func TestPrefixRefusedByNew(t *testing.T) {
 	b, err = New(cfgB)
 	if err == nil {
 		b.Close()
-		t.Fatalf("a driver started on prefix %s, which bridge %s routes", cfgA.HostPrefix, cfgA.Bridge)
+		t.Fatalf("a driver started on host %d of network %s, which bridge %s routes", cfgA.Host, cfgA.Network, cfgA.Bridge)
 	}
 	if !strings.Contains(err.Error(), "routed to "+cfgA.Bridge) {
 		t.Errorf("error %q: want it to name bridge %s", err, cfgA.Bridge)
@@ -63,6 +68,9 @@ func TestPrefixRefusedByNew(t *testing.T) {
 	requireNothingOf(t, cfgB)
 
 	// Once the bridge is gone, the prefix is free again.
+	if err := a.Cleanup(context.Background(), spec); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.Teardown(); err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +83,7 @@ func TestPrefixClaimRace(t *testing.T) {
 	cfgs := make([]Config, n)
 	for i := range cfgs {
 		cfgs[i] = testConfig(t)
-		cfgs[i].HostPrefix = cfgs[0].HostPrefix
+		cfgs[i].Network, cfgs[i].Host = cfgs[0].Network, cfgs[0].Host
 	}
 	drivers := make([]*Driver, n)
 	errs := make([]error, n)
@@ -98,7 +106,7 @@ func TestPrefixClaimRace(t *testing.T) {
 		t.Cleanup(func() { d.Close() })
 	}
 	if started != 1 {
-		t.Fatalf("%d drivers started on prefix %s, want 1: %v", started, cfgs[0].HostPrefix, errs)
+		t.Fatalf("%d drivers started on host %d of network %s, want 1: %v", started, cfgs[0].Host, cfgs[0].Network, errs)
 	}
 }
 
@@ -114,11 +122,11 @@ func TestBridgeRefusedLeavesNothing(t *testing.T) {
 	if err := netlink.LinkSetUp(other); err != nil {
 		t.Fatal(err)
 	}
-	gw := gatewayAddr(cfg.HostPrefix)
-	if err := netlink.AddrAdd(other, &netlink.Addr{IPNet: ipNet(gw, cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD}); err != nil {
+	gw := layout.Place{Network: cfg.Network, Org: 7, Host: cfg.Host}.Gateway()
+	if err := netlink.AddrAdd(other, &netlink.Addr{IPNet: ipNet(gw, 80), Flags: unix.IFA_F_NODAD}); err != nil {
 		t.Fatal(err)
 	}
-	d := &Driver{cfg: cfg, logger: cfg.Logger}
+	d := &Driver{cfg: cfg, logger: cfg.Logger, gateways: map[layout.Org]bool{}}
 	_, err := d.ensureBridge()
 	if err == nil || !strings.Contains(err.Error(), other.Name) {
 		t.Fatalf("bridge on a prefix %s routes: %v", other.Name, err)
@@ -128,31 +136,35 @@ func TestBridgeRefusedLeavesNothing(t *testing.T) {
 	}
 }
 
-// TestInstancePrefixes: the whole instance id is in the prefix, so ids
-// that share their first 16 bits do not share a network, and legacy
-// prefixes never meet an instance's.
+// TestInstancePrefixes: the whole instance id is the network, so ids that
+// share their first 16 bits do not share one, a host index is the host's
+// number + 1, an id of zeros is no network, and legacy prefixes never meet
+// an instance's network.
 func TestInstancePrefixes(t *testing.T) {
 	a, _ := InstanceNames("12340001", 0)
 	b, _ := InstanceNames("12340002", 0)
-	if a.HostPrefix.Overlaps(b.HostPrefix) {
-		t.Errorf("instances 12340001 and 12340002 share prefix %s", a.HostPrefix)
+	if a.Network == b.Network {
+		t.Errorf("instances 12340001 and 12340002 share network %s", a.Network)
 	}
-	if want := netip.MustParsePrefix("fdaa:1234:1:1::/64"); a.HostPrefix != want {
-		t.Errorf("prefix %s, want %s", a.HostPrefix, want)
+	if a.Network != 0x12340001 || a.Host != 1 || a.HostPrefix.IsValid() {
+		t.Errorf("names %+v, want network 12340001, host 1 and no prefix", a)
 	}
 	last, _ := InstanceNames("ffffffff", MaxHostIndex)
-	if want := netip.MustParsePrefix("fdaa:ffff:ffff:2710::/64"); last.HostPrefix != want {
-		t.Errorf("prefix %s, want %s", last.HostPrefix, want)
+	if last.Network != 0xffffffff || last.Host != MaxHostIndex+1 {
+		t.Errorf("names %+v", last)
 	}
-	zero, _ := InstanceNames("00000000", 0)
-	for _, n := range []Names{a, last, zero} {
-		if n.HostPrefix.Contains(netip.MustParseAddr("fdaa::3")) {
-			t.Errorf("prefix %s holds the nameserver fdaa::3", n.HostPrefix)
+	if _, err := InstanceNames("00000000", 0); err == nil {
+		t.Error("instance 00000000 accepted: it is no network")
+	}
+	for _, n := range []Names{a, last} {
+		net := layout.NetworkPrefix(n.Network)
+		if net.Contains(layout.DNS) {
+			t.Errorf("network %s holds the nameserver %s", net, layout.DNS)
 		}
 		for _, h := range []int{0, 1, MaxHostIndex} {
 			l, _ := InstanceNames(LegacyInstance, h)
-			if l.HostPrefix.Overlaps(n.HostPrefix) {
-				t.Errorf("legacy prefix %s overlaps %s", l.HostPrefix, n.HostPrefix)
+			if l.HostPrefix.Overlaps(net) {
+				t.Errorf("legacy prefix %s overlaps %s", l.HostPrefix, net)
 			}
 		}
 	}

@@ -34,13 +34,12 @@ func TestInstanceNames(t *testing.T) {
 		t.Errorf("bridge %q: longer than an interface name may be", last.Bridge)
 	}
 	first, _ := InstanceNames(id, 0)
-	if first.Bridge == last.Bridge || first.CgroupParent == last.CgroupParent || first.HostPrefix == last.HostPrefix {
+	if first.Bridge == last.Bridge || first.CgroupParent == last.CgroupParent || first.Host == last.Host {
 		t.Errorf("hosts 0 and %d share names: %+v %+v", MaxHostIndex, first, last)
 	}
-	// The hosts of one instance share a 6PN network: fdaa:<network>:<host>::/64.
-	a, b := first.HostPrefix.Addr().As16(), last.HostPrefix.Addr().As16()
-	if a[2] != b[2] || a[3] != b[3] || first.HostPrefix.Bits() != 64 {
-		t.Errorf("prefixes %s and %s", first.HostPrefix, last.HostPrefix)
+	// The hosts of one instance share a 6PN network: the instance id's bits.
+	if first.Network != last.Network || first.Network.String() != id {
+		t.Errorf("networks %s and %s, want %s", first.Network, last.Network, id)
 	}
 	for _, bad := range []string{"", "ABCDEF12", "abc", "../../x"} {
 		if _, err := InstanceNames(bad, 0); err == nil {
@@ -60,7 +59,7 @@ func TestInstanceNames(t *testing.T) {
 // the driver: its instance's, from the instance id in its state dir.
 func instanceConfig(t *testing.T) Config {
 	cfg := testConfig(t)
-	cfg.Bridge, cfg.CgroupParent, cfg.HostPrefix = "", "", netip.Prefix{}
+	cfg.Bridge, cfg.CgroupParent, cfg.HostPrefix, cfg.Network, cfg.Host = "", "", netip.Prefix{}, 0, 0
 	cfg.StateDir = t.TempDir()
 	return cfg
 }
@@ -69,6 +68,7 @@ func instanceConfig(t *testing.T) Config {
 func cleanupInstance(t *testing.T, d *Driver) {
 	names := d.cfg
 	t.Cleanup(func() {
+		newFilter(names.Bridge, names.Network).close(true)
 		if l, err := netlink.LinkByName(names.Bridge); err == nil {
 			netlink.LinkDel(l)
 		}
@@ -100,10 +100,10 @@ func TestInstancesApart(t *testing.T) {
 	b := newDriver(t, cfgB)
 	cleanupInstance(t, b)
 	want, _ := InstanceNames(idB, 0)
-	if b.cfg.Bridge != want.Bridge || b.cfg.CgroupParent != want.CgroupParent || b.cfg.HostPrefix != want.HostPrefix {
-		t.Fatalf("driver B's names %s %s %s, want its instance's %+v", b.cfg.Bridge, b.cfg.CgroupParent, b.cfg.HostPrefix, want)
+	if b.cfg.Bridge != want.Bridge || b.cfg.CgroupParent != want.CgroupParent || b.cfg.Network != want.Network || b.cfg.Host != want.Host {
+		t.Fatalf("driver B's names %s %s %s/%d, want its instance's %+v", b.cfg.Bridge, b.cfg.CgroupParent, b.cfg.Network, b.cfg.Host, want)
 	}
-	if a.cfg.Bridge == b.cfg.Bridge || a.cfg.CgroupParent == b.cfg.CgroupParent || a.cfg.HostPrefix == b.cfg.HostPrefix {
+	if a.cfg.Bridge == b.cfg.Bridge || a.cfg.CgroupParent == b.cfg.CgroupParent || a.cfg.Network == b.cfg.Network {
 		t.Fatalf("two instances share names: %+v %+v", a.cfg, b.cfg)
 	}
 

@@ -16,6 +16,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
 )
 
 // linkUpTimeout bounds the wait for a sandbox's interface to come up; past
@@ -38,7 +40,7 @@ func (d *Driver) ensureBridge() (_ int, err error) {
 	if _, notFound := err.(netlink.LinkNotFoundError); notFound {
 		// Checked before the bridge is made, so a refused prefix leaves
 		// nothing behind.
-		if err := checkPrefixFree(d.cfg.HostPrefix, 0); err != nil {
+		if err := d.checkFree(0); err != nil {
 			return 0, err
 		}
 		attrs := netlink.NewLinkAttrs()
@@ -63,14 +65,23 @@ func (d *Driver) ensureBridge() (_ int, err error) {
 	if _, ok := br.(*netlink.Bridge); !ok {
 		return 0, fmt.Errorf("bridge %s: is a %s, not a bridge", d.cfg.Bridge, br.Type())
 	}
-	if err := checkPrefixFree(d.cfg.HostPrefix, br.Attrs().Index); err != nil {
+	if err := d.checkFree(br.Attrs().Index); err != nil {
 		return 0, err
 	}
 	// No duplicate address detection: the address is ours by
 	// configuration, and a tentative address stalls the first dials.
-	gw := gatewayAddr(d.cfg.HostPrefix)
-	err = netlink.AddrAdd(br, &netlink.Addr{IPNet: ipNet(gw, d.cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD})
-	if err != nil && !errors.Is(err, unix.EEXIST) {
+	var gw netip.Addr
+	if d.layoutMode() {
+		gw = bridgeLinkLocal
+		err = d.readyLayoutBridge(br)
+	} else {
+		gw = gatewayAddr(d.cfg.HostPrefix)
+		err = netlink.AddrAdd(br, &netlink.Addr{IPNet: ipNet(gw, d.cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD})
+		if errors.Is(err, unix.EEXIST) {
+			err = nil
+		}
+	}
+	if err != nil {
 		return 0, fmt.Errorf("address bridge %s: %w", d.cfg.Bridge, err)
 	}
 	if err := d.tuneBridge(br); err != nil {
@@ -82,6 +93,15 @@ func (d *Driver) ensureBridge() (_ int, err error) {
 	d.bridgeIndex = br.Attrs().Index
 	d.logger.Info("bridge ready", "bridge", d.cfg.Bridge, "gateway", gw)
 	return d.bridgeIndex, nil
+}
+
+// checkFree fails when another link than the bridge (index brIndex, 0 when
+// there is none yet) routes the driver's part of the private network.
+func (d *Driver) checkFree(brIndex int) error {
+	if d.layoutMode() {
+		return checkHostFree(d.cfg.Network, d.cfg.Host, brIndex)
+	}
+	return checkPrefixFree(d.cfg.HostPrefix, brIndex)
 }
 
 // prefixLockDir holds a lock file for each 6PN prefix a driver on this
@@ -97,11 +117,17 @@ const prefixLockDir = "/run/flame"
 // driver gone whose bridge and sandboxes remain). Under the lock the
 // check and the bridge's address that follows are one step.
 func claimPrefix(cfg Config) (*os.File, error) {
-	prefix := cfg.HostPrefix
+	// What is claimed: a legacy instance's prefix, or a host of a network
+	// (all of its orgs' prefixes on the host).
+	prefix := cfg.HostPrefix.String()
+	name := "6pn-" + strings.NewReplacer(":", "_", "/", "-").Replace(prefix) + ".lock"
+	if cfg.Network != 0 {
+		prefix = fmt.Sprintf("host %d of network %s", cfg.Host, cfg.Network)
+		name = fmt.Sprintf("6pn-%s-%d.lock", cfg.Network, cfg.Host)
+	}
 	if err := os.MkdirAll(prefixLockDir, 0o755); err != nil {
 		return nil, fmt.Errorf("lock prefix %s: %w", prefix, err)
 	}
-	name := "6pn-" + strings.NewReplacer(":", "_", "/", "-").Replace(prefix.String()) + ".lock"
 	path := filepath.Join(prefixLockDir, name)
 	f, err := lockFile(path)
 	if err != nil {
@@ -119,7 +145,11 @@ func claimPrefix(cfg Config) (*os.File, error) {
 	if l, err := netlink.LinkByName(cfg.Bridge); err == nil {
 		own = l.Attrs().Index
 	}
-	if err := checkPrefixFree(prefix, own); err != nil {
+	check := func() error { return checkPrefixFree(cfg.HostPrefix, own) }
+	if cfg.Network != 0 {
+		check = func() error { return checkHostFree(cfg.Network, cfg.Host, own) }
+	}
+	if err := check(); err != nil {
 		f.Close()
 		return nil, err
 	}
@@ -294,14 +324,23 @@ func (d *Driver) connectSandbox(pid int, hostName string) (_ *sandboxNet, err er
 	if err := h.LinkSetUp(eth0); err != nil {
 		return nil, fmt.Errorf("bring up eth0: %w", err)
 	}
-	// The prefix is on-link whatever the machine's address, which is
-	// added without a prefix route of its own (see attach).
-	prefix := d.cfg.HostPrefix
-	if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Dst: ipNet(prefix.Addr(), prefix.Bits())}); err != nil {
-		return nil, fmt.Errorf("route to %s: %w", prefix, err)
-	}
-	if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Gw: net.IP(gatewayAddr(prefix).AsSlice())}); err != nil {
-		return nil, fmt.Errorf("default route: %w", err)
+	if d.layoutMode() {
+		// The machine's org is not known yet: the default route goes
+		// through the bridge's link-local address, the same for every
+		// org; the org's prefix comes on-link with the address.
+		if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Gw: net.IP(bridgeLinkLocal.AsSlice())}); err != nil {
+			return nil, fmt.Errorf("default route: %w", err)
+		}
+	} else {
+		// The prefix is on-link whatever the machine's address, which is
+		// added without a prefix route of its own (see attach).
+		prefix := d.cfg.HostPrefix
+		if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Dst: ipNet(prefix.Addr(), prefix.Bits())}); err != nil {
+			return nil, fmt.Errorf("route to %s: %w", prefix, err)
+		}
+		if err := h.RouteAdd(&netlink.Route{LinkIndex: sn.eth0, Gw: net.IP(gatewayAddr(prefix).AsSlice())}); err != nil {
+			return nil, fmt.Errorf("default route: %w", err)
+		}
 	}
 	if err := d.waitLinkUp(h, events, sn.eth0); err != nil {
 		return nil, err
@@ -309,11 +348,15 @@ func (d *Driver) connectSandbox(pid int, hostName string) (_ *sandboxNet, err er
 	return sn, nil
 }
 
-// attach makes a sandbox's network machine id's: the host end of the veth
+// attach makes a sandbox's network the machine's: the host end of the veth
 // pair gets the machine's name (as an alternative name: an interface must
 // be down to be renamed, and its link would have to come up again), eth0
-// the machine's address.
-func (d *Driver) attach(sn *sandboxNet, machineID string, addr netip.Addr) error {
+// the machine's address, and the bridge the gateway of the machine's org.
+func (d *Driver) attach(sn *sandboxNet, spec driver.Spec, addr netip.Addr) error {
+	machineID := spec.MachineID
+	if err := d.ensureGateway(spec); err != nil {
+		return err
+	}
 	host := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sn.host}}
 	if name := vethName(machineID); name != sn.hostName {
 		err := netlink.LinkAddAltName(host, name)
@@ -331,9 +374,18 @@ func (d *Driver) attach(sn *sandboxNet, machineID string, addr netip.Addr) error
 	if err := sn.h.LinkSetHardwareAddr(eth0, machineMAC(machineID)); err != nil {
 		return fmt.Errorf("set eth0's hardware address: %w", err)
 	}
-	a := &netlink.Addr{IPNet: ipNet(addr, d.cfg.HostPrefix.Bits()), Flags: unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE}
+	flags := unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE
+	if d.layoutMode() {
+		flags = unix.IFA_F_NODAD // the org's prefix on-link: its machines here are neighbours
+	}
+	a := &netlink.Addr{IPNet: ipNet(addr, d.addrBits()), Flags: flags}
 	if err := sn.h.AddrAdd(eth0, a); err != nil {
 		return fmt.Errorf("address eth0: %w", err)
+	}
+	if d.filter != nil {
+		if err := d.filterPort(machineID, sn.host, addr, spec.Org); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // TestMain doubles as the sandboxes' init: the driver under test runs this
@@ -37,6 +38,9 @@ func TestMain(m *testing.M) {
 	}
 	if len(os.Args) > 1 && os.Args[1] == probeCommand {
 		os.Exit(probeMain())
+	}
+	if len(os.Args) > 1 && os.Args[1] == netProbeCommand {
+		os.Exit(netProbeMain(os.Args[2:]))
 	}
 	if len(os.Args) > 2 && os.Args[1] == stepsCommand {
 		n, _ := strconv.Atoi(os.Args[2])
@@ -250,12 +254,15 @@ func testConfig(t testing.TB) Config {
 		Images:       newTestImages(),
 		StateDir:     t.TempDir(),
 		Bridge:       "flt" + tag,
-		HostPrefix:   netip.MustParsePrefix("fdaa:" + tag[:4] + ":1::/64"),
+		Network:      testNetwork(),
+		Host:         1,
 		InitPath:     exe,
 		CgroupParent: "flame-test-" + tag,
 		Logger:       slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	t.Cleanup(func() {
+		// What a driver closed while its machines ran leaves (see filter.go).
+		newFilter(cfg.Bridge, cfg.Network).close(true)
 		if l, err := netlink.LinkByName(cfg.Bridge); err == nil {
 			netlink.LinkDel(l)
 		}
@@ -266,6 +273,16 @@ func testConfig(t testing.TB) Config {
 		}
 	})
 	return cfg
+}
+
+// testNetwork is a private network of the test's own: random, as an
+// instance's is, never zero.
+func testNetwork() layout.Network {
+	for {
+		if n, err := layout.ParseNetwork(randHex(8)); err == nil {
+			return n
+		}
+	}
 }
 
 func newDriver(t testing.TB, cfg Config) *Driver {
@@ -286,6 +303,7 @@ func testSpec(t testing.TB, img string, cmd ...string) driver.Spec {
 		MachineID:  id,
 		InstanceID: "01J" + strings.ToUpper(randHex(23)),
 		App:        "demo",
+		Org:        1,
 		Region:     "local",
 		Dir:        dir,
 		LogPath:    filepath.Join(dir, "log"),
@@ -372,7 +390,7 @@ echo done`)
 	out := logOf(t, spec)
 	t.Logf("workload saw:\n%s", out)
 	addr, ok := d.PrivateIP(spec)
-	if !ok || !d.cfg.HostPrefix.Contains(addr) {
+	if prefix, _ := d.machinePrefix(spec); !ok || !prefix.Contains(addr) {
 		t.Fatalf("PrivateIP = %v %v", addr, ok)
 	}
 	for _, want := range []string{
@@ -585,7 +603,7 @@ func TestPrivateNetwork(t *testing.T) {
 	}
 	// And out of the sandbox: the bridge answers on the gateway address.
 	res, err := d.Exec(context.Background(), spec, []string{"ip", "-6", "route"}, nil)
-	if err != nil || !strings.Contains(string(res.Stdout), "default via "+gatewayAddr(d.cfg.HostPrefix).String()) {
+	if err != nil || !strings.Contains(string(res.Stdout), "default via "+bridgeLinkLocal.String()) {
 		t.Fatalf("routes inside: %v %q %q", err, res.Stdout, res.Stderr)
 	}
 }

@@ -118,7 +118,7 @@ func TestSpareNetwork(t *testing.T) {
 	}
 	addr, _ := d.PrivateIP(spec)
 	res, err := d.Exec(context.Background(), spec, []string{"ip", "-6", "addr", "show", "eth0"}, nil)
-	if err != nil || !strings.Contains(string(res.Stdout), addr.String()+"/64") {
+	if err != nil || !strings.Contains(string(res.Stdout), addr.String()+"/80") {
 		t.Fatalf("eth0 inside: %v %q", err, res.Stdout)
 	}
 	if err := d.Cleanup(context.Background(), spec); err != nil {

@@ -12,7 +12,8 @@ import (
 )
 
 // Teardown removes what the driver keeps for all its machines — the spare
-// cgroup, the cgroup parents and the bridge — once no machine is left: for a
+// cgroup, the cgroup parents, the filter's tables and the bridge — once no
+// machine is left: for a
 // host that is going away for good (a dev cluster with temporary state). It
 // leaves everything in place, and says so, while any machine's cgroup
 // remains. Call it after Close.
@@ -46,6 +47,11 @@ func (d *Driver) Teardown() error {
 	for _, root := range d.cg.roots {
 		if err := unix.Rmdir(root); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("teardown: remove cgroup %s: %w", root, err))
+		}
+	}
+	if d.filter != nil {
+		if err := d.filter.close(true); err != nil {
+			errs = append(errs, fmt.Errorf("teardown: %w", err))
 		}
 	}
 	if br, err := netlink.LinkByName(d.cfg.Bridge); err == nil {
