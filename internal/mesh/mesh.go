@@ -44,7 +44,7 @@ type Config struct {
 	Advertise netip.Addr
 	// Local, when set, is told the prefixes of the host's own machines
 	// each time they change (a Link keeps them on the bridge).
-	Local func([]netip.Prefix) error
+	Local  func([]netip.Prefix) error
 	Logger *slog.Logger
 }
 

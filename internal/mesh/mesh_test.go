@@ -79,7 +79,10 @@ func apply(t *testing.T, h *simHost, view ...*simHost) {
 
 type testWriter struct{ t *testing.T }
 
-func (w testWriter) Write(b []byte) (int, error) { w.t.Log(string(bytes.TrimSpace(b))); return len(b), nil }
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(string(bytes.TrimSpace(b)))
+	return len(b), nil
+}
 
 // packet is an IPv6 datagram (no next header) from src to dst.
 func packet(src, dst netip.Addr, payload string) []byte {
