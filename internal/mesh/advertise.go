@@ -103,26 +103,6 @@ func Plan(self string, network layout.Network, host layout.Host, hosts []*cluste
 	return slices.DeleteFunc(peers, func(p Peer) bool { return seen[p.Key] > 1 })
 }
 
-// Local is the prefixes of self's own machines in network, sorted: what
-// stays on its bridge.
-func Local(network layout.Network, self *cluster.Host) []netip.Prefix {
-	if self == nil {
-		return nil
-	}
-	var out []netip.Prefix
-	for _, m := range self.Machines {
-		a, err := netip.ParseAddr(m.PrivateIP)
-		if err != nil {
-			continue
-		}
-		if p, _, ok := layout.Locate(a); ok && p.Network == network && !slices.Contains(out, p.HostPrefix()) {
-			out = append(out, p.HostPrefix())
-		}
-	}
-	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return out
-}
-
 // PublicKey is a host's WireGuard public key.
 type PublicKey [32]byte
 

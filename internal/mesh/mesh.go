@@ -42,9 +42,6 @@ type Config struct {
 	// Advertise is the address the other hosts reach the Bind at; the
 	// endpoint published is it and the port the Bind opened.
 	Advertise netip.Addr
-	// Local, when set, is told the prefixes of the host's own machines
-	// each time they change (a Link keeps them on the bridge).
-	Local  func([]netip.Prefix) error
 	Logger *slog.Logger
 }
 
@@ -84,7 +81,6 @@ type Mesh struct {
 
 	mu    sync.Mutex
 	peers map[PublicKey]Peer
-	local []netip.Prefix
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -159,18 +155,9 @@ func (m *Mesh) Peers() []Peer {
 }
 
 // Apply configures the peers Plan gives for hosts (the host's cluster
-// view): new and changed ones set, gone ones removed; and tells Local the
-// host's own prefixes when they changed.
+// view): new and changed ones set, gone ones removed.
 func (m *Mesh) Apply(hosts []*cluster.Host) error {
 	want := Plan(m.cfg.HostID, m.cfg.Network, m.cfg.Host, hosts)
-	var self *cluster.Host
-	for _, h := range hosts {
-		if h.ID == m.cfg.HostID {
-			self = h
-		}
-	}
-	local := Local(m.cfg.Network, self)
-
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var b strings.Builder
@@ -197,12 +184,6 @@ func (m *Mesh) Apply(hosts []*cluster.Host) error {
 		m.log.Debug("peers", "count", len(next))
 	}
 	m.peers = next
-	if m.cfg.Local != nil && !slices.Equal(local, m.local) {
-		if err := m.cfg.Local(local); err != nil {
-			return fmt.Errorf("mesh: local prefixes: %w", err)
-		}
-		m.local = local
-	}
 	return nil
 }
 
