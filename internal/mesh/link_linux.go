@@ -234,4 +234,3 @@ func unlockFile(f *os.File) {
 	os.Remove(f.Name())
 	f.Close()
 }
-

@@ -42,7 +42,7 @@ type Config struct {
 	// Advertise is the address the other hosts reach the Bind at; the
 	// endpoint published is it and the port the Bind opened.
 	Advertise netip.Addr
-	Logger *slog.Logger
+	Logger    *slog.Logger
 }
 
 // Validate reports what is missing.
