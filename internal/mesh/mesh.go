@@ -32,9 +32,11 @@ type Config struct {
 	// Key is the host's private key (LoadKey).
 	Key PrivateKey
 	// TUN is the interface the device reads the host's outgoing packets
-	// from and writes the peers' into (OpenLink makes one); the Mesh
-	// closes it.
+	// from and writes the peers' into; the Mesh closes it. Default: Link's.
 	TUN tun.Device
+	// Link, when set, is the kernel side of the TUN (OpenLink): the Mesh
+	// closes it after the device.
+	Link *Link
 	// Bind carries the encrypted packets between hosts (PacketBind, or
 	// conn.NewStdNetBind()); Port is where it listens (0: any).
 	Bind conn.Bind
@@ -89,6 +91,9 @@ type Mesh struct {
 
 // New starts the host's device: its key set, its bind open, no peers yet.
 func New(cfg Config) (*Mesh, error) {
+	if cfg.TUN == nil && cfg.Link != nil {
+		cfg.TUN = cfg.Link.TUN()
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -213,14 +218,18 @@ func (m *Mesh) Start(src Source) {
 }
 
 // Close stops following the view and closes the device, its TUN and its
-// bind.
+// bind, then the Link.
 func (m *Mesh) Close() error {
+	var err error
 	m.once.Do(func() {
 		if m.stop != nil {
 			m.stop()
 		}
 		m.wg.Wait()
 		m.dev.Close()
+		if m.cfg.Link != nil {
+			err = m.cfg.Link.Close()
+		}
 	})
-	return nil
+	return err
 }
