@@ -107,7 +107,7 @@ func New(cfg Config) (*Mesh, error) {
 		Errorf:   func(f string, a ...any) { log.Debug("wireguard: " + fmt.Sprintf(f, a...)) },
 	}
 	m := &Mesh{cfg: cfg, log: log, peers: map[PublicKey]Peer{}}
-	m.dev = device.NewDevice(cfg.TUN, cfg.Bind, wlog)
+	m.dev = device.NewDevice(&orgTUN{Device: cfg.TUN}, cfg.Bind, wlog)
 	set := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", hex.EncodeToString(cfg.Key[:]), cfg.Port)
 	if err := m.dev.IpcSet(set); err != nil {
 		m.dev.Close()

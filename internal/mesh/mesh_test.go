@@ -118,7 +118,7 @@ func TestPacketCrossesToPeerPrefix(t *testing.T) {
 	const oneWay = 40 * time.Millisecond
 	n := netsim.New(netsim.Config{Latency: func(from, to string) time.Duration { return oneWay }})
 	defer n.Close()
-	a := newSimHost(t, n, "a", 1, 7)
+	a := newSimHost(t, n, "a", 1, 7, 9)
 	b := newSimHost(t, n, "b", 2, 7, 9)
 	apply(t, a, a, b)
 	apply(t, b, a, b)
@@ -143,7 +143,7 @@ func TestPacketCrossesToPeerPrefix(t *testing.T) {
 		t.Errorf("a packet crossed in %v, under the link's %v", d, oneWay)
 	}
 	start = time.Now()
-	a.tun.Outbound <- packet(a.addr(7, 2), b.addr(9, 3), "other org's prefix on b")
+	a.tun.Outbound <- packet(a.addr(9, 3), b.addr(9, 3), "b's other prefix")
 	receive(t, b, patience)
 	if d := time.Since(start); d < oneWay {
 		t.Errorf("a packet crossed in %v, under the link's %v", d, oneWay)
@@ -245,5 +245,50 @@ func TestDeadPeerRemoved(t *testing.T) {
 	}
 	if d := a.mesh.dev.LookupPeer(device.NoisePublicKey(b.mesh.PublicKey())); d != nil {
 		t.Fatal("b's key is still a peer of a's device")
+	}
+}
+
+func TestOrgsNeverCrossTheTunnel(t *testing.T) {
+	n := netsim.New(netsim.Config{})
+	defer n.Close()
+	a := newSimHost(t, n, "a", 1, 7, 9)
+	b := newSimHost(t, n, "b", 2, 7, 9)
+	apply(t, a, a, b)
+	apply(t, b, a, b)
+	// From org 7 to org 9 (both prefixes b's, both a's sources allowed):
+	// dropped before the tunnel. The packet within org 9 sent after it is
+	// the first out of b's TUN.
+	a.tun.Outbound <- packet(a.addr(7, 2), b.addr(9, 2), "across orgs")
+	a.tun.Outbound <- packet(a.addr(7, 2), layout.DNS, "to the resolver")
+	good := packet(a.addr(9, 2), b.addr(9, 2), "within org 9")
+	a.tun.Outbound <- good
+	if got := receive(t, b, patience); !bytes.Equal(got, good) {
+		t.Fatalf("b's TUN first gave %x, want the packet within org 9", got)
+	}
+}
+
+func TestOrgTUNWriteDropsAcrossOrgs(t *testing.T) {
+	ct := tuntest.NewChannelTUN()
+	ot := &orgTUN{Device: ct.TUN()}
+	a7, _ := layout.Place{Network: testNetwork, Org: 7, Host: 1}.Addr(2)
+	b7, _ := layout.Place{Network: testNetwork, Org: 7, Host: 2}.Addr(2)
+	b9, _ := layout.Place{Network: testNetwork, Org: 9, Host: 2}.Addr(2)
+	const off = 16
+	pad := func(p []byte) []byte { return append(make([]byte, off), p...) }
+	done := make(chan error, 1)
+	go func() {
+		_, err := ot.Write([][]byte{pad(packet(a7, b9, "across")), pad(packet(a7, b7, "within")), pad([]byte{0x45, 0})}, off)
+		done <- err
+	}()
+	if got := <-ct.Inbound; !bytes.Equal(got, packet(a7, b7, "within")) {
+		t.Fatalf("TUN got %x, want only the packet within org 7", got)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case p := <-ct.Inbound:
+		t.Fatalf("TUN got another packet: %x", p)
+	default:
 	}
 }
