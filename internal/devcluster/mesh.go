@@ -63,4 +63,3 @@ func (c *Cluster) newMesh(id string, i int, dataDir string) (*mesh.Mesh, error) 
 	}
 	return m, nil
 }
-

@@ -306,4 +306,3 @@ func echoOnce(t *testing.T, c net.Conn) time.Duration {
 	}
 	return time.Since(start)
 }
-
