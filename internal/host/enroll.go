@@ -83,6 +83,9 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 	if err := pki.SaveHostIdentity(dir, []byte(resp.CA), []byte(resp.Certificate), resp.HostsToken); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
+	if err := savePlace(e.DataDir, resp.Network, resp.HostNumber); err != nil {
+		return nil, err
+	}
 	return pki.LoadHostIdentity(dir)
 }
 

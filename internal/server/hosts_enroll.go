@@ -67,6 +67,8 @@ type hostRecord struct {
 	// NATSKey is the public nkey the host's credential on the catalog's
 	// NATS signs with (natsauth.go); "" with an external NATS.
 	NATSKey string `json:"nats_key,omitempty"`
+	// Number is the host's in the private network (hosts_mesh.go).
+	Number uint16 `json:"number,omitempty"`
 }
 
 type joinTokenRecord struct {
@@ -516,7 +518,11 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	if err != nil {
 		return nil, err
 	}
-	rec := hostRecord{ID: in.HostID, Region: in.Region, APIAddr: in.APIAddr, Serial: pki.Serial(cert), Enrolled: now, Expires: cert.NotAfter.UTC()}
+	network, number, err := s.meshPlace(ctx, in.HostID)
+	if err != nil {
+		return nil, err
+	}
+	rec := hostRecord{ID: in.HostID, Region: in.Region, APIAddr: in.APIAddr, Serial: pki.Serial(cert), Enrolled: now, Expires: cert.NotAfter.UTC(), Number: uint16(number)}
 	var natsSeed []byte
 	if s.cfg.CatalogCA != nil {
 		// A fresh credential on the catalog's NATS at every enrollment:
@@ -539,7 +545,8 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	// brings the record: the host connects right after this answer.
 	s.setNATSUser(rec)
 	s.log.Info("host enrolled", "host", in.HostID, "region", in.Region, "api", in.APIAddr)
-	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()), HostsToken: s.ident.hostsToken}
+	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()), HostsToken: s.ident.hostsToken,
+		Network: network.String(), HostNumber: int(number)}
 	if natsSeed != nil {
 		out.NATSCredential, out.NATSCA = string(natsSeed), string(s.cfg.CatalogCA)
 	}
