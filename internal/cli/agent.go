@@ -25,6 +25,7 @@ type agentFlags struct {
 	join                                                            []string
 	tls                                                             edgeTLSFlags // edgetls.go
 	allowHostExec                                                   bool
+	meshAddr                                                        string // agentmesh.go
 }
 
 func newAgentCmd() *cobra.Command {
@@ -84,6 +85,7 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.natsCA, "nats-ca", "", "PEM file of the CA --nats-url's TLS certificate is checked against (with --nats-creds; default: the one enrollment gave)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	addEdgeTLSFlags(fs, &f.tls)
+	addMeshFlag(fs, &f)
 	return c
 }
 
@@ -129,7 +131,13 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		cred.identity, cred.token = id, id.HostsToken
 		fmt.Fprintf(c.ErrOrStderr(), "flame agent: enrolled as %s (identity in %s)\n", f.hostID, host.IdentityDir(f.dataDir))
 	}
-	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log})
+	network, hostNumber, err := agentPlace(f.dataDir)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	d, kind, err := host.NewDriver(host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log,
+		Network: network, Host: hostNumber})
 	if err != nil {
 		ln.Close()
 		return err
@@ -178,6 +186,15 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 			return usageError{fmt.Errorf("--gossip-addr: bad port %q", gp)}
 		}
 		hc.Cluster = cluster.Config{HostID: f.hostID, BindAddr: gh, BindPort: port}
+		if hc.Mesh, err = agentMesh(f, kind, network, hostNumber); err != nil {
+			ln.Close()
+			closeDriver()
+			return fmt.Errorf("private network: %w", err)
+		}
+		if m := hc.Mesh; m != nil {
+			cd := closeDriver
+			closeDriver = func() { m.Close(); cd() }
+		}
 		if f.dnsAddr != "" {
 			if hc.DNSPacketConn, err = net.ListenPacket("udp", f.dnsAddr); err == nil {
 				hc.DNSListener, err = net.Listen("tcp", f.dnsAddr)
