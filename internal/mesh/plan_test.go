@@ -44,7 +44,9 @@ func TestPlan(t *testing.T) {
 	twin2.Addrs[AddrKey] = twin.Addrs[AddrKey]
 
 	got := Plan("self", n, 1, []*cluster.Host{self, b, c, dead, nokey, noep, twin, twin2})
-	pre := func(o layout.Org, h layout.Host) netip.Prefix { return layout.Place{Network: n, Org: o, Host: h}.HostPrefix() }
+	pre := func(o layout.Org, h layout.Host) netip.Prefix {
+		return layout.Place{Network: n, Org: o, Host: h}.HostPrefix()
+	}
 	want := map[string][]netip.Prefix{
 		"b": {pre(1, 2)},
 		"c": {pre(3, 3)},
