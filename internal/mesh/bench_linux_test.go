@@ -4,11 +4,13 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/netip"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/conn"
 
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/mesh/layout"
@@ -17,9 +19,10 @@ import (
 
 // BenchmarkPrivateNetwork compares, between machines of one org on two
 // hosts of one kernel, the path through the hosts' tunnels (wireguard-go
-// over the simulated network, no added latency: two hosts of one region
-// next to each other) with the bare path the kernel takes without the
-// mesh's rules (bridge to bridge). It reports each path's median TCP round
+// over the simulated network with no added latency, as between two `flame
+// dev` hosts next to each other; and over the kernel's UDP on loopback, as
+// between agents) with the bare path the kernel takes without the mesh's
+// rules (bridge to bridge). It reports each path's median TCP round
 // trip of 64 bytes and its one-way TCP throughput, side by side:
 //
 //	go test -run '^$' -bench PrivateNetwork ./internal/mesh
@@ -32,19 +35,29 @@ func BenchmarkPrivateNetwork(b *testing.B) {
 	hb := newKernelHost(b, tag, network, 2, 7)
 	ha.startMesh(b, n, tag, network)
 	hb.startMesh(b, n, tag, network)
-	for _, h := range []*kernelHost{ha, hb} {
-		if err := h.mesh.Apply([]*cluster.Host{ha.facts, hb.facts}); err != nil {
-			b.Fatal(err)
+	// The same over the kernel's UDP on loopback, as `flame agent` runs
+	// its tunnels, between two more hosts of another network.
+	udpNet := network ^ 0x00800000
+	ua := newKernelHost(b, tag+"u", udpNet, 1, 7)
+	ub := newKernelHost(b, tag+"u", udpNet, 2, 7)
+	ua.startMeshOn(b, tag+"u", udpNet, conn.NewStdNetBind(), netip.MustParseAddr("127.0.0.1"))
+	ub.startMeshOn(b, tag+"u", udpNet, conn.NewStdNetBind(), netip.MustParseAddr("127.0.0.1"))
+	for _, pair := range [][2]*kernelHost{{ha, hb}, {ua, ub}} {
+		for _, h := range pair {
+			if err := h.mesh.Apply([]*cluster.Host{pair[0].facts, pair[1].facts}); err != nil {
+				b.Fatal(err)
+			}
 		}
 	}
-	echo := hb.echo(b)
-	sink := hb.sink(b)
 	paths := []struct {
-		name string
-		set  func()
+		name       string
+		from       *kernelHost
+		echo, sink string
+		set        func()
 	}{
-		{"tunnel", func() {}},
-		{"bridge", func() {
+		{"tunnel-netsim", ha, hb.echo(b), hb.sink(b), func() {}},
+		{"tunnel-udp", ua, ub.echo(b), ub.sink(b), func() {}},
+		{"bridge", ha, hb.echo(b), hb.sink(b), func() {
 			for _, h := range []*kernelHost{ha, hb} {
 				if err := netlink.RuleDel(h.link.rule); err != nil {
 					b.Fatal(err)
@@ -55,6 +68,7 @@ func BenchmarkPrivateNetwork(b *testing.B) {
 	}
 	for _, p := range paths {
 		p.set()
+		ha, echo, sink := p.from, p.echo, p.sink
 		b.Run(p.name+"/rtt", func(b *testing.B) {
 			c := mustDial(b, ha, echo)
 			defer c.Close()

@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/conn"
 
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/mesh/layout"
@@ -120,6 +121,14 @@ func (h *kernelHost) startMesh(t testing.TB, n *netsim.Network, tag string, netw
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.startMeshOn(t, tag, network, &PacketBind{Listen: func(port int) (net.PacketConn, error) { return n.ListenPacket(h.id, port) }},
+		netip.AddrFrom4([4]byte(ip.To4())))
+}
+
+// startMeshOn is startMesh over any bind, advertised at ip.
+func (h *kernelHost) startMeshOn(t testing.TB, tag string, network layout.Network, bind conn.Bind, ip netip.Addr) {
+	t.Helper()
+	var err error
 	h.link, err = OpenLink(LinkConfig{Name: LinkName(tag, int(h.num)), Network: network, Bridge: h.bridge, LockDir: lockDir(t)})
 	if err != nil {
 		t.Fatal(err)
@@ -131,8 +140,7 @@ func (h *kernelHost) startMesh(t testing.TB, n *netsim.Network, tag string, netw
 	}
 	h.mesh, err = New(Config{
 		HostID: h.id, Network: network, Host: h.num, Key: key, TUN: h.link.TUN(),
-		Bind:      &PacketBind{Listen: func(port int) (net.PacketConn, error) { return n.ListenPacket(h.id, port) }},
-		Advertise: netip.AddrFrom4([4]byte(ip.To4())),
+		Bind: bind, Advertise: ip,
 	})
 	if err != nil {
 		t.Fatal(err)
