@@ -48,11 +48,27 @@ func newKernelHost(t testing.TB, tag string, network layout.Network, num layout.
 	h := &kernelHost{id: fmt.Sprintf("h%d", num), num: num, bridge: fmt.Sprintf("mb%s%d", tag, num)}
 	h.addr, _ = place.Addr(2)
 
+	// The links are removed, at the end, by name in the namespace they
+	// were made in (this thread's now), whatever thread the cleanup runs on.
+	home, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hh, err := netlink.NewHandleAt(home)
+	if err != nil {
+		t.Fatal(err)
+	}
+	delLink := func(name string) {
+		if l, err := hh.LinkByName(name); err == nil {
+			hh.LinkDel(l)
+		}
+	}
+	t.Cleanup(func() { hh.Close(); home.Close() })
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: h.bridge}}
 	if err := netlink.LinkAdd(br); err != nil {
 		t.Fatalf("bridge %s: %v", h.bridge, err)
 	}
-	t.Cleanup(func() { netlink.LinkDel(br) })
+	t.Cleanup(func() { delLink(br.Name) })
 	for _, a := range []*net.IPNet{
 		{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)},
 		{IP: place.Gateway().AsSlice(), Mask: net.CIDRMask(128-layout.MachineBits, 128)},
@@ -86,7 +102,7 @@ func newKernelHost(t testing.TB, tag string, network layout.Network, num layout.
 	if err := netlink.LinkAdd(veth); err != nil {
 		t.Fatalf("veth: %v", err)
 	}
-	t.Cleanup(func() { netlink.LinkDel(veth) })
+	t.Cleanup(func() { delLink(veth.Name) })
 	if err := netlink.LinkSetUp(veth); err != nil {
 		t.Fatal(err)
 	}
