@@ -44,8 +44,11 @@ func (s *Server) meshPlace(ctx context.Context, hostID string) (layout.Network, 
 		}
 		return networkRecord{Network: binary.BigEndian.Uint32(b[:])}, nil
 	})
-	if err != nil || nr.Network == 0 {
-		return 0, 0, fmt.Errorf("server: private network: %v", err)
+	if err != nil {
+		return 0, 0, fmt.Errorf("server: private network: %w", err)
+	}
+	if nr.Network == 0 {
+		return 0, 0, fmt.Errorf("server: private network: the catalog holds network 0")
 	}
 	if h, ok, err := s.hostRecordOf(ctx, hostID); err != nil {
 		return 0, 0, err
