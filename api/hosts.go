@@ -49,6 +49,11 @@ type EnrollHostResponse struct {
 	// NATS's certificate chains to; empty with an external NATS.
 	NATSCredential string `json:"nats_credential,omitempty"`
 	NATSCA         string `json:"nats_ca,omitempty"`
+	// Network (8 hex digits) and HostNumber (1–65535) place the host in
+	// the cluster's private network: its machines' addresses are
+	// fdaa:<network>:<org>:<host number>:… on every host alike.
+	Network    string `json:"network,omitempty"`
+	HostNumber int    `json:"host_number,omitempty"`
 }
 
 // Host is an enrolled host as the catalog records it.

@@ -26,6 +26,7 @@ type agentFlags struct {
 	join                                                            []string
 	tls                                                             edgeTLSFlags // edgetls.go
 	allowHostExec                                                   bool
+	meshAddr                                                        string // agentmesh.go
 }
 
 func newAgentCmd() *cobra.Command {
@@ -91,6 +92,7 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.natsCA, "nats-ca", "", "PEM file of the CA --nats-url's TLS certificate is checked against (with --nats-creds; default: the one enrollment gave)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	addEdgeTLSFlags(fs, &f.tls)
+	addMeshFlag(fs, &f)
 	return c
 }
 
@@ -141,8 +143,14 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		cred.identity = id
 		fmt.Fprintf(c.ErrOrStderr(), "flame agent: enrolled as %s (identity in %s)\n", f.hostID, host.IdentityDir(f.dataDir))
 	}
+	network, hostNumber, err := agentPlace(f.dataDir)
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	var slot *pki.Slot
-	dc := host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log}
+	dc := host.DriverConfig{Kind: f.driver, DataDir: f.dataDir, Registry: f.registry, RegistryToken: cred.token, AllowHostExec: f.allowHostExec, Logger: log,
+		Network: network, Host: hostNumber}
 	if cred.identity != nil {
 		slot = pki.NewSlot(cred.identity)
 		dc.RegistryCredential = host.RegistryCredential(slot)
@@ -198,6 +206,15 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 			return usageError{fmt.Errorf("--gossip-addr: bad port %q", gp)}
 		}
 		hc.Cluster = cluster.Config{HostID: f.hostID, BindAddr: gh, BindPort: port}
+		if hc.Mesh, err = agentMesh(f, kind, network, hostNumber); err != nil {
+			ln.Close()
+			closeDriver()
+			return fmt.Errorf("private network: %w", err)
+		}
+		if m := hc.Mesh; m != nil {
+			cd := closeDriver
+			closeDriver = func() { m.Close(); cd() }
+		}
 		if f.dnsAddr != "" {
 			if hc.DNSPacketConn, err = net.ListenPacket("udp", f.dnsAddr); err == nil {
 				hc.DNSListener, err = net.Listen("tcp", f.dnsAddr)

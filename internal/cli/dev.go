@@ -184,6 +184,9 @@ func runDev(c *cobra.Command, f devFlags) error {
 			return d, nil
 		},
 	}
+	if cfg.Mesh, err = devMesh(instance, f.driver); err != nil {
+		return err
+	}
 	if err := cfg.Validate(); err != nil {
 		return usageError{err}
 	}

@@ -109,6 +109,9 @@ type Config struct {
 	Chaos bool
 	// Server tunes the control plane (placement weights, timings).
 	Server server.Config
+	// Mesh, when set, gives every host its private network device
+	// (mesh.go).
+	Mesh *MeshConfig
 }
 
 func (c *Config) setDefaults() {
@@ -608,8 +611,15 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 		closeAll()
 		return nil, err
 	}
+	if hc.Mesh, err = c.newMesh(id, i, hc.DataDir); err != nil {
+		closeAll()
+		return nil, err
+	}
 	h, err := host.New(hc)
 	if err != nil {
+		if hc.Mesh != nil {
+			hc.Mesh.Close()
+		}
 		closeAll()
 		return nil, err
 	}

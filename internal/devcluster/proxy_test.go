@@ -18,6 +18,7 @@ import (
 	"github.com/flamehq/flame/internal/demoapp"
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/driver/exec"
+	"github.com/flamehq/flame/internal/driver/sandbox"
 	"github.com/flamehq/flame/internal/geo"
 	"github.com/flamehq/flame/internal/host"
 	"github.com/flamehq/flame/internal/proxy/route"
@@ -41,6 +42,9 @@ func TestMain(m *testing.M) {
 	}
 	if len(os.Args) > 1 && os.Args[1] == "tcp-echo" {
 		runTCPEcho()
+	}
+	if len(os.Args) > 1 && os.Args[1] == sandbox.InitCommand {
+		os.Exit(sandbox.InitMain(os.Args[2:]))
 	}
 	os.Exit(m.Run())
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/flamehq/flame/internal/driver/exec"
 	"github.com/flamehq/flame/internal/driver/sandbox"
 	"github.com/flamehq/flame/internal/image"
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // Driver kinds.
@@ -46,6 +47,11 @@ type DriverConfig struct {
 	// Index tells the hosts of one instance apart: it picks the host's
 	// bridge, its private network prefix and its cgroup.
 	Index int
+	// Network and Host, when both set, place the host in the private
+	// network as its enrollment did (LoadPlace), instead of the
+	// instance's network and Index+1.
+	Network layout.Network
+	Host    layout.Host
 	// AllowHostExec lets the exec driver run: machines become plain host
 	// processes and "exec:" images run any host program, so whoever may
 	// create a machine runs commands on the host. Without it the exec
@@ -151,6 +157,9 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 	names, err := sandbox.InstanceNames(inst, cfg.Index)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox driver: %w", err)
+	}
+	if cfg.Network != 0 && cfg.Host != 0 && names.Network != 0 {
+		names.Network, names.Host = cfg.Network, cfg.Host
 	}
 	if inst == sandbox.LegacyInstance {
 		cfg.Logger.Info("sandbox state from before instance ids: keeping the names it ran under",

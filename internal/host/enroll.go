@@ -85,6 +85,9 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 	if err := atomicfile.Write(filepath.Join(dir, planeURLFile), []byte(e.PlaneURL+"\n"), dir); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
+	if err := savePlace(e.DataDir, resp.Network, resp.HostNumber); err != nil {
+		return nil, err
+	}
 	return pki.LoadHostIdentity(dir)
 }
 

@@ -26,6 +26,7 @@ import (
 	"github.com/flamehq/flame/internal/httpapi"
 	"github.com/flamehq/flame/internal/httpserve"
 	"github.com/flamehq/flame/internal/machine"
+	"github.com/flamehq/flame/internal/mesh"
 	"github.com/flamehq/flame/internal/pki"
 	"github.com/flamehq/flame/internal/proxy"
 )
@@ -72,6 +73,11 @@ type Config struct {
 	// Proxy runs the host's proxy when Proxy.Backhaul is set (with a
 	// cluster).
 	Proxy ProxyConfig
+	// Mesh, when set (with a cluster), is the host's private network
+	// device (internal/mesh): its key and endpoint are advertised, its
+	// peers follow the cluster's view from Start, and Close closes it (a
+	// New that fails leaves it to the caller).
+	Mesh *mesh.Mesh
 }
 
 // ProxyConfig is the host's part of the edge proxy: every host delivers what
@@ -220,6 +226,9 @@ func New(cfg Config) (*Host, error) {
 		if cfg.Proxy.Backhaul != nil {
 			cc.Addrs["proxy"] = cfg.Proxy.Backhaul.Addr().String()
 		}
+		if cfg.Mesh != nil {
+			mesh.Advertise(cc.Addrs, cfg.Mesh.PublicKey(), cfg.Mesh.Endpoint())
+		}
 		if h.Cluster, err = cluster.New(cc); err != nil {
 			ag.Close()
 			return nil, err
@@ -356,6 +365,9 @@ func (h *Host) Start(ctx context.Context) error {
 				h.log.Warn("join cluster", "err", err)
 			}
 		}
+		if h.cfg.Mesh != nil {
+			h.cfg.Mesh.Start(h.Cluster)
+		}
 		h.wg.Add(1)
 		go func() {
 			defer h.wg.Done()
@@ -420,6 +432,9 @@ func (h *Host) Close() error {
 	}
 	if h.stop != nil {
 		h.stop()
+	}
+	if h.cfg.Mesh != nil {
+		err = errors.Join(err, h.cfg.Mesh.Close())
 	}
 	if h.Cluster != nil {
 		h.Cluster.Leave(time.Second)

@@ -66,6 +66,8 @@ type hostRecord struct {
 	// Superseded are the host's earlier certificates it replaced by
 	// renewing, until each ends (hosts_creds.go).
 	Superseded []supersededCert `json:"superseded,omitempty"`
+	// Number is the host's in the private network (hosts_mesh.go).
+	Number uint16 `json:"number,omitempty"`
 }
 
 type joinTokenRecord struct {
@@ -500,7 +502,11 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	if err != nil {
 		return nil, err
 	}
-	rec := hostRecord{ID: in.HostID, Region: in.Region, APIAddr: in.APIAddr, Serial: pki.Serial(cert), Enrolled: now, Expires: cert.NotAfter.UTC()}
+	network, number, err := s.meshPlace(ctx, in.HostID)
+	if err != nil {
+		return nil, err
+	}
+	rec := hostRecord{ID: in.HostID, Region: in.Region, APIAddr: in.APIAddr, Serial: pki.Serial(cert), Enrolled: now, Expires: cert.NotAfter.UTC(), Number: uint16(number)}
 	var natsSeed []byte
 	if s.cfg.CatalogCA != nil {
 		// A fresh credential on the catalog's NATS at every enrollment:
@@ -524,7 +530,8 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	s.setNATSUser(rec)
 	s.kickRevocations()
 	s.log.Info("host enrolled", "host", in.HostID, "region", in.Region, "api", in.APIAddr)
-	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM())}
+	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()),
+		Network: network.String(), HostNumber: int(number)}
 	if natsSeed != nil {
 		out.NATSCredential, out.NATSCA = string(natsSeed), string(s.cfg.CatalogCA)
 	}
