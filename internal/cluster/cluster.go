@@ -73,7 +73,12 @@ type Cluster struct {
 	suspects   chan string  // hosts of the region its memberlist holds dead
 	alive      atomic.Int64 // hosts memberlist counts as up, for retransmits
 
-	mu        sync.Mutex
+	// keyring encrypts gossip once it holds a key (trust.go).
+	keyring *memberlist.Keyring
+
+	mu sync.Mutex
+	// trust signs and checks records; nil in a cluster without (trust.go).
+	trust     *trustState
 	members   map[string]*member
 	order     []string // members' ids, sorted: snapshots are built in this order
 	store     *store
@@ -166,6 +171,20 @@ func New(cfg Config) (*Cluster, error) {
 		regionWake: make(chan struct{}, 1),
 		suspects:   make(chan string, 64),
 	}
+	var err error
+	if c.keyring, err = newKeyring(cfg.GossipKeys); err != nil {
+		return nil, fmt.Errorf("cluster config: %w", err)
+	}
+	if cfg.Trust != nil {
+		if c.trust, err = newTrustState(cfg.Trust); err != nil {
+			return nil, fmt.Errorf("cluster config: %w", err)
+		}
+		if c.trust.key != nil {
+			if _, err := c.trust.checkCert(c.trust.cert, cfg.HostID, cfg.Now()); err != nil {
+				return nil, fmt.Errorf("cluster config: this host's own certificate: %w", err)
+			}
+		}
+	}
 	c.queue = &memberlist.TransmitLimitedQueue{
 		NumNodes:       func() int { return int(max(c.alive.Load(), 1)) },
 		RetransmitMult: cfg.RetransmitMult,
@@ -195,7 +214,13 @@ func (c *Cluster) Start(ctx context.Context) error {
 	if c.started.Load() {
 		return errors.New("cluster already started")
 	}
+	if c.cfg.Transport == nil {
+		if err := c.cfg.checkBind(); err != nil {
+			return fmt.Errorf("start memberlist: %w", err)
+		}
+	}
 	mc := c.cfg.memberlistConfig()
+	mc.Keyring = c.keyring
 	d := &delegate{c}
 	mc.Delegate, mc.Events, mc.Ping = d, d, d
 	mc.Logger = log.New(&logWriter{log: c.log}, "", 0)
@@ -436,6 +461,9 @@ func (c *Cluster) receiveDelta(d *delta, now time.Time) {
 		c.drop("invalid delta", err)
 		return
 	}
+	if !c.checkDelta(d) {
+		return
+	}
 	c.mu.Lock()
 	res := c.store.applyDelta(d, now.UnixNano())
 	var bumped []*delta
@@ -463,7 +491,15 @@ func (c *Cluster) receiveFull(f *fullFacts, now time.Time) {
 		c.drop("invalid full facts", err)
 		return
 	}
+	pc, ok := c.checkFull(f, now)
+	if !ok {
+		return
+	}
 	c.mu.Lock()
+	if pc != nil && c.trust != nil && !c.trust.banned[f.Owner] {
+		c.trust.certs[f.Owner] = pc
+		delete(c.trust.needs, f.Owner)
+	}
 	res := c.store.applyFull(f)
 	var bumped []*delta
 	switch res {
@@ -506,7 +542,7 @@ func (c *Cluster) answer(d *digest, askBack bool) {
 		listed[e.Owner] = true
 		switch v := c.store.version(e.Owner); {
 		case v > e.Version:
-			if f := c.store.full(e.Owner); f != nil {
+			if f := c.fullLocked(e.Owner); f != nil {
 				facts = append(facts, f)
 			}
 		case v < e.Version && askBack && d.All && e.Owner != c.cfg.HostID:
@@ -516,7 +552,7 @@ func (c *Cluster) answer(d *digest, askBack bool) {
 	if d.All {
 		for id := range c.store.owners {
 			if !listed[id] && id != d.From {
-				if f := c.store.full(id); f != nil {
+				if f := c.fullLocked(id); f != nil {
 					facts = append(facts, f)
 				}
 			}
@@ -534,7 +570,7 @@ func (c *Cluster) answer(d *digest, askBack bool) {
 	var batch []*fullFacts
 	size := 0
 	for _, f := range facts {
-		n := 64 + 128*len(f.Machines)
+		n := 64 + len(f.Cert) + 128*len(f.Machines)
 		if len(batch) > 0 && size+n > maxBundleBytes {
 			c.sendReliable(d.From, encodeFull(batch))
 			batch, size = nil, 0
@@ -615,12 +651,14 @@ func (c *Cluster) maintainLoop(ctx context.Context) {
 	}
 }
 
+// pull is a request for an owner's full facts, sent to one host.
+type pull struct {
+	node memberlist.Node
+	msg  []byte
+}
+
 func (c *Cluster) maintain() {
 	now := c.cfg.Now()
-	type pull struct {
-		node memberlist.Node
-		msg  []byte
-	}
 	var pulls []pull
 	c.mu.Lock()
 	if now.Sub(c.lastReap) >= min(c.cfg.stretch(reapEvery), c.cfg.ReapTimeout/2) {
@@ -673,6 +711,7 @@ func (c *Cluster) maintain() {
 		msg := encodeDigest(&digest{From: c.cfg.HostID, Entries: []digestEntry{{Owner: id, Version: c.store.version(id)}}})
 		pulls = append(pulls, pull{node: target.node, msg: msg})
 	}
+	pulls = append(pulls, c.certPullsLocked(now)...)
 	c.mu.Unlock()
 	if settle != "" {
 		c.wg.Add(1)

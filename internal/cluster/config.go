@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -19,9 +20,14 @@ type Config struct {
 	Region string
 
 	// BindAddr and BindPort are where memberlist's own network transport
-	// listens (UDP and TCP) when Transport is nil. Port 0 picks a free one.
+	// listens (UDP and TCP) when Transport is nil: the host's private
+	// address, which must be given. Port 0 picks a free one. Every
+	// interface (0.0.0.0 or ::) is refused unless BindAny says so: gossip
+	// reachable from everywhere, a sandbox's bridge included, is what the
+	// keyring alone would then have to keep out.
 	BindAddr string
 	BindPort int
+	BindAny  bool
 	// AdvertiseAddr and AdvertisePort, when set, are what other hosts are
 	// told to reach this one at.
 	AdvertiseAddr string
@@ -30,6 +36,15 @@ type Config struct {
 	// transport on BindAddr:BindPort; tests and the dev cluster pass an
 	// in-memory network with latency, loss and partitions.
 	Transport memberlist.NodeAwareTransport
+
+	// GossipKeys, when given, encrypt and authenticate gossip (memberlist's
+	// keyring, AES-GCM): the first encrypts, every one decrypts, and
+	// anything not encrypted with one of them is refused. Keys are 16, 24
+	// or 32 bytes. Without, gossip is in clear until SetGossipKeys.
+	GossipKeys [][]byte
+	// Trust, when set, signs this host's records and checks everyone
+	// else's (trust.go); SetTrust gives it later.
+	Trust *Trust
 
 	// Addrs are this host's service addresses by name ("api", "proxy",
 	// "dns", …), advertised to every host.
@@ -167,9 +182,6 @@ func (c *Config) setDefaults() {
 			*d *= time.Duration(c.Dilation)
 		}
 	}
-	if c.BindAddr == "" {
-		c.BindAddr = "0.0.0.0"
-	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -215,11 +227,27 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// checkBind reports what is wrong with the address memberlist's own
+// transport would bind (Start checks it when there is no Transport).
+func (c *Config) checkBind() error {
+	switch ip := net.ParseIP(c.BindAddr); {
+	case c.BindAddr == "":
+		return errors.New("gossip bind address: none given (the host's private address)")
+	case ip == nil:
+		return fmt.Errorf("gossip bind address %q: not an IP address", c.BindAddr)
+	case ip.IsUnspecified() && !c.BindAny:
+		return fmt.Errorf("gossip bind address %s is every interface: give the host's private address (or bind to every interface explicitly)", c.BindAddr)
+	}
+	return nil
+}
+
 // memberlistConfig turns the configuration into memberlist's.
 func (c *Config) memberlistConfig() *memberlist.Config {
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = c.HostID
-	mc.BindAddr = c.BindAddr
+	if c.BindAddr != "" {
+		mc.BindAddr = c.BindAddr
+	}
 	mc.BindPort = c.BindPort
 	mc.AdvertiseAddr = c.AdvertiseAddr
 	mc.AdvertisePort = c.AdvertisePort
@@ -254,7 +282,9 @@ func (c *Config) memberlistConfig() *memberlist.Config {
 func (c *Config) regionConfig() *memberlist.Config {
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = c.HostID
-	mc.BindAddr = c.BindAddr
+	if c.BindAddr != "" {
+		mc.BindAddr = c.BindAddr
+	}
 	mc.AdvertiseAddr = c.AdvertiseAddr
 	mc.ProbeInterval = c.RegionProbeInterval
 	mc.ProbeTimeout = c.RegionProbeTimeout

@@ -180,6 +180,7 @@ type Stats struct {
 	Pending      uint64 // deltas that arrived ahead of their base
 	Stale        uint64 // duplicates and records older than held
 	Dropped      uint64 // malformed, invalid or hostile records rejected
+	Unverified   uint64 // records set aside: their issuer's certificate not held yet
 	Relayed      uint64 // deltas and verdicts passed on by gossip
 	Pulls        uint64 // full facts asked for to repair a gap
 	FullSent     uint64 // owners' full facts sent to others
@@ -190,8 +191,8 @@ type Stats struct {
 }
 
 type counters struct {
-	published, applied, pending, stale, dropped, relayed, pulls, fullSent, sendsDropped atomic.Uint64
-	issued, verdicts                                                                    atomic.Uint64
+	published, applied, pending, stale, dropped, relayed, pulls, fullSent, sendsDropped, unverified atomic.Uint64
+	issued, verdicts                                                                                atomic.Uint64
 }
 
 // Stats returns the member's counters.
@@ -199,7 +200,7 @@ func (c *Cluster) Stats() Stats {
 	s := &c.stats
 	return Stats{
 		Published: s.published.Load(), Applied: s.applied.Load(), Pending: s.pending.Load(),
-		Stale: s.stale.Load(), Dropped: s.dropped.Load(), Relayed: s.relayed.Load(),
+		Stale: s.stale.Load(), Dropped: s.dropped.Load(), Unverified: s.unverified.Load(), Relayed: s.relayed.Load(),
 		Pulls: s.pulls.Load(), FullSent: s.fullSent.Load(), SendsDropped: s.sendsDropped.Load(),
 		Issued: s.issued.Load(), Verdicts: s.verdicts.Load(),
 		Queued: c.queue.NumQueued() + c.verdicts.NumQueued(),

@@ -23,7 +23,7 @@ func TestEveryStateRoundTrips(t *testing.T) {
 	for _, st := range states {
 		m := machine("m1", "web", "ams")
 		m.State = string(st)
-		msg := encodeDeltaParts("h1", 0, 1, Resources{}, 0, [][]byte{encodeMachine(&m)}, nil)
+		msg := append(encodeDeltaParts("h1", 0, 1, Resources{}, 0, [][]byte{encodeMachine(&m)}, nil, nil), 0)
 		v, err := decodeMessage(msg)
 		if err != nil {
 			t.Fatalf("state %s: decode: %v", st, err)

@@ -127,12 +127,16 @@ func (e *RejectedError) Is(target error) bool { return target == ErrInvalid }
 func (c *Cluster) diffLocked(ms []Machine, free Resources, load float64) []*delta {
 	p := &c.pub
 	enc := make(map[string][]byte, len(ms))
+	final := make([][]byte, len(ms)) // the machines at the last version, by id
 	var upserts [][]byte
+	var upIDs []string
 	for i := range ms {
 		b := encodeMachine(&ms[i])
 		enc[ms[i].ID] = b
+		final[i] = b
 		if old, ok := p.machines[ms[i].ID]; p.reset || !ok || !bytes.Equal(old, b) {
 			upserts = append(upserts, b)
+			upIDs = append(upIDs, ms[i].ID)
 		}
 	}
 	var removes []string
@@ -156,14 +160,23 @@ func (c *Cluster) diffLocked(ms []Machine, free Resources, load float64) []*delt
 	}
 	next := max(p.version+1, uint64(c.cfg.Now().UnixNano()))
 	var out []*delta
-	header := len(encodeDeltaParts(c.cfg.HostID, next, next+1, free, load, nil, nil)) + 4
+	key := c.signingKeyLocked()
+	// With a key, each delta signs the state it leads to; a change cut in
+	// several deltas works out the states between (cur).
+	var cur map[string][]byte
+	header := len(encodeDeltaParts(c.cfg.HostID, next, next+1, free, load, nil, nil, nil)) + 4
+	if key != nil {
+		header += 2 * (maxSigLen + 1)
+	}
 	for first := true; first || len(upserts) > 0 || len(removes) > 0; first = false {
 		size := header
 		var ups [][]byte
+		var ids []string
 		for len(upserts) > 0 && (len(ups) == 0 || size+len(upserts[0]) <= maxDeltaBytes) {
 			size += len(upserts[0])
 			ups = append(ups, upserts[0])
-			upserts = upserts[1:]
+			ids = append(ids, upIDs[0])
+			upserts, upIDs = upserts[1:], upIDs[1:]
 		}
 		var rms []string
 		for len(removes) > 0 && (size+len(removes[0])+1 <= maxDeltaBytes || (len(ups) == 0 && len(rms) == 0)) {
@@ -171,7 +184,31 @@ func (c *Cluster) diffLocked(ms []Machine, free Resources, load float64) []*delt
 			rms = append(rms, removes[0])
 			removes = removes[1:]
 		}
-		msg := encodeDeltaParts(c.cfg.HostID, base, next, free, load, ups, rms)
+		var stateSig []byte
+		if key != nil {
+			state := final
+			if len(upserts) > 0 || len(removes) > 0 {
+				// Not the last delta of the change: its state is between.
+				if cur == nil {
+					cur = map[string][]byte{}
+					if base != 0 {
+						maps.Copy(cur, p.machines)
+					}
+				}
+				for i, id := range ids {
+					cur[id] = ups[i]
+				}
+				for _, id := range rms {
+					delete(cur, id)
+				}
+				state = make([][]byte, 0, len(cur))
+				for _, id := range slices.Sorted(maps.Keys(cur)) {
+					state = append(state, cur[id])
+				}
+			}
+			stateSig = signState(key, stateHash(c.cfg.HostID, next, free, load, state))
+		}
+		msg := signed(key, encodeDeltaParts(c.cfg.HostID, base, next, free, load, ups, rms, stateSig))
 		v, err := decodeMessage(msg)
 		if err != nil {
 			panic(fmt.Sprintf("cluster: own delta does not decode: %v", err))

@@ -31,6 +31,7 @@ const confirmPings = 3
 func (c *Cluster) startRegion(t memberlist.NodeAwareTransport, bindPort, advertisePort int) (*memberlist.Memberlist, error) {
 	mc := c.cfg.regionConfig()
 	mc.Transport = t
+	mc.Keyring = c.keyring
 	mc.BindPort, mc.AdvertisePort = bindPort, advertisePort
 	d := &regionDelegate{c}
 	mc.Delegate, mc.Events, mc.Alive = d, d, d

@@ -41,6 +41,7 @@ type owner struct {
 	load     float64
 	machines map[string]*Machine
 	sorted   []*Machine        // cached, sorted by id; nil when stale
+	stateSig []byte            // the owner's signature of its facts at version (trust.go)
 	pending  map[uint64]*delta // waiting deltas by base version
 	gapSince int64             // unix nanoseconds the oldest wait began
 }
@@ -130,6 +131,7 @@ func (s *store) applyFull(f *fullFacts) applyResult {
 	}
 	o = s.ensure(f.Owner)
 	s.replace(o, f.Owner, f.Version, f.Free, f.Load, f.Machines)
+	o.stateSig = f.StateSig
 	s.drain(o, s.limit)
 	return resultApplied
 }
@@ -166,6 +168,12 @@ func (s *store) applyDelta(d *delta, now int64) applyResult {
 	s.apply(o, d)
 	s.drain(o, s.limit)
 	return resultApplied
+}
+
+// stale reports whether applyDelta would drop d unread as known or older.
+func (s *store) stale(d *delta) bool {
+	o := s.owners[d.Owner]
+	return o != nil && (d.Version <= o.version || (d.Base != 0 && d.Base < o.version))
 }
 
 // fits reports whether applying d keeps the owner within limit machines.
@@ -285,7 +293,7 @@ func (s *store) full(id string) *fullFacts {
 		return nil
 	}
 	f := &fullFacts{Owner: id, Version: o.version, Free: o.free, Load: o.load,
-		Machines: make([]Machine, 0, len(o.machines))}
+		Machines: make([]Machine, 0, len(o.machines)), StateSig: o.stateSig}
 	for _, m := range o.list() {
 		mm := *m
 		mm.Host = ""
@@ -306,6 +314,7 @@ func (o *owner) replace(id string, version uint64, free Resources, load float64,
 }
 
 func (o *owner) apply(d *delta) {
+	o.stateSig = d.StateSig
 	if d.Base == 0 {
 		o.replace(d.Owner, d.Version, d.Free, d.Load, d.Upserts)
 		return

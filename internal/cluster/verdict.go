@@ -199,6 +199,9 @@ func (c *Cluster) receiveVerdict(v *verdict, now time.Time) {
 	if v.From == c.cfg.HostID {
 		return // this host's own, come back
 	}
+	if !c.checkVerdict(v) {
+		return
+	}
 	c.mu.Lock()
 	out, err := c.judgeLocked(v, now)
 	c.mu.Unlock()
@@ -215,8 +218,8 @@ func (c *Cluster) receiveVerdict(v *verdict, now time.Time) {
 func (c *Cluster) issue(id string, dead bool) {
 	now := c.cfg.Now()
 	v := &verdict{From: c.cfg.HostID, Host: id, Dead: dead, At: uint64(now.UnixNano())}
-	v.encoded = encodeVerdict(v)
 	c.mu.Lock()
+	v.encoded = signed(c.signingKeyLocked(), verdictBody(v))
 	if dead {
 		c.accused[id] = true
 	} else {

@@ -19,9 +19,12 @@ import (
 
 // wireFormat 2 added each machine's load, 3 each service's autostop,
 // autostart and min_machines_running and each machine's primary region and
-// draining flag, 4 each port's PROXY protocol version; a host of another
-// format refuses the records rather than misreading them.
-const wireFormat = 4
+// draining flag, 4 each port's PROXY protocol version, 5 signatures
+// (deltas sign themselves and the state they lead to, full facts carry
+// their owner's certificate and state signature, verdicts sign themselves:
+// trust.go); a host of another format refuses the records rather than
+// misreading them.
+const wireFormat = 5
 
 // Message kinds.
 const (
@@ -69,18 +72,27 @@ type fullFacts struct {
 	Free     Resources
 	Load     float64
 	Machines []Machine
+	// Cert is the owner's certificate (DER) and StateSig its signature of
+	// these facts (trust.go); both empty in a cluster without trust.
+	Cert     []byte
+	StateSig []byte
 }
 
 // delta turns an owner's facts at Base into its facts at Version: machines
 // upserted whole, machines removed by id, host-level fields replaced.
 type delta struct {
-	Owner    string
-	Base     uint64
-	Version  uint64
-	Free     Resources
-	Load     float64
-	Upserts  []Machine
-	Removes  []string
+	Owner   string
+	Base    uint64
+	Version uint64
+	Free    Resources
+	Load    float64
+	Upserts []Machine
+	Removes []string
+	// StateSig is the owner's signature of its facts at Version, kept to
+	// pass them on whole; Sig signs the rest of the record (trust.go).
+	StateSig []byte
+	Sig      []byte
+	signed   []byte // the part of the wire form Sig signs
 	encoded  []byte // the wire form, kept for relaying
 	received int64  // when it arrived (unix nanoseconds), for gap repair
 }
@@ -107,6 +119,8 @@ type verdict struct {
 	Host    string // the host it is about
 	Dead    bool
 	At      uint64 // unix nanoseconds
+	Sig     []byte // the issuer's signature of the rest (trust.go)
+	signed  []byte // the part of the wire form Sig signs
 	encoded []byte // the wire form, kept for relaying
 }
 
@@ -128,6 +142,7 @@ func (w *writer) uint(v uint64)   { w.b = binary.AppendUvarint(w.b, v) }
 func (w *writer) int(v int)       { w.uint(uint64(max(v, 0))) }
 func (w *writer) float(v float64) { w.b = binary.LittleEndian.AppendUint64(w.b, math.Float64bits(v)) }
 func (w *writer) string(s string) { w.uint(uint64(len(s))); w.b = append(w.b, s...) }
+func (w *writer) bytes(b []byte)  { w.uint(uint64(len(b))); w.b = append(w.b, b...) }
 func (w *writer) bool(v bool) {
 	if v {
 		w.byte(1)
@@ -265,6 +280,23 @@ func (r *reader) string(limit int, what string) string {
 	return s
 }
 
+func (r *reader) bytes(limit int, what string) []byte {
+	n := r.int(limit, what)
+	if r.err != nil {
+		return nil
+	}
+	if n > len(r.b) {
+		r.fail(fmt.Errorf("%s: %w", what, errShort))
+		return nil
+	}
+	if n == 0 {
+		return nil
+	}
+	b := r.b[:n:n]
+	r.b = r.b[n:]
+	return b
+}
+
 func (r *reader) bool(what string) bool {
 	switch r.byte() {
 	case 0:
@@ -352,8 +384,9 @@ func encodeMachine(m *Machine) []byte {
 	return w.b
 }
 
-// encodeDeltaParts builds a delta message from machines already encoded.
-func encodeDeltaParts(owner string, base, version uint64, free Resources, load float64, upserts [][]byte, removes []string) []byte {
+// encodeDeltaParts builds a delta message from machines already encoded,
+// up to its signature (which signed appends).
+func encodeDeltaParts(owner string, base, version uint64, free Resources, load float64, upserts [][]byte, removes []string, stateSig []byte) []byte {
 	var w writer
 	w.header(kindDelta)
 	w.string(owner)
@@ -369,15 +402,19 @@ func encodeDeltaParts(owner string, base, version uint64, free Resources, load f
 	for _, id := range removes {
 		w.string(id)
 	}
+	w.bytes(stateSig)
 	return w.b
 }
 
+// encodeDelta is d's wire form, carrying d.Sig as its signature.
 func encodeDelta(d *delta) []byte {
 	ups := make([][]byte, len(d.Upserts))
 	for i := range d.Upserts {
 		ups[i] = encodeMachine(&d.Upserts[i])
 	}
-	return encodeDeltaParts(d.Owner, d.Base, d.Version, d.Free, d.Load, ups, d.Removes)
+	w := writer{b: encodeDeltaParts(d.Owner, d.Base, d.Version, d.Free, d.Load, ups, d.Removes, d.StateSig)}
+	w.bytes(d.Sig)
+	return w.b
 }
 
 func encodeFull(facts []*fullFacts) []byte {
@@ -393,6 +430,8 @@ func encodeFull(facts []*fullFacts) []byte {
 		for i := range f.Machines {
 			w.machine(&f.Machines[i])
 		}
+		w.bytes(f.Cert)
+		w.bytes(f.StateSig)
 	}
 	return w.b
 }
@@ -410,7 +449,15 @@ func encodeDigest(d *digest) []byte {
 	return w.b
 }
 
+// encodeVerdict is v's wire form, carrying v.Sig as its signature.
 func encodeVerdict(v *verdict) []byte {
+	w := writer{b: verdictBody(v)}
+	w.bytes(v.Sig)
+	return w.b
+}
+
+// verdictBody is the part of a verdict its signature signs.
+func verdictBody(v *verdict) []byte {
 	var w writer
 	w.header(kindVerdict)
 	w.string(v.From)
@@ -493,6 +540,9 @@ func decodeMessage(b []byte) (any, error) {
 				d.Removes[i] = r.string(maxIDLen, "removed id")
 			}
 		}
+		d.StateSig = r.bytes(maxSigLen, "state signature")
+		d.signed = b[:len(b)-len(r.b)]
+		d.Sig = r.bytes(maxSigLen, "signature")
 		if err := r.done(); err != nil {
 			return nil, fmt.Errorf("delta: %w", err)
 		}
@@ -514,6 +564,8 @@ func decodeMessage(b []byte) (any, error) {
 					f.Machines[i] = r.machine()
 				}
 			}
+			f.Cert = r.bytes(maxCertLen, "certificate")
+			f.StateSig = r.bytes(maxSigLen, "state signature")
 			if r.err != nil {
 				break
 			}
@@ -537,6 +589,8 @@ func decodeMessage(b []byte) (any, error) {
 		return d, nil
 	case kindVerdict:
 		v := &verdict{From: r.string(maxIDLen, "from"), Host: r.string(maxIDLen, "host"), Dead: r.bool("dead"), At: r.uint(math.MaxUint64, "at")}
+		v.signed = b[:len(b)-len(r.b)]
+		v.Sig = r.bytes(maxSigLen, "signature")
 		if err := r.done(); err != nil {
 			return nil, fmt.Errorf("verdict: %w", err)
 		}
