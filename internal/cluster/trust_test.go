@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/x509"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -201,6 +202,31 @@ func TestForgedRecordsIgnored(t *testing.T) {
 		for i, c := range good {
 			before[i] = c.Stats().Dropped + c.Stats().Unverified
 		}
+		// Watch every good host's view through the attack: a forgery
+		// believed even for a moment fails the test.
+		var seen sync.Map
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for _, c := range good {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-time.After(5 * time.Millisecond):
+					}
+					s := c.Snapshot()
+					if s.Machine("payments") != nil {
+						seen.Store(c.cfg.HostID+" held payments", true)
+					}
+					if h := s.Host("b"); h == nil || h.Status != StatusAlive {
+						seen.Store(c.cfg.HostID+" held b down", true)
+					}
+				}
+			}()
+		}
 		for round := range 10 {
 			for _, attacker := range []*Cluster{evil, mallory} {
 				for _, msg := range append(append([][]byte{}, forged...), verdicts...) {
@@ -220,6 +246,12 @@ func TestForgedRecordsIgnored(t *testing.T) {
 			time.Sleep(200 * time.Millisecond)
 		}
 		time.Sleep(5 * time.Second)
+		close(stop)
+		wg.Wait()
+		seen.Range(func(k, _ any) bool {
+			t.Errorf("during the attack %s", k)
+			return true
+		})
 		for i, c := range good {
 			s := c.Snapshot()
 			if s.Machine("payments") != nil || len(s.AppMachines("payments")) != 0 {
