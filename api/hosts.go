@@ -54,6 +54,9 @@ type EnrollHostResponse struct {
 	// fdaa:<network>:<org>:<host number>:… on every host alike.
 	Network    string `json:"network,omitempty"`
 	HostNumber int    `json:"host_number,omitempty"`
+	// Gossip is the cluster's gossip keyring and revoked serials; nil from
+	// a control plane that has none.
+	Gossip *GossipTrust `json:"gossip,omitempty"`
 }
 
 // Host is an enrolled host as the catalog records it.

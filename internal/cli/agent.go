@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"strconv"
 
 	"github.com/spf13/cobra"
 
@@ -20,7 +19,8 @@ import (
 type agentFlags struct {
 	apiAddr, dataDir, tokenFile, region, logLevel, driver, registry string
 	controlPlane, joinTokenFile, caFile                             string
-	hostID, gossipAddr, dnsAddr, natsURL                            string
+	hostID, dnsAddr, natsURL                                        string
+	gossip                                                          gossipFlags // gossipaddr.go
 	natsCreds, natsCA                                               string
 	edgeAddr, backhaulAddr, edgeDomain, edgeTCPPorts                string
 	join                                                            []string
@@ -80,7 +80,7 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs, so any token that may create a machine runs commands on this host")
 	fs.StringVar(&f.registry, "registry", "", "registry (host:port) for image names without one")
 	fs.StringVar(&f.hostID, "host-id", "", "this host's name in the cluster (default: none, no cluster)")
-	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
+	addGossipFlags(fs, &f.gossip, "this host")
 	fs.StringSliceVar(&f.join, "join", nil, "gossip addresses of hosts to join (repeatable)")
 	fs.StringVar(&f.dnsAddr, "dns-addr", "", "address for .internal DNS over UDP and TCP (needs --host-id)")
 	fs.StringVar(&f.edgeAddr, "edge-addr", "", "address of the public edge proxy (HTTP; needs --host-id; default: no edge)")
@@ -193,19 +193,13 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 		hc.Events = bus
 	}
 	if f.hostID != "" {
-		gh, gp, err := net.SplitHostPort(f.gossipAddr)
+		gh, port, err := f.gossip.bind(f.apiAddr)
 		if err != nil {
 			ln.Close()
 			closeDriver()
-			return usageError{fmt.Errorf("--gossip-addr: %w", err)}
+			return err
 		}
-		port, err := strconv.Atoi(gp)
-		if err != nil {
-			ln.Close()
-			closeDriver()
-			return usageError{fmt.Errorf("--gossip-addr: bad port %q", gp)}
-		}
-		hc.Cluster = cluster.Config{HostID: f.hostID, BindAddr: gh, BindPort: port}
+		hc.Cluster = cluster.Config{HostID: f.hostID, BindAddr: gh, BindPort: port, BindAny: f.gossip.any}
 		if hc.Mesh, err = agentMesh(f, kind, network, hostNumber); err != nil {
 			ln.Close()
 			closeDriver()

@@ -49,7 +49,11 @@ func agentMesh(f agentFlags, kind string, network layout.Network, hostNumber lay
 		}
 		hostNumber = 1
 	}
-	ep, err := meshEndpoint(f.meshAddr, f.gossipAddr)
+	gh, gp, err := f.gossip.bind(f.apiAddr)
+	if err != nil {
+		return nil, err
+	}
+	ep, err := meshEndpoint(f.meshAddr, net.JoinHostPort(gh, strconv.Itoa(gp)))
 	if err != nil {
 		return nil, usageError{fmt.Errorf("--mesh-addr: %w", err)}
 	}

@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync/atomic"
 
 	"github.com/spf13/cobra"
@@ -22,7 +21,8 @@ import (
 
 type serverFlags struct {
 	apiAddr, dataDir, region, logLevel, keyFile string
-	hostID, gossipAddr                          string
+	hostID                                      string
+	gossip                                      gossipFlags // gossipaddr.go
 	join                                        []string
 	natsURL, natsListen, natsName, natsCluster  string
 	natsCreds, natsCA                           string
@@ -72,7 +72,7 @@ On its first start it creates an admin token, prints it once and writes it to
 	fs.StringVar(&f.dataDir, "data-dir", "", "directory for the catalog and the secrets key (required)")
 	fs.StringVar(&f.region, "region", "ams", "region this server is in")
 	fs.StringVar(&f.hostID, "host-id", "", "this server's name in the cluster (default: control-<hostname>)")
-	fs.StringVar(&f.gossipAddr, "gossip-addr", "0.0.0.0:7946", "address the cluster's gossip binds to")
+	addGossipFlags(fs, &f.gossip, "this server")
 	fs.StringSliceVar(&f.join, "join", nil, "gossip addresses of hosts to join (repeatable)")
 	fs.StringVar(&f.natsURL, "nats-url", "", "use this NATS instead of an embedded one")
 	fs.StringVar(&f.natsCreds, "nats-creds", "", "with --nats-url: file of the control plane's credential there (an nkey seed or a .creds file; the user may do everything)")
@@ -100,13 +100,9 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	if _, ok := geo.Lookup(f.region); !ok {
 		return usageError{fmt.Errorf("--region: unknown region %q", f.region)}
 	}
-	gh, gp, err := net.SplitHostPort(f.gossipAddr)
+	gh, port, err := f.gossip.bind(f.apiAddr)
 	if err != nil {
-		return usageError{fmt.Errorf("--gossip-addr: %w", err)}
-	}
-	port, err := strconv.Atoi(gp)
-	if err != nil {
-		return usageError{fmt.Errorf("--gossip-addr: bad port %q", gp)}
+		return err
 	}
 	if f.hostID == "" {
 		hn, _ := os.Hostname()
@@ -153,7 +149,7 @@ func runServer(c *cobra.Command, f serverFlags) error {
 	fmt.Fprintf(c.ErrOrStderr(), "flame server: opening the catalog…\n")
 	p, err := server.StartPlane(c.Context(), server.PlaneConfig{
 		DataDir: f.dataDir, Listener: ln, Catalog: cc, Join: f.join, Logger: log, Registry: reg, SecretKeyFile: f.keyFile,
-		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port},
+		Cluster: cluster.Config{HostID: f.hostID, Region: f.region, BindAddr: gh, BindPort: port, BindAny: f.gossip.any},
 		TLS:     apiTLS,
 	})
 	if err != nil {

@@ -283,6 +283,9 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if err := cfg.gossipKey(); err != nil {
+		return nil, err
+	}
 	// Probes must outlive the round trip to the farthest host, or every
 	// probe across the world fails and only indirect probes keep the
 	// cluster together.

@@ -35,7 +35,9 @@ func (c *Cluster) EnrollWith(ctx context.Context, s *server.Server, planeURL str
 		if err != nil {
 			return fmt.Errorf("host %s: %w", h.ID, err)
 		}
-		h.identity.Set(id)
+		if err := h.Enrolled(id); err != nil {
+			return fmt.Errorf("host %s: %w", h.ID, err)
+		}
 	}
 	return nil
 }

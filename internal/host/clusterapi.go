@@ -74,6 +74,7 @@ func (h *Host) clusterHandler(auth func(*http.Request) (context.Context, error))
 		}
 		writeJSON(w, out)
 	})
+	mux.HandleFunc("PUT /v1/cluster/trust", h.setGossipTrust)
 	mux.HandleFunc("GET /v1/cluster/machines", func(w http.ResponseWriter, r *http.Request) {
 		snap := h.Cluster.Snapshot()
 		ms := snap.Machines()

@@ -75,6 +75,14 @@ func Enroll(ctx context.Context, e Enrollment) (*pki.HostIdentity, error) {
 	if _, _, err := pki.CheckHostCert([]byte(resp.CA), []byte(resp.Certificate), tok.CAFingerprint, e.HostID, key, time.Now()); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
+	if resp.Gossip != nil {
+		if err := checkGossipTrust(resp.Gossip); err != nil {
+			return nil, fmt.Errorf("enroll: the control plane's gossip trust: %w", err)
+		}
+		if err := saveGossipTrust(e.DataDir, resp.Gossip); err != nil {
+			return nil, fmt.Errorf("enroll: %w", err)
+		}
+	}
 	if err := pki.SaveHostIdentity(dir, []byte(resp.CA), []byte(resp.Certificate)); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}

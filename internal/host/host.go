@@ -226,6 +226,10 @@ func New(cfg Config) (*Host, error) {
 		if cfg.Proxy.Backhaul != nil {
 			cc.Addrs["proxy"] = cfg.Proxy.Backhaul.Addr().String()
 		}
+		if err := gossipTrustConfig(&cc, cfg); err != nil {
+			ag.Close()
+			return nil, err
+		}
 		if cfg.Mesh != nil {
 			mesh.Advertise(cc.Addrs, cfg.Mesh.PublicKey(), cfg.Mesh.Endpoint())
 		}

@@ -71,7 +71,7 @@ func TestCatalogDownAnswers503(t *testing.T) {
 		Catalog: catalog.Config{URL: nats.ClientURL()},
 		Cluster: cluster.Config{HostID: "control", Region: "ams", Transport: tr},
 		Join:    []string{c.Hosts[0].Cluster.GossipAddr()},
-		Server:  server.Config{AgentToken: "agent-secret"},
+		Server:  server.Config{AgentToken: "agent-secret", GossipKey: c.GossipKey()},
 	})
 	if err != nil {
 		t.Fatal(err)

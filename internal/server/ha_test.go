@@ -81,7 +81,7 @@ func TestThreeServersSurviveLosingOne(t *testing.T) {
 				Catalog: catalog.Config{ServerName: name, ClusterListen: fmt.Sprintf("127.0.0.1:%d", ports[i]), Routes: routes, Replicas: 3},
 				Cluster: cluster.Config{HostID: name, Region: "ams", Transport: tr},
 				Join:    []string{c.Hosts[0].Cluster.GossipAddr()},
-				Server:  server.Config{AgentToken: "agent-secret", ReconcileInterval: 200 * time.Millisecond},
+				Server:  server.Config{AgentToken: "agent-secret", GossipKey: c.GossipKey(), ReconcileInterval: 200 * time.Millisecond},
 			})
 		})
 	}

@@ -291,6 +291,7 @@ func (s *Server) identityRoutes() {
 	s.api.Handle("GET /v1/hosts", s.listHosts)
 	s.api.Handle("POST /v1/hosts/{host}/revoke", s.revokeHost)
 	s.api.Handle("POST /v1/hosts/client-certificates", s.issueClientCertificate)
+	s.api.Handle("POST /v1/hosts/gossip-key/rotate", s.rotateGossipKey)
 }
 
 // operatorValidity is how long an operator's client certificate lasts: it
@@ -431,6 +432,7 @@ func (s *Server) revokeHost(w http.ResponseWriter, r *http.Request) error {
 	s.setNATSUser(hostRecord{ID: id, Revoked: true})
 	s.kickRevocations()
 	s.log.Warn("host revoked", "host", id)
+	s.revokeInGossip(r.Context(), id)
 	httpapi.WriteJSON(w, http.StatusOK, api.OK{OK: true})
 	return nil
 }
@@ -532,6 +534,9 @@ func (s *Server) enrollHost(ctx context.Context, r *http.Request) (*api.EnrollHo
 	s.log.Info("host enrolled", "host", in.HostID, "region", in.Region, "api", in.APIAddr)
 	out := &api.EnrollHostResponse{Certificate: string(pki.CertPEM(cert.Raw)), CA: string(s.ident.ca.CertPEM()),
 		Network: network.String(), HostNumber: int(number)}
+	if out.Gossip, err = s.GossipTrust(ctx); err != nil {
+		return nil, err
+	}
 	if natsSeed != nil {
 		out.NATSCredential, out.NATSCA = string(natsSeed), string(s.cfg.CatalogCA)
 	}

@@ -144,7 +144,9 @@ func TestRogueMemberNeverCalled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rogue, err := cluster.New(cluster.Config{HostID: "rogue-1", Region: "ams", Transport: tr,
+	// It holds the gossip key (stolen): the keyring does not keep it out,
+	// its missing enrollment does.
+	rogue, err := cluster.New(cluster.Config{HostID: "rogue-1", Region: "ams", Transport: tr, GossipKeys: [][]byte{c.GossipKey()},
 		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20},
 		Addrs:    map[string]string{"api": ln.Addr().String()}})
 	if err != nil {

@@ -185,7 +185,9 @@ func startLiar(t *testing.T, c *dev, name string, asked *atomic.Int64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	liar, err := cluster.New(cluster.Config{HostID: name, Region: "ams", Transport: tr,
+	// It holds the gossip key (stolen): the keyring does not keep it out,
+	// its missing enrollment does.
+	liar, err := cluster.New(cluster.Config{HostID: name, Region: "ams", Transport: tr, GossipKeys: [][]byte{c.GossipKey()},
 		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}, Addrs: map[string]string{"api": ln.Addr().String()}})
 	if err != nil {
 		t.Fatal(err)

@@ -137,11 +137,6 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	if err = p.Cluster.Start(ctx); err != nil {
 		return nil, fmt.Errorf("control plane: cluster: %w", err)
 	}
-	if len(cfg.Join) > 0 {
-		if _, jerr := p.Cluster.Join(cfg.Join); jerr != nil {
-			cfg.Logger.Warn("control plane: join cluster", "err", jerr)
-		}
-	}
 	sc := cfg.Server
 	if sc.ID == "" {
 		if sc.ID, err = serverID(filepath.Join(cfg.DataDir, "server-id")); err != nil {
@@ -164,6 +159,15 @@ func StartPlane(ctx context.Context, cfg PlaneConfig) (p *Plane, err error) {
 	users.Store(p.Server)
 	if err = p.Server.checkSecretKey(ctx); err != nil {
 		return nil, fmt.Errorf("control plane: %w", err)
+	}
+	// The member gossips with the catalog's keyring before it joins.
+	if err = p.Server.useGossipKeys(ctx); err != nil {
+		return nil, fmt.Errorf("control plane: %w", err)
+	}
+	if len(cfg.Join) > 0 {
+		if _, jerr := p.Cluster.Join(cfg.Join); jerr != nil {
+			cfg.Logger.Warn("control plane: join cluster", "err", jerr)
+		}
 	}
 	if p.AdminToken, err = p.Server.Bootstrap(ctx); err != nil {
 		return nil, fmt.Errorf("control plane: bootstrap admin token: %w", err)

@@ -254,13 +254,13 @@ func TestRestartKeepsEverything(t *testing.T) {
 	if _, err := server.StartPlane(ctx, server.PlaneConfig{DataDir: dataDir, Listener: lnx,
 		SecretKeyFile: filepath.Join(t.TempDir(), "other.key"),
 		Cluster:       cluster.Config{HostID: "control-x", Region: "ams", Transport: trx},
-		Server:        server.Config{AgentToken: "agent-secret"}}); err == nil || !strings.Contains(err.Error(), "same key") {
+		Server:        server.Config{AgentToken: "agent-secret", GossipKey: c.GossipKey()}}); err == nil || !strings.Contains(err.Error(), "same key") {
 		t.Fatalf("a plane with another secret key started: %v", err)
 	}
 	p, err := server.StartPlane(ctx, server.PlaneConfig{DataDir: dataDir, Listener: ln,
 		Cluster: cluster.Config{HostID: "control-2", Region: "ams", Transport: tr},
 		Join:    []string{c.Hosts[0].Cluster.GossipAddr()},
-		Server:  server.Config{AgentToken: "agent-secret", ID: "restarted"}})
+		Server:  server.Config{AgentToken: "agent-secret", ID: "restarted", GossipKey: c.GossipKey()}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -74,6 +74,10 @@ type Config struct {
 	// HostCertValidity is how long host certificates last (zero:
 	// pki.HostValidity); hosts renew them two thirds in.
 	HostCertValidity time.Duration
+	// GossipKey is the gossip key the catalog starts with when it holds
+	// none (a dev cluster whose hosts start before the plane and get it
+	// from their config); empty: a fresh random one (gossip_keys.go).
+	GossipKey []byte
 	// SecretKey seals app secrets (32 bytes, AES-256-GCM). Required.
 	SecretKey []byte
 	// HTTPClient calls the hosts (default: a client with sane timeouts).
@@ -207,10 +211,11 @@ func Buckets() []catalog.BucketSpec {
 
 // Server is a running control plane.
 type Server struct {
-	cfg  Config
-	log  *slog.Logger
-	api  *httpapi.Server
-	aead aeadSealer
+	cfg    Config
+	log    *slog.Logger
+	api    *httpapi.Server
+	aead   aeadSealer
+	gossip gossipState
 
 	orgs, apps, tokens, machines, secrets, groups, locks, destroyed catalog.Bucket
 
@@ -307,6 +312,9 @@ func (s *Server) Handler() http.Handler { return s.handler }
 func (s *Server) Start(ctx context.Context) error {
 	if err := s.loadIdentity(ctx); err != nil {
 		return err
+	}
+	if err := s.startGossipTrust(ctx); err != nil {
+		return fmt.Errorf("server: %w", err)
 	}
 	s.wg.Go(func() { s.ident.cache.follow(s.ctx, s, s.ident.hosts, bucketHosts) })
 	s.wg.Go(func() { s.followNATSUsers(s.ctx) })
