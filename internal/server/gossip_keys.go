@@ -26,6 +26,10 @@ const (
 	gossipKeysKey  = "gossip-keys"
 	sealGossipKeys = "gossip-keys"
 	gossipKeyLen   = 32
+	// rotationPause separates a rotation's rounds, so that packets sealed
+	// before a round (in flight, or queued) arrive before the next one
+	// drops what they need.
+	rotationPause = time.Second
 )
 
 // sealedKeyring is the catalog's record of the keyring, sealed.
@@ -239,7 +243,14 @@ func (s *Server) rotateGossipKey(w http.ResponseWriter, r *http.Request) error {
 	old, next := cur[0], newGossipKey()
 	var out api.GossipKeyRotation
 	skipped := map[string]bool{}
-	for _, ring := range [][][]byte{{old, next}, {next, old}, {next}} {
+	for i, ring := range [][][]byte{{old, next}, {next, old}, {next}} {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(rotationPause):
+			}
+		}
 		if err := s.putGossipKeys(ctx, ring); err != nil {
 			return err
 		}

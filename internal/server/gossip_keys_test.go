@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -52,6 +53,7 @@ func TestGossipKeyRotation(t *testing.T) {
 			}
 		}
 	}()
+	logged := len(c.Logs())
 	out, err := c.admin.RotateGossipKey(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -64,6 +66,12 @@ func TestGossipKeyRotation(t *testing.T) {
 	case id := <-lost:
 		t.Errorf("host %s dropped out of the plane's view during the rotation", id)
 	default:
+	}
+	// Not one packet or stream went unread for want of a key.
+	for _, line := range strings.Split(c.Logs()[logged:], "\n") {
+		if strings.Contains(line, "ecrypt") || strings.Contains(line, "encrypt") {
+			t.Errorf("during the rotation: %s", line)
+		}
 	}
 	if len(out.Hosts) != len(c.Hosts) || len(out.Skipped) != 0 {
 		t.Fatalf("rotation reached %v, skipped %v", out.Hosts, out.Skipped)
