@@ -121,6 +121,12 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 		sim = newSim(b, netCfg)
 	}
 	logger := slog.New(logs)
+	// FLAME_BENCH_SIGNED=1: every host enrolled and keyed, its records
+	// signed and checked, its gossip encrypted (trust.go).
+	var signedPKI *testPKI
+	if os.Getenv("FLAME_BENCH_SIGNED") == "1" {
+		signedPKI = newTestPKI(b)
+	}
 	setup := time.Now()
 	var cs []*Cluster
 	for i := range n {
@@ -136,6 +142,9 @@ func benchSim(b *testing.B, n int, logs slog.Handler, mod func(*Config)) *simClu
 		cfg := Config{HostID: id, Region: regionOf(id), Transport: countingTransport{tr, regionCounter(sim)}, Logger: logger,
 			Capacity: Resources{CPUs: 16, MemoryMB: 65536}, ProbeInterval: interval, ProbeTimeout: timeout,
 			Dilation: int(benchDilation()), NoRegionDetector: os.Getenv("FLAME_BENCH_REGIONAL") == "0"}
+		if signedPKI != nil {
+			cfg.GossipKeys, cfg.Trust = [][]byte{testGossipKey}, signedPKI.trust(id)
+		}
 		if mod != nil {
 			mod(&cfg)
 		}

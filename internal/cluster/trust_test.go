@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/x509"
 	"log/slog"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -343,4 +344,84 @@ func mustParse(t testing.TB, der []byte) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// BenchmarkRecordSignVerify is what a signature costs per record: the
+// owner signing a delta (its bytes and the state it leads to) and a
+// receiver checking it, for a load-only delta (what hosts gossip most) and
+// one of three machines; and a receiver checking an owner's full facts of
+// fifty machines (anti-entropy), with its certificate held.
+func BenchmarkRecordSignVerify(b *testing.B) {
+	p := newTestPKI(b)
+	tr := p.trust("h1")
+	owner := &Cluster{cfg: Config{HostID: "h1", Now: time.Now, MaxMachines: maxMachines}, trust: mustTrust(b, tr),
+		pub: publisher{reset: true, machines: map[string][]byte{}}}
+	pub := &tr.Key.PublicKey
+	ms := machines("m", "web", "ams", 3)
+	var load float64
+	for _, c := range []struct {
+		name string
+		ms   []Machine
+	}{{"delta=load", nil}, {"delta=3machines", ms}} {
+		b.Run(c.name+"/sign", func(b *testing.B) {
+			owner.diffLocked(ms, Resources{}, 0)
+			for b.Loop() {
+				load++
+				up := ms
+				if c.ms == nil {
+					up = ms // same machines: a load-only delta
+				} else {
+					up = slices.Clone(ms)
+					up[0].Load = int(load) % 100
+				}
+				if ds := owner.diffLocked(up, Resources{}, load); len(ds) != 1 {
+					b.Fatalf("%d deltas", len(ds))
+				}
+			}
+		})
+		b.Run(c.name+"/verify", func(b *testing.B) {
+			load++
+			up := slices.Clone(ms)
+			if c.ms != nil {
+				up[0].Load = int(load) % 100
+			}
+			d := owner.diffLocked(up, Resources{}, load)[0]
+			b.ReportMetric(float64(len(d.encoded)), "bytes/record")
+			for b.Loop() {
+				if !verify(pub, d.signed, d.Sig) {
+					b.Fatal("does not verify")
+				}
+			}
+		})
+	}
+	b.Run("full=50machines/verify", func(b *testing.B) {
+		f := &fullFacts{Owner: "h1", Version: 7, Machines: machines("f", "web", "ams", 50), Cert: tr.Cert}
+		f.StateSig = signState(tr.Key, fullStateHash(f))
+		ts := mustTrust(b, tr)
+		now := time.Now()
+		for b.Loop() {
+			pc, err := ts.checkCert(f.Cert, "h1", now)
+			if err != nil || !verifyState(pc.pub, fullStateHash(f), f.StateSig) {
+				b.Fatal("does not verify", err)
+			}
+		}
+	})
+	b.Run("certificate/verify", func(b *testing.B) {
+		ts := mustTrust(b, tr)
+		now := time.Now()
+		for b.Loop() {
+			if _, err := ts.checkCert(append([]byte(nil), tr.Cert...), "h1", now); err != nil {
+				b.Fatal(err)
+			}
+			ts.certs = map[string]*peerCert{}
+		}
+	})
+}
+
+func mustTrust(b testing.TB, t *Trust) *trustState {
+	ts, err := newTrustState(t)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return ts
 }
