@@ -196,4 +196,15 @@
 // refuses a record of another format rather than misreading it, so hosts
 // of two formats in one cluster do not see each other's facts. The types
 // are JSON-encodable for APIs and logs.
+//
+// # Trust
+//
+// With a Trust (trust.go) every record is its issuer's own: deltas sign
+// their bytes and the state they lead to, full facts carry their owner's
+// certificate and state signature, verdicts sign themselves, and a
+// receiver checks each new record against a certificate of the CA naming
+// the owner (or issuer) before it is used or relayed; a record it cannot
+// check yet waits for the owner's full facts, pulled with its certificate.
+// Revoked serials (Revoke) drop a host's facts and refuse its records. The
+// keyring (Config.GossipKeys, SetGossipKeys) encrypts the gossip itself.
 package cluster
