@@ -231,6 +231,12 @@ func (c *Cluster) bumpLocked(seen uint64) []*delta {
 	}
 	c.log.Warn("own facts seen at a newer version; republishing", "seen", seen, "version", c.pub.version)
 	c.pub.version = seen
+	return c.republishLocked()
+}
+
+// republishLocked publishes this host's facts again whole, from nothing,
+// at the next version; c.mu is held.
+func (c *Cluster) republishLocked() []*delta {
 	c.pub.reset = true
 	ms := make([]Machine, 0)
 	for _, m := range c.store.get(c.cfg.HostID).list() {

@@ -219,7 +219,7 @@ func (c *Cluster) SetTrust(t Trust) error {
 	// Republish this host's facts, signed, from nothing.
 	var ds []*delta
 	if c.pub.version > 0 {
-		ds = c.bumpLocked(c.pub.version + 1)
+		ds = c.republishLocked()
 	}
 	for id, m := range c.members {
 		if id != c.cfg.HostID && m.status == StatusAlive && len(c.comeUp) < 64 {
