@@ -425,3 +425,25 @@ func mustTrust(b testing.TB, t *Trust) *trustState {
 	}
 	return ts
 }
+
+// TestBindRefusesEveryInterface: memberlist's own transport binds to the
+// address given; every interface only with BindAny.
+func TestBindRefusesEveryInterface(t *testing.T) {
+	for _, c := range []struct {
+		addr string
+		any  bool
+		ok   bool
+	}{{"", false, false}, {"0.0.0.0", false, false}, {"::", false, false}, {"127.0.0.1", false, true}, {"0.0.0.0", true, true}} {
+		m, err := New(Config{HostID: "h1", Region: "ams", BindAddr: c.addr, BindAny: c.any, NoRegionDetector: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Start(context.Background())
+		if (err == nil) != c.ok {
+			t.Errorf("bind %q (any %v): %v", c.addr, c.any, err)
+		}
+		if err == nil {
+			m.Close()
+		}
+	}
+}
