@@ -39,9 +39,13 @@ before acting on it; stopping or killing the agent leaves workloads running, and
 an agent started again on the same data dir adopts them and finishes any
 operation that was cut short.
 
-With --host-id and --gossip-addr it joins other hosts (--join) into a cluster:
-every host's machines and health reach every other host, and --dns-addr serves
-the .internal names of the whole cluster.
+With --host-id it joins other hosts (--join) into a cluster: every host's
+machines and health reach every other host, and --dns-addr serves the
+.internal names of the whole cluster. Gossip binds to --gossip-addr (default:
+--api-addr's host, port 7946), never every interface unless
+--gossip-any-interface. An enrolled host gossips encrypted with the keyring
+the control plane gave it and signs its records with its key; without a
+control plane gossip is in clear.
 
 With a control plane (flame server), a host enrolls once: --join-token-file
 (or $FLAME_JOIN_TOKEN) holds a one-time token an admin minted (POST
