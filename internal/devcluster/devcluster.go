@@ -670,7 +670,7 @@ func edgeTCPIP(edge net.Addr, ri int) string {
 }
 
 // WaitConverged waits until every host (and the control plane) sees every
-// other one alive.
+// other one alive, and holds every host's facts.
 func (c *Cluster) WaitConverged(ctx context.Context) error {
 	members := make([]*cluster.Cluster, 0, len(c.Hosts)+1)
 	for _, h := range c.Hosts {
@@ -690,6 +690,16 @@ func (c *Cluster) WaitConverged(ctx context.Context) error {
 			}
 			if alive != len(members) {
 				ok = false
+				break
+			}
+			// Every host's facts too: with signed gossip a member takes
+			// them only once it holds the host's certificate.
+			for _, h := range c.Hosts {
+				if o := m.Snapshot().Host(h.ID); o == nil || o.Version == 0 {
+					ok = false
+				}
+			}
+			if !ok {
 				break
 			}
 		}

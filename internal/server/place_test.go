@@ -171,7 +171,8 @@ func startLiar(t *testing.T, c *dev, name string, asked *atomic.Int64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, err := host.Enroll(ctx, host.Enrollment{DataDir: t.TempDir(), PlaneURL: c.Plane.URL(), JoinToken: tok.Token,
+	dir := t.TempDir()
+	id, err := host.Enroll(ctx, host.Enrollment{DataDir: dir, PlaneURL: c.Plane.URL(), JoinToken: tok.Token,
 		HostID: name, Region: "ams", APIAddr: ln.Addr().String()})
 	if err != nil {
 		t.Fatal(err)
@@ -185,9 +186,16 @@ func startLiar(t *testing.T, c *dev, name string, asked *atomic.Int64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// It holds the gossip key (stolen): the keyring does not keep it out,
-	// its missing enrollment does.
-	liar, err := cluster.New(cluster.Config{HostID: name, Region: "ams", Transport: tr, GossipKeys: [][]byte{c.GossipKey()},
+	// Its gossip as an enrolled host's: the keyring and its own key.
+	gt, err := host.LoadGossipTrust(dir)
+	if err != nil || gt == nil {
+		t.Fatalf("the liar's gossip trust: %v", err)
+	}
+	trust, err := host.ClusterTrust(id, gt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liar, err := cluster.New(cluster.Config{HostID: name, Region: "ams", Transport: tr, GossipKeys: gt.Keys, Trust: trust,
 		Capacity: cluster.Resources{CPUs: 1000, MemoryMB: 1 << 20}, Addrs: map[string]string{"api": ln.Addr().String()}})
 	if err != nil {
 		t.Fatal(err)
