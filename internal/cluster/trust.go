@@ -264,15 +264,9 @@ func (c *Cluster) Trusted() bool {
 	return c.trust != nil
 }
 
-// verifiedLocked reports whether host id has a verified certificate here;
-// c.mu is held. Without a Trust every host counts as verified.
-func (c *Cluster) verifiedLocked(id string) bool {
-	return c.trust == nil || c.trust.certs[id] != nil || (id == c.cfg.HostID && c.trust.key != nil)
-}
-
 // issuerLocked returns the key that must have signed a record of owner,
-// or why there is none; with want, an owner whose certificate is not held
-// yet is noted, for maintain to pull its full facts. c.mu is held.
+// or why there is none; an owner whose certificate is not held yet is
+// noted (nil, nil), for maintain to pull its full facts. c.mu is held.
 func (c *Cluster) issuerLocked(owner string) (*ecdsa.PublicKey, error) {
 	ts := c.trust
 	if ts.banned[owner] {
