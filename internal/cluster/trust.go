@@ -488,3 +488,22 @@ func (c *Cluster) certPullsLocked(now time.Time) []pull {
 	}
 	return out
 }
+
+// SetCertificate replaces this host's certificate (a renewal, for the same
+// key): the full facts it sends carry the new one from now on.
+func (c *Cluster) SetCertificate(der []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.trust == nil || c.trust.key == nil {
+		return errors.New("trust: this member signs nothing")
+	}
+	pc, err := c.trust.checkCert(der, c.cfg.HostID, c.cfg.Now())
+	if err != nil {
+		return fmt.Errorf("trust: the new certificate: %w", err)
+	}
+	if !pc.pub.Equal(&c.trust.key.PublicKey) {
+		return errors.New("trust: the new certificate is for another key")
+	}
+	c.trust.cert = slices.Clone(der)
+	return nil
+}

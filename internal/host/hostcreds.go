@@ -124,6 +124,12 @@ func (h *Host) renewLoop(ctx context.Context) {
 		err := RenewIdentity(ctx, h.cfg.Renew, h.cfg.DataDir, h.cfg.Identity)
 		if err == nil {
 			h.log.Info("host certificate renewed", "expires", h.cfg.Identity.Get().Cert.Leaf.NotAfter)
+			if h.Cluster != nil {
+				// Its records travel with the new certificate from now on.
+				if err := h.Cluster.SetCertificate(h.cfg.Identity.Get().Cert.Leaf.Raw); err != nil {
+					h.log.Error("gossip certificate", "err", err)
+				}
+			}
 			continue
 		}
 		left := time.Until(id.Cert.Leaf.NotAfter)
