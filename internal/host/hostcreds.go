@@ -71,6 +71,19 @@ func (h *Host) revocationsHandler(auth func(*http.Request) (context.Context, err
 			fail(http.StatusUnprocessableEntity, err.Error())
 			return
 		}
+		if h.Cluster != nil {
+			// Gossip refuses revoked hosts too: this list, pushed again
+			// and again, reaches a host that missed the revocation's own
+			// push. Not certificates a renewal replaced: their host
+			// gossips under its new one.
+			var revoked []string
+			for _, s := range list.Serials {
+				if !s.Superseded {
+					revoked = append(revoked, s.Serial)
+				}
+			}
+			h.Cluster.Revoke(revoked...)
+		}
 		dir := IdentityDir(h.cfg.DataDir)
 		b, _ := json.Marshal(list)
 		if err := os.MkdirAll(dir, 0o700); err == nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/cluster"
 	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/server"
 )
 
 // TestGossipKeyRotation: an admin rotates the gossip key; every host ends
@@ -186,4 +187,35 @@ func TestRevokedHostLeavesGossip(t *testing.T) {
 			t.Errorf("%s keeps %+v (%v)", h.ID, gt, err)
 		}
 	}
+}
+
+// TestRevocationReachesAHostThatMissedIt: a host cut off while another was
+// revoked missed the revocation's push; the revocation list the plane keeps
+// pushing reaches it once it is back, and its gossip then refuses the
+// revoked host's facts too.
+func TestRevocationReachesAHostThatMissedIt(t *testing.T) {
+	defer func(d time.Duration) { server.RevocationPushInterval = d }(server.RevocationPushInterval)
+	server.RevocationPushInterval = 200 * time.Millisecond
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 3})
+	ctx := context.Background()
+	orgWithApp(t, c, "acme", "shop")
+	victim, away := c.Hosts[0], c.Hosts[2]
+	m, err := c.HostClient(victim).Create(ctx, "shop", api.LaunchMachineInput{Config: demoConfig()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the other host to see the victim's machine", 10*time.Second, func() bool {
+		return away.Cluster.Snapshot().Machine(m.ID) != nil
+	})
+	c.Net.Kill(away.ID)
+	if err := c.admin.RevokeHost(ctx, victim.ID); err != nil {
+		t.Fatal(err)
+	}
+	if gt, err := host.LoadGossipTrust(away.DataDir()); err != nil || gt != nil && len(gt.Revoked) != 0 {
+		t.Fatalf("the cut-off host got the revocation's push: %+v %v", gt, err)
+	}
+	c.Net.Revive(away.ID)
+	waitUntil(t, "the host back to refuse the revoked host's facts", 30*time.Second, func() bool {
+		return away.Cluster.Snapshot().Machine(m.ID) == nil
+	})
 }
