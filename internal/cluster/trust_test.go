@@ -371,10 +371,8 @@ func BenchmarkRecordSignVerify(b *testing.B) {
 			defer cpuPerOp(b)()
 			for b.Loop() {
 				load++
-				up := ms
-				if c.ms == nil {
-					up = ms // same machines: a load-only delta
-				} else {
+				up := ms // the same machines: a load-only delta
+				if c.ms != nil {
 					up = slices.Clone(ms)
 					up[0].Load = int(load) % 100
 				}

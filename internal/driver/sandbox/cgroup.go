@@ -77,9 +77,6 @@ type cgroups struct {
 	mounts []string
 }
 
-// v1Controllers name the v1 hierarchies of roots and mounts, in order.
-var v1Controllers = []string{"memory", "cpu", "pids"}
-
 // detectCgroups finds the hierarchies to use from /proc/self/mountinfo:
 // cgroup v2 when its root offers the memory, cpu and pids controllers,
 // else cgroup v1 with those three mounted.
