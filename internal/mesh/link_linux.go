@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
 
+	"github.com/flamehq/flame/internal/lockfile"
 	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
@@ -153,7 +154,7 @@ func claimSlot(dir, holder string) (int, *os.File, error) {
 		if used[tableBase+i] || used[prioBase+i] {
 			continue
 		}
-		f, err := lockFile(filepath.Join(dir, "mesh-slot-"+strconv.Itoa(i)+".lock"))
+		f, err := lockfile.Take(filepath.Join(dir, "mesh-slot-"+strconv.Itoa(i)+".lock"))
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			continue
 		}
@@ -162,7 +163,7 @@ func claimSlot(dir, holder string) (int, *os.File, error) {
 		}
 		routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: tableBase + i}, netlink.RT_FILTER_TABLE)
 		if err != nil || len(routes) > 0 {
-			unlockFile(f)
+			lockfile.Release(f)
 			continue
 		}
 		f.Truncate(0)
@@ -200,37 +201,8 @@ func (l *Link) Close() error {
 		l.tun = nil
 	}
 	if l.lock != nil {
-		unlockFile(l.lock)
+		lockfile.Release(l.lock)
 		l.lock = nil
 	}
 	return errors.Join(errs...)
-}
-
-// lockFile takes an exclusive flock of the file at path, made if absent,
-// without waiting (unix.EWOULDBLOCK while another holds it); a file
-// replaced meanwhile is locked again (see unlockFile).
-func lockFile(path string) (*os.File, error) {
-	for range 10 {
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-		if err != nil {
-			return nil, err
-		}
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-			f.Close()
-			return nil, err
-		}
-		held, err1 := f.Stat()
-		now, err2 := os.Stat(path)
-		if err1 == nil && err2 == nil && os.SameFile(held, now) {
-			return f, nil
-		}
-		f.Close()
-	}
-	return nil, fmt.Errorf("%s keeps being replaced", path)
-}
-
-// unlockFile removes a lock file, then lets go of it.
-func unlockFile(f *os.File) {
-	os.Remove(f.Name())
-	f.Close()
 }

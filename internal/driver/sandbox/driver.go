@@ -20,6 +20,7 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+	"github.com/flamehq/flame/internal/lockfile"
 	"github.com/flamehq/flame/internal/mesh/layout"
 
 	"github.com/flamehq/flame/internal/driver/hostproc"
@@ -210,12 +211,12 @@ func New(cfg Config) (*Driver, error) {
 		cg, err = cfg.cgroups, nil
 	}
 	if err != nil {
-		unlockFile(lock)
+		lockfile.Release(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	l := leases{dir: filepath.Join(cfg.StateDir, "leases")}
 	if err := l.init(); err != nil {
-		unlockFile(lock)
+		lockfile.Release(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	d := &Driver{
@@ -233,7 +234,7 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Network != 0 {
 		d.filter = newFilter(cfg.Bridge, cfg.Network)
 		if err := d.filter.install(); err != nil {
-			unlockFile(lock)
+			lockfile.Release(lock)
 			return nil, fmt.Errorf("sandbox driver: %w", err)
 		}
 	}
@@ -837,7 +838,7 @@ func (d *Driver) Close() error {
 	}
 	d.netMu.Lock()
 	if d.prefixLock != nil {
-		unlockFile(d.prefixLock)
+		lockfile.Release(d.prefixLock)
 		d.prefixLock = nil
 	}
 	d.netMu.Unlock()

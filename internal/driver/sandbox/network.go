@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/lockfile"
 )
 
 // linkUpTimeout bounds the wait for a sandbox's interface to come up; past
@@ -129,7 +130,7 @@ func claimPrefix(cfg Config) (*os.File, error) {
 		return nil, fmt.Errorf("lock prefix %s: %w", prefix, err)
 	}
 	path := filepath.Join(prefixLockDir, name)
-	f, err := lockFile(path)
+	f, err := lockfile.Take(path)
 	if err != nil {
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			holder, _ := os.ReadFile(path)
@@ -154,38 +155,6 @@ func claimPrefix(cfg Config) (*os.File, error) {
 		return nil, err
 	}
 	return f, nil
-}
-
-// lockFile takes an exclusive flock of the file at path, made if absent,
-// without waiting (unix.EWOULDBLOCK while another holds it). Holders
-// remove the file when they let go (unlockFile), so a lock taken on a
-// file that is no longer the one at path is not the lock: it is taken
-// again on the file there now.
-func lockFile(path string) (*os.File, error) {
-	for range 10 {
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-		if err != nil {
-			return nil, err
-		}
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-			f.Close()
-			return nil, err
-		}
-		held, err1 := f.Stat()
-		now, err2 := os.Stat(path)
-		if err1 == nil && err2 == nil && os.SameFile(held, now) {
-			return f, nil
-		}
-		f.Close()
-	}
-	return nil, fmt.Errorf("%s keeps being replaced", path)
-}
-
-// unlockFile removes a lock file taken by lockFile, then lets go of it: a
-// machine that runs many drivers over time is not left a file per prefix.
-func unlockFile(f *os.File) {
-	os.Remove(f.Name())
-	f.Close()
 }
 
 // checkPrefixFree fails when a link other than the bridge (index brIndex,
