@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
 	"sync"
 	"time"
 
@@ -203,8 +202,7 @@ func (s *Server) serveUDP(ctx context.Context, pc net.PacketConn) {
 		if !ok {
 			continue // not a machine of the network: not answered at all
 		}
-		if fwd != nil && forwardable(buf[:n]) {
-			q := slices.Clone(buf[:n])
+		if q := forwardable(fwd, buf[:n]); q != nil {
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
@@ -243,19 +241,22 @@ type staticSource struct{ v View }
 
 func (s staticSource) View() View { return s.v }
 
-// forwardable reports whether b is a query for a name outside .internal.
-func forwardable(b []byte) bool {
-	q := new(dns.Msg)
-	return q.Unpack(b) == nil && !q.Response && q.Opcode == dns.OpcodeQuery && !internalName(q)
-}
-
-// forward answers b from the upstream resolvers, truncated for UDP to
-// what the client takes; SERVFAIL when they fail or are all busy.
-func (s *Server) forward(ctx context.Context, f *Forwarder, b []byte, udp bool) []byte {
-	q := new(dns.Msg)
-	if err := q.Unpack(b); err != nil {
+// forwardable returns b as a query when f is there to forward it: a query
+// for a name outside .internal; nil otherwise (reply answers it).
+func forwardable(f *Forwarder, b []byte) *dns.Msg {
+	if f == nil {
 		return nil
 	}
+	q := new(dns.Msg)
+	if q.Unpack(b) != nil || q.Response || q.Opcode != dns.OpcodeQuery || internalName(q) {
+		return nil
+	}
+	return q
+}
+
+// forward answers q from the upstream resolvers, truncated for UDP to
+// what the client takes; SERVFAIL when they fail or are all busy.
+func (s *Server) forward(ctx context.Context, f *Forwarder, q *dns.Msg, udp bool) []byte {
 	r, err := f.exchange(ctx, q)
 	if err != nil {
 		s.log.Debug("forward", "name", q.Question[0].Name, "err", err)
@@ -263,18 +264,7 @@ func (s *Server) forward(ctx context.Context, f *Forwarder, b []byte, udp bool) 
 		r.SetRcode(q, dns.RcodeServerFailure)
 	}
 	r.Id = q.Id
-	size := dns.MaxMsgSize
-	if udp {
-		size = dns.MinMsgSize
-		if o := q.IsEdns0(); o != nil {
-			size = min(max(int(o.UDPSize()), dns.MinMsgSize), ednsSize)
-		}
-	}
-	r.Truncate(size)
-	out, err := r.Pack()
-	if err != nil || len(out) > size {
-		return nil
-	}
+	out, _ := packFor(q, r, udp)
 	return out
 }
 
@@ -345,8 +335,8 @@ func (s *Server) serveConn(c net.Conn) {
 			return
 		}
 		var out []byte
-		if fwd != nil && forwardable(buf[:n]) {
-			out = s.forward(context.Background(), fwd, buf[:n], false)
+		if q := forwardable(fwd, buf[:n]); q != nil {
+			out = s.forward(context.Background(), fwd, q, false)
 		} else {
 			out = reply(buf[:n], staticSource{view}, s.ttl, false)
 		}
@@ -379,24 +369,13 @@ func reply(b []byte, src Source, ttl time.Duration, udp bool) []byte {
 		return nil
 	}
 	r := answer(q, src.View(), ttl) // one view for the whole query
-	size := dns.MaxMsgSize
-	if udp {
-		size = dns.MinMsgSize
-		if o := q.IsEdns0(); o != nil {
-			size = min(max(int(o.UDPSize()), dns.MinMsgSize), ednsSize)
-		}
-	}
-	r.Truncate(size)
-	out, err := r.Pack()
-	if err == nil && len(out) <= size {
+	if out, ok := packFor(q, r, udp); ok {
 		return out
 	}
 	// Should not happen; answer something rather than nothing.
 	f := new(dns.Msg)
 	f.SetRcode(q, dns.RcodeServerFailure)
-	if out, err = f.Pack(); err != nil || len(out) > size {
-		return nil
-	}
+	out, _ := packFor(q, f, udp)
 	return out
 }
 
@@ -417,4 +396,22 @@ func formErr(b []byte) []byte {
 		return nil
 	}
 	return out
+}
+
+// packFor packs r, the answer to q, truncated (TC set) to what q's client
+// takes over UDP; ok is false (and out nil) when it cannot be.
+func packFor(q, r *dns.Msg, udp bool) (out []byte, ok bool) {
+	size := dns.MaxMsgSize
+	if udp {
+		size = dns.MinMsgSize
+		if o := q.IsEdns0(); o != nil {
+			size = min(max(int(o.UDPSize()), dns.MinMsgSize), ednsSize)
+		}
+	}
+	r.Truncate(size)
+	out, err := r.Pack()
+	if err != nil || len(out) > size {
+		return nil, false
+	}
+	return out, true
 }
