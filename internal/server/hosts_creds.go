@@ -142,18 +142,8 @@ func (s *Server) revocationList(ctx context.Context) (api.Revocations, []hostRec
 			}
 		}
 	}
-	slices.SortFunc(out.Serials, func(a, b api.RevokedSerial) int { return cmpString(a.Serial, b.Serial) })
+	slices.SortFunc(out.Serials, func(a, b api.RevokedSerial) int { return cmpStrings(a.Serial, b.Serial) })
 	return out, live, nil
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // kickRevocations has the list pushed to every host soon.
