@@ -190,8 +190,7 @@ func (s *Slot) ServerTLS(now func() time.Time) *tls.Config {
 			if id == nil {
 				return nil, ErrNotEnrolled
 			}
-			roots := x509.NewCertPool()
-			roots.AddCert(id.CA)
+			roots := id.Roots()
 			return &tls.Config{
 				MinVersion:   tls.VersionTLS13,
 				Certificates: []tls.Certificate{id.Cert},
