@@ -220,8 +220,13 @@ func (c *Cluster) RunChaos(ctx context.Context, cfg ChaosConfig) (*ChaosReport, 
 	r.api = &chaosAPI{cl: r.orgAPI, app: cfg.Ledger, group: cfg.LedgerGroup, config: cfg.LedgerConfig,
 		regions: slices.Clone(c.cfg.Regions), rng: newChaosRand(cfg.Schedule.Seed, 0x617069)}
 
-	// The baseline: converged before anything happens.
+	// The baseline: converged before anything happens, and every declared
+	// machine serving at every edge (a machine just started fails its
+	// checks until their first pass, and routes converged on fewer).
 	if err := r.converge(ctx, &ChaosStepReport{}, 0); err != nil {
+		return rep, err
+	}
+	if err := r.waitServing(ctx); err != nil {
 		return rep, err
 	}
 	r.traffic.start(cfg.Rate, cfg.Concurrency)
@@ -367,6 +372,57 @@ func (r *chaosRun) converge(ctx context.Context, sr *ChaosStepReport, step int) 
 	return ctx.Err()
 }
 
+// servingMachines is the set of app's machines started with passing checks
+// on live hosts, as those hosts publish them.
+func (c *Cluster) servingMachines(app string) map[string]bool {
+	want := map[string]bool{}
+	for _, h := range c.Hosts {
+		if c.Killed(h.ID) {
+			continue
+		}
+		self := h.Cluster.Snapshot().Host(h.ID)
+		if self == nil {
+			continue
+		}
+		for _, m := range self.Machines {
+			if m.App == app && m.State == api.StateStarted && !m.Cordoned && m.Passing() {
+				want[m.ID] = true
+			}
+		}
+	}
+	return want
+}
+
+// waitServing waits, within the views' bound, until every edge routes to
+// every machine the app's group declares, started with passing checks.
+func (r *chaosRun) waitServing(ctx context.Context) error {
+	want := 0
+	for _, n := range r.cfg.Declared {
+		want += n
+	}
+	deadline := time.Now().Add(r.c.ConvergeBound())
+	for {
+		r.hostsMu.RLock()
+		ok, why := r.c.routesConverged(r.cfg.App, r.cfg.Port)
+		serving := len(r.c.servingMachines(r.cfg.App))
+		r.hostsMu.RUnlock()
+		switch {
+		case ok && serving == want:
+			return nil
+		case ok:
+			why = fmt.Sprintf("%d machine(s) of %s pass their checks, %d declared", serving, r.cfg.App, want)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("devcluster: the baseline never served: %s", why)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // viewsConverged reports whether every live member holds every live host
 // alive at the version the host holds of itself.
 func (c *Cluster) viewsConverged() (bool, string) {
@@ -406,21 +462,7 @@ func (c *Cluster) viewsConverged() (bool, string) {
 // the machines started with passing checks on live hosts, as those hosts
 // publish them.
 func (c *Cluster) routesConverged(app string, port int) (bool, string) {
-	want := map[string]bool{}
-	for _, h := range c.Hosts {
-		if c.Killed(h.ID) {
-			continue
-		}
-		self := h.Cluster.Snapshot().Host(h.ID)
-		if self == nil {
-			continue
-		}
-		for _, m := range self.Machines {
-			if m.App == app && m.State == api.StateStarted && !m.Cordoned && m.Passing() {
-				want[m.ID] = true
-			}
-		}
-	}
+	want := c.servingMachines(app)
 	for _, h := range c.Hosts {
 		if h.EdgeAddr == "" || c.Killed(h.ID) {
 			continue

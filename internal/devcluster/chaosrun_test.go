@@ -96,7 +96,7 @@ func chaosCluster(t testing.TB) (*Cluster, ChaosConfig) {
 	t.Cleanup(func() { over.Store(true) })
 	c, err := Start(ctx, Config{
 		Dir: t.TempDir(), Token: "agent-secret", Seed: 1, Regions: []string{"ams", "iad", "syd"}, HostsPerRegion: 2,
-		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelError})),
+		Logger: slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: chaosLogLevel(t)})),
 		NewDriver: func(string, int, string) (driver.Driver, error) {
 			return loopDriver{exec.New(exec.Config{Images: images}, nil)}, nil
 		},
@@ -168,6 +168,18 @@ func envInt(t testing.TB, name string, def int64) int64 {
 		t.Fatalf("%s=%q: not an integer", name, v)
 	}
 	return n
+}
+
+// chaosLogLevel is the level of the cluster's logs a chaos run shows:
+// errors, or FLAME_CHAOS_LOG's (debug, info, warn) to follow a failure.
+func chaosLogLevel(t testing.TB) slog.Level {
+	var l slog.Level = slog.LevelError
+	if v := os.Getenv("FLAME_CHAOS_LOG"); v != "" {
+		if err := l.UnmarshalText([]byte(v)); err != nil {
+			t.Fatalf("FLAME_CHAOS_LOG=%q: %v", v, err)
+		}
+	}
+	return l
 }
 
 // runChaosSeed runs one seed's schedule on a fresh cluster and fails t

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/proxy/route"
+	"github.com/flamehq/flame/internal/server"
 )
 
 // TestKillControlPlane: with the control plane killed, its API answers a
@@ -118,4 +120,70 @@ func TestKillControlPlane(t *testing.T) {
 		}
 	}
 	t.Logf("%d requests, %d failed", len(samples), failed)
+}
+
+// TestPlaneRestartKeepsGroups: a control plane restarted from its data
+// dir knows the hosts as members before their facts reach it; its
+// reconciler must not take "shows no machine" for "has none" and destroy
+// the groups' machines (it did: every machine older than LostAfter,
+// replaced while traffic failed). The machines running before the restart
+// are the ones running after it, through several reconciler passes.
+func TestPlaneRestartKeepsGroups(t *testing.T) {
+	ctx := context.Background()
+	const lostAfter = 500 * time.Millisecond
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 2, ControlPlane: true, Chaos: true,
+		Server: server.Config{LostAfter: lostAfter, ReconcileInterval: 100 * time.Millisecond}}, nil)
+	tok, err := c.Plane.AddOrg(ctx, "personal", "Personal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	org := api.NewClient(c.Plane.URL(), tok)
+	// A group per app, each in one region on a port of its own: exec
+	// machines share the hosts' loopback.
+	apps := map[string]string{"north": "ams", "west": "iad"}
+	for app, region := range apps {
+		if _, err := org.CreateApp(ctx, api.CreateAppInput{AppName: app, OrgSlug: "personal"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := org.PutGroup(ctx, app, api.Group{Name: "web", Regions: map[string]int{region: 1}, Config: demoConfig(freePort(t))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	machines := func() []string {
+		var ms []string
+		for _, h := range c.Hosts {
+			if self := h.Cluster.Snapshot().Host(h.ID); self != nil {
+				for _, m := range self.Machines {
+					ms = append(ms, m.App+"/"+m.ID+" "+m.State)
+				}
+			}
+		}
+		slices.Sort(ms)
+		return ms
+	}
+	waitUntil(t, "the groups' machines started", func() bool {
+		ms := machines()
+		return len(ms) == 2 && strings.HasSuffix(ms[0], " started") && strings.HasSuffix(ms[1], " started")
+	})
+	before := machines()
+	time.Sleep(2 * lostAfter) // every machine older than LostAfter
+
+	for round := range 3 {
+		if err := c.KillControlPlane(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.RestartControlPlane(ctx); err != nil {
+			t.Fatal(err)
+		}
+		// The restarted plane takes the reconciler lock at once (it keeps
+		// its id); a pass runs every 100 ms. Watch 20 of them, on a busy
+		// machine more than enough for the hosts' facts to arrive.
+		end := time.Now().Add(20 * 100 * time.Millisecond)
+		for time.Now().Before(end) {
+			if now := machines(); !slices.Equal(now, before) {
+				t.Fatalf("restart %d: the hosts hold %v, held %v: the restarted plane replaced machines", round+1, now, before)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 }

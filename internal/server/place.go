@@ -341,13 +341,6 @@ func mustJSON(v any) []byte {
 	return b
 }
 
-// lost reports whether an entry's machine is gone with its host: the host is
-// dead or has left.
-func lost(snap *cluster.Snapshot, me machineEntry) bool {
-	h := snap.Host(me.Host)
-	return h != nil && (h.Status == cluster.StatusDead || h.Status == cluster.StatusLeft)
-}
-
 // untilHostDies is ctx bounded by timeout and by the life of host: it ends
 // when the cluster shows the host dead or gone.
 func (p *placer) untilHostDies(ctx context.Context, hostID string, timeout time.Duration) (context.Context, context.CancelFunc) {

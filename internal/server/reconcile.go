@@ -230,7 +230,7 @@ func (s *Server) settleLeftBehind(ctx context.Context) {
 		} else if id != me.AppID && !me.Doomed {
 			me.Doomed, me.Marked = true, now.UTC() // its app is gone
 		}
-		if h := snap.Host(me.Host); !me.Lost && !me.Doomed && h != nil && h.Up() &&
+		if !me.Lost && !me.Doomed && hostStatus(snap.Host(me.Host)) == reconcile.HostUp &&
 			snap.Machine(me.ID) == nil && now.Sub(me.Created) > s.cfg.LostAfter {
 			s.log.Warn("forgetting a machine its host never showed", "app", me.App, "machine", me.ID, "host", me.Host)
 			s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
@@ -438,6 +438,25 @@ func lastExit(m *api.Machine) *api.ExitEvent {
 	return nil
 }
 
+// hostStatus is what the reconciler may conclude from the view of a
+// machine's host h: down (dead or left: its machines are lost), up (what
+// it does not show it does not have), or unknown. A host up whose facts
+// have not arrived is unknown: a view that knows it only as a member (a
+// control plane just started, whose facts come by gossip after the
+// membership) knows nothing of its machines, and must not take their
+// absence for loss.
+func hostStatus(h *cluster.Host) reconcile.HostStatus {
+	switch {
+	case h == nil:
+		return reconcile.HostUnknown
+	case h.Status == cluster.StatusDead || h.Status == cluster.StatusLeft:
+		return reconcile.HostDown
+	case h.Up() && h.Version > 0:
+		return reconcile.HostUp
+	}
+	return reconcile.HostUnknown
+}
+
 // policy is the reconciler's timings.
 func (s *Server) policy() reconcile.Policy {
 	return reconcile.Policy{LostAfter: s.cfg.LostAfter, BackoffBase: s.cfg.FailureBackoff, BackoffMax: s.cfg.FailureBackoffMax}
@@ -455,12 +474,7 @@ func (s *Server) planInput(g group, es []machineEntry, snap *cluster.Snapshot, n
 			continue
 		}
 		m := reconcile.Machine{ID: me.ID, Slot: me.slot(), Created: me.Created, Standby: me.Standby}
-		switch h := snap.Host(me.Host); {
-		case lost(snap, me):
-			m.Host = reconcile.HostDown
-		case h != nil && h.Up():
-			m.Host = reconcile.HostUp
-		}
+		m.Host = hostStatus(snap.Host(me.Host))
 		if cm := snap.Machine(me.ID); cm != nil && cm.Host == me.Host {
 			m.State = machine.State(cm.State)
 		}
