@@ -14,20 +14,25 @@ import (
 // cluster's groups after a control plane restart.
 func TestHostStatusNeedsFacts(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		h    *cluster.Host
-		want reconcile.HostStatus
+		name    string
+		h       *cluster.Host
+		revoked bool
+		want    reconcile.HostStatus
 	}{
-		{"never seen", nil, reconcile.HostUnknown},
-		{"member, no facts yet", &cluster.Host{ID: "h", Status: cluster.StatusAlive}, reconcile.HostUnknown},
-		{"suspect, no facts yet", &cluster.Host{ID: "h", Status: cluster.StatusSuspect}, reconcile.HostUnknown},
-		{"alive with facts", &cluster.Host{ID: "h", Status: cluster.StatusAlive, Version: 3}, reconcile.HostUp},
-		{"suspect with facts", &cluster.Host{ID: "h", Status: cluster.StatusSuspect, Version: 3}, reconcile.HostUp},
-		{"dead", &cluster.Host{ID: "h", Status: cluster.StatusDead, Version: 3}, reconcile.HostDown},
-		{"dead, no facts", &cluster.Host{ID: "h", Status: cluster.StatusDead}, reconcile.HostDown},
-		{"left", &cluster.Host{ID: "h", Status: cluster.StatusLeft, Version: 1}, reconcile.HostDown},
+		{"never seen", nil, false, reconcile.HostUnknown},
+		{"member, no facts yet", &cluster.Host{ID: "h", Status: cluster.StatusAlive}, false, reconcile.HostUnknown},
+		{"suspect, no facts yet", &cluster.Host{ID: "h", Status: cluster.StatusSuspect}, false, reconcile.HostUnknown},
+		{"alive with facts", &cluster.Host{ID: "h", Status: cluster.StatusAlive, Version: 3}, false, reconcile.HostUp},
+		{"suspect with facts", &cluster.Host{ID: "h", Status: cluster.StatusSuspect, Version: 3}, false, reconcile.HostUp},
+		{"dead", &cluster.Host{ID: "h", Status: cluster.StatusDead, Version: 3}, false, reconcile.HostDown},
+		{"dead, no facts", &cluster.Host{ID: "h", Status: cluster.StatusDead}, false, reconcile.HostDown},
+		{"left", &cluster.Host{ID: "h", Status: cluster.StatusLeft, Version: 1}, false, reconcile.HostDown},
+		// Revoked: its facts are refused for good, its machines lost.
+		{"revoked, member", &cluster.Host{ID: "h", Status: cluster.StatusAlive}, true, reconcile.HostDown},
+		{"revoked, facts kept", &cluster.Host{ID: "h", Status: cluster.StatusAlive, Version: 3}, true, reconcile.HostDown},
+		{"revoked, never seen", nil, true, reconcile.HostDown},
 	} {
-		if got := hostStatus(tc.h); got != tc.want {
+		if got := hostStatus(tc.h, tc.revoked); got != tc.want {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
 		}
 	}

@@ -230,7 +230,7 @@ func (s *Server) settleLeftBehind(ctx context.Context) {
 		} else if id != me.AppID && !me.Doomed {
 			me.Doomed, me.Marked = true, now.UTC() // its app is gone
 		}
-		if !me.Lost && !me.Doomed && hostStatus(snap.Host(me.Host)) == reconcile.HostUp &&
+		if !me.Lost && !me.Doomed && hostStatus(snap.Host(me.Host), false) == reconcile.HostUp &&
 			snap.Machine(me.ID) == nil && now.Sub(me.Created) > s.cfg.LostAfter {
 			s.log.Warn("forgetting a machine its host never showed", "app", me.App, "machine", me.ID, "host", me.Host)
 			s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
@@ -241,7 +241,7 @@ func (s *Server) settleLeftBehind(ctx context.Context) {
 		}
 		h := snap.Host(me.Host)
 		switch {
-		case h == nil:
+		case h == nil || s.hostRevoked(me.Host): // gone, or never to be called again
 			if s.cfg.Now().Sub(me.Marked) > forgetLeftBehind {
 				s.machines.Delete(ctx, machineKey(me.App, me.ID), 0)
 			}
@@ -439,14 +439,17 @@ func lastExit(m *api.Machine) *api.ExitEvent {
 }
 
 // hostStatus is what the reconciler may conclude from the view of a
-// machine's host h: down (dead or left: its machines are lost), up (what
-// it does not show it does not have), or unknown. A host up whose facts
-// have not arrived is unknown: a view that knows it only as a member (a
-// control plane just started, whose facts come by gossip after the
-// membership) knows nothing of its machines, and must not take their
-// absence for loss.
-func hostStatus(h *cluster.Host) reconcile.HostStatus {
+// machine's host h: down (dead or left, or revoked: its machines are
+// lost), up (what it does not show it does not have), or unknown. A host
+// up whose facts have not arrived is unknown: a view that knows it only as
+// a member (a control plane just started, whose facts come by gossip after
+// the membership) knows nothing of its machines, and must not take their
+// absence for loss. (A revoked host's facts are refused for good: it is
+// down however its membership looks.)
+func hostStatus(h *cluster.Host, revoked bool) reconcile.HostStatus {
 	switch {
+	case revoked:
+		return reconcile.HostDown
 	case h == nil:
 		return reconcile.HostUnknown
 	case h.Status == cluster.StatusDead || h.Status == cluster.StatusLeft:
@@ -455,6 +458,16 @@ func hostStatus(h *cluster.Host) reconcile.HostStatus {
 		return reconcile.HostUp
 	}
 	return reconcile.HostUnknown
+}
+
+// hostRevoked reports whether the catalog's record of host id (as cached)
+// says it is revoked.
+func (s *Server) hostRevoked(id string) bool {
+	if s.ident == nil {
+		return false
+	}
+	r, ok := s.ident.cache.get(id)
+	return ok && r.Revoked
 }
 
 // policy is the reconciler's timings.
@@ -474,7 +487,7 @@ func (s *Server) planInput(g group, es []machineEntry, snap *cluster.Snapshot, n
 			continue
 		}
 		m := reconcile.Machine{ID: me.ID, Slot: me.slot(), Created: me.Created, Standby: me.Standby}
-		m.Host = hostStatus(snap.Host(me.Host))
+		m.Host = hostStatus(snap.Host(me.Host), s.hostRevoked(me.Host))
 		if cm := snap.Machine(me.ID); cm != nil && cm.Host == me.Host {
 			m.State = machine.State(cm.State)
 		}

@@ -597,3 +597,30 @@ func TestAppRecreatedInheritsNothing(t *testing.T) {
 		t.Errorf("the new app lists %d machines after the host returned (%v)", len(ms), err)
 	}
 }
+
+// TestRevokedHostsMachinesReplaced: a revoked host's facts are refused for
+// good, whatever its membership says; its group machines are lost, and
+// replaced on the hosts that remain at once — not after LostAfter (an hour
+// here), and never left counted as being created.
+func TestRevokedHostsMachinesReplaced(t *testing.T) {
+	o := fastReconcile()
+	o.LostAfter = time.Hour
+	c := startDev(t, devOptions{regions: []string{"ams"}, perReg: 2, server: o})
+	ctx := context.Background()
+	cl, _ := orgWithApp(t, c, "acme", "shop")
+	if _, err := cl.PutGroup(ctx, "shop", api.Group{Name: "web", Config: demoConfig(), Regions: map[string]int{"ams": 1}}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the group's machine", 15*time.Second, func() bool {
+		return len(groupMachines(c, "shop", "web")) == 1 && groupIs(t, cl, "shop", "web", map[string]int{"ams": 1}, nil)
+	})
+	first := groupMachines(c, "shop", "web")[0]
+	if err := c.admin.RevokeHost(ctx, first.Host); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "a replacement on the other host", 15*time.Second, func() bool {
+		ms := groupMachines(c, "shop", "web")
+		return len(ms) == 1 && ms[0].ID != first.ID && ms[0].Host != first.Host &&
+			groupIs(t, cl, "shop", "web", map[string]int{"ams": 1}, nil)
+	})
+}
