@@ -36,6 +36,9 @@ func machineIDBits(id string) (uint64, bool) {
 // and a machine keeps its address; other ids and later attempts hash the id.
 // The prefix's own address and the gateway are never candidates (ok false).
 func addrCandidate(prefix netip.Prefix, id string, attempt int) (netip.Addr, bool) {
+	if prefix.Addr().Is4() {
+		return addrCandidate4(prefix, id, attempt)
+	}
 	prefix = prefix.Masked()
 	hostBits := 128 - prefix.Bits()
 	if hostBits < 2 || !prefix.Addr().Is6() {

@@ -176,6 +176,8 @@ type Driver struct {
 	// noSpare makes Start start an init of its own (tests).
 	noSpare atomic.Bool
 	stop    chan struct{} // closed by Close
+	// rl is set for a driver run by a user other than root (rootless.go).
+	rl *rootless
 
 	mu     sync.Mutex
 	procs  map[*sandbox]struct{} // watched and not yet ended
@@ -186,7 +188,9 @@ type Driver struct {
 var _ driver.Driver = (*Driver)(nil)
 
 // New returns a driver for cfg. It needs root, IPv6 and cgroups (v2 with
-// the memory, cpu and pids controllers, or v1 hierarchies for them). It
+// the memory, cpu and pids controllers, or v1 hierarchies for them); run by
+// another user it returns a rootless driver where the kernel allows one
+// (see rootless.go), else an error. It
 // holds cfg's prefix until Close, and refuses one another driver holds or
 // another link routes before it makes anything (see claimPrefix).
 func New(cfg Config) (*Driver, error) {
@@ -197,7 +201,7 @@ func New(cfg Config) (*Driver, error) {
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	if os.Geteuid() != 0 {
-		return nil, errors.New("sandbox driver: needs root")
+		return newRootless(cfg)
 	}
 	if !ipv6Enabled() {
 		return nil, errors.New("sandbox driver: IPv6 is disabled on this host")
@@ -252,7 +256,13 @@ func New(cfg Config) (*Driver, error) {
 func (d *Driver) Name() string { return "sandbox" }
 
 // CgroupVersion is the cgroup version the driver found (1 or 2).
-func (d *Driver) CgroupVersion() int { return d.cg.version() }
+// A rootless driver uses none (0).
+func (d *Driver) CgroupVersion() int {
+	if d.rl != nil {
+		return 0
+	}
+	return d.cg.version()
+}
 
 // PrivateIP is the machine's address on the private network, once Prepare
 // or Start gave it one (until Cleanup).
@@ -397,6 +407,9 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
+	if d.rl != nil {
+		return d.startRootless(ctx, spec)
 	}
 	img, err := d.image(ctx, spec)
 	if err != nil {
@@ -703,6 +716,9 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 	if err != nil {
 		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
 	}
+	if d.rl != nil {
+		return d.adoptRootless(spec, h, pidfd)
+	}
 	if err := d.refilter(spec); err != nil {
 		pidfd.Close()
 		return nil, fmt.Errorf("adopt %s: %w", spec.MachineID, err)
@@ -722,6 +738,9 @@ func (d *Driver) Adopt(ctx context.Context, spec driver.Spec, hs string) (driver
 func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
 	if err := checkSpec(spec); err != nil {
 		return err
+	}
+	if d.rl != nil {
+		return d.cleanupRootless(ctx, spec)
 	}
 	err := d.teardown(ctx, spec)
 	if rerr := d.releaseAddr(spec); rerr != nil {

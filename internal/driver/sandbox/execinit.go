@@ -74,13 +74,17 @@ func serveExec(ln *net.UnixListener) {
 
 func serveOneExec(conn *net.UnixConn) {
 	defer conn.Close()
-	fds, err := recvFiles(conn, execStdio)
+	fds, err := recvSomeFiles(conn, execStdio)
 	if err != nil {
 		return
 	}
 	rd := bufio.NewReader(conn)
 	var m message
-	if err := readMessage(rd, &m); err != nil || m.Op != "exec" || m.Exec == nil || len(m.Exec.Argv) == 0 {
+	if err := readMessage(rd, &m); err == nil && m.Op == "dial" && len(fds) == 0 {
+		serveDial(conn, m.Port)
+		return
+	}
+	if err != nil || m.Op != "exec" || m.Exec == nil || len(m.Exec.Argv) == 0 || len(fds) != execStdio {
 		closeFds(fds)
 		_ = writeMessage(conn, message{Op: "error", Err: fmt.Sprintf("bad exec request (op %q)", m.Op)})
 		return
@@ -159,7 +163,7 @@ func forkCommand(l launch, fds []int, ch chan unix.WaitStatus) (int, error) {
 			Files: files,
 			Sys: &syscall.SysProcAttr{
 				Setsid:     true,
-				Credential: &syscall.Credential{Uid: l.UID, Gid: l.GID, Groups: l.Groups},
+				Credential: credential(l),
 			},
 		})
 		if err == nil {

@@ -64,6 +64,9 @@ type message struct {
 	Exec   *launch `json:"exec,omitempty"`
 	Code   int     `json:"code,omitempty"`
 	Signal int     `json:"signal,omitempty"`
+	// Port is the port of a "dial" request (rootless sandboxes, see
+	// rootless_net.go).
+	Port int `json:"port,omitempty"`
 }
 
 // initConfig is what the init needs to set up the sandbox from inside.
@@ -74,6 +77,9 @@ type initConfig struct {
 	Resolv   string `json:"resolv"`   // /etc/resolv.conf
 	OOMFile  string `json:"oom_file"` // cgroup file counting OOM kills
 	Launch   launch `json:"launch"`
+	// Rootless is set for a sandbox of a driver run by a user other
+	// than root (see rootless.go).
+	Rootless *rootlessInit `json:"rootless,omitempty"`
 }
 
 // exitStatus is the status file's content.
@@ -91,6 +97,9 @@ type exitStatus struct {
 // returns the exit code for the process. The flame binary runs it as the
 // hidden "sandbox-init" command; args are the command's arguments.
 func InitMain(args []string) int {
+	if len(args) == 2 && args[0] == probeArg {
+		return probeRootlessMain(args[1])
+	}
 	if len(args) != 1 || args[0] != "run" {
 		fmt.Fprintln(os.Stderr, "usage: flame sandbox-init run (started by the sandbox driver)")
 		return 2
@@ -161,6 +170,13 @@ func runInit() (int, error) {
 		return fail(fmt.Errorf("exec socket: %w", err))
 	}
 	unix.Close(fds[fileExec])
+	if cfg.Rootless != nil {
+		// fileRoot is the flattened image: the root filesystem is
+		// made here, in the init's own namespaces.
+		if fds[fileRoot], err = setupRootless(cfg.Rootless, fds[fileRoot]); err != nil {
+			return fail(err)
+		}
+	}
 	if err := setupRoot(cfg, fds[fileRoot]); err != nil {
 		return fail(err)
 	}
@@ -311,7 +327,7 @@ func forkWorkload(l launch) (int, error) {
 		Files: []*os.File{devnull, os.Stdout, os.Stderr},
 		Sys: &syscall.SysProcAttr{
 			Setsid:     true,
-			Credential: &syscall.Credential{Uid: l.UID, Gid: l.GID, Groups: l.Groups},
+			Credential: credential(l),
 		},
 	})
 	if err != nil {

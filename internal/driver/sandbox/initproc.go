@@ -65,6 +65,15 @@ func (d *Driver) startInit(cgroup string, ids uint32) (_ *initProc, err error) {
 		// the host's root, which the namespace does not map.
 		Credential: &syscall.Credential{Uid: 0, Gid: 0},
 	}
+	if d.rl != nil {
+		// Rootless: the caller's ids, root inside, are all there is;
+		// an unprivileged user may map no more and must deny
+		// setgroups. The init is root of its namespace without
+		// changing ids.
+		sys.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: d.rl.uid, Size: 1}}
+		sys.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: d.rl.gid, Size: 1}}
+		sys.GidMappingsEnableSetgroups, sys.Credential = false, nil
+	}
 	if d.cg.v2 && cgroup != "" {
 		cgdir, err := d.cg.openDir(cgroup)
 		if err != nil {
@@ -155,8 +164,19 @@ func sendFiles(conn *net.UnixConn, fds []int) error {
 	return err
 }
 
-// recvFiles receives the descriptors sendFiles sent; they are close-on-exec.
+// recvFiles receives the n descriptors sendFiles sent; they are
+// close-on-exec.
 func recvFiles(conn *net.UnixConn, n int) ([]int, error) {
+	fds, err := recvSomeFiles(conn, n)
+	if err == nil && len(fds) != n {
+		closeFds(fds)
+		return nil, fmt.Errorf("receive files: got %d, want %d", len(fds), n)
+	}
+	return fds, err
+}
+
+// recvSomeFiles receives at most n descriptors, with their one byte.
+func recvSomeFiles(conn *net.UnixConn, n int) ([]int, error) {
 	var b [1]byte
 	oob := make([]byte, unix.CmsgSpace(n*4))
 	got, oobn, _, _, err := conn.ReadMsgUnix(b[:], oob)
@@ -178,11 +198,9 @@ func recvFiles(conn *net.UnixConn, n int) ([]int, error) {
 		}
 		fds = append(fds, got...)
 	}
-	if len(fds) != n {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-		return nil, fmt.Errorf("receive files: got %d, want %d", len(fds), n)
+	if len(fds) > n {
+		closeFds(fds)
+		return nil, fmt.Errorf("receive files: got %d, want at most %d", len(fds), n)
 	}
 	return fds, nil
 }

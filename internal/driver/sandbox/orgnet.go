@@ -45,6 +45,9 @@ func (d *Driver) place(spec driver.Spec) (layout.Place, error) {
 // machinePrefix is the prefix spec's machine takes its address from: its
 // org's on this host, or a legacy instance's one prefix.
 func (d *Driver) machinePrefix(spec driver.Spec) (netip.Prefix, error) {
+	if d.rl != nil {
+		return d.rl.prefix, nil
+	}
 	if !d.layoutMode() {
 		return d.cfg.HostPrefix, nil
 	}

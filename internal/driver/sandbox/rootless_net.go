@@ -1,0 +1,311 @@
+package sandbox
+
+// Inbound connections to a rootless sandbox.
+//
+// A rootless sandbox's network namespace has only its loopback: no veth
+// (an unprivileged user cannot make one into the host's namespace), so the
+// host cannot route to it. Instead each machine gets an address of the
+// host's loopback (every 127.0.0.0/8 address is the host's), leased as a
+// 6PN address is, and the driver listens there on each of the machine's
+// ports (driver.Spec.Ports: its services' internal ports and its checks'
+// ports). For each connection it accepts, it asks the sandbox's init, over
+// the init's command socket, to connect to the port inside (at the
+// machine's address, which the sandbox's loopback also answers, else at
+// [::1]); the init hands back the connected socket (SCM_RIGHTS) and the
+// driver copies bytes between the two in its own process. The init only
+// connects: it carries no traffic. The proxy and the health checks dial
+// PrivateIP as they dial a 6PN address. At most maxForwarded connections
+// per machine are forwarded at once; more are closed as they come.
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
+)
+
+// maxForwarded bounds the connections forwarded into one sandbox at once.
+const maxForwarded = 1024
+
+// forwardDialTimeout bounds the init's connect inside the sandbox and the
+// exchange that hands the socket over.
+const forwardDialTimeout = 5 * time.Second
+
+// loopbackPrefix is the /16 of the host's loopback a rootless driver's
+// machines get addresses in: 127.<n>.0.0, n (1 to 254) hashed from the
+// driver's names (its bridge name, unique per instance and host), so that
+// two hosts of a dev cluster, or two Flames, rarely share one; when they
+// do, machine addresses still differ with high odds, and a clash on a port
+// fails the start (the listen), it never shares a machine's traffic.
+func loopbackPrefix(name string) netip.Prefix {
+	sum := sha256.Sum256([]byte("flame-rootless/" + name))
+	n := 1 + sum[0]%254
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{127, n, 0, 0}), 16)
+}
+
+// addrCandidate4 is addrCandidate for an IPv4 prefix (a rootless driver's
+// loopback one): the machine id hashed into the host bits, never the
+// prefix's first or last address.
+func addrCandidate4(prefix netip.Prefix, id string, attempt int) (netip.Addr, bool) {
+	prefix = prefix.Masked()
+	hostBits := 32 - prefix.Bits()
+	if hostBits < 2 {
+		return netip.Addr{}, false
+	}
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s/%d", id, attempt))
+	mask := uint32(1)<<hostBits - 1
+	host := binary.BigEndian.Uint32(sum[:4]) & mask
+	if host == 0 || host == mask {
+		return netip.Addr{}, false
+	}
+	base := prefix.Addr().As4()
+	v := binary.BigEndian.Uint32(base[:]) | host
+	var a [4]byte
+	binary.BigEndian.PutUint32(a[:], v)
+	return netip.AddrFrom4(a), true
+}
+
+// forwarder listens on a machine's address and ports and forwards each
+// connection into its sandbox.
+type forwarder struct {
+	d       *Driver
+	machine string
+	dir     string // the machine's directory, with the init's command socket
+	lns     []net.Listener
+	ports   []int
+	slots   chan struct{}
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+// listenForwarder listens on addr at every port of spec (none: a machine
+// nobody reaches).
+func (d *Driver) listenForwarder(spec driver.Spec, addr netip.Addr) (*forwarder, error) {
+	f := &forwarder{d: d, machine: spec.MachineID, dir: spec.Dir, slots: make(chan struct{}, maxForwarded), conns: make(map[net.Conn]struct{})}
+	for _, p := range spec.Ports {
+		if p < 1 || p > 65535 {
+			f.close()
+			return nil, fmt.Errorf("forward port %d: not a port", p)
+		}
+		ln, err := net.Listen("tcp", netip.AddrPortFrom(addr, uint16(p)).String())
+		if err != nil {
+			f.close()
+			return nil, fmt.Errorf("forward port %d: %w", p, err)
+		}
+		f.lns = append(f.lns, ln)
+		f.ports = append(f.ports, p)
+	}
+	return f, nil
+}
+
+// serveForwarder starts f's accept loops and records it as the machine's
+// forwarder; it is closed when the sandbox s ends, when the machine is torn
+// down or when the driver closes.
+func (d *Driver) serveForwarder(s *sandbox, f *forwarder) {
+	d.rl.fwdMu.Lock()
+	old := d.rl.fwds[f.machine]
+	d.rl.fwds[f.machine] = f
+	d.rl.fwdMu.Unlock()
+	if old != nil {
+		old.close()
+	}
+	for i, ln := range f.lns {
+		f.wg.Add(1)
+		go f.accept(ln, f.ports[i])
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		select {
+		case <-s.done:
+		case <-d.stop:
+		}
+		d.rl.fwdMu.Lock()
+		if d.rl.fwds[f.machine] == f {
+			delete(d.rl.fwds, f.machine)
+		}
+		d.rl.fwdMu.Unlock()
+		f.close()
+	}()
+}
+
+// closeForwarder closes the machine's forwarder, if any.
+func (d *Driver) closeForwarder(machine string) {
+	d.rl.fwdMu.Lock()
+	f := d.rl.fwds[machine]
+	delete(d.rl.fwds, machine)
+	d.rl.fwdMu.Unlock()
+	if f != nil {
+		f.close()
+	}
+}
+
+// close stops listening, ends every forwarded connection and waits for the
+// forwarder's goroutines.
+func (f *forwarder) close() {
+	f.once.Do(func() {
+		f.mu.Lock()
+		f.closed = true
+		for c := range f.conns {
+			c.Close()
+		}
+		f.mu.Unlock()
+		for _, ln := range f.lns {
+			ln.Close()
+		}
+	})
+	f.wg.Wait()
+}
+
+// track records c as one of f's connections, or closes it when f is closed.
+func (f *forwarder) track(cs ...net.Conn) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		for _, c := range cs {
+			c.Close()
+		}
+		return false
+	}
+	for _, c := range cs {
+		f.conns[c] = struct{}{}
+	}
+	return true
+}
+
+func (f *forwarder) untrack(cs ...net.Conn) {
+	f.mu.Lock()
+	for _, c := range cs {
+		delete(f.conns, c)
+		c.Close()
+	}
+	f.mu.Unlock()
+}
+
+func (f *forwarder) accept(ln net.Listener, port int) {
+	defer f.wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			// EMFILE and friends: wait a little rather than spin.
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		select {
+		case f.slots <- struct{}{}:
+		default:
+			c.Close() // too many at once
+			continue
+		}
+		if !f.track(c) {
+			<-f.slots
+			return
+		}
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			defer func() { <-f.slots }()
+			f.forward(c, port)
+		}()
+	}
+}
+
+// forward connects c to port inside the sandbox and copies both ways until
+// both directions end.
+func (f *forwarder) forward(c net.Conn, port int) {
+	defer f.untrack(c)
+	in, err := dialSandbox(f.dir, port)
+	if err != nil {
+		f.d.logger.Debug("forward into rootless sandbox", "machine", f.machine, "port", port, "err", err)
+		return
+	}
+	if !f.track(in) {
+		return
+	}
+	defer f.untrack(in)
+	done := make(chan struct{}, 2)
+	pipe := func(dst, src net.Conn) {
+		io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+		done <- struct{}{}
+	}
+	go pipe(in, c)
+	go pipe(c, in)
+	<-done
+	<-done
+}
+
+// dialSandbox has the init of the sandbox whose machine directory is dir
+// connect to port inside it, and returns the connection.
+func dialSandbox(dir string, port int) (net.Conn, error) {
+	uc, err := dialExec(dir)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox takes no commands: %w", err)
+	}
+	defer uc.Close()
+	uc.SetDeadline(time.Now().Add(forwardDialTimeout + time.Second))
+	// No descriptors: one byte, as sendFiles sends with them.
+	if _, err := uc.Write([]byte{0}); err != nil {
+		return nil, err
+	}
+	if err := writeMessage(uc, message{Op: "dial", Port: port}); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 512)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return nil, err
+	}
+	if oobn == 0 {
+		return nil, fmt.Errorf("dial port %d in sandbox: %s", port, initError(buf[:n]))
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		return nil, fmt.Errorf("dial port %d in sandbox: bad answer", port)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		closeFds(fds)
+		return nil, fmt.Errorf("dial port %d in sandbox: bad answer", port)
+	}
+	file := os.NewFile(uintptr(fds[0]), "sandbox:"+strconv.Itoa(port))
+	defer file.Close()
+	return net.FileConn(file)
+}
+
+// initError is the error an init's "error" message carries, or what it said.
+func initError(b []byte) string {
+	var m message
+	if err := json.Unmarshal(b, &m); err == nil && m.Op == "error" {
+		return m.Err
+	}
+	return fmt.Sprintf("unexpected answer %q", b)
+}
