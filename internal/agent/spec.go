@@ -34,6 +34,7 @@ func (a *Agent) spec(r *record) driver.Spec {
 	}
 	s.CPUs, s.MemoryMB = cfg.Size()
 	s.RootfsSizeMB = cfg.RootfsSizeMB()
+	s.Ports = machinePorts(cfg)
 	if len(cfg.Processes) > 0 {
 		p := cfg.Processes[0]
 		if len(p.Entrypoint) > 0 {

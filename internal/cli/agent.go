@@ -167,6 +167,9 @@ func runAgent(c *cobra.Command, f agentFlags) error {
 	if kind == host.DriverExec {
 		fmt.Fprintln(c.ErrOrStderr(), "flame agent: "+host.HostExecWarning+".")
 	}
+	if kind == host.DriverSandbox && os.Geteuid() != 0 {
+		fmt.Fprintln(c.ErrOrStderr(), "flame agent: "+host.RootlessNotice+".")
+	}
 	closeDriver := func() {
 		if c, ok := d.(io.Closer); ok {
 			c.Close()

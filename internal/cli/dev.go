@@ -180,6 +180,9 @@ func runDev(c *cobra.Command, f devFlags) error {
 			if h.Index == 0 && kind == host.DriverExec {
 				fmt.Fprintln(c.ErrOrStderr(), "flame dev: "+host.HostExecWarning+".")
 			}
+			if h.Index == 0 && kind == host.DriverSandbox && os.Geteuid() != 0 {
+				fmt.Fprintln(c.ErrOrStderr(), "flame dev: "+host.RootlessNotice+".")
+			}
 			kinds = append(kinds, kind)
 			return d, nil
 		},
@@ -347,7 +350,7 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 		fmt.Fprintf(w, "  Admin token   %s   (creates orgs and tokens; flame chaos reads it from $FLAME_ADMIN_TOKEN)\n", tokens.admin)
 	}
 	fmt.Fprintf(w, "  Registry      %s/v2/   (demo app: %s)\n", url, demoRef)
-	if driverKind == host.DriverSandbox {
+	if driverKind == host.DriverSandbox && os.Geteuid() == 0 {
 		printSandboxNames(w, instance, len(dev.Hosts))
 	}
 	fmt.Fprintln(w)
@@ -377,8 +380,8 @@ func printDevBanner(w io.Writer, dev *devcluster.Cluster, f devFlags, driverKind
 		demoURL += "   (exec machines share this host's ports: the demo app is not behind the edges)"
 	}
 	dnsHost, dnsPort, _ := strings.Cut(first.DNSAddr, ":")
-	qtype := "AAAA" // sandboxes have 6PN addresses; exec machines share the host's loopback
-	if driverKind == host.DriverExec {
+	qtype := "AAAA" // sandboxes have 6PN addresses; exec and rootless machines have loopback ones
+	if driverKind == host.DriverExec || os.Geteuid() != 0 {
 		qtype = "A"
 	}
 	fmt.Fprintf(w, `

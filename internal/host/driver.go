@@ -19,7 +19,7 @@ import (
 
 // Driver kinds.
 const (
-	DriverAuto    = "auto"    // as root the sandbox (or an error); else exec, if allowed
+	DriverAuto    = "auto"    // as root the sandbox (or an error); else the rootless sandbox where the kernel allows it, else exec, if allowed
 	DriverExec    = "exec"    // host processes, no isolation: needs AllowHostExec
 	DriverSandbox = "sandbox" // namespaces, cgroups, OCI images
 )
@@ -71,8 +71,10 @@ const HostExecWarning = "WARNING: exec driver: machines run as plain host proces
 
 // NewDriver builds the driver cfg asks for and says which one it built. It
 // fails closed: DriverAuto is, as root, the sandbox or an error (never the
-// exec driver), and, as another user, the exec driver only where
-// cfg.AllowHostExec allows it; DriverExec needs AllowHostExec too.
+// exec driver), and, as another user, the rootless sandbox where the
+// kernel allows one (see sandbox.ProbeRootless), else the exec driver only
+// where cfg.AllowHostExec allows it; DriverExec needs AllowHostExec too.
+// The sandbox driver run by another user is rootless.
 func NewDriver(cfg DriverConfig) (driver.Driver, string, error) {
 	return newDriver(cfg, os.Geteuid() == 0)
 }
@@ -93,9 +95,17 @@ func newDriver(cfg DriverConfig, root bool) (driver.Driver, string, error) {
 	if kind == "" {
 		kind = DriverAuto
 	}
+	var noRootless error
 	switch kind {
 	case DriverAuto:
 		kind = AutoKind(root)
+		if !root {
+			if noRootless = probeRootless(cfg.DataDir); noRootless == nil {
+				kind = DriverSandbox
+			} else {
+				cfg.Logger.Warn("no rootless sandbox here: the exec driver instead", "err", noRootless)
+			}
+		}
 	case DriverExec, DriverSandbox:
 	default:
 		return nil, "", fmt.Errorf("unknown driver %q: want auto, exec or sandbox", kind)
@@ -106,7 +116,7 @@ func newDriver(cfg DriverConfig, root bool) (driver.Driver, string, error) {
 			if cfg.Kind == DriverExec {
 				return nil, "", ErrHostExecNotAllowed
 			}
-			return nil, "", fmt.Errorf("driver auto: not running as root, so no sandbox: %w", ErrHostExecNotAllowed)
+			return nil, "", fmt.Errorf("driver auto: not running as root, and %v; so no sandbox: %w", noRootless, ErrHostExecNotAllowed)
 		}
 		d, err := newExecDriver(cfg.Logger)
 		return d, DriverExec, err

@@ -23,7 +23,14 @@ import (
 
 // Network is the private network the driver's machines are in (zero for a
 // legacy instance, whose machines have no org).
-func (d *Driver) Network() layout.Network { return d.cfg.Network }
+// A rootless driver's machines are in none (0): they have no 6PN address
+// and no DNS (see rootless.go).
+func (d *Driver) Network() layout.Network {
+	if d.rl != nil {
+		return 0
+	}
+	return d.cfg.Network
+}
 
 // DNSSockets gives the bridge layout.DNS and returns a UDP and a TCP socket
 // on port 53 of it, bound to the bridge, for the caller to serve (and

@@ -239,6 +239,12 @@ func (f *forwarder) forward(c net.Conn, port int) {
 	defer f.untrack(c)
 	in, err := dialSandbox(f.dir, port)
 	if err != nil {
+		// Reset, as a port nobody listens on would be refused: the
+		// client (the proxy's retry, a check) sees a failure, not an
+		// empty answer.
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+		}
 		f.d.logger.Debug("forward into rootless sandbox", "machine", f.machine, "port", port, "err", err)
 		return
 	}

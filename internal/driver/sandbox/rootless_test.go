@@ -333,9 +333,9 @@ func checkRootlessProbe(t *testing.T, who, out string) {
 }
 
 // forwardedGet fetches / from addr, a forwarded port: it accepts as soon as
-// the machine runs, and closes a connection the workload does not take
-// (not listening yet) at once, so an empty answer is tried again, for at
-// most ten seconds.
+// the machine runs, and resets a connection the workload does not take
+// (not listening yet), so a failed fetch is tried again, for at most ten
+// seconds.
 func forwardedGet(t testing.TB, addr netip.AddrPort) string {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
