@@ -2,7 +2,10 @@
 // image in a sandbox of its own: new user, PID, mount, UTS, IPC and network
 // namespaces, a root filesystem from the image store, cgroup limits, a
 // size-limited writable layer and an address on the host's private IPv6
-// network. It is the default driver when the agent runs as root.
+// network. It is the default driver when the agent runs as root. Run by
+// another user, New makes a rootless driver where the kernel allows it:
+// the same init and confinement in a user namespace of the user alone,
+// without cgroups or a bridge (see rootless.go).
 //
 // # Starting a sandbox
 //

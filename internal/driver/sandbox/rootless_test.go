@@ -142,7 +142,7 @@ func copyTree(from, to string) error {
 
 // rootlessDriver builds, in the unprivileged run, a rootless driver with a
 // test rootfs of its own under the data directory data.
-func rootlessDriver(t testing.TB, data string) *Driver {
+func rootlessDriver(t testing.TB, data string) (*Driver, Config) {
 	t.Helper()
 	bb := findBusybox()
 	if bb == "" {
@@ -166,7 +166,7 @@ func rootlessDriver(t testing.TB, data string) *Driver {
 	if _, ok := t.(*testing.B); ok {
 		level = slog.LevelWarn
 	}
-	d, err := New(Config{
+	cfg := Config{
 		Images:       rootlessImages{ti},
 		StateDir:     filepath.Join(data, "state-"+tag),
 		Bridge:       "flr" + tag,
@@ -175,7 +175,8 @@ func rootlessDriver(t testing.TB, data string) *Driver {
 		InitPath:     exe,
 		CgroupParent: "flame-test-" + tag,
 		Logger:       slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: level})),
-	})
+	}
+	d, err := New(cfg)
 	if err != nil {
 		t.Fatalf("rootless driver: %v", err)
 	}
@@ -183,7 +184,7 @@ func rootlessDriver(t testing.TB, data string) *Driver {
 	if !d.Rootless() {
 		t.Fatal("driver run by an unprivileged user is not rootless")
 	}
-	return d
+	return d, cfg
 }
 
 // TestRootless runs the rootless sandbox tests as an unprivileged user.
@@ -230,7 +231,7 @@ func TestRootlessSandbox(t *testing.T) {
 			t.Skipf("this kernel runs no rootless sandbox for this user: %v", err)
 		}
 	}
-	d := rootlessDriver(t, data)
+	d, cfg := rootlessDriver(t, data)
 	ctx := context.Background()
 	var specs []driver.Spec
 	var procs []driver.Process
@@ -284,6 +285,28 @@ func TestRootlessSandbox(t *testing.T) {
 	res, err = d.Exec(ctx, specs[0], []string{"dd", "if=/dev/zero", "of=/tmp/big", "bs=1M", "count=32"}, nil)
 	if err != nil || res.ExitCode == 0 || !strings.Contains(string(res.Stderr), "space") {
 		t.Errorf("writing 32 MB to a 16 MB layer: %v %+v", err, res)
+	}
+
+	// A driver that closed (the agent restarting) stops forwarding; the
+	// next one adopts the sandbox and forwards its port again.
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := getOnce(netip.AddrPortFrom(addrs[1], 8080)); err == nil {
+		t.Errorf("a closed driver still forwards")
+	}
+	d, err = New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for i := range procs {
+		if procs[i], err = d.Adopt(ctx, specs[i], procs[i].Handle()); err != nil {
+			t.Fatalf("adopt: %v", err)
+		}
+	}
+	if body := forwardedGet(t, netip.AddrPortFrom(addrs[1], 8080)); body != "two\n" {
+		t.Errorf("adopted machine: body %q", body)
 	}
 
 	// Stopped, the machine is no longer reached; cleaned up, nothing of
@@ -371,4 +394,40 @@ func getOnce(addr netip.AddrPort) (string, error) {
 		return "", fmt.Errorf("no HTTP answer: %q", b)
 	}
 	return body, nil
+}
+
+// BenchmarkRootlessCreate is BenchmarkCreate for a rootless driver, run as
+// an unprivileged user: as root it runs itself again as one, with
+// -test.benchtime from $FLAME_ROOTLESS_BENCHTIME (default 200x), and
+// reports that run's figures (run it with -test.benchtime=1x). Compare
+// with BenchmarkCreate run beside it.
+func BenchmarkRootlessCreate(b *testing.B) {
+	if data := os.Getenv(rootlessDirEnv); data != "" || os.Geteuid() != 0 {
+		if data == "" {
+			data = b.TempDir()
+		}
+		d, _ := rootlessDriver(b, data)
+		benchCreate(b, d)
+		return
+	}
+	requireSandboxes(b)
+	bt := os.Getenv("FLAME_ROOTLESS_BENCHTIME")
+	if bt == "" {
+		bt = "200x"
+	}
+	out := runUnprivileged(b, "-test.run=^$", "-test.bench=^BenchmarkRootlessCreate$", "-test.benchtime="+bt)
+	for _, line := range strings.Split(out, "\n") {
+		if !strings.HasPrefix(line, "BenchmarkRootlessCreate") {
+			continue
+		}
+		f := strings.Fields(line)
+		for i := 1; i+1 < len(f); i++ {
+			if strings.HasSuffix(f[i+1], "-ms") {
+				var v float64
+				if _, err := fmt.Sscan(f[i], &v); err == nil {
+					b.ReportMetric(v, "unprivileged-"+f[i+1])
+				}
+			}
+		}
+	}
 }

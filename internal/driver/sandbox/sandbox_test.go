@@ -931,7 +931,10 @@ func (before leaks) check(t testing.TB, after leaks) {
 // BenchmarkCreate measures Prepare+Start of a small image with the image
 // cached, until the workload's program runs, and reports the p50 and p99.
 func BenchmarkCreate(b *testing.B) {
-	d := newDriver(b, testConfig(b))
+	benchCreate(b, newDriver(b, testConfig(b)))
+}
+
+func benchCreate(b *testing.B, d *Driver) {
 	ctx := context.Background()
 	warm := testSpec(b, "busybox", "-c", "true")
 	waitExit(b, start(b, d, warm))
