@@ -36,6 +36,7 @@ type sandbox struct {
 	pidfd *os.File // non-blocking, waited on in the runtime poller
 
 	mu        sync.Mutex
+	fwd       *forwarder // a rootless sandbox's: closed before done is
 	ended     bool
 	abandoned bool
 	done      chan struct{}
@@ -143,7 +144,12 @@ func (s *sandbox) run() {
 	s.ended = true
 	exit := s.collect()
 	s.pidfd.Close()
+	fwd := s.fwd
 	s.mu.Unlock()
+	if fwd != nil {
+		// An ended machine's ports refuse once Done is closed.
+		s.d.dropForwarder(fwd)
+	}
 
 	s.d.untrack(s)
 	s.exit = exit

@@ -86,6 +86,12 @@ type rootless struct {
 
 	fwdMu sync.Mutex
 	fwds  map[string]*forwarder // by machine id
+
+	// spare holds an init started ahead of time (it knows nothing of
+	// any machine until configured); refill asks keepRootlessSpare for
+	// the next one.
+	spare  chan *initProc
+	refill chan struct{}
 }
 
 // Rootless reports whether the driver runs sandboxes as an unprivileged
@@ -122,9 +128,13 @@ func newRootless(cfg Config) (*Driver, error) {
 			prefix: loopbackPrefix(cfg.Bridge),
 			flat:   fl,
 			fwds:   make(map[string]*forwarder),
+			spare:  make(chan *initProc, 1),
+			refill: make(chan struct{}, 1),
 		},
 	}
-	d.noSpare.Store(true)
+	d.rl.refill <- struct{}{}
+	d.wg.Add(1)
+	go d.keepRootlessSpare()
 	d.logger.Warn("rootless sandboxes: no cgroups for an unprivileged user, so machines run without memory, cpu or pids limits; only loopback networking (inbound on the machines' ports, nothing outbound)",
 		"uid", d.rl.uid, "addresses", d.rl.prefix)
 	return d, nil
@@ -213,7 +223,7 @@ func (d *Driver) startRootless(ctx context.Context, spec driver.Spec) (_ driver.
 		unix.Close(lowerfd)
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
-	ip, err := d.startInit("", 0)
+	ip, err := d.rootlessInit()
 	if err != nil {
 		fw.close()
 		unix.Close(lowerfd)
@@ -366,4 +376,61 @@ func awaitInit(conn *net.UnixConn, ready func() error) error {
 		}
 	}
 	return nil
+}
+
+// keepRootlessSpare keeps one init ready for the next start, as the
+// sandbox of root's does (spare.go), until the driver closes: starting the
+// init is most of a start's time. A rootless spare needs no cgroup or
+// network: it is the init alone, in its new namespaces.
+func (d *Driver) keepRootlessSpare() {
+	defer d.wg.Done()
+	for {
+		select {
+		case <-d.stop:
+			select {
+			case ip := <-d.rl.spare:
+				ip.kill()
+			default:
+			}
+			return
+		case <-d.rl.refill:
+		}
+		ip, err := d.startInit("", 0)
+		if err != nil {
+			d.logger.Warn("rootless spare init", "err", err)
+			select {
+			case <-d.stop:
+			case <-time.After(spareRecheck):
+				d.askRefill()
+			}
+			continue
+		}
+		select {
+		case d.rl.spare <- ip:
+		case <-d.stop:
+			ip.kill()
+		}
+	}
+}
+
+func (d *Driver) askRefill() {
+	select {
+	case d.rl.refill <- struct{}{}:
+	default:
+	}
+}
+
+// rootlessInit is the spare init if one is ready (and still runs), else
+// one started now; either way the next spare is asked for.
+func (d *Driver) rootlessInit() (*initProc, error) {
+	defer d.askRefill()
+	select {
+	case ip := <-d.rl.spare:
+		if ip.alive() {
+			return ip, nil
+		}
+		ip.kill()
+	default:
+	}
+	return d.startInit("", 0)
 }

@@ -115,8 +115,8 @@ func (d *Driver) listenForwarder(spec driver.Spec, addr netip.Addr) (*forwarder,
 }
 
 // serveForwarder starts f's accept loops and records it as the machine's
-// forwarder; it is closed when the sandbox s ends, when the machine is torn
-// down or when the driver closes.
+// forwarder; it is closed when the sandbox s ends (before s's Done), when
+// the machine is torn down or when the driver closes.
 func (d *Driver) serveForwarder(s *sandbox, f *forwarder) {
 	d.rl.fwdMu.Lock()
 	old := d.rl.fwds[f.machine]
@@ -129,20 +129,34 @@ func (d *Driver) serveForwarder(s *sandbox, f *forwarder) {
 		f.wg.Add(1)
 		go f.accept(ln, f.ports[i])
 	}
+	s.mu.Lock()
+	ended := s.ended
+	s.fwd = f
+	s.mu.Unlock()
+	if ended {
+		d.dropForwarder(f)
+		return
+	}
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
 		select {
-		case <-s.done:
+		case <-s.done: // run dropped f
 		case <-d.stop:
+			d.dropForwarder(f)
 		}
-		d.rl.fwdMu.Lock()
-		if d.rl.fwds[f.machine] == f {
-			delete(d.rl.fwds, f.machine)
-		}
-		d.rl.fwdMu.Unlock()
-		f.close()
 	}()
+}
+
+// dropForwarder closes f and forgets it, unless another forwarder took
+// its machine's place.
+func (d *Driver) dropForwarder(f *forwarder) {
+	d.rl.fwdMu.Lock()
+	if d.rl.fwds[f.machine] == f {
+		delete(d.rl.fwds, f.machine)
+	}
+	d.rl.fwdMu.Unlock()
+	f.close()
 }
 
 // closeForwarder closes the machine's forwarder, if any.
