@@ -186,7 +186,8 @@ func loopbackUp() error {
 
 // serveDial answers a "dial" request on conn, in a rootless sandbox's init:
 // it connects to port inside the sandbox (the machine's address first,
-// which listeners on it, on 0.0.0.0 and on [::] take; then [::1]) and sends
+// which listeners on it, on 0.0.0.0 and on [::] take; then 127.0.0.1 and
+// [::1]) and sends
 // the connected socket back, or an "error" message.
 func serveDial(conn *net.UnixConn, port int) {
 	if !inRootless {
@@ -199,7 +200,7 @@ func serveDial(conn *net.UnixConn, port int) {
 	}
 	var c net.Conn
 	var err error
-	for _, host := range []string{dialAddr, "::1"} {
+	for _, host := range []string{dialAddr, "127.0.0.1", "::1"} {
 		c, err = net.DialTimeout("tcp", net.JoinHostPort(host, strconv.Itoa(port)), forwardDialTimeout)
 		if err == nil {
 			break

@@ -6,16 +6,19 @@ package sandbox
 // (an unprivileged user cannot make one into the host's namespace), so the
 // host cannot route to it. Instead each machine gets an address of the
 // host's loopback (every 127.0.0.0/8 address is the host's), leased as a
-// 6PN address is, and the driver listens there on each of the machine's
-// ports (driver.Spec.Ports: its services' internal ports and its checks'
-// ports). For each connection it accepts, it asks the sandbox's init, over
-// the init's command socket, to connect to the port inside (at the
-// machine's address, which the sandbox's loopback also answers, else at
-// [::1]); the init hands back the connected socket (SCM_RIGHTS) and the
-// driver copies bytes between the two in its own process. The init only
-// connects: it carries no traffic. The proxy and the health checks dial
-// PrivateIP as they dial a 6PN address. At most maxForwarded connections
-// per machine are forwarded at once; more are closed as they come.
+// 6PN address is, and the driver binds there each of the machine's ports
+// (driver.Spec.Ports: its services' internal ports and its checks' ports),
+// and listens on one once the workload listens on it inside (until then a
+// connection is refused, as at a 6PN address). For each connection it
+// accepts, it asks the sandbox's init, over the init's command socket, to
+// connect to the port inside (at the machine's address, which the
+// sandbox's loopback also answers, else at 127.0.0.1, else at [::1]); the
+// init hands back the connected socket (SCM_RIGHTS) and the driver copies
+// bytes between the two in its own process. The init only connects: it
+// carries no traffic. The proxy and the health checks dial PrivateIP as
+// they dial a 6PN address. At most maxForwarded connections per machine
+// are forwarded at once; more are closed as they come. A connection the
+// workload does not take (it stopped listening) is reset.
 
 import (
 	"crypto/sha256"
@@ -28,6 +31,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -78,40 +82,146 @@ func addrCandidate4(prefix netip.Prefix, id string, attempt int) (netip.Addr, bo
 }
 
 // forwarder listens on a machine's address and ports and forwards each
-// connection into its sandbox.
+// connection into its sandbox. A port is bound on the host from the start
+// (a port another program holds fails the start) but listens only once the
+// workload listens on it inside (watch): until then a connection is
+// refused, as the port of a machine of root's is, so a tcp check or the
+// edge sees the machine as it is.
 type forwarder struct {
 	d       *Driver
 	machine string
 	dir     string // the machine's directory, with the init's command socket
-	lns     []net.Listener
 	ports   []int
 	slots   chan struct{}
+	stop    chan struct{} // closed by close
 
 	mu     sync.Mutex
+	socks  []*os.File // by port: bound, not listening yet (nil since)
+	lns    []net.Listener
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
 	once   sync.Once
 }
 
-// listenForwarder listens on addr at every port of spec (none: a machine
-// nobody reaches).
+// listenForwarder binds addr at every port of spec (none: a machine nobody
+// reaches).
 func (d *Driver) listenForwarder(spec driver.Spec, addr netip.Addr) (*forwarder, error) {
-	f := &forwarder{d: d, machine: spec.MachineID, dir: spec.Dir, slots: make(chan struct{}, maxForwarded), conns: make(map[net.Conn]struct{})}
+	f := &forwarder{d: d, machine: spec.MachineID, dir: spec.Dir, slots: make(chan struct{}, maxForwarded),
+		stop: make(chan struct{}), conns: make(map[net.Conn]struct{})}
 	for _, p := range spec.Ports {
 		if p < 1 || p > 65535 {
 			f.close()
 			return nil, fmt.Errorf("forward port %d: not a port", p)
 		}
-		ln, err := net.Listen("tcp", netip.AddrPortFrom(addr, uint16(p)).String())
+		sock, err := bindTCP(netip.AddrPortFrom(addr, uint16(p)))
 		if err != nil {
 			f.close()
 			return nil, fmt.Errorf("forward port %d: %w", p, err)
 		}
-		f.lns = append(f.lns, ln)
+		f.socks = append(f.socks, sock)
 		f.ports = append(f.ports, p)
 	}
 	return f, nil
+}
+
+// bindTCP is a TCP socket bound to ap (IPv4), not listening.
+func bindTCP(ap netip.AddrPort) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("bind %s: %w", ap, err)
+	}
+	return os.NewFile(uintptr(fd), ap.String()), nil
+}
+
+// watch makes each port listen once the sandbox whose init is pid listens
+// on it, looking at the sandbox's TCP sockets (/proc/<pid>/net/tcp{,6})
+// every 2 ms at first, then less often, up to every 250 ms, until every
+// port listens, the sandbox is gone or f closes.
+func (f *forwarder) watch(pid int) {
+	defer f.wg.Done()
+	wait := 2 * time.Millisecond
+	for {
+		listening, err := listeningPorts(pid)
+		if err != nil {
+			return // the sandbox ended
+		}
+		pending := 0
+		for i, p := range f.ports {
+			if listening[p] {
+				f.listen(i)
+			}
+			f.mu.Lock()
+			if f.socks[i] != nil {
+				pending++
+			}
+			f.mu.Unlock()
+		}
+		if pending == 0 {
+			return
+		}
+		select {
+		case <-f.stop:
+			return
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 250*time.Millisecond)
+	}
+}
+
+// listen makes the i-th port listen and accepts on it.
+func (f *forwarder) listen(i int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	sock := f.socks[i]
+	if f.closed || sock == nil {
+		return
+	}
+	f.socks[i] = nil
+	defer sock.Close()
+	if err := unix.Listen(int(sock.Fd()), 4096); err != nil {
+		f.d.logger.Error("rootless sandbox: cannot forward a port", "machine", f.machine, "port", f.ports[i], "err", err)
+		return
+	}
+	ln, err := net.FileListener(sock)
+	if err != nil {
+		f.d.logger.Error("rootless sandbox: cannot forward a port", "machine", f.machine, "port", f.ports[i], "err", err)
+		return
+	}
+	f.lns = append(f.lns, ln)
+	f.wg.Add(1)
+	go f.accept(ln, f.ports[i])
+}
+
+// listeningPorts are the TCP ports something listens on in the network
+// namespace of process pid.
+func listeningPorts(pid int) (map[int]bool, error) {
+	out := map[int]bool{}
+	for _, name := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/net/" + name)
+		if err != nil {
+			return nil, err
+		}
+		for i, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if i == 0 || len(f) < 4 || f[3] != "0A" { // TCP_LISTEN
+				continue
+			}
+			_, port, ok := strings.Cut(f[1], ":")
+			if n, err := strconv.ParseUint(port, 16, 16); ok && err == nil {
+				out[int(n)] = true
+			}
+		}
+	}
+	return out, nil
 }
 
 // serveForwarder starts f's accept loops and records it as the machine's
@@ -125,10 +235,8 @@ func (d *Driver) serveForwarder(s *sandbox, f *forwarder) {
 	if old != nil {
 		old.close()
 	}
-	for i, ln := range f.lns {
-		f.wg.Add(1)
-		go f.accept(ln, f.ports[i])
-	}
+	f.wg.Add(1)
+	go f.watch(s.h.Pid)
 	s.mu.Lock()
 	ended := s.ended
 	s.fwd = f
@@ -176,13 +284,19 @@ func (f *forwarder) close() {
 	f.once.Do(func() {
 		f.mu.Lock()
 		f.closed = true
+		close(f.stop)
 		for c := range f.conns {
 			c.Close()
 		}
-		f.mu.Unlock()
+		for _, sock := range f.socks {
+			if sock != nil {
+				sock.Close()
+			}
+		}
 		for _, ln := range f.lns {
 			ln.Close()
 		}
+		f.mu.Unlock()
 	})
 	f.wg.Wait()
 }

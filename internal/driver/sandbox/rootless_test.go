@@ -243,6 +243,16 @@ func TestRootlessSandbox(t *testing.T) {
 		p := start(t, d, spec)
 		specs, procs = append(specs, spec), append(procs, p)
 	}
+	// A machine that does not listen on its port is refused there, as a
+	// 6PN address would refuse it.
+	idle := testSpec(t, "busybox", "-c", "exec sleep 1000")
+	idle.Ports = []int{8080}
+	start(t, d, idle)
+	if a, ok := d.PrivateIP(idle); !ok {
+		t.Fatal("no private IP")
+	} else if _, err := net.DialTimeout("tcp", netip.AddrPortFrom(a, 8080).String(), 5*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("a port nobody listens on inside: %v, want connection refused", err)
+	}
 	var addrs []netip.Addr
 	for i, name := range []string{"one", "two"} {
 		addr, ok := d.PrivateIP(specs[i])
@@ -355,10 +365,9 @@ func checkRootlessProbe(t *testing.T, who, out string) {
 	}
 }
 
-// forwardedGet fetches / from addr, a forwarded port: it accepts as soon as
-// the machine runs, and resets a connection the workload does not take
-// (not listening yet), so a failed fetch is tried again, for at most ten
-// seconds.
+// forwardedGet fetches / from addr, a forwarded port, which refuses until
+// the driver has seen the workload listen: a failed fetch is tried again,
+// for at most ten seconds.
 func forwardedGet(t testing.TB, addr netip.AddrPort) string {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
