@@ -80,7 +80,7 @@ port is in --edge-tcp-ports, each on its own port at the edge's address.`,
 	fs.StringVar(&f.controlPlane, "control-plane", "", "the control plane's API (https://host:port) to enroll with")
 	fs.StringVar(&f.caFile, "ca-file", "", "PEM certificates the control plane's API certificate must chain to (default: the system's roots)")
 	fs.StringVar(&f.region, "region", "ams", "region of this host")
-	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: sandbox, exec (host processes: needs --allow-host-exec) or auto (as root the sandbox or an error; else exec, with --allow-host-exec)")
+	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: sandbox (rootless when not root), exec (host processes: needs --allow-host-exec) or auto (as root the sandbox or an error; else the rootless sandbox where the kernel allows it, else exec, with --allow-host-exec)")
 	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs, so any token that may create a machine runs commands on this host")
 	fs.StringVar(&f.registry, "registry", "", "registry (host:port) for image names without one")
 	fs.StringVar(&f.hostID, "host-id", "", "this host's name in the cluster (default: none, no cluster)")

@@ -76,7 +76,7 @@ Ctrl-C stops the control plane, then every machine, and exits.`,
 	fs.BoolVar(&f.noDemo, "no-demo", false, "do not deploy the demo app")
 	fs.StringVar(&f.regions, "regions", "ams,iad,syd", "comma-separated region codes")
 	fs.IntVar(&f.hostsPerRegion, "hosts-per-region", 2, "hosts in each region")
-	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (as root the sandbox or an error; else exec, where you are the only tenant), sandbox or exec (as root: needs --allow-host-exec)")
+	fs.StringVar(&f.driver, "driver", host.DriverAuto, "how machines run: auto (as root the sandbox or an error; else the rootless sandbox where the kernel allows it, else exec, where you are the only tenant), sandbox or exec (as root: needs --allow-host-exec)")
 	fs.BoolVar(&f.allowHostExec, "allow-host-exec", false, "as root, allow the exec driver: machines run as plain host processes and \"exec:\" images run host programs (a user other than root is always allowed: the only tenant is that user)")
 	fs.StringVar(&f.logLevel, "log-level", "warn", "debug, info, warn or error")
 	return c

@@ -268,6 +268,14 @@ func TestRootlessSandbox(t *testing.T) {
 		t.Fatalf("two machines share %s", addrs[0])
 	}
 
+	// An image whose USER is another user runs as root of the sandbox:
+	// one id is mapped.
+	app := testSpec(t, "app", "exec sleep 1000")
+	start(t, d, app)
+	if res, err := d.Exec(ctx, app, []string{"id", "-u"}, nil); err != nil || string(res.Stdout) != "0\n" {
+		t.Errorf("image with USER app: id -u: %v %+v", err, res)
+	}
+
 	// Exec runs inside: the machine's own files, as root of the sandbox.
 	res, err := d.Exec(ctx, specs[0], []string{"sh", "-c", "cat /tmp/w/index.html; id -u; hostname"}, nil)
 	if err != nil || res.ExitCode != 0 {
