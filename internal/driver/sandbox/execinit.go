@@ -80,7 +80,8 @@ func serveOneExec(conn *net.UnixConn) {
 	}
 	rd := bufio.NewReader(conn)
 	var m message
-	if err := readMessage(rd, &m); err == nil && m.Op == "dial" && len(fds) == 0 {
+	err = readMessage(rd, &m)
+	if err == nil && m.Op == "dial" && len(fds) == 0 {
 		serveDial(conn, m.Port)
 		return
 	}

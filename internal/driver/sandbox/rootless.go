@@ -28,9 +28,10 @@ package sandbox
 //     (overlayfs's userxattr mode): writes past the size fail with ENOSPC,
 //     and go with the sandbox. Nothing is mounted in the host's namespace.
 //   - Resources. An unprivileged user gets no cgroup of its own unless one
-//     was delegated to it; the driver does not use one yet: machines run
-//     without memory, cpu or pids limits, which New logs once. The workload
-//     still gets a cgroup namespace.
+//     was delegated to it, and the driver does not use a delegated one yet:
+//     machines run without memory, cpu or pids limits, which New logs once
+//     (naming a delegated cgroup it found). The workload still gets a
+//     cgroup namespace. The writable layer's size holds (a tmpfs).
 //   - Network. Each sandbox has a network namespace of its own with only
 //     its loopback, which the init brings up; it reaches nothing outside
 //     (no outbound traffic, no DNS: /etc/resolv.conf names fdaa::3, which
@@ -135,7 +136,11 @@ func newRootless(cfg Config) (*Driver, error) {
 	d.rl.refill <- struct{}{}
 	d.wg.Add(1)
 	go d.keepRootlessSpare()
-	d.logger.Warn("rootless sandboxes: no cgroups for an unprivileged user, so machines run without memory, cpu or pids limits; only loopback networking (inbound on the machines' ports, nothing outbound)",
+	why := "no cgroup is delegated to this user"
+	if dir := delegatedCgroup(); dir != "" {
+		why = "the cgroup delegated to this user (" + dir + ") is not used by rootless sandboxes yet"
+	}
+	d.logger.Warn("rootless sandboxes: machines run without memory, cpu or pids limits ("+why+"); only loopback networking (inbound on the machines' ports, nothing outbound)",
 		"uid", d.rl.uid, "addresses", d.rl.prefix)
 	return d, nil
 }
@@ -433,4 +438,39 @@ func (d *Driver) rootlessInit() (*initProc, error) {
 	default:
 	}
 	return d.startInit("", 0)
+}
+
+// delegatedCgroup is the calling process's cgroup v2 directory when it
+// offers the memory, cpu and pids controllers and this user may write it (a
+// subtree delegated to the user, as systemd delegates user@.service), else
+// "". Rootless sandboxes do not use one yet; New says so when there is one.
+func delegatedCgroup() string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	var v2 string
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if mnt, fstype, _, ok := parseMountinfoLine(line); ok && fstype == "cgroup2" {
+			v2 = mnt
+			break
+		}
+	}
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if v2 == "" || err != nil {
+		return ""
+	}
+	for line := range strings.SplitSeq(string(self), "\n") {
+		p, ok := strings.CutPrefix(line, "0::")
+		if !ok {
+			continue
+		}
+		dir := filepath.Join(v2, filepath.Clean("/"+p))
+		ctrl, _ := os.ReadFile(filepath.Join(dir, "cgroup.controllers"))
+		if hasAll(strings.Fields(string(ctrl)), "memory", "cpu", "pids") &&
+			unix.Access(filepath.Join(dir, "cgroup.subtree_control"), unix.W_OK) == nil {
+			return dir
+		}
+	}
+	return ""
 }

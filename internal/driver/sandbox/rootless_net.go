@@ -201,12 +201,26 @@ func (f *forwarder) listen(i int) {
 	go f.accept(ln, f.ports[i])
 }
 
+// maxSocketTable bounds what listeningPorts reads of a sandbox's socket
+// table, which its workload can grow: the kernel lists listening sockets
+// first.
+const maxSocketTable = 4 << 20
+
+func readAtMost(path string, n int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, n))
+}
+
 // listeningPorts are the TCP ports something listens on in the network
 // namespace of process pid.
 func listeningPorts(pid int) (map[int]bool, error) {
 	out := map[int]bool{}
 	for _, name := range []string{"tcp", "tcp6"} {
-		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/net/" + name)
+		b, err := readAtMost("/proc/"+strconv.Itoa(pid)+"/net/"+name, maxSocketTable)
 		if err != nil {
 			return nil, err
 		}
