@@ -8,8 +8,8 @@ import (
 )
 
 // machinePorts are the TCP ports the host reaches a machine of cfg on
-// (driver.Spec.Ports): its services' internal ports and its health checks'
-// ports, sorted, each once. A config whose checks do not parse gives its
+// (driver.Spec.Ports): its TCP services' internal ports and its health
+// checks' ports, sorted, each once. A config whose checks do not parse gives its
 // services' ports only (the checks do not run either).
 func machinePorts(cfg *api.MachineConfig) []int {
 	if cfg == nil {
@@ -17,6 +17,9 @@ func machinePorts(cfg *api.MachineConfig) []int {
 	}
 	var ports []int
 	for _, s := range cfg.Services {
+		if s.Protocol == "udp" {
+			continue
+		}
 		if s.InternalPort > 0 && s.InternalPort <= 65535 {
 			ports = append(ports, s.InternalPort)
 		}

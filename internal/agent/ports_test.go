@@ -14,6 +14,7 @@ func TestMachinePorts(t *testing.T) {
 			{Protocol: "tcp", InternalPort: 8080, Checks: []api.MachineServiceCheck{{Type: p2("tcp")}, {Type: p2("http"), Port: p(9090), Path: p2("/health")}}},
 			{Protocol: "tcp", InternalPort: 5432},
 			{Protocol: "tcp", InternalPort: 8080},
+			{Protocol: "udp", InternalPort: 5353},
 		},
 		Checks: map[string]api.MachineCheck{"metrics": {Type: p2("tcp"), Port: p(9100)}},
 	}

@@ -45,7 +45,7 @@ type Spec struct {
 	// RootfsSizeMB caps what the workload writes to its root filesystem
 	// (drivers that can, enforce it; 0: api.DefaultGuestRootfsSizeMB).
 	RootfsSizeMB int
-	// Ports are the TCP ports the host reaches the workload on: its
+	// Ports are the TCP ports the host reaches the workload on: its TCP
 	// services' internal ports and its health checks' ports, sorted, each
 	// once. Drivers whose machines the host cannot route to (the rootless
 	// sandbox) forward these from the machine's address; others ignore it.
