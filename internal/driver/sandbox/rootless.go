@@ -126,7 +126,7 @@ func newRootless(cfg Config) (*Driver, error) {
 		stop:   make(chan struct{}),
 		rl: &rootless{
 			uid: os.Getuid(), gid: os.Getgid(),
-			prefix: loopbackPrefix(cfg.Bridge),
+			prefix: loopbackPrefix(cfg),
 			flat:   fl,
 			fwds:   make(map[string]*forwarder),
 			spare:  make(chan *initProc, 1),

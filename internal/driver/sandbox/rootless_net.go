@@ -48,14 +48,19 @@ const maxForwarded = 1024
 const forwardDialTimeout = 5 * time.Second
 
 // loopbackPrefix is the /16 of the host's loopback a rootless driver's
-// machines get addresses in: 127.<n>.0.0, n (1 to 254) hashed from the
-// driver's names (its bridge name, unique per instance and host), so that
-// two hosts of a dev cluster, or two Flames, rarely share one; when they
-// do, machine addresses still differ with high odds, and a clash on a port
-// fails the start (the listen), it never shares a machine's traffic.
-func loopbackPrefix(name string) netip.Prefix {
-	sum := sha256.Sum256([]byte("flame-rootless/" + name))
-	n := 1 + sum[0]%254
+// machines get addresses in: 127.<n>.0.0, n (1 to 254) the instance's
+// network hashed plus the host's number, so that the hosts of one dev
+// cluster (up to 254) never share one, and two Flames rarely do (a legacy
+// instance, without a network, hashes its bridge's name); when they do,
+// machine addresses still differ with high odds, and a clash on a port
+// fails the start (the bind), it never shares a machine's traffic.
+func loopbackPrefix(cfg Config) netip.Prefix {
+	key := cfg.Network.String()
+	if cfg.Network == 0 {
+		key = cfg.Bridge
+	}
+	sum := sha256.Sum256([]byte("flame-rootless/" + key))
+	n := byte(1 + (uint32(sum[0])+uint32(cfg.Host))%254)
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{127, n, 0, 0}), 16)
 }
 

@@ -20,6 +20,7 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+	"github.com/flamehq/flame/internal/mesh/layout"
 )
 
 // rootlessDirEnv tells a test binary run by runUnprivileged the data
@@ -444,6 +445,37 @@ func BenchmarkRootlessCreate(b *testing.B) {
 				if _, err := fmt.Sscan(f[i], &v); err == nil {
 					b.ReportMetric(v, "unprivileged-"+f[i+1])
 				}
+			}
+		}
+	}
+}
+
+// The hosts of one instance get loopback prefixes of their own, and a
+// machine's candidates stay inside its host's, never its first or last
+// address.
+func TestLoopbackAddresses(t *testing.T) {
+	network := testNetwork()
+	seen := map[netip.Prefix]int{}
+	for h := 1; h <= 254; h++ {
+		p := loopbackPrefix(Config{Network: network, Host: layout.Host(h)})
+		if !p.Addr().IsLoopback() || p.Bits() != 16 || p.Addr().As4()[1] == 0 {
+			t.Fatalf("host %d: prefix %s", h, p)
+		}
+		if other, dup := seen[p]; dup {
+			t.Fatalf("hosts %d and %d share %s", other, h, p)
+		}
+		seen[p] = h
+	}
+	p := loopbackPrefix(Config{Network: network, Host: 1})
+	for i := range 1000 {
+		id := randHex(14)
+		for attempt := range 3 {
+			a, ok := addrCandidate(p, id, attempt)
+			if !ok {
+				continue
+			}
+			if !p.Contains(a) || a == p.Addr() || a.As4()[2] == 255 && a.As4()[3] == 255 {
+				t.Fatalf("machine %d (%s) attempt %d: %s in %s", i, id, attempt, a, p)
 			}
 		}
 	}
