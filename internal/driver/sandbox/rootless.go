@@ -37,9 +37,9 @@ package sandbox
 //     (no outbound traffic, no DNS: /etc/resolv.conf names fdaa::3, which
 //     does not answer). Inbound, the machine has an address of the host's
 //     loopback, 127.<host>.<a>.<b>, leased under StateDir as 6PN addresses
-//     are (PrivateIP, FLY_PRIVATE_IP), from a /16 hashed from the host's
-//     names: the driver listens there on the machine's ports (driver.Spec's
-//     Ports) and forwards each connection into the sandbox (see
+//     are (PrivateIP, FLY_PRIVATE_IP), from a /16 of the host's own (see
+//     loopbackPrefix): the driver listens there on the machine's ports
+//     (driver.Spec's Ports) and forwards each connection into the sandbox (see
 //     rootless_net.go). Two machines listening on one port do not collide:
 //     each has its own namespace and its own host address.
 //
