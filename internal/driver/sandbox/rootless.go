@@ -39,9 +39,11 @@ package sandbox
 //     loopback, 127.<host>.<a>.<b>, leased under StateDir as 6PN addresses
 //     are (PrivateIP, FLY_PRIVATE_IP), from a /16 of the host's own (see
 //     loopbackPrefix): the driver listens there on the machine's ports
-//     (driver.Spec's Ports) and forwards each connection into the sandbox (see
-//     rootless_net.go). Two machines listening on one port do not collide:
-//     each has its own namespace and its own host address.
+//     (driver.Spec's Ports) and forwards each connection into the sandbox
+//     (see rootless_net.go). Two machines listening on one port do not
+//     collide: each has its own namespace and its own host address.
+//   - Spare. The init kept ready for the next start is the init alone, in
+//     its new namespaces (keepRootlessSpare): no cgroup or veth to ready.
 //
 // The rest is the sandbox's as root runs it: PID, mount, UTS, IPC, network
 // and cgroup namespaces, the same init, seccomp filter, bounding set (no
