@@ -480,7 +480,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	if err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", apiAddr)
+	ln, err := listenStable(apiAddr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", apiAddr, err)
 	}
@@ -506,7 +506,7 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	}
 	var edge net.Listener
 	if edgeAddr != "" {
-		if edge, err = net.Listen("tcp", edgeAddr); err != nil {
+		if edge, err = listenStable(edgeAddr); err != nil {
 			ln.Close()
 			pc.Close()
 			dl.Close()
@@ -851,22 +851,32 @@ func nextAddr(h string, port, i int) string {
 	return net.JoinHostPort(h, strconv.Itoa(port+i))
 }
 
-// listenDNS opens UDP and TCP on the same address (retrying random ports
-// until both are free).
+// listenDNS opens UDP and TCP on the same address (with port 0, trying
+// ports below the ephemeral range, then random ones, until both are free).
 func listenDNS(addr string) (net.PacketConn, net.Listener, error) {
-	for range 20 {
-		pc, err := net.ListenPacket("udp", addr)
+	host, ports, err := portCandidates(addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dns: %w", err)
+	}
+	if ports[len(ports)-1] == 0 {
+		for range 19 { // the kernel's picks, each tried for TCP too
+			ports = append(ports, 0)
+		}
+	}
+	var last error
+	for _, port := range ports {
+		at := net.JoinHostPort(host, strconv.Itoa(port))
+		pc, err := net.ListenPacket("udp", at)
 		if err != nil {
-			return nil, nil, fmt.Errorf("dns: listen on %s: %w", addr, err)
+			last = err
+			continue
 		}
 		ln, err := net.Listen("tcp", pc.LocalAddr().String())
 		if err == nil {
 			return pc, ln, nil
 		}
 		pc.Close()
-		if _, port, _ := splitPort(addr); port != 0 {
-			return nil, nil, fmt.Errorf("dns: listen on %s: %w", addr, err)
-		}
+		last = err
 	}
-	return nil, nil, fmt.Errorf("dns: no free port on %s for both UDP and TCP", addr)
+	return nil, nil, fmt.Errorf("dns: listen on %s for both UDP and TCP: %w", addr, last)
 }
