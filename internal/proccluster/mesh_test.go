@@ -50,7 +50,9 @@ const handshakeRetry = device.RekeyTimeout + device.RekeyTimeoutJitterMaxMs*time
 // the syd host are cut apart by nftables: nothing the ams machine sends
 // reaches syd's TUN while the machine on the other ams host still answers;
 // healed, the tunnel carries again within a bound of the cluster's and
-// WireGuard's timers. Nothing of the cluster is left on the machine after.
+// WireGuard's timers; so it does after the syd host is cut off from every
+// member until all hold it dead, and after its agent is killed and started
+// again. Nothing of the cluster is left on the machine after.
 func TestPrivateNetworkAcrossProcesses(t *testing.T) {
 	var name string
 	var insts []string
@@ -88,7 +90,7 @@ func TestPrivateNetworkAcrossProcesses(t *testing.T) {
 	launch := func(app, region string) *api.Machine {
 		t.Helper()
 		m, err := cl.Create(ctx, app, api.LaunchMachineInput{Region: region, Config: &api.MachineConfig{Image: ref,
-			Guest: &api.MachineGuest{CPUKind: "shared", CPUs: 1, MemoryMB: 128}}})
+			Guest: &api.MachineGuest{CPUKind: "shared", CPUs: 1, MemoryMB: 256}}})
 		if err != nil {
 			t.Fatalf("create %s in %s: %v", app, region, err)
 		}
@@ -160,7 +162,9 @@ func TestPrivateNetworkAcrossProcesses(t *testing.T) {
 	// (the tunnels carry no packet between orgs, and syd's filter drops
 	// them), its names do not resolve for acme's machine.
 	for _, target := range []string{echo(rival), echo8080(rival)} {
-		if kind, out := run("dial", target, attempt.String()); kind == "ok" {
+		kind, out := run("dial", target, attempt.String())
+		t.Logf("acme's machine to rival's at %s: %s %s", target, kind, out)
+		if kind == "ok" {
 			t.Errorf("acme's machine reached rival's at %s: %s", target, out)
 		} else if kind != "timeout" && kind != "refused" {
 			t.Errorf("acme's machine to rival's at %s: %s %s, want a timeout or a refusal", target, kind, out)
@@ -224,6 +228,53 @@ func TestPrivateNetworkAcrossProcesses(t *testing.T) {
 	}
 	if kind, out := run("get", "http://syd.acme-app.internal:8080/", attempt.String()); kind != "ok" || out != far.ID {
 		t.Errorf("healed, GET syd.acme-app.internal: %s %q, want ok %q", kind, out, far.ID)
+	}
+
+	// Cut the syd host off from every other member until every view
+	// holds it dead (and it them): the ams hosts remove it as a peer, it
+	// removes them. Healed, the views heal and the peers come back, with a
+	// new handshake.
+	if err := c.Partition([]string{"syd-1"}, []string{"ams", proccluster.ControlID}); err != nil {
+		t.Fatal(err)
+	}
+	healed = false
+	wctx, cancel := context.WithTimeout(ctx, proccluster.DetectBound(n))
+	defer cancel()
+	if err := c.WaitViews(wctx); err != nil {
+		t.Fatalf("syd cut off: the views did not hold it dead within %v: %v", proccluster.DetectBound(n), err)
+	}
+	if kind, out := run("dial", echo(far), attempt.String()); kind != "timeout" {
+		t.Fatalf("syd cut off and held dead, the ams machine to %s: %s %s, want a timeout", far.PrivateIP, kind, out)
+	}
+	if err := c.Heal(); err != nil {
+		t.Fatal(err)
+	}
+	healed = true
+	healedAt = time.Now()
+	until(t, recover, func() (string, string) { return run("dial", echo(far), attempt.String()) })
+	t.Logf("syd back: the tunnel carried again after %v (bound %v)", time.Since(healedAt).Round(time.Millisecond), recover)
+	if kind, out := run("get", "http://syd.acme-app.internal:8080/", attempt.String()); kind != "ok" || out != far.ID {
+		t.Errorf("syd back, GET syd.acme-app.internal: %s %q, want ok %q", kind, out, far.ID)
+	}
+
+	// The syd agent killed and started again on its data dir: its
+	// machines run on (their namespaces are their own) and it adopts
+	// them; its new device, on the same key and endpoint, handshakes with
+	// every peer as it configures them, so the ams host drops the session
+	// it held with the old one. The tunnel carries again within the views
+	// healing (a host that held syd dead meanwhile configures it again on
+	// the change), a lost handshake retried, and one probe's wait.
+	if err := c.Kill("syd-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Revive("syd-1"); err != nil {
+		t.Fatal(err)
+	}
+	revivedAt := time.Now()
+	until(t, recover, func() (string, string) { return run("dial", echo(far), attempt.String()) })
+	t.Logf("syd's agent started again: the tunnel carried again after %v (bound %v)", time.Since(revivedAt).Round(time.Millisecond), recover)
+	if kind, out := run("get", "http://syd.acme-app.internal:8080/", attempt.String()); kind != "ok" || out != far.ID {
+		t.Errorf("syd's agent started again, GET syd.acme-app.internal: %s %q, want ok %q", kind, out, far.ID)
 	}
 }
 
