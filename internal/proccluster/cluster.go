@@ -116,6 +116,7 @@ type Cluster struct {
 	cut     map[[2]string]bool // pairs of members partitioned apart
 
 	sandbox bool
+	hosts   []sandboxHost // read once the hosts serve
 }
 
 // New starts a cluster and waits until every member sees every other
@@ -137,6 +138,13 @@ func New(t testing.TB, cfg Config) *Cluster {
 	}
 	c := &Cluster{t: t, name: runName(), byID: map[string]*Member{}, cut: map[[2]string]bool{}, sandbox: cfg.Sandbox}
 	c.dir = filepath.Join(os.TempDir(), c.name)
+	// Registered first, run last: once every other cleanup of the
+	// cluster has run, nothing of it may be left.
+	t.Cleanup(func() {
+		if left := leftovers(c.name, c.hosts); len(left) > 0 {
+			t.Errorf("proccluster: left on the machine: %s", strings.Join(left, "; "))
+		}
+	})
 	if err := os.Mkdir(c.dir, 0o755); err != nil {
 		t.Fatalf("proccluster: %v", err)
 	}
@@ -240,6 +248,11 @@ func New(t testing.TB, cfg Config) *Cluster {
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		t.Fatalf("proccluster: %v", err)
+	}
+	if c.sandbox {
+		if c.hosts, err = c.sandboxHosts(); err != nil {
+			t.Fatalf("proccluster: %v", err)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), FormBound(len(c.members)))
 	defer cancel()

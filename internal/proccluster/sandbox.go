@@ -18,6 +18,8 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/flamehq/flame/internal/host"
+	"github.com/flamehq/flame/internal/lockfile"
 	"github.com/flamehq/flame/internal/mesh"
 )
 
@@ -256,7 +258,26 @@ func sweepSandbox(dir string) error {
 			errs = append(errs, err)
 		}
 	}
+	// The lock of the host's place, left by an agent that was killed:
+	// removed unless a driver holds it.
+	if lock, ok := placeLock(dir); ok {
+		if _, err := os.Stat(lock); err == nil {
+			if f, err := lockfile.Take(lock); err == nil {
+				lockfile.Release(f)
+			}
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// placeLock is the lock file a sandbox driver holds for the place in the
+// private network kept in data dir dir.
+func placeLock(dir string) (string, bool) {
+	network, num, ok, err := host.LoadPlace(dir)
+	if err != nil || !ok {
+		return "", false
+	}
+	return fmt.Sprintf("/run/flame/6pn-%s-%d.lock", network, num), true
 }
 
 // cgroupTree lists root and every cgroup below it, parents first.
@@ -349,11 +370,37 @@ func unmountBelow(dir string) error {
 	return errors.Join(errs...)
 }
 
-// Leftovers lists what of the cluster is still on the machine: its
-// namespaces, links, directory, the mounts below it and the cgroups of its
-// hosts' instances (insts, read while the data dirs existed). Empty once
-// every cleanup of the test that made it has run.
-func Leftovers(name string, insts []string) []string {
+// sandboxHost is what a sandbox host names outside its namespace, read
+// while its data dir exists: its instance id (its cgroups) and the lock
+// file of its place in the private network.
+type sandboxHost struct {
+	instance, lock string
+}
+
+// sandboxHosts reads what the cluster's sandbox hosts name outside their
+// namespaces.
+func (c *Cluster) sandboxHosts() ([]sandboxHost, error) {
+	var out []sandboxHost
+	for _, m := range c.members[1:] {
+		sh := sandboxHost{instance: m.Instance()}
+		if sh.instance == "" {
+			return nil, fmt.Errorf("%s has no instance id", m.ID)
+		}
+		lock, ok := placeLock(m.dataDir)
+		if !ok {
+			return nil, fmt.Errorf("%s has no place in the private network", m.ID)
+		}
+		sh.lock = lock
+		out = append(out, sh)
+	}
+	return out, nil
+}
+
+// leftovers lists what of the cluster is still on the machine: its
+// namespaces, links, directory, the mounts below it, and its sandbox
+// hosts' cgroups and lock files. Empty once every cleanup of the test
+// that made it has run.
+func leftovers(name string, hosts []sandboxHost) []string {
 	var out []string
 	if es, err := os.ReadDir(netnsDir); err == nil {
 		for _, e := range es {
@@ -378,12 +425,15 @@ func Leftovers(name string, insts []string) []string {
 			out = append(out, "mount "+m)
 		}
 	}
-	for _, inst := range insts {
-		for _, pat := range []string{"/sys/fs/cgroup/flame-" + inst + "-*", "/sys/fs/cgroup/*/flame-" + inst + "-*"} {
+	for _, h := range hosts {
+		for _, pat := range []string{"/sys/fs/cgroup/flame-" + h.instance + "-*", "/sys/fs/cgroup/*/flame-" + h.instance + "-*"} {
 			m, _ := filepath.Glob(pat)
 			for _, cg := range m {
 				out = append(out, "cgroup "+cg)
 			}
+		}
+		if _, err := os.Stat(h.lock); err == nil {
+			out = append(out, "lock "+h.lock)
 		}
 	}
 	return out
