@@ -52,8 +52,8 @@ type Config struct {
 	// unanswered). So it handshakes with each peer as it first configures
 	// it, and the peer takes the new session at once. A device with a new
 	// key does not: no peer holds a session with it, and a handshake sent
-	// before the peer has configured this host is dropped and only retried
-	// RekeyTimeout later, after the one the first packet starts.
+	// before the peer has configured this host would be dropped, holding
+	// back the first packet's own handshake by RekeyTimeout.
 	Restarted bool
 	Logger    *slog.Logger
 }
