@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -33,6 +34,11 @@ var meshTopology = proccluster.Config{Sandbox: true, Hosts: []proccluster.HostSp
 // the silence counts): a connection through the tunnels on this machine's
 // bridge answers in milliseconds, and the bounds below hold whatever it is.
 const attempt = 3 * time.Second
+
+// bulkWait bounds a MiB each way through the tunnels: WireGuard in
+// userspace on both hosts moves tens of MiB a second on one busy core, so a
+// MiB takes a fraction of a second; the wait is many times that.
+const bulkWait = 20 * time.Second
 
 // handshakeRetry bounds how long WireGuard takes to retry a handshake
 // whose initiation was lost (a peer not yet configured on the other side,
@@ -121,6 +127,13 @@ func TestPrivateNetworkAcrossProcesses(t *testing.T) {
 	}
 	if on(near) != on(client) {
 		until(t, reach, func() (string, string) { return run("dial", echo(near), attempt.String()) })
+	}
+	// A MiB each way: full-sized segments, wider than the TUN's MTU on
+	// the machines' links, cross once path MTU discovery has the tunnel's.
+	if kind, out := run("bulk", echo(far), strconv.Itoa(1<<20), bulkWait.String()); kind != "ok" {
+		t.Errorf("a MiB each way between the ams and syd machines: %s %s", kind, out)
+	} else {
+		t.Logf("a MiB each way between the ams and syd machines: %s", out)
 	}
 
 	// By name, through the machine's DNS at fdaa::3: syd.<app>.internal is

@@ -7,6 +7,7 @@
 //	probe dial <host:port> <wait>  "ok <rtt>" after an echo round trip
 //	probe get <url> <wait>         "ok <body>"
 //	probe resolve <name> <wait>    "ok <addr>..." (AAAA records)
+//	probe bulk <host:port> <n> <wait>  "ok <n> <time>" after n bytes echoed
 //
 // Failures print "timeout", "refused", "notfound" or "error", then the
 // error, and exit 1.
@@ -20,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,10 +35,10 @@ func main() {
 		serve()
 		return
 	}
-	if len(os.Args) != 4 {
+	if len(os.Args) < 4 {
 		fail(fmt.Errorf("%s: want a target and a wait", os.Args[1]))
 	}
-	wait, err := time.ParseDuration(os.Args[3])
+	wait, err := time.ParseDuration(os.Args[len(os.Args)-1])
 	if err != nil {
 		fail(err)
 	}
@@ -62,6 +64,36 @@ func main() {
 			fail(err)
 		}
 		fmt.Printf("ok %v\n", time.Since(start))
+	case "bulk":
+		// n bytes sent and read back at once: full-sized segments both
+		// ways, which need the path's MTU right.
+		n, err := strconv.Atoi(os.Args[3])
+		if err != nil || n <= 0 || n > 1<<30 {
+			fail(fmt.Errorf("bulk: byte count %q", os.Args[3]))
+		}
+		start := time.Now()
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", target)
+		if err != nil {
+			fail(err)
+		}
+		defer c.Close()
+		if dl, ok := ctx.Deadline(); ok {
+			c.SetDeadline(dl)
+		}
+		errc := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(c, io.LimitReader(zeros{}, int64(n)))
+			errc <- err
+		}()
+		got, err := io.CopyN(io.Discard, c, int64(n))
+		if err != nil {
+			fail(fmt.Errorf("%d of %d bytes back: %w", got, n, err))
+		}
+		if err := <-errc; err != nil {
+			fail(err)
+		}
+		fmt.Printf("ok %d %v\n", n, time.Since(start))
 	case "get":
 		req, err := http.NewRequestWithContext(ctx, "GET", target, nil)
 		if err != nil {
@@ -118,6 +150,14 @@ func serve() {
 	fail(http.ListenAndServe(":8080", http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, id)
 	})))
+}
+
+// zeros reads as endless zero bytes.
+type zeros struct{}
+
+func (zeros) Read(b []byte) (int, error) {
+	clear(b)
+	return len(b), nil
 }
 
 // fail prints what went wrong, classified, and exits 1.
