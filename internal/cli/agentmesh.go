@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 
 	"github.com/spf13/pflag"
@@ -57,6 +58,10 @@ func agentMesh(f agentFlags, kind string, network layout.Network, hostNumber lay
 	if err != nil {
 		return nil, usageError{fmt.Errorf("--mesh-addr: %w", err)}
 	}
+	// A key already kept was a device's before this one: its peers may
+	// hold sessions with that device, to renew at once.
+	_, err = os.Stat(filepath.Join(f.dataDir, mesh.KeyFile))
+	restarted := err == nil
 	key, err := mesh.LoadKey(f.dataDir)
 	if err != nil {
 		return nil, err
@@ -66,7 +71,7 @@ func agentMesh(f agentFlags, kind string, network layout.Network, hostNumber lay
 		return nil, err
 	}
 	m, err := mesh.New(mesh.Config{HostID: f.hostID, Network: network, Host: hostNumber, Key: key, Link: link,
-		Bind: conn.NewStdNetBind(), Port: ep.Port(), Advertise: ep.Addr()})
+		Bind: conn.NewStdNetBind(), Port: ep.Port(), Advertise: ep.Addr(), Restarted: restarted})
 	if err != nil {
 		link.Close()
 		return nil, err

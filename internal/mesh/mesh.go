@@ -44,6 +44,17 @@ type Config struct {
 	// Advertise is the address the other hosts reach the Bind at; the
 	// endpoint published is it and the port the Bind opened.
 	Advertise netip.Addr
+	// Restarted says the host's key was in use before this device (its
+	// agent started again on its data dir): its peers may hold sessions
+	// with the device before, whose packets this one cannot read and
+	// drops, and would renew them only when their own timer fires
+	// (device.KeepaliveTimeout + device.RekeyTimeout after they send
+	// unanswered). So it handshakes with each peer as it first configures
+	// it, and the peer takes the new session at once. A device with a new
+	// key does not: no peer holds a session with it, and a handshake sent
+	// before the peer has configured this host would be dropped, holding
+	// back the first packet's own handshake by RekeyTimeout.
+	Restarted bool
 	Logger    *slog.Logger
 }
 
@@ -166,11 +177,16 @@ func (m *Mesh) Apply(hosts []*cluster.Host) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var b strings.Builder
+	var added []PublicKey
 	next := make(map[PublicKey]Peer, len(want))
 	for _, p := range want {
 		next[p.Key] = p
-		if old, ok := m.peers[p.Key]; ok && old.Endpoint == p.Endpoint && slices.Equal(old.Prefixes, p.Prefixes) {
+		old, ok := m.peers[p.Key]
+		if ok && old.Endpoint == p.Endpoint && slices.Equal(old.Prefixes, p.Prefixes) {
 			continue
+		}
+		if !ok {
+			added = append(added, p.Key)
 		}
 		fmt.Fprintf(&b, "public_key=%s\nendpoint=%s\nreplace_allowed_ips=true\n", hex.EncodeToString(p.Key[:]), p.Endpoint)
 		for _, pre := range p.Prefixes {
@@ -189,6 +205,13 @@ func (m *Mesh) Apply(hosts []*cluster.Host) error {
 		m.log.Debug("peers", "count", len(next))
 	}
 	m.peers = next
+	if m.cfg.Restarted {
+		for _, k := range added {
+			if p := m.dev.LookupPeer(device.NoisePublicKey(k)); p != nil {
+				p.SendHandshakeInitiation(false)
+			}
+		}
+	}
 	return nil
 }
 

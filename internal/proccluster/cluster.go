@@ -50,6 +50,10 @@ type Config struct {
 	// ControlRegion is the control plane's region (default: the first
 	// host's).
 	ControlRegion string
+	// Sandbox runs the hosts with the sandbox driver and the private
+	// network between them (sandbox.go); without it they run the exec
+	// driver and no mesh.
+	Sandbox bool
 }
 
 // State is what a member is doing, as the faults left it.
@@ -110,6 +114,9 @@ type Cluster struct {
 	members []*Member // the control plane first
 	byID    map[string]*Member
 	cut     map[[2]string]bool // pairs of members partitioned apart
+
+	sandbox bool
+	hosts   []sandboxHost // read once the hosts serve
 }
 
 // New starts a cluster and waits until every member sees every other
@@ -129,8 +136,15 @@ func New(t testing.TB, cfg Config) *Cluster {
 	if err := Sweep(); err != nil {
 		t.Logf("proccluster: sweeping leftovers of dead runs: %v", err)
 	}
-	c := &Cluster{t: t, name: runName(), byID: map[string]*Member{}, cut: map[[2]string]bool{}}
+	c := &Cluster{t: t, name: runName(), byID: map[string]*Member{}, cut: map[[2]string]bool{}, sandbox: cfg.Sandbox}
 	c.dir = filepath.Join(os.TempDir(), c.name)
+	// Registered first, run last: once every other cleanup of the
+	// cluster has run, nothing of it may be left.
+	t.Cleanup(func() {
+		if left := leftovers(c.name, c.hosts); len(left) > 0 {
+			t.Errorf("proccluster: left on the machine: %s", strings.Join(left, "; "))
+		}
+	})
 	if err := os.Mkdir(c.dir, 0o755); err != nil {
 		t.Fatalf("proccluster: %v", err)
 	}
@@ -201,11 +215,22 @@ func New(t testing.TB, cfg Config) *Cluster {
 	for _, m := range c.members[1:] {
 		// Each agent enrolls with a join token minted for it, from a file;
 		// started again, it finds its identity in its data dir.
+		driver := []string{"--driver", "exec", "--allow-host-exec"}
+		if c.sandbox {
+			driver = []string{"--driver", "sandbox", "--mesh-addr", c.addr(m, meshPort),
+				"--registry", net.JoinHostPort("127.0.0.1", strconv.Itoa(registryPort))}
+			f, err := forward(m.netns, driver[len(driver)-1], c.addr(ctl, serverAPIPort))
+			if err != nil {
+				t.Fatalf("proccluster: %s: %v", m.ID, err)
+			}
+			t.Cleanup(f.close)
+		}
 		m.args = []string{"agent", "--data-dir", m.dataDir, "--join-token-file", m.dataDir + ".join-token",
-			"--control-plane", ctl.APIURL(), "--driver", "exec", "--allow-host-exec",
-			"--api-addr", c.addr(m, agentAPIPort), "--region", m.Region, "--host-id", m.ID,
+			"--control-plane", ctl.APIURL()}
+		m.args = append(m.args, driver...)
+		m.args = append(m.args, "--api-addr", c.addr(m, agentAPIPort), "--region", m.Region, "--host-id", m.ID,
 			"--gossip-addr", c.addr(m, gossipPort), "--backhaul-addr", c.addr(m, backhaulPort),
-			"--nats-url", "nats://" + c.addr(ctl, natsPort), "--edge-tcp-ports="}
+			"--nats-url", "nats://"+c.addr(ctl, natsPort), "--edge-tcp-ports=")
 		for _, o := range c.members {
 			if o != m {
 				m.args = append(m.args, "--join", c.addr(o, gossipPort))
@@ -223,6 +248,11 @@ func New(t testing.TB, cfg Config) *Cluster {
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		t.Fatalf("proccluster: %v", err)
+	}
+	if c.sandbox {
+		if c.hosts, err = c.sandboxHosts(); err != nil {
+			t.Fatalf("proccluster: %v", err)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), FormBound(len(c.members)))
 	defer cancel()
@@ -292,11 +322,16 @@ func (c *Cluster) start(m *Member) error {
 	return nil
 }
 
-// remove kills everything in m's namespace and deletes the namespace.
+// remove kills everything in m's namespace and deletes the namespace. A
+// sandbox host is asked to stop first (its driver and mesh let go of what
+// they hold), and what its machines left outside the namespace is removed.
 func (c *Cluster) remove(m *Member) {
 	var first []int
 	if m.proc != nil {
 		first = []int{-m.proc.cmd.Process.Pid}
+		if c.sandbox && m.ID != ControlID && c.State(m.ID) == Up && !m.stop() {
+			c.t.Errorf("proccluster: %s did not stop within %v of SIGTERM", m.ID, stopTimeout)
+		}
 	}
 	if err := killNetns(m.netns, first...); err != nil {
 		c.t.Errorf("proccluster: %v", err)
@@ -304,6 +339,11 @@ func (c *Cluster) remove(m *Member) {
 	if m.proc != nil {
 		if err := m.proc.wait(); err != nil {
 			c.t.Errorf("proccluster: %v", err)
+		}
+	}
+	if c.sandbox {
+		if err := sweepSandbox(m.dataDir); err != nil {
+			c.t.Errorf("proccluster: %s: %v", m.ID, err)
 		}
 	}
 	// The veth pair goes with the namespace, but only once the kernel

@@ -13,6 +13,15 @@
 //   - a stalled host is every process of its namespace SIGSTOPped, as a
 //     paused VM, and SIGCONT resumes it.
 //
+// With Config.Sandbox the hosts run the sandbox driver and the private
+// network: each agent's WireGuard tunnels go over the bridge from its own
+// address (so a partition cuts them too), it pulls images from the control
+// plane's registry through a forwarder on its namespace's loopback, and a
+// killed agent's machines, in namespaces of their own, run on until it is
+// revived and adopts them. Removing such a host stops its agent with
+// SIGTERM first, then kills what is left in its instance's cgroups and
+// detaches the mounts below its data dir before removing the cgroups.
+//
 // Everything a cluster makes — namespaces, bridge, veth pairs, nftables
 // tables (which live and die with their namespaces), processes and their
 // children, temporary directories — is removed when its test ends, passed,

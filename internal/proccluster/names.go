@@ -104,6 +104,16 @@ func Sweep() error {
 	if es, err := os.ReadDir(os.TempDir()); err == nil {
 		for _, e := range es {
 			if leftover(e.Name()) {
+				// A sandbox host's machines outlive its namespace: their
+				// cgroups and mounts go first.
+				hosts, _ := os.ReadDir(filepath.Join(os.TempDir(), e.Name()))
+				for _, h := range hosts {
+					if h.IsDir() {
+						if err := sweepSandbox(filepath.Join(os.TempDir(), e.Name(), h.Name())); err != nil {
+							errs = append(errs, err)
+						}
+					}
+				}
 				if err := os.RemoveAll(filepath.Join(os.TempDir(), e.Name())); err != nil {
 					errs = append(errs, fmt.Errorf("sweep: %w", err))
 				}

@@ -184,22 +184,34 @@ func checkPrefixFree(prefix netip.Prefix, brIndex int) error {
 // no forward delay: the ports are veths of this host, which make no
 // loops — and fixes br's MAC address, which a bridge otherwise changes
 // to the lowest of its ports' as ports come and go, leaving the
-// sandboxes' neighbour entries of the gateway stale.
+// sandboxes' neighbour entries of the gateway stale. It speaks netlink in
+// the caller's network namespace, never sysfs, whose /sys/class/net is the
+// namespace's that mounted it: an agent started in a network namespace of
+// its own without a mount namespace to match would find its bridge
+// missing there, or another's of the same name.
 func (d *Driver) tuneBridge(br netlink.Link) error {
-	sys := "/sys/class/net/" + br.Attrs().Name
-	for _, f := range []string{"bridge/stp_state", "bridge/forward_delay"} {
-		if b, err := os.ReadFile(filepath.Join(sys, f)); err == nil && strings.TrimSpace(string(b)) == "0" {
-			continue
-		}
-		if err := writeFile(filepath.Join(sys, f), "0"); err != nil {
-			return fmt.Errorf("set %s: %w", filepath.Base(f), err)
+	// Spanning tree off first: the kernel takes a forward delay of 0 only
+	// without it.
+	for _, a := range []struct {
+		name string
+		typ  int
+	}{{"stp_state", nl.IFLA_BR_STP_STATE}, {"forward_delay", nl.IFLA_BR_FORWARD_DELAY}} {
+		req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_ACK)
+		msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+		msg.Index = int32(br.Attrs().Index)
+		req.AddData(msg)
+		info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+		info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("bridge"))
+		data := info.AddRtAttr(nl.IFLA_INFO_DATA, nil)
+		data.AddRtAttr(a.typ, nl.Uint32Attr(0))
+		req.AddData(info)
+		if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+			return fmt.Errorf("set %s: %w", a.name, err)
 		}
 	}
-	// addr_assign_type 3 (NET_ADDR_SET): set by the user, kept.
-	if b, err := os.ReadFile(filepath.Join(sys, "addr_assign_type")); err != nil || strings.TrimSpace(string(b)) != "3" {
-		if err := netlink.LinkSetHardwareAddr(br, br.Attrs().HardwareAddr); err != nil {
-			return fmt.Errorf("fix MAC address: %w", err)
-		}
+	// Set by the user (addr_assign_type NET_ADDR_SET), the address is kept.
+	if err := netlink.LinkSetHardwareAddr(br, br.Attrs().HardwareAddr); err != nil {
+		return fmt.Errorf("fix MAC address: %w", err)
 	}
 	return nil
 }
