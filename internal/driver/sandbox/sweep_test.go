@@ -1,0 +1,381 @@
+package sandbox
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/hostproc"
+	"github.com/flamehq/flame/internal/leftover"
+	"github.com/flamehq/flame/internal/mesh"
+)
+
+// sweepChildEnv, set, makes TestSweepChild the body of the process that
+// TestSweepAfterKill SIGKILLs: its value is the directory to work in.
+const sweepChildEnv = "FLAME_SANDBOX_SWEEP_CHILD"
+
+// sweepFacts is what the killed process made, as it tells its parent.
+type sweepFacts struct {
+	Bridge   string   `json:"bridge"`
+	Veth     string   `json:"veth"`
+	Cgroups  []string `json:"cgroups"`
+	Mount    string   `json:"mount"`
+	Table    string   `json:"table"` // the filter's, bridge and inet families
+	TUN      string   `json:"tun"`
+	RuleIif  string   `json:"rule_iif"`
+	Records  []string `json:"records"`
+	Locks    []string `json:"locks"`
+	InitPid  int      `json:"init_pid"`
+	Instance string   `json:"instance"`
+}
+
+// machineAndLink runs, in driver d, a machine that sleeps, and opens the
+// mesh link of d's host: what a dev host has when it is killed.
+func machineAndLink(t *testing.T, d *Driver, dir string) (driver.Spec, *mesh.Link) {
+	t.Helper()
+	spec := testSpec(t, "busybox")
+	spec.Entrypoint = []string{"sleep", "3600"}
+	spec.Dir = filepath.Join(dir, "machine-"+spec.MachineID)
+	spec.LogPath = filepath.Join(spec.Dir, "log")
+	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := d.Prepare(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Start(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	link, err := mesh.OpenLink(mesh.LinkConfig{Name: mesh.LinkName(d.cfg.Network.String(), int(d.cfg.Host)),
+		Network: d.cfg.Network, Bridge: d.cfg.Bridge})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return spec, link
+}
+
+// TestSweepChild is the body of the process TestSweepAfterKill kills: a
+// driver with a machine and the mesh link of its host, and then nothing
+// until the SIGKILL. Without sweepChildEnv it has nothing to do.
+func TestSweepChild(t *testing.T) {
+	dir := os.Getenv(sweepChildEnv)
+	if dir == "" {
+		return
+	}
+	cfg := sweepConfig(t, dir)
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, _ := machineAndLink(t, d, dir)
+	st, err := readState(spec.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := parseInitHandle(st.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	facts := sweepFacts{
+		Bridge: cfg.Bridge, Veth: vethName(spec.MachineID), Cgroups: d.cg.roots, Mount: mountDir(spec),
+		Table: filterTable(cfg.Bridge), TUN: mesh.LinkName(cfg.Network.String(), int(cfg.Host)), RuleIif: cfg.Bridge,
+		Records: []string{"sandbox-" + cfg.Bridge, "mesh-" + mesh.LinkName(cfg.Network.String(), int(cfg.Host))},
+		Locks:   []string{d.prefixLock.Name()},
+		InitPid: h, Instance: cfg.Network.String(),
+	}
+	// The lock files are the records' (the mesh link's slot is its own).
+	for _, r := range facts.Records {
+		rb, err := os.ReadFile(filepath.Join(recordDir, r+".json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rec struct{ Things []leftover.Thing }
+		if err := json.Unmarshal(rb, &rec); err != nil {
+			t.Fatal(err)
+		}
+		for _, th := range rec.Things {
+			if th.Kind == leftover.KindLockFile && th.Name != d.prefixLock.Name() {
+				facts.Locks = append(facts.Locks, th.Name)
+			}
+		}
+	}
+	b, _ := json.Marshal(facts)
+	if err := os.WriteFile(filepath.Join(dir, "facts.json"), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println("ready")
+	select {} // until killed
+}
+
+func parseInitHandle(s string) (int, error) {
+	pid, _, ok := strings.Cut(s, ":")
+	if !ok {
+		return 0, fmt.Errorf("handle %q", s)
+	}
+	var n int
+	_, err := fmt.Sscan(pid, &n)
+	return n, err
+}
+
+// sweepConfig is a driver of an instance of its own whose state is in dir,
+// which outlives the process (no t.TempDir, no cleanup: it is killed).
+func sweepConfig(t *testing.T, dir string) Config {
+	requireSandboxes(t)
+	tag := randHex(6)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Config{
+		Images:       newTestImages(),
+		StateDir:     filepath.Join(dir, "state-"+tag),
+		Bridge:       "flt" + tag,
+		Network:      testNetwork(),
+		Host:         1,
+		InitPath:     exe,
+		CgroupParent: "flame-test-" + tag,
+		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	}
+}
+
+// TestSweepAfterKill: a process with a sandbox driver, a running machine
+// and its host's mesh link is SIGKILLed, which leaves its bridge, veth,
+// cgroups (and the machine in them), its filter's tables, the machine's
+// writable layer mounted, the mesh's policy rule, its lock files and its
+// records. The next driver to start, of another instance, removes every
+// one of them, and nothing of a live instance beside it.
+func TestSweepAfterKill(t *testing.T) {
+	requireSandboxes(t)
+	dir := t.TempDir()
+
+	// A live instance: this process's, with a machine and a mesh link.
+	liveCfg := testConfig(t)
+	live := newDriver(t, liveCfg)
+	liveSpec, liveLink := machineAndLink(t, live, t.TempDir())
+	t.Cleanup(func() {
+		liveLink.Close()
+		live.Cleanup(context.Background(), liveSpec)
+	})
+	liveState, err := readState(liveSpec.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	livePid, _ := parseInitHandle(liveState.Handle)
+
+	// The instance to kill, in a child process.
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSweepChild$", "-test.v")
+	cmd.Env = append(os.Environ(), sweepChildEnv+"="+dir)
+	cmd.Stderr = tWriter{t}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	killed := false
+	t.Cleanup(func() {
+		if !killed {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	ready := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			t.Log("child: " + sc.Text())
+			if sc.Text() == "ready" {
+				ready <- nil
+				io.Copy(io.Discard, out)
+				return
+			}
+		}
+		ready <- errors.New("the child ended before it was ready")
+	}()
+	// Not a timing assertion: a child that never gets ready fails here
+	// rather than hanging the test.
+	select {
+	case err := <-ready:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the child was not ready in 2 minutes")
+	}
+	var facts sweepFacts
+	b, err := os.ReadFile(filepath.Join(dir, "facts.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &facts); err != nil {
+		t.Fatal(err)
+	}
+	// Whatever happens, nothing of the child's outlives the test.
+	t.Cleanup(func() {
+		newFilter(facts.Bridge, 0).close(true)
+		for _, c := range facts.Cgroups {
+			removeCgroupDir(c)
+		}
+		unix.Unmount(facts.Mount, unix.MNT_DETACH)
+		if l, err := netlink.LinkByName(facts.Bridge); err == nil {
+			netlink.LinkDel(l)
+		}
+	})
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	killed = true
+
+	// What the kill left, as it did before sweeps.
+	have := leftoversOf(t, facts)
+	for _, what := range []string{"bridge", "veth", "cgroup", "mount", "nftables bridge", "nftables inet", "rule", "record", "machine"} {
+		if !have[what] {
+			t.Errorf("after the kill: no %s of the killed instance: the test did not make what it sweeps", what)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// Another instance's driver starts: it sweeps.
+	newDriver(t, testConfig(t))
+	left := leftoversOf(t, facts)
+	for what, ok := range left {
+		if ok {
+			t.Errorf("after a new driver's start: the killed instance's %s is left", what)
+		}
+	}
+
+	// The live instance is untouched: its machine runs, its bridge,
+	// rule and record are there.
+	if _, err := netlink.LinkByName(liveCfg.Bridge); err != nil {
+		t.Errorf("the live instance's bridge: %v", err)
+	}
+	if !running(livePid) {
+		t.Errorf("the live instance's machine (init %d) was killed", livePid)
+	}
+	if !ruleFrom(t, liveCfg.Bridge) {
+		t.Error("the live instance's mesh rule was removed")
+	}
+	if _, err := os.Stat(filepath.Join(recordDir, "sandbox-"+liveCfg.Bridge+".json")); err != nil {
+		t.Errorf("the live instance's record: %v", err)
+	}
+	for _, r := range live.cg.roots {
+		if _, err := os.Stat(r); err != nil {
+			t.Errorf("the live instance's cgroup: %v", err)
+		}
+	}
+}
+
+// leftoversOf says which of what the killed instance made is still there.
+func leftoversOf(t *testing.T, f sweepFacts) map[string]bool {
+	t.Helper()
+	have := map[string]bool{}
+	if _, err := netlink.LinkByName(f.Bridge); err == nil {
+		have["bridge"] = true
+	}
+	if _, err := netlink.LinkByName(f.Veth); err == nil {
+		have["veth"] = true
+	}
+	if _, err := netlink.LinkByName(f.TUN); err == nil {
+		have["tun"] = true
+	}
+	for _, c := range f.Cgroups {
+		if _, err := os.Stat(c); err == nil {
+			have["cgroup"] = true
+		}
+	}
+	if mounted(t, f.Mount) {
+		have["mount"] = true
+	}
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := c.ListTables()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tb := range ts {
+		if tb.Name == f.Table {
+			switch tb.Family {
+			case nftables.TableFamilyBridge:
+				have["nftables bridge"] = true
+			case nftables.TableFamilyINet:
+				have["nftables inet"] = true
+			}
+		}
+	}
+	if ruleFrom(t, f.RuleIif) {
+		have["rule"] = true
+	}
+	for _, r := range f.Records {
+		for _, ext := range []string{".json", ".lock"} {
+			if _, err := os.Stat(filepath.Join(recordDir, r+ext)); err == nil {
+				have["record"] = true
+			}
+		}
+	}
+	for _, l := range f.Locks {
+		if _, err := os.Stat(l); err == nil {
+			have["lock file"] = true
+		}
+	}
+	if running(f.InitPid) {
+		have["machine"] = true
+	}
+	return have
+}
+
+// ruleFrom reports whether an IPv6 rule takes what comes in on iif.
+func ruleFrom(t *testing.T, iif string) bool {
+	rules, err := netlink.RuleList(netlink.FAMILY_V6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rules {
+		if r.IifName == iif {
+			return true
+		}
+	}
+	return false
+}
+
+// mounted reports whether something is mounted at dir.
+func mounted(t *testing.T, dir string) bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if mnt, _, _, ok := parseMountinfoLine(line); ok && mnt == dir {
+			return true
+		}
+	}
+	return false
+}
+
+// running reports whether pid is a process that has not ended.
+func running(pid int) bool {
+	st, err := hostproc.ReadStat(pid)
+	return pid > 0 && err == nil && st.State != 'Z' && st.State != 'X'
+}

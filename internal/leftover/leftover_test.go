@@ -1,0 +1,219 @@
+package leftover
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/driver/hostproc"
+)
+
+// inNetns runs f on a thread of its own in a new network namespace, which
+// goes when f returns (the thread is never given back): the switches and
+// links f changes are nobody else's.
+func inNetns(t *testing.T, f func()) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (a network namespace of the test's own)")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare: %v", err)
+			return
+		}
+		f()
+	}()
+	<-done
+}
+
+func sysctl(t *testing.T, name string) string {
+	t.Helper()
+	v, err := readSysctl("/proc/sys/net/ipv6/conf/" + name + "/forwarding")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func setSysctl(t *testing.T, name, v string) {
+	t.Helper()
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/forwarding", []byte(v), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestForwardingRestored: IPv6 forwarding a Flame turned on stays on while
+// any Flame holds it, and is off again, with each interface's switch as it
+// was, once the last goes; one that was on before any Flame stays on.
+func TestForwardingRestored(t *testing.T) {
+	inNetns(t, func() {
+		dir := t.TempDir()
+		setSysctl(t, "all", "0")
+		setSysctl(t, "lo", "1") // an interface's own, which writing all overwrites
+		a, err := Open(dir, "a", "group a")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		b, err := Open(dir, "b", "group b")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		for _, r := range []*Record{a, b} {
+			if err := r.Forwarding(nil); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		if v := sysctl(t, "all"); v != "1" {
+			t.Errorf("forwarding held by two: %s, want 1", v)
+		}
+		if err := a.Close(); err != nil {
+			t.Error(err)
+		}
+		if v := sysctl(t, "all"); v != "1" {
+			t.Errorf("forwarding after the first of two closed: %s, want 1", v)
+		}
+		if err := b.Close(); err != nil {
+			t.Error(err)
+		}
+		if v := sysctl(t, "all"); v != "0" {
+			t.Errorf("forwarding after the last closed: %s, want 0 as before", v)
+		}
+		if v := sysctl(t, "lo"); v != "1" {
+			t.Errorf("lo's forwarding after the last closed: %s, want 1 as before", v)
+		}
+		if m, _ := filepath.Glob(filepath.Join(dir, "*.prev")); len(m) != 0 {
+			t.Errorf("files of the values before left: %v", m)
+		}
+
+		// On before any Flame: the host's, never turned off.
+		setSysctl(t, "all", "1")
+		c, err := Open(dir, "c", "group c")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if err := c.Forwarding(nil); err != nil {
+			t.Error(err)
+		}
+		c.Close()
+		if v := sysctl(t, "all"); v != "1" {
+			t.Errorf("forwarding on before any Flame, after it closed: %s, want 1", v)
+		}
+	})
+}
+
+// deadHandle is the handle of a process that has ended.
+func deadHandle(t *testing.T) hostproc.Handle {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := hostproc.ReadStat(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := hostproc.Handle{Pid: cmd.Process.Pid, Start: st.Start, BootID: hostproc.BootID()}
+	cmd.Process.Kill()
+	cmd.Wait()
+	return h
+}
+
+// writeDead writes the record a dead owner left.
+func writeDead(t *testing.T, dir, name, group string, things ...Thing) {
+	t.Helper()
+	netns, err := Netns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(state{Owner: deadHandle(t).String(), Group: group, Netns: netns, Things: things})
+	if err := os.WriteFile(filepath.Join(dir, name+recordExt), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Its lock file, as a killed owner leaves it: there, and free.
+	if err := os.WriteFile(filepath.Join(dir, name+lockExt), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func addBridge(t *testing.T, name string) {
+	t.Helper()
+	if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil {
+		t.Fatalf("bridge %s: %v", name, err)
+	}
+}
+
+func linkThere(name string) bool {
+	_, err := netlink.LinkByName(name)
+	return err == nil
+}
+
+// TestSweepOnlyTheDead: a sweep removes what the records of dead owners
+// name, and the forwarding they held; it leaves a live owner's record and
+// things, those of its own group, and a bridge no record names, however
+// like a Flame's its name is.
+func TestSweepOnlyTheDead(t *testing.T) {
+	inNetns(t, func() {
+		dir := t.TempDir()
+		setSysctl(t, "all", "0")
+		addBridge(t, "fldead-0")
+		addBridge(t, "fldead-1") // looks like it, named by no record
+		addBridge(t, "flmine-0")
+		addBridge(t, "fllive-0")
+		cg := t.TempDir() // not a cgroup: a directory stands for one here
+		// A dead owner that had turned forwarding on.
+		writeDead(t, dir, "dead", "group dead", Link("fldead-0", "bridge"), Thing{Kind: KindForward})
+		was, _ := json.Marshal(before{All: "0", Default: "0", Ifaces: map[string]string{"lo": "0"}})
+		netns, _ := Netns()
+		os.WriteFile(prevFile(dir, netns), was, 0o600)
+		setSysctl(t, "all", "1")
+		// A dead owner of the sweeper's own group: taken over, not swept.
+		writeDead(t, dir, "mine", "group mine", Link("flmine-0", "bridge"))
+		// A live owner.
+		live, err := Open(dir, "live", "group live")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer live.Close()
+		live.Add(Link("fllive-0", "bridge"), Cgroup(filepath.Join(cg, "x")))
+		// A record whose lock is free but whose owner lives (this
+		// process): not provably dead.
+		self, _ := Self()
+		b, _ := json.Marshal(state{Owner: self.String(), Group: "group other", Netns: netns, Things: []Thing{Link("fldead-1", "bridge")}})
+		os.WriteFile(filepath.Join(dir, "other"+recordExt), b, 0o600)
+
+		reports := Sweep(dir, "group mine", nil)
+		if len(reports) != 1 || reports[0].Record != "dead" {
+			t.Errorf("swept %v, want the dead owner's record only", reports)
+		} else if reports[0].Removed["bridge"] != 1 || reports[0].Err != nil {
+			t.Errorf("report %+v, want 1 bridge removed", reports[0])
+		}
+		for name, want := range map[string]bool{"fldead-0": false, "fldead-1": true, "flmine-0": true, "fllive-0": true} {
+			if linkThere(name) != want {
+				t.Errorf("bridge %s there: %v, want %v", name, !want, want)
+			}
+		}
+		for name, want := range map[string]bool{"dead": false, "mine": true, "live": true, "other": true} {
+			_, err := os.Stat(filepath.Join(dir, name+recordExt))
+			if (err == nil) != want {
+				t.Errorf("record %s there: %v, want %v", name, err == nil, want)
+			}
+		}
+		if v := sysctl(t, "all"); v != "0" {
+			t.Errorf("forwarding the dead owner turned on: %s after the sweep, want 0", v)
+		}
+	})
+}
