@@ -217,3 +217,34 @@ func TestSweepOnlyTheDead(t *testing.T) {
 		}
 	})
 }
+
+// TestRemoveInherited: a record taken again after its owner died holds
+// what that owner recorded; RemoveInherited removes it (a part that takes
+// nothing over), and what the new owner adds stays.
+func TestRemoveInherited(t *testing.T) {
+	inNetns(t, func() {
+		dir := t.TempDir()
+		addBridge(t, "flold-0")
+		addBridge(t, "flnew-0")
+		writeDead(t, dir, "link", "group", Link("flold-0", "bridge"))
+		r, err := Open(dir, "link", "group")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer r.Close()
+		if err := r.Add(Link("flnew-0", "bridge")); err != nil {
+			t.Error(err)
+		}
+		rep := r.RemoveInherited()
+		if rep.Removed["bridge"] != 1 || rep.Err != nil {
+			t.Errorf("removed %s (%v), want 1 bridge", rep, rep.Err)
+		}
+		if linkThere("flold-0") || !linkThere("flnew-0") {
+			t.Errorf("after: old bridge there %v, new %v; want false, true", linkThere("flold-0"), linkThere("flnew-0"))
+		}
+		if got := r.Things(); len(got) != 1 || got[0].Name != "flnew-0" {
+			t.Errorf("record names %v, want the new bridge only", got)
+		}
+	})
+}

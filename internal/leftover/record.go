@@ -104,9 +104,10 @@ type Record struct {
 	dir, name string
 	lock      *os.File
 
-	mu     sync.Mutex
-	st     state
-	closed bool
+	mu        sync.Mutex
+	st        state
+	inherited []Thing // what a dead owner of the name recorded
+	closed    bool
 }
 
 // Open takes the record called name in dir (made if absent) for this
@@ -139,6 +140,7 @@ func Open(dir, name, group string) (*Record, error) {
 	r := &Record{dir: dir, name: name, lock: lock}
 	if old, err := readState(filepath.Join(dir, name+recordExt)); err == nil && old.Netns == netns {
 		r.st.Things = old.Things
+		r.inherited = slices.Clone(old.Things)
 	}
 	r.st.Owner, r.st.Group, r.st.Netns = self.String(), group, netns
 	if err := r.writeLocked(); err != nil {
@@ -146,6 +148,32 @@ func Open(dir, name, group string) (*Record, error) {
 		return nil, err
 	}
 	return r, nil
+}
+
+// RemoveInherited removes what a dead owner of the record's name recorded
+// and is not this owner's to take over (a part that makes its things anew
+// on each start), as a sweep would, and forgets it; the hold of the IPv6
+// forwarding is kept (see Forwarding).
+func (r *Record) RemoveInherited() Report {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rep := Report{Record: r.name, Group: r.st.Group, Removed: map[string]int{}}
+	var gone []Thing
+	for _, t := range r.inherited {
+		if t.Kind != KindForward {
+			gone = append(gone, t)
+		}
+	}
+	r.inherited = nil
+	if len(gone) == 0 {
+		return rep
+	}
+	removeThings(&rep, gone, true)
+	if rep.Err == nil && len(rep.Left) == 0 {
+		r.st.Things = slices.DeleteFunc(r.st.Things, func(t Thing) bool { return slices.Contains(gone, t) })
+		rep.Err = r.writeLocked()
+	}
+	return rep
 }
 
 // Self is this process's durable name.

@@ -91,9 +91,21 @@ func OpenLink(cfg LinkConfig) (_ *Link, err error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	rec, err := leftover.Open(leftover.DefaultDir, "mesh-"+cfg.Name, leftover.NetworkGroup(cfg.Network.String()))
+	// Its name is its TUN's in its network namespace: agents in
+	// namespaces of their own may each have a link of the same name.
+	netns, err := leftover.Netns()
 	if err != nil {
 		return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
+	}
+	rec, err := leftover.Open(leftover.DefaultDir, "mesh-"+strings.ReplaceAll(netns, ":", "-")+"-"+cfg.Name,
+		leftover.NetworkGroup(cfg.Network.String()))
+	if err != nil {
+		return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
+	}
+	// A link of the same name killed before left its rule and table:
+	// its TUN went with it, so nothing of it is taken over.
+	if rep := rec.RemoveInherited(); len(rep.Removed) > 0 || rep.Err != nil {
+		cfg.Logger.Info("removed what this link's last run left: "+rep.String(), "link", cfg.Name, "err", rep.Err)
 	}
 	l := &Link{cfg: cfg, record: rec}
 	defer func() {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -96,20 +97,26 @@ func TestSweepChild(t *testing.T) {
 	facts := sweepFacts{
 		Bridge: cfg.Bridge, Veth: vethName(spec.MachineID), Cgroups: d.cg.roots, Mount: mountDir(spec),
 		Table: filterTable(cfg.Bridge), TUN: mesh.LinkName(cfg.Network.String(), int(cfg.Host)), RuleIif: cfg.Bridge,
-		Records: []string{"sandbox-" + cfg.Bridge, "mesh-" + mesh.LinkName(cfg.Network.String(), int(cfg.Host))},
 		Locks:   []string{d.prefixLock.Name()},
 		InitPid: h, Instance: cfg.Network.String(),
 	}
-	// The lock files are the records' (the mesh link's slot is its own).
-	for _, r := range facts.Records {
-		rb, err := os.ReadFile(filepath.Join(recordDir, r+".json"))
+	// The records are this process's (the driver's and the mesh link's),
+	// and so are the lock files they name (the link's slot is its own).
+	paths, _ := filepath.Glob(filepath.Join(recordDir, "*.json"))
+	self := strconv.Itoa(os.Getpid()) + ":"
+	for _, p := range paths {
+		rb, err := os.ReadFile(p)
 		if err != nil {
-			t.Fatal(err)
+			continue
 		}
-		var rec struct{ Things []leftover.Thing }
-		if err := json.Unmarshal(rb, &rec); err != nil {
-			t.Fatal(err)
+		var rec struct {
+			Owner  string
+			Things []leftover.Thing
 		}
+		if json.Unmarshal(rb, &rec) != nil || !strings.HasPrefix(rec.Owner, self) {
+			continue
+		}
+		facts.Records = append(facts.Records, strings.TrimSuffix(filepath.Base(p), ".json"))
 		for _, th := range rec.Things {
 			if th.Kind == leftover.KindLockFile && th.Name != d.prefixLock.Name() {
 				facts.Locks = append(facts.Locks, th.Name)
