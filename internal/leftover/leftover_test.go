@@ -2,10 +2,15 @@ package leftover
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -247,4 +252,79 @@ func TestRemoveInherited(t *testing.T) {
 			t.Errorf("record names %v, want the new bridge only", got)
 		}
 	})
+}
+
+// cgroupMounts finds a cgroup2 mount and a cgroup v1 hierarchy of the
+// memory controller.
+func cgroupMounts(t *testing.T) (v2, v1 string) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(f) < 5 || len(g) < 3 {
+			continue
+		}
+		switch {
+		case g[0] == "cgroup2" && v2 == "":
+			v2 = f[4]
+		case g[0] == "cgroup" && v1 == "" && slices.Contains(strings.Split(g[2], ","), "memory"):
+			v1 = f[4]
+		}
+	}
+	if v2 == "" || v1 == "" {
+		t.Fatalf("cgroup2 mount %q, cgroup v1 memory hierarchy %q: need both", v2, v1)
+	}
+	return v2, v1
+}
+
+// TestSweepCgroups: the cgroups of a dead owner's record, in a cgroup2
+// hierarchy and a v1 one, are emptied of their processes (a machine still
+// running) and removed with their children.
+func TestSweepCgroups(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root")
+	}
+	v2, v1 := cgroupMounts(t)
+	dir := t.TempDir()
+	tag := fmt.Sprintf("flame-leftover-test-%d", os.Getpid())
+	var parents []string
+	var procs []*exec.Cmd
+	for _, root := range []string{v2, v1} {
+		parent := filepath.Join(root, tag)
+		child := filepath.Join(parent, "machine")
+		if err := os.MkdirAll(child, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		parents = append(parents, parent)
+		t.Cleanup(func() { unix.Rmdir(child); unix.Rmdir(parent) })
+		cmd := exec.Command("sleep", "600")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill() })
+		procs = append(procs, cmd)
+		if err := os.WriteFile(filepath.Join(child, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeDead(t, dir, "cg", "group", Cgroup(parents[0]), Cgroup(parents[1]))
+	reports := Sweep(dir, "", nil)
+	if len(reports) != 1 || reports[0].Err != nil || reports[0].Removed["cgroup"] != 4 {
+		t.Fatalf("reports %+v, want 4 cgroups removed", reports)
+	}
+	for _, p := range parents {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("cgroup %s left", p)
+		}
+	}
+	for _, cmd := range procs {
+		err := cmd.Wait()
+		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("process %d in the cgroups: %v, want killed", cmd.Process.Pid, err)
+		}
+	}
 }
