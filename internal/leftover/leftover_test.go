@@ -328,3 +328,63 @@ func TestSweepCgroups(t *testing.T) {
 		}
 	}
 }
+
+// TestSweepDir: a dead owner's directory is removed whole once the mounts
+// other dead owners' records name under it are gone, whichever record
+// sorts first; a mount no record names is left, with what holds it.
+func TestSweepDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (tmpfs mounts)")
+	}
+	dir := t.TempDir()
+	data := filepath.Join(t.TempDir(), "data")
+	named, unnamed := filepath.Join(data, "machine", "rootfs"), filepath.Join(data, "other", "mnt")
+	for _, m := range []string{named, unnamed} {
+		if err := os.MkdirAll(m, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", m, "tmpfs", 0, "size=1m"); err != nil {
+			t.Fatalf("mount tmpfs: %v", err)
+		}
+		t.Cleanup(func() { unix.Unmount(m, unix.MNT_DETACH) })
+		if err := os.WriteFile(filepath.Join(m, "f"), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(data, "registry"), []byte("blobs"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	plain := filepath.Join(t.TempDir(), "plain")
+	if err := os.MkdirAll(filepath.Join(plain, "a", "b"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(plain, "a", "b", "f"), []byte("x"), 0o600)
+	writeDead(t, dir, "a-dev", "dev", Dir(data))
+	writeDead(t, dir, "b-driver", "dev", Mount(named))
+	writeDead(t, dir, "c-dev", "dev", Dir(plain))
+	reports := Sweep(dir, "", nil)
+	if len(reports) != 3 {
+		t.Fatalf("reports %+v, want 3", reports)
+	}
+	if reports[2].Record != "c-dev" || reports[2].Removed["directory"] != 1 {
+		t.Errorf("third report %+v, want c-dev's directory removed", reports[2])
+	}
+	if _, err := os.Stat(plain); err == nil {
+		t.Errorf("%s left", plain)
+	}
+	if reports[0].Record != "b-driver" || reports[0].Removed["mount"] != 1 {
+		t.Errorf("first report %+v, want b-driver's mount removed", reports[0])
+	}
+	if _, err := os.Stat(named); err == nil {
+		t.Errorf("%s left", named)
+	}
+	if _, err := os.Stat(filepath.Join(data, "registry")); err == nil {
+		t.Error("a file of the directory left")
+	}
+	if _, err := os.Stat(filepath.Join(unnamed, "f")); err != nil {
+		t.Errorf("the mount no record names: %v", err)
+	}
+	if len(reports[1].Left) == 0 || reports[1].Removed["directory"] != 0 {
+		t.Errorf("second report %+v, want the directory left for the mount under it", reports[1])
+	}
+}

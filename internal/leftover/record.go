@@ -42,6 +42,7 @@ const (
 	KindMount    = "mount"    // Name: a mount point: unmounted (detached)
 	KindLockFile = "lockfile" // Name: a lock file (internal/lockfile): removed unless another holds it
 	KindForward  = "forwarding"
+	KindDir      = "dir" // Name: a directory the owner made for itself: removed whole, never across a mount point, after every mount
 )
 
 // Thing is one thing a record names.
@@ -74,6 +75,9 @@ func Cgroup(dir string) Thing { return Thing{Kind: KindCgroup, Name: dir} }
 
 // Mount is a mount point in the host's mount namespace.
 func Mount(dir string) Thing { return Thing{Kind: KindMount, Name: dir} }
+
+// Dir is a directory of the owner's own (a temporary data dir).
+func Dir(path string) Thing { return Thing{Kind: KindDir, Name: path} }
 
 // LockFile is a lock file taken with internal/lockfile.
 func LockFile(path string) Thing { return Thing{Kind: KindLockFile, Name: path} }

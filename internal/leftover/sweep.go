@@ -69,6 +69,10 @@ func Sweep(dir, keep string, log *slog.Logger) []Report {
 	}
 	paths, _ := filepath.Glob(filepath.Join(dir, "*"+recordExt))
 	sort.Strings(paths)
+	// The records that name directories last: what is mounted under one
+	// is another record's (a driver's machines under a dev cluster's
+	// data dir), and a directory is never removed across a mount.
+	sort.SliceStable(paths, func(i, j int) bool { return !namesDir(paths[i]) && namesDir(paths[j]) })
 	var out []Report
 	for _, p := range paths {
 		name := strings.TrimSuffix(filepath.Base(p), recordExt)
@@ -77,14 +81,21 @@ func Sweep(dir, keep string, log *slog.Logger) []Report {
 			continue
 		}
 		out = append(out, rep)
+		// A warning: a Flame on this host died without cleaning up.
 		msg := fmt.Sprintf("removed leftovers of %s, whose owner is dead: %s", rep.Group, rep)
 		if rep.Err != nil || len(rep.Left) > 0 {
 			log.Warn(msg, "record", name, "owner", rep.Owner, "left", rep.Left, "err", rep.Err)
 		} else {
-			log.Info(msg, "record", name, "owner", rep.Owner)
+			log.Warn(msg, "record", name, "owner", rep.Owner)
 		}
 	}
 	return out
+}
+
+// namesDir reports whether the record file at path names a directory.
+func namesDir(path string) bool {
+	st, err := readState(path)
+	return err == nil && slices.ContainsFunc(st.Things, func(t Thing) bool { return t.Kind == KindDir })
 }
 
 // sweepOne sweeps the record called name, if its owner is dead.
@@ -159,7 +170,7 @@ func ownerDead(handle string) bool {
 // the links last. With sameNetns false, the things of a network namespace
 // are left: not reachable from here, they go with their namespace.
 func removeThings(rep *Report, things []Thing, sameNetns bool) {
-	order := []string{KindCgroup, KindMount, KindNFTable, KindRule, KindTable, KindLink, KindLockFile}
+	order := []string{KindCgroup, KindMount, KindNFTable, KindRule, KindTable, KindLink, KindLockFile, KindDir}
 	for _, kind := range order {
 		for _, t := range things {
 			if t.Kind != kind {
@@ -185,6 +196,8 @@ func removeThings(rep *Report, things []Thing, sameNetns bool) {
 				err = removeLink(rep, t)
 			case KindLockFile:
 				err = removeLockFile(rep, t.Name)
+			case KindDir:
+				err = removeDir(rep, t.Name)
 			}
 			if err != nil {
 				rep.Err = errors.Join(rep.Err, err)
@@ -227,4 +240,61 @@ func removeMount(rep *Report, dir string) error {
 		rep.Removed["mount"]++
 	}
 	return nil
+}
+
+// removeDir removes the directory dir and what it holds, on dir's own file
+// system only: what is mounted below it, and the directories holding it,
+// are left, and reported.
+func removeDir(rep *Report, dir string) error {
+	if !filepath.IsAbs(dir) || filepath.Clean(dir) == "/" {
+		return fmt.Errorf("directory %q: not one to remove", dir)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return fmt.Errorf("directory %s: %w", dir, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		rep.Left = append(rep.Left, "directory "+dir+": not a directory")
+		return nil
+	}
+	if removeTree(rep, dir, st.Dev) {
+		rep.Removed["directory"]++
+	}
+	return nil
+}
+
+// removeTree removes path if it is on device dev, a directory after its
+// entries, and reports whether it is gone.
+func removeTree(rep *Report, path string, dev uint64) bool {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return errors.Is(err, unix.ENOENT)
+	}
+	if st.Dev != dev {
+		rep.Left = append(rep.Left, path+": a mount point")
+		return false
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		err := unix.Unlink(path)
+		return err == nil || errors.Is(err, unix.ENOENT)
+	}
+	entries, err := os.ReadDir(path)
+	if err != nil {
+		rep.Left = append(rep.Left, path+": "+err.Error())
+		return false
+	}
+	all := true
+	for _, e := range entries {
+		if !removeTree(rep, filepath.Join(path, e.Name()), dev) {
+			all = false
+		}
+	}
+	if !all {
+		return false
+	}
+	err = unix.Rmdir(path)
+	return err == nil || errors.Is(err, unix.ENOENT)
 }

@@ -23,13 +23,15 @@ import (
 var recordDir = leftover.DefaultDir
 
 // recordGroup is what a driver's record is kept for: its network (the
-// instance's, shared by all its hosts), or its bridge with a legacy
-// instance's layout.
+// instance's, shared by all its hosts). The drivers of legacy layouts,
+// whose hosts share no network, are one group: they never sweep one
+// another's records (a dev cluster's hosts would sweep one another's last
+// run before adopting it).
 func recordGroup(cfg Config) string {
 	if cfg.Network != 0 {
 		return leftover.NetworkGroup(cfg.Network.String())
 	}
-	return "bridge " + cfg.Bridge
+	return LegacyInstance
 }
 
 // sweepLeftovers removes what dead Flames' drivers and mesh links left.
