@@ -27,9 +27,9 @@ import (
 	"github.com/flamehq/flame/internal/mesh"
 )
 
-// sweepChildEnv, set, makes TestSweepChild the body of the process that
-// TestSweepAfterKill SIGKILLs: its value is the directory to work in.
-const sweepChildEnv = "FLAME_SANDBOX_SWEEP_CHILD"
+// sweepChildCommand runs the test binary as the process TestSweepAfterKill
+// SIGKILLs (see TestMain): "sweep-child <dir>".
+const sweepChildCommand = "sweep-child"
 
 // sweepFacts is what the killed process made, as it tells its parent.
 type sweepFacts struct {
@@ -48,57 +48,74 @@ type sweepFacts struct {
 
 // machineAndLink runs, in driver d, a machine that sleeps, and opens the
 // mesh link of d's host: what a dev host has when it is killed.
-func machineAndLink(t *testing.T, d *Driver, dir string) (driver.Spec, *mesh.Link) {
-	t.Helper()
-	spec := testSpec(t, "busybox")
-	spec.Entrypoint = []string{"sleep", "3600"}
-	spec.Dir = filepath.Join(dir, "machine-"+spec.MachineID)
-	spec.LogPath = filepath.Join(spec.Dir, "log")
+func machineAndLink(d *Driver, dir string) (driver.Spec, *mesh.Link, error) {
+	id := randHex(14)
+	mdir := filepath.Join(dir, "machine-"+id)
+	spec := driver.Spec{
+		MachineID: id, InstanceID: "01J" + strings.ToUpper(randHex(23)), App: "demo", Org: 1, Region: "local",
+		Dir: mdir, LogPath: filepath.Join(mdir, "log"), Image: "busybox", Entrypoint: []string{"sleep", "3600"},
+		MemoryMB: 256, CPUs: 1,
+	}
 	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
-		t.Fatal(err)
+		return spec, nil, err
 	}
 	ctx := context.Background()
 	if _, err := d.Prepare(ctx, spec); err != nil {
-		t.Fatal(err)
+		return spec, nil, err
 	}
 	if _, err := d.Start(ctx, spec); err != nil {
-		t.Fatal(err)
+		return spec, nil, err
 	}
 	link, err := mesh.OpenLink(mesh.LinkConfig{Name: mesh.LinkName(d.cfg.Network.String(), int(d.cfg.Host)),
 		Network: d.cfg.Network, Bridge: d.cfg.Bridge})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return spec, link
+	return spec, link, err
 }
 
-// TestSweepChild is the body of the process TestSweepAfterKill kills: a
-// driver with a machine and the mesh link of its host, and then nothing
-// until the SIGKILL. Without sweepChildEnv it has nothing to do.
-func TestSweepChild(t *testing.T) {
-	dir := os.Getenv(sweepChildEnv)
-	if dir == "" {
-		return
+// sweepChildMain is the process TestSweepAfterKill kills: a driver with a
+// machine and the mesh link of its host, its facts written to dir, then
+// nothing until the SIGKILL.
+func sweepChildMain(dir string) int {
+	fail := func(err error) int {
+		fmt.Fprintln(os.Stderr, "sweep child:", err)
+		return 1
 	}
-	cfg := sweepConfig(t, dir)
+	root, err := os.MkdirTemp(dir, "root-")
+	if err != nil {
+		return fail(err)
+	}
+	bb := findBusybox()
+	if bb == "" {
+		return fail(errors.New("no static busybox"))
+	}
+	if err := buildBase(filepath.Join(root, "base"), bb); err != nil {
+		return fail(err)
+	}
+	testRoot = root
+	cfg, err := sweepConfig(dir)
+	if err != nil {
+		return fail(err)
+	}
 	d, err := New(cfg)
 	if err != nil {
-		t.Fatal(err)
+		return fail(err)
 	}
-	spec, _ := machineAndLink(t, d, dir)
+	spec, _, err := machineAndLink(d, dir)
+	if err != nil {
+		return fail(err)
+	}
 	st, err := readState(spec.Dir)
 	if err != nil {
-		t.Fatal(err)
+		return fail(err)
 	}
-	h, err := parseInitHandle(st.Handle)
+	h, err := hostproc.ParseHandle(st.Handle)
 	if err != nil {
-		t.Fatal(err)
+		return fail(err)
 	}
 	facts := sweepFacts{
 		Bridge: cfg.Bridge, Veth: vethName(spec.MachineID), Cgroups: d.cg.roots, Mount: mountDir(spec),
 		Table: filterTable(cfg.Bridge), TUN: mesh.LinkName(cfg.Network.String(), int(cfg.Host)), RuleIif: cfg.Bridge,
 		Locks:   []string{d.prefixLock.Name()},
-		InitPid: h, Instance: cfg.Network.String(),
+		InitPid: h.Pid, Instance: cfg.Network.String(),
 	}
 	// The records are this process's (the driver's and the mesh link's),
 	// and so are the lock files they name (the link's slot is its own).
@@ -125,30 +142,19 @@ func TestSweepChild(t *testing.T) {
 	}
 	b, _ := json.Marshal(facts)
 	if err := os.WriteFile(filepath.Join(dir, "facts.json"), b, 0o600); err != nil {
-		t.Fatal(err)
+		return fail(err)
 	}
 	fmt.Println("ready")
 	select {} // until killed
 }
 
-func parseInitHandle(s string) (int, error) {
-	pid, _, ok := strings.Cut(s, ":")
-	if !ok {
-		return 0, fmt.Errorf("handle %q", s)
-	}
-	var n int
-	_, err := fmt.Sscan(pid, &n)
-	return n, err
-}
-
 // sweepConfig is a driver of an instance of its own whose state is in dir,
-// which outlives the process (no t.TempDir, no cleanup: it is killed).
-func sweepConfig(t *testing.T, dir string) Config {
-	requireSandboxes(t)
+// which outlives the process (it is killed: nothing of it is cleaned up).
+func sweepConfig(dir string) (Config, error) {
 	tag := randHex(6)
 	exe, err := os.Executable()
 	if err != nil {
-		t.Fatal(err)
+		return Config{}, err
 	}
 	return Config{
 		Images:       newTestImages(),
@@ -159,7 +165,7 @@ func sweepConfig(t *testing.T, dir string) Config {
 		InitPath:     exe,
 		CgroupParent: "flame-test-" + tag,
 		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
-	}
+	}, nil
 }
 
 // TestSweepAfterKill: a process with a sandbox driver, a running machine
@@ -175,20 +181,28 @@ func TestSweepAfterKill(t *testing.T) {
 	// A live instance: this process's, with a machine and a mesh link.
 	liveCfg := testConfig(t)
 	live := newDriver(t, liveCfg)
-	liveSpec, liveLink := machineAndLink(t, live, t.TempDir())
+	liveSpec, liveLink, err := machineAndLink(live, t.TempDir())
 	t.Cleanup(func() {
-		liveLink.Close()
+		if liveLink != nil {
+			liveLink.Close()
+		}
 		live.Cleanup(context.Background(), liveSpec)
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	liveState, err := readState(liveSpec.Dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	livePid, _ := parseInitHandle(liveState.Handle)
+	liveInit, err := hostproc.ParseHandle(liveState.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	livePid := liveInit.Pid
 
-	// The instance to kill, in a child process.
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSweepChild$", "-test.v")
-	cmd.Env = append(os.Environ(), sweepChildEnv+"="+dir)
+	// The instance to kill, in a process of its own.
+	cmd := exec.Command(os.Args[0], sweepChildCommand, dir)
 	cmd.Stderr = tWriter{t}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -208,16 +222,16 @@ func TestSweepAfterKill(t *testing.T) {
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			t.Log("child: " + sc.Text())
+			t.Log("killed process: " + sc.Text())
 			if sc.Text() == "ready" {
 				ready <- nil
 				io.Copy(io.Discard, out)
 				return
 			}
 		}
-		ready <- errors.New("the child ended before it was ready")
+		ready <- errors.New("the process to kill ended before it was ready")
 	}()
-	// Not a timing assertion: a child that never gets ready fails here
+	// Not a timing assertion: a process that never gets ready fails here
 	// rather than hanging the test.
 	select {
 	case err := <-ready:
@@ -225,7 +239,7 @@ func TestSweepAfterKill(t *testing.T) {
 			t.Fatal(err)
 		}
 	case <-time.After(2 * time.Minute):
-		t.Fatal("the child was not ready in 2 minutes")
+		t.Fatal("the process to kill was not ready in 2 minutes")
 	}
 	var facts sweepFacts
 	b, err := os.ReadFile(filepath.Join(dir, "facts.json"))
@@ -235,7 +249,7 @@ func TestSweepAfterKill(t *testing.T) {
 	if err := json.Unmarshal(b, &facts); err != nil {
 		t.Fatal(err)
 	}
-	// Whatever happens, nothing of the child's outlives the test.
+	// Whatever happens, nothing of the killed process's outlives the test.
 	t.Cleanup(func() {
 		newFilter(facts.Bridge, 0).close(true)
 		for _, c := range facts.Cgroups {
