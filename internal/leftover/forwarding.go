@@ -81,15 +81,15 @@ func (r *Record) Forwarding(log *slog.Logger) error {
 	if cur == "1" {
 		return nil // on: the host's, or another Flame's (whose file says what it was)
 	}
-	prev := prevFile(r.dir, netns)
-	if _, err := os.Stat(prev); errors.Is(err, os.ErrNotExist) {
-		b, err := json.Marshal(snapshotForwarding())
-		if err != nil {
-			return err
-		}
-		if err := atomicfile.Write(prev, b, ""); err != nil {
-			return fmt.Errorf("ipv6 forwarding: keep the values before: %w", err)
-		}
+	// Off: what a file of an earlier hold says is stale (the switch was
+	// turned off since, or the file is of a namespace gone whose number
+	// this one reuses).
+	b, err := json.Marshal(snapshotForwarding())
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(prevFile(r.dir, netns), b, ""); err != nil {
+		return fmt.Errorf("ipv6 forwarding: keep the values before: %w", err)
 	}
 	if err := os.WriteFile(forwardingPath, []byte("1"), 0o644); err != nil {
 		return fmt.Errorf("ipv6 forwarding: %w", err)
@@ -117,11 +117,11 @@ func snapshotForwarding() before {
 
 // releaseForwarding runs release (which removes a record holding the
 // switch of netns) and, when no record left in dir holds it, restores the
-// switches as they were before a Flame turned forwarding on (if one did).
-// A switch of another network namespace than the calling thread's is not
-// reachable from here: it goes with its namespace, and only its file is
-// removed.
-func releaseForwarding(dir, netns string, release func() error) error {
+// switches as they were before a Flame turned forwarding on (if one did),
+// in netns: the calling thread's, or one enter (nil: none) moves it into.
+// A switch of a namespace it cannot reach (a dead owner's other
+// namespace) goes with its namespace: only its file is removed.
+func releaseForwarding(dir, netns string, enter func() (leave func(), err error), release func() error) error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	unlock, err := lockForwarding(dir)
@@ -144,8 +144,16 @@ func releaseForwarding(dir, netns string, release func() error) error {
 		return fmt.Errorf("ipv6 forwarding: %w", err)
 	}
 	if own, err := Netns(); err != nil || own != netns {
-		os.Remove(prev)
-		return err
+		if enter == nil {
+			os.Remove(prev)
+			return err
+		}
+		leave, err := enter()
+		if err != nil {
+			os.Remove(prev)
+			return fmt.Errorf("ipv6 forwarding: %w", err)
+		}
+		defer leave()
 	}
 	var was before
 	if err := json.Unmarshal(b, &was); err != nil {

@@ -388,3 +388,48 @@ func TestSweepDir(t *testing.T) {
 		t.Errorf("second report %+v, want the directory left for the mount under it", reports[1])
 	}
 }
+
+// TestForwardingGivenBackInItsNamespace: a record closed from a thread of
+// another network namespace gives the forwarding back in its own.
+func TestForwardingGivenBackInItsNamespace(t *testing.T) {
+	dir := t.TempDir()
+	outside := sysctl(t, "all")
+	opened, closed, checked := make(chan *Record), make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(checked)
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare: %v", err)
+			close(opened)
+			return
+		}
+		setSysctl(t, "all", "0")
+		r, err := Open(dir, "elsewhere", "group")
+		if err == nil {
+			err = r.Forwarding(nil)
+		}
+		if err != nil {
+			t.Error(err)
+			close(opened)
+			return
+		}
+		opened <- r
+		<-closed
+		if v := sysctl(t, "all"); v != "0" {
+			t.Errorf("forwarding of the record's namespace after it closed elsewhere: %s, want 0", v)
+		}
+	}()
+	r, ok := <-opened
+	if ok {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := r.Close(); err != nil {
+			t.Error(err)
+		}
+		close(closed)
+	}
+	<-checked
+	if v := sysctl(t, "all"); v != outside {
+		t.Errorf("forwarding where it was closed: %s, was %s", v, outside)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -107,6 +108,7 @@ type state struct {
 type Record struct {
 	dir, name string
 	lock      *os.File
+	netns     *os.File // the owner's network namespace, to give the forwarding back in
 
 	mu        sync.Mutex
 	st        state
@@ -141,13 +143,24 @@ func Open(dir, name, group string) (*Record, error) {
 		lock.Close()
 		return nil, fmt.Errorf("record %s: %w", name, err)
 	}
-	r := &Record{dir: dir, name: name, lock: lock}
+	nsFile, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("record %s: network namespace: %w", name, err)
+	}
+	if ns, err := fileNetns(nsFile); err != nil || ns != netns {
+		nsFile.Close()
+		lock.Close()
+		return nil, fmt.Errorf("record %s: the network namespace changed under it", name)
+	}
+	r := &Record{dir: dir, name: name, lock: lock, netns: nsFile}
 	if old, err := readState(filepath.Join(dir, name+recordExt)); err == nil && old.Netns == netns {
 		r.st.Things = old.Things
 		r.inherited = slices.Clone(old.Things)
 	}
 	r.st.Owner, r.st.Group, r.st.Netns = self.String(), group, netns
 	if err := r.writeLocked(); err != nil {
+		nsFile.Close()
 		lock.Close()
 		return nil, err
 	}
@@ -196,6 +209,36 @@ func Netns() (string, error) {
 		return "", fmt.Errorf("network namespace: %w", err)
 	}
 	return fmt.Sprintf("%d:%d", st.Dev, st.Ino), nil
+}
+
+// fileNetns names the network namespace f is open on.
+func fileNetns(f *os.File) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d:%d", st.Dev, st.Ino), nil
+}
+
+// enterNetns moves the calling thread, which must be locked to its
+// goroutine, into the owner's network namespace; leave moves it back. A
+// thread that cannot be moved back is left locked, so that it ends with
+// its goroutine instead of serving others in the wrong namespace.
+func (r *Record) enterNetns() (leave func(), err error) {
+	back, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Setns(int(r.netns.Fd()), unix.CLONE_NEWNET); err != nil {
+		back.Close()
+		return nil, fmt.Errorf("enter network namespace %s: %w", r.st.Netns, err)
+	}
+	return func() {
+		if unix.Setns(int(back.Fd()), unix.CLONE_NEWNET) != nil {
+			runtime.LockOSThread() // never unlocked: the thread goes with the goroutine
+		}
+		back.Close()
+	}, nil
 }
 
 // Add records things, before they are made (a thing recorded and never
@@ -271,11 +314,12 @@ func (r *Record) Close() error {
 		return nil
 	}
 	if forwarding {
-		errs = append(errs, releaseForwarding(r.dir, r.st.Netns, release))
+		errs = append(errs, releaseForwarding(r.dir, r.st.Netns, r.enterNetns, release))
 	} else {
 		errs = append(errs, release())
 	}
 	lockfile.Release(r.lock)
+	r.netns.Close()
 	return errors.Join(errs...)
 }
 

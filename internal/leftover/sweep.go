@@ -136,7 +136,7 @@ func sweepOne(dir, name, keep string) (Report, bool) {
 		return nil
 	}
 	if slices.ContainsFunc(st.Things, func(t Thing) bool { return t.Kind == KindForward }) {
-		if err := releaseForwarding(dir, st.Netns, release); err != nil {
+		if err := releaseForwarding(dir, st.Netns, nil, release); err != nil {
 			rep.Err = errors.Join(rep.Err, err)
 		}
 	} else if err := release(); err != nil {
