@@ -38,6 +38,7 @@ func removeCgroupTree(rep *Report, dir string) error {
 	os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
 	deadline := time.Now().Add(cgroupDrain)
 	wait := time.Millisecond
+	killed := map[int]bool{}
 	for {
 		err := unix.Rmdir(dir)
 		if err == nil {
@@ -54,7 +55,8 @@ func removeCgroupTree(rep *Report, dir string) error {
 		if b, rerr := os.ReadFile(filepath.Join(dir, "cgroup.procs")); rerr == nil {
 			for f := range strings.FieldsSeq(string(b)) {
 				if pid, perr := strconv.Atoi(f); perr == nil && pid > 0 && pid != os.Getpid() {
-					if unix.Kill(pid, unix.SIGKILL) == nil {
+					if unix.Kill(pid, unix.SIGKILL) == nil && !killed[pid] {
+						killed[pid] = true
 						rep.Removed["process"]++
 					}
 				}
