@@ -135,23 +135,19 @@ func Open(dir, name, group string) (*Record, error) {
 	}
 	self, err := Self()
 	if err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("record %s: %w", name, err)
-	}
-	netns, err := Netns()
-	if err != nil {
-		lock.Close()
+		lockfile.Release(lock)
 		return nil, fmt.Errorf("record %s: %w", name, err)
 	}
 	nsFile, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
-		lock.Close()
+		lockfile.Release(lock)
 		return nil, fmt.Errorf("record %s: network namespace: %w", name, err)
 	}
-	if ns, err := fileNetns(nsFile); err != nil || ns != netns {
+	netns, err := fileNetns(nsFile)
+	if err != nil {
 		nsFile.Close()
-		lock.Close()
-		return nil, fmt.Errorf("record %s: the network namespace changed under it", name)
+		lockfile.Release(lock)
+		return nil, fmt.Errorf("record %s: network namespace: %w", name, err)
 	}
 	r := &Record{dir: dir, name: name, lock: lock, netns: nsFile}
 	if old, err := readState(filepath.Join(dir, name+recordExt)); err == nil && old.Netns == netns {
@@ -161,7 +157,7 @@ func Open(dir, name, group string) (*Record, error) {
 	r.st.Owner, r.st.Group, r.st.Netns = self.String(), group, netns
 	if err := r.writeLocked(); err != nil {
 		nsFile.Close()
-		lock.Close()
+		lock.Close() // the lock file is a dead owner's record's too
 		return nil, err
 	}
 	return r, nil
@@ -185,6 +181,8 @@ func (r *Record) RemoveInherited() Report {
 	if len(gone) == 0 {
 		return rep
 	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	removeThings(&rep, gone, true)
 	if rep.Err == nil && len(rep.Left) == 0 {
 		r.st.Things = slices.DeleteFunc(r.st.Things, func(t Thing) bool { return slices.Contains(gone, t) })

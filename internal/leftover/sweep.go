@@ -62,7 +62,8 @@ func plural(s string) string {
 // no such process, or the pid another process's now) and whose group is
 // not keep, the things it names, then the record. A record of a live
 // owner, or one whose owner cannot be told dead, is left alone. Each
-// record swept is logged and reported.
+// record swept is logged and reported; one of which something could not
+// be removed is kept for the next sweep.
 func Sweep(dir, keep string, log *slog.Logger) []Report {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -72,7 +73,11 @@ func Sweep(dir, keep string, log *slog.Logger) []Report {
 	// The records that name directories last: what is mounted under one
 	// is another record's (a driver's machines under a dev cluster's
 	// data dir), and a directory is never removed across a mount.
-	sort.SliceStable(paths, func(i, j int) bool { return !namesDir(paths[i]) && namesDir(paths[j]) })
+	dirs := map[string]bool{}
+	for _, p := range paths {
+		dirs[p] = namesDir(p)
+	}
+	sort.SliceStable(paths, func(i, j int) bool { return !dirs[paths[i]] && dirs[paths[j]] })
 	var out []Report
 	for _, p := range paths {
 		name := strings.TrimSuffix(filepath.Base(p), recordExt)
@@ -83,7 +88,9 @@ func Sweep(dir, keep string, log *slog.Logger) []Report {
 		out = append(out, rep)
 		// A warning: a Flame on this host died without cleaning up.
 		msg := fmt.Sprintf("removed leftovers of %s, whose owner is dead: %s", rep.Group, rep)
-		if rep.Err != nil || len(rep.Left) > 0 {
+		if rep.Err != nil {
+			log.Warn(msg+"; not all: its record is kept for the next sweep", "record", name, "owner", rep.Owner, "left", rep.Left, "err", rep.Err)
+		} else if len(rep.Left) > 0 {
 			log.Warn(msg, "record", name, "owner", rep.Owner, "left", rep.Left, "err", rep.Err)
 		} else {
 			log.Warn(msg, "record", name, "owner", rep.Owner)
@@ -129,6 +136,12 @@ func sweepOne(dir, name, keep string) (Report, bool) {
 	defer runtime.UnlockOSThread()
 	here, _ := Netns()
 	removeThings(&rep, st.Things, st.Netns == here)
+	if rep.Err != nil {
+		// Kept, whole, for the next sweep to try again (what is gone
+		// already is nothing to it).
+		lock.Close()
+		return rep, true
+	}
 	release := func() error {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
