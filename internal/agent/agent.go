@@ -65,6 +65,11 @@ type Config struct {
 	// first (defaults 20 and 200).
 	DestroyedPerApp  int
 	DestroyedPerHost int
+	// OrgNumbers, when set, numbers the orgs of creates that come without
+	// a number (no control plane) in place of this host's store: a dev
+	// cluster of hosts only gives all its hosts one numbering (see
+	// orgnet.go).
+	OrgNumbers OrgNumbering
 }
 
 func (c *Config) setDefaults() {
@@ -245,7 +250,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		if r.OrgNet == 0 {
 			// Recorded before machines had an org's network: numbered
 			// here, as a host without a control plane does.
-			if r.OrgNet, err = a.store.orgNumber(r.Org); err != nil {
+			if r.OrgNet, err = a.orgOf(r.Org, 0); err != nil {
 				a.mu.Unlock()
 				return fmt.Errorf("agent: %w", err)
 			}

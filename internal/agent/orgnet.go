@@ -15,7 +15,9 @@ import (
 // create from the control plane, which allocates it once per org for the
 // whole platform. A host that runs without one (a lone agent, a dev
 // cluster of hosts only) numbers the orgs it sees itself, in its store:
-// stable and never reused on this host, but consistent on this host only.
+// stable and never reused on this host, but consistent on this host only,
+// so a host with peers and no control plane is given the cluster's
+// numbering instead (Config.OrgNumbers).
 
 // bucketOrgs holds the orgs this host numbered itself: "o/<slug>" → number
 // (2 bytes). Its sequence is the last number given.
@@ -51,11 +53,29 @@ func (s *store) orgNumber(slug string) (layout.Org, error) {
 	return n, nil
 }
 
-// orgOf is the number of a create's org: the control plane's, or this
-// host's own.
+// orgOf is the number of a create's org: the control plane's, the
+// cluster's numbering (Config.OrgNumbers), or this host's own.
 func (a *Agent) orgOf(slug string, given uint16) (layout.Org, error) {
 	if given != 0 {
 		return layout.Org(given), nil
 	}
+	if a.cfg.OrgNumbers != nil {
+		n, err := a.cfg.OrgNumbers.OrgNumber(slug)
+		if err != nil {
+			return 0, fmt.Errorf("number org %q: %w", slug, err)
+		}
+		if n == 0 {
+			return 0, fmt.Errorf("number org %q: numbering gave 0", slug)
+		}
+		return n, nil
+	}
 	return a.store.orgNumber(slug)
+}
+
+// OrgNumbering numbers orgs for every host of a cluster without a control
+// plane alike: one org, one number, on all of them; two orgs, two numbers.
+// A host numbering by itself could give two orgs one number on two hosts,
+// and their machines would then share a network across the mesh.
+type OrgNumbering interface {
+	OrgNumber(slug string) (layout.Org, error)
 }

@@ -140,6 +140,11 @@ func runDev(c *cobra.Command, f devFlags) error {
 			return err
 		}
 	}
+	leftoversDone, err := devLeftovers(instance, f.dataDir, temporary, log)
+	if err != nil {
+		return err
+	}
+	defer leftoversDone()
 	kinds := make([]string, 0)
 	// Run by a user other than root, flame dev can only run machines as
 	// that user's processes: nobody else is a tenant of it, so the exec

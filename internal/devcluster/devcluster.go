@@ -196,6 +196,9 @@ type Cluster struct {
 	sim        *simNet
 	// faults are the hosts killed (faults.go).
 	faults faults
+	// orgs numbers the orgs for every host when there is no control
+	// plane (orgnumbers.go).
+	orgs *orgNumbers
 	// toHosts is the control plane's transport to the hosts, unless
 	// Config.Server brought its own client.
 	toHosts *http.Transport
@@ -313,6 +316,13 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	})
 	c := &Cluster{Net: nw, cfg: cfg}
 	c.sim = newSimNet(c)
+	if !cfg.ControlPlane {
+		orgs, err := loadOrgNumbers(cfg.Dir)
+		if err != nil {
+			return nil, fmt.Errorf("devcluster: %w", err)
+		}
+		c.orgs = orgs
+	}
 	apiHost, apiPort, err := splitPort(cfg.APIAddr)
 	if err != nil {
 		return nil, fmt.Errorf("devcluster: api address: %w", err)
@@ -593,6 +603,8 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	}
 	if c.cfg.ControlPlane {
 		hc.Events = &c.bus
+	} else {
+		hc.OrgNumbers = c.orgs
 	}
 	if slot != nil {
 		hc.Identity = slot

@@ -47,7 +47,8 @@ func (c *Cluster) newMesh(id string, i int, dataDir string) (*mesh.Mesh, error) 
 	if !ok {
 		return nil, fmt.Errorf("devcluster: host %s not on the simulated network", id)
 	}
-	link, err := mesh.OpenLink(mesh.LinkConfig{Name: mesh.LinkName(mc.Instance, i), Network: mc.Network, Bridge: mc.Bridge(i)})
+	link, err := mesh.OpenLink(mesh.LinkConfig{Name: mesh.LinkName(mc.Instance, i), Network: mc.Network, Bridge: mc.Bridge(i),
+		Logger: c.cfg.Logger.With("host", id)})
 	if err != nil {
 		return nil, err
 	}

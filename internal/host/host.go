@@ -53,7 +53,11 @@ type Config struct {
 	Driver driver.Driver
 	// Backoff spaces automatic restarts (zero: the agent's default).
 	Backoff machine.Backoff
-	Logger  *slog.Logger
+	// OrgNumbers numbers the orgs of creates without a control plane's
+	// number, for every host of the cluster alike (nil: the host's own
+	// store; see agent.Config.OrgNumbers).
+	OrgNumbers agent.OrgNumbering
+	Logger     *slog.Logger
 
 	// Cluster joins the host to the others when Cluster.HostID is set: its
 	// machines are published to every host, and DNS answers from the
@@ -182,15 +186,16 @@ func New(cfg Config) (*Host, error) {
 		cfg.Cluster.Capacity = DefaultCapacity()
 	}
 	ag, err := agent.New(agent.Config{
-		Capacity: cfg.Cluster.Capacity,
-		DataDir:  cfg.DataDir,
-		Region:   cfg.Region,
-		Driver:   cfg.Driver,
-		Logger:   cfg.Logger,
-		Backoff:  cfg.Backoff,
-		OnChange: h.machinesChanged,
-		OnEvent:  h.publishEvent,
-		OnLog:    h.publishLog,
+		Capacity:   cfg.Cluster.Capacity,
+		DataDir:    cfg.DataDir,
+		Region:     cfg.Region,
+		Driver:     cfg.Driver,
+		Logger:     cfg.Logger,
+		Backoff:    cfg.Backoff,
+		OrgNumbers: cfg.OrgNumbers,
+		OnChange:   h.machinesChanged,
+		OnEvent:    h.publishEvent,
+		OnLog:      h.publishLog,
 	})
 	if err != nil {
 		return nil, err

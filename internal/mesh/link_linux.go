@@ -3,6 +3,7 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
 
+	"github.com/flamehq/flame/internal/leftover"
 	"github.com/flamehq/flame/internal/lockfile"
 	"github.com/flamehq/flame/internal/mesh/layout"
 )
@@ -39,6 +41,8 @@ type LinkConfig struct {
 	Bridge string
 	// LockDir holds the allocation locks (default /run/flame).
 	LockDir string
+	// Logger (nil: none) hears of the host's IPv6 forwarding.
+	Logger *slog.Logger
 }
 
 // LinkName is the TUN name of host number host of an instance: "fw",
@@ -56,6 +60,9 @@ type Link struct {
 	rule  *netlink.Rule // nil on the main table
 	route *netlink.Route
 	lock  *os.File
+	// record names what the link makes on the host, so that a Flame
+	// killed leaves nothing for good (internal/leftover).
+	record *leftover.Record
 }
 
 // The allocation of a routing table and a rule priority for a Link with a
@@ -81,17 +88,39 @@ func OpenLink(cfg LinkConfig) (_ *Link, err error) {
 	if _, err := netlink.LinkByName(cfg.Name); err == nil {
 		return nil, fmt.Errorf("mesh link %s: exists already: another Flame uses the name", cfg.Name)
 	}
-	// Routing from a bridge into the TUN is forwarding, which IPv6 does
-	// only when it is on for the whole namespace.
-	if err := os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1"), 0o644); err != nil {
-		return nil, fmt.Errorf("mesh link: ipv6 forwarding: %w", err)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	l := &Link{cfg: cfg}
+	// Its name is its TUN's in its network namespace: agents in
+	// namespaces of their own may each have a link of the same name.
+	netns, err := leftover.Netns()
+	if err != nil {
+		return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
+	}
+	rec, err := leftover.Open(leftover.DefaultDir, "mesh-"+strings.ReplaceAll(netns, ":", "-")+"-"+cfg.Name,
+		leftover.NetworkGroup(cfg.Network.String()))
+	if err != nil {
+		return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
+	}
+	// A link of the same name killed before left its rule and table:
+	// its TUN went with it, so nothing of it is taken over.
+	if rep := rec.RemoveInherited(); len(rep.Removed) > 0 || rep.Err != nil {
+		cfg.Logger.Info("removed what this link's last run left: "+rep.String(), "link", cfg.Name, "err", rep.Err)
+	}
+	l := &Link{cfg: cfg, record: rec}
 	defer func() {
 		if err != nil {
 			l.Close()
 		}
 	}()
+	// Routing from a bridge into the TUN is forwarding, which IPv6 does
+	// only when it is on for the whole namespace (see leftover).
+	if err := rec.Forwarding(cfg.Logger); err != nil {
+		return nil, fmt.Errorf("mesh link: %w", err)
+	}
+	if err := rec.Add(leftover.Link(cfg.Name, "tun")); err != nil {
+		return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
+	}
 	if l.tun, err = tun.CreateTUN(cfg.Name, MTU); err != nil {
 		return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
 	}
@@ -120,6 +149,11 @@ func OpenLink(cfg LinkConfig) (_ *Link, err error) {
 		l.rule.Dst = dst
 		l.rule.Table = tableBase + slot
 		l.rule.Priority = prioBase + slot
+		err = rec.Add(leftover.LockFile(lock.Name()), leftover.Table(route.Table),
+			leftover.Rule(l.rule.Priority, l.rule.Table, l.rule.IifName, leftover.RuleDst(dst)))
+		if err != nil {
+			return nil, fmt.Errorf("mesh link %s: %w", cfg.Name, err)
+		}
 	}
 	if err := netlink.RouteAdd(route); err != nil {
 		return nil, fmt.Errorf("mesh link %s: route %s: %w", cfg.Name, network, err)
@@ -203,6 +237,10 @@ func (l *Link) Close() error {
 	if l.lock != nil {
 		lockfile.Release(l.lock)
 		l.lock = nil
+	}
+	if l.record != nil {
+		errs = append(errs, l.record.Close())
+		l.record = nil
 	}
 	return errors.Join(errs...)
 }

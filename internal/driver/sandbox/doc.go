@@ -177,7 +177,8 @@
 // The filter (filter.go: nftables, two tables of the driver's own) lets a
 // machine send only from its MAC and address, only IPv6, and only to its
 // org's network, to layout.DNS port 53 or to the world, which the host
-// reaches for it by masquerading (the driver turns IPv6 forwarding on);
+// reaches for it by masquerading (the driver turns IPv6 forwarding on while
+// it lives, see internal/leftover);
 // nothing from the bridge reaches the host but replies to its own
 // connections, neighbour discovery and DNS. The machine's facts go into the
 // filter before its workload runs. The host answers layout.DNS for the
@@ -194,4 +195,8 @@
 // writable layer (what the machine wrote goes with it) and the root
 // filesystem, removes the state files, and gives back the id range, once
 // no process of the sandbox is left, and the address.
+//
+// What a driver killed leaves on the host (its bridge, cgroups, filter
+// tables, mounts, lock files) its record names, and the next driver to start
+// on the host of another network removes it (sweep.go, internal/leftover).
 package sandbox

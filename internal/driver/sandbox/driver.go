@@ -20,6 +20,7 @@ import (
 
 	"github.com/flamehq/flame/internal/driver"
 	"github.com/flamehq/flame/internal/image"
+	"github.com/flamehq/flame/internal/leftover"
 	"github.com/flamehq/flame/internal/lockfile"
 	"github.com/flamehq/flame/internal/mesh/layout"
 
@@ -162,6 +163,7 @@ type Driver struct {
 	netMu       sync.Mutex
 	bridgeIndex int
 	prefixLock  *os.File            // see claimPrefix; nil once closed
+	record      *leftover.Record    // what the driver made outside its state (sweep.go)
 	gateways    map[layout.Org]bool // the orgs whose gateway the bridge has (see orgnet.go)
 	filter      *filter             // nil for a legacy instance (see filter.go)
 	ports       map[string]port     // machine id → its port in the filter
@@ -206,6 +208,7 @@ func New(cfg Config) (*Driver, error) {
 	if !ipv6Enabled() {
 		return nil, errors.New("sandbox driver: IPv6 is disabled on this host")
 	}
+	sweepLeftovers(cfg, cfg.Logger)
 	lock, err := claimPrefix(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox driver: %w", err)
@@ -218,12 +221,19 @@ func New(cfg Config) (*Driver, error) {
 		lockfile.Release(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
+	rec, err := openRecord(cfg, cg, lock)
+	if err != nil {
+		lockfile.Release(lock)
+		return nil, fmt.Errorf("sandbox driver: %w", err)
+	}
 	l := leases{dir: filepath.Join(cfg.StateDir, "leases")}
 	if err := l.init(); err != nil {
+		rec.Close()
 		lockfile.Release(lock)
 		return nil, fmt.Errorf("sandbox driver: %w", err)
 	}
 	d := &Driver{
+		record: rec,
 		cfg:    cfg,
 		logger: cfg.Logger.With("component", "driver/sandbox"),
 		bootID: hostproc.BootID(),
@@ -238,6 +248,7 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Network != 0 {
 		d.filter = newFilter(cfg.Bridge, cfg.Network)
 		if err := d.filter.install(); err != nil {
+			rec.Close()
 			lockfile.Release(lock)
 			return nil, fmt.Errorf("sandbox driver: %w", err)
 		}
@@ -440,6 +451,9 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (_ driver.Process,
 		}
 	}()
 	if err = os.MkdirAll(mountDir(spec), 0o700); err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
+	}
+	if err = d.recordMount(mountDir(spec)); err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
 	if err = mountDisk(spec, mountDir(spec)); err != nil {
@@ -780,6 +794,8 @@ func (d *Driver) teardown(ctx context.Context, spec driver.Spec) error {
 	// The writable layer first: what the machine wrote goes with it.
 	if err := unmountDisk(mountDir(spec)); err != nil {
 		errs = append(errs, err)
+	} else {
+		d.forgetMount(mountDir(spec))
 	}
 	if err := d.cfg.Images.Unmount(ctx, mountDir(spec)); err != nil {
 		errs = append(errs, fmt.Errorf("unmount root filesystem: %w", err))
@@ -861,6 +877,11 @@ func (d *Driver) Close() error {
 		d.prefixLock = nil
 	}
 	d.netMu.Unlock()
+	// What the driver keeps for its running machines, and so for the
+	// next driver on its state, is no leftover: the record goes.
+	if err := d.record.Close(); err != nil {
+		ferr = errors.Join(ferr, err)
+	}
 	return ferr
 }
 

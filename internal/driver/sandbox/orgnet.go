@@ -3,7 +3,6 @@ package sandbox
 import (
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -154,7 +153,7 @@ func (l leases) any(prefix netip.Prefix) bool {
 // and takes from it the addresses of the network that are not a gateway of
 // this host (what an earlier layout left: a /64 per host).
 func (d *Driver) readyLayoutBridge(br netlink.Link) error {
-	if err := enableForwarding(d.logger); err != nil {
+	if err := d.enableForwarding(); err != nil {
 		return err
 	}
 	ll := &netlink.Addr{IPNet: ipNet(bridgeLinkLocal, 64), Flags: unix.IFA_F_NODAD}
@@ -305,24 +304,5 @@ func (d *Driver) unfilter(id string) error {
 			d.logger.Warn("remove a machine's filter", "machine", id, "err", err)
 		}
 	}()
-	return nil
-}
-
-// ipv6Forwarding is the host's IPv6 forwarding switch: machines' packets to
-// the world (masqueraded, see filter.go) and to other hosts are routed by
-// the host. Linux has no per-interface switch for it.
-const ipv6Forwarding = "/proc/sys/net/ipv6/conf/all/forwarding"
-
-// enableForwarding turns on IPv6 forwarding, unless it is on. A host
-// that routes ignores router advertisements on interfaces with accept_ra 1:
-// one that takes its own IPv6 route from them needs accept_ra 2 there.
-func enableForwarding(log *slog.Logger) error {
-	if b, err := os.ReadFile(ipv6Forwarding); err == nil && strings.TrimSpace(string(b)) == "1" {
-		return nil
-	}
-	if err := writeFile(ipv6Forwarding, "1"); err != nil {
-		return fmt.Errorf("enable IPv6 forwarding: %w", err)
-	}
-	log.Info("IPv6 forwarding enabled: machines reach the world through this host")
 	return nil
 }

@@ -42,6 +42,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == netProbeCommand {
 		os.Exit(netProbeMain(os.Args[2:]))
 	}
+	if len(os.Args) > 2 && os.Args[1] == sweepChildCommand {
+		os.Exit(sweepChildMain(os.Args[2]))
+	}
 	if len(os.Args) > 2 && os.Args[1] == stepsCommand {
 		n, _ := strconv.Atoi(os.Args[2])
 		os.Exit(stepsMain(n))
