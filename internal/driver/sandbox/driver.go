@@ -879,8 +879,10 @@ func (d *Driver) Close() error {
 	d.netMu.Unlock()
 	// What the driver keeps for its running machines, and so for the
 	// next driver on its state, is no leftover: the record goes.
-	if err := d.record.Close(); err != nil {
-		ferr = errors.Join(ferr, err)
+	if d.record != nil { // none for a rootless driver
+		if err := d.record.Close(); err != nil {
+			ferr = errors.Join(ferr, err)
+		}
 	}
 	return ferr
 }

@@ -61,10 +61,20 @@ func openRecord(cfg Config, cg *cgroups, prefixLock *os.File) (*leftover.Record,
 }
 
 // recordMount names a machine's writable layer in the record, before it is
-// mounted; forgetMount once it is unmounted.
-func (d *Driver) recordMount(dir string) error { return d.record.Add(leftover.Mount(dir)) }
+// mounted; forgetMount once it is unmounted. A rootless driver keeps no
+// record: what it makes lives in its own namespaces and the user's dirs.
+func (d *Driver) recordMount(dir string) error {
+	if d.record == nil {
+		return nil
+	}
+	return d.record.Add(leftover.Mount(dir))
+}
 
-func (d *Driver) forgetMount(dir string) { d.record.Drop(leftover.Mount(dir)) }
+func (d *Driver) forgetMount(dir string) {
+	if d.record != nil {
+		d.record.Drop(leftover.Mount(dir))
+	}
+}
 
 // enableForwarding turns the host's IPv6 forwarding on while the driver
 // lives (see leftover.Record.Forwarding): machines' packets to the world
