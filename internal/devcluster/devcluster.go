@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/flamehq/flame/internal/cluster"
@@ -490,6 +491,17 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 	if err != nil {
 		return nil, err
 	}
+	h, err := c.startHostOn(ctx, tr, id, region, i, apiAddr, dnsAddr, edgeAddr, seed)
+	if err != nil {
+		// Its gossip port too: a revive that failed leaves nothing bound,
+		// and the next one binds again. (A host that started owns it.)
+		tr.Shutdown()
+		return nil, err
+	}
+	return h, nil
+}
+
+func (c *Cluster) startHostOn(ctx context.Context, tr *netsim.Transport, id, region string, i int, apiAddr, dnsAddr, edgeAddr, seed string) (*Host, error) {
 	ln, err := listenStable(apiAddr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", apiAddr, err)
@@ -888,6 +900,9 @@ func listenDNS(addr string) (net.PacketConn, net.Listener, error) {
 			return pc, ln, nil
 		}
 		pc.Close()
+		if port != 0 && errors.Is(err, syscall.EADDRINUSE) {
+			err = fmt.Errorf("%w (%s)", err, portHolder(port))
+		}
 		last = err
 	}
 	return nil, nil, fmt.Errorf("dns: listen on %s for both UDP and TCP: %w", addr, last)

@@ -1,12 +1,15 @@
 package devcluster
 
 import (
+	"cmp"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // A killed host gets its addresses back when it is revived, and the
@@ -75,9 +78,64 @@ func listenStable(addr string) (net.Listener, error) {
 	}
 	for i, port := range ports {
 		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err != nil && port != 0 && errors.Is(err, syscall.EADDRINUSE) {
+			err = fmt.Errorf("%w (%s)", err, portHolder(port))
+		}
 		if err == nil || i == len(ports)-1 {
 			return ln, err
 		}
 	}
 	panic("unreachable")
+}
+
+// portHolder describes what holds TCP port port on this machine — each
+// socket bound to it, its state and the process owning it — for an
+// "address already in use" to say who took a host's address.
+func portHolder(port int) string {
+	states := map[string]string{"01": "established", "02": "syn-sent", "06": "time-wait", "08": "close-wait", "0A": "listening"}
+	type sock struct{ local, remote, state string }
+	socks := map[string]sock{} // by inode
+	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 {
+				continue
+			}
+			_, hexPort, ok := strings.Cut(f[1], ":")
+			if p, err := strconv.ParseInt(hexPort, 16, 32); !ok || err != nil || int(p) != port {
+				continue
+			}
+			socks[f[9]] = sock{local: f[1], remote: f[2], state: cmp.Or(states[f[3]], f[3])}
+		}
+	}
+	if len(socks) == 0 {
+		return "no TCP socket holds it now"
+	}
+	owners := map[string]string{}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if _, err := strconv.Atoi(p.Name()); err != nil {
+			continue
+		}
+		fds, _ := os.ReadDir("/proc/" + p.Name() + "/fd")
+		for _, fd := range fds {
+			l, _ := os.Readlink("/proc/" + p.Name() + "/fd/" + fd.Name())
+			if inode, ok := strings.CutPrefix(l, "socket:["); ok {
+				inode = strings.TrimSuffix(inode, "]")
+				if _, ok := socks[inode]; ok {
+					comm, _ := os.ReadFile("/proc/" + p.Name() + "/comm")
+					owners[inode] = fmt.Sprintf("pid %s (%s)", p.Name(), strings.TrimSpace(string(comm)))
+				}
+			}
+		}
+	}
+	var out []string
+	for inode, s := range socks {
+		out = append(out, fmt.Sprintf("%s socket %s→%s of %s", s.state, s.local, s.remote, cmp.Or(owners[inode], "no process")))
+	}
+	return strings.Join(out, "; ")
 }

@@ -1,8 +1,11 @@
 package devcluster
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
 	"testing"
 )
 
@@ -48,5 +51,19 @@ func TestHostPortsBelowEphemeral(t *testing.T) {
 	}
 	if _, _, err := listenDNS(pc.LocalAddr().String()); err == nil {
 		t.Errorf("DNS again on %v succeeded", pc.LocalAddr())
+	}
+}
+
+// TestPortHolderNamesTheListener: an address already in use says which
+// socket holds it and whose it is.
+func TestPortHolderNamesTheListener(t *testing.T) {
+	ln, err := listenStable("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, err = listenStable(ln.Addr().String())
+	if err == nil || !strings.Contains(err.Error(), "listening socket") || !strings.Contains(err.Error(), fmt.Sprintf("pid %d ", os.Getpid())) {
+		t.Fatalf("listening again: %v, want it to name this process's listening socket", err)
 	}
 }
