@@ -342,14 +342,12 @@ func (c *Cluster) revive(ctx context.Context, id string) error {
 	if seed == "" && c.Plane != nil && !c.PlaneDown() {
 		seed = c.Plane.Cluster.GossipAddr()
 	}
-	c.release(id)
 	c.Net.Revive(id)
 	// The host lives as long as the cluster, not as the call that revived
 	// it (a chaos API request): its loops do not take ctx's end.
 	h, err := c.startHost(context.WithoutCancel(ctx), id, old.Region, i, old.Addr(), old.DNSAddr, old.EdgeAddr, seed)
 	if err != nil {
 		c.Net.Kill(id)
-		c.reserve(old)
 		return fmt.Errorf("devcluster: revive %s: %w", id, err)
 	}
 	c.Hosts[i] = h

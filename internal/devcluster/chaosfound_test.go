@@ -2,15 +2,18 @@ package devcluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/flamehq/flame/api"
 	"github.com/flamehq/flame/internal/driver"
+	"github.com/flamehq/flame/internal/driver/exec"
 	"github.com/flamehq/flame/internal/driver/fake"
 	"github.com/flamehq/flame/internal/proxy/route"
 )
@@ -136,26 +139,58 @@ func TestRevivedEdgeServesAtOnce(t *testing.T) {
 }
 
 // TestReviveWhereItWas: a killed host's addresses stay its own until it is
-// revived, whatever else on the machine tries to take them — found by a
-// chaos run (seed 307 of the fourth sweep), where a revive failed because
-// a connection had been given the killed host's DNS port.
+// revived, whatever else on the machine tries to take them, at every
+// moment — found by chaos runs, where a revive failed because a connection,
+// then a listener, had been given the killed host's port while its
+// sockets were closed and not yet held again.
 func TestReviveWhereItWas(t *testing.T) {
 	ctx := context.Background()
-	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1}, nil)
+	// A host's close takes a while (its driver's here): the addresses are
+	// tried all along it.
+	const closing = 500 * time.Millisecond
+	c := startExecCluster(t, Config{Regions: []string{"ams", "iad"}, HostsPerRegion: 1,
+		NewDriver: func(string, int, string) (driver.Driver, error) {
+			return slowClose{exec.New(exec.Config{}, nil), closing}, nil
+		}}, nil)
 	old := c.host("iad-1")
+	taken := func(when string) {
+		t.Helper()
+		// Another program wants the addresses the killed host listened on.
+		for _, addr := range []string{apiAddr(old.APIURL), old.DNSAddr, old.EdgeAddr} {
+			if ln, err := net.Listen("tcp", addr); err == nil {
+				t.Cleanup(func() { ln.Close() })
+				t.Errorf("%s: %s was free for others while its host was dead", when, addr)
+			}
+		}
+		if pc, err := net.ListenPacket("udp", old.DNSAddr); err == nil {
+			t.Cleanup(func() { pc.Close() })
+			t.Errorf("%s: udp %s was free for others while its host was dead", when, old.DNSAddr)
+		}
+	}
 	if err := c.KillHost(ctx, old.ID); err != nil {
 		t.Fatal(err)
 	}
 	c.faults.mu.Lock()
 	gone := c.faults.gone[old.ID]
 	c.faults.mu.Unlock()
-	<-gone
-	// Another program wants the addresses the killed host listened on.
-	for _, addr := range []string{apiAddr(old.APIURL), old.DNSAddr, old.EdgeAddr} {
-		if ln, err := net.Listen("tcp", addr); err == nil {
-			t.Cleanup(func() { ln.Close() })
-			t.Errorf("%s was free for others while its host was dead", addr)
+	for closed := false; !closed; {
+		select {
+		case <-gone:
+			closed = true
+		case <-time.After(20 * time.Millisecond):
 		}
+		taken("while its close runs")
+	}
+	taken("once closed")
+	// A dead host refuses: a connection is closed at once, not left
+	// hanging in a backlog.
+	conn, err := net.DialTimeout("tcp", apiAddr(old.APIURL), 5*time.Second)
+	if err == nil {
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := conn.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("a connection to the dead host's API: read %d, %v; want it closed", n, err)
+		}
+		conn.Close()
 	}
 	if _, err := c.Revive(ctx, old.ID); err != nil {
 		t.Fatal(err)
@@ -163,4 +198,18 @@ func TestReviveWhereItWas(t *testing.T) {
 	if h := c.host(old.ID); h.APIURL != old.APIURL || h.DNSAddr != old.DNSAddr || h.EdgeAddr != old.EdgeAddr {
 		t.Errorf("revived at %s %s %s, was at %s %s %s", h.APIURL, h.DNSAddr, h.EdgeAddr, old.APIURL, old.DNSAddr, old.EdgeAddr)
 	}
+}
+
+// slowClose is a driver whose Close takes d.
+type slowClose struct {
+	driver.Driver
+	d time.Duration
+}
+
+func (s slowClose) Close() error {
+	time.Sleep(s.d)
+	if c, ok := s.Driver.(interface{ Close() error }); ok {
+		return c.Close()
+	}
+	return nil
 }

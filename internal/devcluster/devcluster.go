@@ -197,6 +197,10 @@ type Cluster struct {
 	sim        *simNet
 	// faults are the hosts killed (faults.go).
 	faults faults
+	// kept are the hosts' sockets on real loopback, by host id, kept
+	// across kills and revives (keep.go).
+	keptMu sync.Mutex
+	kept   map[string]*keptSockets
 	// orgs numbers the orgs for every host when there is no control
 	// plane (orgnumbers.go).
 	orgs *orgNumbers
@@ -502,15 +506,11 @@ func (c *Cluster) startHost(ctx context.Context, id, region string, i int, apiAd
 }
 
 func (c *Cluster) startHostOn(ctx context.Context, tr *netsim.Transport, id, region string, i int, apiAddr, dnsAddr, edgeAddr, seed string) (*Host, error) {
-	ln, err := listenStable(apiAddr)
+	ks, err := c.keep(id, apiAddr, dnsAddr, edgeAddr)
 	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", apiAddr, err)
-	}
-	pc, dl, err := listenDNS(dnsAddr)
-	if err != nil {
-		ln.Close()
 		return nil, err
 	}
+	ln, pc, dl := ks.api.lease(), ks.dnsUDP.lease(), ks.dnsTCP.lease()
 	if err := c.sim.exposeOnce(id, ln.Addr().String(), c.cfg.ControlPlane); err != nil {
 		ln.Close()
 		pc.Close()
@@ -528,14 +528,7 @@ func (c *Cluster) startHostOn(ctx context.Context, tr *netsim.Transport, id, reg
 	}
 	var edge net.Listener
 	if edgeAddr != "" {
-		if edge, err = listenStable(edgeAddr); err != nil {
-			ln.Close()
-			pc.Close()
-			dl.Close()
-			backhaul.Close()
-			return nil, fmt.Errorf("edge: listen on %s: %w", edgeAddr, err)
-		}
-		if edge, err = c.withEntry(id, edge); err != nil {
+		if edge, err = c.withEntry(id, ks.edge.lease()); err != nil {
 			ln.Close()
 			pc.Close()
 			dl.Close()
@@ -816,7 +809,7 @@ func (c *Cluster) close() error {
 		}
 	}
 	c.faults.wg.Wait()
-	c.releaseAll()
+	c.closeKept()
 	c.hostClients.close()
 	c.sim.close()
 	errs = append(errs, c.Net.Close())

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"sync"
 	"syscall"
 
@@ -41,8 +40,6 @@ type faults struct {
 	closed bool              // no stall resumes
 	// gone is closed, per killed host, once its background close is over.
 	gone map[string]chan struct{}
-	// held are the killed hosts' addresses, kept for Revive (reserve.go).
-	held map[string][]io.Closer
 }
 
 // Killed reports whether the host was killed.
@@ -172,7 +169,6 @@ func (c *Cluster) crash(ctx context.Context, h *Host) error {
 		if err := h.Close(); err != nil {
 			c.cfg.Logger.Debug("closing a killed host", "host", h.ID, "err", err)
 		}
-		c.reserve(h)
 	}()
 	return errors.Join(errs...)
 }

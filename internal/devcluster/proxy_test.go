@@ -82,8 +82,10 @@ func startExecCluster(t testing.TB, cfg Config, modes map[string]string) *Cluste
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(tWriter{t, over}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
-	cfg.NewDriver = func(string, int, string) (driver.Driver, error) {
-		return exec.New(exec.Config{Images: images}, nil), nil
+	if cfg.NewDriver == nil {
+		cfg.NewDriver = func(string, int, string) (driver.Driver, error) {
+			return exec.New(exec.Config{Images: images}, nil), nil
+		}
 	}
 	c, err := Start(context.Background(), cfg)
 	if err != nil {
