@@ -75,14 +75,20 @@ func (fc *fastConn) forward(body []byte) action {
 		cands, _ = p.autostart(context.Background(), st, strings.Clone(appName), q, cands)
 	}
 	fc.newID()
-	var tried []string
 	o := order{p: p}
+	return fc.deliver(st, appName, cands, &o, body, nil)
+}
+
+// deliver tries the candidates left in o's order until one answers
+// (tried: the failures so far).
+func (fc *fastConn) deliver(st *state, appName string, cands []*route.Target, o *order, body []byte, tried []string) action {
+	p, req := fc.e.p, &fc.req
 	for tg, probe, ok := o.next(cands); ok; tg, probe, ok = o.next(cands) {
 		// Over the backhaul, a request that may go to a next candidate
 		// waits only so long for the far host's acknowledgement (ack.go).
 		// A late one is hedged (hedge.go).
 		ack := !tg.OnSelf && o.more(cands) && idempotent(str(req.method))
-		act, err := fc.attempt(st, tg, body, probe, ack, &o, cands)
+		act, err := fc.attempt(st, tg, body, probe, ack, o, cands)
 		if h := fc.hedge; h != nil {
 			fc.hedge = nil
 			return fc.settleHedge(h, tg, probe, act, err, appName, tried)
@@ -90,24 +96,35 @@ func (fc *fastConn) forward(body []byte) action {
 		if err == nil {
 			return act
 		}
-		if fc.gone.Load() || fc.state.Load() == connClosed {
-			p.release(tg, probe)
-			return actClose // the client went away, or the proxy cut it
+		if act, done := fc.attemptFailed(tg, probe, err, &tried); done {
+			return act
 		}
-		p.strike(tg, err)
-		p.release(tg, probe)
-		if headerTimeout(err) && !idempotent(str(req.method)) {
-			reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, req.method)
-			fc.fail(http.StatusGatewayTimeout, codeTimeout, reason, req.close)
-			return actKeep
-		}
-		p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "request_id", string(fc.id[:fc.idLen]), "err", err)
-		tried = append(tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
 	}
 	reason := fmt.Sprintf("no machine of app %q answered; tried %s", appName, strings.Join(tried, "; "))
 	p.log.Warn("request failed on every candidate", "app", strings.Clone(appName), "request_id", string(fc.id[:fc.idLen]), "reason", reason)
 	fc.fail(http.StatusBadGateway, codeAllFailed, reason, req.close)
 	return actKeep
+}
+
+// attemptFailed records an attempt on tg that failed before its answer
+// started; done when the request ends there (the client left, or a
+// request that is not retried timed out), else the failure joins tried.
+func (fc *fastConn) attemptFailed(tg *route.Target, probe bool, err error, tried *[]string) (act action, done bool) {
+	p, req := fc.e.p, &fc.req
+	if fc.gone.Load() || fc.state.Load() == connClosed {
+		p.release(tg, probe)
+		return actClose, true // the client went away, or the proxy cut it
+	}
+	p.strike(tg, err)
+	p.release(tg, probe)
+	if headerTimeout(err) && !idempotent(str(req.method)) {
+		reason := fmt.Sprintf("machine %s in %s did not answer within %v; a %s is not retried", tg.MachineID, tg.Region, p.cfg.ResponseHeaderTimeout, req.method)
+		fc.fail(http.StatusGatewayTimeout, codeTimeout, reason, req.close)
+		return actKeep, true
+	}
+	p.log.Debug("candidate failed", "app", tg.App, "machine", tg.MachineID, "host", tg.Host, "request_id", string(fc.id[:fc.idLen]), "err", err)
+	*tried = append(*tried, fmt.Sprintf("%s in %s: %v", tg.MachineID, tg.Region, err))
+	return actKeep, false
 }
 
 // attempt sends the request to one candidate (with ack, given up when the
@@ -158,7 +175,15 @@ func (fc *fastConn) attempt(st *state, tg *route.Target, body []byte, probe, ack
 			return actKeep, err
 		}
 	}
-	uc := fc.upConn
+	return fc.answered(fc.upConn, tg, probe)
+}
+
+// answered passes on the answer whose head exchange read from uc (fc's
+// upstream connection in use): a far host's word that the attempt failed
+// is an error, a fly-replay goes to serveEdge, else the answer goes to
+// the client.
+func (fc *fastConn) answered(uc *upConn, tg *route.Target, probe bool) (action, error) {
+	p := fc.e.p
 	defer fc.setUp(nil)
 	resp := &fc.resp
 	if !tg.OnSelf {
@@ -561,7 +586,51 @@ func listedInConnection(hs []h1Header, name []byte) bool {
 func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
 	p, req, resp := fc.e.p, &fc.req, &fc.resp
 	isHead := str(req.method) == http.MethodHead
-	b := fc.out.start(&fc.io)
+	fc.out.b = fc.appendAnswerHead(fc.out.start(&fc.io), isHead)
+	var err error
+	reusable := !resp.close
+	uc.watchBody(fc)
+	switch {
+	case bodyless(isHead, resp.status):
+		uc.r += resp.headLen
+		fc.endLoad()
+		err = fc.out.flush()
+	case resp.contentLength >= 0:
+		uc.r += resp.headLen
+		if err = copyN(&fc.out, uc, resp.contentLength); err == nil {
+			fc.endLoad()
+			err = fc.out.flush()
+		}
+	case resp.chunked:
+		uc.r += resp.headLen
+		err = copyChunked(&fc.out, uc)
+	default:
+		uc.r += resp.headLen
+		reusable = false
+		err = copyUntilEOF(&fc.out, uc)
+	}
+	uc.endWatch() // before uc can go back to the pool
+	if err == nil {
+		fc.endLoad()
+		err = fc.out.flush()
+	}
+	if err != nil {
+		uc.c.Close()
+		p.log.Debug("response cut off", "machine", tg.MachineID, "err", err)
+		return actClose
+	}
+	if reusable && uc.r == uc.w {
+		fc.e.pool.put(uc)
+	} else {
+		uc.c.Close()
+	}
+	return actKeep
+}
+
+// appendAnswerHead writes the head of the machine's answer (fc.resp) as
+// the client gets it.
+func (fc *fastConn) appendAnswerHead(b []byte, isHead bool) []byte {
+	req, resp := &fc.req, &fc.resp
 	b = append(b, "HTTP/1.1 "...)
 	b = appendInt(b, int64(resp.status))
 	b = append(b, ' ')
@@ -601,46 +670,7 @@ func (fc *fastConn) respond(uc *upConn, tg *route.Target) action {
 	if req.close {
 		b = append(b, "Connection: close\r\n"...)
 	}
-	b = append(b, "\r\n"...)
-	fc.out.b = b
-	var err error
-	reusable := !resp.close
-	uc.watchBody(fc)
-	switch {
-	case bodyless(isHead, resp.status):
-		uc.r += resp.headLen
-		fc.endLoad()
-		err = fc.out.flush()
-	case resp.contentLength >= 0:
-		uc.r += resp.headLen
-		if err = copyN(&fc.out, uc, resp.contentLength); err == nil {
-			fc.endLoad()
-			err = fc.out.flush()
-		}
-	case resp.chunked:
-		uc.r += resp.headLen
-		err = copyChunked(&fc.out, uc)
-	default:
-		uc.r += resp.headLen
-		reusable = false
-		err = copyUntilEOF(&fc.out, uc)
-	}
-	uc.endWatch() // before uc can go back to the pool
-	if err == nil {
-		fc.endLoad()
-		err = fc.out.flush()
-	}
-	if err != nil {
-		uc.c.Close()
-		p.log.Debug("response cut off", "machine", tg.MachineID, "err", err)
-		return actClose
-	}
-	if reusable && uc.r == uc.w {
-		fc.e.pool.put(uc)
-	} else {
-		uc.c.Close()
-	}
-	return actKeep
+	return append(b, "\r\n"...)
 }
 
 // appendEdgeHeaders adds what every edge answer carries.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,12 +53,20 @@ type edgeServer struct {
 	// wrapped in TLS with tlsConf (tls.go).
 	tlsLn   net.Listener
 	tlsConf *tls.Config
+
+	// loops serve plain TCP connections from event loops (evloop_linux.go);
+	// nil: every connection has a goroutine.
+	loops *evloops
 }
 
 // fastBodyLimit is the largest request body the fast path buffers itself
 // (within MaxBufferedBody); a larger one goes through net/http, which
 // buffers up to MaxBufferedBody or streams.
 const fastBodyLimit = 64 << 10
+
+// forceEventLoop turns the event loops on for every edge (the tests run
+// the whole suite on them with FLAME_TEST_EVENT_LOOP=1).
+var forceEventLoop bool
 
 // smallBuf is a connection's read buffer until a request needs more.
 const smallBuf = 4 << 10
@@ -95,6 +104,13 @@ func newEdgeServer(p *Proxy, ln net.Listener) *edgeServer {
 	}
 	size := e.headLimit + e.bodyLimit + 4096
 	e.big.New = func() any { b := make([]byte, size); return &b }
+	if p.cfg.EdgeEventLoop || forceEventLoop {
+		loops, err := newEvloops(e, runtime.GOMAXPROCS(0))
+		if err != nil {
+			p.log.Warn("edge event loops unavailable: a goroutine per connection", "err", err)
+		}
+		e.loops = loops
+	}
 	return e
 }
 
@@ -119,6 +135,7 @@ func (e *edgeServer) start() {
 	if e.tlsLn != nil {
 		e.wg.Go(func() { e.acceptLoop(e.tlsLn, true) })
 	}
+	e.loops.start()
 }
 
 func (e *edgeServer) acceptLoop(ln net.Listener, overTLS bool) {
@@ -156,6 +173,8 @@ func (e *edgeServer) acceptLoop(ln net.Listener, overTLS bool) {
 func (e *edgeServer) dispatch(c net.Conn, overTLS bool) {
 	if overTLS {
 		c = tls.Server(c, e.tlsConf)
+	} else if e.loops.adopt(c) {
+		return
 	}
 	fc := &fastConn{e: e, c: c, secure: overTLS}
 	e.mu.Lock()
@@ -196,6 +215,7 @@ func (e *edgeServer) close(ctx context.Context) {
 	if e.tlsLn != nil {
 		e.tlsLn.Close()
 	}
+	e.loops.drain()
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -205,7 +225,7 @@ func (e *edgeServer) close(ctx context.Context) {
 				fc.c.Close()
 			}
 		}
-		left := len(e.conns)
+		left := len(e.conns) + e.loops.live()
 		e.mu.Unlock()
 		if left == 0 {
 			break
@@ -221,6 +241,7 @@ func (e *edgeServer) close(ctx context.Context) {
 			fc.cut()
 		}
 		e.mu.Unlock()
+		e.loops.cut()
 		break
 	}
 	if err := e.slow.Shutdown(ctx); err != nil {
@@ -310,6 +331,9 @@ type fastConn struct {
 	// hedgeCancel, under upMu, ends it on a forced close.
 	hedge       *hedge
 	hedgeCancel context.CancelFunc
+	// resume, when set, is what serve does first: the rest of a request an
+	// event loop began (evloop_linux.go).
+	resume func() action
 }
 
 // endLoad ends the request's count in flight (before the answer's last
@@ -362,11 +386,15 @@ func (fc *fastConn) serve() {
 		e.untrack(fc)
 		e.wg.Done()
 	}()
-	fc.buf = smallBufs.Get().(*[]byte)
+	if fc.buf == nil {
+		fc.buf = smallBufs.Get().(*[]byte)
+	}
 	fc.io = newSockIO(fc.c) // plain through a *tls.Conn
-	fc.clientIP = fc.c.RemoteAddr().String()
-	if h, _, err := net.SplitHostPort(fc.clientIP); err == nil {
-		fc.clientIP = h
+	if fc.clientIP == "" {
+		fc.clientIP = fc.c.RemoteAddr().String()
+		if h, _, err := net.SplitHostPort(fc.clientIP); err == nil {
+			fc.clientIP = h
+		}
 	}
 	if fc.secure {
 		// Idle until the handshake is done: Close may end it.
@@ -382,10 +410,16 @@ func (fc *fastConn) serve() {
 		}
 	}
 	for {
-		if e.closing.Load() {
+		var act action
+		if r := fc.resume; r != nil {
+			fc.resume = nil
+			act = r()
+		} else if e.closing.Load() {
 			return
+		} else {
+			act = fc.next()
 		}
-		switch fc.next() {
+		switch act {
 		case actClose:
 			return
 		case actHandOff:
@@ -570,14 +604,19 @@ func (fc *fastConn) next() action {
 	// The read deadline set last stands while the request is forwarded:
 	// nothing reads the client's connection meanwhile but watchClient,
 	// which clears it.
-	act := fc.forward(body)
+	return fc.served(fc.forward(body), raw)
+}
+
+// served ends a request whose raw bytes (head and body) were read from
+// fc.r, after forward's act.
+func (fc *fastConn) served(act action, raw int) action {
 	fc.out.release()
 	fc.shrink()
 	if act == actHandOff {
 		return act // the request's bytes are replayed from fc.r
 	}
 	fc.r += raw
-	if req.close && act == actKeep {
+	if fc.req.close && act == actKeep {
 		return actClose
 	}
 	return act
