@@ -214,11 +214,11 @@ type lsock struct {
 // loopMsg is what other goroutines hand a loop: a connection to adopt,
 // or a dial's outcome for a client.
 type loopMsg struct {
-	adopt *lconn
-	client  *lconn
-	uc    *upConn
-	err   error
-	fresh bool
+	adopt  *lconn
+	client *lconn
+	uc     *upConn
+	err    error
+	fresh  bool
 }
 
 func newEvloop(e *edgeServer) (*evloop, error) {
@@ -553,6 +553,7 @@ type lup struct {
 	fd    int
 	l     *evloop
 	owner *lconn // the client whose request it carries (nil: in the pool)
+	hup   bool   // the machine shut its side: read to the end
 	wq    []byte // the request's bytes the machine has not taken yet
 }
 
@@ -628,6 +629,9 @@ func (u *lup) onEvent(evs uint32) {
 			u.wq = u.wq[k:]
 		}
 	}
+	if evs&(evRdHup|evHup|evErr) != 0 {
+		u.hup = true
+	}
 	if evs&evRead != 0 {
 		lc.upReadable()
 	}
@@ -652,6 +656,7 @@ type lconn struct {
 	fd     int
 	st     lstate
 	more   bool   // the socket may have bytes unread
+	hup    bool   // the client shut its side: read to the end, no edge follows
 	last   bool   // the answer being written is the connection's last
 	eof    bool   // the client sent its last bytes
 	inHead bool   // a head has begun to arrive (its deadline is set)
@@ -663,6 +668,7 @@ type lconn struct {
 	tg      *route.Target
 	probe   bool
 	fresh   bool // up was dialed for this request
+	headIn  bool // the answer's head is in, its body not yet
 	raw     int  // its bytes in buf from r: head and body
 	bodyN   int
 	sentAt  time.Time
@@ -681,6 +687,9 @@ func (lc *lconn) body() []byte {
 func (lc *lconn) onEvent(evs uint32) {
 	if evs&evRead != 0 {
 		lc.more = true
+	}
+	if evs&(evRdHup|evHup|evErr) != 0 {
+		lc.hup = true
 	}
 	lc.run()
 }
@@ -759,8 +768,9 @@ func (lc *lconn) readIn() bool {
 		lc.more, lc.eof = false, true
 	default:
 		// A read short of the space got all there was: the next bytes
-		// come with the next edge.
-		lc.more = n == len(b)-lc.w
+		// come with the next edge — unless the edge that came said the
+		// client closed its side, whose end no other edge announces.
+		lc.more = n == len(b)-lc.w || lc.hup
 		lc.w += n
 	}
 	return true
@@ -941,6 +951,7 @@ func (lc *lconn) send(u *lup, fresh bool) {
 	b = append(b, lc.body()...)
 	lc.out.b = b
 	u.uc.got = 0
+	lc.headIn = false
 	lc.st = lsUp
 	lc.sentAt = l.now
 	lc.due = l.now.Add(min(l.p.cfg.ResponseHeaderTimeout, clientCheckAfter))
@@ -987,7 +998,7 @@ func (lc *lconn) upReadable() {
 			lc.upFailed(io.EOF)
 			return
 		}
-		short := n < len(uc.buf)-uc.w
+		short := n < len(uc.buf)-uc.w && !u.hup
 		uc.w += n
 		uc.got += n
 		if done := lc.parseAnswer(); done || short {
@@ -1028,6 +1039,7 @@ func (lc *lconn) parseAnswer() bool {
 	case bodyless(isHead, resp.status):
 	case resp.contentLength >= 0 && int64(resp.headLen)+resp.contentLength <= int64(len(uc.buf)):
 		if int64(uc.w-uc.r) < int64(resp.headLen)+resp.contentLength {
+			lc.headIn = true
 			return false // the rest of the body is on its way
 		}
 	default:
@@ -1070,11 +1082,20 @@ func (lc *lconn) answer(isHead bool) {
 	lc.run()
 }
 
-// upFailed: the attempt failed before its answer started.
+// upFailed: the attempt failed before its answer reached the client.
 func (lc *lconn) upFailed(err error) {
 	u := lc.up
 	lc.up = nil
 	lc.l.closeUp(u)
+	if lc.headIn {
+		// The answer had started: as respond, the machine answered and
+		// its body was cut off, which cuts the client's connection.
+		lc.l.p.succeeded(lc.tg)
+		lc.tg = nil
+		lc.l.p.log.Debug("response cut off", "machine", lc.counted, "err", err)
+		lc.close()
+		return
+	}
 	if !lc.fresh && u.uc.got == 0 && !errors.Is(err, errBadResponse) {
 		// A pooled connection the machine closed meanwhile: once more,
 		// on a new one, as attempt does.
