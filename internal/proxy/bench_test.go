@@ -103,6 +103,7 @@ func BenchmarkEdgeLean(b *testing.B) {
 	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
 	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
 	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
+	b.Run("loop", func(b *testing.B) { run(b, benchLoopEdge(b, addr).EdgeAddr()) })
 	// Two hops: the machine on another host, reached over that host's
 	// backhaul listener (net/http on that side).
 	slow2, fast2 := benchTwoHops(b, addr)
@@ -185,6 +186,28 @@ func BenchmarkEdgeParallel(b *testing.B) {
 	b.Run("direct", func(b *testing.B) { run(b, addr.String()) })
 	b.Run("nethttp", func(b *testing.B) { run(b, slow.EdgeAddr()) })
 	b.Run("fast", func(b *testing.B) { run(b, fast.EdgeAddr()) })
+	b.Run("loop", func(b *testing.B) { run(b, benchLoopEdge(b, addr).EdgeAddr()) })
+}
+
+// benchLoopEdge starts an edge with its event loops (Config.EdgeEventLoop)
+// in front of a machine at addr.
+func benchLoopEdge(b *testing.B, addr *net.TCPAddr) *Proxy {
+	edgeLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler), EdgeEventLoop: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := machine("m1", "ams-1", addr)
+	m.Services[0].SoftLimit, m.Services[0].HardLimit = 1000, 1000
+	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{m}}, nil)
+	if err := p.Start(b.Context()); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
 }
 
 // benchEdges starts two edges in front of a machine at addr: net/http

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -484,5 +485,35 @@ func TestEventLoopLeavesNothing(t *testing.T) {
 	}
 	if !settle(func() bool { return plain.open.Load() == 0 && hung.open.Load() == 0 }) {
 		t.Errorf("machine connections left: %d, %d", plain.open.Load(), hung.open.Load())
+	}
+}
+
+// TestEventLoopAllocatesNothing: a request served by the loop allocates
+// nothing (the process's allocations: client, loop and machine alike).
+func TestEventLoopAllocatesNothing(t *testing.T) {
+	p := loopEdge(t, fixedMachine(t, []byte("hello\n")), Config{Logger: slog.New(slog.DiscardHandler)})
+	c, err := net.Dial("tcp", p.EdgeAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := []byte("GET /x?y=1 HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: t\r\nX-Forwarded-For: 203.0.113.1\r\n\r\n")
+	br := bufio.NewReaderSize(c, 16<<10)
+	var failed error
+	one := func() {
+		if _, err := c.Write(req); err != nil {
+			failed = err
+			return
+		}
+		if err := readLeanResponse(br); err != nil {
+			failed = err
+		}
+	}
+	one() // the machine's connection is dialed here
+	if n := testing.AllocsPerRun(500, one); n != 0 || failed != nil {
+		t.Errorf("%v allocations per request (err %v)", n, failed)
+	}
+	if n := loopHanded(p); n != 0 {
+		t.Errorf("%d connections handed to goroutines, want 0", n)
 	}
 }
