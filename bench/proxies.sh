@@ -15,8 +15,9 @@
 # again), each a --warmup run then a --duration run of wrk (keep-alive, one
 # thread, --connections connections, --latency); the table gives medians
 # over the rounds and the range of req/s. --only takes a comma list of
-# direct,nginx,haproxy,caddy,flame-1hop,flame-2hop,flame-loop (flame-loop:
-# one hop, the edge's event loops on; not in the default set). Missing packages are
+# direct,nginx,haproxy,caddy,flame-1hop,flame-2hop,flame-goroutines
+# (flame-goroutines: one hop, a goroutine per connection rather than the
+# edge's event loops; not in the default set). Missing packages are
 # installed from Debian (apt-get update once, then install what is missing;
 # a package this Debian lacks is reported and its row skipped); wrk is the
 # one that must exist (and nginx, the backend). --save keeps the raw
@@ -30,7 +31,7 @@
 # BenchmarkSelect and TestSelectAllocatesNothing in internal/proxy/route.
 set -euo pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 
 rounds=3 duration=10s warmup=3s conns=50 json=0 install=1 render="" only="" save=""
 all_targets="direct nginx haproxy caddy flame-1hop flame-2hop"
@@ -59,7 +60,7 @@ targets=$all_targets
 if [ -n "$only" ]; then
   targets=""
   for t in ${only//,/ }; do
-    [[ " $all_targets flame-loop " == *" $t "* ]] || { echo "proxies.sh: --only: unknown target $t" >&2; exit 2; }
+    [[ " $all_targets flame-goroutines " == *" $t "* ]] || { echo "proxies.sh: --only: unknown target $t" >&2; exit 2; }
     targets+="$t "
   done
 fi
@@ -371,7 +372,7 @@ for t in $targets; do
       else serve "$t" "$proxy_cpu" "${t}_conf" || failed[$t]="did not start"; fi ;;
     flame-1hop) flame_serve "$t" 1 || failed[$t]="did not start" ;;
     flame-2hop) flame_serve "$t" 2 || failed[$t]="did not start" ;;
-    flame-loop) flame_serve "$t" 1 -event-loop || failed[$t]="did not start" ;;
+    flame-goroutines) flame_serve "$t" 1 -no-event-loop || failed[$t]="did not start" ;;
   esac
 done
 

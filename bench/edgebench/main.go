@@ -88,7 +88,7 @@ type options struct {
 	verbose   bool
 
 	tlsCert, tlsKey, tlsListen, tlsAddrFile string // HTTPS at the edge
-	eventLoop                               bool   // the edge's event loops (proxy.Config.EdgeEventLoop)
+	noEventLoop                             bool   // a goroutine per connection (proxy.Config.DisableEventLoop)
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -104,7 +104,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.limit, "limit", 10000, "the service's soft and hard concurrency limits")
 	fs.DurationVar(&o.readyWait, "ready-wait", 30*time.Second, "how long the first answer through the edge may take")
 	fs.BoolVar(&o.verbose, "v", false, "log the proxies' debug messages")
-	fs.BoolVar(&o.eventLoop, "event-loop", false, "serve the edge's plain TCP connections from event loops")
+	fs.BoolVar(&o.noEventLoop, "no-event-loop", false, "serve every edge connection from a goroutine of its own, not from event loops")
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM `file` of the edge's certificate: serve HTTPS too")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM `file` of its key")
 	fs.StringVar(&o.tlsListen, "tls-listen", "127.0.0.1:0", "the HTTPS listener's `address`")
@@ -232,7 +232,7 @@ func start(ctx context.Context, o options, log *slog.Logger) (_ *bench, err erro
 	if err != nil {
 		return nil, err
 	}
-	edge, err := startHost(ctx, "edge-host", o.listen, o.domain, token, log, tlsConf, o.eventLoop)
+	edge, err := startHost(ctx, "edge-host", o.listen, o.domain, token, log, tlsConf, o.noEventLoop)
 	if err != nil {
 		return nil, err
 	}
@@ -268,7 +268,7 @@ func start(ctx context.Context, o options, log *slog.Logger) (_ *bench, err erro
 
 // startHost starts a cluster member and its proxy; edgeAddr "" makes a
 // host with no edge listener, reached only over the backhaul.
-func startHost(ctx context.Context, id, edgeAddr, domain, token string, log *slog.Logger, tlsConf *proxy.TLSConfig, eventLoop bool) (_ *host, err error) {
+func startHost(ctx context.Context, id, edgeAddr, domain, token string, log *slog.Logger, tlsConf *proxy.TLSConfig, noEventLoop bool) (_ *host, err error) {
 	log = log.With("host", id)
 	var edge net.Listener
 	if edgeAddr != "" {
@@ -307,7 +307,7 @@ func startHost(ctx context.Context, id, edgeAddr, domain, token string, log *slo
 	p, err := proxy.New(proxy.Config{
 		HostID: id, Region: region, Domain: domain, Port: publicPort,
 		Edge: edge, Backhaul: backhaul, Token: token, Source: c, Logger: log, TLS: tlsConf,
-		EdgeEventLoop: eventLoop,
+		DisableEventLoop: noEventLoop,
 	})
 	if err != nil {
 		c.Close()

@@ -189,14 +189,15 @@ func BenchmarkEdgeParallel(b *testing.B) {
 	b.Run("loop", func(b *testing.B) { run(b, benchLoopEdge(b, addr).EdgeAddr()) })
 }
 
-// benchLoopEdge starts an edge with its event loops (Config.EdgeEventLoop)
-// in front of a machine at addr.
+// benchLoopEdge starts an edge with its event loops (the default; "fast"
+// is the fast path with a goroutine per connection) in front of a machine
+// at addr.
 func benchLoopEdge(b *testing.B, addr *net.TCPAddr) *Proxy {
 	edgeLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
-	p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler), EdgeEventLoop: true})
+	p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -218,7 +219,7 @@ func benchEdges(b *testing.B, addr *net.TCPAddr) (slow, fast *Proxy) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler), DisableFastPath: disable})
+		p, err := New(Config{HostID: "ams-1", Region: "ams", Token: testToken, Edge: edgeLn, Logger: slog.New(slog.DiscardHandler), DisableFastPath: disable, DisableEventLoop: true})
 		if err != nil {
 			b.Fatal(err)
 		}

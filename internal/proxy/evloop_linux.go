@@ -85,12 +85,18 @@ type evloops struct {
 	e     *edgeServer
 	loops []*evloop
 	rr    atomic.Uint32
+	// notRaw: the machines' dialer gave a connection that is not a plain
+	// socket (a simulated network's); the loops then adopt nothing more.
+	notRaw atomic.Bool
 }
 
 func newEvloops(e *edgeServer, n int) (*evloops, error) {
 	ls := &evloops{e: e}
 	for range max(n, 1) {
 		l, err := newEvloop(e)
+		if l != nil {
+			l.ls = ls
+		}
 		if err != nil {
 			for _, l := range ls.loops {
 				l.closeFDs()
@@ -119,7 +125,7 @@ func (ls *evloops) adopt(c net.Conn) bool {
 		return false
 	}
 	tc, ok := c.(*net.TCPConn)
-	if !ok {
+	if !ok || ls.notRaw.Load() {
 		return false
 	}
 	return ls.loops[ls.rr.Add(1)%uint32(len(ls.loops))].adopt(tc)
@@ -174,6 +180,7 @@ func (ls *evloops) stats() (stalls, handed int64) {
 
 // evloop is one loop: an epoll set and the sockets in it.
 type evloop struct {
+	ls   *evloops
 	e    *edgeServer
 	p    *Proxy
 	epfd int
@@ -916,7 +923,9 @@ func (lc *lconn) dialed(uc *upConn, err error, fresh bool) {
 	fd, serr := stealFD(uc.c)
 	if serr != nil {
 		// Not a plain socket (a simulated network's): the goroutine path
-		// takes the request, and this connection from the pool.
+		// takes the request, and this connection from the pool, and the
+		// connections accepted from now on.
+		l.ls.notRaw.Store(true)
 		lc.unbegin()
 		lc.e.pool.put(uc)
 		lc.toGoroutine(nil)

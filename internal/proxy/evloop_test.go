@@ -21,11 +21,11 @@ import (
 	"github.com/flamehq/flame/internal/proxy/route"
 )
 
-// With FLAME_TEST_EVENT_LOOP=1 every edge of the package's tests serves
-// from its event loops: the whole suite runs on them.
+// With FLAME_TEST_EVENT_LOOP=0 no edge of the package's tests has event
+// loops: the whole suite runs with a goroutine per connection.
 func init() {
-	if os.Getenv("FLAME_TEST_EVENT_LOOP") == "1" {
-		forceEventLoop = true
+	if os.Getenv("FLAME_TEST_EVENT_LOOP") == "0" {
+		noEventLoop = true
 	}
 }
 
@@ -33,13 +33,13 @@ func init() {
 // addr (limits high enough for many clients at once).
 func loopEdge(t *testing.T, addr *net.TCPAddr, cfg Config) *Proxy {
 	t.Helper()
-	cfg.HostID, cfg.EdgeEventLoop = "ams-1", true
+	cfg.HostID = "ams-1"
 	p := startProxy(t, cfg)
 	m := machine("m1", "ams-1", addr)
 	m.Services[0].SoftLimit, m.Services[0].HardLimit = 10000, 10000
 	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{m}}, nil)
 	if p.edge == nil || p.edge.loops == nil {
-		t.Fatal("the edge has no event loops")
+		t.Fatal("the edge has no event loops (FLAME_TEST_EVENT_LOOP=0?)")
 	}
 	return p
 }
@@ -515,5 +515,34 @@ func TestEventLoopAllocatesNothing(t *testing.T) {
 	}
 	if n := loopHanded(p); n != 0 {
 		t.Errorf("%d connections handed to goroutines, want 0", n)
+	}
+}
+
+// TestEventLoopSimulatedDialer: when the machines' dialer gives
+// connections that are not plain sockets (a simulated network's), the
+// request that found out goes on in a goroutine, and later connections
+// are not adopted at all.
+func TestEventLoopSimulatedDialer(t *testing.T) {
+	var n connCount
+	p := loopEdge(t, fixedMachine(t, []byte("hello\n")), Config{DialMachine: n.dialer()})
+	for i := range 3 {
+		c, err := net.Dial("tcp", p.EdgeAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		for j := range 5 {
+			io.WriteString(c, loopReq)
+			if err := readLeanResponse(br); err != nil {
+				t.Fatalf("client %d, request %d: %v", i, j, err)
+			}
+		}
+		c.Close()
+	}
+	if !p.edge.loops.notRaw.Load() {
+		t.Error("the loops did not learn that the dialer gives no plain sockets")
+	}
+	if n := loopHanded(p); n != 1 {
+		t.Errorf("%d connections handed over, want 1 (the first; the others never adopted)", n)
 	}
 }

@@ -64,9 +64,9 @@ type edgeServer struct {
 // buffers up to MaxBufferedBody or streams.
 const fastBodyLimit = 64 << 10
 
-// forceEventLoop turns the event loops on for every edge (the tests run
-// the whole suite on them with FLAME_TEST_EVENT_LOOP=1).
-var forceEventLoop bool
+// noEventLoop turns the event loops off for every edge (the tests run the
+// whole suite with a goroutine per connection with FLAME_TEST_EVENT_LOOP=0).
+var noEventLoop bool
 
 // smallBuf is a connection's read buffer until a request needs more.
 const smallBuf = 4 << 10
@@ -104,7 +104,7 @@ func newEdgeServer(p *Proxy, ln net.Listener) *edgeServer {
 	}
 	size := e.headLimit + e.bodyLimit + 4096
 	e.big.New = func() any { b := make([]byte, size); return &b }
-	if p.cfg.EdgeEventLoop || forceEventLoop {
+	if !p.cfg.DisableEventLoop && !noEventLoop {
 		loops, err := newEvloops(e, runtime.GOMAXPROCS(0))
 		if err != nil {
 			p.log.Warn("edge event loops unavailable: a goroutine per connection", "err", err)

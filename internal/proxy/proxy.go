@@ -113,10 +113,10 @@ type Config struct {
 	// DisableFastPath serves the edge with net/http alone (fastconn.go
 	// says what the fast path is); for comparisons.
 	DisableFastPath bool
-	// EdgeEventLoop serves the fast path's plain TCP connections from
-	// event loops (one per GOMAXPROCS, evloop_linux.go) rather than a
-	// goroutine each; Linux only, elsewhere ignored.
-	EdgeEventLoop bool
+	// DisableEventLoop gives every fast-path connection a goroutine of its
+	// own; by default (on Linux) plain TCP connections are served by
+	// event loops, one per GOMAXPROCS (evloop_linux.go).
+	DisableEventLoop bool
 
 	// TCPPorts are the public ports the edge may serve raw TCP services
 	// on (handlers none or proxy_proto): it listens on each such port its
