@@ -104,7 +104,7 @@ func newEdgeServer(p *Proxy, ln net.Listener) *edgeServer {
 	}
 	size := e.headLimit + e.bodyLimit + 4096
 	e.big.New = func() any { b := make([]byte, size); return &b }
-	if !p.cfg.DisableEventLoop && !noEventLoop {
+	if !p.cfg.DisableEventLoop && (!noEventLoop || p.cfg.loops) {
 		loops, err := newEvloops(e, runtime.GOMAXPROCS(0))
 		if err != nil {
 			p.log.Warn("edge event loops unavailable: a goroutine per connection", "err", err)

@@ -117,6 +117,9 @@ type Config struct {
 	// own; by default (on Linux) plain TCP connections are served by
 	// event loops, one per GOMAXPROCS (evloop_linux.go).
 	DisableEventLoop bool
+	// loops: event loops even when noEventLoop says none (the loops' own
+	// tests).
+	loops bool
 
 	// TCPPorts are the public ports the edge may serve raw TCP services
 	// on (handlers none or proxy_proto): it listens on each such port its
