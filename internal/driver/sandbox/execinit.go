@@ -85,6 +85,10 @@ func serveOneExec(conn *net.UnixConn) {
 		serveDial(conn, m.Port)
 		return
 	}
+	if err == nil && m.Op == "link" && len(fds) == 0 {
+		serveLink(conn)
+		return
+	}
 	if err != nil || m.Op != "exec" || m.Exec == nil || len(m.Exec.Argv) == 0 || len(fds) != execStdio {
 		closeFds(fds)
 		_ = writeMessage(conn, message{Op: "error", Err: fmt.Sprintf("bad exec request (op %q)", m.Op)})

@@ -90,6 +90,13 @@ type rootless struct {
 	fwdMu sync.Mutex
 	fwds  map[string]*forwarder // by machine id
 
+	// Outbound traffic (rootless_out.go): its bounds per machine, the
+	// host's resolvers, and the host's addresses and this process's
+	// ports, which machines do not reach.
+	limits    outLimits
+	resolvers []netip.AddrPort
+	own       ownPorts
+
 	// spare holds an init started ahead of time (it knows nothing of
 	// any machine until configured); refill asks keepRootlessSpare for
 	// the next one.
@@ -128,11 +135,13 @@ func newRootless(cfg Config) (*Driver, error) {
 		stop:   make(chan struct{}),
 		rl: &rootless{
 			uid: os.Getuid(), gid: os.Getgid(),
-			prefix: loopbackPrefix(cfg),
-			flat:   fl,
-			fwds:   make(map[string]*forwarder),
-			spare:  make(chan *initProc, 1),
-			refill: make(chan struct{}, 1),
+			prefix:    loopbackPrefix(cfg),
+			flat:      fl,
+			fwds:      make(map[string]*forwarder),
+			limits:    defaultOutLimits(),
+			resolvers: hostResolvers("/etc/resolv.conf"),
+			spare:     make(chan *initProc, 1),
+			refill:    make(chan struct{}, 1),
 		},
 	}
 	d.rl.refill <- struct{}{}
@@ -142,7 +151,7 @@ func newRootless(cfg Config) (*Driver, error) {
 	if dir := delegatedCgroup(); dir != "" {
 		why = "the cgroup delegated to this user (" + dir + ") is not used by rootless sandboxes yet"
 	}
-	d.logger.Warn("rootless sandboxes: machines run without memory, cpu or pids limits ("+why+"); only loopback networking (inbound on the machines' ports, nothing outbound)",
+	d.logger.Warn("rootless sandboxes: machines run without memory, cpu or pids limits ("+why+"); networking through the host's loopback (inbound on the machines' ports, outbound through a user-space stack)",
 		"uid", d.rl.uid, "addresses", d.rl.prefix)
 	return d, nil
 }
@@ -250,6 +259,7 @@ func (d *Driver) startRootless(ctx context.Context, spec driver.Spec) (_ driver.
 		fw.close()
 		return nil, fmt.Errorf("start %s: %w", spec.MachineID, err)
 	}
+	d.outbound(fw)
 	d.serveForwarder(s, fw)
 	d.logger.Debug("started rootless", "machine", spec.MachineID, "pid", s.h.Pid, "addr", addr, "argv", l.Argv, "ports", spec.Ports)
 	return s, nil
@@ -315,6 +325,7 @@ func (d *Driver) adoptRootless(spec driver.Spec, h handle, pidfd *os.File) (driv
 		d.logger.Error("adopted rootless sandbox: its ports are not forwarded", "machine", spec.MachineID, "err", err)
 		return s, nil
 	}
+	d.outbound(fw)
 	d.serveForwarder(s, fw)
 	return s, nil
 }

@@ -55,6 +55,11 @@ func setupRootless(ri *rootlessInit, sent int) (int, error) {
 	if err := loopbackUp(); err != nil {
 		return -1, err
 	}
+	if fd, err := linkUp(); err != nil {
+		fmt.Fprintf(os.Stderr, "flame sandbox-init: no outbound traffic: %v\n", err)
+	} else {
+		linkFd = fd
+	}
 	lower, err := unix.Open(ri.Lower, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("image root filesystem: %w", err)

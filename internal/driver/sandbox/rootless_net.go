@@ -99,6 +99,7 @@ type forwarder struct {
 	ports   []int
 	slots   chan struct{}
 	stop    chan struct{} // closed by close
+	out     *outbound     // the machine's outbound traffic, if any
 
 	mu     sync.Mutex
 	socks  []*os.File // by port: bound, not listening yet (nil since)
@@ -318,6 +319,9 @@ func (f *forwarder) close() {
 		f.mu.Unlock()
 	})
 	f.wg.Wait()
+	if f.out != nil {
+		f.out.close()
+	}
 }
 
 // track records c as one of f's connections, or closes it when f is closed.

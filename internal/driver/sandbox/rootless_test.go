@@ -36,6 +36,13 @@ const unprivileged = 65534
 // fails, and returns its output.
 func runUnprivileged(t testing.TB, args ...string) string {
 	t.Helper()
+	return runUnprivilegedEnv(t, nil, args...)
+}
+
+// runUnprivilegedEnv is runUnprivileged with env added to the run's
+// environment.
+func runUnprivilegedEnv(t testing.TB, env []string, args ...string) string {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("runUnprivileged needs root")
 	}
@@ -66,7 +73,7 @@ func runUnprivileged(t testing.TB, args ...string) string {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, append([]string{"-test.v", "-test.count=1"}, args...)...)
 	cmd.Dir = data
-	cmd.Env = []string{rootlessDirEnv + "=" + data, "TMPDIR=" + data, "HOME=" + data, "PATH=" + os.Getenv("PATH")}
+	cmd.Env = append([]string{rootlessDirEnv + "=" + data, "TMPDIR=" + data, "HOME=" + data, "PATH=" + os.Getenv("PATH")}, env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: unprivileged, Gid: unprivileged, Groups: []uint32{}}}
 	out, err := cmd.CombinedOutput()
 	t.Logf("as uid %d:\n%s", unprivileged, out)
