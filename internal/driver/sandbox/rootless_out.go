@@ -196,10 +196,13 @@ func newOutbound(d *Driver, machine string, link *os.File) (*outbound, error) {
 const ethHeader = 14
 
 // fromDevice passes the packets the machine sends to the stack: the IP
-// frames from eth0's link address (not those the socket itself sent).
+// frames from eth0's link address (not those the socket itself sent). A
+// frame may be larger than the MTU: the machine's kernel leaves the
+// segmentation of what it sends on a veth to the device (GSO), and the
+// stack takes an IP packet of any size.
 func (o *outbound) fromDevice() {
 	defer o.wg.Done()
-	frame := make([]byte, ethHeader+outMTU+64)
+	frame := make([]byte, ethHeader+1<<16)
 	for {
 		n, err := o.link.Read(frame)
 		if err != nil {

@@ -279,6 +279,20 @@ func TestRootlessOutboundSandbox(t *testing.T) {
 		t.Errorf("HTTP GET once the held connections closed: %q", got)
 	}
 
+	// UDP flows past their bound are dropped (each probe is a flow of
+	// its own, kept until idle), while TCP flows.
+	for len(o.udpSlots) < cap(o.udpSlots) {
+		if got := probe(t, d, spec, "udp", gw, port("udp")); got != "ok" {
+			t.Fatalf("UDP flow %d: %q", len(o.udpSlots), got)
+		}
+	}
+	if got := probe(t, d, spec, "udp", gw, port("udp")); !strings.Contains(got, "timeout") {
+		t.Errorf("UDP flow past the bound: %q, want a timeout", got)
+	}
+	if got := get(); !strings.HasSuffix(got, "\r\n\r\noutbound ok") {
+		t.Errorf("HTTP GET past the UDP bound: %q", got)
+	}
+
 	// Stopped, nothing of its outbound traffic is left in this process.
 	if _, err := p.Stop(ctx, syscall.SIGKILL, 5*time.Second); err != nil {
 		t.Fatal(err)
@@ -320,4 +334,69 @@ func fdsOf(target string) int {
 		}
 	}
 	return n
+}
+
+// BenchmarkRootlessOutbound measures a rootless machine's outbound TCP
+// through the gateway against the same measure run directly on the host:
+// the median and 99th percentile of one-byte round trips (µs) and the
+// throughput of sending 256 MiB (MB/s), to an echo server on the host's
+// loopback. As root it runs itself again as an unprivileged user (run it
+// with -test.benchtime=1x) and reports that run's figures.
+func BenchmarkRootlessOutbound(b *testing.B) {
+	if os.Getenv(rootlessDirEnv) == "" {
+		if os.Geteuid() != 0 {
+			b.Skip("run as root: it runs itself as an unprivileged user")
+		}
+		requireSandboxes(b)
+		env := outServersEnv + "=" + hostServers(b)
+		out := runUnprivilegedEnv(b, []string{env}, "-test.run=^$", "-test.bench=^BenchmarkRootlessOutbound$", "-test.benchtime=1x", "-test.timeout=60s")
+		for _, line := range strings.Split(out, "\n") {
+			if !strings.HasPrefix(line, "BenchmarkRootlessOutbound") {
+				continue
+			}
+			f := strings.Fields(line)
+			for i := 2; i+1 < len(f); i += 2 {
+				var v float64
+				if _, err := fmt.Sscan(f[i], &v); err == nil && f[i+1] != "ns/op" {
+					b.ReportMetric(v, f[i+1])
+				}
+			}
+		}
+		return
+	}
+	srv := outServers(b)
+	d, _ := rootlessDriver(b, os.Getenv(rootlessDirEnv))
+	spec := testSpec(b, "busybox", "-c", "exec sleep 1000")
+	start(b, d, spec)
+	echo := srv["echo"]
+	const trips, mib = 2000, 256
+	run := func(what string, n int) []float64 {
+		res, err := d.Exec(context.Background(), spec, []string{"/bin/probe", netProbeCommand, what, outGateway4.String(), fmt.Sprint(echo.Port()), fmt.Sprint(n)}, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return parseFigures(b, string(res.Stdout))
+	}
+	for range b.N {
+		in, direct := run("rtt", trips), parseFigures(b, measure("rtt", echo.String(), trips))
+		b.ReportMetric(in[0], "rtt-p50-us")
+		b.ReportMetric(in[1], "rtt-p99-us")
+		b.ReportMetric(direct[0], "direct-rtt-p50-us")
+		b.ReportMetric(direct[1], "direct-rtt-p99-us")
+		in, direct = run("tput", mib), parseFigures(b, measure("tput", echo.String(), mib))
+		b.ReportMetric(in[0], "MB/s")
+		b.ReportMetric(direct[0], "direct-MB/s")
+	}
+}
+
+func parseFigures(b *testing.B, s string) []float64 {
+	var out []float64
+	for _, f := range strings.Fields(s) {
+		var v float64
+		if _, err := fmt.Sscan(f, &v); err != nil {
+			b.Fatalf("figures %q: %v", s, err)
+		}
+		out = append(out, v)
+	}
+	return out
 }
