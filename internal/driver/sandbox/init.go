@@ -138,6 +138,7 @@ func runInit() (int, error) {
 	sigs := make(chan os.Signal, 128)
 	signal.Notify(sigs, append(forwarded, unix.SIGCHLD, sigKillAll)...)
 	ln := newLauncher()
+	earlyLink()
 	fds, err := recvFiles(conn, numInitFiles)
 	if err != nil {
 		if errors.Is(err, io.EOF) {

@@ -55,10 +55,13 @@ func setupRootless(ri *rootlessInit, sent int) (int, error) {
 	if err := loopbackUp(); err != nil {
 		return -1, err
 	}
-	if fd, err := linkUp(); err != nil {
-		fmt.Fprintf(os.Stderr, "flame sandbox-init: no outbound traffic: %v\n", err)
-	} else {
-		linkFd = fd
+	if linkFd < 0 {
+		if linkErr == nil {
+			linkFd, linkErr = linkUp()
+		}
+		if linkErr != nil {
+			fmt.Fprintf(os.Stderr, "flame sandbox-init: no outbound traffic: %v\n", linkErr)
+		}
 	}
 	lower, err := unix.Open(ri.Lower, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {

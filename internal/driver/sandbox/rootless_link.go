@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -51,7 +52,23 @@ const (
 // linkFd is, in a rootless sandbox's init, the packet socket on outLink
 // (-1 when it could not be made; the machine then has no outbound traffic,
 // as its log says).
-var linkFd = -1
+var (
+	linkFd  = -1
+	linkErr error
+)
+
+// earlyLink makes the link, in an init waiting for its configuration (a
+// spare's wait), when its user namespace maps one id: a rootless
+// sandbox's (root's map a range, and get their device from the driver).
+// Otherwise setupRootless makes it.
+func earlyLink() {
+	b, err := os.ReadFile("/proc/self/uid_map")
+	f := strings.Fields(string(b))
+	if err != nil || len(f) != 3 || f[2] != "1" {
+		return
+	}
+	linkFd, linkErr = linkUp()
+}
 
 // linkUp makes the devices, addresses, routes and packet socket of a
 // rootless sandbox, in the init's network namespace, and returns the
