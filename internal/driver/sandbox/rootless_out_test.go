@@ -18,8 +18,8 @@ import (
 )
 
 // outServersEnv tells the unprivileged run where the servers of
-// TestRootlessOutbound are: "http=<addr> udp=<addr> dns=<addr> hold=<addr>
-// echo=<addr>".
+// TestRootlessOutbound are: "http=<addr> udp=<addr> udp6=<addr>
+// dns=<addr> hold=<addr> echo=<addr>".
 const outServersEnv = "FLAME_ROOTLESS_OUT_SERVERS"
 
 // outName is the name the test's resolver answers, with outNameAddr.
@@ -29,9 +29,9 @@ const (
 )
 
 // hostServers starts, in this (root's) process, on the host's loopback,
-// the servers a rootless machine is to reach: an HTTP server, a UDP echo,
-// a DNS server answering outName, a TCP server that holds connections
-// open and a TCP echo (see measure). It returns outServersEnv's value.
+// the servers a rootless machine is to reach: an HTTP server, UDP echoes
+// (IPv4 and IPv6), a DNS server answering outName, a TCP server that holds
+// connections open and a TCP echo (see measure). It returns outServersEnv's value.
 func hostServers(t testing.TB) string {
 	t.Helper()
 	listen := func() net.Listener {
@@ -49,21 +49,25 @@ func hostServers(t testing.TB) string {
 	go srv.Serve(hl)
 	t.Cleanup(func() { srv.Close() })
 
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		b := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(b)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(b[:n], from)
+	udpEcho := func(addr string) net.PacketConn {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			b := make([]byte, 2048)
+			for {
+				n, from, err := pc.ReadFrom(b)
+				if err != nil {
+					return
+				}
+				pc.WriteTo(b[:n], from)
+			}
+		}()
+		return pc
+	}
+	pc, pc6 := udpEcho("127.0.0.1:0"), udpEcho("[::1]:0")
 
 	dpc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -100,7 +104,7 @@ func hostServers(t testing.TB) string {
 	}()
 	echo := listen()
 	go echoServe(echo)
-	return fmt.Sprintf("http=%s udp=%s dns=%s hold=%s echo=%s", hl.Addr(), pc.LocalAddr(), dpc.LocalAddr(), hold.Addr(), echo.Addr())
+	return fmt.Sprintf("http=%s udp=%s udp6=%s dns=%s hold=%s echo=%s", hl.Addr(), pc.LocalAddr(), pc6.LocalAddr(), dpc.LocalAddr(), hold.Addr(), echo.Addr())
 }
 
 // echoServe answers as the net probe's :8082 does: one byte read is one
@@ -141,7 +145,7 @@ func outServers(t testing.TB) map[string]netip.AddrPort {
 		}
 		out[k] = ap
 	}
-	if len(out) != 5 {
+	if len(out) != 6 {
 		t.Fatalf("%s=%q: want the servers of TestRootlessOutbound", outServersEnv, os.Getenv(outServersEnv))
 	}
 	return out
@@ -163,7 +167,7 @@ func TestRootlessOutbound(t *testing.T) {
 
 // TestRootlessOutboundSandbox, run by TestRootlessOutbound as an
 // unprivileged user: a rootless machine reaches the host's loopback
-// through the gateway (TCP and UDP), resolves a name through fdaa::3 (the
+// through the gateway (TCP and UDP; UDP through the IPv6 one too), resolves a name through fdaa::3 (the
 // driver forwarding to the test's resolver), does not reach a port the
 // driver's own process listens on, is reset past its connection bound
 // while its other traffic flows, and leaves no goroutine of its stack and
@@ -220,6 +224,9 @@ func TestRootlessOutboundSandbox(t *testing.T) {
 	}
 	if got := probe(t, d, spec, "dns", "A", outName); got != "NOERROR "+outNameAddr {
 		t.Errorf("DNS through fdaa::3: %q", got)
+	}
+	if got := probe(t, d, spec, "udp", outGateway6.String(), port("udp6")); got != "ok" {
+		t.Errorf("UDP round trip through the IPv6 gateway: %q", got)
 	}
 	if got := exec("busybox", "nslookup", outName); !strings.Contains(got, outNameAddr) {
 		t.Errorf("nslookup through resolv.conf: %q", got)
