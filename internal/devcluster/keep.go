@@ -36,12 +36,40 @@ func (k *keptSockets) close() {
 	}
 }
 
+// leaseSlot holds a kept socket's current lease (the zero L: none, the
+// host is down).
+type leaseSlot[L comparable] struct {
+	mu  sync.Mutex
+	cur L
+}
+
+func (s *leaseSlot[L]) get() L {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cur
+}
+
+func (s *leaseSlot[L]) set(l L) {
+	s.mu.Lock()
+	s.cur = l
+	s.mu.Unlock()
+}
+
+// clear empties the slot if l is still its lease.
+func (s *leaseSlot[L]) clear(l L) {
+	s.mu.Lock()
+	if s.cur == l {
+		var none L
+		s.cur = none
+	}
+	s.mu.Unlock()
+}
+
 // keptListener is a listening socket kept for a host; its accept loop
 // hands connections to the host's current lease, or closes them.
 type keptListener struct {
 	ln  net.Listener
-	mu  sync.Mutex
-	cur *leasedListener
+	cur leaseSlot[*leasedListener]
 }
 
 func keepListener(ln net.Listener) *keptListener {
@@ -65,10 +93,7 @@ func (k *keptListener) loop() {
 			continue
 		}
 		delay = 0
-		k.mu.Lock()
-		l := k.cur
-		k.mu.Unlock()
-		if l == nil || !l.deliver(c) {
+		if l := k.cur.get(); l == nil || !l.deliver(c) {
 			c.Close()
 		}
 	}
@@ -78,9 +103,7 @@ func (k *keptListener) loop() {
 // socket bound.
 func (k *keptListener) lease() net.Listener {
 	l := &leasedListener{k: k, conns: make(chan net.Conn), done: make(chan struct{})}
-	k.mu.Lock()
-	k.cur = l
-	k.mu.Unlock()
+	k.cur.set(l)
 	return l
 }
 
@@ -113,11 +136,7 @@ func (l *leasedListener) Accept() (net.Conn, error) {
 func (l *leasedListener) Close() error {
 	l.once.Do(func() {
 		close(l.done)
-		l.k.mu.Lock()
-		if l.k.cur == l {
-			l.k.cur = nil
-		}
-		l.k.mu.Unlock()
+		l.k.cur.clear(l)
 	})
 	return nil
 }
@@ -128,8 +147,7 @@ func (l *leasedListener) Addr() net.Addr { return l.k.ln.Addr() }
 // datagrams for the host's current lease, or drops them.
 type keptPacket struct {
 	pc  net.PacketConn
-	mu  sync.Mutex
-	cur *leasedPacket
+	cur leaseSlot[*leasedPacket]
 }
 
 // leaseQueue bounds the datagrams waiting for a lease's reader: past it
@@ -158,9 +176,7 @@ func (k *keptPacket) loop() {
 			time.Sleep(5 * time.Millisecond)
 			continue
 		}
-		k.mu.Lock()
-		l := k.cur
-		k.mu.Unlock()
+		l := k.cur.get()
 		if l == nil {
 			continue
 		}
@@ -173,9 +189,7 @@ func (k *keptPacket) loop() {
 
 func (k *keptPacket) lease() net.PacketConn {
 	l := &leasedPacket{k: k, in: make(chan datagram, leaseQueue), done: make(chan struct{})}
-	k.mu.Lock()
-	k.cur = l
-	k.mu.Unlock()
+	k.cur.set(l)
 	return l
 }
 
@@ -221,11 +235,7 @@ func (l *leasedPacket) WriteTo(b []byte, to net.Addr) (int, error) {
 func (l *leasedPacket) Close() error {
 	l.once.Do(func() {
 		close(l.done)
-		l.k.mu.Lock()
-		if l.k.cur == l {
-			l.k.cur = nil
-		}
-		l.k.mu.Unlock()
+		l.k.cur.clear(l)
 	})
 	return nil
 }

@@ -132,7 +132,7 @@ func MountIDMapped(lowers []string, dir string, userns int, rootID uint32) (tree
 		}
 	}
 	if err := unix.FsconfigCreate(fsfd); err != nil {
-		return -1, fmt.Errorf("create overlay: %w%s", err, fsLog(fsfd))
+		return -1, fmt.Errorf("create overlay: %w%s", err, FSLog(fsfd))
 	}
 	tree, err = unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_NODEV)
 	if err != nil {
@@ -156,9 +156,9 @@ func idmappedClone(dir string, userns int) (int, error) {
 	return fd, nil
 }
 
-// fsLog is what the kernel said about a file system context's failure
-// (read from its descriptor), as ": <messages>", or "".
-func fsLog(fsfd int) string {
+// FSLog is what the kernel said about a file system context's failure
+// (read from its descriptor, fsopen(2)), as " (<messages>)", or "".
+func FSLog(fsfd int) string {
 	var msgs []string
 	buf := make([]byte, 1024)
 	for range 8 {

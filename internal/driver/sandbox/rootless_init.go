@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/flamehq/flame/internal/image"
 )
 
 // rootlessInit is what the init of a rootless sandbox needs besides
@@ -145,30 +147,13 @@ func fsMount(fstype string, lower int, opts, fds [][2]string, attrs int) (int, e
 		}
 	}
 	if err := unix.FsconfigCreate(fsfd); err != nil {
-		return -1, fmt.Errorf("create %s: %w%s", fstype, err, fsContextLog(fsfd))
+		return -1, fmt.Errorf("create %s: %w%s", fstype, err, image.FSLog(fsfd))
 	}
 	fd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, attrs)
 	if err != nil {
 		return -1, fmt.Errorf("mount %s: %w", fstype, err)
 	}
 	return fd, nil
-}
-
-// fsContextLog is what the kernel said about a failed file system context.
-func fsContextLog(fsfd int) string {
-	var msgs []string
-	buf := make([]byte, 1024)
-	for range 8 {
-		n, err := unix.Read(fsfd, buf)
-		if err != nil || n <= 0 {
-			break
-		}
-		msgs = append(msgs, strings.TrimSpace(string(buf[:n])))
-	}
-	if len(msgs) == 0 {
-		return ""
-	}
-	return " (" + strings.Join(msgs, "; ") + ")"
 }
 
 // loopbackUp brings up the network namespace's loopback.
