@@ -183,7 +183,9 @@ func newSandboxDriver(cfg DriverConfig) (driver.Driver, error) {
 		Host:         names.Host,
 		HostPrefix:   names.HostPrefix,
 		CgroupParent: names.CgroupParent,
-		Logger:       cfg.Logger,
+		// Whoever may run host commands may reach the host's services.
+		HostAccess: cfg.AllowHostExec,
+		Logger:     cfg.Logger,
 	})
 }
 

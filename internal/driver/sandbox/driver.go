@@ -69,7 +69,13 @@ type Config struct {
 	// CgroupParent is the cgroup, below each hierarchy's root, that holds
 	// the machines' cgroups. Default: the instance's.
 	CgroupParent string
-	Logger       *slog.Logger
+	// HostAccess lets a rootless sandbox's machines reach the host's own
+	// services (rootless_out.go): its loopback through the gateway, and
+	// its addresses — for a Flame whose only tenant is the user running it
+	// (flame dev run by a user). Without it a rootless machine reaches only
+	// other hosts, as a root sandbox's does.
+	HostAccess bool
+	Logger     *slog.Logger
 
 	// cgroups replaces the hierarchies New detects (tests).
 	cgroups *cgroups

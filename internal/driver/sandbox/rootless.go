@@ -60,6 +60,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -96,6 +97,8 @@ type rootless struct {
 	limits    outLimits
 	resolvers []netip.AddrPort
 	own       ownPorts
+	// hostAccess is Config.HostAccess (tests turn it while machines run).
+	hostAccess atomic.Bool
 
 	// spare holds an init started ahead of time (it knows nothing of
 	// any machine until configured); refill asks keepRootlessSpare for
@@ -144,6 +147,7 @@ func newRootless(cfg Config) (*Driver, error) {
 			refill:    make(chan struct{}, 1),
 		},
 	}
+	d.rl.hostAccess.Store(cfg.HostAccess)
 	d.rl.refill <- struct{}{}
 	d.wg.Add(1)
 	go d.keepRootlessSpare()

@@ -21,6 +21,11 @@ package sandbox
 //   - to any other address: that address, from the host (the world, the
 //     host's networks).
 //
+// The gateway and the host's own addresses only with Config.HostAccess
+// (a Flame whose only tenant is the user running it: flame dev run by a
+// user, or a host that allows host exec); without it a machine reaches
+// other hosts only, never this one's services.
+//
 // Refused: the other addresses of the sandbox's own subnets, loopback,
 // unspecified, multicast and link-local destinations; and on the host's
 // own addresses (the gateway's loopback included) every port that the
@@ -476,6 +481,8 @@ func (d *Driver) outTarget(network string, dst tcpip.Address, port uint16) (neti
 	}
 	a = a.Unmap()
 	switch {
+	case (a == outGateway4 || a == outGateway6) && !d.rl.hostAccess.Load():
+		return netip.AddrPort{}, false
 	case a == outGateway4:
 		a = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	case a == outGateway6:
@@ -490,7 +497,7 @@ func (d *Driver) outTarget(network string, dst tcpip.Address, port uint16) (neti
 		return netip.AddrPort{}, false
 	}
 	to := netip.AddrPortFrom(a, port)
-	if d.rl.own.hostLocal(a) && d.rl.own.holds(network, port) {
+	if d.rl.own.hostLocal(a) && (!d.rl.hostAccess.Load() || d.rl.own.holds(network, port)) {
 		return netip.AddrPort{}, false
 	}
 	return to, true

@@ -166,7 +166,8 @@ func TestRootlessOutbound(t *testing.T) {
 }
 
 // TestRootlessOutboundSandbox, run by TestRootlessOutbound as an
-// unprivileged user: a rootless machine reaches the host's loopback
+// unprivileged user: a rootless machine does not reach the host's
+// services without host access, and with it reaches the host's loopback
 // through the gateway (TCP and UDP; UDP through the IPv6 one too), resolves a name through fdaa::3 (the
 // driver forwarding to the test's resolver), does not reach a port the
 // driver's own process listens on, is reset past its connection bound
@@ -216,6 +217,12 @@ func TestRootlessOutboundSandbox(t *testing.T) {
 	get := func() string {
 		return exec("sh", "-c", `printf 'GET / HTTP/1.0\r\n\r\n' | busybox nc `+gw+" "+port("http"))
 	}
+	// Without HostAccess (a Flame with tenants other than the user: a
+	// flame agent run by a user), the host's services are out of reach.
+	if got := probe(t, d, spec, "tcp", gw, port("http")); !strings.Contains(got, "refused") {
+		t.Errorf("the gateway without host access: %q, want refused", got)
+	}
+	d.rl.hostAccess.Store(true) // flame dev's: the user's own services
 	if got := get(); !strings.HasSuffix(got, "\r\n\r\noutbound ok") {
 		t.Errorf("HTTP GET through the gateway: %q", got)
 	}
