@@ -93,15 +93,17 @@ func inNetns(path string, f func(*netlink.Handle) error) error {
 	return f(h)
 }
 
-// startIn starts cmd in the network namespace at path.
-func startIn(path string, cmd *exec.Cmd) error {
+// inside runs f on a thread in the network namespace at path, and takes
+// the thread back out after (one that cannot leave is never reused:
+// inThread). What f makes there (a socket, a child forked from the
+// thread) stays in the namespace.
+func inside(path string, f func()) error {
 	ns, err := netns.GetFromPath(path)
 	if err != nil {
 		return err
 	}
 	defer ns.Close()
-	var startErr error
-	err = inThread(func() error {
+	return inThread(func() error {
 		orig, err := netns.Get()
 		if err != nil {
 			return err
@@ -110,13 +112,18 @@ func startIn(path string, cmd *exec.Cmd) error {
 		if err := netns.Set(ns); err != nil {
 			return err
 		}
-		// The child is forked from this thread, so it starts in ns; its
-		// parent-death signal is tied to this thread, which lives on
-		// (unlocked) in the runtime's pool.
-		startErr = cmd.Start()
+		f()
 		return netns.Set(orig)
 	})
-	if err != nil {
+}
+
+// startIn starts cmd in the network namespace at path.
+func startIn(path string, cmd *exec.Cmd) error {
+	var startErr error
+	// The child is forked from the thread, so it starts in the namespace;
+	// its parent-death signal is tied to that thread, which lives on
+	// (unlocked) in the runtime's pool.
+	if err := inside(path, func() { startErr = cmd.Start() }); err != nil {
 		if cmd.Process != nil {
 			cmd.Process.Kill()
 			cmd.Wait()

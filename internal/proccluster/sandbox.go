@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/flamehq/flame/internal/host"
@@ -98,31 +97,14 @@ type forwarder struct {
 
 // forward listens at addr in the namespace at path and forwards to to.
 func forward(path, addr, to string) (*forwarder, error) {
-	ns, err := netns.GetFromPath(path)
-	if err != nil {
-		return nil, err
-	}
-	defer ns.Close()
 	var ln net.Listener
-	err = inThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return err
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			return err
-		}
-		// The socket stays in ns once made.
-		ln, err = net.Listen("tcp", addr)
-		if serr := netns.Set(orig); serr != nil {
-			if ln != nil {
-				ln.Close()
-			}
-			return serr
-		}
-		return err
-	})
+	var lerr error
+	err := inside(path, func() { ln, lerr = net.Listen("tcp", addr) })
+	if err == nil {
+		err = lerr
+	} else if ln != nil {
+		ln.Close()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("forwarder at %s in %s: %w", addr, path, err)
 	}
