@@ -759,13 +759,15 @@ func (d *Driver) Cleanup(ctx context.Context, spec driver.Spec) error {
 	if err := checkSpec(spec); err != nil {
 		return err
 	}
-	if d.rl != nil {
-		return d.cleanupRootless(ctx, spec)
+	var err, rerr error
+	if d.rl != nil { // rootless.go: its own sandbox, a loopback address
+		err = d.teardownRootless(ctx, spec)
+		rerr = d.leases.release(d.rl.prefix, spec.MachineID)
+	} else {
+		err = d.teardown(ctx, spec)
+		rerr = d.releaseAddr(spec)
 	}
-	err := d.teardown(ctx, spec)
-	if rerr := d.releaseAddr(spec); rerr != nil {
-		err = errors.Join(err, rerr)
-	}
+	err = errors.Join(err, rerr)
 	d.imgMu.Lock()
 	delete(d.images, spec.Image)
 	d.imgMu.Unlock()

@@ -358,21 +358,6 @@ func (d *Driver) teardownRootless(ctx context.Context, spec driver.Spec) error {
 	return errors.Join(errs...)
 }
 
-// cleanupRootless is Cleanup for a rootless driver.
-func (d *Driver) cleanupRootless(ctx context.Context, spec driver.Spec) error {
-	err := d.teardownRootless(ctx, spec)
-	if rerr := d.leases.release(d.rl.prefix, spec.MachineID); rerr != nil {
-		err = errors.Join(err, rerr)
-	}
-	d.imgMu.Lock()
-	delete(d.images, spec.Image)
-	d.imgMu.Unlock()
-	if err != nil {
-		return fmt.Errorf("cleanup %s: %w", spec.MachineID, err)
-	}
-	return nil
-}
-
 // awaitInit follows a configured init through its start: "ready" (its root
 // filesystem in place), then, once ready returns, "go", then "started".
 func awaitInit(conn *net.UnixConn, ready func() error) error {
