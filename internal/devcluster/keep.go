@@ -188,7 +188,7 @@ func (k *keptPacket) loop() {
 }
 
 func (k *keptPacket) lease() net.PacketConn {
-	l := &leasedPacket{k: k, in: make(chan datagram, leaseQueue), done: make(chan struct{})}
+	l := &leasedPacket{k: k, in: make(chan datagram, leaseQueue), done: make(chan struct{}), moved: make(chan struct{}, 1)}
 	k.cur.set(l)
 	return l
 }
@@ -200,26 +200,44 @@ type leasedPacket struct {
 	once sync.Once
 
 	mu       sync.Mutex
-	deadline time.Time // for reads
+	deadline time.Time     // for reads
+	moved    chan struct{} // a read waiting takes the new deadline
 }
 
 func (l *leasedPacket) ReadFrom(b []byte) (int, net.Addr, error) {
-	l.mu.Lock()
-	d := l.deadline
-	l.mu.Unlock()
-	var expired <-chan time.Time
-	if !d.IsZero() {
-		t := time.NewTimer(time.Until(d))
-		defer t.Stop()
-		expired = t.C
+	for {
+		select {
+		case <-l.done: // closed wins over a deadline passed, as on a socket
+			return 0, nil, net.ErrClosed
+		default:
+		}
+		l.mu.Lock()
+		d := l.deadline
+		l.mu.Unlock()
+		var expired <-chan time.Time
+		var t *time.Timer
+		if !d.IsZero() {
+			t = time.NewTimer(time.Until(d))
+			expired = t.C
+		}
+		select {
+		case g := <-l.in:
+			stop(t)
+			return copy(b, g.b), g.from, nil
+		case <-l.done:
+			stop(t)
+			return 0, nil, net.ErrClosed
+		case <-expired:
+			return 0, nil, os.ErrDeadlineExceeded
+		case <-l.moved:
+			stop(t) // the deadline moved: wait for the new one
+		}
 	}
-	select {
-	case g := <-l.in:
-		return copy(b, g.b), g.from, nil
-	case <-l.done:
-		return 0, nil, net.ErrClosed
-	case <-expired:
-		return 0, nil, os.ErrDeadlineExceeded
+}
+
+func stop(t *time.Timer) {
+	if t != nil {
+		t.Stop()
 	}
 }
 
@@ -251,6 +269,10 @@ func (l *leasedPacket) SetReadDeadline(t time.Time) error {
 	l.mu.Lock()
 	l.deadline = t
 	l.mu.Unlock()
+	select {
+	case l.moved <- struct{}{}:
+	default:
+	}
 	return nil
 }
 
