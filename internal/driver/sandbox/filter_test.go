@@ -68,29 +68,7 @@ func netProbeMain(args []string) int {
 			fmt.Println("serve:", err)
 			return 1
 		}
-		go func() {
-			for {
-				c, err := echo.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					b := make([]byte, 64<<10)
-					for {
-						n, err := c.Read(b)
-						if err != nil {
-							return
-						}
-						if n == 1 { // a round trip's byte goes back
-							if _, err := c.Write(b[:1]); err != nil {
-								return
-							}
-						}
-					}
-				}()
-			}
-		}()
+		go echoServe(echo)
 		fmt.Println("serving")
 		for {
 			c, err := ln.Accept()
