@@ -1,7 +1,6 @@
 package mesh
 
 import (
-	"context"
 	"net"
 	"net/netip"
 	"runtime"
@@ -107,18 +106,7 @@ func TestAgentLinksOverRealUDP(t *testing.T) {
 			inNS(t, ns, func() { hosts[i].mesh.Close() })
 		}
 	}()
-	for _, h := range hosts {
-		if err := h.mesh.Apply([]*cluster.Host{a.facts, b.facts}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	addr := b.echo(t)
-	ctx, cancel := context.WithTimeout(context.Background(), patience)
-	defer cancel()
-	c, err := a.dial(t, ctx, addr)
-	if err != nil {
-		t.Fatalf("a's machine to %s: %v", addr, err)
-	}
+	c := meshAndDial(t, a, b)
 	defer c.Close()
 	if _, err := roundTrip(c, []byte("over real UDP")); err != nil {
 		t.Fatal(err)

@@ -197,6 +197,25 @@ func randTag(t testing.TB) string {
 }
 
 // echo listens on TCP in h's machine and echoes every connection.
+// meshAndDial gives a and b each other's facts and connects a's machine
+// to an echo server on b's, within patience.
+func meshAndDial(t testing.TB, a, b *kernelHost) net.Conn {
+	t.Helper()
+	for _, h := range []*kernelHost{a, b} {
+		if err := h.mesh.Apply([]*cluster.Host{a.facts, b.facts}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addr := b.echo(t)
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
+	defer cancel()
+	c, err := a.dial(t, ctx, addr)
+	if err != nil {
+		t.Fatalf("a's machine to %s: %v", addr, err)
+	}
+	return c
+}
+
 func (h *kernelHost) echo(t testing.TB) string {
 	t.Helper()
 	var ln net.Listener
@@ -277,18 +296,7 @@ func TestLinkCarriesBridgeTrafficThroughTunnel(t *testing.T) {
 	b := newKernelHost(t, tag, network, 2, 7)
 	a.startMesh(t, n, tag, network)
 	b.startMesh(t, n, tag, network)
-	for _, h := range []*kernelHost{a, b} {
-		if err := h.mesh.Apply([]*cluster.Host{a.facts, b.facts}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	addr := b.echo(t)
-	ctx, cancel := context.WithTimeout(context.Background(), patience)
-	defer cancel()
-	c, err := a.dial(t, ctx, addr)
-	if err != nil {
-		t.Fatalf("a's machine to %s: %v", addr, err)
-	}
+	c := meshAndDial(t, a, b)
 	defer c.Close()
 	msg := []byte("through the tunnel")
 	if _, err := roundTrip(c, msg); err != nil {
