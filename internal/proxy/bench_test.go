@@ -246,26 +246,32 @@ func leanBackend(ln net.Listener) {
 		}
 		go func() {
 			defer c.Close()
-			buf := make([]byte, 16<<10)
-			n := 0
-			for {
-				k, err := c.Read(buf[n:])
-				if err != nil {
-					return
-				}
-				n += k
-				for {
-					i := bytes.Index(buf[:n], []byte("\r\n\r\n"))
-					if i < 0 {
-						break
-					}
-					if _, err := c.Write(resp); err != nil {
-						return
-					}
-					n = copy(buf, buf[i+4:n])
-				}
-			}
+			answerEach(c, resp)
 		}()
+	}
+}
+
+// answerEach answers every request head read on c with resp (requests
+// without a body), until c ends.
+func answerEach(c net.Conn, resp []byte) {
+	buf := make([]byte, 16<<10)
+	n := 0
+	for {
+		k, err := c.Read(buf[n:])
+		if err != nil {
+			return
+		}
+		n += k
+		for {
+			i := bytes.Index(buf[:n], []byte("\r\n\r\n"))
+			if i < 0 {
+				break
+			}
+			if _, err := c.Write(resp); err != nil {
+				return
+			}
+			n = copy(buf, buf[i+4:n])
+		}
 	}
 }
 

@@ -67,25 +67,7 @@ func fixedMachine(t *testing.T, body []byte) *net.TCPAddr {
 			mu.Unlock()
 			wg.Go(func() {
 				defer c.Close()
-				buf := make([]byte, 16<<10)
-				n := 0
-				for {
-					k, err := c.Read(buf[n:])
-					if err != nil {
-						return
-					}
-					n += k
-					for {
-						i := bytes.Index(buf[:n], []byte("\r\n\r\n"))
-						if i < 0 {
-							break
-						}
-						if _, err := c.Write(resp); err != nil {
-							return
-						}
-						n = copy(buf, buf[i+4:n])
-					}
-				}
+				answerEach(c, resp)
 			})
 		}
 	})
@@ -492,27 +474,7 @@ func TestEventLoopLeavesNothing(t *testing.T) {
 // nothing (the process's allocations: client, loop and machine alike).
 func TestEventLoopAllocatesNothing(t *testing.T) {
 	p := loopEdge(t, fixedMachine(t, []byte("hello\n")), Config{Logger: slog.New(slog.DiscardHandler)})
-	c, err := net.Dial("tcp", p.EdgeAddr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	req := []byte("GET /x?y=1 HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: t\r\nX-Forwarded-For: 203.0.113.1\r\n\r\n")
-	br := bufio.NewReaderSize(c, 16<<10)
-	var failed error
-	one := func() {
-		if _, err := c.Write(req); err != nil {
-			failed = err
-			return
-		}
-		if err := readLeanResponse(br); err != nil {
-			failed = err
-		}
-	}
-	one() // the machine's connection is dialed here
-	if n := testing.AllocsPerRun(500, one); n != 0 || failed != nil {
-		t.Errorf("%v allocations per request (err %v)", n, failed)
-	}
+	requestsAllocateNothing(t, p.EdgeAddr())
 	if n := loopHanded(p); n != 0 {
 		t.Errorf("%d connections handed to goroutines, want 0", n)
 	}

@@ -624,7 +624,15 @@ func TestFastPathAllocatesNothing(t *testing.T) {
 	go leanBackend(ln)
 	p := startProxy(t, Config{HostID: "ams-1", Logger: slog.New(slog.DiscardHandler)})
 	p.setState(route.Facts{Self: "ams-1", Region: "ams", Hosts: testHosts, Machines: []route.Machine{machine("m1", "ams-1", ln.Addr().(*net.TCPAddr))}}, nil)
-	c, err := net.Dial("tcp", p.EdgeAddr())
+	requestsAllocateNothing(t, p.EdgeAddr())
+}
+
+// requestsAllocateNothing sends GETs on one connection to the edge at addr
+// and fails t unless, once the first has opened the connections, a request
+// allocates nothing in the process.
+func requestsAllocateNothing(t *testing.T, addr string) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
